@@ -1,0 +1,217 @@
+//! The deterministic state transition that every replica runs for every
+//! committed log entry.
+//!
+//! `apply` validates before it changes anything: a command that fails leaves
+//! the state exactly as it was, on every replica alike.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::NodeId;
+use crate::state::{Availability, ClusterInfo, ClusterState, JoinSecrets, Node, Role};
+
+/// A change to the cluster state, as written to the Raft log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// `swarm init`: the cluster's facts and its first manager.
+    Init {
+        /// Cluster facts, CA and token secrets.
+        cluster: ClusterInfo,
+        /// The manager that ran `swarm init`.
+        first: Node,
+    },
+    /// A joiner was admitted (its token checked, its certificate signed).
+    AddNode(Node),
+    /// `swarm join-token --rotate`: a new secret for one role.
+    RotateToken {
+        /// Whose token changes.
+        role: Role,
+        /// SHA-256 (hex) of the new secret.
+        hash: String,
+        /// The new token, sealed with the managers' key.
+        sealed: Vec<u8>,
+    },
+    /// `node promote` / `node demote`.
+    SetRole {
+        /// The node.
+        node: NodeId,
+        /// Its new role.
+        role: Role,
+    },
+    /// `node update`.
+    UpdateNode {
+        /// The node.
+        node: NodeId,
+        /// New availability, if given.
+        availability: Option<Availability>,
+        /// Labels to set.
+        label_add: Vec<(String, String)>,
+        /// Label keys to remove (each must exist).
+        label_rm: Vec<String>,
+    },
+    /// `node rm`, `swarm leave`.
+    RemoveNode(NodeId),
+    /// A node restarted with a different advertise address.
+    SetNodeAddr {
+        /// The node.
+        node: NodeId,
+        /// Its new address.
+        addr: String,
+    },
+}
+
+/// What a successful command produced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// The change is applied.
+    Done,
+}
+
+/// Why a command was refused. The state is unchanged.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ApplyError {
+    /// `Init` on a state that already has a cluster.
+    #[error("this node is already part of a swarm (cluster {0})")]
+    AlreadyInitialized(String),
+    /// A command other than `Init` before `Init`.
+    #[error("the swarm is not initialized")]
+    NotInitialized,
+    /// The node ID is not in the cluster.
+    #[error("no such node: {0}")]
+    UnknownNode(NodeId),
+    /// `AddNode` with an ID already present.
+    #[error("node {0} is already a member")]
+    DuplicateNode(NodeId),
+    /// Promoting a manager or demoting a worker.
+    #[error("node {node} is already a {role}")]
+    AlreadyRole {
+        /// The node.
+        node: NodeId,
+        /// The role it already has.
+        role: Role,
+    },
+    /// Demoting or removing the only manager.
+    #[error("node {0} is the last manager of the swarm; promote another node first")]
+    LastManager(NodeId),
+    /// `label_rm` of a key the node does not have.
+    #[error("node {node} has no label `{key}`")]
+    NoSuchLabel {
+        /// The node.
+        node: NodeId,
+        /// The missing key.
+        key: String,
+    },
+    /// A label key that is empty.
+    #[error("a label key must not be empty")]
+    EmptyLabelKey,
+}
+
+/// Applies `cmd` to `state`. Pure and deterministic: same state and command,
+/// same result, on every replica.
+pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyError> {
+    if let Command::Init { cluster, first } = cmd {
+        if let Some(existing) = &state.cluster {
+            return Err(ApplyError::AlreadyInitialized(existing.id.clone()));
+        }
+        state.cluster = Some(cluster.clone());
+        state.nodes.clear();
+        state.nodes.insert(first.id, first.clone());
+        return Ok(Outcome::Done);
+    }
+    let Some(cluster) = state.cluster.as_mut() else {
+        return Err(ApplyError::NotInitialized);
+    };
+    match cmd {
+        Command::Init { .. } => unreachable!("handled above"),
+        Command::AddNode(node) => {
+            if state.nodes.contains_key(&node.id) {
+                return Err(ApplyError::DuplicateNode(node.id));
+            }
+            state.nodes.insert(node.id, node.clone());
+        }
+        Command::RotateToken { role, hash, sealed } => {
+            let JoinSecrets {
+                worker_hash,
+                manager_hash,
+                worker_sealed,
+                manager_sealed,
+            } = &mut cluster.tokens;
+            let (h, s) = match role {
+                Role::Manager => (manager_hash, manager_sealed),
+                Role::Worker => (worker_hash, worker_sealed),
+            };
+            h.clone_from(hash);
+            s.clone_from(sealed);
+        }
+        Command::SetRole { node, role } => {
+            let current = state
+                .nodes
+                .get(node)
+                .ok_or(ApplyError::UnknownNode(*node))?;
+            if current.role == *role {
+                return Err(ApplyError::AlreadyRole {
+                    node: *node,
+                    role: *role,
+                });
+            }
+            if current.role == Role::Manager && state.managers().count() == 1 {
+                return Err(ApplyError::LastManager(*node));
+            }
+            if let Some(n) = state.nodes.get_mut(node) {
+                n.role = *role;
+            }
+        }
+        Command::UpdateNode {
+            node,
+            availability,
+            label_add,
+            label_rm,
+        } => {
+            let current = state
+                .nodes
+                .get(node)
+                .ok_or(ApplyError::UnknownNode(*node))?;
+            if label_add.iter().any(|(k, _)| k.is_empty()) {
+                return Err(ApplyError::EmptyLabelKey);
+            }
+            if let Some(key) = label_rm.iter().find(|k| !current.labels.contains_key(*k)) {
+                return Err(ApplyError::NoSuchLabel {
+                    node: *node,
+                    key: key.clone(),
+                });
+            }
+            if let Some(n) = state.nodes.get_mut(node) {
+                if let Some(a) = availability {
+                    n.availability = *a;
+                }
+                for key in label_rm {
+                    n.labels.remove(key);
+                }
+                for (k, v) in label_add {
+                    n.labels.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        Command::RemoveNode(node) => {
+            let current = state
+                .nodes
+                .get(node)
+                .ok_or(ApplyError::UnknownNode(*node))?;
+            if current.role == Role::Manager && state.managers().count() == 1 {
+                return Err(ApplyError::LastManager(*node));
+            }
+            state.nodes.remove(node);
+        }
+        Command::SetNodeAddr { node, addr } => {
+            let n = state
+                .nodes
+                .get_mut(node)
+                .ok_or(ApplyError::UnknownNode(*node))?;
+            n.addr.clone_from(addr);
+        }
+    }
+    Ok(Outcome::Done)
+}
+
+#[cfg(test)]
+#[path = "apply_test.rs"]
+mod tests;

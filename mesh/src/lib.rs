@@ -1,0 +1,24 @@
+//! Shoal's pure domain core: identifiers, the replicated [`ClusterState`], the
+//! [`Command`]s that change it and the deterministic [`apply`] that the Raft
+//! state machine runs for every committed entry, join-token parsing, and the
+//! bounded wire codec.
+//!
+//! This crate never does I/O: no sockets, no files, no clock reads, no random
+//! numbers. Whatever varies (time, fresh IDs, secrets) arrives inside the
+//! command, chosen by the caller before the command enters the log, so every
+//! replica that applies the same log reaches the same state.
+//!
+//! ```text
+//!   Command (from the log) ──► apply(&mut ClusterState) ──► Ok(Outcome) | Err(ApplyError)
+//! ```
+
+pub mod apply;
+pub mod codec;
+pub mod ids;
+pub mod state;
+pub mod token;
+
+pub use apply::{ApplyError, Command, Outcome, apply};
+pub use ids::NodeId;
+pub use state::{Availability, ClusterInfo, ClusterState, Node, ResolveError, Role};
+pub use token::{JoinToken, TokenError};

@@ -1,0 +1,207 @@
+//! The replicated desired state of the cluster (this issue: cluster info, CA,
+//! join tokens and nodes; networks, services and tasks come later).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::NodeId;
+
+/// A node's role. Managers vote in Raft; workers replicate as learners.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A Raft voter; can sign certificates and admit joiners.
+    Manager,
+    /// A non-voting Raft learner that runs tasks.
+    Worker,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Manager => "manager",
+            Role::Worker => "worker",
+        })
+    }
+}
+
+/// Whether the scheduler may place tasks on a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Availability {
+    /// Tasks may be placed here.
+    #[default]
+    Active,
+    /// No new tasks; running ones stay.
+    Pause,
+    /// No tasks; running ones are moved away.
+    Drain,
+}
+
+impl fmt::Display for Availability {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Availability::Active => "active",
+            Availability::Pause => "pause",
+            Availability::Drain => "drain",
+        })
+    }
+}
+
+impl std::str::FromStr for Availability {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "active" => Ok(Availability::Active),
+            "pause" => Ok(Availability::Pause),
+            "drain" => Ok(Availability::Drain),
+            other => Err(format!(
+                "unknown availability `{other}`: use active, pause or drain"
+            )),
+        }
+    }
+}
+
+/// Cluster-wide facts fixed at `swarm init` (tokens change on rotation).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    /// The cluster's ID (16 hex digits).
+    pub id: String,
+    /// Milliseconds since the Unix epoch when the cluster was created.
+    pub created_at_ms: u64,
+    /// The cluster CA certificate (PEM). Public.
+    pub ca_cert_pem: String,
+    /// SHA-256 of the CA certificate's DER, lowercase hex; part of every join token.
+    pub ca_fingerprint: String,
+    /// Join-token secrets, hashed and sealed.
+    pub tokens: JoinSecrets,
+    /// Manager-only secrets (the CA key), sealed with the managers' key.
+    pub sealed_ca_key: Vec<u8>,
+}
+
+/// The join tokens as the store keeps them: a hash to check a joiner's
+/// secret against, and the token sealed with the managers' key so that any
+/// manager can show it again. Workers replicate this but cannot open it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinSecrets {
+    /// SHA-256 (hex) of the worker token's secret.
+    pub worker_hash: String,
+    /// SHA-256 (hex) of the manager token's secret.
+    pub manager_hash: String,
+    /// The full worker token, sealed.
+    pub worker_sealed: Vec<u8>,
+    /// The full manager token, sealed.
+    pub manager_sealed: Vec<u8>,
+}
+
+impl JoinSecrets {
+    /// The hash of `role`'s secret.
+    pub fn hash(&self, role: Role) -> &str {
+        match role {
+            Role::Manager => &self.manager_hash,
+            Role::Worker => &self.worker_hash,
+        }
+    }
+
+    /// The role whose secret hashes to `hash`, if any.
+    pub fn role_for_hash(&self, hash: &str) -> Option<Role> {
+        if hash == self.manager_hash {
+            Some(Role::Manager)
+        } else if hash == self.worker_hash {
+            Some(Role::Worker)
+        } else {
+            None
+        }
+    }
+}
+
+/// A node of the cluster as the store knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    /// The node's ID (also its Raft ID).
+    pub id: NodeId,
+    /// The node's hostname (not necessarily unique).
+    pub hostname: String,
+    /// Manager or worker.
+    pub role: Role,
+    /// Scheduling availability.
+    pub availability: Availability,
+    /// User labels.
+    pub labels: BTreeMap<String, String>,
+    /// The address other nodes dial (`IP:PORT`, QUIC over UDP).
+    pub addr: String,
+    /// Milliseconds since the Unix epoch when the node joined.
+    pub joined_at_ms: u64,
+}
+
+/// Why a node reference did not resolve to exactly one node.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    /// No node has that ID, ID prefix or hostname.
+    #[error("no such node: `{0}` (use `shoal node ls` to see the nodes)")]
+    NotFound(String),
+    /// More than one node matches.
+    #[error("`{reference}` is ambiguous: it matches nodes {matches}; use a longer ID prefix")]
+    Ambiguous {
+        /// What the user typed.
+        reference: String,
+        /// The IDs it matched, comma-separated.
+        matches: String,
+    },
+}
+
+/// The whole replicated state.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Set by `swarm init`; `None` before.
+    pub cluster: Option<ClusterInfo>,
+    /// Every node of the cluster.
+    pub nodes: BTreeMap<NodeId, Node>,
+}
+
+impl ClusterState {
+    /// The managers, in ID order.
+    pub fn managers(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values().filter(|n| n.role == Role::Manager)
+    }
+
+    /// Resolves a node reference: a full ID, a unique ID prefix, or a unique
+    /// hostname. An exact ID wins over everything, then an exact hostname,
+    /// then a prefix.
+    pub fn resolve_node(&self, reference: &str) -> Result<&Node, ResolveError> {
+        if let Ok(id) = reference.parse::<NodeId>()
+            && let Some(node) = self.nodes.get(&id)
+        {
+            return Ok(node);
+        }
+        let by_name: Vec<&Node> = self
+            .nodes
+            .values()
+            .filter(|n| n.hostname == reference)
+            .collect();
+        let candidates = if by_name.is_empty() && !reference.is_empty() {
+            let lower = reference.to_ascii_lowercase();
+            self.nodes
+                .values()
+                .filter(|n| n.id.to_string().starts_with(&lower))
+                .collect()
+        } else {
+            by_name
+        };
+        match candidates.as_slice() {
+            [one] => Ok(one),
+            [] => Err(ResolveError::NotFound(reference.to_owned())),
+            many => Err(ResolveError::Ambiguous {
+                reference: reference.to_owned(),
+                matches: many
+                    .iter()
+                    .map(|n| n.id.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
+}
