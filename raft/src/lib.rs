@@ -1,1 +1,96 @@
-//! placeholder
+//! Shoal's Raft glue: the openraft type configuration, a durable log store on
+//! redb (every append is fsynced before openraft is told it is written), the
+//! state-machine adapter that feeds committed entries to
+//! [`shoal_mesh::apply`] and keeps crash-safe snapshots, and the network seam
+//! ([`RaftTransport`]) over which Raft RPCs travel.
+//!
+//! This crate never opens sockets: the node crate supplies a QUIC transport,
+//! tests can supply an in-memory one. It never decides anything about the
+//! cluster either; that is `shoal_mesh::apply`'s job.
+
+// openraft's `StorageError` is large and its traits return it; boxing it here would
+// only add conversions at every call.
+#![allow(clippy::result_large_err)]
+
+pub mod log_store;
+pub mod network;
+pub mod state_machine;
+pub mod types;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use log_store::LogStore;
+pub use network::{Network, RaftRpc, RaftRpcReply, RaftTransport, TransportError, serve_rpc};
+pub use state_machine::{StateHandle, StateMachineStore};
+pub use types::{ApplyResult, Raft, TypeConfig};
+
+/// Why the store could not be opened or used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The log database cannot be opened (corrupt, locked, unreadable).
+    #[error("cannot open the Raft log {path}: {reason}")]
+    OpenLog {
+        /// The redb file.
+        path: PathBuf,
+        /// What redb said.
+        reason: String,
+    },
+    /// The snapshot file is unreadable or corrupt.
+    #[error("cannot read the snapshot {path}: {reason}")]
+    Snapshot {
+        /// The snapshot file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// Raft timing. The defaults aim at sub-second leader failover on a LAN.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RaftTiming {
+    /// Leader heartbeat interval.
+    pub heartbeat: Duration,
+    /// Lower bound of the randomized election timeout.
+    pub election_min: Duration,
+    /// Upper bound of the randomized election timeout.
+    pub election_max: Duration,
+}
+
+impl Default for RaftTiming {
+    fn default() -> Self {
+        RaftTiming {
+            heartbeat: Duration::from_millis(50),
+            election_min: Duration::from_millis(200),
+            election_max: Duration::from_millis(400),
+        }
+    }
+}
+
+/// The openraft configuration Shoal runs with.
+pub fn config(timing: &RaftTiming) -> openraft::Config {
+    openraft::Config {
+        cluster_name: "shoal".into(),
+        heartbeat_interval: timing.heartbeat.as_millis() as u64,
+        election_timeout_min: timing.election_min.as_millis() as u64,
+        election_timeout_max: timing.election_max.as_millis() as u64,
+        install_snapshot_timeout: 2_000,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(2_000),
+        max_in_snapshot_log_to_keep: 500,
+        ..Default::default()
+    }
+}
+
+/// Opens (or creates) the log store and the state machine under `dir`.
+pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
+    std::fs::create_dir_all(dir).map_err(|e| StoreError::OpenLog {
+        path: dir.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let log = LogStore::open(&dir.join("raft-log.redb"))?;
+    let sm = StateMachineStore::open(dir)?;
+    Ok((log, sm))
+}
+
+#[cfg(test)]
+mod storage_suite;

@@ -1,0 +1,182 @@
+//! The network seam: openraft's `RaftNetwork` over any [`RaftTransport`].
+//!
+//! The transport carries one [`RaftRpc`] to a peer and brings back its
+//! [`RaftRpcReply`]; the node crate implements it over QUIC with mutual TLS,
+//! tests can implement it in memory. [`serve_rpc`] is the receiving side.
+
+use std::future::Future;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{AnyError, BasicNode};
+use serde::{Deserialize, Serialize};
+
+use crate::types::{Raft, TypeConfig};
+
+/// A Raft RPC on the wire.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RaftRpc {
+    /// AppendEntries (also heartbeats).
+    Append(AppendEntriesRequest<TypeConfig>),
+    /// RequestVote.
+    Vote(VoteRequest<u64>),
+    /// One chunk of a snapshot.
+    Snapshot(InstallSnapshotRequest<TypeConfig>),
+}
+
+/// The reply to a [`RaftRpc`].
+#[derive(Debug, Serialize, Deserialize)]
+pub enum RaftRpcReply {
+    /// Reply to `Append`.
+    Append(Result<AppendEntriesResponse<u64>, RaftError<u64>>),
+    /// Reply to `Vote`.
+    Vote(Result<VoteResponse<u64>, RaftError<u64>>),
+    /// Reply to `Snapshot`.
+    Snapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
+}
+
+/// Why an RPC did not get a reply.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TransportError {
+    /// The peer could not be reached (connect failed, timed out, refused).
+    #[error("peer {addr} unreachable: {reason}")]
+    Unreachable {
+        /// The peer's address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+    /// The peer answered something that is not a valid reply.
+    #[error("bad reply from {addr}: {reason}")]
+    BadReply {
+        /// The peer's address.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Carries Raft RPCs to peers.
+pub trait RaftTransport: Clone + Send + Sync + 'static {
+    /// Sends `rpc` to node `target` at `addr` and waits at most `timeout` for its reply.
+    fn call(
+        &self,
+        target: u64,
+        addr: &str,
+        rpc: RaftRpc,
+        timeout: std::time::Duration,
+    ) -> impl Future<Output = Result<RaftRpcReply, TransportError>> + Send;
+}
+
+/// openraft's network factory over a transport.
+#[derive(Clone)]
+pub struct Network<T> {
+    transport: T,
+}
+
+impl<T: RaftTransport> Network<T> {
+    /// Wraps a transport.
+    pub fn new(transport: T) -> Self {
+        Network { transport }
+    }
+}
+
+/// A connection to one peer.
+pub struct PeerClient<T> {
+    transport: T,
+    target: u64,
+    addr: String,
+}
+
+impl<T: RaftTransport> RaftNetworkFactory<TypeConfig> for Network<T> {
+    type Network = PeerClient<T>;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> Self::Network {
+        PeerClient {
+            transport: self.transport.clone(),
+            target,
+            addr: node.addr.clone(),
+        }
+    }
+}
+
+fn unreachable<E: std::error::Error>(e: &TransportError) -> RPCError<u64, BasicNode, E> {
+    match e {
+        TransportError::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(e)),
+        TransportError::BadReply { .. } => RPCError::Network(NetworkError::new(e)),
+    }
+}
+
+fn mismatch<E: std::error::Error>(addr: &str) -> RPCError<u64, BasicNode, E> {
+    RPCError::Network(NetworkError::new(&AnyError::error(format!(
+        "reply of the wrong kind from {addr}"
+    ))))
+}
+
+impl<T: RaftTransport> PeerClient<T> {
+    async fn call(&self, rpc: RaftRpc, option: &RPCOption) -> Result<RaftRpcReply, TransportError> {
+        self.transport
+            .call(self.target, &self.addr, rpc, option.hard_ttl())
+            .await
+    }
+}
+
+impl<T: RaftTransport> RaftNetwork<TypeConfig> for PeerClient<T> {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        match self.call(RaftRpc::Append(rpc), &option).await {
+            Ok(RaftRpcReply::Append(r)) => r.map_err(|e| {
+                RPCError::RemoteError(openraft::error::RemoteError::new(self.target, e))
+            }),
+            Ok(_) => Err(mismatch(&self.addr)),
+            Err(e) => Err(unreachable(&e)),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<u64>,
+        RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
+    > {
+        match self.call(RaftRpc::Snapshot(rpc), &option).await {
+            Ok(RaftRpcReply::Snapshot(r)) => r.map_err(|e| {
+                RPCError::RemoteError(openraft::error::RemoteError::new(self.target, e))
+            }),
+            Ok(_) => Err(mismatch(&self.addr)),
+            Err(e) => Err(unreachable(&e)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
+        match self.call(RaftRpc::Vote(rpc), &option).await {
+            Ok(RaftRpcReply::Vote(r)) => r.map_err(|e| {
+                RPCError::RemoteError(openraft::error::RemoteError::new(self.target, e))
+            }),
+            Ok(_) => Err(mismatch(&self.addr)),
+            Err(e) => Err(unreachable(&e)),
+        }
+    }
+}
+
+/// Hands an incoming RPC to the local Raft node and returns its reply.
+pub async fn serve_rpc(raft: &Raft, rpc: RaftRpc) -> RaftRpcReply {
+    match rpc {
+        RaftRpc::Append(r) => RaftRpcReply::Append(raft.append_entries(r).await),
+        RaftRpc::Vote(r) => RaftRpcReply::Vote(raft.vote(r).await),
+        RaftRpc::Snapshot(r) => RaftRpcReply::Snapshot(raft.install_snapshot(r).await),
+    }
+}

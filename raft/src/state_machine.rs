@@ -1,0 +1,274 @@
+//! The state-machine adapter: loops over committed entries and hands each
+//! command to [`shoal_mesh::apply`]; builds, stores and installs snapshots.
+//!
+//! Persistence: `apply` works in memory; snapshots are written to
+//! `snapshot.bin` (write to a temporary file, fsync, rename, fsync the
+//! directory). On start the state is the last snapshot, and openraft
+//! re-applies the committed entries after it from the durable log (the log
+//! store persists the committed log ID).
+
+use std::io::{Cursor, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, BasicNode, EntryPayload, ErrorSubject, ErrorVerb, LogId, RaftSnapshotBuilder,
+    SnapshotMeta, StorageError, StorageIOError, StoredMembership,
+};
+use serde::{Deserialize, Serialize};
+use shoal_mesh::{ClusterState, Outcome, apply, codec};
+use tokio::sync::watch;
+
+use crate::StoreError;
+use crate::types::{ApplyResult, TypeConfig};
+
+/// Everything the state machine holds; also the snapshot's content.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SmData {
+    /// The last entry applied.
+    pub last_applied: Option<LogId<u64>>,
+    /// The last membership applied.
+    pub membership: StoredMembership<u64, BasicNode>,
+    /// The cluster state.
+    pub state: ClusterState,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<u64, BasicNode>,
+    data: Vec<u8>,
+}
+
+/// Read access to the applied state, for the rest of the node.
+#[derive(Clone)]
+pub struct StateHandle {
+    data: Arc<RwLock<SmData>>,
+    changes: watch::Receiver<u64>,
+}
+
+impl StateHandle {
+    /// A copy of the current cluster state.
+    pub fn state(&self) -> ClusterState {
+        self.read(|d| d.state.clone())
+    }
+
+    /// Runs `f` over the current data under the read lock.
+    pub fn read<T>(&self, f: impl FnOnce(&SmData) -> T) -> T {
+        let guard = self.data.read().unwrap_or_else(|p| p.into_inner());
+        f(&guard)
+    }
+
+    /// A receiver that changes whenever an entry is applied or a snapshot installed.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.clone()
+    }
+}
+
+/// The state machine store.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    data: Arc<RwLock<SmData>>,
+    dir: PathBuf,
+    changed: Arc<watch::Sender<u64>>,
+    changes: watch::Receiver<u64>,
+}
+
+fn sm_err(verb: ErrorVerb, e: impl ToString) -> StorageError<u64> {
+    StorageIOError::new(
+        ErrorSubject::StateMachine,
+        verb,
+        AnyError::error(e.to_string()),
+    )
+    .into()
+}
+
+fn snap_err(verb: ErrorVerb, e: impl ToString) -> StorageError<u64> {
+    StorageIOError::new(ErrorSubject::None, verb, AnyError::error(e.to_string())).into()
+}
+
+impl StateMachineStore {
+    /// Opens the state machine under `dir`, loading `snapshot.bin` if present.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let path = dir.join("snapshot.bin");
+        let data = match std::fs::read(&path) {
+            Ok(bytes) => {
+                let fail = |reason: String| StoreError::Snapshot {
+                    path: path.clone(),
+                    reason,
+                };
+                let snap: StoredSnapshot =
+                    codec::decode(&bytes, codec::DEFAULT_LIMIT).map_err(|e| fail(e.to_string()))?;
+                codec::decode::<SmData>(&snap.data, codec::DEFAULT_LIMIT)
+                    .map_err(|e| fail(e.to_string()))?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => SmData::default(),
+            Err(e) => {
+                return Err(StoreError::Snapshot {
+                    path,
+                    reason: e.to_string(),
+                });
+            }
+        };
+        let (tx, rx) = watch::channel(0);
+        Ok(StateMachineStore {
+            data: Arc::new(RwLock::new(data)),
+            dir: dir.to_owned(),
+            changed: Arc::new(tx),
+            changes: rx,
+        })
+    }
+
+    /// A read handle to the applied state.
+    pub fn handle(&self) -> StateHandle {
+        StateHandle {
+            data: self.data.clone(),
+            changes: self.changes.clone(),
+        }
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    fn snapshot_path(&self) -> PathBuf {
+        self.dir.join("snapshot.bin")
+    }
+
+    fn save_snapshot(&self, snap: &StoredSnapshot) -> Result<(), StorageError<u64>> {
+        let bytes = codec::encode(snap).map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        let tmp = self.dir.join("snapshot.bin.tmp");
+        let write = || -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, self.snapshot_path())?;
+            std::fs::File::open(&self.dir)?.sync_all()
+        };
+        write().map_err(|e| snap_err(ErrorVerb::Write, e))
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, SmData> {
+        self.data.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, SmData> {
+        self.data.read().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
+        let (data, meta) = {
+            let d = self.read();
+            let data = codec::encode(&*d).map_err(|e| sm_err(ErrorVerb::Read, e))?;
+            let snapshot_id = match d.last_applied {
+                Some(id) => format!("{}-{}-{}", id.leader_id, id.index, data.len()),
+                None => format!("none-{}", data.len()),
+            };
+            let meta = SnapshotMeta {
+                last_log_id: d.last_applied,
+                last_membership: d.membership.clone(),
+                snapshot_id,
+            };
+            (data, meta)
+        };
+        let stored = StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        };
+        self.save_snapshot(&stored)?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>), StorageError<u64>> {
+        let d = self.read();
+        Ok((d.last_applied, d.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<ApplyResult>, StorageError<u64>>
+    where
+        I: IntoIterator<Item = openraft::Entry<TypeConfig>> + openraft::OptionalSend,
+        I::IntoIter: openraft::OptionalSend,
+    {
+        let mut replies = Vec::new();
+        {
+            let mut d = self.write();
+            for entry in entries {
+                d.last_applied = Some(entry.log_id);
+                let reply = match &entry.payload {
+                    EntryPayload::Blank => Ok(Outcome::Done),
+                    EntryPayload::Normal(cmd) => apply(&mut d.state, cmd),
+                    EntryPayload::Membership(m) => {
+                        d.membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                        Ok(Outcome::Done)
+                    }
+                };
+                replies.push(reply);
+            }
+        }
+        self.notify();
+        Ok(replies)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<Cursor<Vec<u8>>>, StorageError<u64>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<u64>> {
+        let bytes = snapshot.into_inner();
+        let new: SmData = codec::decode(&bytes, codec::DEFAULT_LIMIT).map_err(|e| {
+            StorageError::from(StorageIOError::new(
+                ErrorSubject::Snapshot(Some(meta.signature())),
+                ErrorVerb::Read,
+                AnyError::error(e.to_string()),
+            ))
+        })?;
+        self.save_snapshot(&StoredSnapshot {
+            meta: meta.clone(),
+            data: bytes,
+        })?;
+        *self.write() = SmData {
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+            state: new.state,
+        };
+        self.notify();
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<u64>> {
+        let bytes = match std::fs::read(self.snapshot_path()) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(snap_err(ErrorVerb::Read, e)),
+        };
+        let snap: StoredSnapshot = codec::decode(&bytes, codec::DEFAULT_LIMIT)
+            .map_err(|e| snap_err(ErrorVerb::Read, e))?;
+        Ok(Some(Snapshot {
+            meta: snap.meta,
+            snapshot: Box::new(Cursor::new(snap.data)),
+        }))
+    }
+}
