@@ -50,6 +50,12 @@ pub enum Command {
     },
     /// `node rm`, `swarm leave`.
     RemoveNode(NodeId),
+    /// `swarm init --force-new-cluster`: `keep` is now the only manager;
+    /// every other manager becomes a worker (and must be promoted again).
+    ForceNewCluster {
+        /// The surviving manager.
+        keep: NodeId,
+    },
     /// A node restarted with a different advertise address.
     SetNodeAddr {
         /// The node.
@@ -200,6 +206,14 @@ pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyEr
                 return Err(ApplyError::LastManager(*node));
             }
             state.nodes.remove(node);
+        }
+        Command::ForceNewCluster { keep } => {
+            if !state.nodes.contains_key(keep) {
+                return Err(ApplyError::UnknownNode(*keep));
+            }
+            for n in state.nodes.values_mut() {
+                n.role = if n.id == *keep { Role::Manager } else { Role::Worker };
+            }
         }
         Command::SetNodeAddr { node, addr } => {
             let n = state

@@ -21,7 +21,7 @@ fn info() -> ClusterInfo {
     ClusterInfo {
         id: "c1".into(),
         created_at_ms: 1,
-        ca_cert_pem: "pem".into(),
+        ca_cert_der: vec![0],
         ca_fingerprint: "fp".into(),
         tokens: JoinSecrets {
             worker_hash: "w".into(),
@@ -119,6 +119,17 @@ fn promote_twice_and_demote_last_manager_are_refused() {
         Err(ApplyError::LastManager(NodeId(2)))
     );
     assert_eq!(s.managers().count(), 1);
+}
+
+#[test]
+fn force_new_cluster_leaves_one_manager_and_keeps_the_rest() {
+    let mut s = initialized();
+    apply(&mut s, &Command::AddNode(node(2, Role::Manager))).unwrap();
+    apply(&mut s, &Command::AddNode(node(3, Role::Worker))).unwrap();
+    apply(&mut s, &Command::ForceNewCluster { keep: NodeId(2) }).unwrap();
+    let managers: Vec<NodeId> = s.managers().map(|n| n.id).collect();
+    assert_eq!(managers, vec![NodeId(2)]);
+    assert_eq!(s.nodes.len(), 3);
 }
 
 #[test]

@@ -72,8 +72,8 @@ pub struct ClusterInfo {
     pub id: String,
     /// Milliseconds since the Unix epoch when the cluster was created.
     pub created_at_ms: u64,
-    /// The cluster CA certificate (PEM). Public.
-    pub ca_cert_pem: String,
+    /// The cluster CA certificate (DER). Public.
+    pub ca_cert_der: Vec<u8>,
     /// SHA-256 of the CA certificate's DER, lowercase hex; part of every join token.
     pub ca_fingerprint: String,
     /// Join-token secrets, hashed and sealed.

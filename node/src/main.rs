@@ -1,1 +1,28 @@
-fn main() {}
+//! `shoal`: the Shoal node agent (`shoal daemon`) and its command-line client.
+//!
+//! The daemon joins this host to a swarm (Raft store over QUIC with mutual
+//! TLS); every other command talks to the local daemon over its Unix socket.
+
+mod api;
+mod cli;
+mod daemon;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = cli::Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("Error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli.exec()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

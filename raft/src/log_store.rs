@@ -108,6 +108,37 @@ impl LogStore {
         txn.commit().map_err(write_err)
     }
 
+    /// Writes `entries` in one transaction, fsynced before it returns.
+    pub fn write_entries(&self, entries: impl IntoIterator<Item = Entry>) -> Result<(), StorageError<u64>> {
+        let txn = self.db.begin_write().map_err(write_err)?;
+        {
+            let mut table = txn.open_table(LOG).map_err(write_err)?;
+            for entry in entries {
+                let bytes = enc(&entry)?;
+                table
+                    .insert(entry.log_id.index, bytes.as_slice())
+                    .map_err(write_err)?;
+            }
+        }
+        // Immediate durability: fsynced when commit returns.
+        txn.commit().map_err(write_err)
+    }
+
+    /// The saved vote.
+    pub fn vote(&self) -> Result<Option<Vote<u64>>, StorageError<u64>> {
+        self.meta(KEY_VOTE)
+    }
+
+    /// Saves `vote`, fsynced.
+    pub fn set_vote(&self, vote: &Vote<u64>) -> Result<(), StorageError<u64>> {
+        self.put_meta(KEY_VOTE, vote)
+    }
+
+    /// The last log ID, present or purged.
+    pub fn last_log_id(&self) -> Result<Option<LogId<u64>>, StorageError<u64>> {
+        Ok(self.last_entry_id()?.or(self.meta::<LogId<u64>>(KEY_PURGED)?))
+    }
+
     fn last_entry_id(&self) -> Result<Option<LogId<u64>>, StorageError<u64>> {
         let txn = self.db.begin_read().map_err(read_err)?;
         let table = txn.open_table(LOG).map_err(read_err)?;
@@ -147,7 +178,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<u64>> {
         let last_purged_log_id = self.meta::<LogId<u64>>(KEY_PURGED)?;
-        let last_log_id = self.last_entry_id()?.or(last_purged_log_id);
+        let last_log_id = self.last_log_id()?;
         Ok(LogState {
             last_purged_log_id,
             last_log_id,
@@ -159,12 +190,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> Result<(), StorageError<u64>> {
-        self.put_meta(KEY_VOTE, vote)
+        self.set_vote(vote)
             .map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<u64>>, StorageError<u64>> {
-        self.meta(KEY_VOTE)
+        self.vote()
     }
 
     async fn save_committed(
@@ -187,24 +218,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let txn = self.db.begin_write().map_err(write_err)?;
-        {
-            let mut table = txn.open_table(LOG).map_err(write_err)?;
-            for entry in entries {
-                let bytes = enc(&entry)?;
-                table
-                    .insert(entry.log_id.index, bytes.as_slice())
-                    .map_err(write_err)?;
-            }
-        }
-        // Immediate durability: fsynced when commit returns.
-        let result = txn.commit().map_err(std::io::Error::other);
-        let failed = result.as_ref().err().map(|e| e.to_string());
-        callback.log_io_completed(result);
-        match failed {
-            Some(e) => Err(write_err(e)),
-            None => Ok(()),
-        }
+        let result = self.write_entries(entries);
+        callback.log_io_completed(
+            result
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| std::io::Error::other(e.to_string())),
+        );
+        result
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> Result<(), StorageError<u64>> {

@@ -1,0 +1,140 @@
+//! The local API between the `shoal` CLI and its daemon: one JSON request
+//! per line on the Unix socket, one JSON reply back.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use shoal_mesh::{Availability, Role};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+/// Largest request the daemon reads from its socket.
+pub const MAX_REQUEST: usize = 1 << 20;
+
+/// A request to the daemon.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// Daemon and cluster status (for scripts and tests).
+    Info,
+    /// `swarm init`.
+    SwarmInit {
+        /// What other nodes dial.
+        advertise_addr: Option<String>,
+        /// Where to listen (QUIC/UDP).
+        listen_addr: Option<String>,
+        /// Rebuild a one-manager cluster from this manager's local state.
+        force_new_cluster: bool,
+    },
+    /// `swarm join`.
+    SwarmJoin {
+        /// The join token.
+        token: String,
+        /// A manager's address.
+        remote: String,
+        /// What other nodes dial.
+        advertise_addr: Option<String>,
+        /// Where to listen.
+        listen_addr: Option<String>,
+    },
+    /// `swarm join-token`.
+    JoinToken {
+        /// Which token.
+        role: Role,
+        /// Make a new one first.
+        rotate: bool,
+    },
+    /// `swarm leave`.
+    SwarmLeave {
+        /// Leave even if it breaks quorum or erases the last manager's state.
+        force: bool,
+    },
+    /// `node ls`.
+    NodeLs,
+    /// `node inspect`.
+    NodeInspect {
+        /// ID, ID prefix or hostname.
+        node: String,
+    },
+    /// `node promote`.
+    NodePromote {
+        /// ID, ID prefix or hostname.
+        node: String,
+    },
+    /// `node demote`.
+    NodeDemote {
+        /// ID, ID prefix or hostname.
+        node: String,
+    },
+    /// `node update`.
+    NodeUpdate {
+        /// ID, ID prefix or hostname.
+        node: String,
+        /// New availability.
+        availability: Option<Availability>,
+        /// Labels to set.
+        label_add: Vec<(String, String)>,
+        /// Labels to remove.
+        label_rm: Vec<String>,
+    },
+    /// `node rm`.
+    NodeRm {
+        /// ID, ID prefix or hostname.
+        node: String,
+        /// Remove even if it is up.
+        force: bool,
+    },
+}
+
+/// The daemon's answer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Reply {
+    /// The result, when the request succeeded.
+    pub data: Option<Value>,
+    /// What went wrong, when it failed.
+    pub error: Option<String>,
+    /// Things the user should know even on success (e.g. stale reads).
+    #[serde(default)]
+    pub warnings: Vec<String>,
+}
+
+impl Reply {
+    /// A successful reply.
+    pub fn ok(data: Value) -> Self {
+        Reply {
+            data: Some(data),
+            ..Default::default()
+        }
+    }
+
+    /// A failed reply.
+    pub fn err(message: impl Into<String>) -> Self {
+        Reply {
+            error: Some(message.into()),
+            ..Default::default()
+        }
+    }
+}
+
+/// Sends `req` to the daemon at `socket` and returns its reply.
+pub async fn call(socket: &Path, req: &Request) -> anyhow::Result<Reply> {
+    let stream = UnixStream::connect(socket).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot connect to the shoal daemon at {}: {e}. Is `shoal daemon` running? (set --socket or SHOAL_SOCKET)",
+            socket.display()
+        )
+    })?;
+    let (read, mut write) = stream.into_split();
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    write.write_all(&line).await?;
+    write.shutdown().await?;
+    let mut reader = BufReader::new(read);
+    let mut answer = String::new();
+    reader.read_line(&mut answer).await?;
+    if answer.is_empty() {
+        anyhow::bail!("the daemon closed the connection without answering (did it crash? see its log)");
+    }
+    Ok(serde_json::from_str(&answer)?)
+}

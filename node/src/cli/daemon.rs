@@ -1,0 +1,70 @@
+//! `shoal daemon`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::daemon::config::DaemonConfig;
+
+/// Flags of `shoal daemon`; each overrides the same key of `--config`.
+#[derive(Debug, clap::Args)]
+pub struct DaemonArgs {
+    /// A TOML file with the same keys as these flags (state_dir, socket, …).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Where the node keeps its identity, keys and store [default: /var/lib/shoal].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// QUIC listen address (UDP) [default: 0.0.0.0:2377].
+    #[arg(long)]
+    listen_addr: Option<SocketAddr>,
+    /// The address other nodes dial: IP or IP:PORT.
+    #[arg(long)]
+    advertise_addr: Option<String>,
+    /// This node's name [default: the system's hostname].
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Log level or tracing filter [default: info].
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+impl DaemonArgs {
+    /// Merges flags over the file and runs the daemon.
+    pub async fn exec(self, socket: PathBuf) -> anyhow::Result<()> {
+        let mut cfg = match &self.config {
+            Some(p) => DaemonConfig::load(p)?,
+            None => DaemonConfig::default(),
+        };
+        // --socket is global; it overrides the file only when given.
+        let socket_given = std::env::args().any(|a| a == "--socket" || a.starts_with("--socket="))
+            || std::env::var_os("SHOAL_SOCKET").is_some();
+        if socket_given || self.config.is_none() {
+            cfg.socket = socket;
+        }
+        if let Some(v) = self.state_dir {
+            cfg.state_dir = v;
+        }
+        if let Some(v) = self.listen_addr {
+            cfg.listen_addr = v;
+        }
+        if let Some(v) = self.advertise_addr {
+            cfg.advertise_addr = Some(v);
+        }
+        if let Some(v) = self.hostname {
+            cfg.hostname = Some(v);
+        }
+        if let Some(v) = self.log_level {
+            cfg.log_level = v;
+        }
+        let filter = tracing_subscriber::EnvFilter::try_new(format!(
+            "{},openraft=warn,quinn=warn,rustls=warn",
+            cfg.log_level
+        ))
+        .map_err(|e| anyhow::anyhow!("invalid --log-level `{}`: {e}", cfg.log_level))?;
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+        crate::daemon::run(cfg).await
+    }
+}

@@ -1,0 +1,78 @@
+//! The command line: clap definitions, one file per command group.
+
+mod daemon;
+mod node;
+mod output;
+mod swarm;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::api::{self, Reply, Request};
+
+/// Shoal: a swarm mesh for container networking.
+#[derive(Debug, Parser)]
+#[command(name = "shoal", version, about)]
+pub struct Cli {
+    /// The local daemon's API socket.
+    #[arg(long, global = true, env = "SHOAL_SOCKET", default_value = "/run/shoal/shoal.sock")]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the node agent.
+    Daemon(daemon::DaemonArgs),
+    /// Manage the swarm.
+    #[command(subcommand)]
+    Swarm(swarm::SwarmCmd),
+    /// Manage the swarm's nodes.
+    #[command(subcommand)]
+    Node(node::NodeCmd),
+    /// Show this node's swarm status.
+    Info {
+        /// Output format: `table` or `json`.
+        #[arg(long, default_value = "table")]
+        format: output::Format,
+    },
+}
+
+impl Cli {
+    /// Runs the command.
+    pub async fn exec(self) -> anyhow::Result<()> {
+        let socket = self.socket;
+        match self.command {
+            Cmd::Daemon(args) => args.exec(socket).await,
+            Cmd::Swarm(cmd) => cmd.exec(&Client(socket)).await,
+            Cmd::Node(cmd) => cmd.exec(&Client(socket)).await,
+            Cmd::Info { format } => {
+                let data = Client(socket).call(&Request::Info).await?;
+                output::print_object(&data, format);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Calls the daemon; prints warnings to stderr; turns a refusal into an error.
+pub struct Client(PathBuf);
+
+impl Client {
+    async fn call(&self, req: &Request) -> anyhow::Result<serde_json::Value> {
+        let Reply {
+            data,
+            error,
+            warnings,
+        } = api::call(&self.0, req).await?;
+        for w in warnings {
+            eprintln!("Warning: {w}");
+        }
+        match error {
+            Some(e) => Err(anyhow::anyhow!(e)),
+            None => Ok(data.unwrap_or(serde_json::Value::Null)),
+        }
+    }
+}

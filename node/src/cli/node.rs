@@ -1,0 +1,193 @@
+//! `shoal node …`.
+
+use clap::Subcommand;
+use serde_json::Value;
+use shoal_mesh::Availability;
+
+use super::Client;
+use super::output::{Format, cell, print_object, print_table};
+use crate::api::Request;
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// List the swarm's nodes.
+    Ls {
+        /// Output format: `table` or `json`.
+        #[arg(long, default_value = "table")]
+        format: Format,
+        /// Only print IDs.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Show one or more nodes in detail.
+    Inspect {
+        /// Output format: `table` or `json`.
+        #[arg(long, default_value = "json")]
+        format: Format,
+        /// Node IDs, ID prefixes or hostnames.
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+    /// Make workers managers.
+    Promote {
+        /// Node IDs, ID prefixes or hostnames.
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+    /// Make managers workers.
+    Demote {
+        /// Node IDs, ID prefixes or hostnames.
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+    /// Change a node's availability or labels.
+    Update {
+        /// active, pause or drain.
+        #[arg(long)]
+        availability: Option<Availability>,
+        /// Add or change a label (key=value).
+        #[arg(long = "label-add", value_parser = parse_label)]
+        label_add: Vec<(String, String)>,
+        /// Remove a label by key.
+        #[arg(long = "label-rm")]
+        label_rm: Vec<String>,
+        /// Node ID, ID prefix or hostname.
+        node: String,
+    },
+    /// Remove nodes from the swarm.
+    Rm {
+        /// Remove even if the node is up.
+        #[arg(short, long)]
+        force: bool,
+        /// Node IDs, ID prefixes or hostnames.
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').unwrap_or((s, ""));
+    if k.is_empty() {
+        return Err(format!("invalid label `{s}`: use key=value"));
+    }
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+fn field(v: &Value, key: &str) -> String {
+    v.get(key).map(cell).unwrap_or_default()
+}
+
+/// Runs `each` for every node; reports every failure, fails if any did.
+async fn for_each<F, Fut>(nodes: Vec<String>, mut each: F) -> anyhow::Result<()>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut failed = 0;
+    for n in nodes {
+        if let Err(e) = each(n).await {
+            eprintln!("Error: {e:#}");
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} node(s) not changed");
+    }
+    Ok(())
+}
+
+impl NodeCmd {
+    pub async fn exec(self, client: &Client) -> anyhow::Result<()> {
+        match self {
+            NodeCmd::Ls { format, quiet } => {
+                let v = client.call(&Request::NodeLs).await?;
+                let nodes = v.as_array().cloned().unwrap_or_default();
+                if quiet {
+                    nodes.iter().for_each(|n| println!("{}", field(n, "id")));
+                } else if format == Format::Json {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    let rows: Vec<Vec<String>> = nodes
+                        .iter()
+                        .map(|n| {
+                            let me = n.get("self").and_then(Value::as_bool) == Some(true);
+                            vec![
+                                format!("{}{}", field(n, "id"), if me { " *" } else { "" }),
+                                field(n, "hostname"),
+                                field(n, "status"),
+                                field(n, "availability"),
+                                field(n, "manager_status"),
+                                field(n, "addr"),
+                            ]
+                        })
+                        .collect();
+                    print_table(
+                        &["ID", "HOSTNAME", "STATUS", "AVAILABILITY", "MANAGER STATUS", "ADDRESS"],
+                        &rows,
+                    );
+                }
+            }
+            NodeCmd::Inspect { format, nodes } => {
+                let mut found = Vec::new();
+                let mut failed = 0;
+                for node in nodes {
+                    match client.call(&Request::NodeInspect { node }).await {
+                        Ok(v) => found.push(v),
+                        Err(e) => {
+                            eprintln!("Error: {e:#}");
+                            failed += 1;
+                        }
+                    }
+                }
+                match format {
+                    Format::Json => println!("{}", serde_json::to_string_pretty(&found)?),
+                    Format::Table => found.iter().for_each(|v| print_object(v, format)),
+                }
+                if failed > 0 {
+                    anyhow::bail!("{failed} node(s) not found");
+                }
+            }
+            NodeCmd::Promote { nodes } => {
+                for_each(nodes, |node| async move {
+                    let v = client.call(&Request::NodePromote { node }).await?;
+                    println!("{}", field(&v, "message"));
+                    Ok(())
+                })
+                .await?;
+            }
+            NodeCmd::Demote { nodes } => {
+                for_each(nodes, |node| async move {
+                    let v = client.call(&Request::NodeDemote { node }).await?;
+                    println!("{}", field(&v, "message"));
+                    Ok(())
+                })
+                .await?;
+            }
+            NodeCmd::Update {
+                availability,
+                label_add,
+                label_rm,
+                node,
+            } => {
+                let v = client
+                    .call(&Request::NodeUpdate {
+                        node,
+                        availability,
+                        label_add,
+                        label_rm,
+                    })
+                    .await?;
+                println!("{}", field(&v, "id"));
+            }
+            NodeCmd::Rm { force, nodes } => {
+                for_each(nodes, |node| async move {
+                    let v = client.call(&Request::NodeRm { node, force }).await?;
+                    println!("{}", field(&v, "id"));
+                    Ok(())
+                })
+                .await?;
+            }
+        }
+        Ok(())
+    }
+}

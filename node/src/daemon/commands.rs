@@ -1,0 +1,575 @@
+//! The local API's requests, carried out.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use openraft::BasicNode;
+use serde::Serialize;
+use serde_json::json;
+use shoal_mesh::{
+    Availability, ClusterInfo, ClusterState, Command, JoinToken, Node, NodeId, Role,
+    state::JoinSecrets,
+};
+
+use super::Daemon;
+use super::config::parse_advertise;
+use super::identity::{Identity, NodeFile};
+use super::liveness::NodeStatus;
+use super::member::Member;
+use super::peer::now_ms;
+use super::transport::{TlsIdentity, join_call};
+use super::wire::{JoinReply, JoinRequest};
+use super::{pki, wire};
+use crate::api::{Reply, Request};
+
+/// How long `swarm join` waits for the manager.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A node as `node ls` and `node inspect` show it. Field names are stable.
+#[derive(Debug, Serialize)]
+pub struct NodeView {
+    /// Node ID.
+    pub id: String,
+    /// Hostname.
+    pub hostname: String,
+    /// `manager` or `worker`.
+    pub role: Role,
+    /// `ready`, `down` or `unknown`, as seen from the answering node.
+    pub status: NodeStatus,
+    /// `active`, `pause` or `drain`.
+    pub availability: Availability,
+    /// `leader`, `reachable`, `unreachable`; null for workers.
+    pub manager_status: Option<&'static str>,
+    /// The address other nodes dial.
+    pub addr: String,
+    /// Labels.
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Whether this is the answering node.
+    #[serde(rename = "self")]
+    pub is_self: bool,
+    /// When the node joined (ms since the epoch).
+    pub joined_at_ms: u64,
+}
+
+fn view(m: &Member, n: &Node) -> NodeView {
+    let status = m.status(n.id);
+    let manager_status = (n.role == Role::Manager).then(|| {
+        if m.leader() == Some(n.id) {
+            "leader"
+        } else if status == NodeStatus::Ready {
+            "reachable"
+        } else {
+            "unreachable"
+        }
+    });
+    NodeView {
+        id: n.id.to_string(),
+        hostname: n.hostname.clone(),
+        role: n.role,
+        status,
+        availability: n.availability,
+        manager_status,
+        addr: n.addr.clone(),
+        labels: n.labels.clone(),
+        is_self: n.id == m.id,
+        joined_at_ms: n.joined_at_ms,
+    }
+}
+
+/// Carries out one API request.
+pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
+    let result = match req {
+        Request::Info => info(d).await,
+        Request::SwarmInit {
+            advertise_addr,
+            listen_addr,
+            force_new_cluster,
+        } => {
+            if force_new_cluster {
+                super::recovery::force_new_cluster(d).await
+            } else {
+                init(d, advertise_addr, listen_addr).await
+            }
+        }
+        Request::SwarmJoin {
+            token,
+            remote,
+            advertise_addr,
+            listen_addr,
+        } => join(d, &token, &remote, advertise_addr, listen_addr).await,
+        Request::JoinToken { role, rotate } => join_token(d, role, rotate).await,
+        Request::SwarmLeave { force } => leave(d, force).await,
+        Request::NodeLs => node_ls(d).await,
+        Request::NodeInspect { node } => node_inspect(d, &node).await,
+        Request::NodePromote { node } => set_role(d, &node, Role::Manager).await,
+        Request::NodeDemote { node } => set_role(d, &node, Role::Worker).await,
+        Request::NodeUpdate {
+            node,
+            availability,
+            label_add,
+            label_rm,
+        } => node_update(d, &node, availability, label_add, label_rm).await,
+        Request::NodeRm { node, force } => node_rm(d, &node, force).await,
+    };
+    match result {
+        Ok(reply) => reply,
+        Err(e) => Reply::err(format!("{e:#}")),
+    }
+}
+
+const NOT_IN_SWARM: &str =
+    "this node is not part of a swarm: run `shoal swarm init` or `shoal swarm join` first";
+
+async fn member(d: &Daemon) -> anyhow::Result<Arc<Member>> {
+    d.member.lock().await.clone().ok_or_else(|| anyhow!(NOT_IN_SWARM))
+}
+
+/// Warnings for reads served from a local copy that may be behind.
+fn staleness(m: &Member) -> Vec<String> {
+    let fresh = m
+        .leader()
+        .is_some_and(|l| m.status(l) == NodeStatus::Ready);
+    if fresh {
+        Vec::new()
+    } else {
+        let (reachable, total) = m.manager_reachability(&m.state.state());
+        vec![format!(
+            "no contact with a leader ({reachable} of {total} managers reachable): this is this node's local copy and may be stale"
+        )]
+    }
+}
+
+async fn info(d: &Daemon) -> anyhow::Result<Reply> {
+    let Some(m) = d.member.lock().await.clone() else {
+        return Ok(Reply::ok(json!({ "swarm": "inactive", "hostname": d.hostname })));
+    };
+    let state = m.state.state();
+    let metrics = m.raft.metrics().borrow().clone();
+    let role = state.nodes.get(&m.id).map(|n| n.role);
+    Ok(Reply::ok(json!({
+        "swarm": "active",
+        "node_id": m.id.to_string(),
+        "hostname": d.hostname,
+        "cluster_id": state.cluster.as_ref().map(|c| c.id.clone()),
+        "role": role,
+        "is_leader": m.leader() == Some(m.id),
+        "leader": m.leader().map(|l| l.to_string()),
+        "nodes": state.nodes.len(),
+        "managers": state.managers().count(),
+        "raft": {
+            "term": metrics.current_term,
+            "last_log_index": metrics.last_log_index,
+            "last_applied": metrics.last_applied.map(|l| l.index),
+            "voters": metrics.membership_config.membership().voter_ids().map(|v| NodeId(v).to_string()).collect::<Vec<_>>(),
+        },
+    })))
+}
+
+/// Picks the listen and advertise addresses for init and join.
+fn addresses(
+    d: &Daemon,
+    advertise: Option<String>,
+    listen: Option<String>,
+    route_to: Option<SocketAddr>,
+) -> anyhow::Result<(SocketAddr, SocketAddr)> {
+    let listen: SocketAddr = match listen {
+        Some(l) => parse_advertise(&l, d.cfg.listen_addr.port())
+            .map_err(|_| anyhow!("invalid listen address `{l}`: use IP:PORT, e.g. 0.0.0.0:2377"))?,
+        None => d.cfg.listen_addr,
+    };
+    let advertise = match advertise.or_else(|| d.cfg.advertise_addr.clone()) {
+        Some(a) => parse_advertise(&a, listen.port())?,
+        None if !listen.ip().is_unspecified() => listen,
+        None => {
+            // The address this host would use to reach the manager.
+            let ip = route_to.and_then(|r| {
+                let s = std::net::UdpSocket::bind((listen.ip(), 0)).ok()?;
+                s.connect(r).ok()?;
+                s.local_addr().ok().map(|a| a.ip())
+            });
+            match ip {
+                Some(ip) => SocketAddr::new(ip, listen.port()),
+                None => bail!(
+                    "cannot choose an address to advertise while listening on {listen}: pass --advertise-addr IP[:PORT]"
+                ),
+            }
+        }
+    };
+    if advertise.ip().is_unspecified() {
+        bail!("the advertise address {advertise} is unspecified: pass a reachable --advertise-addr");
+    }
+    // Fail now, not after the cluster has counted us in, if the port is taken.
+    std::net::UdpSocket::bind(listen)
+        .map_err(|e| anyhow!("cannot listen on {listen} (UDP): {e}; is another node using that port?"))?;
+    Ok((listen, advertise))
+}
+
+async fn init(
+    d: &Arc<Daemon>,
+    advertise: Option<String>,
+    listen: Option<String>,
+) -> anyhow::Result<Reply> {
+    let mut slot = d.member.lock().await;
+    if let Some(m) = slot.as_ref() {
+        let cluster = m.state.read(|s| s.state.cluster.as_ref().map(|c| c.id.clone()));
+        bail!(
+            "this node is already part of a swarm (cluster {}); run `shoal swarm leave` first",
+            cluster.unwrap_or_default()
+        );
+    }
+    let (listen, advertise) = addresses(d, advertise, listen, None)?;
+    let (ca_der, ca_key) = pki::new_ca()?;
+    let (key_der, csr) = pki::new_key_and_csr()?;
+    let node_id = NodeId(rand::random::<u64>().max(1));
+    let cert_der = pki::sign_node_csr(&ca_der, &ca_key, &csr, node_id)?;
+    let manager_key: [u8; 32] = rand::random();
+    let fingerprint = pki::fingerprint(&ca_der);
+    let worker = JoinToken {
+        ca_fingerprint: fingerprint.clone(),
+        secret: pki::new_secret(),
+    };
+    let manager = JoinToken {
+        ca_fingerprint: fingerprint.clone(),
+        secret: pki::new_secret(),
+    };
+    let cluster_id = shoal_mesh::ids::to_hex(&rand::random::<[u8; 8]>());
+    let cluster = ClusterInfo {
+        id: cluster_id.clone(),
+        created_at_ms: now_ms(),
+        ca_cert_der: ca_der.clone(),
+        ca_fingerprint: fingerprint,
+        tokens: JoinSecrets {
+            worker_hash: pki::secret_hash(&worker.secret),
+            manager_hash: pki::secret_hash(&manager.secret),
+            worker_sealed: pki::seal(&manager_key, worker.to_string().as_bytes()),
+            manager_sealed: pki::seal(&manager_key, manager.to_string().as_bytes()),
+        },
+        sealed_ca_key: pki::seal(&manager_key, &ca_key),
+    };
+    let first = Node {
+        id: node_id,
+        hostname: d.hostname.clone(),
+        role: Role::Manager,
+        availability: Availability::Active,
+        labels: Default::default(),
+        addr: advertise.to_string(),
+        joined_at_ms: now_ms(),
+    };
+    let identity = Identity {
+        node: NodeFile {
+            node_id,
+            cluster_id: cluster_id.clone(),
+            listen_addr: listen,
+            advertise_addr: advertise,
+        },
+        tls: TlsIdentity {
+            ca_der,
+            cert_der,
+            key_der,
+        },
+        manager_key: Some(manager_key),
+    };
+    d.dir.save(&identity)?;
+    let started = async {
+        let m = d.start_member(identity).await?;
+        let boot = async {
+            m.raft
+                .initialize(std::collections::BTreeMap::from([(
+                    node_id.0,
+                    BasicNode::new(advertise.to_string()),
+                )]))
+                .await?;
+            m.propose(Command::Init { cluster, first }).await?;
+            anyhow::Ok(())
+        };
+        match boot.await {
+            Ok(()) => Ok(m),
+            Err(e) => {
+                m.shutdown().await;
+                Err(e)
+            }
+        }
+    };
+    let m = match started.await {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = d.dir.wipe();
+            return Err(e.context("swarm init failed; nothing was kept"));
+        }
+    };
+    *slot = Some(m);
+    Ok(Reply::ok(json!({
+        "node_id": node_id.to_string(),
+        "cluster_id": cluster_id,
+        "advertise_addr": advertise.to_string(),
+        "worker_token": worker.to_string(),
+        "manager_token": manager.to_string(),
+    })))
+}
+
+async fn join(
+    d: &Arc<Daemon>,
+    token: &str,
+    remote: &str,
+    advertise: Option<String>,
+    listen: Option<String>,
+) -> anyhow::Result<Reply> {
+    let token: JoinToken = token.parse()?;
+    let remote_addr = parse_advertise(remote, super::config::DEFAULT_PORT)
+        .map_err(|_| anyhow!("invalid manager address `{remote}`: use IP:PORT, e.g. 192.168.1.10:2377"))?;
+    let mut slot = d.member.lock().await;
+    if slot.is_some() {
+        bail!("this node is already part of a swarm; run `shoal swarm leave` first");
+    }
+    let (listen, advertise) = addresses(d, advertise, listen, Some(remote_addr))?;
+    let (key_der, csr_der) = pki::new_key_and_csr()?;
+    let req = shoal_mesh::codec::encode(&JoinRequest {
+        secret: token.secret.clone(),
+        csr_der,
+        hostname: d.hostname.clone(),
+        advertise_addr: advertise.to_string(),
+    })?;
+    let reply = join_call(remote_addr, &token.ca_fingerprint, &req, JOIN_TIMEOUT)
+        .await
+        .map_err(|e| match e {
+            super::transport::QuicError::Timeout { .. } => anyhow!(
+                "timed out after {} s waiting for the manager at {remote_addr}: check the address and that its UDP port is reachable",
+                JOIN_TIMEOUT.as_secs()
+            ),
+            other => anyhow!("cannot join through {remote_addr}: {other}"),
+        })?;
+    let accepted = match shoal_mesh::codec::decode::<JoinReply>(&reply, 1 << 20)
+        .context("the manager's answer is not a valid join reply")?
+    {
+        JoinReply::Accepted(a) => a,
+        JoinReply::Refused(msg) => bail!("join refused by {remote_addr}: {msg}"),
+    };
+    let wire::JoinAccepted {
+        node_id,
+        cluster_id,
+        role,
+        cert_der,
+        ca_der,
+        manager_key,
+    } = accepted;
+    if pki::fingerprint(&ca_der) != token.ca_fingerprint {
+        bail!("the manager sent a CA that does not match the join token; refusing to join");
+    }
+    let identity = Identity {
+        node: NodeFile {
+            node_id,
+            cluster_id: cluster_id.clone(),
+            listen_addr: listen,
+            advertise_addr: advertise,
+        },
+        tls: TlsIdentity {
+            ca_der,
+            cert_der,
+            key_der,
+        },
+        manager_key,
+    };
+    d.dir.save(&identity)?;
+    let m = match d.start_member(identity).await {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = d.dir.wipe();
+            return Err(e.context("joined, but cannot start this node's swarm state; nothing was kept"));
+        }
+    };
+    // Wait until the store has reached us, so that `node ls` right after
+    // `join` shows the swarm.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut changes = m.state.changes();
+    let mut warnings = Vec::new();
+    while !m.state.read(|s| s.state.nodes.contains_key(&node_id)) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            warnings.push("joined, but the swarm's state has not reached this node yet; it will keep trying".to_owned());
+            break;
+        }
+        let _ = tokio::time::timeout(left, changes.changed()).await;
+    }
+    *slot = Some(m);
+    let mut reply = Reply::ok(json!({
+        "node_id": node_id.to_string(),
+        "cluster_id": cluster_id,
+        "role": role,
+        "advertise_addr": advertise.to_string(),
+    }));
+    reply.warnings = warnings;
+    Ok(reply)
+}
+
+fn require_manager(m: &Member, state: &ClusterState) -> anyhow::Result<()> {
+    match state.nodes.get(&m.id).map(|n| n.role) {
+        Some(Role::Manager) => Ok(()),
+        _ => bail!("this node is not a swarm manager: run this command on a manager"),
+    }
+}
+
+async fn join_token(d: &Daemon, role: Role, rotate: bool) -> anyhow::Result<Reply> {
+    let m = member(d).await?;
+    require_manager(&m, &m.state.state())?;
+    let key = m
+        .manager_key()
+        .ok_or_else(|| anyhow!("this manager has not received the managers' key yet; try again in a moment"))?;
+    if rotate {
+        let fingerprint = m
+            .state
+            .read(|s| s.state.cluster.as_ref().map(|c| c.ca_fingerprint.clone()))
+            .ok_or_else(|| anyhow!(NOT_IN_SWARM))?;
+        let token = JoinToken {
+            ca_fingerprint: fingerprint,
+            secret: pki::new_secret(),
+        };
+        m.propose(Command::RotateToken {
+            role,
+            hash: pki::secret_hash(&token.secret),
+            sealed: pki::seal(&key, token.to_string().as_bytes()),
+        })
+        .await?;
+    }
+    let state = m.state.state();
+    let cluster = state.cluster.as_ref().ok_or_else(|| anyhow!(NOT_IN_SWARM))?;
+    let sealed = match role {
+        Role::Manager => &cluster.tokens.manager_sealed,
+        Role::Worker => &cluster.tokens.worker_sealed,
+    };
+    let token = String::from_utf8(pki::unseal(&key, sealed)?)?;
+    let addr = state
+        .nodes
+        .get(&m.id)
+        .map(|n| n.addr.clone())
+        .unwrap_or_default();
+    Ok(Reply::ok(json!({
+        "role": role,
+        "token": token,
+        "manager_addr": addr,
+        "rotated": rotate,
+    })))
+}
+
+/// Refuses to lose quorum: after `leaving` goes, a majority of the remaining
+/// managers must still be reachable.
+fn check_quorum_after(m: &Member, state: &ClusterState, leaving: NodeId, what: &str) -> anyhow::Result<()> {
+    let remaining: Vec<&Node> = state.managers().filter(|n| n.id != leaving).collect();
+    if remaining.len() == state.managers().count() {
+        return Ok(());
+    }
+    let reachable = remaining
+        .iter()
+        .filter(|n| m.status(n.id) == NodeStatus::Ready)
+        .count();
+    let needed = remaining.len() / 2 + 1;
+    if reachable < needed {
+        bail!(
+            "{what} would break quorum: {reachable} of the {} remaining managers are reachable and {needed} are needed. Use --force to do it anyway",
+            remaining.len()
+        );
+    }
+    Ok(())
+}
+
+async fn leave(d: &Arc<Daemon>, force: bool) -> anyhow::Result<Reply> {
+    let mut slot = d.member.lock().await;
+    let m = slot.clone().ok_or_else(|| anyhow!(NOT_IN_SWARM))?;
+    let state = m.state.state();
+    let me = state.nodes.get(&m.id);
+    let mut warnings = Vec::new();
+    let is_manager = me.is_some_and(|n| n.role == Role::Manager);
+    if is_manager && state.managers().count() == 1 && !force {
+        bail!(
+            "this node is the last manager of the swarm: leaving erases the swarm's state for good. Use --force to leave anyway"
+        );
+    }
+    if is_manager && !force {
+        check_quorum_after(&m, &state, m.id, "leaving")?;
+    }
+    if me.is_some() && !(is_manager && state.managers().count() == 1) {
+        if let Err(e) = m.propose(Command::RemoveNode(m.id)).await {
+            if !force {
+                return Err(anyhow!(e).context("cannot leave (nothing changed); use --force to leave without telling the swarm"));
+            }
+            warnings.push(format!("the swarm was not told of this departure ({e}); remove this node with `shoal node rm --force` on a manager"));
+        }
+    }
+    m.shutdown().await;
+    *slot = None;
+    d.dir.wipe()?;
+    let mut reply = Reply::ok(json!({ "left": m.id.to_string() }));
+    reply.warnings = warnings;
+    Ok(reply)
+}
+
+async fn node_ls(d: &Daemon) -> anyhow::Result<Reply> {
+    let m = member(d).await?;
+    let state = m.state.state();
+    let nodes: Vec<NodeView> = state.nodes.values().map(|n| view(&m, n)).collect();
+    let mut reply = Reply::ok(serde_json::to_value(nodes)?);
+    reply.warnings = staleness(&m);
+    Ok(reply)
+}
+
+async fn node_inspect(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
+    let m = member(d).await?;
+    let state = m.state.state();
+    let node = state.resolve_node(reference)?;
+    let mut reply = Reply::ok(serde_json::to_value(view(&m, node))?);
+    reply.warnings = staleness(&m);
+    Ok(reply)
+}
+
+async fn set_role(d: &Daemon, reference: &str, role: Role) -> anyhow::Result<Reply> {
+    let m = member(d).await?;
+    let state = m.state.state();
+    let node = state.resolve_node(reference)?.clone();
+    if role == Role::Worker && node.role == Role::Manager && state.managers().count() > 1 {
+        check_quorum_after(&m, &state, node.id, "demoting this manager")?;
+    }
+    m.propose(Command::SetRole { node: node.id, role }).await?;
+    let verb = if role == Role::Manager { "promoted to a manager" } else { "demoted to a worker" };
+    Ok(Reply::ok(json!({ "id": node.id.to_string(), "message": format!("node {} {verb}", node.hostname) })))
+}
+
+async fn node_update(
+    d: &Daemon,
+    reference: &str,
+    availability: Option<Availability>,
+    label_add: Vec<(String, String)>,
+    label_rm: Vec<String>,
+) -> anyhow::Result<Reply> {
+    let m = member(d).await?;
+    let node = m.state.state().resolve_node(reference)?.id;
+    m.propose(Command::UpdateNode {
+        node,
+        availability,
+        label_add,
+        label_rm,
+    })
+    .await?;
+    Ok(Reply::ok(json!({ "id": node.to_string() })))
+}
+
+async fn node_rm(d: &Daemon, reference: &str, force: bool) -> anyhow::Result<Reply> {
+    let m = member(d).await?;
+    let state = m.state.state();
+    let node = state.resolve_node(reference)?;
+    if node.role == Role::Manager {
+        bail!(
+            "node {} is a manager: demote it first (`shoal node demote {}`)",
+            node.hostname, node.id
+        );
+    }
+    if !force && m.status(node.id) != NodeStatus::Down {
+        bail!(
+            "node {} is {} (its daemon answers): run `shoal swarm leave` on it, or stop it, or use --force",
+            node.hostname,
+            m.status(node.id)
+        );
+    }
+    m.propose(Command::RemoveNode(node.id)).await?;
+    Ok(Reply::ok(json!({ "id": node.id.to_string() })))
+}

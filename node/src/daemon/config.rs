@@ -1,0 +1,184 @@
+//! The daemon's configuration: flags, or the same keys in a TOML file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use shoal_raft::RaftTiming;
+
+/// Default QUIC port.
+pub const DEFAULT_PORT: u16 = 2377;
+
+/// Everything `shoal daemon` is configured with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Where the node keeps its identity, keys and the Raft store.
+    pub state_dir: PathBuf,
+    /// The local API socket.
+    pub socket: PathBuf,
+    /// QUIC listen address (UDP).
+    pub listen_addr: SocketAddr,
+    /// What other nodes dial: `IP` or `IP:PORT`.
+    pub advertise_addr: Option<String>,
+    /// This node's name; defaults to the system's hostname.
+    pub hostname: Option<String>,
+    /// `error`, `warn`, `info`, `debug` or `trace` (or a tracing filter).
+    pub log_level: String,
+    /// Raft timing.
+    pub raft: RaftTimingConfig,
+}
+
+/// Raft timing in milliseconds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftTimingConfig {
+    /// Leader heartbeat interval.
+    pub heartbeat_ms: u64,
+    /// Election timeout, lower bound.
+    pub election_min_ms: u64,
+    /// Election timeout, upper bound.
+    pub election_max_ms: u64,
+}
+
+impl Default for RaftTimingConfig {
+    fn default() -> Self {
+        let t = RaftTiming::default();
+        RaftTimingConfig {
+            heartbeat_ms: t.heartbeat.as_millis() as u64,
+            election_min_ms: t.election_min.as_millis() as u64,
+            election_max_ms: t.election_max.as_millis() as u64,
+        }
+    }
+}
+
+impl RaftTimingConfig {
+    /// As durations.
+    pub fn timing(&self) -> RaftTiming {
+        RaftTiming {
+            heartbeat: Duration::from_millis(self.heartbeat_ms),
+            election_min: Duration::from_millis(self.election_min_ms),
+            election_max: Duration::from_millis(self.election_max_ms),
+        }
+    }
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            state_dir: PathBuf::from("/var/lib/shoal"),
+            socket: PathBuf::from("/run/shoal/shoal.sock"),
+            listen_addr: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
+            advertise_addr: None,
+            hostname: None,
+            log_level: "info".into(),
+            raft: RaftTimingConfig::default(),
+        }
+    }
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {reason}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The file is not valid TOML for this struct.
+    #[error("invalid config file {path}: {reason}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        reason: String,
+    },
+    /// The advertise address is not `IP` or `IP:PORT`.
+    #[error("invalid advertise address `{0}`: use IP or IP:PORT, e.g. 192.168.1.10:2377")]
+    Advertise(String),
+    /// Raft timings out of order.
+    #[error(
+        "invalid raft timing: need 0 < heartbeat_ms < election_min_ms < election_max_ms (got {0}, {1}, {2})"
+    )]
+    RaftTiming(u64, u64, u64),
+    /// Hostname empty or with whitespace.
+    #[error("invalid hostname `{0}`: it must be non-empty and contain no whitespace")]
+    Hostname(String),
+}
+
+impl DaemonConfig {
+    /// Reads a TOML config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Checks the values that can be checked without the network.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(a) = &self.advertise_addr {
+            parse_advertise(a, self.listen_addr.port())?;
+        }
+        let r = &self.raft;
+        if !(0 < r.heartbeat_ms && r.heartbeat_ms < r.election_min_ms && r.election_min_ms < r.election_max_ms) {
+            return Err(ConfigError::RaftTiming(r.heartbeat_ms, r.election_min_ms, r.election_max_ms));
+        }
+        if let Some(h) = &self.hostname
+            && (h.is_empty() || h.chars().any(char::is_whitespace))
+        {
+            return Err(ConfigError::Hostname(h.clone()));
+        }
+        Ok(())
+    }
+}
+
+/// Parses `IP` or `IP:PORT`; a bare IP gets `default_port`.
+pub fn parse_advertise(text: &str, default_port: u16) -> Result<SocketAddr, ConfigError> {
+    if let Ok(sa) = text.parse::<SocketAddr>() {
+        return Ok(sa);
+    }
+    text.parse::<std::net::IpAddr>()
+        .map(|ip| SocketAddr::new(ip, default_port))
+        .map_err(|_| ConfigError::Advertise(text.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_toml_file_overrides_defaults_and_unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("shoal.toml");
+        std::fs::write(&p, "state_dir = \"/tmp/x\"\nlisten_addr = \"127.0.0.1:4000\"\n[raft]\nheartbeat_ms = 20\n").unwrap();
+        let c = DaemonConfig::load(&p).unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(c.listen_addr.port(), 4000);
+        assert_eq!(c.raft.heartbeat_ms, 20);
+        assert_eq!(c.raft.election_min_ms, RaftTimingConfig::default().election_min_ms);
+        std::fs::write(&p, "statedir = \"/tmp/x\"\n").unwrap();
+        let err = DaemonConfig::load(&p).unwrap_err().to_string();
+        assert!(err.contains("statedir"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        let mut c = DaemonConfig::default();
+        c.advertise_addr = Some("not-an-ip".into());
+        assert!(c.validate().unwrap_err().to_string().contains("not-an-ip"));
+        c.advertise_addr = Some("10.0.0.1".into());
+        c.validate().unwrap();
+        assert_eq!(parse_advertise("10.0.0.1", 2377).unwrap().to_string(), "10.0.0.1:2377");
+        c.raft.heartbeat_ms = 500;
+        assert!(matches!(c.validate(), Err(ConfigError::RaftTiming(..))));
+    }
+}

@@ -1,0 +1,189 @@
+//! The node's persisted identity in its state dir.
+//!
+//! ```text
+//! STATE_DIR/node.json     node ID, cluster ID, addresses   (written last: the "member" marker)
+//! STATE_DIR/ca.der        cluster CA certificate
+//! STATE_DIR/node.der      this node's certificate
+//! STATE_DIR/node.key      this node's private key           (0600)
+//! STATE_DIR/manager.key   managers' sealing key, managers only (0600)
+//! STATE_DIR/raft/         Raft log (redb) and snapshot
+//! ```
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use shoal_mesh::NodeId;
+
+use super::transport::TlsIdentity;
+
+/// The identity file's content.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeFile {
+    /// This node's ID.
+    pub node_id: NodeId,
+    /// The cluster it belongs to.
+    pub cluster_id: String,
+    /// Where it listens.
+    pub listen_addr: SocketAddr,
+    /// What others dial.
+    pub advertise_addr: SocketAddr,
+}
+
+/// A loaded identity.
+#[derive(Clone)]
+pub struct Identity {
+    /// `node.json`.
+    pub node: NodeFile,
+    /// Certificates and key.
+    pub tls: TlsIdentity,
+    /// The managers' sealing key, if this node has it.
+    pub manager_key: Option<[u8; 32]>,
+}
+
+/// Errors reading or writing the state dir.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// A file could not be read, parsed or written.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn file_err(path: &Path, e: impl ToString) -> IdentityError {
+    IdentityError::File {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
+/// Paths in a state dir.
+#[derive(Clone, Debug)]
+pub struct StateDir(pub PathBuf);
+
+impl StateDir {
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// The Raft store's folder.
+    pub fn raft(&self) -> PathBuf {
+        self.path("raft")
+    }
+
+    /// Loads the identity; `Ok(None)` if there is none. A damaged file is an
+    /// error naming it.
+    pub fn load(&self) -> Result<Option<Identity>, IdentityError> {
+        let node_path = self.path("node.json");
+        let text = match std::fs::read_to_string(&node_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(file_err(&node_path, e)),
+        };
+        let node: NodeFile = serde_json::from_str(&text).map_err(|e| file_err(&node_path, e))?;
+        let read = |name: &str| {
+            let p = self.path(name);
+            std::fs::read(&p).map_err(|e| file_err(&p, e))
+        };
+        let tls = TlsIdentity {
+            ca_der: read("ca.der")?,
+            cert_der: read("node.der")?,
+            key_der: read("node.key")?,
+        };
+        let cert_id = super::pki::node_id_of(&tls.cert_der).map_err(|e| file_err(&self.path("node.der"), e))?;
+        if cert_id != node.node_id {
+            return Err(file_err(
+                &self.path("node.der"),
+                format!("certificate is for node {cert_id}, but node.json says {}", node.node_id),
+            ));
+        }
+        let mk_path = self.path("manager.key");
+        let manager_key = match std::fs::read(&mk_path) {
+            Ok(b) => Some(
+                <[u8; 32]>::try_from(b.as_slice())
+                    .map_err(|_| file_err(&mk_path, "expected 32 bytes"))?,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(file_err(&mk_path, e)),
+        };
+        Ok(Some(Identity {
+            node,
+            tls,
+            manager_key,
+        }))
+    }
+
+    /// Writes a whole identity; `node.json` goes last so that a crash
+    /// half-way leaves a state dir that is not a member.
+    pub fn save(&self, id: &Identity) -> Result<(), IdentityError> {
+        std::fs::create_dir_all(&self.0).map_err(|e| file_err(&self.0, e))?;
+        self.write("ca.der", &id.tls.ca_der, false)?;
+        self.write("node.der", &id.tls.cert_der, false)?;
+        self.write("node.key", &id.tls.key_der, true)?;
+        self.save_manager_key(id.manager_key.as_ref())?;
+        let json = serde_json::to_vec_pretty(&id.node).map_err(|e| file_err(&self.path("node.json"), e))?;
+        self.write("node.json", &json, false)
+    }
+
+    /// Stores (or, with `None`, deletes) the managers' key.
+    pub fn save_manager_key(&self, key: Option<&[u8; 32]>) -> Result<(), IdentityError> {
+        match key {
+            Some(k) => self.write("manager.key", k, true),
+            None => match std::fs::remove_file(self.path("manager.key")) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(file_err(&self.path("manager.key"), e)),
+            },
+        }
+    }
+
+    fn write(&self, name: &str, bytes: &[u8], secret: bool) -> Result<(), IdentityError> {
+        let path = self.path(name);
+        let tmp = self.path(&format!(".{name}.tmp"));
+        let mode = if secret { 0o600 } else { 0o644 };
+        let result = (|| -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(mode)
+                .open(&tmp)?;
+            f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+            f.write_all(bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(&self.0)?.sync_all()
+        })();
+        result.map_err(|e| file_err(&path, e))
+    }
+
+    /// Removes everything the cluster membership put here (identity, keys,
+    /// Raft store). The state dir itself stays.
+    pub fn wipe(&self) -> Result<(), IdentityError> {
+        let mut errors = Vec::new();
+        // node.json first: from here on the dir is no longer a member.
+        for name in ["node.json", "manager.key", "node.key", "node.der", "ca.der"] {
+            match std::fs::remove_file(self.path(name)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => errors.push(format!("{}: {e}", self.path(name).display())),
+            }
+        }
+        match std::fs::remove_dir_all(self.raft()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => errors.push(format!("{}: {e}", self.raft().display())),
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(file_err(&self.0, errors.join("; ")))
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! `shoal daemon`: the long-running node agent. It serves the local API on a
+//! Unix socket and, once the node is part of a swarm, runs a [`member::Member`].
+
+pub mod commands;
+pub mod config;
+pub mod identity;
+pub mod liveness;
+pub mod member;
+pub mod membership;
+pub mod peer;
+pub mod recovery;
+pub mod pki;
+pub mod transport;
+pub mod wire;
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::api::{MAX_REQUEST, Reply, Request};
+use config::DaemonConfig;
+use identity::{Identity, StateDir};
+use member::Member;
+
+/// The daemon: its configuration and, when in a swarm, its member.
+pub struct Daemon {
+    /// Configuration.
+    pub cfg: DaemonConfig,
+    /// State dir.
+    pub dir: StateDir,
+    /// This node's hostname.
+    pub hostname: String,
+    /// The running member, if in a swarm. The lock also serializes
+    /// init/join/leave.
+    pub member: tokio::sync::Mutex<Option<Arc<Member>>>,
+}
+
+fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+impl Daemon {
+    /// Starts a member from a saved identity and attaches its QUIC handler.
+    pub async fn start_member(&self, identity: Identity) -> anyhow::Result<Arc<Member>> {
+        let member = Member::start(identity, self.dir.clone(), &self.cfg.raft.timing()).await?;
+        let handler = Arc::new(peer::PeerHandler {
+            member: Arc::downgrade(&member),
+        });
+        member.adopt_task(member.quic.serve(handler));
+        Ok(member)
+    }
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
+    cfg.validate()?;
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("cannot create state dir {}", cfg.state_dir.display()))?;
+    std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("cannot set permissions on {}", cfg.state_dir.display()))?;
+    let dir = StateDir(cfg.state_dir.clone());
+    let identity = dir
+        .load()
+        .context("refusing to start: the state dir is damaged (restore it from a backup, or remove it to start afresh)")?;
+    let hostname = cfg.hostname.clone().unwrap_or_else(system_hostname);
+    let daemon = Arc::new(Daemon {
+        cfg: cfg.clone(),
+        dir,
+        hostname,
+        member: tokio::sync::Mutex::new(None),
+    });
+    if let Some(identity) = identity {
+        let id = identity.node.node_id;
+        let member = daemon
+            .start_member(identity)
+            .await
+            .context("refusing to start: cannot open this node's swarm state")?;
+        tracing::info!(node = %id, "rejoined the swarm from saved state");
+        *daemon.member.lock().await = Some(member);
+    }
+    let listener = bind_socket(&cfg.socket).await?;
+    tracing::info!(socket = %cfg.socket.display(), state_dir = %cfg.state_dir.display(), "shoal daemon ready");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let d = daemon.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve_client(d, stream).await {
+                        tracing::debug!(error = %e, "api client");
+                    }
+                });
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+    }
+    tracing::info!("shutting down");
+    if let Some(m) = daemon.member.lock().await.take() {
+        m.shutdown().await;
+    }
+    let _ = std::fs::remove_file(&cfg.socket);
+    Ok(())
+}
+
+async fn bind_socket(path: &std::path::Path) -> anyhow::Result<UnixListener> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            anyhow::bail!(
+                "another shoal daemon is already serving {}; stop it or choose another --socket",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+async fn serve_client(daemon: Arc<Daemon>, stream: UnixStream) -> anyhow::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(read.take(MAX_REQUEST as u64))
+        .read_line(&mut line)
+        .await?;
+    let reply = match serde_json::from_str::<Request>(&line) {
+        Ok(req) => commands::handle(&daemon, req).await,
+        Err(e) => Reply::err(format!("bad request: {e}")),
+    };
+    let mut out = serde_json::to_vec(&reply)?;
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    Ok(())
+}

@@ -1,0 +1,56 @@
+//! `swarm init --force-new-cluster`: after losing quorum for good, make this
+//! manager the only one, keeping everything in its copy of the store.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail};
+use openraft::BasicNode;
+use serde_json::json;
+use shoal_mesh::{Command, Role};
+
+use super::Daemon;
+use crate::api::Reply;
+
+/// Rebuilds a one-manager swarm from this manager's local state.
+pub async fn force_new_cluster(d: &Arc<Daemon>) -> anyhow::Result<Reply> {
+    let mut slot = d.member.lock().await;
+    let m = slot.clone().ok_or_else(|| {
+        anyhow!("--force-new-cluster needs this node's swarm state, and this node is not part of a swarm")
+    })?;
+    let state = m.state.state();
+    if state.nodes.get(&m.id).map(|n| n.role) != Some(Role::Manager) {
+        bail!("--force-new-cluster must run on a manager; this node is a worker");
+    }
+    if m.manager_key().is_none() {
+        bail!("this manager does not hold the managers' key, so it cannot run the swarm alone");
+    }
+    let identity = m.identity.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let nodes: BTreeMap<u64, BasicNode> = state
+        .nodes
+        .values()
+        .map(|n| (n.id.0, BasicNode::new(n.addr.clone())))
+        .collect();
+    let me = m.id;
+    m.shutdown().await;
+    *slot = None;
+    drop(m);
+    shoal_raft::recovery::force_single_voter(&d.dir.raft(), me.0, nodes)?;
+    let m = d.start_member(identity).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while m.leader() != Some(me) {
+        if Instant::now() > deadline {
+            *slot = Some(m);
+            bail!("this node did not become leader of the new swarm within 10 s; see the daemon log");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let result = m.propose(Command::ForceNewCluster { keep: me }).await;
+    *slot = Some(m);
+    result?;
+    Ok(Reply::ok(json!({
+        "node_id": me.to_string(),
+        "message": "this node is now the only manager; the other managers were demoted to workers: promote new managers with `shoal node promote`",
+    })))
+}

@@ -1,0 +1,481 @@
+//! The node's QUIC endpoint: one UDP port, mutual TLS under the cluster CA,
+//! ALPN to tell Raft RPCs, control calls and joins apart.
+//!
+//! Every call is one bidirectional stream: the caller writes one encoded
+//! request and finishes its side, the callee answers with one encoded reply.
+//! Connections are cached per peer and protocol and dropped on error.
+//!
+//! Who may talk: a `shoal-raft/1` or `shoal-ctl/1` peer must present a
+//! certificate signed by the cluster CA (checked by rustls) naming a node
+//! (checked here, against the store, by the handler). Only `shoal-join/1`
+//! accepts a peer without a certificate, and it serves nothing but the join
+//! handshake.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+use shoal_mesh::NodeId;
+
+use super::pki;
+
+/// ALPN of Raft RPCs.
+pub const ALPN_RAFT: &[u8] = b"shoal-raft/1";
+/// ALPN of control calls (forwarded writes, pings, secrets).
+pub const ALPN_CTL: &[u8] = b"shoal-ctl/1";
+/// ALPN of the join handshake.
+pub const ALPN_JOIN: &[u8] = b"shoal-join/1";
+
+/// Largest request or reply accepted on a stream.
+pub const MAX_MESSAGE: usize = shoal_mesh::codec::DEFAULT_LIMIT;
+
+/// Errors of the QUIC layer.
+#[derive(Debug, thiserror::Error)]
+pub enum QuicError {
+    /// TLS configuration could not be built from our certificates.
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+    /// The UDP socket could not be bound.
+    #[error("cannot listen on {addr}: {reason}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        reason: String,
+    },
+    /// The peer did not answer in time.
+    #[error("no answer from {addr} within {secs:.1} s")]
+    Timeout {
+        /// The peer.
+        addr: SocketAddr,
+        /// The time waited.
+        secs: f64,
+    },
+    /// The connection or stream failed.
+    #[error("connection to {addr} failed: {reason}")]
+    Connection {
+        /// The peer.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// This node's certificate material.
+#[derive(Clone)]
+pub struct TlsIdentity {
+    /// The cluster CA (DER).
+    pub ca_der: Vec<u8>,
+    /// This node's certificate (DER).
+    pub cert_der: Vec<u8>,
+    /// This node's key (PKCS#8 DER).
+    pub key_der: Vec<u8>,
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(Duration::from_secs(5)).unwrap_or_else(|_| unreachable!()),
+    ));
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
+    Arc::new(t)
+}
+
+fn roots(ca_der: &[u8]) -> Result<RootCertStore, QuicError> {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(ca_der.to_vec()))
+        .map_err(|e| QuicError::Tls(e.to_string()))?;
+    Ok(roots)
+}
+
+fn key(key_der: &[u8]) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der.to_vec()))
+}
+
+fn server_config(id: &TlsIdentity) -> Result<quinn::ServerConfig, QuicError> {
+    let tls = |e: rustls::Error| QuicError::Tls(e.to_string());
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&id.ca_der)?), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| QuicError::Tls(e.to_string()))?;
+    let chain = vec![
+        CertificateDer::from(id.cert_der.clone()),
+        CertificateDer::from(id.ca_der.clone()),
+    ];
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key(&id.key_der))
+        .map_err(tls)?;
+    cfg.alpn_protocols = vec![ALPN_RAFT.to_vec(), ALPN_CTL.to_vec(), ALPN_JOIN.to_vec()];
+    let quic = QuicServerConfig::try_from(cfg).map_err(|e| QuicError::Tls(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    server.transport_config(transport_config());
+    Ok(server)
+}
+
+fn client_config(id: &TlsIdentity, alpn: &[u8]) -> Result<quinn::ClientConfig, QuicError> {
+    let tls = |e: rustls::Error| QuicError::Tls(e.to_string());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls)?
+        .with_root_certificates(roots(&id.ca_der)?)
+        .with_client_auth_cert(vec![CertificateDer::from(id.cert_der.clone())], key(&id.key_der))
+        .map_err(tls)?;
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    let quic = QuicClientConfig::try_from(cfg).map_err(|e| QuicError::Tls(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(quic));
+    client.transport_config(transport_config());
+    Ok(client)
+}
+
+/// Trusts exactly the CA whose SHA-256 fingerprint is pinned (from a join
+/// token), and a server certificate that CA signed. Names are not checked:
+/// the joiner does not know the manager's node ID, and any cluster node
+/// signed by the pinned CA is a node of the cluster it meant to join.
+#[derive(Debug)]
+struct PinnedCa {
+    fingerprint: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| pki::fingerprint(c) == self.fingerprint)
+            .ok_or_else(|| {
+                rustls::Error::General(
+                    "the manager's CA does not match the join token's fingerprint (a token of another cluster?)"
+                        .into(),
+                )
+            })?;
+        let roots = roots(ca).map_err(|e| rustls::Error::General(e.to_string()))?;
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &roots,
+            &[],
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Client config for the join handshake: no client certificate, the CA pinned.
+fn join_client_config(ca_fingerprint: &str) -> Result<quinn::ClientConfig, QuicError> {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| QuicError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedCa {
+            fingerprint: ca_fingerprint.to_owned(),
+            provider: provider(),
+        }))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![ALPN_JOIN.to_vec()];
+    let quic = QuicClientConfig::try_from(cfg).map_err(|e| QuicError::Tls(e.to_string()))?;
+    let mut client = quinn::ClientConfig::new(Arc::new(quic));
+    client.transport_config(transport_config());
+    Ok(client)
+}
+
+/// An incoming call: which protocol, and who (the node ID in the peer's
+/// certificate; `None` only on the join protocol).
+pub struct Incoming {
+    /// The ALPN.
+    pub alpn: Vec<u8>,
+    /// The authenticated peer, if it presented a certificate.
+    pub peer: Option<NodeId>,
+    /// The peer's address.
+    pub remote: SocketAddr,
+    /// The request bytes.
+    pub request: Vec<u8>,
+}
+
+/// Serves incoming calls.
+pub trait Handler: Send + Sync + 'static {
+    /// Answers one call; the returned bytes are the reply.
+    fn handle(&self, call: Incoming) -> impl Future<Output = Vec<u8>> + Send;
+}
+
+/// The node's QUIC endpoint, as client and server.
+pub struct Quic {
+    endpoint: quinn::Endpoint,
+    raft_client: quinn::ClientConfig,
+    ctl_client: quinn::ClientConfig,
+    conns: Mutex<HashMap<(SocketAddr, &'static [u8]), quinn::Connection>>,
+}
+
+impl Quic {
+    /// Binds `listen` with `identity`.
+    pub fn bind(identity: &TlsIdentity, listen: SocketAddr) -> Result<Arc<Self>, QuicError> {
+        let endpoint = quinn::Endpoint::server(server_config(identity)?, listen).map_err(|e| {
+            QuicError::Bind {
+                addr: listen,
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(Arc::new(Quic {
+            endpoint,
+            raft_client: client_config(identity, ALPN_RAFT)?,
+            ctl_client: client_config(identity, ALPN_CTL)?,
+            conns: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// Accepts connections until the endpoint closes, handing calls to `handler`.
+    pub fn serve<H: Handler>(self: &Arc<Self>, handler: Arc<H>) -> tokio::task::JoinHandle<()> {
+        let endpoint = self.endpoint.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                let handler = handler.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve_connection(incoming, handler).await {
+                        tracing::debug!(error = %e, "connection ended");
+                    }
+                });
+            }
+        })
+    }
+
+    /// Closes the endpoint (stops serving, drops connections).
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"shutdown");
+    }
+
+    /// One call on `alpn` to node `peer` at `addr`, within `timeout`.
+    pub async fn call(
+        &self,
+        addr: SocketAddr,
+        peer: NodeId,
+        alpn: &'static [u8],
+        request: &[u8],
+        timeout: Duration,
+    ) -> Result<Vec<u8>, QuicError> {
+        let fut = self.call_inner(addr, peer, alpn, request);
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(e)) => {
+                self.forget(addr, alpn);
+                Err(e)
+            }
+            Err(_) => {
+                self.forget(addr, alpn);
+                Err(QuicError::Timeout {
+                    addr,
+                    secs: timeout.as_secs_f64(),
+                })
+            }
+        }
+    }
+
+    fn forget(&self, addr: SocketAddr, alpn: &'static [u8]) {
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(addr, alpn));
+    }
+
+    async fn connection(
+        &self,
+        addr: SocketAddr,
+        peer: NodeId,
+        alpn: &'static [u8],
+    ) -> Result<quinn::Connection, QuicError> {
+        let cached = self
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(addr, alpn))
+            .cloned();
+        if let Some(c) = cached
+            && c.close_reason().is_none()
+        {
+            return Ok(c);
+        }
+        let cfg = if alpn == ALPN_RAFT {
+            self.raft_client.clone()
+        } else {
+            self.ctl_client.clone()
+        };
+        let conn = connect(&self.endpoint, cfg, addr, &pki::server_name(peer)).await?;
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((addr, alpn), conn.clone());
+        Ok(conn)
+    }
+
+    async fn call_inner(
+        &self,
+        addr: SocketAddr,
+        peer: NodeId,
+        alpn: &'static [u8],
+        request: &[u8],
+    ) -> Result<Vec<u8>, QuicError> {
+        let conn = self.connection(addr, peer, alpn).await?;
+        exchange(&conn, addr, request).await
+    }
+}
+
+async fn connect(
+    endpoint: &quinn::Endpoint,
+    cfg: quinn::ClientConfig,
+    addr: SocketAddr,
+    server_name: &str,
+) -> Result<quinn::Connection, QuicError> {
+    let fail = |reason: String| QuicError::Connection { addr, reason };
+    endpoint
+        .connect_with(cfg, addr, server_name)
+        .map_err(|e| fail(e.to_string()))?
+        .await
+        .map_err(|e| fail(e.to_string()))
+}
+
+async fn exchange(
+    conn: &quinn::Connection,
+    addr: SocketAddr,
+    request: &[u8],
+) -> Result<Vec<u8>, QuicError> {
+    let fail = |reason: String| QuicError::Connection { addr, reason };
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
+    send.write_all(request).await.map_err(|e| fail(e.to_string()))?;
+    send.finish().map_err(|e| fail(e.to_string()))?;
+    recv.read_to_end(MAX_MESSAGE)
+        .await
+        .map_err(|e| fail(e.to_string()))
+}
+
+/// The join handshake's one call, from a node that has no certificate yet:
+/// a throwaway client endpoint that trusts only the pinned CA.
+pub async fn join_call(
+    addr: SocketAddr,
+    ca_fingerprint: &str,
+    request: &[u8],
+    timeout: Duration,
+) -> Result<Vec<u8>, QuicError> {
+    let bind: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap_or_else(|_| unreachable!())
+    } else {
+        "[::]:0".parse().unwrap_or_else(|_| unreachable!())
+    };
+    let endpoint = quinn::Endpoint::client(bind).map_err(|e| QuicError::Bind {
+        addr: bind,
+        reason: e.to_string(),
+    })?;
+    let cfg = join_client_config(ca_fingerprint)?;
+    let result = tokio::time::timeout(timeout, async {
+        let conn = connect(&endpoint, cfg, addr, "shoal").await?;
+        let reply = exchange(&conn, addr, request).await;
+        conn.close(0u32.into(), b"done");
+        reply
+    })
+    .await;
+    endpoint.close(0u32.into(), b"done");
+    match result {
+        Ok(r) => r,
+        Err(_) => Err(QuicError::Timeout {
+            addr,
+            secs: timeout.as_secs_f64(),
+        }),
+    }
+}
+
+async fn serve_connection<H: Handler>(
+    incoming: quinn::Incoming,
+    handler: Arc<H>,
+) -> Result<(), quinn::ConnectionError> {
+    let conn = incoming.await?;
+    let alpn = conn
+        .handshake_data()
+        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|d| d.protocol)
+        .unwrap_or_default();
+    let peer = conn
+        .peer_identity()
+        .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .and_then(|certs| certs.first().and_then(|c| pki::node_id_of(c).ok()));
+    if alpn != ALPN_JOIN && peer.is_none() {
+        conn.close(1u32.into(), b"a cluster certificate is required");
+        return Ok(());
+    }
+    let remote = conn.remote_address();
+    loop {
+        let (mut send, mut recv) = conn.accept_bi().await?;
+        let handler = handler.clone();
+        let alpn = alpn.clone();
+        tokio::spawn(async move {
+            let Ok(request) = recv.read_to_end(MAX_MESSAGE).await else {
+                return;
+            };
+            let reply = handler
+                .handle(Incoming {
+                    alpn,
+                    peer,
+                    remote,
+                    request,
+                })
+                .await;
+            if send.write_all(&reply).await.is_ok() {
+                let _ = send.finish();
+            }
+        });
+    }
+}
