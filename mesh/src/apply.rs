@@ -212,7 +212,11 @@ pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyEr
                 return Err(ApplyError::UnknownNode(*keep));
             }
             for n in state.nodes.values_mut() {
-                n.role = if n.id == *keep { Role::Manager } else { Role::Worker };
+                n.role = if n.id == *keep {
+                    Role::Manager
+                } else {
+                    Role::Worker
+                };
             }
         }
         Command::SetNodeAddr { node, addr } => {

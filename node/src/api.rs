@@ -134,7 +134,9 @@ pub async fn call(socket: &Path, req: &Request) -> anyhow::Result<Reply> {
     let mut answer = String::new();
     reader.read_line(&mut answer).await?;
     if answer.is_empty() {
-        anyhow::bail!("the daemon closed the connection without answering (did it crash? see its log)");
+        anyhow::bail!(
+            "the daemon closed the connection without answering (did it crash? see its log)"
+        );
     }
     Ok(serde_json::from_str(&answer)?)
 }

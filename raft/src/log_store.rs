@@ -109,7 +109,10 @@ impl LogStore {
     }
 
     /// Writes `entries` in one transaction, fsynced before it returns.
-    pub fn write_entries(&self, entries: impl IntoIterator<Item = Entry>) -> Result<(), StorageError<u64>> {
+    pub fn write_entries(
+        &self,
+        entries: impl IntoIterator<Item = Entry>,
+    ) -> Result<(), StorageError<u64>> {
         let txn = self.db.begin_write().map_err(write_err)?;
         {
             let mut table = txn.open_table(LOG).map_err(write_err)?;
@@ -136,7 +139,9 @@ impl LogStore {
 
     /// The last log ID, present or purged.
     pub fn last_log_id(&self) -> Result<Option<LogId<u64>>, StorageError<u64>> {
-        Ok(self.last_entry_id()?.or(self.meta::<LogId<u64>>(KEY_PURGED)?))
+        Ok(self
+            .last_entry_id()?
+            .or(self.meta::<LogId<u64>>(KEY_PURGED)?))
     }
 
     fn last_entry_id(&self) -> Result<Option<LogId<u64>>, StorageError<u64>> {

@@ -27,7 +27,11 @@ pub fn force_single_voter(
         reason: e.to_string(),
     };
     let log = LogStore::open(&path)?;
-    let term = log.vote().map_err(fail)?.map(|v| v.leader_id.term).unwrap_or(0);
+    let term = log
+        .vote()
+        .map_err(fail)?
+        .map(|v| v.leader_id.term)
+        .unwrap_or(0);
     let last = log.last_log_id().map_err(fail)?;
     let next_term = term.max(last.map(|l| l.leader_id.term).unwrap_or(0)) + 1;
     let index = last.map(|l| l.index + 1).unwrap_or(0);

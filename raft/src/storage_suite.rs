@@ -28,11 +28,15 @@ fn passes_openraft_storage_suite() {
 fn a_corrupt_snapshot_or_log_is_refused_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("snapshot.bin"), b"\x01garbage").unwrap();
-    let err = crate::open(dir.path()).err().expect("corrupt snapshot must be refused");
+    let err = crate::open(dir.path())
+        .err()
+        .expect("corrupt snapshot must be refused");
     assert!(err.to_string().contains("snapshot.bin"), "{err}");
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("raft-log.redb"), vec![7u8; 4096]).unwrap();
-    let err = crate::open(dir.path()).err().expect("corrupt log must be refused");
+    let err = crate::open(dir.path())
+        .err()
+        .expect("corrupt log must be refused");
     assert!(err.to_string().contains("raft-log.redb"), "{err}");
 }

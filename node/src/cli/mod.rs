@@ -16,7 +16,12 @@ use crate::api::{self, Reply, Request};
 #[command(name = "shoal", version, about)]
 pub struct Cli {
     /// The local daemon's API socket.
-    #[arg(long, global = true, env = "SHOAL_SOCKET", default_value = "/run/shoal/shoal.sock")]
+    #[arg(
+        long,
+        global = true,
+        env = "SHOAL_SOCKET",
+        default_value = "/run/shoal/shoal.sock"
+    )]
     socket: PathBuf,
     #[command(subcommand)]
     command: Cmd,

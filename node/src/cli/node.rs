@@ -122,7 +122,14 @@ impl NodeCmd {
                         })
                         .collect();
                     print_table(
-                        &["ID", "HOSTNAME", "STATUS", "AVAILABILITY", "MANAGER STATUS", "ADDRESS"],
+                        &[
+                            "ID",
+                            "HOSTNAME",
+                            "STATUS",
+                            "AVAILABILITY",
+                            "MANAGER STATUS",
+                            "ADDRESS",
+                        ],
                         &rows,
                     );
                 }

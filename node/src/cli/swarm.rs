@@ -69,7 +69,10 @@ pub enum SwarmCmd {
 }
 
 fn s(v: &serde_json::Value, key: &str) -> String {
-    v.get(key).and_then(|x| x.as_str()).unwrap_or_default().to_owned()
+    v.get(key)
+        .and_then(|x| x.as_str())
+        .unwrap_or_default()
+        .to_owned()
 }
 
 impl SwarmCmd {
@@ -92,11 +95,20 @@ impl SwarmCmd {
                     return Ok(());
                 }
                 let addr = s(&v, "advertise_addr");
-                println!("Swarm initialized: current node ({}) is now a manager.\n", s(&v, "node_id"));
+                println!(
+                    "Swarm initialized: current node ({}) is now a manager.\n",
+                    s(&v, "node_id")
+                );
                 println!("To add a worker to this swarm, run the following command:\n");
-                println!("    shoal swarm join --token {} {addr}\n", s(&v, "worker_token"));
+                println!(
+                    "    shoal swarm join --token {} {addr}\n",
+                    s(&v, "worker_token")
+                );
                 println!("To add a manager to this swarm, run the following command:\n");
-                println!("    shoal swarm join --token {} {addr}", s(&v, "manager_token"));
+                println!(
+                    "    shoal swarm join --token {} {addr}",
+                    s(&v, "manager_token")
+                );
             }
             SwarmCmd::Join {
                 token,
@@ -112,9 +124,17 @@ impl SwarmCmd {
                         listen_addr,
                     })
                     .await?;
-                println!("This node joined a swarm as a {} (node ID {}).", s(&v, "role"), s(&v, "node_id"));
+                println!(
+                    "This node joined a swarm as a {} (node ID {}).",
+                    s(&v, "role"),
+                    s(&v, "node_id")
+                );
             }
-            SwarmCmd::JoinToken { quiet, rotate, role } => {
+            SwarmCmd::JoinToken {
+                quiet,
+                rotate,
+                role,
+            } => {
                 let v = client
                     .call(&Request::JoinToken {
                         role: role.into(),
@@ -128,8 +148,14 @@ impl SwarmCmd {
                     if rotate {
                         println!("Successfully rotated {} join token.\n", s(&v, "role"));
                     }
-                    println!("To add a {} to this swarm, run the following command:\n", s(&v, "role"));
-                    println!("    shoal swarm join --token {token} {}", s(&v, "manager_addr"));
+                    println!(
+                        "To add a {} to this swarm, run the following command:\n",
+                        s(&v, "role")
+                    );
+                    println!(
+                        "    shoal swarm join --token {token} {}",
+                        s(&v, "manager_addr")
+                    );
                 }
             }
             SwarmCmd::Leave { force } => {

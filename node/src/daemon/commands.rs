@@ -123,18 +123,21 @@ const NOT_IN_SWARM: &str =
     "this node is not part of a swarm: run `shoal swarm init` or `shoal swarm join` first";
 
 async fn member(d: &Daemon) -> anyhow::Result<Arc<Member>> {
-    d.member.lock().await.clone().ok_or_else(|| anyhow!(NOT_IN_SWARM))
+    d.member
+        .lock()
+        .await
+        .clone()
+        .ok_or_else(|| anyhow!(NOT_IN_SWARM))
 }
 
 /// Warnings for reads served from a local copy that may be behind.
 fn staleness(m: &Member) -> Vec<String> {
-    let fresh = m
-        .leader()
-        .is_some_and(|l| m.status(l) == NodeStatus::Ready);
+    let (reachable, total) = m.manager_reachability(&m.state.state());
+    let fresh =
+        reachable > total / 2 && m.leader().is_some_and(|l| m.status(l) == NodeStatus::Ready);
     if fresh {
         Vec::new()
     } else {
-        let (reachable, total) = m.manager_reachability(&m.state.state());
         vec![format!(
             "no contact with a leader ({reachable} of {total} managers reachable): this is this node's local copy and may be stale"
         )]
@@ -143,7 +146,9 @@ fn staleness(m: &Member) -> Vec<String> {
 
 async fn info(d: &Daemon) -> anyhow::Result<Reply> {
     let Some(m) = d.member.lock().await.clone() else {
-        return Ok(Reply::ok(json!({ "swarm": "inactive", "hostname": d.hostname })));
+        return Ok(Reply::ok(
+            json!({ "swarm": "inactive", "hostname": d.hostname }),
+        ));
     };
     let state = m.state.state();
     let metrics = m.raft.metrics().borrow().clone();
@@ -198,11 +203,14 @@ fn addresses(
         }
     };
     if advertise.ip().is_unspecified() {
-        bail!("the advertise address {advertise} is unspecified: pass a reachable --advertise-addr");
+        bail!(
+            "the advertise address {advertise} is unspecified: pass a reachable --advertise-addr"
+        );
     }
     // Fail now, not after the cluster has counted us in, if the port is taken.
-    std::net::UdpSocket::bind(listen)
-        .map_err(|e| anyhow!("cannot listen on {listen} (UDP): {e}; is another node using that port?"))?;
+    std::net::UdpSocket::bind(listen).map_err(|e| {
+        anyhow!("cannot listen on {listen} (UDP): {e}; is another node using that port?")
+    })?;
     Ok((listen, advertise))
 }
 
@@ -213,7 +221,9 @@ async fn init(
 ) -> anyhow::Result<Reply> {
     let mut slot = d.member.lock().await;
     if let Some(m) = slot.as_ref() {
-        let cluster = m.state.read(|s| s.state.cluster.as_ref().map(|c| c.id.clone()));
+        let cluster = m
+            .state
+            .read(|s| s.state.cluster.as_ref().map(|c| c.id.clone()));
         bail!(
             "this node is already part of a swarm (cluster {}); run `shoal swarm leave` first",
             cluster.unwrap_or_default()
@@ -317,8 +327,9 @@ async fn join(
     listen: Option<String>,
 ) -> anyhow::Result<Reply> {
     let token: JoinToken = token.parse()?;
-    let remote_addr = parse_advertise(remote, super::config::DEFAULT_PORT)
-        .map_err(|_| anyhow!("invalid manager address `{remote}`: use IP:PORT, e.g. 192.168.1.10:2377"))?;
+    let remote_addr = parse_advertise(remote, super::config::DEFAULT_PORT).map_err(|_| {
+        anyhow!("invalid manager address `{remote}`: use IP:PORT, e.g. 192.168.1.10:2377")
+    })?;
     let mut slot = d.member.lock().await;
     if slot.is_some() {
         bail!("this node is already part of a swarm; run `shoal swarm leave` first");
@@ -334,9 +345,8 @@ async fn join(
     let reply = join_call(remote_addr, &token.ca_fingerprint, &req, JOIN_TIMEOUT)
         .await
         .map_err(|e| match e {
-            super::transport::QuicError::Timeout { .. } => anyhow!(
-                "timed out after {} s waiting for the manager at {remote_addr}: check the address and that its UDP port is reachable",
-                JOIN_TIMEOUT.as_secs()
+            super::transport::QuicError::Timeout { secs, .. } => anyhow!(
+                "timed out after {secs:.0} s waiting for the manager at {remote_addr}: check the address and that its UDP port is reachable"
             ),
             other => anyhow!("cannot join through {remote_addr}: {other}"),
         })?;
@@ -376,7 +386,9 @@ async fn join(
         Ok(m) => m,
         Err(e) => {
             let _ = d.dir.wipe();
-            return Err(e.context("joined, but cannot start this node's swarm state; nothing was kept"));
+            return Err(
+                e.context("joined, but cannot start this node's swarm state; nothing was kept")
+            );
         }
     };
     // Wait until the store has reached us, so that `node ls` right after
@@ -387,7 +399,10 @@ async fn join(
     while !m.state.read(|s| s.state.nodes.contains_key(&node_id)) {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            warnings.push("joined, but the swarm's state has not reached this node yet; it will keep trying".to_owned());
+            warnings.push(
+                "joined, but the swarm's state has not reached this node yet; it will keep trying"
+                    .to_owned(),
+            );
             break;
         }
         let _ = tokio::time::timeout(left, changes.changed()).await;
@@ -413,9 +428,9 @@ fn require_manager(m: &Member, state: &ClusterState) -> anyhow::Result<()> {
 async fn join_token(d: &Daemon, role: Role, rotate: bool) -> anyhow::Result<Reply> {
     let m = member(d).await?;
     require_manager(&m, &m.state.state())?;
-    let key = m
-        .manager_key()
-        .ok_or_else(|| anyhow!("this manager has not received the managers' key yet; try again in a moment"))?;
+    let key = m.manager_key().ok_or_else(|| {
+        anyhow!("this manager has not received the managers' key yet; try again in a moment")
+    })?;
     if rotate {
         let fingerprint = m
             .state
@@ -433,7 +448,10 @@ async fn join_token(d: &Daemon, role: Role, rotate: bool) -> anyhow::Result<Repl
         .await?;
     }
     let state = m.state.state();
-    let cluster = state.cluster.as_ref().ok_or_else(|| anyhow!(NOT_IN_SWARM))?;
+    let cluster = state
+        .cluster
+        .as_ref()
+        .ok_or_else(|| anyhow!(NOT_IN_SWARM))?;
     let sealed = match role {
         Role::Manager => &cluster.tokens.manager_sealed,
         Role::Worker => &cluster.tokens.worker_sealed,
@@ -454,7 +472,12 @@ async fn join_token(d: &Daemon, role: Role, rotate: bool) -> anyhow::Result<Repl
 
 /// Refuses to lose quorum: after `leaving` goes, a majority of the remaining
 /// managers must still be reachable.
-fn check_quorum_after(m: &Member, state: &ClusterState, leaving: NodeId, what: &str) -> anyhow::Result<()> {
+fn check_quorum_after(
+    m: &Member,
+    state: &ClusterState,
+    leaving: NodeId,
+    what: &str,
+) -> anyhow::Result<()> {
     let remaining: Vec<&Node> = state.managers().filter(|n| n.id != leaving).collect();
     if remaining.len() == state.managers().count() {
         return Ok(());
@@ -488,13 +511,17 @@ async fn leave(d: &Arc<Daemon>, force: bool) -> anyhow::Result<Reply> {
     if is_manager && !force {
         check_quorum_after(&m, &state, m.id, "leaving")?;
     }
-    if me.is_some() && !(is_manager && state.managers().count() == 1) {
-        if let Err(e) = m.propose(Command::RemoveNode(m.id)).await {
-            if !force {
-                return Err(anyhow!(e).context("cannot leave (nothing changed); use --force to leave without telling the swarm"));
-            }
-            warnings.push(format!("the swarm was not told of this departure ({e}); remove this node with `shoal node rm --force` on a manager"));
+    let last_manager = is_manager && state.managers().count() == 1;
+    if me.is_some()
+        && !last_manager
+        && let Err(e) = m.propose(Command::RemoveNode(m.id)).await
+    {
+        if !force {
+            return Err(anyhow!(e).context(
+                "cannot leave (nothing changed); use --force to leave without telling the swarm",
+            ));
         }
+        warnings.push(format!("the swarm was not told of this departure ({e}); remove this node with `shoal node rm --force` on a manager"));
     }
     m.shutdown().await;
     *slot = None;
@@ -529,9 +556,19 @@ async fn set_role(d: &Daemon, reference: &str, role: Role) -> anyhow::Result<Rep
     if role == Role::Worker && node.role == Role::Manager && state.managers().count() > 1 {
         check_quorum_after(&m, &state, node.id, "demoting this manager")?;
     }
-    m.propose(Command::SetRole { node: node.id, role }).await?;
-    let verb = if role == Role::Manager { "promoted to a manager" } else { "demoted to a worker" };
-    Ok(Reply::ok(json!({ "id": node.id.to_string(), "message": format!("node {} {verb}", node.hostname) })))
+    m.propose(Command::SetRole {
+        node: node.id,
+        role,
+    })
+    .await?;
+    let verb = if role == Role::Manager {
+        "promoted to a manager"
+    } else {
+        "demoted to a worker"
+    };
+    Ok(Reply::ok(
+        json!({ "id": node.id.to_string(), "message": format!("node {} {verb}", node.hostname) }),
+    ))
 }
 
 async fn node_update(
@@ -560,7 +597,8 @@ async fn node_rm(d: &Daemon, reference: &str, force: bool) -> anyhow::Result<Rep
     if node.role == Role::Manager {
         bail!(
             "node {} is a manager: demote it first (`shoal node demote {}`)",
-            node.hostname, node.id
+            node.hostname,
+            node.id
         );
     }
     if !force && m.status(node.id) != NodeStatus::Down {

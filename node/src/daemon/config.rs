@@ -129,8 +129,15 @@ impl DaemonConfig {
             parse_advertise(a, self.listen_addr.port())?;
         }
         let r = &self.raft;
-        if !(0 < r.heartbeat_ms && r.heartbeat_ms < r.election_min_ms && r.election_min_ms < r.election_max_ms) {
-            return Err(ConfigError::RaftTiming(r.heartbeat_ms, r.election_min_ms, r.election_max_ms));
+        if !(0 < r.heartbeat_ms
+            && r.heartbeat_ms < r.election_min_ms
+            && r.election_min_ms < r.election_max_ms)
+        {
+            return Err(ConfigError::RaftTiming(
+                r.heartbeat_ms,
+                r.election_min_ms,
+                r.election_max_ms,
+            ));
         }
         if let Some(h) = &self.hostname
             && (h.is_empty() || h.chars().any(char::is_whitespace))
@@ -159,12 +166,19 @@ mod tests {
     fn a_toml_file_overrides_defaults_and_unknown_keys_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("shoal.toml");
-        std::fs::write(&p, "state_dir = \"/tmp/x\"\nlisten_addr = \"127.0.0.1:4000\"\n[raft]\nheartbeat_ms = 20\n").unwrap();
+        std::fs::write(
+            &p,
+            "state_dir = \"/tmp/x\"\nlisten_addr = \"127.0.0.1:4000\"\n[raft]\nheartbeat_ms = 20\n",
+        )
+        .unwrap();
         let c = DaemonConfig::load(&p).unwrap();
         assert_eq!(c.state_dir, PathBuf::from("/tmp/x"));
         assert_eq!(c.listen_addr.port(), 4000);
         assert_eq!(c.raft.heartbeat_ms, 20);
-        assert_eq!(c.raft.election_min_ms, RaftTimingConfig::default().election_min_ms);
+        assert_eq!(
+            c.raft.election_min_ms,
+            RaftTimingConfig::default().election_min_ms
+        );
         std::fs::write(&p, "statedir = \"/tmp/x\"\n").unwrap();
         let err = DaemonConfig::load(&p).unwrap_err().to_string();
         assert!(err.contains("statedir"), "{err}");
@@ -172,12 +186,17 @@ mod tests {
 
     #[test]
     fn validation_names_the_problem() {
-        let mut c = DaemonConfig::default();
-        c.advertise_addr = Some("not-an-ip".into());
+        let mut c = DaemonConfig {
+            advertise_addr: Some("not-an-ip".into()),
+            ..Default::default()
+        };
         assert!(c.validate().unwrap_err().to_string().contains("not-an-ip"));
         c.advertise_addr = Some("10.0.0.1".into());
         c.validate().unwrap();
-        assert_eq!(parse_advertise("10.0.0.1", 2377).unwrap().to_string(), "10.0.0.1:2377");
+        assert_eq!(
+            parse_advertise("10.0.0.1", 2377).unwrap().to_string(),
+            "10.0.0.1:2377"
+        );
         c.raft.heartbeat_ms = 500;
         assert!(matches!(c.validate(), Err(ConfigError::RaftTiming(..))));
     }

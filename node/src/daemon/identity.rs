@@ -96,11 +96,15 @@ impl StateDir {
             cert_der: read("node.der")?,
             key_der: read("node.key")?,
         };
-        let cert_id = super::pki::node_id_of(&tls.cert_der).map_err(|e| file_err(&self.path("node.der"), e))?;
+        let cert_id = super::pki::node_id_of(&tls.cert_der)
+            .map_err(|e| file_err(&self.path("node.der"), e))?;
         if cert_id != node.node_id {
             return Err(file_err(
                 &self.path("node.der"),
-                format!("certificate is for node {cert_id}, but node.json says {}", node.node_id),
+                format!(
+                    "certificate is for node {cert_id}, but node.json says {}",
+                    node.node_id
+                ),
             ));
         }
         let mk_path = self.path("manager.key");
@@ -127,7 +131,8 @@ impl StateDir {
         self.write("node.der", &id.tls.cert_der, false)?;
         self.write("node.key", &id.tls.key_der, true)?;
         self.save_manager_key(id.manager_key.as_ref())?;
-        let json = serde_json::to_vec_pretty(&id.node).map_err(|e| file_err(&self.path("node.json"), e))?;
+        let json = serde_json::to_vec_pretty(&id.node)
+            .map_err(|e| file_err(&self.path("node.json"), e))?;
         self.write("node.json", &json, false)
     }
 

@@ -94,8 +94,17 @@ mod tests {
         assert_eq!(l.status(me, t0), NodeStatus::Ready);
         assert_eq!(l.status(NodeId(2), t0), NodeStatus::Unknown);
         l.heard(NodeId(2), t0 + Duration::from_secs(1));
-        assert_eq!(l.status(NodeId(2), t0 + Duration::from_secs(2)), NodeStatus::Ready);
-        assert_eq!(l.status(NodeId(2), t0 + Duration::from_secs(5)), NodeStatus::Down);
-        assert_eq!(l.status(NodeId(3), t0 + Duration::from_secs(5)), NodeStatus::Down);
+        assert_eq!(
+            l.status(NodeId(2), t0 + Duration::from_secs(2)),
+            NodeStatus::Ready
+        );
+        assert_eq!(
+            l.status(NodeId(2), t0 + Duration::from_secs(5)),
+            NodeStatus::Down
+        );
+        assert_eq!(
+            l.status(NodeId(3), t0 + Duration::from_secs(5)),
+            NodeStatus::Down
+        );
     }
 }

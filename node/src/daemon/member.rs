@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use openraft::BasicNode;
 use openraft::error::{ClientWriteError, RaftError};
 use shoal_mesh::{ApplyError, ClusterState, Command, NodeId, Outcome, Role, codec};
-use shoal_raft::{Network, Raft, RaftRpc, RaftRpcReply, RaftTransport, StateHandle, TransportError};
+use shoal_raft::{
+    Network, Raft, RaftRpc, RaftRpcReply, RaftTransport, StateHandle, TransportError,
+};
 use tokio::task::JoinHandle;
 
 use super::identity::{Identity, StateDir};
@@ -76,7 +78,9 @@ impl RaftTransport for QuicRaft {
             addr: addr.to_owned(),
             reason,
         };
-        let sa: SocketAddr = addr.parse().map_err(|_| unreachable("bad address".into()))?;
+        let sa: SocketAddr = addr
+            .parse()
+            .map_err(|_| unreachable("bad address".into()))?;
         let req = codec::encode(&rpc).map_err(|e| unreachable(e.to_string()))?;
         let reply = self
             .0
@@ -137,10 +141,11 @@ impl Member {
         for t in self.lock_tasks().drain(..) {
             t.abort();
         }
-        self.quic.close();
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
+        self.quic.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.quic.wait_idle()).await;
     }
 
     /// The managers' key, if this node holds it.
@@ -198,21 +203,42 @@ impl Member {
             let remaining = deadline - now;
             match self.leader() {
                 Some(l) if l == self.id => {
-                    match tokio::time::timeout(remaining, self.raft.client_write(cmd.clone())).await {
+                    match tokio::time::timeout(remaining, self.raft.client_write(cmd.clone())).await
+                    {
                         Ok(Ok(resp)) => return resp.data.map_err(WriteError::Refused),
                         Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {}
                         Ok(Err(e)) => return Err(WriteError::Other(e.to_string())),
                         Err(_) => return Err(self.no_quorum()),
                     }
                 }
-                Some(l) => match self.ctl(l, &CtlRequest::Propose(cmd.clone()), remaining).await {
-                    Ok(CtlReply::Applied(r)) => return r.map_err(WriteError::Refused),
-                    Ok(CtlReply::Refused(msg)) => return Err(WriteError::Other(msg)),
-                    Ok(_) | Err(_) => {}
-                },
+                Some(l) => {
+                    // Give up on this leader as soon as Raft reports another
+                    // one: a dead leader's connection would otherwise hold the
+                    // write until the QUIC idle timeout.
+                    let req = CtlRequest::Propose(Box::new(cmd.clone()));
+                    let forward = self.ctl(l, &req, remaining);
+                    tokio::select! {
+                        reply = forward => match reply {
+                            Ok(CtlReply::Applied(r)) => return r.map_err(WriteError::Refused),
+                            Ok(CtlReply::Refused(msg)) => return Err(WriteError::Other(msg)),
+                            Ok(_) | Err(_) => {}
+                        },
+                        () = self.leader_changed_from(l) => continue,
+                    }
+                }
                 None => {}
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Resolves when Raft reports a leader other than `l` (or none).
+    async fn leader_changed_from(&self, l: NodeId) {
+        let mut rx = self.raft.metrics();
+        while rx.borrow().current_leader == Some(l.0) {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
         }
     }
 
@@ -277,7 +303,9 @@ impl Member {
 
     async fn fetch_manager_key(&self, state: &ClusterState) {
         for m in state.managers().filter(|m| m.id != self.id) {
-            if let Ok(CtlReply::ManagerKey(k)) = self.ctl(m.id, &CtlRequest::ManagerKey, PING_TIMEOUT).await {
+            if let Ok(CtlReply::ManagerKey(k)) =
+                self.ctl(m.id, &CtlRequest::ManagerKey, PING_TIMEOUT).await
+            {
                 match self.set_manager_key(Some(k)) {
                     Ok(()) => tracing::info!("received the managers' key after promotion"),
                     Err(e) => tracing::warn!(error = %e, "cannot store the managers' key"),

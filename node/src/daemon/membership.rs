@@ -187,7 +187,12 @@ mod tests {
     #[test]
     fn a_joined_manager_becomes_learner_then_voter() {
         let s = state(&[(1, Role::Manager), (2, Role::Manager), (3, Role::Worker)]);
-        let steps = plan_membership(&s, &BTreeSet::from([1]), &raft_nodes(&[1]), &BTreeSet::from([1, 2, 3]));
+        let steps = plan_membership(
+            &s,
+            &BTreeSet::from([1]),
+            &raft_nodes(&[1]),
+            &BTreeSet::from([1, 2, 3]),
+        );
         assert_eq!(
             steps,
             vec![
@@ -201,7 +206,12 @@ mod tests {
     #[test]
     fn demoted_and_removed_nodes_leave_the_voters() {
         let s = state(&[(1, Role::Manager), (2, Role::Worker)]);
-        let steps = plan_membership(&s, &BTreeSet::from([1, 2, 3]), &raft_nodes(&[1, 2, 3]), &BTreeSet::new());
+        let steps = plan_membership(
+            &s,
+            &BTreeSet::from([1, 2, 3]),
+            &raft_nodes(&[1, 2, 3]),
+            &BTreeSet::new(),
+        );
         assert_eq!(
             steps,
             vec![
@@ -214,13 +224,26 @@ mod tests {
     #[test]
     fn a_converged_membership_needs_nothing() {
         let s = state(&[(1, Role::Manager), (2, Role::Worker)]);
-        assert!(plan_membership(&s, &BTreeSet::from([1]), &raft_nodes(&[1, 2]), &BTreeSet::new()).is_empty());
+        assert!(
+            plan_membership(
+                &s,
+                &BTreeSet::from([1]),
+                &raft_nodes(&[1, 2]),
+                &BTreeSet::new()
+            )
+            .is_empty()
+        );
     }
 
     #[test]
     fn an_unreachable_manager_is_not_made_a_voter() {
         let s = state(&[(1, Role::Manager), (2, Role::Manager)]);
-        let steps = plan_membership(&s, &BTreeSet::from([1]), &raft_nodes(&[1, 2]), &BTreeSet::from([1]));
+        let steps = plan_membership(
+            &s,
+            &BTreeSet::from([1]),
+            &raft_nodes(&[1, 2]),
+            &BTreeSet::from([1]),
+        );
         assert!(steps.is_empty(), "{steps:?}");
     }
 }

@@ -8,8 +8,8 @@ pub mod liveness;
 pub mod member;
 pub mod membership;
 pub mod peer;
-pub mod recovery;
 pub mod pki;
+pub mod recovery;
 pub mod transport;
 pub mod wire;
 
@@ -123,9 +123,11 @@ async fn bind_socket(path: &std::path::Path) -> anyhow::Result<UnixListener> {
                 path.display()
             );
         }
-        std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("cannot listen on {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     Ok(listener)
 }

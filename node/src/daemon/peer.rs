@@ -83,7 +83,7 @@ async fn ctl_call(m: &Arc<Member>, call: Incoming) -> CtlReply {
             if m.leader() != Some(m.id) {
                 return CtlReply::NotLeader(m.leader());
             }
-            match tokio::time::timeout(WRITE_TIMEOUT, m.raft.client_write(cmd)).await {
+            match tokio::time::timeout(WRITE_TIMEOUT, m.raft.client_write(*cmd)).await {
                 Ok(Ok(resp)) => CtlReply::Applied(resp.data),
                 Ok(Err(_)) => CtlReply::NotLeader(m.leader()),
                 Err(_) => {
@@ -96,13 +96,19 @@ async fn ctl_call(m: &Arc<Member>, call: Incoming) -> CtlReply {
         }
         CtlRequest::ManagerKey => {
             let is_manager = call.peer.is_some_and(|p| {
-                m.state
-                    .read(|d| d.state.nodes.get(&p).is_some_and(|n| n.role == Role::Manager))
+                m.state.read(|d| {
+                    d.state
+                        .nodes
+                        .get(&p)
+                        .is_some_and(|n| n.role == Role::Manager)
+                })
             });
             match (is_manager, m.manager_key()) {
                 (true, Some(k)) => CtlReply::ManagerKey(k),
                 (false, _) => CtlReply::Refused("only managers receive the managers' key".into()),
-                (true, None) => CtlReply::Refused("this node does not hold the managers' key".into()),
+                (true, None) => {
+                    CtlReply::Refused("this node does not hold the managers' key".into())
+                }
             }
         }
     }
@@ -132,7 +138,10 @@ async fn admit(m: &Arc<Member>, call: Incoming) -> Result<JoinAccepted, String> 
     let manager_key = m
         .manager_key()
         .ok_or("the node you contacted cannot admit nodes (it is not a manager); join through a manager's address")?;
-    if req.hostname.is_empty() || req.hostname.len() > 253 || req.hostname.chars().any(char::is_whitespace) {
+    if req.hostname.is_empty()
+        || req.hostname.len() > 253
+        || req.hostname.chars().any(char::is_whitespace)
+    {
         return Err(format!("invalid hostname `{}`", req.hostname));
     }
     let addr: std::net::SocketAddr = req

@@ -36,13 +36,21 @@ pub async fn force_new_cluster(d: &Arc<Daemon>) -> anyhow::Result<Reply> {
     m.shutdown().await;
     *slot = None;
     drop(m);
-    shoal_raft::recovery::force_single_voter(&d.dir.raft(), me.0, nodes)?;
-    let m = d.start_member(identity).await?;
+    // The old Raft's tasks and QUIC driver let go of the log database and the
+    // UDP port shortly after shutdown; until then, opening either fails.
+    retry_briefly(|| async {
+        shoal_raft::recovery::force_single_voter(&d.dir.raft(), me.0, nodes.clone())
+            .map_err(anyhow::Error::from)
+    })
+    .await?;
+    let m = retry_briefly(|| d.start_member(identity.clone())).await?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while m.leader() != Some(me) {
         if Instant::now() > deadline {
             *slot = Some(m);
-            bail!("this node did not become leader of the new swarm within 10 s; see the daemon log");
+            bail!(
+                "this node did not become leader of the new swarm within 10 s; see the daemon log"
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -53,4 +61,20 @@ pub async fn force_new_cluster(d: &Arc<Daemon>) -> anyhow::Result<Reply> {
         "node_id": me.to_string(),
         "message": "this node is now the only manager; the other managers were demoted to workers: promote new managers with `shoal node promote`",
     })))
+}
+
+/// Runs `f` until it succeeds, for up to 5 s.
+async fn retry_briefly<T, F, Fut>(mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
 }

@@ -107,10 +107,11 @@ fn key(key_der: &[u8]) -> PrivateKeyDer<'static> {
 
 fn server_config(id: &TlsIdentity) -> Result<quinn::ServerConfig, QuicError> {
     let tls = |e: rustls::Error| QuicError::Tls(e.to_string());
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&id.ca_der)?), provider())
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| QuicError::Tls(e.to_string()))?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&id.ca_der)?), provider())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| QuicError::Tls(e.to_string()))?;
     let chain = vec![
         CertificateDer::from(id.cert_der.clone()),
         CertificateDer::from(id.ca_der.clone()),
@@ -134,7 +135,10 @@ fn client_config(id: &TlsIdentity, alpn: &[u8]) -> Result<quinn::ClientConfig, Q
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls)?
         .with_root_certificates(roots(&id.ca_der)?)
-        .with_client_auth_cert(vec![CertificateDer::from(id.cert_der.clone())], key(&id.key_der))
+        .with_client_auth_cert(
+            vec![CertificateDer::from(id.cert_der.clone())],
+            key(&id.key_der),
+        )
         .map_err(tls)?;
     cfg.alpn_protocols = vec![alpn.to_vec()];
     let quic = QuicClientConfig::try_from(cfg).map_err(|e| QuicError::Tls(e.to_string()))?;
@@ -300,6 +304,11 @@ impl Quic {
         self.endpoint.close(0u32.into(), b"shutdown");
     }
 
+    /// Waits until every connection has closed.
+    pub async fn wait_idle(&self) {
+        self.endpoint.wait_idle().await;
+    }
+
     /// One call on `alpn` to node `peer` at `addr`, within `timeout`.
     pub async fn call(
         &self,
@@ -382,11 +391,17 @@ async fn connect(
     server_name: &str,
 ) -> Result<quinn::Connection, QuicError> {
     let fail = |reason: String| QuicError::Connection { addr, reason };
-    endpoint
+    let connecting = endpoint
         .connect_with(cfg, addr, server_name)
-        .map_err(|e| fail(e.to_string()))?
-        .await
-        .map_err(|e| fail(e.to_string()))
+        .map_err(|e| fail(e.to_string()))?;
+    let started = std::time::Instant::now();
+    connecting.await.map_err(|e| match e {
+        quinn::ConnectionError::TimedOut => QuicError::Timeout {
+            addr,
+            secs: started.elapsed().as_secs_f64(),
+        },
+        other => fail(other.to_string()),
+    })
 }
 
 async fn exchange(
@@ -396,7 +411,9 @@ async fn exchange(
 ) -> Result<Vec<u8>, QuicError> {
     let fail = |reason: String| QuicError::Connection { addr, reason };
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
-    send.write_all(request).await.map_err(|e| fail(e.to_string()))?;
+    send.write_all(request)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
     send.finish().map_err(|e| fail(e.to_string()))?;
     recv.read_to_end(MAX_MESSAGE)
         .await

@@ -11,7 +11,7 @@ pub enum CtlRequest {
     /// Liveness probe.
     Ping,
     /// A write forwarded to the leader.
-    Propose(Command),
+    Propose(Box<Command>),
     /// A manager (per the store) asks for the managers' key.
     ManagerKey,
 }
