@@ -1,1 +1,394 @@
-//! placeholder
+//! Test and benchmark harness: real `shoal daemon` processes on this
+//! machine, each on its own loopback address (`127.A.B.N:2377`) with its own
+//! state dir and API socket, driven through the real `shoal` CLI.
+//!
+//! This crate never links Shoal's code: what it checks is what a user of the
+//! binary sees. Processes it starts are killed when the [`Cluster`] drops.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+/// The `shoal` binary, built on first use if this test run has not built it.
+pub fn shoal_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("SHOAL_BIN") {
+            return PathBuf::from(p);
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let profile = if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        };
+        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        build
+            .current_dir(&root)
+            .args(["build", "--quiet", "-p", "shoal-node", "--bin", "shoal"]);
+        if profile == "release" {
+            build.arg("--release");
+        }
+        let status = build.status().expect("cannot run cargo to build shoal");
+        assert!(status.success(), "building the shoal binary failed");
+        let target = std::env::var("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| root.join("target"));
+        target.join(profile).join("shoal")
+    })
+}
+
+/// A unique `127.A.B.0` prefix for each cluster of this process, so that
+/// tests can run in parallel and beside other test runs.
+fn next_prefix() -> (u8, u8) {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    (
+        (100 + pid % 100) as u8,
+        ((pid / 100 + n * 7) % 250 + 1) as u8,
+    )
+}
+
+/// What a CLI call printed and returned.
+#[derive(Debug)]
+pub struct Run {
+    /// Exit code (-1 if killed by a signal).
+    pub code: i32,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(o: Output) -> Self {
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+
+    /// Whether it exited 0.
+    pub fn ok(&self) -> bool {
+        self.code == 0
+    }
+
+    /// Stdout as JSON.
+    pub fn json(&self) -> anyhow::Result<Value> {
+        serde_json::from_str(&self.stdout)
+            .with_context(|| format!("not JSON: {}\nstderr: {}", self.stdout, self.stderr))
+    }
+}
+
+/// One host of the cluster.
+pub struct Host {
+    /// Its hostname (`node1`, …).
+    pub name: String,
+    /// Its loopback address.
+    pub ip: Ipv4Addr,
+    /// Its state dir.
+    pub state_dir: PathBuf,
+    /// Its API socket.
+    pub socket: PathBuf,
+    /// Its daemon's log.
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Host {
+    /// `IP:2377`.
+    pub fn addr(&self) -> String {
+        format!("{}:2377", self.ip)
+    }
+}
+
+/// Daemons on one machine.
+pub struct Cluster {
+    /// The hosts, `node1` first.
+    pub hosts: Vec<Host>,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts `n` daemons, none of them in a swarm yet.
+    pub fn start(n: usize) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("shoal-test-").tempdir()?;
+        let (a, b) = next_prefix();
+        let mut cluster = Cluster {
+            hosts: Vec::new(),
+            dir,
+        };
+        for i in 1..=n {
+            cluster.add_host(Ipv4Addr::new(127, a, b, i as u8), &format!("node{i}"))?;
+        }
+        for i in 0..n {
+            cluster.start_daemon(i)?;
+        }
+        Ok(cluster)
+    }
+
+    fn add_host(&mut self, ip: Ipv4Addr, name: &str) -> anyhow::Result<()> {
+        let base = self.dir.path().join(name);
+        std::fs::create_dir_all(&base)?;
+        self.hosts.push(Host {
+            name: name.to_owned(),
+            ip,
+            state_dir: base.join("state"),
+            socket: base.join("shoal.sock"),
+            log: base.join("daemon.log"),
+            child: None,
+        });
+        Ok(())
+    }
+
+    /// Starts host `i`'s daemon and waits until its API answers.
+    pub fn start_daemon(&mut self, i: usize) -> anyhow::Result<()> {
+        let h = &mut self.hosts[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&h.log)?;
+        let child = Command::new(shoal_bin())
+            .arg("daemon")
+            .arg("--socket")
+            .arg(&h.socket)
+            .arg("--state-dir")
+            .arg(&h.state_dir)
+            .arg("--listen-addr")
+            .arg(h.addr())
+            .arg("--hostname")
+            .arg(&h.name)
+            .arg("--log-level")
+            .arg("info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        h.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if self.shoal(i, &["info"]).ok() {
+                return Ok(());
+            }
+            if let Some(status) = self.hosts[i]
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "daemon {} exited with {status}:\n{}",
+                    self.hosts[i].name,
+                    self.log(i)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "daemon {} did not answer within 15 s:\n{}",
+                    self.hosts[i].name,
+                    self.log(i)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts a daemon for host `i` and returns how it exited if it exits
+    /// within `wait` (for daemons expected to refuse to start).
+    pub fn start_daemon_expecting_exit(
+        &mut self,
+        i: usize,
+        wait: Duration,
+    ) -> anyhow::Result<Option<i32>> {
+        let h = &self.hosts[i];
+        let mut child = Command::new(shoal_bin())
+            .arg("daemon")
+            .arg("--socket")
+            .arg(&h.socket)
+            .arg("--state-dir")
+            .arg(&h.state_dir)
+            .arg("--listen-addr")
+            .arg(h.addr())
+            .arg("--hostname")
+            .arg(&h.name)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&h.log)?,
+            )
+            .spawn()?;
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait()? {
+                return Ok(Some(status.code().unwrap_or(-1)));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.hosts[i].child = Some(child);
+        Ok(None)
+    }
+
+    /// `kill -9` host `i`'s daemon.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.hosts[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops host `i`'s daemon gracefully (SIGTERM) and waits for it.
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.hosts[i].child.take() {
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Runs `shoal ARGS…` against host `i`'s daemon.
+    pub fn shoal(&self, i: usize, args: &[&str]) -> Run {
+        let out = Command::new(shoal_bin())
+            .arg("--socket")
+            .arg(&self.hosts[i].socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("cannot run the shoal CLI");
+        Run::from(out)
+    }
+
+    /// Runs `shoal ARGS…` and fails unless it exits 0.
+    pub fn shoal_ok(&self, i: usize, args: &[&str]) -> anyhow::Result<Run> {
+        let r = self.shoal(i, args);
+        if !r.ok() {
+            bail!(
+                "`shoal {}` on {} failed ({}): {}{}",
+                args.join(" "),
+                self.hosts[i].name,
+                r.code,
+                r.stdout,
+                r.stderr
+            );
+        }
+        Ok(r)
+    }
+
+    /// Host `i`'s daemon log so far.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.hosts[i].log).unwrap_or_default()
+    }
+
+    /// `swarm init` on host `i`.
+    pub fn init(&self, i: usize) -> anyhow::Result<()> {
+        self.shoal_ok(i, &["swarm", "init"]).map(drop)
+    }
+
+    /// The join token for `role` from manager `i`.
+    pub fn token(&self, i: usize, role: &str) -> anyhow::Result<String> {
+        Ok(self
+            .shoal_ok(i, &["swarm", "join-token", "-q", role])?
+            .stdout
+            .trim()
+            .to_owned())
+    }
+
+    /// Host `i` joins through manager `via` with `token`.
+    pub fn join(&self, i: usize, token: &str, via: usize) -> anyhow::Result<()> {
+        let addr = self.hosts[via].addr();
+        self.shoal_ok(i, &["swarm", "join", "--token", token, &addr])
+            .map(drop)
+    }
+
+    /// Forms a swarm: host 0 inits, hosts `1..managers` join as managers,
+    /// the rest as workers.
+    pub fn form(&self, managers: usize) -> anyhow::Result<()> {
+        self.init(0)?;
+        let mt = self.token(0, "manager")?;
+        let wt = self.token(0, "worker")?;
+        for i in 1..self.hosts.len() {
+            self.join(i, if i < managers { &mt } else { &wt }, 0)?;
+        }
+        Ok(())
+    }
+
+    /// `node ls --format json` on host `i`.
+    pub fn node_ls(&self, i: usize) -> anyhow::Result<Vec<Value>> {
+        let v = self
+            .shoal_ok(i, &["node", "ls", "--format", "json"])?
+            .json()?;
+        Ok(v.as_array().cloned().unwrap_or_default())
+    }
+
+    /// `info --format json` on host `i`.
+    pub fn info(&self, i: usize) -> anyhow::Result<Value> {
+        self.shoal_ok(i, &["info", "--format", "json"])?.json()
+    }
+
+    /// The index of the host whose daemon is the leader, as host `asking` sees it.
+    pub fn leader(&self, asking: usize) -> anyhow::Result<Option<usize>> {
+        let info = self.info(asking)?;
+        let Some(leader) = info.get("leader").and_then(Value::as_str) else {
+            return Ok(None);
+        };
+        let nodes = self.node_ls(asking)?;
+        let name = nodes
+            .iter()
+            .find(|n| n["id"] == leader)
+            .and_then(|n| n["hostname"].as_str())
+            .map(str::to_owned);
+        Ok(name.and_then(|n| self.hosts.iter().position(|h| h.name == n)))
+    }
+
+    /// Polls `check` until it returns `Ok(true)` or `timeout` passes; the
+    /// last error or `what` is reported on timeout.
+    pub fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&Cluster) -> anyhow::Result<bool>,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        loop {
+            match check(self) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => last = format!("{e:#}"),
+            }
+            if Instant::now() > deadline {
+                bail!("timed out after {timeout:?} waiting for {what}. {last}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.hosts.len() {
+            self.kill(i);
+        }
+        if std::thread::panicking() {
+            for (i, h) in self.hosts.iter().enumerate() {
+                eprintln!("----- {} daemon log -----\n{}", h.name, self.log(i));
+            }
+        }
+    }
+}

@@ -1,0 +1,357 @@
+//! The control plane as a user meets it: real daemons, real QUIC with mutual
+//! TLS, real fsync, driven through the `shoal` CLI (issue 2's acceptance).
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use shoal_integration::Cluster;
+
+const CONVERGE: Duration = Duration::from_secs(20);
+
+fn count(nodes: &[Value], key: &str, value: &str) -> usize {
+    nodes.iter().filter(|n| n[key] == value).count()
+}
+
+/// Every host's `node ls` lists all nodes with the right roles, all ready,
+/// exactly one leader.
+fn all_agree(c: &Cluster, managers: usize, up: &[usize]) -> anyhow::Result<bool> {
+    for &i in up {
+        let nodes = c.node_ls(i)?;
+        if nodes.len() != c.hosts.len()
+            || count(&nodes, "role", "manager") != managers
+            || count(&nodes, "status", "ready") != c.hosts.len()
+            || count(&nodes, "manager_status", "leader") != 1
+        {
+            anyhow::bail!(
+                "{} sees {}",
+                c.hosts[i].name,
+                serde_json::to_string(&nodes)?
+            );
+        }
+    }
+    Ok(true)
+}
+
+fn ids(c: &Cluster, i: usize) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = c
+        .node_ls(i)
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["hostname"].as_str().unwrap().to_owned(),
+                n["id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn five_nodes_form_a_swarm_survive_leader_loss_and_full_restart() {
+    let mut c = Cluster::start(5).unwrap();
+    c.form(3).unwrap();
+    let all: Vec<usize> = (0..5).collect();
+    c.wait_until("all five nodes to agree", CONVERGE, |c| {
+        all_agree(c, 3, &all)
+    })
+    .unwrap();
+    let workers = c.node_ls(4).unwrap();
+    assert_eq!(
+        count(&workers, "role", "worker"),
+        2,
+        "workers answer reads too"
+    );
+
+    // kill -9 the leader: another manager takes over and a write succeeds
+    // through a surviving manager.
+    let leader = c.leader(0).unwrap().expect("a leader");
+    let survivor = (0..3).find(|i| *i != leader).unwrap();
+    c.kill(leader);
+    let target = c.hosts[survivor].name.clone();
+    c.wait_until("a write through a surviving manager", CONVERGE, |c| {
+        Ok(c.shoal(
+            survivor,
+            &["node", "update", "--label-add", "zone=east", &target],
+        )
+        .ok())
+    })
+    .unwrap();
+    let new_leader = c.leader(survivor).unwrap().expect("a new leader");
+    assert_ne!(new_leader, leader);
+
+    // The killed daemon comes back as a follower with the full state.
+    c.start_daemon(leader).unwrap();
+    c.wait_until("the old leader to catch up", CONVERGE, |c| {
+        let nodes = c.node_ls(leader)?;
+        let labelled = nodes
+            .iter()
+            .any(|n| n["hostname"] == target.as_str() && n["labels"]["zone"] == "east");
+        Ok(labelled && c.info(leader)?["is_leader"] == false)
+    })
+    .unwrap();
+    c.wait_until("all five nodes to agree again", CONVERGE, |c| {
+        all_agree(c, 3, &all)
+    })
+    .unwrap();
+
+    // Stop all five, start them again: same swarm, IDs, labels and tokens.
+    let before = ids(&c, 0);
+    let worker_token = c.token(0, "worker").unwrap();
+    let manager_token = c.token(0, "manager").unwrap();
+    for i in 0..5 {
+        c.stop(i);
+    }
+    for i in 0..5 {
+        c.start_daemon(i).unwrap();
+    }
+    c.wait_until(
+        "all five nodes to agree after a full restart",
+        CONVERGE,
+        |c| all_agree(c, 3, &all),
+    )
+    .unwrap();
+    assert_eq!(ids(&c, 3), before);
+    assert_eq!(c.token(1, "worker").unwrap(), worker_token);
+    assert_eq!(c.token(2, "manager").unwrap(), manager_token);
+    let nodes = c.node_ls(4).unwrap();
+    assert!(
+        nodes
+            .iter()
+            .any(|n| n["hostname"] == target.as_str() && n["labels"]["zone"] == "east")
+    );
+}
+
+#[test]
+fn bad_joins_are_refused_and_leave_nothing_behind() {
+    let c = Cluster::start(3).unwrap();
+    c.init(0).unwrap();
+    let good = c.token(0, "worker").unwrap();
+    let (prefix, _secret) = good.rsplit_once('-').unwrap();
+    let wrong_secret = format!("{prefix}-{}", "0".repeat(32));
+    let (_, secret) = good.rsplit_once('-').unwrap();
+    let other_cluster = format!("SHOAL-1-{}-{secret}", "ab".repeat(32));
+    let manager = c.hosts[0].addr();
+    let unreachable = format!("{}:2399", c.hosts[2].ip);
+
+    let cases: [(&str, &str, &str); 4] = [
+        (&wrong_secret, &manager, "invalid join token"),
+        (&other_cluster, &manager, "does not match the join token"),
+        ("SHOAL-1-nonsense", &manager, "malformed join token"),
+        (&good, &unreachable, "timed out"),
+    ];
+    for (token, addr, message) in cases {
+        let r = c.shoal(1, &["swarm", "join", "--token", token, addr]);
+        assert!(!r.ok(), "join with {token} via {addr} must fail");
+        assert!(
+            r.stderr.contains(message),
+            "expected `{message}` in: {}",
+            r.stderr
+        );
+        let left: Vec<_> = std::fs::read_dir(&c.hosts[1].state_dir)
+            .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(
+            left.is_empty(),
+            "the joiner's state dir must stay empty, has {left:?}"
+        );
+        assert_eq!(c.node_ls(0).unwrap().len(), 1, "the swarm must not change");
+        assert_eq!(c.info(1).unwrap()["swarm"], "inactive");
+    }
+
+    // Rotation: the old token stops working, the new one works.
+    let rotated = c
+        .shoal_ok(0, &["swarm", "join-token", "--rotate", "-q", "worker"])
+        .unwrap()
+        .stdout
+        .trim()
+        .to_owned();
+    assert_ne!(rotated, good);
+    let r = c.shoal(1, &["swarm", "join", "--token", &good, &manager]);
+    assert!(r.stderr.contains("invalid join token"), "{}", r.stderr);
+    c.join(1, &rotated, 0).unwrap();
+    assert_eq!(c.node_ls(1).unwrap().len(), 2);
+}
+
+#[test]
+fn losing_quorum_fails_writes_fast_and_keeps_reads() {
+    let mut c = Cluster::start(3).unwrap();
+    c.form(3).unwrap();
+    c.wait_until("three managers", CONVERGE, |c| all_agree(c, 3, &[0, 1, 2]))
+        .unwrap();
+    c.kill(1);
+    c.kill(2);
+    // Let liveness notice, so the message counts what is reachable.
+    c.wait_until("the others to be down", CONVERGE, |c| {
+        Ok(count(&c.node_ls(0)?, "status", "down") == 2)
+    })
+    .unwrap();
+    let started = Instant::now();
+    let r = c.shoal(0, &["node", "update", "--label-add", "k=v", "node1"]);
+    let took = started.elapsed();
+    assert!(!r.ok());
+    assert!(
+        r.stderr.contains("no quorum: 1 of 3 managers reachable"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        took < Duration::from_secs(8),
+        "a write without quorum must fail promptly, took {took:?}"
+    );
+
+    // Reads still answer, from the local copy, and say so.
+    let ls = c.shoal(0, &["node", "ls"]);
+    assert!(ls.ok());
+    assert!(ls.stdout.contains("node2"));
+    assert!(ls.stderr.contains("may be stale"), "{}", ls.stderr);
+
+    c.start_daemon(1).unwrap();
+    c.wait_until("writes to work again", CONVERGE, |c| {
+        Ok(
+            c.shoal(0, &["node", "update", "--label-add", "k=v", "node1"])
+                .ok(),
+        )
+    })
+    .unwrap();
+}
+
+#[test]
+fn force_new_cluster_keeps_the_state_of_a_lone_survivor() {
+    let mut c = Cluster::start(4).unwrap();
+    c.form(3).unwrap();
+    c.wait_until("four nodes", CONVERGE, |c| all_agree(c, 3, &[0, 1, 2, 3]))
+        .unwrap();
+    c.shoal_ok(3, &["node", "update", "--label-add", "rack=r1", "node4"])
+        .unwrap();
+    c.kill(1);
+    c.kill(2);
+    let r = c
+        .shoal_ok(0, &["swarm", "init", "--force-new-cluster"])
+        .unwrap();
+    assert!(r.stdout.contains("only manager"), "{}", r.stdout);
+    c.shoal_ok(
+        0,
+        &["node", "update", "--label-add", "after=recovery", "node1"],
+    )
+    .unwrap();
+    let nodes = c.node_ls(0).unwrap();
+    assert_eq!(nodes.len(), 4, "every node is kept");
+    assert_eq!(count(&nodes, "role", "manager"), 1);
+    assert!(nodes.iter().any(|n| n["labels"]["rack"] == "r1"));
+    // The worker follows the new swarm.
+    c.wait_until("the worker to see the new manager set", CONVERGE, |c| {
+        let n = c.node_ls(3)?;
+        Ok(n.iter().any(|n| n["labels"]["after"] == "recovery"))
+    })
+    .unwrap();
+    // The old managers come back as workers of the new swarm and can be promoted.
+    c.start_daemon(1).unwrap();
+    c.wait_until("node2 to follow the new swarm", CONVERGE, |c| {
+        Ok(c.node_ls(1)?
+            .iter()
+            .any(|n| n["labels"]["after"] == "recovery"))
+    })
+    .unwrap();
+    c.shoal_ok(0, &["node", "promote", "node2"]).unwrap();
+    c.wait_until("two managers", CONVERGE, |c| {
+        Ok(c.info(0)?["raft"]["voters"].as_array().map(Vec::len) == Some(2))
+    })
+    .unwrap();
+}
+
+#[test]
+fn node_commands_refuse_bad_requests_and_change_nothing() {
+    let mut c = Cluster::start(3).unwrap();
+    c.form(1).unwrap();
+    c.wait_until("three nodes", CONVERGE, |c| all_agree(c, 1, &[0, 1, 2]))
+        .unwrap();
+    let before = c.node_ls(0).unwrap();
+    let refused: [(&[&str], &str); 6] = [
+        (&["node", "inspect", "nosuchnode"], "no such node"),
+        (&["node", "promote", "node1"], "already a manager"),
+        (&["node", "demote", "node1"], "last manager"),
+        (&["node", "rm", "node2"], "is ready"),
+        (
+            &["node", "update", "--label-rm", "nokey", "node2"],
+            "has no label",
+        ),
+        (&["swarm", "init"], "already part of a swarm"),
+    ];
+    for (args, message) in refused {
+        let r = c.shoal(0, args);
+        assert!(!r.ok(), "`shoal {}` must fail", args.join(" "));
+        assert!(
+            r.stderr.contains(message),
+            "`shoal {}`: expected `{message}` in {}",
+            args.join(" "),
+            r.stderr
+        );
+    }
+    let r = c.shoal(0, &["swarm", "leave"]);
+    assert!(r.stderr.contains("last manager"), "{}", r.stderr);
+    assert_eq!(
+        serde_json::to_string(&c.node_ls(0).unwrap()).unwrap(),
+        serde_json::to_string(&before).unwrap(),
+        "refused commands change nothing"
+    );
+
+    // Promote and demote by ID prefix.
+    let id = before.iter().find(|n| n["hostname"] == "node2").unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    c.shoal_ok(0, &["node", "promote", &id[..8]]).unwrap();
+    c.wait_until("two voters", CONVERGE, |c| {
+        Ok(c.info(1)?["raft"]["voters"].as_array().map(Vec::len) == Some(2))
+    })
+    .unwrap();
+    c.shoal_ok(0, &["node", "demote", "node2"]).unwrap();
+
+    // A worker leaves: it is gone from every node's list and its state dir is emptied.
+    c.shoal_ok(2, &["swarm", "leave"]).unwrap();
+    c.wait_until("node3 to be gone", CONVERGE, |c| {
+        Ok(c.node_ls(0)?.len() == 2)
+    })
+    .unwrap();
+    assert_eq!(c.info(2).unwrap()["swarm"], "inactive");
+    assert!(!c.hosts[2].state_dir.join("node.json").exists());
+
+    // A stopped worker can be removed without --force once it is down.
+    c.stop(1);
+    c.wait_until("node2 to be down", CONVERGE, |c| {
+        Ok(c.node_ls(0)?
+            .iter()
+            .any(|n| n["hostname"] == "node2" && n["status"] == "down"))
+    })
+    .unwrap();
+    c.shoal_ok(0, &["node", "rm", "node2"]).unwrap();
+    assert_eq!(c.node_ls(0).unwrap().len(), 1);
+}
+
+#[test]
+fn a_corrupt_state_dir_is_refused_naming_the_file() {
+    let mut c = Cluster::start(1).unwrap();
+    c.init(0).unwrap();
+    c.stop(0);
+    let log_file = c.hosts[0].state_dir.join("raft").join("raft-log.redb");
+    std::fs::write(&log_file, vec![0x5au8; 8192]).unwrap();
+    let code = c
+        .start_daemon_expecting_exit(0, Duration::from_secs(10))
+        .unwrap();
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "the daemon must refuse to start"
+    );
+    assert!(c.log(0).contains("raft-log.redb"), "{}", c.log(0));
+
+    std::fs::write(c.hosts[0].state_dir.join("node.json"), b"{ not json").unwrap();
+    let code = c
+        .start_daemon_expecting_exit(0, Duration::from_secs(10))
+        .unwrap();
+    assert!(matches!(code, Some(c) if c != 0));
+    assert!(c.log(0).contains("node.json"), "{}", c.log(0));
+}
