@@ -5,7 +5,7 @@
 //! - write latency and throughput through the daemon's API (fsync on), with
 //!   1 and 64 concurrent clients, on a 3-manager swarm.
 //!
-//! `cargo bench -p shoal-integration --bench control_plane [-- TRIALS]`
+//! `cargo bench -p shoal-integration --bench control_plane [-- TRIALS [failover|writes]]`
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -149,8 +149,13 @@ fn main() -> anyhow::Result<()> {
         .filter(|a| !a.starts_with("--"))
         .collect();
     let trials: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(20);
-    writes(200, 1)?;
-    writes(20, 64)?;
-    failover(trials)?;
+    let only = args.get(1).map(String::as_str);
+    if only != Some("failover") {
+        writes(200, 1)?;
+        writes(20, 64)?;
+    }
+    if only != Some("writes") {
+        failover(trials)?;
+    }
     Ok(())
 }

@@ -48,6 +48,14 @@ pub enum StoreError {
 }
 
 /// Raft timing. The defaults aim at sub-second leader failover on a LAN.
+///
+/// openraft 0.9 lets a follower that has seen a committed leader start an
+/// election only after `election_max` (its leader lease) plus a random
+/// timeout in `election_min..election_max`, plus `2 × election_max` if one
+/// of its earlier vote requests met a longer log (a flag that lingers until
+/// the node next runs an election), checked on a tick of 1.5 × `heartbeat`.
+/// With the defaults a dead leader is replaced after 200–340 ms, or
+/// 500–640 ms when both survivors carry that flag.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RaftTiming {
     /// Leader heartbeat interval.
@@ -61,9 +69,9 @@ pub struct RaftTiming {
 impl Default for RaftTiming {
     fn default() -> Self {
         RaftTiming {
-            heartbeat: Duration::from_millis(50),
-            election_min: Duration::from_millis(200),
-            election_max: Duration::from_millis(400),
+            heartbeat: Duration::from_millis(25),
+            election_min: Duration::from_millis(100),
+            election_max: Duration::from_millis(150),
         }
     }
 }

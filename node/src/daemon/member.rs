@@ -201,6 +201,7 @@ impl Member {
                 return Err(self.no_quorum());
             }
             let remaining = deadline - now;
+            tracing::debug!(leader = ?self.leader(), elapsed_ms = (WRITE_TIMEOUT - remaining).as_millis() as u64, "propose attempt");
             match self.leader() {
                 Some(l) if l == self.id => {
                     match tokio::time::timeout(remaining, self.raft.client_write(cmd.clone())).await
@@ -228,7 +229,11 @@ impl Member {
                 }
                 None => {}
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Retry as soon as Raft's view changes (a leader is elected), or
+            // after a short pause.
+            let mut metrics = self.raft.metrics();
+            metrics.borrow_and_update();
+            let _ = tokio::time::timeout(Duration::from_millis(50), metrics.changed()).await;
         }
     }
 
