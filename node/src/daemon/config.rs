@@ -185,6 +185,18 @@ mod tests {
     }
 
     #[test]
+    fn the_example_config_in_the_repository_is_valid() {
+        let text = include_str!("../../../cluster-configs/daemon.example.toml");
+        let c: DaemonConfig = toml::from_str(text).unwrap();
+        c.validate().unwrap();
+        assert_eq!(
+            c.raft,
+            RaftTimingConfig::default(),
+            "the example shows the defaults"
+        );
+    }
+
+    #[test]
     fn validation_names_the_problem() {
         let mut c = DaemonConfig {
             advertise_addr: Some("not-an-ip".into()),

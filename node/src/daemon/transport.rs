@@ -496,3 +496,124 @@ async fn serve_connection<H: Handler>(
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo;
+
+    impl Handler for Echo {
+        async fn handle(&self, call: Incoming) -> Vec<u8> {
+            let mut out = call
+                .peer
+                .map(|p| p.to_string())
+                .unwrap_or_default()
+                .into_bytes();
+            out.push(b':');
+            out.extend_from_slice(&call.request);
+            out
+        }
+    }
+
+    fn identity(ca: &(Vec<u8>, Vec<u8>), id: NodeId) -> TlsIdentity {
+        let (key_der, csr) = pki::new_key_and_csr().unwrap();
+        TlsIdentity {
+            ca_der: ca.0.clone(),
+            cert_der: pki::sign_node_csr(&ca.0, &ca.1, &csr, id).unwrap(),
+            key_der,
+        }
+    }
+
+    fn loopback() -> SocketAddr {
+        "127.0.0.1:0".parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn cluster_peers_talk_and_strangers_are_served_nothing() {
+        let ca = pki::new_ca().unwrap();
+        let server = Quic::bind(&identity(&ca, NodeId(1)), loopback()).unwrap();
+        let addr = server.endpoint.local_addr().unwrap();
+        server.serve(Arc::new(Echo));
+        let t = Duration::from_secs(3);
+
+        // A node of the same cluster is served, and identified by its certificate.
+        let peer = Quic::bind(&identity(&ca, NodeId(2)), loopback()).unwrap();
+        let reply = peer
+            .call(addr, NodeId(1), ALPN_CTL, b"hi", t)
+            .await
+            .unwrap();
+        assert_eq!(reply, format!("{}:hi", NodeId(2)).into_bytes());
+
+        let other_ca = pki::new_ca().unwrap();
+
+        // Dialling node 1 but reaching a server whose certificate names
+        // another node fails: connections reach the node they meant to.
+        assert!(
+            peer.call(addr, NodeId(3), ALPN_RAFT, b"hi", t)
+                .await
+                .is_err()
+        );
+
+        // Without a certificate only the join protocol answers: the CA is
+        // pinned by fingerprint, and the server sees no peer identity.
+        let fp = pki::fingerprint(&ca.0);
+        let reply = join_call(addr, &fp, b"join", t).await.unwrap();
+        assert_eq!(reply, b":join");
+        let wrong_pin = pki::fingerprint(&other_ca.0);
+        assert!(join_call(addr, &wrong_pin, b"join", t).await.is_err());
+    }
+
+    /// A client that trusts the server's CA and presents `cert` (or none).
+    async fn call_as(
+        server_ca: &[u8],
+        cert: Option<&TlsIdentity>,
+        addr: SocketAddr,
+        alpn: &[u8],
+    ) -> Result<Vec<u8>, QuicError> {
+        let builder = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots(server_ca).unwrap());
+        let mut cfg = match cert {
+            Some(id) => builder
+                .with_client_auth_cert(
+                    vec![CertificateDer::from(id.cert_der.clone())],
+                    key(&id.key_der),
+                )
+                .unwrap(),
+            None => builder.with_no_client_auth(),
+        };
+        cfg.alpn_protocols = vec![alpn.to_vec()];
+        let client_cfg =
+            quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(cfg).unwrap()));
+        let endpoint = quinn::Endpoint::client(loopback()).unwrap();
+        tokio::time::timeout(Duration::from_secs(3), async {
+            let conn = connect(&endpoint, client_cfg, addr, &pki::server_name(NodeId(1))).await?;
+            exchange(&conn, addr, b"hi").await
+        })
+        .await
+        .unwrap_or(Err(QuicError::Timeout { addr, secs: 3.0 }))
+    }
+
+    #[tokio::test]
+    async fn the_server_refuses_clients_without_a_cluster_certificate() {
+        let ca = pki::new_ca().unwrap();
+        let server = Quic::bind(&identity(&ca, NodeId(1)), loopback()).unwrap();
+        let addr = server.endpoint.local_addr().unwrap();
+        server.serve(Arc::new(Echo));
+        let member = identity(&ca, NodeId(2));
+        let foreign = identity(&pki::new_ca().unwrap(), NodeId(2));
+        for alpn in [ALPN_RAFT, ALPN_CTL] {
+            assert!(call_as(&ca.0, Some(&member), addr, alpn).await.is_ok());
+            assert!(
+                call_as(&ca.0, None, addr, alpn).await.is_err(),
+                "no certificate must not be answered"
+            );
+            assert!(
+                call_as(&ca.0, Some(&foreign), addr, alpn).await.is_err(),
+                "a certificate from another CA must not be answered"
+            );
+        }
+    }
+}
