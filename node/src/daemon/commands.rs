@@ -132,7 +132,13 @@ async fn member(d: &Daemon) -> anyhow::Result<Arc<Member>> {
 
 /// Warnings for reads served from a local copy that may be behind.
 fn staleness(m: &Member) -> Vec<String> {
-    let (reachable, total) = m.manager_reachability(&m.state.state());
+    let state = m.state.state();
+    if state.cluster.is_some() && !state.nodes.contains_key(&m.id) {
+        return vec![
+            "this node has been removed from the swarm by a manager: run `shoal swarm leave` to reset it".to_owned(),
+        ];
+    }
+    let (reachable, total) = m.manager_reachability(&state);
     let fresh =
         reachable > total / 2 && m.leader().is_some_and(|l| m.status(l) == NodeStatus::Ready);
     if fresh {
@@ -233,7 +239,7 @@ async fn init(
     let (ca_der, ca_key) = pki::new_ca()?;
     let (key_der, csr) = pki::new_key_and_csr()?;
     let node_id = NodeId(rand::random::<u64>().max(1));
-    let cert_der = pki::sign_node_csr(&ca_der, &ca_key, &csr, node_id)?;
+    let cert_der = pki::sign_node_csr(&ca_der, &ca_key, &csr, node_id, Role::Manager)?;
     let manager_key: [u8; 32] = rand::random();
     let fingerprint = pki::fingerprint(&ca_der);
     let worker = JoinToken {

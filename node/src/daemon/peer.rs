@@ -155,7 +155,7 @@ async fn admit(m: &Arc<Member>, call: Incoming) -> Result<JoinAccepted, String> 
             break candidate;
         }
     };
-    let cert_der = pki::sign_node_csr(&cluster.ca_cert_der, &ca_key, &req.csr_der, id)
+    let cert_der = pki::sign_node_csr(&cluster.ca_cert_der, &ca_key, &req.csr_der, id, role)
         .map_err(|e| format!("cannot sign the join request's CSR: {e}"))?;
     let node = Node {
         id,

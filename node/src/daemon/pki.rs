@@ -13,8 +13,8 @@ use rcgen::{
 };
 use ring::aead;
 use rustls::pki_types::CertificateSigningRequestDer;
-use shoal_mesh::NodeId;
 use shoal_mesh::ids::to_hex;
+use shoal_mesh::{NodeId, Role};
 
 /// Errors of the PKI.
 #[derive(Debug, thiserror::Error)]
@@ -75,13 +75,14 @@ pub fn new_key_and_csr() -> Result<(Vec<u8>, Vec<u8>), PkiError> {
     Ok((key.serialize_der(), csr.der().to_vec()))
 }
 
-/// Signs `csr_der` with the CA, for node `id`. Only the CSR's public key is
-/// used; every other field comes from our own parameters.
+/// Signs `csr_der` with the CA, for node `id` in `role`. Only the CSR's
+/// public key is used; every other field comes from our own parameters.
 pub fn sign_node_csr(
     ca_cert_der: &[u8],
     ca_key_der: &[u8],
     csr_der: &[u8],
     id: NodeId,
+    role: Role,
 ) -> Result<Vec<u8>, PkiError> {
     let ca_key = KeyPair::try_from(ca_key_der)?;
     let issuer = Issuer::from_ca_cert_der(&ca_cert_der.to_vec().into(), ca_key)?;
@@ -92,6 +93,9 @@ pub fn sign_node_csr(
     params
         .distinguished_name
         .push(DnType::CommonName, id.to_string());
+    params
+        .distinguished_name
+        .push(DnType::OrganizationalUnitName, role.to_string());
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,
@@ -160,8 +164,11 @@ mod tests {
     fn a_signed_node_cert_names_its_node() {
         let (ca, ca_key) = new_ca().unwrap();
         let (_key, csr) = new_key_and_csr().unwrap();
-        let cert = sign_node_csr(&ca, &ca_key, &csr, NodeId(0xabc)).unwrap();
+        let cert = sign_node_csr(&ca, &ca_key, &csr, NodeId(0xabc), Role::Worker).unwrap();
         assert_eq!(node_id_of(&cert).unwrap(), NodeId(0xabc));
+        let (_, parsed) = x509_parser::parse_x509_certificate(&cert).unwrap();
+        let ou = parsed.subject().iter_organizational_unit().next().unwrap();
+        assert_eq!(ou.as_str().unwrap(), "worker");
         assert_eq!(fingerprint(&ca).len(), 64);
     }
 

@@ -520,7 +520,7 @@ mod tests {
         let (key_der, csr) = pki::new_key_and_csr().unwrap();
         TlsIdentity {
             ca_der: ca.0.clone(),
-            cert_der: pki::sign_node_csr(&ca.0, &ca.1, &csr, id).unwrap(),
+            cert_der: pki::sign_node_csr(&ca.0, &ca.1, &csr, id, shoal_mesh::Role::Worker).unwrap(),
             key_der,
         }
     }
