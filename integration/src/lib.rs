@@ -149,14 +149,14 @@ impl Cluster {
         Ok(())
     }
 
-    /// Starts host `i`'s daemon and waits until its API answers.
-    pub fn start_daemon(&mut self, i: usize) -> anyhow::Result<()> {
-        let h = &mut self.hosts[i];
+    /// Spawns host `i`'s daemon, its log appended to the host's log file.
+    fn spawn_daemon(&self, i: usize) -> anyhow::Result<Child> {
+        let h = &self.hosts[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&h.log)?;
-        let child = Command::new(shoal_bin())
+        Ok(Command::new(shoal_bin())
             .arg("daemon")
             .arg("--socket")
             .arg(&h.socket)
@@ -166,13 +166,16 @@ impl Cluster {
             .arg(h.addr())
             .arg("--hostname")
             .arg(&h.name)
-            .arg("--log-level")
-            .arg("info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
-            .spawn()?;
-        h.child = Some(child);
+            .spawn()?)
+    }
+
+    /// Starts host `i`'s daemon and waits until its API answers.
+    pub fn start_daemon(&mut self, i: usize) -> anyhow::Result<()> {
+        let child = self.spawn_daemon(i)?;
+        self.hosts[i].child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if self.shoal(i, &["info"]).ok() {
@@ -207,26 +210,7 @@ impl Cluster {
         i: usize,
         wait: Duration,
     ) -> anyhow::Result<Option<i32>> {
-        let h = &self.hosts[i];
-        let mut child = Command::new(shoal_bin())
-            .arg("daemon")
-            .arg("--socket")
-            .arg(&h.socket)
-            .arg("--state-dir")
-            .arg(&h.state_dir)
-            .arg("--listen-addr")
-            .arg(h.addr())
-            .arg("--hostname")
-            .arg(&h.name)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&h.log)?,
-            )
-            .spawn()?;
+        let mut child = self.spawn_daemon(i)?;
         let deadline = Instant::now() + wait;
         while Instant::now() < deadline {
             if let Some(status) = child.try_wait()? {
