@@ -15,6 +15,7 @@
 pub mod apply;
 pub mod codec;
 pub mod ids;
+pub mod observed;
 pub mod state;
 pub mod token;
 

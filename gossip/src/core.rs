@@ -1,0 +1,928 @@
+//! The gossip node, sans-IO: SWIM membership (foca) plus the tables, their
+//! push and anti-entropy. Time comes in as `now_ms`, bytes come in through
+//! [`Gossip::handle_message`], and what to send, when to wake up and what
+//! changed come out through `poll_*`.
+//!
+//! ```text
+//!  handle_message(now, from, bytes) ─┐            ┌─► poll_transmit()  → bytes for a peer
+//!  handle_timeout(now) ──────────────┼─► Gossip ──┼─► poll_timeout()   → next wake-up
+//!  put / delete / join / leave ──────┘            └─► poll_event()     → entry and member changes
+//! ```
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::num::{NonZeroU8, NonZeroUsize};
+use std::time::Duration;
+
+use foca::{Foca, NoCustomBroadcast, Notification, PostcardCodec, Runtime, Timer};
+use rand10::rngs::SmallRng;
+use rand10::seq::IteratorRandom;
+use rand10::{RngExt, SeedableRng};
+use serde::Serialize;
+use shoal_mesh::NodeId;
+use shoal_mesh::codec;
+use shoal_mesh::observed::TableValue;
+
+use crate::message::{MAX_DATAGRAM, MAX_STREAM_MESSAGE, Message, TableMessage};
+use crate::peer::Peer;
+use crate::table::{Change, Entry, EntryKey, GLOBAL, NETWORKS_TABLE, Tables, differing_owners};
+
+/// Timing and limits. The defaults aim at detecting a dead node on a LAN
+/// within about 2 s with few false positives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GossipConfig {
+    /// How often each member probes one other member.
+    pub probe_period_ms: u64,
+    /// How long a direct probe may take before indirect probes start.
+    pub probe_rtt_ms: u64,
+    /// How many members are asked to probe indirectly.
+    pub indirect_probes: usize,
+    /// How long a suspect has to refute before it is declared dead.
+    pub suspect_to_down_ms: u64,
+    /// How often membership updates are gossiped to `gossip_fanout` members.
+    pub gossip_interval_ms: u64,
+    /// Members per gossip round.
+    pub gossip_fanout: usize,
+    /// How often each network runs anti-entropy with one random member.
+    pub sync_interval_ms: u64,
+    /// How long tombstones are kept.
+    pub tombstone_ttl_ms: u64,
+    /// How long a dead owner's hidden entries are kept in case it returns.
+    pub dead_owner_ttl_ms: u64,
+    /// Expected cluster size (tunes retransmissions).
+    pub cluster_size_hint: u32,
+}
+
+impl Default for GossipConfig {
+    fn default() -> Self {
+        GossipConfig {
+            probe_period_ms: 500,
+            probe_rtt_ms: 200,
+            indirect_probes: 3,
+            suspect_to_down_ms: 1000,
+            gossip_interval_ms: 200,
+            gossip_fanout: 3,
+            sync_interval_ms: 1000,
+            tombstone_ttl_ms: 300_000,
+            dead_owner_ttl_ms: 600_000,
+            cluster_size_hint: 32,
+        }
+    }
+}
+
+impl GossipConfig {
+    fn foca(&self) -> foca::Config {
+        let n = std::num::NonZeroU32::new(self.cluster_size_hint.max(2))
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        let mut c = foca::Config::new_lan(n);
+        c.probe_period = Duration::from_millis(self.probe_period_ms);
+        c.probe_rtt = Duration::from_millis(self.probe_rtt_ms);
+        c.num_indirect_probes =
+            NonZeroUsize::new(self.indirect_probes.max(1)).unwrap_or(NonZeroUsize::MIN);
+        c.suspect_to_down_after = Duration::from_millis(self.suspect_to_down_ms);
+        c.max_packet_size = NonZeroUsize::new(MAX_DATAGRAM - 16).unwrap_or(NonZeroUsize::MIN);
+        c.max_transmissions = c
+            .max_transmissions
+            .max(NonZeroU8::new(6).unwrap_or(NonZeroU8::MIN));
+        c.notify_down_members = true;
+        c.remove_down_after = Some(Duration::from_millis(self.dead_owner_ttl_ms));
+        c.periodic_gossip = Some(foca::PeriodicParams {
+            frequency: Duration::from_millis(self.gossip_interval_ms),
+            num_members: NonZeroUsize::new(self.gossip_fanout.max(1)).unwrap_or(NonZeroUsize::MIN),
+        });
+        c.periodic_announce = Some(foca::PeriodicParams {
+            frequency: Duration::from_secs(10),
+            num_members: NonZeroUsize::MIN,
+        });
+        c.periodic_announce_to_down_members = Some(foca::PeriodicParams {
+            frequency: Duration::from_secs(5),
+            num_members: NonZeroUsize::new(2).unwrap_or(NonZeroUsize::MIN),
+        });
+        c
+    }
+}
+
+/// A member's liveness.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberState {
+    /// Answers probes.
+    Alive,
+    /// Missed probes; may still refute.
+    Suspect,
+    /// Declared dead; its entries are hidden.
+    Dead,
+    /// Left on purpose.
+    Left,
+}
+
+/// A member as this node sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MemberInfo {
+    /// Node ID.
+    pub node_id: NodeId,
+    /// Address.
+    pub addr: String,
+    /// Liveness.
+    pub state: MemberState,
+    /// SWIM incarnation.
+    pub incarnation: u16,
+    /// Process generation.
+    pub generation: u64,
+}
+
+/// Something the rest of the node should know.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A visible table change.
+    Entry(Change),
+    /// A member's liveness changed.
+    Member {
+        /// The node.
+        node: NodeId,
+        /// Its new state.
+        state: MemberState,
+    },
+}
+
+/// Bytes to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    /// The peer.
+    pub to: NodeId,
+    /// Its address.
+    pub addr: String,
+    /// The encoded [`Message`].
+    pub bytes: Vec<u8>,
+    /// SWIM traffic (fits a datagram, may be lost); otherwise a stream.
+    pub datagram: bool,
+}
+
+/// Why a local operation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GossipError {
+    /// Writing to a network this node is not attached to.
+    #[error("this node is not attached to network `{0}`")]
+    NotAttached(String),
+    /// The table name is reserved or empty.
+    #[error("invalid table `{0}`: use `endpoints` or `vteps`")]
+    BadTable(String),
+}
+
+/// Why an incoming message was dropped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejected {
+    /// The sender is not a node of the store.
+    #[error("node {0} is not a member of the swarm")]
+    NotAllowed(NodeId),
+    /// Undecodable bytes.
+    #[error("malformed gossip message: {0}")]
+    Malformed(String),
+    /// The sender's `networks` entry is not its own.
+    #[error("node {0} sent another node's network list")]
+    ForgedSender(NodeId),
+    /// An entry for a network the sender or this node is not in.
+    #[error(
+        "node {sender} sent entries for network `{network}`, which it or this node is not attached to"
+    )]
+    NotInNetwork {
+        /// The sender.
+        sender: NodeId,
+        /// The network.
+        network: String,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct Tracked {
+    peer: Peer,
+    dead_since_ms: Option<u64>,
+}
+
+enum Note {
+    Up(Peer),
+    Down(Peer),
+    Renamed(Peer),
+}
+
+#[derive(Default)]
+struct Rt {
+    sends: Vec<(Peer, Vec<u8>)>,
+    timers: Vec<(Timer<Peer>, Duration)>,
+    notes: Vec<Note>,
+}
+
+impl Runtime<Peer> for Rt {
+    fn notify(&mut self, notification: Notification<'_, Peer>) {
+        match notification {
+            Notification::MemberUp(p) => self.notes.push(Note::Up(p.clone())),
+            Notification::MemberDown(p) => self.notes.push(Note::Down(p.clone())),
+            Notification::Rename(_, new) => self.notes.push(Note::Renamed(new.clone())),
+            _ => {}
+        }
+    }
+
+    fn send_to(&mut self, to: Peer, data: &[u8]) {
+        self.sends.push((to, data.to_vec()));
+    }
+
+    fn submit_after(&mut self, event: Timer<Peer>, after: Duration) {
+        self.timers.push((event, after));
+    }
+}
+
+/// One node's gossip state machine.
+pub struct Gossip {
+    me: Peer,
+    config: GossipConfig,
+    foca: Foca<Peer, PostcardCodec, SmallRng, NoCustomBroadcast>,
+    rng: SmallRng,
+    tables: Tables,
+    networks: BTreeSet<String>,
+    clock: u64,
+    now_ms: u64,
+    timers: BinaryHeap<Reverse<(u64, u64)>>,
+    timer_events: HashMap<u64, Timer<Peer>>,
+    timer_seq: u64,
+    members: BTreeMap<NodeId, Tracked>,
+    allowed: Option<BTreeSet<NodeId>>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+    next_sync_ms: u64,
+    last_sync: BTreeMap<NodeId, u64>,
+    /// Counts of dropped messages, by reason (for diagnostics).
+    pub rejected: BTreeMap<String, u64>,
+}
+
+fn encode(m: &Message) -> Vec<u8> {
+    codec::encode(m).unwrap_or_default()
+}
+
+impl Gossip {
+    /// A node `me` that knows nobody yet. `seed` drives its random choices.
+    pub fn new(me: Peer, config: GossipConfig, seed: u64, now_ms: u64) -> Self {
+        let foca = Foca::new(
+            me.clone(),
+            config.foca(),
+            SmallRng::seed_from_u64(seed),
+            PostcardCodec,
+        );
+        let mut g = Gossip {
+            clock: me.generation,
+            me,
+            foca,
+            rng: SmallRng::seed_from_u64(seed ^ 0x5eed),
+            tables: Tables::default(),
+            networks: BTreeSet::new(),
+            now_ms,
+            timers: BinaryHeap::new(),
+            timer_events: HashMap::new(),
+            timer_seq: 0,
+            members: BTreeMap::new(),
+            allowed: None,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            next_sync_ms: now_ms + config.sync_interval_ms,
+            last_sync: BTreeMap::new(),
+            rejected: BTreeMap::new(),
+            config,
+        };
+        g.write_networks_record();
+        g
+    }
+
+    /// This node's identity.
+    pub fn me(&self) -> &Peer {
+        &self.me
+    }
+
+    /// Networks this node is attached to.
+    pub fn networks(&self) -> &BTreeSet<String> {
+        &self.networks
+    }
+
+    /// The tables (all entries, for diagnostics).
+    pub fn tables(&self) -> &Tables {
+        &self.tables
+    }
+
+    /// When this node last completed anti-entropy with each peer.
+    pub fn last_sync(&self) -> &BTreeMap<NodeId, u64> {
+        &self.last_sync
+    }
+
+    fn next_version(&mut self) -> u64 {
+        self.clock = (self.clock + 1).max(self.now_ms << 16);
+        self.clock
+    }
+
+    fn run(
+        &mut self,
+        f: impl FnOnce(
+            &mut Foca<Peer, PostcardCodec, SmallRng, NoCustomBroadcast>,
+            &mut Rt,
+        ) -> Result<(), foca::Error>,
+    ) {
+        let mut rt = Rt::default();
+        if let Err(e) = f(&mut self.foca, &mut rt) {
+            tracing::debug!(error = %e, "foca");
+        }
+        for (to, data) in rt.sends {
+            self.transmits.push_back(Transmit {
+                to: to.id,
+                addr: to.addr.clone(),
+                bytes: encode(&Message::Swim(data)),
+                datagram: true,
+            });
+        }
+        for (timer, after) in rt.timers {
+            self.timer_seq += 1;
+            let at = self.now_ms + after.as_millis() as u64;
+            self.timers.push(Reverse((at, self.timer_seq)));
+            self.timer_events.insert(self.timer_seq, timer);
+        }
+        for note in rt.notes {
+            match note {
+                Note::Up(p) => self.member_up(p),
+                Note::Down(p) => self.member_down(p),
+                Note::Renamed(new) => {
+                    let alive = self.foca.iter_members().any(|m| m.id() == &new);
+                    if alive {
+                        self.member_up(new);
+                    } else {
+                        self.member_down(new);
+                    }
+                }
+            }
+        }
+    }
+
+    fn emit(&mut self, changes: Vec<Change>) {
+        self.events.extend(changes.into_iter().map(Event::Entry));
+    }
+
+    fn member_up(&mut self, p: Peer) {
+        if p.id == self.me.id || !self.is_allowed(p.id) {
+            return;
+        }
+        let newer_generation = self
+            .members
+            .get(&p.id)
+            .is_some_and(|t| t.peer.generation < p.generation);
+        if newer_generation {
+            let purged = self.tables.purge_owner_before(p.id, p.generation);
+            self.emit(purged);
+        }
+        let was_dead = self
+            .members
+            .get(&p.id)
+            .is_none_or(|t| t.dead_since_ms.is_some());
+        self.members.insert(
+            p.id,
+            Tracked {
+                peer: p.clone(),
+                dead_since_ms: None,
+            },
+        );
+        let shown = self.tables.set_hidden(p.id, false);
+        self.emit(shown);
+        if was_dead {
+            self.events.push_back(Event::Member {
+                node: p.id,
+                state: MemberState::Alive,
+            });
+        }
+        // Exchange the cluster-wide table with the newcomer at once.
+        self.send_digest(p.id, GLOBAL);
+    }
+
+    fn member_down(&mut self, p: Peer) {
+        let current = self.members.get(&p.id).is_some_and(|t| t.peer == p);
+        if !current {
+            return;
+        }
+        let now = self.now_ms;
+        if let Some(t) = self.members.get_mut(&p.id)
+            && t.dead_since_ms.is_none()
+        {
+            t.dead_since_ms = Some(now);
+            let hidden = self.tables.set_hidden(p.id, true);
+            self.emit(hidden);
+            let state = self.state_of(p.id);
+            self.events.push_back(Event::Member { node: p.id, state });
+        }
+    }
+
+    fn is_allowed(&self, id: NodeId) -> bool {
+        self.allowed.as_ref().is_none_or(|a| a.contains(&id))
+    }
+
+    /// Restricts gossip to these nodes (the store's nodes). Others' messages
+    /// are dropped, and a node no longer allowed is treated as dead.
+    pub fn set_allowed(&mut self, allowed: BTreeSet<NodeId>) {
+        let gone: Vec<Peer> = self
+            .members
+            .values()
+            .filter(|t| !allowed.contains(&t.peer.id))
+            .map(|t| t.peer.clone())
+            .collect();
+        self.allowed = Some(allowed);
+        for p in gone {
+            self.member_down(p);
+        }
+    }
+
+    /// Introduces this node to `peer` (a seed).
+    pub fn announce(&mut self, now_ms: u64, peer: Peer) {
+        self.now_ms = self.now_ms.max(now_ms);
+        if peer.id == self.me.id {
+            return;
+        }
+        self.run(|f, rt| f.announce(peer, rt));
+    }
+
+    /// The next time [`Gossip::handle_timeout`] wants to run.
+    pub fn poll_timeout(&self) -> u64 {
+        let timer = self.timers.peek().map(|Reverse((at, _))| *at);
+        timer.map_or(self.next_sync_ms, |t| t.min(self.next_sync_ms))
+    }
+
+    /// Next bytes to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// Next event.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Runs what is due at `now_ms`: SWIM timers, anti-entropy, reaping.
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        while let Some(Reverse((at, seq))) = self.timers.peek().copied() {
+            if at > self.now_ms {
+                break;
+            }
+            self.timers.pop();
+            if let Some(t) = self.timer_events.remove(&seq) {
+                self.run(|f, rt| f.handle_timer(t, rt));
+            }
+        }
+        if self.now_ms >= self.next_sync_ms {
+            self.next_sync_ms = self.now_ms + self.config.sync_interval_ms;
+            let scopes: Vec<String> = std::iter::once(GLOBAL.to_owned())
+                .chain(self.networks.iter().cloned())
+                .collect();
+            for net in scopes {
+                let candidates = self.members_in(&net);
+                if let Some(peer) = candidates.into_iter().choose(&mut self.rng) {
+                    self.send_digest(peer, &net);
+                }
+            }
+            self.tables.reap(self.now_ms);
+            let ttl = self.config.dead_owner_ttl_ms;
+            let expired: Vec<NodeId> = self
+                .members
+                .values()
+                .filter(|t| t.dead_since_ms.is_some_and(|d| self.now_ms >= d + ttl))
+                .map(|t| t.peer.id)
+                .collect();
+            for id in expired {
+                self.members.remove(&id);
+                self.tables.purge_owner_before(id, u64::MAX);
+            }
+        }
+    }
+
+    /// Live members (not this node) that are attached to `network` (all
+    /// live members for the global scope).
+    fn members_in(&self, network: &str) -> Vec<NodeId> {
+        self.members
+            .values()
+            .filter(|t| t.dead_since_ms.is_none())
+            .map(|t| t.peer.id)
+            .filter(|id| network == GLOBAL || self.node_in(*id, network))
+            .collect()
+    }
+
+    fn node_in(&self, node: NodeId, network: &str) -> bool {
+        let key = networks_key(node);
+        matches!(self.tables.get(&key).and_then(|e| e.value.as_ref()),
+            Some(TableValue::Networks(list)) if list.iter().any(|n| n == network))
+    }
+
+    fn networks_entry(&self) -> Option<Entry> {
+        self.tables.get(&networks_key(self.me.id)).cloned()
+    }
+
+    fn send_table(&mut self, to: NodeId, body: TableMessage) {
+        let Some(addr) = self.members.get(&to).map(|t| t.peer.addr.clone()) else {
+            return;
+        };
+        let msg = Message::Table {
+            sender: self.networks_entry(),
+            body,
+        };
+        self.transmits.push_back(Transmit {
+            to,
+            addr,
+            bytes: encode(&msg),
+            datagram: false,
+        });
+    }
+
+    fn send_digest(&mut self, to: NodeId, network: &str) {
+        let digest = self.tables.digest(network);
+        self.send_table(
+            to,
+            TableMessage::Digest {
+                network: network.to_owned(),
+                digest,
+            },
+        );
+    }
+
+    fn push(&mut self, network: &str, entries: Vec<(EntryKey, Entry)>) {
+        for to in self.members_in(network) {
+            self.send_table(
+                to,
+                TableMessage::Entries {
+                    network: network.to_owned(),
+                    entries: entries.clone(),
+                },
+            );
+        }
+    }
+
+    fn write_local(&mut self, key: EntryKey, value: Option<TableValue>) {
+        let entry = Entry {
+            owner: self.me.id,
+            version: self.next_version(),
+            value,
+            reap_at_ms: None,
+        };
+        let change = self.tables.merge(
+            key.clone(),
+            entry.clone(),
+            self.now_ms,
+            self.config.tombstone_ttl_ms,
+        );
+        self.emit(change.into_iter().collect());
+        let network = key.network.clone();
+        self.push(&network, vec![(key, entry)]);
+    }
+
+    fn write_networks_record(&mut self) {
+        let list: Vec<String> = self.networks.iter().cloned().collect();
+        self.write_local(networks_key(self.me.id), Some(TableValue::Networks(list)));
+    }
+
+    fn check_table(table: &str) -> Result<(), GossipError> {
+        if table.is_empty() || table == NETWORKS_TABLE {
+            return Err(GossipError::BadTable(table.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Writes an entry owned by this node.
+    pub fn put(
+        &mut self,
+        now_ms: u64,
+        network: &str,
+        table: &str,
+        key: &str,
+        value: TableValue,
+    ) -> Result<(), GossipError> {
+        self.now_ms = self.now_ms.max(now_ms);
+        Self::check_table(table)?;
+        if !self.networks.contains(network) {
+            return Err(GossipError::NotAttached(network.to_owned()));
+        }
+        self.write_local(entry_key(network, table, key), Some(value));
+        Ok(())
+    }
+
+    /// Deletes an entry (a tombstone that wins over every older write).
+    pub fn delete(
+        &mut self,
+        now_ms: u64,
+        network: &str,
+        table: &str,
+        key: &str,
+    ) -> Result<(), GossipError> {
+        self.now_ms = self.now_ms.max(now_ms);
+        Self::check_table(table)?;
+        if !self.networks.contains(network) {
+            return Err(GossipError::NotAttached(network.to_owned()));
+        }
+        self.write_local(entry_key(network, table, key), None);
+        Ok(())
+    }
+
+    /// Attaches this node to `network` and pulls a full copy of its tables.
+    pub fn join_network(&mut self, now_ms: u64, network: &str) {
+        self.now_ms = self.now_ms.max(now_ms);
+        if network == GLOBAL || !self.networks.insert(network.to_owned()) {
+            return;
+        }
+        self.write_networks_record();
+        let members = self.members_in(network);
+        for to in members.into_iter().sample(&mut self.rng, 3) {
+            self.send_digest(to, network);
+        }
+    }
+
+    /// Detaches from `network`: deletes this node's entries there, tells the
+    /// others, and forgets the network's tables.
+    pub fn leave_network(&mut self, now_ms: u64, network: &str) {
+        self.now_ms = self.now_ms.max(now_ms);
+        if !self.networks.contains(network) {
+            return;
+        }
+        let mine: Vec<EntryKey> = self
+            .tables
+            .all()
+            .filter(|(k, e)| k.network == network && e.owner == self.me.id && !e.is_tombstone())
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in mine {
+            self.write_local(k, None);
+        }
+        self.networks.remove(network);
+        self.write_networks_record();
+        let dropped = self.tables.drop_network(network);
+        self.emit(dropped);
+    }
+
+    /// Leaves the cluster on purpose: others mark this node `left`.
+    pub fn leave_cluster(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        for net in self.networks.clone() {
+            self.leave_network(now_ms, &net);
+        }
+        self.write_local(networks_key(self.me.id), None);
+        self.run(|f, rt| f.leave_cluster(rt));
+    }
+
+    /// Handles bytes from `from` (authenticated by the transport).
+    pub fn handle_message(
+        &mut self,
+        now_ms: u64,
+        from: NodeId,
+        bytes: &[u8],
+    ) -> Result<(), Rejected> {
+        self.now_ms = self.now_ms.max(now_ms);
+        let result = self.handle_inner(from, bytes);
+        if let Err(e) = &result {
+            let reason = match e {
+                Rejected::NotAllowed(_) => "not_allowed",
+                Rejected::Malformed(_) => "malformed",
+                Rejected::ForgedSender(_) => "forged_sender",
+                Rejected::NotInNetwork { .. } => "not_in_network",
+            };
+            *self.rejected.entry(reason.to_owned()).or_default() += 1;
+        }
+        result
+    }
+
+    fn handle_inner(&mut self, from: NodeId, bytes: &[u8]) -> Result<(), Rejected> {
+        if !self.is_allowed(from) {
+            return Err(Rejected::NotAllowed(from));
+        }
+        let msg: Message = codec::decode(bytes, MAX_STREAM_MESSAGE)
+            .map_err(|e| Rejected::Malformed(e.to_string()))?;
+        match msg {
+            Message::Swim(data) => {
+                if data.len() > MAX_DATAGRAM {
+                    return Err(Rejected::Malformed("oversized SWIM packet".into()));
+                }
+                self.run(|f, rt| f.handle_data(&data, rt));
+                Ok(())
+            }
+            Message::Table { sender, body } => {
+                if let Some(e) = sender {
+                    if e.owner != from {
+                        return Err(Rejected::ForgedSender(from));
+                    }
+                    self.merge_remote(from, networks_key(from), e);
+                }
+                let network = body.network().to_owned();
+                let allowed = if network == GLOBAL {
+                    true
+                } else {
+                    self.networks.contains(&network) && self.node_in(from, &network)
+                };
+                if !allowed {
+                    return Err(Rejected::NotInNetwork {
+                        sender: from,
+                        network,
+                    });
+                }
+                self.handle_table(from, body)
+            }
+        }
+    }
+
+    fn valid_entry(network: &str, key: &EntryKey, entry: &Entry) -> bool {
+        if key.network != network {
+            return false;
+        }
+        if network == GLOBAL {
+            key.table == NETWORKS_TABLE && key.key == entry.owner.to_string()
+        } else {
+            key.table != NETWORKS_TABLE
+        }
+    }
+
+    fn merge_remote(&mut self, from: NodeId, key: EntryKey, entry: Entry) {
+        if entry.owner == self.me.id {
+            // This node is the authority on its own entries: one it does not
+            // hold (lost in a restart, or reaped) is deleted everywhere.
+            let mine = self.tables.get(&key).cloned();
+            let stale = mine
+                .as_ref()
+                .is_none_or(|m| (entry.version, entry.owner) > (m.version, m.owner));
+            if stale && !entry.is_tombstone() {
+                self.clock = self.clock.max(entry.version);
+                self.write_local(key, None);
+            } else if let Some(m) =
+                mine.filter(|m| (m.version, m.owner) > (entry.version, entry.owner))
+            {
+                let network = key.network.clone();
+                self.send_table(
+                    from,
+                    TableMessage::Entries {
+                        network,
+                        entries: vec![(key, m)],
+                    },
+                );
+            }
+            return;
+        }
+        if key.network != GLOBAL && !self.node_in(entry.owner, &key.network) {
+            // Only members of a network own entries in it.
+            return;
+        }
+        let owner = entry.owner;
+        let before = self.networks_of(owner);
+        let is_networks = key.table == NETWORKS_TABLE;
+        let change = self
+            .tables
+            .merge(key, entry, self.now_ms, self.config.tombstone_ttl_ms);
+        self.emit(change.into_iter().collect());
+        if is_networks {
+            // An owner that left a network takes its entries there with it,
+            // even if its tombstones never reached this node.
+            let after = self.networks_of(owner);
+            for net in before.difference(&after) {
+                let gone = self.tables.purge_owner_in(owner, net);
+                self.emit(gone);
+            }
+        }
+    }
+
+    fn networks_of(&self, node: NodeId) -> BTreeSet<String> {
+        match self
+            .tables
+            .get(&networks_key(node))
+            .and_then(|e| e.value.as_ref())
+        {
+            Some(TableValue::Networks(list)) => list.iter().cloned().collect(),
+            _ => BTreeSet::new(),
+        }
+    }
+
+    fn handle_table(&mut self, from: NodeId, body: TableMessage) -> Result<(), Rejected> {
+        match body {
+            TableMessage::Entries { network, entries } => {
+                for (k, e) in entries {
+                    if Self::valid_entry(&network, &k, &e) {
+                        self.merge_remote(from, k, e);
+                    }
+                }
+                self.last_sync.insert(from, self.now_ms);
+            }
+            TableMessage::Digest { network, digest } => {
+                let owners = differing_owners(&self.tables.digest(&network), &digest);
+                self.last_sync.insert(from, self.now_ms);
+                if !owners.is_empty() {
+                    let entries = self.tables.entries_of(&network, &owners);
+                    self.send_table(
+                        from,
+                        TableMessage::DigestReply {
+                            network,
+                            entries,
+                            want: owners.into_iter().collect(),
+                        },
+                    );
+                }
+            }
+            TableMessage::DigestReply {
+                network,
+                entries,
+                want,
+            } => {
+                for (k, e) in entries {
+                    if Self::valid_entry(&network, &k, &e) {
+                        self.merge_remote(from, k, e);
+                    }
+                }
+                let want: BTreeSet<NodeId> = want.into_iter().collect();
+                let mine = self.tables.entries_of(&network, &want);
+                if !mine.is_empty() {
+                    self.send_table(
+                        from,
+                        TableMessage::Entries {
+                            network,
+                            entries: mine,
+                        },
+                    );
+                }
+                self.last_sync.insert(from, self.now_ms);
+            }
+        }
+        Ok(())
+    }
+
+    fn state_of(&self, id: NodeId) -> MemberState {
+        let Some(t) = self.members.get(&id) else {
+            return MemberState::Dead;
+        };
+        if t.dead_since_ms.is_some() {
+            let left = matches!(self.tables.get(&networks_key(id)), Some(e) if e.is_tombstone());
+            return if left {
+                MemberState::Left
+            } else {
+                MemberState::Dead
+            };
+        }
+        let suspect = self
+            .foca
+            .iter_membership_state()
+            .any(|m| m.id() == &t.peer && m.state() == foca::State::Suspect);
+        if suspect {
+            MemberState::Suspect
+        } else {
+            MemberState::Alive
+        }
+    }
+
+    /// Every member this node knows, itself included.
+    pub fn members(&self) -> Vec<MemberInfo> {
+        let incarnation = |p: &Peer| {
+            self.foca
+                .iter_membership_state()
+                .find(|m| m.id() == p)
+                .map_or(0, |m| m.incarnation())
+        };
+        let mut out = vec![MemberInfo {
+            node_id: self.me.id,
+            addr: self.me.addr.clone(),
+            state: MemberState::Alive,
+            incarnation: self
+                .foca
+                .iter_membership_state()
+                .find(|m| m.id() == &self.me)
+                .map_or(0, |m| m.incarnation()),
+            generation: self.me.generation,
+        }];
+        for t in self.members.values() {
+            out.push(MemberInfo {
+                node_id: t.peer.id,
+                addr: t.peer.addr.clone(),
+                state: self.state_of(t.peer.id),
+                incarnation: incarnation(&t.peer),
+                generation: t.peer.generation,
+            });
+        }
+        out
+    }
+
+    /// A consistent read of the visible entries of `network`.
+    pub fn snapshot(&self, network: &str) -> Vec<(EntryKey, TableValue)> {
+        self.tables
+            .visible_in(network)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// A random number from this node's generator (for drivers' jitter).
+    pub fn jitter(&mut self, max_ms: u64) -> u64 {
+        self.rng.random_range(0..=max_ms)
+    }
+}
+
+/// The key of `node`'s entry in the global `networks` table.
+pub fn networks_key(node: NodeId) -> EntryKey {
+    entry_key(GLOBAL, NETWORKS_TABLE, &node.to_string())
+}
+
+/// An entry key.
+pub fn entry_key(network: &str, table: &str, key: &str) -> EntryKey {
+    EntryKey {
+        network: network.to_owned(),
+        table: table.to_owned(),
+        key: key.to_owned(),
+    }
+}

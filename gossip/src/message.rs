@@ -1,0 +1,68 @@
+//! Gossip messages on the wire. SWIM traffic is a foca datagram; table
+//! traffic is one message per QUIC stream. Every message carries the
+//! sender's own `networks` entry, so a receiver always knows which networks
+//! the sender is in before it judges the rest.
+
+use serde::{Deserialize, Serialize};
+use shoal_mesh::NodeId;
+
+use crate::table::{Digest, Entry, EntryKey};
+
+/// Largest SWIM datagram.
+pub const MAX_DATAGRAM: usize = 1200;
+/// Largest table message (a full sync of a large network).
+pub const MAX_STREAM_MESSAGE: usize = 8 << 20;
+
+/// A gossip message.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Message {
+    /// A foca (SWIM) packet.
+    Swim(Vec<u8>),
+    /// Table traffic, with the sender's `networks` entry.
+    Table {
+        /// The sender's entry in the global `networks` table.
+        sender: Option<Entry>,
+        /// What it says.
+        body: TableMessage,
+    },
+}
+
+/// Table traffic about one network (or the global scope).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum TableMessage {
+    /// New or changed entries (a push, or the last leg of a sync).
+    Entries {
+        /// The network.
+        network: String,
+        /// The entries.
+        entries: Vec<(EntryKey, Entry)>,
+    },
+    /// Anti-entropy, first leg: the sender's per-owner digest.
+    Digest {
+        /// The network.
+        network: String,
+        /// Per-owner summary.
+        digest: Digest,
+    },
+    /// Anti-entropy, second leg: the entries of owners whose digests
+    /// differ, and a request for the first sender's entries of those owners.
+    DigestReply {
+        /// The network.
+        network: String,
+        /// The replier's entries of the differing owners.
+        entries: Vec<(EntryKey, Entry)>,
+        /// Owners whose entries the replier wants.
+        want: Vec<NodeId>,
+    },
+}
+
+impl TableMessage {
+    /// The network the message is about.
+    pub fn network(&self) -> &str {
+        match self {
+            TableMessage::Entries { network, .. }
+            | TableMessage::Digest { network, .. }
+            | TableMessage::DigestReply { network, .. } => network,
+        }
+    }
+}

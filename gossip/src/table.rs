@@ -1,0 +1,384 @@
+//! Network-scoped, owner-scoped, last-writer-wins tables.
+//!
+//! Every entry has an owner (the node that wrote it) and a version (a hybrid
+//! logical clock of the owner: `max(last + 1, now_ms << 16)`, so that a
+//! restarted owner's new writes beat everything it wrote before). Of two
+//! entries for one key the one with the greater `(version, owner)` wins, on
+//! every node alike. A delete is a tombstone that wins like a write and is
+//! reaped after a while. Entries of owners that gossip declared dead are
+//! kept but hidden: they leave every read and event at once, and come back
+//! if the owner turns out to be alive.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use shoal_mesh::NodeId;
+use shoal_mesh::observed::TableValue;
+
+/// The scope of cluster-wide tables (the `networks` table).
+pub const GLOBAL: &str = "";
+/// Table of node → attached networks (global scope).
+pub const NETWORKS_TABLE: &str = "networks";
+
+/// Where an entry lives: network (or [`GLOBAL`]), table, key.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct EntryKey {
+    /// The network, or [`GLOBAL`].
+    pub network: String,
+    /// The table (`endpoints`, `vteps`, `networks`).
+    pub table: String,
+    /// The key within the table.
+    pub key: String,
+}
+
+/// One versioned entry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// The node that wrote it.
+    pub owner: NodeId,
+    /// The owner's clock when it wrote it.
+    pub version: u64,
+    /// `None` for a tombstone.
+    pub value: Option<TableValue>,
+    /// For tombstones: when (ms, local clock of the node holding it) it may be forgotten.
+    #[serde(skip)]
+    pub reap_at_ms: Option<u64>,
+}
+
+impl Entry {
+    /// Whether this is a delete.
+    pub fn is_tombstone(&self) -> bool {
+        self.value.is_none()
+    }
+
+    fn wins_over(&self, other: &Entry) -> bool {
+        (self.version, self.owner) > (other.version, other.owner)
+    }
+}
+
+/// A visible change, for the event stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// A key became visible.
+    Added(EntryKey, TableValue),
+    /// A visible key's value changed.
+    Updated(EntryKey, TableValue),
+    /// A visible key went away (deleted, or its owner is dead).
+    Removed(EntryKey),
+}
+
+/// A per-owner summary of one network's entries: (hash, count). Two nodes
+/// with the same digest for an owner hold the same entries of that owner.
+pub type Digest = BTreeMap<NodeId, (u64, u32)>;
+
+/// All tables this node holds.
+#[derive(Clone, Debug, Default)]
+pub struct Tables {
+    entries: BTreeMap<EntryKey, Entry>,
+    hidden: BTreeSet<NodeId>,
+}
+
+fn visible_value<'a>(e: &'a Entry, hidden: &BTreeSet<NodeId>) -> Option<&'a TableValue> {
+    if hidden.contains(&e.owner) {
+        None
+    } else {
+        e.value.as_ref()
+    }
+}
+
+fn change(
+    key: &EntryKey,
+    before: Option<&TableValue>,
+    after: Option<&TableValue>,
+) -> Option<Change> {
+    match (before, after) {
+        (None, Some(v)) => Some(Change::Added(key.clone(), v.clone())),
+        (Some(a), Some(b)) if a != b => Some(Change::Updated(key.clone(), b.clone())),
+        (Some(_), None) => Some(Change::Removed(key.clone())),
+        _ => None,
+    }
+}
+
+/// FNV-1a over bytes, folded into `h`.
+fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+impl Tables {
+    /// Merges `incoming` for `key`; returns the visible change, if any.
+    /// Returns `Err(())`-free: a losing entry is simply ignored.
+    pub fn merge(
+        &mut self,
+        key: EntryKey,
+        mut incoming: Entry,
+        now_ms: u64,
+        reap_after_ms: u64,
+    ) -> Option<Change> {
+        if let Some(current) = self.entries.get(&key)
+            && !incoming.wins_over(current)
+        {
+            return None;
+        }
+        incoming.reap_at_ms = incoming.is_tombstone().then_some(now_ms + reap_after_ms);
+        let before = self
+            .entries
+            .get(&key)
+            .and_then(|e| visible_value(e, &self.hidden))
+            .cloned();
+        let after = visible_value(&incoming, &self.hidden).cloned();
+        self.entries.insert(key.clone(), incoming);
+        change(&key, before.as_ref(), after.as_ref())
+    }
+
+    /// The stored entry (visible or not) for `key`.
+    pub fn get(&self, key: &EntryKey) -> Option<&Entry> {
+        self.entries.get(key)
+    }
+
+    /// The visible value for `key`.
+    pub fn visible(&self, key: &EntryKey) -> Option<&TableValue> {
+        self.entries
+            .get(key)
+            .and_then(|e| visible_value(e, &self.hidden))
+    }
+
+    /// Visible entries of one network, in key order.
+    pub fn visible_in<'a>(
+        &'a self,
+        network: &'a str,
+    ) -> impl Iterator<Item = (&'a EntryKey, &'a TableValue)> + 'a {
+        self.entries
+            .iter()
+            .filter(move |(k, _)| k.network == network)
+            .filter_map(|(k, e)| visible_value(e, &self.hidden).map(|v| (k, v)))
+    }
+
+    /// Every stored entry (tombstones and hidden ones too), in key order.
+    pub fn all(&self) -> impl Iterator<Item = (&EntryKey, &Entry)> {
+        self.entries.iter()
+    }
+
+    /// Whether `owner`'s entries are hidden.
+    pub fn is_hidden(&self, owner: NodeId) -> bool {
+        self.hidden.contains(&owner)
+    }
+
+    /// Hides (or shows again) every entry of `owner`.
+    pub fn set_hidden(&mut self, owner: NodeId, hidden: bool) -> Vec<Change> {
+        if hidden == self.hidden.contains(&owner) {
+            return Vec::new();
+        }
+        let mut changes = Vec::new();
+        for (k, e) in self.entries.iter().filter(|(_, e)| e.owner == owner) {
+            if let Some(v) = &e.value {
+                changes.push(if hidden {
+                    Change::Removed(k.clone())
+                } else {
+                    Change::Added(k.clone(), v.clone())
+                });
+            }
+        }
+        if hidden {
+            self.hidden.insert(owner);
+        } else {
+            self.hidden.remove(&owner);
+        }
+        changes
+    }
+
+    /// Forgets `owner`'s entries older than `version` (an owner that
+    /// restarted: its fresh state replaces the old).
+    pub fn purge_owner_before(&mut self, owner: NodeId, version: u64) -> Vec<Change> {
+        let stale: Vec<EntryKey> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.owner == owner && e.version < version)
+            .map(|(k, _)| k.clone())
+            .collect();
+        self.remove_keys(stale)
+    }
+
+    /// Forgets `owner`'s entries in `network` (it left that network).
+    pub fn purge_owner_in(&mut self, owner: NodeId, network: &str) -> Vec<Change> {
+        let keys: Vec<EntryKey> = self
+            .entries
+            .iter()
+            .filter(|(k, e)| e.owner == owner && k.network == network)
+            .map(|(k, _)| k.clone())
+            .collect();
+        self.remove_keys(keys)
+    }
+
+    fn remove_keys(&mut self, keys: Vec<EntryKey>) -> Vec<Change> {
+        let mut changes = Vec::new();
+        for k in keys {
+            if let Some(e) = self.entries.remove(&k)
+                && visible_value(&e, &self.hidden).is_some()
+            {
+                changes.push(Change::Removed(k));
+            }
+        }
+        changes
+    }
+
+    /// Forgets every entry of `network` (this node left it).
+    pub fn drop_network(&mut self, network: &str) -> Vec<Change> {
+        let keys: Vec<EntryKey> = self
+            .entries
+            .keys()
+            .filter(|k| k.network == network)
+            .cloned()
+            .collect();
+        self.remove_keys(keys)
+    }
+
+    /// Drops tombstones whose reap time has passed.
+    pub fn reap(&mut self, now_ms: u64) {
+        self.entries
+            .retain(|_, e| e.reap_at_ms.is_none_or(|t| t > now_ms));
+    }
+
+    /// The per-owner digest of one network.
+    pub fn digest(&self, network: &str) -> Digest {
+        let mut d: Digest = BTreeMap::new();
+        for (k, e) in self.entries.iter().filter(|(k, _)| k.network == network) {
+            let slot = d.entry(e.owner).or_insert((0xcbf2_9ce4_8422_2325, 0));
+            let mut h = fnv(slot.0, k.table.as_bytes());
+            h = fnv(h, &[0]);
+            h = fnv(h, k.key.as_bytes());
+            h = fnv(h, &e.version.to_le_bytes());
+            h = fnv(h, &[u8::from(e.is_tombstone())]);
+            *slot = (h, slot.1 + 1);
+        }
+        d
+    }
+
+    /// The entries of `network` owned by any of `owners`.
+    pub fn entries_of(&self, network: &str, owners: &BTreeSet<NodeId>) -> Vec<(EntryKey, Entry)> {
+        self.entries
+            .iter()
+            .filter(|(k, e)| k.network == network && owners.contains(&e.owner))
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect()
+    }
+}
+
+/// Owners whose digests differ (present on one side only, or different).
+pub fn differing_owners(mine: &Digest, theirs: &Digest) -> BTreeSet<NodeId> {
+    let mut out = BTreeSet::new();
+    for (o, d) in mine {
+        if theirs.get(o) != Some(d) {
+            out.insert(*o);
+        }
+    }
+    for o in theirs.keys() {
+        if !mine.contains_key(o) {
+            out.insert(*o);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(k: &str) -> EntryKey {
+        EntryKey {
+            network: "net".into(),
+            table: "vteps".into(),
+            key: k.into(),
+        }
+    }
+
+    fn put(owner: u64, version: u64, v: &str) -> Entry {
+        Entry {
+            owner: NodeId(owner),
+            version,
+            value: Some(TableValue::Networks(vec![v.into()])),
+            reap_at_ms: None,
+        }
+    }
+
+    fn del(owner: u64, version: u64) -> Entry {
+        Entry {
+            owner: NodeId(owner),
+            version,
+            value: None,
+            reap_at_ms: None,
+        }
+    }
+
+    #[test]
+    fn last_writer_wins_in_any_order_with_a_deterministic_tie_break() {
+        let writes = [put(1, 5, "a"), put(2, 5, "b"), put(1, 3, "c"), del(1, 4)];
+        let mut results = Vec::new();
+        for perm in [[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2]] {
+            let mut t = Tables::default();
+            for i in perm {
+                t.merge(key("k"), writes[i].clone(), 0, 1000);
+            }
+            results.push(t.visible(&key("k")).cloned());
+        }
+        assert!(results.iter().all(|r| r == &results[0]));
+        assert_eq!(results[0], Some(TableValue::Networks(vec!["b".into()])));
+    }
+
+    #[test]
+    fn a_delete_beats_older_writes_and_is_reaped_later() {
+        let mut t = Tables::default();
+        assert!(matches!(
+            t.merge(key("k"), put(1, 1, "a"), 0, 100),
+            Some(Change::Added(..))
+        ));
+        assert!(matches!(
+            t.merge(key("k"), del(1, 2), 0, 100),
+            Some(Change::Removed(_))
+        ));
+        assert_eq!(
+            t.merge(key("k"), put(1, 1, "a"), 50, 100),
+            None,
+            "no resurrection"
+        );
+        t.reap(99);
+        assert!(t.get(&key("k")).is_some());
+        t.reap(100);
+        assert!(t.get(&key("k")).is_none());
+    }
+
+    #[test]
+    fn hidden_owners_vanish_from_reads_and_come_back() {
+        let mut t = Tables::default();
+        t.merge(key("a"), put(1, 1, "a"), 0, 100);
+        t.merge(key("b"), put(2, 1, "b"), 0, 100);
+        assert_eq!(
+            t.set_hidden(NodeId(1), true),
+            vec![Change::Removed(key("a"))]
+        );
+        assert_eq!(t.visible_in("net").count(), 1);
+        assert_eq!(
+            t.merge(key("c"), put(1, 2, "c"), 0, 100),
+            None,
+            "hidden owner's news is silent"
+        );
+        assert_eq!(t.set_hidden(NodeId(1), false).len(), 2);
+        assert_eq!(t.visible_in("net").count(), 3);
+    }
+
+    #[test]
+    fn digests_match_exactly_when_entries_match() {
+        let mut a = Tables::default();
+        let mut b = Tables::default();
+        a.merge(key("x"), put(1, 1, "x"), 0, 100);
+        b.merge(key("x"), put(1, 1, "x"), 0, 100);
+        assert!(differing_owners(&a.digest("net"), &b.digest("net")).is_empty());
+        b.merge(key("x"), put(1, 2, "y"), 0, 100);
+        b.merge(key("z"), put(2, 1, "z"), 0, 100);
+        let diff = differing_owners(&a.digest("net"), &b.digest("net"));
+        assert_eq!(diff, BTreeSet::from([NodeId(1), NodeId(2)]));
+    }
+}

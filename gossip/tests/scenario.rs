@@ -1,0 +1,114 @@
+//! Scenario tests on the simulated network.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+
+use shoal_gossip::sim::Sim;
+use shoal_gossip::{GossipConfig, MemberState};
+use shoal_mesh::NodeId;
+use shoal_mesh::observed::{TableValue, VtepRecord};
+
+fn vtep(n: u64) -> TableValue {
+    TableValue::Vtep(VtepRecord {
+        node: NodeId(n),
+        addr: IpAddr::V4(Ipv4Addr::new(10, 0, 0, n as u8)),
+    })
+}
+
+fn cluster(n: u64) -> Sim {
+    let mut sim = Sim::new(7, GossipConfig::default(), 1_000_000);
+    sim.start(NodeId(1), &[]);
+    for i in 2..=n {
+        sim.start(NodeId(i), &[NodeId(1)]);
+    }
+    sim.run_for(3_000);
+    sim
+}
+
+#[test]
+fn entries_reach_every_member_and_a_crashed_owner_disappears() {
+    let mut sim = cluster(5);
+    for i in 1..=5 {
+        sim.with_node(NodeId(i), |g, now| g.join_network(now, "net"));
+    }
+    sim.run_for(500);
+    for i in 1..=5 {
+        sim.with_node(NodeId(i), |g, now| {
+            g.put(now, "net", "vteps", &i.to_string(), vtep(i)).unwrap()
+        });
+    }
+    sim.run_for(500);
+    for i in 1..=5 {
+        let snap = sim.nodes[&NodeId(i)].gossip.snapshot("net");
+        assert_eq!(snap.len(), 5, "node {i} sees {snap:?}");
+    }
+    sim.crash(NodeId(3));
+    sim.run_for(4_000);
+    for i in [1, 2, 4, 5] {
+        let g = &sim.nodes[&NodeId(i)].gossip;
+        let keys: Vec<String> = g.snapshot("net").into_iter().map(|(k, _)| k.key).collect();
+        assert_eq!(keys, vec!["1", "2", "4", "5"], "node {i}");
+        let m = g
+            .members()
+            .into_iter()
+            .find(|m| m.node_id == NodeId(3))
+            .unwrap();
+        assert_eq!(m.state, MemberState::Dead);
+    }
+}
+
+#[test]
+fn a_restarted_owner_replaces_its_old_state() {
+    let mut sim = cluster(4);
+    for i in 1..=4 {
+        sim.with_node(NodeId(i), |g, now| g.join_network(now, "net"));
+    }
+    sim.run_for(500);
+    sim.with_node(NodeId(4), |g, now| {
+        g.put(now, "net", "vteps", "old", vtep(4)).unwrap()
+    });
+    sim.run_for(500);
+    sim.crash(NodeId(4));
+    sim.run_for(1_000);
+    sim.start(NodeId(4), &[NodeId(1)]);
+    sim.with_node(NodeId(4), |g, now| g.join_network(now, "net"));
+    sim.run_for(200);
+    sim.with_node(NodeId(4), |g, now| {
+        g.put(now, "net", "vteps", "new", vtep(4)).unwrap()
+    });
+    sim.run_for(5_000);
+    for i in 1..=4 {
+        let keys: BTreeSet<String> = sim.nodes[&NodeId(i)]
+            .gossip
+            .snapshot("net")
+            .into_iter()
+            .map(|(k, _)| k.key)
+            .collect();
+        assert_eq!(keys, BTreeSet::from(["new".to_owned()]), "node {i}");
+    }
+}
+
+#[test]
+fn entries_stay_inside_their_network() {
+    let mut sim = cluster(3);
+    sim.with_node(NodeId(1), |g, now| g.join_network(now, "a"));
+    sim.with_node(NodeId(2), |g, now| g.join_network(now, "a"));
+    sim.with_node(NodeId(3), |g, now| g.join_network(now, "b"));
+    sim.run_for(500);
+    sim.with_node(NodeId(1), |g, now| {
+        g.put(now, "a", "vteps", "1", vtep(1)).unwrap()
+    });
+    sim.run_for(3_000);
+    assert_eq!(sim.nodes[&NodeId(2)].gossip.snapshot("a").len(), 1);
+    assert!(sim.nodes[&NodeId(3)].gossip.snapshot("a").is_empty());
+    assert!(
+        sim.nodes[&NodeId(3)]
+            .gossip
+            .tables()
+            .all()
+            .all(|(k, _)| k.network != "a"),
+        "a non-member stores nothing of the network"
+    );
+}

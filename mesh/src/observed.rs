@@ -1,0 +1,51 @@
+//! Observed state: what the gossip tables carry about live endpoints and
+//! tunnel endpoints. The data plane programs what these say, intersected
+//! with the store's desired state.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::NodeId;
+
+/// A live endpoint on some node (`endpoints` table; key: endpoint ID).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct EndpointRecord {
+    /// Its address on the network.
+    pub ip: IpAddr,
+    /// Its MAC address, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    /// Its name (the task's name).
+    pub name: String,
+    /// The service it belongs to, if any.
+    pub service_id: Option<String>,
+    /// That service's name.
+    pub service_name: Option<String>,
+    /// DNS aliases on this network.
+    pub aliases: Vec<String>,
+    /// The node that hosts it.
+    pub owner: NodeId,
+    /// The hosting node's underlay (VTEP) address.
+    pub vtep: IpAddr,
+}
+
+/// A node's tunnel endpoint on a network (`vteps` table; key: node ID).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct VtepRecord {
+    /// The node.
+    pub node: NodeId,
+    /// Its underlay address.
+    pub addr: IpAddr,
+}
+
+/// A value in a gossip table.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TableValue {
+    /// An `endpoints` entry.
+    Endpoint(EndpointRecord),
+    /// A `vteps` entry.
+    Vtep(VtepRecord),
+    /// The networks a node is attached to (the cluster-wide `networks` table).
+    Networks(Vec<String>),
+}
