@@ -132,6 +132,8 @@ pub struct MemberInfo {
 }
 
 /// Something the rest of the node should know.
+// Events are short-lived and mostly `Entry`; boxing would only add allocations.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
     /// A visible table change.
@@ -269,10 +271,10 @@ impl Gossip {
         );
         let mut g = Gossip {
             clock: me.generation,
+            tables: Tables::new(me.id),
             me,
             foca,
             rng: SmallRng::seed_from_u64(seed ^ 0x5eed),
-            tables: Tables::default(),
             networks: BTreeSet::new(),
             now_ms,
             timers: BinaryHeap::new(),
@@ -384,7 +386,7 @@ impl Gossip {
                 dead_since_ms: None,
             },
         );
-        let shown = self.tables.set_hidden(p.id, false);
+        let shown = self.tables.set_live(p.id, true);
         self.emit(shown);
         if was_dead {
             self.events.push_back(Event::Member {
@@ -406,7 +408,7 @@ impl Gossip {
             && t.dead_since_ms.is_none()
         {
             t.dead_since_ms = Some(now);
-            let hidden = self.tables.set_hidden(p.id, true);
+            let hidden = self.tables.set_live(p.id, false);
             self.emit(hidden);
             let state = self.state_of(p.id);
             self.events.push_back(Event::Member { node: p.id, state });

@@ -14,6 +14,8 @@ pub const MAX_DATAGRAM: usize = 1200;
 pub const MAX_STREAM_MESSAGE: usize = 8 << 20;
 
 /// A gossip message.
+// Decoded once and consumed at once; boxing would only add allocations.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Message {
     /// A foca (SWIM) packet.

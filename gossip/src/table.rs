@@ -72,17 +72,17 @@ pub enum Change {
 pub type Digest = BTreeMap<NodeId, (u64, u32)>;
 
 /// All tables this node holds.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Tables {
     entries: BTreeMap<EntryKey, Entry>,
-    hidden: BTreeSet<NodeId>,
+    live: BTreeSet<NodeId>,
 }
 
-fn visible_value<'a>(e: &'a Entry, hidden: &BTreeSet<NodeId>) -> Option<&'a TableValue> {
-    if hidden.contains(&e.owner) {
-        None
-    } else {
+fn visible_value<'a>(e: &'a Entry, live: &BTreeSet<NodeId>) -> Option<&'a TableValue> {
+    if live.contains(&e.owner) {
         e.value.as_ref()
+    } else {
+        None
     }
 }
 
@@ -109,6 +109,14 @@ fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
 }
 
 impl Tables {
+    /// Empty tables of node `me` (whose own entries are always visible).
+    pub fn new(me: NodeId) -> Self {
+        Tables {
+            entries: BTreeMap::new(),
+            live: BTreeSet::from([me]),
+        }
+    }
+
     /// Merges `incoming` for `key`; returns the visible change, if any.
     /// Returns `Err(())`-free: a losing entry is simply ignored.
     pub fn merge(
@@ -127,9 +135,9 @@ impl Tables {
         let before = self
             .entries
             .get(&key)
-            .and_then(|e| visible_value(e, &self.hidden))
+            .and_then(|e| visible_value(e, &self.live))
             .cloned();
-        let after = visible_value(&incoming, &self.hidden).cloned();
+        let after = visible_value(&incoming, &self.live).cloned();
         self.entries.insert(key.clone(), incoming);
         change(&key, before.as_ref(), after.as_ref())
     }
@@ -143,7 +151,7 @@ impl Tables {
     pub fn visible(&self, key: &EntryKey) -> Option<&TableValue> {
         self.entries
             .get(key)
-            .and_then(|e| visible_value(e, &self.hidden))
+            .and_then(|e| visible_value(e, &self.live))
     }
 
     /// Visible entries of one network, in key order.
@@ -154,7 +162,7 @@ impl Tables {
         self.entries
             .iter()
             .filter(move |(k, _)| k.network == network)
-            .filter_map(|(k, e)| visible_value(e, &self.hidden).map(|v| (k, v)))
+            .filter_map(|(k, e)| visible_value(e, &self.live).map(|v| (k, v)))
     }
 
     /// Every stored entry (tombstones and hidden ones too), in key order.
@@ -162,30 +170,30 @@ impl Tables {
         self.entries.iter()
     }
 
-    /// Whether `owner`'s entries are hidden.
-    pub fn is_hidden(&self, owner: NodeId) -> bool {
-        self.hidden.contains(&owner)
+    /// Whether `owner`'s entries are visible.
+    pub fn is_live(&self, owner: NodeId) -> bool {
+        self.live.contains(&owner)
     }
 
-    /// Hides (or shows again) every entry of `owner`.
-    pub fn set_hidden(&mut self, owner: NodeId, hidden: bool) -> Vec<Change> {
-        if hidden == self.hidden.contains(&owner) {
+    /// Shows (owner alive) or hides (owner dead) every entry of `owner`.
+    pub fn set_live(&mut self, owner: NodeId, live: bool) -> Vec<Change> {
+        if live == self.live.contains(&owner) {
             return Vec::new();
         }
         let mut changes = Vec::new();
         for (k, e) in self.entries.iter().filter(|(_, e)| e.owner == owner) {
             if let Some(v) = &e.value {
-                changes.push(if hidden {
-                    Change::Removed(k.clone())
-                } else {
+                changes.push(if live {
                     Change::Added(k.clone(), v.clone())
+                } else {
+                    Change::Removed(k.clone())
                 });
             }
         }
-        if hidden {
-            self.hidden.insert(owner);
+        if live {
+            self.live.insert(owner);
         } else {
-            self.hidden.remove(&owner);
+            self.live.remove(&owner);
         }
         changes
     }
@@ -217,7 +225,7 @@ impl Tables {
         let mut changes = Vec::new();
         for k in keys {
             if let Some(e) = self.entries.remove(&k)
-                && visible_value(&e, &self.hidden).is_some()
+                && visible_value(&e, &self.live).is_some()
             {
                 changes.push(Change::Removed(k));
             }
@@ -313,12 +321,18 @@ mod tests {
         }
     }
 
+    fn tables() -> Tables {
+        let mut t = Tables::new(NodeId(1));
+        t.set_live(NodeId(2), true);
+        t
+    }
+
     #[test]
     fn last_writer_wins_in_any_order_with_a_deterministic_tie_break() {
         let writes = [put(1, 5, "a"), put(2, 5, "b"), put(1, 3, "c"), del(1, 4)];
         let mut results = Vec::new();
         for perm in [[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2]] {
-            let mut t = Tables::default();
+            let mut t = tables();
             for i in perm {
                 t.merge(key("k"), writes[i].clone(), 0, 1000);
             }
@@ -330,7 +344,7 @@ mod tests {
 
     #[test]
     fn a_delete_beats_older_writes_and_is_reaped_later() {
-        let mut t = Tables::default();
+        let mut t = tables();
         assert!(matches!(
             t.merge(key("k"), put(1, 1, "a"), 0, 100),
             Some(Change::Added(..))
@@ -351,28 +365,33 @@ mod tests {
     }
 
     #[test]
-    fn hidden_owners_vanish_from_reads_and_come_back() {
-        let mut t = Tables::default();
-        t.merge(key("a"), put(1, 1, "a"), 0, 100);
-        t.merge(key("b"), put(2, 1, "b"), 0, 100);
+    fn dead_or_unknown_owners_vanish_from_reads_and_come_back() {
+        let mut t = tables();
+        t.merge(key("a"), put(2, 1, "a"), 0, 100);
+        t.merge(key("b"), put(1, 1, "b"), 0, 100);
         assert_eq!(
-            t.set_hidden(NodeId(1), true),
+            t.set_live(NodeId(2), false),
             vec![Change::Removed(key("a"))]
         );
         assert_eq!(t.visible_in("net").count(), 1);
         assert_eq!(
-            t.merge(key("c"), put(1, 2, "c"), 0, 100),
+            t.merge(key("c"), put(2, 2, "c"), 0, 100),
             None,
-            "hidden owner's news is silent"
+            "a dead owner's news is silent"
         );
-        assert_eq!(t.set_hidden(NodeId(1), false).len(), 2);
+        assert_eq!(
+            t.merge(key("d"), put(3, 1, "d"), 0, 100),
+            None,
+            "so is an unknown owner's"
+        );
+        assert_eq!(t.set_live(NodeId(2), true).len(), 2);
         assert_eq!(t.visible_in("net").count(), 3);
     }
 
     #[test]
     fn digests_match_exactly_when_entries_match() {
-        let mut a = Tables::default();
-        let mut b = Tables::default();
+        let mut a = tables();
+        let mut b = tables();
         a.merge(key("x"), put(1, 1, "x"), 0, 100);
         b.merge(key("x"), put(1, 1, "x"), 0, 100);
         assert!(differing_owners(&a.digest("net"), &b.digest("net")).is_empty());
