@@ -9,8 +9,32 @@ use serde::{Deserialize, Serialize};
 ///
 /// Shown to users as 16 lowercase hex digits; any unique prefix of that text
 /// names the node on the command line.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+///
+/// In human-readable formats (JSON, TOML) it is that hex text; in binary
+/// ones (the wire, the log) a plain `u64`.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct NodeId(pub u64);
+
+impl Serialize for NodeId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.collect_str(self)
+        } else {
+            s.serialize_u64(self.0)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for NodeId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let text = String::deserialize(d)?;
+            text.parse().map_err(serde::de::Error::custom)
+        } else {
+            u64::deserialize(d).map(NodeId)
+        }
+    }
+}
 
 impl fmt::Display for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -64,6 +88,17 @@ mod tests {
         assert_eq!("00abcdef01234567".parse::<NodeId>(), Ok(id));
         assert!("xyz".parse::<NodeId>().is_err());
         assert!("00abcdef0123456".parse::<NodeId>().is_err());
+    }
+
+    #[test]
+    fn node_ids_are_hex_text_in_json() {
+        let id = NodeId(0xab);
+        let json = serde_json::to_string(&id).unwrap();
+        assert_eq!(json, "\"00000000000000ab\"");
+        assert_eq!(serde_json::from_str::<NodeId>(&json).unwrap(), id);
+        assert!(serde_json::from_str::<NodeId>("171").is_err());
+        let bin = crate::codec::encode(&id).unwrap();
+        assert_eq!(crate::codec::decode::<NodeId>(&bin, 64).unwrap(), id);
     }
 
     #[test]

@@ -78,6 +78,41 @@ pub enum Request {
         /// Labels to remove.
         label_rm: Vec<String>,
     },
+    /// `debug gossip`: this node's members and tables.
+    DebugGossip {
+        /// Only this network (`(global)` for the cluster-wide table).
+        network: Option<String>,
+    },
+    /// `debug gossip-join`: attach this node to a network's gossip.
+    DebugGossipJoin {
+        /// The network.
+        network: String,
+    },
+    /// `debug gossip-leave`: detach this node from a network's gossip.
+    DebugGossipLeave {
+        /// The network.
+        network: String,
+    },
+    /// `debug gossip-put`: write an entry owned by this node.
+    DebugGossipPut {
+        /// The network.
+        network: String,
+        /// The table (`endpoints` or `vteps`).
+        table: String,
+        /// The key.
+        key: String,
+        /// The value.
+        value: shoal_mesh::observed::TableValue,
+    },
+    /// `debug gossip-delete`: delete an entry owned by this node.
+    DebugGossipDelete {
+        /// The network.
+        network: String,
+        /// The table.
+        table: String,
+        /// The key.
+        key: String,
+    },
     /// `node rm`.
     NodeRm {
         /// ID, ID prefix or hostname.

@@ -1,6 +1,7 @@
 //! The command line: clap definitions, one file per command group.
 
 mod daemon;
+mod debug;
 mod node;
 mod output;
 mod swarm;
@@ -37,6 +38,9 @@ enum Cmd {
     /// Manage the swarm's nodes.
     #[command(subcommand)]
     Node(node::NodeCmd),
+    /// Diagnostics.
+    #[command(subcommand)]
+    Debug(debug::DebugCmd),
     /// Show this node's swarm status.
     Info {
         /// Output format: `table` or `json`.
@@ -53,6 +57,7 @@ impl Cli {
             Cmd::Daemon(args) => args.exec(socket).await,
             Cmd::Swarm(cmd) => cmd.exec(&Client(socket)).await,
             Cmd::Node(cmd) => cmd.exec(&Client(socket)).await,
+            Cmd::Debug(cmd) => cmd.exec(&Client(socket)).await,
             Cmd::Info { format } => {
                 let data = Client(socket).call(&Request::Info).await?;
                 output::print_object(&data, format);

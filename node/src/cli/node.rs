@@ -117,6 +117,7 @@ impl NodeCmd {
                                 field(n, "status"),
                                 field(n, "availability"),
                                 field(n, "manager_status"),
+                                field(n, "gossip"),
                                 field(n, "addr"),
                             ]
                         })
@@ -128,6 +129,7 @@ impl NodeCmd {
                             "STATUS",
                             "AVAILABILITY",
                             "MANAGER STATUS",
+                            "GOSSIP",
                             "ADDRESS",
                         ],
                         &rows,

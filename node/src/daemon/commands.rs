@@ -1,5 +1,6 @@
 //! The local API's requests, carried out.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,6 +9,7 @@ use anyhow::{Context, anyhow, bail};
 use openraft::BasicNode;
 use serde::Serialize;
 use serde_json::json;
+use shoal_gossip::MemberState;
 use shoal_mesh::{
     Availability, ClusterInfo, ClusterState, Command, JoinToken, Node, NodeId, Role,
     state::JoinSecrets,
@@ -15,6 +17,7 @@ use shoal_mesh::{
 
 use super::Daemon;
 use super::config::parse_advertise;
+use super::gossip::GossipCmd;
 use super::identity::{Identity, NodeFile};
 use super::liveness::NodeStatus;
 use super::member::Member;
@@ -46,6 +49,8 @@ pub struct NodeView {
     pub addr: String,
     /// Labels.
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Gossip's liveness view (`alive`, `suspect`, `dead`, `left`; null if unknown).
+    pub gossip: Option<MemberState>,
     /// Whether this is the answering node.
     #[serde(rename = "self")]
     pub is_self: bool,
@@ -53,7 +58,7 @@ pub struct NodeView {
     pub joined_at_ms: u64,
 }
 
-fn view(m: &Member, n: &Node) -> NodeView {
+fn view(m: &Member, n: &Node, gossip: Option<MemberState>) -> NodeView {
     let status = m.status(n.id);
     let manager_status = (n.role == Role::Manager).then(|| {
         if m.leader() == Some(n.id) {
@@ -73,6 +78,7 @@ fn view(m: &Member, n: &Node) -> NodeView {
         manager_status,
         addr: n.addr.clone(),
         labels: n.labels.clone(),
+        gossip,
         is_self: n.id == m.id,
         joined_at_ms: n.joined_at_ms,
     }
@@ -112,6 +118,37 @@ pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
             label_rm,
         } => node_update(d, &node, availability, label_add, label_rm).await,
         Request::NodeRm { node, force } => node_rm(d, &node, force).await,
+        Request::DebugGossip { network } => gossip_ask(d, |tx| GossipCmd::Dump(network, tx))
+            .await
+            .map(Reply::ok),
+        Request::DebugGossipJoin { network } => gossip_do(d, GossipCmd::Join(network)).await,
+        Request::DebugGossipLeave { network } => gossip_do(d, GossipCmd::Leave(network)).await,
+        Request::DebugGossipPut {
+            network,
+            table,
+            key,
+            value,
+        } => gossip_ask(d, |reply| GossipCmd::Put {
+            network,
+            table,
+            key,
+            value,
+            reply,
+        })
+        .await
+        .and_then(|r| Ok(r.map(|()| Reply::ok(json!({})))?)),
+        Request::DebugGossipDelete {
+            network,
+            table,
+            key,
+        } => gossip_ask(d, |reply| GossipCmd::Delete {
+            network,
+            table,
+            key,
+            reply,
+        })
+        .await
+        .and_then(|r| Ok(r.map(|()| Reply::ok(json!({})))?)),
     };
     match result {
         Ok(reply) => reply,
@@ -529,6 +566,7 @@ async fn leave(d: &Arc<Daemon>, force: bool) -> anyhow::Result<Reply> {
         }
         warnings.push(format!("the swarm was not told of this departure ({e}); remove this node with `shoal node rm --force` on a manager"));
     }
+    m.gossip.ask(GossipCmd::LeaveCluster).await;
     m.shutdown().await;
     *slot = None;
     d.dir.wipe()?;
@@ -537,10 +575,42 @@ async fn leave(d: &Arc<Daemon>, force: bool) -> anyhow::Result<Reply> {
     Ok(reply)
 }
 
+async fn gossip_ask<T>(
+    d: &Daemon,
+    make: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> GossipCmd,
+) -> anyhow::Result<T> {
+    let m = member(d).await?;
+    m.gossip
+        .ask(make)
+        .await
+        .ok_or_else(|| anyhow!("the gossip task did not answer; see the daemon log"))
+}
+
+async fn gossip_do(d: &Daemon, cmd: GossipCmd) -> anyhow::Result<Reply> {
+    member(d).await?.gossip.send(cmd);
+    Ok(Reply::ok(json!({})))
+}
+
+/// Gossip's view of every member, by node.
+async fn gossip_states(m: &Member) -> BTreeMap<NodeId, MemberState> {
+    m.gossip
+        .ask(GossipCmd::Members)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|i| (i.node_id, i.state))
+        .collect()
+}
+
 async fn node_ls(d: &Daemon) -> anyhow::Result<Reply> {
     let m = member(d).await?;
     let state = m.state.state();
-    let nodes: Vec<NodeView> = state.nodes.values().map(|n| view(&m, n)).collect();
+    let gossip = gossip_states(&m).await;
+    let nodes: Vec<NodeView> = state
+        .nodes
+        .values()
+        .map(|n| view(&m, n, gossip.get(&n.id).copied()))
+        .collect();
     let mut reply = Reply::ok(serde_json::to_value(nodes)?);
     reply.warnings = staleness(&m);
     Ok(reply)
@@ -550,7 +620,12 @@ async fn node_inspect(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
     let m = member(d).await?;
     let state = m.state.state();
     let node = state.resolve_node(reference)?;
-    let mut reply = Reply::ok(serde_json::to_value(view(&m, node))?);
+    let gossip = gossip_states(&m).await;
+    let mut reply = Reply::ok(serde_json::to_value(view(
+        &m,
+        node,
+        gossip.get(&node.id).copied(),
+    ))?);
     reply.warnings = staleness(&m);
     Ok(reply)
 }

@@ -59,6 +59,8 @@ pub struct Member {
     pub identity: Mutex<Identity>,
     /// Ping results.
     pub live: Liveness,
+    /// The gossip task.
+    pub gossip: super::gossip::GossipHandle,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -108,6 +110,13 @@ impl Member {
         let state = sm.handle();
         let config = Arc::new(shoal_raft::config(timing).validate()?);
         let raft = Raft::new(id.0, config, Network::new(QuicRaft(quic.clone())), log, sm).await?;
+        let (gossip, gossip_task) = super::gossip::spawn(
+            id,
+            identity.node.advertise_addr,
+            quic.clone(),
+            state.clone(),
+            shoal_gossip::GossipConfig::default(),
+        );
         let member = Arc::new(Member {
             id,
             raft,
@@ -116,10 +125,12 @@ impl Member {
             dir,
             identity: Mutex::new(identity),
             live: Liveness::new(id),
+            gossip,
             tasks: Mutex::new(Vec::new()),
         });
         let weak = Arc::downgrade(&member);
         let tasks = vec![
+            gossip_task,
             tokio::spawn(liveness_loop(weak.clone())),
             tokio::spawn(super::membership::reconcile_loop(weak)),
         ];

@@ -3,6 +3,7 @@
 
 pub mod commands;
 pub mod config;
+pub mod gossip;
 pub mod identity;
 pub mod liveness;
 pub mod member;

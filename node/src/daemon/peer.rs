@@ -32,6 +32,15 @@ pub fn now_ms() -> u64 {
 }
 
 impl Handler for PeerHandler {
+    fn gossip(&self, call: Incoming) {
+        if let (Some(m), Some(from)) = (self.member.upgrade(), call.peer) {
+            m.gossip.send(super::gossip::GossipCmd::Incoming {
+                from,
+                bytes: call.request,
+            });
+        }
+    }
+
     async fn handle(&self, call: Incoming) -> Vec<u8> {
         let Some(m) = self.member.upgrade() else {
             return Vec::new();

@@ -33,6 +33,8 @@ pub const ALPN_RAFT: &[u8] = b"shoal-raft/1";
 pub const ALPN_CTL: &[u8] = b"shoal-ctl/1";
 /// ALPN of the join handshake.
 pub const ALPN_JOIN: &[u8] = b"shoal-join/1";
+/// ALPN of gossip: SWIM in datagrams, table messages in one-way streams.
+pub const ALPN_GOSSIP: &[u8] = b"shoal-gossip/1";
 
 /// Largest request or reply accepted on a stream.
 pub const MAX_MESSAGE: usize = shoal_mesh::codec::DEFAULT_LIMIT;
@@ -122,7 +124,13 @@ fn server_config(id: &TlsIdentity) -> Result<quinn::ServerConfig, QuicError> {
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key(&id.key_der))
         .map_err(tls)?;
-    cfg.alpn_protocols = vec![ALPN_RAFT.to_vec(), ALPN_CTL.to_vec(), ALPN_JOIN.to_vec()];
+    cfg.alpn_protocols = vec![
+        ALPN_RAFT.to_vec(),
+        ALPN_CTL.to_vec(),
+        ALPN_JOIN.to_vec(),
+        ALPN_GOSSIP.to_vec(),
+    ];
+
     let quic = QuicServerConfig::try_from(cfg).map_err(|e| QuicError::Tls(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
     server.transport_config(transport_config());
@@ -257,6 +265,9 @@ pub struct Incoming {
 pub trait Handler: Send + Sync + 'static {
     /// Answers one call; the returned bytes are the reply.
     fn handle(&self, call: Incoming) -> impl Future<Output = Vec<u8>> + Send;
+
+    /// Takes one gossip message (a datagram or a one-way stream); no reply.
+    fn gossip(&self, call: Incoming);
 }
 
 /// The node's QUIC endpoint, as client and server.
@@ -264,6 +275,7 @@ pub struct Quic {
     endpoint: quinn::Endpoint,
     raft_client: quinn::ClientConfig,
     ctl_client: quinn::ClientConfig,
+    gossip_client: quinn::ClientConfig,
     conns: Mutex<HashMap<(SocketAddr, &'static [u8]), quinn::Connection>>,
 }
 
@@ -280,6 +292,7 @@ impl Quic {
             endpoint,
             raft_client: client_config(identity, ALPN_RAFT)?,
             ctl_client: client_config(identity, ALPN_CTL)?,
+            gossip_client: client_config(identity, ALPN_GOSSIP)?,
             conns: Mutex::new(HashMap::new()),
         }))
     }
@@ -290,13 +303,59 @@ impl Quic {
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let handler = handler.clone();
+                let remote = incoming.remote_address();
                 tokio::spawn(async move {
-                    if let Err(e) = serve_connection(incoming, handler).await {
-                        tracing::debug!(error = %e, "connection ended");
+                    match serve_connection(incoming, handler).await {
+                        Err(e @ quinn::ConnectionError::TransportError(_))
+                        | Err(e @ quinn::ConnectionError::ConnectionClosed(_)) => {
+                            log_refusal_once(remote, &e)
+                        }
+                        Err(e) => tracing::debug!(error = %e, "connection ended"),
+                        Ok(()) => {}
                     }
                 });
             }
         })
+    }
+
+    /// Sends one gossip message to node `peer` at `addr`: a datagram when it
+    /// fits and `datagram` is asked for, else a one-way stream.
+    pub async fn gossip(
+        &self,
+        addr: SocketAddr,
+        peer: NodeId,
+        bytes: &[u8],
+        datagram: bool,
+        timeout: Duration,
+    ) -> Result<(), QuicError> {
+        let fut = async {
+            let conn = self.connection(addr, peer, ALPN_GOSSIP).await?;
+            let fail = |reason: String| QuicError::Connection { addr, reason };
+            if datagram && conn.max_datagram_size().is_some_and(|m| bytes.len() <= m) {
+                return conn
+                    .send_datagram(bytes.to_vec().into())
+                    .map_err(|e| fail(e.to_string()));
+            }
+            let mut send = conn.open_uni().await.map_err(|e| fail(e.to_string()))?;
+            send.write_all(bytes)
+                .await
+                .map_err(|e| fail(e.to_string()))?;
+            send.finish().map_err(|e| fail(e.to_string()))
+        };
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                self.forget(addr, ALPN_GOSSIP);
+                Err(e)
+            }
+            Err(_) => {
+                self.forget(addr, ALPN_GOSSIP);
+                Err(QuicError::Timeout {
+                    addr,
+                    secs: timeout.as_secs_f64(),
+                })
+            }
+        }
     }
 
     /// Closes the endpoint (stops serving, drops connections).
@@ -359,10 +418,10 @@ impl Quic {
         {
             return Ok(c);
         }
-        let cfg = if alpn == ALPN_RAFT {
-            self.raft_client.clone()
-        } else {
-            self.ctl_client.clone()
+        let cfg = match alpn {
+            ALPN_RAFT => self.raft_client.clone(),
+            ALPN_GOSSIP => self.gossip_client.clone(),
+            _ => self.ctl_client.clone(),
         };
         let conn = connect(&self.endpoint, cfg, addr, &pki::server_name(peer)).await?;
         self.conns
@@ -474,6 +533,9 @@ async fn serve_connection<H: Handler>(
         return Ok(());
     }
     let remote = conn.remote_address();
+    if alpn == ALPN_GOSSIP {
+        return serve_gossip(conn, handler, peer, remote).await;
+    }
     loop {
         let (mut send, mut recv) = conn.accept_bi().await?;
         let handler = handler.clone();
@@ -497,13 +559,59 @@ async fn serve_connection<H: Handler>(
     }
 }
 
+async fn serve_gossip<H: Handler>(
+    conn: quinn::Connection,
+    handler: Arc<H>,
+    peer: Option<NodeId>,
+    remote: SocketAddr,
+) -> Result<(), quinn::ConnectionError> {
+    let call = move |request: Vec<u8>| Incoming {
+        alpn: ALPN_GOSSIP.to_vec(),
+        peer,
+        remote,
+        request,
+    };
+    loop {
+        tokio::select! {
+            d = conn.read_datagram() => handler.gossip(call(d?.to_vec())),
+            s = conn.accept_uni() => {
+                let mut recv = s?;
+                let handler = handler.clone();
+                tokio::spawn(async move {
+                    if let Ok(bytes) = recv.read_to_end(shoal_gossip::message::MAX_STREAM_MESSAGE).await {
+                        handler.gossip(call(bytes));
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Remote addresses whose failed handshakes were already logged: a peer of
+/// another cluster is reported once, not once per packet.
+fn log_refusal_once(remote: SocketAddr, error: &quinn::ConnectionError) {
+    static LOGGED: std::sync::OnceLock<Mutex<std::collections::HashSet<SocketAddr>>> =
+        std::sync::OnceLock::new();
+    let set = LOGGED.get_or_init(|| Mutex::new(std::collections::HashSet::new()));
+    if set.lock().unwrap_or_else(|p| p.into_inner()).insert(remote) {
+        tracing::warn!(%remote, %error, "refused a connection (not a node of this swarm?); further refusals from this address are not logged");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    struct Echo;
+    #[derive(Default)]
+    struct Echo {
+        gossip: Mutex<Vec<(Option<NodeId>, Vec<u8>)>>,
+    }
 
     impl Handler for Echo {
+        fn gossip(&self, call: Incoming) {
+            self.gossip.lock().unwrap().push((call.peer, call.request));
+        }
+
         async fn handle(&self, call: Incoming) -> Vec<u8> {
             let mut out = call
                 .peer
@@ -534,7 +642,7 @@ mod tests {
         let ca = pki::new_ca().unwrap();
         let server = Quic::bind(&identity(&ca, NodeId(1)), loopback()).unwrap();
         let addr = server.endpoint.local_addr().unwrap();
-        server.serve(Arc::new(Echo));
+        server.serve(Arc::new(Echo::default()));
         let t = Duration::from_secs(3);
 
         // A node of the same cluster is served, and identified by its certificate.
@@ -597,11 +705,56 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn gossip_arrives_from_members_only() {
+        let ca = pki::new_ca().unwrap();
+        let server = Quic::bind(&identity(&ca, NodeId(1)), loopback()).unwrap();
+        let addr = server.endpoint.local_addr().unwrap();
+        let echo = Arc::new(Echo::default());
+        server.serve(echo.clone());
+        let t = Duration::from_secs(3);
+        let member = Quic::bind(&identity(&ca, NodeId(2)), loopback()).unwrap();
+        member
+            .gossip(addr, NodeId(1), b"probe", true, t)
+            .await
+            .unwrap();
+        member
+            .gossip(addr, NodeId(1), &vec![7u8; 50_000], true, t)
+            .await
+            .unwrap();
+        // A node of another cluster that somehow trusts our CA still fails
+        // the handshake: its certificate is not ours.
+        let mut foreign = identity(&pki::new_ca().unwrap(), NodeId(3));
+        foreign.ca_der = ca.0.clone();
+        let stranger = Quic::bind(&foreign, loopback()).unwrap();
+        assert!(
+            stranger
+                .gossip(addr, NodeId(1), b"evil", true, t)
+                .await
+                .is_err()
+        );
+        for _ in 0..100 {
+            if echo.gossip.lock().unwrap().len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let got = echo.gossip.lock().unwrap().clone();
+        assert_eq!(
+            got.len(),
+            2,
+            "the member's datagram and stream arrive, nothing else"
+        );
+        assert!(got.iter().all(|(p, _)| *p == Some(NodeId(2))));
+        assert!(got.iter().any(|(_, b)| b == b"probe"));
+        assert!(got.iter().any(|(_, b)| b.len() == 50_000));
+    }
+
+    #[tokio::test]
     async fn the_server_refuses_clients_without_a_cluster_certificate() {
         let ca = pki::new_ca().unwrap();
         let server = Quic::bind(&identity(&ca, NodeId(1)), loopback()).unwrap();
         let addr = server.endpoint.local_addr().unwrap();
-        server.serve(Arc::new(Echo));
+        server.serve(Arc::new(Echo::default()));
         let member = identity(&ca, NodeId(2));
         let foreign = identity(&pki::new_ca().unwrap(), NodeId(2));
         for alpn in [ALPN_RAFT, ALPN_CTL] {

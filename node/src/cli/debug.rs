@@ -1,0 +1,168 @@
+//! `shoal debug …`: diagnostics, and hooks to drive gossip by hand until
+//! networks and tasks (issues 4 and 5) write its tables.
+
+use clap::Subcommand;
+use serde_json::Value;
+
+use super::Client;
+use super::output::{Format, cell, print_table};
+use crate::api::Request;
+
+#[derive(Debug, Subcommand)]
+pub enum DebugCmd {
+    /// Dump this node's gossip members and tables.
+    Gossip {
+        /// Only this network (`(global)` for the cluster-wide table).
+        #[arg(long)]
+        network: Option<String>,
+        /// Output format: `table` or `json`.
+        #[arg(long, default_value = "table")]
+        format: Format,
+    },
+    /// Attach this node to a network's gossip.
+    GossipJoin {
+        /// The network.
+        network: String,
+    },
+    /// Detach this node from a network's gossip (its entries there are deleted).
+    GossipLeave {
+        /// The network.
+        network: String,
+    },
+    /// Write an entry owned by this node, e.g.
+    /// `gossip-put net1 vteps n1 '{"vtep":{"node":"…","addr":"10.0.0.1"}}'`.
+    GossipPut {
+        /// The network.
+        network: String,
+        /// The table: `endpoints` or `vteps`.
+        table: String,
+        /// The key.
+        key: String,
+        /// The value as JSON (`{"endpoint": {...}}` or `{"vtep": {...}}`).
+        value: String,
+    },
+    /// Delete an entry owned by this node.
+    GossipDelete {
+        /// The network.
+        network: String,
+        /// The table.
+        table: String,
+        /// The key.
+        key: String,
+    },
+}
+
+impl DebugCmd {
+    pub async fn exec(self, client: &Client) -> anyhow::Result<()> {
+        match self {
+            DebugCmd::Gossip { network, format } => {
+                let v = client.call(&Request::DebugGossip { network }).await?;
+                match format {
+                    Format::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                    Format::Table => print_dump(&v),
+                }
+            }
+            DebugCmd::GossipJoin { network } => {
+                client.call(&Request::DebugGossipJoin { network }).await?;
+            }
+            DebugCmd::GossipLeave { network } => {
+                client.call(&Request::DebugGossipLeave { network }).await?;
+            }
+            DebugCmd::GossipPut {
+                network,
+                table,
+                key,
+                value,
+            } => {
+                let value = serde_json::from_str(&value).map_err(|e| {
+                    anyhow::anyhow!(
+                        "invalid value: {e}. Use {{\"vtep\":{{\"node\":\"<node id>\",\"addr\":\"IP\"}}}} or {{\"endpoint\":{{...}}}}"
+                    )
+                })?;
+                client
+                    .call(&Request::DebugGossipPut {
+                        network,
+                        table,
+                        key,
+                        value,
+                    })
+                    .await?;
+            }
+            DebugCmd::GossipDelete {
+                network,
+                table,
+                key,
+            } => {
+                client
+                    .call(&Request::DebugGossipDelete {
+                        network,
+                        table,
+                        key,
+                    })
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn print_dump(v: &Value) {
+    let get = |m: &Value, k: &str| m.get(k).map(cell).unwrap_or_default();
+    println!("MEMBERS");
+    let rows: Vec<Vec<String>> = v["members"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| {
+            vec![
+                get(m, "node_id"),
+                get(m, "hostname"),
+                get(m, "state"),
+                get(m, "incarnation"),
+                get(m, "addr"),
+                get(m, "last_sync_ms_ago"),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "NODE",
+            "HOSTNAME",
+            "STATE",
+            "INCARNATION",
+            "ADDRESS",
+            "LAST SYNC (ms ago)",
+        ],
+        &rows,
+    );
+    let Some(networks) = v["networks"].as_object() else {
+        return;
+    };
+    for (net, tables) in networks {
+        let Some(tables) = tables.as_object() else {
+            continue;
+        };
+        for (table, entries) in tables {
+            println!("\nNETWORK {net} TABLE {table}");
+            let rows: Vec<Vec<String>> = entries
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| {
+                    vec![
+                        get(e, "key"),
+                        get(e, "owner"),
+                        get(e, "version"),
+                        get(e, "tombstone"),
+                        get(e, "visible"),
+                        e.get("value").map(|x| x.to_string()).unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            print_table(
+                &["KEY", "OWNER", "VERSION", "TOMBSTONE", "VISIBLE", "VALUE"],
+                &rows,
+            );
+        }
+    }
+}

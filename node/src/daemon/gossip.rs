@@ -1,0 +1,280 @@
+//! Drives this node's [`shoal_gossip::Gossip`] core over the QUIC endpoint:
+//! feeds it incoming messages, the clock, the store's node list (who may
+//! take part, and whom to announce to) and local writes; sends what it
+//! produces; publishes its events.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use shoal_gossip::table::{GLOBAL, NETWORKS_TABLE};
+use shoal_gossip::{Event, Gossip, GossipConfig, GossipError, MemberInfo, Peer};
+use shoal_mesh::observed::TableValue;
+use shoal_mesh::{NodeId, Role};
+use shoal_raft::StateHandle;
+use tokio::sync::{mpsc, oneshot};
+
+use super::peer::now_ms;
+use super::transport::Quic;
+
+/// Requests to the gossip task.
+pub enum GossipCmd {
+    /// A message from an authenticated peer.
+    Incoming {
+        /// The sender (from its certificate).
+        from: NodeId,
+        /// The bytes.
+        bytes: Vec<u8>,
+    },
+    /// Write an entry owned by this node.
+    Put {
+        /// Network.
+        network: String,
+        /// Table.
+        table: String,
+        /// Key.
+        key: String,
+        /// Value.
+        value: TableValue,
+        /// Result.
+        reply: oneshot::Sender<Result<(), GossipError>>,
+    },
+    /// Delete an entry owned by this node.
+    Delete {
+        /// Network.
+        network: String,
+        /// Table.
+        table: String,
+        /// Key.
+        key: String,
+        /// Result.
+        reply: oneshot::Sender<Result<(), GossipError>>,
+    },
+    /// Attach to a network.
+    Join(String),
+    /// Detach from a network.
+    Leave(String),
+    /// The members as this node sees them.
+    Members(oneshot::Sender<Vec<MemberInfo>>),
+    /// A diagnostic dump (JSON), optionally of one network.
+    Dump(Option<String>, oneshot::Sender<Value>),
+    /// Leave the cluster on purpose (others mark this node `left`), then stop.
+    LeaveCluster(oneshot::Sender<()>),
+}
+
+/// A handle to the gossip task.
+#[derive(Clone)]
+pub struct GossipHandle {
+    tx: mpsc::UnboundedSender<GossipCmd>,
+}
+
+impl GossipHandle {
+    /// Sends a command (dropped if the task has ended).
+    pub fn send(&self, cmd: GossipCmd) {
+        let _ = self.tx.send(cmd);
+    }
+
+    /// Runs a request that answers on a oneshot channel.
+    pub async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> GossipCmd) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx));
+        tokio::time::timeout(Duration::from_secs(5), rx)
+            .await
+            .ok()?
+            .ok()
+    }
+}
+
+/// Starts the gossip task for node `id` at `addr`.
+pub fn spawn(
+    id: NodeId,
+    addr: SocketAddr,
+    quic: Arc<Quic>,
+    state: StateHandle,
+    config: GossipConfig,
+) -> (GossipHandle, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let handle = GossipHandle { tx };
+    let me = Peer {
+        id,
+        addr: addr.to_string(),
+        generation: now_ms() << 16,
+        bump: 0,
+    };
+    let task = tokio::spawn(run(me, quic, state, config, rx));
+    (handle, task)
+}
+
+/// Lets the store decide who takes part, and introduces us to its managers
+/// (all of them when this node knows no live member yet).
+fn refresh_from_store(g: &mut Gossip, state: &StateHandle, announce: bool) {
+    let st = state.state();
+    if st.cluster.is_none() {
+        return;
+    }
+    g.set_allowed(st.nodes.keys().copied().collect());
+    if !announce {
+        return;
+    }
+    let now = now_ms();
+    let me = g.me().id;
+    for n in st
+        .managers()
+        .filter(|n| n.id != me && n.role == Role::Manager)
+    {
+        g.announce(
+            now,
+            Peer {
+                id: n.id,
+                addr: n.addr.clone(),
+                generation: 0,
+                bump: 0,
+            },
+        );
+    }
+}
+
+/// Sends what the core produced. Its events are logged; the data plane
+/// (issue 5) will consume them from here.
+fn flush(g: &mut Gossip, quic: &Arc<Quic>) {
+    while let Some(t) = g.poll_transmit() {
+        let Ok(addr) = t.addr.parse::<SocketAddr>() else {
+            continue;
+        };
+        let quic = quic.clone();
+        tokio::spawn(async move {
+            if let Err(e) = quic
+                .gossip(addr, t.to, &t.bytes, t.datagram, Duration::from_secs(2))
+                .await
+            {
+                tracing::trace!(error = %e, to = %t.to, "gossip send failed");
+            }
+        });
+    }
+    while let Some(e) = g.poll_event() {
+        match e {
+            Event::Member { node, state } => tracing::info!(%node, ?state, "gossip member"),
+            Event::Entry(change) => tracing::debug!(?change, "gossip entry"),
+        }
+    }
+}
+
+async fn run(
+    me: Peer,
+    quic: Arc<Quic>,
+    state: StateHandle,
+    config: GossipConfig,
+    mut rx: mpsc::UnboundedReceiver<GossipCmd>,
+) {
+    let mut g = Gossip::new(me, config, rand::random(), now_ms());
+    let mut changes = state.changes();
+    refresh_from_store(&mut g, &state, true);
+    let mut lonely = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        flush(&mut g, &quic);
+        let wait = g.poll_timeout().saturating_sub(now_ms()).min(1_000);
+        tokio::select! {
+            cmd = rx.recv() => {
+                let Some(cmd) = cmd else { return };
+                let now = now_ms();
+                match cmd {
+                    GossipCmd::Incoming { from, bytes } => {
+                        if let Err(e) = g.handle_message(now, from, &bytes) {
+                            tracing::debug!(error = %e, "gossip message dropped");
+                        }
+                    }
+                    GossipCmd::Put { network, table, key, value, reply } => {
+                        let _ = reply.send(g.put(now, &network, &table, &key, value));
+                    }
+                    GossipCmd::Delete { network, table, key, reply } => {
+                        let _ = reply.send(g.delete(now, &network, &table, &key));
+                    }
+                    GossipCmd::Join(n) => g.join_network(now, &n),
+                    GossipCmd::Leave(n) => g.leave_network(now, &n),
+                    GossipCmd::Members(reply) => {
+                        let _ = reply.send(g.members());
+                    }
+                    GossipCmd::Dump(network, reply) => {
+                        let _ = reply.send(dump(&g, &state, network.as_deref(), now));
+                    }
+                    GossipCmd::LeaveCluster(reply) => {
+                        g.leave_cluster(now);
+                        flush(&mut g, &quic);
+                        // Give the farewell a moment to leave the socket.
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        let _ = reply.send(());
+                        return;
+                    }
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(wait)) => g.handle_timeout(now_ms()),
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                refresh_from_store(&mut g, &state, false);
+            }
+            _ = lonely.tick() => {
+                let alone = g.members().iter().all(|m| m.node_id == g.me().id || m.state != shoal_gossip::MemberState::Alive);
+                refresh_from_store(&mut g, &state, alone);
+            }
+        }
+    }
+}
+
+/// `shoal debug gossip`: members and tables, tombstones and hidden entries
+/// included, as stable JSON.
+fn dump(g: &Gossip, state: &StateHandle, network: Option<&str>, now: u64) -> Value {
+    let st = state.state();
+    let hostname = |id: NodeId| st.nodes.get(&id).map(|n| n.hostname.clone());
+    let members: Vec<Value> = g
+        .members()
+        .iter()
+        .map(|m| {
+            json!({
+                "node_id": m.node_id.to_string(),
+                "hostname": hostname(m.node_id),
+                "addr": m.addr,
+                "state": m.state,
+                "incarnation": m.incarnation,
+                "generation": m.generation,
+                "last_sync_ms_ago": g.last_sync().get(&m.node_id).map(|t| now.saturating_sub(*t)),
+            })
+        })
+        .collect();
+    let mut networks: BTreeMap<String, BTreeMap<String, Vec<Value>>> = BTreeMap::new();
+    for (k, e) in g.tables().all() {
+        let scope = if k.network == GLOBAL {
+            "(global)"
+        } else {
+            k.network.as_str()
+        };
+        if network.is_some_and(|n| n != scope) {
+            continue;
+        }
+        networks
+            .entry(scope.to_owned())
+            .or_default()
+            .entry(k.table.clone())
+            .or_default()
+            .push(json!({
+                "key": k.key,
+                "owner": e.owner.to_string(),
+                "version": e.version,
+                "tombstone": e.is_tombstone(),
+                "visible": g.tables().visible(k).is_some(),
+                "value": e.value,
+            }));
+    }
+    let attached: BTreeSet<&String> = g.networks().iter().collect();
+    json!({
+        "node_id": g.me().id.to_string(),
+        "attached": attached,
+        "members": members,
+        "networks": networks,
+        "rejected": g.rejected,
+        "global_table": NETWORKS_TABLE,
+    })
+}
