@@ -68,3 +68,37 @@ impl TableMessage {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use shoal_mesh::NodeId;
+
+    use crate::core::{Gossip, GossipConfig};
+    use crate::peer::Peer;
+
+    fn node() -> Gossip {
+        let me = Peer {
+            id: NodeId(1),
+            addr: "127.0.0.1:1".into(),
+            generation: 1 << 16,
+            bump: 0,
+        };
+        Gossip::new(me, GossipConfig::default(), 1, 1)
+    }
+
+    proptest! {
+        /// Whatever a peer sends, the node neither panics nor changes what
+        /// it shows.
+        #[test]
+        fn hostile_bytes_are_rejected_without_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let mut g = node();
+            let before = g.snapshot("net");
+            let _ = g.handle_message(2, NodeId(2), &bytes);
+            let mut framed = vec![shoal_mesh::codec::WIRE_VERSION];
+            framed.extend_from_slice(&bytes);
+            let _ = g.handle_message(3, NodeId(2), &framed);
+            prop_assert_eq!(g.snapshot("net"), before);
+        }
+    }
+}

@@ -112,3 +112,44 @@ fn entries_stay_inside_their_network() {
         "a non-member stores nothing of the network"
     );
 }
+
+#[test]
+fn entries_from_a_non_member_of_the_network_are_rejected() {
+    use shoal_gossip::message::{Message, TableMessage};
+    use shoal_gossip::table::Entry;
+    use shoal_gossip::{Gossip, Peer, Rejected};
+
+    let peer = |n: u64| Peer {
+        id: NodeId(n),
+        addr: format!("sim:{n}"),
+        generation: 1 << 16,
+        bump: 0,
+    };
+    let mut g = Gossip::new(peer(1), GossipConfig::default(), 1, 1);
+    g.join_network(1, "a");
+    let forged = Message::Table {
+        sender: None,
+        body: TableMessage::Entries {
+            network: "a".into(),
+            entries: vec![(
+                shoal_gossip::core::entry_key("a", "vteps", "x"),
+                Entry {
+                    owner: NodeId(3),
+                    version: 5,
+                    value: Some(vtep(3)),
+                    reap_at_ms: None,
+                },
+            )],
+        },
+    };
+    let bytes = shoal_mesh::codec::encode(&forged).unwrap();
+    let err = g.handle_message(2, NodeId(3), &bytes).unwrap_err();
+    assert!(matches!(err, Rejected::NotInNetwork { .. }), "{err}");
+    assert!(g.tables().all().all(|(k, _)| k.network != "a"));
+    // A node the store removed is not heard at all.
+    g.set_allowed([NodeId(1), NodeId(2)].into());
+    assert!(matches!(
+        g.handle_message(3, NodeId(3), &bytes),
+        Err(Rejected::NotAllowed(_))
+    ));
+}
