@@ -1,0 +1,203 @@
+//! Gossip benchmarks in simulated time (the same core as the daemon, on the
+//! in-memory network; links 1–3 ms):
+//!
+//! - propagation: time for one update to be visible on every member of a
+//!   network of 10, 100 and 1000 nodes;
+//! - failure detection: time from a crash to every member marking it dead;
+//! - false positives under 5% datagram loss with one CPU-starved node;
+//! - bytes sent per node per second, idle and under churn.
+//!
+//! `cargo bench -p shoal-gossip --bench gossip [-- quick]`
+
+#![allow(missing_docs, clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+
+use shoal_gossip::sim::Sim;
+use shoal_gossip::table::Change;
+use shoal_gossip::{Event, GossipConfig, MemberState};
+use shoal_mesh::NodeId;
+use shoal_mesh::observed::{TableValue, VtepRecord};
+
+fn stats(name: &str, mut v: Vec<u64>) {
+    v.sort();
+    let p = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    println!(
+        "{name}: n={} min={}ms p50={}ms p99={}ms max={}ms",
+        v.len(),
+        v[0],
+        p(0.5),
+        p(0.99),
+        v[v.len() - 1]
+    );
+}
+
+fn cluster(n: u64, seed: u64) -> Sim {
+    let mut config = GossipConfig::default();
+    config.cluster_size_hint = n as u32;
+    let mut sim = Sim::new(seed, config, 10_000_000);
+    for i in 1..=n {
+        sim.start(NodeId(i), &[NodeId(1), NodeId(2), NodeId(3)]);
+    }
+    sim.run_for(5_000);
+    for i in 1..=n {
+        sim.with_node(NodeId(i), |g, now| g.join_network(now, "net"));
+    }
+    sim.run_for(5_000);
+    sim
+}
+
+fn value(i: u64) -> TableValue {
+    TableValue::Vtep(VtepRecord {
+        node: NodeId(i),
+        addr: IpAddr::V4(Ipv4Addr::from(i as u32)),
+    })
+}
+
+fn propagation(n: u64, trials: u64) {
+    let mut sim = cluster(n, n);
+    let mut times = Vec::new();
+    for t in 0..trials {
+        let writer = NodeId(1 + (t * 7919) % n);
+        let key = format!("k{t}");
+        sim.events.clear();
+        sim.record_events = true;
+        let start = sim.now();
+        sim.with_node(writer, |g, now| {
+            g.put(now, "net", "vteps", &key, value(t)).unwrap()
+        });
+        let mut seen: BTreeSet<NodeId> = BTreeSet::from([writer]);
+        let mut last = start;
+        while seen.len() < n as usize && sim.now() - start < 30_000 {
+            sim.run_for(5);
+            for (at, node, e) in sim.events.drain(..) {
+                if let Event::Entry(Change::Added(k, _)) = &e
+                    && k.key == key
+                    && seen.insert(node)
+                {
+                    last = at;
+                }
+            }
+        }
+        sim.record_events = false;
+        assert_eq!(
+            seen.len(),
+            n as usize,
+            "update {key} did not reach everyone"
+        );
+        times.push(last - start);
+        sim.run_for(200);
+    }
+    stats(&format!("propagation to all of {n} nodes"), times);
+}
+
+fn detection(n: u64, trials: u64) {
+    let mut times = Vec::new();
+    for t in 0..trials {
+        let mut sim = cluster(n, 1000 + t);
+        let victim = NodeId(1 + (t * 31) % n);
+        sim.record_events = true;
+        sim.events.clear();
+        let start = sim.now();
+        sim.crash(victim);
+        let mut marked: BTreeSet<NodeId> = BTreeSet::new();
+        let mut last = start;
+        while marked.len() < (n - 1) as usize && sim.now() - start < 60_000 {
+            sim.run_for(20);
+            for (at, node, e) in sim.events.drain(..) {
+                if let Event::Member {
+                    node: m,
+                    state: MemberState::Dead,
+                } = e
+                    && m == victim
+                    && marked.insert(node)
+                {
+                    last = at;
+                }
+            }
+        }
+        assert_eq!(
+            marked.len(),
+            (n - 1) as usize,
+            "not every member marked the crash"
+        );
+        times.push(last - start);
+    }
+    stats(
+        &format!("failure detection, every one of {n} nodes marks the dead one"),
+        times,
+    );
+}
+
+fn false_positives(n: u64, secs: u64) {
+    let mut sim = cluster(n, 77);
+    sim.datagram_loss = 0.05;
+    sim.slow.insert(NodeId(n), 150);
+    sim.record_events = true;
+    sim.events.clear();
+    sim.run_for(secs * 1000);
+    let mut wrongly: BTreeSet<NodeId> = BTreeSet::new();
+    let mut declarations = 0;
+    for (_, _, e) in &sim.events {
+        if let Event::Member {
+            node,
+            state: MemberState::Dead,
+        } = e
+        {
+            declarations += 1;
+            wrongly.insert(*node);
+        }
+    }
+    println!(
+        "false positives, {n} nodes, 5% datagram loss, node {n} answers 150 ms late, {secs} s: {declarations} dead declarations of {} distinct live nodes ({:.1}% of nodes)",
+        wrongly.len(),
+        100.0 * wrongly.len() as f64 / n as f64
+    );
+}
+
+fn bandwidth(n: u64, churn: bool) {
+    let mut sim = cluster(n, 5);
+    for v in sim.bytes_sent.values_mut() {
+        *v = 0;
+    }
+    let secs = 30;
+    for s in 0..secs {
+        if churn {
+            for i in 1..=n {
+                let key = format!("c{i}-{s}");
+                sim.with_node(NodeId(i), |g, now| {
+                    g.put(now, "net", "vteps", &key, value(i)).unwrap()
+                });
+            }
+        }
+        sim.run_for(1_000);
+    }
+    let total: u64 = sim.bytes_sent.values().sum();
+    println!(
+        "bytes per node per second, {n} nodes, {}: {:.0}",
+        if churn {
+            "one update per node per second"
+        } else {
+            "idle"
+        },
+        total as f64 / n as f64 / secs as f64
+    );
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "quick");
+    propagation(10, 50);
+    propagation(100, 50);
+    propagation(1000, if quick { 5 } else { 20 });
+    detection(10, 20);
+    detection(100, if quick { 5 } else { 20 });
+    if !quick {
+        detection(1000, 5);
+    }
+    false_positives(20, 300);
+    bandwidth(10, false);
+    bandwidth(100, false);
+    bandwidth(10, true);
+    bandwidth(100, true);
+}
