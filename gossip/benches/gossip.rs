@@ -34,8 +34,10 @@ fn stats(name: &str, mut v: Vec<u64>) {
 }
 
 fn cluster(n: u64, seed: u64) -> Sim {
-    let mut config = GossipConfig::default();
-    config.cluster_size_hint = n as u32;
+    let config = GossipConfig {
+        cluster_size_hint: n as u32,
+        ..Default::default()
+    };
     let mut sim = Sim::new(seed, config, 10_000_000);
     for i in 1..=n {
         sim.start(NodeId(i), &[NodeId(1), NodeId(2), NodeId(3)]);
