@@ -721,17 +721,15 @@ mod tests {
             .gossip(addr, NodeId(1), &vec![7u8; 50_000], true, t)
             .await
             .unwrap();
-        // A node of another cluster that somehow trusts our CA still fails
-        // the handshake: its certificate is not ours.
+        // A node of another cluster that somehow trusts our CA fails the
+        // handshake on the server's side: whatever it sends (its side may
+        // believe it sent) never reaches the handler.
         let mut foreign = identity(&pki::new_ca().unwrap(), NodeId(3));
         foreign.ca_der = ca.0.clone();
         let stranger = Quic::bind(&foreign, loopback()).unwrap();
-        assert!(
-            stranger
-                .gossip(addr, NodeId(1), b"evil", true, t)
-                .await
-                .is_err()
-        );
+        let _ = stranger.gossip(addr, NodeId(1), b"evil", true, t).await;
+        let _ = stranger.gossip(addr, NodeId(1), b"evil", false, t).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
         for _ in 0..100 {
             if echo.gossip.lock().unwrap().len() == 2 {
                 break;
