@@ -56,11 +56,11 @@ pub struct GossipConfig {
 impl Default for GossipConfig {
     fn default() -> Self {
         GossipConfig {
-            probe_period_ms: 500,
-            probe_rtt_ms: 200,
+            probe_period_ms: 400,
+            probe_rtt_ms: 150,
             indirect_probes: 3,
-            suspect_to_down_ms: 1000,
-            gossip_interval_ms: 200,
+            suspect_to_down_ms: 800,
+            gossip_interval_ms: 150,
             gossip_fanout: 3,
             sync_interval_ms: 1000,
             tombstone_ttl_ms: 300_000,
@@ -394,8 +394,16 @@ impl Gossip {
                 state: MemberState::Alive,
             });
         }
-        // Exchange the cluster-wide table with the newcomer at once.
-        self.send_digest(p.id, GLOBAL);
+        // Tell the newcomer at once which networks this node is in (every
+        // table message carries that). A full digest here would cost every
+        // node O(n) bytes per newcomer; anti-entropy brings the rest.
+        self.send_table(
+            p.id,
+            TableMessage::Entries {
+                network: GLOBAL.to_owned(),
+                entries: Vec::new(),
+            },
+        );
     }
 
     fn member_down(&mut self, p: Peer) {
