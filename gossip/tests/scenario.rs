@@ -153,3 +153,31 @@ fn entries_from_a_non_member_of_the_network_are_rejected() {
         Err(Rejected::NotAllowed(_))
     ));
 }
+
+#[test]
+fn a_node_that_leaves_is_marked_left_and_its_entries_go() {
+    let mut sim = cluster(4);
+    for i in 1..=4 {
+        sim.with_node(NodeId(i), |g, now| g.join_network(now, "net"));
+    }
+    sim.run_for(500);
+    sim.with_node(NodeId(4), |g, now| {
+        g.put(now, "net", "vteps", "4", vtep(4)).unwrap()
+    });
+    sim.run_for(500);
+    assert_eq!(sim.nodes[&NodeId(1)].gossip.snapshot("net").len(), 1);
+    sim.with_node(NodeId(4), |g, now| g.leave_cluster(now));
+    sim.run_for(200);
+    sim.crash(NodeId(4));
+    sim.run_for(3_000);
+    for i in 1..=3 {
+        let g = &sim.nodes[&NodeId(i)].gossip;
+        assert!(g.snapshot("net").is_empty(), "node {i}");
+        let m = g
+            .members()
+            .into_iter()
+            .find(|m| m.node_id == NodeId(4))
+            .unwrap();
+        assert_eq!(m.state, MemberState::Left, "node {i}");
+    }
+}

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use shoal_gossip::GossipConfig;
 use shoal_raft::RaftTiming;
 
 /// Default QUIC port.
@@ -28,6 +29,51 @@ pub struct DaemonConfig {
     pub log_level: String,
     /// Raft timing.
     pub raft: RaftTimingConfig,
+    /// Gossip timing.
+    pub gossip: GossipTimingConfig,
+}
+
+/// Gossip timing in milliseconds (see `shoal_gossip::GossipConfig`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GossipTimingConfig {
+    /// How often each member probes another.
+    pub probe_period_ms: u64,
+    /// Direct probe timeout before indirect probes.
+    pub probe_rtt_ms: u64,
+    /// How long a suspect may refute before it is declared dead.
+    pub suspect_to_down_ms: u64,
+    /// How often membership news is gossiped.
+    pub gossip_interval_ms: u64,
+    /// How often each network runs anti-entropy.
+    pub sync_interval_ms: u64,
+}
+
+impl Default for GossipTimingConfig {
+    fn default() -> Self {
+        let g = GossipConfig::default();
+        GossipTimingConfig {
+            probe_period_ms: g.probe_period_ms,
+            probe_rtt_ms: g.probe_rtt_ms,
+            suspect_to_down_ms: g.suspect_to_down_ms,
+            gossip_interval_ms: g.gossip_interval_ms,
+            sync_interval_ms: g.sync_interval_ms,
+        }
+    }
+}
+
+impl GossipTimingConfig {
+    /// The gossip core's configuration.
+    pub fn config(&self) -> GossipConfig {
+        GossipConfig {
+            probe_period_ms: self.probe_period_ms,
+            probe_rtt_ms: self.probe_rtt_ms,
+            suspect_to_down_ms: self.suspect_to_down_ms,
+            gossip_interval_ms: self.gossip_interval_ms,
+            sync_interval_ms: self.sync_interval_ms,
+            ..GossipConfig::default()
+        }
+    }
 }
 
 /// Raft timing in milliseconds.
@@ -74,6 +120,7 @@ impl Default for DaemonConfig {
             hostname: None,
             log_level: "info".into(),
             raft: RaftTimingConfig::default(),
+            gossip: GossipTimingConfig::default(),
         }
     }
 }
@@ -105,6 +152,11 @@ pub enum ConfigError {
         "invalid raft timing: need 0 < heartbeat_ms < election_min_ms < election_max_ms (got {0}, {1}, {2})"
     )]
     RaftTiming(u64, u64, u64),
+    /// Gossip timings that cannot work.
+    #[error(
+        "invalid gossip timing: need 0 < probe_rtt_ms < probe_period_ms, and suspect_to_down_ms, gossip_interval_ms, sync_interval_ms > 0"
+    )]
+    GossipTiming,
     /// Hostname empty or with whitespace.
     #[error("invalid hostname `{0}`: it must be non-empty and contain no whitespace")]
     Hostname(String),
@@ -138,6 +190,15 @@ impl DaemonConfig {
                 r.election_min_ms,
                 r.election_max_ms,
             ));
+        }
+        let g = &self.gossip;
+        if !(0 < g.probe_rtt_ms
+            && g.probe_rtt_ms < g.probe_period_ms
+            && g.suspect_to_down_ms > 0
+            && g.gossip_interval_ms > 0
+            && g.sync_interval_ms > 0)
+        {
+            return Err(ConfigError::GossipTiming);
         }
         if let Some(h) = &self.hostname
             && (h.is_empty() || h.chars().any(char::is_whitespace))

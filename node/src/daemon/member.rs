@@ -103,6 +103,7 @@ impl Member {
         identity: Identity,
         dir: StateDir,
         timing: &shoal_raft::RaftTiming,
+        gossip_config: shoal_gossip::GossipConfig,
     ) -> anyhow::Result<Arc<Member>> {
         let id = identity.node.node_id;
         let quic = Quic::bind(&identity.tls, identity.node.listen_addr)?;
@@ -115,7 +116,7 @@ impl Member {
             identity.node.advertise_addr,
             quic.clone(),
             state.clone(),
-            shoal_gossip::GossipConfig::default(),
+            gossip_config,
         );
         let member = Arc::new(Member {
             id,

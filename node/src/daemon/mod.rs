@@ -50,7 +50,13 @@ fn system_hostname() -> String {
 impl Daemon {
     /// Starts a member from a saved identity and attaches its QUIC handler.
     pub async fn start_member(&self, identity: Identity) -> anyhow::Result<Arc<Member>> {
-        let member = Member::start(identity, self.dir.clone(), &self.cfg.raft.timing()).await?;
+        let member = Member::start(
+            identity,
+            self.dir.clone(),
+            &self.cfg.raft.timing(),
+            self.cfg.gossip.config(),
+        )
+        .await?;
         let handler = Arc::new(peer::PeerHandler {
             member: Arc::downgrade(&member),
         });
