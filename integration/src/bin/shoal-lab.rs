@@ -1,8 +1,9 @@
 //! `shoal-lab`: local Shoal clusters on one machine.
 //!
 //! Today it has one command, `demo`: three `shoal daemon` processes on
-//! loopback addresses form a swarm of three managers, the leader is killed,
-//! another takes over, the killed node rejoins, and everything is torn down.
+//! loopback addresses form a swarm of three managers and gossip their VTEPs;
+//! the leader is killed, another takes over, the dead node's VTEP leaves
+//! every table, the killed node rejoins, and everything is torn down.
 //! (The lab issue grows this into hosts in network namespaces with services
 //! and traffic.)
 
@@ -38,6 +39,16 @@ fn all_ready(c: &Cluster, up: &[usize]) -> anyhow::Result<bool> {
     Ok(true)
 }
 
+/// Visible VTEP entries of network `demo` on host `i`.
+fn visible_vteps(c: &Cluster, i: usize) -> anyhow::Result<usize> {
+    let d = c
+        .shoal_ok(i, &["debug", "gossip", "--format", "json"])?
+        .json()?;
+    Ok(d["networks"]["demo"]["vteps"]
+        .as_array()
+        .map_or(0, |v| v.iter().filter(|e| e["visible"] == true).count()))
+}
+
 fn demo() -> anyhow::Result<()> {
     step("Starting three shoal daemons on loopback addresses (one per simulated host)");
     let mut c = Cluster::start(3)?;
@@ -63,6 +74,31 @@ fn demo() -> anyhow::Result<()> {
     })?;
     step("Every node holds the replicated store; any node can list the swarm");
     show(&c, 2, &["node", "ls"])?;
+
+    step("Each node publishes its tunnel endpoint (VTEP) on network `demo` through gossip");
+    for i in 0..3 {
+        let id = c.info(i)?["node_id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let value = format!(r#"{{"vtep":{{"node":"{id}","addr":"{}"}}}}"#, c.hosts[i].ip);
+        c.shoal_ok(i, &["debug", "gossip-join", "demo"])?;
+        c.wait_until("the gossip write", Duration::from_secs(20), |c| {
+            Ok(
+                c.shoal(i, &["debug", "gossip-put", "demo", "vteps", &id, &value])
+                    .ok(),
+            )
+        })?;
+    }
+    c.wait_until("every VTEP on every node", Duration::from_secs(20), |c| {
+        for i in 0..3 {
+            if visible_vteps(c, i)? != 3 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })?;
+    show(&c, 2, &["debug", "gossip", "--network", "demo"])?;
 
     let leader = c.leader(0)?.ok_or_else(|| anyhow::anyhow!("no leader"))?;
     let survivor = (0..3).find(|i| *i != leader).unwrap_or(0);
@@ -99,6 +135,13 @@ fn demo() -> anyhow::Result<()> {
         killed.elapsed().as_secs_f64()
     );
     show(&c, survivor, &["node", "ls"])?;
+    c.wait_until(
+        "the dead node's VTEP to leave gossip",
+        Duration::from_secs(20),
+        |c| Ok(visible_vteps(c, survivor)? == 2),
+    )?;
+    println!("    gossip declared {dead} dead and hid its VTEP on every node:");
+    show(&c, survivor, &["debug", "gossip", "--network", "demo"])?;
 
     step(&format!("{dead} restarts and catches up as a follower"));
     c.start_daemon(leader)?;
@@ -109,9 +152,9 @@ fn demo() -> anyhow::Result<()> {
         "the write to reach the restarted node",
         Duration::from_secs(20),
         |c| {
-            Ok(c.node_ls(leader)?
-                .iter()
-                .any(|n| n["labels"]["demo"] == "failover"))
+            let nodes = c.node_ls(leader)?;
+            Ok(nodes.iter().any(|n| n["labels"]["demo"] == "failover")
+                && nodes.iter().all(|n| n["gossip"] == "alive"))
         },
     )?;
     show(
@@ -125,12 +168,9 @@ fn demo() -> anyhow::Result<()> {
         c.stop(i);
     }
     drop(c);
-    println!(
-        "\nDemo complete: a 3-manager swarm formed over QUIC with mutual TLS, lost its leader,"
-    );
-    println!(
-        "elected a new one, kept accepting writes, and took the old leader back with the full state."
-    );
+    println!("\nDemo complete: a 3-manager swarm formed over QUIC with mutual TLS, gossiped each");
+    println!("node's VTEP, lost its leader, elected a new one, kept accepting writes, dropped the");
+    println!("dead node's VTEP everywhere, and took the old node back with the full state.");
     Ok(())
 }
 
