@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ids::NodeId;
+use crate::network::{NetworkError, NetworkSpec, allocate, ingress_spec};
 use crate::state::{Availability, ClusterInfo, ClusterState, JoinSecrets, Node, Role};
 
 /// A change to the cluster state, as written to the Raft log.
@@ -18,6 +19,22 @@ pub enum Command {
         cluster: ClusterInfo,
         /// The manager that ran `swarm init`.
         first: Node,
+        /// The ID of the `ingress` network made with the swarm.
+        ingress_id: String,
+    },
+    /// `network create`.
+    CreateNetwork {
+        /// Its new ID.
+        id: String,
+        /// What was asked.
+        spec: NetworkSpec,
+        /// Milliseconds since the epoch.
+        created_at_ms: u64,
+    },
+    /// `network rm`.
+    RemoveNetwork {
+        /// Its ID.
+        id: String,
     },
     /// A joiner was admitted (its token checked, its certificate signed).
     AddNode(Node),
@@ -109,18 +126,40 @@ pub enum ApplyError {
     /// A label key that is empty.
     #[error("a label key must not be empty")]
     EmptyLabelKey,
+    /// A network could not be created.
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+    /// No network with that ID.
+    #[error("no such network: {0}")]
+    NoSuchNetwork(String),
 }
 
 /// Applies `cmd` to `state`. Pure and deterministic: same state and command,
 /// same result, on every replica.
 pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyError> {
-    if let Command::Init { cluster, first } = cmd {
+    if let Command::Init {
+        cluster,
+        first,
+        ingress_id,
+    } = cmd
+    {
         if let Some(existing) = &state.cluster {
             return Err(ApplyError::AlreadyInitialized(existing.id.clone()));
         }
+        let mut ingress = allocate(
+            ingress_id,
+            &ingress_spec(),
+            &Default::default(),
+            &cluster.default_addr_pool,
+            cluster.default_pool_mask,
+            cluster.created_at_ms,
+        )?;
+        ingress.ingress = true;
         state.cluster = Some(cluster.clone());
         state.nodes.clear();
         state.nodes.insert(first.id, first.clone());
+        state.networks.clear();
+        state.networks.insert(ingress.id.clone(), ingress);
         return Ok(Outcome::Done);
     }
     let Some(cluster) = state.cluster.as_mut() else {
@@ -217,6 +256,29 @@ pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyEr
                 } else {
                     Role::Worker
                 };
+            }
+        }
+        Command::CreateNetwork {
+            id,
+            spec,
+            created_at_ms,
+        } => {
+            if state.networks.contains_key(id) {
+                return Err(NetworkError::Exists(id.clone()).into());
+            }
+            let network = allocate(
+                id,
+                spec,
+                &state.networks,
+                &cluster.default_addr_pool,
+                cluster.default_pool_mask,
+                *created_at_ms,
+            )?;
+            state.networks.insert(id.clone(), network);
+        }
+        Command::RemoveNetwork { id } => {
+            if state.networks.remove(id).is_none() {
+                return Err(ApplyError::NoSuchNetwork(id.clone()));
             }
         }
         Command::SetNodeAddr { node, addr } => {

@@ -30,6 +30,8 @@ fn info() -> ClusterInfo {
             manager_sealed: vec![2],
         },
         sealed_ca_key: vec![3],
+        default_addr_pool: vec!["10.0.0.0/8".parse().unwrap()],
+        default_pool_mask: 24,
     }
 }
 
@@ -40,6 +42,7 @@ fn initialized() -> ClusterState {
         &Command::Init {
             cluster: info(),
             first: node(1, Role::Manager),
+            ingress_id: "ing".into(),
         },
     )
     .unwrap();
@@ -65,6 +68,7 @@ fn init_twice_is_refused() {
         &Command::Init {
             cluster: info(),
             first: node(9, Role::Manager),
+            ingress_id: "ing2".into(),
         },
     );
     assert_eq!(err, Err(ApplyError::AlreadyInitialized("c1".into())));

@@ -13,8 +13,10 @@
 //! ```
 
 pub mod apply;
+pub mod cidr;
 pub mod codec;
 pub mod ids;
+pub mod network;
 pub mod observed;
 pub mod state;
 pub mod token;

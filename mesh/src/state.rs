@@ -80,6 +80,10 @@ pub struct ClusterInfo {
     pub tokens: JoinSecrets,
     /// Manager-only secrets (the CA key), sealed with the managers' key.
     pub sealed_ca_key: Vec<u8>,
+    /// Where networks without `--subnet` get their subnet from.
+    pub default_addr_pool: Vec<crate::cidr::Ipv4Net>,
+    /// The prefix length of those subnets.
+    pub default_pool_mask: u8,
 }
 
 /// The join tokens as the store keeps them: a hash to check a joiner's
@@ -160,12 +164,32 @@ pub struct ClusterState {
     pub cluster: Option<ClusterInfo>,
     /// Every node of the cluster.
     pub nodes: BTreeMap<NodeId, Node>,
+    /// Networks, by ID.
+    pub networks: BTreeMap<String, crate::network::Network>,
 }
 
 impl ClusterState {
     /// The managers, in ID order.
     pub fn managers(&self) -> impl Iterator<Item = &Node> {
         self.nodes.values().filter(|n| n.role == Role::Manager)
+    }
+
+    /// Resolves a network reference: exact name, exact ID, or unique ID prefix.
+    pub fn resolve_network(&self, reference: &str) -> Option<&crate::network::Network> {
+        if let Some(n) = self.networks.values().find(|n| n.spec.name == reference) {
+            return Some(n);
+        }
+        if let Some(n) = self.networks.get(reference) {
+            return Some(n);
+        }
+        let mut prefixed = self
+            .networks
+            .values()
+            .filter(|n| !reference.is_empty() && n.id.starts_with(reference));
+        match (prefixed.next(), prefixed.next()) {
+            (Some(n), None) => Some(n),
+            _ => None,
+        }
     }
 
     /// Resolves a node reference: a full ID, a unique ID prefix, or a unique

@@ -26,6 +26,12 @@ pub enum Request {
         listen_addr: Option<String>,
         /// Rebuild a one-manager cluster from this manager's local state.
         force_new_cluster: bool,
+        /// `--default-addr-pool` (CIDRs).
+        #[serde(default)]
+        default_addr_pool: Vec<String>,
+        /// `--default-addr-pool-mask-length`.
+        #[serde(default)]
+        default_addr_pool_mask_length: Option<u8>,
     },
     /// `swarm join`.
     SwarmJoin {
@@ -112,6 +118,41 @@ pub enum Request {
         table: String,
         /// The key.
         key: String,
+    },
+    /// `network create`.
+    NetworkCreate {
+        /// Name.
+        name: String,
+        /// Driver.
+        driver: String,
+        /// `--subnet` CIDRs.
+        subnets: Vec<String>,
+        /// `--gateway` IPs, by position.
+        gateways: Vec<String>,
+        /// `--ip-range`.
+        ip_range: Option<String>,
+        /// `--aux-address name=IP`.
+        aux_addresses: Vec<String>,
+        /// `--attachable`.
+        attachable: bool,
+        /// `--internal`.
+        internal: bool,
+        /// `-o k=v`.
+        options: Vec<String>,
+        /// `--label k=v`.
+        labels: Vec<String>,
+    },
+    /// `network ls`.
+    NetworkLs,
+    /// `network inspect`.
+    NetworkInspect {
+        /// Name, ID or ID prefix.
+        network: String,
+    },
+    /// `network rm`.
+    NetworkRm {
+        /// Name, ID or ID prefix.
+        network: String,
     },
     /// `node rm`.
     NodeRm {

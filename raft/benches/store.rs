@@ -90,8 +90,15 @@ async fn main() -> anyhow::Result<()> {
             manager_sealed: vec![],
         },
         sealed_ca_key: vec![],
+        default_addr_pool: vec!["10.0.0.0/8".parse()?],
+        default_pool_mask: 24,
     };
-    raft.client_write(Command::Init { cluster, first }).await?;
+    raft.client_write(Command::Init {
+        cluster,
+        first,
+        ingress_id: "ingress".into(),
+    })
+    .await?;
 
     for (clients, per_client) in [(1usize, 2000usize), (64, 100)] {
         let started = Instant::now();

@@ -2,6 +2,7 @@
 
 mod daemon;
 mod debug;
+mod network;
 mod node;
 mod output;
 mod swarm;
@@ -38,6 +39,9 @@ enum Cmd {
     /// Manage the swarm's nodes.
     #[command(subcommand)]
     Node(node::NodeCmd),
+    /// Manage networks.
+    #[command(subcommand)]
+    Network(network::NetworkCmd),
     /// Diagnostics.
     #[command(subcommand)]
     Debug(debug::DebugCmd),
@@ -58,6 +62,7 @@ impl Cli {
             Cmd::Swarm(cmd) => cmd.exec(&Client(socket)).await,
             Cmd::Node(cmd) => cmd.exec(&Client(socket)).await,
             Cmd::Debug(cmd) => cmd.exec(&Client(socket)).await,
+            Cmd::Network(cmd) => cmd.exec(&Client(socket)).await,
             Cmd::Info { format } => {
                 let data = Client(socket).call(&Request::Info).await?;
                 output::print_object(&data, format);

@@ -34,6 +34,12 @@ pub enum SwarmCmd {
         /// Rebuild a one-manager swarm from this manager's local state (after quorum is lost for good).
         #[arg(long)]
         force_new_cluster: bool,
+        /// Where networks without --subnet get subnets from (CIDR; repeatable) [default: 10.0.0.0/8].
+        #[arg(long)]
+        default_addr_pool: Vec<String>,
+        /// Prefix length of those subnets [default: 24].
+        #[arg(long)]
+        default_addr_pool_mask_length: Option<u8>,
     },
     /// Join a swarm as a worker or manager (the token decides).
     Join {
@@ -82,12 +88,16 @@ impl SwarmCmd {
                 advertise_addr,
                 listen_addr,
                 force_new_cluster,
+                default_addr_pool,
+                default_addr_pool_mask_length,
             } => {
                 let v = client
                     .call(&Request::SwarmInit {
                         advertise_addr,
                         listen_addr,
                         force_new_cluster,
+                        default_addr_pool,
+                        default_addr_pool_mask_length,
                     })
                     .await?;
                 if force_new_cluster {

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use openraft::BasicNode;
@@ -92,13 +92,51 @@ pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
             advertise_addr,
             listen_addr,
             force_new_cluster,
+            default_addr_pool,
+            default_addr_pool_mask_length,
         } => {
             if force_new_cluster {
                 super::recovery::force_new_cluster(d).await
             } else {
-                init(d, advertise_addr, listen_addr).await
+                init(
+                    d,
+                    advertise_addr,
+                    listen_addr,
+                    &default_addr_pool,
+                    default_addr_pool_mask_length,
+                )
+                .await
             }
         }
+        Request::NetworkCreate {
+            name,
+            driver,
+            subnets,
+            gateways,
+            ip_range,
+            aux_addresses,
+            attachable,
+            internal,
+            options,
+            labels,
+        } => {
+            let args = super::networks::CreateArgs {
+                name,
+                driver,
+                subnets,
+                gateways,
+                ip_range,
+                aux_addresses,
+                attachable,
+                internal,
+                options,
+                labels,
+            };
+            super::networks::create(d, args).await
+        }
+        Request::NetworkLs => super::networks::ls(d).await,
+        Request::NetworkInspect { network } => super::networks::inspect(d, &network).await,
+        Request::NetworkRm { network } => super::networks::rm(d, &network).await,
         Request::SwarmJoin {
             token,
             remote,
@@ -159,7 +197,8 @@ pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
 const NOT_IN_SWARM: &str =
     "this node is not part of a swarm: run `shoal swarm init` or `shoal swarm join` first";
 
-async fn member(d: &Daemon) -> anyhow::Result<Arc<Member>> {
+/// The running member, or the "not in a swarm" error.
+pub async fn member(d: &Daemon) -> anyhow::Result<Arc<Member>> {
     d.member
         .lock()
         .await
@@ -257,10 +296,37 @@ fn addresses(
     Ok((listen, advertise))
 }
 
+/// `--default-addr-pool` and its mask, checked; 10.0.0.0/8 in /24s by default.
+fn address_pool(
+    pool: &[String],
+    mask: Option<u8>,
+) -> anyhow::Result<(Vec<shoal_mesh::cidr::Ipv4Net>, u8)> {
+    let pool: Vec<shoal_mesh::cidr::Ipv4Net> = if pool.is_empty() {
+        vec!["10.0.0.0/8".parse()?]
+    } else {
+        pool.iter()
+            .map(|p| p.parse().map_err(|e| anyhow!("--default-addr-pool: {e}")))
+            .collect::<anyhow::Result<_>>()?
+    };
+    let mask = mask.unwrap_or(24);
+    if let Some(p) = pool.iter().find(|p| p.prefix_len() > mask) {
+        bail!(
+            "--default-addr-pool-mask-length {mask} is shorter than the pool {p}: use a length of at least {}",
+            p.prefix_len()
+        );
+    }
+    if mask > 29 {
+        bail!("--default-addr-pool-mask-length {mask} leaves no room for tasks: use 29 or less");
+    }
+    Ok((pool, mask))
+}
+
 async fn init(
     d: &Arc<Daemon>,
     advertise: Option<String>,
     listen: Option<String>,
+    pool: &[String],
+    pool_mask: Option<u8>,
 ) -> anyhow::Result<Reply> {
     let mut slot = d.member.lock().await;
     if let Some(m) = slot.as_ref() {
@@ -272,6 +338,7 @@ async fn init(
             cluster.unwrap_or_default()
         );
     }
+    let (default_addr_pool, default_pool_mask) = address_pool(pool, pool_mask)?;
     let (listen, advertise) = addresses(d, advertise, listen, None)?;
     let (ca_der, ca_key) = pki::new_ca()?;
     let (key_der, csr) = pki::new_key_and_csr()?;
@@ -300,6 +367,8 @@ async fn init(
             manager_sealed: pki::seal(&manager_key, manager.to_string().as_bytes()),
         },
         sealed_ca_key: pki::seal(&manager_key, &ca_key),
+        default_addr_pool,
+        default_pool_mask,
     };
     let first = Node {
         id: node_id,
@@ -334,7 +403,13 @@ async fn init(
                     BasicNode::new(advertise.to_string()),
                 )]))
                 .await?;
-            m.propose(Command::Init { cluster, first }).await?;
+            let ingress_id = shoal_mesh::ids::to_hex(&rand::random::<[u8; 8]>());
+            m.propose(Command::Init {
+                cluster,
+                first,
+                ingress_id,
+            })
+            .await?;
             anyhow::Ok(())
         };
         match boot.await {
@@ -436,19 +511,15 @@ async fn join(
     };
     // Wait until the store has reached us, so that `node ls` right after
     // `join` shows the swarm.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut changes = m.state.changes();
     let mut warnings = Vec::new();
-    while !m.state.read(|s| s.state.nodes.contains_key(&node_id)) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            warnings.push(
-                "joined, but the swarm's state has not reached this node yet; it will keep trying"
-                    .to_owned(),
-            );
-            break;
-        }
-        let _ = tokio::time::timeout(left, changes.changed()).await;
+    if !m
+        .wait_for(Duration::from_secs(15), |s| s.nodes.contains_key(&node_id))
+        .await
+    {
+        warnings.push(
+            "joined, but the swarm's state has not reached this node yet; it will keep trying"
+                .to_owned(),
+        );
     }
     *slot = Some(m);
     let mut reply = Reply::ok(json!({

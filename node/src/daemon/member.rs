@@ -26,7 +26,7 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(4);
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
     /// The state machine refused it; nothing changed.
-    #[error("{0}")]
+    #[error(transparent)]
     Refused(#[from] ApplyError),
     /// No leader could commit it in time.
     #[error(
@@ -256,6 +256,24 @@ impl Member {
             if rx.changed().await.is_err() {
                 std::future::pending::<()>().await;
             }
+        }
+    }
+
+    /// Waits (up to `timeout`) until the local copy of the store satisfies
+    /// `ready` — e.g. until a write committed through the leader has been
+    /// applied here too. Returns whether it did.
+    pub async fn wait_for(&self, timeout: Duration, ready: impl Fn(&ClusterState) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut changes = self.state.changes();
+        loop {
+            if self.state.read(|d| ready(&d.state)) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let _ = tokio::time::timeout(left, changes.changed()).await;
         }
     }
 

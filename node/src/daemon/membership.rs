@@ -158,8 +158,11 @@ mod tests {
                     manager_sealed: vec![],
                 },
                 sealed_ca_key: vec![],
+                default_addr_pool: vec![],
+                default_pool_mask: 24,
             }),
             nodes: Default::default(),
+            networks: Default::default(),
         };
         for (id, role) in nodes {
             s.nodes.insert(

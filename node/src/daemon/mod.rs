@@ -8,6 +8,7 @@ pub mod identity;
 pub mod liveness;
 pub mod member;
 pub mod membership;
+pub mod networks;
 pub mod peer;
 pub mod pki;
 pub mod recovery;

@@ -1,0 +1,132 @@
+//! Networks through the CLI on a real swarm (issue 4, networks part).
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use serde_json::Value;
+use shoal_integration::Cluster;
+
+fn networks(c: &Cluster, i: usize) -> Vec<Value> {
+    c.shoal_ok(i, &["network", "ls", "--format", "json"])
+        .unwrap()
+        .json()
+        .unwrap()
+        .as_array()
+        .cloned()
+        .unwrap()
+}
+
+#[test]
+fn networks_are_allocated_in_the_store_and_bad_ones_refused() {
+    let c = Cluster::start(3).unwrap();
+    c.shoal_ok(
+        0,
+        &[
+            "swarm",
+            "init",
+            "--default-addr-pool",
+            "172.30.0.0/16",
+            "--default-addr-pool-mask-length",
+            "26",
+        ],
+    )
+    .unwrap();
+    let t = c.token(0, "worker").unwrap();
+    c.join(1, &t, 0).unwrap();
+    c.join(2, &t, 0).unwrap();
+
+    // ingress exists from init.
+    let nets = networks(&c, 0);
+    assert_eq!(nets.len(), 1);
+    assert_eq!(nets[0]["name"], "ingress");
+    assert_eq!(nets[0]["subnets"][0]["subnet"], "10.255.0.0/16");
+    assert_eq!(nets[0]["vni"], 4096);
+
+    // Created through a worker (forwarded to the leader), seen everywhere,
+    // carved from the configured pool, with the next VNI.
+    c.shoal_ok(2, &["network", "create", "web"]).unwrap();
+    c.shoal_ok(
+        1,
+        &[
+            "network",
+            "create",
+            "-d",
+            "bridge",
+            "--subnet",
+            "192.168.60.0/24",
+            "--gateway",
+            "192.168.60.254",
+            "local",
+        ],
+    )
+    .unwrap();
+    c.wait_until(
+        "every node to see both networks",
+        Duration::from_secs(20),
+        |c| Ok((0..3).all(|i| networks(c, i).len() == 3)),
+    )
+    .unwrap();
+    let web = c
+        .shoal_ok(0, &["network", "inspect", "web"])
+        .unwrap()
+        .json()
+        .unwrap()[0]
+        .clone();
+    assert_eq!(web["subnets"][0]["subnet"], "172.30.0.0/26");
+    assert_eq!(web["subnets"][0]["gateway"], "172.30.0.1");
+    assert_eq!(web["vni"], 4097);
+    assert_eq!(web["driver"], "overlay");
+
+    let refused: [(&[&str], &str); 7] = [
+        (&["network", "create", "web"], "already exists"),
+        (
+            &["network", "create", "--subnet", "192.168.60.128/25", "x"],
+            "overlaps 192.168.60.0/24 of network `local`",
+        ),
+        (
+            &["network", "create", "--subnet", "10.1.0.1/16", "x"],
+            "host bits are set",
+        ),
+        (
+            &["network", "create", "--subnet", "nonsense", "x"],
+            "invalid CIDR",
+        ),
+        (
+            &["network", "create", "-d", "macvlan", "x"],
+            "-o parent=IFACE",
+        ),
+        (
+            &["network", "create", "-o", "vxlan-id=4097", "x"],
+            "VXLAN ID 4097 is already used by network `web`",
+        ),
+        (&["network", "rm", "nosuch"], "no such network"),
+    ];
+    for (args, message) in refused {
+        let r = c.shoal(1, args);
+        assert!(!r.ok(), "`shoal {}` must fail", args.join(" "));
+        assert!(
+            r.stderr.contains(message),
+            "`shoal {}`: expected `{message}` in {}",
+            args.join(" "),
+            r.stderr
+        );
+    }
+    assert_eq!(networks(&c, 0).len(), 3, "refusals change nothing");
+
+    c.shoal_ok(0, &["network", "rm", "web"]).unwrap();
+    c.wait_until("web to be gone everywhere", Duration::from_secs(20), |c| {
+        Ok((0..3).all(|i| networks(c, i).len() == 2))
+    })
+    .unwrap();
+    // Its subnet and VNI are free again.
+    c.shoal_ok(0, &["network", "create", "web2"]).unwrap();
+    let web2 = c
+        .shoal_ok(0, &["network", "inspect", "web2"])
+        .unwrap()
+        .json()
+        .unwrap()[0]
+        .clone();
+    assert_eq!(web2["subnets"][0]["subnet"], "172.30.0.0/26");
+    assert_eq!(web2["vni"], 4097);
+}

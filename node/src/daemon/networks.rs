@@ -1,0 +1,179 @@
+//! `network create|ls|inspect|rm`: parse what the user typed, then let the
+//! store's `apply` validate and allocate.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use anyhow::{anyhow, bail};
+use serde_json::{Value, json};
+use shoal_mesh::cidr::Ipv4Net;
+use shoal_mesh::network::{Driver, Network, NetworkSpec, SubnetSpec};
+use shoal_mesh::{ClusterState, Command};
+
+use super::Daemon;
+use super::commands::member;
+use super::peer::now_ms;
+use crate::api::Reply;
+
+/// The raw `network create` arguments.
+pub struct CreateArgs {
+    /// Name.
+    pub name: String,
+    /// Driver.
+    pub driver: String,
+    /// `--subnet`.
+    pub subnets: Vec<String>,
+    /// `--gateway`.
+    pub gateways: Vec<String>,
+    /// `--ip-range`.
+    pub ip_range: Option<String>,
+    /// `--aux-address`.
+    pub aux_addresses: Vec<String>,
+    /// `--attachable`.
+    pub attachable: bool,
+    /// `--internal`.
+    pub internal: bool,
+    /// `-o`.
+    pub options: Vec<String>,
+    /// `--label`.
+    pub labels: Vec<String>,
+}
+
+fn key_values(items: &[String], flag: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    items
+        .iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+            _ => Err(anyhow!("invalid {flag} `{kv}`: use key=value")),
+        })
+        .collect()
+}
+
+fn ip(text: &str, what: &str) -> anyhow::Result<Ipv4Addr> {
+    text.parse()
+        .map_err(|_| anyhow!("invalid {what} `{text}`: use an IPv4 address such as 10.1.0.1"))
+}
+
+/// Turns the typed flags into a [`NetworkSpec`], or says which flag is wrong.
+pub fn parse_spec(a: CreateArgs) -> anyhow::Result<NetworkSpec> {
+    let driver: Driver = a.driver.parse().map_err(|e: String| anyhow!(e))?;
+    if a.gateways.len() > a.subnets.len() {
+        bail!(
+            "each --gateway needs a --subnet before it ({} gateways, {} subnets)",
+            a.gateways.len(),
+            a.subnets.len()
+        );
+    }
+    let subnets = a
+        .subnets
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            Ok(SubnetSpec {
+                subnet: s.parse::<Ipv4Net>()?,
+                gateway: a.gateways.get(i).map(|g| ip(g, "--gateway")).transpose()?,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let ip_range = a
+        .ip_range
+        .as_deref()
+        .map(str::parse::<Ipv4Net>)
+        .transpose()?;
+    if ip_range.is_some() && subnets.is_empty() {
+        bail!("--ip-range needs a --subnet");
+    }
+    let aux_addresses = key_values(&a.aux_addresses, "--aux-address")?
+        .into_iter()
+        .map(|(k, v)| Ok((k, ip(&v, "--aux-address")?)))
+        .collect::<anyhow::Result<_>>()?;
+    Ok(NetworkSpec {
+        name: a.name,
+        driver,
+        subnets,
+        ip_range,
+        aux_addresses,
+        attachable: a.attachable,
+        internal: a.internal,
+        options: key_values(&a.options, "-o")?,
+        labels: key_values(&a.labels, "--label")?,
+    })
+}
+
+/// A network as `network ls` and `inspect` show it. Field names are stable.
+pub fn view(n: &Network) -> Value {
+    json!({
+        "id": n.id,
+        "name": n.spec.name,
+        "driver": n.spec.driver,
+        "scope": if n.spec.driver == Driver::Overlay { "swarm" } else { "local" },
+        "subnets": n.subnets.iter().map(|s| json!({"subnet": s.subnet.to_string(), "gateway": s.gateway.to_string()})).collect::<Vec<_>>(),
+        "ip_range": n.spec.ip_range.map(|r| r.to_string()),
+        "aux_addresses": n.spec.aux_addresses,
+        "vni": n.vni,
+        "mtu": n.mtu,
+        "attachable": n.spec.attachable,
+        "internal": n.spec.internal,
+        "ingress": n.ingress,
+        "options": n.spec.options,
+        "labels": n.spec.labels,
+        "created_at_ms": n.created_at_ms,
+    })
+}
+
+fn resolve<'a>(state: &'a ClusterState, reference: &str) -> anyhow::Result<&'a Network> {
+    state.resolve_network(reference).ok_or_else(|| {
+        anyhow!("no such network: `{reference}` (use `shoal network ls` to see the networks)")
+    })
+}
+
+/// `network create`.
+pub async fn create(d: &Daemon, args: CreateArgs) -> anyhow::Result<Reply> {
+    let m = member(d).await?;
+    let spec = parse_spec(args)?;
+    let id = shoal_mesh::ids::to_hex(&rand::random::<[u8; 8]>());
+    let name = spec.name.clone();
+    m.propose(Command::CreateNetwork {
+        id: id.clone(),
+        spec,
+        created_at_ms: now_ms(),
+    })
+    .await?;
+    m.wait_for(std::time::Duration::from_secs(5), |s| {
+        s.networks.contains_key(&id)
+    })
+    .await;
+    let state = m.state.state();
+    let n = state.networks.get(&id).ok_or_else(|| {
+        anyhow!("network `{name}` was created but has not reached this node's copy yet")
+    })?;
+    Ok(Reply::ok(view(n)))
+}
+
+/// `network ls`.
+pub async fn ls(d: &Daemon) -> anyhow::Result<Reply> {
+    let m = member(d).await?;
+    let state = m.state.state();
+    let mut nets: Vec<&Network> = state.networks.values().collect();
+    nets.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+    Ok(Reply::ok(Value::Array(
+        nets.into_iter().map(view).collect(),
+    )))
+}
+
+/// `network inspect`.
+pub async fn inspect(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
+    let m = member(d).await?;
+    let state = m.state.state();
+    Ok(Reply::ok(view(resolve(&state, reference)?)))
+}
+
+/// `network rm`.
+pub async fn rm(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
+    let m = member(d).await?;
+    let state = m.state.state();
+    let n = resolve(&state, reference)?;
+    m.propose(Command::RemoveNetwork { id: n.id.clone() })
+        .await?;
+    Ok(Reply::ok(json!({ "id": n.id, "name": n.spec.name })))
+}
