@@ -16,6 +16,7 @@ pub mod apply;
 pub mod cidr;
 pub mod codec;
 pub mod ids;
+pub mod ipam;
 pub mod network;
 pub mod observed;
 pub mod state;
