@@ -15,6 +15,7 @@
 pub mod apply;
 pub mod cidr;
 pub mod codec;
+pub mod constraint;
 pub mod ids;
 pub mod ipam;
 pub mod network;
