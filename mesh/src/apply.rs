@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::NodeId;
 use crate::network::{NetworkError, NetworkSpec, allocate, ingress_spec};
+use crate::service::{ServiceError, ServiceSpec, allocate_service};
 use crate::state::{Availability, ClusterInfo, ClusterState, JoinSecrets, Node, Role};
 
 /// A change to the cluster state, as written to the Raft log.
@@ -33,6 +34,20 @@ pub enum Command {
     },
     /// `network rm`.
     RemoveNetwork {
+        /// Its ID.
+        id: String,
+    },
+    /// `service create`.
+    CreateService {
+        /// Its new ID.
+        id: String,
+        /// What was asked.
+        spec: ServiceSpec,
+        /// Milliseconds since the epoch.
+        created_at_ms: u64,
+    },
+    /// `service rm`: frees its VIPs and ports.
+    RemoveService {
         /// Its ID.
         id: String,
     },
@@ -132,6 +147,20 @@ pub enum ApplyError {
     /// No network with that ID.
     #[error("no such network: {0}")]
     NoSuchNetwork(String),
+    /// A network still used by services.
+    #[error("network `{network}` is in use by service `{service}`")]
+    NetworkInUse {
+        /// The network's name.
+        network: String,
+        /// A service using it.
+        service: String,
+    },
+    /// A service could not be created.
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+    /// No service with that ID.
+    #[error("no such service: {0}")]
+    NoSuchService(String),
 }
 
 /// Applies `cmd` to `state`. Pure and deterministic: same state and command,
@@ -277,8 +306,35 @@ pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyEr
             state.networks.insert(id.clone(), network);
         }
         Command::RemoveNetwork { id } => {
-            if state.networks.remove(id).is_none() {
-                return Err(ApplyError::NoSuchNetwork(id.clone()));
+            let network = state
+                .networks
+                .get(id)
+                .ok_or_else(|| ApplyError::NoSuchNetwork(id.clone()))?;
+            let user = state.services.values().find(|s| {
+                s.spec.networks.iter().any(|a| &a.network == id) || s.vips.contains_key(id)
+            });
+            if let Some(s) = user {
+                return Err(ApplyError::NetworkInUse {
+                    network: network.spec.name.clone(),
+                    service: s.spec.name.clone(),
+                });
+            }
+            state.networks.remove(id);
+        }
+        Command::CreateService {
+            id,
+            spec,
+            created_at_ms,
+        } => {
+            if state.services.contains_key(id) {
+                return Err(ServiceError::Exists(id.clone()).into());
+            }
+            let service = allocate_service(id, spec, state, *created_at_ms)?;
+            state.services.insert(id.clone(), service);
+        }
+        Command::RemoveService { id } => {
+            if state.services.remove(id).is_none() {
+                return Err(ApplyError::NoSuchService(id.clone()));
             }
         }
         Command::SetNodeAddr { node, addr } => {

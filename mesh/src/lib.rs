@@ -20,6 +20,7 @@ pub mod ids;
 pub mod ipam;
 pub mod network;
 pub mod observed;
+pub mod service;
 pub mod state;
 pub mod token;
 

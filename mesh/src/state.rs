@@ -166,6 +166,8 @@ pub struct ClusterState {
     pub nodes: BTreeMap<NodeId, Node>,
     /// Networks, by ID.
     pub networks: BTreeMap<String, crate::network::Network>,
+    /// Services, by ID.
+    pub services: BTreeMap<String, crate::service::Service>,
 }
 
 impl ClusterState {

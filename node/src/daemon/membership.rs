@@ -163,6 +163,7 @@ mod tests {
             }),
             nodes: Default::default(),
             networks: Default::default(),
+            services: Default::default(),
         };
         for (id, role) in nodes {
             s.nodes.insert(

@@ -1,0 +1,296 @@
+//! Services in the store, and what `apply` allocates for them: a virtual IP
+//! on each attached network (in `vip` mode), the `ingress` network when
+//! ports are published through the routing mesh, and the published ports.
+//! Everything allocated lives in the [`Service`] record, so removing the
+//! service frees it.
+//!
+//! Tasks, the orchestrator and the executor build on this (issue 4).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::constraint::Constraint;
+use crate::ipam::{AllocError, allocate_ip, allocate_port};
+use crate::state::ClusterState;
+
+/// How a port is published.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishMode {
+    /// On every node, through the routing mesh.
+    Ingress,
+    /// Only on nodes running a task, straight to it.
+    Host,
+}
+
+/// `tcp` or `udp`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Protocol {
+    /// `tcp` or `udp`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// One `--publish`, as asked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortSpec {
+    /// Ingress or host.
+    pub mode: PublishMode,
+    /// The published port; one from 30000–32767 if `None` (ingress only).
+    pub published: Option<u16>,
+    /// The port inside the task.
+    pub target: u16,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+}
+
+/// A published port as allocated.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedPort {
+    /// Ingress or host.
+    pub mode: PublishMode,
+    /// The published port.
+    pub published: u16,
+    /// The port inside the task.
+    pub target: u16,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+}
+
+/// Replicated or global.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServiceMode {
+    /// This many tasks.
+    Replicated(u64),
+    /// One task per eligible node.
+    Global,
+}
+
+/// VIP or DNS round robin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointMode {
+    /// A virtual IP per network, load-balanced.
+    Vip,
+    /// DNS answers with the task addresses.
+    Dnsrr,
+}
+
+/// A network a service attaches to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// The network's ID.
+    pub network: String,
+    /// Extra DNS names on that network.
+    pub aliases: Vec<String>,
+}
+
+/// `service create`, as asked (networks already resolved to IDs).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    /// Unique name.
+    pub name: String,
+    /// Replicated or global.
+    pub mode: ServiceMode,
+    /// Networks.
+    pub networks: Vec<Attachment>,
+    /// Published ports.
+    pub ports: Vec<PortSpec>,
+    /// VIP or DNS round robin.
+    pub endpoint_mode: EndpointMode,
+    /// Placement constraints.
+    pub constraints: Vec<Constraint>,
+    /// Environment.
+    pub env: BTreeMap<String, String>,
+    /// The command and its arguments.
+    pub command: Vec<String>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A service in the store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    /// ID.
+    pub id: String,
+    /// What was asked.
+    pub spec: ServiceSpec,
+    /// Virtual IP per network ID (vip mode; includes `ingress` when ports are
+    /// published through the routing mesh).
+    pub vips: BTreeMap<String, Ipv4Addr>,
+    /// Published ports as allocated.
+    pub ports: Vec<PublishedPort>,
+    /// Milliseconds since the epoch at creation.
+    pub created_at_ms: u64,
+}
+
+/// Why a service cannot be created.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ServiceError {
+    /// Bad name.
+    #[error(
+        "invalid service name `{0}`: use letters, digits and `-`, starting with a letter or digit, at most 63 characters"
+    )]
+    BadName(String),
+    /// Name taken.
+    #[error("service `{0}` already exists")]
+    Exists(String),
+    /// A network that is not in the store.
+    #[error("network {0} not found")]
+    NoSuchNetwork(String),
+    /// Something about the spec that cannot work.
+    #[error("{0}")]
+    Invalid(String),
+    /// An address or port could not be allocated.
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+}
+
+fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && name.len() <= 63
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+/// Every address already taken on `network`: services' VIPs (and, once
+/// tasks exist, their addresses).
+pub fn used_addresses(state: &ClusterState, network: &str) -> BTreeSet<Ipv4Addr> {
+    state
+        .services
+        .values()
+        .filter_map(|s| s.vips.get(network).copied())
+        .collect()
+}
+
+/// Allocates `spec` against `state`. Pure.
+pub fn allocate_service(
+    id: &str,
+    spec: &ServiceSpec,
+    state: &ClusterState,
+    created_at_ms: u64,
+) -> Result<Service, ServiceError> {
+    if !valid_name(&spec.name) {
+        return Err(ServiceError::BadName(spec.name.clone()));
+    }
+    if state.services.values().any(|s| s.spec.name == spec.name) {
+        return Err(ServiceError::Exists(spec.name.clone()));
+    }
+    if spec.command.is_empty() {
+        return Err(ServiceError::Invalid(
+            "a service needs a command to run".into(),
+        ));
+    }
+    let ingress = state.networks.values().find(|n| n.ingress);
+    let mut attached: Vec<&str> = Vec::new();
+    for a in &spec.networks {
+        let n = state
+            .networks
+            .get(&a.network)
+            .ok_or_else(|| ServiceError::NoSuchNetwork(a.network.clone()))?;
+        if n.ingress {
+            return Err(ServiceError::Invalid(
+                "services cannot attach to the ingress network directly: publish a port instead"
+                    .into(),
+            ));
+        }
+        if attached.contains(&a.network.as_str()) {
+            return Err(ServiceError::Invalid(format!(
+                "network `{}` is attached twice",
+                n.spec.name
+            )));
+        }
+        attached.push(&a.network);
+    }
+    let mut ports = Vec::new();
+    let mut used_ports: Vec<(u16, String, String)> = state
+        .services
+        .values()
+        .flat_map(|s| {
+            s.ports
+                .iter()
+                .filter(|p| p.mode == PublishMode::Ingress)
+                .map(move |p| {
+                    (
+                        p.published,
+                        p.protocol.as_str().to_owned(),
+                        format!("service `{}`", s.spec.name),
+                    )
+                })
+        })
+        .collect();
+    for p in &spec.ports {
+        if p.target == 0 {
+            return Err(ServiceError::Invalid(
+                "a published port needs a target port (1-65535)".into(),
+            ));
+        }
+        let published = match p.mode {
+            PublishMode::Ingress => allocate_port(p.published, p.protocol.as_str(), &used_ports)?,
+            PublishMode::Host => p.published.filter(|p| *p != 0).ok_or_else(|| {
+                ServiceError::Invalid(
+                    "mode=host publishing needs an explicit published port".into(),
+                )
+            })?,
+        };
+        if p.mode == PublishMode::Ingress {
+            used_ports.push((
+                published,
+                p.protocol.as_str().to_owned(),
+                format!("service `{}`", spec.name),
+            ));
+        }
+        ports.push(PublishedPort {
+            mode: p.mode,
+            published,
+            target: p.target,
+            protocol: p.protocol,
+        });
+    }
+    let through_mesh = ports.iter().any(|p| p.mode == PublishMode::Ingress);
+    if through_mesh && spec.endpoint_mode == EndpointMode::Dnsrr {
+        return Err(ServiceError::Invalid(
+            "ports published through the routing mesh need --endpoint-mode vip (use mode=host with dnsrr)".into(),
+        ));
+    }
+    let mut vips = BTreeMap::new();
+    if spec.endpoint_mode == EndpointMode::Vip {
+        let mut networks: Vec<&str> = attached;
+        if through_mesh {
+            let ing = ingress.ok_or_else(|| {
+                ServiceError::Invalid("ports cannot be published through the routing mesh: the ingress network is gone".into())
+            })?;
+            networks.push(&ing.id);
+        }
+        for net in networks {
+            let n = &state.networks[net];
+            let ip = allocate_ip(n, &used_addresses(state, net))?;
+            vips.insert(net.to_owned(), ip);
+        }
+    }
+    Ok(Service {
+        id: id.to_owned(),
+        spec: spec.clone(),
+        vips,
+        ports,
+        created_at_ms,
+    })
+}
+
+#[cfg(test)]
+#[path = "service_test.rs"]
+mod tests;

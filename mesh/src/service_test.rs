@@ -1,0 +1,204 @@
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::*;
+use crate::apply::{ApplyError, Command, apply};
+use crate::ids::NodeId;
+use crate::network::{Driver, NetworkSpec};
+use crate::state::{Availability, ClusterInfo, JoinSecrets, Node, Role};
+
+fn swarm() -> ClusterState {
+    let mut s = ClusterState::default();
+    let cluster = ClusterInfo {
+        id: "c".into(),
+        created_at_ms: 0,
+        ca_cert_der: vec![],
+        ca_fingerprint: String::new(),
+        tokens: JoinSecrets {
+            worker_hash: String::new(),
+            manager_hash: String::new(),
+            worker_sealed: vec![],
+            manager_sealed: vec![],
+        },
+        sealed_ca_key: vec![],
+        default_addr_pool: vec!["10.0.0.0/8".parse().unwrap()],
+        default_pool_mask: 24,
+    };
+    let first = Node {
+        id: NodeId(1),
+        hostname: "h1".into(),
+        role: Role::Manager,
+        availability: Availability::Active,
+        labels: BTreeMap::new(),
+        addr: String::new(),
+        joined_at_ms: 0,
+    };
+    apply(
+        &mut s,
+        &Command::Init {
+            cluster,
+            first,
+            ingress_id: "ing".into(),
+        },
+    )
+    .unwrap();
+    let spec = NetworkSpec {
+        name: "web".into(),
+        driver: Driver::Overlay,
+        subnets: vec![],
+        ip_range: None,
+        aux_addresses: BTreeMap::new(),
+        attachable: false,
+        internal: false,
+        options: BTreeMap::new(),
+        labels: BTreeMap::new(),
+    };
+    apply(
+        &mut s,
+        &Command::CreateNetwork {
+            id: "web".into(),
+            spec,
+            created_at_ms: 0,
+        },
+    )
+    .unwrap();
+    s
+}
+
+fn service(name: &str, ports: Vec<PortSpec>) -> ServiceSpec {
+    ServiceSpec {
+        name: name.into(),
+        mode: ServiceMode::Replicated(3),
+        networks: vec![Attachment {
+            network: "web".into(),
+            aliases: vec![],
+        }],
+        ports,
+        endpoint_mode: EndpointMode::Vip,
+        constraints: vec![],
+        env: BTreeMap::new(),
+        command: vec!["http-echo".into()],
+        labels: BTreeMap::new(),
+    }
+}
+
+fn port(published: Option<u16>, target: u16) -> PortSpec {
+    PortSpec {
+        mode: PublishMode::Ingress,
+        published,
+        target,
+        protocol: Protocol::Tcp,
+    }
+}
+
+fn create(s: &mut ClusterState, id: &str, spec: ServiceSpec) -> Result<(), ApplyError> {
+    apply(
+        s,
+        &Command::CreateService {
+            id: id.into(),
+            spec,
+            created_at_ms: 0,
+        },
+    )
+    .map(drop)
+}
+
+#[test]
+fn vips_and_ports_are_allocated_and_freed_with_the_service() {
+    let mut s = swarm();
+    create(&mut s, "a", service("a", vec![port(Some(8080), 80)])).unwrap();
+    create(&mut s, "b", service("b", vec![port(None, 80)])).unwrap();
+    let a = &s.services["a"];
+    assert_eq!(a.vips["web"].to_string(), "10.0.0.2");
+    assert_eq!(a.vips["ing"].to_string(), "10.255.0.2");
+    assert_eq!(a.ports[0].published, 8080);
+    let b = &s.services["b"];
+    assert_eq!(b.vips["web"].to_string(), "10.0.0.3");
+    assert_eq!(b.ports[0].published, 30000);
+    let err = create(&mut s, "c", service("c", vec![port(Some(8080), 81)])).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "port 8080/tcp is already published by service `a`"
+    );
+    assert_eq!(
+        apply(&mut s, &Command::RemoveNetwork { id: "web".into() })
+            .unwrap_err()
+            .to_string(),
+        "network `web` is in use by service `a`"
+    );
+    apply(&mut s, &Command::RemoveService { id: "a".into() }).unwrap();
+    create(&mut s, "c", service("c", vec![port(Some(8080), 81)])).unwrap();
+    assert_eq!(
+        s.services["c"].vips["web"].to_string(),
+        "10.0.0.2",
+        "a's VIP is free again"
+    );
+}
+
+#[test]
+fn bad_service_specs_are_refused_and_change_nothing() {
+    let mut s = swarm();
+    let before = s.clone();
+    let mut dnsrr = service("d", vec![port(Some(80), 80)]);
+    dnsrr.endpoint_mode = EndpointMode::Dnsrr;
+    assert!(
+        create(&mut s, "d", dnsrr)
+            .unwrap_err()
+            .to_string()
+            .contains("--endpoint-mode vip")
+    );
+    let mut on_ingress = service("i", vec![]);
+    on_ingress.networks = vec![Attachment {
+        network: "ing".into(),
+        aliases: vec![],
+    }];
+    assert!(
+        create(&mut s, "i", on_ingress)
+            .unwrap_err()
+            .to_string()
+            .contains("ingress network directly")
+    );
+    let mut unknown = service("u", vec![]);
+    unknown.networks = vec![Attachment {
+        network: "nope".into(),
+        aliases: vec![],
+    }];
+    assert_eq!(
+        create(&mut s, "u", unknown).unwrap_err().to_string(),
+        "network nope not found"
+    );
+    let mut host = service("h", vec![]);
+    host.ports = vec![PortSpec {
+        mode: PublishMode::Host,
+        published: None,
+        target: 80,
+        protocol: Protocol::Udp,
+    }];
+    assert!(
+        create(&mut s, "h", host)
+            .unwrap_err()
+            .to_string()
+            .contains("mode=host")
+    );
+    assert!(matches!(
+        create(&mut s, "x", service("Bad_Name", vec![])),
+        Err(ApplyError::Service(ServiceError::BadName(_)))
+    ));
+    assert_eq!(s, before);
+}
+
+#[test]
+fn vips_never_repeat_across_many_services() {
+    let mut s = swarm();
+    for i in 0..50 {
+        create(
+            &mut s,
+            &format!("s{i}"),
+            service(&format!("s{i}"), vec![port(None, 80)]),
+        )
+        .unwrap();
+    }
+    let vips: BTreeSet<_> = s.services.values().map(|x| x.vips["web"]).collect();
+    assert_eq!(vips.len(), 50);
+    let ports: BTreeSet<_> = s.services.values().map(|x| x.ports[0].published).collect();
+    assert_eq!(ports.len(), 50);
+}
