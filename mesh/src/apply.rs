@@ -7,9 +7,11 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ids::NodeId;
+use crate::ipam::allocate_ip;
 use crate::network::{NetworkError, NetworkSpec, allocate, ingress_spec};
-use crate::service::{ServiceError, ServiceSpec, allocate_service};
+use crate::service::{ServiceError, ServiceSpec, allocate_service, task_networks, used_addresses};
 use crate::state::{Availability, ClusterInfo, ClusterState, JoinSecrets, Node, Role};
+use crate::task::{DesiredState, Task, TaskState};
 
 /// A change to the cluster state, as written to the Raft log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,9 +48,56 @@ pub enum Command {
         /// Milliseconds since the epoch.
         created_at_ms: u64,
     },
-    /// `service rm`: frees its VIPs and ports.
+    /// `service rm`: frees its VIPs and ports, and removes its tasks.
     RemoveService {
         /// Its ID.
+        id: String,
+    },
+    /// The orchestrator adds a task (placed on `node`, or pending with `message`).
+    AddTask {
+        /// Its new ID.
+        id: String,
+        /// The service.
+        service_id: String,
+        /// Replica slot.
+        slot: Option<u64>,
+        /// Where it runs, if anywhere fits.
+        node: Option<NodeId>,
+        /// Why it is pending.
+        message: String,
+        /// Milliseconds since the epoch.
+        now_ms: u64,
+    },
+    /// The orchestrator places a pending task.
+    AssignTask {
+        /// The task.
+        id: String,
+        /// The node.
+        node: NodeId,
+        /// Milliseconds since the epoch.
+        now_ms: u64,
+    },
+    /// An executor reports a task's state.
+    SetTaskState {
+        /// The task.
+        id: String,
+        /// The new state.
+        state: TaskState,
+        /// A message (error, reason).
+        message: String,
+        /// Exit code, when it exited.
+        exit_code: Option<i32>,
+        /// Milliseconds since the epoch.
+        now_ms: u64,
+    },
+    /// The orchestrator wants a task stopped.
+    ShutdownTask {
+        /// The task.
+        id: String,
+    },
+    /// Forget a task (ended and no longer shown); frees its addresses.
+    RemoveTask {
+        /// The task.
         id: String,
     },
     /// A joiner was admitted (its token checked, its certificate signed).
@@ -161,6 +210,22 @@ pub enum ApplyError {
     /// No service with that ID.
     #[error("no such service: {0}")]
     NoSuchService(String),
+    /// No task with that ID.
+    #[error("no such task: {0}")]
+    NoSuchTask(String),
+    /// `AddTask` with an ID already present.
+    #[error("task {0} already exists")]
+    DuplicateTask(String),
+    /// A state change that would go backwards or leave a terminal state.
+    #[error("task {id} cannot go from {from:?} to {to:?}")]
+    BadTransition {
+        /// The task.
+        id: String,
+        /// Its state.
+        from: TaskState,
+        /// The asked state.
+        to: TaskState,
+    },
 }
 
 /// Applies `cmd` to `state`. Pure and deterministic: same state and command,
@@ -335,6 +400,116 @@ pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyEr
         Command::RemoveService { id } => {
             if state.services.remove(id).is_none() {
                 return Err(ApplyError::NoSuchService(id.clone()));
+            }
+            state.tasks.retain(|_, t| &t.service_id != id);
+        }
+        Command::AddTask {
+            id,
+            service_id,
+            slot,
+            node,
+            message,
+            now_ms,
+        } => {
+            let service = state
+                .services
+                .get(service_id)
+                .ok_or_else(|| ApplyError::NoSuchService(service_id.clone()))?;
+            if state.tasks.contains_key(id) {
+                return Err(ApplyError::DuplicateTask(id.clone()));
+            }
+            if let Some(n) = node
+                && !state.nodes.contains_key(n)
+            {
+                return Err(ApplyError::UnknownNode(*n));
+            }
+            let mut addresses = std::collections::BTreeMap::new();
+            for net in task_networks(service) {
+                let network = state
+                    .networks
+                    .get(&net)
+                    .ok_or_else(|| ApplyError::NoSuchNetwork(net.clone()))?;
+                let ip = allocate_ip(network, &used_addresses(state, &net))
+                    .map_err(ServiceError::from)?;
+                addresses.insert(net, ip);
+            }
+            state.tasks.insert(
+                id.clone(),
+                Task {
+                    id: id.clone(),
+                    service_id: service_id.clone(),
+                    slot: *slot,
+                    node: *node,
+                    desired: DesiredState::Running,
+                    state: if node.is_some() {
+                        TaskState::Assigned
+                    } else {
+                        TaskState::Pending
+                    },
+                    addresses,
+                    message: message.clone(),
+                    exit_code: None,
+                    created_at_ms: *now_ms,
+                    updated_at_ms: *now_ms,
+                },
+            );
+        }
+        Command::AssignTask { id, node, now_ms } => {
+            if !state.nodes.contains_key(node) {
+                return Err(ApplyError::UnknownNode(*node));
+            }
+            let t = state
+                .tasks
+                .get_mut(id)
+                .ok_or_else(|| ApplyError::NoSuchTask(id.clone()))?;
+            if t.state != TaskState::Pending {
+                return Err(ApplyError::BadTransition {
+                    id: id.clone(),
+                    from: t.state,
+                    to: TaskState::Assigned,
+                });
+            }
+            t.node = Some(*node);
+            t.state = TaskState::Assigned;
+            t.message.clear();
+            t.updated_at_ms = *now_ms;
+        }
+        Command::SetTaskState {
+            id,
+            state: to,
+            message,
+            exit_code,
+            now_ms,
+        } => {
+            let t = state
+                .tasks
+                .get_mut(id)
+                .ok_or_else(|| ApplyError::NoSuchTask(id.clone()))?;
+            if t.state.is_terminal() || *to < t.state {
+                return Err(ApplyError::BadTransition {
+                    id: id.clone(),
+                    from: t.state,
+                    to: *to,
+                });
+            }
+            t.state = *to;
+            t.message.clone_from(message);
+            t.exit_code = *exit_code;
+            t.updated_at_ms = *now_ms;
+        }
+        Command::ShutdownTask { id } => {
+            let t = state
+                .tasks
+                .get_mut(id)
+                .ok_or_else(|| ApplyError::NoSuchTask(id.clone()))?;
+            t.desired = DesiredState::Shutdown;
+            if matches!(t.state, TaskState::New | TaskState::Pending) {
+                t.state = TaskState::Shutdown;
+            }
+        }
+        Command::RemoveTask { id } => {
+            if state.tasks.remove(id).is_none() {
+                return Err(ApplyError::NoSuchTask(id.clone()));
             }
         }
         Command::SetNodeAddr { node, addr } => {

@@ -20,8 +20,10 @@ pub mod ids;
 pub mod ipam;
 pub mod network;
 pub mod observed;
+pub mod orchestrator;
 pub mod service;
 pub mod state;
+pub mod task;
 pub mod token;
 
 pub use apply::{ApplyError, Command, Outcome, apply};

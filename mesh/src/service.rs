@@ -167,14 +167,35 @@ fn valid_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
-/// Every address already taken on `network`: services' VIPs (and, once
-/// tasks exist, their addresses).
+/// Every address already taken on `network`: services' VIPs and tasks'
+/// addresses.
 pub fn used_addresses(state: &ClusterState, network: &str) -> BTreeSet<Ipv4Addr> {
-    state
+    let vips = state
         .services
         .values()
-        .filter_map(|s| s.vips.get(network).copied())
-        .collect()
+        .filter_map(|s| s.vips.get(network).copied());
+    let tasks = state
+        .tasks
+        .values()
+        .filter_map(|t| t.addresses.get(network).copied());
+    vips.chain(tasks).collect()
+}
+
+/// The networks a task of `service` gets an address on: its attached
+/// networks, and `ingress` when it publishes through the routing mesh.
+pub fn task_networks(service: &Service) -> Vec<String> {
+    let mut nets: Vec<String> = service
+        .spec
+        .networks
+        .iter()
+        .map(|a| a.network.clone())
+        .collect();
+    for n in service.vips.keys() {
+        if !nets.contains(n) {
+            nets.push(n.clone());
+        }
+    }
+    nets
 }
 
 /// Allocates `spec` against `state`. Pure.

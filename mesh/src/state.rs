@@ -168,6 +168,8 @@ pub struct ClusterState {
     pub networks: BTreeMap<String, crate::network::Network>,
     /// Services, by ID.
     pub services: BTreeMap<String, crate::service::Service>,
+    /// Tasks, by ID.
+    pub tasks: BTreeMap<String, crate::task::Task>,
 }
 
 impl ClusterState {

@@ -164,6 +164,7 @@ mod tests {
             nodes: Default::default(),
             networks: Default::default(),
             services: Default::default(),
+            tasks: Default::default(),
         };
         for (id, role) in nodes {
             s.nodes.insert(

@@ -1,0 +1,250 @@
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::*;
+use crate::apply::apply;
+use crate::network::{Driver, NetworkSpec};
+use crate::service::{Attachment, EndpointMode, ServiceSpec};
+use crate::state::{ClusterInfo, JoinSecrets, Role};
+
+fn node(id: u64) -> Node {
+    Node {
+        id: NodeId(id),
+        hostname: format!("h{id}"),
+        role: if id == 1 { Role::Manager } else { Role::Worker },
+        availability: Availability::Active,
+        labels: BTreeMap::new(),
+        addr: String::new(),
+        joined_at_ms: 0,
+    }
+}
+
+fn swarm(nodes: u64) -> ClusterState {
+    let mut s = ClusterState::default();
+    let cluster = ClusterInfo {
+        id: "c".into(),
+        created_at_ms: 0,
+        ca_cert_der: vec![],
+        ca_fingerprint: String::new(),
+        tokens: JoinSecrets {
+            worker_hash: String::new(),
+            manager_hash: String::new(),
+            worker_sealed: vec![],
+            manager_sealed: vec![],
+        },
+        sealed_ca_key: vec![],
+        default_addr_pool: vec!["10.0.0.0/8".parse().unwrap()],
+        default_pool_mask: 24,
+    };
+    apply(
+        &mut s,
+        &Command::Init {
+            cluster,
+            first: node(1),
+            ingress_id: "ing".into(),
+        },
+    )
+    .unwrap();
+    for i in 2..=nodes {
+        apply(&mut s, &Command::AddNode(node(i))).unwrap();
+    }
+    let spec = NetworkSpec {
+        name: "web".into(),
+        driver: Driver::Overlay,
+        subnets: vec![],
+        ip_range: None,
+        aux_addresses: BTreeMap::new(),
+        attachable: false,
+        internal: false,
+        options: BTreeMap::new(),
+        labels: BTreeMap::new(),
+    };
+    apply(
+        &mut s,
+        &Command::CreateNetwork {
+            id: "web".into(),
+            spec,
+            created_at_ms: 0,
+        },
+    )
+    .unwrap();
+    s
+}
+
+fn add_service(s: &mut ClusterState, id: &str, mode: ServiceMode, constraints: &[&str]) {
+    let spec = ServiceSpec {
+        name: id.into(),
+        mode,
+        networks: vec![Attachment {
+            network: "web".into(),
+            aliases: vec![],
+        }],
+        ports: vec![],
+        endpoint_mode: EndpointMode::Vip,
+        constraints: constraints.iter().map(|c| c.parse().unwrap()).collect(),
+        env: BTreeMap::new(),
+        command: vec!["sleep".into(), "1000".into()],
+        labels: BTreeMap::new(),
+    };
+    apply(
+        s,
+        &Command::CreateService {
+            id: id.into(),
+            spec,
+            created_at_ms: 0,
+        },
+    )
+    .unwrap();
+}
+
+/// Runs the orchestrator to a fixed point, applying what it proposes.
+fn converge(s: &mut ClusterState, live: &dyn Fn(NodeId) -> bool) {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    for _ in 0..10 {
+        let cmds = orchestrate(
+            s,
+            live,
+            &mut || {
+                format!(
+                    "t{}",
+                    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                )
+            },
+            0,
+        );
+        if cmds.is_empty() {
+            return;
+        }
+        for c in cmds {
+            apply(s, &c).unwrap();
+        }
+    }
+    panic!("the orchestrator did not converge");
+}
+
+fn active_nodes(s: &ClusterState, service: &str) -> Vec<Option<NodeId>> {
+    let mut v: Vec<_> = s
+        .tasks
+        .values()
+        .filter(|t| t.service_id == service && t.is_active())
+        .map(|t| t.node)
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn replicas_spread_over_nodes_with_unique_addresses() {
+    let mut s = swarm(3);
+    add_service(&mut s, "web", ServiceMode::Replicated(3), &[]);
+    converge(&mut s, &|_| true);
+    assert_eq!(
+        active_nodes(&s, "web"),
+        vec![Some(NodeId(1)), Some(NodeId(2)), Some(NodeId(3))]
+    );
+    let ips: BTreeSet<_> = s.tasks.values().map(|t| t.addresses["web"]).collect();
+    assert_eq!(ips.len(), 3);
+    assert!(
+        !ips.contains(&s.services["web"].vips["web"]),
+        "task IPs never take the VIP"
+    );
+}
+
+#[test]
+fn a_dead_or_drained_node_loses_its_tasks_to_the_others() {
+    let mut s = swarm(3);
+    add_service(&mut s, "web", ServiceMode::Replicated(3), &[]);
+    converge(&mut s, &|_| true);
+    converge(&mut s, &|n| n != NodeId(3));
+    assert_eq!(active_nodes(&s, "web").len(), 3);
+    assert!(!active_nodes(&s, "web").contains(&Some(NodeId(3))));
+    apply(
+        &mut s,
+        &Command::UpdateNode {
+            node: NodeId(2),
+            availability: Some(Availability::Drain),
+            label_add: vec![],
+            label_rm: vec![],
+        },
+    )
+    .unwrap();
+    converge(&mut s, &|n| n != NodeId(3));
+    assert_eq!(
+        active_nodes(&s, "web"),
+        vec![Some(NodeId(1)), Some(NodeId(1)), Some(NodeId(1))]
+    );
+}
+
+#[test]
+fn scaling_down_stops_the_highest_slots_and_global_follows_nodes() {
+    let mut s = swarm(3);
+    add_service(&mut s, "web", ServiceMode::Replicated(3), &[]);
+    converge(&mut s, &|_| true);
+    if let Some(svc) = s.services.get_mut("web") {
+        svc.spec.mode = ServiceMode::Replicated(1);
+    }
+    converge(&mut s, &|_| true);
+    let slots: Vec<_> = s
+        .tasks
+        .values()
+        .filter(|t| t.is_active())
+        .map(|t| t.slot)
+        .collect();
+    assert_eq!(slots, vec![Some(1)]);
+    add_service(&mut s, "agent", ServiceMode::Global, &["node.role==worker"]);
+    converge(&mut s, &|_| true);
+    assert_eq!(
+        active_nodes(&s, "agent"),
+        vec![Some(NodeId(2)), Some(NodeId(3))]
+    );
+}
+
+#[test]
+fn a_task_that_fits_nowhere_stays_pending_and_says_why() {
+    let mut s = swarm(2);
+    add_service(
+        &mut s,
+        "gpu",
+        ServiceMode::Replicated(1),
+        &["node.labels.gpu==yes"],
+    );
+    converge(&mut s, &|_| true);
+    let t = s.tasks.values().next().unwrap();
+    assert_eq!(t.state, TaskState::Pending);
+    assert!(t.message.contains("node.labels.gpu==yes"), "{}", t.message);
+    apply(
+        &mut s,
+        &Command::UpdateNode {
+            node: NodeId(2),
+            availability: None,
+            label_add: vec![("gpu".into(), "yes".into())],
+            label_rm: vec![],
+        },
+    )
+    .unwrap();
+    converge(&mut s, &|_| true);
+    let t = s.tasks.values().next().unwrap();
+    assert_eq!((t.state, t.node), (TaskState::Assigned, Some(NodeId(2))));
+}
+
+#[test]
+fn task_states_only_move_forward() {
+    let mut s = swarm(1);
+    add_service(&mut s, "web", ServiceMode::Replicated(1), &[]);
+    converge(&mut s, &|_| true);
+    let id = s.tasks.keys().next().unwrap().clone();
+    let set = |st| Command::SetTaskState {
+        id: id.clone(),
+        state: st,
+        message: String::new(),
+        exit_code: None,
+        now_ms: 1,
+    };
+    apply(&mut s, &set(TaskState::Running)).unwrap();
+    assert!(apply(&mut s, &set(TaskState::Starting)).is_err());
+    apply(&mut s, &set(TaskState::Failed)).unwrap();
+    assert!(apply(&mut s, &set(TaskState::Running)).is_err());
+    // The failed task is replaced in its slot.
+    converge(&mut s, &|_| true);
+    assert_eq!(s.tasks.values().filter(|t| t.is_active()).count(), 1);
+    assert_eq!(s.tasks.len(), 2);
+}

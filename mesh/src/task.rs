@@ -1,0 +1,92 @@
+//! Tasks: one replica of a service on one node, with an address on each of
+//! the service's networks (allocated in `apply`, freed when the task is
+//! removed).
+//!
+//! ```text
+//!  new ─► pending ─► assigned ─► starting ─► running ─► complete | failed | shutdown
+//!           (no node fits)  (executor)                   (terminal: never left)
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::NodeId;
+
+/// Where a task is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    /// Created, not yet placed.
+    New,
+    /// No node fits; the reason is in the message.
+    Pending,
+    /// Placed on a node.
+    Assigned,
+    /// The executor is starting it.
+    Starting,
+    /// Its process runs.
+    Running,
+    /// Exited with status 0.
+    Complete,
+    /// Exited otherwise, or could not start.
+    Failed,
+    /// Stopped on purpose.
+    Shutdown,
+}
+
+impl TaskState {
+    /// Whether the task has ended for good.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self,
+            TaskState::Complete | TaskState::Failed | TaskState::Shutdown
+        )
+    }
+}
+
+/// What the orchestrator wants of a task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DesiredState {
+    /// Keep it running.
+    Running,
+    /// Stop it.
+    Shutdown,
+}
+
+/// A task in the store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    /// ID.
+    pub id: String,
+    /// Its service's ID.
+    pub service_id: String,
+    /// Replica slot (replicated services), from 1.
+    pub slot: Option<u64>,
+    /// The node it is placed on.
+    pub node: Option<NodeId>,
+    /// What the orchestrator wants.
+    pub desired: DesiredState,
+    /// What the executor last reported.
+    pub state: TaskState,
+    /// Address per network ID.
+    pub addresses: BTreeMap<String, Ipv4Addr>,
+    /// Why it is pending, or how it failed.
+    pub message: String,
+    /// Exit code, once exited.
+    pub exit_code: Option<i32>,
+    /// Milliseconds since the epoch at creation.
+    pub created_at_ms: u64,
+    /// Milliseconds since the epoch at the last state change.
+    pub updated_at_ms: u64,
+}
+
+impl Task {
+    /// Whether it counts towards its service's replicas: wanted running and
+    /// not ended.
+    pub fn is_active(&self) -> bool {
+        self.desired == DesiredState::Running && !self.state.is_terminal()
+    }
+}
