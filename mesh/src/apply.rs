@@ -53,6 +53,13 @@ pub enum Command {
         /// Its ID.
         id: String,
     },
+    /// `service scale`: a new replica count.
+    ScaleService {
+        /// The service.
+        id: String,
+        /// Replicas.
+        replicas: u64,
+    },
     /// The orchestrator adds a task (placed on `node`, or pending with `message`).
     AddTask {
         /// Its new ID.
@@ -402,6 +409,24 @@ pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyEr
                 return Err(ApplyError::NoSuchService(id.clone()));
             }
             state.tasks.retain(|_, t| &t.service_id != id);
+        }
+        Command::ScaleService { id, replicas } => {
+            let svc = state
+                .services
+                .get_mut(id)
+                .ok_or_else(|| ApplyError::NoSuchService(id.clone()))?;
+            match svc.spec.mode {
+                crate::service::ServiceMode::Replicated(_) => {
+                    svc.spec.mode = crate::service::ServiceMode::Replicated(*replicas);
+                }
+                crate::service::ServiceMode::Global => {
+                    return Err(ServiceError::Invalid(format!(
+                        "service `{}` is global: it runs one task per node and cannot be scaled",
+                        svc.spec.name
+                    ))
+                    .into());
+                }
+            }
         }
         Command::AddTask {
             id,

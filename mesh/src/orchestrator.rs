@@ -16,6 +16,11 @@ use crate::service::ServiceMode;
 use crate::state::{Availability, ClusterState, Node};
 use crate::task::{Task, TaskState};
 
+/// How long a failed task's slot waits before it is restarted.
+pub const RESTART_DELAY_MS: u64 = 5_000;
+/// Ended tasks kept per slot (per node for global services), for `service ps`.
+pub const TASK_HISTORY: usize = 5;
+
 fn eligible(node: &Node, live: &dyn Fn(NodeId) -> bool, service: &crate::service::Service) -> bool {
     node.availability == Availability::Active
         && live(node.id)
@@ -79,6 +84,15 @@ pub fn orchestrate(
                 }
                 for slot in 1..=replicas {
                     let existing = kept.iter().find(|t| t.slot == Some(slot));
+                    let recently_failed = state.tasks.values().any(|t| {
+                        t.service_id == service.id
+                            && t.slot == Some(slot)
+                            && t.state == TaskState::Failed
+                            && now_ms < t.updated_at_ms + RESTART_DELAY_MS
+                    });
+                    if existing.is_none() && recently_failed {
+                        continue;
+                    }
                     match existing {
                         Some(t) if t.state == TaskState::Pending => {
                             if let Some(node) =
@@ -118,7 +132,16 @@ pub fn orchestrate(
             }
             ServiceMode::Global => {
                 for node in &nodes {
-                    if eligible(node, live, service) && !per_node.contains_key(&node.id) {
+                    let recently_failed = state.tasks.values().any(|t| {
+                        t.service_id == service.id
+                            && t.node == Some(node.id)
+                            && t.state == TaskState::Failed
+                            && now_ms < t.updated_at_ms + RESTART_DELAY_MS
+                    });
+                    if eligible(node, live, service)
+                        && !per_node.contains_key(&node.id)
+                        && !recently_failed
+                    {
                         out.push(Command::AddTask {
                             id: new_id(),
                             service_id: service.id.clone(),
@@ -130,6 +153,39 @@ pub fn orchestrate(
                     }
                 }
             }
+        }
+    }
+    out.extend(prune_history(state));
+    out
+}
+
+/// Ended tasks beyond the newest [`TASK_HISTORY`] of each slot (or node, for
+/// global services) are forgotten, so failing tasks cannot grow the store
+/// without bound.
+fn prune_history(state: &ClusterState) -> Vec<Command> {
+    /// (service, slot, node for global services).
+    type Group<'a> = (&'a str, Option<u64>, Option<NodeId>);
+    let mut groups: BTreeMap<Group<'_>, Vec<&Task>> = BTreeMap::new();
+    for t in state
+        .tasks
+        .values()
+        .filter(|t| t.state.is_terminal() && !t.is_active())
+    {
+        let node = if t.slot.is_some() { None } else { t.node };
+        groups
+            .entry((t.service_id.as_str(), t.slot, node))
+            .or_default()
+            .push(t);
+    }
+    let mut out = Vec::new();
+    for mut ended in groups.into_values() {
+        if ended.len() > TASK_HISTORY {
+            ended.sort_by_key(|t| std::cmp::Reverse((t.updated_at_ms, t.id.clone())));
+            out.extend(
+                ended[TASK_HISTORY..]
+                    .iter()
+                    .map(|t| Command::RemoveTask { id: t.id.clone() }),
+            );
         }
     }
     out

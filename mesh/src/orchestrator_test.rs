@@ -243,8 +243,42 @@ fn task_states_only_move_forward() {
     assert!(apply(&mut s, &set(TaskState::Starting)).is_err());
     apply(&mut s, &set(TaskState::Failed)).unwrap();
     assert!(apply(&mut s, &set(TaskState::Running)).is_err());
-    // The failed task is replaced in its slot.
-    converge(&mut s, &|_| true);
-    assert_eq!(s.tasks.values().filter(|t| t.is_active()).count(), 1);
-    assert_eq!(s.tasks.len(), 2);
+    // The failed task is replaced in its slot, after the restart delay.
+    let fresh = |s: &ClusterState, now| orchestrate(s, &|_| true, &mut || "x".into(), now);
+    assert!(fresh(&s, 1 + RESTART_DELAY_MS - 1).is_empty());
+    let cmds = fresh(&s, 1 + RESTART_DELAY_MS);
+    assert!(
+        matches!(cmds.as_slice(), [Command::AddTask { slot: Some(1), .. }]),
+        "{cmds:?}"
+    );
+}
+
+#[test]
+fn a_crash_looping_task_keeps_a_bounded_history() {
+    let mut s = swarm(1);
+    add_service(&mut s, "web", ServiceMode::Replicated(1), &[]);
+    let mut now = 0;
+    for i in 0..20 {
+        let cmds = orchestrate(&s, &|_| true, &mut || format!("r{i}"), now);
+        for c in cmds {
+            apply(&mut s, &c).unwrap();
+        }
+        let id = format!("r{i}");
+        if s.tasks.contains_key(&id) {
+            let fail = Command::SetTaskState {
+                id,
+                state: TaskState::Failed,
+                message: "boom".into(),
+                exit_code: Some(1),
+                now_ms: now,
+            };
+            apply(&mut s, &fail).unwrap();
+        }
+        now += RESTART_DELAY_MS;
+    }
+    assert!(
+        s.tasks.len() <= TASK_HISTORY + 1,
+        "{} tasks kept",
+        s.tasks.len()
+    );
 }

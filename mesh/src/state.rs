@@ -196,6 +196,24 @@ impl ClusterState {
         }
     }
 
+    /// Resolves a service reference: exact name, exact ID, or unique ID prefix.
+    pub fn resolve_service(&self, reference: &str) -> Option<&crate::service::Service> {
+        if let Some(s) = self.services.values().find(|s| s.spec.name == reference) {
+            return Some(s);
+        }
+        if let Some(s) = self.services.get(reference) {
+            return Some(s);
+        }
+        let mut prefixed = self
+            .services
+            .values()
+            .filter(|s| !reference.is_empty() && s.id.starts_with(reference));
+        match (prefixed.next(), prefixed.next()) {
+            (Some(s), None) => Some(s),
+            _ => None,
+        }
+    }
+
     /// Resolves a node reference: a full ID, a unique ID prefix, or a unique
     /// hostname. An exact ID wins over everything, then an exact hostname,
     /// then a prefix.

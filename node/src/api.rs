@@ -154,6 +154,53 @@ pub enum Request {
         /// Name, ID or ID prefix.
         network: String,
     },
+    /// `service create`.
+    ServiceCreate {
+        /// Name.
+        name: String,
+        /// `--replicas`.
+        replicas: Option<u64>,
+        /// `--mode` (`replicated` or `global`).
+        mode: String,
+        /// `--network` (NET or name=NET,alias=A).
+        networks: Vec<String>,
+        /// `--publish` / `-p`.
+        publish: Vec<String>,
+        /// `--endpoint-mode`.
+        endpoint_mode: String,
+        /// `--constraint`.
+        constraints: Vec<String>,
+        /// `--env K=V`.
+        env: Vec<String>,
+        /// `--label k=v`.
+        labels: Vec<String>,
+        /// The command.
+        command: Vec<String>,
+    },
+    /// `service ls`.
+    ServiceLs,
+    /// `service ps`.
+    ServicePs {
+        /// Name, ID or ID prefix.
+        service: String,
+    },
+    /// `service inspect`.
+    ServiceInspect {
+        /// Name, ID or ID prefix.
+        service: String,
+    },
+    /// `service rm`.
+    ServiceRm {
+        /// Name, ID or ID prefix.
+        service: String,
+    },
+    /// `service scale`.
+    ServiceScale {
+        /// Name, ID or ID prefix.
+        service: String,
+        /// Replicas.
+        replicas: u64,
+    },
     /// `node rm`.
     NodeRm {
         /// ID, ID prefix or hostname.

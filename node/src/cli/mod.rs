@@ -5,6 +5,7 @@ mod debug;
 mod network;
 mod node;
 mod output;
+mod service;
 mod swarm;
 
 use std::path::PathBuf;
@@ -42,6 +43,9 @@ enum Cmd {
     /// Manage networks.
     #[command(subcommand)]
     Network(network::NetworkCmd),
+    /// Manage services.
+    #[command(subcommand)]
+    Service(service::ServiceCmd),
     /// Diagnostics.
     #[command(subcommand)]
     Debug(debug::DebugCmd),
@@ -63,6 +67,7 @@ impl Cli {
             Cmd::Node(cmd) => cmd.exec(&Client(socket)).await,
             Cmd::Debug(cmd) => cmd.exec(&Client(socket)).await,
             Cmd::Network(cmd) => cmd.exec(&Client(socket)).await,
+            Cmd::Service(cmd) => cmd.exec(&Client(socket)).await,
             Cmd::Info { format } => {
                 let data = Client(socket).call(&Request::Info).await?;
                 output::print_object(&data, format);

@@ -135,6 +135,39 @@ pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
             super::networks::create(d, args).await
         }
         Request::NetworkLs => super::networks::ls(d).await,
+        Request::ServiceCreate {
+            name,
+            replicas,
+            mode,
+            networks,
+            publish,
+            endpoint_mode,
+            constraints,
+            env,
+            labels,
+            command,
+        } => {
+            let args = super::services::CreateArgs {
+                name,
+                replicas,
+                mode,
+                networks,
+                publish,
+                endpoint_mode,
+                constraints,
+                env,
+                labels,
+                command,
+            };
+            super::services::create(d, args).await
+        }
+        Request::ServiceLs => super::services::ls(d).await,
+        Request::ServicePs { service } => super::services::ps(d, &service).await,
+        Request::ServiceInspect { service } => super::services::inspect(d, &service).await,
+        Request::ServiceRm { service } => super::services::rm(d, &service).await,
+        Request::ServiceScale { service, replicas } => {
+            super::services::scale(d, &service, replicas).await
+        }
         Request::NetworkInspect { network } => super::networks::inspect(d, &network).await,
         Request::NetworkRm { network } => super::networks::rm(d, &network).await,
         Request::SwarmJoin {

@@ -138,6 +138,13 @@ fn refresh_from_store(g: &mut Gossip, state: &StateHandle, announce: bool) {
 
 /// Sends what the core produced. Its events are logged; the data plane
 /// (issue 5) will consume them from here.
+/// Whether this node knows no other live member.
+fn is_alone(g: &Gossip) -> bool {
+    g.members()
+        .iter()
+        .all(|m| m.node_id == g.me().id || m.state != shoal_gossip::MemberState::Alive)
+}
+
 fn flush(g: &mut Gossip, quic: &Arc<Quic>) {
     while let Some(t) = g.poll_transmit() {
         let Ok(addr) = t.addr.parse::<SocketAddr>() else {
@@ -214,10 +221,12 @@ async fn run(
                 if changed.is_err() {
                     return;
                 }
-                refresh_from_store(&mut g, &state, false);
+                // The first store a joiner receives also names its seeds.
+                let alone = is_alone(&g);
+                refresh_from_store(&mut g, &state, alone);
             }
             _ = lonely.tick() => {
-                let alone = g.members().iter().all(|m| m.node_id == g.me().id || m.state != shoal_gossip::MemberState::Alive);
+                let alone = is_alone(&g);
                 refresh_from_store(&mut g, &state, alone);
             }
         }

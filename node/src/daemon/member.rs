@@ -132,6 +132,11 @@ impl Member {
         let weak = Arc::downgrade(&member);
         let tasks = vec![
             gossip_task,
+            tokio::spawn(super::orchestrate::orchestrator_loop(
+                weak.clone(),
+                Duration::from_secs(5),
+            )),
+            tokio::spawn(super::executor::executor_loop(weak.clone())),
             tokio::spawn(liveness_loop(weak.clone())),
             tokio::spawn(super::membership::reconcile_loop(weak)),
         ];

@@ -3,15 +3,18 @@
 
 pub mod commands;
 pub mod config;
+pub mod executor;
 pub mod gossip;
 pub mod identity;
 pub mod liveness;
 pub mod member;
 pub mod membership;
 pub mod networks;
+pub mod orchestrate;
 pub mod peer;
 pub mod pki;
 pub mod recovery;
+pub mod services;
 pub mod transport;
 pub mod wire;
 

@@ -1,0 +1,229 @@
+//! Services on a real swarm: the orchestrator places tasks, executors run
+//! them as real processes, a dead node's tasks move (issue 4, partly).
+
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use shoal_integration::Cluster;
+
+const CONVERGE: Duration = Duration::from_secs(30);
+
+/// Running processes whose command line contains `marker`.
+fn processes(marker: &str) -> usize {
+    let out = Command::new("pgrep").args(["-f", marker]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+fn tasks(c: &Cluster, i: usize, service: &str) -> Vec<Value> {
+    c.shoal_ok(i, &["service", "ps", "--format", "json", service])
+        .unwrap()
+        .json()
+        .unwrap()
+        .as_array()
+        .cloned()
+        .unwrap()
+}
+
+fn running_nodes(c: &Cluster, service: &str) -> Vec<String> {
+    let mut v: Vec<String> = tasks(c, 0, service)
+        .iter()
+        .filter(|t| t["desired_state"] == "running" && t["state"] == "running")
+        .map(|t| t["node"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+struct KillOnDrop(String);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("pkill").args(["-f", &self.0]).status();
+    }
+}
+
+#[test]
+fn replicas_run_as_processes_spread_over_nodes_and_move_off_a_dead_node() {
+    let marker = format!("4{}", std::process::id() % 100_000 + 100_000);
+    let _cleanup = KillOnDrop(format!("sleep {marker}"));
+    let mut c = Cluster::start(3).unwrap();
+    c.form(1).unwrap();
+    c.shoal_ok(0, &["network", "create", "web"]).unwrap();
+    let r = c
+        .shoal_ok(
+            1,
+            &[
+                "service",
+                "create",
+                "--name",
+                "echo",
+                "--replicas",
+                "3",
+                "--network",
+                "web",
+                "-p",
+                "8080:80",
+                "--",
+                "sleep",
+                &marker,
+            ],
+        )
+        .unwrap();
+    assert!(r.stdout.contains("converged"), "{}", r.stdout);
+    assert_eq!(running_nodes(&c, "echo"), ["node1", "node2", "node3"]);
+    assert_eq!(processes(&format!("sleep {marker}")), 3);
+    let ls = c
+        .shoal_ok(2, &["service", "ls", "--format", "json"])
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(ls[0]["replicas"]["running"], 3);
+    assert_eq!(ls[0]["ports"][0]["published"], 8080);
+    let addrs: std::collections::BTreeSet<String> = tasks(&c, 0, "echo")
+        .iter()
+        .map(|t| t["addresses"]["web"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(addrs.len(), 3, "every task has its own address");
+
+    // kill -9 a worker: its task is replaced on the others.
+    c.kill(2);
+    c.wait_until("the dead node's task to move", CONVERGE, |c| {
+        let nodes = running_nodes(c, "echo");
+        if nodes.len() == 3 && !nodes.contains(&"node3".to_owned()) {
+            return Ok(true);
+        }
+        anyhow::bail!(
+            "tasks: {:?}\nnodes: {:?}",
+            tasks(c, 0, "echo"),
+            c.node_ls(0)?
+        )
+    })
+    .unwrap();
+
+    c.shoal_ok(0, &["service", "scale", "echo=1"]).unwrap();
+    c.wait_until("scale down", CONVERGE, |c| {
+        Ok(running_nodes(c, "echo").len() == 1)
+    })
+    .unwrap();
+    c.shoal_ok(0, &["service", "rm", "echo"]).unwrap();
+    c.wait_until("the processes to stop", CONVERGE, |_| {
+        // node3's orphan was killed with its daemon's host; count the live nodes'.
+        Ok(processes(&format!("sleep {marker}")) <= 1)
+    })
+    .unwrap();
+    assert!(
+        c.shoal_ok(0, &["service", "ls", "--format", "json"])
+            .unwrap()
+            .json()
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn services_that_cannot_run_say_why() {
+    let c = Cluster::start(1).unwrap();
+    c.init(0).unwrap();
+    let r = c.shoal(
+        0,
+        &[
+            "service",
+            "create",
+            "--name",
+            "gpu",
+            "--detach",
+            "--constraint",
+            "node.labels.gpu==yes",
+            "--",
+            "sleep",
+            "1",
+        ],
+    );
+    assert!(r.ok(), "{}", r.stderr);
+    c.wait_until("a pending task", CONVERGE, |c| {
+        let t = tasks(c, 0, "gpu");
+        Ok(t.first().is_some_and(|t| {
+            t["state"] == "pending"
+                && t["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("node.labels.gpu==yes")
+        }))
+    })
+    .unwrap();
+    c.shoal_ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--name",
+            "nobin",
+            "--detach",
+            "--",
+            "/no/such/binary",
+        ],
+    )
+    .unwrap();
+    c.wait_until("a failed task", CONVERGE, |c| {
+        let t = tasks(c, 0, "nobin");
+        Ok(t.first().is_some_and(|t| {
+            t["state"] == "failed" && t["message"].as_str().unwrap().contains("cannot start")
+        }))
+    })
+    .unwrap();
+    let refused: [(&[&str], &str); 4] = [
+        (
+            &[
+                "service",
+                "create",
+                "--name",
+                "x",
+                "--network",
+                "nope",
+                "--",
+                "sleep",
+                "1",
+            ],
+            "network `nope` not found",
+        ),
+        (
+            &["service", "create", "--name", "gpu", "--", "sleep", "1"],
+            "already exists",
+        ),
+        (
+            &[
+                "service", "create", "--name", "y", "-p", "0:80", "--", "sleep", "1",
+            ],
+            "invalid published port",
+        ),
+        (
+            &[
+                "service",
+                "create",
+                "--name",
+                "z",
+                "--constraint",
+                "node.zone==a",
+                "--",
+                "sleep",
+                "1",
+            ],
+            "invalid constraint",
+        ),
+    ];
+    for (args, message) in refused {
+        let r = c.shoal(0, args);
+        assert!(!r.ok(), "`shoal {}` must fail", args.join(" "));
+        assert!(
+            r.stderr.contains(message),
+            "`shoal {}`: expected `{message}` in {}",
+            args.join(" "),
+            r.stderr
+        );
+    }
+}

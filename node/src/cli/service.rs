@@ -1,0 +1,316 @@
+//! `shoal service …`.
+
+use std::time::{Duration, Instant};
+
+use clap::Subcommand;
+use serde_json::Value;
+
+use super::Client;
+use super::output::{Format, cell, print_object, print_table};
+use crate::api::Request;
+
+// Parsed once per run; boxing clap's variants would only add noise.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Subcommand)]
+pub enum ServiceCmd {
+    /// Create a service and wait until its tasks run.
+    Create {
+        /// Service name.
+        #[arg(long)]
+        name: String,
+        /// Number of tasks (replicated mode).
+        #[arg(long)]
+        replicas: Option<u64>,
+        /// replicated or global.
+        #[arg(long, default_value = "replicated")]
+        mode: String,
+        /// Network to attach: NET or name=NET,alias=A (repeatable).
+        #[arg(long)]
+        network: Vec<String>,
+        /// Publish a port: P:T[/udp] or mode=ingress|host,published=P,target=T[,protocol=udp] (repeatable).
+        #[arg(short, long)]
+        publish: Vec<String>,
+        /// vip or dnsrr.
+        #[arg(long, default_value = "vip")]
+        endpoint_mode: String,
+        /// Placement constraint, e.g. node.labels.zone==east (repeatable).
+        #[arg(long)]
+        constraint: Vec<String>,
+        /// Environment variable K=V (repeatable).
+        #[arg(short, long)]
+        env: Vec<String>,
+        /// Label k=v (repeatable).
+        #[arg(long)]
+        label: Vec<String>,
+        /// Return at once instead of waiting for the tasks.
+        #[arg(short, long)]
+        detach: bool,
+        /// The command to run, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// List services.
+    Ls {
+        /// Output format: `table` or `json`.
+        #[arg(long, default_value = "table")]
+        format: Format,
+    },
+    /// List a service's tasks.
+    Ps {
+        /// Output format: `table` or `json`.
+        #[arg(long, default_value = "table")]
+        format: Format,
+        /// Name, ID or ID prefix.
+        service: String,
+    },
+    /// Show services in detail.
+    Inspect {
+        /// Output format: `table` or `json`.
+        #[arg(long, default_value = "json")]
+        format: Format,
+        /// Names, IDs or ID prefixes.
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+    /// Remove services (their tasks stop).
+    Rm {
+        /// Names, IDs or ID prefixes.
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+    /// Change replica counts: NAME=N (repeatable).
+    Scale {
+        /// NAME=N.
+        #[arg(required = true)]
+        scales: Vec<String>,
+    },
+}
+
+fn field(v: &Value, key: &str) -> String {
+    v.get(key).map(cell).unwrap_or_default()
+}
+
+fn replicas(v: &Value) -> String {
+    format!(
+        "{}/{}",
+        field(&v["replicas"], "running"),
+        field(&v["replicas"], "desired")
+    )
+}
+
+/// Waits until `service` runs all its tasks, printing progress.
+async fn converge(client: &Client, service: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = String::new();
+    loop {
+        let v = client
+            .call(&Request::ServiceInspect {
+                service: service.to_owned(),
+            })
+            .await?;
+        let now = replicas(&v);
+        if now != last {
+            println!("{service}: {now} tasks running");
+            last = now;
+        }
+        if v["replicas"]["running"] == v["replicas"]["desired"] {
+            println!("{service}: converged");
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let ps = client
+                .call(&Request::ServicePs {
+                    service: service.to_owned(),
+                })
+                .await?;
+            // The newest task of each slot comes first: one reason per slot.
+            let mut seen = std::collections::BTreeSet::new();
+            let why: Vec<String> = ps
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|t| seen.insert(field(t, "name")))
+                .filter(|t| !field(t, "message").is_empty())
+                .map(|t| format!("{}: {}", field(t, "name"), field(t, "message")))
+                .collect();
+            anyhow::bail!(
+                "service {service} did not converge within 60 s ({last} running){}{}; see `shoal service ps {service}`",
+                if why.is_empty() { "" } else { ": " },
+                why.join("; ")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+impl ServiceCmd {
+    pub async fn exec(self, client: &Client) -> anyhow::Result<()> {
+        match self {
+            ServiceCmd::Create {
+                name,
+                replicas,
+                mode,
+                network,
+                publish,
+                endpoint_mode,
+                constraint,
+                env,
+                label,
+                detach,
+                command,
+            } => {
+                let v = client
+                    .call(&Request::ServiceCreate {
+                        name: name.clone(),
+                        replicas,
+                        mode,
+                        networks: network,
+                        publish,
+                        endpoint_mode,
+                        constraints: constraint,
+                        env,
+                        labels: label,
+                        command,
+                    })
+                    .await?;
+                println!("{}", field(&v, "id"));
+                if !detach {
+                    converge(client, &name).await?;
+                }
+            }
+            ServiceCmd::Ls { format } => {
+                let v = client.call(&Request::ServiceLs).await?;
+                if format == Format::Json {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    let rows: Vec<Vec<String>> = v
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|s| {
+                            let ports: Vec<String> = s["ports"]
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .map(|p| {
+                                    format!(
+                                        "*:{}->{}/{}",
+                                        field(p, "published"),
+                                        field(p, "target"),
+                                        field(p, "protocol")
+                                    )
+                                })
+                                .collect();
+                            vec![
+                                field(s, "id"),
+                                field(s, "name"),
+                                field(s, "mode"),
+                                replicas(s),
+                                ports.join(", "),
+                            ]
+                        })
+                        .collect();
+                    print_table(&["ID", "NAME", "MODE", "REPLICAS", "PORTS"], &rows);
+                }
+            }
+            ServiceCmd::Ps { format, service } => {
+                let v = client.call(&Request::ServicePs { service }).await?;
+                if format == Format::Json {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    let rows: Vec<Vec<String>> = v
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|t| {
+                            vec![
+                                field(t, "id"),
+                                field(t, "name"),
+                                field(t, "node"),
+                                field(t, "desired_state"),
+                                field(t, "state"),
+                                field(t, "message"),
+                            ]
+                        })
+                        .collect();
+                    print_table(
+                        &[
+                            "ID",
+                            "NAME",
+                            "NODE",
+                            "DESIRED STATE",
+                            "CURRENT STATE",
+                            "MESSAGE",
+                        ],
+                        &rows,
+                    );
+                }
+            }
+            ServiceCmd::Inspect { format, services } => {
+                let mut found = Vec::new();
+                let mut failed = 0;
+                for service in services {
+                    match client.call(&Request::ServiceInspect { service }).await {
+                        Ok(v) => found.push(v),
+                        Err(e) => {
+                            eprintln!("Error: {e:#}");
+                            failed += 1;
+                        }
+                    }
+                }
+                match format {
+                    Format::Json => println!("{}", serde_json::to_string_pretty(&found)?),
+                    Format::Table => found.iter().for_each(|v| print_object(v, format)),
+                }
+                if failed > 0 {
+                    anyhow::bail!("{failed} service(s) not found");
+                }
+            }
+            ServiceCmd::Rm { services } => {
+                let mut failed = 0;
+                for service in services {
+                    match client.call(&Request::ServiceRm { service }).await {
+                        Ok(v) => println!("{}", field(&v, "name")),
+                        Err(e) => {
+                            eprintln!("Error: {e:#}");
+                            failed += 1;
+                        }
+                    }
+                }
+                if failed > 0 {
+                    anyhow::bail!("{failed} service(s) not removed");
+                }
+            }
+            ServiceCmd::Scale { scales } => {
+                let mut failed = 0;
+                for s in scales {
+                    let parsed = s
+                        .split_once('=')
+                        .and_then(|(n, r)| r.parse::<u64>().ok().map(|r| (n.to_owned(), r)));
+                    let Some((service, replicas)) = parsed else {
+                        eprintln!("Error: invalid scale `{s}`: use NAME=REPLICAS");
+                        failed += 1;
+                        continue;
+                    };
+                    match client
+                        .call(&Request::ServiceScale {
+                            service: service.clone(),
+                            replicas,
+                        })
+                        .await
+                    {
+                        Ok(_) => println!("{service} scaled to {replicas}"),
+                        Err(e) => {
+                            eprintln!("Error: {e:#}");
+                            failed += 1;
+                        }
+                    }
+                }
+                if failed > 0 {
+                    anyhow::bail!("{failed} service(s) not scaled");
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,164 @@
+//! The executor: runs the tasks the store assigns to this node as real
+//! processes and reports their state through the store.
+//!
+//! Today a task is a plain child process of the daemon (no network
+//! namespace yet: that comes with the data plane, issue 5), its output goes
+//! to `STATE_DIR/tasks/<task id>.log`, and a daemon restart does not re-adopt
+//! running tasks (they are stopped and replaced).
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::sync::Weak;
+use std::time::Duration;
+
+use shoal_mesh::Command;
+use shoal_mesh::task::{DesiredState, TaskState};
+use tokio::process::Child;
+
+use super::member::Member;
+use super::peer::now_ms;
+
+const INTERVAL: Duration = Duration::from_millis(300);
+
+async fn report(m: &Member, id: &str, state: TaskState, message: String, exit_code: Option<i32>) {
+    let cmd = Command::SetTaskState {
+        id: id.to_owned(),
+        state,
+        message,
+        exit_code,
+        now_ms: now_ms(),
+    };
+    if let Err(e) = m.propose(cmd).await {
+        tracing::debug!(task = %id, error = %e, "task state not recorded");
+    }
+}
+
+pub(super) async fn executor_loop(member: Weak<Member>) {
+    let mut running: BTreeMap<String, Child> = BTreeMap::new();
+    let mut changes = match member.upgrade() {
+        Some(m) => m.state.changes(),
+        None => return,
+    };
+    loop {
+        let _ = tokio::time::timeout(INTERVAL, changes.changed()).await;
+        let Some(m) = member.upgrade() else {
+            for (_, mut c) in running {
+                let _ = c.kill().await;
+            }
+            return;
+        };
+        let state = m.state.state();
+        // Exited processes.
+        let ids: Vec<String> = running.keys().cloned().collect();
+        for id in ids {
+            let exited = running
+                .get_mut(&id)
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                running.remove(&id);
+                let code = status.code();
+                let (st, msg) = if status.success() {
+                    (TaskState::Complete, "finished".to_owned())
+                } else {
+                    (TaskState::Failed, format!("exited with {status}"))
+                };
+                let wanted = state
+                    .tasks
+                    .get(&id)
+                    .is_some_and(|t| t.desired == DesiredState::Running);
+                let st = if wanted { st } else { TaskState::Shutdown };
+                report(&m, &id, st, msg, code).await;
+            }
+        }
+        // Tasks to stop: gone from the store, or desired shutdown.
+        let stop: Vec<String> = running
+            .keys()
+            .filter(|id| {
+                state
+                    .tasks
+                    .get(*id)
+                    .is_none_or(|t| t.desired == DesiredState::Shutdown)
+            })
+            .cloned()
+            .collect();
+        for id in stop {
+            if let Some(mut c) = running.remove(&id) {
+                let _ = c.kill().await;
+                let _ = c.wait().await;
+                if state.tasks.contains_key(&id) {
+                    report(&m, &id, TaskState::Shutdown, "stopped".into(), None).await;
+                }
+            }
+        }
+        // Tasks to start.
+        let mine: Vec<_> = state
+            .tasks
+            .values()
+            .filter(|t| t.node == Some(m.id) && t.desired == DesiredState::Running)
+            .filter(|t| {
+                matches!(
+                    t.state,
+                    TaskState::Assigned | TaskState::Starting | TaskState::Running
+                )
+            })
+            .filter(|t| !running.contains_key(&t.id))
+            .cloned()
+            .collect();
+        for t in mine {
+            if t.state != TaskState::Assigned {
+                // It was running under an earlier daemon: not re-adopted.
+                report(
+                    &m,
+                    &t.id,
+                    TaskState::Failed,
+                    "the node's daemon restarted".into(),
+                    None,
+                )
+                .await;
+                continue;
+            }
+            let Some(service) = state.services.get(&t.service_id) else {
+                continue;
+            };
+            let Some((program, args)) = service.spec.command.split_first() else {
+                continue;
+            };
+            let dir = m.dir.0.join("tasks");
+            let log = std::fs::create_dir_all(&dir)
+                .and_then(|()| std::fs::File::create(dir.join(format!("{}.log", t.id))));
+            let spawned = log.and_then(|log| {
+                let err = log.try_clone()?;
+                tokio::process::Command::new(program)
+                    .args(args)
+                    .envs(&service.spec.env)
+                    .env("SHOAL_TASK_ID", &t.id)
+                    .env("SHOAL_SERVICE_NAME", &service.spec.name)
+                    .env(
+                        "SHOAL_TASK_SLOT",
+                        t.slot.map(|s| s.to_string()).unwrap_or_default(),
+                    )
+                    .stdin(Stdio::null())
+                    .stdout(log)
+                    .stderr(err)
+                    .kill_on_drop(true)
+                    .spawn()
+            });
+            match spawned {
+                Ok(child) => {
+                    running.insert(t.id.clone(), child);
+                    report(&m, &t.id, TaskState::Running, String::new(), None).await;
+                }
+                Err(e) => {
+                    report(
+                        &m,
+                        &t.id,
+                        TaskState::Failed,
+                        format!("cannot start `{program}`: {e}"),
+                        None,
+                    )
+                    .await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,373 @@
+//! `service create|ls|ps|inspect|rm|scale`.
+
+use std::collections::BTreeMap;
+
+use anyhow::{anyhow, bail};
+use serde_json::{Value, json};
+use shoal_mesh::service::{
+    Attachment, EndpointMode, PortSpec, Protocol, PublishMode, Service, ServiceMode, ServiceSpec,
+};
+use shoal_mesh::task::{DesiredState, Task};
+use shoal_mesh::{ClusterState, Command};
+
+use super::Daemon;
+use super::commands::member;
+use super::peer::now_ms;
+use crate::api::Reply;
+
+/// The raw `service create` arguments.
+pub struct CreateArgs {
+    /// Name.
+    pub name: String,
+    /// `--replicas`.
+    pub replicas: Option<u64>,
+    /// `--mode`.
+    pub mode: String,
+    /// `--network`.
+    pub networks: Vec<String>,
+    /// `--publish`.
+    pub publish: Vec<String>,
+    /// `--endpoint-mode`.
+    pub endpoint_mode: String,
+    /// `--constraint`.
+    pub constraints: Vec<String>,
+    /// `--env`.
+    pub env: Vec<String>,
+    /// `--label`.
+    pub labels: Vec<String>,
+    /// The command.
+    pub command: Vec<String>,
+}
+
+fn port_number(text: &str, what: &str) -> anyhow::Result<u16> {
+    text.parse::<u16>()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| anyhow!("invalid {what} port `{text}`: use 1 to 65535"))
+}
+
+/// `-p 8080:80`, `-p 80`, `-p 53:53/udp`, or
+/// `mode=ingress|host,published=P,target=T,protocol=tcp|udp`.
+pub fn parse_publish(text: &str) -> anyhow::Result<PortSpec> {
+    let bad = || {
+        anyhow!(
+            "invalid --publish `{text}`: use PUBLISHED:TARGET[/udp] or mode=ingress|host,published=P,target=T[,protocol=tcp|udp]"
+        )
+    };
+    if text.contains('=') {
+        let mut spec = PortSpec {
+            mode: PublishMode::Ingress,
+            published: None,
+            target: 0,
+            protocol: Protocol::Tcp,
+        };
+        for kv in text.split(',') {
+            let (k, v) = kv.split_once('=').ok_or_else(bad)?;
+            match k {
+                "mode" => {
+                    spec.mode = match v {
+                        "ingress" => PublishMode::Ingress,
+                        "host" => PublishMode::Host,
+                        _ => return Err(bad()),
+                    }
+                }
+                "published" => spec.published = Some(port_number(v, "published")?),
+                "target" => spec.target = port_number(v, "target")?,
+                "protocol" => {
+                    spec.protocol = match v {
+                        "tcp" => Protocol::Tcp,
+                        "udp" => Protocol::Udp,
+                        _ => return Err(bad()),
+                    }
+                }
+                _ => return Err(bad()),
+            }
+        }
+        if spec.target == 0 {
+            bail!("invalid --publish `{text}`: target= is required");
+        }
+        return Ok(spec);
+    }
+    let (ports, protocol) = match text.split_once('/') {
+        Some((p, "udp")) => (p, Protocol::Udp),
+        Some((p, "tcp")) => (p, Protocol::Tcp),
+        Some(_) => return Err(bad()),
+        None => (text, Protocol::Tcp),
+    };
+    let (published, target) = match ports.split_once(':') {
+        Some((p, t)) => (
+            Some(port_number(p, "published")?),
+            port_number(t, "target")?,
+        ),
+        None => (None, port_number(ports, "target")?),
+    };
+    Ok(PortSpec {
+        mode: PublishMode::Ingress,
+        published,
+        target,
+        protocol,
+    })
+}
+
+fn key_values(items: &[String], flag: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    items
+        .iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+            _ => Err(anyhow!("invalid {flag} `{kv}`: use KEY=VALUE")),
+        })
+        .collect()
+}
+
+fn parse_spec(state: &ClusterState, a: CreateArgs) -> anyhow::Result<ServiceSpec> {
+    let mode = match (a.mode.as_str(), a.replicas) {
+        ("replicated", r) => ServiceMode::Replicated(r.unwrap_or(1)),
+        ("global", None) => ServiceMode::Global,
+        ("global", Some(_)) => bail!("--replicas cannot be used with --mode global"),
+        (other, _) => bail!("invalid --mode `{other}`: use replicated or global"),
+    };
+    let endpoint_mode = match a.endpoint_mode.as_str() {
+        "vip" => EndpointMode::Vip,
+        "dnsrr" => EndpointMode::Dnsrr,
+        other => bail!("invalid --endpoint-mode `{other}`: use vip or dnsrr"),
+    };
+    let networks = a
+        .networks
+        .iter()
+        .map(|n| {
+            let (name, aliases) = if n.contains('=') {
+                let kv = key_values(
+                    &n.split(',').map(str::to_owned).collect::<Vec<_>>(),
+                    "--network",
+                )?;
+                let name = kv
+                    .get("name")
+                    .cloned()
+                    .ok_or_else(|| anyhow!("invalid --network `{n}`: name= is required"))?;
+                (name, kv.get("alias").cloned().into_iter().collect())
+            } else {
+                (n.clone(), Vec::new())
+            };
+            let net = state.resolve_network(&name).ok_or_else(|| {
+                anyhow!("network `{name}` not found (create it with `shoal network create {name}`)")
+            })?;
+            Ok(Attachment {
+                network: net.id.clone(),
+                aliases,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(ServiceSpec {
+        name: a.name,
+        mode,
+        networks,
+        ports: a
+            .publish
+            .iter()
+            .map(|p| parse_publish(p))
+            .collect::<anyhow::Result<_>>()?,
+        endpoint_mode,
+        constraints: a
+            .constraints
+            .iter()
+            .map(|c| {
+                c.parse()
+                    .map_err(|e: shoal_mesh::constraint::ConstraintError| anyhow!(e))
+            })
+            .collect::<anyhow::Result<_>>()?,
+        env: key_values(&a.env, "--env")?,
+        command: a.command,
+        labels: key_values(&a.labels, "--label")?,
+    })
+}
+
+fn resolve<'a>(state: &'a ClusterState, reference: &str) -> anyhow::Result<&'a Service> {
+    state
+        .resolve_service(reference)
+        .ok_or_else(|| anyhow!("no such service: `{reference}` (use `shoal service ls`)"))
+}
+
+fn desired(state: &ClusterState, s: &Service) -> u64 {
+    match s.spec.mode {
+        ServiceMode::Replicated(n) => n,
+        ServiceMode::Global => state
+            .nodes
+            .values()
+            .filter(|n| s.spec.constraints.iter().all(|c| c.matches(n)))
+            .count() as u64,
+    }
+}
+
+/// A service as `ls`/`inspect` show it.
+fn view(state: &ClusterState, s: &Service) -> Value {
+    let running = state
+        .tasks
+        .values()
+        .filter(|t| {
+            t.service_id == s.id
+                && t.desired == DesiredState::Running
+                && t.state == shoal_mesh::task::TaskState::Running
+        })
+        .count();
+    let net_name = |id: &str| {
+        state
+            .networks
+            .get(id)
+            .map(|n| n.spec.name.clone())
+            .unwrap_or_else(|| id.to_owned())
+    };
+    json!({
+        "id": s.id,
+        "name": s.spec.name,
+        "mode": match s.spec.mode { ServiceMode::Replicated(_) => "replicated", ServiceMode::Global => "global" },
+        "replicas": { "running": running, "desired": desired(state, s) },
+        "command": s.spec.command,
+        "endpoint_mode": s.spec.endpoint_mode,
+        "networks": s.spec.networks.iter().map(|a| json!({"network": net_name(&a.network), "aliases": a.aliases})).collect::<Vec<_>>(),
+        "vips": s.vips.iter().map(|(n, ip)| json!({"network": net_name(n), "addr": ip.to_string()})).collect::<Vec<_>>(),
+        "ports": s.ports,
+        "constraints": s.spec.constraints.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+        "env": s.spec.env,
+        "labels": s.spec.labels,
+        "created_at_ms": s.created_at_ms,
+    })
+}
+
+fn task_view(state: &ClusterState, s: &Service, t: &Task) -> Value {
+    let name = match t.slot {
+        Some(slot) => format!("{}.{slot}", s.spec.name),
+        None => format!(
+            "{}.{}",
+            s.spec.name,
+            t.node.map(|n| n.to_string()).unwrap_or_default()
+        ),
+    };
+    json!({
+        "id": t.id,
+        "name": name,
+        "node": t.node.and_then(|n| state.nodes.get(&n)).map(|n| n.hostname.clone()),
+        "desired_state": t.desired,
+        "state": t.state,
+        "message": t.message,
+        "exit_code": t.exit_code,
+        "addresses": t.addresses.iter().map(|(n, ip)| (state.networks.get(n).map(|x| x.spec.name.clone()).unwrap_or_else(|| n.clone()), ip.to_string())).collect::<BTreeMap<_, _>>(),
+        "updated_at_ms": t.updated_at_ms,
+    })
+}
+
+/// `service create`.
+pub async fn create(d: &Daemon, args: CreateArgs) -> anyhow::Result<Reply> {
+    let m = member(d).await?;
+    if args.command.is_empty() {
+        bail!("a service needs a command: shoal service create --name NAME -- COMMAND [ARG...]");
+    }
+    let spec = parse_spec(&m.state.state(), args)?;
+    let id = shoal_mesh::ids::to_hex(&rand::random::<[u8; 8]>());
+    m.propose(Command::CreateService {
+        id: id.clone(),
+        spec,
+        created_at_ms: now_ms(),
+    })
+    .await?;
+    m.wait_for(std::time::Duration::from_secs(5), |s| {
+        s.services.contains_key(&id)
+    })
+    .await;
+    let state = m.state.state();
+    let s = state
+        .services
+        .get(&id)
+        .ok_or_else(|| anyhow!("service created but not yet in this node's copy"))?;
+    Ok(Reply::ok(view(&state, s)))
+}
+
+/// `service ls`.
+pub async fn ls(d: &Daemon) -> anyhow::Result<Reply> {
+    let m = member(d).await?;
+    let state = m.state.state();
+    let mut list: Vec<&Service> = state.services.values().collect();
+    list.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+    Ok(Reply::ok(Value::Array(
+        list.into_iter().map(|s| view(&state, s)).collect(),
+    )))
+}
+
+/// `service inspect`.
+pub async fn inspect(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
+    let m = member(d).await?;
+    let state = m.state.state();
+    Ok(Reply::ok(view(&state, resolve(&state, reference)?)))
+}
+
+/// `service ps`.
+pub async fn ps(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
+    let m = member(d).await?;
+    let state = m.state.state();
+    let s = resolve(&state, reference)?;
+    let mut tasks: Vec<&Task> = state
+        .tasks
+        .values()
+        .filter(|t| t.service_id == s.id)
+        .collect();
+    tasks.sort_by_key(|t| (t.slot, t.node, std::cmp::Reverse(t.created_at_ms)));
+    Ok(Reply::ok(Value::Array(
+        tasks.into_iter().map(|t| task_view(&state, s, t)).collect(),
+    )))
+}
+
+/// `service rm`.
+pub async fn rm(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
+    let m = member(d).await?;
+    let state = m.state.state();
+    let s = resolve(&state, reference)?;
+    m.propose(Command::RemoveService { id: s.id.clone() })
+        .await?;
+    Ok(Reply::ok(json!({ "id": s.id, "name": s.spec.name })))
+}
+
+/// `service scale`.
+pub async fn scale(d: &Daemon, reference: &str, replicas: u64) -> anyhow::Result<Reply> {
+    let m = member(d).await?;
+    let state = m.state.state();
+    let s = resolve(&state, reference)?;
+    m.propose(Command::ScaleService {
+        id: s.id.clone(),
+        replicas,
+    })
+    .await?;
+    Ok(Reply::ok(
+        json!({ "id": s.id, "name": s.spec.name, "replicas": replicas }),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publish_flags_parse_like_docker() {
+        let p = parse_publish("8080:80").unwrap();
+        assert_eq!(
+            (p.published, p.target, p.protocol, p.mode),
+            (Some(8080), 80, Protocol::Tcp, PublishMode::Ingress)
+        );
+        let p = parse_publish("53:53/udp").unwrap();
+        assert_eq!(p.protocol, Protocol::Udp);
+        assert_eq!(parse_publish("80").unwrap().published, None);
+        let p = parse_publish("mode=host,published=9000,target=90,protocol=udp").unwrap();
+        assert_eq!(
+            (p.mode, p.published, p.target, p.protocol),
+            (PublishMode::Host, Some(9000), 90, Protocol::Udp)
+        );
+        for bad in [
+            "0:80",
+            "8080:",
+            "80/sctp",
+            "mode=x,target=1",
+            "published=1",
+            "70000:80",
+        ] {
+            assert!(parse_publish(bad).is_err(), "{bad}");
+        }
+    }
+}
