@@ -80,7 +80,45 @@ impl Cli {
 /// Calls the daemon; prints warnings to stderr; turns a refusal into an error.
 pub struct Client(PathBuf);
 
+/// Fails with "N `what`" when `failed` is not zero.
+fn check_failures(failed: usize, what: &str) -> anyhow::Result<()> {
+    if failed > 0 {
+        anyhow::bail!("{failed} {what}");
+    }
+    Ok(())
+}
+
+/// Prints `inspect` results.
+fn print_inspected(found: &[serde_json::Value], format: output::Format) -> anyhow::Result<()> {
+    match format {
+        output::Format::Json => println!("{}", serde_json::to_string_pretty(found)?),
+        output::Format::Table => found.iter().for_each(|v| output::print_object(v, format)),
+    }
+    Ok(())
+}
+
 impl Client {
+    /// One request per item, in order. Each failure is printed to stderr;
+    /// returns the answers and how many failed.
+    async fn call_each(
+        &self,
+        items: Vec<String>,
+        make: impl Fn(String) -> Request,
+    ) -> (Vec<serde_json::Value>, usize) {
+        let mut answers = Vec::new();
+        let mut failed = 0;
+        for item in items {
+            match self.call(&make(item)).await {
+                Ok(v) => answers.push(v),
+                Err(e) => {
+                    eprintln!("Error: {e:#}");
+                    failed += 1;
+                }
+            }
+        }
+        (answers, failed)
+    }
+
     async fn call(&self, req: &Request) -> anyhow::Result<serde_json::Value> {
         let Reply {
             data,

@@ -3,8 +3,8 @@
 use clap::Subcommand;
 use serde_json::Value;
 
-use super::Client;
-use super::output::{Format, cell, print_object, print_table};
+use super::output::{Format, cell, print_table};
+use super::{Client, check_failures, print_inspected};
 use crate::api::Request;
 
 #[derive(Debug, Subcommand)]
@@ -136,39 +136,20 @@ impl NetworkCmd {
                 }
             }
             NetworkCmd::Inspect { format, networks } => {
-                let mut found = Vec::new();
-                let mut failed = 0;
-                for network in networks {
-                    match client.call(&Request::NetworkInspect { network }).await {
-                        Ok(v) => found.push(v),
-                        Err(e) => {
-                            eprintln!("Error: {e:#}");
-                            failed += 1;
-                        }
-                    }
-                }
-                match format {
-                    Format::Json => println!("{}", serde_json::to_string_pretty(&found)?),
-                    Format::Table => found.iter().for_each(|v| print_object(v, format)),
-                }
-                if failed > 0 {
-                    anyhow::bail!("{failed} network(s) not found");
-                }
+                let (found, failed) = client
+                    .call_each(networks, |network| Request::NetworkInspect { network })
+                    .await;
+                print_inspected(&found, format)?;
+                check_failures(failed, "network(s) not found")?;
             }
             NetworkCmd::Rm { networks } => {
-                let mut failed = 0;
-                for network in networks {
-                    match client.call(&Request::NetworkRm { network }).await {
-                        Ok(v) => println!("{}", field(&v, "name")),
-                        Err(e) => {
-                            eprintln!("Error: {e:#}");
-                            failed += 1;
-                        }
-                    }
-                }
-                if failed > 0 {
-                    anyhow::bail!("{failed} network(s) not removed");
-                }
+                let (removed, failed) = client
+                    .call_each(networks, |network| Request::NetworkRm { network })
+                    .await;
+                removed
+                    .iter()
+                    .for_each(|v| println!("{}", field(v, "name")));
+                check_failures(failed, "network(s) not removed")?;
             }
         }
         Ok(())

@@ -4,8 +4,8 @@ use clap::Subcommand;
 use serde_json::Value;
 use shoal_mesh::Availability;
 
-use super::Client;
-use super::output::{Format, cell, print_object, print_table};
+use super::output::{Format, cell, print_table};
+use super::{Client, check_failures, print_inspected};
 use crate::api::Request;
 
 #[derive(Debug, Subcommand)]
@@ -77,25 +77,6 @@ fn field(v: &Value, key: &str) -> String {
     v.get(key).map(cell).unwrap_or_default()
 }
 
-/// Runs `each` for every node; reports every failure, fails if any did.
-async fn for_each<F, Fut>(nodes: Vec<String>, mut each: F) -> anyhow::Result<()>
-where
-    F: FnMut(String) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<()>>,
-{
-    let mut failed = 0;
-    for n in nodes {
-        if let Err(e) = each(n).await {
-            eprintln!("Error: {e:#}");
-            failed += 1;
-        }
-    }
-    if failed > 0 {
-        anyhow::bail!("{failed} node(s) not changed");
-    }
-    Ok(())
-}
-
 impl NodeCmd {
     pub async fn exec(self, client: &Client) -> anyhow::Result<()> {
         match self {
@@ -137,40 +118,27 @@ impl NodeCmd {
                 }
             }
             NodeCmd::Inspect { format, nodes } => {
-                let mut found = Vec::new();
-                let mut failed = 0;
-                for node in nodes {
-                    match client.call(&Request::NodeInspect { node }).await {
-                        Ok(v) => found.push(v),
-                        Err(e) => {
-                            eprintln!("Error: {e:#}");
-                            failed += 1;
-                        }
-                    }
-                }
-                match format {
-                    Format::Json => println!("{}", serde_json::to_string_pretty(&found)?),
-                    Format::Table => found.iter().for_each(|v| print_object(v, format)),
-                }
-                if failed > 0 {
-                    anyhow::bail!("{failed} node(s) not found");
-                }
+                let (found, failed) = client
+                    .call_each(nodes, |node| Request::NodeInspect { node })
+                    .await;
+                print_inspected(&found, format)?;
+                check_failures(failed, "node(s) not found")?;
             }
             NodeCmd::Promote { nodes } => {
-                for_each(nodes, |node| async move {
-                    let v = client.call(&Request::NodePromote { node }).await?;
-                    println!("{}", field(&v, "message"));
-                    Ok(())
-                })
-                .await?;
+                let (done, failed) = client
+                    .call_each(nodes, |node| Request::NodePromote { node })
+                    .await;
+                done.iter()
+                    .for_each(|v| println!("{}", field(v, "message")));
+                check_failures(failed, "node(s) not changed")?;
             }
             NodeCmd::Demote { nodes } => {
-                for_each(nodes, |node| async move {
-                    let v = client.call(&Request::NodeDemote { node }).await?;
-                    println!("{}", field(&v, "message"));
-                    Ok(())
-                })
-                .await?;
+                let (done, failed) = client
+                    .call_each(nodes, |node| Request::NodeDemote { node })
+                    .await;
+                done.iter()
+                    .for_each(|v| println!("{}", field(v, "message")));
+                check_failures(failed, "node(s) not changed")?;
             }
             NodeCmd::Update {
                 availability,
@@ -189,12 +157,11 @@ impl NodeCmd {
                 println!("{}", field(&v, "id"));
             }
             NodeCmd::Rm { force, nodes } => {
-                for_each(nodes, |node| async move {
-                    let v = client.call(&Request::NodeRm { node, force }).await?;
-                    println!("{}", field(&v, "id"));
-                    Ok(())
-                })
-                .await?;
+                let (removed, failed) = client
+                    .call_each(nodes, |node| Request::NodeRm { node, force })
+                    .await;
+                removed.iter().for_each(|v| println!("{}", field(v, "id")));
+                check_failures(failed, "node(s) not removed")?;
             }
         }
         Ok(())

@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use clap::Subcommand;
 use serde_json::Value;
 
-use super::Client;
-use super::output::{Format, cell, print_object, print_table};
+use super::output::{Format, cell, print_table};
+use super::{Client, check_failures, print_inspected};
 use crate::api::Request;
 
 // Parsed once per run; boxing clap's variants would only add noise.
@@ -247,39 +247,20 @@ impl ServiceCmd {
                 }
             }
             ServiceCmd::Inspect { format, services } => {
-                let mut found = Vec::new();
-                let mut failed = 0;
-                for service in services {
-                    match client.call(&Request::ServiceInspect { service }).await {
-                        Ok(v) => found.push(v),
-                        Err(e) => {
-                            eprintln!("Error: {e:#}");
-                            failed += 1;
-                        }
-                    }
-                }
-                match format {
-                    Format::Json => println!("{}", serde_json::to_string_pretty(&found)?),
-                    Format::Table => found.iter().for_each(|v| print_object(v, format)),
-                }
-                if failed > 0 {
-                    anyhow::bail!("{failed} service(s) not found");
-                }
+                let (found, failed) = client
+                    .call_each(services, |service| Request::ServiceInspect { service })
+                    .await;
+                print_inspected(&found, format)?;
+                check_failures(failed, "service(s) not found")?;
             }
             ServiceCmd::Rm { services } => {
-                let mut failed = 0;
-                for service in services {
-                    match client.call(&Request::ServiceRm { service }).await {
-                        Ok(v) => println!("{}", field(&v, "name")),
-                        Err(e) => {
-                            eprintln!("Error: {e:#}");
-                            failed += 1;
-                        }
-                    }
-                }
-                if failed > 0 {
-                    anyhow::bail!("{failed} service(s) not removed");
-                }
+                let (removed, failed) = client
+                    .call_each(services, |service| Request::ServiceRm { service })
+                    .await;
+                removed
+                    .iter()
+                    .for_each(|v| println!("{}", field(v, "name")));
+                check_failures(failed, "service(s) not removed")?;
             }
             ServiceCmd::Scale { scales } => {
                 let mut failed = 0;
