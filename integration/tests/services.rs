@@ -227,3 +227,56 @@ fn services_that_cannot_run_say_why() {
         );
     }
 }
+
+#[test]
+fn tasks_run_in_their_own_network_namespace_with_the_embedded_resolver() {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    if !root {
+        eprintln!("skipped: needs root to create network and mount namespaces");
+        return;
+    }
+    let c = Cluster::start(1).unwrap();
+    c.init(0).unwrap();
+    c.shoal_ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--name",
+            "probe",
+            "--detach",
+            "--",
+            "sh",
+            "-c",
+            "cat /etc/resolv.conf; ip -o link; sleep 30",
+        ],
+    )
+    .unwrap();
+    c.wait_until("the probe to run", CONVERGE, |c| {
+        Ok(tasks(c, 0, "probe")
+            .first()
+            .is_some_and(|t| t["state"] == "running"))
+    })
+    .unwrap();
+    let id = tasks(&c, 0, "probe")[0]["id"].as_str().unwrap().to_owned();
+    let log_path = c.hosts[0].state_dir.join("tasks").join(format!("{id}.log"));
+    c.wait_until("the probe's output", CONVERGE, |_| {
+        Ok(std::fs::read_to_string(&log_path)
+            .unwrap_or_default()
+            .contains("lo:"))
+    })
+    .unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("nameserver 127.0.0.11"), "{log}");
+    let links: Vec<&str> = log.lines().filter(|l| l.contains(": <")).collect();
+    assert_eq!(
+        links.len(),
+        1,
+        "only loopback in the task's namespace: {log}"
+    );
+    assert!(links[0].contains("lo:") && links[0].contains("UP"), "{log}");
+    c.shoal_ok(0, &["service", "rm", "probe"]).unwrap();
+}

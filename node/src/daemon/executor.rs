@@ -1,10 +1,14 @@
 //! The executor: runs the tasks the store assigns to this node as real
 //! processes and reports their state through the store.
 //!
-//! Today a task is a plain child process of the daemon (no network
-//! namespace yet: that comes with the data plane, issue 5), its output goes
-//! to `STATE_DIR/tasks/<task id>.log`, and a daemon restart does not re-adopt
-//! running tasks (they are stopped and replaced).
+//! As root, each task runs in a network namespace of its own (loopback
+//! only, until the data plane of issue 5 gives it endpoints) and a private
+//! mount namespace in which `/etc/resolv.conf` points at the embedded DNS
+//! address 127.0.0.11 (`unshare --net --mount`, then `ip link set lo up` and
+//! a bind mount, then `exec` of the task's command). Without root, tasks run
+//! as plain child processes and the log says so. Output goes to
+//! `STATE_DIR/tasks/<task id>.log`. A daemon restart does not re-adopt
+//! running tasks (they are marked failed and replaced).
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -19,6 +23,22 @@ use super::member::Member;
 use super::peer::now_ms;
 
 const INTERVAL: Duration = Duration::from_millis(300);
+
+/// Runs inside the task's new namespaces: `$0` is the resolv.conf to bind,
+/// the rest is the task's command.
+const SANDBOX_INIT: &str =
+    "ip link set lo up && mount --bind \"$0\" /etc/resolv.conf && exec \"$@\"";
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
+        })
+        .unwrap_or(false)
+}
 
 async fn report(m: &Member, id: &str, state: TaskState, message: String, exit_code: Option<i32>) {
     let cmd = Command::SetTaskState {
@@ -126,10 +146,21 @@ pub(super) async fn executor_loop(member: Weak<Member>) {
             let dir = m.dir.0.join("tasks");
             let log = std::fs::create_dir_all(&dir)
                 .and_then(|()| std::fs::File::create(dir.join(format!("{}.log", t.id))));
+            let resolv = dir.join(format!("{}.resolv.conf", t.id));
             let spawned = log.and_then(|log| {
                 let err = log.try_clone()?;
-                tokio::process::Command::new(program)
-                    .args(args)
+                let mut cmd = if is_root() {
+                    std::fs::write(&resolv, "nameserver 127.0.0.11\noptions ndots:0\n")?;
+                    let mut c = tokio::process::Command::new("unshare");
+                    c.args(["--net", "--mount", "--propagation", "private", "sh", "-c", SANDBOX_INIT])
+                        .arg(&resolv)
+                        .arg(program);
+                    c
+                } else {
+                    tracing::warn!(task = %t.id, "not root: the task runs without its own network namespace");
+                    tokio::process::Command::new(program)
+                };
+                cmd.args(args)
                     .envs(&service.spec.env)
                     .env("SHOAL_TASK_ID", &t.id)
                     .env("SHOAL_SERVICE_NAME", &service.spec.name)
