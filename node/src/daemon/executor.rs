@@ -29,6 +29,30 @@ const INTERVAL: Duration = Duration::from_millis(300);
 const SANDBOX_INIT: &str =
     "ip link set lo up && mount --bind \"$0\" /etc/resolv.conf && exec \"$@\"";
 
+/// Whether `program` can be started: an executable file at that path, or
+/// found on `PATH`. Checked before spawning so that a typo is reported as
+/// such rather than as an exit status of the sandbox's shell.
+fn find_program(program: &str) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let found = if program.contains('/') {
+        executable(std::path::Path::new(program))
+    } else {
+        std::env::var_os("PATH").is_some_and(|paths| {
+            std::env::split_paths(&paths).any(|d| executable(&d.join(program)))
+        })
+    };
+    if found {
+        Ok(())
+    } else {
+        Err(format!(
+            "cannot start `{program}`: no such executable (check the path or the node's PATH)"
+        ))
+    }
+}
+
 fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -90,6 +114,21 @@ pub(super) async fn executor_loop(member: Weak<Member>) {
                 report(&m, &id, st, msg, code).await;
             }
         }
+        // A running process whose state did not reach the store (a write
+        // lost to a leader change) is reported again.
+        let unreported: Vec<String> = running
+            .keys()
+            .filter(|id| {
+                state
+                    .tasks
+                    .get(*id)
+                    .is_some_and(|t| matches!(t.state, TaskState::Assigned | TaskState::Starting))
+            })
+            .cloned()
+            .collect();
+        for id in unreported {
+            report(&m, &id, TaskState::Running, String::new(), None).await;
+        }
         // Tasks to stop: gone from the store, or desired shutdown.
         let stop: Vec<String> = running
             .keys()
@@ -143,6 +182,10 @@ pub(super) async fn executor_loop(member: Weak<Member>) {
             let Some((program, args)) = service.spec.command.split_first() else {
                 continue;
             };
+            if let Err(msg) = find_program(program) {
+                report(&m, &t.id, TaskState::Failed, msg, None).await;
+                continue;
+            }
             let dir = m.dir.0.join("tasks");
             let log = std::fs::create_dir_all(&dir)
                 .and_then(|()| std::fs::File::create(dir.join(format!("{}.log", t.id))));
