@@ -75,12 +75,19 @@ fn replicas_run_as_processes_spread_over_nodes_and_move_off_a_dead_node() {
     assert!(r.stdout.contains("converged"), "{}", r.stdout);
     assert_eq!(running_nodes(&c, "echo"), ["node1", "node2", "node3"]);
     assert_eq!(processes(&format!("sleep {marker}")), 3);
+    // Workers read their own copy, which follows the leader within moments.
+    c.wait_until("node3 to see 3 running", CONVERGE, |c| {
+        let ls = c
+            .shoal_ok(2, &["service", "ls", "--format", "json"])?
+            .json()?;
+        Ok(ls[0]["replicas"]["running"] == 3)
+    })
+    .unwrap();
     let ls = c
         .shoal_ok(2, &["service", "ls", "--format", "json"])
         .unwrap()
         .json()
         .unwrap();
-    assert_eq!(ls[0]["replicas"]["running"], 3);
     assert_eq!(ls[0]["ports"][0]["published"], 8080);
     let addrs: std::collections::BTreeSet<String> = tasks(&c, 0, "echo")
         .iter()
@@ -279,4 +286,48 @@ fn tasks_run_in_their_own_network_namespace_with_the_embedded_resolver() {
     );
     assert!(links[0].contains("lo:") && links[0].contains("UP"), "{log}");
     c.shoal_ok(0, &["service", "rm", "probe"]).unwrap();
+}
+
+#[test]
+fn service_logs_gather_every_tasks_output_across_nodes() {
+    let marker = format!("5{}", std::process::id() % 100_000 + 100_000);
+    let _cleanup = KillOnDrop(format!("sleep {marker}"));
+    let c = Cluster::start(2).unwrap();
+    c.form(1).unwrap();
+    let script = format!("echo hello from $SHOAL_SERVICE_NAME.$SHOAL_TASK_SLOT; sleep {marker}");
+    c.shoal_ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--name",
+            "talk",
+            "--replicas",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    )
+    .unwrap();
+    c.wait_until("both tasks' output", CONVERGE, |c| {
+        let out = c.shoal_ok(1, &["service", "logs", "talk"])?.stdout;
+        Ok(out.contains("talk.1@node")
+            && out.contains("hello from talk.1")
+            && out.contains("hello from talk.2"))
+    })
+    .unwrap();
+    let out = c.shoal_ok(1, &["service", "logs", "talk"]).unwrap().stdout;
+    assert!(
+        out.contains("@node1 |") && out.contains("@node2 |"),
+        "output from both nodes: {out}"
+    );
+    let r = c.shoal(0, &["service", "logs", "nosuch"]);
+    assert!(
+        !r.ok() && r.stderr.contains("no such service"),
+        "{}",
+        r.stderr
+    );
+    c.shoal_ok(0, &["service", "rm", "talk"]).unwrap();
 }

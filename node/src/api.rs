@@ -194,6 +194,14 @@ pub enum Request {
         /// Name, ID or ID prefix.
         service: String,
     },
+    /// `service logs`: output of the service's tasks from the given offsets.
+    ServiceLogs {
+        /// Name, ID or ID prefix.
+        service: String,
+        /// Byte offset already read, per task ID.
+        #[serde(default)]
+        offsets: std::collections::BTreeMap<String, u64>,
+    },
     /// `service scale`.
     ServiceScale {
         /// Name, ID or ID prefix.

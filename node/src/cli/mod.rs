@@ -78,7 +78,7 @@ impl Cli {
 }
 
 /// Calls the daemon; prints warnings to stderr; turns a refusal into an error.
-pub struct Client(PathBuf);
+pub struct Client(pub PathBuf);
 
 /// Fails with "N `what`" when `failed` is not zero.
 fn check_failures(failed: usize, what: &str) -> anyhow::Result<()> {

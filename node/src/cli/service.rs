@@ -78,6 +78,14 @@ pub enum ServiceCmd {
         #[arg(required = true)]
         services: Vec<String>,
     },
+    /// Show the output of a service's tasks.
+    Logs {
+        /// Keep printing new output.
+        #[arg(short, long)]
+        follow: bool,
+        /// Name, ID or ID prefix.
+        service: String,
+    },
     /// Change replica counts: NAME=N (repeatable).
     Scale {
         /// NAME=N.
@@ -261,6 +269,47 @@ impl ServiceCmd {
                     .iter()
                     .for_each(|v| println!("{}", field(v, "name")));
                 check_failures(failed, "service(s) not removed")?;
+            }
+            ServiceCmd::Logs { follow, service } => {
+                let mut offsets = std::collections::BTreeMap::new();
+                let mut warned = std::collections::BTreeSet::new();
+                loop {
+                    let reply = crate::api::call(
+                        &client.0,
+                        &Request::ServiceLogs {
+                            service: service.clone(),
+                            offsets: offsets.clone(),
+                        },
+                    )
+                    .await?;
+                    if let Some(e) = reply.error {
+                        anyhow::bail!(e);
+                    }
+                    for w in reply.warnings {
+                        if warned.insert(w.clone()) {
+                            eprintln!("Warning: {w}");
+                        }
+                    }
+                    for t in reply
+                        .data
+                        .as_ref()
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                    {
+                        let who = format!("{}@{}", field(t, "name"), field(t, "node"));
+                        for line in t["text"].as_str().unwrap_or_default().lines() {
+                            println!("{who} | {line}");
+                        }
+                        if let (Some(id), Some(next)) = (t["task"].as_str(), t["next"].as_u64()) {
+                            offsets.insert(id.to_owned(), next);
+                        }
+                    }
+                    if !follow {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
             }
             ServiceCmd::Scale { scales } => {
                 let mut failed = 0;

@@ -165,6 +165,9 @@ pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
         Request::ServicePs { service } => super::services::ps(d, &service).await,
         Request::ServiceInspect { service } => super::services::inspect(d, &service).await,
         Request::ServiceRm { service } => super::services::rm(d, &service).await,
+        Request::ServiceLogs { service, offsets } => {
+            super::services::logs(d, &service, &offsets).await
+        }
         Request::ServiceScale { service, replicas } => {
             super::services::scale(d, &service, replicas).await
         }

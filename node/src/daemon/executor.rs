@@ -24,6 +24,33 @@ use super::peer::now_ms;
 
 const INTERVAL: Duration = Duration::from_millis(300);
 
+/// Most output returned by one log read.
+pub const LOG_CHUNK: u64 = 1 << 20;
+
+/// Reads task `task`'s output on this node from byte `offset` (at most
+/// [`LOG_CHUNK`] bytes); returns the bytes and the next offset.
+pub fn read_log(
+    state_dir: &std::path::Path,
+    task: &str,
+    offset: u64,
+) -> std::io::Result<(Vec<u8>, u64)> {
+    use std::io::{Read, Seek, SeekFrom};
+    if task.is_empty() || !task.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "bad task id",
+        ));
+    }
+    let mut f = std::fs::File::open(state_dir.join("tasks").join(format!("{task}.log")))?;
+    let len = f.metadata()?.len();
+    let start = offset.min(len);
+    f.seek(SeekFrom::Start(start))?;
+    let mut buf = Vec::new();
+    f.take(LOG_CHUNK).read_to_end(&mut buf)?;
+    let next = start + buf.len() as u64;
+    Ok((buf, next))
+}
+
 /// Runs inside the task's new namespaces: `$0` is the resolv.conf to bind,
 /// the rest is the task's command.
 const SANDBOX_INIT: &str =

@@ -103,6 +103,12 @@ async fn ctl_call(m: &Arc<Member>, call: Incoming) -> CtlReply {
                 }
             }
         }
+        CtlRequest::TaskLog { task, offset } => {
+            match super::executor::read_log(&m.dir.0, &task, offset) {
+                Ok((text, next)) => CtlReply::TaskLog { text, next },
+                Err(e) => CtlReply::Refused(format!("no output for task {task} on this node: {e}")),
+            }
+        }
         CtlRequest::ManagerKey => {
             let is_manager = call.peer.is_some_and(|p| {
                 m.state.read(|d| {

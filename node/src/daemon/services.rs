@@ -261,6 +261,22 @@ pub async fn create(d: &Daemon, args: CreateArgs) -> anyhow::Result<Reply> {
     if args.command.is_empty() {
         bail!("a service needs a command: shoal service create --name NAME -- COMMAND [ARG...]");
     }
+    // A network created through another node a moment ago may not have
+    // reached this node's copy yet: give it a moment before refusing.
+    let names: Vec<String> = args
+        .networks
+        .iter()
+        .map(|n| {
+            n.split(',')
+                .find_map(|kv| kv.strip_prefix("name="))
+                .unwrap_or(n)
+                .to_owned()
+        })
+        .collect();
+    m.wait_for(std::time::Duration::from_secs(2), |s| {
+        names.iter().all(|n| s.resolve_network(n).is_some())
+    })
+    .await;
     let spec = parse_spec(&m.state.state(), args)?;
     let id = shoal_mesh::ids::to_hex(&rand::random::<[u8; 8]>());
     m.propose(Command::CreateService {
@@ -338,6 +354,62 @@ pub async fn scale(d: &Daemon, reference: &str, replicas: u64) -> anyhow::Result
     Ok(Reply::ok(
         json!({ "id": s.id, "name": s.spec.name, "replicas": replicas }),
     ))
+}
+
+/// `service logs`: each task's output from its offset, read on the node
+/// that runs it.
+pub async fn logs(
+    d: &Daemon,
+    reference: &str,
+    offsets: &BTreeMap<String, u64>,
+) -> anyhow::Result<Reply> {
+    let m = member(d).await?;
+    let state = m.state.state();
+    let s = resolve(&state, reference)?;
+    let mut out = Vec::new();
+    let mut warnings = Vec::new();
+    let mut tasks: Vec<&Task> = state
+        .tasks
+        .values()
+        .filter(|t| t.service_id == s.id && t.node.is_some())
+        .collect();
+    tasks.sort_by_key(|t| (t.slot, t.created_at_ms));
+    for t in tasks {
+        let Some(node) = t.node else { continue };
+        let offset = offsets.get(&t.id).copied().unwrap_or(0);
+        let read = if node == m.id {
+            super::executor::read_log(&m.dir.0, &t.id, offset).map_err(|e| e.to_string())
+        } else {
+            let req = super::wire::CtlRequest::TaskLog {
+                task: t.id.clone(),
+                offset,
+            };
+            match m.ctl(node, &req, std::time::Duration::from_secs(3)).await {
+                Ok(super::wire::CtlReply::TaskLog { text, next }) => Ok((text, next)),
+                Ok(super::wire::CtlReply::Refused(msg)) => Err(msg),
+                Ok(_) => Err("unexpected reply".into()),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let view = task_view(&state, s, t);
+        match read {
+            Ok((text, next)) => out.push(json!({
+                "task": t.id,
+                "name": view["name"],
+                "node": view["node"],
+                "next": next,
+                "text": String::from_utf8_lossy(&text),
+            })),
+            Err(e) if t.state == shoal_mesh::task::TaskState::Pending => drop(e),
+            Err(e) => warnings.push(format!(
+                "{}: {e}",
+                view["name"].as_str().unwrap_or_default()
+            )),
+        }
+    }
+    let mut reply = Reply::ok(Value::Array(out));
+    reply.warnings = warnings;
+    Ok(reply)
 }
 
 #[cfg(test)]

@@ -14,6 +14,13 @@ pub enum CtlRequest {
     Propose(Box<Command>),
     /// A manager (per the store) asks for the managers' key.
     ManagerKey,
+    /// Output of a task that runs (or ran) on the answering node, from byte `offset`.
+    TaskLog {
+        /// The task.
+        task: String,
+        /// Where to start.
+        offset: u64,
+    },
 }
 
 /// The reply to a [`CtlRequest`].
@@ -29,6 +36,13 @@ pub enum CtlReply {
     ManagerKey([u8; 32]),
     /// Refused, with the reason for the user.
     Refused(String),
+    /// Task output from the asked offset, and the offset after it.
+    TaskLog {
+        /// The bytes.
+        text: Vec<u8>,
+        /// Offset after `text`.
+        next: u64,
+    },
 }
 
 /// The join handshake's request (`shoal-join/1`).
