@@ -274,6 +274,19 @@ impl Cluster {
         Ok(r)
     }
 
+    /// Runs `shoal ARGS…` on host `i` and panics unless it fails with
+    /// `message` in its standard error.
+    pub fn assert_refused(&self, i: usize, args: &[&str], message: &str) {
+        let r = self.shoal(i, args);
+        assert!(!r.ok(), "`shoal {}` must fail", args.join(" "));
+        assert!(
+            r.stderr.contains(message),
+            "`shoal {}`: expected `{message}` in {}",
+            args.join(" "),
+            r.stderr
+        );
+    }
+
     /// Host `i`'s daemon log so far.
     pub fn log(&self, i: usize) -> String {
         std::fs::read_to_string(&self.hosts[i].log).unwrap_or_default()

@@ -282,14 +282,7 @@ fn node_commands_refuse_bad_requests_and_change_nothing() {
         (&["swarm", "init"], "already part of a swarm"),
     ];
     for (args, message) in refused {
-        let r = c.shoal(0, args);
-        assert!(!r.ok(), "`shoal {}` must fail", args.join(" "));
-        assert!(
-            r.stderr.contains(message),
-            "`shoal {}`: expected `{message}` in {}",
-            args.join(" "),
-            r.stderr
-        );
+        c.assert_refused(0, args, message);
     }
     let r = c.shoal(0, &["swarm", "leave"]);
     assert!(r.stderr.contains("last manager"), "{}", r.stderr);

@@ -103,14 +103,7 @@ fn networks_are_allocated_in_the_store_and_bad_ones_refused() {
         (&["network", "rm", "nosuch"], "no such network"),
     ];
     for (args, message) in refused {
-        let r = c.shoal(1, args);
-        assert!(!r.ok(), "`shoal {}` must fail", args.join(" "));
-        assert!(
-            r.stderr.contains(message),
-            "`shoal {}`: expected `{message}` in {}",
-            args.join(" "),
-            r.stderr
-        );
+        c.assert_refused(1, args, message);
     }
     assert_eq!(networks(&c, 0).len(), 3, "refusals change nothing");
 

@@ -224,14 +224,7 @@ fn services_that_cannot_run_say_why() {
         ),
     ];
     for (args, message) in refused {
-        let r = c.shoal(0, args);
-        assert!(!r.ok(), "`shoal {}` must fail", args.join(" "));
-        assert!(
-            r.stderr.contains(message),
-            "`shoal {}`: expected `{message}` in {}",
-            args.join(" "),
-            r.stderr
-        );
+        c.assert_refused(0, args, message);
     }
 }
 

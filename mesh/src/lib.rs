@@ -26,6 +26,9 @@ pub mod state;
 pub mod task;
 pub mod token;
 
+#[cfg(test)]
+mod test_support;
+
 pub use apply::{ApplyError, Command, Outcome, apply};
 pub use ids::NodeId;
 pub use state::{Availability, ClusterInfo, ClusterState, Node, ResolveError, Role};

@@ -94,6 +94,24 @@ pub struct NetworkSpec {
     pub labels: BTreeMap<String, String>,
 }
 
+impl NetworkSpec {
+    /// A network of `driver` named `name`, with every option at its default
+    /// (a subnet from the pool, no range, no options, no labels).
+    pub fn new(name: &str, driver: Driver) -> Self {
+        NetworkSpec {
+            name: name.to_owned(),
+            driver,
+            subnets: Vec::new(),
+            ip_range: None,
+            aux_addresses: BTreeMap::new(),
+            attachable: false,
+            internal: false,
+            options: BTreeMap::new(),
+            labels: BTreeMap::new(),
+        }
+    }
+}
+
 /// A subnet as allocated.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Subnet {
@@ -354,20 +372,13 @@ pub fn allocate(
 /// The `ingress` network's specification.
 pub fn ingress_spec() -> NetworkSpec {
     NetworkSpec {
-        name: INGRESS.to_owned(),
-        driver: Driver::Overlay,
         subnets: vec![SubnetSpec {
             subnet: INGRESS_SUBNET
                 .parse()
                 .unwrap_or_else(|_| unreachable!("constant CIDR")),
             gateway: None,
         }],
-        ip_range: None,
-        aux_addresses: BTreeMap::new(),
-        attachable: false,
-        internal: false,
-        options: BTreeMap::new(),
-        labels: BTreeMap::new(),
+        ..NetworkSpec::new(INGRESS, Driver::Overlay)
     }
 }
 

@@ -5,17 +5,7 @@ use proptest::prelude::*;
 use super::*;
 
 fn spec(name: &str, driver: Driver) -> NetworkSpec {
-    NetworkSpec {
-        name: name.into(),
-        driver,
-        subnets: vec![],
-        ip_range: None,
-        aux_addresses: BTreeMap::new(),
-        attachable: false,
-        internal: false,
-        options: BTreeMap::new(),
-        labels: BTreeMap::new(),
-    }
+    NetworkSpec::new(name, driver)
 }
 
 fn pool() -> Vec<Ipv4Net> {

@@ -2,73 +2,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
 use crate::apply::apply;
-use crate::network::{Driver, NetworkSpec};
 use crate::service::{Attachment, EndpointMode, ServiceSpec};
-use crate::state::{ClusterInfo, JoinSecrets, Role};
-
-fn node(id: u64) -> Node {
-    Node {
-        id: NodeId(id),
-        hostname: format!("h{id}"),
-        role: if id == 1 { Role::Manager } else { Role::Worker },
-        availability: Availability::Active,
-        labels: BTreeMap::new(),
-        addr: String::new(),
-        joined_at_ms: 0,
-    }
-}
-
-fn swarm(nodes: u64) -> ClusterState {
-    let mut s = ClusterState::default();
-    let cluster = ClusterInfo {
-        id: "c".into(),
-        created_at_ms: 0,
-        ca_cert_der: vec![],
-        ca_fingerprint: String::new(),
-        tokens: JoinSecrets {
-            worker_hash: String::new(),
-            manager_hash: String::new(),
-            worker_sealed: vec![],
-            manager_sealed: vec![],
-        },
-        sealed_ca_key: vec![],
-        default_addr_pool: vec!["10.0.0.0/8".parse().unwrap()],
-        default_pool_mask: 24,
-    };
-    apply(
-        &mut s,
-        &Command::Init {
-            cluster,
-            first: node(1),
-            ingress_id: "ing".into(),
-        },
-    )
-    .unwrap();
-    for i in 2..=nodes {
-        apply(&mut s, &Command::AddNode(node(i))).unwrap();
-    }
-    let spec = NetworkSpec {
-        name: "web".into(),
-        driver: Driver::Overlay,
-        subnets: vec![],
-        ip_range: None,
-        aux_addresses: BTreeMap::new(),
-        attachable: false,
-        internal: false,
-        options: BTreeMap::new(),
-        labels: BTreeMap::new(),
-    };
-    apply(
-        &mut s,
-        &Command::CreateNetwork {
-            id: "web".into(),
-            spec,
-            created_at_ms: 0,
-        },
-    )
-    .unwrap();
-    s
-}
+use crate::test_support::swarm;
 
 fn add_service(s: &mut ClusterState, id: &str, mode: ServiceMode, constraints: &[&str]) {
     let spec = ServiceSpec {

@@ -2,67 +2,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
 use crate::apply::{ApplyError, Command, apply};
-use crate::ids::NodeId;
-use crate::network::{Driver, NetworkSpec};
-use crate::state::{Availability, ClusterInfo, JoinSecrets, Node, Role};
-
-fn swarm() -> ClusterState {
-    let mut s = ClusterState::default();
-    let cluster = ClusterInfo {
-        id: "c".into(),
-        created_at_ms: 0,
-        ca_cert_der: vec![],
-        ca_fingerprint: String::new(),
-        tokens: JoinSecrets {
-            worker_hash: String::new(),
-            manager_hash: String::new(),
-            worker_sealed: vec![],
-            manager_sealed: vec![],
-        },
-        sealed_ca_key: vec![],
-        default_addr_pool: vec!["10.0.0.0/8".parse().unwrap()],
-        default_pool_mask: 24,
-    };
-    let first = Node {
-        id: NodeId(1),
-        hostname: "h1".into(),
-        role: Role::Manager,
-        availability: Availability::Active,
-        labels: BTreeMap::new(),
-        addr: String::new(),
-        joined_at_ms: 0,
-    };
-    apply(
-        &mut s,
-        &Command::Init {
-            cluster,
-            first,
-            ingress_id: "ing".into(),
-        },
-    )
-    .unwrap();
-    let spec = NetworkSpec {
-        name: "web".into(),
-        driver: Driver::Overlay,
-        subnets: vec![],
-        ip_range: None,
-        aux_addresses: BTreeMap::new(),
-        attachable: false,
-        internal: false,
-        options: BTreeMap::new(),
-        labels: BTreeMap::new(),
-    };
-    apply(
-        &mut s,
-        &Command::CreateNetwork {
-            id: "web".into(),
-            spec,
-            created_at_ms: 0,
-        },
-    )
-    .unwrap();
-    s
-}
+use crate::test_support::swarm;
 
 fn service(name: &str, ports: Vec<PortSpec>) -> ServiceSpec {
     ServiceSpec {
@@ -104,7 +44,7 @@ fn create(s: &mut ClusterState, id: &str, spec: ServiceSpec) -> Result<(), Apply
 
 #[test]
 fn vips_and_ports_are_allocated_and_freed_with_the_service() {
-    let mut s = swarm();
+    let mut s = swarm(1);
     create(&mut s, "a", service("a", vec![port(Some(8080), 80)])).unwrap();
     create(&mut s, "b", service("b", vec![port(None, 80)])).unwrap();
     let a = &s.services["a"];
@@ -136,7 +76,7 @@ fn vips_and_ports_are_allocated_and_freed_with_the_service() {
 
 #[test]
 fn bad_service_specs_are_refused_and_change_nothing() {
-    let mut s = swarm();
+    let mut s = swarm(1);
     let before = s.clone();
     let mut dnsrr = service("d", vec![port(Some(80), 80)]);
     dnsrr.endpoint_mode = EndpointMode::Dnsrr;
@@ -188,7 +128,7 @@ fn bad_service_specs_are_refused_and_change_nothing() {
 
 #[test]
 fn vips_never_repeat_across_many_services() {
-    let mut s = swarm();
+    let mut s = swarm(1);
     for i in 0..50 {
         create(
             &mut s,
