@@ -40,7 +40,7 @@ fn networks_are_allocated_in_the_store_and_bad_ones_refused() {
     let nets = networks(&c, 0);
     assert_eq!(nets.len(), 1);
     assert_eq!(nets[0]["name"], "ingress");
-    assert_eq!(nets[0]["subnets"][0]["subnet"], "10.255.0.0/16");
+    assert_eq!(nets[0]["subnets"][0], "10.255.0.0/16");
     assert_eq!(nets[0]["vni"], 4096);
 
     // Created through a worker (forwarded to the leader), seen everywhere,
@@ -73,8 +73,8 @@ fn networks_are_allocated_in_the_store_and_bad_ones_refused() {
         .json()
         .unwrap()[0]
         .clone();
-    assert_eq!(web["subnets"][0]["subnet"], "172.30.0.0/26");
-    assert_eq!(web["subnets"][0]["gateway"], "172.30.0.1");
+    assert_eq!(web["subnets"][0], "172.30.0.0/26");
+    assert_eq!(web["gateways"][0], "172.30.0.1");
     assert_eq!(web["vni"], 4097);
     assert_eq!(web["driver"], "overlay");
 
@@ -120,6 +120,6 @@ fn networks_are_allocated_in_the_store_and_bad_ones_refused() {
         .json()
         .unwrap()[0]
         .clone();
-    assert_eq!(web2["subnets"][0]["subnet"], "172.30.0.0/26");
+    assert_eq!(web2["subnets"][0], "172.30.0.0/26");
     assert_eq!(web2["vni"], 4097);
 }

@@ -80,7 +80,7 @@ fn replicas_run_as_processes_spread_over_nodes_and_move_off_a_dead_node() {
         let ls = c
             .shoal_ok(2, &["service", "ls", "--format", "json"])?
             .json()?;
-        Ok(ls[0]["replicas"]["running"] == 3)
+        Ok(ls[0]["running"] == 3)
     })
     .unwrap();
     let ls = c

@@ -9,7 +9,9 @@ use serde::{Deserialize, Serialize};
 use crate::ids::NodeId;
 use crate::ipam::allocate_ip;
 use crate::network::{NetworkError, NetworkSpec, allocate, ingress_spec};
-use crate::service::{ServiceError, ServiceSpec, allocate_service, task_networks, used_addresses};
+use crate::service::{
+    ServiceError, ServiceSpec, allocate_service, reallocate_service, task_networks, used_addresses,
+};
 use crate::state::{Availability, ClusterInfo, ClusterState, JoinSecrets, Node, Role};
 use crate::task::{DesiredState, Task, TaskState};
 
@@ -60,6 +62,17 @@ pub enum Command {
         /// Replicas.
         replicas: u64,
     },
+    /// `service update`: a new spec for an existing service.
+    UpdateService {
+        /// The service.
+        id: String,
+        /// The whole new spec.
+        spec: ServiceSpec,
+        /// Replace the tasks even if nothing they run changed.
+        force: bool,
+        /// Milliseconds since the epoch.
+        now_ms: u64,
+    },
     /// The orchestrator adds a task (placed on `node`, or pending with `message`).
     AddTask {
         /// Its new ID.
@@ -72,6 +85,8 @@ pub enum Command {
         node: Option<NodeId>,
         /// Why it is pending.
         message: String,
+        /// Restarts of its slot before it (see [`Task::restarts`]).
+        restarts: u64,
         /// Milliseconds since the epoch.
         now_ms: u64,
     },
@@ -101,6 +116,8 @@ pub enum Command {
     ShutdownTask {
         /// The task.
         id: String,
+        /// Milliseconds since the epoch.
+        now_ms: u64,
     },
     /// Forget a task (ended and no longer shown); frees its addresses.
     RemoveTask {
@@ -428,12 +445,26 @@ pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyEr
                 }
             }
         }
+        Command::UpdateService {
+            id,
+            spec,
+            force,
+            now_ms,
+        } => {
+            let previous = state
+                .services
+                .get(id)
+                .ok_or_else(|| ApplyError::NoSuchService(id.clone()))?;
+            let service = reallocate_service(previous, spec, state, *force, *now_ms)?;
+            state.services.insert(id.clone(), service);
+        }
         Command::AddTask {
             id,
             service_id,
             slot,
             node,
             message,
+            restarts,
             now_ms,
         } => {
             let service = state
@@ -474,6 +505,8 @@ pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyEr
                     addresses,
                     message: message.clone(),
                     exit_code: None,
+                    spec_version: service.version,
+                    restarts: *restarts,
                     created_at_ms: *now_ms,
                     updated_at_ms: *now_ms,
                 },
@@ -522,12 +555,16 @@ pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyEr
             t.exit_code = *exit_code;
             t.updated_at_ms = *now_ms;
         }
-        Command::ShutdownTask { id } => {
+        Command::ShutdownTask { id, now_ms } => {
             let t = state
                 .tasks
                 .get_mut(id)
                 .ok_or_else(|| ApplyError::NoSuchTask(id.clone()))?;
+            if t.desired == DesiredState::Shutdown {
+                return Ok(Outcome::Done);
+            }
             t.desired = DesiredState::Shutdown;
+            t.updated_at_ms = *now_ms;
             if matches!(t.state, TaskState::New | TaskState::Pending) {
                 t.state = TaskState::Shutdown;
             }

@@ -6,25 +6,98 @@
 //! ```text
 //!  (ClusterState, live(node), new_id) ──► orchestrate ──► [AddTask | AssignTask | ShutdownTask]
 //! ```
+//!
+//! Each replica slot (each eligible node, for a global service) holds at
+//! most one active task. An empty group is refilled according to the
+//! restart policy; a task being stopped on a live node holds its group
+//! until it has stopped (stop first), at most [`STOP_TIMEOUT_MS`]. Tasks of
+//! an older spec version are replaced `update.parallelism` at a time, the
+//! next batch starting once the previous one runs and `update.delay_ms`
+//! has passed; a failed task of the new version pauses the update.
 
 use std::collections::BTreeMap;
 
 use crate::apply::Command;
 use crate::constraint::{place, unplaceable_reason};
 use crate::ids::NodeId;
-use crate::service::ServiceMode;
+use crate::service::{RestartCondition, Service, ServiceMode};
 use crate::state::{Availability, ClusterState, Node};
-use crate::task::{Task, TaskState};
+use crate::task::{DesiredState, Task, TaskState};
 
-/// How long a failed task's slot waits before it is restarted.
-pub const RESTART_DELAY_MS: u64 = 5_000;
 /// Ended tasks kept per slot (per node for global services), for `service ps`.
 pub const TASK_HISTORY: usize = 5;
+/// How long a replacement waits for the task it replaces to stop (on a live
+/// node) before it starts anyway.
+pub const STOP_TIMEOUT_MS: u64 = 10_000;
 
-fn eligible(node: &Node, live: &dyn Fn(NodeId) -> bool, service: &crate::service::Service) -> bool {
+fn eligible(node: &Node, live: &dyn Fn(NodeId) -> bool, service: &Service) -> bool {
     node.availability == Availability::Active
         && live(node.id)
         && service.spec.constraints.iter().all(|c| c.matches(node))
+}
+
+/// Where a task belongs: its replica slot, or its node for global services.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Group {
+    Slot(u64),
+    Node(NodeId),
+}
+
+fn group_of(t: &Task) -> Option<Group> {
+    match (t.slot, t.node) {
+        (Some(s), _) => Some(Group::Slot(s)),
+        (None, Some(n)) => Some(Group::Node(n)),
+        (None, None) => None,
+    }
+}
+
+/// Whether the task that ended last in a group is replaced now, and with
+/// which restart count; `None` while it must not be (yet).
+fn restart_decision(service: &Service, latest: Option<&Task>, now_ms: u64) -> Option<u64> {
+    let Some(l) = latest else { return Some(0) };
+    let same_version = l.spec_version == service.version;
+    let exited = l.desired == DesiredState::Running
+        && matches!(l.state, TaskState::Complete | TaskState::Failed);
+    if !exited {
+        // Stopped by the orchestrator (node lost, drained, updated): replaced
+        // at once, not counted as a restart.
+        return Some(if same_version { l.restarts } else { 0 });
+    }
+    if !same_version {
+        return Some(0);
+    }
+    let policy = &service.spec.restart;
+    let wanted = match policy.condition {
+        RestartCondition::None => false,
+        RestartCondition::OnFailure => l.state == TaskState::Failed,
+        RestartCondition::Any => true,
+    };
+    let exhausted = policy.max_attempts > 0 && l.restarts >= policy.max_attempts;
+    let waiting = now_ms < l.updated_at_ms + policy.delay_ms;
+    (wanted && !exhausted && !waiting).then_some(l.restarts + 1)
+}
+
+/// Why a rolling update does not go on, if it is held: a task of the new
+/// version failed (like Swarm's default `--update-failure-action pause`).
+pub fn update_paused(state: &ClusterState, service: &Service) -> Option<String> {
+    let outdated = state
+        .tasks
+        .values()
+        .any(|t| t.service_id == service.id && t.is_active() && t.spec_version < service.version);
+    if !outdated {
+        return None;
+    }
+    state
+        .tasks
+        .values()
+        .filter(|t| {
+            t.service_id == service.id
+                && t.spec_version == service.version
+                && t.state == TaskState::Failed
+                && t.desired == DesiredState::Running
+        })
+        .max_by_key(|t| t.updated_at_ms)
+        .map(|t| format!("update paused: task {} failed: {}", t.id, t.message))
 }
 
 /// The commands that bring every service to its spec. `live` says whether
@@ -38,6 +111,7 @@ pub fn orchestrate(
 ) -> Vec<Command> {
     let mut out = Vec::new();
     let nodes: Vec<&Node> = state.nodes.values().collect();
+    let live_nodes: Vec<&Node> = nodes.iter().copied().filter(|n| live(n.id)).collect();
     let mut all_tasks: BTreeMap<NodeId, usize> = BTreeMap::new();
     for t in state.tasks.values().filter(|t| t.is_active()) {
         if let Some(n) = t.node {
@@ -45,14 +119,29 @@ pub fn orchestrate(
         }
     }
     for service in state.services.values() {
-        let active: Vec<&Task> = state
+        let mine: Vec<&Task> = state
             .tasks
             .values()
-            .filter(|t| t.service_id == service.id && t.is_active())
+            .filter(|t| t.service_id == service.id)
             .collect();
-        // Tasks on nodes that are gone, down, drained or no longer eligible stop.
+        // Tasks shut down in this pass, and whether each holds its group
+        // back (stop first: a live node is given time to stop it).
+        let mut stopping: BTreeMap<&str, &Task> = BTreeMap::new();
+        let holds = |t: &Task, just_now: bool| {
+            t.node.is_some_and(live)
+                && !t.state.is_terminal()
+                && (just_now || now_ms < t.updated_at_ms + STOP_TIMEOUT_MS)
+        };
+        let shutdown = |t: &Task, out: &mut Vec<Command>| {
+            out.push(Command::ShutdownTask {
+                id: t.id.clone(),
+                now_ms,
+            });
+        };
+        // Tasks on nodes that are gone, down, drained or no longer eligible
+        // stop, as do replicas beyond the count.
         let mut kept: Vec<&Task> = Vec::new();
-        for t in active {
+        for t in mine.iter().copied().filter(|t| t.is_active()) {
             let misplaced = match t.node {
                 Some(n) => !state.nodes.get(&n).is_some_and(|node| {
                     live(n)
@@ -61,8 +150,13 @@ pub fn orchestrate(
                 }),
                 None => false,
             };
-            if misplaced {
-                out.push(Command::ShutdownTask { id: t.id.clone() });
+            let surplus = match service.spec.mode {
+                ServiceMode::Replicated(r) => t.slot.is_some_and(|s| s > r),
+                ServiceMode::Global => false,
+            };
+            if misplaced || surplus {
+                shutdown(t, &mut out);
+                stopping.insert(&t.id, t);
             } else {
                 kept.push(t);
             }
@@ -73,84 +167,105 @@ pub fn orchestrate(
                 *per_node.entry(n).or_default() += 1;
             }
         }
+        let groups: Vec<Group> = match service.spec.mode {
+            ServiceMode::Replicated(replicas) => (1..=replicas).map(Group::Slot).collect(),
+            ServiceMode::Global => nodes
+                .iter()
+                .filter(|n| eligible(n, live, service))
+                .map(|n| Group::Node(n.id))
+                .collect(),
+        };
         let constraints = &service.spec.constraints;
-        let live_nodes: Vec<&Node> = nodes.iter().copied().filter(|n| live(n.id)).collect();
-        match service.spec.mode {
-            ServiceMode::Replicated(replicas) => {
-                for t in &kept {
-                    if t.slot.is_some_and(|s| s > replicas) {
-                        out.push(Command::ShutdownTask { id: t.id.clone() });
-                    }
+        // Groups still changing: being refilled, waiting for a task to
+        // stop, or with a new task not yet running.
+        let mut busy = 0usize;
+        for group in groups {
+            let in_group = |t: &Task| group_of(t) == Some(group);
+            if let Some(t) = kept.iter().find(|t| in_group(t)) {
+                if t.state < TaskState::Running {
+                    busy += 1;
                 }
-                for slot in 1..=replicas {
-                    let existing = kept.iter().find(|t| t.slot == Some(slot));
-                    let recently_failed = state.tasks.values().any(|t| {
-                        t.service_id == service.id
-                            && t.slot == Some(slot)
-                            && t.state == TaskState::Failed
-                            && now_ms < t.updated_at_ms + RESTART_DELAY_MS
+                if t.state == TaskState::Pending
+                    && let Some(node) = place(&nodes, live, constraints, &per_node, &all_tasks)
+                {
+                    *per_node.entry(node).or_default() += 1;
+                    *all_tasks.entry(node).or_default() += 1;
+                    out.push(Command::AssignTask {
+                        id: t.id.clone(),
+                        node,
+                        now_ms,
                     });
-                    if existing.is_none() && recently_failed {
-                        continue;
-                    }
-                    match existing {
-                        Some(t) if t.state == TaskState::Pending => {
-                            if let Some(node) =
-                                place(&nodes, live, constraints, &per_node, &all_tasks)
-                            {
-                                *per_node.entry(node).or_default() += 1;
-                                *all_tasks.entry(node).or_default() += 1;
-                                out.push(Command::AssignTask {
-                                    id: t.id.clone(),
-                                    node,
-                                    now_ms,
-                                });
-                            }
-                        }
-                        Some(_) => {}
-                        None => {
-                            let node = place(&nodes, live, constraints, &per_node, &all_tasks);
-                            if let Some(n) = node {
-                                *per_node.entry(n).or_default() += 1;
-                                *all_tasks.entry(n).or_default() += 1;
-                            }
-                            out.push(Command::AddTask {
-                                id: new_id(),
-                                service_id: service.id.clone(),
-                                slot: Some(slot),
-                                node,
-                                message: if node.is_some() {
-                                    String::new()
-                                } else {
-                                    unplaceable_reason(&live_nodes, constraints)
-                                },
-                                now_ms,
-                            });
-                        }
-                    }
                 }
+                continue;
             }
-            ServiceMode::Global => {
-                for node in &nodes {
-                    let recently_failed = state.tasks.values().any(|t| {
-                        t.service_id == service.id
-                            && t.node == Some(node.id)
-                            && t.state == TaskState::Failed
-                            && now_ms < t.updated_at_ms + RESTART_DELAY_MS
-                    });
-                    if eligible(node, live, service)
-                        && !per_node.contains_key(&node.id)
-                        && !recently_failed
-                    {
-                        out.push(Command::AddTask {
-                            id: new_id(),
-                            service_id: service.id.clone(),
-                            slot: None,
-                            node: Some(node.id),
-                            message: String::new(),
-                            now_ms,
-                        });
-                    }
+            let held = mine.iter().filter(|t| in_group(t)).any(|t| {
+                if stopping.contains_key(t.id.as_str()) {
+                    holds(t, true)
+                } else {
+                    t.desired == DesiredState::Shutdown && holds(t, false)
+                }
+            });
+            if held {
+                busy += 1;
+                continue;
+            }
+            let latest = mine
+                .iter()
+                .copied()
+                .filter(|t| in_group(t))
+                .max_by_key(|t| (t.created_at_ms, t.id.clone()));
+            let Some(restarts) = restart_decision(service, latest, now_ms) else {
+                continue;
+            };
+            busy += 1;
+            let node = match group {
+                Group::Node(n) => Some(n),
+                Group::Slot(_) => place(&nodes, live, constraints, &per_node, &all_tasks),
+            };
+            if let Some(n) = node {
+                *per_node.entry(n).or_default() += 1;
+                *all_tasks.entry(n).or_default() += 1;
+            }
+            out.push(Command::AddTask {
+                id: new_id(),
+                service_id: service.id.clone(),
+                slot: match group {
+                    Group::Slot(s) => Some(s),
+                    Group::Node(_) => None,
+                },
+                node,
+                message: if node.is_some() {
+                    String::new()
+                } else {
+                    unplaceable_reason(&live_nodes, constraints)
+                },
+                restarts,
+                now_ms,
+            });
+        }
+        // Rolling update: once nothing is changing (the previous batch runs)
+        // and the delay has passed, the next `parallelism` outdated tasks
+        // stop; the next passes refill their groups with the new version.
+        let outdated: Vec<&Task> = kept
+            .iter()
+            .copied()
+            .filter(|t| t.spec_version < service.version)
+            .collect();
+        if !outdated.is_empty() && busy == 0 && update_paused(state, service).is_none() {
+            let last_up = mine
+                .iter()
+                .filter(|t| t.spec_version == service.version && t.state == TaskState::Running)
+                .map(|t| t.updated_at_ms)
+                .max();
+            if last_up.is_none_or(|at| now_ms >= at + service.spec.update.delay_ms) {
+                let batch = match service.spec.update.parallelism {
+                    0 => outdated.len(),
+                    n => usize::try_from(n).unwrap_or(usize::MAX),
+                };
+                let mut order = outdated;
+                order.sort_by_key(|t| (group_of(t), t.id.clone()));
+                for t in order.into_iter().take(batch) {
+                    shutdown(t, &mut out);
                 }
             }
         }

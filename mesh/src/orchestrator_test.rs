@@ -2,7 +2,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
 use crate::apply::apply;
+use crate::service::RestartCondition;
 use crate::service::{Attachment, EndpointMode, ServiceSpec};
+use crate::task::DesiredState;
 use crate::test_support::swarm;
 
 fn add_service(s: &mut ClusterState, id: &str, mode: ServiceMode, constraints: &[&str]) {
@@ -19,6 +21,8 @@ fn add_service(s: &mut ClusterState, id: &str, mode: ServiceMode, constraints: &
         env: BTreeMap::new(),
         command: vec!["sleep".into(), "1000".into()],
         labels: BTreeMap::new(),
+        restart: Default::default(),
+        update: Default::default(),
     };
     apply(
         s,
@@ -103,6 +107,9 @@ fn a_dead_or_drained_node_loses_its_tasks_to_the_others() {
     )
     .unwrap();
     converge(&mut s, &|n| n != NodeId(3));
+    // The drained node's task is replaced once it has stopped (stop first).
+    execute(&mut s, 0);
+    converge(&mut s, &|n| n != NodeId(3));
     assert_eq!(
         active_nodes(&s, "web"),
         vec![Some(NodeId(1)), Some(NodeId(1)), Some(NodeId(1))]
@@ -180,8 +187,14 @@ fn task_states_only_move_forward() {
     assert!(apply(&mut s, &set(TaskState::Running)).is_err());
     // The failed task is replaced in its slot, after the restart delay.
     let fresh = |s: &ClusterState, now| orchestrate(s, &|_| true, &mut || "x".into(), now);
-    assert!(fresh(&s, 1 + RESTART_DELAY_MS - 1).is_empty());
-    let cmds = fresh(&s, 1 + RESTART_DELAY_MS);
+    assert!(
+        fresh(
+            &s,
+            1 + crate::service::RestartPolicy::default().delay_ms - 1
+        )
+        .is_empty()
+    );
+    let cmds = fresh(&s, 1 + crate::service::RestartPolicy::default().delay_ms);
     assert!(
         matches!(cmds.as_slice(), [Command::AddTask { slot: Some(1), .. }]),
         "{cmds:?}"
@@ -209,11 +222,351 @@ fn a_crash_looping_task_keeps_a_bounded_history() {
             };
             apply(&mut s, &fail).unwrap();
         }
-        now += RESTART_DELAY_MS;
+        now += crate::service::RestartPolicy::default().delay_ms;
     }
     assert!(
         s.tasks.len() <= TASK_HISTORY + 1,
         "{} tasks kept",
         s.tasks.len()
     );
+}
+
+/// One orchestrator pass at `now`, applied; returns the commands.
+fn step(s: &mut ClusterState, now: u64, live: &dyn Fn(NodeId) -> bool) -> Vec<Command> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let cmds = orchestrate(
+        s,
+        live,
+        &mut || {
+            format!(
+                "s{}",
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            )
+        },
+        now,
+    );
+    for c in &cmds {
+        apply(s, c).unwrap();
+    }
+    cmds
+}
+
+/// What an executor does: assigned tasks run, tasks wanted down stop.
+fn execute(s: &mut ClusterState, now: u64) {
+    let cmds: Vec<Command> = s
+        .tasks
+        .values()
+        .filter_map(|t| {
+            let to = match (t.desired, t.state) {
+                (DesiredState::Running, TaskState::Assigned) => TaskState::Running,
+                (DesiredState::Shutdown, st) if !st.is_terminal() => TaskState::Shutdown,
+                _ => return None,
+            };
+            Some(Command::SetTaskState {
+                id: t.id.clone(),
+                state: to,
+                message: String::new(),
+                exit_code: None,
+                now_ms: now,
+            })
+        })
+        .collect();
+    for c in cmds {
+        apply(s, &c).unwrap();
+    }
+}
+
+fn exit_all(s: &mut ClusterState, state: TaskState, now: u64) {
+    let ids: Vec<String> = s
+        .tasks
+        .values()
+        .filter(|t| t.state == TaskState::Running)
+        .map(|t| t.id.clone())
+        .collect();
+    for id in ids {
+        let c = Command::SetTaskState {
+            id,
+            state,
+            message: "exited".into(),
+            exit_code: Some(i32::from(state == TaskState::Failed)),
+            now_ms: now,
+        };
+        apply(s, &c).unwrap();
+    }
+}
+
+fn running(s: &ClusterState) -> usize {
+    s.tasks
+        .values()
+        .filter(|t| t.state == TaskState::Running && t.is_active())
+        .count()
+}
+
+fn set_restart(s: &mut ClusterState, condition: RestartCondition, max_attempts: u64) {
+    let svc = s.services.get_mut("web").unwrap();
+    svc.spec.restart.condition = condition;
+    svc.spec.restart.max_attempts = max_attempts;
+}
+
+#[test]
+fn restart_condition_none_leaves_ended_tasks_ended() {
+    let mut s = swarm(2);
+    add_service(&mut s, "web", ServiceMode::Replicated(2), &[]);
+    set_restart(&mut s, RestartCondition::None, 0);
+    step(&mut s, 0, &|_| true);
+    execute(&mut s, 0);
+    exit_all(&mut s, TaskState::Failed, 10);
+    assert!(step(&mut s, 100_000, &|_| true).is_empty());
+    assert_eq!(running(&s), 0);
+}
+
+#[test]
+fn restart_on_failure_restarts_failures_only_and_stops_after_max_attempts() {
+    let mut s = swarm(1);
+    add_service(&mut s, "web", ServiceMode::Replicated(1), &[]);
+    set_restart(&mut s, RestartCondition::OnFailure, 2);
+    let mut now = 0;
+    step(&mut s, now, &|_| true);
+    execute(&mut s, now);
+    // Exits 0: not restarted.
+    exit_all(&mut s, TaskState::Complete, now);
+    now += 10_000;
+    assert!(step(&mut s, now, &|_| true).is_empty());
+    // A failure is restarted, twice, then the slot stays empty.
+    set_restart(&mut s, RestartCondition::Any, 2);
+    let mut restarts = Vec::new();
+    for _ in 0..4 {
+        now += 10_000;
+        for c in step(&mut s, now, &|_| true) {
+            if let Command::AddTask { restarts: r, .. } = c {
+                restarts.push(r);
+            }
+        }
+        execute(&mut s, now);
+        exit_all(&mut s, TaskState::Failed, now);
+    }
+    assert_eq!(restarts, vec![1, 2]);
+    // Not restarted before the delay, either.
+    let mut s = swarm(1);
+    add_service(&mut s, "web", ServiceMode::Replicated(1), &[]);
+    step(&mut s, 0, &|_| true);
+    execute(&mut s, 0);
+    exit_all(&mut s, TaskState::Failed, 1);
+    assert!(step(&mut s, 4_000, &|_| true).is_empty());
+    assert_eq!(step(&mut s, 5_001, &|_| true).len(), 1);
+}
+
+fn update(s: &mut ClusterState, f: impl FnOnce(&mut ServiceSpec), force: bool, now: u64) {
+    let mut spec = s.services["web"].spec.clone();
+    f(&mut spec);
+    let c = Command::UpdateService {
+        id: "web".into(),
+        spec,
+        force,
+        now_ms: now,
+    };
+    apply(s, &c).unwrap();
+}
+
+fn versions(s: &ClusterState) -> Vec<u64> {
+    let mut v: Vec<u64> = s
+        .tasks
+        .values()
+        .filter(|t| t.is_active())
+        .map(|t| t.spec_version)
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn an_update_rolls_out_in_batches_after_each_batch_runs_and_the_delay() {
+    let mut s = swarm(3);
+    add_service(&mut s, "web", ServiceMode::Replicated(4), &[]);
+    step(&mut s, 0, &|_| true);
+    execute(&mut s, 0);
+    let vip = s.services["web"].vips.clone();
+    // Labels only: no new version, nothing replaced.
+    update(
+        &mut s,
+        |sp| {
+            sp.labels.insert("a".into(), "b".into());
+        },
+        false,
+        1,
+    );
+    assert_eq!(s.services["web"].version, 1);
+    assert!(step(&mut s, 2, &|_| true).is_empty());
+    update(
+        &mut s,
+        |sp| {
+            sp.env.insert("V".into(), "2".into());
+            sp.update.parallelism = 2;
+            sp.update.delay_ms = 1_000;
+        },
+        false,
+        10,
+    );
+    assert_eq!(s.services["web"].version, 2);
+    assert_eq!(s.services["web"].vips, vip, "an update keeps the VIPs");
+    // First batch: two stop, and are not replaced until they have stopped.
+    let cmds = step(&mut s, 20, &|_| true);
+    assert_eq!(cmds.len(), 2, "{cmds:?}");
+    assert!(
+        cmds.iter()
+            .all(|c| matches!(c, Command::ShutdownTask { .. }))
+    );
+    assert!(step(&mut s, 21, &|_| true).is_empty());
+    execute(&mut s, 30);
+    let cmds = step(&mut s, 40, &|_| true);
+    assert_eq!(cmds.len(), 2, "{cmds:?}");
+    assert!(cmds.iter().all(|c| matches!(c, Command::AddTask { .. })));
+    // Not running yet: no next batch.
+    assert!(step(&mut s, 50, &|_| true).is_empty());
+    execute(&mut s, 60);
+    assert_eq!(versions(&s), vec![1, 1, 2, 2]);
+    // Running since 60: the next batch waits for the delay.
+    assert!(step(&mut s, 1_059, &|_| true).is_empty());
+    assert_eq!(step(&mut s, 1_060, &|_| true).len(), 2);
+    execute(&mut s, 1_070);
+    step(&mut s, 1_080, &|_| true);
+    execute(&mut s, 1_090);
+    assert_eq!(versions(&s), vec![2, 2, 2, 2]);
+    assert!(step(&mut s, 100_000, &|_| true).is_empty());
+    // --force replaces everything again, all at once with parallelism 0.
+    update(&mut s, |sp| sp.update.parallelism = 0, true, 200_000);
+    assert_eq!(step(&mut s, 200_001, &|_| true).len(), 4);
+}
+
+#[test]
+fn a_failing_new_version_pauses_the_update() {
+    let mut s = swarm(2);
+    add_service(&mut s, "web", ServiceMode::Replicated(3), &[]);
+    step(&mut s, 0, &|_| true);
+    execute(&mut s, 0);
+    update(&mut s, |sp| sp.command = vec!["false".into()], false, 10);
+    step(&mut s, 20, &|_| true);
+    execute(&mut s, 30);
+    step(&mut s, 40, &|_| true);
+    execute(&mut s, 50);
+    // The new task fails.
+    let new: Vec<String> = s
+        .tasks
+        .values()
+        .filter(|t| t.spec_version == 2)
+        .map(|t| t.id.clone())
+        .collect();
+    assert_eq!(new.len(), 1);
+    let c = Command::SetTaskState {
+        id: new[0].clone(),
+        state: TaskState::Failed,
+        message: "exited with status 1".into(),
+        exit_code: Some(1),
+        now_ms: 60,
+    };
+    apply(&mut s, &c).unwrap();
+    let why = update_paused(&s, &s.services["web"]).unwrap();
+    assert!(
+        why.contains("update paused") && why.contains("status 1"),
+        "{why}"
+    );
+    // Nothing more of the old version is stopped, even much later.
+    for now in [100, 10_000, 100_000] {
+        for c in step(&mut s, now, &|_| true) {
+            assert!(!matches!(c, Command::ShutdownTask { .. }), "{c:?}");
+        }
+        execute(&mut s, now);
+    }
+    assert_eq!(
+        s.tasks
+            .values()
+            .filter(|t| t.is_active() && t.spec_version == 1)
+            .count(),
+        2
+    );
+}
+
+#[test]
+fn a_task_stopping_on_a_live_node_holds_its_slot_but_one_on_a_dead_node_does_not() {
+    let mut s = swarm(2);
+    add_service(&mut s, "web", ServiceMode::Replicated(2), &[]);
+    step(&mut s, 0, &|_| true);
+    execute(&mut s, 0);
+    // Node 2 is drained: its task stops first, then is replaced.
+    apply(
+        &mut s,
+        &Command::UpdateNode {
+            node: NodeId(2),
+            availability: Some(Availability::Drain),
+            label_add: vec![],
+            label_rm: vec![],
+        },
+    )
+    .unwrap();
+    let cmds = step(&mut s, 10, &|_| true);
+    assert!(
+        matches!(cmds.as_slice(), [Command::ShutdownTask { .. }]),
+        "{cmds:?}"
+    );
+    assert!(step(&mut s, 20, &|_| true).is_empty());
+    // If it never stops, the replacement starts after the stop timeout.
+    assert_eq!(step(&mut s, 10 + STOP_TIMEOUT_MS, &|_| true).len(), 1);
+    // Node 1 dies: its tasks are replaced at once (on node 2, undrained).
+    let mut s = swarm(2);
+    add_service(&mut s, "web", ServiceMode::Replicated(2), &[]);
+    step(&mut s, 0, &|_| true);
+    execute(&mut s, 0);
+    let cmds = step(&mut s, 10, &|n| n != NodeId(1));
+    assert_eq!(
+        cmds.len(),
+        2,
+        "shutdown and replacement in one pass: {cmds:?}"
+    );
+}
+
+#[test]
+fn an_update_cannot_change_the_mode_or_take_a_used_port() {
+    let mut s = swarm(1);
+    add_service(&mut s, "web", ServiceMode::Replicated(1), &[]);
+    let mut spec = s.services["web"].spec.clone();
+    spec.mode = ServiceMode::Global;
+    let c = Command::UpdateService {
+        id: "web".into(),
+        spec,
+        force: false,
+        now_ms: 0,
+    };
+    let e = apply(&mut s, &c).unwrap_err().to_string();
+    assert!(e.contains("mode"), "{e}");
+    let before = s.clone();
+    let mut spec = s.services["web"].spec.clone();
+    spec.name = "other".into();
+    spec.ports = vec![crate::service::PortSpec {
+        mode: crate::service::PublishMode::Ingress,
+        published: Some(8080),
+        target: 80,
+        protocol: crate::service::Protocol::Tcp,
+    }];
+    apply(
+        &mut s,
+        &Command::CreateService {
+            id: "other".into(),
+            spec,
+            created_at_ms: 0,
+        },
+    )
+    .unwrap();
+    let taken = s.clone();
+    let mut spec = s.services["web"].spec.clone();
+    spec.ports = s.services["other"].spec.ports.clone();
+    let c = Command::UpdateService {
+        id: "web".into(),
+        spec,
+        force: false,
+        now_ms: 0,
+    };
+    let e = apply(&mut s, &c).unwrap_err().to_string();
+    assert!(e.contains("8080"), "{e}");
+    assert_eq!(s, taken, "a refused update changes nothing");
+    assert_ne!(s, before);
 }

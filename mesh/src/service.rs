@@ -99,6 +99,69 @@ pub struct Attachment {
     pub aliases: Vec<String>,
 }
 
+/// When a task that ended by itself is replaced (`--restart-condition`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartCondition {
+    /// Never: a task that exits stays ended.
+    None,
+    /// Only when it exits with a non-zero status (or cannot start).
+    OnFailure,
+    /// Whenever it exits.
+    Any,
+}
+
+impl RestartCondition {
+    /// `none`, `on-failure` or `any`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RestartCondition::None => "none",
+            RestartCondition::OnFailure => "on-failure",
+            RestartCondition::Any => "any",
+        }
+    }
+}
+
+/// `--restart-condition`, `--restart-max-attempts`, `--restart-delay`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestartPolicy {
+    /// When to restart.
+    pub condition: RestartCondition,
+    /// Restarts per slot (per node for global services) before giving up;
+    /// 0 means no limit. Counted per spec version: an update starts over.
+    pub max_attempts: u64,
+    /// Wait between an exit and the restart.
+    pub delay_ms: u64,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            condition: RestartCondition::Any,
+            max_attempts: 0,
+            delay_ms: 5_000,
+        }
+    }
+}
+
+/// `--update-parallelism`, `--update-delay`: how a changed spec rolls out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateConfig {
+    /// Tasks replaced at once; 0 means all at once.
+    pub parallelism: u64,
+    /// Wait after a batch runs before the next one starts.
+    pub delay_ms: u64,
+}
+
+impl Default for UpdateConfig {
+    fn default() -> Self {
+        UpdateConfig {
+            parallelism: 1,
+            delay_ms: 0,
+        }
+    }
+}
+
 /// `service create`, as asked (networks already resolved to IDs).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceSpec {
@@ -120,6 +183,24 @@ pub struct ServiceSpec {
     pub command: Vec<String>,
     /// Labels.
     pub labels: BTreeMap<String, String>,
+    /// When ended tasks are replaced.
+    pub restart: RestartPolicy,
+    /// How updates roll out.
+    pub update: UpdateConfig,
+}
+
+impl ServiceSpec {
+    /// Whether going from `self` to `new` changes what a task runs or where
+    /// it is attached, so that running tasks must be replaced. Replicas,
+    /// labels, constraints (enforced anyway), restart and update settings
+    /// do not.
+    pub fn tasks_differ(&self, new: &ServiceSpec) -> bool {
+        self.command != new.command
+            || self.env != new.env
+            || self.networks != new.networks
+            || self.ports != new.ports
+            || self.endpoint_mode != new.endpoint_mode
+    }
 }
 
 /// A service in the store.
@@ -136,6 +217,11 @@ pub struct Service {
     pub ports: Vec<PublishedPort>,
     /// Milliseconds since the epoch at creation.
     pub created_at_ms: u64,
+    /// The spec's version: 1 at creation, raised by each update that
+    /// changes the tasks. Tasks of an older version are replaced.
+    pub version: u64,
+    /// Milliseconds since the epoch at the last update (creation before one).
+    pub updated_at_ms: u64,
 }
 
 /// Why a service cannot be created.
@@ -205,10 +291,58 @@ pub fn allocate_service(
     state: &ClusterState,
     created_at_ms: u64,
 ) -> Result<Service, ServiceError> {
+    allocate(id, spec, state, created_at_ms, None)
+}
+
+/// Allocates the new spec of `previous` (`service update`): VIPs on
+/// networks still attached and published ports still asked for are kept;
+/// new ones are allocated, dropped ones freed. The version goes up when the
+/// tasks must change (or `force`). Pure.
+pub fn reallocate_service(
+    previous: &Service,
+    spec: &ServiceSpec,
+    state: &ClusterState,
+    force: bool,
+    now_ms: u64,
+) -> Result<Service, ServiceError> {
+    if previous.spec.mode == ServiceMode::Global && spec.mode != ServiceMode::Global
+        || previous.spec.mode != ServiceMode::Global && spec.mode == ServiceMode::Global
+    {
+        return Err(ServiceError::Invalid(
+            "a service's mode (replicated or global) cannot change: remove and create it".into(),
+        ));
+    }
+    let mut svc = allocate(
+        &previous.id,
+        spec,
+        state,
+        previous.created_at_ms,
+        Some(previous),
+    )?;
+    svc.version = if force || previous.spec.tasks_differ(spec) {
+        previous.version + 1
+    } else {
+        previous.version
+    };
+    svc.updated_at_ms = now_ms;
+    Ok(svc)
+}
+
+fn allocate(
+    id: &str,
+    spec: &ServiceSpec,
+    state: &ClusterState,
+    created_at_ms: u64,
+    previous: Option<&Service>,
+) -> Result<Service, ServiceError> {
     if !valid_name(&spec.name) {
         return Err(ServiceError::BadName(spec.name.clone()));
     }
-    if state.services.values().any(|s| s.spec.name == spec.name) {
+    if state
+        .services
+        .values()
+        .any(|s| s.spec.name == spec.name && s.id != id)
+    {
         return Err(ServiceError::Exists(spec.name.clone()));
     }
     if spec.command.is_empty() {
@@ -241,6 +375,7 @@ pub fn allocate_service(
     let mut used_ports: Vec<(u16, String, String)> = state
         .services
         .values()
+        .filter(|s| s.id != id)
         .flat_map(|s| {
             s.ports
                 .iter()
@@ -260,8 +395,19 @@ pub fn allocate_service(
                 "a published port needs a target port (1-65535)".into(),
             ));
         }
+        // A port left to allocate keeps what it had before the update.
+        let kept = previous.and_then(|prev| {
+            prev.spec
+                .ports
+                .iter()
+                .zip(&prev.ports)
+                .find(|(asked, _)| asked == &p && p.published.is_none())
+                .map(|(_, got)| got.published)
+        });
         let published = match p.mode {
-            PublishMode::Ingress => allocate_port(p.published, p.protocol.as_str(), &used_ports)?,
+            PublishMode::Ingress => {
+                allocate_port(p.published.or(kept), p.protocol.as_str(), &used_ports)?
+            }
             PublishMode::Host => p.published.filter(|p| *p != 0).ok_or_else(|| {
                 ServiceError::Invalid(
                     "mode=host publishing needs an explicit published port".into(),
@@ -298,6 +444,10 @@ pub fn allocate_service(
             networks.push(&ing.id);
         }
         for net in networks {
+            if let Some(ip) = previous.and_then(|p| p.vips.get(net)) {
+                vips.insert(net.to_owned(), *ip);
+                continue;
+            }
             let n = &state.networks[net];
             let ip = allocate_ip(n, &used_addresses(state, net))?;
             vips.insert(net.to_owned(), ip);
@@ -309,6 +459,8 @@ pub fn allocate_service(
         vips,
         ports,
         created_at_ms,
+        version: 1,
+        updated_at_ms: created_at_ms,
     })
 }
 

@@ -18,6 +18,8 @@ fn service(name: &str, ports: Vec<PortSpec>) -> ServiceSpec {
         env: BTreeMap::new(),
         command: vec!["http-echo".into()],
         labels: BTreeMap::new(),
+        restart: Default::default(),
+        update: Default::default(),
     }
 }
 

@@ -77,9 +77,15 @@ pub struct Task {
     pub message: String,
     /// Exit code, once exited.
     pub exit_code: Option<i32>,
+    /// The service's spec version it was created for.
+    pub spec_version: u64,
+    /// How many times its slot (its node, for global services) was
+    /// restarted before it, under the same spec version.
+    pub restarts: u64,
     /// Milliseconds since the epoch at creation.
     pub created_at_ms: u64,
-    /// Milliseconds since the epoch at the last state change.
+    /// Milliseconds since the epoch at the last state change (or shutdown
+    /// request).
     pub updated_at_ms: u64,
 }
 

@@ -12,6 +12,83 @@ use tokio::net::UnixStream;
 /// Largest request the daemon reads from its socket.
 pub const MAX_REQUEST: usize = 1 << 20;
 
+/// `--restart-*` and `--update-*` of `service create` and `service update`
+/// (durations in milliseconds).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
+pub struct Policies {
+    /// Restart tasks that exit: none, on-failure or any (default any).
+    #[arg(long)]
+    pub restart_condition: Option<String>,
+    /// Restarts per slot before giving up (default 0: no limit).
+    #[arg(long)]
+    pub restart_max_attempts: Option<u64>,
+    /// Wait between an exit and its restart, e.g. 5s, 500ms (default 5s).
+    #[arg(long, value_parser = parse_duration_ms)]
+    pub restart_delay: Option<u64>,
+    /// Tasks replaced at once by an update; 0 for all (default 1).
+    #[arg(long)]
+    pub update_parallelism: Option<u64>,
+    /// Wait between update batches, e.g. 10s (default 0s).
+    #[arg(long, value_parser = parse_duration_ms)]
+    pub update_delay: Option<u64>,
+}
+
+/// `500ms`, `5s`, `2m`, `1h` or `0` → milliseconds.
+pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    let bad = || format!("invalid duration `{text}`: use a number with ms, s, m or h, e.g. 10s");
+    if text == "0" {
+        return Ok(0);
+    }
+    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (n, unit) = text.split_at(split);
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let scale = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(scale).ok_or_else(bad)
+}
+
+/// `service update` (only what is given changes).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ServiceUpdate {
+    /// Name, ID or ID prefix.
+    pub service: String,
+    /// `--replicas`.
+    pub replicas: Option<u64>,
+    /// `--env-add K=V`.
+    pub env_add: Vec<String>,
+    /// `--env-rm K`.
+    pub env_rm: Vec<String>,
+    /// `--label-add k=v`.
+    pub label_add: Vec<String>,
+    /// `--label-rm k`.
+    pub label_rm: Vec<String>,
+    /// `--constraint-add EXPR`.
+    pub constraint_add: Vec<String>,
+    /// `--constraint-rm EXPR`.
+    pub constraint_rm: Vec<String>,
+    /// `--publish-add` (as `--publish`).
+    pub publish_add: Vec<String>,
+    /// `--publish-rm TARGET[/udp]` or `PUBLISHED:TARGET[/udp]`.
+    pub publish_rm: Vec<String>,
+    /// `--network-add` (as `--network`).
+    pub network_add: Vec<String>,
+    /// `--network-rm NET`.
+    pub network_rm: Vec<String>,
+    /// `--endpoint-mode`.
+    pub endpoint_mode: Option<String>,
+    /// A new command (empty: unchanged).
+    pub command: Vec<String>,
+    /// Replace the tasks even if nothing they run changed.
+    pub force: bool,
+    /// Restart and update settings.
+    pub policies: Policies,
+}
+
 /// A request to the daemon.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -176,7 +253,12 @@ pub enum Request {
         labels: Vec<String>,
         /// The command.
         command: Vec<String>,
+        /// Restart and update settings.
+        #[serde(default)]
+        policies: Policies,
     },
+    /// `service update`: changes to an existing service.
+    ServiceUpdate(Box<ServiceUpdate>),
     /// `service ls`.
     ServiceLs,
     /// `service ps`.

@@ -117,7 +117,7 @@ impl NetworkCmd {
                                 .as_array()
                                 .into_iter()
                                 .flatten()
-                                .map(|s| field(s, "subnet"))
+                                .map(cell)
                                 .collect();
                             vec![
                                 field(n, "id"),

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use super::output::{Format, cell, print_table};
 use super::{Client, check_failures, print_inspected};
-use crate::api::Request;
+use crate::api::{Policies, Request, ServiceUpdate};
 
 // Parsed once per run; boxing clap's variants would only add noise.
 #[allow(clippy::large_enum_variant)]
@@ -42,11 +42,68 @@ pub enum ServiceCmd {
         /// Label k=v (repeatable).
         #[arg(long)]
         label: Vec<String>,
+        /// Restart and update settings.
+        #[command(flatten)]
+        policies: Policies,
         /// Return at once instead of waiting for the tasks.
         #[arg(short, long)]
         detach: bool,
         /// The command to run, after `--`.
         #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Change a service; tasks are replaced in rolling batches when what
+    /// they run changes, and the command waits until the update is done.
+    Update {
+        /// New number of tasks.
+        #[arg(long)]
+        replicas: Option<u64>,
+        /// Add or change an environment variable K=V (repeatable).
+        #[arg(long)]
+        env_add: Vec<String>,
+        /// Remove an environment variable (repeatable).
+        #[arg(long)]
+        env_rm: Vec<String>,
+        /// Add or change a label k=v (repeatable).
+        #[arg(long)]
+        label_add: Vec<String>,
+        /// Remove a label (repeatable).
+        #[arg(long)]
+        label_rm: Vec<String>,
+        /// Add a placement constraint (repeatable).
+        #[arg(long)]
+        constraint_add: Vec<String>,
+        /// Remove a placement constraint (repeatable).
+        #[arg(long)]
+        constraint_rm: Vec<String>,
+        /// Publish another port, as --publish (repeatable).
+        #[arg(long)]
+        publish_add: Vec<String>,
+        /// Stop publishing a port: TARGET[/udp] or PUBLISHED:TARGET[/udp] (repeatable).
+        #[arg(long)]
+        publish_rm: Vec<String>,
+        /// Attach another network, as --network (repeatable).
+        #[arg(long)]
+        network_add: Vec<String>,
+        /// Detach a network (repeatable).
+        #[arg(long)]
+        network_rm: Vec<String>,
+        /// vip or dnsrr.
+        #[arg(long)]
+        endpoint_mode: Option<String>,
+        /// Replace the tasks even if nothing they run changed.
+        #[arg(long)]
+        force: bool,
+        /// Restart and update settings.
+        #[command(flatten)]
+        policies: Policies,
+        /// Return at once instead of waiting for the update.
+        #[arg(short, long)]
+        detach: bool,
+        /// Name, ID or ID prefix.
+        service: String,
+        /// A new command, after `--`.
+        #[arg(last = true)]
         command: Vec<String>,
     },
     /// List services.
@@ -99,14 +156,11 @@ fn field(v: &Value, key: &str) -> String {
 }
 
 fn replicas(v: &Value) -> String {
-    format!(
-        "{}/{}",
-        field(&v["replicas"], "running"),
-        field(&v["replicas"], "desired")
-    )
+    format!("{}/{}", field(v, "running"), field(v, "replicas"))
 }
 
-/// Waits until `service` runs all its tasks, printing progress.
+/// Waits until `service` runs all its tasks at its current version,
+/// printing progress.
 async fn converge(client: &Client, service: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut last = String::new();
@@ -116,12 +170,21 @@ async fn converge(client: &Client, service: &str) -> anyhow::Result<()> {
                 service: service.to_owned(),
             })
             .await?;
-        let now = replicas(&v);
+        let mut now = format!("{} tasks running", replicas(&v));
+        if let Some(status) = v["update_status"].as_str() {
+            now = format!("{now}, {} up to date ({status})", field(&v, "up_to_date"));
+            if status.starts_with("update paused") {
+                println!("{service}: {now}");
+                anyhow::bail!(
+                    "service {service}: {status}; fix the service and run `shoal service update --force {service}`"
+                );
+            }
+        }
         if now != last {
-            println!("{service}: {now} tasks running");
+            println!("{service}: {now}");
             last = now;
         }
-        if v["replicas"]["running"] == v["replicas"]["desired"] {
+        if v["running"] == v["replicas"] && v["up_to_date"] == v["replicas"] {
             println!("{service}: converged");
             return Ok(());
         }
@@ -164,6 +227,7 @@ impl ServiceCmd {
                 constraint,
                 env,
                 label,
+                policies,
                 detach,
                 command,
             } => {
@@ -179,9 +243,55 @@ impl ServiceCmd {
                         env,
                         labels: label,
                         command,
+                        policies,
                     })
                     .await?;
                 println!("{}", field(&v, "id"));
+                if !detach {
+                    converge(client, &name).await?;
+                }
+            }
+            ServiceCmd::Update {
+                replicas,
+                env_add,
+                env_rm,
+                label_add,
+                label_rm,
+                constraint_add,
+                constraint_rm,
+                publish_add,
+                publish_rm,
+                network_add,
+                network_rm,
+                endpoint_mode,
+                force,
+                policies,
+                detach,
+                service,
+                command,
+            } => {
+                let v = client
+                    .call(&Request::ServiceUpdate(Box::new(ServiceUpdate {
+                        service,
+                        replicas,
+                        env_add,
+                        env_rm,
+                        label_add,
+                        label_rm,
+                        constraint_add,
+                        constraint_rm,
+                        publish_add,
+                        publish_rm,
+                        network_add,
+                        network_rm,
+                        endpoint_mode,
+                        command,
+                        force,
+                        policies,
+                    })))
+                    .await?;
+                let name = field(&v, "name");
+                println!("{name}");
                 if !detach {
                     converge(client, &name).await?;
                 }

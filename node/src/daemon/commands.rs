@@ -146,6 +146,7 @@ pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
             env,
             labels,
             command,
+            policies,
         } => {
             let args = super::services::CreateArgs {
                 name,
@@ -158,9 +159,11 @@ pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
                 env,
                 labels,
                 command,
+                policies,
             };
             super::services::create(d, args).await
         }
+        Request::ServiceUpdate(args) => super::services::update(d, *args).await,
         Request::ServiceLs => super::services::ls(d).await,
         Request::ServicePs { service } => super::services::ps(d, &service).await,
         Request::ServiceInspect { service } => super::services::inspect(d, &service).await,

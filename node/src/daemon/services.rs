@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use anyhow::{anyhow, bail};
 use serde_json::{Value, json};
 use shoal_mesh::service::{
-    Attachment, EndpointMode, PortSpec, Protocol, PublishMode, Service, ServiceMode, ServiceSpec,
+    Attachment, EndpointMode, PortSpec, Protocol, PublishMode, RestartCondition, Service,
+    ServiceMode, ServiceSpec,
 };
 use shoal_mesh::task::{DesiredState, Task};
 use shoal_mesh::{ClusterState, Command};
@@ -13,7 +14,7 @@ use shoal_mesh::{ClusterState, Command};
 use super::Daemon;
 use super::commands::member;
 use super::peer::now_ms;
-use crate::api::Reply;
+use crate::api::{Policies, Reply, ServiceUpdate};
 
 /// The raw `service create` arguments.
 pub struct CreateArgs {
@@ -37,6 +38,8 @@ pub struct CreateArgs {
     pub labels: Vec<String>,
     /// The command.
     pub command: Vec<String>,
+    /// `--restart-*`, `--update-*`.
+    pub policies: Policies,
 }
 
 fn port_number(text: &str, what: &str) -> anyhow::Result<u16> {
@@ -119,6 +122,60 @@ fn key_values(items: &[String], flag: &str) -> anyhow::Result<BTreeMap<String, S
         .collect()
 }
 
+/// `--network NET` or `--network name=NET,alias=A`.
+fn parse_network(state: &ClusterState, n: &str) -> anyhow::Result<Attachment> {
+    let (name, aliases) = if n.contains('=') {
+        let kv = key_values(
+            &n.split(',').map(str::to_owned).collect::<Vec<_>>(),
+            "--network",
+        )?;
+        let name = kv
+            .get("name")
+            .cloned()
+            .ok_or_else(|| anyhow!("invalid --network `{n}`: name= is required"))?;
+        (name, kv.get("alias").cloned().into_iter().collect())
+    } else {
+        (n.to_owned(), Vec::new())
+    };
+    let net = state.resolve_network(&name).ok_or_else(|| {
+        anyhow!("network `{name}` not found (create it with `shoal network create {name}`)")
+    })?;
+    Ok(Attachment {
+        network: net.id.clone(),
+        aliases,
+    })
+}
+
+fn parse_constraint(c: &str) -> anyhow::Result<shoal_mesh::constraint::Constraint> {
+    c.parse()
+        .map_err(|e: shoal_mesh::constraint::ConstraintError| anyhow!(e))
+}
+
+/// Applies the `--restart-*` / `--update-*` flags given to `spec`.
+fn apply_policies(spec: &mut ServiceSpec, p: &Policies) -> anyhow::Result<()> {
+    if let Some(c) = &p.restart_condition {
+        spec.restart.condition = match c.as_str() {
+            "none" => RestartCondition::None,
+            "on-failure" => RestartCondition::OnFailure,
+            "any" => RestartCondition::Any,
+            other => bail!("invalid --restart-condition `{other}`: use none, on-failure or any"),
+        };
+    }
+    if let Some(n) = p.restart_max_attempts {
+        spec.restart.max_attempts = n;
+    }
+    if let Some(d) = p.restart_delay {
+        spec.restart.delay_ms = d;
+    }
+    if let Some(n) = p.update_parallelism {
+        spec.update.parallelism = n;
+    }
+    if let Some(d) = p.update_delay {
+        spec.update.delay_ms = d;
+    }
+    Ok(())
+}
+
 fn parse_spec(state: &ClusterState, a: CreateArgs) -> anyhow::Result<ServiceSpec> {
     let mode = match (a.mode.as_str(), a.replicas) {
         ("replicated", r) => ServiceMode::Replicated(r.unwrap_or(1)),
@@ -134,28 +191,7 @@ fn parse_spec(state: &ClusterState, a: CreateArgs) -> anyhow::Result<ServiceSpec
     let networks = a
         .networks
         .iter()
-        .map(|n| {
-            let (name, aliases) = if n.contains('=') {
-                let kv = key_values(
-                    &n.split(',').map(str::to_owned).collect::<Vec<_>>(),
-                    "--network",
-                )?;
-                let name = kv
-                    .get("name")
-                    .cloned()
-                    .ok_or_else(|| anyhow!("invalid --network `{n}`: name= is required"))?;
-                (name, kv.get("alias").cloned().into_iter().collect())
-            } else {
-                (n.clone(), Vec::new())
-            };
-            let net = state.resolve_network(&name).ok_or_else(|| {
-                anyhow!("network `{name}` not found (create it with `shoal network create {name}`)")
-            })?;
-            Ok(Attachment {
-                network: net.id.clone(),
-                aliases,
-            })
-        })
+        .map(|n| parse_network(state, n))
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(ServiceSpec {
         name: a.name,
@@ -170,15 +206,110 @@ fn parse_spec(state: &ClusterState, a: CreateArgs) -> anyhow::Result<ServiceSpec
         constraints: a
             .constraints
             .iter()
-            .map(|c| {
-                c.parse()
-                    .map_err(|e: shoal_mesh::constraint::ConstraintError| anyhow!(e))
-            })
+            .map(|c| parse_constraint(c))
             .collect::<anyhow::Result<_>>()?,
         env: key_values(&a.env, "--env")?,
         command: a.command,
         labels: key_values(&a.labels, "--label")?,
+        restart: Default::default(),
+        update: Default::default(),
     })
+    .and_then(|mut spec| {
+        apply_policies(&mut spec, &a.policies)?;
+        Ok(spec)
+    })
+}
+
+/// Whether a published port matches a `--publish-rm` argument: its target
+/// (`80`, `80/udp`) or published and target (`8080:80`).
+fn port_matches(p: &PortSpec, text: &str) -> anyhow::Result<bool> {
+    let asked = parse_publish(text).map_err(|_| {
+        anyhow!("invalid --publish-rm `{text}`: use TARGET[/udp] or PUBLISHED:TARGET[/udp]")
+    })?;
+    Ok(p.target == asked.target
+        && p.protocol == asked.protocol
+        && asked.published.is_none_or(|a| p.published == Some(a)))
+}
+
+/// The spec `service update` asks for: `old` with the changes applied.
+fn updated_spec(
+    state: &ClusterState,
+    old: &ServiceSpec,
+    u: &ServiceUpdate,
+) -> anyhow::Result<ServiceSpec> {
+    let mut spec = old.clone();
+    if let Some(r) = u.replicas {
+        match spec.mode {
+            ServiceMode::Replicated(_) => spec.mode = ServiceMode::Replicated(r),
+            ServiceMode::Global => bail!(
+                "service `{}` is global: it runs one task per node, --replicas does not apply",
+                old.name
+            ),
+        }
+    }
+    for k in &u.env_rm {
+        spec.env.remove(k);
+    }
+    spec.env.extend(key_values(&u.env_add, "--env-add")?);
+    for k in &u.label_rm {
+        spec.labels.remove(k);
+    }
+    spec.labels.extend(key_values(&u.label_add, "--label-add")?);
+    for c in &u.constraint_rm {
+        let c = parse_constraint(c)?;
+        spec.constraints.retain(|x| *x != c);
+    }
+    for c in &u.constraint_add {
+        let c = parse_constraint(c)?;
+        if !spec.constraints.contains(&c) {
+            spec.constraints.push(c);
+        }
+    }
+    for text in &u.publish_rm {
+        let before = spec.ports.len();
+        let mut err = None;
+        spec.ports.retain(|p| match port_matches(p, text) {
+            Ok(m) => !m,
+            Err(e) => {
+                err = Some(e);
+                true
+            }
+        });
+        if let Some(e) = err {
+            return Err(e);
+        }
+        if spec.ports.len() == before {
+            bail!("--publish-rm `{text}`: the service publishes no such port");
+        }
+    }
+    for text in &u.publish_add {
+        spec.ports.push(parse_publish(text)?);
+    }
+    for n in &u.network_rm {
+        let net = state
+            .resolve_network(n)
+            .ok_or_else(|| anyhow!("network `{n}` not found"))?;
+        let before = spec.networks.len();
+        spec.networks.retain(|a| a.network != net.id);
+        if spec.networks.len() == before {
+            bail!("--network-rm `{n}`: the service is not attached to it");
+        }
+    }
+    for n in &u.network_add {
+        spec.networks.push(parse_network(state, n)?);
+    }
+    if let Some(m) = &u.endpoint_mode {
+        spec.endpoint_mode = match m.as_str() {
+            "vip" => EndpointMode::Vip,
+            "dnsrr" => EndpointMode::Dnsrr,
+            other => bail!("invalid --endpoint-mode `{other}`: use vip or dnsrr"),
+        };
+    }
+    if !u.command.is_empty() {
+        spec.command.clone_from(&u.command);
+    }
+    apply_policies(&mut spec, &u.policies)?;
+    Ok(spec)
 }
 
 fn resolve<'a>(state: &'a ClusterState, reference: &str) -> anyhow::Result<&'a Service> {
@@ -216,20 +347,55 @@ fn view(state: &ClusterState, s: &Service) -> Value {
             .map(|n| n.spec.name.clone())
             .unwrap_or_else(|| id.to_owned())
     };
+    let up_to_date = state
+        .tasks
+        .values()
+        .filter(|t| {
+            t.service_id == s.id
+                && t.is_active()
+                && t.state == shoal_mesh::task::TaskState::Running
+                && t.spec_version == s.version
+        })
+        .count();
+    let outdated = state
+        .tasks
+        .values()
+        .filter(|t| t.service_id == s.id && t.is_active() && t.spec_version < s.version)
+        .count();
+    let update_status = match shoal_mesh::orchestrator::update_paused(state, s) {
+        Some(why) => Some(why),
+        None if outdated > 0 => Some(format!("updating: {outdated} task(s) to replace")),
+        None if s.version > 1 => Some("completed".to_owned()),
+        None => None,
+    };
     json!({
         "id": s.id,
         "name": s.spec.name,
         "mode": match s.spec.mode { ServiceMode::Replicated(_) => "replicated", ServiceMode::Global => "global" },
-        "replicas": { "running": running, "desired": desired(state, s) },
+        "replicas": desired(state, s),
+        "running": running,
+        "up_to_date": up_to_date,
+        "version": s.version,
+        "update_status": update_status,
         "command": s.spec.command,
         "endpoint_mode": s.spec.endpoint_mode,
         "networks": s.spec.networks.iter().map(|a| json!({"network": net_name(&a.network), "aliases": a.aliases})).collect::<Vec<_>>(),
-        "vips": s.vips.iter().map(|(n, ip)| json!({"network": net_name(n), "addr": ip.to_string()})).collect::<Vec<_>>(),
+        "vips": s.vips.iter().map(|(n, ip)| (net_name(n), ip.to_string())).collect::<BTreeMap<_, _>>(),
         "ports": s.ports,
         "constraints": s.spec.constraints.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
         "env": s.spec.env,
         "labels": s.spec.labels,
+        "restart_policy": {
+            "condition": s.spec.restart.condition.as_str(),
+            "max_attempts": s.spec.restart.max_attempts,
+            "delay_ms": s.spec.restart.delay_ms,
+        },
+        "update_config": {
+            "parallelism": s.spec.update.parallelism,
+            "delay_ms": s.spec.update.delay_ms,
+        },
         "created_at_ms": s.created_at_ms,
+        "updated_at_ms": s.updated_at_ms,
     })
 }
 
@@ -246,9 +412,13 @@ fn task_view(state: &ClusterState, s: &Service, t: &Task) -> Value {
         "id": t.id,
         "name": name,
         "node": t.node.and_then(|n| state.nodes.get(&n)).map(|n| n.hostname.clone()),
+        "node_id": t.node.map(|n| n.to_string()),
         "desired_state": t.desired,
         "state": t.state,
         "message": t.message,
+        "error": if matches!(t.state, shoal_mesh::task::TaskState::Failed | shoal_mesh::task::TaskState::Pending) { t.message.as_str() } else { "" },
+        "spec_version": t.spec_version,
+        "restarts": t.restarts,
         "exit_code": t.exit_code,
         "addresses": t.addresses.iter().map(|(n, ip)| (state.networks.get(n).map(|x| x.spec.name.clone()).unwrap_or_else(|| n.clone()), ip.to_string())).collect::<BTreeMap<_, _>>(),
         "updated_at_ms": t.updated_at_ms,
@@ -294,6 +464,45 @@ pub async fn create(d: &Daemon, args: CreateArgs) -> anyhow::Result<Reply> {
         .services
         .get(&id)
         .ok_or_else(|| anyhow!("service created but not yet in this node's copy"))?;
+    Ok(Reply::ok(view(&state, s)))
+}
+
+/// `service update`.
+pub async fn update(d: &Daemon, u: ServiceUpdate) -> anyhow::Result<Reply> {
+    let m = member(d).await?;
+    let names: Vec<String> = u
+        .network_add
+        .iter()
+        .map(|n| {
+            n.split(',')
+                .find_map(|kv| kv.strip_prefix("name="))
+                .unwrap_or(n)
+                .to_owned()
+        })
+        .collect();
+    m.wait_for(std::time::Duration::from_secs(2), |s| {
+        names.iter().all(|n| s.resolve_network(n).is_some())
+    })
+    .await;
+    let state = m.state.state();
+    let s = resolve(&state, &u.service)?;
+    let spec = updated_spec(&state, &s.spec, &u)?;
+    let id = s.id.clone();
+    let before = s.updated_at_ms;
+    let now = now_ms().max(before + 1);
+    m.propose(Command::UpdateService {
+        id: id.clone(),
+        spec,
+        force: u.force,
+        now_ms: now,
+    })
+    .await?;
+    m.wait_for(std::time::Duration::from_secs(5), |s| {
+        s.services.get(&id).is_some_and(|s| s.updated_at_ms == now)
+    })
+    .await;
+    let state = m.state.state();
+    let s = resolve(&state, &id)?;
     Ok(Reply::ok(view(&state, s)))
 }
 
