@@ -377,11 +377,41 @@ impl Cluster {
     }
 }
 
+/// Kills, with their process groups, the processes whose command line
+/// mentions `dir`: task shims (each leads the session of its task) left
+/// behind by daemons that were killed.
+pub fn kill_processes_under(dir: &Path) {
+    let needle = dir.to_string_lossy().into_owned();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for p in procs.flatten() {
+        let name = p.file_name().to_string_lossy().into_owned();
+        if name.parse::<u32>().is_err() || name == std::process::id().to_string() {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmdline).contains(&needle) {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{name}")])
+                .stderr(Stdio::null())
+                .status();
+            let _ = Command::new("kill")
+                .args(["-KILL", &name])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         for i in 0..self.hosts.len() {
             self.kill(i);
         }
+        kill_processes_under(self.dir.path());
         if std::thread::panicking() {
             for (i, h) in self.hosts.iter().enumerate() {
                 eprintln!("----- {} daemon log -----\n{}", h.name, self.log(i));

@@ -11,9 +11,13 @@ use shoal_integration::Cluster;
 
 const CONVERGE: Duration = Duration::from_secs(30);
 
-/// Running processes whose command line contains `marker`.
+/// Running processes whose command line starts with `marker` (not the
+/// task shims, whose command lines end with it).
 fn processes(marker: &str) -> usize {
-    let out = Command::new("pgrep").args(["-f", marker]).output().unwrap();
+    let out = Command::new("pgrep")
+        .args(["-f", &format!("^{marker}")])
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout).lines().count()
 }
 
@@ -116,9 +120,15 @@ fn replicas_run_as_processes_spread_over_nodes_and_move_off_a_dead_node() {
     })
     .unwrap();
     c.shoal_ok(0, &["service", "rm", "echo"]).unwrap();
-    c.wait_until("the processes to stop", CONVERGE, |_| {
-        // node3's orphan was killed with its daemon's host; count the live nodes'.
-        Ok(processes(&format!("sleep {marker}")) <= 1)
+    // The killed daemon's task kept running (tasks outlive their daemon);
+    // once node3 is back, it finds the task gone from the store and stops it.
+    c.wait_until("the live nodes' processes to stop", CONVERGE, |_| {
+        Ok(processes(&format!("sleep {marker}")) == 1)
+    })
+    .unwrap();
+    c.start_daemon(2).unwrap();
+    c.wait_until("node3's orphan to stop", CONVERGE, |_| {
+        Ok(processes(&format!("sleep {marker}")) == 0)
     })
     .unwrap();
     assert!(

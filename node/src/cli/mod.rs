@@ -51,6 +51,9 @@ enum Cmd {
     /// Diagnostics.
     #[command(subcommand)]
     Debug(debug::DebugCmd),
+    /// Supervises one task's process (started by the daemon).
+    #[command(hide = true)]
+    TaskShim(crate::daemon::shim::ShimArgs),
     /// Show this node's swarm status.
     Info {
         /// Output format: `table` or `json`.
@@ -65,6 +68,7 @@ impl Cli {
         let socket = self.socket;
         match self.command {
             Cmd::Daemon(args) => args.exec(socket).await,
+            Cmd::TaskShim(args) => crate::daemon::shim::run(args).await,
             Cmd::Swarm(cmd) => cmd.exec(&Client(socket)).await,
             Cmd::Node(cmd) => cmd.exec(&Client(socket)).await,
             Cmd::Debug(cmd) => cmd.exec(&Client(socket)).await,

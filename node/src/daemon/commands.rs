@@ -679,6 +679,7 @@ async fn leave(d: &Arc<Daemon>, force: bool) -> anyhow::Result<Reply> {
     m.gossip.ask(GossipCmd::LeaveCluster).await;
     m.shutdown().await;
     *slot = None;
+    super::executor::stop_all(&d.dir.0).await;
     d.dir.wipe()?;
     let mut reply = Reply::ok(json!({ "left": m.id.to_string() }));
     reply.warnings = warnings;

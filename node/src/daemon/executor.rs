@@ -7,20 +7,28 @@
 //! address 127.0.0.11 (`unshare --net --mount`, then `ip link set lo up` and
 //! a bind mount, then `exec` of the task's command). Without root, tasks run
 //! as plain child processes and the log says so. Output goes to
-//! `STATE_DIR/tasks/<task id>.log`. A daemon restart does not re-adopt
-//! running tasks (they are marked failed and replaced).
+//! `STATE_DIR/tasks/<task id>.log`.
+//!
+//! Each task runs under a `shoal task-shim` (see `shim.rs`) in a session of
+//! its own, so that stopping or killing the daemon leaves tasks running: a
+//! restarted daemon re-adopts them from their pid files, and learns how a
+//! task that ended meanwhile exited from its exit record. Tasks stop when
+//! the store says so (SIGTERM, SIGKILL after 10 s) or on `swarm leave`.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::Weak;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use shoal_mesh::Command;
-use shoal_mesh::task::{DesiredState, TaskState};
+use nix::sys::signal::Signal;
+use shoal_mesh::task::{DesiredState, Task, TaskState};
+use shoal_mesh::{ClusterState, Command};
 use tokio::process::Child;
 
 use super::member::Member;
 use super::peer::now_ms;
+use super::shim::{self, Pids};
 
 const INTERVAL: Duration = Duration::from_millis(300);
 
@@ -80,7 +88,8 @@ fn find_program(program: &str) -> Result<(), String> {
     }
 }
 
-fn is_root() -> bool {
+/// Whether this process runs as root (tasks get their own namespaces).
+pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -89,6 +98,138 @@ fn is_root() -> bool {
                 .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
         })
         .unwrap_or(false)
+}
+
+/// Time a task gets between SIGTERM and SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// A task this executor watches.
+struct Supervised {
+    /// The shim, when this daemon started it (else it was re-adopted).
+    shim: Option<Child>,
+    /// Its pids, once known.
+    pids: Option<Pids>,
+    /// When SIGTERM was sent.
+    stopping: Option<Instant>,
+}
+
+impl Supervised {
+    /// Whether the shim has ended.
+    fn ended(&mut self, dir: &Path, id: &str) -> bool {
+        if self.pids.is_none() {
+            self.pids = shim::read_pids(dir, id);
+        }
+        match &mut self.shim {
+            Some(c) => !matches!(c.try_wait(), Ok(None)),
+            None => self.pids.as_ref().is_none_or(|p| !shim::alive(p)),
+        }
+    }
+
+    fn stop(&mut self) {
+        if self.stopping.is_some() {
+            return;
+        }
+        self.stopping = Some(Instant::now());
+        match (&self.shim, &self.pids) {
+            (Some(c), _) => {
+                if let Some(pid) = c.id() {
+                    shim::signal(pid, Signal::SIGTERM);
+                }
+            }
+            (None, Some(p)) => shim::signal(p.shim, Signal::SIGTERM),
+            (None, None) => {}
+        }
+    }
+
+    /// A shim that did not end long after SIGTERM is killed with its task.
+    fn enforce(&mut self) {
+        if self
+            .stopping
+            .is_some_and(|t| t.elapsed() > STOP_GRACE + Duration::from_secs(5))
+        {
+            if let Some(p) = &self.pids {
+                shim::signal(p.child, Signal::SIGKILL);
+                shim::signal(p.shim, Signal::SIGKILL);
+            }
+            if let Some(c) = &mut self.shim {
+                let _ = c.start_kill();
+            }
+        }
+    }
+}
+
+/// What a task's exit record says, as a state and message.
+fn outcome(dir: &Path, id: &str) -> (TaskState, String, Option<i32>) {
+    match shim::read_exit(dir, id) {
+        Some(shim::ExitRecord { error: Some(e), .. }) => (TaskState::Failed, e, None),
+        Some(shim::ExitRecord { code: Some(0), .. }) => {
+            (TaskState::Complete, "finished".into(), Some(0))
+        }
+        Some(shim::ExitRecord { code: Some(c), .. }) => (
+            TaskState::Failed,
+            format!("exited with status {c}"),
+            Some(c),
+        ),
+        Some(shim::ExitRecord {
+            signal: Some(s), ..
+        }) => (TaskState::Failed, format!("killed by signal {s}"), None),
+        _ => (
+            TaskState::Failed,
+            "the task's supervisor ended without recording how the task exited".into(),
+            None,
+        ),
+    }
+}
+
+/// `SERVICE.SLOT`, or `SERVICE.NODE` for global services.
+pub fn task_name(state: &ClusterState, t: &Task) -> String {
+    let service = state
+        .services
+        .get(&t.service_id)
+        .map(|s| s.spec.name.as_str())
+        .unwrap_or("?");
+    match (t.slot, t.node) {
+        (Some(slot), _) => format!("{service}.{slot}"),
+        (None, Some(n)) => format!("{service}.{n}"),
+        (None, None) => format!("{service}.{}", t.id),
+    }
+}
+
+/// Every task process this node's shims run (by task ID), whatever the
+/// store says: for re-adoption and for `swarm leave`.
+fn shims_on_disk(dir: &Path) -> BTreeMap<String, Pids> {
+    let mut found = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(id) = name.strip_suffix(".pid")
+            && let Some(p) = shim::read_pids(dir, id)
+            && shim::alive(&p)
+        {
+            found.insert(id.to_owned(), p);
+        }
+    }
+    found
+}
+
+/// Stops every task this node runs and waits (up to the grace period and a
+/// little) for them to end: `swarm leave`.
+pub async fn stop_all(state_dir: &Path) {
+    let dir = state_dir.join("tasks");
+    let shims = shims_on_disk(&dir);
+    for p in shims.values() {
+        shim::signal(p.shim, Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + STOP_GRACE + Duration::from_secs(2);
+    while shims.values().any(shim::alive) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for p in shims.values().filter(|p| shim::alive(p)) {
+        shim::signal(p.child, Signal::SIGKILL);
+        shim::signal(p.shim, Signal::SIGKILL);
+    }
 }
 
 async fn report(m: &Member, id: &str, state: TaskState, message: String, exit_code: Option<i32>) {
@@ -104,80 +245,193 @@ async fn report(m: &Member, id: &str, state: TaskState, message: String, exit_co
     }
 }
 
+/// Starts task `t` under a shim; reports failure to start.
+async fn start(m: &Member, state: &ClusterState, t: &Task) -> Option<Supervised> {
+    let service = state.services.get(&t.service_id)?;
+    let (program, _) = service.spec.command.split_first()?;
+    if let Err(msg) = find_program(program) {
+        report(m, &t.id, TaskState::Failed, msg, None).await;
+        return None;
+    }
+    let dir = m.dir.0.join("tasks");
+    let hostname = state
+        .nodes
+        .get(&m.id)
+        .map(|n| n.hostname.clone())
+        .unwrap_or_default();
+    let spawned = std::fs::create_dir_all(&dir).and_then(|()| {
+        for ext in ["exit", "pid"] {
+            let _ = std::fs::remove_file(shim::file(&dir, &t.id, ext));
+        }
+        let log = std::fs::File::create(shim::file(&dir, &t.id, "log"))?;
+        let exe = std::env::current_exe()?;
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.arg("task-shim")
+            .arg("--dir")
+            .arg(&dir)
+            .args(["--id", &t.id])
+            .arg("--stop-grace-ms")
+            .arg(STOP_GRACE.as_millis().to_string())
+            .arg("--");
+        if is_root() {
+            let resolv = shim::file(&dir, &t.id, "resolv.conf");
+            std::fs::write(&resolv, "nameserver 127.0.0.11\noptions ndots:0\n")?;
+            cmd.args(["unshare", "--net", "--mount", "--propagation", "private"])
+                .args(["sh", "-c", SANDBOX_INIT])
+                .arg(&resolv);
+        } else {
+            tracing::warn!(task = %t.id, "not root: the task runs without its own network namespace");
+        }
+        cmd.args(&service.spec.command)
+            .envs(&service.spec.env)
+            .env("SHOAL_TASK_ID", &t.id)
+            .env("SHOAL_TASK_NAME", task_name(state, t))
+            .env("SHOAL_SERVICE_NAME", &service.spec.name)
+            .env("SHOAL_SERVICE_ID", &service.id)
+            .env(
+                "SHOAL_TASK_SLOT",
+                t.slot.map(|s| s.to_string()).unwrap_or_default(),
+            )
+            .env("SHOAL_NODE_ID", m.id.to_string())
+            .env("SHOAL_NODE_HOSTNAME", hostname)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+    });
+    match spawned {
+        Ok(child) => {
+            report(m, &t.id, TaskState::Running, String::new(), None).await;
+            Some(Supervised {
+                shim: Some(child),
+                pids: None,
+                stopping: None,
+            })
+        }
+        Err(e) => {
+            let msg = format!("cannot start the task's supervisor: {e}");
+            report(m, &t.id, TaskState::Failed, msg, None).await;
+            None
+        }
+    }
+}
+
+/// Re-adopts the tasks a previous daemon started on this node: live ones
+/// are watched again, ended ones reported with their exit record, and
+/// processes the store no longer knows are stopped.
+async fn adopt(m: &Member, state: &ClusterState) -> BTreeMap<String, Supervised> {
+    let dir = m.dir.0.join("tasks");
+    let mut alive = shims_on_disk(&dir);
+    let mut running = BTreeMap::new();
+    let mine = state
+        .tasks
+        .values()
+        .filter(|t| t.node == Some(m.id) && !t.state.is_terminal());
+    for t in mine {
+        match alive.remove(&t.id) {
+            Some(p) => {
+                tracing::info!(task = %t.id, pid = p.child, "re-adopted a running task");
+                running.insert(
+                    t.id.clone(),
+                    Supervised {
+                        shim: None,
+                        pids: Some(p),
+                        stopping: None,
+                    },
+                );
+            }
+            None if matches!(t.state, TaskState::Starting | TaskState::Running) => {
+                let (st, msg, code) = if shim::read_exit(&dir, &t.id).is_some() {
+                    outcome(&dir, &t.id)
+                } else {
+                    (
+                        TaskState::Failed,
+                        "its process was gone when the node's daemon restarted".into(),
+                        None,
+                    )
+                };
+                let st = if t.desired == DesiredState::Running {
+                    st
+                } else {
+                    TaskState::Shutdown
+                };
+                report(m, &t.id, st, msg, code).await;
+            }
+            None => {}
+        }
+    }
+    for (id, p) in alive {
+        tracing::info!(task = %id, "stopping a task the store no longer runs here");
+        shim::signal(p.shim, Signal::SIGTERM);
+    }
+    running
+}
+
 pub(super) async fn executor_loop(member: Weak<Member>) {
-    let mut running: BTreeMap<String, Child> = BTreeMap::new();
-    let mut changes = match member.upgrade() {
-        Some(m) => m.state.changes(),
+    let (mut changes, mut running) = match member.upgrade() {
+        Some(m) => {
+            let state = m.state.state();
+            (m.state.changes(), adopt(&m, &state).await)
+        }
         None => return,
     };
     loop {
         let _ = tokio::time::timeout(INTERVAL, changes.changed()).await;
-        let Some(m) = member.upgrade() else {
-            for (_, mut c) in running {
-                let _ = c.kill().await;
-            }
-            return;
-        };
+        // The daemon is shutting down: tasks keep running, to be re-adopted.
+        let Some(m) = member.upgrade() else { return };
         let state = m.state.state();
-        // Exited processes.
-        let ids: Vec<String> = running.keys().cloned().collect();
-        for id in ids {
-            let exited = running
-                .get_mut(&id)
-                .and_then(|c| c.try_wait().ok().flatten());
-            if let Some(status) = exited {
-                running.remove(&id);
-                let code = status.code();
-                let (st, msg) = if status.success() {
-                    (TaskState::Complete, "finished".to_owned())
-                } else {
-                    (TaskState::Failed, format!("exited with {status}"))
-                };
-                let wanted = state
-                    .tasks
-                    .get(&id)
-                    .is_some_and(|t| t.desired == DesiredState::Running);
-                let st = if wanted { st } else { TaskState::Shutdown };
-                report(&m, &id, st, msg, code).await;
+        let dir = m.dir.0.join("tasks");
+        // Ended tasks.
+        let ended: Vec<String> = running
+            .iter_mut()
+            .filter_map(|(id, s)| s.ended(&dir, id).then(|| id.clone()))
+            .collect();
+        for id in ended {
+            let Some(sup) = running.remove(&id) else {
+                continue;
+            };
+            let Some(t) = state.tasks.get(&id) else {
+                continue;
+            };
+            if t.state.is_terminal() {
+                continue;
             }
+            let (st, msg, code) = outcome(&dir, &id);
+            let (st, msg) = if t.desired == DesiredState::Running && sup.stopping.is_none() {
+                (st, msg)
+            } else {
+                (TaskState::Shutdown, "stopped".to_owned())
+            };
+            report(&m, &id, st, msg, code).await;
         }
         // A running process whose state did not reach the store (a write
         // lost to a leader change) is reported again.
         let unreported: Vec<String> = running
-            .keys()
-            .filter(|id| {
-                state
-                    .tasks
-                    .get(*id)
-                    .is_some_and(|t| matches!(t.state, TaskState::Assigned | TaskState::Starting))
+            .iter()
+            .filter(|(id, s)| {
+                s.stopping.is_none()
+                    && state.tasks.get(*id).is_some_and(|t| {
+                        matches!(t.state, TaskState::Assigned | TaskState::Starting)
+                    })
             })
-            .cloned()
+            .map(|(id, _)| id.clone())
             .collect();
         for id in unreported {
             report(&m, &id, TaskState::Running, String::new(), None).await;
         }
         // Tasks to stop: gone from the store, or desired shutdown.
-        let stop: Vec<String> = running
-            .keys()
-            .filter(|id| {
-                state
-                    .tasks
-                    .get(*id)
-                    .is_none_or(|t| t.desired == DesiredState::Shutdown)
-            })
-            .cloned()
-            .collect();
-        for id in stop {
-            if let Some(mut c) = running.remove(&id) {
-                let _ = c.kill().await;
-                let _ = c.wait().await;
-                if state.tasks.contains_key(&id) {
-                    report(&m, &id, TaskState::Shutdown, "stopped".into(), None).await;
-                }
+        for (id, sup) in running.iter_mut() {
+            let wanted = state
+                .tasks
+                .get(id)
+                .is_some_and(|t| t.desired == DesiredState::Running);
+            if !wanted {
+                sup.stop();
             }
+            sup.enforce();
         }
         // Tasks to start.
-        let mine: Vec<_> = state
+        let mine: Vec<Task> = state
             .tasks
             .values()
             .filter(|t| t.node == Some(m.id) && t.desired == DesiredState::Running)
@@ -192,73 +446,13 @@ pub(super) async fn executor_loop(member: Weak<Member>) {
             .collect();
         for t in mine {
             if t.state != TaskState::Assigned {
-                // It was running under an earlier daemon: not re-adopted.
-                report(
-                    &m,
-                    &t.id,
-                    TaskState::Failed,
-                    "the node's daemon restarted".into(),
-                    None,
-                )
-                .await;
-                continue;
-            }
-            let Some(service) = state.services.get(&t.service_id) else {
-                continue;
-            };
-            let Some((program, args)) = service.spec.command.split_first() else {
-                continue;
-            };
-            if let Err(msg) = find_program(program) {
+                // Its process is gone (not re-adopted at start).
+                let msg = "its process was gone when the node's daemon restarted".into();
                 report(&m, &t.id, TaskState::Failed, msg, None).await;
                 continue;
             }
-            let dir = m.dir.0.join("tasks");
-            let log = std::fs::create_dir_all(&dir)
-                .and_then(|()| std::fs::File::create(dir.join(format!("{}.log", t.id))));
-            let resolv = dir.join(format!("{}.resolv.conf", t.id));
-            let spawned = log.and_then(|log| {
-                let err = log.try_clone()?;
-                let mut cmd = if is_root() {
-                    std::fs::write(&resolv, "nameserver 127.0.0.11\noptions ndots:0\n")?;
-                    let mut c = tokio::process::Command::new("unshare");
-                    c.args(["--net", "--mount", "--propagation", "private", "sh", "-c", SANDBOX_INIT])
-                        .arg(&resolv)
-                        .arg(program);
-                    c
-                } else {
-                    tracing::warn!(task = %t.id, "not root: the task runs without its own network namespace");
-                    tokio::process::Command::new(program)
-                };
-                cmd.args(args)
-                    .envs(&service.spec.env)
-                    .env("SHOAL_TASK_ID", &t.id)
-                    .env("SHOAL_SERVICE_NAME", &service.spec.name)
-                    .env(
-                        "SHOAL_TASK_SLOT",
-                        t.slot.map(|s| s.to_string()).unwrap_or_default(),
-                    )
-                    .stdin(Stdio::null())
-                    .stdout(log)
-                    .stderr(err)
-                    .kill_on_drop(true)
-                    .spawn()
-            });
-            match spawned {
-                Ok(child) => {
-                    running.insert(t.id.clone(), child);
-                    report(&m, &t.id, TaskState::Running, String::new(), None).await;
-                }
-                Err(e) => {
-                    report(
-                        &m,
-                        &t.id,
-                        TaskState::Failed,
-                        format!("cannot start `{program}`: {e}"),
-                        None,
-                    )
-                    .await;
-                }
+            if let Some(sup) = start(&m, &state, &t).await {
+                running.insert(t.id.clone(), sup);
             }
         }
     }

@@ -15,6 +15,7 @@ pub mod peer;
 pub mod pki;
 pub mod recovery;
 pub mod services;
+pub mod shim;
 pub mod transport;
 pub mod wire;
 

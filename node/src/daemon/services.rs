@@ -399,15 +399,8 @@ fn view(state: &ClusterState, s: &Service) -> Value {
     })
 }
 
-fn task_view(state: &ClusterState, s: &Service, t: &Task) -> Value {
-    let name = match t.slot {
-        Some(slot) => format!("{}.{slot}", s.spec.name),
-        None => format!(
-            "{}.{}",
-            s.spec.name,
-            t.node.map(|n| n.to_string()).unwrap_or_default()
-        ),
-    };
+fn task_view(state: &ClusterState, t: &Task) -> Value {
+    let name = super::executor::task_name(state, t);
     json!({
         "id": t.id,
         "name": name,
@@ -536,7 +529,7 @@ pub async fn ps(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
         .collect();
     tasks.sort_by_key(|t| (t.slot, t.node, std::cmp::Reverse(t.created_at_ms)));
     Ok(Reply::ok(Value::Array(
-        tasks.into_iter().map(|t| task_view(&state, s, t)).collect(),
+        tasks.into_iter().map(|t| task_view(&state, t)).collect(),
     )))
 }
 
@@ -600,7 +593,7 @@ pub async fn logs(
                 Err(e) => Err(e.to_string()),
             }
         };
-        let view = task_view(&state, s, t);
+        let view = task_view(&state, t);
         match read {
             Ok((text, next)) => out.push(json!({
                 "task": t.id,
