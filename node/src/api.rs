@@ -259,6 +259,11 @@ pub enum Request {
     },
     /// `service update`: changes to an existing service.
     ServiceUpdate(Box<ServiceUpdate>),
+    /// `shoal exec`: where to enter a task's sandbox on this node.
+    TaskExec {
+        /// Task ID, unique ID prefix, or `SERVICE.SLOT`.
+        task: String,
+    },
     /// `service ls`.
     ServiceLs,
     /// `service ps`.

@@ -23,9 +23,12 @@ fn main() -> std::process::ExitCode {
     };
     match runtime.block_on(cli.exec()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("Error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
+        Err(e) => match e.downcast_ref::<cli::exec::ExitStatus>() {
+            Some(cli::exec::ExitStatus(code)) => std::process::ExitCode::from(*code),
+            None => {
+                eprintln!("Error: {e:#}");
+                std::process::ExitCode::FAILURE
+            }
+        },
     }
 }

@@ -2,11 +2,13 @@
 
 mod daemon;
 mod debug;
+pub mod exec;
 mod network;
 mod node;
 mod output;
 mod service;
 mod swarm;
+mod tool;
 
 use std::path::PathBuf;
 
@@ -51,6 +53,17 @@ enum Cmd {
     /// Diagnostics.
     #[command(subcommand)]
     Debug(debug::DebugCmd),
+    /// Run a command inside a running task's sandbox.
+    Exec {
+        /// Task ID, ID prefix, or SERVICE.SLOT.
+        task: String,
+        /// The command, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Built-in workloads and clients for demos and tests.
+    #[command(subcommand)]
+    Tool(tool::ToolCmd),
     /// Supervises one task's process (started by the daemon).
     #[command(hide = true)]
     TaskShim(crate::daemon::shim::ShimArgs),
@@ -68,6 +81,8 @@ impl Cli {
         let socket = self.socket;
         match self.command {
             Cmd::Daemon(args) => args.exec(socket).await,
+            Cmd::Exec { task, command } => exec::exec(&Client(socket), task, command).await,
+            Cmd::Tool(cmd) => cmd.exec().await,
             Cmd::TaskShim(args) => crate::daemon::shim::run(args).await,
             Cmd::Swarm(cmd) => cmd.exec(&Client(socket)).await,
             Cmd::Node(cmd) => cmd.exec(&Client(socket)).await,

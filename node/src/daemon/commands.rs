@@ -164,6 +164,7 @@ pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
             super::services::create(d, args).await
         }
         Request::ServiceUpdate(args) => super::services::update(d, *args).await,
+        Request::TaskExec { task } => super::services::task_exec(d, &task).await,
         Request::ServiceLs => super::services::ls(d).await,
         Request::ServicePs { service } => super::services::ps(d, &service).await,
         Request::ServiceInspect { service } => super::services::inspect(d, &service).await,

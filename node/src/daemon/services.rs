@@ -499,6 +499,81 @@ pub async fn update(d: &Daemon, u: ServiceUpdate) -> anyhow::Result<Reply> {
     Ok(Reply::ok(view(&state, s)))
 }
 
+/// A task by ID, unique ID prefix, or name (`SERVICE.SLOT`): the one
+/// wanted running if any, else the newest.
+fn resolve_task<'a>(state: &'a ClusterState, reference: &str) -> anyhow::Result<&'a Task> {
+    if let Some(t) = state.tasks.get(reference) {
+        return Ok(t);
+    }
+    let mut by_name: Vec<&Task> = state
+        .tasks
+        .values()
+        .filter(|t| super::executor::task_name(state, t) == reference)
+        .collect();
+    if by_name.is_empty() && !reference.is_empty() {
+        by_name = state
+            .tasks
+            .values()
+            .filter(|t| t.id.starts_with(reference))
+            .collect();
+        if by_name.len() > 1 {
+            bail!("task ID prefix `{reference}` is ambiguous: give more of it");
+        }
+    }
+    by_name
+        .into_iter()
+        .max_by_key(|t| (t.desired == DesiredState::Running, t.created_at_ms))
+        .ok_or_else(|| anyhow!("no such task: `{reference}` (use `shoal service ps SERVICE`)"))
+}
+
+/// `shoal exec`: the task's process on this node, for the CLI to enter its
+/// namespaces.
+pub async fn task_exec(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
+    use shoal_mesh::task::TaskState;
+    let m = member(d).await?;
+    let state = m.state.state();
+    let t = resolve_task(&state, reference)?;
+    let name = super::executor::task_name(&state, t);
+    let Some(node) = t.node else {
+        bail!("task {name} is not placed on any node ({})", t.message);
+    };
+    if node != m.id {
+        let host = state
+            .nodes
+            .get(&node)
+            .map(|n| n.hostname.clone())
+            .unwrap_or_default();
+        bail!("task {name} runs on node {host} ({node}), not this one: run `shoal exec` there");
+    }
+    if t.state != TaskState::Running {
+        let why = if t.message.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", t.message)
+        };
+        bail!("task {name} is not running (it is {:?}{why})", t.state);
+    }
+    let dir = m.dir.0.join("tasks");
+    let pid = super::shim::read_pids(&dir, &t.id)
+        .filter(|p| super::shim::start_time(p.child).is_some())
+        .map(|p| p.child)
+        .ok_or_else(|| anyhow!("task {name}'s process is not running on this node"))?;
+    let service = state.services.get(&t.service_id);
+    let mut env: BTreeMap<String, String> = service.map(|s| s.spec.env.clone()).unwrap_or_default();
+    env.insert("SHOAL_TASK_ID".into(), t.id.clone());
+    env.insert("SHOAL_TASK_NAME".into(), name.clone());
+    if let Some(s) = service {
+        env.insert("SHOAL_SERVICE_NAME".into(), s.spec.name.clone());
+    }
+    Ok(Reply::ok(json!({
+        "task": t.id,
+        "name": name,
+        "pid": pid,
+        "namespaced": super::executor::is_root(),
+        "env": env,
+    })))
+}
+
 /// `service ls`.
 pub async fn ls(d: &Daemon) -> anyhow::Result<Reply> {
     let m = member(d).await?;

@@ -1,0 +1,395 @@
+//! Tasks as a user meets them: `shoal exec` into a task's sandbox, the
+//! built-in `http-echo` workload, tasks that outlive a daemon restart,
+//! restart policies and rolling updates (issue 4).
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use shoal_integration::{Cluster, shoal_bin};
+
+const CONVERGE: Duration = Duration::from_secs(30);
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+}
+
+fn tasks(c: &Cluster, i: usize, service: &str) -> Vec<Value> {
+    c.shoal_ok(i, &["service", "ps", "--format", "json", service])
+        .unwrap()
+        .json()
+        .unwrap()
+        .as_array()
+        .cloned()
+        .unwrap()
+}
+
+fn running(c: &Cluster, i: usize, service: &str) -> Vec<Value> {
+    tasks(c, i, service)
+        .into_iter()
+        .filter(|t| t["desired_state"] == "running" && t["state"] == "running")
+        .collect()
+}
+
+/// The task's own process (third field of its shim's pid file).
+fn task_pid(c: &Cluster, i: usize, task: &str) -> u32 {
+    let path = c.hosts[i]
+        .state_dir
+        .join("tasks")
+        .join(format!("{task}.pid"));
+    let text = std::fs::read_to_string(path).unwrap();
+    text.split_whitespace().nth(2).unwrap().parse().unwrap()
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+#[test]
+fn exec_runs_commands_inside_a_task_and_http_echo_says_who_served() {
+    if !is_root() {
+        eprintln!("skipped: needs root for the tasks' network namespaces");
+        return;
+    }
+    let c = Cluster::start(2).unwrap();
+    c.form(1).unwrap();
+    let bin = shoal_bin().to_string_lossy().into_owned();
+    let args = [
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--replicas",
+        "2",
+        "--",
+        &bin,
+        "tool",
+        "http-echo",
+        "--port",
+        "80",
+    ];
+    let r = c.shoal_ok(0, &args).unwrap();
+    assert!(r.stdout.contains("converged"), "{}", r.stdout);
+    c.wait_until("node2 to see both tasks run", CONVERGE, |c| {
+        Ok(running(c, 1, "web").len() == 2)
+    })
+    .unwrap();
+    for t in running(&c, 0, "web") {
+        let name = t["name"].as_str().unwrap();
+        let host = t["node"].as_str().unwrap();
+        let (here, there) = if host == "node1" { (0, 1) } else { (1, 0) };
+        // Port 80 inside each task's own namespace: both tasks listen on it.
+        let get = c
+            .shoal_ok(
+                here,
+                &[
+                    "exec",
+                    name,
+                    "--",
+                    &bin,
+                    "tool",
+                    "http-get",
+                    "http://127.0.0.1:80/",
+                ],
+            )
+            .unwrap();
+        let v: Value = serde_json::from_str(&get.stdout).unwrap();
+        assert_eq!(v["task"], name, "{v}");
+        assert_eq!(v["node"], host, "{v}");
+        assert!(
+            v["client"].as_str().unwrap().starts_with("127.0.0.1:"),
+            "{v}"
+        );
+        // The task's resolver, and its exit status passed through.
+        let resolv = c
+            .shoal_ok(here, &["exec", name, "--", "cat", "/etc/resolv.conf"])
+            .unwrap();
+        assert!(
+            resolv.stdout.contains("nameserver 127.0.0.11"),
+            "{resolv:?}"
+        );
+        let r = c.shoal(here, &["exec", name, "--", "sh", "-c", "exit 3"]);
+        assert_eq!(r.code, 3, "{r:?}");
+        // Asked on the other node: it says where the task runs.
+        c.assert_refused(
+            there,
+            &["exec", name, "--", "true"],
+            &format!("runs on node {host}"),
+        );
+    }
+    c.assert_refused(0, &["exec", "nope.1", "--", "true"], "no such task");
+    // Nothing listens on port 80 of the host: the tasks are isolated.
+    let host_get = c.shoal(
+        0,
+        &["tool", "http-get", "--timeout", "2", "http://127.0.0.1:80/"],
+    );
+    assert!(!host_get.ok(), "{host_get:?}");
+}
+
+#[test]
+fn tasks_outlive_a_daemon_restart_and_are_readopted() {
+    let mut c = Cluster::start(1).unwrap();
+    c.init(0).unwrap();
+    c.shoal_ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--name",
+            "keep",
+            "--restart-delay",
+            "200ms",
+            "--",
+            "sh",
+            "-c",
+            "echo started; exec sleep 600",
+        ],
+    )
+    .unwrap();
+    let first = running(&c, 0, "keep")[0].clone();
+    let id = first["id"].as_str().unwrap().to_owned();
+    let pid = task_pid(&c, 0, &id);
+    assert!(alive(pid));
+
+    // A clean stop and a kill -9 of the daemon: the task keeps running, and
+    // the restarted daemon adopts it (same task, same process).
+    for how in ["stop", "kill"] {
+        if how == "stop" {
+            c.stop(0);
+        } else {
+            c.kill(0);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(alive(pid), "the task died with its daemon ({how})");
+        c.start_daemon(0).unwrap();
+        c.wait_until("the daemon to answer", CONVERGE, |c| {
+            Ok(c.shoal(0, &["service", "ps", "keep"]).ok())
+        })
+        .unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        let now = running(&c, 0, "keep");
+        assert_eq!(now.len(), 1, "{now:?}");
+        assert_eq!(
+            now[0]["id"],
+            id.as_str(),
+            "the same task, not a replacement"
+        );
+        assert_eq!(task_pid(&c, 0, &id), pid);
+    }
+    let logs = c.shoal_ok(0, &["service", "logs", "keep"]).unwrap();
+    assert!(logs.stdout.contains("started"), "{logs:?}");
+
+    // The task dies while its daemon is down: the restarted daemon reports
+    // how it ended (from the shim's exit record) and it is replaced.
+    c.kill(0);
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status();
+    std::thread::sleep(Duration::from_millis(300));
+    c.start_daemon(0).unwrap();
+    c.wait_until("the dead task to be reported and replaced", CONVERGE, |c| {
+        let all = tasks(c, 0, "keep");
+        let old = all.iter().find(|t| t["id"] == id.as_str());
+        let replaced = all
+            .iter()
+            .any(|t| t["id"] != id.as_str() && t["state"] == "running");
+        Ok(old.is_some_and(|t| t["state"] == "failed") && replaced)
+    })
+    .unwrap();
+    let all = tasks(&c, 0, "keep");
+    let old = all.iter().find(|t| t["id"] == id.as_str()).unwrap();
+    assert!(old["error"].as_str().unwrap().contains("signal 9"), "{old}");
+
+    // service rm stops the re-adopted task's process.
+    let new_id = running(&c, 0, "keep")[0]["id"].as_str().unwrap().to_owned();
+    let new_pid = task_pid(&c, 0, &new_id);
+    c.shoal_ok(0, &["service", "rm", "keep"]).unwrap();
+    c.wait_until("the task's process to stop", CONVERGE, |_| {
+        Ok(!alive(new_pid))
+    })
+    .unwrap();
+}
+
+#[test]
+fn restart_policies_decide_whether_ended_tasks_come_back() {
+    let c = Cluster::start(1).unwrap();
+    c.init(0).unwrap();
+    let create = |name: &str, policy: &[&str], script: &str| {
+        let mut args = vec!["service", "create", "--detach", "--name", name];
+        args.extend_from_slice(policy);
+        args.extend_from_slice(&["--restart-delay", "200ms", "--", "sh", "-c", script]);
+        c.shoal_ok(0, &args).unwrap();
+    };
+    create(
+        "flaky",
+        &[
+            "--restart-condition",
+            "on-failure",
+            "--restart-max-attempts",
+            "2",
+        ],
+        "exit 3",
+    );
+    create("once", &["--restart-condition", "none"], "exit 0");
+    create("done", &["--restart-condition", "on-failure"], "exit 0");
+    c.wait_until("three attempts of flaky", CONVERGE, |c| {
+        Ok(tasks(c, 0, "flaky").len() == 3)
+    })
+    .unwrap();
+    // Given time to restart more, none of them does.
+    std::thread::sleep(Duration::from_secs(2));
+    let flaky = tasks(&c, 0, "flaky");
+    assert_eq!(flaky.len(), 3, "1 run + 2 restarts: {flaky:?}");
+    for t in &flaky {
+        assert_eq!(t["state"], "failed", "{t}");
+        assert_eq!(t["error"], "exited with status 3", "{t}");
+    }
+    for name in ["once", "done"] {
+        let t = tasks(&c, 0, name);
+        assert_eq!(t.len(), 1, "{name}: {t:?}");
+        assert_eq!(t[0]["state"], "complete", "{name}: {t:?}");
+    }
+    let inspect = c.shoal_ok(0, &["service", "inspect", "flaky"]).unwrap();
+    let v = &inspect.json().unwrap()[0];
+    assert_eq!(v["restart_policy"]["condition"], "on-failure");
+    assert_eq!(v["restart_policy"]["max_attempts"], 2);
+    c.assert_refused(
+        0,
+        &[
+            "service",
+            "create",
+            "--name",
+            "x",
+            "--restart-condition",
+            "sometimes",
+            "--",
+            "true",
+        ],
+        "invalid --restart-condition",
+    );
+    c.assert_refused(
+        0,
+        &[
+            "service",
+            "create",
+            "--name",
+            "x",
+            "--restart-delay",
+            "5 parsecs",
+            "--",
+            "true",
+        ],
+        "invalid duration",
+    );
+}
+
+#[test]
+fn service_update_rolls_out_batch_by_batch_and_pauses_on_failure() {
+    let c = Cluster::start(3).unwrap();
+    c.form(1).unwrap();
+    c.shoal_ok(0, &["network", "create", "web"]).unwrap();
+    c.shoal_ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--name",
+            "app",
+            "--replicas",
+            "3",
+            "--network",
+            "web",
+            "--update-delay",
+            "1s",
+            "--env",
+            "V=1",
+            "--",
+            "sleep",
+            "600",
+        ],
+    )
+    .unwrap();
+    let before = c
+        .shoal_ok(0, &["service", "inspect", "app"])
+        .unwrap()
+        .json()
+        .unwrap()[0]
+        .clone();
+    // A label: nothing is replaced.
+    let r = c
+        .shoal_ok(0, &["service", "update", "--label-add", "tier=web", "app"])
+        .unwrap();
+    assert!(r.stdout.contains("converged"), "{r:?}");
+    assert_eq!(tasks(&c, 0, "app").len(), 3);
+
+    // An environment change rolls out one task at a time, 1 s apart.
+    let started = Instant::now();
+    let r = c
+        .shoal_ok(0, &["service", "update", "--env-add", "V=2", "app"])
+        .unwrap();
+    assert!(r.stdout.contains("converged"), "{r:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "two delays between three batches"
+    );
+    let all = tasks(&c, 0, "app");
+    let new: Vec<&Value> = all.iter().filter(|t| t["spec_version"] == 2).collect();
+    assert_eq!(new.len(), 3);
+    assert!(new.iter().all(|t| t["state"] == "running"));
+    let mut stopped: Vec<u64> = all
+        .iter()
+        .filter(|t| t["spec_version"] == 1)
+        .map(|t| {
+            assert_eq!(t["state"], "shutdown", "{t}");
+            t["updated_at_ms"].as_u64().unwrap()
+        })
+        .collect();
+    stopped.sort();
+    assert_eq!(stopped.len(), 3);
+    for w in stopped.windows(2) {
+        assert!(w[1] - w[0] >= 1_000, "batches 1 s apart: {stopped:?}");
+    }
+    let after = c
+        .shoal_ok(0, &["service", "inspect", "app"])
+        .unwrap()
+        .json()
+        .unwrap()[0]
+        .clone();
+    assert_eq!(after["vips"], before["vips"], "an update keeps the VIP");
+    assert_eq!(after["update_status"], "completed");
+    assert_eq!(after["env"]["V"], "2");
+
+    // A new version that cannot run: the update pauses after the first
+    // task, the other two keep running the old version.
+    let r = c.shoal(
+        0,
+        &["service", "update", "app", "--", "/nonexistent/program"],
+    );
+    assert!(!r.ok(), "{r:?}");
+    assert!(r.stderr.contains("update paused"), "{r:?}");
+    assert!(r.stderr.contains("no such executable"), "{r:?}");
+    let old_running = running(&c, 0, "app")
+        .iter()
+        .filter(|t| t["spec_version"] == 2)
+        .count();
+    assert_eq!(old_running, 2);
+    // Fixing the command resumes it.
+    let r = c
+        .shoal_ok(0, &["service", "update", "app", "--", "sleep", "601"])
+        .unwrap();
+    assert!(r.stdout.contains("converged"), "{r:?}");
+    assert!(running(&c, 0, "app").iter().all(|t| t["spec_version"] == 4));
+    c.assert_refused(
+        0,
+        &["service", "update", "--publish-rm", "81", "app"],
+        "publishes no such port",
+    );
+    c.assert_refused(0, &["service", "update", "nope"], "no such service");
+}

@@ -1,0 +1,56 @@
+//! `shoal exec TASK -- CMD…`: runs a command inside a running task's
+//! sandbox (its network namespace and its `/etc/resolv.conf`), like
+//! `docker exec`. The daemon says where the task's process is; the command
+//! runs from here through `nsenter`, with this terminal's input and output,
+//! and its exit status becomes ours.
+
+use anyhow::{Context, anyhow};
+
+use super::Client;
+use crate::api::Request;
+
+/// Exit with this status, printing nothing more.
+#[derive(Debug)]
+pub struct ExitStatus(pub u8);
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit status {}", self.0)
+    }
+}
+
+impl std::error::Error for ExitStatus {}
+
+/// Runs `command` in `task`'s sandbox.
+pub async fn exec(client: &Client, task: String, command: Vec<String>) -> anyhow::Result<()> {
+    let v = client.call(&Request::TaskExec { task }).await?;
+    let pid = v["pid"]
+        .as_u64()
+        .ok_or_else(|| anyhow!("the daemon did not say where the task runs"))?;
+    let (program, args) = command
+        .split_first()
+        .ok_or_else(|| anyhow!("no command: shoal exec TASK -- COMMAND [ARG...]"))?;
+    let mut cmd = if v["namespaced"] == true {
+        let mut c = std::process::Command::new("nsenter");
+        c.args(["--target", &pid.to_string(), "--net", "--mount", "--"])
+            .arg(program);
+        c
+    } else {
+        // Not root: tasks run without namespaces of their own.
+        std::process::Command::new(program)
+    };
+    cmd.args(args);
+    if let Some(env) = v["env"].as_object() {
+        for (k, val) in env {
+            cmd.env(k, val.as_str().unwrap_or_default());
+        }
+    }
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot run `{program}` in the task's sandbox"))?;
+    match status.code() {
+        Some(0) => Ok(()),
+        Some(c) => Err(ExitStatus(u8::try_from(c).unwrap_or(1)).into()),
+        None => Err(ExitStatus(128 + 9).into()),
+    }
+}
