@@ -104,6 +104,11 @@ pub struct Host {
 }
 
 impl Host {
+    /// Its daemon's process ID, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// `IP:2377`.
     pub fn addr(&self) -> String {
         format!("{}:2377", self.ip)

@@ -399,9 +399,21 @@ pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyEr
                 .networks
                 .get(id)
                 .ok_or_else(|| ApplyError::NoSuchNetwork(id.clone()))?;
-            let user = state.services.values().find(|s| {
-                s.spec.networks.iter().any(|a| &a.network == id) || s.vips.contains_key(id)
-            });
+            // A service attached to it, or whose tasks (say, from before an
+            // update detached it) still hold addresses on it.
+            let user = state
+                .services
+                .values()
+                .find(|s| {
+                    s.spec.networks.iter().any(|a| &a.network == id) || s.vips.contains_key(id)
+                })
+                .or_else(|| {
+                    state
+                        .tasks
+                        .values()
+                        .find(|t| t.addresses.contains_key(id))
+                        .and_then(|t| state.services.get(&t.service_id))
+                });
             if let Some(s) = user {
                 return Err(ApplyError::NetworkInUse {
                     network: network.spec.name.clone(),

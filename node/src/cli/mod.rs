@@ -76,6 +76,11 @@ enum Cmd {
 }
 
 impl Cli {
+    /// Whether this run is a task shim.
+    pub fn is_shim(&self) -> bool {
+        matches!(self.command, Cmd::TaskShim(_))
+    }
+
     /// Runs the command.
     pub async fn exec(self) -> anyhow::Result<()> {
         let socket = self.socket;

@@ -31,6 +31,25 @@ pub struct DaemonConfig {
     pub raft: RaftTimingConfig,
     /// Gossip timing.
     pub gossip: GossipTimingConfig,
+    /// Task placement.
+    pub orchestrator: OrchestratorConfig,
+}
+
+/// `[orchestrator]`: how the leader reacts to lost nodes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OrchestratorConfig {
+    /// How long a node gossip declares dead keeps its tasks before they are
+    /// rescheduled elsewhere (a node back within it keeps them).
+    pub reschedule_grace_ms: u64,
+}
+
+impl Default for OrchestratorConfig {
+    fn default() -> Self {
+        OrchestratorConfig {
+            reschedule_grace_ms: 5_000,
+        }
+    }
 }
 
 /// Gossip timing in milliseconds (see `shoal_gossip::GossipConfig`).
@@ -121,6 +140,7 @@ impl Default for DaemonConfig {
             log_level: "info".into(),
             raft: RaftTimingConfig::default(),
             gossip: GossipTimingConfig::default(),
+            orchestrator: OrchestratorConfig::default(),
         }
     }
 }
@@ -255,6 +275,7 @@ mod tests {
             RaftTimingConfig::default(),
             "the example shows the defaults"
         );
+        assert_eq!(c.orchestrator, OrchestratorConfig::default());
     }
 
     #[test]

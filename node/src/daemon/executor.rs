@@ -367,6 +367,26 @@ async fn adopt(m: &Member, state: &ClusterState) -> BTreeMap<String, Supervised>
     running
 }
 
+/// Passes between two sweeps of the tasks directory (about a minute).
+const SWEEP_EVERY: u32 = 200;
+
+/// Deletes the files (log, pid, exit record, resolv.conf) of tasks the
+/// store has forgotten and that no longer run here.
+fn sweep(dir: &Path, state: &ClusterState, running: &BTreeMap<String, Supervised>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some((id, _)) = name.split_once('.') else {
+            continue;
+        };
+        if !state.tasks.contains_key(id) && !running.contains_key(id) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 pub(super) async fn executor_loop(member: Weak<Member>) {
     let (mut changes, mut running) = match member.upgrade() {
         Some(m) => {
@@ -375,12 +395,17 @@ pub(super) async fn executor_loop(member: Weak<Member>) {
         }
         None => return,
     };
+    let mut passes = 0u32;
     loop {
         let _ = tokio::time::timeout(INTERVAL, changes.changed()).await;
         // The daemon is shutting down: tasks keep running, to be re-adopted.
         let Some(m) = member.upgrade() else { return };
         let state = m.state.state();
         let dir = m.dir.0.join("tasks");
+        passes = passes.wrapping_add(1);
+        if passes % SWEEP_EVERY == 0 {
+            sweep(&dir, &state, &running);
+        }
         // Ended tasks.
         let ended: Vec<String> = running
             .iter_mut()

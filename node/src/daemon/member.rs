@@ -104,6 +104,7 @@ impl Member {
         dir: StateDir,
         timing: &shoal_raft::RaftTiming,
         gossip_config: shoal_gossip::GossipConfig,
+        reschedule_grace: Duration,
     ) -> anyhow::Result<Arc<Member>> {
         let id = identity.node.node_id;
         let quic = Quic::bind(&identity.tls, identity.node.listen_addr)?;
@@ -134,7 +135,7 @@ impl Member {
             gossip_task,
             tokio::spawn(super::orchestrate::orchestrator_loop(
                 weak.clone(),
-                Duration::from_secs(5),
+                reschedule_grace,
             )),
             tokio::spawn(super::executor::executor_loop(weak.clone())),
             tokio::spawn(liveness_loop(weak.clone())),

@@ -60,6 +60,7 @@ impl Daemon {
             self.dir.clone(),
             &self.cfg.raft.timing(),
             self.cfg.gossip.config(),
+            std::time::Duration::from_millis(self.cfg.orchestrator.reschedule_grace_ms),
         )
         .await?;
         let handler = Arc::new(peer::PeerHandler {
