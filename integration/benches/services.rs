@@ -120,7 +120,11 @@ fn many_services(count: usize, clients: usize) -> anyhow::Result<()> {
     let c = formed()?;
     let leader = c.leader(0)?.unwrap_or(0);
     let socket = c.hosts[leader].socket.clone();
-    let rss_before: Vec<u64> = c.hosts.iter().map(|h| rss_kib(h.pid().unwrap_or(0))).collect();
+    let rss_before: Vec<u64> = c
+        .hosts
+        .iter()
+        .map(|h| rss_kib(h.pid().unwrap_or(0)))
+        .collect();
     call(
         &socket,
         &json!({"op": "network_create", "name": "bench", "driver": "overlay",

@@ -403,7 +403,7 @@ pub(super) async fn executor_loop(member: Weak<Member>) {
         let state = m.state.state();
         let dir = m.dir.0.join("tasks");
         passes = passes.wrapping_add(1);
-        if passes % SWEEP_EVERY == 0 {
+        if passes.is_multiple_of(SWEEP_EVERY) {
             sweep(&dir, &state, &running);
         }
         // Ended tasks.
