@@ -44,6 +44,29 @@ pub fn shoal_bin() -> &'static Path {
     })
 }
 
+/// Whether this process runs as root (tasks then get network namespaces).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
+}
+
+/// `service create --name NAME --replicas N EXTRA… -- shoal tool http-echo
+/// --port 80`: the built-in workload, one task per replica.
+pub fn echo_service(name: &str, replicas: usize, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["service", "create", "--name", name, "--replicas"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    args.push(replicas.to_string());
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    args.push("--".into());
+    args.push(shoal_bin().to_string_lossy().into_owned());
+    args.extend(["tool", "http-echo", "--port", "80"].map(str::to_owned));
+    args
+}
+
 /// A unique `127.A.B.0` prefix for each cluster of this process, so that
 /// tests can run in parallel and beside other test runs.
 fn next_prefix() -> (u8, u8) {

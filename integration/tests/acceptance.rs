@@ -12,16 +12,9 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use shoal_integration::{Cluster, shoal_bin};
+use shoal_integration::{Cluster, echo_service, is_root};
 
 const CONVERGE: Duration = Duration::from_secs(40);
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-}
 
 fn json(c: &Cluster, i: usize, args: &[&str]) -> Vec<Value> {
     c.shoal_ok(i, args)
@@ -161,31 +154,10 @@ fn services_survive_scaling_draining_node_loss_leader_loss_and_restarts() {
     c.join(1, &mt, 0).unwrap();
     c.join(2, &mt, 0).unwrap();
     let three = [0, 1, 2];
-    let bin = shoal_bin().to_string_lossy().into_owned();
     c.shoal_ok(0, &["network", "create", "web"]).unwrap();
-    let r = c
-        .shoal_ok(
-            0,
-            &[
-                "service",
-                "create",
-                "--name",
-                "web",
-                "--replicas",
-                "3",
-                "--network",
-                "web",
-                "-p",
-                "8080:80",
-                "--",
-                &bin,
-                "tool",
-                "http-echo",
-                "--port",
-                "80",
-            ],
-        )
-        .unwrap();
+    let args = echo_service("web", 3, &["--network", "web", "-p", "8080:80"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = c.shoal_ok(0, &args).unwrap();
     assert!(r.stdout.contains("converged"), "{r:?}");
 
     // 3 tasks, one per node, distinct addresses in the subnet, and a VIP.

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use shoal_integration::Cluster;
+use shoal_integration::{Cluster, is_root};
 
 const CONVERGE: Duration = Duration::from_secs(30);
 
@@ -240,11 +240,7 @@ fn services_that_cannot_run_say_why() {
 
 #[test]
 fn tasks_run_in_their_own_network_namespace_with_the_embedded_resolver() {
-    let root = std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
-    if !root {
+    if !is_root() {
         eprintln!("skipped: needs root to create network and mount namespaces");
         return;
     }

@@ -7,16 +7,9 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use shoal_integration::{Cluster, shoal_bin};
+use shoal_integration::{Cluster, echo_service, is_root, shoal_bin};
 
 const CONVERGE: Duration = Duration::from_secs(30);
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-}
 
 fn tasks(c: &Cluster, i: usize, service: &str) -> Vec<Value> {
     c.shoal_ok(i, &["service", "ps", "--format", "json", service])
@@ -61,20 +54,8 @@ fn exec_runs_commands_inside_a_task_and_http_echo_says_who_served() {
     let c = Cluster::start(2).unwrap();
     c.form(1).unwrap();
     let bin = shoal_bin().to_string_lossy().into_owned();
-    let args = [
-        "service",
-        "create",
-        "--name",
-        "web",
-        "--replicas",
-        "2",
-        "--",
-        &bin,
-        "tool",
-        "http-echo",
-        "--port",
-        "80",
-    ];
+    let args = echo_service("web", 2, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let r = c.shoal_ok(0, &args).unwrap();
     assert!(r.stdout.contains("converged"), "{}", r.stdout);
     c.wait_until("node2 to see both tasks run", CONVERGE, |c| {
