@@ -21,6 +21,7 @@ pub mod ipam;
 pub mod network;
 pub mod observed;
 pub mod orchestrator;
+pub mod plan;
 pub mod service;
 pub mod state;
 pub mod task;

@@ -16,7 +16,7 @@ use crate::ipam::{AllocError, allocate_ip, allocate_port};
 use crate::state::ClusterState;
 
 /// How a port is published.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PublishMode {
     /// On every node, through the routing mesh.
@@ -26,7 +26,7 @@ pub enum PublishMode {
 }
 
 /// `tcp` or `udp`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// TCP.

@@ -196,6 +196,20 @@ impl ClusterState {
         }
     }
 
+    /// A task's name: `SERVICE.SLOT`, or `SERVICE.NODE` for global services.
+    pub fn task_name(&self, t: &crate::task::Task) -> String {
+        let service = self
+            .services
+            .get(&t.service_id)
+            .map(|s| s.spec.name.as_str())
+            .unwrap_or("?");
+        match (t.slot, t.node) {
+            (Some(slot), _) => format!("{service}.{slot}"),
+            (None, Some(n)) => format!("{service}.{n}"),
+            (None, None) => format!("{service}.{}", t.id),
+        }
+    }
+
     /// Resolves a service reference: exact name, exact ID, or unique ID prefix.
     pub fn resolve_service(&self, reference: &str) -> Option<&crate::service::Service> {
         if let Some(s) = self.services.values().find(|s| s.spec.name == reference) {

@@ -183,16 +183,7 @@ fn outcome(dir: &Path, id: &str) -> (TaskState, String, Option<i32>) {
 
 /// `SERVICE.SLOT`, or `SERVICE.NODE` for global services.
 pub fn task_name(state: &ClusterState, t: &Task) -> String {
-    let service = state
-        .services
-        .get(&t.service_id)
-        .map(|s| s.spec.name.as_str())
-        .unwrap_or("?");
-    match (t.slot, t.node) {
-        (Some(slot), _) => format!("{service}.{slot}"),
-        (None, Some(n)) => format!("{service}.{n}"),
-        (None, None) => format!("{service}.{}", t.id),
-    }
+    state.task_name(t)
 }
 
 /// Every task process this node's shims run (by task ID), whatever the

@@ -1,0 +1,323 @@
+//! The planner, pure: from the store (what should exist), the live gossip
+//! entries (what is up right now) and this node's identity, the complete
+//! data-plane state this node should have. The data plane (`netdriver`)
+//! renders it into kernel objects and reconciles.
+//!
+//! ```text
+//!  (ClusterState, live endpoints per network, this node) ──► plan ──► NodePlan
+//!      networks present here (VNI, subnet, gateway, MTU, VTEP)
+//!      sandboxes of the tasks placed here, one endpoint per network
+//!      remote endpoints (MAC → VTEP, IP → MAC) from gossip
+//!      VIP load-balancer entries: VIP → live backends
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cidr::Ipv4Net;
+use crate::ids::NodeId;
+use crate::network::Driver;
+use crate::observed::EndpointRecord;
+use crate::service::{EndpointMode, Protocol, PublishMode};
+use crate::state::ClusterState;
+use crate::task::{DesiredState, TaskState};
+
+/// VXLAN encapsulation overhead: the overlay MTU is the underlay's minus this.
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+/// What the planner needs besides the store.
+#[derive(Clone, Debug)]
+pub struct PlanInput<'a> {
+    /// The store.
+    pub state: &'a ClusterState,
+    /// This node.
+    pub node: NodeId,
+    /// This node's underlay (VTEP) address.
+    pub vtep: Ipv4Addr,
+    /// The underlay's MTU.
+    pub underlay_mtu: u32,
+    /// Live endpoints per network ID, as gossip shows them (dead nodes'
+    /// entries already hidden), this node's own included.
+    pub endpoints: &'a BTreeMap<String, Vec<EndpointRecord>>,
+}
+
+/// A remote endpoint: how to reach it through the tunnel.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Remote {
+    /// Its address.
+    pub ip: Ipv4Addr,
+    /// Its MAC.
+    pub mac: [u8; 6],
+    /// The VTEP of the node that hosts it.
+    pub vtep: Ipv4Addr,
+}
+
+/// One load-balanced port of a service on a network.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct LbPlan {
+    /// The service's ID.
+    pub service_id: String,
+    /// Its name.
+    pub service: String,
+    /// Its VIP on this network.
+    pub vip: Ipv4Addr,
+    /// Live backends (task addresses on this network), sorted.
+    pub backends: Vec<Ipv4Addr>,
+}
+
+/// A port published through the routing mesh.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PublishPlan {
+    /// The service's name.
+    pub service: String,
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// The port on every node's address.
+    pub published: u16,
+    /// The port inside the tasks.
+    pub target: u16,
+    /// Ingress (balanced over every task) or host (the local ones only).
+    pub mode: PublishMode,
+    /// Where it goes: the service's VIP on `ingress` (ingress mode) or its
+    /// local tasks' addresses (host mode).
+    pub backends: Vec<Ipv4Addr>,
+}
+
+/// A network as it should be on this node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkPlan {
+    /// The network's ID.
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// Its driver.
+    pub driver: Driver,
+    /// VNI (overlay).
+    pub vni: Option<u32>,
+    /// Its subnet.
+    pub subnet: Ipv4Net,
+    /// Its gateway address.
+    pub gateway: Ipv4Addr,
+    /// Interface MTU on it.
+    pub mtu: u32,
+    /// No egress.
+    pub internal: bool,
+    /// This node's VTEP address.
+    pub vtep: Ipv4Addr,
+    /// Endpoints on other nodes.
+    pub remotes: BTreeSet<Remote>,
+    /// VIP load balancing for the services on it.
+    pub lbs: Vec<LbPlan>,
+}
+
+/// A task's interface on one network.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointPlan {
+    /// The network's ID.
+    pub network: String,
+    /// Its address.
+    pub ip: Ipv4Addr,
+    /// The subnet's prefix length.
+    pub prefix: u8,
+    /// Its MAC.
+    pub mac: [u8; 6],
+    /// The network's gateway.
+    pub gateway: Ipv4Addr,
+}
+
+/// A task's sandbox (network namespace) on this node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxPlan {
+    /// The task's ID.
+    pub task: String,
+    /// The task's name (`SERVICE.SLOT`).
+    pub name: String,
+    /// One interface per network, in the service's order.
+    pub endpoints: Vec<EndpointPlan>,
+}
+
+/// Everything this node's data plane should hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodePlan {
+    /// Networks with a local endpoint, by ID.
+    pub networks: BTreeMap<String, NetworkPlan>,
+    /// Sandboxes of the tasks placed here, by task ID.
+    pub sandboxes: BTreeMap<String, SandboxPlan>,
+    /// Ports published through the routing mesh or on this host.
+    pub published: Vec<PublishPlan>,
+}
+
+/// The MAC of the endpoint with address `ip`: `02:42:` and the address, as
+/// Docker does, so that every node derives the same one.
+pub fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
+    let o = ip.octets();
+    [0x02, 0x42, o[0], o[1], o[2], o[3]]
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn mac_text(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
+    match ip {
+        IpAddr::V4(a) => Some(a),
+        IpAddr::V6(_) => None,
+    }
+}
+
+/// The plan for `input.node`.
+pub fn plan(input: &PlanInput<'_>) -> NodePlan {
+    let state = input.state;
+    let mut out = NodePlan::default();
+    // Sandboxes: the tasks placed here that should run.
+    for t in state.tasks.values() {
+        let wanted = t.node == Some(input.node)
+            && t.desired == DesiredState::Running
+            && matches!(
+                t.state,
+                TaskState::Assigned | TaskState::Starting | TaskState::Running
+            );
+        if !wanted {
+            continue;
+        }
+        let mut endpoints = Vec::new();
+        for (net, ip) in &t.addresses {
+            let Some(n) = state.networks.get(net) else {
+                continue;
+            };
+            let Some(sub) = n.subnets.iter().find(|s| s.subnet.contains(*ip)) else {
+                continue;
+            };
+            endpoints.push(EndpointPlan {
+                network: net.clone(),
+                ip: *ip,
+                prefix: sub.subnet.prefix_len(),
+                mac: mac_for(*ip),
+                gateway: sub.gateway,
+            });
+        }
+        out.sandboxes.insert(
+            t.id.clone(),
+            SandboxPlan {
+                task: t.id.clone(),
+                name: state.task_name(t),
+                endpoints,
+            },
+        );
+    }
+    // Networks: those with a local endpoint.
+    let local_nets: BTreeSet<&str> = out
+        .sandboxes
+        .values()
+        .flat_map(|s| s.endpoints.iter().map(|e| e.network.as_str()))
+        .collect();
+    let none = Vec::new();
+    for net in local_nets {
+        let Some(n) = state.networks.get(net) else {
+            continue;
+        };
+        let Some(sub) = n.subnets.first() else {
+            continue;
+        };
+        let live = input.endpoints.get(net).unwrap_or(&none);
+        let remotes = live
+            .iter()
+            .filter(|e| e.owner != input.node && n.spec.driver == Driver::Overlay)
+            .filter_map(|e| {
+                Some(Remote {
+                    ip: v4(e.ip)?,
+                    mac: mac_for(v4(e.ip)?),
+                    vtep: v4(e.vtep)?,
+                })
+            })
+            .filter(|r| sub.subnet.contains(r.ip))
+            .collect();
+        let lbs = state
+            .services
+            .values()
+            .filter(|s| s.spec.endpoint_mode == EndpointMode::Vip)
+            .filter_map(|s| {
+                let vip = *s.vips.get(net)?;
+                let mut backends: Vec<Ipv4Addr> = live
+                    .iter()
+                    .filter(|e| e.service_id.as_deref() == Some(s.id.as_str()))
+                    .filter_map(|e| v4(e.ip))
+                    .collect();
+                backends.sort();
+                backends.dedup();
+                Some(LbPlan {
+                    service_id: s.id.clone(),
+                    service: s.spec.name.clone(),
+                    vip,
+                    backends,
+                })
+            })
+            .collect();
+        let mtu = n
+            .mtu
+            .unwrap_or(input.underlay_mtu.saturating_sub(VXLAN_OVERHEAD));
+        out.networks.insert(
+            net.to_owned(),
+            NetworkPlan {
+                id: n.id.clone(),
+                name: n.spec.name.clone(),
+                driver: n.spec.driver,
+                vni: n.vni,
+                subnet: sub.subnet,
+                gateway: sub.gateway,
+                mtu,
+                internal: n.spec.internal,
+                vtep: input.vtep,
+                remotes,
+                lbs,
+            },
+        );
+    }
+    // Published ports: ingress ones on every node, host ones where a task runs.
+    let ingress = state.networks.values().find(|n| n.ingress);
+    for s in state.services.values() {
+        for p in &s.ports {
+            let backends: Vec<Ipv4Addr> = match p.mode {
+                PublishMode::Ingress => ingress
+                    .and_then(|i| s.vips.get(&i.id))
+                    .copied()
+                    .into_iter()
+                    .collect(),
+                PublishMode::Host => out
+                    .sandboxes
+                    .values()
+                    .filter(|sb| {
+                        state
+                            .tasks
+                            .get(&sb.task)
+                            .is_some_and(|t| t.service_id == s.id)
+                    })
+                    .filter_map(|sb| sb.endpoints.first().map(|e| e.ip))
+                    .collect(),
+            };
+            if p.mode == PublishMode::Host && backends.is_empty() {
+                continue;
+            }
+            out.published.push(PublishPlan {
+                service: s.spec.name.clone(),
+                protocol: p.protocol,
+                published: p.published,
+                target: p.target,
+                mode: p.mode,
+                backends,
+            });
+        }
+    }
+    out.published.sort();
+    out
+}
+
+#[cfg(test)]
+#[path = "plan_test.rs"]
+mod tests;

@@ -1,0 +1,159 @@
+use std::net::IpAddr;
+
+use super::*;
+use crate::apply::{Command, apply};
+use crate::orchestrator::orchestrate;
+use crate::service::{Attachment, PortSpec, ServiceMode, ServiceSpec};
+use crate::test_support::swarm;
+
+/// A swarm of 3 with service `web` (3 replicas on network `web`, port
+/// 8080→80 through the mesh), one task per node, all running.
+fn running_swarm() -> ClusterState {
+    let mut s = swarm(3);
+    let spec = ServiceSpec {
+        name: "web".into(),
+        mode: ServiceMode::Replicated(3),
+        networks: vec![Attachment {
+            network: "web".into(),
+            aliases: vec![],
+        }],
+        ports: vec![PortSpec {
+            mode: PublishMode::Ingress,
+            published: Some(8080),
+            target: 80,
+            protocol: Protocol::Tcp,
+        }],
+        endpoint_mode: EndpointMode::Vip,
+        constraints: vec![],
+        env: Default::default(),
+        command: vec!["x".into()],
+        labels: Default::default(),
+        restart: Default::default(),
+        update: Default::default(),
+    };
+    let c = Command::CreateService {
+        id: "svc".into(),
+        spec,
+        created_at_ms: 0,
+    };
+    apply(&mut s, &c).unwrap();
+    let mut n = 0;
+    for c in orchestrate(
+        &s,
+        &|_| true,
+        &mut || {
+            n += 1;
+            format!("t{n}")
+        },
+        0,
+    ) {
+        apply(&mut s, &c).unwrap();
+    }
+    s
+}
+
+fn vtep(n: NodeId) -> Ipv4Addr {
+    Ipv4Addr::new(192, 168, 0, n.0 as u8)
+}
+
+/// What gossip would show: every task's endpoint on every network, except
+/// those of `dead` nodes.
+fn gossip(s: &ClusterState, dead: &[NodeId]) -> BTreeMap<String, Vec<EndpointRecord>> {
+    let mut out: BTreeMap<String, Vec<EndpointRecord>> = BTreeMap::new();
+    for t in s.tasks.values() {
+        let node = t.node.unwrap();
+        if dead.contains(&node) {
+            continue;
+        }
+        for (net, ip) in &t.addresses {
+            out.entry(net.clone()).or_default().push(EndpointRecord {
+                ip: IpAddr::V4(*ip),
+                mac: mac_text(&mac_for(*ip)),
+                name: s.task_name(t),
+                service_id: Some(t.service_id.clone()),
+                service_name: Some("web".into()),
+                aliases: vec![],
+                owner: node,
+                vtep: IpAddr::V4(vtep(node)),
+            });
+        }
+    }
+    out
+}
+
+fn plan_for(s: &ClusterState, node: u64, dead: &[NodeId]) -> NodePlan {
+    let endpoints = gossip(s, dead);
+    plan(&PlanInput {
+        state: s,
+        node: NodeId(node),
+        vtep: vtep(NodeId(node)),
+        underlay_mtu: 1500,
+        endpoints: &endpoints,
+    })
+}
+
+#[test]
+fn a_node_gets_its_sandboxes_the_networks_they_use_and_the_remote_endpoints() {
+    let s = running_swarm();
+    let p = plan_for(&s, 1, &[]);
+    assert_eq!(p.sandboxes.len(), 1);
+    let sb = p.sandboxes.values().next().unwrap();
+    assert_eq!(sb.name, "web.1");
+    // Its endpoints: on `web` and on `ingress` (ports published through the mesh).
+    let nets: BTreeSet<&str> = sb.endpoints.iter().map(|e| e.network.as_str()).collect();
+    assert_eq!(nets, BTreeSet::from(["ing", "web"]));
+    let web = &p.networks["web"];
+    assert_eq!(web.vni, s.networks["web"].vni);
+    assert_eq!(web.mtu, 1450);
+    assert_eq!(web.vtep, Ipv4Addr::new(192, 168, 0, 1));
+    // The other two nodes' tasks, reached through their VTEPs.
+    let vteps: BTreeSet<Ipv4Addr> = web.remotes.iter().map(|r| r.vtep).collect();
+    assert_eq!(
+        vteps,
+        BTreeSet::from([Ipv4Addr::new(192, 168, 0, 2), Ipv4Addr::new(192, 168, 0, 3)])
+    );
+    assert!(web.remotes.iter().all(|r| r.mac == mac_for(r.ip)));
+    // The VIP balances over all three tasks.
+    assert_eq!(web.lbs.len(), 1);
+    assert_eq!(web.lbs[0].vip, s.services["svc"].vips["web"]);
+    assert_eq!(web.lbs[0].backends.len(), 3);
+    // 8080 goes to the service's VIP on ingress, on every node.
+    assert_eq!(p.published.len(), 1);
+    assert_eq!(p.published[0].backends, vec![s.services["svc"].vips["ing"]]);
+    assert_eq!(plan_for(&s, 2, &[]).published, p.published);
+}
+
+#[test]
+fn a_dead_nodes_endpoints_leave_the_tunnels_and_the_load_balancers() {
+    let s = running_swarm();
+    let p = plan_for(&s, 1, &[NodeId(3)]);
+    let web = &p.networks["web"];
+    assert_eq!(web.remotes.len(), 1);
+    assert!(web.remotes.iter().all(|r| r.vtep != vtep(NodeId(3))));
+    assert_eq!(web.lbs[0].backends.len(), 2);
+}
+
+#[test]
+fn a_node_without_tasks_has_no_networks_and_stopped_tasks_no_sandboxes() {
+    let mut s = running_swarm();
+    let p = plan_for(&s, 4, &[]);
+    assert!(p.networks.is_empty() && p.sandboxes.is_empty());
+    // The ingress port is still published there (the routing mesh).
+    assert_eq!(p.published.len(), 1);
+    let id = s
+        .tasks
+        .values()
+        .find(|t| t.node == Some(NodeId(1)))
+        .unwrap()
+        .id
+        .clone();
+    apply(&mut s, &Command::ShutdownTask { id, now_ms: 1 }).unwrap();
+    let p = plan_for(&s, 1, &[]);
+    assert!(p.sandboxes.is_empty() && p.networks.is_empty());
+}
+
+#[test]
+fn the_plan_is_deterministic() {
+    let s = running_swarm();
+    assert_eq!(plan_for(&s, 2, &[]), plan_for(&s, 2, &[]));
+}
