@@ -1,1 +1,66 @@
-//! placeholder
+//! The data plane: from a node's plan (`shoal_mesh::plan`) to kernel
+//! objects, through a backend.
+//!
+//! ```text
+//!  NodePlan ──render──► Kernel (wanted) ─┐
+//!                                        ├─ diff ─► [Op] ─► Backend::apply
+//!  Backend::observe ──► Kernel (actual) ─┘
+//! ```
+//!
+//! Backends: [`linux::Linux`] (rtnetlink, named network namespaces) and
+//! [`recording::Recording`] (in memory, for tests). [`reconcile`] applies
+//! the smallest change and is idempotent; since it diffs against what the
+//! kernel really holds, it adopts or removes leftovers of a crash and puts
+//! back what something else removed.
+
+pub mod conformance;
+pub mod linux;
+pub mod model;
+pub mod recording;
+pub mod render;
+
+use model::{Kernel, Op, diff};
+
+/// A data-plane failure.
+#[derive(Debug, thiserror::Error)]
+pub enum DpError {
+    /// The kernel refused an operation.
+    #[error("{op}: {reason}")]
+    Kernel {
+        /// The operation.
+        op: String,
+        /// What the kernel said.
+        reason: String,
+    },
+    /// Something else (namespaces, sockets).
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Where kernel objects are read and changed.
+pub trait Backend {
+    /// Every Shoal-owned object: namespaces starting with `prefix` and the
+    /// host namespace's `shoal…` links.
+    fn observe(
+        &mut self,
+        prefix: &str,
+    ) -> impl std::future::Future<Output = Result<Kernel, DpError>> + Send;
+    /// Applies one change.
+    fn apply(&mut self, op: &Op) -> impl std::future::Future<Output = Result<(), DpError>> + Send;
+}
+
+/// Brings the kernel to `wanted`: observes, diffs, applies. Returns the
+/// operations applied (none when already there). The first failure stops
+/// it; the next call starts over from what the kernel then holds.
+pub async fn reconcile<B: Backend>(
+    backend: &mut B,
+    wanted: &Kernel,
+    prefix: &str,
+) -> Result<Vec<Op>, DpError> {
+    let actual = backend.observe(prefix).await?;
+    let ops = diff(&actual, wanted, prefix);
+    for op in &ops {
+        backend.apply(op).await?;
+    }
+    Ok(ops)
+}

@@ -1,0 +1,204 @@
+//! The conformance suite every backend passes: the recording one always,
+//! the Linux one inside a fresh network namespace when root
+//! (`netdriver/tests/conformance.rs`). It drives a backend through the
+//! reconciler and checks what it then observes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use shoal_mesh::network::Driver;
+use shoal_mesh::plan::{EndpointPlan, NetworkPlan, NodePlan, Remote, SandboxPlan, mac_for};
+
+use crate::model::{HOST, Kernel, Link, LinkKind, Op, diff};
+use crate::render::{Names, VXLAN_PORT, render};
+use crate::{Backend, reconcile};
+
+fn ip(last: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 90, 0, last)
+}
+
+fn remote(last: u8, vtep: u8) -> Remote {
+    Remote {
+        ip: ip(last),
+        mac: mac_for(ip(last)),
+        vtep: Ipv4Addr::new(192, 0, 2, vtep),
+    }
+}
+
+fn sandbox(task: &str, last: u8) -> SandboxPlan {
+    SandboxPlan {
+        task: task.into(),
+        name: format!("web.{last}"),
+        endpoints: vec![EndpointPlan {
+            network: "0123456789abcdef".into(),
+            ip: ip(last),
+            prefix: 24,
+            mac: mac_for(ip(last)),
+            gateway: ip(1),
+        }],
+    }
+}
+
+/// An overlay network with the given local tasks (ID, last octet) and
+/// remote endpoints.
+pub fn sample_plan(tasks: &[(&str, u8)], remotes: &[Remote]) -> NodePlan {
+    let mut p = NodePlan::default();
+    p.networks.insert(
+        "0123456789abcdef".into(),
+        NetworkPlan {
+            id: "0123456789abcdef".into(),
+            name: "web".into(),
+            driver: Driver::Overlay,
+            vni: Some(4100),
+            subnet: "10.90.0.0/24".parse().expect("subnet"),
+            gateway: ip(1),
+            mtu: 1450,
+            internal: false,
+            vtep: Ipv4Addr::new(192, 0, 2, 1),
+            remotes: remotes.iter().cloned().collect::<BTreeSet<_>>(),
+            lbs: Vec::new(),
+        },
+    );
+    for (t, last) in tasks {
+        p.sandboxes.insert((*t).into(), sandbox(t, *last));
+    }
+    p
+}
+
+/// `Err` with a description unless `actual` satisfies `wanted`.
+fn converged(actual: &Kernel, wanted: &Kernel, prefix: &str, when: &str) -> Result<(), String> {
+    let left = diff(actual, wanted, prefix);
+    if left.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{when}: the kernel still differs: {left:#?}"))
+    }
+}
+
+async fn step<B: Backend>(
+    b: &mut B,
+    plan: &NodePlan,
+    names: &Names,
+    when: &str,
+) -> Result<Vec<Op>, String> {
+    let wanted = render(plan, names, VXLAN_PORT);
+    let ops = reconcile(b, &wanted, &names.prefix)
+        .await
+        .map_err(|e| format!("{when}: {e}"))?;
+    let seen = b
+        .observe(&names.prefix)
+        .await
+        .map_err(|e| format!("{when}: {e}"))?;
+    converged(&seen, &wanted, &names.prefix, when)?;
+    Ok(ops)
+}
+
+/// Runs the suite against `b`, with namespaces under `names.prefix`.
+/// Leaves nothing behind on success.
+pub async fn run<B: Backend>(b: &mut B, names: &Names) -> Result<(), String> {
+    let t1 = "1111111111111111";
+    let t2 = "2222222222222222";
+    let base = sample_plan(&[(t1, 2), (t2, 3)], &[remote(4, 2), remote(5, 3)]);
+
+    // From nothing to the plan; then again: nothing to do.
+    let ops = step(b, &base, names, "first reconcile").await?;
+    if ops.is_empty() {
+        return Err("the first reconcile did nothing".into());
+    }
+    let again = step(b, &base, names, "second reconcile").await?;
+    if !again.is_empty() {
+        return Err(format!("not idempotent: {again:#?}"));
+    }
+    let seen = b.observe(&names.prefix).await.map_err(|e| e.to_string())?;
+    let net = &seen.namespaces[&names.network("0123456789abcdef")];
+    if net.fdb.len() != 2 || net.neigh.len() != 2 {
+        return Err(format!("expected 2 FDB and 2 neighbour entries: {net:#?}"));
+    }
+    let eth = &seen.namespaces[&names.task(t1)].links["eth0"];
+    if !eth.addrs.contains(&(ip(2), 24)) || eth.mac != Some(mac_for(ip(2))) || !eth.up {
+        return Err(format!("task interface not as planned: {eth:#?}"));
+    }
+
+    // One more remote endpoint: exactly one FDB and one neighbour entry.
+    let more = sample_plan(
+        &[(t1, 2), (t2, 3)],
+        &[remote(4, 2), remote(5, 3), remote(6, 3)],
+    );
+    let ops = step(b, &more, names, "a new remote endpoint").await?;
+    let small = ops.len() == 2
+        && ops.iter().any(|o| matches!(o, Op::AddFdb(..)))
+        && ops.iter().any(|o| matches!(o, Op::AddNeigh(..)));
+    if !small {
+        return Err(format!("a new endpoint should be 2 operations: {ops:#?}"));
+    }
+
+    // Something else deletes an FDB entry and a task's veth: put back.
+    let net_ns = names.network("0123456789abcdef");
+    let fdb = seen.namespaces[&net_ns]
+        .fdb
+        .iter()
+        .next()
+        .cloned()
+        .ok_or("no FDB entry")?;
+    for op in [
+        Op::DelFdb(net_ns.clone(), fdb),
+        Op::DelLink {
+            ns: net_ns.clone(),
+            name: crate::render::bridge_port(t2),
+        },
+    ] {
+        b.apply(&op).await.map_err(|e| format!("tampering: {e}"))?;
+    }
+    step(b, &more, names, "after tampering").await?;
+
+    // Leftovers of a crash: a stale namespace and a stale host link go.
+    let stale_ns = format!("{}n-stale", names.prefix);
+    let stale_link = Op::AddLink {
+        ns: HOST.into(),
+        name: "shoalstale0".into(),
+        link: Link {
+            kind: LinkKind::Bridge,
+            mtu: 1500,
+            mac: None,
+            master: None,
+            addrs: BTreeSet::new(),
+            up: false,
+        },
+    };
+    for op in [Op::AddNetns(stale_ns.clone()), stale_link] {
+        b.apply(&op).await.map_err(|e| format!("leftovers: {e}"))?;
+    }
+    step(b, &more, names, "with leftovers").await?;
+    let seen = b.observe(&names.prefix).await.map_err(|e| e.to_string())?;
+    let host_links: BTreeMap<_, _> = seen
+        .namespaces
+        .get(HOST)
+        .map(|h| h.links.clone())
+        .unwrap_or_default();
+    if seen.namespaces.contains_key(&stale_ns) || host_links.contains_key("shoalstale0") {
+        return Err("leftovers were not removed".into());
+    }
+
+    // A task goes: its sandbox and its veth go.
+    let fewer = sample_plan(&[(t1, 2)], &[remote(4, 2), remote(5, 3), remote(6, 3)]);
+    step(b, &fewer, names, "a task removed").await?;
+    let seen = b.observe(&names.prefix).await.map_err(|e| e.to_string())?;
+    if seen.namespaces.contains_key(&names.task(t2))
+        || seen.namespaces[&net_ns]
+            .links
+            .contains_key(&crate::render::bridge_port(t2))
+    {
+        return Err("the removed task's sandbox is still there".into());
+    }
+
+    // Nothing planned: nothing left.
+    step(b, &NodePlan::default(), names, "empty plan").await?;
+    let seen = b.observe(&names.prefix).await.map_err(|e| e.to_string())?;
+    if seen.namespaces.keys().any(|n| n != HOST) {
+        return Err(format!(
+            "namespaces left: {:?}",
+            seen.namespaces.keys().collect::<Vec<_>>()
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,313 @@
+//! A model of the kernel objects Shoal owns: named network namespaces and,
+//! in each, links (bridge, VXLAN, veth), addresses, FDB and neighbour
+//! entries and routes. The reconciler renders a plan into a [`Kernel`],
+//! asks a backend what is there, and applies the difference.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+/// The namespace the daemon itself runs in (the host's, as far as Shoal is
+/// concerned). Only links named `shoal…` are Shoal's there.
+pub const HOST: &str = "";
+
+/// What kind of link.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum LinkKind {
+    /// A Linux bridge.
+    Bridge,
+    /// A VXLAN device: learning off, ARP proxy on, created in the host
+    /// namespace (so its socket is on the underlay) and moved.
+    Vxlan {
+        /// VNI.
+        vni: u32,
+        /// Local (VTEP) address.
+        local: Ipv4Addr,
+        /// UDP port.
+        port: u16,
+    },
+    /// One end of a veth pair; the other is `peer` in namespace `peer_ns`.
+    Veth {
+        /// The other end's name.
+        peer: String,
+        /// The other end's namespace.
+        peer_ns: String,
+    },
+    /// Something else (seen, never created).
+    Other(String),
+}
+
+impl LinkKind {
+    /// Whether an observed link of kind `self` can stand for a wanted one of
+    /// kind `wanted` (a kernel dump does not name a veth's peer).
+    pub fn satisfies(&self, wanted: &LinkKind) -> bool {
+        match (self, wanted) {
+            (LinkKind::Veth { .. }, LinkKind::Veth { .. }) => true,
+            (a, b) => a == b,
+        }
+    }
+}
+
+/// A link and its settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Link {
+    /// Kind.
+    pub kind: LinkKind,
+    /// MTU.
+    pub mtu: u32,
+    /// MAC address, if it must be a given one.
+    pub mac: Option<[u8; 6]>,
+    /// The bridge it is a port of.
+    pub master: Option<String>,
+    /// IPv4 addresses with prefix lengths.
+    pub addrs: BTreeSet<(Ipv4Addr, u8)>,
+    /// Administratively up.
+    pub up: bool,
+}
+
+impl Link {
+    /// Whether `self` (observed) differs from `wanted` in what can be
+    /// changed in place.
+    pub fn settings_differ(&self, wanted: &Link) -> bool {
+        self.mtu != wanted.mtu
+            || (wanted.mac.is_some() && self.mac != wanted.mac)
+            || self.master != wanted.master
+            || self.addrs != wanted.addrs
+            || self.up != wanted.up
+    }
+}
+
+/// A bridge forwarding entry on a VXLAN device: MAC → remote VTEP.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Fdb {
+    /// The VXLAN device.
+    pub link: String,
+    /// The remote endpoint's MAC.
+    pub mac: [u8; 6],
+    /// The remote node's VTEP.
+    pub dst: Ipv4Addr,
+}
+
+/// A permanent neighbour entry: IP → MAC on a link.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Neigh {
+    /// The link.
+    pub link: String,
+    /// The address.
+    pub ip: Ipv4Addr,
+    /// Its MAC.
+    pub mac: [u8; 6],
+}
+
+/// A route: `dst/len` via a gateway or straight out of a link.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Route {
+    /// Destination and prefix length (0.0.0.0/0 for the default route).
+    pub dst: (Ipv4Addr, u8),
+    /// Gateway.
+    pub via: Option<Ipv4Addr>,
+    /// Output link.
+    pub dev: String,
+}
+
+/// One network namespace's Shoal-owned objects.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Netns {
+    /// Links by name (`lo` is not listed; it is brought up in every
+    /// namespace Shoal creates).
+    pub links: BTreeMap<String, Link>,
+    /// FDB entries.
+    pub fdb: BTreeSet<Fdb>,
+    /// Neighbour entries.
+    pub neigh: BTreeSet<Neigh>,
+    /// Routes (besides the ones the kernel adds for addresses).
+    pub routes: BTreeSet<Route>,
+}
+
+/// Every Shoal-owned object on a node, by namespace name ([`HOST`] for the
+/// daemon's own).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Kernel {
+    /// Namespaces.
+    pub namespaces: BTreeMap<String, Netns>,
+}
+
+/// One change to the kernel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Create a named network namespace (with `lo` up).
+    AddNetns(String),
+    /// Delete one, and everything in it.
+    DelNetns(String),
+    /// Create a link (both ends, for a veth).
+    AddLink {
+        /// Namespace.
+        ns: String,
+        /// Name.
+        name: String,
+        /// What it should be.
+        link: Link,
+    },
+    /// Delete a link (both ends, for a veth).
+    DelLink {
+        /// Namespace.
+        ns: String,
+        /// Name.
+        name: String,
+    },
+    /// Change a link's settings in place.
+    SetLink {
+        /// Namespace.
+        ns: String,
+        /// Name.
+        name: String,
+        /// What it should be.
+        link: Link,
+    },
+    /// Add an FDB entry.
+    AddFdb(String, Fdb),
+    /// Remove one.
+    DelFdb(String, Fdb),
+    /// Add a neighbour entry.
+    AddNeigh(String, Neigh),
+    /// Remove one.
+    DelNeigh(String, Neigh),
+    /// Add a route.
+    AddRoute(String, Route),
+    /// Remove one.
+    DelRoute(String, Route),
+}
+
+/// Whether `name` is a namespace Shoal owns under `prefix`, or [`HOST`].
+fn ours(name: &str, prefix: &str) -> bool {
+    name == HOST || name.starts_with(prefix)
+}
+
+/// Whether a link in namespace `ns` is Shoal's to manage: any link in a
+/// namespace Shoal created, only `shoal…` ones in the host's.
+pub fn owned_link(ns: &str, name: &str) -> bool {
+    ns != HOST || name.starts_with("shoal")
+}
+
+/// The changes that turn `actual` into `wanted`, in an order the kernel
+/// accepts: namespaces first, removals, then links (bridges before their
+/// ports), settings, tables; namespaces removed last. Only namespaces under
+/// `prefix` (and the host's `shoal…` links) are touched.
+pub fn diff(actual: &Kernel, wanted: &Kernel, prefix: &str) -> Vec<Op> {
+    let empty = Netns::default();
+    let mut add_ns = Vec::new();
+    let mut del_ns = Vec::new();
+    let mut removals = Vec::new();
+    let mut bridges = Vec::new();
+    let mut others = Vec::new();
+    let mut settings = Vec::new();
+    let mut tables = Vec::new();
+    for name in wanted.namespaces.keys() {
+        if name != HOST && !actual.namespaces.contains_key(name) {
+            add_ns.push(Op::AddNetns(name.clone()));
+        }
+    }
+    for name in actual.namespaces.keys() {
+        if name != HOST && ours(name, prefix) && !wanted.namespaces.contains_key(name) {
+            del_ns.push(Op::DelNetns(name.clone()));
+        }
+    }
+    for (ns, want) in &wanted.namespaces {
+        let have = actual.namespaces.get(ns).unwrap_or(&empty);
+        for (name, link) in &have.links {
+            if !owned_link(ns, name) {
+                continue;
+            }
+            match want.links.get(name) {
+                Some(w) if link.kind.satisfies(&w.kind) => {}
+                _ => removals.push(Op::DelLink {
+                    ns: ns.clone(),
+                    name: name.clone(),
+                }),
+            }
+        }
+        for (name, w) in &want.links {
+            match have.links.get(name) {
+                Some(l) if l.kind.satisfies(&w.kind) => {
+                    if l.settings_differ(w) {
+                        settings.push(Op::SetLink {
+                            ns: ns.clone(),
+                            name: name.clone(),
+                            link: w.clone(),
+                        });
+                    }
+                }
+                _ => {
+                    // Created links get their settings applied after.
+                    settings.push(Op::SetLink {
+                        ns: ns.clone(),
+                        name: name.clone(),
+                        link: w.clone(),
+                    });
+                    // A veth pair is created once, from its first end.
+                    if let LinkKind::Veth { peer, peer_ns } = &w.kind
+                        && (peer_ns.as_str(), peer.as_str()) < (ns.as_str(), name.as_str())
+                    {
+                        continue;
+                    }
+                    let op = Op::AddLink {
+                        ns: ns.clone(),
+                        name: name.clone(),
+                        link: w.clone(),
+                    };
+                    if w.kind == LinkKind::Bridge {
+                        bridges.push(op);
+                    } else {
+                        others.push(op);
+                    }
+                }
+            }
+        }
+        for f in have.fdb.difference(&want.fdb) {
+            removals.push(Op::DelFdb(ns.clone(), f.clone()));
+        }
+        for n in have.neigh.difference(&want.neigh) {
+            removals.push(Op::DelNeigh(ns.clone(), n.clone()));
+        }
+        for r in have.routes.difference(&want.routes) {
+            removals.push(Op::DelRoute(ns.clone(), r.clone()));
+        }
+        tables.extend(
+            want.fdb
+                .difference(&have.fdb)
+                .map(|f| Op::AddFdb(ns.clone(), f.clone())),
+        );
+        tables.extend(
+            want.neigh
+                .difference(&have.neigh)
+                .map(|n| Op::AddNeigh(ns.clone(), n.clone())),
+        );
+        tables.extend(
+            want.routes
+                .difference(&have.routes)
+                .map(|r| Op::AddRoute(ns.clone(), r.clone())),
+        );
+    }
+    // The host's `shoal…` links that are no longer wanted.
+    if let Some(host) = actual.namespaces.get(HOST)
+        && !wanted.namespaces.contains_key(HOST)
+    {
+        for name in host.links.keys() {
+            if owned_link(HOST, name) {
+                removals.push(Op::DelLink {
+                    ns: HOST.into(),
+                    name: name.clone(),
+                });
+            }
+        }
+    }
+    let mut out = add_ns;
+    out.extend(removals);
+    out.extend(bridges);
+    out.extend(others);
+    out.extend(settings);
+    out.extend(tables);
+    out.extend(del_ns);
+    out
+}

@@ -1,0 +1,222 @@
+//! An in-memory backend that models the kernel's rules closely enough to
+//! catch ordering and idempotency mistakes: creating what exists fails with
+//! "file exists", a port's bridge must exist, a veth is created and deleted
+//! as a pair, deleting a namespace deletes its links and their veth peers.
+//! Tests use it as the kernel when not root, and to tamper with state.
+
+use crate::model::{HOST, Kernel, LinkKind, Netns, Op};
+use crate::{Backend, DpError};
+
+/// The recording backend.
+#[derive(Clone, Debug, Default)]
+pub struct Recording {
+    /// The modelled kernel; tests may change it behind the reconciler's back.
+    pub kernel: Kernel,
+    /// Every operation applied, in order.
+    pub applied: Vec<Op>,
+}
+
+fn fail(op: &Op, why: &str) -> DpError {
+    DpError::Kernel {
+        op: format!("{op:?}"),
+        reason: why.into(),
+    }
+}
+
+impl Recording {
+    fn ns_mut(&mut self, ns: &str, op: &Op) -> Result<&mut Netns, DpError> {
+        if ns == HOST {
+            return Ok(self.kernel.namespaces.entry(HOST.into()).or_default());
+        }
+        self.kernel
+            .namespaces
+            .get_mut(ns)
+            .ok_or_else(|| fail(op, "no such namespace"))
+    }
+
+    /// Deletes a link, and its veth peer.
+    fn del_link(&mut self, ns: &str, name: &str) {
+        let removed = self
+            .kernel
+            .namespaces
+            .get_mut(ns)
+            .and_then(|n| n.links.remove(name));
+        if let Some(n) = self.kernel.namespaces.get_mut(ns) {
+            n.fdb.retain(|f| f.link != name);
+            n.neigh.retain(|x| x.link != name);
+            n.routes.retain(|r| r.dev != name);
+            for l in n.links.values_mut() {
+                if l.master.as_deref() == Some(name) {
+                    l.master = None;
+                }
+            }
+        }
+        if let Some(LinkKind::Veth { peer, peer_ns }) = removed.map(|l| l.kind) {
+            let peer_there = self
+                .kernel
+                .namespaces
+                .get(&peer_ns)
+                .is_some_and(|n| n.links.contains_key(&peer));
+            if peer_there {
+                self.del_link(&peer_ns, &peer);
+            }
+        }
+    }
+
+    fn apply_op(&mut self, op: &Op) -> Result<(), DpError> {
+        match op {
+            Op::AddNetns(name) => {
+                if self.kernel.namespaces.contains_key(name) {
+                    return Err(fail(op, "file exists"));
+                }
+                self.kernel
+                    .namespaces
+                    .insert(name.clone(), Netns::default());
+            }
+            Op::DelNetns(name) => {
+                let Some(gone) = self.kernel.namespaces.get(name).cloned() else {
+                    return Err(fail(op, "no such namespace"));
+                };
+                for link in gone.links.keys() {
+                    self.del_link(name, link);
+                }
+                self.kernel.namespaces.remove(name);
+            }
+            Op::AddLink { ns, name, link } => {
+                if let LinkKind::Veth { peer, peer_ns } = &link.kind {
+                    let taken = self
+                        .kernel
+                        .namespaces
+                        .get(peer_ns)
+                        .map(|n| n.links.contains_key(peer));
+                    match taken {
+                        None if peer_ns != HOST => {
+                            return Err(fail(op, "peer namespace missing"));
+                        }
+                        Some(true) => return Err(fail(op, "file exists (peer)")),
+                        _ => {}
+                    }
+                }
+                let n = self.ns_mut(ns, op)?;
+                if n.links.contains_key(name) {
+                    return Err(fail(op, "file exists"));
+                }
+                if let Some(m) = &link.master
+                    && !n.links.get(m).is_some_and(|b| b.kind == LinkKind::Bridge)
+                {
+                    return Err(fail(op, "master is not a bridge here"));
+                }
+                let mut fresh = link.clone();
+                fresh.addrs.clear();
+                fresh.up = false;
+                n.links.insert(name.clone(), fresh.clone());
+                if let LinkKind::Veth { peer, peer_ns } = &link.kind {
+                    let mut other = fresh;
+                    other.master = None;
+                    other.mac = None;
+                    other.kind = LinkKind::Veth {
+                        peer: name.clone(),
+                        peer_ns: ns.clone(),
+                    };
+                    let p = self.ns_mut(peer_ns, op)?;
+                    p.links.insert(peer.clone(), other);
+                }
+            }
+            Op::DelLink { ns, name } => {
+                if !self
+                    .kernel
+                    .namespaces
+                    .get(ns)
+                    .is_some_and(|n| n.links.contains_key(name))
+                {
+                    return Err(fail(op, "no such device"));
+                }
+                self.del_link(ns, name);
+            }
+            Op::SetLink { ns, name, link } => {
+                let n = self.ns_mut(ns, op)?;
+                if let Some(m) = &link.master
+                    && !n.links.get(m).is_some_and(|b| b.kind == LinkKind::Bridge)
+                {
+                    return Err(fail(op, "master is not a bridge here"));
+                }
+                let l = n
+                    .links
+                    .get_mut(name)
+                    .ok_or_else(|| fail(op, "no such device"))?;
+                l.mtu = link.mtu;
+                if link.mac.is_some() {
+                    l.mac = link.mac;
+                }
+                l.master.clone_from(&link.master);
+                l.addrs.clone_from(&link.addrs);
+                l.up = link.up;
+            }
+            Op::AddFdb(ns, f) => {
+                let n = self.ns_mut(ns, op)?;
+                if !n
+                    .links
+                    .get(&f.link)
+                    .is_some_and(|l| matches!(l.kind, LinkKind::Vxlan { .. }))
+                {
+                    return Err(fail(op, "no such vxlan device"));
+                }
+                if !n.fdb.insert(f.clone()) {
+                    return Err(fail(op, "file exists"));
+                }
+            }
+            Op::DelFdb(ns, f) => {
+                if !self.ns_mut(ns, op)?.fdb.remove(f) {
+                    return Err(fail(op, "no such entry"));
+                }
+            }
+            Op::AddNeigh(ns, x) => {
+                let n = self.ns_mut(ns, op)?;
+                if !n.links.contains_key(&x.link) {
+                    return Err(fail(op, "no such device"));
+                }
+                if !n.neigh.insert(x.clone()) {
+                    return Err(fail(op, "file exists"));
+                }
+            }
+            Op::DelNeigh(ns, x) => {
+                if !self.ns_mut(ns, op)?.neigh.remove(x) {
+                    return Err(fail(op, "no such entry"));
+                }
+            }
+            Op::AddRoute(ns, r) => {
+                let n = self.ns_mut(ns, op)?;
+                if !n.links.contains_key(&r.dev) {
+                    return Err(fail(op, "no such device"));
+                }
+                if !n.routes.insert(r.clone()) {
+                    return Err(fail(op, "file exists"));
+                }
+            }
+            Op::DelRoute(ns, r) => {
+                if !self.ns_mut(ns, op)?.routes.remove(r) {
+                    return Err(fail(op, "no such route"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Backend for Recording {
+    async fn observe(&mut self, prefix: &str) -> Result<Kernel, DpError> {
+        let mut k = self.kernel.clone();
+        k.namespaces
+            .retain(|name, _| name == HOST || name.starts_with(prefix));
+        if let Some(host) = k.namespaces.get_mut(HOST) {
+            host.links.retain(|n, _| n.starts_with("shoal"));
+        }
+        Ok(k)
+    }
+
+    async fn apply(&mut self, op: &Op) -> Result<(), DpError> {
+        self.apply_op(op)?;
+        self.applied.push(op.clone());
+        Ok(())
+    }
+}
