@@ -102,7 +102,7 @@ impl Recording {
                     return Err(fail(op, "file exists"));
                 }
                 if let Some(m) = &link.master
-                    && !n.links.get(m).is_some_and(|b| b.kind == LinkKind::Bridge)
+                    && n.links.get(m).is_none_or(|b| b.kind != LinkKind::Bridge)
                 {
                     return Err(fail(op, "master is not a bridge here"));
                 }
@@ -136,7 +136,7 @@ impl Recording {
             Op::SetLink { ns, name, link } => {
                 let n = self.ns_mut(ns, op)?;
                 if let Some(m) = &link.master
-                    && !n.links.get(m).is_some_and(|b| b.kind == LinkKind::Bridge)
+                    && n.links.get(m).is_none_or(|b| b.kind != LinkKind::Bridge)
                 {
                     return Err(fail(op, "master is not a bridge here"));
                 }
