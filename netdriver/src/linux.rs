@@ -1,2 +1,663 @@
-//! The Linux backend (rtnetlink; named network namespaces under
-//! `/run/netns`). Written in the next step.
+//! The Linux backend: named network namespaces under `/run/netns` (created
+//! the way iproute2 does: a thread unshares its network namespace and it
+//! is bind-mounted there), and links, addresses, FDB and neighbour entries
+//! through rtnetlink, with one netlink socket opened inside each namespace.
+//!
+//! VXLAN devices are created in the host namespace (so that their UDP
+//! socket is on the underlay) and moved into the network's namespace under
+//! their final name in the same request; a veth pair is created in one
+//! namespace and its other end moved and renamed the same way.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use futures_util::TryStreamExt;
+use nix::mount::{MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::{
+    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, LinkVxlan};
+
+use crate::model::{Fdb, HOST, Kernel, Link, LinkKind, Neigh, Netns, Op};
+use crate::{Backend, DpError};
+
+/// Where named network namespaces live.
+pub const NETNS_DIR: &str = "/run/netns";
+
+fn other(what: &str, e: impl std::fmt::Display) -> DpError {
+    DpError::Other(format!("{what}: {e}"))
+}
+
+fn kernel(op: &Op, e: impl std::fmt::Display) -> DpError {
+    let what = match op {
+        Op::AddNetns(n) => format!("create namespace {n}"),
+        Op::DelNetns(n) => format!("delete namespace {n}"),
+        Op::AddLink { ns, name, .. } => format!("create link {name} in {}", show_ns(ns)),
+        Op::DelLink { ns, name } => format!("delete link {name} in {}", show_ns(ns)),
+        Op::SetLink { ns, name, .. } => format!("configure link {name} in {}", show_ns(ns)),
+        Op::AddFdb(ns, f) => format!("add FDB {:?} in {}", f, show_ns(ns)),
+        Op::DelFdb(ns, f) => format!("delete FDB {:?} in {}", f, show_ns(ns)),
+        Op::AddNeigh(ns, n) => format!("add neighbour {:?} in {}", n, show_ns(ns)),
+        Op::DelNeigh(ns, n) => format!("delete neighbour {:?} in {}", n, show_ns(ns)),
+        Op::AddRoute(ns, r) => format!("add route {:?} in {}", r, show_ns(ns)),
+        Op::DelRoute(ns, r) => format!("delete route {:?} in {}", r, show_ns(ns)),
+    };
+    DpError::Kernel {
+        op: what,
+        reason: e.to_string(),
+    }
+}
+
+fn show_ns(ns: &str) -> &str {
+    if ns == HOST { "the host namespace" } else { ns }
+}
+
+/// Makes `/run/netns` exist and be a shared mount, as `ip netns add` does,
+/// so that namespaces bound there are seen by every mount namespace.
+fn prepare_netns_dir() -> Result<(), DpError> {
+    std::fs::create_dir_all(NETNS_DIR).map_err(|e| other(NETNS_DIR, e))?;
+    let shared = || {
+        nix::mount::mount(
+            None::<&str>,
+            NETNS_DIR,
+            None::<&str>,
+            MsFlags::MS_SHARED | MsFlags::MS_REC,
+            None::<&str>,
+        )
+    };
+    if shared().is_err() {
+        nix::mount::mount(
+            Some(NETNS_DIR),
+            NETNS_DIR,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| other("bind /run/netns", e))?;
+        shared().map_err(|e| other("make /run/netns shared", e))?;
+    }
+    Ok(())
+}
+
+/// Creates the named network namespace `name` (fails if it exists).
+pub fn create_netns(name: &str) -> Result<(), DpError> {
+    prepare_netns_dir()?;
+    let path = Path::new(NETNS_DIR).join(name);
+    File::options()
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(|e| other(&path.display().to_string(), e))?;
+    let target = path.clone();
+    let made = std::thread::spawn(move || -> Result<(), DpError> {
+        nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|e| other("unshare", e))?;
+        nix::mount::mount(
+            Some("/proc/thread-self/ns/net"),
+            &target,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| other("bind the new namespace", e))
+    })
+    .join()
+    .map_err(|_| DpError::Other("namespace thread panicked".into()))?;
+    if made.is_err() {
+        let _ = std::fs::remove_file(&path);
+    }
+    made
+}
+
+/// Deletes the named network namespace `name`.
+pub fn delete_netns(name: &str) -> Result<(), DpError> {
+    let path = Path::new(NETNS_DIR).join(name);
+    // Not mounted (a failed creation): just the file.
+    let _ = nix::mount::umount2(&path, MntFlags::MNT_DETACH);
+    std::fs::remove_file(&path).map_err(|e| other(&path.display().to_string(), e))
+}
+
+/// The named namespaces starting with `prefix`.
+pub fn list_netns(prefix: &str) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    names.sort();
+    names
+}
+
+/// The Linux backend.
+pub struct Linux {
+    /// The namespace standing for the host (the daemon's own if `None`;
+    /// tests use a namespace of their own).
+    host: Option<String>,
+    handles: HashMap<String, Handle>,
+}
+
+/// A link as dumped: index and model.
+struct Seen {
+    index: u32,
+    link: Link,
+}
+
+impl Linux {
+    /// A backend whose host namespace is `host` (a name under `/run/netns`)
+    /// or, if `None`, the one this process runs in.
+    pub fn new(host: Option<String>) -> Self {
+        Linux {
+            host,
+            handles: HashMap::new(),
+        }
+    }
+
+    fn ns_path(&self, ns: &str) -> Option<PathBuf> {
+        if ns == HOST {
+            self.host.as_ref().map(|h| Path::new(NETNS_DIR).join(h))
+        } else {
+            Some(Path::new(NETNS_DIR).join(ns))
+        }
+    }
+
+    /// A file naming namespace `ns`, for moving links there.
+    fn ns_file(&self, ns: &str) -> Result<File, DpError> {
+        let path = self
+            .ns_path(ns)
+            .unwrap_or_else(|| PathBuf::from("/proc/self/ns/net"));
+        File::open(&path).map_err(|e| other(&path.display().to_string(), e))
+    }
+
+    /// A netlink handle whose socket lives in namespace `ns`.
+    async fn handle(&mut self, ns: &str) -> Result<Handle, DpError> {
+        if let Some(h) = self.handles.get(ns) {
+            return Ok(h.clone());
+        }
+        let path = self.ns_path(ns);
+        let rt = tokio::runtime::Handle::current();
+        let (conn, handle) = std::thread::spawn(move || {
+            let _enter = rt.enter();
+            if let Some(p) = path {
+                let f = File::open(&p).map_err(|e| other(&p.display().to_string(), e))?;
+                nix::sched::setns(f, CloneFlags::CLONE_NEWNET).map_err(|e| other("setns", e))?;
+            }
+            let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| other("netlink", e))?;
+            Ok::<_, DpError>((conn, handle))
+        })
+        .join()
+        .map_err(|_| DpError::Other("netlink thread panicked".into()))??;
+        tokio::spawn(conn);
+        self.handles.insert(ns.to_owned(), handle.clone());
+        Ok(handle)
+    }
+
+    async fn links(&mut self, ns: &str) -> Result<BTreeMap<String, Seen>, DpError> {
+        let h = self.handle(ns).await?;
+        let mut msgs = Vec::new();
+        let mut s = h.link().get().execute();
+        while let Some(m) = s.try_next().await.map_err(|e| other("dump links", e))? {
+            msgs.push(m);
+        }
+        let names: HashMap<u32, String> = msgs
+            .iter()
+            .filter_map(|m| Some((m.header.index, link_name(m)?)))
+            .collect();
+        let mut out = BTreeMap::new();
+        for m in &msgs {
+            let Some(name) = link_name(m) else { continue };
+            if name == "lo" {
+                continue;
+            }
+            let mut link = Link {
+                kind: LinkKind::Other("unknown".into()),
+                mtu: 0,
+                mac: None,
+                master: None,
+                addrs: BTreeSet::new(),
+                up: m.header.flags.contains(LinkFlags::Up),
+            };
+            let mut vxlan = (0, Ipv4Addr::UNSPECIFIED, 0);
+            for a in &m.attributes {
+                match a {
+                    LinkAttribute::Mtu(v) => link.mtu = *v,
+                    LinkAttribute::Address(mac) if mac.len() == 6 => {
+                        link.mac = <[u8; 6]>::try_from(mac.as_slice()).ok();
+                    }
+                    LinkAttribute::Controller(i) => link.master = names.get(i).cloned(),
+                    LinkAttribute::LinkInfo(infos) => {
+                        for i in infos {
+                            match i {
+                                LinkInfo::Kind(k) => {
+                                    link.kind = match k {
+                                        InfoKind::Bridge => LinkKind::Bridge,
+                                        InfoKind::Veth => LinkKind::Veth {
+                                            peer: String::new(),
+                                            peer_ns: String::new(),
+                                        },
+                                        InfoKind::Vxlan => LinkKind::Vxlan {
+                                            vni: 0,
+                                            local: Ipv4Addr::UNSPECIFIED,
+                                            port: 0,
+                                        },
+                                        k => LinkKind::Other(format!("{k:?}")),
+                                    }
+                                }
+                                LinkInfo::Data(InfoData::Vxlan(v)) => {
+                                    for x in v {
+                                        match x {
+                                            InfoVxlan::Id(id) => vxlan.0 = *id,
+                                            InfoVxlan::Local(l) => vxlan.1 = *l,
+                                            InfoVxlan::Port(p) => vxlan.2 = *p,
+                                            _ => {}
+                                        }
+                                    }
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if let LinkKind::Vxlan { .. } = link.kind {
+                link.kind = LinkKind::Vxlan {
+                    vni: vxlan.0,
+                    local: vxlan.1,
+                    port: vxlan.2,
+                };
+            }
+            out.insert(
+                name,
+                Seen {
+                    index: m.header.index,
+                    link,
+                },
+            );
+        }
+        // Addresses.
+        let mut s = h.address().get().execute();
+        while let Some(a) = s.try_next().await.map_err(|e| other("dump addresses", e))? {
+            if a.header.family != AddressFamily::Inet {
+                continue;
+            }
+            let ip = a.attributes.iter().find_map(|x| match x {
+                AddressAttribute::Local(IpAddr::V4(ip))
+                | AddressAttribute::Address(IpAddr::V4(ip)) => Some(*ip),
+                _ => None,
+            });
+            if let (Some(ip), Some(seen)) =
+                (ip, out.values_mut().find(|s| s.index == a.header.index))
+            {
+                seen.link.addrs.insert((ip, a.header.prefix_len));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn observe_ns(&mut self, ns: &str) -> Result<Netns, DpError> {
+        let links = self.links(ns).await?;
+        let by_index: HashMap<u32, &str> =
+            links.iter().map(|(n, s)| (s.index, n.as_str())).collect();
+        let h = self.handle(ns).await?;
+        let mut out = Netns::default();
+        let mut s = h
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute();
+        while let Some(n) = s.try_next().await.map_err(|e| other("dump FDB", e))? {
+            let Some(link) = by_index.get(&n.header.ifindex) else {
+                continue;
+            };
+            if !matches!(links[*link].link.kind, LinkKind::Vxlan { .. }) {
+                continue;
+            }
+            if let (Some(mac), Some(IpAddr::V4(dst))) = (lladdr(&n), destination(&n)) {
+                out.fdb.insert(Fdb {
+                    link: (*link).to_owned(),
+                    mac,
+                    dst,
+                });
+            }
+        }
+        let mut s = h
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute();
+        while let Some(n) = s
+            .try_next()
+            .await
+            .map_err(|e| other("dump neighbours", e))?
+        {
+            if n.header.state != NeighbourState::Permanent {
+                continue;
+            }
+            let Some(link) = by_index.get(&n.header.ifindex) else {
+                continue;
+            };
+            if let (Some(mac), Some(IpAddr::V4(ip))) = (lladdr(&n), destination(&n)) {
+                out.neigh.insert(Neigh {
+                    link: (*link).to_owned(),
+                    ip,
+                    mac,
+                });
+            }
+        }
+        out.links = links
+            .into_iter()
+            .filter(|(name, _)| ns != HOST || name.starts_with("shoal"))
+            .map(|(n, s)| (n, s.link))
+            .collect();
+        if ns == HOST {
+            let keep: BTreeSet<String> = out.links.keys().cloned().collect();
+            out.fdb.retain(|f| keep.contains(&f.link));
+            out.neigh.retain(|n| keep.contains(&n.link));
+        }
+        Ok(out)
+    }
+
+    async fn index(&mut self, ns: &str, name: &str) -> Result<u32, DpError> {
+        let h = self.handle(ns).await?;
+        let mut s = h.link().get().match_name(name.to_owned()).execute();
+        match s.try_next().await {
+            Ok(Some(m)) => Ok(m.header.index),
+            Ok(None) | Err(_) => Err(DpError::Other(format!("no link {name} in {}", show_ns(ns)))),
+        }
+    }
+
+    /// Moves link `index` (in `from`) to namespace `to` as `name`.
+    async fn move_link(
+        &mut self,
+        from: &str,
+        index: u32,
+        to: &str,
+        name: &str,
+    ) -> Result<(), DpError> {
+        let h = self.handle(from).await?;
+        let target = self.ns_file(to)?;
+        let msg = LinkUnspec::new_with_index(index)
+            .setns_by_fd(target.as_raw_fd())
+            .name(name.to_owned())
+            .build();
+        h.link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(|e| other(&format!("move link to {}", show_ns(to)), e))
+    }
+
+    async fn add_link(&mut self, ns: &str, name: &str, link: &Link) -> Result<(), DpError> {
+        match &link.kind {
+            LinkKind::Bridge => {
+                let h = self.handle(ns).await?;
+                h.link()
+                    .add(LinkBridge::new(name).build())
+                    .execute()
+                    .await
+                    .map_err(|e| other("create bridge", e))
+            }
+            LinkKind::Vxlan { vni, local, port } => {
+                // Made in the host namespace, under a temporary `shoal…`
+                // name, so that its socket is on the underlay.
+                let tmp = if ns == HOST {
+                    name.to_owned()
+                } else {
+                    format!("shoalvx{:08x}", vni)
+                };
+                let h = self.handle(HOST).await?;
+                let msg = LinkVxlan::new(&tmp, *vni)
+                    .local(*local)
+                    .port(*port)
+                    .learning(false)
+                    .proxy(true)
+                    .build();
+                h.link()
+                    .add(msg)
+                    .execute()
+                    .await
+                    .map_err(|e| other("create vxlan", e))?;
+                if ns != HOST {
+                    let idx = self.index(HOST, &tmp).await?;
+                    if let Err(e) = self.move_link(HOST, idx, ns, name).await {
+                        let _ = h.link().del(idx).execute().await;
+                        return Err(e);
+                    }
+                }
+                Ok(())
+            }
+            LinkKind::Veth { peer, peer_ns } => {
+                let tmp = format!("shoalp{}", &name[..name.len().min(9)]);
+                let h = self.handle(ns).await?;
+                h.link()
+                    .add(LinkVeth::new(name, &tmp).build())
+                    .execute()
+                    .await
+                    .map_err(|e| other("create veth", e))?;
+                let idx = self.index(ns, &tmp).await?;
+                if let Err(e) = self.move_link(ns, idx, peer_ns, peer).await {
+                    if let Ok(i) = self.index(ns, name).await {
+                        let _ = h.link().del(i).execute().await;
+                    }
+                    return Err(e);
+                }
+                Ok(())
+            }
+            LinkKind::Other(k) => Err(DpError::Other(format!("cannot create a {k} link"))),
+        }
+    }
+
+    async fn set_link(&mut self, ns: &str, name: &str, link: &Link) -> Result<(), DpError> {
+        let links = self.links(ns).await?;
+        let seen = links
+            .get(name)
+            .ok_or_else(|| DpError::Other(format!("no link {name}")))?;
+        let mut msg = LinkUnspec::new_with_index(seen.index).mtu(link.mtu);
+        if let Some(mac) = link.mac {
+            msg = msg.address(mac.to_vec());
+        }
+        msg = match &link.master {
+            Some(m) => {
+                let idx = links
+                    .get(m)
+                    .ok_or_else(|| DpError::Other(format!("no bridge {m}")))?
+                    .index;
+                msg.controller(idx)
+            }
+            None => msg.nocontroller(),
+        };
+        msg = if link.up { msg.up() } else { msg.down() };
+        let h = self.handle(ns).await?;
+        h.link()
+            .set(msg.build())
+            .execute()
+            .await
+            .map_err(|e| other("set link", e))?;
+        for (ip, len) in link.addrs.difference(&seen.link.addrs) {
+            h.address()
+                .add(seen.index, IpAddr::V4(*ip), *len)
+                .execute()
+                .await
+                .map_err(|e| other(&format!("add address {ip}/{len}"), e))?;
+        }
+        let extra: Vec<(Ipv4Addr, u8)> = seen.link.addrs.difference(&link.addrs).copied().collect();
+        if !extra.is_empty() {
+            let mut s = h
+                .address()
+                .get()
+                .set_link_index_filter(seen.index)
+                .execute();
+            while let Some(a) = s.try_next().await.map_err(|e| other("dump addresses", e))? {
+                let ip = a.attributes.iter().find_map(|x| match x {
+                    AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
+                    _ => None,
+                });
+                if ip.is_some_and(|ip| extra.contains(&(ip, a.header.prefix_len))) {
+                    h.address()
+                        .del(a)
+                        .execute()
+                        .await
+                        .map_err(|e| other("delete address", e))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn neighbour(
+        index: u32,
+        family: AddressFamily,
+        mac: &[u8; 6],
+        dst: Ipv4Addr,
+    ) -> NeighbourMessage {
+        let mut m = NeighbourMessage::default();
+        m.header.family = family;
+        m.header.ifindex = index;
+        m.header.state = NeighbourState::Permanent;
+        if family == AddressFamily::Bridge {
+            m.header.flags = NeighbourFlags::Own;
+        }
+        m.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        m.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(dst)));
+        m
+    }
+
+    async fn apply_op(&mut self, op: &Op) -> Result<(), DpError> {
+        match op {
+            Op::AddNetns(name) => {
+                create_netns(name)?;
+                let h = self.handle(name).await?;
+                let lo = LinkUnspec::new_with_name("lo").up().build();
+                h.link()
+                    .set(lo)
+                    .execute()
+                    .await
+                    .map_err(|e| other("loopback up", e))
+            }
+            Op::DelNetns(name) => {
+                self.handles.remove(name);
+                delete_netns(name)
+            }
+            Op::AddLink { ns, name, link } => self.add_link(ns, name, link).await,
+            Op::DelLink { ns, name } => {
+                let idx = self.index(ns, name).await?;
+                let h = self.handle(ns).await?;
+                h.link()
+                    .del(idx)
+                    .execute()
+                    .await
+                    .map_err(|e| other("delete link", e))
+            }
+            Op::SetLink { ns, name, link } => self.set_link(ns, name, link).await,
+            Op::AddFdb(ns, f) => {
+                let idx = self.index(ns, &f.link).await?;
+                let h = self.handle(ns).await?;
+                let mut req = h.neighbours().add_bridge(idx, &f.mac);
+                *req.message_mut() = Self::neighbour(idx, AddressFamily::Bridge, &f.mac, f.dst);
+                req.execute().await.map_err(|e| other("add FDB entry", e))
+            }
+            Op::DelFdb(ns, f) => {
+                let idx = self.index(ns, &f.link).await?;
+                let h = self.handle(ns).await?;
+                let msg = Self::neighbour(idx, AddressFamily::Bridge, &f.mac, f.dst);
+                h.neighbours()
+                    .del(msg)
+                    .execute()
+                    .await
+                    .map_err(|e| other("delete FDB entry", e))
+            }
+            Op::AddNeigh(ns, n) => {
+                let idx = self.index(ns, &n.link).await?;
+                let h = self.handle(ns).await?;
+                h.neighbours()
+                    .add(idx, IpAddr::V4(n.ip))
+                    .link_layer_address(&n.mac)
+                    .execute()
+                    .await
+                    .map_err(|e| other("add neighbour", e))
+            }
+            Op::DelNeigh(ns, n) => {
+                let idx = self.index(ns, &n.link).await?;
+                let h = self.handle(ns).await?;
+                let msg = Self::neighbour(idx, AddressFamily::Inet, &n.mac, n.ip);
+                h.neighbours()
+                    .del(msg)
+                    .execute()
+                    .await
+                    .map_err(|e| other("delete neighbour", e))
+            }
+            Op::AddRoute(..) | Op::DelRoute(..) => Err(DpError::Other(
+                "routes are not programmed by this backend yet".into(),
+            )),
+        }
+    }
+}
+
+fn link_name(m: &LinkMessage) -> Option<String> {
+    m.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n.clone()),
+        _ => None,
+    })
+}
+
+fn lladdr(n: &NeighbourMessage) -> Option<[u8; 6]> {
+    n.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::LinkLayerAddress(m) => <[u8; 6]>::try_from(m.as_slice()).ok(),
+        _ => None,
+    })
+}
+
+fn destination(n: &NeighbourMessage) -> Option<IpAddr> {
+    n.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(IpAddr::V4(*ip)),
+        // Bridge-family entries carry their destination as raw bytes.
+        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+            <[u8; 4]>::try_from(b.as_slice())
+                .ok()
+                .map(|o| IpAddr::V4(o.into()))
+        }
+        _ => None,
+    })
+}
+
+impl Backend for Linux {
+    async fn observe(&mut self, prefix: &str) -> Result<Kernel, DpError> {
+        let mut k = Kernel::default();
+        k.namespaces
+            .insert(HOST.into(), self.observe_ns(HOST).await?);
+        for ns in list_netns(prefix) {
+            // One that cannot be read (a file left by a crash before it
+            // was bound) is reported empty, so that it is removed.
+            match self.observe_ns(&ns).await {
+                Ok(n) => {
+                    k.namespaces.insert(ns, n);
+                }
+                Err(_) => {
+                    self.handles.remove(&ns);
+                    k.namespaces.insert(ns, Netns::default());
+                }
+            }
+        }
+        Ok(k)
+    }
+
+    async fn apply(&mut self, op: &Op) -> Result<(), DpError> {
+        self.apply_op(op).await.map_err(|e| match e {
+            DpError::Other(reason) => kernel(op, reason),
+            e => e,
+        })
+    }
+}
