@@ -123,6 +123,9 @@ pub struct Host {
     pub socket: PathBuf,
     /// Its daemon's log.
     pub log: PathBuf,
+    /// Its network namespace, when hosts are isolated (else the daemon
+    /// runs in the machine's own, with the data plane off).
+    pub netns: Option<String>,
     child: Option<Child>,
 }
 
@@ -143,7 +146,26 @@ pub struct Cluster {
     /// The hosts, `node1` first.
     pub hosts: Vec<Host>,
     dir: tempfile::TempDir,
+    /// For isolated hosts: the prefix of every namespace of this cluster.
+    netns_prefix: Option<String>,
 }
+
+/// Runs `ip ARGS…`, failing with its error output.
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip").args(args).output()?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The underlay subnet of isolated hosts (inside the cluster's own
+/// namespaces, so the same for every cluster).
+pub const UNDERLAY: [u8; 3] = [10, 210, 0];
 
 impl Cluster {
     /// Starts `n` daemons, none of them in a swarm yet.
@@ -153,9 +175,10 @@ impl Cluster {
         let mut cluster = Cluster {
             hosts: Vec::new(),
             dir,
+            netns_prefix: None,
         };
         for i in 1..=n {
-            cluster.add_host(Ipv4Addr::new(127, a, b, i as u8), &format!("node{i}"))?;
+            cluster.add_host(Ipv4Addr::new(127, a, b, i as u8), &format!("node{i}"), None)?;
         }
         for i in 0..n {
             cluster.start_daemon(i)?;
@@ -163,7 +186,80 @@ impl Cluster {
         Ok(cluster)
     }
 
-    fn add_host(&mut self, ip: Ipv4Addr, name: &str) -> anyhow::Result<()> {
+    /// Starts `n` daemons each in a network namespace of its own (a host),
+    /// joined by veths to a bridge in another (the underlay,
+    /// 10.210.0.0/24), with the data plane on. Needs root. Every namespace
+    /// (the hosts', the underlay's, and the ones the daemons make) starts
+    /// with a prefix unique to this cluster and is removed on drop.
+    pub fn start_isolated(n: usize) -> anyhow::Result<Self> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = tempfile::Builder::new().prefix("shoal-test-").tempdir()?;
+        let prefix = format!(
+            "shoal-lab{}x{}-",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut cluster = Cluster {
+            hosts: Vec::new(),
+            dir,
+            netns_prefix: Some(prefix.clone()),
+        };
+        let ul = format!("{prefix}ul");
+        ip(&["netns", "add", &ul])?;
+        ip(&["-n", &ul, "link", "add", "ul0", "type", "bridge"])?;
+        ip(&["-n", &ul, "link", "set", "ul0", "up"])?;
+        for i in 1..=n {
+            let ns = format!("{prefix}h{i}");
+            ip(&["netns", "add", &ns])?;
+            let port = format!("ul{i}");
+            ip(&[
+                "-n", &ul, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+                &ns,
+            ])?;
+            ip(&["-n", &ul, "link", "set", &port, "master", "ul0", "up"])?;
+            let [a, b, c] = UNDERLAY;
+            let addr = Ipv4Addr::new(a, b, c, i as u8);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+            cluster.add_host(addr, &format!("node{i}"), Some(ns))?;
+        }
+        for i in 0..n {
+            cluster.start_daemon(i)?;
+        }
+        Ok(cluster)
+    }
+
+    /// Runs `program ARGS…` in host `i`'s network namespace (or here, for
+    /// hosts that are not isolated).
+    pub fn in_host(&self, i: usize, program: &str, args: &[&str]) -> Run {
+        let mut cmd = match &self.hosts[i].netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg(program);
+                c
+            }
+            None => Command::new(program),
+        };
+        match cmd.args(args).output() {
+            Ok(o) => Run::from(o),
+            Err(e) => Run {
+                code: -1,
+                stdout: String::new(),
+                stderr: e.to_string(),
+            },
+        }
+    }
+
+    fn add_host(&mut self, ip: Ipv4Addr, name: &str, netns: Option<String>) -> anyhow::Result<()> {
         let base = self.dir.path().join(name);
         std::fs::create_dir_all(&base)?;
         self.hosts.push(Host {
@@ -172,6 +268,7 @@ impl Cluster {
             state_dir: base.join("state"),
             socket: base.join("shoal.sock"),
             log: base.join("daemon.log"),
+            netns,
             child: None,
         });
         Ok(())
@@ -184,8 +281,25 @@ impl Cluster {
             .create(true)
             .append(true)
             .open(&h.log)?;
-        Ok(Command::new(shoal_bin())
-            .arg("daemon")
+        let mut cmd = match &h.netns {
+            // Only the network namespace: the daemon's namespaces are then
+            // visible from here, for the harness to clean up.
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}"))
+                    .arg(shoal_bin())
+                    .arg("daemon")
+                    .arg("--netns-prefix")
+                    .arg(format!("{ns}-"));
+                c
+            }
+            None => {
+                let mut c = Command::new(shoal_bin());
+                c.arg("daemon").arg("--no-dataplane");
+                c
+            }
+        };
+        Ok(cmd
             .arg("--socket")
             .arg(&h.socket)
             .arg("--state-dir")
@@ -381,6 +495,23 @@ impl Cluster {
         Ok(name.and_then(|n| self.hosts.iter().position(|h| h.name == n)))
     }
 
+    /// Retries `get` until it succeeds or `timeout` passes (then its last
+    /// error).
+    pub fn wait_until_value<T>(
+        &self,
+        timeout: Duration,
+        mut get: impl FnMut() -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match get() {
+                Ok(v) => return Ok(v),
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+
     /// Polls `check` until it returns `Ok(true)` or `timeout` passes; the
     /// last error or `what` is reported on timeout.
     pub fn wait_until(
@@ -440,6 +571,16 @@ impl Drop for Cluster {
             self.kill(i);
         }
         kill_processes_under(self.dir.path());
+        if let Some(prefix) = &self.netns_prefix
+            && let Ok(entries) = std::fs::read_dir("/run/netns")
+        {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(prefix.as_str()) {
+                    let _ = Command::new("ip").args(["netns", "del", &name]).status();
+                }
+            }
+        }
         if std::thread::panicking() {
             for (i, h) in self.hosts.iter().enumerate() {
                 eprintln!("----- {} daemon log -----\n{}", h.name, self.log(i));

@@ -163,6 +163,29 @@ impl Linux {
         }
     }
 
+    /// The MTU of the host-namespace interface that holds `ip`.
+    pub async fn mtu_of(&mut self, ip: Ipv4Addr) -> Option<u32> {
+        let h = self.handle(HOST).await.ok()?;
+        let mut s = h.address().get().execute();
+        let mut index = None;
+        while let Ok(Some(a)) = s.try_next().await {
+            let holds = a.attributes.iter().any(|x| {
+                matches!(x, AddressAttribute::Local(IpAddr::V4(v)) | AddressAttribute::Address(IpAddr::V4(v)) if *v == ip)
+            });
+            if holds {
+                index = Some(a.header.index);
+                break;
+            }
+        }
+        let index = index?;
+        let mut s = h.link().get().match_index(index).execute();
+        let m = s.try_next().await.ok()??;
+        m.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Mtu(v) => Some(*v),
+            _ => None,
+        })
+    }
+
     fn ns_path(&self, ns: &str) -> Option<PathBuf> {
         if ns == HOST {
             self.host.as_ref().map(|h| Path::new(NETNS_DIR).join(h))

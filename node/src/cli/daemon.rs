@@ -26,6 +26,15 @@ pub struct DaemonArgs {
     /// Log level or tracing filter [default: info].
     #[arg(long)]
     log_level: Option<String>,
+    /// Do not program overlays and sandboxes (tasks get bare namespaces).
+    #[arg(long)]
+    no_dataplane: bool,
+    /// Prefix of this node's network namespace names [default: shoal-<node ID>-].
+    #[arg(long)]
+    netns_prefix: Option<String>,
+    /// VXLAN UDP port [default: 4789].
+    #[arg(long)]
+    data_path_port: Option<u16>,
 }
 
 impl DaemonArgs {
@@ -55,6 +64,15 @@ impl DaemonArgs {
         }
         if let Some(v) = self.log_level {
             cfg.log_level = v;
+        }
+        if self.no_dataplane {
+            cfg.dataplane.enabled = false;
+        }
+        if let Some(v) = self.netns_prefix {
+            cfg.dataplane.netns_prefix = Some(v);
+        }
+        if let Some(v) = self.data_path_port {
+            cfg.dataplane.data_path_port = v;
         }
         let filter = tracing_subscriber::EnvFilter::try_new(format!(
             "{},openraft=warn,quinn=warn,rustls=warn",

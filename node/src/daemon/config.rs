@@ -33,6 +33,36 @@ pub struct DaemonConfig {
     pub gossip: GossipTimingConfig,
     /// Task placement.
     pub orchestrator: OrchestratorConfig,
+    /// The data plane.
+    pub dataplane: DataplaneConfig,
+}
+
+/// `[dataplane]`: the kernel state this node programs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataplaneConfig {
+    /// Program overlays and sandboxes (needs root). When off, tasks run in
+    /// bare network namespaces with loopback only.
+    pub enabled: bool,
+    /// Names of this node's network namespaces start with it (default
+    /// `shoal-<node ID>-`); it must start with `shoal`.
+    pub netns_prefix: Option<String>,
+    /// VXLAN UDP port (`--data-path-port`).
+    pub data_path_port: u16,
+    /// The underlay's MTU, if not the MTU of the interface holding the
+    /// advertise address.
+    pub underlay_mtu: Option<u32>,
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        DataplaneConfig {
+            enabled: true,
+            netns_prefix: None,
+            data_path_port: 4789,
+            underlay_mtu: None,
+        }
+    }
 }
 
 /// `[orchestrator]`: how the leader reacts to lost nodes.
@@ -141,6 +171,7 @@ impl Default for DaemonConfig {
             raft: RaftTimingConfig::default(),
             gossip: GossipTimingConfig::default(),
             orchestrator: OrchestratorConfig::default(),
+            dataplane: DataplaneConfig::default(),
         }
     }
 }
@@ -177,6 +208,11 @@ pub enum ConfigError {
         "invalid gossip timing: need 0 < probe_rtt_ms < probe_period_ms, and suspect_to_down_ms, gossip_interval_ms, sync_interval_ms > 0"
     )]
     GossipTiming,
+    /// A namespace prefix Shoal may not use.
+    #[error(
+        "invalid netns_prefix `{0}`: it must start with `shoal` and hold only letters, digits and `-`"
+    )]
+    NetnsPrefix(String),
     /// Hostname empty or with whitespace.
     #[error("invalid hostname `{0}`: it must be non-empty and contain no whitespace")]
     Hostname(String),
@@ -210,6 +246,11 @@ impl DaemonConfig {
                 r.election_min_ms,
                 r.election_max_ms,
             ));
+        }
+        if let Some(p) = &self.dataplane.netns_prefix
+            && !(p.starts_with("shoal") && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        {
+            return Err(ConfigError::NetnsPrefix(p.clone()));
         }
         let g = &self.gossip;
         if !(0 < g.probe_rtt_ms

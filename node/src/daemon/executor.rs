@@ -236,14 +236,40 @@ async fn report(m: &Member, id: &str, state: TaskState, message: String, exit_co
     }
 }
 
+/// How long a task waits for its network sandbox before it fails.
+const SANDBOX_WAIT: Duration = Duration::from_secs(30);
+
+/// What became of a start.
+enum Start {
+    /// It runs.
+    Started(Box<Supervised>),
+    /// It failed (reported).
+    Failed,
+    /// Its sandbox is not programmed yet.
+    Wait,
+}
+
 /// Starts task `t` under a shim; reports failure to start.
-async fn start(m: &Member, state: &ClusterState, t: &Task) -> Option<Supervised> {
-    let service = state.services.get(&t.service_id)?;
-    let (program, _) = service.spec.command.split_first()?;
+async fn start(m: &Member, state: &ClusterState, t: &Task) -> Start {
+    let Some(service) = state.services.get(&t.service_id) else {
+        return Start::Failed;
+    };
+    let Some((program, _)) = service.spec.command.split_first() else {
+        return Start::Failed;
+    };
     if let Err(msg) = find_program(program) {
         report(m, &t.id, TaskState::Failed, msg, None).await;
-        return None;
+        return Start::Failed;
     }
+    // With the data plane, the task starts inside the sandbox it programmed.
+    let netns = if m.sandboxes.enabled {
+        match m.sandboxes.ready(&t.id) {
+            Some(ns) => Some(ns),
+            None => return Start::Wait,
+        }
+    } else {
+        None
+    };
     let dir = m.dir.0.join("tasks");
     let hostname = state
         .nodes
@@ -267,9 +293,16 @@ async fn start(m: &Member, state: &ClusterState, t: &Task) -> Option<Supervised>
         if is_root() {
             let resolv = shim::file(&dir, &t.id, "resolv.conf");
             std::fs::write(&resolv, "nameserver 127.0.0.11\noptions ndots:0\n")?;
-            cmd.args(["unshare", "--net", "--mount", "--propagation", "private"])
-                .args(["sh", "-c", SANDBOX_INIT])
-                .arg(&resolv);
+            match &netns {
+                Some(ns) => {
+                    let path = std::path::Path::new(shoal_netdriver::linux::NETNS_DIR).join(ns);
+                    cmd.arg("nsenter")
+                        .arg(format!("--net={}", path.display()))
+                        .args(["unshare", "--mount", "--propagation", "private"])
+                }
+                None => cmd.args(["unshare", "--net", "--mount", "--propagation", "private"]),
+            };
+            cmd.args(["sh", "-c", SANDBOX_INIT]).arg(&resolv);
         } else {
             tracing::warn!(task = %t.id, "not root: the task runs without its own network namespace");
         }
@@ -293,16 +326,16 @@ async fn start(m: &Member, state: &ClusterState, t: &Task) -> Option<Supervised>
     match spawned {
         Ok(child) => {
             report(m, &t.id, TaskState::Running, String::new(), None).await;
-            Some(Supervised {
+            Start::Started(Box::new(Supervised {
                 shim: Some(child),
                 pids: None,
                 stopping: None,
-            })
+            }))
         }
         Err(e) => {
             let msg = format!("cannot start the task's supervisor: {e}");
             report(m, &t.id, TaskState::Failed, msg, None).await;
-            None
+            Start::Failed
         }
     }
 }
@@ -387,12 +420,14 @@ pub(super) async fn executor_loop(member: Weak<Member>) {
         None => return,
     };
     let mut passes = 0u32;
+    let mut waiting: BTreeMap<String, Instant> = BTreeMap::new();
     loop {
         let _ = tokio::time::timeout(INTERVAL, changes.changed()).await;
         // The daemon is shutting down: tasks keep running, to be re-adopted.
         let Some(m) = member.upgrade() else { return };
         let state = m.state.state();
         let dir = m.dir.0.join("tasks");
+        waiting.retain(|id, _| state.tasks.contains_key(id));
         passes = passes.wrapping_add(1);
         if passes.is_multiple_of(SWEEP_EVERY) {
             sweep(&dir, &state, &running);
@@ -467,8 +502,26 @@ pub(super) async fn executor_loop(member: Weak<Member>) {
                 report(&m, &t.id, TaskState::Failed, msg, None).await;
                 continue;
             }
-            if let Some(sup) = start(&m, &state, &t).await {
-                running.insert(t.id.clone(), sup);
+            match start(&m, &state, &t).await {
+                Start::Started(sup) => {
+                    waiting.remove(&t.id);
+                    running.insert(t.id.clone(), *sup);
+                }
+                Start::Failed => {
+                    waiting.remove(&t.id);
+                }
+                Start::Wait => {
+                    let since = *waiting.entry(t.id.clone()).or_insert_with(Instant::now);
+                    if since.elapsed() > SANDBOX_WAIT {
+                        waiting.remove(&t.id);
+                        let why = m
+                            .sandboxes
+                            .error()
+                            .unwrap_or_else(|| "the data plane has not programmed it".into());
+                        let msg = format!("its network sandbox was not ready within 30 s: {why}");
+                        report(&m, &t.id, TaskState::Failed, msg, None).await;
+                    }
+                }
             }
         }
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use shoal_gossip::table::{GLOBAL, NETWORKS_TABLE};
 use shoal_gossip::{Event, Gossip, GossipConfig, GossipError, MemberInfo, Peer};
-use shoal_mesh::observed::TableValue;
+use shoal_mesh::observed::{EndpointRecord, TableValue};
 use shoal_mesh::{NodeId, Role};
 use shoal_raft::StateHandle;
 use tokio::sync::{mpsc, oneshot};
@@ -62,12 +62,16 @@ pub enum GossipCmd {
     Dump(Option<String>, oneshot::Sender<Value>),
     /// Leave the cluster on purpose (others mark this node `left`), then stop.
     LeaveCluster(oneshot::Sender<()>),
+    /// The visible endpoints of every network this node is attached to.
+    Endpoints(oneshot::Sender<BTreeMap<String, Vec<EndpointRecord>>>),
 }
 
 /// A handle to the gossip task.
 #[derive(Clone)]
 pub struct GossipHandle {
     tx: mpsc::UnboundedSender<GossipCmd>,
+    /// Woken when members or table entries change.
+    pub changed: Arc<tokio::sync::Notify>,
 }
 
 impl GossipHandle {
@@ -96,14 +100,18 @@ pub fn spawn(
     config: GossipConfig,
 ) -> (GossipHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::unbounded_channel();
-    let handle = GossipHandle { tx };
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let handle = GossipHandle {
+        tx,
+        changed: changed.clone(),
+    };
     let me = Peer {
         id,
         addr: addr.to_string(),
         generation: now_ms() << 16,
         bump: 0,
     };
-    let task = tokio::spawn(run(me, quic, state, config, rx));
+    let task = tokio::spawn(run(me, quic, state, config, rx, changed));
     (handle, task)
 }
 
@@ -145,7 +153,9 @@ fn is_alone(g: &Gossip) -> bool {
         .all(|m| m.node_id == g.me().id || m.state != shoal_gossip::MemberState::Alive)
 }
 
-fn flush(g: &mut Gossip, quic: &Arc<Quic>) {
+/// Sends what gossip has to send; returns whether members or entries
+/// changed.
+fn flush(g: &mut Gossip, quic: &Arc<Quic>) -> bool {
     while let Some(t) = g.poll_transmit() {
         let Ok(addr) = t.addr.parse::<SocketAddr>() else {
             continue;
@@ -160,12 +170,15 @@ fn flush(g: &mut Gossip, quic: &Arc<Quic>) {
             }
         });
     }
+    let mut changed = false;
     while let Some(e) = g.poll_event() {
+        changed = true;
         match e {
             Event::Member { node, state } => tracing::info!(%node, ?state, "gossip member"),
             Event::Entry(change) => tracing::debug!(?change, "gossip entry"),
         }
     }
+    changed
 }
 
 async fn run(
@@ -174,13 +187,16 @@ async fn run(
     state: StateHandle,
     config: GossipConfig,
     mut rx: mpsc::UnboundedReceiver<GossipCmd>,
+    changed: Arc<tokio::sync::Notify>,
 ) {
     let mut g = Gossip::new(me, config, rand::random(), now_ms());
     let mut changes = state.changes();
     refresh_from_store(&mut g, &state, true);
     let mut lonely = tokio::time::interval(Duration::from_secs(2));
     loop {
-        flush(&mut g, &quic);
+        if flush(&mut g, &quic) {
+            changed.notify_waiters();
+        }
         let wait = g.poll_timeout().saturating_sub(now_ms()).min(1_000);
         tokio::select! {
             cmd = rx.recv() => {
@@ -202,6 +218,21 @@ async fn run(
                     GossipCmd::Leave(n) => g.leave_network(now, &n),
                     GossipCmd::Members(reply) => {
                         let _ = reply.send(g.members());
+                    }
+                    GossipCmd::Endpoints(reply) => {
+                        let mut out: BTreeMap<String, Vec<EndpointRecord>> = BTreeMap::new();
+                        for net in g.networks().clone() {
+                            let eps = g
+                                .snapshot(&net)
+                                .into_iter()
+                                .filter_map(|(_, v)| match v {
+                                    TableValue::Endpoint(e) => Some(e),
+                                    _ => None,
+                                })
+                                .collect();
+                            out.insert(net, eps);
+                        }
+                        let _ = reply.send(out);
                     }
                     GossipCmd::Dump(network, reply) => {
                         let _ = reply.send(dump(&g, &state, network.as_deref(), now));

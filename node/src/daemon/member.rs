@@ -61,6 +61,8 @@ pub struct Member {
     pub live: Liveness,
     /// The gossip task.
     pub gossip: super::gossip::GossipHandle,
+    /// Which task sandboxes the data plane has programmed.
+    pub sandboxes: Arc<super::dataplane::Sandboxes>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -105,6 +107,7 @@ impl Member {
         timing: &shoal_raft::RaftTiming,
         gossip_config: shoal_gossip::GossipConfig,
         reschedule_grace: Duration,
+        dataplane: super::config::DataplaneConfig,
     ) -> anyhow::Result<Arc<Member>> {
         let id = identity.node.node_id;
         let quic = Quic::bind(&identity.tls, identity.node.listen_addr)?;
@@ -128,6 +131,11 @@ impl Member {
             identity: Mutex::new(identity),
             live: Liveness::new(id),
             gossip,
+            sandboxes: Arc::new(super::dataplane::Sandboxes::new(
+                &dataplane,
+                &id.to_string(),
+                super::executor::is_root(),
+            )),
             tasks: Mutex::new(Vec::new()),
         });
         let weak = Arc::downgrade(&member);
@@ -138,6 +146,7 @@ impl Member {
                 reschedule_grace,
             )),
             tokio::spawn(super::executor::executor_loop(weak.clone())),
+            tokio::spawn(super::dataplane::dataplane_loop(weak.clone(), dataplane)),
             tokio::spawn(liveness_loop(weak.clone())),
             tokio::spawn(super::membership::reconcile_loop(weak)),
         ];

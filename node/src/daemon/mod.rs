@@ -3,6 +3,7 @@
 
 pub mod commands;
 pub mod config;
+pub mod dataplane;
 pub mod executor;
 pub mod gossip;
 pub mod identity;
@@ -61,6 +62,7 @@ impl Daemon {
             &self.cfg.raft.timing(),
             self.cfg.gossip.config(),
             std::time::Duration::from_millis(self.cfg.orchestrator.reschedule_grace_ms),
+            self.cfg.dataplane.clone(),
         )
         .await?;
         let handler = Arc::new(peer::PeerHandler {

@@ -1,0 +1,107 @@
+//! The data plane on hosts that are network namespaces of their own, joined
+//! by an underlay bridge (issue 5): tasks on different hosts reach each
+//! other over the VXLAN overlay, programmed from the store and gossip.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use serde_json::Value;
+use shoal_integration::{Cluster, echo_service, is_root, shoal_bin};
+
+const CONVERGE: Duration = Duration::from_secs(40);
+
+fn running(c: &Cluster, i: usize, service: &str) -> Vec<Value> {
+    c.shoal_ok(i, &["service", "ps", "--format", "json", service])
+        .unwrap()
+        .json()
+        .unwrap()
+        .as_array()
+        .cloned()
+        .unwrap()
+        .into_iter()
+        .filter(|t| t["desired_state"] == "running" && t["state"] == "running")
+        .collect()
+}
+
+fn host_of(c: &Cluster, t: &Value) -> usize {
+    c.hosts
+        .iter()
+        .position(|h| h.name == t["node"].as_str().unwrap())
+        .unwrap()
+}
+
+/// `GET http://IP/` from inside task `from` (on its host).
+fn get_from(c: &Cluster, from: &Value, ip: &str) -> anyhow::Result<Value> {
+    let bin = shoal_bin().to_string_lossy().into_owned();
+    let url = format!("http://{ip}/");
+    let name = from["name"].as_str().unwrap();
+    let r = c.shoal(
+        host_of(c, from),
+        &[
+            "exec",
+            name,
+            "--",
+            &bin,
+            "tool",
+            "http-get",
+            "--timeout",
+            "3",
+            &url,
+        ],
+    );
+    if !r.ok() {
+        anyhow::bail!("{name} → {url}: {}", r.stderr.trim());
+    }
+    Ok(serde_json::from_str(&r.stdout)?)
+}
+
+#[test]
+fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
+    if !is_root() {
+        eprintln!("skipped: needs root for network namespaces, veths and VXLAN");
+        return;
+    }
+    let c = Cluster::start_isolated(3).unwrap();
+    c.form(1).unwrap();
+    c.shoal_ok(0, &["network", "create", "appnet"]).unwrap();
+    let args = echo_service("web", 3, &["--network", "appnet"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let r = c.shoal_ok(0, &args).unwrap();
+    assert!(r.stdout.contains("converged"), "{r:?}");
+    let tasks = running(&c, 0, "web");
+    assert_eq!(tasks.len(), 3);
+    let hosts: std::collections::BTreeSet<usize> = tasks.iter().map(|t| host_of(&c, t)).collect();
+    assert_eq!(hosts.len(), 3, "one task per host");
+
+    // Every task reaches every other one, across hosts, and the server sees
+    // the client task's own address.
+    for from in &tasks {
+        for to in &tasks {
+            let ip = to["addresses"]["appnet"].as_str().unwrap();
+            let v = c
+                .wait_until_value(CONVERGE, || get_from(&c, from, ip))
+                .unwrap();
+            eprintln!("{} -> {ip}: {v}", from["name"]);
+            assert_eq!(v["task"], to["name"], "{v}");
+            let client = v["client"].as_str().unwrap();
+            let own = from["addresses"]["appnet"].as_str().unwrap();
+            assert!(client.starts_with(&format!("{own}:")), "{client} vs {own}");
+            assert!(
+                v["addresses"].as_array().unwrap().iter().any(|a| a == ip),
+                "{v}"
+            );
+        }
+    }
+
+    // The hosts' own namespaces hold no task addresses: only the overlay does.
+    let r = c.in_host(0, "ip", &["-o", "-4", "addr"]);
+    for t in &tasks {
+        let ip = t["addresses"]["appnet"].as_str().unwrap();
+        assert!(
+            !r.stdout.contains(ip),
+            "{ip} leaked into the host: {}",
+            r.stdout
+        );
+    }
+}
