@@ -82,7 +82,6 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
             let v = c
                 .wait_until_value(CONVERGE, || get_from(&c, from, ip))
                 .unwrap();
-            eprintln!("{} -> {ip}: {v}", from["name"]);
             assert_eq!(v["task"], to["name"], "{v}");
             let client = v["client"].as_str().unwrap();
             let own = from["addresses"]["appnet"].as_str().unwrap();
@@ -92,6 +91,39 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
                 "{v}"
             );
         }
+    }
+
+    // The service's VIP balances over all three replicas, from every host,
+    // and the servers still see the client's own address (no SNAT).
+    let svc = c
+        .shoal_ok(0, &["service", "inspect", "web"])
+        .unwrap()
+        .json()
+        .unwrap()[0]
+        .clone();
+    let vip = svc["vips"]["appnet"].as_str().unwrap().to_owned();
+    for from in &tasks {
+        let own = from["addresses"]["appnet"].as_str().unwrap();
+        let mut served = std::collections::BTreeSet::new();
+        for _ in 0..9 {
+            let v = c
+                .wait_until_value(CONVERGE, || get_from(&c, from, &vip))
+                .unwrap();
+            assert!(
+                v["client"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(&format!("{own}:")),
+                "{v}"
+            );
+            served.insert(v["task"].as_str().unwrap().to_owned());
+        }
+        assert_eq!(
+            served.len(),
+            3,
+            "{} reached only {served:?} through {vip}",
+            from["name"]
+        );
     }
 
     // The hosts' own namespaces hold no task addresses: only the overlay does.

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use shoal_mesh::network::Driver;
-use shoal_mesh::plan::{EndpointPlan, NetworkPlan, NodePlan, Remote, SandboxPlan, mac_for};
+use shoal_mesh::plan::{EndpointPlan, LbPlan, NetworkPlan, NodePlan, Remote, SandboxPlan, mac_for};
 
 use crate::model::{HOST, Kernel, Link, LinkKind, Op, diff};
 use crate::render::{Names, VXLAN_PORT, render};
@@ -39,10 +39,21 @@ fn sandbox(task: &str, last: u8) -> SandboxPlan {
     }
 }
 
+/// The sample service's VIP.
+pub fn vip() -> Ipv4Addr {
+    ip(100)
+}
+
 /// An overlay network with the given local tasks (ID, last octet) and
-/// remote endpoints.
+/// remote endpoints, and a service whose VIP balances over all of them.
 pub fn sample_plan(tasks: &[(&str, u8)], remotes: &[Remote]) -> NodePlan {
     let mut p = NodePlan::default();
+    let mut backends: Vec<Ipv4Addr> = tasks
+        .iter()
+        .map(|(_, l)| ip(*l))
+        .chain(remotes.iter().map(|r| r.ip))
+        .collect();
+    backends.sort();
     p.networks.insert(
         "0123456789abcdef".into(),
         NetworkPlan {
@@ -56,7 +67,12 @@ pub fn sample_plan(tasks: &[(&str, u8)], remotes: &[Remote]) -> NodePlan {
             internal: false,
             vtep: Ipv4Addr::new(192, 0, 2, 1),
             remotes: remotes.iter().cloned().collect::<BTreeSet<_>>(),
-            lbs: Vec::new(),
+            lbs: vec![LbPlan {
+                service_id: "svc".into(),
+                service: "web".into(),
+                vip: vip(),
+                backends,
+            }],
         },
     );
     for (t, last) in tasks {
@@ -119,17 +135,30 @@ pub async fn run<B: Backend>(b: &mut B, names: &Names) -> Result<(), String> {
         return Err(format!("task interface not as planned: {eth:#?}"));
     }
 
-    // One more remote endpoint: exactly one FDB and one neighbour entry.
+    let lb = &seen.namespaces[&names.task(t1)].lb;
+    if lb.get(&vip()).map(Vec::len) != Some(4) {
+        return Err(format!("the VIP should balance over 4 backends: {lb:?}"));
+    }
+
+    // One more remote endpoint: one FDB and one neighbour entry, and one
+    // small load-balancer change per task sandbox.
     let more = sample_plan(
         &[(t1, 2), (t2, 3)],
         &[remote(4, 2), remote(5, 3), remote(6, 3)],
     );
     let ops = step(b, &more, names, "a new remote endpoint").await?;
-    let small = ops.len() == 2
+    let small = ops.len() == 4
         && ops.iter().any(|o| matches!(o, Op::AddFdb(..)))
-        && ops.iter().any(|o| matches!(o, Op::AddNeigh(..)));
+        && ops.iter().any(|o| matches!(o, Op::AddNeigh(..)))
+        && ops
+            .iter()
+            .filter(|o| matches!(o, Op::SetLb { fresh: false, changed, .. } if changed.len() == 1))
+            .count()
+            == 2;
     if !small {
-        return Err(format!("a new endpoint should be 2 operations: {ops:#?}"));
+        return Err(format!(
+            "a new endpoint should be 4 small operations: {ops:#?}"
+        ));
     }
 
     // Something else deletes an FDB entry and a task's veth: put back.
@@ -141,6 +170,12 @@ pub async fn run<B: Backend>(b: &mut B, names: &Names) -> Result<(), String> {
         .cloned()
         .ok_or("no FDB entry")?;
     for op in [
+        Op::SetLb {
+            ns: names.task(t1),
+            lb: BTreeMap::new(),
+            changed: BTreeSet::new(),
+            fresh: true,
+        },
         Op::DelFdb(net_ns.clone(), fdb),
         Op::DelLink {
             ns: net_ns.clone(),

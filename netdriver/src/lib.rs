@@ -16,6 +16,7 @@
 pub mod conformance;
 pub mod linux;
 pub mod model;
+pub mod nft;
 pub mod recording;
 pub mod render;
 

@@ -50,6 +50,7 @@ fn kernel(op: &Op, e: impl std::fmt::Display) -> DpError {
         Op::DelNeigh(ns, n) => format!("delete neighbour {:?} in {}", n, show_ns(ns)),
         Op::AddRoute(ns, r) => format!("add route {:?} in {}", r, show_ns(ns)),
         Op::DelRoute(ns, r) => format!("delete route {:?} in {}", r, show_ns(ns)),
+        Op::SetLb { ns, .. } => format!("program VIP load balancing in {}", show_ns(ns)),
     };
     DpError::Kernel {
         op: what,
@@ -328,6 +329,45 @@ impl Linux {
         Ok(out)
     }
 
+    /// Runs `nft ARGS` in namespace `ns`, with `input` on its standard input.
+    fn nft_run(&self, ns: &str, args: &[&str], input: &str) -> Result<String, DpError> {
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        let mut cmd = match self.ns_path(ns) {
+            Some(p) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net={}", p.display())).arg("nft");
+                c
+            }
+            None => Command::new("nft"),
+        };
+        let mut child = cmd
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| other("cannot run nft (install nftables)", e))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(input.as_bytes())
+                .map_err(|e| other("nft", e))?;
+        }
+        let out = child.wait_with_output().map_err(|e| other("nft", e))?;
+        if !out.status.success() {
+            return Err(DpError::Other(format!(
+                "nft: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Applies an nft script in namespace `ns`, atomically.
+    fn nft(&self, ns: &str, script: &str) -> Result<(), DpError> {
+        self.nft_run(ns, &["-f", "-"], script).map(drop)
+    }
+
     async fn observe_ns(&mut self, ns: &str) -> Result<Netns, DpError> {
         let links = self.links(ns).await?;
         let by_index: HashMap<u32, &str> =
@@ -377,6 +417,13 @@ impl Linux {
                     mac,
                 });
             }
+        }
+        if ns != HOST {
+            out.lb = self
+                .nft_run(ns, &["-j", "list", "table", "ip", "shoal"], "")
+                .ok()
+                .and_then(|j| crate::nft::parse(&j))
+                .unwrap_or_default();
         }
         out.links = links
             .into_iter()
@@ -622,6 +669,12 @@ impl Linux {
                     .await
                     .map_err(|e| other("delete neighbour", e))
             }
+            Op::SetLb {
+                ns,
+                lb,
+                changed,
+                fresh,
+            } => self.nft(ns, &crate::nft::script(lb, changed, *fresh)),
             Op::AddRoute(..) | Op::DelRoute(..) => Err(DpError::Other(
                 "routes are not programmed by this backend yet".into(),
             )),

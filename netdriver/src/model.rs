@@ -123,6 +123,8 @@ pub struct Netns {
     pub neigh: BTreeSet<Neigh>,
     /// Routes (besides the ones the kernel adds for addresses).
     pub routes: BTreeSet<Route>,
+    /// VIP load balancing (nftables table `ip shoal`): VIP → backends.
+    pub lb: BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>,
 }
 
 /// Every Shoal-owned object on a node, by namespace name ([`HOST`] for the
@@ -177,6 +179,31 @@ pub enum Op {
     AddRoute(String, Route),
     /// Remove one.
     DelRoute(String, Route),
+    /// Bring a namespace's VIP load balancing to `lb`, in one nftables
+    /// transaction: the whole table when `fresh` (or removed when `lb` is
+    /// empty), else only the VIPs in `changed`.
+    SetLb {
+        /// Namespace.
+        ns: String,
+        /// Every VIP → backends wanted there.
+        lb: BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>,
+        /// The VIPs whose backends differ from what is there.
+        changed: BTreeSet<Ipv4Addr>,
+        /// Nothing usable is there: write the whole table.
+        fresh: bool,
+    },
+}
+
+/// The VIPs whose entries differ between `have` and `want`.
+pub fn lb_changes(
+    have: &BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>,
+    want: &BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>,
+) -> BTreeSet<Ipv4Addr> {
+    have.keys()
+        .chain(want.keys())
+        .filter(|v| have.get(*v) != want.get(*v))
+        .copied()
+        .collect()
 }
 
 /// Whether `name` is a namespace Shoal owns under `prefix`, or [`HOST`].
@@ -288,6 +315,14 @@ pub fn diff(actual: &Kernel, wanted: &Kernel, prefix: &str) -> Vec<Op> {
                 .difference(&have.routes)
                 .map(|r| Op::AddRoute(ns.clone(), r.clone())),
         );
+        if ns != HOST && have.lb != want.lb {
+            tables.push(Op::SetLb {
+                ns: ns.clone(),
+                lb: want.lb.clone(),
+                changed: lb_changes(&have.lb, &want.lb),
+                fresh: have.lb.is_empty() || want.lb.is_empty(),
+            });
+        }
     }
     // The host's `shoal…` links that are no longer wanted.
     if let Some(host) = actual.namespaces.get(HOST)

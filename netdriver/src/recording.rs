@@ -198,6 +198,12 @@ impl Recording {
                     return Err(fail(op, "no such route"));
                 }
             }
+            Op::SetLb { ns, lb, .. } => {
+                if lb.values().any(Vec::is_empty) {
+                    return Err(fail(op, "a VIP without backends"));
+                }
+                self.ns_mut(ns, op)?.lb.clone_from(lb);
+            }
         }
         Ok(())
     }

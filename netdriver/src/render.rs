@@ -144,6 +144,15 @@ pub fn render(plan: &NodePlan, names: &Names, vxlan_port: u16) -> Kernel {
                 },
             );
         }
+        // East-west VIPs of the networks this task is on.
+        for ep in &sb.endpoints {
+            let Some(net) = plan.networks.get(&ep.network) else {
+                continue;
+            };
+            for lb in net.lbs.iter().filter(|l| !l.backends.is_empty()) {
+                ns.lb.insert(lb.vip, lb.backends.clone());
+            }
+        }
         k.namespaces.insert(task_ns, ns);
     }
     k
