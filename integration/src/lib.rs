@@ -238,6 +238,40 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// A host dies: its daemon and every process it started are killed
+    /// and, for isolated hosts, its underlay link is cut.
+    pub fn kill_host(&mut self, i: usize) {
+        self.kill(i);
+        let base = self.hosts[i].state_dir.clone();
+        kill_processes_under(&base);
+        if let (Some(prefix), Some(_)) = (&self.netns_prefix, &self.hosts[i].netns) {
+            let _ = ip(&[
+                "-n",
+                &format!("{prefix}ul"),
+                "link",
+                "set",
+                &format!("ul{}", i + 1),
+                "down",
+            ]);
+        }
+    }
+
+    /// Reconnects a host killed with [`Cluster::kill_host`] to the
+    /// underlay and starts its daemon.
+    pub fn revive_host(&mut self, i: usize) -> anyhow::Result<()> {
+        if let (Some(prefix), Some(_)) = (&self.netns_prefix, &self.hosts[i].netns) {
+            ip(&[
+                "-n",
+                &format!("{prefix}ul"),
+                "link",
+                "set",
+                &format!("ul{}", i + 1),
+                "up",
+            ])?;
+        }
+        self.start_daemon(i)
+    }
+
     /// Runs `program ARGS…` in host `i`'s network namespace (or here, for
     /// hosts that are not isolated).
     pub fn in_host(&self, i: usize, program: &str, args: &[&str]) -> Run {

@@ -62,7 +62,7 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
         eprintln!("skipped: needs root for network namespaces, veths and VXLAN");
         return;
     }
-    let c = Cluster::start_isolated(3).unwrap();
+    let mut c = Cluster::start_isolated(3).unwrap();
     c.form(1).unwrap();
     c.shoal_ok(0, &["network", "create", "appnet"]).unwrap();
     let args = echo_service("web", 3, &["--network", "appnet"]);
@@ -125,6 +125,29 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
             from["name"]
         );
     }
+
+    // A host dies (daemon, tasks, link): within the failure-detection time
+    // the VIP stops sending anything to its task.
+    let victim = tasks.iter().position(|t| host_of(&c, t) == 2).unwrap();
+    let dead_task = tasks[victim]["name"].as_str().unwrap().to_owned();
+    let from = tasks.iter().find(|t| host_of(&c, t) == 0).unwrap().clone();
+    let killed = std::time::Instant::now();
+    c.kill_host(2);
+    let mut clean = 0;
+    while clean < 12 {
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "the dead task stayed a backend"
+        );
+        match get_from(&c, &from, &vip) {
+            Ok(v) if v["task"] != dead_task.as_str() => clean += 1,
+            _ => clean = 0,
+        }
+    }
+    eprintln!(
+        "the VIP dropped the dead host's task within {:?}",
+        killed.elapsed()
+    );
 
     // The hosts' own namespaces hold no task addresses: only the overlay does.
     let r = c.in_host(0, "ip", &["-o", "-4", "addr"]);
