@@ -56,6 +56,21 @@ fn get_from(c: &Cluster, from: &Value, ip: &str) -> anyhow::Result<Value> {
     Ok(serde_json::from_str(&r.stdout)?)
 }
 
+/// The IPv4 addresses `name` resolves to inside task `from`.
+fn resolve(c: &Cluster, from: &Value, name: &str) -> std::collections::BTreeSet<String> {
+    let task = from["name"].as_str().unwrap();
+    let r = c.shoal(
+        host_of(c, from),
+        &["exec", task, "--", "getent", "ahostsv4", name],
+    );
+    assert!(r.ok(), "{task}: getent {name}: {r:?}");
+    r.stdout
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect()
+}
+
 #[test]
 fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
     if !is_root() {
@@ -123,6 +138,41 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
             3,
             "{} reached only {served:?} through {vip}",
             from["name"]
+        );
+    }
+
+    // By name, through the embedded DNS at 127.0.0.11: `web` is the VIP,
+    // `tasks.web` the three tasks.
+    for from in &tasks {
+        let mut served = std::collections::BTreeSet::new();
+        for _ in 0..9 {
+            let v = c
+                .wait_until_value(CONVERGE, || get_from(&c, from, "web"))
+                .unwrap();
+            served.insert(v["task"].as_str().unwrap().to_owned());
+        }
+        assert_eq!(
+            served.len(),
+            3,
+            "{} reached only {served:?} through `web`",
+            from["name"]
+        );
+        let all: std::collections::BTreeSet<String> = tasks
+            .iter()
+            .map(|t| t["addresses"]["appnet"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(resolve(&c, from, "tasks.web"), all);
+        assert_eq!(
+            resolve(&c, from, "web"),
+            std::collections::BTreeSet::from([vip.clone()])
+        );
+        let name = tasks[0]["name"].as_str().unwrap();
+        assert_eq!(
+            resolve(&c, from, name),
+            std::collections::BTreeSet::from([tasks[0]["addresses"]["appnet"]
+                .as_str()
+                .unwrap()
+                .to_owned()])
         );
     }
 

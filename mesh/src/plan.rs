@@ -136,6 +136,9 @@ pub struct SandboxPlan {
     pub name: String,
     /// One interface per network, in the service's order.
     pub endpoints: Vec<EndpointPlan>,
+    /// What its embedded DNS (127.0.0.11) answers, name → addresses
+    /// (lowercase, no trailing dot), from the networks it is on.
+    pub dns: BTreeMap<String, Vec<Ipv4Addr>>,
 }
 
 /// Everything this node's data plane should hold.
@@ -171,6 +174,59 @@ fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
     }
 }
 
+/// The names a task on `endpoints`' networks resolves: on each (non-ingress)
+/// network, every service attached to it (its VIP, or its live tasks'
+/// addresses in dnsrr mode), `tasks.SERVICE` (the live tasks' addresses),
+/// the service's aliases there, and every live task's name.
+fn dns_records(
+    input: &PlanInput<'_>,
+    endpoints: &[EndpointPlan],
+) -> BTreeMap<String, Vec<Ipv4Addr>> {
+    let state = input.state;
+    let mut out: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
+    let none = Vec::new();
+    for ep in endpoints {
+        let Some(n) = state.networks.get(&ep.network) else {
+            continue;
+        };
+        if n.ingress {
+            continue;
+        }
+        let live = input.endpoints.get(&ep.network).unwrap_or(&none);
+        for e in live {
+            if let Some(ip) = v4(e.ip) {
+                out.entry(e.name.to_lowercase()).or_default().push(ip);
+            }
+        }
+        for s in state.services.values() {
+            let Some(att) = s.spec.networks.iter().find(|a| a.network == ep.network) else {
+                continue;
+            };
+            let tasks: Vec<Ipv4Addr> = live
+                .iter()
+                .filter(|e| e.service_id.as_deref() == Some(s.id.as_str()))
+                .filter_map(|e| v4(e.ip))
+                .collect();
+            let answer: Vec<Ipv4Addr> = match (s.spec.endpoint_mode, s.vips.get(&ep.network)) {
+                (EndpointMode::Vip, Some(vip)) => vec![*vip],
+                _ => tasks.clone(),
+            };
+            let name = s.spec.name.to_lowercase();
+            out.entry(format!("tasks.{name}"))
+                .or_default()
+                .extend(&tasks);
+            for alias in std::iter::once(&name).chain(att.aliases.iter()) {
+                out.entry(alias.to_lowercase()).or_default().extend(&answer);
+            }
+        }
+    }
+    for ips in out.values_mut() {
+        ips.sort();
+        ips.dedup();
+    }
+    out
+}
+
 /// The plan for `input.node`.
 pub fn plan(input: &PlanInput<'_>) -> NodePlan {
     let state = input.state;
@@ -202,12 +258,14 @@ pub fn plan(input: &PlanInput<'_>) -> NodePlan {
                 gateway: sub.gateway,
             });
         }
+        let dns = dns_records(input, &endpoints);
         out.sandboxes.insert(
             t.id.clone(),
             SandboxPlan {
                 task: t.id.clone(),
                 name: state.task_name(t),
                 endpoints,
+                dns,
             },
         );
     }

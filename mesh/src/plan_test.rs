@@ -157,3 +157,17 @@ fn the_plan_is_deterministic() {
     let s = running_swarm();
     assert_eq!(plan_for(&s, 2, &[]), plan_for(&s, 2, &[]));
 }
+
+#[test]
+fn a_sandbox_resolves_the_services_and_tasks_of_its_networks() {
+    let s = running_swarm();
+    let p = plan_for(&s, 1, &[NodeId(3)]);
+    let dns = &p.sandboxes.values().next().unwrap().dns;
+    assert_eq!(dns["web"], vec![s.services["svc"].vips["web"]]);
+    // The live tasks only (node 3 is dead).
+    assert_eq!(dns["tasks.web"].len(), 2);
+    assert_eq!(dns["web.1"].len(), 1);
+    // Nothing from the ingress network.
+    let ingress_vip = s.services["svc"].vips["ing"];
+    assert!(dns.values().all(|ips| !ips.contains(&ingress_vip)));
+}

@@ -36,6 +36,7 @@ fn sandbox(task: &str, last: u8) -> SandboxPlan {
             mac: mac_for(ip(last)),
             gateway: ip(1),
         }],
+        dns: BTreeMap::new(),
     }
 }
 

@@ -14,6 +14,7 @@
 //! back what something else removed.
 
 pub mod conformance;
+pub mod dns;
 pub mod linux;
 pub mod model;
 pub mod nft;

@@ -9,13 +9,14 @@
 //! previous run left (the reconciler diffs against the kernel, not memory).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
-use std::sync::{Mutex, Weak};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use shoal_mesh::observed::{EndpointRecord, TableValue};
 use shoal_mesh::plan::{NodePlan, PlanInput, mac_text, plan};
-use shoal_netdriver::linux::Linux;
+use shoal_netdriver::dns::{self, Records};
+use shoal_netdriver::linux::{Linux, NETNS_DIR};
 use shoal_netdriver::reconcile;
 use shoal_netdriver::render::{Names, render};
 
@@ -115,6 +116,37 @@ fn local_records(
     out
 }
 
+/// One sandbox's embedded DNS server.
+struct DnsServer {
+    records: tokio::sync::watch::Sender<Arc<Records>>,
+    tasks: [tokio::task::JoinHandle<()>; 2],
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        self.tasks.iter().for_each(|t| t.abort());
+    }
+}
+
+/// Starts the DNS server inside `netns` (a `/run/netns` name).
+fn start_dns(
+    netns: &str,
+    records: Records,
+    upstreams: &Arc<Vec<SocketAddr>>,
+) -> std::io::Result<DnsServer> {
+    let (udp, tcp) = dns::bind_in(&std::path::Path::new(NETNS_DIR).join(netns))?;
+    let udp = tokio::net::UdpSocket::from_std(udp)?;
+    let tcp = tokio::net::TcpListener::from_std(tcp)?;
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(records));
+    Ok(DnsServer {
+        records: tx,
+        tasks: [
+            tokio::spawn(dns::serve_udp(udp, rx.clone(), upstreams.clone())),
+            tokio::spawn(dns::serve_tcp(tcp, rx, upstreams.clone())),
+        ],
+    })
+}
+
 pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
     let Some(m) = member.upgrade() else { return };
     let Some(names) = m.sandboxes.names.clone() else {
@@ -132,6 +164,10 @@ pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
     let mut published: BTreeMap<(String, String), EndpointRecord> = BTreeMap::new();
     let mut joined: BTreeSet<String> = BTreeSet::new();
     let mut mtu = None;
+    let upstreams = Arc::new(dns::upstreams(
+        &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+    ));
+    let mut dns_servers: BTreeMap<String, DnsServer> = BTreeMap::new();
     loop {
         tokio::select! {
             _ = changes.changed() => {}
@@ -166,6 +202,28 @@ pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
                     }
                     if let Ok(mut e) = m.sandboxes.error.lock() {
                         *e = None;
+                    }
+                    dns_servers.retain(|id, _| p.sandboxes.contains_key(id));
+                    for (id, sb) in &p.sandboxes {
+                        match dns_servers.get(id) {
+                            Some(server) => {
+                                server.records.send_if_modified(|r| {
+                                    let changed = **r != sb.dns;
+                                    if changed {
+                                        *r = Arc::new(sb.dns.clone());
+                                    }
+                                    changed
+                                });
+                            }
+                            None => match start_dns(&names.task(id), sb.dns.clone(), &upstreams) {
+                                Ok(server) => {
+                                    dns_servers.insert(id.clone(), server);
+                                }
+                                Err(e) => {
+                                    tracing::warn!(task = %id, error = %e, "embedded DNS not started");
+                                }
+                            },
+                        }
                     }
                     if let Ok(mut r) = m.sandboxes.ready.lock() {
                         *r = p.sandboxes.keys().cloned().collect();

@@ -1,0 +1,363 @@
+//! The embedded DNS server every task sandbox sees at 127.0.0.11 (UDP and
+//! TCP, port 53). Its sockets are opened inside the sandbox's network
+//! namespace and served by the daemon, each with the records of that task
+//! (the planner's `SandboxPlan::dns`): service names, `tasks.NAME`, aliases
+//! and task names of the networks the task is on. Other names are relayed
+//! to the host's resolvers. Answers carry a short TTL, so that clients
+//! follow the cluster within seconds.
+//!
+//! Hostile input: a query that does not parse gets FORMERR (or is dropped
+//! if it has no header), one larger than [`MAX_QUERY`] is dropped, UDP
+//! answers over 512 bytes are truncated with TC set.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+/// Name → addresses.
+pub type Records = BTreeMap<String, Vec<Ipv4Addr>>;
+
+/// The embedded resolver's address in every sandbox.
+pub const ADDRESS: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 11);
+/// TTL of our answers, in seconds.
+pub const TTL: u32 = 5;
+/// Largest query accepted (UDP or TCP).
+pub const MAX_QUERY: usize = 4096;
+/// Largest UDP answer without truncation.
+const UDP_LIMIT: usize = 512;
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What to do with a query.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Send these bytes back.
+    Reply(Vec<u8>),
+    /// Not ours: relay to an upstream resolver.
+    Forward,
+    /// Say nothing (not even a header to answer to).
+    Drop,
+}
+
+fn encode(m: &Message) -> Outcome {
+    match m.to_vec() {
+        Ok(b) => Outcome::Reply(b),
+        Err(_) => Outcome::Drop,
+    }
+}
+
+/// An error answer to the query whose header starts `query`, if it has one.
+pub fn error_reply(query: &[u8], code: ResponseCode) -> Outcome {
+    if query.len() < 12 {
+        return Outcome::Drop;
+    }
+    let id = u16::from_be_bytes([query[0], query[1]]);
+    encode(&Message::error_msg(id, OpCode::Query, code))
+}
+
+/// Answers `query` from `records`.
+pub fn answer(query: &[u8], records: &Records) -> Outcome {
+    if query.len() > MAX_QUERY {
+        return Outcome::Drop;
+    }
+    let Ok(req) = Message::from_vec(query) else {
+        return error_reply(query, ResponseCode::FormErr);
+    };
+    if req.metadata.message_type != MessageType::Query {
+        return Outcome::Drop;
+    }
+    if req.metadata.op_code != OpCode::Query {
+        return encode(&Message::error_msg(
+            req.metadata.id,
+            req.metadata.op_code,
+            ResponseCode::NotImp,
+        ));
+    }
+    let [q] = req.queries.as_slice() else {
+        return encode(&Message::error_msg(
+            req.metadata.id,
+            OpCode::Query,
+            ResponseCode::FormErr,
+        ));
+    };
+    let name = q.name().to_lowercase().to_ascii();
+    let key = name.trim_end_matches('.');
+    let Some(ips) = records.get(key) else {
+        return Outcome::Forward;
+    };
+    let mut resp = Message::response(req.metadata.id, OpCode::Query);
+    resp.metadata.authoritative = true;
+    resp.metadata.recursion_desired = req.metadata.recursion_desired;
+    resp.metadata.recursion_available = true;
+    resp.add_query(q.clone());
+    if matches!(q.query_type(), RecordType::A | RecordType::ANY) {
+        for ip in ips {
+            resp.add_answer(Record::from_rdata(q.name().clone(), TTL, RData::A(A(*ip))));
+        }
+    }
+    encode(&resp)
+}
+
+/// Cuts a UDP answer to what fits in 512 bytes, setting TC.
+fn fit_udp(reply: Vec<u8>) -> Vec<u8> {
+    if reply.len() <= UDP_LIMIT {
+        return reply;
+    }
+    let Ok(mut m) = Message::from_vec(&reply) else {
+        return reply;
+    };
+    m.metadata.truncation = true;
+    while let Ok(b) = m.to_vec() {
+        if b.len() <= UDP_LIMIT || m.answers.is_empty() {
+            return b;
+        }
+        m.answers.pop();
+    }
+    reply
+}
+
+/// The resolvers named in `resolv.conf` text, 127.0.0.11 left out.
+pub fn upstreams(resolv_conf: &str) -> Vec<SocketAddr> {
+    resolv_conf
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().parse::<std::net::IpAddr>().ok())
+        .filter(|ip| *ip != std::net::IpAddr::V4(ADDRESS))
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
+}
+
+/// Relays `query` to the first upstream that answers.
+async fn forward(query: &[u8], upstreams: &[SocketAddr]) -> Outcome {
+    for up in upstreams {
+        let bind: SocketAddr = if up.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let Ok(sock) = tokio::net::UdpSocket::bind(bind).await else {
+            continue;
+        };
+        if sock.send_to(query, up).await.is_err() {
+            continue;
+        }
+        let mut buf = vec![0u8; 65_535];
+        if let Ok(Ok((n, _))) =
+            tokio::time::timeout(UPSTREAM_TIMEOUT, sock.recv_from(&mut buf)).await
+        {
+            buf.truncate(n);
+            return Outcome::Reply(buf);
+        }
+    }
+    error_reply(query, ResponseCode::ServFail)
+}
+
+async fn respond(query: &[u8], records: &Records, upstreams: &[SocketAddr]) -> Option<Vec<u8>> {
+    match answer(query, records) {
+        Outcome::Reply(b) => Some(b),
+        Outcome::Forward => match forward(query, upstreams).await {
+            Outcome::Reply(b) => Some(b),
+            _ => None,
+        },
+        Outcome::Drop => None,
+    }
+}
+
+/// Serves DNS over UDP on `sock` until the task is aborted.
+pub async fn serve_udp(
+    sock: tokio::net::UdpSocket,
+    records: watch::Receiver<Arc<Records>>,
+    upstreams: Arc<Vec<SocketAddr>>,
+) {
+    let sock = Arc::new(sock);
+    let mut buf = vec![0u8; MAX_QUERY + 1];
+    loop {
+        let Ok((n, from)) = sock.recv_from(&mut buf).await else {
+            continue;
+        };
+        let query = buf[..n].to_vec();
+        let records = records.borrow().clone();
+        let (sock, upstreams) = (sock.clone(), upstreams.clone());
+        tokio::spawn(async move {
+            if let Some(reply) = respond(&query, &records, &upstreams).await {
+                let _ = sock.send_to(&fit_udp(reply), from).await;
+            }
+        });
+    }
+}
+
+/// Serves DNS over TCP on `listener` until the task is aborted.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    records: watch::Receiver<Arc<Records>>,
+    upstreams: Arc<Vec<SocketAddr>>,
+) {
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let (records, upstreams) = (records.clone(), upstreams.clone());
+        tokio::spawn(async move {
+            loop {
+                let mut len = [0u8; 2];
+                let read =
+                    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut len));
+                if !matches!(read.await, Ok(Ok(_))) {
+                    return;
+                }
+                let len = usize::from(u16::from_be_bytes(len));
+                if len > MAX_QUERY {
+                    return;
+                }
+                let mut query = vec![0u8; len];
+                if stream.read_exact(&mut query).await.is_err() {
+                    return;
+                }
+                let recs = records.borrow().clone();
+                let Some(reply) = respond(&query, &recs, &upstreams).await else {
+                    return;
+                };
+                let Ok(n) = u16::try_from(reply.len()) else {
+                    return;
+                };
+                if stream.write_all(&n.to_be_bytes()).await.is_err()
+                    || stream.write_all(&reply).await.is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// Opens UDP and TCP sockets on 127.0.0.11:53 inside the network namespace
+/// at `netns` (a `/run/netns` path), for the daemon to serve.
+pub fn bind_in(
+    netns: &std::path::Path,
+) -> std::io::Result<(std::net::UdpSocket, std::net::TcpListener)> {
+    let path = netns.to_owned();
+    std::thread::spawn(move || {
+        let f = std::fs::File::open(&path)?;
+        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+        let addr = SocketAddr::from((ADDRESS, 53));
+        let udp = std::net::UdpSocket::bind(addr)?;
+        let tcp = std::net::TcpListener::bind(addr)?;
+        udp.set_nonblocking(true)?;
+        tcp.set_nonblocking(true)?;
+        Ok((udp, tcp))
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("DNS socket thread panicked"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::Query;
+    use hickory_proto::rr::Name;
+
+    fn query(name: &str, t: RecordType) -> Vec<u8> {
+        let mut m = Message::new(7, MessageType::Query, OpCode::Query);
+        m.metadata.recursion_desired = true;
+        m.add_query(Query::query(Name::from_ascii(name).unwrap(), t));
+        m.to_vec().unwrap()
+    }
+
+    fn records() -> Records {
+        BTreeMap::from([
+            ("web".to_owned(), vec![Ipv4Addr::new(10, 0, 0, 2)]),
+            (
+                "tasks.web".to_owned(),
+                (3..=5).map(|i| Ipv4Addr::new(10, 0, 0, i)).collect(),
+            ),
+        ])
+    }
+
+    fn reply(o: Outcome) -> Message {
+        match o {
+            Outcome::Reply(b) => Message::from_vec(&b).unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn known_names_are_answered_case_insensitively() {
+        let m = reply(answer(&query("WEB.", RecordType::A), &records()));
+        assert_eq!(m.metadata.id, 7);
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+        assert_eq!(m.answers.len(), 1);
+        assert_eq!(m.answers[0].ttl, TTL);
+        let m = reply(answer(&query("tasks.web", RecordType::A), &records()));
+        assert_eq!(m.answers.len(), 3);
+        // No IPv6: an empty answer, not an error.
+        let m = reply(answer(&query("web", RecordType::AAAA), &records()));
+        assert!(m.answers.is_empty());
+        assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    }
+
+    #[test]
+    fn other_names_are_forwarded_and_garbage_is_refused() {
+        assert_eq!(
+            answer(&query("example.org", RecordType::A), &records()),
+            Outcome::Forward
+        );
+        // A header and garbage: FORMERR with the same ID.
+        let mut bad = query("web", RecordType::A);
+        bad.truncate(15);
+        let m = reply(answer(&bad, &records()));
+        assert_eq!(
+            (m.metadata.id, m.metadata.response_code),
+            (7, ResponseCode::FormErr)
+        );
+        assert_eq!(answer(&[1, 2, 3], &records()), Outcome::Drop);
+        assert_eq!(answer(&vec![0u8; MAX_QUERY + 1], &records()), Outcome::Drop);
+    }
+
+    #[test]
+    fn hostile_bytes_never_panic() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let good = query("tasks.web", RecordType::A);
+        for round in 0..20_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let mut b = good.clone();
+            let flips = (seed % 6) as usize + 1;
+            for k in 0..flips {
+                let at = ((seed >> (k * 8)) as usize) % b.len();
+                b[at] ^= (seed >> (k * 5)) as u8;
+            }
+            if round % 3 == 0 {
+                b.truncate((seed % b.len() as u64) as usize);
+            }
+            let _ = answer(&b, &records());
+        }
+    }
+
+    #[test]
+    fn big_udp_answers_are_truncated() {
+        let many: Records = BTreeMap::from([(
+            "tasks.big".to_owned(),
+            (0..200u8).map(|i| Ipv4Addr::new(10, 1, 0, i)).collect(),
+        )]);
+        let Outcome::Reply(full) = answer(&query("tasks.big", RecordType::A), &many) else {
+            panic!()
+        };
+        assert!(full.len() > 512);
+        let cut = fit_udp(full);
+        assert!(cut.len() <= 512);
+        assert!(Message::from_vec(&cut).unwrap().metadata.truncation);
+    }
+
+    #[test]
+    fn upstreams_come_from_resolv_conf() {
+        let ups = upstreams("# x\nnameserver 10.1.1.1\nnameserver 127.0.0.11\nsearch a\n");
+        assert_eq!(ups, vec!["10.1.1.1:53".parse().unwrap()]);
+    }
+}
