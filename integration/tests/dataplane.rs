@@ -176,6 +176,27 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
         );
     }
 
+    // The routing mesh: a port published by a one-task service answers on
+    // every host's address, from every host, including those that run no
+    // task of it.
+    let args = echo_service("api", 1, &["--network", "appnet", "-p", "8081:80"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.shoal_ok(0, &args).unwrap();
+    let bin = shoal_bin().to_string_lossy().into_owned();
+    for on in 0..3 {
+        for from in 0..3 {
+            let url = format!("http://{}:8081/", c.hosts[on].ip);
+            let v: Value = c
+                .wait_until_value(CONVERGE, || {
+                    let r = c.in_host(from, &bin, &["tool", "http-get", "--timeout", "3", &url]);
+                    anyhow::ensure!(r.ok(), "node{} → {url}: {}", from + 1, r.stderr.trim());
+                    Ok(serde_json::from_str(&r.stdout)?)
+                })
+                .unwrap();
+            assert_eq!(v["task"], "api.1", "{v}");
+        }
+    }
+
     // A host dies (daemon, tasks, link): within the failure-detection time
     // the VIP stops sending anything to its task.
     let victim = tasks.iter().position(|t| host_of(&c, t) == 2).unwrap();

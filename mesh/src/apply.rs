@@ -252,6 +252,17 @@ pub enum ApplyError {
     },
 }
 
+/// Gives node `node` its address on the `ingress` network (none if that
+/// network is gone or full: the node then takes no part in the mesh).
+fn give_ingress_addr(state: &mut ClusterState, node: NodeId) {
+    let Some(ingress) = state.networks.values().find(|n| n.ingress) else {
+        return;
+    };
+    if let Ok(ip) = allocate_ip(ingress, &used_addresses(state, &ingress.id)) {
+        state.ingress_addrs.insert(node, ip);
+    }
+}
+
 /// Applies `cmd` to `state`. Pure and deterministic: same state and command,
 /// same result, on every replica.
 pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyError> {
@@ -278,6 +289,8 @@ pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyEr
         state.nodes.insert(first.id, first.clone());
         state.networks.clear();
         state.networks.insert(ingress.id.clone(), ingress);
+        state.ingress_addrs.clear();
+        give_ingress_addr(state, first.id);
         return Ok(Outcome::Done);
     }
     let Some(cluster) = state.cluster.as_mut() else {
@@ -290,6 +303,7 @@ pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyEr
                 return Err(ApplyError::DuplicateNode(node.id));
             }
             state.nodes.insert(node.id, node.clone());
+            give_ingress_addr(state, node.id);
         }
         Command::RotateToken { role, hash, sealed } => {
             let JoinSecrets {
@@ -363,6 +377,7 @@ pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyEr
                 return Err(ApplyError::LastManager(*node));
             }
             state.nodes.remove(node);
+            state.ingress_addrs.remove(node);
         }
         Command::ForceNewCluster { keep } => {
             if !state.nodes.contains_key(keep) {

@@ -141,6 +141,31 @@ pub struct SandboxPlan {
     pub dns: BTreeMap<String, Vec<Ipv4Addr>>,
 }
 
+/// One port published through the routing mesh, as the ingress namespace
+/// balances it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct IngressPort {
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// The port on every node.
+    pub published: u16,
+    /// The port inside the tasks.
+    pub target: u16,
+    /// The live tasks' addresses on `ingress`, sorted.
+    pub backends: Vec<Ipv4Addr>,
+}
+
+/// This node's part in the routing mesh.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngressPlan {
+    /// The `ingress` network's ID.
+    pub network: String,
+    /// This node's address on it.
+    pub addr: Ipv4Addr,
+    /// The published ports (with at least one live backend).
+    pub ports: Vec<IngressPort>,
+}
+
 /// Everything this node's data plane should hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodePlan {
@@ -150,6 +175,8 @@ pub struct NodePlan {
     pub sandboxes: BTreeMap<String, SandboxPlan>,
     /// Ports published through the routing mesh or on this host.
     pub published: Vec<PublishPlan>,
+    /// The routing mesh on this node, when some port is published through it.
+    pub ingress: Option<IngressPlan>,
 }
 
 /// The MAC of the endpoint with address `ip`: `02:42:` and the address, as
@@ -269,12 +296,24 @@ pub fn plan(input: &PlanInput<'_>) -> NodePlan {
             },
         );
     }
-    // Networks: those with a local endpoint.
-    let local_nets: BTreeSet<&str> = out
+    // Networks: those with a local endpoint, and `ingress` on every node
+    // while a port is published through the mesh.
+    let ingress_net = state.networks.values().find(|n| n.ingress);
+    let mesh_ports = state
+        .services
+        .values()
+        .any(|s| s.ports.iter().any(|p| p.mode == PublishMode::Ingress));
+    let my_ingress = ingress_net
+        .filter(|_| mesh_ports)
+        .and_then(|n| Some((n, *state.ingress_addrs.get(&input.node)?)));
+    let mut local_nets: BTreeSet<&str> = out
         .sandboxes
         .values()
         .flat_map(|s| s.endpoints.iter().map(|e| e.network.as_str()))
         .collect();
+    if let Some((n, _)) = my_ingress {
+        local_nets.insert(n.id.as_str());
+    }
     let none = Vec::new();
     for net in local_nets {
         let Some(n) = state.networks.get(net) else {
@@ -373,6 +412,36 @@ pub fn plan(input: &PlanInput<'_>) -> NodePlan {
         }
     }
     out.published.sort();
+    if let Some((n, addr)) = my_ingress {
+        let live = input.endpoints.get(&n.id).unwrap_or(&none);
+        let mut ports = Vec::new();
+        for s in state.services.values() {
+            let mut backends: Vec<Ipv4Addr> = live
+                .iter()
+                .filter(|e| e.service_id.as_deref() == Some(s.id.as_str()))
+                .filter_map(|e| v4(e.ip))
+                .collect();
+            backends.sort();
+            backends.dedup();
+            if backends.is_empty() {
+                continue;
+            }
+            for p in s.ports.iter().filter(|p| p.mode == PublishMode::Ingress) {
+                ports.push(IngressPort {
+                    protocol: p.protocol,
+                    published: p.published,
+                    target: p.target,
+                    backends: backends.clone(),
+                });
+            }
+        }
+        ports.sort();
+        out.ingress = Some(IngressPlan {
+            network: n.id.clone(),
+            addr,
+            ports,
+        });
+    }
     out
 }
 

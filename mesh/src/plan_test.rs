@@ -149,7 +149,9 @@ fn a_node_without_tasks_has_no_networks_and_stopped_tasks_no_sandboxes() {
         .clone();
     apply(&mut s, &Command::ShutdownTask { id, now_ms: 1 }).unwrap();
     let p = plan_for(&s, 1, &[]);
-    assert!(p.sandboxes.is_empty() && p.networks.is_empty());
+    assert!(p.sandboxes.is_empty());
+    // Only the routing mesh's network stays (a port is published through it).
+    assert_eq!(p.networks.keys().collect::<Vec<_>>(), ["ing"]);
 }
 
 #[test]
@@ -170,4 +172,22 @@ fn a_sandbox_resolves_the_services_and_tasks_of_its_networks() {
     // Nothing from the ingress network.
     let ingress_vip = s.services["svc"].vips["ing"];
     assert!(dns.values().all(|ips| !ips.contains(&ingress_vip)));
+}
+
+#[test]
+fn every_node_takes_part_in_the_routing_mesh() {
+    let s = running_swarm();
+    // Node 4 runs nothing, yet balances port 8080 over the three tasks.
+    let mut s4 = s.clone();
+    apply(&mut s4, &Command::AddNode(crate::test_support::node(4))).unwrap();
+    let p = plan_for(&s4, 4, &[]);
+    let ing = p.ingress.expect("an ingress plan");
+    assert_eq!(ing.addr, s4.ingress_addrs[&NodeId(4)]);
+    assert_eq!(ing.ports.len(), 1);
+    assert_eq!((ing.ports[0].published, ing.ports[0].target), (8080, 80));
+    assert_eq!(ing.ports[0].backends.len(), 3);
+    assert!(p.networks.contains_key("ing"));
+    // A dead node's task is not a backend.
+    let p = plan_for(&s, 1, &[NodeId(2)]);
+    assert_eq!(p.ingress.unwrap().ports[0].backends.len(), 2);
 }

@@ -253,8 +253,8 @@ fn valid_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
-/// Every address already taken on `network`: services' VIPs and tasks'
-/// addresses.
+/// Every address already taken on `network`: services' VIPs, tasks'
+/// addresses and, on `ingress`, the nodes' mesh endpoints.
 pub fn used_addresses(state: &ClusterState, network: &str) -> BTreeSet<Ipv4Addr> {
     let vips = state
         .services
@@ -264,7 +264,13 @@ pub fn used_addresses(state: &ClusterState, network: &str) -> BTreeSet<Ipv4Addr>
         .tasks
         .values()
         .filter_map(|t| t.addresses.get(network).copied());
-    vips.chain(tasks).collect()
+    let is_ingress = state.networks.get(network).is_some_and(|n| n.ingress);
+    let nodes = state
+        .ingress_addrs
+        .values()
+        .copied()
+        .filter(move |_| is_ingress);
+    vips.chain(tasks).chain(nodes).collect()
 }
 
 /// The networks a task of `service` gets an address on: its attached

@@ -51,7 +51,12 @@ fn vips_and_ports_are_allocated_and_freed_with_the_service() {
     create(&mut s, "b", service("b", vec![port(None, 80)])).unwrap();
     let a = &s.services["a"];
     assert_eq!(a.vips["web"].to_string(), "10.0.0.2");
-    assert_eq!(a.vips["ing"].to_string(), "10.255.0.2");
+    // 10.255.0.2 is node 1's own endpoint on the routing mesh.
+    assert_eq!(
+        s.ingress_addrs[&crate::ids::NodeId(1)].to_string(),
+        "10.255.0.2"
+    );
+    assert_eq!(a.vips["ing"].to_string(), "10.255.0.3");
     assert_eq!(a.ports[0].published, 8080);
     let b = &s.services["b"];
     assert_eq!(b.vips["web"].to_string(), "10.0.0.3");

@@ -170,6 +170,9 @@ pub struct ClusterState {
     pub services: BTreeMap<String, crate::service::Service>,
     /// Tasks, by ID.
     pub tasks: BTreeMap<String, crate::task::Task>,
+    /// Each node's address on the `ingress` network (its routing-mesh
+    /// endpoint), allocated when it joins.
+    pub ingress_addrs: BTreeMap<NodeId, std::net::Ipv4Addr>,
 }
 
 impl ClusterState {

@@ -25,7 +25,8 @@ use rtnetlink::packet_route::link::{
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
-use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, LinkVxlan};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
 
 use crate::model::{Fdb, HOST, Kernel, Link, LinkKind, Neigh, Netns, Op};
 use crate::{Backend, DpError};
@@ -51,6 +52,8 @@ fn kernel(op: &Op, e: impl std::fmt::Display) -> DpError {
         Op::AddRoute(ns, r) => format!("add route {:?} in {}", r, show_ns(ns)),
         Op::DelRoute(ns, r) => format!("delete route {:?} in {}", r, show_ns(ns)),
         Op::SetLb { ns, .. } => format!("program VIP load balancing in {}", show_ns(ns)),
+        Op::SetNat { ns, .. } => format!("program port forwarding in {}", show_ns(ns)),
+        Op::EnableForwarding(ns) => format!("enable IPv4 forwarding in {}", show_ns(ns)),
     };
     DpError::Kernel {
         op: what,
@@ -363,6 +366,37 @@ impl Linux {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Reads a `/proc/sys` value as seen from namespace `ns`.
+    fn read_sysctl(&self, ns: &str, key: &str) -> Option<String> {
+        let path = self.ns_path(ns);
+        let key = key.to_owned();
+        std::thread::spawn(move || {
+            if let Some(p) = path {
+                let f = File::open(p).ok()?;
+                nix::sched::setns(f, CloneFlags::CLONE_NEWNET).ok()?;
+            }
+            std::fs::read_to_string(format!("/proc/sys/{key}")).ok()
+        })
+        .join()
+        .ok()
+        .flatten()
+    }
+
+    /// Writes a `/proc/sys` value in namespace `ns`.
+    fn write_sysctl(&self, ns: &str, key: &str, value: &str) -> Result<(), DpError> {
+        let path = self.ns_path(ns);
+        let (key, value) = (key.to_owned(), value.to_owned());
+        std::thread::spawn(move || {
+            if let Some(p) = path {
+                let f = File::open(p).map_err(|e| other("open namespace", e))?;
+                nix::sched::setns(f, CloneFlags::CLONE_NEWNET).map_err(|e| other("setns", e))?;
+            }
+            std::fs::write(format!("/proc/sys/{key}"), value).map_err(|e| other(&key, e))
+        })
+        .join()
+        .map_err(|_| DpError::Other("sysctl thread panicked".into()))?
+    }
+
     /// Applies an nft script in namespace `ns`, atomically.
     fn nft(&self, ns: &str, script: &str) -> Result<(), DpError> {
         self.nft_run(ns, &["-f", "-"], script).map(drop)
@@ -418,6 +452,40 @@ impl Linux {
                 });
             }
         }
+        out.nat_seen = self
+            .nft_run(ns, &["-j", "list", "table", "ip", "shoal-nat"], "")
+            .ok()
+            .and_then(|j| crate::nft::nat_seen(&j));
+        out.forwarding = self
+            .read_sysctl(ns, "net/ipv4/ip_forward")
+            .is_some_and(|v| v.trim() == "1");
+        let mut s = h
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        while let Some(r) = s.try_next().await.map_err(|e| other("dump routes", e))? {
+            if r.header.protocol != RouteProtocol::Static {
+                continue;
+            }
+            let mut dst = Ipv4Addr::UNSPECIFIED;
+            let mut via = None;
+            let mut dev = None;
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
+                    RouteAttribute::Gateway(RouteAddress::Inet(g)) => via = Some(*g),
+                    RouteAttribute::Oif(i) => dev = by_index.get(i).map(|n| (*n).to_owned()),
+                    _ => {}
+                }
+            }
+            if let Some(dev) = dev {
+                out.routes.insert(crate::model::Route {
+                    dst: (dst, r.header.destination_prefix_length),
+                    via,
+                    dev,
+                });
+            }
+        }
         if ns != HOST {
             out.lb = self
                 .nft_run(ns, &["-j", "list", "table", "ip", "shoal"], "")
@@ -434,6 +502,7 @@ impl Linux {
             let keep: BTreeSet<String> = out.links.keys().cloned().collect();
             out.fdb.retain(|f| keep.contains(&f.link));
             out.neigh.retain(|n| keep.contains(&n.link));
+            out.routes.retain(|r| keep.contains(&r.dev));
         }
         Ok(out)
     }
@@ -675,11 +744,39 @@ impl Linux {
                 changed,
                 fresh,
             } => self.nft(ns, &crate::nft::script(lb, changed, *fresh)),
-            Op::AddRoute(..) | Op::DelRoute(..) => Err(DpError::Other(
-                "routes are not programmed by this backend yet".into(),
-            )),
+            Op::SetNat { ns, nat } => self.nft(ns, &crate::nft::nat_script(nat.as_ref())),
+            Op::EnableForwarding(ns) => self.write_sysctl(ns, "net/ipv4/ip_forward", "1"),
+            Op::AddRoute(ns, r) => {
+                let idx = self.index(ns, &r.dev).await?;
+                let h = self.handle(ns).await?;
+                h.route()
+                    .add(route_message(r, idx))
+                    .execute()
+                    .await
+                    .map_err(|e| other("add route", e))
+            }
+            Op::DelRoute(ns, r) => {
+                let idx = self.index(ns, &r.dev).await?;
+                let h = self.handle(ns).await?;
+                h.route()
+                    .del(route_message(r, idx))
+                    .execute()
+                    .await
+                    .map_err(|e| other("delete route", e))
+            }
         }
     }
+}
+
+fn route_message(r: &crate::model::Route, dev: u32) -> RouteMessage {
+    let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(r.dst.0, r.dst.1)
+        .output_interface(dev)
+        .protocol(RouteProtocol::Static);
+    if let Some(via) = r.via {
+        b = b.gateway(via);
+    }
+    b.build()
 }
 
 fn link_name(m: &LinkMessage) -> Option<String> {

@@ -111,6 +111,37 @@ pub struct Route {
     pub dev: String,
 }
 
+/// Port forwarding (nftables table `ip shoal-nat`): the routing mesh.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Nat {
+    /// (`tcp`|`udp`, port) → (addresses, port): DNAT of connections to this
+    /// namespace's own addresses on that port, round robin.
+    pub dnat: BTreeMap<(String, u16), (Vec<Ipv4Addr>, u16)>,
+    /// Also for connections made from this namespace itself.
+    pub local: bool,
+    /// SNAT of what leaves through link `.0` to address `.1`.
+    pub snat: Option<(String, Ipv4Addr)>,
+}
+
+impl Nat {
+    /// Rules in the table (for checking what is there).
+    pub fn rules(&self) -> usize {
+        self.dnat.len() * if self.local { 2 } else { 1 } + usize::from(self.snat.is_some())
+    }
+
+    /// A short fingerprint of the whole configuration (FNV-1a), kept in the
+    /// table so that what is there can be compared with what is wanted.
+    pub fn fingerprint(&self) -> String {
+        let text = serde_json::to_string(self).unwrap_or_default();
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in text.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("{h:016x}_{}", self.rules())
+    }
+}
+
 /// One network namespace's Shoal-owned objects.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Netns {
@@ -125,6 +156,12 @@ pub struct Netns {
     pub routes: BTreeSet<Route>,
     /// VIP load balancing (nftables table `ip shoal`): VIP → backends.
     pub lb: BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>,
+    /// Port forwarding wanted (in a rendered kernel).
+    pub nat: Option<Nat>,
+    /// The fingerprint of the port forwarding there (in an observed one).
+    pub nat_seen: Option<String>,
+    /// IPv4 forwarding on (Shoal turns it on where it needs it, never off).
+    pub forwarding: bool,
 }
 
 /// Every Shoal-owned object on a node, by namespace name ([`HOST`] for the
@@ -192,6 +229,16 @@ pub enum Op {
         /// Nothing usable is there: write the whole table.
         fresh: bool,
     },
+    /// Replace a namespace's port forwarding (removed when `None`), in one
+    /// nftables transaction.
+    SetNat {
+        /// Namespace.
+        ns: String,
+        /// What it should be.
+        nat: Option<Nat>,
+    },
+    /// Turn IPv4 forwarding on in a namespace.
+    EnableForwarding(String),
 }
 
 /// The VIPs whose entries differ between `have` and `want`.
@@ -315,6 +362,16 @@ pub fn diff(actual: &Kernel, wanted: &Kernel, prefix: &str) -> Vec<Op> {
                 .difference(&have.routes)
                 .map(|r| Op::AddRoute(ns.clone(), r.clone())),
         );
+        let want_nat = want.nat.as_ref().map(Nat::fingerprint);
+        if have.nat_seen != want_nat {
+            tables.push(Op::SetNat {
+                ns: ns.clone(),
+                nat: want.nat.clone(),
+            });
+        }
+        if want.forwarding && !have.forwarding {
+            tables.push(Op::EnableForwarding(ns.clone()));
+        }
         if ns != HOST && have.lb != want.lb {
             tables.push(Op::SetLb {
                 ns: ns.clone(),
@@ -335,6 +392,12 @@ pub fn diff(actual: &Kernel, wanted: &Kernel, prefix: &str) -> Vec<Op> {
                     name: name.clone(),
                 });
             }
+        }
+        if host.nat_seen.is_some() {
+            removals.push(Op::SetNat {
+                ns: HOST.into(),
+                nat: None,
+            });
         }
     }
     let mut out = add_ns;

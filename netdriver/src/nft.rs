@@ -200,3 +200,67 @@ mod tests {
         assert_eq!(parse("not json"), None);
     }
 }
+
+/// The nft script that makes table `ip shoal-nat` exactly `nat` (or removes
+/// it), with the fingerprint kept as the name of an empty chain.
+pub fn nat_script(nat: Option<&crate::model::Nat>) -> String {
+    let mut s = String::from("add table ip shoal-nat\ndelete table ip shoal-nat\n");
+    let Some(nat) = nat else { return s };
+    s.push_str("add table ip shoal-nat\n");
+    let _ = writeln!(s, "add chain ip shoal-nat h_{}", nat.fingerprint());
+    s.push_str(
+        "add chain ip shoal-nat pre { type nat hook prerouting priority -100; policy accept; }\n",
+    );
+    if nat.local {
+        s.push_str(
+            "add chain ip shoal-nat out { type nat hook output priority -100; policy accept; }\n",
+        );
+    }
+    s.push_str(
+        "add chain ip shoal-nat post { type nat hook postrouting priority 100; policy accept; }\n",
+    );
+    for ((proto, port), (to, to_port)) in &nat.dnat {
+        let elems: Vec<String> = to
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("{i} : {a}"))
+            .collect();
+        let action = format!(
+            "fib daddr type local {proto} dport {port} dnat to numgen inc mod {} map {{ {} }} : {to_port}",
+            to.len().max(1),
+            elems.join(", ")
+        );
+        let _ = writeln!(s, "add rule ip shoal-nat pre {action}");
+        if nat.local {
+            let _ = writeln!(s, "add rule ip shoal-nat out {action}");
+        }
+    }
+    if let Some((dev, addr)) = &nat.snat {
+        let _ = writeln!(
+            s,
+            "add rule ip shoal-nat post oifname \"{dev}\" snat to {addr}"
+        );
+    }
+    s
+}
+
+/// The fingerprint of the `ip shoal-nat` table listed in `json`, or
+/// `tampered` when its rules are not all there.
+pub fn nat_seen(json: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(json).ok()?;
+    let items = v.get("nftables")?.as_array()?;
+    let fp = items.iter().find_map(|i| {
+        i.get("chain")?
+            .get("name")?
+            .as_str()?
+            .strip_prefix("h_")
+            .map(str::to_owned)
+    })?;
+    let rules = items.iter().filter(|i| i.get("rule").is_some()).count();
+    let expected: usize = fp.rsplit('_').next()?.parse().ok()?;
+    Some(if rules == expected {
+        fp
+    } else {
+        "tampered".into()
+    })
+}

@@ -13,7 +13,16 @@ use std::collections::BTreeSet;
 use shoal_mesh::network::Driver;
 use shoal_mesh::plan::NodePlan;
 
-use crate::model::{Fdb, Kernel, Link, LinkKind, Neigh, Netns};
+use std::net::Ipv4Addr;
+
+use crate::model::{Fdb, HOST, Kernel, Link, LinkKind, Nat, Neigh, Netns, Route};
+
+/// The link between the host and its ingress namespace: host side.
+pub const INGRESS_HOST_LINK: &str = "shoalig0";
+/// Its address on the host side (a link-local /30, the same on every node).
+pub const INGRESS_HOST_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 222, 1);
+/// Its address on the ingress namespace's side.
+pub const INGRESS_NS_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 222, 2);
 
 /// The default VXLAN UDP port (`--data-path-port`).
 pub const VXLAN_PORT: u16 = 4789;
@@ -155,5 +164,91 @@ pub fn render(plan: &NodePlan, names: &Names, vxlan_port: u16) -> Kernel {
         }
         k.namespaces.insert(task_ns, ns);
     }
+    if let Some(ig) = &plan.ingress {
+        render_ingress(&mut k, plan, ig, names);
+    }
     k
+}
+
+/// The routing mesh: the host DNATs published ports to its ingress
+/// namespace (the `ingress` network's), which balances them over the
+/// tasks' ingress addresses, wherever they run, with this node's ingress
+/// address as source so that replies come back through it.
+///
+/// ```text
+///  client ─► HOST:P ──dnat──► 169.254.222.2:P (gw0, ingress ns)
+///            ──dnat──► task:T over br0/vxlan0, snat to this node's ingress address
+/// ```
+fn render_ingress(
+    k: &mut Kernel,
+    plan: &NodePlan,
+    ig: &shoal_mesh::plan::IngressPlan,
+    names: &Names,
+) {
+    let ns_name = names.network(&ig.network);
+    let Some(net) = plan.networks.get(&ig.network) else {
+        return;
+    };
+    let Some(ns) = k.namespaces.get_mut(&ns_name) else {
+        return;
+    };
+    if let Some(br) = ns.links.get_mut("br0") {
+        br.addrs.insert((ig.addr, net.subnet.prefix_len()));
+        // The MAC other nodes derive for this node's ingress address.
+        br.mac = Some(shoal_mesh::plan::mac_for(ig.addr));
+    }
+    let veth = |peer: &str, peer_ns: &str, addr: Ipv4Addr| Link {
+        kind: LinkKind::Veth {
+            peer: peer.into(),
+            peer_ns: peer_ns.into(),
+        },
+        mtu: 1500,
+        mac: None,
+        master: None,
+        addrs: BTreeSet::from([(addr, 30)]),
+        up: true,
+    };
+    ns.links
+        .insert("gw0".into(), veth(INGRESS_HOST_LINK, HOST, INGRESS_NS_ADDR));
+    ns.routes.insert(Route {
+        dst: (Ipv4Addr::UNSPECIFIED, 0),
+        via: Some(INGRESS_HOST_ADDR),
+        dev: "gw0".into(),
+    });
+    ns.forwarding = true;
+    let proto = |p: shoal_mesh::service::Protocol| p.as_str().to_owned();
+    ns.nat = Some(Nat {
+        dnat: ig
+            .ports
+            .iter()
+            .map(|p| {
+                (
+                    (proto(p.protocol), p.published),
+                    (p.backends.clone(), p.target),
+                )
+            })
+            .collect(),
+        local: false,
+        snat: Some(("br0".into(), ig.addr)),
+    });
+    let host = k.namespaces.entry(HOST.into()).or_default();
+    host.links.insert(
+        INGRESS_HOST_LINK.into(),
+        veth("gw0", &ns_name, INGRESS_HOST_ADDR),
+    );
+    host.forwarding = true;
+    host.nat = Some(Nat {
+        dnat: ig
+            .ports
+            .iter()
+            .map(|p| {
+                (
+                    (proto(p.protocol), p.published),
+                    (vec![INGRESS_NS_ADDR], p.published),
+                )
+            })
+            .collect(),
+        local: true,
+        snat: None,
+    });
 }

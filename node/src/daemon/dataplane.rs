@@ -113,6 +113,28 @@ fn local_records(
             );
         }
     }
+    // This node's own endpoint on the routing mesh, so that tasks elsewhere
+    // can answer it.
+    if let Some(ig) = &plan.ingress {
+        let host = state
+            .nodes
+            .get(&m.id)
+            .map(|n| n.hostname.clone())
+            .unwrap_or_default();
+        out.insert(
+            (ig.network.clone(), format!("node-{}", m.id)),
+            EndpointRecord {
+                ip: IpAddr::V4(ig.addr),
+                mac: mac_text(&shoal_mesh::plan::mac_for(ig.addr)),
+                name: format!("ingress-{host}"),
+                service_id: None,
+                service_name: None,
+                aliases: Vec::new(),
+                owner: m.id,
+                vtep: IpAddr::V4(vtep),
+            },
+        );
+    }
     out
 }
 
