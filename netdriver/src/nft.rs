@@ -159,48 +159,6 @@ pub fn parse(json: &str) -> Option<BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>> {
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn scripts_rewrite_only_what_changed() {
-        let vip = Ipv4Addr::new(10, 0, 0, 2);
-        let b = |n: u8| Ipv4Addr::new(10, 0, 0, n);
-        let lb = BTreeMap::from([(vip, vec![b(3), b(4)])]);
-        let full = script(&lb, &BTreeSet::new(), true);
-        assert!(full.contains("delete table ip shoal"));
-        assert!(full.contains("numgen inc mod 2 map { 0 : 10.0.0.3, 1 : 10.0.0.4 }"));
-        let other = Ipv4Addr::new(10, 0, 0, 9);
-        let lb2 = BTreeMap::from([(vip, vec![b(3), b(4)]), (other, vec![b(5)])]);
-        let small = script(&lb2, &BTreeSet::from([other]), false);
-        assert!(
-            !small.contains("10.0.0.3") && small.contains("svc_10_0_0_9"),
-            "{small}"
-        );
-        assert!(!small.contains("delete table"));
-        let gone = script(&lb, &BTreeSet::from([other]), false);
-        assert!(
-            gone.contains("delete chain ip shoal svc_10_0_0_9"),
-            "{gone}"
-        );
-    }
-
-    #[test]
-    fn listings_parse_back_and_broken_ones_do_not() {
-        let json = r#"{"nftables": [{"map": {"name": "vips", "elem": [["10.0.0.2", {"goto": {"target": "svc_10_0_0_2"}}]]}},
-          {"rule": {"chain": "out", "expr": []}},
-          {"rule": {"chain": "svc_10_0_0_2", "expr": [{"dnat": {"addr": {"map": {"key": {"numgen": {"mode": "inc", "mod": 2}}, "data": {"set": [[0, "10.0.0.3"], [1, "10.0.0.4"]]}}}}}]}}]}"#;
-        let lb = parse(json).unwrap();
-        assert_eq!(
-            lb[&Ipv4Addr::new(10, 0, 0, 2)],
-            vec![Ipv4Addr::new(10, 0, 0, 3), Ipv4Addr::new(10, 0, 0, 4)]
-        );
-        assert_eq!(parse("{}"), None);
-        assert_eq!(parse("not json"), None);
-    }
-}
-
 /// The nft script that makes table `ip shoal-nat` exactly `nat` (or removes
 /// it), with the fingerprint kept as the name of an empty chain.
 pub fn nat_script(nat: Option<&crate::model::Nat>) -> String {
@@ -263,4 +221,46 @@ pub fn nat_seen(json: &str) -> Option<String> {
     } else {
         "tampered".into()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scripts_rewrite_only_what_changed() {
+        let vip = Ipv4Addr::new(10, 0, 0, 2);
+        let b = |n: u8| Ipv4Addr::new(10, 0, 0, n);
+        let lb = BTreeMap::from([(vip, vec![b(3), b(4)])]);
+        let full = script(&lb, &BTreeSet::new(), true);
+        assert!(full.contains("delete table ip shoal"));
+        assert!(full.contains("numgen inc mod 2 map { 0 : 10.0.0.3, 1 : 10.0.0.4 }"));
+        let other = Ipv4Addr::new(10, 0, 0, 9);
+        let lb2 = BTreeMap::from([(vip, vec![b(3), b(4)]), (other, vec![b(5)])]);
+        let small = script(&lb2, &BTreeSet::from([other]), false);
+        assert!(
+            !small.contains("10.0.0.3") && small.contains("svc_10_0_0_9"),
+            "{small}"
+        );
+        assert!(!small.contains("delete table"));
+        let gone = script(&lb, &BTreeSet::from([other]), false);
+        assert!(
+            gone.contains("delete chain ip shoal svc_10_0_0_9"),
+            "{gone}"
+        );
+    }
+
+    #[test]
+    fn listings_parse_back_and_broken_ones_do_not() {
+        let json = r#"{"nftables": [{"map": {"name": "vips", "elem": [["10.0.0.2", {"goto": {"target": "svc_10_0_0_2"}}]]}},
+          {"rule": {"chain": "out", "expr": []}},
+          {"rule": {"chain": "svc_10_0_0_2", "expr": [{"dnat": {"addr": {"map": {"key": {"numgen": {"mode": "inc", "mod": 2}}, "data": {"set": [[0, "10.0.0.3"], [1, "10.0.0.4"]]}}}}}]}}]}"#;
+        let lb = parse(json).unwrap();
+        assert_eq!(
+            lb[&Ipv4Addr::new(10, 0, 0, 2)],
+            vec![Ipv4Addr::new(10, 0, 0, 3), Ipv4Addr::new(10, 0, 0, 4)]
+        );
+        assert_eq!(parse("{}"), None);
+        assert_eq!(parse("not json"), None);
+    }
 }
