@@ -161,10 +161,7 @@ mod tests {
                 default_addr_pool: vec![],
                 default_pool_mask: 24,
             }),
-            nodes: Default::default(),
-            networks: Default::default(),
-            services: Default::default(),
-            tasks: Default::default(),
+            ..Default::default()
         };
         for (id, role) in nodes {
             s.nodes.insert(
