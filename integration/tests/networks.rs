@@ -123,3 +123,59 @@ fn networks_are_allocated_in_the_store_and_bad_ones_refused() {
     assert_eq!(web2["subnets"][0], "172.30.0.0/26");
     assert_eq!(web2["vni"], 4097);
 }
+
+#[test]
+fn drivers_the_kernel_lacks_and_missing_parents_are_refused_at_once() {
+    if !shoal_integration::is_root() {
+        eprintln!("skipped: probing kernel drivers needs root");
+        return;
+    }
+    let c = Cluster::start(1).unwrap();
+    c.init(0).unwrap();
+    // ipvlan: refused naming the kernel option, unless this kernel has it.
+    let r = c.shoal(
+        0,
+        &["network", "create", "-d", "ipvlan", "-o", "parent=lo", "iv"],
+    );
+    if r.ok() {
+        eprintln!("this kernel has ipvlan");
+    } else {
+        eprintln!("{}", r.stderr.trim());
+        assert!(r.stderr.contains("CONFIG_IPVLAN"), "{r:?}");
+    }
+    let r = c.shoal(
+        0,
+        &[
+            "network",
+            "create",
+            "-d",
+            "macvlan",
+            "-o",
+            "parent=nosuch0",
+            "mv",
+        ],
+    );
+    assert!(!r.ok());
+    eprintln!("{}", r.stderr.trim());
+    assert!(
+        r.stderr
+            .contains("parent interface `nosuch0` does not exist")
+            || r.stderr.contains("CONFIG_MACVLAN"),
+        "{r:?}"
+    );
+    // Nothing was created.
+    let nets = c
+        .shoal_ok(0, &["network", "ls", "--format", "json"])
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(nets.as_array().unwrap().len(), 1, "{nets}");
+    assert!(
+        std::fs::read_dir("/run/netns")
+            .map(|d| d
+                .flatten()
+                .all(|e| !e.file_name().to_string_lossy().starts_with("shoal-probe")))
+            .unwrap_or(true),
+        "probe namespaces are removed"
+    );
+}

@@ -143,6 +143,50 @@ pub fn list_netns(prefix: &str) -> Vec<String> {
     names
 }
 
+/// Whether the kernel can make links of `driver` (`macvlan` or `ipvlan`):
+/// tried for real in a throwaway namespace, so that `network create` can
+/// refuse at once, naming what is missing.
+pub async fn probe_driver(driver: &str) -> Result<(), DpError> {
+    use rtnetlink::packet_route::link::{IpVlanMode, MacVlanMode};
+    use rtnetlink::{LinkIpVlan, LinkMacVlan};
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let ns = format!(
+        "shoal-probe{}x{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    create_netns(&ns)?;
+    let mut b = Linux::new(None);
+    let tried = async {
+        let h = b.handle(&ns).await?;
+        h.link()
+            .add(LinkVeth::new("probe0", "probe1").build())
+            .execute()
+            .await
+            .map_err(|e| other("veth", e))?;
+        let idx = b.index(&ns, "probe0").await?;
+        let msg = match driver {
+            "macvlan" => LinkMacVlan::new("probe2", idx, MacVlanMode::Bridge).build(),
+            "ipvlan" => LinkIpVlan::new("probe2", idx, IpVlanMode::L2).build(),
+            _ => return Ok(()),
+        };
+        h.link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(|e| other(driver, e))
+    }
+    .await;
+    b.handles.clear();
+    let _ = delete_netns(&ns);
+    tried
+}
+
+/// Whether this namespace has a link named `name`.
+pub async fn link_exists(name: &str) -> bool {
+    Linux::new(None).index(HOST, name).await.is_ok()
+}
+
 /// The Linux backend.
 pub struct Linux {
     /// The namespace standing for the host (the daemon's own if `None`;

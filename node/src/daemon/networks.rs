@@ -128,10 +128,35 @@ fn resolve<'a>(state: &'a ClusterState, reference: &str) -> anyhow::Result<&'a N
     })
 }
 
+/// Refuses, before anything is written, a driver this node's kernel lacks
+/// or a parent interface it does not have (macvlan, ipvlan).
+async fn check_driver(spec: &NetworkSpec) -> anyhow::Result<()> {
+    let (name, config) = match spec.driver {
+        Driver::Macvlan => ("macvlan", "CONFIG_MACVLAN"),
+        Driver::Ipvlan => ("ipvlan", "CONFIG_IPVLAN"),
+        _ => return Ok(()),
+    };
+    if !super::executor::is_root() {
+        return Ok(());
+    }
+    if let Err(e) = shoal_netdriver::linux::probe_driver(name).await {
+        bail!(
+            "the {name} driver is not available in this node's kernel ({config} is off or the module is missing): {e}; use -d overlay or -d bridge"
+        );
+    }
+    if let Some(parent) = spec.options.get("parent")
+        && !shoal_netdriver::linux::link_exists(parent).await
+    {
+        bail!("parent interface `{parent}` does not exist on this node (-o parent=IFACE)");
+    }
+    Ok(())
+}
+
 /// `network create`.
 pub async fn create(d: &Daemon, args: CreateArgs) -> anyhow::Result<Reply> {
     let m = member(d).await?;
     let spec = parse_spec(args)?;
+    check_driver(&spec).await?;
     let id = shoal_mesh::ids::to_hex(&rand::random::<[u8; 8]>());
     let name = spec.name.clone();
     m.propose(Command::CreateNetwork {
