@@ -176,6 +176,50 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
         );
     }
 
+    // Diagnostics: node1's FDB names the other two hosts' VTEPs, the VIP's
+    // backends are the three tasks, and its tasks' DNS answers as above.
+    let dp = c
+        .shoal_ok(0, &["debug", "dataplane", "--format", "json"])
+        .unwrap()
+        .json()
+        .unwrap();
+    let appnet = dp["networks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == "appnet")
+        .unwrap()
+        .clone();
+    let vteps: std::collections::BTreeSet<&str> = appnet["fdb"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["vtep"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        vteps,
+        std::collections::BTreeSet::from(["10.210.0.2", "10.210.0.3"]),
+        "{appnet}"
+    );
+    assert_eq!(
+        appnet["load_balancers"][0]["backends"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3,
+        "{appnet}"
+    );
+    let local = tasks.iter().find(|t| host_of(&c, t) == 0).unwrap();
+    let dns = c
+        .shoal_ok(
+            0,
+            &["debug", "dns", local["name"].as_str().unwrap(), "tasks.web"],
+        )
+        .unwrap();
+    assert_eq!(dns.stdout.lines().count(), 3, "{dns:?}");
+    let table = c.shoal_ok(0, &["debug", "dataplane"]).unwrap();
+    assert!(table.stdout.contains("NETWORK appnet"), "{table:?}");
+
     // The routing mesh: a port published by a one-task service answers on
     // every host's address, from every host, including those that run no
     // task of it.

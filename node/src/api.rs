@@ -161,6 +161,18 @@ pub enum Request {
         /// Labels to remove.
         label_rm: Vec<String>,
     },
+    /// `debug dataplane`: this node's programmed kernel state.
+    DebugDataplane {
+        /// Only this network.
+        network: Option<String>,
+    },
+    /// `debug dns`: what a task's embedded DNS answers for a name.
+    DebugDns {
+        /// Task ID, ID prefix or `SERVICE.SLOT`.
+        task: String,
+        /// The name asked.
+        name: String,
+    },
     /// `debug gossip`: this node's members and tables.
     DebugGossip {
         /// Only this network (`(global)` for the cluster-wide table).

@@ -10,6 +10,23 @@ use crate::api::Request;
 
 #[derive(Debug, Subcommand)]
 pub enum DebugCmd {
+    /// Show this node's data plane: FDB and neighbour entries, VIP load
+    /// balancers, sandboxes and published ports.
+    Dataplane {
+        /// Only this network.
+        #[arg(long)]
+        network: Option<String>,
+        /// Output format: `table` or `json`.
+        #[arg(long, default_value = "table")]
+        format: Format,
+    },
+    /// Show what a task's embedded DNS (127.0.0.11) answers for a name.
+    Dns {
+        /// Task ID or SERVICE.SLOT (on this node).
+        task: String,
+        /// The name.
+        name: String,
+    },
     /// Dump this node's gossip members and tables.
     Gossip {
         /// Only this network (`(global)` for the cluster-wide table).
@@ -55,6 +72,32 @@ pub enum DebugCmd {
 impl DebugCmd {
     pub async fn exec(self, client: &Client) -> anyhow::Result<()> {
         match self {
+            DebugCmd::Dataplane { network, format } => {
+                let v = client.call(&Request::DebugDataplane { network }).await?;
+                match format {
+                    Format::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                    Format::Table => print_dataplane(&v),
+                }
+            }
+            DebugCmd::Dns { task, name } => {
+                let v = client.call(&Request::DebugDns { task, name }).await?;
+                match v["answer"].as_array() {
+                    Some(ips) => {
+                        for ip in ips {
+                            println!(
+                                "{}\t{}\tTTL {}",
+                                v["name"].as_str().unwrap_or_default(),
+                                cell(ip),
+                                cell(&v["ttl"])
+                            );
+                        }
+                    }
+                    None => println!(
+                        "{}: not a swarm name; forwarded to the host's resolvers",
+                        v["name"].as_str().unwrap_or_default()
+                    ),
+                }
+            }
             DebugCmd::Gossip { network, format } => {
                 let v = client.call(&Request::DebugGossip { network }).await?;
                 match format {
@@ -165,4 +208,48 @@ fn print_dump(v: &Value) {
             );
         }
     }
+}
+
+fn print_dataplane(v: &Value) {
+    let list = |v: &Value| v.as_array().cloned().unwrap_or_default();
+    for n in list(&v["networks"]) {
+        println!(
+            "NETWORK {} (VNI {}, MTU {}, VTEP {})",
+            cell(&n["name"]),
+            cell(&n["vni"]),
+            cell(&n["mtu"]),
+            cell(&n["vtep"])
+        );
+        let rows: Vec<Vec<String>> = list(&n["fdb"])
+            .iter()
+            .map(|f| vec![cell(&f["mac"]), cell(&f["vtep"])])
+            .collect();
+        print_table(&["FDB MAC", "REMOTE VTEP"], &rows);
+        let rows: Vec<Vec<String>> = list(&n["neighbours"])
+            .iter()
+            .map(|f| vec![cell(&f["ip"]), cell(&f["mac"])])
+            .collect();
+        print_table(&["NEIGHBOUR", "MAC"], &rows);
+        let rows: Vec<Vec<String>> = list(&n["load_balancers"])
+            .iter()
+            .map(|l| vec![cell(&l["service"]), cell(&l["vip"]), cell(&l["backends"])])
+            .collect();
+        print_table(&["SERVICE", "VIP", "BACKENDS"], &rows);
+        println!();
+    }
+    let rows: Vec<Vec<String>> = list(&v["published"])
+        .iter()
+        .map(|p| {
+            vec![
+                format!("{}/{}", cell(&p["published"]), cell(&p["protocol"])),
+                cell(&p["target"]),
+                cell(&p["backends"]),
+            ]
+        })
+        .collect();
+    println!(
+        "PUBLISHED (routing mesh, node address {})",
+        cell(&v["ingress_addr"])
+    );
+    print_table(&["PORT", "TARGET", "BACKENDS"], &rows);
 }

@@ -196,6 +196,8 @@ pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
             label_rm,
         } => node_update(d, &node, availability, label_add, label_rm).await,
         Request::NodeRm { node, force } => node_rm(d, &node, force).await,
+        Request::DebugDataplane { network } => debug_dataplane(d, network).await,
+        Request::DebugDns { task, name } => debug_dns(d, &task, &name).await,
         Request::DebugGossip { network } => gossip_ask(d, |tx| GossipCmd::Dump(network, tx))
             .await
             .map(Reply::ok),
@@ -685,6 +687,17 @@ async fn leave(d: &Arc<Daemon>, force: bool) -> anyhow::Result<Reply> {
     let mut reply = Reply::ok(json!({ "left": m.id.to_string() }));
     reply.warnings = warnings;
     Ok(reply)
+}
+
+async fn debug_dataplane(d: &Daemon, network: Option<String>) -> anyhow::Result<Reply> {
+    let m = member(d).await?;
+    let v = super::dataplane::debug_dataplane(&m, network.as_deref()).await?;
+    Ok(Reply::ok(v))
+}
+
+async fn debug_dns(d: &Daemon, task: &str, name: &str) -> anyhow::Result<Reply> {
+    let m = member(d).await?;
+    Ok(Reply::ok(super::dataplane::debug_dns(&m, task, name)?))
 }
 
 async fn gossip_ask<T>(

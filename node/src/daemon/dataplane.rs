@@ -40,6 +40,8 @@ pub struct Sandboxes {
     ready: Mutex<BTreeSet<String>>,
     /// The last reconcile error, for tasks that wait.
     error: Mutex<Option<String>>,
+    /// The plan last programmed.
+    last: Mutex<Option<NodePlan>>,
 }
 
 impl Sandboxes {
@@ -54,6 +56,7 @@ impl Sandboxes {
             }),
             ready: Mutex::default(),
             error: Mutex::default(),
+            last: Mutex::default(),
         }
     }
 
@@ -250,6 +253,9 @@ pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
                     if let Ok(mut r) = m.sandboxes.ready.lock() {
                         *r = p.sandboxes.keys().cloned().collect();
                     }
+                    if let Ok(mut l) = m.sandboxes.last.lock() {
+                        *l = Some(p.clone());
+                    }
                     last = Some(p.clone());
                     last_full = Instant::now();
                 }
@@ -301,4 +307,111 @@ pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
         }
         joined = nets;
     }
+}
+
+/// `shoal debug dataplane`: this node's FDB and neighbour entries, VIP load
+/// balancers and published ports, read back from the kernel.
+pub async fn debug_dataplane(
+    m: &Member,
+    network: Option<&str>,
+) -> anyhow::Result<serde_json::Value> {
+    use serde_json::json;
+    let Some(names) = m.sandboxes.names.clone() else {
+        anyhow::bail!("the data plane is off on this node (not root, or --no-dataplane)");
+    };
+    let state = m.state.state();
+    let mut backend = Linux::new(None);
+    let seen = shoal_netdriver::Backend::observe(&mut backend, &names.prefix)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read the kernel: {e}"))?;
+    let last = m
+        .sandboxes
+        .last
+        .lock()
+        .ok()
+        .and_then(|l| l.clone())
+        .unwrap_or_default();
+    let mut networks = Vec::new();
+    for net in last.networks.values() {
+        if network.is_some_and(|n| n != net.name && n != net.id) {
+            continue;
+        }
+        let ns = seen.namespaces.get(&names.network(&net.id));
+        let fdb: Vec<_> = ns
+            .into_iter()
+            .flat_map(|n| n.fdb.iter())
+            .map(|f| json!({"mac": mac_text(&f.mac), "vtep": f.dst.to_string()}))
+            .collect();
+        let neigh: Vec<_> = ns
+            .into_iter()
+            .flat_map(|n| n.neigh.iter())
+            .map(|x| json!({"ip": x.ip.to_string(), "mac": mac_text(&x.mac)}))
+            .collect();
+        let lbs: Vec<_> = net
+            .lbs
+            .iter()
+            .map(
+                |l| json!({"service": l.service, "vip": l.vip.to_string(), "backends": l.backends}),
+            )
+            .collect();
+        networks.push(json!({
+            "name": net.name, "id": net.id, "vni": net.vni, "mtu": net.mtu,
+            "vtep": net.vtep.to_string(), "fdb": fdb, "neighbours": neigh,
+            "load_balancers": lbs,
+        }));
+    }
+    let sandboxes: Vec<_> = last
+        .sandboxes
+        .values()
+        .map(|sb| {
+            let lb = seen
+                .namespaces
+                .get(&names.task(&sb.task))
+                .map(|n| n.lb.clone())
+                .unwrap_or_default();
+            json!({
+                "task": sb.name,
+                "netns": names.task(&sb.task),
+                "addresses": sb.endpoints.iter().map(|e| e.ip.to_string()).collect::<Vec<_>>(),
+                "vips": lb.iter().map(|(v, b)| (v.to_string(), b.clone())).collect::<BTreeMap<_, _>>(),
+            })
+        })
+        .collect();
+    let published: Vec<_> = last
+        .ingress
+        .iter()
+        .flat_map(|ig| ig.ports.iter())
+        .map(|p| json!({"protocol": p.protocol.as_str(), "published": p.published, "target": p.target, "backends": p.backends}))
+        .collect();
+    let _ = state;
+    Ok(json!({
+        "node": m.id.to_string(),
+        "networks": networks,
+        "sandboxes": sandboxes,
+        "published": published,
+        "ingress_addr": last.ingress.as_ref().map(|i| i.addr.to_string()),
+    }))
+}
+
+/// `shoal debug dns TASK NAME`: what that task's embedded DNS answers.
+pub fn debug_dns(m: &Member, task: &str, name: &str) -> anyhow::Result<serde_json::Value> {
+    use serde_json::json;
+    let last = m
+        .sandboxes
+        .last
+        .lock()
+        .ok()
+        .and_then(|l| l.clone())
+        .unwrap_or_default();
+    let sb = last
+        .sandboxes
+        .values()
+        .find(|s| s.task == task || s.name == task || s.task.starts_with(task))
+        .ok_or_else(|| anyhow::anyhow!("no sandbox for task `{task}` on this node"))?;
+    let key = name.to_lowercase();
+    let key = key.trim_end_matches('.');
+    Ok(match sb.dns.get(key) {
+        Some(ips) => json!({"task": sb.name, "name": key, "answer": ips, "ttl": dns::TTL}),
+        None => json!({"task": sb.name, "name": key, "answer": null, "forwarded": true}),
+    })
 }
