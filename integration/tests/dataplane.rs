@@ -275,3 +275,110 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
         );
     }
 }
+
+/// Every namespace of host `i` (by name) with its links and addresses, as
+/// `ip` lists them.
+fn kernel_objects(c: &Cluster, i: usize) -> std::collections::BTreeMap<String, String> {
+    let prefix = format!("{}-", c.hosts[i].netns.as_ref().unwrap());
+    let mut out = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir("/run/netns").unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(&prefix) {
+            continue;
+        }
+        let links = std::process::Command::new("ip")
+            .args(["-n", &name, "-o", "-br", "addr"])
+            .output()
+            .unwrap();
+        out.insert(name, String::from_utf8_lossy(&links.stdout).into_owned());
+    }
+    out
+}
+
+#[test]
+fn a_daemon_restart_keeps_traffic_flowing_and_adopts_its_kernel_state() {
+    if !is_root() {
+        eprintln!("skipped: needs root for network namespaces, veths and VXLAN");
+        return;
+    }
+    let mut c = Cluster::start_isolated(3).unwrap();
+    c.form(1).unwrap();
+    c.shoal_ok(0, &["network", "create", "appnet"]).unwrap();
+    c.shoal_ok(0, &["network", "create", "other"]).unwrap();
+    let args = echo_service("web", 3, &["--network", "appnet"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.shoal_ok(0, &args).unwrap();
+    let args = echo_service("lone", 1, &["--network", "other"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.shoal_ok(0, &args).unwrap();
+    let tasks = running(&c, 0, "web");
+    let client = tasks.iter().find(|t| host_of(&c, t) == 0).unwrap().clone();
+    let far = tasks.iter().find(|t| host_of(&c, t) == 2).unwrap().clone();
+    let far_ip = far["addresses"]["appnet"].as_str().unwrap().to_owned();
+    c.wait_until_value(CONVERGE, || get_from(&c, &client, &far_ip))
+        .unwrap();
+
+    // Networks are isolated: the task on `other` reaches none of web's.
+    let lone = running(&c, 0, "lone")[0].clone();
+    for t in &tasks {
+        let ip = t["addresses"]["appnet"].as_str().unwrap();
+        assert!(
+            get_from(&c, &lone, ip).is_err(),
+            "{} reached {ip}",
+            lone["name"]
+        );
+    }
+
+    // Restart host 2's daemon (SIGTERM, then start) while host 1's task
+    // talks to host 3's: not one request fails.
+    let before = kernel_objects(&c, 1);
+    assert!(!before.is_empty());
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let done = done.clone();
+        let socket = c.hosts[0].socket.clone();
+        let name = client["name"].as_str().unwrap().to_owned();
+        let url = format!("http://{far_ip}/");
+        std::thread::spawn(move || {
+            let bin = shoal_bin();
+            let (mut sent, mut failed) = (0, Vec::new());
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = std::process::Command::new(bin)
+                    .arg("--socket")
+                    .arg(&socket)
+                    .args(["exec", &name, "--"])
+                    .arg(bin)
+                    .args(["tool", "http-get", "--timeout", "3", &url])
+                    .output()
+                    .unwrap();
+                if !r.status.success() {
+                    failed.push(String::from_utf8_lossy(&r.stderr).into_owned());
+                }
+                sent += 1;
+            }
+            (sent, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    c.stop(1);
+    c.start_daemon(1).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, failed) = load.join().unwrap();
+    assert!(sent > 5, "only {sent} requests made");
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} requests failed: {failed:?}",
+        failed.len()
+    );
+    // After a while, host 2's kernel state is what it was: adopted, not
+    // rebuilt or duplicated.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(kernel_objects(&c, 1), before);
+    let log = c.log(1);
+    let after_restart = log.rsplit("shoal daemon ready").next().unwrap_or_default();
+    assert!(
+        !after_restart.contains("data plane programmed"),
+        "the restarted daemon changed the kernel: {after_restart}"
+    );
+}

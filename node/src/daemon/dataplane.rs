@@ -28,6 +28,9 @@ use super::member::Member;
 pub const ENDPOINTS: &str = "endpoints";
 
 const FULL_EVERY: Duration = Duration::from_secs(5);
+/// How long a restarted daemon lets gossip catch up before it touches the
+/// kernel state it found.
+const WARM_UP: Duration = Duration::from_millis(2_500);
 
 /// What the data plane tells the executor.
 #[derive(Debug, Default)]
@@ -193,6 +196,25 @@ pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
         &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
     ));
     let mut dns_servers: BTreeMap<String, DnsServer> = BTreeMap::new();
+    // After a restart the kernel still holds the previous run's state:
+    // before comparing against it, attach to its networks' gossip and give
+    // anti-entropy time to bring the remote endpoints back, so that the
+    // first reconcile adopts rather than tears down and rebuilds.
+    if !shoal_netdriver::linux::list_netns(&names.prefix).is_empty() {
+        if let Some(m) = member.upgrade() {
+            let state = m.state.state();
+            for (id, n) in &state.networks {
+                let local = state.tasks.values().any(|t| {
+                    t.node == Some(m.id) && !t.state.is_terminal() && t.addresses.contains_key(id)
+                });
+                if local || n.ingress {
+                    m.gossip.send(GossipCmd::Join(id.clone()));
+                    joined.insert(id.clone());
+                }
+            }
+        }
+        tokio::time::sleep(WARM_UP).await;
+    }
     loop {
         tokio::select! {
             _ = changes.changed() => {}
@@ -208,13 +230,30 @@ pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
                 None => backend.mtu_of(vtep).await.unwrap_or(1500),
             });
         }
-        let endpoints = m.gossip.ask(GossipCmd::Endpoints).await.unwrap_or_default();
+        let mut endpoints = m.gossip.ask(GossipCmd::Endpoints).await.unwrap_or_default();
         let state = m.state.state();
+        let underlay_mtu = mtu.unwrap_or(1500);
+        // This node's own endpoints count from the start, whether or not
+        // gossip has them yet (it has none right after a restart).
+        let first = plan(&PlanInput {
+            state: &state,
+            node: m.id,
+            vtep,
+            underlay_mtu,
+            endpoints: &endpoints,
+        });
+        for ((net, _), rec) in local_records(&m, &first, vtep) {
+            let list = endpoints.entry(net).or_default();
+            if !list.contains(&rec) {
+                list.retain(|e| e.ip != rec.ip);
+                list.push(rec);
+            }
+        }
         let p = plan(&PlanInput {
             state: &state,
             node: m.id,
             vtep,
-            underlay_mtu: mtu.unwrap_or(1500),
+            underlay_mtu,
             endpoints: &endpoints,
         });
         if last.as_ref() != Some(&p) || last_full.elapsed() > FULL_EVERY {
