@@ -137,7 +137,7 @@ pub async fn run<B: Backend>(b: &mut B, names: &Names) -> Result<(), String> {
     }
 
     let lb = &seen.namespaces[&names.task(t1)].lb;
-    if lb.get(&vip()).map(Vec::len) != Some(4) {
+    if lb.get(&vip()).map(BTreeSet::len) != Some(4) {
         return Err(format!("the VIP should balance over 4 backends: {lb:?}"));
     }
 

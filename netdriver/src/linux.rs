@@ -193,6 +193,8 @@ pub struct Linux {
     /// tests use a namespace of their own).
     host: Option<String>,
     handles: HashMap<String, Handle>,
+    /// Each namespace's VIP backend slots as last read or written.
+    lb_slots: HashMap<String, BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>>,
 }
 
 /// A link as dumped: index and model.
@@ -208,6 +210,7 @@ impl Linux {
         Linux {
             host,
             handles: HashMap::new(),
+            lb_slots: HashMap::new(),
         }
     }
 
@@ -380,27 +383,32 @@ impl Linux {
     fn nft_run(&self, ns: &str, args: &[&str], input: &str) -> Result<String, DpError> {
         use std::io::Write;
         use std::process::{Command, Stdio};
-        let mut cmd = match self.ns_path(ns) {
-            Some(p) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net={}", p.display())).arg("nft");
-                c
+        let path = self.ns_path(ns);
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let input = input.to_owned();
+        // Spawned from a thread that entered the namespace: the child is
+        // born there (no `nsenter` in between).
+        let out = std::thread::spawn(move || -> Result<std::process::Output, DpError> {
+            if let Some(p) = path {
+                let f = File::open(&p).map_err(|e| other(&p.display().to_string(), e))?;
+                nix::sched::setns(f, CloneFlags::CLONE_NEWNET).map_err(|e| other("setns", e))?;
             }
-            None => Command::new("nft"),
-        };
-        let mut child = cmd
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| other("cannot run nft (install nftables)", e))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(input.as_bytes())
-                .map_err(|e| other("nft", e))?;
-        }
-        let out = child.wait_with_output().map_err(|e| other("nft", e))?;
+            let mut child = Command::new("nft")
+                .args(&args)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .map_err(|e| other("cannot run nft (install nftables)", e))?;
+            if let Some(mut stdin) = child.stdin.take() {
+                stdin
+                    .write_all(input.as_bytes())
+                    .map_err(|e| other("nft", e))?;
+            }
+            child.wait_with_output().map_err(|e| other("nft", e))
+        })
+        .join()
+        .map_err(|_| DpError::Other("nft thread panicked".into()))??;
         if !out.status.success() {
             return Err(DpError::Other(format!(
                 "nft: {}",
@@ -531,11 +539,16 @@ impl Linux {
             }
         }
         if ns != HOST {
-            out.lb = self
+            let slots = self
                 .nft_run(ns, &["-j", "list", "table", "ip", "shoal"], "")
                 .ok()
                 .and_then(|j| crate::nft::parse(&j))
                 .unwrap_or_default();
+            out.lb = slots
+                .iter()
+                .map(|(v, b)| (*v, b.iter().copied().collect()))
+                .collect();
+            self.lb_slots.insert(ns.to_owned(), slots);
         }
         out.links = links
             .into_iter()
@@ -732,6 +745,7 @@ impl Linux {
             }
             Op::DelNetns(name) => {
                 self.handles.remove(name);
+                self.lb_slots.remove(name);
                 delete_netns(name)
             }
             Op::AddLink { ns, name, link } => self.add_link(ns, name, link).await,
@@ -787,7 +801,24 @@ impl Linux {
                 lb,
                 changed,
                 fresh,
-            } => self.nft(ns, &crate::nft::script(lb, changed, *fresh)),
+            } => {
+                if !self.lb_slots.contains_key(ns) && !*fresh {
+                    let now = self
+                        .nft_run(ns, &["-j", "list", "table", "ip", "shoal"], "")
+                        .ok()
+                        .and_then(|j| crate::nft::parse(&j))
+                        .unwrap_or_default();
+                    self.lb_slots.insert(ns.clone(), now);
+                }
+                let mut slots = self.lb_slots.remove(ns).unwrap_or_default();
+                let script = crate::nft::script(lb, changed, *fresh, &mut slots);
+                let done = self.nft(ns, &script);
+                // On failure the kernel kept the old table: read it again next time.
+                if done.is_ok() {
+                    self.lb_slots.insert(ns.clone(), slots);
+                }
+                done
+            }
             Op::SetNat { ns, nat } => self.nft(ns, &crate::nft::nat_script(nat.as_ref())),
             Op::EnableForwarding(ns) => self.write_sysctl(ns, "net/ipv4/ip_forward", "1"),
             Op::AddRoute(ns, r) => {

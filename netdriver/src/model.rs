@@ -142,6 +142,9 @@ impl Nat {
     }
 }
 
+/// VIP → its backends.
+pub type Lb = BTreeMap<Ipv4Addr, BTreeSet<Ipv4Addr>>;
+
 /// One network namespace's Shoal-owned objects.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Netns {
@@ -155,7 +158,7 @@ pub struct Netns {
     /// Routes (besides the ones the kernel adds for addresses).
     pub routes: BTreeSet<Route>,
     /// VIP load balancing (nftables table `ip shoal`): VIP → backends.
-    pub lb: BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>,
+    pub lb: Lb,
     /// Port forwarding wanted (in a rendered kernel).
     pub nat: Option<Nat>,
     /// The fingerprint of the port forwarding there (in an observed one).
@@ -223,7 +226,7 @@ pub enum Op {
         /// Namespace.
         ns: String,
         /// Every VIP → backends wanted there.
-        lb: BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>,
+        lb: Lb,
         /// The VIPs whose backends differ from what is there.
         changed: BTreeSet<Ipv4Addr>,
         /// Nothing usable is there: write the whole table.
@@ -242,10 +245,7 @@ pub enum Op {
 }
 
 /// The VIPs whose entries differ between `have` and `want`.
-pub fn lb_changes(
-    have: &BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>,
-    want: &BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>,
-) -> BTreeSet<Ipv4Addr> {
+pub fn lb_changes(have: &Lb, want: &Lb) -> BTreeSet<Ipv4Addr> {
     have.keys()
         .chain(want.keys())
         .filter(|v| have.get(*v) != want.get(*v))

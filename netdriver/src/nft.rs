@@ -25,30 +25,75 @@ pub fn chain(vip: Ipv4Addr) -> String {
     format!("svc_{}", vip.to_string().replace('.', "_"))
 }
 
-fn dnat(vip: Ipv4Addr, backends: &[Ipv4Addr]) -> String {
-    let elems: Vec<String> = backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| format!("{i} : {b}"))
-        .collect();
-    format!(
-        "add rule ip shoal {} dnat to numgen inc mod {} map {{ {} }}\n",
-        chain(vip),
-        backends.len(),
-        elems.join(", ")
-    )
+/// The backend map of VIP `vip` (slot → address).
+pub fn backend_map(vip: Ipv4Addr) -> String {
+    format!("be_{}", vip.to_string().replace('.', "_"))
 }
 
-/// The nft script that brings the table to `lb` (see [`crate::model::Op::SetLb`]).
+fn elements(s: &mut String, map: &str, slots: &[(usize, Ipv4Addr)]) {
+    for chunk in slots.chunks(1_000) {
+        let elems: Vec<String> = chunk.iter().map(|(i, b)| format!("{i} : {b}")).collect();
+        let _ = writeln!(s, "add element ip shoal {map} {{ {} }}", elems.join(", "));
+    }
+}
+
+fn rule(s: &mut String, vip: Ipv4Addr, n: usize) {
+    let _ = writeln!(
+        s,
+        "add rule ip shoal {} dnat to numgen inc mod {n} map @{}",
+        chain(vip),
+        backend_map(vip)
+    );
+}
+
+/// Adds VIP `vip` with `backends` in slots 0…N-1.
+fn add_vip(s: &mut String, vip: Ipv4Addr, backends: &[Ipv4Addr]) {
+    let (c, m) = (chain(vip), backend_map(vip));
+    let _ = writeln!(
+        s,
+        "add map ip shoal {m} {{ typeof numgen inc mod 1 : ip daddr; }}"
+    );
+    let _ = writeln!(s, "add chain ip shoal {c}");
+    rule(s, vip, backends.len());
+    elements(s, &m, &backends.iter().copied().enumerate().collect::<Vec<_>>());
+    let _ = writeln!(s, "add element ip shoal vips {{ {vip} : goto {c} }}");
+}
+
+/// The slot layout after going from `slots` to the set `wanted`: removed
+/// backends' slots are filled from the end, new ones appended, so that only
+/// the slots that change are written.
+pub fn relayout(slots: &[Ipv4Addr], wanted: &BTreeSet<Ipv4Addr>) -> Vec<Ipv4Addr> {
+    let mut out = slots.to_vec();
+    let mut i = 0;
+    while i < out.len() {
+        if wanted.contains(&out[i]) {
+            i += 1;
+        } else {
+            out.swap_remove(i);
+        }
+    }
+    for b in wanted {
+        if !out.contains(b) {
+            out.push(*b);
+        }
+    }
+    out
+}
+
+/// The nft script that brings the table to `lb` (see
+/// [`crate::model::Op::SetLb`]); `slots` is the slot layout of each VIP's
+/// backend map now, and is updated to the new one.
 pub fn script(
-    lb: &BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>,
+    lb: &crate::model::Lb,
     changed: &BTreeSet<Ipv4Addr>,
     fresh: bool,
+    slots: &mut BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>,
 ) -> String {
     let mut s = String::new();
     if fresh || lb.is_empty() {
         // Delete whatever is there (adding first makes the delete safe).
         s.push_str("add table ip shoal\ndelete table ip shoal\n");
+        slots.clear();
         if lb.is_empty() {
             return s;
         }
@@ -59,79 +104,99 @@ pub fn script(
         );
         s.push_str("add rule ip shoal out ip daddr vmap @vips\n");
         for (vip, backends) in lb {
-            let _ = writeln!(s, "add chain ip shoal {}", chain(*vip));
-            s.push_str(&dnat(*vip, backends));
-            let _ = writeln!(
-                s,
-                "add element ip shoal vips {{ {vip} : goto {} }}",
-                chain(*vip)
-            );
+            let b: Vec<Ipv4Addr> = backends.iter().copied().collect();
+            add_vip(&mut s, *vip, &b);
+            slots.insert(*vip, b);
         }
         return s;
     }
     for vip in changed {
-        let c = chain(*vip);
-        match lb.get(vip) {
-            Some(backends) => {
-                // `add chain` is a no-op for an existing chain.
+        let (c, m) = (chain(*vip), backend_map(*vip));
+        match (lb.get(vip), slots.get(vip)) {
+            (Some(wanted), Some(old)) => {
+                let new = relayout(old, wanted);
+                for (i, b) in new.iter().enumerate() {
+                    match old.get(i) {
+                        Some(o) if o == b => {}
+                        Some(_) => {
+                            let _ = writeln!(s, "delete element ip shoal {m} {{ {i} }}");
+                            let _ = writeln!(s, "add element ip shoal {m} {{ {i} : {b} }}");
+                        }
+                        None => {
+                            let _ = writeln!(s, "add element ip shoal {m} {{ {i} : {b} }}");
+                        }
+                    }
+                }
+                for i in new.len()..old.len() {
+                    let _ = writeln!(s, "delete element ip shoal {m} {{ {i} }}");
+                }
+                if new.len() != old.len() {
+                    let _ = writeln!(s, "flush chain ip shoal {c}");
+                    rule(&mut s, *vip, new.len());
+                }
+                slots.insert(*vip, new);
+            }
+            (Some(wanted), None) => {
+                // Whatever a partial earlier state left goes first.
                 let _ = writeln!(s, "add chain ip shoal {c}");
                 let _ = writeln!(s, "flush chain ip shoal {c}");
-                s.push_str(&dnat(*vip, backends));
-                let _ = writeln!(s, "add element ip shoal vips {{ {vip} : goto {c} }}");
+                let _ = writeln!(s, "delete chain ip shoal {c}");
+                let _ = writeln!(
+                    s,
+                    "add map ip shoal {m} {{ typeof numgen inc mod 1 : ip daddr; }}"
+                );
+                let _ = writeln!(s, "delete map ip shoal {m}");
+                let b: Vec<Ipv4Addr> = wanted.iter().copied().collect();
+                add_vip(&mut s, *vip, &b);
+                slots.insert(*vip, b);
             }
-            None => {
+            (None, _) => {
                 let _ = writeln!(s, "delete element ip shoal vips {{ {vip} }}");
                 let _ = writeln!(s, "flush chain ip shoal {c}");
                 let _ = writeln!(s, "delete chain ip shoal {c}");
+                let _ = writeln!(s, "delete map ip shoal {m}");
+                slots.remove(vip);
             }
         }
     }
     s
 }
 
-fn ipv4s(v: &Value, out: &mut Vec<Ipv4Addr>) {
-    match v {
-        Value::String(s) => {
-            if let Ok(ip) = s.parse() {
-                out.push(ip);
-            }
-        }
-        Value::Array(a) => a.iter().for_each(|x| ipv4s(x, out)),
-        Value::Object(o) => o.values().for_each(|x| ipv4s(x, out)),
-        _ => {}
-    }
-}
-
-/// Reads `nft -j list table ip shoal` back into VIP → backends. Entries
-/// whose chain is missing or empty are left out (so they are rewritten);
-/// `None` when the table is not in the expected shape.
+/// Reads `nft -j list table ip shoal` back: each VIP's backends in slot
+/// order. VIPs whose chain or map is missing, empty or inconsistent are left
+/// out (so they are rewritten); `None` when the table is not in the
+/// expected shape.
 pub fn parse(json: &str) -> Option<BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>> {
     let v: Value = serde_json::from_str(json).ok()?;
     let items = v.get("nftables")?.as_array()?;
     let mut vips: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
-    let mut chains: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
+    let mut maps: BTreeMap<String, BTreeMap<u64, Ipv4Addr>> = BTreeMap::new();
+    let mut modulus: BTreeMap<String, u64> = BTreeMap::new();
     let mut hooked = false;
     for item in items {
-        if let Some(m) = item.get("map")
-            && m.get("name").and_then(Value::as_str) == Some("vips")
-        {
-            for e in m
-                .get("elem")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                let vip = e
-                    .get(0)
-                    .and_then(Value::as_str)
-                    .and_then(|s| s.parse().ok());
-                let target = e
-                    .get(1)
-                    .and_then(|g| g.get("goto"))
-                    .and_then(|g| g.get("target"))
-                    .and_then(Value::as_str);
-                if let (Some(vip), Some(t)) = (vip, target) {
-                    vips.insert(vip, t.to_owned());
+        if let Some(m) = item.get("map") {
+            let name = m.get("name").and_then(Value::as_str).unwrap_or_default();
+            let elems = m.get("elem").and_then(Value::as_array).cloned().unwrap_or_default();
+            if name == "vips" {
+                for e in elems {
+                    let vip = e.get(0).and_then(Value::as_str).and_then(|s| s.parse().ok());
+                    let target = e
+                        .get(1)
+                        .and_then(|g| g.get("goto"))
+                        .and_then(|g| g.get("target"))
+                        .and_then(Value::as_str);
+                    if let (Some(vip), Some(t)) = (vip, target) {
+                        vips.insert(vip, t.to_owned());
+                    }
+                }
+            } else if name.starts_with("be_") {
+                let slots = maps.entry(name.to_owned()).or_default();
+                for e in elems {
+                    let k = e.get(0).and_then(Value::as_u64);
+                    let a = e.get(1).and_then(Value::as_str).and_then(|s| s.parse().ok());
+                    if let (Some(k), Some(a)) = (k, a) {
+                        slots.insert(k, a);
+                    }
                 }
             }
         }
@@ -140,9 +205,12 @@ pub fn parse(json: &str) -> Option<BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>> {
             if chain == "out" {
                 hooked = true;
             } else if chain.starts_with("svc_") {
-                let mut ips = Vec::new();
-                ipv4s(r.get("expr").unwrap_or(&Value::Null), &mut ips);
-                chains.entry(chain.to_owned()).or_default().extend(ips);
+                let m = r
+                    .pointer("/expr/0/dnat/addr/map/key/numgen/mod")
+                    .and_then(Value::as_u64);
+                if let Some(m) = m {
+                    modulus.insert(chain.to_owned(), m);
+                }
             }
         }
     }
@@ -152,8 +220,11 @@ pub fn parse(json: &str) -> Option<BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>> {
     Some(
         vips.into_iter()
             .filter_map(|(vip, c)| {
-                let b = chains.get(&c)?.clone();
-                (!b.is_empty() && c == chain(vip)).then_some((vip, b))
+                let slots = maps.get(&backend_map(vip))?;
+                let n = *modulus.get(&c)?;
+                // Slots 0…n-1, all present, nothing beyond.
+                let b: Vec<Ipv4Addr> = (0..n).map(|i| slots.get(&i).copied()).collect::<Option<_>>()?;
+                (c == chain(vip) && !b.is_empty() && slots.len() as u64 == n).then_some((vip, b))
             })
             .collect(),
     )
@@ -227,39 +298,49 @@ pub fn nat_seen(json: &str) -> Option<String> {
 mod tests {
     use super::*;
 
+    fn b(n: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 0, 0, n)
+    }
+
     #[test]
-    fn scripts_rewrite_only_what_changed() {
-        let vip = Ipv4Addr::new(10, 0, 0, 2);
-        let b = |n: u8| Ipv4Addr::new(10, 0, 0, n);
-        let lb = BTreeMap::from([(vip, vec![b(3), b(4)])]);
-        let full = script(&lb, &BTreeSet::new(), true);
+    fn a_change_writes_only_the_slots_that_change() {
+        let vip = b(2);
+        let mut slots = BTreeMap::new();
+        let lb = BTreeMap::from([(vip, BTreeSet::from([b(3), b(4), b(5)]))]);
+        let full = script(&lb, &BTreeSet::new(), true, &mut slots);
         assert!(full.contains("delete table ip shoal"));
-        assert!(full.contains("numgen inc mod 2 map { 0 : 10.0.0.3, 1 : 10.0.0.4 }"));
-        let other = Ipv4Addr::new(10, 0, 0, 9);
-        let lb2 = BTreeMap::from([(vip, vec![b(3), b(4)]), (other, vec![b(5)])]);
-        let small = script(&lb2, &BTreeSet::from([other]), false);
-        assert!(
-            !small.contains("10.0.0.3") && small.contains("svc_10_0_0_9"),
-            "{small}"
-        );
-        assert!(!small.contains("delete table"));
-        let gone = script(&lb, &BTreeSet::from([other]), false);
-        assert!(
-            gone.contains("delete chain ip shoal svc_10_0_0_9"),
-            "{gone}"
-        );
+        assert!(full.contains("add element ip shoal be_10_0_0_2 { 0 : 10.0.0.3, 1 : 10.0.0.4, 2 : 10.0.0.5 }"), "{full}");
+        assert_eq!(slots[&vip], vec![b(3), b(4), b(5)]);
+        // 10.0.0.3 goes: the last slot moves into its place.
+        let lb = BTreeMap::from([(vip, BTreeSet::from([b(4), b(5)]))]);
+        let small = script(&lb, &BTreeSet::from([vip]), false, &mut slots);
+        assert_eq!(slots[&vip], vec![b(5), b(4)]);
+        assert!(small.contains("add element ip shoal be_10_0_0_2 { 0 : 10.0.0.5 }"), "{small}");
+        assert!(small.contains("delete element ip shoal be_10_0_0_2 { 2 }"), "{small}");
+        assert!(small.contains("numgen inc mod 2"), "{small}");
+        assert!(!small.contains("10.0.0.4"), "an unchanged slot is not written: {small}");
+        // A new VIP alongside.
+        let other = b(9);
+        let mut lb2 = lb.clone();
+        lb2.insert(other, BTreeSet::from([b(6)]));
+        let add = script(&lb2, &BTreeSet::from([other]), false, &mut slots);
+        assert!(add.contains("add chain ip shoal svc_10_0_0_9") && !add.contains("delete table"));
+        let gone = script(&lb, &BTreeSet::from([other]), false, &mut slots);
+        assert!(gone.contains("delete map ip shoal be_10_0_0_9"), "{gone}");
     }
 
     #[test]
     fn listings_parse_back_and_broken_ones_do_not() {
-        let json = r#"{"nftables": [{"map": {"name": "vips", "elem": [["10.0.0.2", {"goto": {"target": "svc_10_0_0_2"}}]]}},
+        let json = r#"{"nftables": [
+          {"map": {"name": "vips", "elem": [["10.0.0.2", {"goto": {"target": "svc_10_0_0_2"}}]]}},
+          {"map": {"name": "be_10_0_0_2", "elem": [[0, "10.0.0.3"], [1, "10.0.0.4"]]}},
           {"rule": {"chain": "out", "expr": []}},
-          {"rule": {"chain": "svc_10_0_0_2", "expr": [{"dnat": {"addr": {"map": {"key": {"numgen": {"mode": "inc", "mod": 2}}, "data": {"set": [[0, "10.0.0.3"], [1, "10.0.0.4"]]}}}}}]}}]}"#;
+          {"rule": {"chain": "svc_10_0_0_2", "expr": [{"dnat": {"addr": {"map": {"key": {"numgen": {"mode": "inc", "mod": 2, "offset": 0}}, "data": "@be_10_0_0_2"}}}}]}}]}"#;
         let lb = parse(json).unwrap();
-        assert_eq!(
-            lb[&Ipv4Addr::new(10, 0, 0, 2)],
-            vec![Ipv4Addr::new(10, 0, 0, 3), Ipv4Addr::new(10, 0, 0, 4)]
-        );
+        assert_eq!(lb[&b(2)], vec![b(3), b(4)]);
+        // A modulus that does not match the map: left out, to be rewritten.
+        let broken = json.replace("\"mod\": 2", "\"mod\": 3");
+        assert!(parse(&broken).unwrap().is_empty());
         assert_eq!(parse("{}"), None);
         assert_eq!(parse("not json"), None);
     }

@@ -4,6 +4,8 @@
 //! as a pair, deleting a namespace deletes its links and their veth peers.
 //! Tests use it as the kernel when not root, and to tamper with state.
 
+use std::collections::BTreeSet;
+
 use crate::model::{HOST, Kernel, LinkKind, Netns, Op};
 use crate::{Backend, DpError};
 
@@ -205,7 +207,7 @@ impl Recording {
             }
             Op::EnableForwarding(ns) => self.ns_mut(ns, op)?.forwarding = true,
             Op::SetLb { ns, lb, .. } => {
-                if lb.values().any(Vec::is_empty) {
+                if lb.values().any(BTreeSet::is_empty) {
                     return Err(fail(op, "a VIP without backends"));
                 }
                 self.ns_mut(ns, op)?.lb.clone_from(lb);

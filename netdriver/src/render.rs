@@ -159,7 +159,7 @@ pub fn render(plan: &NodePlan, names: &Names, vxlan_port: u16) -> Kernel {
                 continue;
             };
             for lb in net.lbs.iter().filter(|l| !l.backends.is_empty()) {
-                ns.lb.insert(lb.vip, lb.backends.clone());
+                ns.lb.insert(lb.vip, lb.backends.iter().copied().collect());
             }
         }
         k.namespaces.insert(task_ns, ns);
