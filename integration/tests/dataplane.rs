@@ -241,6 +241,25 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
         }
     }
 
+    // Egress: a task reaches beyond its network (here another host's
+    // address, through its own host's gateway bridge); one on an
+    // `--internal` network does not.
+    c.shoal_ok(0, &["network", "create", "--internal", "sealed"])
+        .unwrap();
+    let args = echo_service("inside", 1, &["--network", "sealed"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.shoal_ok(0, &args).unwrap();
+    let inside = running(&c, 0, "inside")[0].clone();
+    let outside = format!("{}:8081", c.hosts[1].ip);
+    let v = c
+        .wait_until_value(CONVERGE, || get_from(&c, &tasks[0], &outside))
+        .unwrap();
+    assert_eq!(v["task"], "api.1", "{v}");
+    assert!(
+        get_from(&c, &inside, &outside).is_err(),
+        "an internal task got out"
+    );
+
     // A host dies (daemon, tasks, link): within the failure-detection time
     // the VIP stops sending anything to its task.
     let victim = tasks.iter().position(|t| host_of(&c, t) == 2).unwrap();

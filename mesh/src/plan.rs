@@ -139,6 +139,9 @@ pub struct SandboxPlan {
     /// What its embedded DNS (127.0.0.11) answers, name → addresses
     /// (lowercase, no trailing dot), from the networks it is on.
     pub dns: BTreeMap<String, Vec<Ipv4Addr>>,
+    /// Whether it reaches beyond its networks (through the node's gateway
+    /// bridge): unless every network it is on is `--internal`.
+    pub egress: bool,
 }
 
 /// One port published through the routing mesh, as the ingress namespace
@@ -286,6 +289,13 @@ pub fn plan(input: &PlanInput<'_>) -> NodePlan {
             });
         }
         let dns = dns_records(input, &endpoints);
+        let egress = endpoints.is_empty()
+            || endpoints.iter().any(|e| {
+                state
+                    .networks
+                    .get(&e.network)
+                    .is_some_and(|n| !n.spec.internal)
+            });
         out.sandboxes.insert(
             t.id.clone(),
             SandboxPlan {
@@ -293,6 +303,7 @@ pub fn plan(input: &PlanInput<'_>) -> NodePlan {
                 name: state.task_name(t),
                 endpoints,
                 dns,
+                egress,
             },
         );
     }

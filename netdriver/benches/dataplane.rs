@@ -174,7 +174,10 @@ async fn latency() {
                 s.push_str("add chain ip bench svc\nadd rule ip bench svc dnat to 127.0.0.1\n");
                 let elems: Vec<String> = (0..n).map(|i| format!("{} : goto svc", vip(i))).collect();
                 for chunk in elems.chunks(1_000) {
-                    s.push_str(&format!("add element ip bench vips {{ {} }}\n", chunk.join(", ")));
+                    s.push_str(&format!(
+                        "add element ip bench vips {{ {} }}\n",
+                        chunk.join(", ")
+                    ));
                 }
             }
             nft(&ns.0, &s);
@@ -194,11 +197,15 @@ async fn dns_bench() {
     let records: dns::Records = (0..1_000)
         .map(|i| (format!("svc{i}"), vec![backend(i)]))
         .collect();
-    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let addr = sock.local_addr().expect("addr");
     let (_tx, rx) = tokio::sync::watch::channel(Arc::new(records));
     tokio::spawn(dns::serve_udp(sock, rx, Arc::new(Vec::new())));
-    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     client.connect(addr).await.expect("connect");
     let query = |i: u16| {
         use hickory_proto::op::{Message, MessageType, OpCode, Query};

@@ -37,6 +37,7 @@ fn sandbox(task: &str, last: u8) -> SandboxPlan {
             gateway: ip(1),
         }],
         dns: BTreeMap::new(),
+        egress: true,
     }
 }
 
@@ -98,7 +99,8 @@ async fn step<B: Backend>(
     names: &Names,
     when: &str,
 ) -> Result<Vec<Op>, String> {
-    let wanted = render(plan, names, VXLAN_PORT);
+    let gateway = "172.31.0.0/16".parse().ok();
+    let wanted = render(plan, names, VXLAN_PORT, gateway);
     let ops = reconcile(b, &wanted, &names.prefix)
         .await
         .map_err(|e| format!("{when}: {e}"))?;
@@ -130,6 +132,16 @@ pub async fn run<B: Backend>(b: &mut B, names: &Names) -> Result<(), String> {
     let net = &seen.namespaces[&names.network("0123456789abcdef")];
     if net.fdb.len() != 2 || net.neigh.len() != 2 {
         return Err(format!("expected 2 FDB and 2 neighbour entries: {net:#?}"));
+    }
+    // Egress: a leg into the host's gateway bridge, isolated from the
+    // other tasks', and a default route through it.
+    let gw = &seen.namespaces[&names.task(t1)].links["gw0"];
+    let port = &seen.namespaces[HOST].links[&crate::render::gateway_port(t1)];
+    if gw.addrs.is_empty() || !port.isolated || port.master.as_deref() != Some("shoalgw0") {
+        return Err(format!("egress leg not as planned: {gw:#?} {port:#?}"));
+    }
+    if seen.namespaces[&names.task(t1)].routes.len() != 1 || !seen.namespaces[HOST].forwarding {
+        return Err("no default route or no forwarding".into());
     }
     let eth = &seen.namespaces[&names.task(t1)].links["eth0"];
     if !eth.addrs.contains(&(ip(2), 24)) || eth.mac != Some(mac_for(ip(2))) || !eth.up {
@@ -199,6 +211,7 @@ pub async fn run<B: Backend>(b: &mut B, names: &Names) -> Result<(), String> {
             master: None,
             addrs: BTreeSet::new(),
             up: false,
+            isolated: false,
         },
     };
     for op in [Op::AddNetns(stale_ns.clone()), stale_link] {

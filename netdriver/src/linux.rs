@@ -20,7 +20,8 @@ use nix::sched::CloneFlags;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{
-    InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVxlan, LinkAttribute, LinkFlags,
+    LinkInfo, LinkMessage,
 };
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
@@ -300,6 +301,7 @@ impl Linux {
                 master: None,
                 addrs: BTreeSet::new(),
                 up: m.header.flags.contains(LinkFlags::Up),
+                isolated: false,
             };
             let mut vxlan = (0, Ipv4Addr::UNSPECIFIED, 0);
             for a in &m.attributes {
@@ -326,6 +328,11 @@ impl Linux {
                                         },
                                         k => LinkKind::Other(format!("{k:?}")),
                                     }
+                                }
+                                LinkInfo::PortData(InfoPortData::BridgePort(v)) => {
+                                    link.isolated = v
+                                        .iter()
+                                        .any(|x| matches!(x, InfoBridgePort::Isolated(true)));
                                 }
                                 LinkInfo::Data(InfoData::Vxlan(v)) => {
                                     for x in v {
@@ -680,6 +687,16 @@ impl Linux {
             .execute()
             .await
             .map_err(|e| other("set link", e))?;
+        if link.master.is_some() {
+            let port = rtnetlink::LinkBridgePort::new(seen.index)
+                .isolated(link.isolated)
+                .build();
+            h.link()
+                .set_port(port)
+                .execute()
+                .await
+                .map_err(|e| other("set bridge port", e))?;
+        }
         for (ip, len) in link.addrs.difference(&seen.link.addrs) {
             h.address()
                 .add(seen.index, IpAddr::V4(*ip), *len)

@@ -64,6 +64,8 @@ pub struct Link {
     pub addrs: BTreeSet<(Ipv4Addr, u8)>,
     /// Administratively up.
     pub up: bool,
+    /// As a bridge port: isolated from the bridge's other isolated ports.
+    pub isolated: bool,
 }
 
 impl Link {
@@ -75,6 +77,7 @@ impl Link {
             || self.master != wanted.master
             || self.addrs != wanted.addrs
             || self.up != wanted.up
+            || (wanted.master.is_some() && self.isolated != wanted.isolated)
     }
 }
 
@@ -112,7 +115,7 @@ pub struct Route {
 }
 
 /// Port forwarding (nftables table `ip shoal-nat`): the routing mesh.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Nat {
     /// (`tcp`|`udp`, port) → (addresses, port): DNAT of connections to this
     /// namespace's own addresses on that port, round robin.
@@ -121,12 +124,17 @@ pub struct Nat {
     pub local: bool,
     /// SNAT of what leaves through link `.0` to address `.1`.
     pub snat: Option<(String, Ipv4Addr)>,
+    /// Masquerade what comes from subnet `.0/.1` and leaves other than
+    /// through link `.2` (egress of the gateway bridge).
+    pub masquerade: Option<(Ipv4Addr, u8, String)>,
 }
 
 impl Nat {
     /// Rules in the table (for checking what is there).
     pub fn rules(&self) -> usize {
-        self.dnat.len() * if self.local { 2 } else { 1 } + usize::from(self.snat.is_some())
+        self.dnat.len() * if self.local { 2 } else { 1 }
+            + usize::from(self.snat.is_some())
+            + usize::from(self.masquerade.is_some())
     }
 
     /// A short fingerprint of the whole configuration (FNV-1a), kept in the

@@ -55,7 +55,11 @@ fn add_vip(s: &mut String, vip: Ipv4Addr, backends: &[Ipv4Addr]) {
     );
     let _ = writeln!(s, "add chain ip shoal {c}");
     rule(s, vip, backends.len());
-    elements(s, &m, &backends.iter().copied().enumerate().collect::<Vec<_>>());
+    elements(
+        s,
+        &m,
+        &backends.iter().copied().enumerate().collect::<Vec<_>>(),
+    );
     let _ = writeln!(s, "add element ip shoal vips {{ {vip} : goto {c} }}");
 }
 
@@ -176,10 +180,17 @@ pub fn parse(json: &str) -> Option<BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>> {
     for item in items {
         if let Some(m) = item.get("map") {
             let name = m.get("name").and_then(Value::as_str).unwrap_or_default();
-            let elems = m.get("elem").and_then(Value::as_array).cloned().unwrap_or_default();
+            let elems = m
+                .get("elem")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
             if name == "vips" {
                 for e in elems {
-                    let vip = e.get(0).and_then(Value::as_str).and_then(|s| s.parse().ok());
+                    let vip = e
+                        .get(0)
+                        .and_then(Value::as_str)
+                        .and_then(|s| s.parse().ok());
                     let target = e
                         .get(1)
                         .and_then(|g| g.get("goto"))
@@ -193,7 +204,10 @@ pub fn parse(json: &str) -> Option<BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>> {
                 let slots = maps.entry(name.to_owned()).or_default();
                 for e in elems {
                     let k = e.get(0).and_then(Value::as_u64);
-                    let a = e.get(1).and_then(Value::as_str).and_then(|s| s.parse().ok());
+                    let a = e
+                        .get(1)
+                        .and_then(Value::as_str)
+                        .and_then(|s| s.parse().ok());
                     if let (Some(k), Some(a)) = (k, a) {
                         slots.insert(k, a);
                     }
@@ -223,7 +237,9 @@ pub fn parse(json: &str) -> Option<BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>> {
                 let slots = maps.get(&backend_map(vip))?;
                 let n = *modulus.get(&c)?;
                 // Slots 0…n-1, all present, nothing beyond.
-                let b: Vec<Ipv4Addr> = (0..n).map(|i| slots.get(&i).copied()).collect::<Option<_>>()?;
+                let b: Vec<Ipv4Addr> = (0..n)
+                    .map(|i| slots.get(&i).copied())
+                    .collect::<Option<_>>()?;
                 (c == chain(vip) && !b.is_empty() && slots.len() as u64 == n).then_some((vip, b))
             })
             .collect(),
@@ -270,6 +286,12 @@ pub fn nat_script(nat: Option<&crate::model::Nat>) -> String {
             "add rule ip shoal-nat post oifname \"{dev}\" snat to {addr}"
         );
     }
+    if let Some((net, len, dev)) = &nat.masquerade {
+        let _ = writeln!(
+            s,
+            "add rule ip shoal-nat post ip saddr {net}/{len} oifname != \"{dev}\" masquerade"
+        );
+    }
     s
 }
 
@@ -309,16 +331,30 @@ mod tests {
         let lb = BTreeMap::from([(vip, BTreeSet::from([b(3), b(4), b(5)]))]);
         let full = script(&lb, &BTreeSet::new(), true, &mut slots);
         assert!(full.contains("delete table ip shoal"));
-        assert!(full.contains("add element ip shoal be_10_0_0_2 { 0 : 10.0.0.3, 1 : 10.0.0.4, 2 : 10.0.0.5 }"), "{full}");
+        assert!(
+            full.contains(
+                "add element ip shoal be_10_0_0_2 { 0 : 10.0.0.3, 1 : 10.0.0.4, 2 : 10.0.0.5 }"
+            ),
+            "{full}"
+        );
         assert_eq!(slots[&vip], vec![b(3), b(4), b(5)]);
         // 10.0.0.3 goes: the last slot moves into its place.
         let lb = BTreeMap::from([(vip, BTreeSet::from([b(4), b(5)]))]);
         let small = script(&lb, &BTreeSet::from([vip]), false, &mut slots);
         assert_eq!(slots[&vip], vec![b(5), b(4)]);
-        assert!(small.contains("add element ip shoal be_10_0_0_2 { 0 : 10.0.0.5 }"), "{small}");
-        assert!(small.contains("delete element ip shoal be_10_0_0_2 { 2 }"), "{small}");
+        assert!(
+            small.contains("add element ip shoal be_10_0_0_2 { 0 : 10.0.0.5 }"),
+            "{small}"
+        );
+        assert!(
+            small.contains("delete element ip shoal be_10_0_0_2 { 2 }"),
+            "{small}"
+        );
         assert!(small.contains("numgen inc mod 2"), "{small}");
-        assert!(!small.contains("10.0.0.4"), "an unchanged slot is not written: {small}");
+        assert!(
+            !small.contains("10.0.0.4"),
+            "an unchanged slot is not written: {small}"
+        );
         // A new VIP alongside.
         let other = b(9);
         let mut lb2 = lb.clone();

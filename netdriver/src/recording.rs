@@ -153,6 +153,7 @@ impl Recording {
                 l.master.clone_from(&link.master);
                 l.addrs.clone_from(&link.addrs);
                 l.up = link.up;
+                l.isolated = link.isolated && link.master.is_some();
             }
             Op::AddFdb(ns, f) => {
                 let n = self.ns_mut(ns, op)?;

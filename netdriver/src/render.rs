@@ -8,8 +8,9 @@
 //!     FDB:   MAC → remote VTEP     neighbours: IP → MAC   (from gossip)
 //! ```
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
+use shoal_mesh::cidr::Ipv4Net;
 use shoal_mesh::network::Driver;
 use shoal_mesh::plan::NodePlan;
 
@@ -59,8 +60,50 @@ pub fn bridge_port(task: &str) -> String {
     format!("v{}", &task[..task.len().min(11)])
 }
 
-/// The kernel objects for `plan`.
-pub fn render(plan: &NodePlan, names: &Names, vxlan_port: u16) -> Kernel {
+/// The host's gateway bridge, for tasks' egress.
+pub const GATEWAY_BRIDGE: &str = "shoalgw0";
+
+/// The host-side name of task `task`'s gateway veth (≤ 15 characters).
+pub fn gateway_port(task: &str) -> String {
+    format!("shoalg{}", &task[..task.len().min(9)])
+}
+
+/// Each egress sandbox's address on the gateway subnet: from a hash of its
+/// task ID, probing past addresses taken by tasks sorted before it, so that
+/// a task keeps its address while it runs (unless one that collided with it
+/// goes).
+pub fn gateway_addrs(plan: &NodePlan, subnet: Ipv4Net) -> BTreeMap<String, Ipv4Addr> {
+    let size = subnet.size();
+    let mut out = BTreeMap::new();
+    if size < 8 {
+        return out;
+    }
+    let mut taken = BTreeSet::new();
+    for sb in plan.sandboxes.values().filter(|s| s.egress) {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in sb.task.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        // Host numbers 2 … size-2 (1 is the bridge, the last is broadcast).
+        let span = size - 3;
+        for k in 0..span {
+            let n = 2 + (h + k) % span;
+            if taken.insert(n) {
+                if let Some(ip) = subnet.nth(n) {
+                    out.insert(sb.task.clone(), ip);
+                }
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// The kernel objects for `plan`: with `gateway`, tasks that are not only
+/// on internal networks also get a veth into the host's gateway bridge on
+/// that subnet, a default route through it, and masquerade out of the host.
+pub fn render(plan: &NodePlan, names: &Names, vxlan_port: u16, gateway: Option<Ipv4Net>) -> Kernel {
     let mut k = Kernel::default();
     for net in plan.networks.values() {
         if !matches!(net.driver, Driver::Overlay | Driver::Bridge) {
@@ -76,6 +119,7 @@ pub fn render(plan: &NodePlan, names: &Names, vxlan_port: u16) -> Kernel {
                 master: None,
                 addrs: BTreeSet::from([(net.gateway, net.subnet.prefix_len())]),
                 up: true,
+                isolated: false,
             },
         );
         if let (Driver::Overlay, Some(vni)) = (net.driver, net.vni) {
@@ -92,6 +136,7 @@ pub fn render(plan: &NodePlan, names: &Names, vxlan_port: u16) -> Kernel {
                     master: Some("br0".into()),
                     addrs: BTreeSet::new(),
                     up: true,
+                    isolated: false,
                 },
             );
             for r in &net.remotes {
@@ -135,6 +180,7 @@ pub fn render(plan: &NodePlan, names: &Names, vxlan_port: u16) -> Kernel {
                         master: Some("br0".into()),
                         addrs: BTreeSet::new(),
                         up: true,
+                        isolated: false,
                     },
                 );
             }
@@ -150,6 +196,7 @@ pub fn render(plan: &NodePlan, names: &Names, vxlan_port: u16) -> Kernel {
                     master: None,
                     addrs: BTreeSet::from([(ep.ip, ep.prefix)]),
                     up: true,
+                    isolated: false,
                 },
             );
         }
@@ -164,10 +211,80 @@ pub fn render(plan: &NodePlan, names: &Names, vxlan_port: u16) -> Kernel {
         }
         k.namespaces.insert(task_ns, ns);
     }
+    if let Some(gw) = gateway {
+        render_gateway(&mut k, plan, names, gw);
+    }
     if let Some(ig) = &plan.ingress {
         render_ingress(&mut k, plan, ig, names);
     }
     k
+}
+
+/// The gateway bridge on the host (isolated ports: tasks reach the host and
+/// beyond through it, not each other) and each egress task's leg into it.
+fn render_gateway(k: &mut Kernel, plan: &NodePlan, names: &Names, subnet: Ipv4Net) {
+    let addrs = gateway_addrs(plan, subnet);
+    if addrs.is_empty() {
+        return;
+    }
+    let Some(gw) = subnet.nth(1) else { return };
+    let len = subnet.prefix_len();
+    let host = k.namespaces.entry(HOST.into()).or_default();
+    host.links.insert(
+        GATEWAY_BRIDGE.into(),
+        Link {
+            kind: LinkKind::Bridge,
+            mtu: 1500,
+            mac: None,
+            master: None,
+            addrs: BTreeSet::from([(gw, len)]),
+            up: true,
+            isolated: false,
+        },
+    );
+    host.forwarding = true;
+    host.nat.get_or_insert_with(Nat::default).masquerade =
+        Some((subnet.network(), len, GATEWAY_BRIDGE.into()));
+    for (task, ip) in &addrs {
+        let task_ns = names.task(task);
+        let port = gateway_port(task);
+        k.namespaces.entry(HOST.into()).or_default().links.insert(
+            port.clone(),
+            Link {
+                kind: LinkKind::Veth {
+                    peer: "gw0".into(),
+                    peer_ns: task_ns.clone(),
+                },
+                mtu: 1500,
+                mac: None,
+                master: Some(GATEWAY_BRIDGE.into()),
+                addrs: BTreeSet::new(),
+                up: true,
+                isolated: true,
+            },
+        );
+        let ns = k.namespaces.entry(task_ns).or_default();
+        ns.links.insert(
+            "gw0".into(),
+            Link {
+                kind: LinkKind::Veth {
+                    peer: port,
+                    peer_ns: HOST.into(),
+                },
+                mtu: 1500,
+                mac: None,
+                master: None,
+                addrs: BTreeSet::from([(*ip, len)]),
+                up: true,
+                isolated: false,
+            },
+        );
+        ns.routes.insert(Route {
+            dst: (Ipv4Addr::UNSPECIFIED, 0),
+            via: Some(gw),
+            dev: "gw0".into(),
+        });
+    }
 }
 
 /// The routing mesh: the host DNATs published ports to its ingress
@@ -207,6 +324,7 @@ fn render_ingress(
         master: None,
         addrs: BTreeSet::from([(addr, 30)]),
         up: true,
+        isolated: false,
     };
     ns.links
         .insert("gw0".into(), veth(INGRESS_HOST_LINK, HOST, INGRESS_NS_ADDR));
@@ -230,6 +348,7 @@ fn render_ingress(
             .collect(),
         local: false,
         snat: Some(("br0".into(), ig.addr)),
+        masquerade: None,
     });
     let host = k.namespaces.entry(HOST.into()).or_default();
     host.links.insert(
@@ -237,18 +356,17 @@ fn render_ingress(
         veth("gw0", &ns_name, INGRESS_HOST_ADDR),
     );
     host.forwarding = true;
-    host.nat = Some(Nat {
-        dnat: ig
-            .ports
-            .iter()
-            .map(|p| {
-                (
-                    (proto(p.protocol), p.published),
-                    (vec![INGRESS_NS_ADDR], p.published),
-                )
-            })
-            .collect(),
-        local: true,
-        snat: None,
-    });
+    host.nat.get_or_insert_with(Nat::default).dnat = ig
+        .ports
+        .iter()
+        .map(|p| {
+            (
+                (proto(p.protocol), p.published),
+                (vec![INGRESS_NS_ADDR], p.published),
+            )
+        })
+        .collect();
+    if let Some(nat) = host.nat.as_mut() {
+        nat.local = true;
+    }
 }

@@ -43,7 +43,8 @@ async fn the_linux_backend_passes_the_suite_in_a_fresh_namespace() {
         return;
     }
     let pid = std::process::id();
-    let host = format!("shoal-conf{pid}-host");
+    // Not under the node's prefix, or the reconciler would own it.
+    let host = format!("shoal-host{pid}");
     let node = format!("conf{pid}");
     let names = Names::for_node(&node);
     let _cleanup = Cleanup(vec![host.clone(), names.prefix.clone()]);

@@ -52,6 +52,9 @@ pub struct DataplaneConfig {
     /// The underlay's MTU, if not the MTU of the interface holding the
     /// advertise address.
     pub underlay_mtu: Option<u32>,
+    /// The host-local subnet of the gateway bridge tasks reach beyond
+    /// their networks through (masqueraded); must not be used elsewhere.
+    pub gateway_subnet: String,
 }
 
 impl Default for DataplaneConfig {
@@ -61,6 +64,7 @@ impl Default for DataplaneConfig {
             netns_prefix: None,
             data_path_port: 4789,
             underlay_mtu: None,
+            gateway_subnet: "172.31.0.0/16".into(),
         }
     }
 }
@@ -208,6 +212,9 @@ pub enum ConfigError {
         "invalid gossip timing: need 0 < probe_rtt_ms < probe_period_ms, and suspect_to_down_ms, gossip_interval_ms, sync_interval_ms > 0"
     )]
     GossipTiming,
+    /// A gateway subnet that is not a CIDR.
+    #[error("invalid gateway_subnet `{0}`: use a CIDR such as 172.31.0.0/16")]
+    GatewaySubnet(String),
     /// A namespace prefix Shoal may not use.
     #[error(
         "invalid netns_prefix `{0}`: it must start with `shoal` and hold only letters, digits and `-`"
@@ -251,6 +258,16 @@ impl DaemonConfig {
             && !(p.starts_with("shoal") && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
         {
             return Err(ConfigError::NetnsPrefix(p.clone()));
+        }
+        if self
+            .dataplane
+            .gateway_subnet
+            .parse::<shoal_mesh::cidr::Ipv4Net>()
+            .is_err()
+        {
+            return Err(ConfigError::GatewaySubnet(
+                self.dataplane.gateway_subnet.clone(),
+            ));
         }
         let g = &self.gossip;
         if !(0 < g.probe_rtt_ms

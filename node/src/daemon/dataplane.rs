@@ -187,6 +187,7 @@ pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
     let gossip_changed = m.gossip.changed.clone();
     drop(m);
     let mut backend = Linux::new(None);
+    let gateway = cfg.gateway_subnet.parse().ok();
     let mut last: Option<NodePlan> = None;
     let mut last_full = Instant::now();
     let mut published: BTreeMap<(String, String), EndpointRecord> = BTreeMap::new();
@@ -257,7 +258,7 @@ pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
             endpoints: &endpoints,
         });
         if last.as_ref() != Some(&p) || last_full.elapsed() > FULL_EVERY {
-            let wanted = render(&p, &names, cfg.data_path_port);
+            let wanted = render(&p, &names, cfg.data_path_port, gateway);
             match reconcile(&mut backend, &wanted, &names.prefix).await {
                 Ok(ops) => {
                     if !ops.is_empty() {
