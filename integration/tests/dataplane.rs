@@ -241,6 +241,104 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
         }
     }
 
+    // UDP through the mesh, to a task that answers datagrams.
+    let bin_s = bin.as_str();
+    c.shoal_ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--name",
+            "udp",
+            "--network",
+            "appnet",
+            "-p",
+            "8082:80/udp",
+            "--",
+            bin_s,
+            "tool",
+            "http-echo",
+            "--port",
+            "80",
+            "--udp",
+        ],
+    )
+    .unwrap();
+    for on in 0..3 {
+        let addr = format!("{}:8082", c.hosts[on].ip);
+        let v: Value = c
+            .wait_until_value(CONVERGE, || {
+                let r = c.in_host(
+                    2,
+                    bin_s,
+                    &["tool", "udp-send", "--timeout", "2", &addr, "ping"],
+                );
+                anyhow::ensure!(r.ok(), "{addr}/udp: {}", r.stderr.trim());
+                Ok(serde_json::from_str(&r.stdout)?)
+            })
+            .unwrap();
+        assert_eq!(
+            (v["task"].as_str(), v["echo"].as_str()),
+            (Some("udp.1"), Some("ping")),
+            "{v}"
+        );
+    }
+
+    // mode=host publishing: the port answers on the host that runs the task
+    // (straight to it), and nowhere else.
+    c.shoal_ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--name",
+            "pinned",
+            "--network",
+            "appnet",
+            "--publish",
+            "mode=host,published=8090,target=80",
+            "--",
+            bin_s,
+            "tool",
+            "http-echo",
+            "--port",
+            "80",
+        ],
+    )
+    .unwrap();
+    let pinned = running(&c, 0, "pinned")[0].clone();
+    let home = host_of(&c, &pinned);
+    let url = format!("http://{}:8090/", c.hosts[home].ip);
+    let v: Value = c
+        .wait_until_value(CONVERGE, || {
+            let r = c.in_host(
+                (home + 1) % 3,
+                bin_s,
+                &["tool", "http-get", "--timeout", "2", &url],
+            );
+            anyhow::ensure!(r.ok(), "{url}: {}", r.stderr.trim());
+            Ok(serde_json::from_str(&r.stdout)?)
+        })
+        .unwrap();
+    assert_eq!(v["task"], "pinned.1", "{v}");
+    let elsewhere = format!("http://{}:8090/", c.hosts[(home + 1) % 3].ip);
+    let r = c.in_host(
+        home,
+        bin_s,
+        &["tool", "http-get", "--timeout", "2", &elsewhere],
+    );
+    assert!(
+        !r.ok(),
+        "mode=host answered on a host without the task: {r:?}"
+    );
+
+    // A subnet on the hosts' own underlay is refused, naming the route.
+    c.assert_refused(
+        0,
+        &["network", "create", "--subnet", "10.210.0.0/25", "clash"],
+        "overlaps this node's route 10.210.0.0/24 dev eth0",
+    );
+
     // Egress: a task reaches beyond its network (here another host's
     // address, through its own host's gateway bridge); one on an
     // `--internal` network does not.

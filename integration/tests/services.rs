@@ -236,6 +236,23 @@ fn services_that_cannot_run_say_why() {
     for (args, message) in refused {
         c.assert_refused(0, args, message);
     }
+    // A port another program holds on this node.
+    let holder = std::net::TcpListener::bind(("0.0.0.0", 0)).unwrap();
+    let port = holder.local_addr().unwrap().port();
+    c.assert_refused(
+        0,
+        &[
+            "service",
+            "create",
+            "--name",
+            "taken",
+            "-p",
+            &format!("{port}:80"),
+            "--",
+            "true",
+        ],
+        "already in use on this node",
+    );
 }
 
 #[test]

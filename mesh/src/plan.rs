@@ -83,6 +83,8 @@ pub struct PublishPlan {
     /// Where it goes: the service's VIP on `ingress` (ingress mode) or its
     /// local tasks' addresses (host mode).
     pub backends: Vec<Ipv4Addr>,
+    /// Host mode: the local tasks (by ID) it goes to.
+    pub tasks: Vec<String>,
 }
 
 /// A network as it should be on this node.
@@ -412,7 +414,22 @@ pub fn plan(input: &PlanInput<'_>) -> NodePlan {
             if p.mode == PublishMode::Host && backends.is_empty() {
                 continue;
             }
+            let tasks = match p.mode {
+                PublishMode::Ingress => Vec::new(),
+                PublishMode::Host => out
+                    .sandboxes
+                    .values()
+                    .filter(|sb| {
+                        state
+                            .tasks
+                            .get(&sb.task)
+                            .is_some_and(|t| t.service_id == s.id)
+                    })
+                    .map(|sb| sb.task.clone())
+                    .collect(),
+            };
             out.published.push(PublishPlan {
+                tasks,
                 service: s.spec.name.clone(),
                 protocol: p.protocol,
                 published: p.published,

@@ -183,6 +183,41 @@ pub async fn probe_driver(driver: &str) -> Result<(), DpError> {
     tried
 }
 
+/// This namespace's IPv4 routes that are not Shoal's and not the default
+/// one: (destination, prefix length, device).
+pub async fn host_routes() -> Result<Vec<(Ipv4Addr, u8, String)>, DpError> {
+    let mut b = Linux::new(None);
+    let links = b.links(HOST).await?;
+    let names: HashMap<u32, String> = links.iter().map(|(n, s)| (s.index, n.clone())).collect();
+    let h = b.handle(HOST).await?;
+    let mut out = Vec::new();
+    let mut s = h
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
+    while let Some(r) = s.try_next().await.map_err(|e| other("dump routes", e))? {
+        let len = r.header.destination_prefix_length;
+        if len == 0 || r.header.table != 254 {
+            continue;
+        }
+        let mut dst = None;
+        let mut dev = String::new();
+        for a in &r.attributes {
+            match a {
+                RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = Some(*d),
+                RouteAttribute::Oif(i) => dev = names.get(i).cloned().unwrap_or_default(),
+                _ => {}
+            }
+        }
+        if let Some(d) = dst
+            && !dev.starts_with("shoal")
+        {
+            out.push((d, len, dev));
+        }
+    }
+    Ok(out)
+}
+
 /// Whether this namespace has a link named `name`.
 pub async fn link_exists(name: &str) -> bool {
     Linux::new(None).index(HOST, name).await.is_ok()

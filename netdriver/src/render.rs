@@ -213,11 +213,40 @@ pub fn render(plan: &NodePlan, names: &Names, vxlan_port: u16, gateway: Option<I
     }
     if let Some(gw) = gateway {
         render_gateway(&mut k, plan, names, gw);
+        render_host_ports(&mut k, plan, gw);
     }
     if let Some(ig) = &plan.ingress {
         render_ingress(&mut k, plan, ig, names);
     }
     k
+}
+
+/// `--publish mode=host`: the port on this host goes straight to the local
+/// tasks of the service, through their gateway legs.
+fn render_host_ports(k: &mut Kernel, plan: &NodePlan, subnet: Ipv4Net) {
+    let addrs = gateway_addrs(plan, subnet);
+    for p in plan
+        .published
+        .iter()
+        .filter(|p| p.mode == shoal_mesh::service::PublishMode::Host)
+    {
+        let to: Vec<Ipv4Addr> = p
+            .tasks
+            .iter()
+            .filter_map(|t| addrs.get(t).copied())
+            .collect();
+        if to.is_empty() {
+            continue;
+        }
+        let host = k.namespaces.entry(HOST.into()).or_default();
+        let nat = host.nat.get_or_insert_with(Nat::default);
+        nat.local = true;
+        nat.dnat.insert(
+            (p.protocol.as_str().to_owned(), p.published),
+            (to, p.target),
+        );
+        host.forwarding = true;
+    }
 }
 
 /// The gateway bridge on the host (isolated ports: tasks reach the host and
@@ -356,17 +385,12 @@ fn render_ingress(
         veth("gw0", &ns_name, INGRESS_HOST_ADDR),
     );
     host.forwarding = true;
-    host.nat.get_or_insert_with(Nat::default).dnat = ig
-        .ports
-        .iter()
-        .map(|p| {
-            (
-                (proto(p.protocol), p.published),
-                (vec![INGRESS_NS_ADDR], p.published),
-            )
-        })
-        .collect();
-    if let Some(nat) = host.nat.as_mut() {
-        nat.local = true;
-    }
+    let nat = host.nat.get_or_insert_with(Nat::default);
+    nat.local = true;
+    nat.dnat.extend(ig.ports.iter().map(|p| {
+        (
+            (proto(p.protocol), p.published),
+            (vec![INGRESS_NS_ADDR], p.published),
+        )
+    }));
 }

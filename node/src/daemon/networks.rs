@@ -152,11 +152,38 @@ async fn check_driver(spec: &NetworkSpec) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Refuses a subnet that overlaps a route of this node (its underlay, a
+/// VPN…): tasks on it could not reach that part of the world, and its
+/// traffic could leak onto it.
+async fn check_host_routes(spec: &NetworkSpec) -> anyhow::Result<()> {
+    if spec.subnets.is_empty() || !super::executor::is_root() {
+        return Ok(());
+    }
+    let Ok(routes) = shoal_netdriver::linux::host_routes().await else {
+        return Ok(());
+    };
+    for want in &spec.subnets {
+        for (dst, len, dev) in &routes {
+            let Some(route) = Ipv4Net::new(*dst, *len) else {
+                continue;
+            };
+            if route.overlaps(&want.subnet) {
+                bail!(
+                    "subnet {} overlaps this node's route {route} dev {dev}: choose another --subnet",
+                    want.subnet
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `network create`.
 pub async fn create(d: &Daemon, args: CreateArgs) -> anyhow::Result<Reply> {
     let m = member(d).await?;
     let spec = parse_spec(args)?;
     check_driver(&spec).await?;
+    check_host_routes(&spec).await?;
     let id = shoal_mesh::ids::to_hex(&rand::random::<[u8; 8]>());
     let name = spec.name.clone();
     m.propose(Command::CreateNetwork {

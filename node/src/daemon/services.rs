@@ -220,6 +220,26 @@ fn parse_spec(state: &ClusterState, a: CreateArgs) -> anyhow::Result<ServiceSpec
     })
 }
 
+/// Refuses published ports another program already uses on this node
+/// (the published ports of services are forwarded, not bound, so they do
+/// not count).
+fn check_ports_free(ports: &[PortSpec]) -> anyhow::Result<()> {
+    for p in ports {
+        let Some(port) = p.published else { continue };
+        let taken = match p.protocol {
+            Protocol::Tcp => std::net::TcpListener::bind(("0.0.0.0", port)).err(),
+            Protocol::Udp => std::net::UdpSocket::bind(("0.0.0.0", port)).err(),
+        };
+        if taken.is_some_and(|e| e.kind() == std::io::ErrorKind::AddrInUse) {
+            bail!(
+                "port {port}/{} is already in use on this node by another program: publish another port",
+                p.protocol.as_str()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Whether a published port matches a `--publish-rm` argument: its target
 /// (`80`, `80/udp`) or published and target (`8080:80`).
 fn port_matches(p: &PortSpec, text: &str) -> anyhow::Result<bool> {
@@ -441,6 +461,7 @@ pub async fn create(d: &Daemon, args: CreateArgs) -> anyhow::Result<Reply> {
     })
     .await;
     let spec = parse_spec(&m.state.state(), args)?;
+    check_ports_free(&spec.ports)?;
     let id = shoal_mesh::ids::to_hex(&rand::random::<[u8; 8]>());
     m.propose(Command::CreateService {
         id: id.clone(),
@@ -480,6 +501,13 @@ pub async fn update(d: &Daemon, u: ServiceUpdate) -> anyhow::Result<Reply> {
     let state = m.state.state();
     let s = resolve(&state, &u.service)?;
     let spec = updated_spec(&state, &s.spec, &u)?;
+    let added: Vec<PortSpec> = spec
+        .ports
+        .iter()
+        .filter(|p| !s.spec.ports.contains(p))
+        .cloned()
+        .collect();
+    check_ports_free(&added)?;
     let id = s.id.clone();
     let before = s.updated_at_ms;
     let now = now_ms().max(before + 1);
