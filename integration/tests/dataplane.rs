@@ -380,6 +380,44 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
         "the VIP dropped the dead host's task within {:?}",
         killed.elapsed()
     );
+    // DNS too: `tasks.web` no longer names it.
+    let dead_ip = tasks[victim]["addresses"]["appnet"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    c.wait_until("DNS to drop the dead task", Duration::from_secs(10), |c| {
+        let ips = resolve(c, &from, "tasks.web");
+        Ok(ips.len() == 2 && !ips.contains(&dead_ip))
+    })
+    .unwrap();
+    eprintln!("DNS dropped it within {:?}", killed.elapsed());
+    // The routing mesh keeps answering on the live hosts (once its task is
+    // rescheduled, if it ran on the dead one).
+    for on in 0..2 {
+        let url = format!("http://{}:8081/", c.hosts[on].ip);
+        c.wait_until_value(Duration::from_secs(30), || {
+            let r = c.in_host(1, &bin, &["tool", "http-get", "--timeout", "2", &url]);
+            anyhow::ensure!(r.ok(), "{url}: {}", r.stderr.trim());
+            Ok(())
+        })
+        .unwrap();
+    }
+    // The dead host's task is replaced after the grace period, and the
+    // replacement serves through the VIP.
+    let mut served = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while served.len() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no replacement served: {served:?}"
+        );
+        if let Ok(v) = get_from(&c, &from, &vip) {
+            let who = v["addresses"][0].as_str().unwrap_or_default().to_owned();
+            assert_ne!(who, dead_ip, "the dead task answered");
+            served.insert(who);
+        }
+    }
+    eprintln!("a replacement served {:?} after the kill", killed.elapsed());
 
     // The hosts' own namespaces hold no task addresses: only the overlay does.
     let r = c.in_host(0, "ip", &["-o", "-4", "addr"]);
