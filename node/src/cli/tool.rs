@@ -39,6 +39,20 @@ pub enum ToolCmd {
         /// http://HOST:PORT/PATH (HOST an IP address or name).
         url: String,
     },
+    /// Accept TCP connections and read them to the end (a throughput sink).
+    TcpSink {
+        /// TCP port to listen on.
+        #[arg(long)]
+        port: u16,
+    },
+    /// Send as fast as possible to a TCP sink for a while; print the rate.
+    TcpBlast {
+        /// How long, in seconds.
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+        /// HOST:PORT of the sink.
+        addr: String,
+    },
     /// Send one UDP datagram and print the answer.
     UdpSend {
         /// Give up after this many seconds.
@@ -197,9 +211,44 @@ async fn udp_send(addr: &str, message: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
+async fn tcp_sink(port: u16) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(("0.0.0.0", port))
+        .await
+        .with_context(|| format!("cannot listen on port {port}/tcp"))?;
+    loop {
+        let (mut stream, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 256 * 1024];
+            while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {}
+        });
+    }
+}
+
+async fn tcp_blast(addr: &str, seconds: u64) -> anyhow::Result<()> {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    let buf = vec![0u8; 256 * 1024];
+    let started = std::time::Instant::now();
+    let mut sent: u64 = 0;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        stream.write_all(&buf).await?;
+        sent += buf.len() as u64;
+    }
+    stream.shutdown().await?;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({"bytes": sent, "seconds": secs, "mbit_s": sent as f64 * 8.0 / secs / 1e6})
+    );
+    Ok(())
+}
+
 impl ToolCmd {
     pub async fn exec(self) -> anyhow::Result<()> {
         match self {
+            ToolCmd::TcpSink { port } => tcp_sink(port).await,
+            ToolCmd::TcpBlast { seconds, addr } => tcp_blast(&addr, seconds).await,
             ToolCmd::HttpEcho { port, udp, bind } => http_echo(bind, port, udp).await,
             ToolCmd::HttpGet { timeout, url } => {
                 let body = tokio::time::timeout(Duration::from_secs(timeout), http_get(&url))
