@@ -332,6 +332,48 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
         "mode=host answered on a host without the task: {r:?}"
     );
 
+    // macvlan: tasks get an address on the hosts' own LAN (the underlay),
+    // reachable from the other hosts directly.
+    c.shoal_ok(
+        0,
+        &[
+            "network",
+            "create",
+            "-d",
+            "macvlan",
+            "-o",
+            "parent=eth0",
+            "--subnet",
+            "10.210.0.0/24",
+            "--ip-range",
+            "10.210.0.128/25",
+            "--gateway",
+            "10.210.0.254",
+            "lan",
+        ],
+    )
+    .unwrap();
+    let args = echo_service("lanweb", 2, &["--network", "lan"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.shoal_ok(0, &args).unwrap();
+    for t in running(&c, 0, "lanweb") {
+        let ip = t["addresses"]["lan"].as_str().unwrap().to_owned();
+        assert!(
+            ip.starts_with("10.210.0.1") || ip.starts_with("10.210.0.2"),
+            "{ip}"
+        );
+        let other = (host_of(&c, &t) + 1) % 3;
+        let url = format!("http://{ip}/");
+        let v: Value = c
+            .wait_until_value(CONVERGE, || {
+                let r = c.in_host(other, bin_s, &["tool", "http-get", "--timeout", "2", &url]);
+                anyhow::ensure!(r.ok(), "{url}: {}", r.stderr.trim());
+                Ok(serde_json::from_str(&r.stdout)?)
+            })
+            .unwrap();
+        assert_eq!(v["task"], t["name"], "{v}");
+    }
+
     // A subnet on the hosts' own underlay is refused, naming the route.
     c.assert_refused(
         0,

@@ -108,6 +108,8 @@ pub struct NetworkPlan {
     pub internal: bool,
     /// This node's VTEP address.
     pub vtep: Ipv4Addr,
+    /// The parent interface (macvlan).
+    pub parent: Option<String>,
     /// Endpoints on other nodes.
     pub remotes: BTreeSet<Remote>,
     /// VIP load balancing for the services on it.
@@ -383,6 +385,7 @@ pub fn plan(input: &PlanInput<'_>) -> NodePlan {
                 gateway: sub.gateway,
                 mtu,
                 internal: n.spec.internal,
+                parent: n.spec.options.get("parent").cloned(),
                 vtep: input.vtep,
                 remotes,
                 lbs,

@@ -68,6 +68,7 @@ pub fn sample_plan(tasks: &[(&str, u8)], remotes: &[Remote]) -> NodePlan {
             mtu: 1450,
             internal: false,
             vtep: Ipv4Addr::new(192, 0, 2, 1),
+            parent: None,
             remotes: remotes.iter().cloned().collect::<BTreeSet<_>>(),
             lbs: vec![LbPlan {
                 service_id: "svc".into(),

@@ -356,6 +356,9 @@ impl Linux {
                                             peer: String::new(),
                                             peer_ns: String::new(),
                                         },
+                                        InfoKind::MacVlan => LinkKind::Macvlan {
+                                            parent: String::new(),
+                                        },
                                         InfoKind::Vxlan => LinkKind::Vxlan {
                                             vni: 0,
                                             local: Ipv4Addr::UNSPECIFIED,
@@ -689,6 +692,30 @@ impl Linux {
                         let _ = h.link().del(i).execute().await;
                     }
                     return Err(e);
+                }
+                Ok(())
+            }
+            LinkKind::Macvlan { parent } => {
+                use rtnetlink::LinkMacVlan;
+                use rtnetlink::packet_route::link::MacVlanMode;
+                let tmp = if ns == HOST {
+                    name.to_owned()
+                } else {
+                    format!("shoalmv{}", &ns[ns.len().saturating_sub(8)..])
+                };
+                let parent_idx = self.index(HOST, parent).await?;
+                let h = self.handle(HOST).await?;
+                h.link()
+                    .add(LinkMacVlan::new(&tmp, parent_idx, MacVlanMode::Bridge).build())
+                    .execute()
+                    .await
+                    .map_err(|e| other("create macvlan", e))?;
+                if ns != HOST {
+                    let idx = self.index(HOST, &tmp).await?;
+                    if let Err(e) = self.move_link(HOST, idx, ns, name).await {
+                        let _ = h.link().del(idx).execute().await;
+                        return Err(e);
+                    }
                 }
                 Ok(())
             }

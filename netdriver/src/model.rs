@@ -34,6 +34,12 @@ pub enum LinkKind {
         /// The other end's namespace.
         peer_ns: String,
     },
+    /// A macvlan (bridge mode) on host interface `parent`: created in the
+    /// host namespace and moved.
+    Macvlan {
+        /// The parent interface in the host namespace.
+        parent: String,
+    },
     /// Something else (seen, never created).
     Other(String),
 }
@@ -43,7 +49,8 @@ impl LinkKind {
     /// kind `wanted` (a kernel dump does not name a veth's peer).
     pub fn satisfies(&self, wanted: &LinkKind) -> bool {
         match (self, wanted) {
-            (LinkKind::Veth { .. }, LinkKind::Veth { .. }) => true,
+            (LinkKind::Veth { .. }, LinkKind::Veth { .. })
+            | (LinkKind::Macvlan { .. }, LinkKind::Macvlan { .. }) => true,
             (a, b) => a == b,
         }
     }

@@ -161,6 +161,23 @@ pub fn render(plan: &NodePlan, names: &Names, vxlan_port: u16, gateway: Option<I
             let Some(net) = plan.networks.get(&ep.network) else {
                 continue;
             };
+            if let (Driver::Macvlan, Some(parent)) = (net.driver, &net.parent) {
+                ns.links.insert(
+                    format!("eth{i}"),
+                    Link {
+                        kind: LinkKind::Macvlan {
+                            parent: parent.clone(),
+                        },
+                        mtu: net.mtu,
+                        mac: Some(ep.mac),
+                        master: None,
+                        addrs: BTreeSet::from([(ep.ip, ep.prefix)]),
+                        up: true,
+                        isolated: false,
+                    },
+                );
+                continue;
+            }
             if !matches!(net.driver, Driver::Overlay | Driver::Bridge) {
                 continue;
             }

@@ -156,7 +156,9 @@ async fn check_driver(spec: &NetworkSpec) -> anyhow::Result<()> {
 /// VPN…): tasks on it could not reach that part of the world, and its
 /// traffic could leak onto it.
 async fn check_host_routes(spec: &NetworkSpec) -> anyhow::Result<()> {
-    if spec.subnets.is_empty() || !super::executor::is_root() {
+    // A macvlan/ipvlan network is meant to share its parent's LAN.
+    let shares_lan = matches!(spec.driver, Driver::Macvlan | Driver::Ipvlan);
+    if spec.subnets.is_empty() || shares_lan || !super::executor::is_root() {
         return Ok(());
     }
     let Ok(routes) = shoal_netdriver::linux::host_routes().await else {
