@@ -374,6 +374,24 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
         assert_eq!(v["task"], t["name"], "{v}");
     }
 
+    // bridge: a one-host network; two tasks on node1 reach each other.
+    c.shoal_ok(0, &["network", "create", "-d", "bridge", "local"])
+        .unwrap();
+    let args = echo_service(
+        "pair",
+        2,
+        &["--network", "local", "--constraint", "node.hostname==node1"],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.shoal_ok(0, &args).unwrap();
+    let pair = running(&c, 0, "pair");
+    assert_eq!(pair.len(), 2);
+    let ip = pair[1]["addresses"]["local"].as_str().unwrap().to_owned();
+    let v = c
+        .wait_until_value(CONVERGE, || get_from(&c, &pair[0], &ip))
+        .unwrap();
+    assert_eq!(v["task"], pair[1]["name"], "{v}");
+
     // A subnet on the hosts' own underlay is refused, naming the route.
     c.assert_refused(
         0,
