@@ -596,4 +596,15 @@ fn a_daemon_restart_keeps_traffic_flowing_and_adopts_its_kernel_state() {
         !after_restart.contains("data plane programmed"),
         "the restarted daemon changed the kernel: {after_restart}"
     );
+    // Leaving the swarm removes everything the node's data plane made.
+    c.shoal_ok(1, &["swarm", "leave"]).unwrap();
+    assert_eq!(kernel_objects(&c, 1), Default::default());
+    let host_links = c.in_host(1, "ip", &["-o", "link"]);
+    let ours: Vec<&str> = host_links
+        .stdout
+        .lines()
+        .filter_map(|l| l.split(':').nth(1))
+        .filter(|name| name.trim().starts_with("shoal"))
+        .collect();
+    assert!(ours.is_empty(), "{ours:?}");
 }

@@ -683,6 +683,7 @@ async fn leave(d: &Arc<Daemon>, force: bool) -> anyhow::Result<Reply> {
     m.shutdown().await;
     *slot = None;
     super::executor::stop_all(&d.dir.0).await;
+    super::dataplane::teardown(&m.sandboxes).await;
     d.dir.wipe()?;
     let mut reply = Reply::ok(json!({ "left": m.id.to_string() }));
     reply.warnings = warnings;

@@ -455,3 +455,21 @@ pub fn debug_dns(m: &Member, task: &str, name: &str) -> anyhow::Result<serde_jso
         None => json!({"task": sb.name, "name": key, "answer": null, "forwarded": true}),
     })
 }
+
+/// `swarm leave`: removes every kernel object this node's data plane made
+/// (its namespaces, its host links, its forwarding rules).
+pub async fn teardown(sandboxes: &Sandboxes) {
+    let Some(names) = &sandboxes.names else {
+        return;
+    };
+    let mut backend = Linux::new(None);
+    if let Err(e) = reconcile(
+        &mut backend,
+        &shoal_netdriver::model::Kernel::default(),
+        &names.prefix,
+    )
+    .await
+    {
+        tracing::warn!(error = %e, "data plane not fully removed");
+    }
+}
