@@ -355,6 +355,42 @@ mod tests {
         assert!(Message::from_vec(&cut).unwrap().metadata.truncation);
     }
 
+    #[tokio::test]
+    async fn the_server_answers_over_udp_and_tcp() {
+        let (_tx, rx) = watch::channel(Arc::new(records()));
+        let none = Arc::new(Vec::new());
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let udp_addr = udp.local_addr().unwrap();
+        tokio::spawn(serve_udp(udp, rx.clone(), none.clone()));
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp_addr = tcp.local_addr().unwrap();
+        tokio::spawn(serve_tcp(tcp, rx, none));
+        let q = query("tasks.web", RecordType::A);
+        let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.send_to(&q, udp_addr).await.unwrap();
+        let mut buf = vec![0u8; 1500];
+        let (n, _) = client.recv_from(&mut buf).await.unwrap();
+        assert_eq!(Message::from_vec(&buf[..n]).unwrap().answers.len(), 3);
+        // TCP: two queries on one connection, length-prefixed.
+        let mut s = tokio::net::TcpStream::connect(tcp_addr).await.unwrap();
+        for _ in 0..2 {
+            let len = u16::try_from(q.len()).unwrap().to_be_bytes();
+            s.write_all(&len).await.unwrap();
+            s.write_all(&q).await.unwrap();
+            let mut len = [0u8; 2];
+            s.read_exact(&mut len).await.unwrap();
+            let mut reply = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            s.read_exact(&mut reply).await.unwrap();
+            assert_eq!(Message::from_vec(&reply).unwrap().answers.len(), 3);
+        }
+        // A name nobody knows, with no upstream: SERVFAIL.
+        let q = query("example.org", RecordType::A);
+        client.send_to(&q, udp_addr).await.unwrap();
+        let (n, _) = client.recv_from(&mut buf).await.unwrap();
+        let m = Message::from_vec(&buf[..n]).unwrap();
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    }
+
     #[test]
     fn upstreams_come_from_resolv_conf() {
         let ups = upstreams("# x\nnameserver 10.1.1.1\nnameserver 127.0.0.11\nsearch a\n");
