@@ -66,15 +66,34 @@ fn running_tasks(c: &Cluster, i: usize) -> anyhow::Result<Vec<(String, String)>>
         .collect())
 }
 
-/// One HTTP request to each running task of `web`, made inside the task's
-/// sandbox on its node; prints who answered.
+/// From inside each running task of `web`, a request to `http://web/`
+/// (the embedded DNS gives the VIP, which balances over the replicas), then
+/// a request to port 8080 of every live host's address (the routing mesh);
+/// prints who answered.
 fn requests(c: &Cluster, bin: &str) -> anyhow::Result<()> {
     let live = |name: &str| c.hosts.iter().position(|h| h.name == name);
     for (task, node) in running_tasks(c, live_host(c))? {
         let Some(i) = live(&node) else { continue };
-        let url = "http://127.0.0.1:80/";
+        let url = "http://web/";
         let r = c.shoal_ok(i, &["exec", &task, "--", bin, "tool", "http-get", url])?;
         println!("$ shoal exec {task} -- shoal tool http-get {url}    # on {node}");
+        print!("{}", r.stdout);
+    }
+    for (i, h) in c.hosts.iter().enumerate() {
+        if !c.shoal(i, &["info"]).ok() {
+            continue;
+        }
+        let url = format!("http://{}:8080/", h.ip);
+        let from = (i + 1) % c.hosts.len();
+        let r = c.wait_until_value(Duration::from_secs(20), || {
+            let r = c.in_host(from, bin, &["tool", "http-get", "--timeout", "2", &url]);
+            anyhow::ensure!(r.ok(), "{url}: {}", r.stderr.trim());
+            Ok(r)
+        })?;
+        println!(
+            "$ shoal tool http-get {url}    # from {}'s network namespace",
+            c.hosts[from].name
+        );
         print!("{}", r.stdout);
     }
     Ok(())
@@ -87,51 +106,9 @@ fn live_host(c: &Cluster) -> usize {
         .unwrap_or(0)
 }
 
-fn demo() -> anyhow::Result<()> {
-    step("Starting three shoal daemons on loopback addresses (one per simulated host)");
-    let mut c = Cluster::start(3)?;
-    for h in &c.hosts {
-        println!(
-            "    {}: QUIC on {} (UDP), API socket {}",
-            h.name,
-            h.addr(),
-            h.socket.display()
-        );
-    }
-
-    step("node1 creates the swarm");
-    show(&c, 0, &["swarm", "init"])?;
-    let token = c.token(0, "manager")?;
-    for i in 1..3 {
-        step(&format!("{} joins as a manager", c.hosts[i].name));
-        let addr = c.hosts[0].addr();
-        show(&c, i, &["swarm", "join", "--token", &token, &addr])?;
-    }
-    c.wait_until("all nodes ready", Duration::from_secs(20), |c| {
-        all_ready(c, &[0, 1, 2])
-    })?;
-    step("Every node holds the replicated store; any node can list the swarm");
-    show(&c, 2, &["node", "ls"])?;
-
-    let root = is_root();
-    if root {
-        step(
-            "A network and a service of 3 http-echo tasks (one process per task, each in its own network namespace)",
-        );
-        show(&c, 0, &["network", "create", "web"])?;
-        let bin = shoal_integration::shoal_bin()
-            .to_string_lossy()
-            .into_owned();
-        let args = echo_service("web", 3, &["--network", "web", "-p", "8080:80"]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        show(&c, 1, &args)?;
-        show(&c, 0, &["service", "ps", "web"])?;
-        step("A request to each task, from inside its sandbox (`shoal exec`, like `docker exec`)");
-        requests(&c, &bin)?;
-    } else {
-        step("(not root: skipping the service part, which needs network namespaces)");
-    }
-
+/// Without the data plane: each node publishes a VTEP by hand through
+/// gossip, to show the tables.
+fn gossip_vteps(c: &Cluster) -> anyhow::Result<()> {
     step("Each node publishes its tunnel endpoint (VTEP) on network `demo` through gossip");
     for i in 0..3 {
         let id = c.info(i)?["node_id"]
@@ -155,7 +132,69 @@ fn demo() -> anyhow::Result<()> {
         }
         Ok(true)
     })?;
-    show(&c, 2, &["debug", "gossip", "--network", "demo"])?;
+    show(c, 2, &["debug", "gossip", "--network", "demo"])?;
+
+    Ok(())
+}
+
+fn demo() -> anyhow::Result<()> {
+    let root = is_root();
+    let mut c = if root {
+        step(
+            "Three hosts as network namespaces on one underlay bridge (10.210.0.0/24), a shoal daemon in each",
+        );
+        Cluster::start_isolated(3)?
+    } else {
+        step("Not root: three shoal daemons on loopback addresses, without the data plane");
+        Cluster::start(3)?
+    };
+    for h in &c.hosts {
+        println!(
+            "    {}: QUIC on {} (UDP), API socket {}",
+            h.name,
+            h.addr(),
+            h.socket.display()
+        );
+    }
+
+    step("node1 creates the swarm");
+    show(&c, 0, &["swarm", "init"])?;
+    let token = c.token(0, "manager")?;
+    for i in 1..3 {
+        step(&format!("{} joins as a manager", c.hosts[i].name));
+        let addr = c.hosts[0].addr();
+        show(&c, i, &["swarm", "join", "--token", &token, &addr])?;
+    }
+    c.wait_until("all nodes ready", Duration::from_secs(20), |c| {
+        all_ready(c, &[0, 1, 2])
+    })?;
+    step("Every node holds the replicated store; any node can list the swarm");
+    show(&c, 2, &["node", "ls"])?;
+
+    if root {
+        step(
+            "An overlay network and a service of 3 http-echo tasks, published on port 8080 through the routing mesh",
+        );
+        show(&c, 0, &["network", "create", "web"])?;
+        let bin = shoal_integration::shoal_bin()
+            .to_string_lossy()
+            .into_owned();
+        let args = echo_service("web", 3, &["--network", "web", "-p", "8080:80"]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        show(&c, 1, &args)?;
+        show(&c, 0, &["service", "ps", "web"])?;
+        step(
+            "Traffic: by name from inside each task (DNS → VIP → a replica on any host), and port 8080 on every host",
+        );
+        requests(&c, &bin)?;
+        step(
+            "What node1 programmed: FDB entries to the other hosts' VTEPs (from gossip), the VIP's backends",
+        );
+        show(&c, 0, &["debug", "dataplane", "--network", "web"])?;
+    } else {
+        step("(not root: skipping the service part, which needs network namespaces)");
+        gossip_vteps(&c)?;
+    }
 
     let leader = c.leader(0)?.ok_or_else(|| anyhow::anyhow!("no leader"))?;
     let survivor = (0..3).find(|i| *i != leader).unwrap_or(0);
@@ -192,13 +231,15 @@ fn demo() -> anyhow::Result<()> {
         killed.elapsed().as_secs_f64()
     );
     show(&c, survivor, &["node", "ls"])?;
-    c.wait_until(
-        "the dead node's VTEP to leave gossip",
-        Duration::from_secs(20),
-        |c| Ok(visible_vteps(c, survivor)? == 2),
-    )?;
-    println!("    gossip declared {dead} dead and hid its VTEP on every node:");
-    show(&c, survivor, &["debug", "gossip", "--network", "demo"])?;
+    if !root {
+        c.wait_until(
+            "the dead node's VTEP to leave gossip",
+            Duration::from_secs(20),
+            |c| Ok(visible_vteps(c, survivor)? == 2),
+        )?;
+        println!("    gossip declared {dead} dead and hid its VTEP on every node:");
+        show(&c, survivor, &["debug", "gossip", "--network", "demo"])?;
+    }
 
     if root {
         step(&format!(
@@ -246,14 +287,11 @@ fn demo() -> anyhow::Result<()> {
         c.stop(i);
     }
     drop(c);
-    println!("\nDemo complete: a 3-manager swarm formed over QUIC with mutual TLS, ran a 3-task");
-    println!(
-        "http-echo service (each task in its own namespace, answering requests), gossiped each"
-    );
-    println!("node's VTEP, lost its leader, elected a new one, kept accepting writes, dropped the");
-    println!("dead node's VTEP everywhere, moved its task to a live node, and took the old node");
-    println!("back with the full state. Traffic through VIPs and published ports comes with the");
-    println!("data plane (issue 5).");
+    println!("\nDemo complete: a 3-manager swarm formed over QUIC with mutual TLS on three hosts,");
+    println!("ran a 3-task http-echo service on a VXLAN overlay, answered by name through the");
+    println!("embedded DNS and the VIP and on port 8080 of every host, lost its leader, elected a");
+    println!("new one, kept accepting writes, moved the dead host's task to a live host with");
+    println!("traffic flowing, and took the old host back with the full state.");
     Ok(())
 }
 
