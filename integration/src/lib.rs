@@ -12,6 +12,8 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod lab;
+
 use anyhow::{Context, bail};
 use serde_json::Value;
 
@@ -145,9 +147,15 @@ impl Host {
 pub struct Cluster {
     /// The hosts, `node1` first.
     pub hosts: Vec<Host>,
-    dir: tempfile::TempDir,
+    /// Where the hosts' state dirs, sockets and logs live.
+    base: PathBuf,
+    /// A temporary `base`, removed on drop (tests).
+    _tmp: Option<tempfile::TempDir>,
     /// For isolated hosts: the prefix of every namespace of this cluster.
     netns_prefix: Option<String>,
+    /// A lab that outlives this process: nothing is torn down on drop, and
+    /// daemons run in sessions of their own.
+    keep: bool,
 }
 
 /// Runs `ip ARGS…`, failing with its error output.
@@ -174,8 +182,10 @@ impl Cluster {
         let (a, b) = next_prefix();
         let mut cluster = Cluster {
             hosts: Vec::new(),
-            dir,
+            base: dir.path().to_owned(),
+            _tmp: Some(dir),
             netns_prefix: None,
+            keep: false,
         };
         for i in 1..=n {
             cluster.add_host(Ipv4Addr::new(127, a, b, i as u8), &format!("node{i}"), None)?;
@@ -199,11 +209,20 @@ impl Cluster {
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        let mut cluster = Cluster {
+        let cluster = Cluster {
             hosts: Vec::new(),
-            dir,
+            base: dir.path().to_owned(),
+            _tmp: Some(dir),
             netns_prefix: Some(prefix.clone()),
+            keep: false,
         };
+        cluster.build_isolated(n)
+    }
+
+    /// The hosts' namespaces on an underlay, and their daemons.
+    fn build_isolated(self, n: usize) -> anyhow::Result<Self> {
+        let prefix = self.netns_prefix.clone().unwrap_or_default();
+        let mut cluster = self;
         let ul = format!("{prefix}ul");
         ip(&["netns", "add", &ul])?;
         ip(&["-n", &ul, "link", "add", "ul0", "type", "bridge"])?;
@@ -294,7 +313,7 @@ impl Cluster {
     }
 
     fn add_host(&mut self, ip: Ipv4Addr, name: &str, netns: Option<String>) -> anyhow::Result<()> {
-        let base = self.dir.path().join(name);
+        let base = self.base.join(name);
         std::fs::create_dir_all(&base)?;
         self.hosts.push(Host {
             name: name.to_owned(),
@@ -317,9 +336,13 @@ impl Cluster {
             .open(&h.log)?;
         let mut cmd = match &h.netns {
             // Only the network namespace: the daemon's namespaces are then
-            // visible from here, for the harness to clean up.
+            // visible from here, for the harness to clean up. A kept lab's
+            // daemons get sessions of their own, to outlive `shoal-lab`.
             Some(ns) => {
-                let mut c = Command::new("nsenter");
+                let mut c = Command::new(if self.keep { "setsid" } else { "nsenter" });
+                if self.keep {
+                    c.arg("nsenter");
+                }
                 c.arg(format!("--net=/run/netns/{ns}"))
                     .arg(shoal_bin())
                     .arg("daemon")
@@ -345,7 +368,35 @@ impl Cluster {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
-            .spawn()?)
+            .spawn()
+            .inspect(|child| {
+                // For later `shoal-lab` runs (labs outlive this process).
+                let _ = std::fs::write(self.pid_file(i), child.id().to_string());
+            })?)
+    }
+
+    fn pid_file(&self, i: usize) -> PathBuf {
+        self.base.join(&self.hosts[i].name).join("daemon.pid")
+    }
+
+    /// Host `i`'s daemon's process ID from its pid file, if that process
+    /// still runs this host's daemon (for hosts of an attached lab).
+    fn pid_from_file(&self, i: usize) -> Option<u32> {
+        let pid: u32 = std::fs::read_to_string(self.pid_file(i))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let dir = self.hosts[i].state_dir.to_string_lossy().into_owned();
+        String::from_utf8_lossy(&cmdline)
+            .contains(&dir)
+            .then_some(pid)
+    }
+
+    /// Whether host `i`'s daemon runs.
+    pub fn running(&self, i: usize) -> bool {
+        self.hosts[i].child.is_some() || self.pid_from_file(i).is_some()
     }
 
     /// Starts host `i`'s daemon and waits until its API answers.
@@ -403,6 +454,14 @@ impl Cluster {
         if let Some(mut c) = self.hosts[i].child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        } else if let Some(pid) = self.pid_from_file(i) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.pid_from_file(i).is_some() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
 
@@ -419,6 +478,17 @@ impl Cluster {
             }
             let _ = c.kill();
             let _ = c.wait();
+        } else if let Some(pid) = self.pid_from_file(i) {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while self.pid_from_file(i).is_some() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if self.pid_from_file(i).is_some() {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
         }
     }
 
@@ -601,10 +671,13 @@ pub fn kill_processes_under(dir: &Path) {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
         for i in 0..self.hosts.len() {
             self.kill(i);
         }
-        kill_processes_under(self.dir.path());
+        kill_processes_under(&self.base);
         if let Some(prefix) = &self.netns_prefix
             && let Ok(entries) = std::fs::read_dir("/run/netns")
         {

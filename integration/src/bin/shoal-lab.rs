@@ -295,17 +295,175 @@ fn demo() -> anyhow::Result<()> {
     Ok(())
 }
 
+const USAGE: &str = "usage: shoal-lab demo
+       shoal-lab up [--nodes N] [--managers M] [--name LAB]
+       shoal-lab ls [--name LAB]
+       shoal-lab exec [--name LAB] HOST -- CMD [ARG...]
+       shoal-lab kill|stop|start [--name LAB] HOST
+       shoal-lab partition [--name LAB] HOST,HOST... HOST,HOST...
+       shoal-lab heal [--name LAB]
+       shoal-lab down [--name LAB]";
+
+/// `--flag VALUE` out of `args` (removed), or `default`.
+fn flag(args: &mut Vec<String>, name: &str, default: &str) -> String {
+    match args.iter().position(|a| a == name) {
+        Some(i) if i + 1 < args.len() => {
+            let v = args.remove(i + 1);
+            args.remove(i);
+            v
+        }
+        _ => default.to_owned(),
+    }
+}
+
+fn number(text: &str, what: &str) -> anyhow::Result<usize> {
+    text.parse()
+        .map_err(|_| anyhow::anyhow!("invalid {what} `{text}`: use a number"))
+}
+
+fn one_host(c: &Cluster, args: &[String]) -> anyhow::Result<usize> {
+    match args {
+        [h] => c.host_index(h),
+        _ => anyhow::bail!("name one host\n{USAGE}"),
+    }
+}
+
+/// The lab commands other than `demo`.
+fn lab(cmd: &str, mut args: Vec<String>) -> anyhow::Result<std::process::ExitCode> {
+    if !is_root() {
+        anyhow::bail!(
+            "shoal-lab needs root: it creates network namespaces, veths, bridges and nftables rules for its hosts"
+        );
+    }
+    let name = flag(&mut args, "--name", "lab");
+    match cmd {
+        "up" => {
+            let nodes = number(&flag(&mut args, "--nodes", "3"), "--nodes")?;
+            let managers = number(&flag(&mut args, "--managers", "1"), "--managers")?;
+            let c = Cluster::lab_up(&name, nodes, managers)?;
+            println!("lab `{name}`: {nodes} hosts, {managers} manager(s)");
+            for h in &c.hosts {
+                println!(
+                    "  {}: {} (namespace {}), run commands with: shoal-lab exec --name {name} {} -- shoal node ls",
+                    h.name,
+                    h.ip,
+                    h.netns.as_deref().unwrap_or_default(),
+                    h.name
+                );
+            }
+        }
+        "ls" => {
+            let c = Cluster::lab_attach(&name)?;
+            println!("HOST     ADDRESS        DAEMON    NAMESPACE");
+            for (i, h) in c.hosts.iter().enumerate() {
+                println!(
+                    "{:<8} {:<14} {:<9} {}",
+                    h.name,
+                    h.ip.to_string(),
+                    if c.running(i) { "running" } else { "stopped" },
+                    h.netns.as_deref().unwrap_or_default()
+                );
+            }
+        }
+        "exec" => {
+            let c = Cluster::lab_attach(&name)?;
+            let sep = args.iter().position(|a| a == "--");
+            let (host, command) = match sep {
+                Some(i) => (args[..i].to_vec(), args[i + 1..].to_vec()),
+                None => anyhow::bail!("exec needs `-- CMD`\n{USAGE}"),
+            };
+            let i = one_host(&c, &host)?;
+            let Some((program, rest)) = command.split_first() else {
+                anyhow::bail!("exec needs a command after `--`");
+            };
+            let bin_dir = shoal_integration::shoal_bin()
+                .parent()
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let path = format!("{bin_dir}:{}", std::env::var("PATH").unwrap_or_default());
+            let status = std::process::Command::new("nsenter")
+                .arg(format!(
+                    "--net=/run/netns/{}",
+                    c.hosts[i].netns.as_deref().unwrap_or_default()
+                ))
+                .arg(program)
+                .args(rest)
+                .env("SHOAL_SOCKET", &c.hosts[i].socket)
+                .env("PATH", path)
+                .status()?;
+            return Ok(std::process::ExitCode::from(
+                u8::try_from(status.code().unwrap_or(1)).unwrap_or(1),
+            ));
+        }
+        "kill" | "stop" | "start" => {
+            let mut c = Cluster::lab_attach(&name)?;
+            let i = one_host(&c, &args)?;
+            match cmd {
+                "kill" => {
+                    c.kill(i);
+                    shoal_integration::kill_processes_under(&c.hosts[i].state_dir);
+                    println!("{}: daemon and tasks killed", c.hosts[i].name);
+                }
+                "stop" => {
+                    c.stop(i);
+                    println!(
+                        "{}: daemon stopped (its tasks keep running)",
+                        c.hosts[i].name
+                    );
+                }
+                _ => {
+                    if c.running(i) {
+                        anyhow::bail!("{}'s daemon already runs", c.hosts[i].name);
+                    }
+                    c.start_daemon(i)?;
+                    println!("{}: daemon started", c.hosts[i].name);
+                }
+            }
+        }
+        "partition" => {
+            let c = Cluster::lab_attach(&name)?;
+            if args.len() < 2 {
+                anyhow::bail!("partition needs two or more groups, e.g. node1 node2,node3");
+            }
+            let groups = args
+                .iter()
+                .map(|g| {
+                    g.split(',')
+                        .map(|h| c.host_index(h))
+                        .collect::<anyhow::Result<Vec<_>>>()
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            c.partition(&groups)?;
+            println!("partitioned: {}", args.join(" | "));
+        }
+        "heal" => {
+            Cluster::lab_attach(&name)?.heal()?;
+            println!("healed: every host reaches every other");
+        }
+        "down" => {
+            Cluster::lab_down(&name)?;
+            println!("lab `{name}` removed");
+        }
+        _ => anyhow::bail!("{USAGE}"),
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
 fn main() -> std::process::ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("demo") => demo(),
+        Some("demo") => demo().map(|()| std::process::ExitCode::SUCCESS),
+        Some(cmd) if !cmd.starts_with('-') => {
+            let cmd = args.remove(0);
+            lab(&cmd, args)
+        }
         _ => {
-            eprintln!("usage: shoal-lab demo");
+            eprintln!("{USAGE}");
             return std::process::ExitCode::from(2);
         }
     };
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("Error: {e:#}");
             std::process::ExitCode::FAILURE
