@@ -101,3 +101,22 @@ fn a_lab_comes_up_breaks_heals_and_leaves_nothing_behind() {
         String::from_utf8_lossy(&procs.stdout)
     );
 }
+
+#[test]
+fn a_failover_scenario_reports_what_clients_felt() {
+    if !is_root() {
+        eprintln!("skipped: the lab needs root");
+        return;
+    }
+    let (ok, out, err) = lab(&["failover", "--scenario", "kill-worker", "--format", "json"]);
+    assert!(ok, "{out}{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for path in ["vip", "mesh"] {
+        assert!(r[path]["sent"].as_u64().unwrap() > 20, "{r}");
+        assert_eq!(r[path]["failed_after_recovery"], 0, "{r}");
+    }
+    assert!(r["endpoints_gone_s"].as_f64().unwrap() < 10.0, "{r}");
+    assert!(r["replacement_served_s"].as_f64().unwrap() < 30.0, "{r}");
+    let (ok, _, err) = lab(&["failover", "--scenario", "meteor"]);
+    assert!(!ok && err.contains("unknown scenario"), "{err}");
+}

@@ -302,7 +302,8 @@ const USAGE: &str = "usage: shoal-lab demo
        shoal-lab kill|stop|start [--name LAB] HOST
        shoal-lab partition [--name LAB] HOST,HOST... HOST,HOST...
        shoal-lab heal [--name LAB]
-       shoal-lab down [--name LAB]";
+       shoal-lab down [--name LAB]
+       shoal-lab failover --scenario kill-leader|kill-worker|partition-minority|restart-all|rolling-restart [--format json]";
 
 /// `--flag VALUE` out of `args` (removed), or `default`.
 fn flag(args: &mut Vec<String>, name: &str, default: &str) -> String {
@@ -328,12 +329,55 @@ fn one_host(c: &Cluster, args: &[String]) -> anyhow::Result<usize> {
     }
 }
 
+fn print_report(r: &serde_json::Value) {
+    let t = |v: &serde_json::Value| match v.as_f64() {
+        Some(s) => format!("{s:.2} s"),
+        None => "-".into(),
+    };
+    println!(
+        "scenario {} (fault on {}, clients on {})",
+        r["scenario"].as_str().unwrap_or_default(),
+        r["victim"].as_str().unwrap_or_default(),
+        r["observer"].as_str().unwrap_or_default()
+    );
+    println!("  new leader after:              {}", t(&r["new_leader_s"]));
+    println!(
+        "  dead endpoints gone after:     {}",
+        t(&r["endpoints_gone_s"])
+    );
+    println!(
+        "  replacement served after:      {}",
+        t(&r["replacement_served_s"])
+    );
+    for path in ["vip", "mesh"] {
+        let p = &r[path];
+        println!(
+            "  {path:<4} requests: {} sent, {} failed, longest gap {:.2} s, failed after recovery: {}",
+            p["sent"],
+            p["failed"],
+            p["longest_gap_s"].as_f64().unwrap_or(0.0),
+            p["failed_after_recovery"]
+        );
+    }
+}
+
 /// The lab commands other than `demo`.
 fn lab(cmd: &str, mut args: Vec<String>) -> anyhow::Result<std::process::ExitCode> {
     if !is_root() {
         anyhow::bail!(
             "shoal-lab needs root: it creates network namespaces, veths, bridges and nftables rules for its hosts"
         );
+    }
+    if cmd == "failover" {
+        let scenario = flag(&mut args, "--scenario", "kill-leader");
+        let format = flag(&mut args, "--format", "table");
+        let report = shoal_integration::failover::run(&scenario)?;
+        if format == "json" {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            print_report(&report);
+        }
+        return Ok(std::process::ExitCode::SUCCESS);
     }
     let name = flag(&mut args, "--name", "lab");
     match cmd {

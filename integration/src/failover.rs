@@ -1,0 +1,245 @@
+//! `shoal-lab failover`: steady client traffic through a cluster of
+//! namespace hosts while a fault happens, then a report of what clients
+//! felt. Traffic goes by name through the embedded DNS and the VIP (from
+//! inside a task on a host the fault spares) and through the routing mesh
+//! (port 8080 of that host).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use serde_json::{Value, json};
+
+use super::{Cluster, echo_service, shoal_bin};
+
+/// The scenarios.
+pub const SCENARIOS: [&str; 5] = [
+    "kill-leader",
+    "kill-worker",
+    "partition-minority",
+    "restart-all",
+    "rolling-restart",
+];
+
+/// One request's result: when (since the fault), whether it succeeded,
+/// and which task answered.
+#[derive(Clone, Debug)]
+struct Sample {
+    at: f64,
+    ok: bool,
+    task: String,
+}
+
+fn client(
+    argv: Vec<String>,
+    stop: Arc<AtomicBool>,
+    t0: Instant,
+) -> std::thread::JoinHandle<Vec<Sample>> {
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            let r = std::process::Command::new(&argv[0])
+                .args(&argv[1..])
+                .output();
+            let at = t0.elapsed().as_secs_f64();
+            let (ok, task) = match r {
+                Ok(o) if o.status.success() => {
+                    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+                    // Which task answered, by its address (a replacement
+                    // keeps the slot's name but not its address).
+                    let first = v["addresses"][0].as_str().unwrap_or_default().to_owned();
+                    (true, first)
+                }
+                _ => (false, String::new()),
+            };
+            out.push(Sample { at, ok, task });
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        out
+    })
+}
+
+/// What a client path saw, from `fault` (seconds since start) on.
+fn summary(samples: &[Sample], fault: f64, recovered: Option<f64>) -> Value {
+    let sent = samples.len();
+    let failed = samples.iter().filter(|s| !s.ok).count();
+    let mut gap: f64 = 0.0;
+    let mut last_ok = samples.first().map_or(0.0, |s| s.at);
+    for s in samples.iter().filter(|s| s.ok) {
+        gap = gap.max(s.at - last_ok);
+        last_ok = s.at;
+    }
+    let after = recovered.map(|r| samples.iter().filter(|s| s.at > fault + r && !s.ok).count());
+    json!({"sent": sent, "failed": failed, "longest_gap_s": (gap * 100.0).round() / 100.0,
+           "failed_after_recovery": after})
+}
+
+/// Runs `scenario` on a fresh 4-host cluster (3 managers, 1 worker) and
+/// returns the report.
+pub fn run(scenario: &str) -> anyhow::Result<Value> {
+    if !SCENARIOS.contains(&scenario) {
+        bail!(
+            "unknown scenario `{scenario}`: use one of {}",
+            SCENARIOS.join(", ")
+        );
+    }
+    let mut c = Cluster::start_isolated(4)?;
+    c.form(3)?;
+    c.shoal_ok(0, &["network", "create", "appnet"])?;
+    let args = echo_service("web", 4, &["--network", "appnet", "-p", "8080:80"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.shoal_ok(0, &args)?;
+    let leader = c.leader(0)?.unwrap_or(0);
+    let victim = match scenario {
+        "kill-leader" => leader,
+        "kill-worker" | "partition-minority" => 3,
+        _ => (leader + 1) % 3,
+    };
+    // The observer: a manager the fault spares (for whole-cluster faults,
+    // any host: its traffic is what it is).
+    let observer = (0..3).find(|i| *i != victim && *i != leader).unwrap_or(0);
+    let ps = c
+        .shoal_ok(observer, &["service", "ps", "--format", "json", "web"])?
+        .json()?;
+    let tasks: Vec<Value> = ps.as_array().cloned().unwrap_or_default();
+    let obs_name = c.hosts[observer].name.clone();
+    let client_task = tasks
+        .iter()
+        .find(|t| t["node"] == obs_name.as_str() && t["state"] == "running")
+        .and_then(|t| t["name"].as_str())
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow::anyhow!("no task on the observer host"))?;
+    let original: Vec<String> = tasks
+        .iter()
+        .filter_map(|t| t["addresses"]["appnet"].as_str().map(str::to_owned))
+        .collect();
+    let victim_tasks: Vec<String> = tasks
+        .iter()
+        .filter(|t| t["node"] == c.hosts[victim].name.as_str())
+        .filter_map(|t| t["addresses"]["appnet"].as_str().map(str::to_owned))
+        .collect();
+    let bin = shoal_bin().to_string_lossy().into_owned();
+    let stop = Arc::new(AtomicBool::new(false));
+    let t0 = Instant::now();
+    let vip = client(
+        vec![
+            bin.clone(),
+            "--socket".into(),
+            c.hosts[observer].socket.to_string_lossy().into_owned(),
+            "exec".into(),
+            client_task.clone(),
+            "--".into(),
+            bin.clone(),
+            "tool".into(),
+            "http-get".into(),
+            "--timeout".into(),
+            "2".into(),
+            "http://web/".into(),
+        ],
+        stop.clone(),
+        t0,
+    );
+    let mesh = client(
+        vec![
+            "nsenter".into(),
+            format!(
+                "--net=/run/netns/{}",
+                c.hosts[observer].netns.clone().unwrap_or_default()
+            ),
+            bin.clone(),
+            "tool".into(),
+            "http-get".into(),
+            "--timeout".into(),
+            "2".into(),
+            format!("http://{}:8080/", c.hosts[observer].ip),
+        ],
+        stop.clone(),
+        t0,
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let fault = t0.elapsed().as_secs_f64();
+    let since = |t: Instant| (t.elapsed().as_secs_f64() * 100.0).round() / 100.0;
+    let at_fault = Instant::now();
+    let mut new_leader = None;
+    let mut endpoints_gone = None;
+    match scenario {
+        "kill-leader" | "kill-worker" => c.kill_host(victim),
+        "partition-minority" => {
+            let ul = format!("{}ul", c.netns_prefix.clone().unwrap_or_default());
+            super::ip(&[
+                "-n",
+                &ul,
+                "link",
+                "set",
+                &format!("ul{}", victim + 1),
+                "down",
+            ])?;
+        }
+        "restart-all" => {
+            for i in 0..4 {
+                c.stop(i);
+            }
+            for i in 0..4 {
+                c.start_daemon(i)?;
+            }
+        }
+        _ => {
+            for i in 0..4 {
+                c.stop(i);
+                c.start_daemon(i)?;
+                std::thread::sleep(Duration::from_secs(2));
+            }
+        }
+    }
+    // Watch the cluster recover, for up to 30 s.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let leader_may_change =
+            matches!(scenario, "kill-leader" | "restart-all" | "rolling-restart");
+        if leader_may_change
+            && new_leader.is_none()
+            && let Ok(Some(l)) = c.leader(observer)
+            && (scenario != "kill-leader" || l != victim)
+        {
+            new_leader = Some(since(at_fault));
+        }
+        if endpoints_gone.is_none()
+            && !victim_tasks.is_empty()
+            && scenario != "restart-all"
+            && scenario != "rolling-restart"
+        {
+            let dp = c.shoal(observer, &["debug", "dataplane", "--format", "json"]);
+            let gone = dp.ok()
+                && !victim_tasks
+                    .iter()
+                    .any(|ip| dp.stdout.contains(&format!("\"{ip}\"")));
+            if gone {
+                endpoints_gone = Some(since(at_fault));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let vip = vip.join().map_err(|_| anyhow::anyhow!("client thread"))?;
+    let mesh = mesh.join().map_err(|_| anyhow::anyhow!("client thread"))?;
+    let replaced = vip
+        .iter()
+        .find(|s| s.ok && s.at > fault && !s.task.is_empty() && !original.contains(&s.task))
+        .map(|s| ((s.at - fault) * 100.0).round() / 100.0);
+    let recovered = [endpoints_gone, replaced]
+        .into_iter()
+        .flatten()
+        .fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.max(b))));
+    let recovered = recovered.or(new_leader);
+    Ok(json!({
+        "scenario": scenario,
+        "victim": c.hosts[victim].name,
+        "observer": obs_name,
+        "new_leader_s": new_leader,
+        "endpoints_gone_s": endpoints_gone,
+        "replacement_served_s": replaced,
+        "vip": summary(&vip, fault, recovered),
+        "mesh": summary(&mesh, fault, recovered),
+    }))
+}
