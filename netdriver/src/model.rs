@@ -292,6 +292,7 @@ pub fn diff(actual: &Kernel, wanted: &Kernel, prefix: &str) -> Vec<Op> {
     let mut others = Vec::new();
     let mut settings = Vec::new();
     let mut tables = Vec::new();
+    let mut early = Vec::new();
     for name in wanted.namespaces.keys() {
         if name != HOST && !actual.namespaces.contains_key(name) {
             add_ns.push(Op::AddNetns(name.clone()));
@@ -388,12 +389,25 @@ pub fn diff(actual: &Kernel, wanted: &Kernel, prefix: &str) -> Vec<Op> {
             tables.push(Op::EnableForwarding(ns.clone()));
         }
         if ns != HOST && have.lb != want.lb {
-            tables.push(Op::SetLb {
+            let op = Op::SetLb {
                 ns: ns.clone(),
                 lb: want.lb.clone(),
                 changed: lb_changes(&have.lb, &want.lb),
                 fresh: have.lb.is_empty() || want.lb.is_empty(),
-            });
+            };
+            // Backends only leaving: out of the load balancer before their
+            // tunnel entries go, so that no new connection is sent into a
+            // hole; otherwise after the new entries are in.
+            let shrinking = !want.lb.is_empty()
+                && want
+                    .lb
+                    .iter()
+                    .all(|(v, b)| have.lb.get(v).is_some_and(|h| b.is_subset(h)));
+            if shrinking {
+                early.push(op);
+            } else {
+                tables.push(op);
+            }
         }
     }
     // The host's `shoal…` links that are no longer wanted.
@@ -416,6 +430,7 @@ pub fn diff(actual: &Kernel, wanted: &Kernel, prefix: &str) -> Vec<Op> {
         }
     }
     let mut out = add_ns;
+    out.extend(early);
     out.extend(removals);
     out.extend(bridges);
     out.extend(others);
