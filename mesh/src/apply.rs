@@ -237,6 +237,14 @@ pub enum ApplyError {
     /// No task with that ID.
     #[error("no such task: {0}")]
     NoSuchTask(String),
+    /// `AddTask` for a slot that already has an active task.
+    #[error("{slot} already has an active task ({task})")]
+    SlotTaken {
+        /// The service and slot (or node).
+        slot: String,
+        /// The task that holds it.
+        task: String,
+    },
     /// `AddTask` with an ID already present.
     #[error("task {0} already exists")]
     DuplicateTask(String),
@@ -500,6 +508,29 @@ pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyEr
                 .ok_or_else(|| ApplyError::NoSuchService(service_id.clone()))?;
             if state.tasks.contains_key(id) {
                 return Err(ApplyError::DuplicateTask(id.clone()));
+            }
+            // One active task per slot (per node for global services), even
+            // if two orchestrators (an old and a new leader) both fill it.
+            let taken = state.tasks.values().find(|t| {
+                t.service_id == *service_id
+                    && t.is_active()
+                    && match slot {
+                        Some(s) => t.slot == Some(*s),
+                        None => t.slot.is_none() && node.is_some() && t.node == *node,
+                    }
+            });
+            if let Some(t) = taken {
+                return Err(ApplyError::SlotTaken {
+                    slot: format!(
+                        "{} {}",
+                        service.spec.name,
+                        slot.map_or_else(
+                            || format!("on {}", node.map(|n| n.to_string()).unwrap_or_default()),
+                            |s| format!("slot {s}")
+                        )
+                    ),
+                    task: t.id.clone(),
+                });
             }
             if let Some(n) = node
                 && !state.nodes.contains_key(n)

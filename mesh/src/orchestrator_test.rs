@@ -570,3 +570,22 @@ fn an_update_cannot_change_the_mode_or_take_a_used_port() {
     assert_eq!(s, taken, "a refused update changes nothing");
     assert_ne!(s, before);
 }
+
+#[test]
+fn a_second_orchestrator_cannot_fill_a_slot_twice() {
+    let mut s = swarm(2);
+    add_service(&mut s, "web", ServiceMode::Replicated(1), &[]);
+    // Two leaders compute from the same state: both propose a task for slot 1.
+    let a = orchestrate(&s, &|_| true, &mut || "a".into(), 0);
+    let b = orchestrate(&s, &|_| true, &mut || "b".into(), 0);
+    for c in &a {
+        apply(&mut s, c).unwrap();
+    }
+    let before = s.clone();
+    for c in &b {
+        let e = apply(&mut s, c).unwrap_err().to_string();
+        assert!(e.contains("slot 1 already has an active task"), "{e}");
+    }
+    assert_eq!(s, before);
+    assert_eq!(s.tasks.values().filter(|t| t.is_active()).count(), 1);
+}
