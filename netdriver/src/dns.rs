@@ -241,19 +241,16 @@ pub async fn serve_tcp(
 pub fn bind_in(
     netns: &std::path::Path,
 ) -> std::io::Result<(std::net::UdpSocket, std::net::TcpListener)> {
-    let path = netns.to_owned();
-    std::thread::spawn(move || {
-        let f = std::fs::File::open(&path)?;
-        nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+    let io = |e: std::io::Error| crate::DpError::Other(format!("embedded DNS: {e}"));
+    crate::linux::in_netns(Some(netns.to_owned()), move || {
         let addr = SocketAddr::from((ADDRESS, 53));
-        let udp = std::net::UdpSocket::bind(addr)?;
-        let tcp = std::net::TcpListener::bind(addr)?;
-        udp.set_nonblocking(true)?;
-        tcp.set_nonblocking(true)?;
+        let udp = std::net::UdpSocket::bind(addr).map_err(io)?;
+        let tcp = std::net::TcpListener::bind(addr).map_err(io)?;
+        udp.set_nonblocking(true).map_err(io)?;
+        tcp.set_nonblocking(true).map_err(io)?;
         Ok((udp, tcp))
     })
-    .join()
-    .map_err(|_| std::io::Error::other("DNS socket thread panicked"))?
+    .map_err(|e| std::io::Error::other(e.to_string()))
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use nix::mount::{MntFlags, MsFlags};
 use nix::sched::CloneFlags;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::MacVlanMode;
 use rtnetlink::packet_route::link::{
     InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVxlan, LinkAttribute, LinkFlags,
     LinkInfo, LinkMessage,
@@ -27,7 +28,9 @@ use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
-use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder};
+use rtnetlink::{
+    Handle, LinkBridge, LinkMacVlan, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder,
+};
 
 use crate::model::{Fdb, HOST, Kernel, Link, LinkKind, Neigh, Netns, Op};
 use crate::{Backend, DpError};
@@ -64,6 +67,24 @@ fn kernel(op: &Op, e: impl std::fmt::Display) -> DpError {
 
 fn show_ns(ns: &str) -> &str {
     if ns == HOST { "the host namespace" } else { ns }
+}
+
+/// Runs `f` on a thread of its own that first enters the network namespace
+/// at `path` (stays in this one when `None`): sockets it opens and
+/// processes it spawns live there.
+pub fn in_netns<T: Send + 'static>(
+    path: Option<PathBuf>,
+    f: impl FnOnce() -> Result<T, DpError> + Send + 'static,
+) -> Result<T, DpError> {
+    std::thread::spawn(move || {
+        if let Some(p) = path {
+            let file = File::open(&p).map_err(|e| other(&p.display().to_string(), e))?;
+            nix::sched::setns(file, CloneFlags::CLONE_NEWNET).map_err(|e| other("setns", e))?;
+        }
+        f()
+    })
+    .join()
+    .map_err(|_| DpError::Other("namespace thread panicked".into()))?
 }
 
 /// Makes `/run/netns` exist and be a shared mount, as `ip netns add` does,
@@ -294,19 +315,12 @@ impl Linux {
         if let Some(h) = self.handles.get(ns) {
             return Ok(h.clone());
         }
-        let path = self.ns_path(ns);
         let rt = tokio::runtime::Handle::current();
-        let (conn, handle) = std::thread::spawn(move || {
+        let (conn, handle) = in_netns(self.ns_path(ns), move || {
             let _enter = rt.enter();
-            if let Some(p) = path {
-                let f = File::open(&p).map_err(|e| other(&p.display().to_string(), e))?;
-                nix::sched::setns(f, CloneFlags::CLONE_NEWNET).map_err(|e| other("setns", e))?;
-            }
             let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| other("netlink", e))?;
-            Ok::<_, DpError>((conn, handle))
-        })
-        .join()
-        .map_err(|_| DpError::Other("netlink thread panicked".into()))??;
+            Ok((conn, handle))
+        })?;
         tokio::spawn(conn);
         self.handles.insert(ns.to_owned(), handle.clone());
         Ok(handle)
@@ -428,16 +442,11 @@ impl Linux {
     fn nft_run(&self, ns: &str, args: &[&str], input: &str) -> Result<String, DpError> {
         use std::io::Write;
         use std::process::{Command, Stdio};
-        let path = self.ns_path(ns);
         let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
         let input = input.to_owned();
         // Spawned from a thread that entered the namespace: the child is
         // born there (no `nsenter` in between).
-        let out = std::thread::spawn(move || -> Result<std::process::Output, DpError> {
-            if let Some(p) = path {
-                let f = File::open(&p).map_err(|e| other(&p.display().to_string(), e))?;
-                nix::sched::setns(f, CloneFlags::CLONE_NEWNET).map_err(|e| other("setns", e))?;
-            }
+        let out = in_netns(self.ns_path(ns), move || {
             let mut child = Command::new("nft")
                 .args(&args)
                 .stdin(Stdio::piped())
@@ -451,9 +460,7 @@ impl Linux {
                     .map_err(|e| other("nft", e))?;
             }
             child.wait_with_output().map_err(|e| other("nft", e))
-        })
-        .join()
-        .map_err(|_| DpError::Other("nft thread panicked".into()))??;
+        })?;
         if !out.status.success() {
             return Err(DpError::Other(format!(
                 "nft: {}",
@@ -465,33 +472,19 @@ impl Linux {
 
     /// Reads a `/proc/sys` value as seen from namespace `ns`.
     fn read_sysctl(&self, ns: &str, key: &str) -> Option<String> {
-        let path = self.ns_path(ns);
         let key = key.to_owned();
-        std::thread::spawn(move || {
-            if let Some(p) = path {
-                let f = File::open(p).ok()?;
-                nix::sched::setns(f, CloneFlags::CLONE_NEWNET).ok()?;
-            }
-            std::fs::read_to_string(format!("/proc/sys/{key}")).ok()
+        in_netns(self.ns_path(ns), move || {
+            std::fs::read_to_string(format!("/proc/sys/{key}")).map_err(|e| other(&key, e))
         })
-        .join()
         .ok()
-        .flatten()
     }
 
     /// Writes a `/proc/sys` value in namespace `ns`.
     fn write_sysctl(&self, ns: &str, key: &str, value: &str) -> Result<(), DpError> {
-        let path = self.ns_path(ns);
         let (key, value) = (key.to_owned(), value.to_owned());
-        std::thread::spawn(move || {
-            if let Some(p) = path {
-                let f = File::open(p).map_err(|e| other("open namespace", e))?;
-                nix::sched::setns(f, CloneFlags::CLONE_NEWNET).map_err(|e| other("setns", e))?;
-            }
+        in_netns(self.ns_path(ns), move || {
             std::fs::write(format!("/proc/sys/{key}"), value).map_err(|e| other(&key, e))
         })
-        .join()
-        .map_err(|_| DpError::Other("sysctl thread panicked".into()))?
     }
 
     /// Applies an nft script in namespace `ns`, atomically.
@@ -639,6 +632,33 @@ impl Linux {
             .map_err(|e| other(&format!("move link to {}", show_ns(to)), e))
     }
 
+    /// Creates the link `msg` describes in the host namespace (its name from
+    /// [`host_side_name`]) and moves it into `ns` as `name`; nothing is left
+    /// behind if the move fails.
+    async fn add_on_host_and_move(
+        &mut self,
+        ns: &str,
+        name: &str,
+        msg: LinkMessage,
+        what: &str,
+    ) -> Result<(), DpError> {
+        let tmp = host_side_name(ns, name);
+        let h = self.handle(HOST).await?;
+        h.link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(|e| other(&format!("create {what}"), e))?;
+        if ns != HOST {
+            let idx = self.index(HOST, &tmp).await?;
+            if let Err(e) = self.move_link(HOST, idx, ns, name).await {
+                let _ = h.link().del(idx).execute().await;
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     async fn add_link(&mut self, ns: &str, name: &str, link: &Link) -> Result<(), DpError> {
         match &link.kind {
             LinkKind::Bridge => {
@@ -652,31 +672,13 @@ impl Linux {
             LinkKind::Vxlan { vni, local, port } => {
                 // Made in the host namespace, under a temporary `shoal…`
                 // name, so that its socket is on the underlay.
-                let tmp = if ns == HOST {
-                    name.to_owned()
-                } else {
-                    format!("shoalvx{:08x}", vni)
-                };
-                let h = self.handle(HOST).await?;
-                let msg = LinkVxlan::new(&tmp, *vni)
+                let msg = LinkVxlan::new(&host_side_name(ns, name), *vni)
                     .local(*local)
                     .port(*port)
                     .learning(false)
                     .proxy(true)
                     .build();
-                h.link()
-                    .add(msg)
-                    .execute()
-                    .await
-                    .map_err(|e| other("create vxlan", e))?;
-                if ns != HOST {
-                    let idx = self.index(HOST, &tmp).await?;
-                    if let Err(e) = self.move_link(HOST, idx, ns, name).await {
-                        let _ = h.link().del(idx).execute().await;
-                        return Err(e);
-                    }
-                }
-                Ok(())
+                self.add_on_host_and_move(ns, name, msg, "vxlan").await
             }
             LinkKind::Veth { peer, peer_ns } => {
                 let tmp = format!("shoalp{}", &name[..name.len().min(9)]);
@@ -696,28 +698,11 @@ impl Linux {
                 Ok(())
             }
             LinkKind::Macvlan { parent } => {
-                use rtnetlink::LinkMacVlan;
-                use rtnetlink::packet_route::link::MacVlanMode;
-                let tmp = if ns == HOST {
-                    name.to_owned()
-                } else {
-                    format!("shoalmv{}", &ns[ns.len().saturating_sub(8)..])
-                };
                 let parent_idx = self.index(HOST, parent).await?;
-                let h = self.handle(HOST).await?;
-                h.link()
-                    .add(LinkMacVlan::new(&tmp, parent_idx, MacVlanMode::Bridge).build())
-                    .execute()
-                    .await
-                    .map_err(|e| other("create macvlan", e))?;
-                if ns != HOST {
-                    let idx = self.index(HOST, &tmp).await?;
-                    if let Err(e) = self.move_link(HOST, idx, ns, name).await {
-                        let _ = h.link().del(idx).execute().await;
-                        return Err(e);
-                    }
-                }
-                Ok(())
+                let msg =
+                    LinkMacVlan::new(&host_side_name(ns, name), parent_idx, MacVlanMode::Bridge)
+                        .build();
+                self.add_on_host_and_move(ns, name, msg, "macvlan").await
             }
             LinkKind::Other(k) => Err(DpError::Other(format!("cannot create a {k} link"))),
         }
@@ -931,6 +916,21 @@ fn route_message(r: &crate::model::Route, dev: u32) -> RouteMessage {
         b = b.gateway(via);
     }
     b.build()
+}
+
+/// The name a link bound for `ns` has while it is made in the host
+/// namespace: its own name if it stays there, else a `shoal…` one unique
+/// to (namespace, name), at most 15 characters.
+fn host_side_name(ns: &str, name: &str) -> String {
+    if ns == HOST {
+        return name.to_owned();
+    }
+    let mut h: u32 = 0x811c_9dc5;
+    for b in ns.bytes().chain([0]).chain(name.bytes()) {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("shoalt{h:08x}")
 }
 
 fn link_name(m: &LinkMessage) -> Option<String> {

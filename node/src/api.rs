@@ -52,41 +52,56 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
     n.checked_mul(scale).ok_or_else(bad)
 }
 
-/// `service update` (only what is given changes).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// `service update`: only what is given changes (also the CLI's flags).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, clap::Args)]
 pub struct ServiceUpdate {
-    /// Name, ID or ID prefix.
-    pub service: String,
-    /// `--replicas`.
+    /// New number of tasks.
+    #[arg(long)]
     pub replicas: Option<u64>,
-    /// `--env-add K=V`.
+    /// Add or change an environment variable K=V (repeatable).
+    #[arg(long)]
     pub env_add: Vec<String>,
-    /// `--env-rm K`.
+    /// Remove an environment variable (repeatable).
+    #[arg(long)]
     pub env_rm: Vec<String>,
-    /// `--label-add k=v`.
+    /// Add or change a label k=v (repeatable).
+    #[arg(long)]
     pub label_add: Vec<String>,
-    /// `--label-rm k`.
+    /// Remove a label (repeatable).
+    #[arg(long)]
     pub label_rm: Vec<String>,
-    /// `--constraint-add EXPR`.
+    /// Add a placement constraint (repeatable).
+    #[arg(long)]
     pub constraint_add: Vec<String>,
-    /// `--constraint-rm EXPR`.
+    /// Remove a placement constraint (repeatable).
+    #[arg(long)]
     pub constraint_rm: Vec<String>,
-    /// `--publish-add` (as `--publish`).
+    /// Publish another port, as --publish (repeatable).
+    #[arg(long)]
     pub publish_add: Vec<String>,
-    /// `--publish-rm TARGET[/udp]` or `PUBLISHED:TARGET[/udp]`.
+    /// Stop publishing a port: TARGET[/udp] or PUBLISHED:TARGET[/udp] (repeatable).
+    #[arg(long)]
     pub publish_rm: Vec<String>,
-    /// `--network-add` (as `--network`).
+    /// Attach another network, as --network (repeatable).
+    #[arg(long)]
     pub network_add: Vec<String>,
-    /// `--network-rm NET`.
+    /// Detach a network (repeatable).
+    #[arg(long)]
     pub network_rm: Vec<String>,
-    /// `--endpoint-mode`.
+    /// vip or dnsrr.
+    #[arg(long)]
     pub endpoint_mode: Option<String>,
-    /// A new command (empty: unchanged).
-    pub command: Vec<String>,
     /// Replace the tasks even if nothing they run changed.
+    #[arg(long)]
     pub force: bool,
     /// Restart and update settings.
+    #[command(flatten)]
     pub policies: Policies,
+    /// Name, ID or ID prefix.
+    pub service: String,
+    /// A new command, after `--` (empty: unchanged).
+    #[arg(last = true)]
+    pub command: Vec<String>,
 }
 
 /// A request to the daemon.

@@ -55,56 +55,12 @@ pub enum ServiceCmd {
     /// Change a service; tasks are replaced in rolling batches when what
     /// they run changes, and the command waits until the update is done.
     Update {
-        /// New number of tasks.
-        #[arg(long)]
-        replicas: Option<u64>,
-        /// Add or change an environment variable K=V (repeatable).
-        #[arg(long)]
-        env_add: Vec<String>,
-        /// Remove an environment variable (repeatable).
-        #[arg(long)]
-        env_rm: Vec<String>,
-        /// Add or change a label k=v (repeatable).
-        #[arg(long)]
-        label_add: Vec<String>,
-        /// Remove a label (repeatable).
-        #[arg(long)]
-        label_rm: Vec<String>,
-        /// Add a placement constraint (repeatable).
-        #[arg(long)]
-        constraint_add: Vec<String>,
-        /// Remove a placement constraint (repeatable).
-        #[arg(long)]
-        constraint_rm: Vec<String>,
-        /// Publish another port, as --publish (repeatable).
-        #[arg(long)]
-        publish_add: Vec<String>,
-        /// Stop publishing a port: TARGET[/udp] or PUBLISHED:TARGET[/udp] (repeatable).
-        #[arg(long)]
-        publish_rm: Vec<String>,
-        /// Attach another network, as --network (repeatable).
-        #[arg(long)]
-        network_add: Vec<String>,
-        /// Detach a network (repeatable).
-        #[arg(long)]
-        network_rm: Vec<String>,
-        /// vip or dnsrr.
-        #[arg(long)]
-        endpoint_mode: Option<String>,
-        /// Replace the tasks even if nothing they run changed.
-        #[arg(long)]
-        force: bool,
-        /// Restart and update settings.
+        /// What changes.
         #[command(flatten)]
-        policies: Policies,
+        update: ServiceUpdate,
         /// Return at once instead of waiting for the update.
         #[arg(short, long)]
         detach: bool,
-        /// Name, ID or ID prefix.
-        service: String,
-        /// A new command, after `--`.
-        #[arg(last = true)]
-        command: Vec<String>,
     },
     /// List services.
     Ls {
@@ -251,44 +207,9 @@ impl ServiceCmd {
                     converge(client, &name).await?;
                 }
             }
-            ServiceCmd::Update {
-                replicas,
-                env_add,
-                env_rm,
-                label_add,
-                label_rm,
-                constraint_add,
-                constraint_rm,
-                publish_add,
-                publish_rm,
-                network_add,
-                network_rm,
-                endpoint_mode,
-                force,
-                policies,
-                detach,
-                service,
-                command,
-            } => {
+            ServiceCmd::Update { update, detach } => {
                 let v = client
-                    .call(&Request::ServiceUpdate(Box::new(ServiceUpdate {
-                        service,
-                        replicas,
-                        env_add,
-                        env_rm,
-                        label_add,
-                        label_rm,
-                        constraint_add,
-                        constraint_rm,
-                        publish_add,
-                        publish_rm,
-                        network_add,
-                        network_rm,
-                        endpoint_mode,
-                        command,
-                        force,
-                        policies,
-                    })))
+                    .call(&Request::ServiceUpdate(Box::new(update)))
                     .await?;
                 let name = field(&v, "name");
                 println!("{name}");

@@ -438,28 +438,31 @@ fn task_view(state: &ClusterState, t: &Task) -> Value {
     })
 }
 
-/// `service create`.
-pub async fn create(d: &Daemon, args: CreateArgs) -> anyhow::Result<Reply> {
-    let m = member(d).await?;
-    if args.command.is_empty() {
-        bail!("a service needs a command: shoal service create --name NAME -- COMMAND [ARG...]");
-    }
-    // A network created through another node a moment ago may not have
-    // reached this node's copy yet: give it a moment before refusing.
-    let names: Vec<String> = args
-        .networks
+/// A network created through another node a moment ago may not have
+/// reached this node's copy yet: gives the `--network` arguments (NET or
+/// name=NET,…) a moment to resolve before they are refused.
+async fn wait_for_networks(m: &super::member::Member, networks: &[String]) {
+    let names: Vec<&str> = networks
         .iter()
         .map(|n| {
             n.split(',')
                 .find_map(|kv| kv.strip_prefix("name="))
                 .unwrap_or(n)
-                .to_owned()
         })
         .collect();
     m.wait_for(std::time::Duration::from_secs(2), |s| {
         names.iter().all(|n| s.resolve_network(n).is_some())
     })
     .await;
+}
+
+/// `service create`.
+pub async fn create(d: &Daemon, args: CreateArgs) -> anyhow::Result<Reply> {
+    let m = member(d).await?;
+    if args.command.is_empty() {
+        bail!("a service needs a command: shoal service create --name NAME -- COMMAND [ARG...]");
+    }
+    wait_for_networks(&m, &args.networks).await;
     let spec = parse_spec(&m.state.state(), args)?;
     check_ports_free(&spec.ports)?;
     let id = shoal_mesh::ids::to_hex(&rand::random::<[u8; 8]>());
@@ -484,20 +487,7 @@ pub async fn create(d: &Daemon, args: CreateArgs) -> anyhow::Result<Reply> {
 /// `service update`.
 pub async fn update(d: &Daemon, u: ServiceUpdate) -> anyhow::Result<Reply> {
     let m = member(d).await?;
-    let names: Vec<String> = u
-        .network_add
-        .iter()
-        .map(|n| {
-            n.split(',')
-                .find_map(|kv| kv.strip_prefix("name="))
-                .unwrap_or(n)
-                .to_owned()
-        })
-        .collect();
-    m.wait_for(std::time::Duration::from_secs(2), |s| {
-        names.iter().all(|n| s.resolve_network(n).is_some())
-    })
-    .await;
+    wait_for_networks(&m, &u.network_add).await;
     let state = m.state.state();
     let s = resolve(&state, &u.service)?;
     let spec = updated_spec(&state, &s.spec, &u)?;
