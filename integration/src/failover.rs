@@ -104,17 +104,31 @@ pub fn run(scenario: &str) -> anyhow::Result<Value> {
     // The observer: a manager the fault spares (for whole-cluster faults,
     // any host: its traffic is what it is).
     let observer = (0..3).find(|i| *i != victim && *i != leader).unwrap_or(0);
-    let ps = c
-        .shoal_ok(observer, &["service", "ps", "--format", "json", "web"])?
-        .json()?;
-    let tasks: Vec<Value> = ps.as_array().cloned().unwrap_or_default();
     let obs_name = c.hosts[observer].name.clone();
-    let client_task = tasks
-        .iter()
-        .find(|t| t["node"] == obs_name.as_str() && t["state"] == "running")
-        .and_then(|t| t["name"].as_str())
-        .map(str::to_owned)
-        .ok_or_else(|| anyhow::anyhow!("no task on the observer host"))?;
+    // The observer's own view of the service: its store may trail the
+    // leader's by a moment after `service create` returned.
+    let (tasks, client_task) = c.wait_until_value(Duration::from_secs(30), || {
+        let ps = c
+            .shoal_ok(observer, &["service", "ps", "--format", "json", "web"])?
+            .json()?;
+        let tasks: Vec<Value> = ps.as_array().cloned().unwrap_or_default();
+        let name = tasks
+            .iter()
+            .find(|t| t["node"] == obs_name.as_str() && t["state"] == "running")
+            .and_then(|t| t["name"].as_str())
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                let seen: Vec<String> = tasks
+                    .iter()
+                    .map(|t| format!("{} on {} {}", t["name"], t["node"], t["state"]))
+                    .collect();
+                anyhow::anyhow!(
+                    "no running task on the observer host {obs_name}: {}",
+                    seen.join("; ")
+                )
+            })?;
+        Ok((tasks, name))
+    })?;
     let original: Vec<String> = tasks
         .iter()
         .filter_map(|t| t["addresses"]["appnet"].as_str().map(str::to_owned))
