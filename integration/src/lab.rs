@@ -11,6 +11,7 @@ use std::process::Command;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
+use super::spec::LabSpec;
 use super::{Cluster, Host, ip, kill_processes_under};
 
 /// Where labs keep their hosts' state.
@@ -39,15 +40,24 @@ fn prefix(name: &str) -> String {
 }
 
 impl Cluster {
-    /// `shoal-lab up`: `nodes` hosts, the first `managers` of them managers,
-    /// the swarm formed. Refused if a lab of that name exists.
-    pub fn lab_up(name: &str, nodes: usize, managers: usize) -> anyhow::Result<Cluster> {
-        check_name(name)?;
-        if !(1..=250).contains(&nodes) || managers == 0 || managers > nodes {
-            bail!(
-                "need 1 to 250 nodes and 1 to N managers (got {nodes} nodes, {managers} managers)"
-            );
+    /// `shoal-lab up`: the spec's hosts and their daemons, the swarm formed.
+    /// Refused if a lab of that name exists.
+    pub fn lab_up(name: &str, spec: &LabSpec) -> anyhow::Result<Cluster> {
+        let c = Cluster::lab_create(name, spec)?;
+        let roles: Vec<bool> = spec.hosts.iter().map(|h| h.manager).collect();
+        if let Err(e) = c.form_roles(&roles) {
+            let _ = Cluster::lab_down(name);
+            return Err(e);
         }
+        Ok(c)
+    }
+
+    /// The spec's hosts and their daemons, not yet in a swarm, kept under
+    /// the lab's name (for `shoal-lab demo --keep`, which forms the swarm
+    /// step by step). Refused if a lab of that name exists; on failure
+    /// what was made is removed.
+    pub fn lab_create(name: &str, spec: &LabSpec) -> anyhow::Result<Cluster> {
+        check_name(name)?;
         let dir = base(name);
         if dir.exists() {
             bail!(
@@ -63,11 +73,7 @@ impl Cluster {
             netns_prefix: Some(prefix(name)),
             keep: true,
         };
-        let built = cluster.build_isolated(nodes).and_then(|c| {
-            c.form(managers)?;
-            Ok(c)
-        });
-        let c = match built {
+        let c = match cluster.build_isolated(spec) {
             Ok(c) => c,
             Err(e) => {
                 let _ = Cluster::lab_down(name);

@@ -5,6 +5,7 @@
 //! This crate never links Shoal's code: what it checks is what a user of the
 //! binary sees. Processes it starts are killed when the [`Cluster`] drops.
 
+use std::ffi::OsString;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 
 pub mod failover;
 pub mod lab;
+pub mod spec;
 
 use anyhow::{Context, bail};
 use serde_json::Value;
@@ -172,10 +174,6 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The underlay subnet of isolated hosts (inside the cluster's own
-/// namespaces, so the same for every cluster).
-pub const UNDERLAY: [u8; 3] = [10, 210, 0];
-
 impl Cluster {
     /// Starts `n` daemons, none of them in a swarm yet.
     pub fn start(n: usize) -> anyhow::Result<Self> {
@@ -217,45 +215,45 @@ impl Cluster {
             netns_prefix: Some(prefix.clone()),
             keep: false,
         };
-        cluster.build_isolated(n)
+        cluster.build_isolated(&spec::LabSpec::nodes(n, n)?)
     }
 
-    /// The hosts' namespaces on an underlay, and their daemons.
-    fn build_isolated(self, n: usize) -> anyhow::Result<Self> {
+    /// The hosts' namespaces on an underlay, and their daemons (with the
+    /// spec's `[daemon]` settings, if any).
+    fn build_isolated(self, spec: &spec::LabSpec) -> anyhow::Result<Self> {
         let prefix = self.netns_prefix.clone().unwrap_or_default();
         let mut cluster = self;
+        if let Some(text) = spec.daemon_toml()? {
+            std::fs::write(cluster.daemon_config(), text)?;
+        }
         let ul = format!("{prefix}ul");
         ip(&["netns", "add", &ul])?;
         ip(&["-n", &ul, "link", "add", "ul0", "type", "bridge"])?;
         ip(&["-n", &ul, "link", "set", "ul0", "up"])?;
-        for i in 1..=n {
-            let ns = format!("{prefix}h{i}");
+        for (i, h) in spec.hosts.iter().enumerate() {
+            let ns = format!("{prefix}h{}", i + 1);
             ip(&["netns", "add", &ns])?;
-            let port = format!("ul{i}");
+            let port = format!("ul{}", i + 1);
             ip(&[
                 "-n", &ul, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
                 &ns,
             ])?;
             ip(&["-n", &ul, "link", "set", &port, "master", "ul0", "up"])?;
-            let [a, b, c] = UNDERLAY;
-            let addr = Ipv4Addr::new(a, b, c, i as u8);
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{addr}/24"),
-                "dev",
-                "eth0",
-            ])?;
+            let cidr = format!("{}/{}", h.address, spec.underlay.1);
+            ip(&["-n", &ns, "addr", "add", &cidr, "dev", "eth0"])?;
             ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-            cluster.add_host(addr, &format!("node{i}"), Some(ns))?;
+            cluster.add_host(h.address, &h.name, Some(ns))?;
         }
-        for i in 0..n {
+        for i in 0..spec.hosts.len() {
             cluster.start_daemon(i)?;
         }
         Ok(cluster)
+    }
+
+    /// The `--config` file every daemon of this cluster gets, if it exists.
+    fn daemon_config(&self) -> PathBuf {
+        self.base.join("daemon.toml")
     }
 
     /// A host dies: its daemon and every process it started are killed
@@ -366,6 +364,13 @@ impl Cluster {
             .arg(h.addr())
             .arg("--hostname")
             .arg(&h.name)
+            .args(
+                Some(self.daemon_config())
+                    .filter(|p| p.exists())
+                    .map(|p| [OsString::from("--config"), p.into_os_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -563,11 +568,24 @@ impl Cluster {
     /// Forms a swarm: host 0 inits, hosts `1..managers` join as managers,
     /// the rest as workers.
     pub fn form(&self, managers: usize) -> anyhow::Result<()> {
-        self.init(0)?;
-        let mt = self.token(0, "manager")?;
-        let wt = self.token(0, "worker")?;
-        for i in 1..self.hosts.len() {
-            self.join(i, if i < managers { &mt } else { &wt }, 0)?;
+        let roles: Vec<bool> = (0..self.hosts.len()).map(|i| i < managers).collect();
+        self.form_roles(&roles)
+    }
+
+    /// Forms the swarm: the first host with `managers[i]` set creates it,
+    /// the others join as managers or workers.
+    pub fn form_roles(&self, managers: &[bool]) -> anyhow::Result<()> {
+        let first = managers
+            .iter()
+            .position(|m| *m)
+            .ok_or_else(|| anyhow::anyhow!("no manager"))?;
+        self.init(first)?;
+        let mt = self.token(first, "manager")?;
+        let wt = self.token(first, "worker")?;
+        for (i, m) in managers.iter().enumerate() {
+            if i != first {
+                self.join(i, if *m { &mt } else { &wt }, first)?;
+            }
         }
         Ok(())
     }

@@ -22,8 +22,41 @@ fn lab(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// Runs `down` for the lab when dropped (also when a test fails).
+struct Down(String);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        let _ = lab(&["down", "--name", &self.0]);
+    }
+}
+
 fn statuses(name: &str, host: &str) -> String {
     lab(&["exec", "--name", name, host, "--", "shoal", "node", "ls"]).1
+}
+
+/// No namespace, process or state dir of lab `name` remains.
+fn assert_nothing_left(name: &str) {
+    let prefix = format!("shoal-lab-{name}-");
+    let left: Vec<String> = std::fs::read_dir("/run/netns")
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+    assert!(!std::path::Path::new("/run/shoal-lab").join(name).exists());
+    let procs = Command::new("pgrep")
+        .args(["-f", &format!("/run/shoal-lab/{name}/")])
+        .output()
+        .unwrap();
+    assert!(
+        procs.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&procs.stdout)
+    );
 }
 
 #[test]
@@ -35,12 +68,6 @@ fn a_lab_comes_up_breaks_heals_and_leaves_nothing_behind() {
         return;
     }
     let name = format!("t{}", std::process::id() % 100_000);
-    struct Down(String);
-    impl Drop for Down {
-        fn drop(&mut self) {
-            let _ = lab(&["down", "--name", &self.0]);
-        }
-    }
     let _down = Down(name.clone());
     let (ok, out, err) = lab(&["up", "--nodes", "3", "--name", &name]);
     assert!(ok, "{out}{err}");
@@ -80,26 +107,7 @@ fn a_lab_comes_up_breaks_heals_and_leaves_nothing_behind() {
 
     // down: no namespace, process or state dir of the lab remains.
     assert!(lab(&["down", "--name", &name]).0);
-    let prefix = format!("shoal-lab-{name}-");
-    let left: Vec<String> = std::fs::read_dir("/run/netns")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(&prefix))
-                .collect()
-        })
-        .unwrap_or_default();
-    assert!(left.is_empty(), "{left:?}");
-    assert!(!std::path::Path::new("/run/shoal-lab").join(&name).exists());
-    let procs = Command::new("pgrep")
-        .args(["-f", &format!("/run/shoal-lab/{name}/")])
-        .output()
-        .unwrap();
-    assert!(
-        procs.stdout.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&procs.stdout)
-    );
+    assert_nothing_left(&name);
 }
 
 #[test]
@@ -119,4 +127,220 @@ fn a_failover_scenario_reports_what_clients_felt() {
     assert!(r["replacement_served_s"].as_f64().unwrap() < 30.0, "{r}");
     let (ok, _, err) = lab(&["failover", "--scenario", "meteor"]);
     assert!(!ok && err.contains("unknown scenario"), "{err}");
+}
+
+#[test]
+fn a_lab_from_a_definition_has_its_hosts_roles_and_timing() {
+    if !is_root() {
+        eprintln!("skipped: the lab needs root");
+        return;
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let five = root.join("cluster-configs/five-node.toml");
+    let five = five.to_str().unwrap();
+    let name = format!("f{}", std::process::id() % 100_000);
+    let _down = Down(name.clone());
+    let (ok, out, err) = lab(&["up", "--config", five, "--name", &name]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("worker2: 10.211.0.22"), "{out}");
+    let (ok, _, err) = lab(&["up", "--config", five, "--nodes", "2"]);
+    assert!(!ok && err.contains("leave out --nodes"), "{err}");
+
+    // Three managers and two workers, as the file says.
+    let (_, nodes, _) = lab(&[
+        "exec", "--name", &name, "worker2", "--", "shoal", "node", "ls", "--format", "json",
+    ]);
+    let nodes: serde_json::Value = serde_json::from_str(&nodes).unwrap();
+    let nodes = nodes.as_array().unwrap();
+    assert_eq!(nodes.len(), 5);
+    let managers: Vec<&str> = nodes
+        .iter()
+        .filter(|n| n["role"] == "manager")
+        .map(|n| n["hostname"].as_str().unwrap())
+        .collect();
+    assert_eq!(managers.len(), 3, "{nodes:?}");
+    assert!(
+        managers.iter().all(|m| m.starts_with("node")),
+        "{managers:?}"
+    );
+
+    // A service over all five hosts, reached on every host's published port.
+    let shoal = |host: &str, args: &[&str]| {
+        let mut a = vec!["exec", "--name", &name, host, "--", "shoal"];
+        a.extend_from_slice(args);
+        lab(&a)
+    };
+    let bin = shoal_integration::shoal_bin().to_str().unwrap().to_owned();
+    assert!(shoal("node1", &["network", "create", "appnet"]).0);
+    let (ok, out, err) = shoal(
+        "node2",
+        &[
+            "service",
+            "create",
+            "--name",
+            "web",
+            "--replicas",
+            "5",
+            "--network",
+            "appnet",
+            "-p",
+            "8080:80",
+            "--",
+            &bin,
+            "tool",
+            "http-echo",
+            "--port",
+            "80",
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    let addrs = [
+        "10.211.0.11",
+        "10.211.0.12",
+        "10.211.0.13",
+        "10.211.0.21",
+        "10.211.0.22",
+    ];
+    let get = |from: &str, addr: &str| {
+        let url = format!("http://{addr}:8080/");
+        let started = Instant::now();
+        loop {
+            let (ok, out, err) = shoal(from, &["tool", "http-get", "--timeout", "2", &url]);
+            if ok {
+                return out;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{url} from {from}: {err}"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    for a in addrs {
+        assert!(get("worker1", a).contains("\"task\""));
+    }
+
+    // worker1 dies: with this file's timing its node is marked down no
+    // sooner than 1.5 s after (the defaults take ~1 s); its task moves and
+    // every live host still answers on 8080.
+    let killed = Instant::now();
+    assert!(lab(&["kill", "--name", &name, "worker1"]).0);
+    while !statuses(&name, "node1")
+        .lines()
+        .any(|l| l.contains("worker1") && l.contains("down"))
+    {
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "worker1 never seen down"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let down_after = killed.elapsed();
+    assert!(down_after >= Duration::from_millis(1500), "{down_after:?}");
+    let started = Instant::now();
+    loop {
+        let (_, ps, _) = shoal("node1", &["service", "ps", "--format", "json", "web"]);
+        let ps: serde_json::Value = serde_json::from_str(&ps).unwrap_or_default();
+        let running: Vec<&serde_json::Value> = ps
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| t["state"] == "running" && t["desired_state"] == "running")
+            .collect();
+        if running.len() == 5 && running.iter().all(|t| t["node"] != "worker1") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(40),
+            "task never moved: {ps}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    for a in addrs.iter().filter(|a| **a != "10.211.0.21") {
+        assert!(get("worker2", a).contains("\"task\""));
+    }
+    assert!(lab(&["down", "--name", &name]).0);
+    assert_nothing_left(&name);
+}
+
+#[test]
+fn a_bad_definition_or_a_killed_lab_process_leaves_nothing_behind() {
+    if !is_root() {
+        eprintln!("skipped: the lab needs root");
+        return;
+    }
+    // A [daemon] key the daemon does not know: `up` fails with the
+    // daemon's own message and removes what it made.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[hosts]]\nname = \"a\"\nrole = \"manager\"\n[daemon.gossip]\nprobe_speed = 3\n",
+    )
+    .unwrap();
+    let name = format!("b{}", std::process::id() % 100_000);
+    let _down = Down(name.clone());
+    let (ok, _, err) = lab(&["up", "--config", bad.to_str().unwrap(), "--name", &name]);
+    assert!(!ok && err.contains("probe_speed"), "{err}");
+    assert_nothing_left(&name);
+    let (ok, _, err) = lab(&["up", "--config", "/nonexistent.toml"]);
+    assert!(!ok && err.contains("cannot read lab definition"), "{err}");
+
+    // The lab process killed in the middle of `up`: `down` still finds
+    // and removes everything.
+    let mut up = Command::new(lab_bin())
+        .args(["up", "--nodes", "3", "--name", &name])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while !std::path::Path::new("/run/shoal-lab")
+        .join(&name)
+        .join("node2/daemon.pid")
+        .exists()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "up never got far"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    up.kill().unwrap();
+    up.wait().unwrap();
+    assert!(lab(&["down", "--name", &name]).0);
+    assert_nothing_left(&name);
+}
+
+#[test]
+fn the_demo_runs_to_completion_and_keep_leaves_its_lab_up() {
+    if !is_root() {
+        let (ok, _, err) = lab(&["demo", "--keep"]);
+        assert!(!ok && err.contains("--keep needs root"), "{err}");
+        eprintln!("skipped: the demo's data plane needs root");
+        return;
+    }
+    let name = format!("d{}", std::process::id() % 100_000);
+    let _down = Down(name.clone());
+    let (ok, out, err) = lab(&["demo", "--keep", "--name", &name]);
+    assert!(ok, "{out}{err}");
+    // What the demo says it showed.
+    for shown in [
+        "Demo complete",
+        "a new leader committed the write",
+        "all 3 tasks running on live nodes",
+        "shoal tool http-get http://10.210.0.3:8080/",
+    ] {
+        assert!(out.contains(shown), "{shown}: {out}");
+    }
+    let (_, ls, _) = lab(&["ls", "--name", &name]);
+    assert_eq!(ls.matches("running").count(), 3, "{ls}");
+    let (ok, ps, _) = lab(&[
+        "exec", "--name", &name, "node2", "--", "shoal", "service", "ps", "web",
+    ]);
+    assert!(ok && ps.matches(" running ").count() >= 3, "{ps}");
+    let (ok, _, err) = lab(&["demo", "--keep", "--name", &name]);
+    assert!(!ok && err.contains("exists"), "{err}");
+    assert!(lab(&["down", "--name", &name]).0);
+    assert_nothing_left(&name);
 }

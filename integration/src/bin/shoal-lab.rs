@@ -9,6 +9,7 @@
 
 use std::time::{Duration, Instant};
 
+use shoal_integration::spec::LabSpec;
 use shoal_integration::{Cluster, echo_service, is_root};
 
 fn step(text: &str) {
@@ -84,7 +85,13 @@ fn requests(c: &Cluster, bin: &str) -> anyhow::Result<()> {
             continue;
         }
         let url = format!("http://{}:8080/", h.ip);
-        let from = (i + 1) % c.hosts.len();
+        // From the next host whose daemon lives (a host whose daemon was
+        // killed keeps the kernel state it had: not a client to trust).
+        let n = c.hosts.len();
+        let from = (1..n)
+            .map(|k| (i + k) % n)
+            .find(|j| c.shoal(*j, &["info"]).ok())
+            .unwrap_or((i + 1) % n);
         let r = c.wait_until_value(Duration::from_secs(20), || {
             let r = c.in_host(from, bin, &["tool", "http-get", "--timeout", "2", &url]);
             anyhow::ensure!(r.ok(), "{url}: {}", r.stderr.trim());
@@ -137,13 +144,23 @@ fn gossip_vteps(c: &Cluster) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn demo() -> anyhow::Result<()> {
+/// The demo; with `keep`, the lab of that name stays up after it.
+fn demo(keep: Option<&str>) -> anyhow::Result<()> {
     let root = is_root();
+    if keep.is_some() && !root {
+        anyhow::bail!(
+            "--keep needs root: the kept lab's hosts are network namespaces (run without --keep to see the demo on loopback)"
+        );
+    }
     let mut c = if root {
         step(
             "Three hosts as network namespaces on one underlay bridge (10.210.0.0/24), a shoal daemon in each",
         );
-        Cluster::start_isolated(3)?
+        if let Some(name) = keep {
+            Cluster::lab_create(name, &LabSpec::nodes(3, 3)?)?
+        } else {
+            Cluster::start_isolated(3)?
+        }
     } else {
         step("Not root: three shoal daemons on loopback addresses, without the data plane");
         Cluster::start(3)?
@@ -282,9 +299,19 @@ fn demo() -> anyhow::Result<()> {
         &["node", "inspect", "--format", "table", &target],
     )?;
 
-    step("Tearing down: daemons and their tasks stopped, state dirs removed");
-    for i in 0..3 {
-        c.stop(i);
+    if let Some(name) = keep {
+        step(&format!(
+            "Keeping the lab `{name}` (--keep): the cluster and its service stay up"
+        ));
+        println!("    shoal-lab ls --name {name}");
+        println!("    shoal-lab exec --name {name} node2 -- shoal service ps web");
+        println!("    kill, stop, start, partition and heal work on it too; remove it with:");
+        println!("    shoal-lab down --name {name}");
+    } else {
+        step("Tearing down: daemons and their tasks stopped, state dirs removed");
+        for i in 0..3 {
+            c.stop(i);
+        }
     }
     drop(c);
     println!("\nDemo complete: a 3-manager swarm formed over QUIC with mutual TLS on three hosts,");
@@ -295,8 +322,8 @@ fn demo() -> anyhow::Result<()> {
     Ok(())
 }
 
-const USAGE: &str = "usage: shoal-lab demo
-       shoal-lab up [--nodes N] [--managers M] [--name LAB]
+const USAGE: &str = "usage: shoal-lab demo [--keep [--name LAB]]
+       shoal-lab up [--nodes N] [--managers M | --config cluster-configs/FILE.toml] [--name LAB]
        shoal-lab ls [--name LAB]
        shoal-lab exec [--name LAB] HOST -- CMD [ARG...]
        shoal-lab kill|stop|start [--name LAB] HOST
@@ -379,13 +406,36 @@ fn lab(cmd: &str, mut args: Vec<String>) -> anyhow::Result<std::process::ExitCod
         }
         return Ok(std::process::ExitCode::SUCCESS);
     }
-    let name = flag(&mut args, "--name", "lab");
+    let config = flag(&mut args, "--config", "");
+    let spec = if config.is_empty() {
+        None
+    } else {
+        if args.iter().any(|a| a == "--nodes" || a == "--managers") {
+            anyhow::bail!("--config names the hosts: leave out --nodes and --managers");
+        }
+        Some(LabSpec::load(std::path::Path::new(&config))?)
+    };
+    let default_name = spec
+        .as_ref()
+        .and_then(|s| s.name.clone())
+        .unwrap_or_else(|| "lab".into());
+    let name = flag(&mut args, "--name", &default_name);
     match cmd {
         "up" => {
-            let nodes = number(&flag(&mut args, "--nodes", "3"), "--nodes")?;
-            let managers = number(&flag(&mut args, "--managers", "1"), "--managers")?;
-            let c = Cluster::lab_up(&name, nodes, managers)?;
-            println!("lab `{name}`: {nodes} hosts, {managers} manager(s)");
+            let spec = match spec {
+                Some(s) => s,
+                None => {
+                    let nodes = number(&flag(&mut args, "--nodes", "3"), "--nodes")?;
+                    let managers = number(&flag(&mut args, "--managers", "1"), "--managers")?;
+                    LabSpec::nodes(nodes, managers)?
+                }
+            };
+            let c = Cluster::lab_up(&name, &spec)?;
+            let managers = spec.hosts.iter().filter(|h| h.manager).count();
+            println!(
+                "lab `{name}`: {} hosts, {managers} manager(s)",
+                spec.hosts.len()
+            );
             for h in &c.hosts {
                 println!(
                     "  {}: {} (namespace {}), run commands with: shoal-lab exec --name {name} {} -- shoal node ls",
@@ -496,7 +546,22 @@ fn lab(cmd: &str, mut args: Vec<String>) -> anyhow::Result<std::process::ExitCod
 fn main() -> std::process::ExitCode {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("demo") => demo().map(|()| std::process::ExitCode::SUCCESS),
+        Some("demo") => {
+            let mut rest = args[1..].to_vec();
+            let keep = rest
+                .iter()
+                .position(|a| a == "--keep")
+                .map(|i| rest.remove(i));
+            let name = flag(&mut rest, "--name", "demo");
+            match (keep, rest.is_empty()) {
+                (None, true) if name == "demo" => demo(None),
+                (Some(_), true) => demo(Some(&name)),
+                _ => Err(anyhow::anyhow!(
+                    "usage: shoal-lab demo [--keep [--name LAB]]"
+                )),
+            }
+        }
+        .map(|()| std::process::ExitCode::SUCCESS),
         Some(cmd) if !cmd.starts_with('-') => {
             let cmd = args.remove(0);
             lab(&cmd, args)

@@ -563,19 +563,25 @@ pub async fn task_exec(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
             .unwrap_or_default();
         bail!("task {name} runs on node {host} ({node}), not this one: run `shoal exec` there");
     }
-    if t.state != TaskState::Running {
-        let why = if t.message.is_empty() {
-            String::new()
-        } else {
-            format!(": {}", t.message)
-        };
-        bail!("task {name} is not running (it is {:?}{why})", t.state);
-    }
+    // The process this node's executor started decides: the store can
+    // trail it by a moment (a task just started shows `Assigned` here until
+    // the leader's commit of `Running` reaches this node).
     let dir = m.dir.0.join("tasks");
-    let pid = super::shim::read_pids(&dir, &t.id)
+    let live = super::shim::read_pids(&dir, &t.id)
         .filter(|p| super::shim::start_time(p.child).is_some())
-        .map(|p| p.child)
-        .ok_or_else(|| anyhow!("task {name}'s process is not running on this node"))?;
+        .map(|p| p.child);
+    let pid = match live {
+        Some(pid) => pid,
+        _ if t.state != TaskState::Running => {
+            let why = if t.message.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", t.message)
+            };
+            bail!("task {name} is not running (it is {:?}{why})", t.state);
+        }
+        _ => bail!("task {name}'s process is not running on this node"),
+    };
     let service = state.services.get(&t.service_id);
     let mut env: BTreeMap<String, String> = service.map(|s| s.spec.env.clone()).unwrap_or_default();
     env.insert("SHOAL_TASK_ID".into(), t.id.clone());
