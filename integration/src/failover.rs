@@ -206,6 +206,7 @@ pub fn run(scenario: &str) -> anyhow::Result<Value> {
     let at_fault = Instant::now();
     let mut new_leader = None;
     let mut endpoints_gone = None;
+    let mut converged = None;
     match scenario {
         "kill-leader" | "kill-worker" => c.kill_host(victim),
         "partition-minority" => {
@@ -261,6 +262,17 @@ pub fn run(scenario: &str) -> anyhow::Result<Value> {
                 endpoints_gone = Some(since(at_fault));
             }
         }
+        // After restarts: when every daemon says its data plane is
+        // programmed again (a restarted daemon first waits for gossip).
+        if converged.is_none() && matches!(scenario, "restart-all" | "rolling-restart") {
+            let all = (0..c.hosts.len()).all(|i| {
+                c.info(i)
+                    .is_ok_and(|v| v["dataplane"] == "programmed" && v["leader"].is_string())
+            });
+            if all {
+                converged = Some(since(at_fault));
+            }
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
     stop.store(true, Ordering::Relaxed);
@@ -278,12 +290,13 @@ pub fn run(scenario: &str) -> anyhow::Result<Value> {
         .into_iter()
         .flatten()
         .fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.max(b))));
-    let recovered = recovered.or(new_leader);
+    let recovered = recovered.or(converged).or(new_leader);
     Ok(json!({
         "scenario": scenario,
         "victim": c.hosts[victim].name,
         "observer": obs_name,
         "new_leader_s": new_leader,
+        "converged_s": converged,
         "endpoints_gone_s": endpoints_gone,
         "replacement_served_s": replaced,
         "vip": summary(&vip, fault, recovered),

@@ -404,7 +404,12 @@ pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyEr
             spec,
             created_at_ms,
         } => {
-            if state.networks.contains_key(id) {
+            if let Some(n) = state.networks.get(id) {
+                // The same command again (a write retried after its reply
+                // was lost): already done.
+                if n.spec == *spec && n.created_at_ms == *created_at_ms {
+                    return Ok(Outcome::Done);
+                }
                 return Err(NetworkError::Exists(id.clone()).into());
             }
             let network = allocate(
@@ -450,7 +455,10 @@ pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyEr
             spec,
             created_at_ms,
         } => {
-            if state.services.contains_key(id) {
+            if let Some(svc) = state.services.get(id) {
+                if svc.spec == *spec && svc.created_at_ms == *created_at_ms {
+                    return Ok(Outcome::Done);
+                }
                 return Err(ServiceError::Exists(id.clone()).into());
             }
             let service = allocate_service(id, spec, state, *created_at_ms)?;

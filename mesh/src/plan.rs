@@ -476,6 +476,38 @@ pub fn plan(input: &PlanInput<'_>) -> NodePlan {
     out
 }
 
+/// The remote endpoints a node's plan would use on `networks` that gossip
+/// has not shown yet: addresses of tasks the store has running on other
+/// nodes that gossip does not consider dead (`dead`). A restarted daemon
+/// waits for this to be empty before it compares its plan with the kernel
+/// state the previous run left, so that it does not remove live remote
+/// backends only because gossip has not caught up.
+pub fn awaited_endpoints(
+    state: &ClusterState,
+    node: NodeId,
+    networks: &BTreeSet<String>,
+    endpoints: &BTreeMap<String, Vec<EndpointRecord>>,
+    dead: &BTreeSet<NodeId>,
+) -> Vec<(String, Ipv4Addr)> {
+    let mut out = Vec::new();
+    for t in state.tasks.values() {
+        let Some(owner) = t.node else { continue };
+        let running = t.desired == DesiredState::Running && t.state == TaskState::Running;
+        if owner == node || !running || dead.contains(&owner) {
+            continue;
+        }
+        for (net, ip) in &t.addresses {
+            let seen = endpoints
+                .get(net)
+                .is_some_and(|list| list.iter().any(|e| e.ip == IpAddr::V4(*ip)));
+            if networks.contains(net) && !seen {
+                out.push((net.clone(), *ip));
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 #[path = "plan_test.rs"]
 mod tests;

@@ -191,3 +191,53 @@ fn every_node_takes_part_in_the_routing_mesh() {
     let p = plan_for(&s, 1, &[NodeId(2)]);
     assert_eq!(p.ingress.unwrap().ports[0].backends.len(), 2);
 }
+
+#[test]
+fn a_restarted_node_awaits_the_remote_endpoints_gossip_has_not_shown() {
+    let mut s = running_swarm();
+    // Tasks not running yet are not awaited (they may not have published).
+    let nets = BTreeSet::from(["web".to_owned(), "ing".to_owned()]);
+    assert!(awaited_endpoints(&s, NodeId(1), &nets, &BTreeMap::new(), &BTreeSet::new()).is_empty());
+    let ids: Vec<String> = s.tasks.keys().cloned().collect();
+    for id in ids {
+        for state in [TaskState::Starting, TaskState::Running] {
+            let c = Command::SetTaskState {
+                id: id.clone(),
+                state,
+                message: String::new(),
+                exit_code: None,
+                now_ms: 1,
+            };
+            apply(&mut s, &c).unwrap();
+        }
+    }
+    let none = BTreeSet::new();
+    // Gossip knows nobody yet: the two other nodes' tasks, on both networks.
+    let empty = BTreeMap::new();
+    let awaited = awaited_endpoints(&s, NodeId(1), &nets, &empty, &none);
+    assert_eq!(awaited.len(), 4, "{awaited:?}");
+    // Node 3's entries have not arrived: only its task is awaited.
+    let partial = gossip(&s, &[NodeId(3)]);
+    let awaited = awaited_endpoints(&s, NodeId(1), &nets, &partial, &none);
+    let t3 = s
+        .tasks
+        .values()
+        .find(|t| t.node == Some(NodeId(3)))
+        .unwrap();
+    let mut want: Vec<(String, Ipv4Addr)> = t3
+        .addresses
+        .iter()
+        .map(|(n, ip)| (n.clone(), *ip))
+        .collect();
+    let mut got = awaited.clone();
+    want.sort();
+    got.sort();
+    assert_eq!(got, want);
+    // ...unless gossip declared node 3 dead, or the network is not used here.
+    assert!(
+        awaited_endpoints(&s, NodeId(1), &nets, &partial, &BTreeSet::from([NodeId(3)])).is_empty()
+    );
+    assert!(awaited_endpoints(&s, NodeId(1), &BTreeSet::new(), &empty, &none).is_empty());
+    // Everything shown: nothing awaited.
+    assert!(awaited_endpoints(&s, NodeId(1), &nets, &gossip(&s, &[]), &none).is_empty());
+}

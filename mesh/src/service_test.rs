@@ -149,3 +149,31 @@ fn vips_never_repeat_across_many_services() {
     let ports: BTreeSet<_> = s.services.values().map(|x| x.ports[0].published).collect();
     assert_eq!(ports.len(), 50);
 }
+
+#[test]
+fn a_create_replayed_after_a_lost_reply_is_already_done_and_allocates_nothing() {
+    let mut s = swarm(1);
+    let web = s.networks["web"].clone();
+    let again = Command::CreateNetwork {
+        id: web.id.clone(),
+        spec: web.spec.clone(),
+        created_at_ms: web.created_at_ms,
+    };
+    let before = s.clone();
+    apply(&mut s, &again).unwrap();
+    assert_eq!(s, before);
+    // Another network under that ID is still refused.
+    let other = Command::CreateNetwork {
+        id: web.id.clone(),
+        spec: web.spec.clone(),
+        created_at_ms: web.created_at_ms + 1,
+    };
+    assert!(apply(&mut s, &other).is_err());
+
+    create(&mut s, "a", service("a", vec![port(Some(8080), 80)])).unwrap();
+    let before = s.clone();
+    create(&mut s, "a", service("a", vec![port(Some(8080), 80)])).unwrap();
+    assert_eq!(s, before);
+    let e = create(&mut s, "a", service("a", vec![port(Some(8081), 80)])).unwrap_err();
+    assert!(e.to_string().contains("already exists"), "{e}");
+}

@@ -368,6 +368,7 @@ fn print_report(r: &serde_json::Value) {
         r["observer"].as_str().unwrap_or_default()
     );
     println!("  new leader after:              {}", t(&r["new_leader_s"]));
+    println!("  every data plane programmed:  {}", t(&r["converged_s"]));
     println!(
         "  dead endpoints gone after:     {}",
         t(&r["endpoints_gone_s"])

@@ -287,6 +287,8 @@ async fn info(d: &Daemon) -> anyhow::Result<Reply> {
         "leader": m.leader().map(|l| l.to_string()),
         "nodes": state.nodes.len(),
         "managers": state.managers().count(),
+        "dataplane": m.sandboxes.status(),
+        "dataplane_error": m.sandboxes.error(),
         "raft": {
             "term": metrics.current_term,
             "last_log_index": metrics.last_log_index,

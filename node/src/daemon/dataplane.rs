@@ -13,8 +13,10 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use shoal_gossip::MemberState;
+use shoal_mesh::ids::NodeId;
 use shoal_mesh::observed::{EndpointRecord, TableValue};
-use shoal_mesh::plan::{NodePlan, PlanInput, mac_text, plan};
+use shoal_mesh::plan::{NodePlan, PlanInput, awaited_endpoints, mac_text, plan};
 use shoal_netdriver::dns::{self, Records};
 use shoal_netdriver::linux::{Linux, NETNS_DIR};
 use shoal_netdriver::reconcile;
@@ -28,9 +30,10 @@ use super::member::Member;
 pub const ENDPOINTS: &str = "endpoints";
 
 const FULL_EVERY: Duration = Duration::from_secs(5);
-/// How long a restarted daemon lets gossip catch up before it touches the
-/// kernel state it found.
-const WARM_UP: Duration = Duration::from_millis(2_500);
+/// How long a restarted daemon at most lets gossip catch up before it
+/// touches the kernel state it found (it goes on as soon as gossip shows
+/// every running remote task's endpoint, or that task's node dead).
+const WARM_UP_MAX: Duration = Duration::from_secs(10);
 
 /// What the data plane tells the executor.
 #[derive(Debug, Default)]
@@ -76,6 +79,20 @@ impl Sandboxes {
     /// Why the last reconcile failed, if it did.
     pub fn error(&self) -> Option<String> {
         self.error.lock().ok()?.clone()
+    }
+
+    /// For `shoal info`: `off`, `starting` (a restarted daemon waits for
+    /// gossip before it programs anything), `programmed` or `error`.
+    pub fn status(&self) -> &'static str {
+        if !self.enabled {
+            "off"
+        } else if self.error().is_some() {
+            "error"
+        } else if self.last.lock().is_ok_and(|l| l.is_some()) {
+            "programmed"
+        } else {
+            "starting"
+        }
     }
 }
 
@@ -214,7 +231,7 @@ pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
                 }
             }
         }
-        tokio::time::sleep(WARM_UP).await;
+        warm_up(&member, &names, &joined, &mut published).await;
     }
     loop {
         tokio::select! {
@@ -314,34 +331,7 @@ pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
         for n in nets.difference(&joined) {
             m.gossip.send(GossipCmd::Join(n.clone()));
         }
-        let wanted = local_records(&m, &p, vtep);
-        for ((net, key), _) in published.iter().filter(|(k, _)| !wanted.contains_key(*k)) {
-            let _ = m
-                .gossip
-                .ask(|reply| GossipCmd::Delete {
-                    network: net.clone(),
-                    table: ENDPOINTS.into(),
-                    key: key.clone(),
-                    reply,
-                })
-                .await;
-        }
-        for ((net, key), rec) in &wanted {
-            if published.get(&(net.clone(), key.clone())) == Some(rec) {
-                continue;
-            }
-            let _ = m
-                .gossip
-                .ask(|reply| GossipCmd::Put {
-                    network: net.clone(),
-                    table: ENDPOINTS.into(),
-                    key: key.clone(),
-                    value: TableValue::Endpoint(rec.clone()),
-                    reply,
-                })
-                .await;
-        }
-        published = wanted;
+        publish(&m, local_records(&m, &p, vtep), &mut published).await;
         for n in joined.difference(&nets) {
             m.gossip.send(GossipCmd::Leave(n.clone()));
         }
@@ -454,6 +444,107 @@ pub fn debug_dns(m: &Member, task: &str, name: &str) -> anyhow::Result<serde_jso
         Some(ips) => json!({"task": sb.name, "name": key, "answer": ips, "ttl": dns::TTL}),
         None => json!({"task": sb.name, "name": key, "answer": null, "forwarded": true}),
     })
+}
+
+/// Makes this node's entries in the endpoints tables `wanted`, changing
+/// only what differs from what it `published` before.
+async fn publish(
+    m: &Member,
+    wanted: BTreeMap<(String, String), EndpointRecord>,
+    published: &mut BTreeMap<(String, String), EndpointRecord>,
+) {
+    for ((net, key), _) in published.iter().filter(|(k, _)| !wanted.contains_key(*k)) {
+        let _ = m
+            .gossip
+            .ask(|reply| GossipCmd::Delete {
+                network: net.clone(),
+                table: ENDPOINTS.into(),
+                key: key.clone(),
+                reply,
+            })
+            .await;
+    }
+    for ((net, key), rec) in &wanted {
+        if published.get(&(net.clone(), key.clone())) == Some(rec) {
+            continue;
+        }
+        let _ = m
+            .gossip
+            .ask(|reply| GossipCmd::Put {
+                network: net.clone(),
+                table: ENDPOINTS.into(),
+                key: key.clone(),
+                value: TableValue::Endpoint(rec.clone()),
+                reply,
+            })
+            .await;
+    }
+    *published = wanted;
+}
+
+/// Waits (at most `WARM_UP_MAX`) until gossip shows the endpoints of every
+/// task the store has running on another live node, on `networks`.
+///
+/// Meanwhile it publishes its own endpoints whose sandboxes survived the
+/// restart: every restarted node waits for the others' (after a restart of
+/// the whole cluster, all of them at once).
+async fn warm_up(
+    member: &Weak<Member>,
+    names: &Names,
+    networks: &BTreeSet<String>,
+    published: &mut BTreeMap<(String, String), EndpointRecord>,
+) {
+    let started = Instant::now();
+    loop {
+        let Some(m) = member.upgrade() else { return };
+        let mut endpoints = m.gossip.ask(GossipCmd::Endpoints).await.unwrap_or_default();
+        if let Some(vtep) = vtep_of(&m) {
+            let existing: BTreeSet<String> = shoal_netdriver::linux::list_netns(&names.prefix)
+                .into_iter()
+                .collect();
+            let p = plan(&PlanInput {
+                state: &m.state.state(),
+                node: m.id,
+                vtep,
+                underlay_mtu: 1500,
+                endpoints: &endpoints,
+            });
+            let mut own = local_records(&m, &p, vtep);
+            own.retain(|(_, key), _| {
+                key.starts_with("node-") || existing.contains(&names.task(key))
+            });
+            for ((net, _), rec) in &own {
+                endpoints.entry(net.clone()).or_default().push(rec.clone());
+            }
+            publish(&m, own, published).await;
+        }
+        let dead: BTreeSet<NodeId> = m
+            .gossip
+            .ask(GossipCmd::Members)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|i| matches!(i.state, MemberState::Dead | MemberState::Left))
+            .map(|i| i.node_id)
+            .collect();
+        let awaited = awaited_endpoints(&m.state.state(), m.id, networks, &endpoints, &dead);
+        if awaited.is_empty() {
+            tracing::info!(
+                after_ms = started.elapsed().as_millis() as u64,
+                "data plane warmed up"
+            );
+            return;
+        }
+        if started.elapsed() > WARM_UP_MAX {
+            tracing::warn!(
+                missing = awaited.len(),
+                "gossip did not show every remote endpoint in time; programming what it has"
+            );
+            return;
+        }
+        drop(m);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// `swarm leave`: removes every kernel object this node's data plane made

@@ -281,8 +281,12 @@ async fn start(m: &Member, state: &ClusterState, t: &Task) -> Start {
             let _ = std::fs::remove_file(shim::file(&dir, &t.id, ext));
         }
         let log = std::fs::File::create(shim::file(&dir, &t.id, "log"))?;
-        let exe = std::env::current_exe()?;
-        let mut cmd = tokio::process::Command::new(exe);
+        // This very binary, also when the file was replaced or removed
+        // since the daemon started (an upgrade under a running daemon).
+        let mut cmd = tokio::process::Command::new("/proc/self/exe");
+        if let Ok(exe) = std::env::current_exe() {
+            cmd.arg0(exe);
+        }
         cmd.arg("task-shim")
             .arg("--dir")
             .arg(&dir)
