@@ -303,3 +303,82 @@ pub fn run(scenario: &str) -> anyhow::Result<Value> {
         "mesh": summary(&mesh, fault, recovered),
     }))
 }
+
+/// The numbers a report's reader compares across runs: `(name, JSON
+/// pointer)`.
+pub const METRICS: [(&str, &str); 9] = [
+    ("new_leader_s", "/new_leader_s"),
+    ("converged_s", "/converged_s"),
+    ("endpoints_gone_s", "/endpoints_gone_s"),
+    ("replacement_served_s", "/replacement_served_s"),
+    ("vip_longest_gap_s", "/vip/longest_gap_s"),
+    ("mesh_longest_gap_s", "/mesh/longest_gap_s"),
+    ("vip_failed", "/vip/failed"),
+    ("mesh_failed", "/mesh/failed"),
+    ("failed_after_recovery", ""),
+];
+
+/// min, median and max of each metric over `reports` (runs of one
+/// scenario); a metric no run measured is left out.
+/// `failed_after_recovery` adds up both paths.
+pub fn summarize(reports: &[Value]) -> Value {
+    let mut out = serde_json::Map::new();
+    for (name, pointer) in METRICS {
+        let mut xs: Vec<f64> = reports
+            .iter()
+            .filter_map(|r| {
+                if pointer.is_empty() {
+                    let a = r["vip"]["failed_after_recovery"].as_f64()?;
+                    let b = r["mesh"]["failed_after_recovery"].as_f64()?;
+                    Some(a + b)
+                } else {
+                    r.pointer(pointer)?.as_f64()
+                }
+            })
+            .collect();
+        if xs.is_empty() {
+            continue;
+        }
+        xs.sort_by(f64::total_cmp);
+        let median = if xs.len() % 2 == 1 {
+            xs[xs.len() / 2]
+        } else {
+            (xs[xs.len() / 2 - 1] + xs[xs.len() / 2]) / 2.0
+        };
+        let r2 = |x: f64| (x * 100.0).round() / 100.0;
+        out.insert(
+            name.to_owned(),
+            json!({"min": r2(xs[0]), "median": r2(median), "max": r2(xs[xs.len() - 1]), "runs": xs.len()}),
+        );
+    }
+    Value::Object(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn runs_are_summarized_per_metric() {
+        let run = |leader: Option<f64>, gap: f64, after: u64| {
+            json!({"new_leader_s": leader, "endpoints_gone_s": null,
+                   "vip": {"longest_gap_s": gap, "failed": 1, "failed_after_recovery": after},
+                   "mesh": {"longest_gap_s": 0.1, "failed": 0, "failed_after_recovery": 0}})
+        };
+        let s = summarize(&[
+            run(Some(0.3), 2.0, 0),
+            run(Some(0.5), 1.0, 2),
+            run(None, 4.0, 0),
+            run(Some(0.2), 3.0, 0),
+        ]);
+        assert_eq!(
+            s["new_leader_s"],
+            json!({"min": 0.2, "median": 0.3, "max": 0.5, "runs": 3})
+        );
+        assert_eq!(s["vip_longest_gap_s"]["median"], 2.5);
+        assert_eq!(s["failed_after_recovery"]["max"], 2.0);
+        assert!(s.get("endpoints_gone_s").is_none());
+    }
+}

@@ -9,6 +9,7 @@
 
 use std::time::{Duration, Instant};
 
+use shoal_integration::failover;
 use shoal_integration::spec::LabSpec;
 use shoal_integration::{Cluster, echo_service, is_root};
 
@@ -330,7 +331,7 @@ const USAGE: &str = "usage: shoal-lab demo [--keep [--name LAB]]
        shoal-lab partition [--name LAB] HOST,HOST... HOST,HOST...
        shoal-lab heal [--name LAB]
        shoal-lab down [--name LAB]
-       shoal-lab failover --scenario kill-leader|kill-worker|partition-minority|restart-all|rolling-restart [--format json]";
+       shoal-lab failover --scenario kill-leader|kill-worker|partition-minority|restart-all|rolling-restart [--runs N] [--format json]";
 
 /// `--flag VALUE` out of `args` (removed), or `default`.
 fn flag(args: &mut Vec<String>, name: &str, default: &str) -> String {
@@ -399,11 +400,43 @@ fn lab(cmd: &str, mut args: Vec<String>) -> anyhow::Result<std::process::ExitCod
     if cmd == "failover" {
         let scenario = flag(&mut args, "--scenario", "kill-leader");
         let format = flag(&mut args, "--format", "table");
-        let report = shoal_integration::failover::run(&scenario)?;
+        let runs = number(&flag(&mut args, "--runs", "1"), "--runs")?;
+        if !(1..=100).contains(&runs) {
+            anyhow::bail!("--runs must be 1 to 100");
+        }
+        if runs == 1 {
+            let report = failover::run(&scenario)?;
+            if format == "json" {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_report(&report);
+            }
+            return Ok(std::process::ExitCode::SUCCESS);
+        }
+        let mut reports = Vec::new();
+        for n in 1..=runs {
+            let report = failover::run(&scenario)?;
+            if format != "json" {
+                println!("--- run {n} of {runs}");
+                print_report(&report);
+            }
+            reports.push(report);
+        }
+        let summary = failover::summarize(&reports);
         if format == "json" {
-            println!("{}", serde_json::to_string_pretty(&report)?);
+            let all =
+                serde_json::json!({"scenario": scenario, "runs": reports, "summary": summary});
+            println!("{}", serde_json::to_string_pretty(&all)?);
         } else {
-            print_report(&report);
+            println!("--- {scenario}, {runs} runs: min / median / max");
+            for (name, _) in failover::METRICS {
+                if let Some(m) = summary.get(name) {
+                    println!(
+                        "  {name:<24} {} / {} / {}  ({} runs measured it)",
+                        m["min"], m["median"], m["max"], m["runs"]
+                    );
+                }
+            }
         }
         return Ok(std::process::ExitCode::SUCCESS);
     }
