@@ -17,6 +17,7 @@ pub mod conformance;
 pub mod dns;
 pub mod linux;
 pub mod model;
+pub mod nfnl;
 pub mod nft;
 pub mod recording;
 pub mod render;

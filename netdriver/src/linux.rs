@@ -252,6 +252,10 @@ pub struct Linux {
     handles: HashMap<String, Handle>,
     /// Each namespace's VIP backend slots as last read or written.
     lb_slots: HashMap<String, BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>>,
+    /// Netlink sequence numbers of nf_tables batches.
+    seq: u32,
+    /// Backend changes applied over netlink (not `nft`).
+    netlink_changes: u64,
 }
 
 /// A link as dumped: index and model.
@@ -261,6 +265,12 @@ struct Seen {
 }
 
 impl Linux {
+    /// How many VIP backend changes went over nf_tables netlink (the rest
+    /// of the load-balancing table is written by `nft`).
+    pub fn netlink_changes(&self) -> u64 {
+        self.netlink_changes
+    }
+
     /// A backend whose host namespace is `host` (a name under `/run/netns`)
     /// or, if `None`, the one this process runs in.
     pub fn new(host: Option<String>) -> Self {
@@ -268,6 +278,8 @@ impl Linux {
             host,
             handles: HashMap::new(),
             lb_slots: HashMap::new(),
+            seq: std::process::id() << 16,
+            netlink_changes: 0,
         }
     }
 
@@ -875,6 +887,35 @@ impl Linux {
                     self.lb_slots.insert(ns.clone(), now);
                 }
                 let mut slots = self.lb_slots.remove(ns).unwrap_or_default();
+                // Backends of VIPs that stay: straight over netlink.
+                if let Some(changes) = crate::nft::slot_changes(lb, changed, *fresh, &slots) {
+                    let only: Vec<crate::nft::SlotChange> =
+                        changes.iter().map(|(c, _)| c.clone()).collect();
+                    self.seq = self.seq.wrapping_add(1 << 16);
+                    let batch = crate::nfnl::lb_batch(&only, self.seq);
+                    if batch.bytes().len() <= crate::nfnl::MAX_BATCH {
+                        match in_netns(self.ns_path(ns), move || crate::nfnl::send_batch(&batch)) {
+                            Ok(()) => {
+                                for (c, layout) in changes {
+                                    slots.insert(c.vip, layout);
+                                }
+                                self.lb_slots.insert(ns.clone(), slots);
+                                self.netlink_changes += 1;
+                                return Ok(());
+                            }
+                            Err(e) => {
+                                // Not in the shape we thought: read it back
+                                // and let `nft` put it right.
+                                tracing::debug!(ns, error = %e, "netlink change refused; using nft");
+                                slots = self
+                                    .nft_run(ns, &["-j", "list", "table", "ip", "shoal"], "")
+                                    .ok()
+                                    .and_then(|j| crate::nft::parse(&j))
+                                    .unwrap_or_default();
+                            }
+                        }
+                    }
+                }
                 let script = crate::nft::script(lb, changed, *fresh, &mut slots);
                 let done = self.nft(ns, &script);
                 // On failure the kernel kept the old table: read it again next time.

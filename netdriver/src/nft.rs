@@ -84,6 +84,67 @@ pub fn relayout(slots: &[Ipv4Addr], wanted: &BTreeSet<Ipv4Addr>) -> Vec<Ipv4Addr
     out
 }
 
+/// What changes in the backend map and rule of a VIP that stays: slots
+/// deleted (a backend replaced or the map shrinking), then slots written,
+/// then, when the backend count changes, the one rule rewritten.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotChange {
+    /// The VIP.
+    pub vip: Ipv4Addr,
+    /// Slots deleted first.
+    pub delete: Vec<u32>,
+    /// Slots then written.
+    pub add: Vec<(u32, Ipv4Addr)>,
+    /// The new backend count, when it changed.
+    pub count: Option<usize>,
+}
+
+/// The change from slot layout `old` to the set `wanted`, and the layout
+/// after it.
+pub fn slot_change(
+    vip: Ipv4Addr,
+    old: &[Ipv4Addr],
+    wanted: &BTreeSet<Ipv4Addr>,
+) -> (SlotChange, Vec<Ipv4Addr>) {
+    let new = relayout(old, wanted);
+    let mut c = SlotChange {
+        vip,
+        delete: Vec::new(),
+        add: Vec::new(),
+        count: (new.len() != old.len()).then_some(new.len()),
+    };
+    for (i, b) in new.iter().enumerate() {
+        match old.get(i) {
+            Some(o) if o == b => {}
+            Some(_) => {
+                c.delete.push(i as u32);
+                c.add.push((i as u32, *b));
+            }
+            None => c.add.push((i as u32, *b)),
+        }
+    }
+    c.delete.extend((new.len()..old.len()).map(|i| i as u32));
+    (c, new)
+}
+
+/// When every VIP in `changed` stays (none added or removed, no fresh
+/// table), the slot changes that bring the table to `lb`, with the layouts
+/// after them; else `None` (a job for [`script`]).
+pub fn slot_changes(
+    lb: &crate::model::Lb,
+    changed: &BTreeSet<Ipv4Addr>,
+    fresh: bool,
+    slots: &BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>,
+) -> Option<Vec<(SlotChange, Vec<Ipv4Addr>)>> {
+    if fresh || lb.is_empty() {
+        return None;
+    }
+    changed
+        .iter()
+        .map(|vip| Some(slot_change(*vip, slots.get(vip)?, lb.get(vip)?)))
+        .collect()
+}
+
 /// The nft script that brings the table to `lb` (see
 /// [`crate::model::Op::SetLb`]); `slots` is the slot layout of each VIP's
 /// backend map now, and is updated to the new one.
@@ -118,25 +179,16 @@ pub fn script(
         let (c, m) = (chain(*vip), backend_map(*vip));
         match (lb.get(vip), slots.get(vip)) {
             (Some(wanted), Some(old)) => {
-                let new = relayout(old, wanted);
-                for (i, b) in new.iter().enumerate() {
-                    match old.get(i) {
-                        Some(o) if o == b => {}
-                        Some(_) => {
-                            let _ = writeln!(s, "delete element ip shoal {m} {{ {i} }}");
-                            let _ = writeln!(s, "add element ip shoal {m} {{ {i} : {b} }}");
-                        }
-                        None => {
-                            let _ = writeln!(s, "add element ip shoal {m} {{ {i} : {b} }}");
-                        }
-                    }
-                }
-                for i in new.len()..old.len() {
+                let (change, new) = slot_change(*vip, old, wanted);
+                for i in &change.delete {
                     let _ = writeln!(s, "delete element ip shoal {m} {{ {i} }}");
                 }
-                if new.len() != old.len() {
+                for (i, b) in &change.add {
+                    let _ = writeln!(s, "add element ip shoal {m} {{ {i} : {b} }}");
+                }
+                if let Some(n) = change.count {
                     let _ = writeln!(s, "flush chain ip shoal {c}");
-                    rule(&mut s, *vip, new.len());
+                    rule(&mut s, *vip, n);
                 }
                 slots.insert(*vip, new);
             }

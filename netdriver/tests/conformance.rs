@@ -55,3 +55,120 @@ async fn the_linux_backend_passes_the_suite_in_a_fresh_namespace() {
         .unwrap();
     assert!(shoal_netdriver::linux::list_netns(&names.prefix).is_empty());
 }
+
+#[tokio::test]
+async fn vip_backend_changes_go_over_netlink_and_read_back_right() {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::net::Ipv4Addr;
+
+    use shoal_netdriver::Backend;
+    use shoal_netdriver::model::Op;
+
+    if !is_root() {
+        eprintln!("skipped: needs root to create network namespaces");
+        return;
+    }
+    let prefix = format!("shoal-nl{}-", std::process::id());
+    let ns = format!("{prefix}a");
+    let _cleanup = Cleanup(vec![prefix.clone()]);
+    shoal_netdriver::linux::create_netns(&ns).unwrap();
+    let mut b = shoal_netdriver::linux::Linux::new(None);
+    let ip = |d: u8| Ipv4Addr::new(10, 1, 0, d);
+    let (va, vb) = (Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 3));
+    let set = |l: &[u8]| l.iter().map(|d| ip(*d)).collect::<BTreeSet<_>>();
+    let steps: Vec<(BTreeMap<Ipv4Addr, BTreeSet<Ipv4Addr>>, bool)> = vec![
+        (
+            BTreeMap::from([(va, set(&[1, 2, 3])), (vb, set(&[9]))]),
+            true,
+        ),
+        // One replaced (same count), then shrinking, then growing.
+        (
+            BTreeMap::from([(va, set(&[1, 3, 4])), (vb, set(&[9]))]),
+            false,
+        ),
+        (BTreeMap::from([(va, set(&[4])), (vb, set(&[9]))]), false),
+        (
+            BTreeMap::from([(va, set(&[4])), (vb, set(&[9, 10, 11]))]),
+            false,
+        ),
+    ];
+    for (lb, fresh) in &steps {
+        let op = Op::SetLb {
+            ns: ns.clone(),
+            lb: lb.clone(),
+            changed: BTreeSet::from([va, vb]),
+            fresh: *fresh,
+        };
+        b.apply(&op).await.unwrap();
+        let seen = b.observe(&prefix).await.unwrap();
+        assert_eq!(&seen.namespaces[&ns].lb, lb);
+    }
+    assert_eq!(b.netlink_changes(), 3);
+
+    // Someone removed the map behind our back: the netlink change is
+    // refused, and `nft` rebuilds what is missing.
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", &ns, "nft", "delete", "element", "ip", "shoal", "vips", "{",
+            "10.0.0.2", "}",
+        ])
+        .status()
+        .unwrap();
+    assert!(out.success());
+    let del = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            "nft",
+            "flush",
+            "chain",
+            "ip",
+            "shoal",
+            "svc_10_0_0_2",
+        ])
+        .status()
+        .unwrap();
+    assert!(del.success());
+    let del = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            "nft",
+            "delete",
+            "chain",
+            "ip",
+            "shoal",
+            "svc_10_0_0_2",
+        ])
+        .status()
+        .unwrap();
+    assert!(del.success());
+    let del = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            "nft",
+            "delete",
+            "map",
+            "ip",
+            "shoal",
+            "be_10_0_0_2",
+        ])
+        .status()
+        .unwrap();
+    assert!(del.success());
+    let lb = BTreeMap::from([(va, set(&[4, 5])), (vb, set(&[9, 10, 11]))]);
+    let op = Op::SetLb {
+        ns: ns.clone(),
+        lb: lb.clone(),
+        changed: BTreeSet::from([va]),
+        fresh: false,
+    };
+    b.apply(&op).await.unwrap();
+    assert_eq!(b.netlink_changes(), 3);
+    let seen = b.observe(&prefix).await.unwrap();
+    assert_eq!(seen.namespaces[&ns].lb, lb);
+}
