@@ -107,59 +107,17 @@ async fn vip_backend_changes_go_over_netlink_and_read_back_right() {
 
     // Someone removed the map behind our back: the netlink change is
     // refused, and `nft` rebuilds what is missing.
-    let out = std::process::Command::new("ip")
-        .args([
-            "netns", "exec", &ns, "nft", "delete", "element", "ip", "shoal", "vips", "{",
-            "10.0.0.2", "}",
-        ])
-        .status()
+    let script = "delete element ip shoal vips { 10.0.0.2 }\n\
+                  flush chain ip shoal svc_10_0_0_2\n\
+                  delete chain ip shoal svc_10_0_0_2\n\
+                  delete map ip shoal be_10_0_0_2\n";
+    let mut nft = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(out.success());
-    let del = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns,
-            "nft",
-            "flush",
-            "chain",
-            "ip",
-            "shoal",
-            "svc_10_0_0_2",
-        ])
-        .status()
-        .unwrap();
-    assert!(del.success());
-    let del = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns,
-            "nft",
-            "delete",
-            "chain",
-            "ip",
-            "shoal",
-            "svc_10_0_0_2",
-        ])
-        .status()
-        .unwrap();
-    assert!(del.success());
-    let del = std::process::Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &ns,
-            "nft",
-            "delete",
-            "map",
-            "ip",
-            "shoal",
-            "be_10_0_0_2",
-        ])
-        .status()
-        .unwrap();
-    assert!(del.success());
+    std::io::Write::write_all(&mut nft.stdin.take().unwrap(), script.as_bytes()).unwrap();
+    assert!(nft.wait().unwrap().success());
     let lb = BTreeMap::from([(va, set(&[4, 5])), (vb, set(&[9, 10, 11]))]);
     let op = Op::SetLb {
         ns: ns.clone(),
