@@ -48,8 +48,10 @@ async fn lb() {
     create_netns(&ns.0).expect("namespace");
     let mut b = Linux::new(None);
     let vip = Ipv4Addr::new(10, 63, 0, 1);
-    println!("| backends | whole table | one backend out or in (median of 10) |");
-    println!("| --- | --- | --- |");
+    println!(
+        "| backends | whole table | one backend out or in (median of 10) | one backend replaced (median of 10) |"
+    );
+    println!("| --- | --- | --- | --- |");
     for n in [10u32, 100, 1_000, 10_000] {
         let all: Vec<Ipv4Addr> = (0..n).map(backend).collect();
         let full = Op::SetLb {
@@ -81,10 +83,33 @@ async fn lb() {
         }
         changes.sort();
         let change = changes[changes.len() / 2];
+        // One backend replaced by another (the count stays: map slots only).
+        let mut swaps = Vec::new();
+        for k in 0..10u32 {
+            let mut set: BTreeSet<Ipv4Addr> = all.iter().copied().collect();
+            set.remove(&all[0]);
+            set.insert(backend(1_000_000 + k));
+            let one = Op::SetLb {
+                ns: ns.0.clone(),
+                lb: BTreeMap::from([(vip, set)]),
+                changed: BTreeSet::from([vip]),
+                fresh: false,
+            };
+            let t = Instant::now();
+            b.apply(&one).await.expect("change");
+            swaps.push(t.elapsed());
+        }
+        swaps.sort();
+        let swap = swaps[swaps.len() / 2];
         let seen = b.observe("shoal-bench").await.expect("observe");
         let got = seen.namespaces[&ns.0].lb[&vip].len();
         assert_eq!(got as u32, n, "the kernel holds what was asked");
-        println!("| {n} | {:.1} ms | {:.1} ms |", ms(whole), ms(change));
+        println!(
+            "| {n} | {:.1} ms | {:.2} ms | {:.2} ms |",
+            ms(whole),
+            ms(change),
+            ms(swap)
+        );
     }
 }
 

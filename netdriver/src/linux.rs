@@ -256,6 +256,8 @@ pub struct Linux {
     seq: u32,
     /// Backend changes applied over netlink (not `nft`).
     netlink_changes: u64,
+    /// A netfilter netlink socket per namespace (opened there once).
+    nf_socks: HashMap<String, std::os::fd::OwnedFd>,
 }
 
 /// A link as dumped: index and model.
@@ -280,6 +282,7 @@ impl Linux {
             lb_slots: HashMap::new(),
             seq: std::process::id() << 16,
             netlink_changes: 0,
+            nf_socks: HashMap::new(),
         }
     }
 
@@ -821,6 +824,7 @@ impl Linux {
             }
             Op::DelNetns(name) => {
                 self.handles.remove(name);
+                self.nf_socks.remove(name);
                 self.lb_slots.remove(name);
                 delete_netns(name)
             }
@@ -894,7 +898,18 @@ impl Linux {
                     self.seq = self.seq.wrapping_add(1 << 16);
                     let batch = crate::nfnl::lb_batch(&only, self.seq);
                     if batch.bytes().len() <= crate::nfnl::MAX_BATCH {
-                        match in_netns(self.ns_path(ns), move || crate::nfnl::send_batch(&batch)) {
+                        let sent = match self.nf_socks.remove(ns) {
+                            Some(fd) => Ok(fd),
+                            None => in_netns(self.ns_path(ns), crate::nfnl::open),
+                        }
+                        .and_then(|fd| {
+                            crate::nfnl::send_batch(&fd, &batch)?;
+                            Ok(fd)
+                        });
+                        let kept = sent.map(|fd| {
+                            self.nf_socks.insert(ns.clone(), fd);
+                        });
+                        match kept {
                             Ok(()) => {
                                 for (c, layout) in changes {
                                     slots.insert(c.vip, layout);
@@ -1006,7 +1021,11 @@ impl Backend for Linux {
         let mut k = Kernel::default();
         k.namespaces
             .insert(HOST.into(), self.observe_ns(HOST).await?);
-        for ns in list_netns(prefix) {
+        let listed = list_netns(prefix);
+        // Sockets hold their namespace: none for one that went away.
+        self.nf_socks
+            .retain(|ns, _| ns == HOST || !ns.starts_with(prefix) || listed.contains(ns));
+        for ns in listed {
             // One that cannot be read (a file left by a crash before it
             // was bound) is reported empty, so that it is removed.
             match self.observe_ns(&ns).await {
@@ -1015,6 +1034,7 @@ impl Backend for Linux {
                 }
                 Err(_) => {
                     self.handles.remove(&ns);
+                    self.nf_socks.remove(&ns);
                     k.namespaces.insert(ns, Netns::default());
                 }
             }

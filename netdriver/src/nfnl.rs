@@ -17,7 +17,7 @@
 //! [ nat dnat ip addr_min reg 1 ]
 //! ```
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::sys::socket::{
     AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, recv, send,
@@ -287,33 +287,42 @@ pub fn lb_batch(changes: &[SlotChange], seq: u32) -> Batch {
     b.finish()
 }
 
-/// Sends `batch` on a netlink socket opened in the calling thread's
-/// network namespace and waits for every acknowledgement; the first error
-/// the kernel reports fails it (and the kernel then applied nothing).
-pub fn send_batch(batch: &Batch) -> Result<(), DpError> {
-    let err = |what: &str, e: nix::Error| DpError::Other(format!("nf_tables netlink: {what}: {e}"));
+fn fail(what: &str, e: nix::Error) -> DpError {
+    DpError::Other(format!("nf_tables netlink: {what}: {e}"))
+}
+
+/// A netfilter netlink socket in the calling thread's network namespace.
+/// Kept open by its user: closing one costs an RCU grace period (~8–20 ms
+/// here), far more than a whole batch; it also keeps its namespace alive,
+/// so it must be dropped with it.
+pub fn open() -> Result<OwnedFd, DpError> {
     let fd = socket(
         AddressFamily::Netlink,
         SockType::Raw,
         SockFlag::SOCK_CLOEXEC,
         SockProtocol::NetlinkNetFilter,
     )
-    .map_err(|e| err("socket", e))?;
-    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).map_err(|e| err("bind", e))?;
+    .map_err(|e| fail("socket", e))?;
+    bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).map_err(|e| fail("bind", e))?;
     setsockopt(&fd, sockopt::ReceiveTimeout, &TimeVal::new(5, 0))
-        .map_err(|e| err("receive timeout", e))?;
-    if batch.buf.len() > 200_000 {
-        // Beyond the default send buffer (root may raise it).
-        setsockopt(&fd, sockopt::SndBufForce, &(2 * MAX_BATCH))
-            .map_err(|e| err("send buffer", e))?;
-    }
-    send(fd.as_raw_fd(), &batch.buf, MsgFlags::empty()).map_err(|e| err("send", e))?;
+        .map_err(|e| fail("receive timeout", e))?;
+    // Room for the largest batch sent (root may go beyond the default).
+    setsockopt(&fd, sockopt::SndBufForce, &(2 * MAX_BATCH)).map_err(|e| fail("send buffer", e))?;
+    Ok(fd)
+}
+
+/// Sends `batch` on `fd` (from [`open`]) and waits for every
+/// acknowledgement; the first error the kernel reports fails it (and the
+/// kernel then applied nothing). Answers to other sequence numbers (of an
+/// earlier batch that timed out) are skipped.
+pub fn send_batch(fd: &OwnedFd, batch: &Batch) -> Result<(), DpError> {
+    send(fd.as_raw_fd(), &batch.buf, MsgFlags::empty()).map_err(|e| fail("send", e))?;
     let mut pending: Vec<(u32, &'static str)> = batch.acked.clone();
     let mut first_error: Option<String> = None;
     let mut buf = vec![0u8; 65_536];
     while !pending.is_empty() {
         let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())
-            .map_err(|e| err("waiting for the kernel's answer", e))?;
+            .map_err(|e| fail("waiting for the kernel's answer", e))?;
         let mut at = 0;
         while at + 16 <= n {
             let word = |o: usize| u32::from_ne_bytes([buf[o], buf[o + 1], buf[o + 2], buf[o + 3]]);

@@ -76,11 +76,8 @@ pub fn relayout(slots: &[Ipv4Addr], wanted: &BTreeSet<Ipv4Addr>) -> Vec<Ipv4Addr
             out.swap_remove(i);
         }
     }
-    for b in wanted {
-        if !out.contains(b) {
-            out.push(*b);
-        }
-    }
+    let kept: BTreeSet<Ipv4Addr> = out.iter().copied().collect();
+    out.extend(wanted.difference(&kept));
     out
 }
 
