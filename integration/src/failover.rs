@@ -253,11 +253,19 @@ pub fn run(scenario: &str) -> anyhow::Result<Value> {
             && scenario != "restart-all"
             && scenario != "rolling-restart"
         {
-            let dp = c.shoal(observer, &["debug", "dataplane", "--format", "json"]);
-            let gone = dp.ok()
-                && !victim_tasks
-                    .iter()
-                    .any(|ip| dp.stdout.contains(&format!("\"{ip}\"")));
+            // Out of every spared host's kernel state (load balancers,
+            // tunnels) and out of the DNS answer the client task gets.
+            let mentions = |text: &str| {
+                victim_tasks.iter().any(|ip| {
+                    text.contains(&format!("\"{ip}\"")) || text.contains(&format!("\t{ip}\t"))
+                })
+            };
+            let lbs_clean = (0..c.hosts.len()).filter(|i| *i != victim).all(|i| {
+                let dp = c.shoal(i, &["debug", "dataplane", "--format", "json"]);
+                dp.ok() && !mentions(&dp.stdout)
+            });
+            let dns = c.shoal(observer, &["debug", "dns", &client_id, "tasks.web"]);
+            let gone = lbs_clean && dns.ok() && !mentions(&dns.stdout);
             if gone {
                 endpoints_gone = Some(since(at_fault));
             }

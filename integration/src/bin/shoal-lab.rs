@@ -371,7 +371,7 @@ fn print_report(r: &serde_json::Value) {
     println!("  new leader after:              {}", t(&r["new_leader_s"]));
     println!("  every data plane programmed:  {}", t(&r["converged_s"]));
     println!(
-        "  dead endpoints gone after:     {}",
+        "  dead endpoints out of every LB and DNS answer: {}",
         t(&r["endpoints_gone_s"])
     );
     println!(
