@@ -22,6 +22,14 @@ fn lab(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// The lab tests run one at a time: each brings up 3–5 hosts, and on 2
+/// vCPUs several clusters at once starve Raft's 100–150 ms elections.
+static ONE_LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_lab() -> std::sync::MutexGuard<'static, ()> {
+    ONE_LAB.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Runs `down` for the lab when dropped (also when a test fails).
 struct Down(String);
 
@@ -61,6 +69,7 @@ fn assert_nothing_left(name: &str) {
 
 #[test]
 fn a_lab_comes_up_breaks_heals_and_leaves_nothing_behind() {
+    let _one = one_lab();
     if !is_root() {
         let (ok, _, err) = lab(&["ls"]);
         assert!(!ok && err.contains("needs root"), "{err}");
@@ -112,6 +121,7 @@ fn a_lab_comes_up_breaks_heals_and_leaves_nothing_behind() {
 
 #[test]
 fn a_failover_scenario_reports_what_clients_felt() {
+    let _one = one_lab();
     if !is_root() {
         eprintln!("skipped: the lab needs root");
         return;
@@ -131,6 +141,7 @@ fn a_failover_scenario_reports_what_clients_felt() {
 
 #[test]
 fn a_lab_from_a_definition_has_its_hosts_roles_and_timing() {
+    let _one = one_lab();
     if !is_root() {
         eprintln!("skipped: the lab needs root");
         return;
@@ -265,6 +276,7 @@ fn a_lab_from_a_definition_has_its_hosts_roles_and_timing() {
 
 #[test]
 fn a_bad_definition_or_a_killed_lab_process_leaves_nothing_behind() {
+    let _one = one_lab();
     if !is_root() {
         eprintln!("skipped: the lab needs root");
         return;
@@ -314,6 +326,7 @@ fn a_bad_definition_or_a_killed_lab_process_leaves_nothing_behind() {
 
 #[test]
 fn the_demo_runs_to_completion_and_keep_leaves_its_lab_up() {
+    let _one = one_lab();
     if !is_root() {
         let (ok, _, err) = lab(&["demo", "--keep"]);
         assert!(!ok && err.contains("--keep needs root"), "{err}");

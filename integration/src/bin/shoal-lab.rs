@@ -200,6 +200,12 @@ fn demo(keep: Option<&str>) -> anyhow::Result<()> {
         let args = echo_service("web", 3, &["--network", "web", "-p", "8080:80"]);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         show(&c, 1, &args)?;
+        // node1's copy of the store may trail the leader's for a moment.
+        c.wait_until(
+            "node1 to see 3 running tasks",
+            Duration::from_secs(30),
+            |c| Ok(running_tasks(c, 0)?.len() == 3),
+        )?;
         show(&c, 0, &["service", "ps", "web"])?;
         step(
             "Traffic: by name from inside each task (DNS → VIP → a replica on any host), and port 8080 on every host",
@@ -214,7 +220,10 @@ fn demo(keep: Option<&str>) -> anyhow::Result<()> {
         gossip_vteps(&c)?;
     }
 
-    let leader = c.leader(0)?.ok_or_else(|| anyhow::anyhow!("no leader"))?;
+    let leader = c.wait_until_value(Duration::from_secs(20), || {
+        c.leader(0)?
+            .ok_or_else(|| anyhow::anyhow!("node1 knows no leader"))
+    })?;
     let survivor = (0..3).find(|i| *i != leader).unwrap_or(0);
     step(&format!(
         "kill -9 the leader ({}) and write through {}",
