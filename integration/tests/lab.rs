@@ -35,6 +35,18 @@ struct Down(String);
 
 impl Drop for Down {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // The daemons' logs, before `down` removes them.
+            let dir = std::path::Path::new("/run/shoal-lab").join(&self.0);
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let log = e.path().join("daemon.log");
+                if let Ok(text) = std::fs::read_to_string(&log) {
+                    let tail: Vec<&str> = text.lines().rev().take(60).collect();
+                    let tail: Vec<&str> = tail.into_iter().rev().collect();
+                    eprintln!("----- {} -----\n{}", log.display(), tail.join("\n"));
+                }
+            }
+        }
         let _ = lab(&["down", "--name", &self.0]);
     }
 }

@@ -93,11 +93,13 @@ fn requests(c: &Cluster, bin: &str) -> anyhow::Result<()> {
             .map(|k| (i + k) % n)
             .find(|j| c.shoal(*j, &["info"]).ok())
             .unwrap_or((i + 1) % n);
-        let r = c.wait_until_value(Duration::from_secs(20), || {
-            let r = c.in_host(from, bin, &["tool", "http-get", "--timeout", "2", &url]);
-            anyhow::ensure!(r.ok(), "{url}: {}", r.stderr.trim());
-            Ok(r)
-        })?;
+        let r = c
+            .wait_until_value(Duration::from_secs(20), || {
+                let r = c.in_host(from, bin, &["tool", "http-get", "--timeout", "2", &url]);
+                anyhow::ensure!(r.ok(), "{url}: {}", r.stderr.trim());
+                Ok(r)
+            })
+            .map_err(|e| anyhow::anyhow!("{e}\n{}", mesh_diagnostics(c, i)))?;
         println!(
             "$ shoal tool http-get {url}    # from {}'s network namespace",
             c.hosts[from].name
@@ -105,6 +107,44 @@ fn requests(c: &Cluster, bin: &str) -> anyhow::Result<()> {
         print!("{}", r.stdout);
     }
     Ok(())
+}
+
+/// What host `i` has programmed for the routing mesh, for a failure
+/// report: its view, and the nftables rules and neighbours of its host and
+/// network namespaces.
+fn mesh_diagnostics(c: &Cluster, i: usize) -> String {
+    let mut out = String::from("--- diagnostics of the routing mesh on ");
+    out.push_str(&c.hosts[i].name);
+    out.push('\n');
+    out.push_str(&c.shoal(i, &["debug", "dataplane"]).stdout);
+    let ns = c.hosts[i].netns.clone().unwrap_or_default();
+    let mut spaces = vec![ns.clone()];
+    if let Ok(d) = std::fs::read_dir("/run/netns") {
+        let mut nets: Vec<String> = d
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&format!("{ns}-n-")))
+            .collect();
+        nets.sort();
+        spaces.extend(nets);
+    }
+    for space in spaces {
+        for args in [
+            &["nft", "list", "ruleset"][..],
+            &["ip", "neigh"],
+            &["bridge", "fdb", "show"],
+        ] {
+            let o = std::process::Command::new("ip")
+                .args(["netns", "exec", &space])
+                .args(args)
+                .output();
+            if let Ok(o) = o {
+                out.push_str(&format!("--- {space}: {}\n", args.join(" ")));
+                out.push_str(&String::from_utf8_lossy(&o.stdout));
+            }
+        }
+    }
+    out
 }
 
 /// A host whose daemon answers.
