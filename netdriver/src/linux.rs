@@ -891,6 +891,19 @@ impl Linux {
                     self.lb_slots.insert(ns.clone(), now);
                 }
                 let mut slots = self.lb_slots.remove(ns).unwrap_or_default();
+                // Asked to change what the remembered layout says is done
+                // already: the kernel was changed behind our back.
+                let noop = crate::nft::slot_changes(lb, changed, *fresh, &slots).is_some_and(|c| {
+                    c.iter()
+                        .all(|(c, _)| c.delete.is_empty() && c.add.is_empty() && c.count.is_none())
+                });
+                if noop {
+                    slots = self
+                        .nft_run(ns, &["-j", "list", "table", "ip", "shoal"], "")
+                        .ok()
+                        .and_then(|j| crate::nft::parse(&j))
+                        .unwrap_or_default();
+                }
                 // Backends of VIPs that stay: straight over netlink.
                 if let Some(changes) = crate::nft::slot_changes(lb, changed, *fresh, &slots) {
                     let only: Vec<crate::nft::SlotChange> =

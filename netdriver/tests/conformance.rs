@@ -129,4 +129,28 @@ async fn vip_backend_changes_go_over_netlink_and_read_back_right() {
     assert_eq!(b.netlink_changes(), 3);
     let seen = b.observe(&prefix).await.unwrap();
     assert_eq!(seen.namespaces[&ns].lb, lb);
+
+    // A backend swapped behind our back (the layout we remember says all
+    // is well): the table is read again and the slot put right.
+    let swap = "delete element ip shoal be_10_0_0_3 { 1 }\n\
+                add element ip shoal be_10_0_0_3 { 1 : 10.9.9.9 }\n";
+    let mut nft = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut nft.stdin.take().unwrap(), swap.as_bytes()).unwrap();
+    assert!(nft.wait().unwrap().success());
+    let seen = b.observe(&prefix).await.unwrap();
+    assert_ne!(seen.namespaces[&ns].lb, lb);
+    let op = Op::SetLb {
+        ns: ns.clone(),
+        lb: lb.clone(),
+        changed: BTreeSet::from([vb]),
+        fresh: false,
+    };
+    b.apply(&op).await.unwrap();
+    assert_eq!(b.netlink_changes(), 4);
+    let seen = b.observe(&prefix).await.unwrap();
+    assert_eq!(seen.namespaces[&ns].lb, lb);
 }
