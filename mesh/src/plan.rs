@@ -395,42 +395,41 @@ pub fn plan(input: &PlanInput<'_>) -> NodePlan {
     // Published ports: ingress ones on every node, host ones where a task runs.
     let ingress = state.networks.values().find(|n| n.ingress);
     for s in state.services.values() {
+        // This node's sandboxes of the service, for host-mode ports.
+        let local: Vec<&SandboxPlan> = if s.ports.iter().any(|p| p.mode == PublishMode::Host) {
+            out.sandboxes
+                .values()
+                .filter(|sb| {
+                    state
+                        .tasks
+                        .get(&sb.task)
+                        .is_some_and(|t| t.service_id == s.id)
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         for p in &s.ports {
-            let backends: Vec<Ipv4Addr> = match p.mode {
-                PublishMode::Ingress => ingress
-                    .and_then(|i| s.vips.get(&i.id))
-                    .copied()
-                    .into_iter()
-                    .collect(),
-                PublishMode::Host => out
-                    .sandboxes
-                    .values()
-                    .filter(|sb| {
-                        state
-                            .tasks
-                            .get(&sb.task)
-                            .is_some_and(|t| t.service_id == s.id)
-                    })
-                    .filter_map(|sb| sb.endpoints.first().map(|e| e.ip))
-                    .collect(),
+            let (backends, tasks): (Vec<Ipv4Addr>, Vec<String>) = match p.mode {
+                PublishMode::Ingress => (
+                    ingress
+                        .and_then(|i| s.vips.get(&i.id))
+                        .copied()
+                        .into_iter()
+                        .collect(),
+                    Vec::new(),
+                ),
+                PublishMode::Host => (
+                    local
+                        .iter()
+                        .filter_map(|sb| sb.endpoints.first().map(|e| e.ip))
+                        .collect(),
+                    local.iter().map(|sb| sb.task.clone()).collect(),
+                ),
             };
             if p.mode == PublishMode::Host && backends.is_empty() {
                 continue;
             }
-            let tasks = match p.mode {
-                PublishMode::Ingress => Vec::new(),
-                PublishMode::Host => out
-                    .sandboxes
-                    .values()
-                    .filter(|sb| {
-                        state
-                            .tasks
-                            .get(&sb.task)
-                            .is_some_and(|t| t.service_id == s.id)
-                    })
-                    .map(|sb| sb.task.clone())
-                    .collect(),
-            };
             out.published.push(PublishPlan {
                 tasks,
                 service: s.spec.name.clone(),

@@ -64,43 +64,18 @@ async fn lb() {
         b.apply(&full).await.expect("program");
         let whole = t.elapsed();
         // One backend out, then back in, 10 times: the median change.
-        let mut changes = Vec::new();
-        for k in 0..10 {
-            let set: BTreeSet<Ipv4Addr> = if k % 2 == 0 {
-                all[1..].iter().copied().collect()
-            } else {
-                all.iter().copied().collect()
-            };
-            let one = Op::SetLb {
-                ns: ns.0.clone(),
-                lb: BTreeMap::from([(vip, set)]),
-                changed: BTreeSet::from([vip]),
-                fresh: false,
-            };
-            let t = Instant::now();
-            b.apply(&one).await.expect("change");
-            changes.push(t.elapsed());
-        }
-        changes.sort();
-        let change = changes[changes.len() / 2];
+        let out_in = (0..10).map(|k| {
+            let skip = usize::from(k % 2 == 0);
+            all[skip..].iter().copied().collect()
+        });
+        let change = median_change(&mut b, &ns.0, vip, out_in).await;
         // One backend replaced by another (the count stays: map slots only).
-        let mut swaps = Vec::new();
-        for k in 0..10u32 {
-            let mut set: BTreeSet<Ipv4Addr> = all.iter().copied().collect();
-            set.remove(&all[0]);
+        let replaced = (0..10u32).map(|k| {
+            let mut set: BTreeSet<Ipv4Addr> = all[1..].iter().copied().collect();
             set.insert(backend(1_000_000 + k));
-            let one = Op::SetLb {
-                ns: ns.0.clone(),
-                lb: BTreeMap::from([(vip, set)]),
-                changed: BTreeSet::from([vip]),
-                fresh: false,
-            };
-            let t = Instant::now();
-            b.apply(&one).await.expect("change");
-            swaps.push(t.elapsed());
-        }
-        swaps.sort();
-        let swap = swaps[swaps.len() / 2];
+            set
+        });
+        let swap = median_change(&mut b, &ns.0, vip, replaced).await;
         let seen = b.observe("shoal-bench").await.expect("observe");
         let got = seen.namespaces[&ns.0].lb[&vip].len();
         assert_eq!(got as u32, n, "the kernel holds what was asked");
@@ -111,6 +86,30 @@ async fn lb() {
             ms(swap)
         );
     }
+}
+
+/// The median time of applying each of `sets` in turn as VIP `vip`'s
+/// backends in namespace `ns`.
+async fn median_change(
+    b: &mut Linux,
+    ns: &str,
+    vip: Ipv4Addr,
+    sets: impl Iterator<Item = BTreeSet<Ipv4Addr>>,
+) -> Duration {
+    let mut times = Vec::new();
+    for set in sets {
+        let one = Op::SetLb {
+            ns: ns.to_owned(),
+            lb: BTreeMap::from([(vip, set)]),
+            changed: BTreeSet::from([vip]),
+            fresh: false,
+        };
+        let t = Instant::now();
+        b.apply(&one).await.expect("change");
+        times.push(t.elapsed());
+    }
+    times.sort();
+    times[times.len() / 2]
 }
 
 /// Runs `nft -f -` in namespace `ns`.

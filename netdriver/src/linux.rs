@@ -485,6 +485,27 @@ impl Linux {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Each VIP's backends in slot order, read back from the kernel's
+    /// `table ip shoal` in namespace `ns` (none when unreadable).
+    fn read_lb_slots(&self, ns: &str) -> BTreeMap<Ipv4Addr, Vec<Ipv4Addr>> {
+        self.nft_run(ns, &["-j", "list", "table", "ip", "shoal"], "")
+            .ok()
+            .and_then(|j| crate::nft::parse(&j))
+            .unwrap_or_default()
+    }
+
+    /// Sends an nf_tables batch on namespace `ns`'s netfilter socket (opened
+    /// there the first time); a socket that failed is not kept.
+    fn send_lb_batch(&mut self, ns: &str, batch: &crate::nfnl::Batch) -> Result<(), DpError> {
+        let fd = match self.nf_socks.remove(ns) {
+            Some(fd) => fd,
+            None => in_netns(self.ns_path(ns), crate::nfnl::open)?,
+        };
+        crate::nfnl::send_batch(&fd, batch)?;
+        self.nf_socks.insert(ns.to_owned(), fd);
+        Ok(())
+    }
+
     /// Reads a `/proc/sys` value as seen from namespace `ns`.
     fn read_sysctl(&self, ns: &str, key: &str) -> Option<String> {
         let key = key.to_owned();
@@ -592,11 +613,7 @@ impl Linux {
             }
         }
         if ns != HOST {
-            let slots = self
-                .nft_run(ns, &["-j", "list", "table", "ip", "shoal"], "")
-                .ok()
-                .and_then(|j| crate::nft::parse(&j))
-                .unwrap_or_default();
+            let slots = self.read_lb_slots(ns);
             out.lb = slots
                 .iter()
                 .map(|(v, b)| (*v, b.iter().copied().collect()))
@@ -882,47 +899,29 @@ impl Linux {
                 changed,
                 fresh,
             } => {
-                if !self.lb_slots.contains_key(ns) && !*fresh {
-                    let now = self
-                        .nft_run(ns, &["-j", "list", "table", "ip", "shoal"], "")
-                        .ok()
-                        .and_then(|j| crate::nft::parse(&j))
-                        .unwrap_or_default();
-                    self.lb_slots.insert(ns.clone(), now);
-                }
-                let mut slots = self.lb_slots.remove(ns).unwrap_or_default();
+                let mut slots = match self.lb_slots.remove(ns) {
+                    Some(remembered) => remembered,
+                    None if !*fresh => self.read_lb_slots(ns),
+                    None => BTreeMap::new(),
+                };
+                let mut changes = crate::nft::slot_changes(lb, changed, *fresh, &slots);
                 // Asked to change what the remembered layout says is done
                 // already: the kernel was changed behind our back.
-                let noop = crate::nft::slot_changes(lb, changed, *fresh, &slots).is_some_and(|c| {
-                    c.iter()
-                        .all(|(c, _)| c.delete.is_empty() && c.add.is_empty() && c.count.is_none())
-                });
-                if noop {
-                    slots = self
-                        .nft_run(ns, &["-j", "list", "table", "ip", "shoal"], "")
-                        .ok()
-                        .and_then(|j| crate::nft::parse(&j))
-                        .unwrap_or_default();
+                if changes
+                    .as_ref()
+                    .is_some_and(|c| c.iter().all(|(c, _)| c.is_empty()))
+                {
+                    slots = self.read_lb_slots(ns);
+                    changes = crate::nft::slot_changes(lb, changed, *fresh, &slots);
                 }
                 // Backends of VIPs that stay: straight over netlink.
-                if let Some(changes) = crate::nft::slot_changes(lb, changed, *fresh, &slots) {
+                if let Some(changes) = changes {
                     let only: Vec<crate::nft::SlotChange> =
                         changes.iter().map(|(c, _)| c.clone()).collect();
                     self.seq = self.seq.wrapping_add(1 << 16);
                     let batch = crate::nfnl::lb_batch(&only, self.seq);
                     if batch.bytes().len() <= crate::nfnl::MAX_BATCH {
-                        let sent = match self.nf_socks.remove(ns) {
-                            Some(fd) => Ok(fd),
-                            None => in_netns(self.ns_path(ns), crate::nfnl::open),
-                        }
-                        .and_then(|fd| {
-                            crate::nfnl::send_batch(&fd, &batch)?;
-                            Ok(fd)
-                        });
-                        let kept = sent.map(|fd| {
-                            self.nf_socks.insert(ns.clone(), fd);
-                        });
-                        match kept {
+                        match self.send_lb_batch(ns, &batch) {
                             Ok(()) => {
                                 for (c, layout) in changes {
                                     slots.insert(c.vip, layout);
@@ -935,11 +934,7 @@ impl Linux {
                                 // Not in the shape we thought: read it back
                                 // and let `nft` put it right.
                                 tracing::debug!(ns, error = %e, "netlink change refused; using nft");
-                                slots = self
-                                    .nft_run(ns, &["-j", "list", "table", "ip", "shoal"], "")
-                                    .ok()
-                                    .and_then(|j| crate::nft::parse(&j))
-                                    .unwrap_or_default();
+                                slots = self.read_lb_slots(ns);
                             }
                         }
                     }

@@ -96,6 +96,13 @@ pub struct SlotChange {
     pub count: Option<usize>,
 }
 
+impl SlotChange {
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.delete.is_empty() && self.add.is_empty() && self.count.is_none()
+    }
+}
+
 /// The change from slot layout `old` to the set `wanted`, and the layout
 /// after it.
 pub fn slot_change(

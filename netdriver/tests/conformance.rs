@@ -23,6 +23,17 @@ fn is_root() -> bool {
         .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
 }
 
+/// Runs an nft script in namespace `ns` (changes behind the backend's back).
+fn nft_in(ns: &str, script: &str) {
+    let mut nft = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut nft.stdin.take().unwrap(), script.as_bytes()).unwrap();
+    assert!(nft.wait().unwrap().success());
+}
+
 /// Removes the test's namespaces, also when the test fails.
 struct Cleanup(Vec<String>);
 
@@ -111,13 +122,7 @@ async fn vip_backend_changes_go_over_netlink_and_read_back_right() {
                   flush chain ip shoal svc_10_0_0_2\n\
                   delete chain ip shoal svc_10_0_0_2\n\
                   delete map ip shoal be_10_0_0_2\n";
-    let mut nft = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns, "nft", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut nft.stdin.take().unwrap(), script.as_bytes()).unwrap();
-    assert!(nft.wait().unwrap().success());
+    nft_in(&ns, script);
     let lb = BTreeMap::from([(va, set(&[4, 5])), (vb, set(&[9, 10, 11]))]);
     let op = Op::SetLb {
         ns: ns.clone(),
@@ -134,13 +139,7 @@ async fn vip_backend_changes_go_over_netlink_and_read_back_right() {
     // is well): the table is read again and the slot put right.
     let swap = "delete element ip shoal be_10_0_0_3 { 1 }\n\
                 add element ip shoal be_10_0_0_3 { 1 : 10.9.9.9 }\n";
-    let mut nft = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns, "nft", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::io::Write::write_all(&mut nft.stdin.take().unwrap(), swap.as_bytes()).unwrap();
-    assert!(nft.wait().unwrap().success());
+    nft_in(&ns, swap);
     let seen = b.observe(&prefix).await.unwrap();
     assert_ne!(seen.namespaces[&ns].lb, lb);
     let op = Op::SetLb {

@@ -81,6 +81,11 @@ impl Sandboxes {
         self.error.lock().ok()?.clone()
     }
 
+    /// The plan last programmed, if any.
+    fn last_plan(&self) -> Option<NodePlan> {
+        self.last.lock().ok()?.clone()
+    }
+
     /// For `shoal info`: `off`, `starting` (a restarted daemon waits for
     /// gossip before it programs anything), `programmed` or `error`.
     pub fn status(&self) -> &'static str {
@@ -354,13 +359,7 @@ pub async fn debug_dataplane(
     let seen = shoal_netdriver::Backend::observe(&mut backend, &names.prefix)
         .await
         .map_err(|e| anyhow::anyhow!("cannot read the kernel: {e}"))?;
-    let last = m
-        .sandboxes
-        .last
-        .lock()
-        .ok()
-        .and_then(|l| l.clone())
-        .unwrap_or_default();
+    let last = m.sandboxes.last_plan().unwrap_or_default();
     let mut networks = Vec::new();
     for net in last.networks.values() {
         if network.is_some_and(|n| n != net.name && n != net.id) {
@@ -426,13 +425,7 @@ pub async fn debug_dataplane(
 /// `shoal debug dns TASK NAME`: what that task's embedded DNS answers.
 pub fn debug_dns(m: &Member, task: &str, name: &str) -> anyhow::Result<serde_json::Value> {
     use serde_json::json;
-    let last = m
-        .sandboxes
-        .last
-        .lock()
-        .ok()
-        .and_then(|l| l.clone())
-        .unwrap_or_default();
+    let last = m.sandboxes.last_plan().unwrap_or_default();
     let sb = last
         .sandboxes
         .values()
