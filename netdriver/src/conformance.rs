@@ -145,7 +145,11 @@ pub async fn run<B: Backend>(b: &mut B, names: &Names) -> Result<(), String> {
         return Err("no default route or no forwarding".into());
     }
     let eth = &seen.namespaces[&names.task(t1)].links["eth0"];
-    if !eth.addrs.contains(&(ip(2), 24)) || eth.mac != Some(mac_for(ip(2))) || !eth.up {
+    if !eth.addrs.contains(&(ip(2), 24))
+        || eth.mac != Some(mac_for(ip(2)))
+        || !eth.up
+        || !matches!(eth.kind, LinkKind::Macvlan { .. })
+    {
         return Err(format!("task interface not as planned: {eth:#?}"));
     }
 
@@ -175,7 +179,7 @@ pub async fn run<B: Backend>(b: &mut B, names: &Names) -> Result<(), String> {
         ));
     }
 
-    // Something else deletes an FDB entry and a task's veth: put back.
+    // Something else deletes an FDB entry and a task's interface: put back.
     let net_ns = names.network("0123456789abcdef");
     let fdb = seen.namespaces[&net_ns]
         .fdb
@@ -192,13 +196,27 @@ pub async fn run<B: Backend>(b: &mut B, names: &Names) -> Result<(), String> {
         },
         Op::DelFdb(net_ns.clone(), fdb),
         Op::DelLink {
-            ns: net_ns.clone(),
-            name: crate::render::bridge_port(t2),
+            ns: names.task(t2),
+            name: "eth0".into(),
         },
     ] {
         b.apply(&op).await.map_err(|e| format!("tampering: {e}"))?;
     }
     step(b, &more, names, "after tampering").await?;
+    // The VXLAN device goes, and with it the tasks' macvlans on it, its
+    // FDB and neighbour entries: all put back, the device first.
+    let gone = Op::DelLink {
+        ns: net_ns.clone(),
+        name: crate::render::VXLAN.into(),
+    };
+    b.apply(&gone)
+        .await
+        .map_err(|e| format!("tampering: {e}"))?;
+    let seen = b.observe(&names.prefix).await.map_err(|e| e.to_string())?;
+    if seen.namespaces[&names.task(t1)].links.contains_key("eth0") {
+        return Err("a task's macvlan outlived its VXLAN device".into());
+    }
+    step(b, &more, names, "after the VXLAN device was deleted").await?;
 
     // Leftovers of a crash: a stale namespace and a stale host link go.
     let stale_ns = format!("{}n-stale", names.prefix);
@@ -229,15 +247,11 @@ pub async fn run<B: Backend>(b: &mut B, names: &Names) -> Result<(), String> {
         return Err("leftovers were not removed".into());
     }
 
-    // A task goes: its sandbox and its veth go.
+    // A task goes: its sandbox goes (and its macvlan with it).
     let fewer = sample_plan(&[(t1, 2)], &[remote(4, 2), remote(5, 3), remote(6, 3)]);
     step(b, &fewer, names, "a task removed").await?;
     let seen = b.observe(&names.prefix).await.map_err(|e| e.to_string())?;
-    if seen.namespaces.contains_key(&names.task(t2))
-        || seen.namespaces[&net_ns]
-            .links
-            .contains_key(&crate::render::bridge_port(t2))
-    {
+    if seen.namespaces.contains_key(&names.task(t2)) {
         return Err("the removed task's sandbox is still there".into());
     }
 

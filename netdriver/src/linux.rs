@@ -387,6 +387,7 @@ impl Linux {
                                         },
                                         InfoKind::MacVlan => LinkKind::Macvlan {
                                             parent: String::new(),
+                                            parent_ns: String::new(),
                                         },
                                         InfoKind::Vxlan => LinkKind::Vxlan {
                                             vni: 0,
@@ -664,26 +665,27 @@ impl Linux {
             .map_err(|e| other(&format!("move link to {}", show_ns(to)), e))
     }
 
-    /// Creates the link `msg` describes in the host namespace (its name from
-    /// [`host_side_name`]) and moves it into `ns` as `name`; nothing is left
+    /// Creates the link `msg` describes in namespace `from` (its name from
+    /// [`creation_name`]) and moves it into `ns` as `name`; nothing is left
     /// behind if the move fails.
-    async fn add_on_host_and_move(
+    async fn add_in_and_move(
         &mut self,
+        from: &str,
         ns: &str,
         name: &str,
         msg: LinkMessage,
         what: &str,
     ) -> Result<(), DpError> {
-        let tmp = host_side_name(ns, name);
-        let h = self.handle(HOST).await?;
+        let tmp = creation_name(from, ns, name);
+        let h = self.handle(from).await?;
         h.link()
             .add(msg)
             .execute()
             .await
             .map_err(|e| other(&format!("create {what}"), e))?;
-        if ns != HOST {
-            let idx = self.index(HOST, &tmp).await?;
-            if let Err(e) = self.move_link(HOST, idx, ns, name).await {
+        if ns != from {
+            let idx = self.index(from, &tmp).await?;
+            if let Err(e) = self.move_link(from, idx, ns, name).await {
                 let _ = h.link().del(idx).execute().await;
                 return Err(e);
             }
@@ -704,13 +706,13 @@ impl Linux {
             LinkKind::Vxlan { vni, local, port } => {
                 // Made in the host namespace, under a temporary `shoal…`
                 // name, so that its socket is on the underlay.
-                let msg = LinkVxlan::new(&host_side_name(ns, name), *vni)
+                let msg = LinkVxlan::new(&creation_name(HOST, ns, name), *vni)
                     .local(*local)
                     .port(*port)
                     .learning(false)
                     .proxy(true)
                     .build();
-                self.add_on_host_and_move(ns, name, msg, "vxlan").await
+                self.add_in_and_move(HOST, ns, name, msg, "vxlan").await
             }
             LinkKind::Veth { peer, peer_ns } => {
                 let tmp = format!("shoalp{}", &name[..name.len().min(9)]);
@@ -729,12 +731,16 @@ impl Linux {
                 }
                 Ok(())
             }
-            LinkKind::Macvlan { parent } => {
-                let parent_idx = self.index(HOST, parent).await?;
-                let msg =
-                    LinkMacVlan::new(&host_side_name(ns, name), parent_idx, MacVlanMode::Bridge)
-                        .build();
-                self.add_on_host_and_move(ns, name, msg, "macvlan").await
+            LinkKind::Macvlan { parent, parent_ns } => {
+                let parent_idx = self.index(parent_ns, parent).await?;
+                let msg = LinkMacVlan::new(
+                    &creation_name(parent_ns, ns, name),
+                    parent_idx,
+                    MacVlanMode::Bridge,
+                )
+                .build();
+                self.add_in_and_move(parent_ns, ns, name, msg, "macvlan")
+                    .await
             }
             LinkKind::Other(k) => Err(DpError::Other(format!("cannot create a {k} link"))),
         }
@@ -982,11 +988,11 @@ fn route_message(r: &crate::model::Route, dev: u32) -> RouteMessage {
     b.build()
 }
 
-/// The name a link bound for `ns` has while it is made in the host
-/// namespace: its own name if it stays there, else a `shoal…` one unique
-/// to (namespace, name), at most 15 characters.
-fn host_side_name(ns: &str, name: &str) -> String {
-    if ns == HOST {
+/// The name a link bound for `ns` has while it is made in namespace
+/// `from`: its own name if it stays there, else a `shoal…` one unique to
+/// (namespace, name), at most 15 characters.
+fn creation_name(from: &str, ns: &str, name: &str) -> String {
+    if ns == from {
         return name.to_owned();
     }
     let mut h: u32 = 0x811c_9dc5;

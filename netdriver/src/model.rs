@@ -34,11 +34,15 @@ pub enum LinkKind {
         /// The other end's namespace.
         peer_ns: String,
     },
-    /// A macvlan (bridge mode) on host interface `parent`: created in the
-    /// host namespace and moved.
+    /// A macvlan (bridge mode) on interface `parent` of namespace
+    /// `parent_ns`: created there and moved. On a host interface for the
+    /// macvlan driver; on an overlay network's VXLAN device for the tasks
+    /// (and the ingress address) on that network.
     Macvlan {
-        /// The parent interface in the host namespace.
+        /// The parent interface.
         parent: String,
+        /// The parent's namespace ([`HOST`] for a host interface).
+        parent_ns: String,
     },
     /// Something else (seen, never created).
     Other(String),
@@ -281,8 +285,9 @@ pub fn owned_link(ns: &str, name: &str) -> bool {
 
 /// The changes that turn `actual` into `wanted`, in an order the kernel
 /// accepts: namespaces first, removals, then links (bridges before their
-/// ports), settings, tables; namespaces removed last. Only namespaces under
-/// `prefix` (and the host's `shoal…` links) are touched.
+/// ports, VXLAN devices before the macvlans on them), settings, tables;
+/// namespaces removed last. Only namespaces under `prefix` (and the host's
+/// `shoal…` links) are touched.
 pub fn diff(actual: &Kernel, wanted: &Kernel, prefix: &str) -> Vec<Op> {
     let empty = Netns::default();
     let mut add_ns = Vec::new();
@@ -290,6 +295,7 @@ pub fn diff(actual: &Kernel, wanted: &Kernel, prefix: &str) -> Vec<Op> {
     let mut removals = Vec::new();
     let mut bridges = Vec::new();
     let mut others = Vec::new();
+    let mut stacked = Vec::new();
     let mut settings = Vec::new();
     let mut tables = Vec::new();
     let mut early = Vec::new();
@@ -348,6 +354,11 @@ pub fn diff(actual: &Kernel, wanted: &Kernel, prefix: &str) -> Vec<Op> {
                     };
                     if w.kind == LinkKind::Bridge {
                         bridges.push(op);
+                    } else if matches!(&w.kind, LinkKind::Macvlan { parent_ns, .. } if parent_ns != HOST)
+                    {
+                        // On a link of another of Shoal's namespaces (an
+                        // overlay's VXLAN device), made with the others.
+                        stacked.push(op);
                     } else {
                         others.push(op);
                     }
@@ -434,6 +445,7 @@ pub fn diff(actual: &Kernel, wanted: &Kernel, prefix: &str) -> Vec<Op> {
     out.extend(removals);
     out.extend(bridges);
     out.extend(others);
+    out.extend(stacked);
     out.extend(settings);
     out.extend(tables);
     out.extend(del_ns);

@@ -1,7 +1,8 @@
 //! An in-memory backend that models the kernel's rules closely enough to
 //! catch ordering and idempotency mistakes: creating what exists fails with
 //! "file exists", a port's bridge must exist, a veth is created and deleted
-//! as a pair, deleting a namespace deletes its links and their veth peers.
+//! as a pair, deleting a namespace deletes its links and their veth peers,
+//! a macvlan needs its parent and goes with it.
 //! Tests use it as the kernel when not root, and to tamper with state.
 
 use std::collections::BTreeSet;
@@ -53,6 +54,24 @@ impl Recording {
                 }
             }
         }
+        if removed.is_none() {
+            return;
+        }
+        // The macvlans on it, wherever they were moved.
+        let stacked: Vec<(String, String)> = self
+            .kernel
+            .namespaces
+            .iter()
+            .flat_map(|(n, x)| x.links.iter().map(move |(l, link)| (n, l, link)))
+            .filter(|(_, _, link)| {
+                matches!(&link.kind, LinkKind::Macvlan { parent, parent_ns }
+                    if parent == name && parent_ns == ns)
+            })
+            .map(|(n, l, _)| (n.clone(), l.clone()))
+            .collect();
+        for (n, l) in stacked {
+            self.del_link(&n, &l);
+        }
         if let Some(LinkKind::Veth { peer, peer_ns }) = removed.map(|l| l.kind) {
             let peer_there = self
                 .kernel
@@ -98,6 +117,16 @@ impl Recording {
                         Some(true) => return Err(fail(op, "file exists (peer)")),
                         _ => {}
                     }
+                }
+                if let LinkKind::Macvlan { parent, parent_ns } = &link.kind
+                    && parent_ns != HOST
+                    && !self
+                        .kernel
+                        .namespaces
+                        .get(parent_ns)
+                        .is_some_and(|n| n.links.contains_key(parent))
+                {
+                    return Err(fail(op, "no such device (macvlan parent)"));
                 }
                 let n = self.ns_mut(ns, op)?;
                 if n.links.contains_key(name) {

@@ -1,11 +1,21 @@
 //! From a node's plan to the kernel objects that carry it out.
 //!
+//! An overlay network:
+//!
 //! ```text
-//!  namespace <prefix>n-<network>          namespace <prefix>t-<task>
-//!   br0 (gateway address) ◄── v<task>  ══veth══  eth<k> (task address, MAC)
-//!    ▲
+//!  namespace <prefix>n-<network>                namespace <prefix>t-<task>
 //!   vxlan0 (VNI, local VTEP, learning off, ARP proxy)
-//!     FDB:   MAC → remote VTEP     neighbours: IP → MAC   (from gossip)
+//!     │ FDB: MAC → remote VTEP, neighbours: IP → MAC (from gossip)
+//!     └──── macvlan (bridge mode), moved ────►  eth<k> (task address, MAC)
+//! ```
+//!
+//! Tasks sit straight on the VXLAN device: no veth, no bridge, so a packet
+//! crosses one device between the task and the tunnel; tasks on the same
+//! node and network reach each other through the macvlan's own switch. A
+//! `bridge` network (one host) is a bridge with a veth per task:
+//!
+//! ```text
+//!   br0 (gateway address) ◄── v<task>  ══veth══  eth<k> (task address, MAC)
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -24,6 +34,13 @@ pub const INGRESS_HOST_LINK: &str = "shoalig0";
 pub const INGRESS_HOST_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 222, 1);
 /// Its address on the ingress namespace's side.
 pub const INGRESS_NS_ADDR: Ipv4Addr = Ipv4Addr::new(169, 254, 222, 2);
+
+/// An overlay network's VXLAN device, in the network's namespace.
+pub const VXLAN: &str = "vxlan0";
+
+/// The ingress namespace's address on the `ingress` overlay (a macvlan on
+/// its VXLAN device, like a task's).
+pub const INGRESS_LINK: &str = "ig0";
 
 /// The default VXLAN UDP port (`--data-path-port`).
 pub const VXLAN_PORT: u16 = 4789;
@@ -110,21 +127,23 @@ pub fn render(plan: &NodePlan, names: &Names, vxlan_port: u16, gateway: Option<I
             continue;
         }
         let mut ns = Netns::default();
-        ns.links.insert(
-            "br0".into(),
-            Link {
-                kind: LinkKind::Bridge,
-                mtu: net.mtu,
-                mac: None,
-                master: None,
-                addrs: BTreeSet::from([(net.gateway, net.subnet.prefix_len())]),
-                up: true,
-                isolated: false,
-            },
-        );
+        if net.driver == Driver::Bridge {
+            ns.links.insert(
+                "br0".into(),
+                Link {
+                    kind: LinkKind::Bridge,
+                    mtu: net.mtu,
+                    mac: None,
+                    master: None,
+                    addrs: BTreeSet::from([(net.gateway, net.subnet.prefix_len())]),
+                    up: true,
+                    isolated: false,
+                },
+            );
+        }
         if let (Driver::Overlay, Some(vni)) = (net.driver, net.vni) {
             ns.links.insert(
-                "vxlan0".into(),
+                VXLAN.into(),
                 Link {
                     kind: LinkKind::Vxlan {
                         vni,
@@ -133,7 +152,7 @@ pub fn render(plan: &NodePlan, names: &Names, vxlan_port: u16, gateway: Option<I
                     },
                     mtu: net.mtu,
                     mac: None,
-                    master: Some("br0".into()),
+                    master: None,
                     addrs: BTreeSet::new(),
                     up: true,
                     isolated: false,
@@ -141,12 +160,12 @@ pub fn render(plan: &NodePlan, names: &Names, vxlan_port: u16, gateway: Option<I
             );
             for r in &net.remotes {
                 ns.fdb.insert(Fdb {
-                    link: "vxlan0".into(),
+                    link: VXLAN.into(),
                     mac: r.mac,
                     dst: r.vtep,
                 });
                 ns.neigh.insert(Neigh {
-                    link: "vxlan0".into(),
+                    link: VXLAN.into(),
                     ip: r.ip,
                     mac: r.mac,
                 });
@@ -161,13 +180,18 @@ pub fn render(plan: &NodePlan, names: &Names, vxlan_port: u16, gateway: Option<I
             let Some(net) = plan.networks.get(&ep.network) else {
                 continue;
             };
-            if let (Driver::Macvlan, Some(parent)) = (net.driver, &net.parent) {
+            let eth = format!("eth{i}");
+            let net_ns = names.network(&net.id);
+            let parent = match (net.driver, &net.parent, net.vni) {
+                (Driver::Macvlan, Some(parent), _) => Some((parent.clone(), HOST.to_owned())),
+                (Driver::Overlay, _, Some(_)) => Some((VXLAN.to_owned(), net_ns.clone())),
+                _ => None,
+            };
+            if let Some((parent, parent_ns)) = parent {
                 ns.links.insert(
-                    format!("eth{i}"),
+                    eth,
                     Link {
-                        kind: LinkKind::Macvlan {
-                            parent: parent.clone(),
-                        },
+                        kind: LinkKind::Macvlan { parent, parent_ns },
                         mtu: net.mtu,
                         mac: Some(ep.mac),
                         master: None,
@@ -178,11 +202,9 @@ pub fn render(plan: &NodePlan, names: &Names, vxlan_port: u16, gateway: Option<I
                 );
                 continue;
             }
-            if !matches!(net.driver, Driver::Overlay | Driver::Bridge) {
+            if net.driver != Driver::Bridge {
                 continue;
             }
-            let net_ns = names.network(&net.id);
-            let eth = format!("eth{i}");
             let port = bridge_port(&sb.task);
             if let Some(n) = k.namespaces.get_mut(&net_ns) {
                 n.links.insert(
@@ -340,7 +362,7 @@ fn render_gateway(k: &mut Kernel, plan: &NodePlan, names: &Names, subnet: Ipv4Ne
 ///
 /// ```text
 ///  client ─► HOST:P ──dnat──► 169.254.222.2:P (gw0, ingress ns)
-///            ──dnat──► task:T over br0/vxlan0, snat to this node's ingress address
+///            ──dnat──► task:T from ig0 (macvlan on vxlan0), snat to this node's ingress address
 /// ```
 fn render_ingress(
     k: &mut Kernel,
@@ -355,11 +377,25 @@ fn render_ingress(
     let Some(ns) = k.namespaces.get_mut(&ns_name) else {
         return;
     };
-    if let Some(br) = ns.links.get_mut("br0") {
-        br.addrs.insert((ig.addr, net.subnet.prefix_len()));
-        // The MAC other nodes derive for this node's ingress address.
-        br.mac = Some(shoal_mesh::plan::mac_for(ig.addr));
+    if !ns.links.contains_key(VXLAN) {
+        return;
     }
+    ns.links.insert(
+        INGRESS_LINK.into(),
+        Link {
+            kind: LinkKind::Macvlan {
+                parent: VXLAN.into(),
+                parent_ns: ns_name.clone(),
+            },
+            mtu: net.mtu,
+            // The MAC other nodes derive for this node's ingress address.
+            mac: Some(shoal_mesh::plan::mac_for(ig.addr)),
+            master: None,
+            addrs: BTreeSet::from([(ig.addr, net.subnet.prefix_len())]),
+            up: true,
+            isolated: false,
+        },
+    );
     let veth = |peer: &str, peer_ns: &str, addr: Ipv4Addr| Link {
         kind: LinkKind::Veth {
             peer: peer.into(),
@@ -393,7 +429,7 @@ fn render_ingress(
             })
             .collect(),
         local: false,
-        snat: Some(("br0".into(), ig.addr)),
+        snat: Some((INGRESS_LINK.into(), ig.addr)),
         masquerade: None,
     });
     let host = k.namespaces.entry(HOST.into()).or_default();
