@@ -141,6 +141,44 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
         );
     }
 
+    // Conntrack follows the VIP connections only: in every task's
+    // namespace the requests to the VIP just made are there, and not one
+    // of the direct connections between tasks, either way.
+    for t in &tasks {
+        let name = t["name"].as_str().unwrap();
+        let r = c.shoal(
+            host_of(&c, t),
+            &["exec", name, "--", "cat", "/proc/net/nf_conntrack"],
+        );
+        assert!(r.ok(), "{r:?}");
+        let others: Vec<String> = tasks
+            .iter()
+            .filter(|o| o["name"] != t["name"])
+            .map(|o| o["addresses"]["appnet"].as_str().unwrap().to_owned())
+            .collect();
+        assert!(
+            r.stdout.contains(&format!("dst={vip} ")),
+            "{name}: no tracked VIP connection:\n{}",
+            r.stdout
+        );
+        for line in r.stdout.lines() {
+            // The original direction's addresses come first.
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let first = |key: &str| {
+                fields
+                    .iter()
+                    .find_map(|f| f.strip_prefix(key))
+                    .unwrap_or_default()
+            };
+            assert!(
+                !others
+                    .iter()
+                    .any(|o| o == first("src=") || o == first("dst=")),
+                "{name}: a direct connection between tasks was tracked: {line}"
+            );
+        }
+    }
+
     // By name, through the embedded DNS at 127.0.0.11: `web` is the VIP,
     // `tasks.web` the three tasks.
     for from in &tasks {

@@ -3,22 +3,44 @@
 //! ```text
 //! table ip shoal {
 //!   map vips { type ipv4_addr : verdict; elements = { VIP : goto svc_VIP, … } }
+//!   set vipset { type ipv4_addr; elements = { VIP, … } }
 //!   chain out { type nat hook output priority -100; ip daddr vmap @vips }
-//!   chain svc_10_0_0_2 { dnat to numgen inc mod N map { 0 : B0, 1 : B1, … } }
+//!   chain svc_10_0_0_2 { dnat to numgen inc mod N map @be_10_0_0_2 }
+//!   chain post { type nat hook postrouting priority 100; ct status dnat
+//!                oifname != "lo" meta l4proto { tcp, udp } masquerade to :61000-65535 }
+//!   chain raw_out { type filter hook output priority -300;
+//!                   oifname != "lo" ip daddr != @vipset notrack }
+//!   chain raw_pre { type filter hook prerouting priority -300;
+//!                   meta l4proto { tcp, udp } th dport < 61000 notrack }
 //! }
 //! ```
 //!
 //! Connections from the task to a VIP are DNATed to one live backend, round
 //! robin, in the client's own namespace, so the server sees the client's
-//! address (no SNAT). A backend change rewrites one service's chain (and
-//! its map element) in one `nft -f` transaction, whatever the number of
-//! services; established connections keep their conntrack entry.
+//! address (no address SNAT). A backend change rewrites the slots of one
+//! service's map that change (and, when the count changes, its one rule).
+//! Established connections keep their conntrack entry.
+//!
+//! Conntrack only follows connections to VIPs: the `nat` hooks turn it on
+//! for the whole namespace, and tracking every packet of the task costs
+//! throughput. What leaves for anything but a VIP is not tracked
+//! (`raw_out`); a VIP connection's source port is moved into
+//! [`VIP_PORTS`] (the kernel's default ephemeral range ends below it), so
+//! that what comes in to any other TCP or UDP port is not tracked either
+//! (`raw_pre`) while the replies of VIP connections are, and are
+//! translated back. The server sees the client's address with a source
+//! port from that range. Loopback is always tracked: a task that reaches
+//! itself through its VIP sends the replies out of its own namespace, and
+//! they must be translated back there.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 
 use serde_json::Value;
+
+/// The source ports of connections to VIPs (see the module's notes).
+pub const VIP_PORTS: (u16, u16) = (61_000, 65_535);
 
 /// The chain of VIP `vip`.
 pub fn chain(vip: Ipv4Addr) -> String {
@@ -61,6 +83,7 @@ fn add_vip(s: &mut String, vip: Ipv4Addr, backends: &[Ipv4Addr]) {
         &backends.iter().copied().enumerate().collect::<Vec<_>>(),
     );
     let _ = writeln!(s, "add element ip shoal vips {{ {vip} : goto {c} }}");
+    let _ = writeln!(s, "add element ip shoal vipset {{ {vip} }}");
 }
 
 /// The slot layout after going from `slots` to the set `wanted`: removed
@@ -166,12 +189,22 @@ pub fn script(
         if lb.is_empty() {
             return s;
         }
-        s.push_str("add table ip shoal\n");
-        s.push_str("add map ip shoal vips { type ipv4_addr : verdict; }\n");
-        s.push_str(
-            "add chain ip shoal out { type nat hook output priority -100; policy accept; }\n",
+        let (lo, hi) = VIP_PORTS;
+        let _ = write!(
+            s,
+            "add table ip shoal
+add map ip shoal vips {{ type ipv4_addr : verdict; }}
+add set ip shoal vipset {{ type ipv4_addr; }}
+add chain ip shoal out {{ type nat hook output priority -100; policy accept; }}
+add rule ip shoal out ip daddr vmap @vips
+add chain ip shoal post {{ type nat hook postrouting priority 100; policy accept; }}
+add rule ip shoal post ct status dnat oifname != \"lo\" meta l4proto {{ tcp, udp }} masquerade to :{lo}-{hi}
+add chain ip shoal raw_out {{ type filter hook output priority -300; policy accept; }}
+add rule ip shoal raw_out oifname != \"lo\" ip daddr != @vipset notrack
+add chain ip shoal raw_pre {{ type filter hook prerouting priority -300; policy accept; }}
+add rule ip shoal raw_pre meta l4proto {{ tcp, udp }} th dport < {lo} notrack
+"
         );
-        s.push_str("add rule ip shoal out ip daddr vmap @vips\n");
         for (vip, backends) in lb {
             let b: Vec<Ipv4Addr> = backends.iter().copied().collect();
             add_vip(&mut s, *vip, &b);
@@ -197,8 +230,11 @@ pub fn script(
                 slots.insert(*vip, new);
             }
             (Some(wanted), None) => {
-                // Whatever a partial earlier state left goes first.
+                // Whatever a partial earlier state left goes first (adding
+                // first makes each delete safe).
                 let _ = writeln!(s, "add chain ip shoal {c}");
+                let _ = writeln!(s, "add element ip shoal vips {{ {vip} : goto {c} }}");
+                let _ = writeln!(s, "delete element ip shoal vips {{ {vip} }}");
                 let _ = writeln!(s, "flush chain ip shoal {c}");
                 let _ = writeln!(s, "delete chain ip shoal {c}");
                 let _ = writeln!(
@@ -212,6 +248,8 @@ pub fn script(
             }
             (None, _) => {
                 let _ = writeln!(s, "delete element ip shoal vips {{ {vip} }}");
+                let _ = writeln!(s, "add element ip shoal vipset {{ {vip} }}");
+                let _ = writeln!(s, "delete element ip shoal vipset {{ {vip} }}");
                 let _ = writeln!(s, "flush chain ip shoal {c}");
                 let _ = writeln!(s, "delete chain ip shoal {c}");
                 let _ = writeln!(s, "delete map ip shoal {m}");
@@ -222,9 +260,13 @@ pub fn script(
     s
 }
 
+/// The chains with a hook in `table ip shoal`, each with its one rule.
+const HOOKS: [&str; 4] = ["out", "post", "raw_out", "raw_pre"];
+
 /// Reads `nft -j list table ip shoal` back: each VIP's backends in slot
-/// order. VIPs whose chain or map is missing, empty or inconsistent are left
-/// out (so they are rewritten); `None` when the table is not in the
+/// order. VIPs whose chain or map is missing, empty or inconsistent, or that
+/// conntrack would not follow (not in `vipset`), are left out (so they are
+/// rewritten); `None` when the table is not in the
 /// expected shape.
 pub fn parse(json: &str) -> Option<BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>> {
     let v: Value = serde_json::from_str(json).ok()?;
@@ -232,8 +274,20 @@ pub fn parse(json: &str) -> Option<BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>> {
     let mut vips: BTreeMap<Ipv4Addr, String> = BTreeMap::new();
     let mut maps: BTreeMap<String, BTreeMap<u64, Ipv4Addr>> = BTreeMap::new();
     let mut modulus: BTreeMap<String, u64> = BTreeMap::new();
-    let mut hooked = false;
+    let mut tracked: BTreeSet<Ipv4Addr> = BTreeSet::new();
+    let mut hooks: BTreeSet<&str> = BTreeSet::new();
     for item in items {
+        if let Some(set) = item.get("set")
+            && set.get("name").and_then(Value::as_str) == Some("vipset")
+        {
+            tracked.extend(
+                set.get("elem")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|e| e.as_str()?.parse::<Ipv4Addr>().ok()),
+            );
+        }
         if let Some(m) = item.get("map") {
             let name = m.get("name").and_then(Value::as_str).unwrap_or_default();
             let elems = m
@@ -272,8 +326,8 @@ pub fn parse(json: &str) -> Option<BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>> {
         }
         if let Some(r) = item.get("rule") {
             let chain = r.get("chain").and_then(Value::as_str).unwrap_or_default();
-            if chain == "out" {
-                hooked = true;
+            if HOOKS.contains(&chain) {
+                hooks.insert(chain);
             } else if chain.starts_with("svc_") {
                 let m = r
                     .pointer("/expr/0/dnat/addr/map/key/numgen/mod")
@@ -284,7 +338,9 @@ pub fn parse(json: &str) -> Option<BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>> {
             }
         }
     }
-    if !hooked {
+    // A table without every hook (an older layout, or tampered with) is
+    // rewritten whole.
+    if hooks.len() != HOOKS.len() {
         return None;
     }
     Some(
@@ -296,7 +352,11 @@ pub fn parse(json: &str) -> Option<BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>> {
                 let b: Vec<Ipv4Addr> = (0..n)
                     .map(|i| slots.get(&i).copied())
                     .collect::<Option<_>>()?;
-                (c == chain(vip) && !b.is_empty() && slots.len() as u64 == n).then_some((vip, b))
+                (c == chain(vip)
+                    && !b.is_empty()
+                    && slots.len() as u64 == n
+                    && tracked.contains(&vip))
+                .then_some((vip, b))
             })
             .collect(),
     )
@@ -426,13 +486,23 @@ mod tests {
         let json = r#"{"nftables": [
           {"map": {"name": "vips", "elem": [["10.0.0.2", {"goto": {"target": "svc_10_0_0_2"}}]]}},
           {"map": {"name": "be_10_0_0_2", "elem": [[0, "10.0.0.3"], [1, "10.0.0.4"]]}},
+          {"set": {"name": "vipset", "elem": ["10.0.0.2"]}},
           {"rule": {"chain": "out", "expr": []}},
+          {"rule": {"chain": "post", "expr": []}},
+          {"rule": {"chain": "raw_out", "expr": []}},
+          {"rule": {"chain": "raw_pre", "expr": []}},
           {"rule": {"chain": "svc_10_0_0_2", "expr": [{"dnat": {"addr": {"map": {"key": {"numgen": {"mode": "inc", "mod": 2, "offset": 0}}, "data": "@be_10_0_0_2"}}}}]}}]}"#;
         let lb = parse(json).unwrap();
         assert_eq!(lb[&b(2)], vec![b(3), b(4)]);
         // A modulus that does not match the map: left out, to be rewritten.
         let broken = json.replace("\"mod\": 2", "\"mod\": 3");
         assert!(parse(&broken).unwrap().is_empty());
+        // A VIP conntrack would not follow: left out too.
+        let untracked = json.replace(r#""elem": ["10.0.0.2"]"#, r#""elem": []"#);
+        assert!(parse(&untracked).unwrap().is_empty());
+        // A table of the older layout, without the notrack hooks: rewritten.
+        let older = json.replace(r#""chain": "raw_pre""#, r#""chain": "x""#);
+        assert_eq!(parse(&older), None);
         assert_eq!(parse("{}"), None);
         assert_eq!(parse("not json"), None);
     }
