@@ -258,7 +258,17 @@ pub struct Linux {
     netlink_changes: u64,
     /// A netfilter netlink socket per namespace (opened there once).
     nf_socks: HashMap<String, std::os::fd::OwnedFd>,
+    /// Each namespace's tables as `nft` last listed them, with the
+    /// nf_tables generation they were read at: while the generation stays,
+    /// nothing changed them, and they are not listed again.
+    tables_seen: HashMap<String, TablesSeen>,
+    /// `nft` listings made by observations.
+    nft_listings: u64,
 }
+
+/// A namespace's tables as listed: the generation, the port forwarding's
+/// fingerprint, the VIP slots.
+type TablesSeen = (u32, Option<String>, BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>);
 
 /// A link as dumped: index and model.
 struct Seen {
@@ -273,6 +283,12 @@ impl Linux {
         self.netlink_changes
     }
 
+    /// How many times an observation ran `nft` to list a namespace's
+    /// tables (it does not while their nf_tables generation stays).
+    pub fn nft_listings(&self) -> u64 {
+        self.nft_listings
+    }
+
     /// A backend whose host namespace is `host` (a name under `/run/netns`)
     /// or, if `None`, the one this process runs in.
     pub fn new(host: Option<String>) -> Self {
@@ -283,6 +299,8 @@ impl Linux {
             seq: std::process::id() << 16,
             netlink_changes: 0,
             nf_socks: HashMap::new(),
+            tables_seen: HashMap::new(),
+            nft_listings: 0,
         }
     }
 
@@ -498,13 +516,55 @@ impl Linux {
     /// Sends an nf_tables batch on namespace `ns`'s netfilter socket (opened
     /// there the first time); a socket that failed is not kept.
     fn send_lb_batch(&mut self, ns: &str, batch: &crate::nfnl::Batch) -> Result<(), DpError> {
+        self.with_nf_sock(ns, |fd| crate::nfnl::send_batch(fd, batch))
+    }
+
+    /// Runs `f` on namespace `ns`'s netfilter socket (opened there the
+    /// first time); a socket that failed is not kept.
+    fn with_nf_sock<T>(
+        &mut self,
+        ns: &str,
+        f: impl FnOnce(&std::os::fd::OwnedFd) -> Result<T, DpError>,
+    ) -> Result<T, DpError> {
         let fd = match self.nf_socks.remove(ns) {
             Some(fd) => fd,
             None => in_netns(self.ns_path(ns), crate::nfnl::open)?,
         };
-        crate::nfnl::send_batch(&fd, batch)?;
+        let out = f(&fd)?;
         self.nf_socks.insert(ns.to_owned(), fd);
-        Ok(())
+        Ok(out)
+    }
+
+    /// Namespace `ns`'s tables: from the last listing while the nf_tables
+    /// generation there has not moved, else listed by `nft` again.
+    fn tables(&mut self, ns: &str) -> (Option<String>, BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>) {
+        self.seq = self.seq.wrapping_add(1 << 16);
+        let seq = self.seq;
+        let generation = self
+            .with_nf_sock(ns, |fd| crate::nfnl::generation(fd, seq))
+            .ok();
+        if let (Some(g), Some((seen, nat, slots))) = (generation, self.tables_seen.get(ns))
+            && *seen == g
+        {
+            return (nat.clone(), slots.clone());
+        }
+        self.nft_listings += 1;
+        let nat = self
+            .nft_run(ns, &["-j", "list", "table", "ip", "shoal-nat"], "")
+            .ok()
+            .and_then(|j| crate::nft::nat_seen(&j));
+        let slots = if ns == HOST {
+            BTreeMap::new()
+        } else {
+            self.read_lb_slots(ns)
+        };
+        // Read at generation `g` or later: a change in between shows as a
+        // newer generation next time, and is listed then.
+        if let Some(g) = generation {
+            self.tables_seen
+                .insert(ns.to_owned(), (g, nat.clone(), slots.clone()));
+        }
+        (nat, slots)
     }
 
     /// Reads a `/proc/sys` value as seen from namespace `ns`.
@@ -579,10 +639,8 @@ impl Linux {
                 });
             }
         }
-        out.nat_seen = self
-            .nft_run(ns, &["-j", "list", "table", "ip", "shoal-nat"], "")
-            .ok()
-            .and_then(|j| crate::nft::nat_seen(&j));
+        let (nat_seen, slots) = self.tables(ns);
+        out.nat_seen = nat_seen;
         out.forwarding = self
             .read_sysctl(ns, "net/ipv4/ip_forward")
             .is_some_and(|v| v.trim() == "1");
@@ -614,7 +672,6 @@ impl Linux {
             }
         }
         if ns != HOST {
-            let slots = self.read_lb_slots(ns);
             out.lb = slots
                 .iter()
                 .map(|(v, b)| (*v, b.iter().copied().collect()))
@@ -849,6 +906,7 @@ impl Linux {
                 self.handles.remove(name);
                 self.nf_socks.remove(name);
                 self.lb_slots.remove(name);
+                self.tables_seen.remove(name);
                 delete_netns(name)
             }
             Op::AddLink { ns, name, link } => self.add_link(ns, name, link).await,
@@ -1037,8 +1095,9 @@ impl Backend for Linux {
             .insert(HOST.into(), self.observe_ns(HOST).await?);
         let listed = list_netns(prefix);
         // Sockets hold their namespace: none for one that went away.
-        self.nf_socks
-            .retain(|ns, _| ns == HOST || !ns.starts_with(prefix) || listed.contains(ns));
+        let keep = |ns: &String| ns == HOST || !ns.starts_with(prefix) || listed.contains(ns);
+        self.nf_socks.retain(|ns, _| keep(ns));
+        self.tables_seen.retain(|ns, _| keep(ns));
         for ns in listed {
             // One that cannot be read (a file left by a crash before it
             // was bound) is reported empty, so that it is removed.
@@ -1049,6 +1108,7 @@ impl Backend for Linux {
                 Err(_) => {
                     self.handles.remove(&ns);
                     self.nf_socks.remove(&ns);
+                    self.tables_seen.remove(&ns);
                     k.namespaces.insert(ns, Netns::default());
                 }
             }

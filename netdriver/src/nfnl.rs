@@ -44,6 +44,9 @@ const NFT_MSG_NEWRULE: u16 = 6;
 const NFT_MSG_DELRULE: u16 = 8;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
+const NFT_MSG_NEWGEN: u16 = 15;
+const NFT_MSG_GETGEN: u16 = 16;
+const NFTA_GEN_ID: u16 = 1;
 
 const NFTA_RULE_TABLE: u16 = 1;
 const NFTA_RULE_CHAIN: u16 = 2;
@@ -356,6 +359,72 @@ pub fn send_batch(fd: &OwnedFd, batch: &Batch) -> Result<(), DpError> {
     }
 }
 
+/// The nf_tables generation of the socket's namespace: a counter the
+/// kernel bumps on every committed change to any table there, so that
+/// tables read at one generation are known unchanged while it stays.
+pub fn generation(fd: &OwnedFd, seq: u32) -> Result<u32, DpError> {
+    let mut req = Vec::with_capacity(20);
+    req.extend_from_slice(&20u32.to_ne_bytes());
+    req.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN).to_ne_bytes());
+    req.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+    req.extend_from_slice(&seq.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(&[0, 0, 0, 0]);
+    send(fd.as_raw_fd(), &req, MsgFlags::empty()).map_err(|e| fail("send", e))?;
+    let mut buf = vec![0u8; 4_096];
+    loop {
+        let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())
+            .map_err(|e| fail("waiting for the generation", e))?;
+        if let Some(found) = parse_generation(&buf[..n], seq)? {
+            return Ok(found);
+        }
+    }
+}
+
+/// The generation in the answers `buf` to request `seq`, if there.
+fn parse_generation(buf: &[u8], seq: u32) -> Result<Option<u32>, DpError> {
+    let word = |o: usize| u32::from_ne_bytes([buf[o], buf[o + 1], buf[o + 2], buf[o + 3]]);
+    let malformed = || DpError::Other("nf_tables netlink: a malformed answer".into());
+    let mut at = 0;
+    while at + 16 <= buf.len() {
+        let len = word(at) as usize;
+        let ty = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
+        if len < 16 || at + len > buf.len() {
+            return Err(malformed());
+        }
+        if word(at + 8) == seq {
+            if ty == NLMSG_ERROR && len >= 20 {
+                let code =
+                    i32::from_ne_bytes([buf[at + 16], buf[at + 17], buf[at + 18], buf[at + 19]]);
+                return Err(fail("generation", nix::Error::from_raw(-code)));
+            }
+            if ty == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
+                // Attributes after the 4-byte nfgenmsg.
+                let mut a = at + 20;
+                while a + 4 <= at + len {
+                    let alen = usize::from(u16::from_ne_bytes([buf[a], buf[a + 1]]));
+                    let aty = u16::from_ne_bytes([buf[a + 2], buf[a + 3]]) & !NLA_F_NESTED;
+                    if alen < 4 || a + alen > at + len {
+                        return Err(malformed());
+                    }
+                    if aty == NFTA_GEN_ID && alen >= 8 {
+                        return Ok(Some(u32::from_be_bytes([
+                            buf[a + 4],
+                            buf[a + 5],
+                            buf[a + 6],
+                            buf[a + 7],
+                        ])));
+                    }
+                    a += (alen + 3) & !3;
+                }
+                return Err(malformed());
+            }
+        }
+        at += (len + 3) & !3;
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -415,6 +484,36 @@ mod tests {
         let text = String::from_utf8_lossy(b.bytes());
         assert!(text.contains("be_10_0_0_2") && text.contains("svc_10_0_0_2"));
         assert!(text.contains("numgen") && text.contains("lookup") && text.contains("nat"));
+    }
+
+    #[test]
+    fn generation_answers_parse_and_hostile_ones_fail() {
+        let mut m = Vec::new();
+        let ty = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN;
+        m.extend_from_slice(&28u32.to_ne_bytes());
+        m.extend_from_slice(&ty.to_ne_bytes());
+        m.extend_from_slice(&0u16.to_ne_bytes());
+        m.extend_from_slice(&7u32.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&[0, 0, 0, 0]);
+        m.extend_from_slice(&8u16.to_ne_bytes());
+        m.extend_from_slice(&NFTA_GEN_ID.to_ne_bytes());
+        m.extend_from_slice(&42u32.to_be_bytes());
+        assert_eq!(parse_generation(&m, 7).unwrap(), Some(42));
+        // Another request's answer: not ours.
+        assert_eq!(parse_generation(&m, 8).unwrap(), None);
+        // Lengths that run past the buffer: an error, never a panic.
+        for cut in 0..m.len() {
+            let mut bad = m.clone();
+            bad.truncate(cut);
+            let _ = parse_generation(&bad, 7);
+        }
+        let mut bad = m.clone();
+        bad[20..22].copy_from_slice(&200u16.to_ne_bytes());
+        assert!(parse_generation(&bad, 7).is_err());
+        let mut bad = m;
+        bad[0..4].copy_from_slice(&9999u32.to_ne_bytes());
+        assert!(parse_generation(&bad, 7).is_err());
     }
 
     #[test]

@@ -152,4 +152,23 @@ async fn vip_backend_changes_go_over_netlink_and_read_back_right() {
     assert_eq!(b.netlink_changes(), 4);
     let seen = b.observe(&prefix).await.unwrap();
     assert_eq!(seen.namespaces[&ns].lb, lb);
+
+    // Nothing changed since: observing again runs no `nft` (the nf_tables
+    // generation says so); any change there, here a table of someone
+    // else's, moves the generation, and the tables are listed again.
+    let listed = b.nft_listings();
+    let again = b.observe(&prefix).await.unwrap();
+    assert_eq!(again, seen);
+    assert_eq!(
+        b.nft_listings(),
+        listed,
+        "unchanged tables were listed again"
+    );
+    nft_in(&ns, "add table ip someone\n");
+    let after = b.observe(&prefix).await.unwrap();
+    assert_eq!(after.namespaces[&ns].lb, lb);
+    assert!(
+        b.nft_listings() > listed,
+        "a changed namespace was not listed"
+    );
 }
