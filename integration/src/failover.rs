@@ -29,6 +29,8 @@ struct Sample {
     at: f64,
     ok: bool,
     task: String,
+    /// The client's error, for a failed request.
+    error: String,
 }
 
 fn client(
@@ -43,7 +45,7 @@ fn client(
                 .args(&argv[1..])
                 .output();
             let at = t0.elapsed().as_secs_f64();
-            let (ok, task) = match r {
+            let (ok, task, error) = match r {
                 Ok(o) if o.status.success() => {
                     let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
                     // Which task answered, by its address (a replacement
@@ -54,11 +56,21 @@ fn client(
                         .flatten()
                         .filter_map(Value::as_str)
                         .collect();
-                    (true, all.join(","))
+                    (true, all.join(","), String::new())
                 }
-                _ => (false, String::new()),
+                Ok(o) => (
+                    false,
+                    String::new(),
+                    String::from_utf8_lossy(&o.stderr).trim().to_owned(),
+                ),
+                Err(e) => (false, String::new(), e.to_string()),
             };
-            out.push(Sample { at, ok, task });
+            out.push(Sample {
+                at,
+                ok,
+                task,
+                error,
+            });
             std::thread::sleep(Duration::from_millis(50));
         }
         out
@@ -76,8 +88,15 @@ fn summary(samples: &[Sample], fault: f64, recovered: Option<f64>) -> Value {
         last_ok = s.at;
     }
     let after = recovered.map(|r| samples.iter().filter(|s| s.at > fault + r && !s.ok).count());
+    // The first failures, with when (seconds from the fault) and why.
+    let failures: Vec<Value> = samples
+        .iter()
+        .filter(|s| !s.ok)
+        .take(10)
+        .map(|s| json!({"at_s": ((s.at - fault) * 100.0).round() / 100.0, "error": s.error}))
+        .collect();
     json!({"sent": sent, "failed": failed, "longest_gap_s": (gap * 100.0).round() / 100.0,
-           "failed_after_recovery": after})
+           "failed_after_recovery": after, "failures": failures})
 }
 
 /// Runs `scenario` on a fresh 4-host cluster (3 managers, 1 worker) and

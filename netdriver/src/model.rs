@@ -125,7 +125,8 @@ pub struct Route {
     pub dev: String,
 }
 
-/// Port forwarding (nftables table `ip shoal-nat`): the routing mesh.
+/// Port forwarding (nftables table `ip shoal-nat`): the routing mesh,
+/// egress masquerade, and the tunnels left out of conntrack.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Nat {
     /// (`tcp`|`udp`, port) → (addresses, port): DNAT of connections to this
@@ -138,6 +139,9 @@ pub struct Nat {
     /// Masquerade what comes from subnet `.0/.1` and leaves other than
     /// through link `.2` (egress of the gateway bridge).
     pub masquerade: Option<(Ipv4Addr, u8, String)>,
+    /// The VXLAN UDP port: tunnel packets to it are not tracked by
+    /// conntrack (in the host namespace, where the tunnels' socket is).
+    pub untracked_udp: Option<u16>,
 }
 
 impl Nat {
@@ -146,6 +150,7 @@ impl Nat {
         self.dnat.len() * if self.local { 2 } else { 1 }
             + usize::from(self.snat.is_some())
             + usize::from(self.masquerade.is_some())
+            + 2 * usize::from(self.untracked_udp.is_some())
     }
 
     /// A short fingerprint of the whole configuration (FNV-1a), kept in the

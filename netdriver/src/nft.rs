@@ -363,23 +363,41 @@ pub fn parse(json: &str) -> Option<BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>> {
 }
 
 /// The nft script that makes table `ip shoal-nat` exactly `nat` (or removes
-/// it), with the fingerprint kept as the name of an empty chain.
+/// it), with the fingerprint kept as the name of an empty chain. VXLAN
+/// packets (`untracked_udp`) are marked untracked before conntrack sees
+/// them: a tunnel needs no connection state (both ends send to the port),
+/// and following each packet costs throughput wherever conntrack is on.
 pub fn nat_script(nat: Option<&crate::model::Nat>) -> String {
     let mut s = String::from("add table ip shoal-nat\ndelete table ip shoal-nat\n");
     let Some(nat) = nat else { return s };
     s.push_str("add table ip shoal-nat\n");
     let _ = writeln!(s, "add chain ip shoal-nat h_{}", nat.fingerprint());
-    s.push_str(
-        "add chain ip shoal-nat pre { type nat hook prerouting priority -100; policy accept; }\n",
-    );
-    if nat.local {
+    // Only the hooks that have rules: a `nat` hook turns conntrack on for
+    // the whole namespace.
+    if !nat.dnat.is_empty() {
         s.push_str(
-            "add chain ip shoal-nat out { type nat hook output priority -100; policy accept; }\n",
+            "add chain ip shoal-nat pre { type nat hook prerouting priority -100; policy accept; }\n",
+        );
+        if nat.local {
+            s.push_str(
+                "add chain ip shoal-nat out { type nat hook output priority -100; policy accept; }\n",
+            );
+        }
+    }
+    if nat.snat.is_some() || nat.masquerade.is_some() {
+        s.push_str(
+            "add chain ip shoal-nat post { type nat hook postrouting priority 100; policy accept; }\n",
         );
     }
-    s.push_str(
-        "add chain ip shoal-nat post { type nat hook postrouting priority 100; policy accept; }\n",
-    );
+    if let Some(port) = nat.untracked_udp {
+        for (chain, hook) in [("raw_pre", "prerouting"), ("raw_out", "output")] {
+            let _ = writeln!(
+                s,
+                "add chain ip shoal-nat {chain} {{ type filter hook {hook} priority -300; policy accept; }}\n\
+                 add rule ip shoal-nat {chain} udp dport {port} notrack"
+            );
+        }
+    }
     for ((proto, port), (to, to_port)) in &nat.dnat {
         let elems: Vec<String> = to
             .iter()

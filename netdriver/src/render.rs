@@ -257,6 +257,15 @@ pub fn render(plan: &NodePlan, names: &Names, vxlan_port: u16, gateway: Option<I
     if let Some(ig) = &plan.ingress {
         render_ingress(&mut k, plan, ig, names);
     }
+    // Tunnel packets skip conntrack in the host namespace.
+    if plan
+        .networks
+        .values()
+        .any(|n| n.driver == Driver::Overlay && n.vni.is_some())
+    {
+        let host = k.namespaces.entry(HOST.into()).or_default();
+        host.nat.get_or_insert_with(Nat::default).untracked_udp = Some(vxlan_port);
+    }
     k
 }
 
@@ -431,6 +440,7 @@ fn render_ingress(
         local: false,
         snat: Some((INGRESS_LINK.into(), ig.addr)),
         masquerade: None,
+        untracked_udp: None,
     });
     let host = k.namespaces.entry(HOST.into()).or_default();
     host.links.insert(

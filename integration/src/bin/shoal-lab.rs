@@ -436,6 +436,13 @@ fn print_report(r: &serde_json::Value) {
             p["longest_gap_s"].as_f64().unwrap_or(0.0),
             p["failed_after_recovery"]
         );
+        for f in p["failures"].as_array().into_iter().flatten() {
+            println!(
+                "         failed at {:+.2} s: {}",
+                f["at_s"].as_f64().unwrap_or(0.0),
+                f["error"].as_str().unwrap_or_default()
+            );
+        }
     }
 }
 
