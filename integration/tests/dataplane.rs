@@ -529,7 +529,8 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
     }
 }
 
-/// Every namespace of host `i` (by name) with its links and addresses, as
+/// Every namespace of host `i` (by name) with its links (with their
+/// interface indexes, so that a link made again shows) and addresses, as
 /// `ip` lists them.
 fn kernel_objects(c: &Cluster, i: usize) -> std::collections::BTreeMap<String, String> {
     let prefix = format!("{}-", c.hosts[i].netns.as_ref().unwrap());
@@ -539,11 +540,27 @@ fn kernel_objects(c: &Cluster, i: usize) -> std::collections::BTreeMap<String, S
         if !name.starts_with(&prefix) {
             continue;
         }
-        let links = std::process::Command::new("ip")
+        let addrs = std::process::Command::new("ip")
             .args(["-n", &name, "-o", "-br", "addr"])
             .output()
             .unwrap();
-        out.insert(name, String::from_utf8_lossy(&links.stdout).into_owned());
+        let links = std::process::Command::new("ip")
+            .args(["-n", &name, "-o", "link"])
+            .output()
+            .unwrap();
+        // "7: eth0@if4: <…> …": the index and the name.
+        let indexes: Vec<String> = String::from_utf8_lossy(&links.stdout)
+            .lines()
+            .map(|l| l.split(": ").take(2).collect::<Vec<_>>().join(": "))
+            .collect();
+        out.insert(
+            name,
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&addrs.stdout),
+                indexes.join("\n")
+            ),
+        );
     }
     out
 }

@@ -500,6 +500,32 @@ mod tests {
     }
 
     #[test]
+    fn tunnels_skip_conntrack_and_only_needed_nat_hooks_are_made() {
+        let tunnel_only = crate::model::Nat {
+            untracked_udp: Some(4789),
+            ..Default::default()
+        };
+        let s = nat_script(Some(&tunnel_only));
+        assert!(
+            s.contains("add rule ip shoal-nat raw_pre udp dport 4789 notrack"),
+            "{s}"
+        );
+        assert!(
+            s.contains("add rule ip shoal-nat raw_out udp dport 4789 notrack"),
+            "{s}"
+        );
+        // No nat hook: it would turn conntrack on for the whole namespace.
+        assert!(!s.contains("type nat"), "{s}");
+        assert_eq!(s.matches("add rule").count(), tunnel_only.rules());
+        let mut mesh = tunnel_only.clone();
+        mesh.dnat.insert(("tcp".into(), 8080), (vec![b(2)], 80));
+        let s = nat_script(Some(&mesh));
+        assert!(s.contains("hook prerouting priority -100") && !s.contains("hook postrouting"));
+        assert_eq!(s.matches("add rule").count(), mesh.rules());
+        assert_ne!(mesh.fingerprint(), tunnel_only.fingerprint());
+    }
+
+    #[test]
     fn listings_parse_back_and_broken_ones_do_not() {
         let json = r#"{"nftables": [
           {"map": {"name": "vips", "elem": [["10.0.0.2", {"goto": {"target": "svc_10_0_0_2"}}]]}},
