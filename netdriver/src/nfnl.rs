@@ -326,29 +326,15 @@ pub fn send_batch(fd: &OwnedFd, batch: &Batch) -> Result<(), DpError> {
     while !pending.is_empty() {
         let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())
             .map_err(|e| fail("waiting for the kernel's answer", e))?;
-        let mut at = 0;
-        while at + 16 <= n {
-            let word = |o: usize| u32::from_ne_bytes([buf[o], buf[o + 1], buf[o + 2], buf[o + 3]]);
-            let len = word(at) as usize;
-            let ty = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
-            let seq = word(at + 8);
-            if len < 16 || at + len > n {
-                return Err(DpError::Other(
-                    "nf_tables netlink: a malformed answer".into(),
-                ));
-            }
-            if ty == NLMSG_ERROR && len >= 20 {
-                let code =
-                    i32::from_ne_bytes([buf[at + 16], buf[at + 17], buf[at + 18], buf[at + 19]]);
-                if let Some(i) = pending.iter().position(|(s, _)| *s == seq) {
-                    let (_, what) = pending.swap_remove(i);
-                    if code != 0 && first_error.is_none() {
-                        let e = nix::Error::from_raw(-code);
-                        first_error = Some(format!("{what}: {}", e.desc()));
-                    }
+        for a in answers(&buf[..n])? {
+            let Some(code) = a.error_code() else { continue };
+            if let Some(i) = pending.iter().position(|(s, _)| *s == a.seq) {
+                let (_, what) = pending.swap_remove(i);
+                if code != 0 && first_error.is_none() {
+                    let e = nix::Error::from_raw(-code);
+                    first_error = Some(format!("{what}: {}", e.desc()));
                 }
             }
-            at += (len + 3) & !3;
         }
     }
     match first_error {
@@ -359,18 +345,65 @@ pub fn send_batch(fd: &OwnedFd, batch: &Batch) -> Result<(), DpError> {
     }
 }
 
+/// One netlink message of an answer.
+struct Answer<'a> {
+    ty: u16,
+    seq: u32,
+    /// The whole message, header included.
+    msg: &'a [u8],
+}
+
+impl Answer<'_> {
+    /// The error code of an `NLMSG_ERROR` (0 for an acknowledgement).
+    fn error_code(&self) -> Option<i32> {
+        let m = self.msg;
+        (self.ty == NLMSG_ERROR && m.len() >= 20)
+            .then(|| i32::from_ne_bytes([m[16], m[17], m[18], m[19]]))
+    }
+}
+
+fn malformed() -> DpError {
+    DpError::Other("nf_tables netlink: a malformed answer".into())
+}
+
+/// The messages in `buf` (as one `recv` returned it); a length that runs
+/// past the buffer is an error.
+fn answers(buf: &[u8]) -> Result<Vec<Answer<'_>>, DpError> {
+    let word = |o: usize| u32::from_ne_bytes([buf[o], buf[o + 1], buf[o + 2], buf[o + 3]]);
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 16 <= buf.len() {
+        let len = word(at) as usize;
+        if len < 16 || at + len > buf.len() {
+            return Err(malformed());
+        }
+        out.push(Answer {
+            ty: u16::from_ne_bytes([buf[at + 4], buf[at + 5]]),
+            seq: word(at + 8),
+            msg: &buf[at..at + len],
+        });
+        at += (len + 3) & !3;
+    }
+    Ok(out)
+}
+
 /// The nf_tables generation of the socket's namespace: a counter the
 /// kernel bumps on every committed change to any table there, so that
 /// tables read at one generation are known unchanged while it stays.
 pub fn generation(fd: &OwnedFd, seq: u32) -> Result<u32, DpError> {
-    let mut req = Vec::with_capacity(20);
-    req.extend_from_slice(&20u32.to_ne_bytes());
-    req.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN).to_ne_bytes());
-    req.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
-    req.extend_from_slice(&seq.to_ne_bytes());
-    req.extend_from_slice(&0u32.to_ne_bytes());
-    req.extend_from_slice(&[0, 0, 0, 0]);
-    send(fd.as_raw_fd(), &req, MsgFlags::empty()).map_err(|e| fail("send", e))?;
+    let mut req = Batch {
+        buf: Vec::new(),
+        seq,
+        acked: Vec::new(),
+    };
+    req.header(
+        (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN,
+        NLM_F_REQUEST,
+        0,
+        0,
+        |_| {},
+    );
+    send(fd.as_raw_fd(), &req.buf, MsgFlags::empty()).map_err(|e| fail("send", e))?;
     let mut buf = vec![0u8; 4_096];
     loop {
         let n = recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty())
@@ -383,44 +416,33 @@ pub fn generation(fd: &OwnedFd, seq: u32) -> Result<u32, DpError> {
 
 /// The generation in the answers `buf` to request `seq`, if there.
 fn parse_generation(buf: &[u8], seq: u32) -> Result<Option<u32>, DpError> {
-    let word = |o: usize| u32::from_ne_bytes([buf[o], buf[o + 1], buf[o + 2], buf[o + 3]]);
-    let malformed = || DpError::Other("nf_tables netlink: a malformed answer".into());
-    let mut at = 0;
-    while at + 16 <= buf.len() {
-        let len = word(at) as usize;
-        let ty = u16::from_ne_bytes([buf[at + 4], buf[at + 5]]);
-        if len < 16 || at + len > buf.len() {
-            return Err(malformed());
+    for a in answers(buf)?.into_iter().filter(|a| a.seq == seq) {
+        if let Some(code) = a.error_code() {
+            return Err(fail("generation", nix::Error::from_raw(-code)));
         }
-        if word(at + 8) == seq {
-            if ty == NLMSG_ERROR && len >= 20 {
-                let code =
-                    i32::from_ne_bytes([buf[at + 16], buf[at + 17], buf[at + 18], buf[at + 19]]);
-                return Err(fail("generation", nix::Error::from_raw(-code)));
-            }
-            if ty == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
-                // Attributes after the 4-byte nfgenmsg.
-                let mut a = at + 20;
-                while a + 4 <= at + len {
-                    let alen = usize::from(u16::from_ne_bytes([buf[a], buf[a + 1]]));
-                    let aty = u16::from_ne_bytes([buf[a + 2], buf[a + 3]]) & !NLA_F_NESTED;
-                    if alen < 4 || a + alen > at + len {
-                        return Err(malformed());
-                    }
-                    if aty == NFTA_GEN_ID && alen >= 8 {
-                        return Ok(Some(u32::from_be_bytes([
-                            buf[a + 4],
-                            buf[a + 5],
-                            buf[a + 6],
-                            buf[a + 7],
-                        ])));
-                    }
-                    a += (alen + 3) & !3;
-                }
+        if a.ty != (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWGEN {
+            continue;
+        }
+        // Attributes after the 4-byte nfgenmsg.
+        let m = a.msg;
+        let mut at = 20;
+        while at + 4 <= m.len() {
+            let len = usize::from(u16::from_ne_bytes([m[at], m[at + 1]]));
+            let ty = u16::from_ne_bytes([m[at + 2], m[at + 3]]) & !NLA_F_NESTED;
+            if len < 4 || at + len > m.len() {
                 return Err(malformed());
             }
+            if ty == NFTA_GEN_ID && len >= 8 {
+                return Ok(Some(u32::from_be_bytes([
+                    m[at + 4],
+                    m[at + 5],
+                    m[at + 6],
+                    m[at + 7],
+                ])));
+            }
+            at += (len + 3) & !3;
         }
-        at += (len + 3) & !3;
+        return Err(malformed());
     }
     Ok(None)
 }
