@@ -309,6 +309,15 @@ fn a_bad_definition_or_a_killed_lab_process_leaves_nothing_behind() {
     assert_nothing_left(&name);
     let (ok, _, err) = lab(&["up", "--config", "/nonexistent.toml"]);
     assert!(!ok && err.contains("cannot read lab definition"), "{err}");
+    // A mistyped flag or a flag without its value is named, and nothing
+    // is brought up with defaults in its place.
+    let (ok, _, err) = lab(&["up", "--node", "2", "--name", &name]);
+    assert!(!ok && err.contains("unexpected argument `--node`"), "{err}");
+    let (ok, _, err) = lab(&["up", "--name", &name, "--nodes"]);
+    assert!(!ok && err.contains("--nodes needs a value"), "{err}");
+    let (ok, out, _) = lab(&["up", "--help", "--name", &name]);
+    assert!(ok && out.contains("usage: shoal-lab"), "{out}");
+    assert_nothing_left(&name);
 
     // The lab process killed in the middle of `up`: `down` still finds
     // and removes everything.

@@ -382,15 +382,26 @@ const USAGE: &str = "usage: shoal-lab demo [--keep [--name LAB]]
        shoal-lab down [--name LAB]
        shoal-lab failover --scenario kill-leader|kill-worker|partition-minority|restart-all|rolling-restart [--runs N] [--format json]";
 
-/// `--flag VALUE` out of `args` (removed), or `default`.
-fn flag(args: &mut Vec<String>, name: &str, default: &str) -> String {
+/// `--flag VALUE` out of `args` (removed), or `default`; a flag given
+/// without its value is an error rather than silently the default.
+fn flag(args: &mut Vec<String>, name: &str, default: &str) -> anyhow::Result<String> {
     match args.iter().position(|a| a == name) {
-        Some(i) if i + 1 < args.len() => {
+        Some(i) if i + 1 < args.len() && !args[i + 1].starts_with("--") => {
             let v = args.remove(i + 1);
             args.remove(i);
-            v
+            Ok(v)
         }
-        _ => default.to_owned(),
+        Some(_) => anyhow::bail!("{name} needs a value\n{USAGE}"),
+        None => Ok(default.to_owned()),
+    }
+}
+
+/// Fails on anything left in `args` once a command has taken its flags, so
+/// that a mistyped flag is named instead of ignored.
+fn no_more(args: &[String]) -> anyhow::Result<()> {
+    match args.first() {
+        Some(a) => anyhow::bail!("unexpected argument `{a}`\n{USAGE}"),
+        None => Ok(()),
     }
 }
 
@@ -454,9 +465,10 @@ fn lab(cmd: &str, mut args: Vec<String>) -> anyhow::Result<std::process::ExitCod
         );
     }
     if cmd == "failover" {
-        let scenario = flag(&mut args, "--scenario", "kill-leader");
-        let format = flag(&mut args, "--format", "table");
-        let runs = number(&flag(&mut args, "--runs", "1"), "--runs")?;
+        let scenario = flag(&mut args, "--scenario", "kill-leader")?;
+        let format = flag(&mut args, "--format", "table")?;
+        let runs = number(&flag(&mut args, "--runs", "1")?, "--runs")?;
+        no_more(&args)?;
         if !(1..=100).contains(&runs) {
             anyhow::bail!("--runs must be 1 to 100");
         }
@@ -496,7 +508,7 @@ fn lab(cmd: &str, mut args: Vec<String>) -> anyhow::Result<std::process::ExitCod
         }
         return Ok(std::process::ExitCode::SUCCESS);
     }
-    let config = flag(&mut args, "--config", "");
+    let config = flag(&mut args, "--config", "")?;
     let spec = if config.is_empty() {
         None
     } else {
@@ -509,17 +521,18 @@ fn lab(cmd: &str, mut args: Vec<String>) -> anyhow::Result<std::process::ExitCod
         .as_ref()
         .and_then(|s| s.name.clone())
         .unwrap_or_else(|| "lab".into());
-    let name = flag(&mut args, "--name", &default_name);
+    let name = flag(&mut args, "--name", &default_name)?;
     match cmd {
         "up" => {
             let spec = match spec {
                 Some(s) => s,
                 None => {
-                    let nodes = number(&flag(&mut args, "--nodes", "3"), "--nodes")?;
-                    let managers = number(&flag(&mut args, "--managers", "1"), "--managers")?;
+                    let nodes = number(&flag(&mut args, "--nodes", "3")?, "--nodes")?;
+                    let managers = number(&flag(&mut args, "--managers", "1")?, "--managers")?;
                     LabSpec::nodes(nodes, managers)?
                 }
             };
+            no_more(&args)?;
             let c = Cluster::lab_up(&name, &spec)?;
             let managers = spec.hosts.iter().filter(|h| h.manager).count();
             println!(
@@ -537,6 +550,7 @@ fn lab(cmd: &str, mut args: Vec<String>) -> anyhow::Result<std::process::ExitCod
             }
         }
         "ls" => {
+            no_more(&args)?;
             let c = Cluster::lab_attach(&name)?;
             println!("HOST     ADDRESS        DAEMON    NAMESPACE");
             for (i, h) in c.hosts.iter().enumerate() {
@@ -621,10 +635,12 @@ fn lab(cmd: &str, mut args: Vec<String>) -> anyhow::Result<std::process::ExitCod
             println!("partitioned: {}", args.join(" | "));
         }
         "heal" => {
+            no_more(&args)?;
             Cluster::lab_attach(&name)?.heal()?;
             println!("healed: every host reaches every other");
         }
         "down" => {
+            no_more(&args)?;
             Cluster::lab_down(&name)?;
             println!("lab `{name}` removed");
         }
@@ -635,6 +651,13 @@ fn lab(cmd: &str, mut args: Vec<String>) -> anyhow::Result<std::process::ExitCod
 
 fn main() -> std::process::ExitCode {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
+    // `--help` anywhere before an `exec`'s `--` asks for the usage; it
+    // must never be taken as "go on with the defaults".
+    let own = args.iter().position(|a| a == "--").unwrap_or(args.len());
+    if args[..own].iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return std::process::ExitCode::SUCCESS;
+    }
     let result = match args.first().map(String::as_str) {
         Some("demo") => {
             let mut rest = args[1..].to_vec();
@@ -642,13 +665,15 @@ fn main() -> std::process::ExitCode {
                 .iter()
                 .position(|a| a == "--keep")
                 .map(|i| rest.remove(i));
-            let name = flag(&mut rest, "--name", "demo");
-            match (keep, rest.is_empty()) {
-                (None, true) if name == "demo" => demo(None),
-                (Some(_), true) => demo(Some(&name)),
-                _ => Err(anyhow::anyhow!(
-                    "usage: shoal-lab demo [--keep [--name LAB]]"
-                )),
+            match flag(&mut rest, "--name", "demo") {
+                Err(e) => Err(e),
+                Ok(name) => match (keep, rest.is_empty()) {
+                    (None, true) if name == "demo" => demo(None),
+                    (Some(_), true) => demo(Some(&name)),
+                    _ => Err(anyhow::anyhow!(
+                        "usage: shoal-lab demo [--keep [--name LAB]]"
+                    )),
+                },
             }
         }
         .map(|()| std::process::ExitCode::SUCCESS),
