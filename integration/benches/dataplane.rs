@@ -1,7 +1,13 @@
 //! Throughput over the VXLAN overlay between two hosts against the underlay
 //! between the same hosts (hosts are network namespaces joined by veths to
 //! a bridge, so the "wire" is the kernel's; the ratio shows the cost of
-//! the overlay: encapsulation, the bridge, the extra namespaces, the MTU).
+//! the overlay: encapsulation, the extra namespaces, the MTU).
+//!
+//! Beside them, a reference Shoal plays no part in: the same two-host
+//! underlay and a bare VXLAN device per host carrying the endpoint's
+//! address itself, built by hand with `ip` in namespaces of the bench's own
+//! (`shoalbench-PID-*`, removed at the end). It is the kernel's own ceiling
+//! for VXLAN on this machine: what Shoal's overlay could reach at best.
 //!
 //! `cargo bench -p shoal-integration --bench dataplane [-- SECONDS [RUNS]]`
 //! (root; default 3 s, 7 runs). Runs alternate underlay and overlay, so
@@ -23,6 +29,129 @@ fn rate(out: &str) -> f64 {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
+}
+
+/// `ip ARGS`, failing with its message.
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("ip").args(args).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    Ok(())
+}
+
+/// Two hosts `h1`, `h2` (10.252.0.1/2 on a bridged veth underlay, MTU
+/// 1500) with a bare VXLAN device each (MTU 1450, learning off, static FDB
+/// and neighbour entries, as Shoal programs them) carrying 10.253.0.1/2.
+/// Its namespaces go when it is dropped.
+struct BareVxlan(String);
+
+impl BareVxlan {
+    fn ns(&self, n: &str) -> String {
+        format!("{}-{n}", self.0)
+    }
+
+    fn build() -> anyhow::Result<Self> {
+        let b = BareVxlan(format!("shoalbench-{}", std::process::id()));
+        for n in ["ul", "h1", "h2"] {
+            ip(&["netns", "add", &b.ns(n)])?;
+            ip(&["-n", &b.ns(n), "link", "set", "lo", "up"])?;
+        }
+        let ul = b.ns("ul");
+        ip(&["-n", &ul, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &ul, "link", "set", "br0", "up"])?;
+        let mac = |i: u8| format!("02:42:0a:fd:00:0{i}");
+        for i in [1u8, 2] {
+            let h = b.ns(&format!("h{i}"));
+            let port = format!("p{i}");
+            ip(&[
+                "-n", &ul, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+                &h,
+            ])?;
+            ip(&["-n", &ul, "link", "set", &port, "master", "br0", "up"])?;
+            ip(&[
+                "-n",
+                &h,
+                "addr",
+                "add",
+                &format!("10.252.0.{i}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            ip(&["-n", &h, "link", "set", "eth0", "up"])?;
+            ip(&[
+                "-n",
+                &h,
+                "link",
+                "add",
+                "vxlan0",
+                "address",
+                &mac(i),
+                "mtu",
+                "1450",
+                "type",
+                "vxlan",
+                "id",
+                "42",
+                "local",
+                &format!("10.252.0.{i}"),
+                "dstport",
+                "4789",
+                "nolearning",
+                "proxy",
+            ])?;
+            ip(&[
+                "-n",
+                &h,
+                "addr",
+                "add",
+                &format!("10.253.0.{i}/24"),
+                "dev",
+                "vxlan0",
+            ])?;
+            ip(&["-n", &h, "link", "set", "vxlan0", "up"])?;
+        }
+        for (i, peer) in [(1u8, 2u8), (2, 1)] {
+            let h = b.ns(&format!("h{i}"));
+            let out = std::process::Command::new("bridge")
+                .args(["-n", &h, "fdb", "add", &mac(peer), "dev", "vxlan0"])
+                .args(["dst", &format!("10.252.0.{peer}"), "self", "permanent"])
+                .status()?;
+            anyhow::ensure!(out.success(), "bridge fdb add failed in {h}");
+            ip(&[
+                "-n",
+                &h,
+                "neigh",
+                "add",
+                &format!("10.253.0.{peer}"),
+                "lladdr",
+                &mac(peer),
+                "dev",
+                "vxlan0",
+                "nud",
+                "permanent",
+            ])?;
+        }
+        Ok(b)
+    }
+
+    /// `program ARGS` in host `h`'s namespace.
+    fn run(&self, h: &str, program: &str, args: &[&str]) -> std::process::Command {
+        let mut c = std::process::Command::new("ip");
+        c.args(["netns", "exec", &self.ns(h), program]).args(args);
+        c
+    }
+}
+
+impl Drop for BareVxlan {
+    fn drop(&mut self) {
+        for n in ["h1", "h2", "ul"] {
+            let _ = ip(&["netns", "del", &self.ns(n)]);
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -84,9 +213,17 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_default()
         .to_owned();
     let from_name = from["name"].as_str().unwrap_or_default().to_owned();
+    let bare = BareVxlan::build()?;
+    let mut bare_sink = bare
+        .run("h2", &bin, &["tool", "tcp-sink", "--port", "5003"])
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
     let mut under = Vec::new();
     let mut over = Vec::new();
+    let mut refs = Vec::new();
     let mut ratios = Vec::new();
+    let mut ref_ratios = Vec::new();
+    let mut over_bare = Vec::new();
     for run in 1..=runs {
         let target = format!("{}:5002", c.hosts[1].ip);
         let r = c.in_host(
@@ -111,13 +248,34 @@ fn main() -> anyhow::Result<()> {
             ],
         );
         over.push(rate(&r.stdout));
-        let (u, o) = (under[run - 1], over[run - 1]);
-        println!("  run {run}: underlay {u:.0} Mbit/s, overlay {o:.0} Mbit/s");
+        let r = bare
+            .run(
+                "h1",
+                &bin,
+                &[
+                    "tool",
+                    "tcp-blast",
+                    "--seconds",
+                    &seconds,
+                    "10.253.0.2:5003",
+                ],
+            )
+            .output()?;
+        refs.push(rate(&String::from_utf8_lossy(&r.stdout)));
+        let (u, o, b) = (under[run - 1], over[run - 1], refs[run - 1]);
+        println!(
+            "  run {run}: underlay {u:.0} Mbit/s, Shoal overlay {o:.0} Mbit/s, bare VXLAN {b:.0} Mbit/s"
+        );
         ratios.push(o / u);
+        ref_ratios.push(b / u);
+        over_bare.push(o / b);
     }
-    let _ = sink.kill();
-    let _ = sink.wait();
-    let (u, o) = (median(under), median(over));
+    for s in [&mut sink, &mut bare_sink] {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+    drop(bare);
+    let (u, o, b) = (median(under), median(over), median(refs));
     let (lo, hi) = (
         ratios.iter().copied().fold(f64::INFINITY, f64::min),
         ratios.iter().copied().fold(0.0, f64::max),
@@ -125,11 +283,20 @@ fn main() -> anyhow::Result<()> {
     println!("TCP, one stream, {seconds} s, median of {runs}:");
     println!("  underlay (host → host):            {u:.0} Mbit/s");
     println!("  overlay (task → task over VXLAN):  {o:.0} Mbit/s");
+    println!("  bare VXLAN (no Shoal, reference):  {b:.0} Mbit/s");
     println!(
         "  overlay / underlay, run by run:    median {:.0}% (min {:.0}%, max {:.0}%)",
         median(ratios) * 100.0,
         lo * 100.0,
         hi * 100.0
+    );
+    println!(
+        "  bare VXLAN / underlay, run by run: median {:.0}%",
+        median(ref_ratios) * 100.0
+    );
+    println!(
+        "  overlay / bare VXLAN, run by run:  median {:.0}%",
+        median(over_bare) * 100.0
     );
     Ok(())
 }
