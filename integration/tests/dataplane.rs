@@ -109,7 +109,9 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
     }
 
     // The service's VIP balances over all three replicas, from every host,
-    // and the servers still see the client's own address (no SNAT).
+    // and the servers still see the client's own address (no SNAT). (A task
+    // is reachable as soon as the store places it; it joins the VIP once
+    // gossip shows its endpoint, so this waits for that.)
     let svc = c
         .shoal_ok(0, &["service", "inspect", "web"])
         .unwrap()
@@ -120,7 +122,13 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
     for from in &tasks {
         let own = from["addresses"]["appnet"].as_str().unwrap();
         let mut served = std::collections::BTreeSet::new();
+        let deadline = std::time::Instant::now() + CONVERGE;
         for _ in 0..9 {
+            while served.len() < 3 && std::time::Instant::now() < deadline {
+                if let Ok(v) = get_from(&c, from, &vip) {
+                    served.insert(v["task"].as_str().unwrap_or_default().to_owned());
+                }
+            }
             let v = c
                 .wait_until_value(CONVERGE, || get_from(&c, from, &vip))
                 .unwrap();
@@ -183,7 +191,13 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
     // `tasks.web` the three tasks.
     for from in &tasks {
         let mut served = std::collections::BTreeSet::new();
+        let deadline = std::time::Instant::now() + CONVERGE;
         for _ in 0..9 {
+            while served.len() < 3 && std::time::Instant::now() < deadline {
+                if let Ok(v) = get_from(&c, from, &vip) {
+                    served.insert(v["task"].as_str().unwrap_or_default().to_owned());
+                }
+            }
             let v = c
                 .wait_until_value(CONVERGE, || get_from(&c, from, "web"))
                 .unwrap();
@@ -436,6 +450,24 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
         &["network", "create", "--subnet", "10.210.0.0/25", "clash"],
         "overlaps this node's route 10.210.0.0/24 dev eth0",
     );
+    // A subnet from the pool steers clear of the node's routes: with a
+    // route to 10.0.0.0/16 on node1 (say, a VPN), node1 hands out none of it.
+    let r = c.in_host(0, "ip", &["route", "add", "10.0.0.0/16", "dev", "eth0"]);
+    assert!(r.ok(), "{}", r.stderr);
+    let auto = c
+        .shoal_ok(0, &["network", "create", "clear"])
+        .and_then(|_| c.shoal_ok(0, &["network", "inspect", "clear"]))
+        .and_then(|r| r.json());
+    let _ = c.in_host(0, "ip", &["route", "del", "10.0.0.0/16", "dev", "eth0"]);
+    let auto = auto.unwrap();
+    let subnet = auto[0]["subnets"][0]
+        .as_str()
+        .unwrap_or_else(|| panic!("{auto}"));
+    assert!(
+        !subnet.starts_with("10.0."),
+        "{subnet} is on the node's route"
+    );
+    c.shoal_ok(0, &["network", "rm", "clear"]).unwrap();
 
     // Egress: a task reaches beyond its network (here another host's
     // address, through its own host's gateway bridge); one on an

@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::cidr::Ipv4Net;
 use crate::ids::NodeId;
 use crate::ipam::allocate_ip;
 use crate::network::{NetworkError, NetworkSpec, allocate, ingress_spec};
@@ -35,6 +36,10 @@ pub enum Command {
         spec: NetworkSpec,
         /// Milliseconds since the epoch.
         created_at_ms: u64,
+        /// Destinations a subnet from the default pool must not overlap:
+        /// the routes of the node that took the request (so that an
+        /// automatic subnet never shadows its underlay, a VPN…).
+        avoid: Vec<Ipv4Net>,
     },
     /// `network rm`.
     RemoveNetwork {
@@ -289,6 +294,7 @@ pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyEr
             &Default::default(),
             &cluster.default_addr_pool,
             cluster.default_pool_mask,
+            &[],
             cluster.created_at_ms,
         )?;
         ingress.ingress = true;
@@ -403,6 +409,7 @@ pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyEr
             id,
             spec,
             created_at_ms,
+            avoid,
         } => {
             if let Some(n) = state.networks.get(id) {
                 // The same command again (a write retried after its reply
@@ -418,6 +425,7 @@ pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyEr
                 &state.networks,
                 &cluster.default_addr_pool,
                 cluster.default_pool_mask,
+                avoid,
                 *created_at_ms,
             )?;
             state.networks.insert(id.clone(), network);

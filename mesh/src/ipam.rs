@@ -117,7 +117,7 @@ mod tests {
             options: BTreeMap::new(),
             labels: BTreeMap::new(),
         };
-        allocate("id", &spec, &BTreeMap::new(), &[], 24, 0).unwrap()
+        allocate("id", &spec, &BTreeMap::new(), &[], 24, &[], 0).unwrap()
     }
 
     #[test]

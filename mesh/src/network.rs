@@ -187,7 +187,9 @@ fn valid_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
-/// Allocates `spec` against the existing `networks` and the default pool.
+/// Allocates `spec` against the existing `networks` and the default pool;
+/// a subnet taken from the pool overlaps none of `avoid` (the routes of the
+/// node that took the request).
 /// Pure: same inputs, same network, on every replica.
 pub fn allocate(
     id: &str,
@@ -195,6 +197,7 @@ pub fn allocate(
     networks: &BTreeMap<String, Network>,
     pool: &[Ipv4Net],
     pool_mask: u8,
+    avoid: &[Ipv4Net],
     created_at_ms: u64,
 ) -> Result<Network, NetworkError> {
     if !valid_name(&spec.name) {
@@ -270,11 +273,16 @@ pub fn allocate(
         let free = pool
             .iter()
             .flat_map(|p| p.subnets(pool_mask))
-            .find(|cand| !taken.iter().any(|(t, _)| t.overlaps(cand)))
+            .find(|cand| {
+                !taken.iter().any(|(t, _)| t.overlaps(cand))
+                    && !avoid.iter().any(|a| a.overlaps(cand))
+            })
             .ok_or_else(|| {
-                NetworkError::Exhausted(
-                    "the default address pool is exhausted: pass --subnet, or remove unused networks".into(),
-                )
+                NetworkError::Exhausted(if avoid.is_empty() {
+                    "the default address pool is exhausted: pass --subnet, or remove unused networks".into()
+                } else {
+                    "the default address pool has no subnet left that is free and clear of this node's routes: pass --subnet, or remove unused networks".into()
+                })
             })?;
         subnets.push(Subnet {
             subnet: free,

@@ -17,7 +17,7 @@ fn create(
     id: &str,
     s: &NetworkSpec,
 ) -> Result<Network, NetworkError> {
-    let n = allocate(id, s, nets, &pool(), 24, 0)?;
+    let n = allocate(id, s, nets, &pool(), 24, &[], 0)?;
     nets.insert(id.into(), n.clone());
     Ok(n)
 }
@@ -36,6 +36,41 @@ fn subnets_come_from_the_pool_around_existing_ones_and_vnis_from_4096() {
     let b = create(&mut nets, "b", &spec("b", Driver::Bridge)).unwrap();
     assert_eq!(b.subnets[0].subnet.to_string(), "10.0.1.0/24");
     assert_eq!(b.vni, None);
+}
+
+#[test]
+fn a_subnet_from_the_pool_steers_clear_of_the_routes_to_avoid() {
+    let nets = BTreeMap::new();
+    // The node's underlay is 10.0.0.0/23 and a VPN has 10.0.4.0/22.
+    let avoid: Vec<Ipv4Net> = vec![
+        "10.0.0.0/23".parse().unwrap(),
+        "10.0.4.0/22".parse().unwrap(),
+    ];
+    let a = allocate(
+        "a",
+        &spec("a", Driver::Overlay),
+        &nets,
+        &pool(),
+        24,
+        &avoid,
+        0,
+    )
+    .unwrap();
+    assert_eq!(a.subnets[0].subnet.to_string(), "10.0.2.0/24");
+    // A pool with nothing clear says so, naming the way out.
+    let small: Vec<Ipv4Net> = vec!["10.0.0.0/23".parse().unwrap()];
+    let e = allocate(
+        "a",
+        &spec("a", Driver::Overlay),
+        &nets,
+        &small,
+        24,
+        &avoid,
+        0,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("clear of this node's routes"), "{e}");
+    assert!(e.to_string().contains("--subnet"), "{e}");
 }
 
 #[test]

@@ -7,7 +7,7 @@
 //!  (ClusterState, live endpoints per network, this node) ──► plan ──► NodePlan
 //!      networks present here (VNI, subnet, gateway, MTU, VTEP)
 //!      sandboxes of the tasks placed here, one endpoint per network
-//!      remote endpoints (MAC → VTEP, IP → MAC) from gossip
+//!      remote endpoints (MAC → VTEP, IP → MAC) from gossip and the store
 //!      VIP load-balancer entries: VIP → live backends
 //! ```
 
@@ -208,6 +208,50 @@ fn v4(ip: IpAddr) -> Option<Ipv4Addr> {
     }
 }
 
+/// The endpoints the store places on other nodes on network `net`: the
+/// addresses of tasks that should run there, and (on `ingress`) the other
+/// nodes' routing-mesh addresses, each behind its node's VTEP (the node's
+/// address in the store).
+///
+/// Reachability (FDB and neighbour entries) follows these as well as
+/// gossip: a node whose daemon is down or restarting is dead to gossip,
+/// but its tasks keep running and answering, and replies to them must
+/// still find them. Load balancers and DNS answers follow gossip alone, so
+/// no new connection goes to a node gossip calls dead; the entries go when
+/// the store stops placing the task there (the orchestrator reschedules
+/// it) or forgets the node.
+fn placed_remotes(state: &ClusterState, node: NodeId, net: &str) -> Vec<Remote> {
+    let vtep = |owner: NodeId| {
+        let addr = &state.nodes.get(&owner)?.addr;
+        v4(addr.parse::<std::net::SocketAddr>().ok()?.ip())
+    };
+    let remote = |owner: NodeId, ip: Ipv4Addr| {
+        Some(Remote {
+            ip,
+            mac: mac_for(ip),
+            vtep: vtep(owner)?,
+        })
+    };
+    let tasks = state.tasks.values().filter_map(|t| {
+        let owner = t.node.filter(|o| *o != node)?;
+        let placed = t.desired == DesiredState::Running
+            && matches!(
+                t.state,
+                TaskState::Assigned | TaskState::Starting | TaskState::Running
+            );
+        remote(owner, *t.addresses.get(net).filter(|_| placed)?)
+    });
+    let ingress = state
+        .networks
+        .get(net)
+        .filter(|n| n.ingress)
+        .into_iter()
+        .flat_map(|_| state.ingress_addrs.iter())
+        .filter(|(owner, _)| **owner != node)
+        .filter_map(|(owner, ip)| remote(*owner, *ip));
+    tasks.chain(ingress).collect()
+}
+
 /// The names a task on `endpoints`' networks resolves: on each (non-ingress)
 /// network, every service attached to it (its VIP, or its live tasks'
 /// addresses in dnsrr mode), `tasks.SERVICE` (the live tasks' addresses),
@@ -338,7 +382,7 @@ pub fn plan(input: &PlanInput<'_>) -> NodePlan {
             continue;
         };
         let live = input.endpoints.get(net).unwrap_or(&none);
-        let remotes = live
+        let mut remotes: BTreeSet<Remote> = live
             .iter()
             .filter(|e| e.owner != input.node && n.spec.driver == Driver::Overlay)
             .filter_map(|e| {
@@ -350,6 +394,15 @@ pub fn plan(input: &PlanInput<'_>) -> NodePlan {
             })
             .filter(|r| sub.subnet.contains(r.ip))
             .collect();
+        if n.spec.driver == Driver::Overlay {
+            // Gossip's entry wins where both know an address.
+            let known: BTreeSet<Ipv4Addr> = remotes.iter().map(|r| r.ip).collect();
+            remotes.extend(
+                placed_remotes(state, input.node, net)
+                    .into_iter()
+                    .filter(|r| sub.subnet.contains(r.ip) && !known.contains(&r.ip)),
+            );
+        }
         let lbs = state
             .services
             .values()

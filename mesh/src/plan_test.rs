@@ -124,13 +124,73 @@ fn a_node_gets_its_sandboxes_the_networks_they_use_and_the_remote_endpoints() {
 }
 
 #[test]
-fn a_dead_nodes_endpoints_leave_the_tunnels_and_the_load_balancers() {
+fn a_dead_nodes_endpoints_leave_the_load_balancers_and_its_placed_tasks_stay_reachable() {
     let s = running_swarm();
     let p = plan_for(&s, 1, &[NodeId(3)]);
     let web = &p.networks["web"];
+    // No new connection goes to node 3's task...
+    assert_eq!(web.lbs[0].backends.len(), 2);
+    let t3 = s
+        .tasks
+        .values()
+        .find(|t| t.node == Some(NodeId(3)))
+        .unwrap();
+    assert!(!web.lbs[0].backends.contains(&t3.addresses["web"]));
+    assert!(
+        !p.sandboxes
+            .values()
+            .any(|sb| sb.dns["tasks.web"].contains(&t3.addresses["web"]))
+    );
+    // ...but while the store still runs it there (its daemon may only be
+    // restarting), replies to it find it through node 3's VTEP, as do
+    // replies to node 3's routing-mesh address.
+    assert_eq!(web.remotes.len(), 2);
+    assert!(web.remotes.contains(&Remote {
+        ip: t3.addresses["web"],
+        mac: mac_for(t3.addresses["web"]),
+        vtep: vtep(NodeId(3)),
+    }));
+    let ing = &p.networks["ing"];
+    assert!(
+        ing.remotes
+            .iter()
+            .any(|r| r.ip == s.ingress_addrs[&NodeId(3)])
+    );
+
+    // Once the store no longer places the task there (rescheduled), the
+    // tunnel forgets it.
+    let mut s2 = s.clone();
+    s2.tasks.get_mut(&t3.id).unwrap().desired = DesiredState::Shutdown;
+    let web = &plan_for(&s2, 1, &[NodeId(3)]).networks["web"];
     assert_eq!(web.remotes.len(), 1);
     assert!(web.remotes.iter().all(|r| r.vtep != vtep(NodeId(3))));
-    assert_eq!(web.lbs[0].backends.len(), 2);
+}
+
+#[test]
+fn gossip_wins_over_the_store_where_they_disagree_on_an_address() {
+    let s = running_swarm();
+    let mut endpoints = gossip(&s, &[]);
+    // Gossip has node 2's task behind another VTEP (fresher than the store).
+    for e in endpoints.get_mut("web").unwrap() {
+        if e.owner == NodeId(2) {
+            e.vtep = IpAddr::V4(Ipv4Addr::new(192, 168, 9, 9));
+        }
+    }
+    let p = plan(&PlanInput {
+        state: &s,
+        node: NodeId(1),
+        vtep: vtep(NodeId(1)),
+        underlay_mtu: 1500,
+        endpoints: &endpoints,
+    });
+    let web = &p.networks["web"];
+    assert_eq!(web.remotes.len(), 2, "{:?}", web.remotes);
+    assert!(
+        web.remotes
+            .iter()
+            .any(|r| r.vtep == Ipv4Addr::new(192, 168, 9, 9))
+    );
+    assert!(web.remotes.iter().all(|r| r.vtep != vtep(NodeId(2))));
 }
 
 #[test]

@@ -158,6 +158,7 @@ fn a_create_replayed_after_a_lost_reply_is_already_done_and_allocates_nothing() 
         id: web.id.clone(),
         spec: web.spec.clone(),
         created_at_ms: web.created_at_ms,
+        avoid: vec![],
     };
     let before = s.clone();
     apply(&mut s, &again).unwrap();
@@ -167,6 +168,7 @@ fn a_create_replayed_after_a_lost_reply_is_already_done_and_allocates_nothing() 
         id: web.id.clone(),
         spec: web.spec.clone(),
         created_at_ms: web.created_at_ms + 1,
+        avoid: vec![],
     };
     assert!(apply(&mut s, &other).is_err());
 

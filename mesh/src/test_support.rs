@@ -7,7 +7,8 @@ use crate::ids::NodeId;
 use crate::network::{Driver, NetworkSpec};
 use crate::state::{Availability, ClusterInfo, ClusterState, JoinSecrets, Node, Role};
 
-/// Node `id` (`h<id>`); node 1 is a manager, the others workers.
+/// Node `id` (`h<id>`, at `192.168.0.<id>:2377`); node 1 is a manager,
+/// the others workers.
 pub fn node(id: u64) -> Node {
     Node {
         id: NodeId(id),
@@ -15,7 +16,7 @@ pub fn node(id: u64) -> Node {
         role: if id == 1 { Role::Manager } else { Role::Worker },
         availability: Availability::Active,
         labels: BTreeMap::new(),
-        addr: String::new(),
+        addr: format!("192.168.0.{id}:2377"),
         joined_at_ms: 0,
     }
 }
@@ -52,6 +53,7 @@ pub fn swarm(nodes: u64) -> ClusterState {
         id: "web".into(),
         spec: NetworkSpec::new("web", Driver::Overlay),
         created_at_ms: 0,
+        avoid: vec![],
     };
     apply(&mut s, &web).unwrap();
     s

@@ -152,29 +152,50 @@ async fn check_driver(spec: &NetworkSpec) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Refuses a subnet that overlaps a route of this node (its underlay, a
-/// VPN…): tasks on it could not reach that part of the world, and its
-/// traffic could leak onto it.
-async fn check_host_routes(spec: &NetworkSpec) -> anyhow::Result<()> {
-    // A macvlan/ipvlan network is meant to share its parent's LAN.
+/// This node's routes (not Shoal's, not the default one) that a network of
+/// `spec` must stay clear of: none for macvlan/ipvlan, which are meant to
+/// share their parent's LAN, and none when not root (nothing to program).
+async fn routes_to_avoid(spec: &NetworkSpec) -> Vec<(Ipv4Net, String)> {
     let shares_lan = matches!(spec.driver, Driver::Macvlan | Driver::Ipvlan);
-    if spec.subnets.is_empty() || shares_lan || !super::executor::is_root() {
-        return Ok(());
+    if shares_lan || !super::executor::is_root() {
+        return Vec::new();
     }
     let Ok(routes) = shoal_netdriver::linux::host_routes().await else {
-        return Ok(());
+        return Vec::new();
     };
+    routes
+        .into_iter()
+        .filter_map(|(dst, len, dev)| Some((Ipv4Net::new(dst, len)?, dev)))
+        .collect()
+}
+
+/// The routes among `routes` that overlap the cluster's default address
+/// pool: the only ones the pool's allocation has to steer around (a host
+/// with a large routing table does not put it all into the store).
+fn in_pool(state: &shoal_mesh::state::ClusterState, routes: &[(Ipv4Net, String)]) -> Vec<Ipv4Net> {
+    let pool = state
+        .cluster
+        .as_ref()
+        .map(|c| c.default_addr_pool.clone())
+        .unwrap_or_default();
+    routes
+        .iter()
+        .map(|(r, _)| *r)
+        .filter(|r| pool.iter().any(|p| p.overlaps(r)))
+        .collect()
+}
+
+/// Refuses an explicit subnet that overlaps a route of this node (its
+/// underlay, a VPN…): tasks on it could not reach that part of the world,
+/// and its traffic could leak onto it. (A subnet from the pool is chosen
+/// around them: `Command::CreateNetwork::avoid`.)
+fn check_host_routes(spec: &NetworkSpec, routes: &[(Ipv4Net, String)]) -> anyhow::Result<()> {
     for want in &spec.subnets {
-        for (dst, len, dev) in &routes {
-            let Some(route) = Ipv4Net::new(*dst, *len) else {
-                continue;
-            };
-            if route.overlaps(&want.subnet) {
-                bail!(
-                    "subnet {} overlaps this node's route {route} dev {dev}: choose another --subnet",
-                    want.subnet
-                );
-            }
+        if let Some((route, dev)) = routes.iter().find(|(r, _)| r.overlaps(&want.subnet)) {
+            bail!(
+                "subnet {} overlaps this node's route {route} dev {dev}: choose another --subnet",
+                want.subnet
+            );
         }
     }
     Ok(())
@@ -185,13 +206,15 @@ pub async fn create(d: &Daemon, args: CreateArgs) -> anyhow::Result<Reply> {
     let m = member(d).await?;
     let spec = parse_spec(args)?;
     check_driver(&spec).await?;
-    check_host_routes(&spec).await?;
+    let routes = routes_to_avoid(&spec).await;
+    check_host_routes(&spec, &routes)?;
     let id = shoal_mesh::ids::to_hex(&rand::random::<[u8; 8]>());
     let name = spec.name.clone();
     m.propose(Command::CreateNetwork {
         id: id.clone(),
         spec,
         created_at_ms: now_ms(),
+        avoid: in_pool(&m.state.state(), &routes),
     })
     .await?;
     m.wait_for(std::time::Duration::from_secs(5), |s| {
