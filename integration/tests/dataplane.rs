@@ -488,6 +488,80 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
         "an internal task got out"
     );
 
+    // A task with a published port joins its VIP and DNS once it listens
+    // on the target port, not when its process starts: `late` waits for a
+    // file before it listens.
+    let gate = tempfile::tempdir().unwrap();
+    let go = gate.path().join("listen");
+    let script = format!(
+        "while [ ! -e {} ]; do sleep 0.1; done; exec {bin_s} tool http-echo --port 80",
+        go.display()
+    );
+    c.shoal_ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--name",
+            "late",
+            "--network",
+            "appnet",
+            "--publish",
+            "8083:80",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    )
+    .unwrap();
+    let late_ip = running(&c, 0, "late")[0]["addresses"]["appnet"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let client = tasks[0]["name"].as_str().unwrap();
+    let dns_late = |c: &Cluster| {
+        c.shoal_ok(
+            host_of(c, &tasks[0]),
+            &["debug", "dns", client, "tasks.late"],
+        )
+        .unwrap()
+        .stdout
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let v = dns_late(&c);
+    assert!(
+        v.contains("no address right now"),
+        "a task that does not listen is in DNS: {v}"
+    );
+    let dp = c
+        .shoal_ok(
+            host_of(&c, &tasks[0]),
+            &["debug", "dataplane", "--format", "json"],
+        )
+        .unwrap()
+        .json()
+        .unwrap();
+    let lb = dp["networks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|n| n["load_balancers"].as_array().unwrap().iter())
+        .find(|l| l["service"] == "late")
+        .unwrap_or_else(|| panic!("no load balancer for `late`: {dp}"));
+    assert_eq!(lb["backends"], serde_json::json!([]), "{lb}");
+    std::fs::write(&go, b"").unwrap();
+    c.wait_until(
+        "`late` to join DNS once it listens",
+        Duration::from_secs(8),
+        |c| Ok(dns_late(c).contains(&late_ip)),
+    )
+    .unwrap();
+    let v = c
+        .wait_until_value(CONVERGE, || get_from(&c, &tasks[0], "late"))
+        .unwrap();
+    assert_eq!(v["task"], "late.1", "{v}");
+
     // A host dies (daemon, tasks, link): within the failure-detection time
     // the VIP stops sending anything to its task.
     let victim = tasks.iter().position(|t| host_of(&c, t) == 2).unwrap();

@@ -16,6 +16,7 @@
 pub mod conformance;
 pub mod dns;
 pub mod linux;
+pub mod listeners;
 pub mod model;
 pub mod nfnl;
 pub mod nft;

@@ -82,6 +82,10 @@ impl DebugCmd {
             DebugCmd::Dns { task, name } => {
                 let v = client.call(&Request::DebugDns { task, name }).await?;
                 match v["answer"].as_array() {
+                    Some(ips) if ips.is_empty() => println!(
+                        "{}: a swarm name with no address right now (no live task)",
+                        v["name"].as_str().unwrap_or_default()
+                    ),
                     Some(ips) => {
                         for ip in ips {
                             println!(

@@ -17,6 +17,7 @@ use shoal_gossip::MemberState;
 use shoal_mesh::ids::NodeId;
 use shoal_mesh::observed::{EndpointRecord, TableValue};
 use shoal_mesh::plan::{NodePlan, PlanInput, awaited_endpoints, mac_text, plan};
+use shoal_mesh::service::Protocol;
 use shoal_netdriver::dns::{self, Records};
 use shoal_netdriver::linux::{Linux, NETNS_DIR};
 use shoal_netdriver::reconcile;
@@ -34,6 +35,76 @@ const FULL_EVERY: Duration = Duration::from_secs(5);
 /// touches the kernel state it found (it goes on as soon as gossip shows
 /// every running remote task's endpoint, or that task's node dead).
 const WARM_UP_MAX: Duration = Duration::from_secs(10);
+
+/// How long a new task with published ports is held out of gossip (so out
+/// of every load balancer and DNS answer) while it does not listen on its
+/// service's target ports; after that it is published anyway.
+const LISTEN_WAIT_MAX: Duration = Duration::from_secs(10);
+
+/// Which local tasks may be published: those that listen on every target
+/// port their service publishes (TCP listening, UDP bound), those whose
+/// service publishes none, and those that waited `LISTEN_WAIT_MAX`. Swarm
+/// without a health check adds a task to its VIP once it starts, and the
+/// first connections to a replacement are refused until its process
+/// listens; this holds them back until then.
+#[derive(Default)]
+struct ListenGate {
+    /// When each waiting task was first seen.
+    waiting: BTreeMap<String, Instant>,
+    /// Tasks let through (they stay so).
+    open: BTreeSet<String>,
+}
+
+impl ListenGate {
+    /// Checks the tasks of `plan` not let through yet.
+    async fn update(&mut self, m: &Member, names: &Names, plan: &NodePlan) {
+        let state = m.state.state();
+        self.waiting.retain(|t, _| plan.sandboxes.contains_key(t));
+        self.open.retain(|t| plan.sandboxes.contains_key(t));
+        let closed: Vec<&String> = plan
+            .sandboxes
+            .keys()
+            .filter(|t| !self.open.contains(*t))
+            .collect();
+        for id in closed {
+            let ports: Vec<(Protocol, u16)> = state
+                .tasks
+                .get(id)
+                .and_then(|t| state.services.get(&t.service_id))
+                .map(|s| s.ports.iter().map(|p| (p.protocol, p.target)).collect())
+                .unwrap_or_default();
+            let since = *self.waiting.entry(id.clone()).or_insert_with(Instant::now);
+            let path = std::path::Path::new(NETNS_DIR).join(names.task(id));
+            let heard =
+                tokio::task::spawn_blocking(move || shoal_netdriver::listeners::in_namespace(path))
+                    .await
+                    .ok()
+                    .and_then(Result::ok);
+            let listens = heard.is_some_and(|l| {
+                ports.iter().all(|(proto, port)| match proto {
+                    Protocol::Tcp => l.tcp.contains(port),
+                    Protocol::Udp => l.udp.contains(port),
+                })
+            });
+            if ports.is_empty() || listens {
+                self.open.insert(id.clone());
+            } else if since.elapsed() > LISTEN_WAIT_MAX {
+                tracing::warn!(
+                    task = %id,
+                    ?ports,
+                    "the task does not listen on its service's target ports; adding it to the load balancers anyway"
+                );
+                self.open.insert(id.clone());
+            }
+        }
+        self.waiting.retain(|t, _| !self.open.contains(t));
+    }
+
+    /// Whether a task still waits (the loop then looks again sooner).
+    fn pending(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+}
 
 /// What the data plane tells the executor.
 #[derive(Debug, Default)]
@@ -238,11 +309,21 @@ pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
         }
         warm_up(&member, &names, &joined, &mut published).await;
     }
+    // What survived a restart was published by the warm-up already.
+    let mut gate = ListenGate {
+        open: published.keys().map(|(_, task)| task.clone()).collect(),
+        ..ListenGate::default()
+    };
     loop {
+        let tick = if gate.pending() {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(1)
+        };
         tokio::select! {
             _ = changes.changed() => {}
             _ = gossip_changed.notified() => {}
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep(tick) => {}
         }
         // The daemon is shutting down: the kernel state stays for the next run.
         let Some(m) = member.upgrade() else { return };
@@ -336,7 +417,10 @@ pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
         for n in nets.difference(&joined) {
             m.gossip.send(GossipCmd::Join(n.clone()));
         }
-        publish(&m, local_records(&m, &p, vtep), &mut published).await;
+        gate.update(&m, &names, &p).await;
+        let mut records = local_records(&m, &p, vtep);
+        records.retain(|(_, key), _| key.starts_with("node-") || gate.open.contains(key));
+        publish(&m, records, &mut published).await;
         for n in joined.difference(&nets) {
             m.gossip.send(GossipCmd::Leave(n.clone()));
         }
