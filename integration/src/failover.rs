@@ -329,6 +329,26 @@ pub fn run(scenario: &str) -> anyhow::Result<Value> {
         .flatten()
         .fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.max(b))));
     let recovered = recovered.or(converged).or(new_leader);
+    let (vip, mesh) = (summary(&vip, fault, recovered), summary(&mesh, fault, recovered));
+    // A request that failed after recovery is what this is for: keep every
+    // daemon's log of the run to find out why.
+    let lost = |s: &Value| s["failed_after_recovery"].as_u64().unwrap_or(0) > 0;
+    let logs = if lost(&vip) || lost(&mesh) {
+        let dir = std::env::temp_dir().join(format!(
+            "shoal-failover-{scenario}-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or_default()
+        ));
+        std::fs::create_dir_all(&dir)?;
+        for (i, h) in c.hosts.iter().enumerate() {
+            std::fs::write(dir.join(format!("{}.log", h.name)), c.log(i))?;
+        }
+        Some(dir.display().to_string())
+    } else {
+        None
+    };
     Ok(json!({
         "scenario": scenario,
         "victim": c.hosts[victim].name,
@@ -337,8 +357,9 @@ pub fn run(scenario: &str) -> anyhow::Result<Value> {
         "converged_s": converged,
         "endpoints_gone_s": endpoints_gone,
         "replacement_served_s": replaced,
-        "vip": summary(&vip, fault, recovered),
-        "mesh": summary(&mesh, fault, recovered),
+        "vip": vip,
+        "mesh": mesh,
+        "logs": logs,
     }))
 }
 

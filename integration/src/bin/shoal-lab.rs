@@ -455,6 +455,9 @@ fn print_report(r: &serde_json::Value) {
             );
         }
     }
+    if let Some(dir) = r["logs"].as_str() {
+        println!("  daemon logs of this run (a request failed after recovery): {dir}");
+    }
 }
 
 /// The lab commands other than `demo`.

@@ -100,6 +100,12 @@ impl ListenGate {
         self.waiting.retain(|t, _| !self.open.contains(t));
     }
 
+    /// Whether the endpoint record under `key` (a task ID, or `node-…`
+    /// for this node's routing-mesh address) may be published.
+    fn lets_through(&self, key: &str) -> bool {
+        key.starts_with("node-") || self.open.contains(key)
+    }
+
     /// Whether a task still waits (the loop then looks again sooner).
     fn pending(&self) -> bool {
         !self.waiting.is_empty()
@@ -338,7 +344,8 @@ pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
         let state = m.state.state();
         let underlay_mtu = mtu.unwrap_or(1500);
         // This node's own endpoints count from the start, whether or not
-        // gossip has them yet (it has none right after a restart).
+        // gossip has them yet (it has none right after a restart), once
+        // they listen (the gate holds them out of local balancers too).
         let first = plan(&PlanInput {
             state: &state,
             node: m.id,
@@ -346,7 +353,11 @@ pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
             underlay_mtu,
             endpoints: &endpoints,
         });
-        for ((net, _), rec) in local_records(&m, &first, vtep) {
+        gate.update(&m, &names, &first).await;
+        for ((net, key), rec) in local_records(&m, &first, vtep) {
+            if !gate.lets_through(&key) {
+                continue;
+            }
             let list = endpoints.entry(net).or_default();
             if !list.contains(&rec) {
                 list.retain(|e| e.ip != rec.ip);
@@ -417,9 +428,8 @@ pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
         for n in nets.difference(&joined) {
             m.gossip.send(GossipCmd::Join(n.clone()));
         }
-        gate.update(&m, &names, &p).await;
         let mut records = local_records(&m, &p, vtep);
-        records.retain(|(_, key), _| key.starts_with("node-") || gate.open.contains(key));
+        records.retain(|(_, key), _| gate.lets_through(key));
         publish(&m, records, &mut published).await;
         for n in joined.difference(&nets) {
             m.gossip.send(GossipCmd::Leave(n.clone()));
