@@ -329,7 +329,10 @@ pub fn run(scenario: &str) -> anyhow::Result<Value> {
         .flatten()
         .fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.max(b))));
     let recovered = recovered.or(converged).or(new_leader);
-    let (vip, mesh) = (summary(&vip, fault, recovered), summary(&mesh, fault, recovered));
+    let (vip, mesh) = (
+        summary(&vip, fault, recovered),
+        summary(&mesh, fault, recovered),
+    );
     // A request that failed after recovery is what this is for: keep every
     // daemon's log of the run to find out why.
     let lost = |s: &Value| s["failed_after_recovery"].as_u64().unwrap_or(0) > 0;

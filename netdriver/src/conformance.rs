@@ -100,8 +100,8 @@ async fn step<B: Backend>(
     names: &Names,
     when: &str,
 ) -> Result<Vec<Op>, String> {
-    let gateway = "172.31.0.0/16".parse().ok();
-    let wanted = render(plan, names, VXLAN_PORT, gateway);
+    let gateway = crate::render::Gateway::new("172.31.0.0/16".parse().expect("a CIDR"));
+    let wanted = render(plan, names, VXLAN_PORT, Some(&gateway));
     let ops = reconcile(b, &wanted, &names.prefix)
         .await
         .map_err(|e| format!("{when}: {e}"))?;

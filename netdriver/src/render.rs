@@ -85,30 +85,75 @@ pub fn gateway_port(task: &str) -> String {
     format!("shoalg{}", &task[..task.len().min(9)])
 }
 
-/// Each egress sandbox's address on the gateway subnet: from a hash of its
-/// task ID, probing past addresses taken by tasks sorted before it, so that
-/// a task keeps its address while it runs (unless one that collided with it
-/// goes).
-pub fn gateway_addrs(plan: &NodePlan, subnet: Ipv4Net) -> BTreeMap<String, Ipv4Addr> {
+/// The host's gateway subnet for tasks' egress, and the addresses tasks
+/// hold on it already (a running task keeps its address).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Gateway {
+    /// The subnet (the bridge has its first address).
+    pub subnet: Ipv4Net,
+    /// Task ID → the address it has now (from the last render, or read
+    /// back from the kernel after a restart).
+    pub held: BTreeMap<String, Ipv4Addr>,
+}
+
+impl Gateway {
+    /// `subnet`, no address held yet.
+    pub fn new(subnet: Ipv4Net) -> Self {
+        Gateway {
+            subnet,
+            held: BTreeMap::new(),
+        }
+    }
+}
+
+/// Each egress sandbox's address on the gateway subnet. A task keeps the
+/// address it holds (`gateway.held`) while it runs; a new one gets the
+/// address a hash of its ID names, probing past those taken. (Without the
+/// held ones, a task that had probed past a collision would move when the
+/// task it collided with went away, and its egress connections with it.)
+pub fn gateway_addrs(plan: &NodePlan, gateway: &Gateway) -> BTreeMap<String, Ipv4Addr> {
+    let subnet = gateway.subnet;
     let size = subnet.size();
     let mut out = BTreeMap::new();
     if size < 8 {
         return out;
     }
+    let base = u64::from(u32::from(subnet.network()));
+    // Host numbers 2 … size-2 (1 is the bridge, the last is broadcast).
+    let host_number = |ip: Ipv4Addr| {
+        let n = u64::from(u32::from(ip)).checked_sub(base)?;
+        (2..=size - 2).contains(&n).then_some(n)
+    };
     let mut taken = BTreeSet::new();
-    for sb in plan.sandboxes.values().filter(|s| s.egress) {
+    let egress: Vec<&str> = plan
+        .sandboxes
+        .values()
+        .filter(|s| s.egress)
+        .map(|s| s.task.as_str())
+        .collect();
+    for task in &egress {
+        if let Some(ip) = gateway.held.get(*task)
+            && let Some(n) = host_number(*ip)
+            && taken.insert(n)
+        {
+            out.insert((*task).to_owned(), *ip);
+        }
+    }
+    for task in egress {
+        if out.contains_key(task) {
+            continue;
+        }
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in sb.task.bytes() {
+        for b in task.bytes() {
             h ^= u64::from(b);
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
-        // Host numbers 2 … size-2 (1 is the bridge, the last is broadcast).
         let span = size - 3;
         for k in 0..span {
             let n = 2 + (h + k) % span;
             if taken.insert(n) {
                 if let Some(ip) = subnet.nth(n) {
-                    out.insert(sb.task.clone(), ip);
+                    out.insert(task.to_owned(), ip);
                 }
                 break;
             }
@@ -117,10 +162,30 @@ pub fn gateway_addrs(plan: &NodePlan, subnet: Ipv4Net) -> BTreeMap<String, Ipv4A
     out
 }
 
+/// The gateway addresses the task namespaces of `kernel` hold (on `gw0`):
+/// what a restarted daemon keeps.
+pub fn held_gateway_addrs(kernel: &Kernel, names: &Names) -> BTreeMap<String, Ipv4Addr> {
+    let prefix = names.task("");
+    kernel
+        .namespaces
+        .iter()
+        .filter_map(|(ns, n)| {
+            let task = ns.strip_prefix(&prefix)?;
+            let (ip, _) = n.links.get("gw0")?.addrs.iter().next()?;
+            Some((task.to_owned(), *ip))
+        })
+        .collect()
+}
+
 /// The kernel objects for `plan`: with `gateway`, tasks that are not only
 /// on internal networks also get a veth into the host's gateway bridge on
 /// that subnet, a default route through it, and masquerade out of the host.
-pub fn render(plan: &NodePlan, names: &Names, vxlan_port: u16, gateway: Option<Ipv4Net>) -> Kernel {
+pub fn render(
+    plan: &NodePlan,
+    names: &Names,
+    vxlan_port: u16,
+    gateway: Option<&Gateway>,
+) -> Kernel {
     let mut k = Kernel::default();
     for net in plan.networks.values() {
         if !matches!(net.driver, Driver::Overlay | Driver::Bridge) {
@@ -271,8 +336,8 @@ pub fn render(plan: &NodePlan, names: &Names, vxlan_port: u16, gateway: Option<I
 
 /// `--publish mode=host`: the port on this host goes straight to the local
 /// tasks of the service, through their gateway legs.
-fn render_host_ports(k: &mut Kernel, plan: &NodePlan, subnet: Ipv4Net) {
-    let addrs = gateway_addrs(plan, subnet);
+fn render_host_ports(k: &mut Kernel, plan: &NodePlan, gateway: &Gateway) {
+    let addrs = gateway_addrs(plan, gateway);
     for p in plan
         .published
         .iter()
@@ -299,8 +364,9 @@ fn render_host_ports(k: &mut Kernel, plan: &NodePlan, subnet: Ipv4Net) {
 
 /// The gateway bridge on the host (isolated ports: tasks reach the host and
 /// beyond through it, not each other) and each egress task's leg into it.
-fn render_gateway(k: &mut Kernel, plan: &NodePlan, names: &Names, subnet: Ipv4Net) {
-    let addrs = gateway_addrs(plan, subnet);
+fn render_gateway(k: &mut Kernel, plan: &NodePlan, names: &Names, gateway: &Gateway) {
+    let subnet = gateway.subnet;
+    let addrs = gateway_addrs(plan, gateway);
     if addrs.is_empty() {
         return;
     }
@@ -456,4 +522,63 @@ fn render_ingress(
             (vec![INGRESS_NS_ADDR], p.published),
         )
     }));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::sample_plan;
+
+    fn gateway(cidr: &str, held: &BTreeMap<String, Ipv4Addr>) -> Gateway {
+        Gateway {
+            subnet: cidr.parse().unwrap(),
+            held: held.clone(),
+        }
+    }
+
+    #[test]
+    fn a_running_task_keeps_its_gateway_address_when_others_go() {
+        // A /29 has 5 task addresses: five tasks fill it, colliding hashes
+        // probe past each other.
+        let ids = ["t1", "t2", "t3", "t4", "t5"];
+        let tasks: Vec<(&str, u8)> = ids.iter().zip(10u8..).map(|(t, l)| (*t, l)).collect();
+        let all = gateway_addrs(
+            &sample_plan(&tasks, &[]),
+            &gateway("172.31.0.0/29", &BTreeMap::new()),
+        );
+        assert_eq!(all.len(), 5);
+        let distinct: BTreeSet<&Ipv4Addr> = all.values().collect();
+        assert_eq!(distinct.len(), 5, "{all:?}");
+        // Whichever task goes, the others keep theirs.
+        for gone in ids {
+            let rest: Vec<(&str, u8)> = tasks.iter().copied().filter(|(t, _)| *t != gone).collect();
+            let now = gateway_addrs(&sample_plan(&rest, &[]), &gateway("172.31.0.0/29", &all));
+            for (t, ip) in &now {
+                assert_eq!(all[t], *ip, "{t} moved when {gone} went");
+            }
+            // And a new task takes the free address, not anyone's.
+            let mut more = rest.clone();
+            more.push(("t6", 20));
+            let next = gateway_addrs(&sample_plan(&more, &[]), &gateway("172.31.0.0/29", &now));
+            assert_eq!(next["t6"], all[gone], "the one free address");
+        }
+    }
+
+    #[test]
+    fn a_held_address_that_is_not_usable_is_replaced() {
+        let tasks = [("a", 10), ("b", 11)];
+        let plan = sample_plan(&tasks, &[]);
+        let bad = BTreeMap::from([
+            // outside the subnet, the bridge's own address, and a duplicate
+            ("a".to_owned(), Ipv4Addr::new(10, 0, 0, 9)),
+            ("b".to_owned(), Ipv4Addr::new(172, 31, 0, 1)),
+        ]);
+        let addrs = gateway_addrs(&plan, &gateway("172.31.0.0/24", &bad));
+        let fresh = gateway_addrs(&plan, &gateway("172.31.0.0/24", &BTreeMap::new()));
+        assert_eq!(addrs, fresh);
+        let dup = BTreeMap::from([("a".to_owned(), fresh["a"]), ("b".to_owned(), fresh["a"])]);
+        let addrs = gateway_addrs(&plan, &gateway("172.31.0.0/24", &dup));
+        assert_eq!(addrs["a"], fresh["a"]);
+        assert_ne!(addrs["b"], fresh["a"]);
+    }
 }

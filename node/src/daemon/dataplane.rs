@@ -21,7 +21,7 @@ use shoal_mesh::service::Protocol;
 use shoal_netdriver::dns::{self, Records};
 use shoal_netdriver::linux::{Linux, NETNS_DIR};
 use shoal_netdriver::reconcile;
-use shoal_netdriver::render::{Names, render};
+use shoal_netdriver::render::{Gateway, Names, gateway_addrs, held_gateway_addrs, render};
 
 use super::config::DataplaneConfig;
 use super::gossip::GossipCmd;
@@ -286,7 +286,7 @@ pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
     let gossip_changed = m.gossip.changed.clone();
     drop(m);
     let mut backend = Linux::new(None);
-    let gateway = cfg.gateway_subnet.parse().ok();
+    let mut gateway = cfg.gateway_subnet.parse().ok().map(Gateway::new);
     let mut last: Option<NodePlan> = None;
     let mut last_full = Instant::now();
     let mut published: BTreeMap<(String, String), EndpointRecord> = BTreeMap::new();
@@ -314,6 +314,12 @@ pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
             }
         }
         warm_up(&member, &names, &joined, &mut published).await;
+        // Running tasks keep the gateway addresses they have.
+        if let Some(gw) = gateway.as_mut()
+            && let Ok(seen) = shoal_netdriver::Backend::observe(&mut backend, &names.prefix).await
+        {
+            gw.held = held_gateway_addrs(&seen, &names);
+        }
     }
     // What survived a restart was published by the warm-up already.
     let mut gate = ListenGate {
@@ -372,7 +378,7 @@ pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
             endpoints: &endpoints,
         });
         if last.as_ref() != Some(&p) || last_full.elapsed() > FULL_EVERY {
-            let wanted = render(&p, &names, cfg.data_path_port, gateway);
+            let wanted = render(&p, &names, cfg.data_path_port, gateway.as_ref());
             match reconcile(&mut backend, &wanted, &names.prefix).await {
                 Ok(ops) => {
                     if !ops.is_empty() {
@@ -409,6 +415,9 @@ pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
                     }
                     if let Ok(mut l) = m.sandboxes.last.lock() {
                         *l = Some(p.clone());
+                    }
+                    if let Some(gw) = gateway.as_mut() {
+                        gw.held = gateway_addrs(&p, gw);
                     }
                     last = Some(p.clone());
                     last_full = Instant::now();
