@@ -212,7 +212,17 @@ fn main() -> anyhow::Result<()> {
         .as_str()
         .unwrap_or_default()
         .to_owned();
-    let from_name = from["name"].as_str().unwrap_or_default().to_owned();
+    // The sending task's process: its pid file's third field.
+    let from_id = from["id"].as_str().unwrap_or_default();
+    let pid_file = c.hosts[0]
+        .state_dir
+        .join("tasks")
+        .join(format!("{from_id}.pid"));
+    let from_pid = std::fs::read_to_string(&pid_file)?
+        .split_whitespace()
+        .nth(2)
+        .unwrap_or_default()
+        .to_owned();
     let bare = BareVxlan::build()?;
     let mut bare_sink = bare
         .run("h2", &bin, &["tool", "tcp-sink", "--port", "5003"])
@@ -232,22 +242,14 @@ fn main() -> anyhow::Result<()> {
             &["tool", "tcp-blast", "--seconds", &seconds, &target],
         );
         under.push(rate(&r.stdout));
+        // Into the task's namespace directly (as the others), not through
+        // `shoal exec`: what is measured is the kernel path Shoal programmed.
         let target = format!("{to_ip}:5001");
-        let r = c.shoal(
-            0,
-            &[
-                "exec",
-                &from_name,
-                "--",
-                &bin,
-                "tool",
-                "tcp-blast",
-                "--seconds",
-                &seconds,
-                &target,
-            ],
-        );
-        over.push(rate(&r.stdout));
+        let r = std::process::Command::new("nsenter")
+            .args(["--target", &from_pid, "--net", "--"])
+            .args([&bin, "tool", "tcp-blast", "--seconds", &seconds, &target])
+            .output()?;
+        over.push(rate(&String::from_utf8_lossy(&r.stdout)));
         let r = bare
             .run(
                 "h1",
