@@ -515,6 +515,30 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
         ],
     )
     .unwrap();
+    // `deaf` never listens on its published port: it joins anyway after
+    // the gate's limit (10 s), rather than never.
+    c.shoal_ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--name",
+            "deaf",
+            "--network",
+            "appnet",
+            "--publish",
+            "8084:80",
+            "--",
+            "sleep",
+            "3600",
+        ],
+    )
+    .unwrap();
+    let deaf_created = std::time::Instant::now();
+    let deaf_ip = running(&c, 0, "deaf")[0]["addresses"]["appnet"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let late_ip = running(&c, 0, "late")[0]["addresses"]["appnet"]
         .as_str()
         .unwrap()
@@ -534,6 +558,13 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
         v.contains("no address right now"),
         "a task that does not listen is in DNS: {v}"
     );
+    let r = c
+        .shoal_ok(
+            host_of(&c, &tasks[0]),
+            &["debug", "dns", client, "tasks.deaf"],
+        )
+        .unwrap();
+    assert!(!r.stdout.contains(&deaf_ip), "{}", r.stdout);
     // No host's load balancers have it, its own host's included.
     for host in 0..3 {
         let dp = c
@@ -561,6 +592,23 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
         .wait_until_value(CONVERGE, || get_from(&c, &tasks[0], "late"))
         .unwrap();
     assert_eq!(v["task"], "late.1", "{v}");
+    c.wait_until(
+        "`deaf` to join DNS after the gate's limit",
+        Duration::from_secs(25),
+        |c| {
+            let r = c.shoal_ok(
+                host_of(c, &tasks[0]),
+                &["debug", "dns", client, "tasks.deaf"],
+            )?;
+            Ok(r.stdout.contains(&deaf_ip))
+        },
+    )
+    .unwrap();
+    assert!(
+        deaf_created.elapsed() > Duration::from_secs(6),
+        "`deaf` joined after {:?}, before the gate's limit",
+        deaf_created.elapsed()
+    );
 
     // A host dies (daemon, tasks, link): within the failure-detection time
     // the VIP stops sending anything to its task.
