@@ -212,17 +212,8 @@ fn main() -> anyhow::Result<()> {
         .as_str()
         .unwrap_or_default()
         .to_owned();
-    // The sending task's process: its pid file's third field.
-    let from_id = from["id"].as_str().unwrap_or_default();
-    let pid_file = c.hosts[0]
-        .state_dir
-        .join("tasks")
-        .join(format!("{from_id}.pid"));
-    let from_pid = std::fs::read_to_string(&pid_file)?
-        .split_whitespace()
-        .nth(2)
-        .unwrap_or_default()
-        .to_owned();
+    // The sending task's process.
+    let from_pid = c.task_pid(0, from["id"].as_str().unwrap_or_default())?;
     let bare = BareVxlan::build()?;
     let mut bare_sink = bare
         .run("h2", &bin, &["tool", "tcp-sink", "--port", "5003"])

@@ -166,15 +166,7 @@ pub fn run(scenario: &str) -> anyhow::Result<Value> {
         .and_then(|t| t["id"].as_str())
         .unwrap_or_default()
         .to_owned();
-    let pid_file = c.hosts[observer]
-        .state_dir
-        .join("tasks")
-        .join(format!("{client_id}.pid"));
-    let pid = std::fs::read_to_string(&pid_file)?
-        .split_whitespace()
-        .nth(2)
-        .unwrap_or_default()
-        .to_owned();
+    let pid = c.task_pid(observer, &client_id)?;
     let svc = c
         .shoal_ok(observer, &["service", "inspect", "web"])?
         .json()?;

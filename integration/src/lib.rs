@@ -539,6 +539,21 @@ impl Cluster {
         );
     }
 
+    /// The pid of task `task`'s process on host `i` (the third field of
+    /// its pid file), for entering its namespaces without its daemon.
+    pub fn task_pid(&self, i: usize, task: &str) -> anyhow::Result<String> {
+        let path = self.hosts[i]
+            .state_dir
+            .join("tasks")
+            .join(format!("{task}.pid"));
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        text.split_whitespace()
+            .nth(2)
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow::anyhow!("{}: no pid in `{text}`", path.display()))
+    }
+
     /// Host `i`'s daemon log so far.
     pub fn log(&self, i: usize) -> String {
         std::fs::read_to_string(&self.hosts[i].log).unwrap_or_default()

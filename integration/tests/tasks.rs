@@ -28,14 +28,9 @@ fn running(c: &Cluster, i: usize, service: &str) -> Vec<Value> {
         .collect()
 }
 
-/// The task's own process (third field of its shim's pid file).
+/// The task's own process.
 fn task_pid(c: &Cluster, i: usize, task: &str) -> u32 {
-    let path = c.hosts[i]
-        .state_dir
-        .join("tasks")
-        .join(format!("{task}.pid"));
-    let text = std::fs::read_to_string(path).unwrap();
-    text.split_whitespace().nth(2).unwrap().parse().unwrap()
+    c.task_pid(i, task).unwrap().parse().unwrap()
 }
 
 fn alive(pid: u32) -> bool {
