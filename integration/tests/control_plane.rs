@@ -227,6 +227,12 @@ fn force_new_cluster_keeps_the_state_of_a_lone_survivor() {
         .unwrap();
     c.shoal_ok(3, &["node", "update", "--label-add", "rack=r1", "node4"])
         .unwrap();
+    // A commit needs a majority, not node1: wait until node1 holds the change,
+    // or recovering from node1 alone would rightly not have it.
+    c.wait_until("node1 to hold the label", CONVERGE, |c| {
+        Ok(c.node_ls(0)?.iter().any(|n| n["labels"]["rack"] == "r1"))
+    })
+    .unwrap();
     c.kill(1);
     c.kill(2);
     let r = c
