@@ -3,11 +3,13 @@
 //! a bridge, so the "wire" is the kernel's; the ratio shows the cost of
 //! the overlay: encapsulation, the extra namespaces, the MTU).
 //!
-//! Beside them, a reference Shoal plays no part in: the same two-host
-//! underlay and a bare VXLAN device per host carrying the endpoint's
-//! address itself, built by hand with `ip` in namespaces of the bench's own
-//! (`shoalbench-PID-*`, removed at the end). It is the kernel's own ceiling
-//! for VXLAN on this machine: what Shoal's overlay could reach at best.
+//! Beside them, a reference Shoal plays no part in: the same kind of
+//! two-host underlay and a bare VXLAN device per host carrying the
+//! endpoint's address itself, built by hand with `ip` in namespaces of the
+//! bench's own (`shoalbench-PID-*`, removed at the end), with no netfilter
+//! anywhere. Its ratio is taken against its own underlay (which, unlike
+//! Shoal's hosts, has no conntrack): the kernel's own ceiling for VXLAN on
+//! this machine, what Shoal's overlay could reach at best.
 //!
 //! `cargo bench -p shoal-integration --bench dataplane [-- SECONDS [RUNS]]`
 //! (root; default 3 s, 7 runs). Runs alternate underlay and overlay, so
@@ -218,10 +220,14 @@ fn main() -> anyhow::Result<()> {
     let mut bare_sink = bare
         .run("h2", &bin, &["tool", "tcp-sink", "--port", "5003"])
         .spawn()?;
+    let mut bare_under_sink = bare
+        .run("h2", &bin, &["tool", "tcp-sink", "--port", "5004"])
+        .spawn()?;
     std::thread::sleep(Duration::from_millis(300));
     let mut under = Vec::new();
     let mut over = Vec::new();
     let mut refs = Vec::new();
+    let mut bare_under = Vec::new();
     let mut ratios = Vec::new();
     let mut ref_ratios = Vec::new();
     let mut over_bare = Vec::new();
@@ -241,34 +247,30 @@ fn main() -> anyhow::Result<()> {
             .args([&bin, "tool", "tcp-blast", "--seconds", &seconds, &target])
             .output()?;
         over.push(rate(&String::from_utf8_lossy(&r.stdout)));
-        let r = bare
-            .run(
-                "h1",
-                &bin,
-                &[
-                    "tool",
-                    "tcp-blast",
-                    "--seconds",
-                    &seconds,
-                    "10.253.0.2:5003",
-                ],
-            )
-            .output()?;
-        refs.push(rate(&String::from_utf8_lossy(&r.stdout)));
-        let (u, o, b) = (under[run - 1], over[run - 1], refs[run - 1]);
+        // From the bare pair's host 1: over its VXLAN, then its underlay.
+        let bare_blast = |target: &str| -> anyhow::Result<f64> {
+            let args = ["tool", "tcp-blast", "--seconds", &seconds, target];
+            let r = bare.run("h1", &bin, &args).output()?;
+            Ok(rate(&String::from_utf8_lossy(&r.stdout)))
+        };
+        refs.push(bare_blast("10.253.0.2:5003")?);
+        bare_under.push(bare_blast("10.252.0.2:5004")?);
+        let (u, o) = (under[run - 1], over[run - 1]);
+        let (bu, b) = (bare_under[run - 1], refs[run - 1]);
         println!(
-            "  run {run}: underlay {u:.0} Mbit/s, Shoal overlay {o:.0} Mbit/s, bare VXLAN {b:.0} Mbit/s"
+            "  run {run}: underlay {u:.0} Mbit/s, Shoal overlay {o:.0} Mbit/s; bare underlay {bu:.0} Mbit/s, bare VXLAN {b:.0} Mbit/s"
         );
         ratios.push(o / u);
-        ref_ratios.push(b / u);
+        ref_ratios.push(b / bu);
         over_bare.push(o / b);
     }
-    for s in [&mut sink, &mut bare_sink] {
+    for s in [&mut sink, &mut bare_sink, &mut bare_under_sink] {
         let _ = s.kill();
         let _ = s.wait();
     }
     drop(bare);
-    let (u, o, b) = (median(under), median(over), median(refs));
+    let (u, o) = (median(under), median(over));
+    let (bu, b) = (median(bare_under), median(refs));
     let (lo, hi) = (
         ratios.iter().copied().fold(f64::INFINITY, f64::min),
         ratios.iter().copied().fold(0.0, f64::max),
@@ -276,6 +278,7 @@ fn main() -> anyhow::Result<()> {
     println!("TCP, one stream, {seconds} s, median of {runs}:");
     println!("  underlay (host → host):            {u:.0} Mbit/s");
     println!("  overlay (task → task over VXLAN):  {o:.0} Mbit/s");
+    println!("  bare underlay (no netfilter):      {bu:.0} Mbit/s");
     println!("  bare VXLAN (no Shoal, reference):  {b:.0} Mbit/s");
     println!(
         "  overlay / underlay, run by run:    median {:.0}% (min {:.0}%, max {:.0}%)",
@@ -284,7 +287,7 @@ fn main() -> anyhow::Result<()> {
         hi * 100.0
     );
     println!(
-        "  bare VXLAN / underlay, run by run: median {:.0}%",
+        "  bare VXLAN / bare underlay:        median {:.0}%",
         median(ref_ratios) * 100.0
     );
     println!(
