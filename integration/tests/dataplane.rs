@@ -450,6 +450,12 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
         &["network", "create", "--subnet", "10.210.0.0/25", "clash"],
         "overlaps this node's route 10.210.0.0/24 dev eth0",
     );
+    // So is one on the node's gateway subnet (tasks' egress legs).
+    c.assert_refused(
+        0,
+        &["network", "create", "--subnet", "172.31.5.0/24", "clash"],
+        "overlaps this node's route 172.31.0.0/16 dev shoalgw0",
+    );
     // A subnet from the pool steers clear of the node's routes: with a
     // route to 10.0.0.0/16 on node1 (say, a VPN), node1 hands out none of it.
     let r = c.in_host(0, "ip", &["route", "add", "10.0.0.0/16", "dev", "eth0"]);
@@ -805,6 +811,71 @@ fn a_daemon_restart_keeps_traffic_flowing_and_adopts_its_kernel_state() {
         !after_restart.contains("data plane programmed"),
         "the restarted daemon changed the kernel: {after_restart}"
     );
+
+    // The gateway subnet steers clear of the host's routes: with a route
+    // into 172.31.0.0/16 on host 3 (as in AWS's default VPC), its restarted
+    // daemon moves the gateway bridge and its task's egress leg to
+    // 172.30.0.0/16, and the task still gets out.
+    let r = c.in_host(2, "ip", &["route", "add", "172.31.16.0/20", "dev", "eth0"]);
+    assert!(r.ok(), "{}", r.stderr);
+    c.stop(2);
+    c.start_daemon(2).unwrap();
+    let far_pid = c.task_pid(2, far["id"].as_str().unwrap()).unwrap();
+    c.wait_until("host 3's task to move to 172.30.0.0/16", CONVERGE, |c| {
+        let gw = c.in_host(2, "ip", &["-4", "-o", "addr", "show", "dev", "shoalgw0"]);
+        let leg = c.in_host(
+            2,
+            "nsenter",
+            &[
+                "--target", &far_pid, "--net", "ip", "-4", "-o", "addr", "show", "dev", "gw0",
+            ],
+        );
+        Ok(gw.stdout.contains("172.30.0.1/16") && leg.stdout.contains(" 172.30."))
+    })
+    .unwrap();
+    let ns = c.hosts[0].netns.clone().unwrap();
+    let mut outside = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
+        .arg(shoal_bin())
+        .args(["tool", "http-echo", "--port", "9099"])
+        .spawn()
+        .unwrap();
+    let out = c.wait_until_value(CONVERGE, || get_from(&c, &far, "10.210.0.1:9099"));
+    let _ = outside.kill();
+    let _ = outside.wait();
+    out.unwrap();
+    // A configured gateway subnet on one of the host's routes is refused
+    // at start, naming the route.
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("daemon.toml");
+    std::fs::write(&conf, "[dataplane]\ngateway_subnet = \"10.210.0.0/16\"\n").unwrap();
+    let state = dir.path().join("state");
+    let socket = dir.path().join("s.sock");
+    let bin = shoal_bin().to_string_lossy().into_owned();
+    let r = c.in_host(
+        2,
+        "timeout",
+        &[
+            "10",
+            &bin,
+            "daemon",
+            "--config",
+            conf.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--socket",
+            socket.to_str().unwrap(),
+            "--listen-addr",
+            "10.210.0.3:2999",
+        ],
+    );
+    assert!(
+        !r.ok()
+            && r.stderr
+                .contains("overlaps this host's route 10.210.0.0/24 dev eth0"),
+        "{r:?}"
+    );
+
     // Leaving the swarm removes everything the node's data plane made.
     c.shoal_ok(1, &["swarm", "leave"]).unwrap();
     assert_eq!(kernel_objects(&c, 1), Default::default());

@@ -207,6 +207,24 @@ pub async fn probe_driver(driver: &str) -> Result<(), DpError> {
 /// This namespace's IPv4 routes that are not Shoal's and not the default
 /// one: (destination, prefix length, device).
 pub async fn host_routes() -> Result<Vec<(Ipv4Addr, u8, String)>, DpError> {
+    let mut all = main_routes().await?;
+    all.retain(|(_, _, dev)| !dev.starts_with("shoal"));
+    Ok(all)
+}
+
+/// The routes of this namespace's main table through link `dev`.
+pub async fn routes_via(dev: &str) -> Result<Vec<(Ipv4Addr, u8)>, DpError> {
+    Ok(main_routes()
+        .await?
+        .into_iter()
+        .filter(|(_, _, d)| d == dev)
+        .map(|(dst, len, _)| (dst, len))
+        .collect())
+}
+
+/// This namespace's IPv4 routes in the main table, but the default one:
+/// (destination, prefix length, device).
+async fn main_routes() -> Result<Vec<(Ipv4Addr, u8, String)>, DpError> {
     let mut b = Linux::new(None);
     let links = b.links(HOST).await?;
     let names: HashMap<u32, String> = links.iter().map(|(n, s)| (s.index, n.clone())).collect();
@@ -230,9 +248,7 @@ pub async fn host_routes() -> Result<Vec<(Ipv4Addr, u8, String)>, DpError> {
                 _ => {}
             }
         }
-        if let Some(d) = dst
-            && !dev.starts_with("shoal")
-        {
+        if let Some(d) = dst {
             out.push((d, len, dev));
         }
     }

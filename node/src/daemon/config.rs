@@ -54,7 +54,11 @@ pub struct DataplaneConfig {
     pub underlay_mtu: Option<u32>,
     /// The host-local subnet of the gateway bridge tasks reach beyond
     /// their networks through (masqueraded); must not be used elsewhere.
-    pub gateway_subnet: String,
+    /// By default the first of 172.31.0.0/16, 172.30.0.0/16 … 172.16.0.0/16,
+    /// then 192.168.240.0/20 … 192.168.0.0/20, that no route of the host
+    /// overlaps (the one in use is kept across restarts while it stays
+    /// clear).
+    pub gateway_subnet: Option<String>,
 }
 
 impl Default for DataplaneConfig {
@@ -64,7 +68,7 @@ impl Default for DataplaneConfig {
             netns_prefix: None,
             data_path_port: 4789,
             underlay_mtu: None,
-            gateway_subnet: "172.31.0.0/16".into(),
+            gateway_subnet: None,
         }
     }
 }
@@ -259,15 +263,10 @@ impl DaemonConfig {
         {
             return Err(ConfigError::NetnsPrefix(p.clone()));
         }
-        if self
-            .dataplane
-            .gateway_subnet
-            .parse::<shoal_mesh::cidr::Ipv4Net>()
-            .is_err()
+        if let Some(g) = &self.dataplane.gateway_subnet
+            && g.parse::<shoal_mesh::cidr::Ipv4Net>().is_err()
         {
-            return Err(ConfigError::GatewaySubnet(
-                self.dataplane.gateway_subnet.clone(),
-            ));
+            return Err(ConfigError::GatewaySubnet(g.clone()));
         }
         let g = &self.gossip;
         if !(0 < g.probe_rtt_ms

@@ -286,7 +286,12 @@ pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
     let gossip_changed = m.gossip.changed.clone();
     drop(m);
     let mut backend = Linux::new(None);
-    let mut gateway = cfg.gateway_subnet.parse().ok().map(Gateway::new);
+    // Chosen (or checked) when the daemon started.
+    let mut gateway = cfg
+        .gateway_subnet
+        .as_deref()
+        .and_then(|s| s.parse().ok())
+        .map(Gateway::new);
     let mut last: Option<NodePlan> = None;
     let mut last_full = Instant::now();
     let mut published: BTreeMap<(String, String), EndpointRecord> = BTreeMap::new();

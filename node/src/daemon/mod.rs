@@ -5,6 +5,7 @@ pub mod commands;
 pub mod config;
 pub mod dataplane;
 pub mod executor;
+pub mod gateway;
 pub mod gossip;
 pub mod identity;
 pub mod liveness;
@@ -74,8 +75,15 @@ impl Daemon {
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.
-pub async fn run(cfg: DaemonConfig) -> anyhow::Result<()> {
+pub async fn run(mut cfg: DaemonConfig) -> anyhow::Result<()> {
     cfg.validate()?;
+    if cfg.dataplane.enabled && executor::is_root() {
+        let gw = gateway::resolve(cfg.dataplane.gateway_subnet.as_deref())
+            .await
+            .context("refusing to start")?;
+        tracing::info!(subnet = %gw, "gateway subnet");
+        cfg.dataplane.gateway_subnet = Some(gw.to_string());
+    }
     std::fs::create_dir_all(&cfg.state_dir)
         .with_context(|| format!("cannot create state dir {}", cfg.state_dir.display()))?;
     std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))

@@ -153,20 +153,24 @@ async fn check_driver(spec: &NetworkSpec) -> anyhow::Result<()> {
 }
 
 /// This node's routes (not Shoal's, not the default one) that a network of
-/// `spec` must stay clear of: none for macvlan/ipvlan, which are meant to
-/// share their parent's LAN, and none when not root (nothing to program).
-async fn routes_to_avoid(spec: &NetworkSpec) -> Vec<(Ipv4Net, String)> {
+/// `spec` must stay clear of, and its `gateway` subnet (a task on both
+/// would have two routes to it): none for macvlan/ipvlan, which are meant
+/// to share their parent's LAN, and none when not root (nothing to program).
+async fn routes_to_avoid(spec: &NetworkSpec, gateway: Option<&str>) -> Vec<(Ipv4Net, String)> {
     let shares_lan = matches!(spec.driver, Driver::Macvlan | Driver::Ipvlan);
     if shares_lan || !super::executor::is_root() {
         return Vec::new();
     }
-    let Ok(routes) = shoal_netdriver::linux::host_routes().await else {
-        return Vec::new();
-    };
-    routes
+    let mut routes: Vec<(Ipv4Net, String)> = shoal_netdriver::linux::host_routes()
+        .await
+        .unwrap_or_default()
         .into_iter()
         .filter_map(|(dst, len, dev)| Some((Ipv4Net::new(dst, len)?, dev)))
-        .collect()
+        .collect();
+    if let Some(gw) = gateway.and_then(|g| g.parse().ok()) {
+        routes.push((gw, shoal_netdriver::render::GATEWAY_BRIDGE.to_owned()));
+    }
+    routes
 }
 
 /// The routes among `routes` that overlap the cluster's default address
@@ -206,7 +210,7 @@ pub async fn create(d: &Daemon, args: CreateArgs) -> anyhow::Result<Reply> {
     let m = member(d).await?;
     let spec = parse_spec(args)?;
     check_driver(&spec).await?;
-    let routes = routes_to_avoid(&spec).await;
+    let routes = routes_to_avoid(&spec, d.cfg.dataplane.gateway_subnet.as_deref()).await;
     check_host_routes(&spec, &routes)?;
     let id = shoal_mesh::ids::to_hex(&rand::random::<[u8; 8]>());
     let name = spec.name.clone();
