@@ -474,6 +474,29 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
         "{subnet} is on the node's route"
     );
     c.shoal_ok(0, &["network", "rm", "clear"]).unwrap();
+    // A route that appears on another node over a network it has tasks on
+    // is reported there (`shoal info` warns, naming both), and the warning
+    // goes with the route.
+    let appnet = c
+        .shoal_ok(0, &["network", "inspect", "appnet"])
+        .and_then(|r| r.json())
+        .unwrap();
+    let subnet = appnet[0]["subnets"][0].as_str().unwrap().to_owned();
+    let r = c.in_host(1, "ip", &["route", "add", &subnet, "dev", "eth0"]);
+    assert!(r.ok(), "{}", r.stderr);
+    let clash = format!("network appnet ({subnet}) overlaps this node's route {subnet} dev eth0");
+    let warned = c.wait_until("node2 to report the clash", CONVERGE, |c| {
+        Ok(c.shoal(1, &["info"]).stderr.contains(&clash))
+    });
+    let _ = c.in_host(1, "ip", &["route", "del", &subnet, "dev", "eth0"]);
+    warned.unwrap();
+    c.wait_until("the warning to go with the route", CONVERGE, |c| {
+        let v = c.info(1)?;
+        Ok(v["dataplane_warnings"]
+            .as_array()
+            .is_some_and(Vec::is_empty))
+    })
+    .unwrap();
 
     // Egress: a task reaches beyond its network (here another host's
     // address, through its own host's gateway bridge); one on an

@@ -256,4 +256,7 @@ fn print_dataplane(v: &Value) {
         cell(&v["ingress_addr"])
     );
     print_table(&["PORT", "TARGET", "BACKENDS"], &rows);
+    for w in list(&v["warnings"]) {
+        println!("WARNING: {}", w.as_str().unwrap_or_default());
+    }
 }

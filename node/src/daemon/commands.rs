@@ -277,7 +277,8 @@ async fn info(d: &Daemon) -> anyhow::Result<Reply> {
     let state = m.state.state();
     let metrics = m.raft.metrics().borrow().clone();
     let role = state.nodes.get(&m.id).map(|n| n.role);
-    Ok(Reply::ok(json!({
+    let warnings = m.sandboxes.warnings();
+    let mut reply = Reply::ok(json!({
         "swarm": "active",
         "node_id": m.id.to_string(),
         "hostname": d.hostname,
@@ -289,13 +290,16 @@ async fn info(d: &Daemon) -> anyhow::Result<Reply> {
         "managers": state.managers().count(),
         "dataplane": m.sandboxes.status(),
         "dataplane_error": m.sandboxes.error(),
+        "dataplane_warnings": warnings,
         "raft": {
             "term": metrics.current_term,
             "last_log_index": metrics.last_log_index,
             "last_applied": metrics.last_applied.map(|l| l.index),
             "voters": metrics.membership_config.membership().voter_ids().map(|v| NodeId(v).to_string()).collect::<Vec<_>>(),
         },
-    })))
+    }));
+    reply.warnings = warnings;
+    Ok(reply)
 }
 
 /// Picks the listen and advertise addresses for init and join.

@@ -125,6 +125,8 @@ pub struct Sandboxes {
     error: Mutex<Option<String>>,
     /// The plan last programmed.
     last: Mutex<Option<NodePlan>>,
+    /// Networks here whose subnet overlaps one of this node's routes.
+    warnings: Mutex<Vec<String>>,
 }
 
 impl Sandboxes {
@@ -140,7 +142,14 @@ impl Sandboxes {
             ready: Mutex::default(),
             error: Mutex::default(),
             last: Mutex::default(),
+            warnings: Mutex::default(),
         }
+    }
+
+    /// What is wrong on this node but not an error: networks whose subnet
+    /// overlaps one of its routes.
+    pub fn warnings(&self) -> Vec<String> {
+        self.warnings.lock().map(|w| w.clone()).unwrap_or_default()
     }
 
     /// The network namespace of task `task`, once programmed.
@@ -424,6 +433,7 @@ pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
                     if let Some(gw) = gateway.as_mut() {
                         gw.held = gateway_addrs(&p, gw);
                     }
+                    check_routes(&m, &p, gateway.as_ref()).await;
                     last = Some(p.clone());
                     last_full = Instant::now();
                 }
@@ -454,6 +464,39 @@ pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
 
 /// `shoal debug dataplane`: this node's FDB and neighbour entries, VIP load
 /// balancers and published ports, read back from the kernel.
+/// Checks the networks of `plan` against this node's routes and gateway
+/// subnet (the creating node checked its own only); a new clash is logged
+/// once, all are kept for `shoal info` and `debug dataplane`.
+async fn check_routes(m: &Member, plan: &NodePlan, gateway: Option<&Gateway>) {
+    let Ok(mut routes) = super::gateway::host_routes().await else {
+        return;
+    };
+    if let Some(gw) = gateway {
+        routes.push((
+            gw.subnet,
+            shoal_netdriver::render::GATEWAY_BRIDGE.to_owned(),
+        ));
+    }
+    let lan = |d: &shoal_mesh::network::Driver| {
+        matches!(
+            d,
+            shoal_mesh::network::Driver::Macvlan | shoal_mesh::network::Driver::Ipvlan
+        )
+    };
+    let nets = plan
+        .networks
+        .values()
+        .filter(|n| !lan(&n.driver))
+        .map(|n| (n.name.as_str(), n.subnet));
+    let clashes = super::gateway::route_clashes(nets, &routes);
+    if let Ok(mut w) = m.sandboxes.warnings.lock() {
+        for c in clashes.iter().filter(|c| !w.contains(c)) {
+            tracing::warn!("{c}");
+        }
+        *w = clashes;
+    }
+}
+
 pub async fn debug_dataplane(
     m: &Member,
     network: Option<&str>,
@@ -527,6 +570,7 @@ pub async fn debug_dataplane(
         "sandboxes": sandboxes,
         "published": published,
         "ingress_addr": last.ingress.as_ref().map(|i| i.addr.to_string()),
+        "warnings": m.sandboxes.warnings(),
     }))
 }
 

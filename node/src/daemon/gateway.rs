@@ -3,6 +3,9 @@
 //! starts, clear of every route of the host: a bridge on a subnet the host
 //! already reaches elsewhere (its LAN, a VPN, a cloud's VPC such as AWS's
 //! default 172.31.0.0/16) would take that traffic from the host.
+//!
+//! Also the check, on every node, of the networks it has tasks on against
+//! its own routes (`network create` checks the creating node's only).
 
 use std::net::Ipv4Addr;
 
@@ -51,6 +54,35 @@ pub fn choose(
         })
 }
 
+/// This host's routes (destination, device), Shoal's own left out.
+pub async fn host_routes() -> anyhow::Result<Vec<(Ipv4Net, String)>> {
+    Ok(shoal_netdriver::linux::host_routes()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read this host's routes: {e}"))?
+        .into_iter()
+        .filter_map(|(dst, len, dev)| Some((Ipv4Net::new(dst, len)?, dev)))
+        .collect())
+}
+
+/// For each network (name, subnet) whose subnet overlaps one of `routes`
+/// (the host's, and the gateway bridge's), what that means for its tasks
+/// on this node.
+pub fn route_clashes<'a>(
+    networks: impl IntoIterator<Item = (&'a str, Ipv4Net)>,
+    routes: &[(Ipv4Net, String)],
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, subnet) in networks {
+        for (route, dev) in routes.iter().filter(|(r, _)| r.overlaps(&subnet)) {
+            out.push(format!(
+                "network {name} ({subnet}) overlaps this node's route {route} dev {dev}: \
+                 its tasks here cannot reach that route's addresses in {subnet}"
+            ));
+        }
+    }
+    out
+}
+
 /// Reads the host's routes and the bridge's current subnet, and chooses.
 pub async fn resolve(configured: Option<&str>) -> anyhow::Result<Ipv4Net> {
     let configured = match configured {
@@ -60,12 +92,7 @@ pub async fn resolve(configured: Option<&str>) -> anyhow::Result<Ipv4Net> {
         ),
         None => None,
     };
-    let routes: Vec<(Ipv4Net, String)> = shoal_netdriver::linux::host_routes()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot read this host's routes: {e}"))?
-        .into_iter()
-        .filter_map(|(dst, len, dev)| Some((Ipv4Net::new(dst, len)?, dev)))
-        .collect();
+    let routes = host_routes().await?;
     let in_use = shoal_netdriver::linux::routes_via(GATEWAY_BRIDGE)
         .await
         .unwrap_or_default()
@@ -126,6 +153,23 @@ mod tests {
             e.contains("10.0.0.0/8") && e.contains("10.1.0.0/16 dev eth0"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_network_on_a_route_of_this_node_is_named_with_the_route() {
+        let r = routes(&[("10.0.0.0/16", "wg0"), ("172.31.0.0/16", "shoalgw0")]);
+        let nets = [
+            ("appnet", net("10.0.1.0/24")),
+            ("clear", net("10.1.0.0/24")),
+            ("odd", net("172.31.5.0/24")),
+        ];
+        let c = route_clashes(nets, &r);
+        assert_eq!(c.len(), 2, "{c:?}");
+        assert!(
+            c[0].contains("network appnet (10.0.1.0/24)") && c[0].contains("10.0.0.0/16 dev wg0")
+        );
+        assert!(c[1].contains("network odd") && c[1].contains("dev shoalgw0"));
+        assert!(route_clashes(nets, &[]).is_empty());
     }
 
     #[test]
