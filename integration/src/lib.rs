@@ -364,6 +364,15 @@ impl Cluster {
             .arg(h.addr())
             .arg("--hostname")
             .arg(&h.name)
+            // To look closer at one run (`shoal-lab failover`, a test):
+            // e.g. SHOAL_LOG_LEVEL=info,shoal::daemon::dataplane=debug.
+            .args(
+                std::env::var("SHOAL_LOG_LEVEL")
+                    .ok()
+                    .map(|l| ["--log-level".to_owned(), l])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(
                 Some(self.daemon_config())
                     .filter(|p| p.exists())
