@@ -292,6 +292,43 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
             assert_eq!(v["task"], "api.1", "{v}");
         }
     }
+    // Its backends change: every host's mesh follows, up to all three
+    // replicas and back down to the one.
+    let mesh_answers = |on: usize| {
+        let url = format!("http://{}:8081/", c.hosts[on].ip);
+        let r = c.in_host(on, &bin, &["tool", "http-get", "--timeout", "2", &url]);
+        serde_json::from_str::<Value>(&r.stdout)
+            .ok()
+            .and_then(|v| v["task"].as_str().map(str::to_owned))
+    };
+    c.shoal_ok(0, &["service", "scale", "api=3"]).unwrap();
+    for on in 0..3 {
+        let mut seen = std::collections::BTreeSet::new();
+        let since = std::time::Instant::now();
+        while seen.len() < 3 {
+            assert!(
+                since.elapsed() < CONVERGE,
+                "node{}'s mesh reached only {seen:?}",
+                on + 1
+            );
+            seen.extend(mesh_answers(on));
+        }
+    }
+    c.shoal_ok(0, &["service", "scale", "api=1"]).unwrap();
+    for on in 0..3 {
+        let (mut only_one, since) = (0, std::time::Instant::now());
+        while only_one < 6 {
+            assert!(
+                since.elapsed() < CONVERGE,
+                "node{}'s mesh still sends elsewhere than api.1",
+                on + 1
+            );
+            match mesh_answers(on) {
+                Some(t) if t == "api.1" => only_one += 1,
+                _ => only_one = 0,
+            }
+        }
+    }
 
     // UDP through the mesh, to a task that answers datagrams.
     let bin_s = bin.as_str();

@@ -155,8 +155,11 @@ impl Nat {
 
     /// A short fingerprint of the whole configuration (FNV-1a), kept in the
     /// table so that what is there can be compared with what is wanted.
+    /// (Of its `Debug` text, which cannot fail: JSON refuses the tuple keys
+    /// of `dnat`, and a fingerprint of nothing hid every change of a
+    /// published port's backends.)
     pub fn fingerprint(&self) -> String {
-        let text = serde_json::to_string(self).unwrap_or_default();
+        let text = format!("{self:?}");
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in text.bytes() {
             h ^= u64::from(b);

@@ -526,6 +526,25 @@ mod tests {
     }
 
     #[test]
+    fn a_new_backend_or_target_of_a_published_port_changes_the_fingerprint() {
+        let mut one = crate::model::Nat::default();
+        one.dnat.insert(("tcp".into(), 8080), (vec![b(7)], 80));
+        let mut other = one.clone();
+        other.dnat.insert(("tcp".into(), 8080), (vec![b(8)], 80));
+        let mut more = one.clone();
+        more.dnat
+            .insert(("tcp".into(), 8080), (vec![b(7), b(8)], 80));
+        let mut target = one.clone();
+        target.dnat.insert(("tcp".into(), 8080), (vec![b(7)], 81));
+        let prints: BTreeSet<String> = [&one, &other, &more, &target]
+            .iter()
+            .map(|n| n.fingerprint())
+            .collect();
+        assert_eq!(prints.len(), 4, "{prints:?}");
+        assert_eq!(one.fingerprint(), one.clone().fingerprint());
+    }
+
+    #[test]
     fn listings_parse_back_and_broken_ones_do_not() {
         let json = r#"{"nftables": [
           {"map": {"name": "vips", "elem": [["10.0.0.2", {"goto": {"target": "svc_10_0_0_2"}}]]}},
