@@ -396,8 +396,15 @@ pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
             match reconcile(&mut backend, &wanted, &names.prefix).await {
                 Ok(ops) => {
                     if !ops.is_empty() {
-                        tracing::info!(changes = ops.len(), "data plane programmed");
-                        tracing::debug!(?ops, "data plane changes");
+                        // A few changes are named (what moved, and why a
+                        // restart or a failover did something); many only
+                        // counted, their list at debug level.
+                        if ops.len() <= 4 {
+                            tracing::info!(changes = ops.len(), ?ops, "data plane programmed");
+                        } else {
+                            tracing::info!(changes = ops.len(), "data plane programmed");
+                            tracing::debug!(?ops, "data plane changes");
+                        }
                     }
                     if let Ok(mut e) = m.sandboxes.error.lock() {
                         *e = None;
