@@ -469,8 +469,6 @@ pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
     }
 }
 
-/// `shoal debug dataplane`: this node's FDB and neighbour entries, VIP load
-/// balancers and published ports, read back from the kernel.
 /// Checks the networks of `plan` against this node's routes and gateway
 /// subnet (the creating node checked its own only); a new clash is logged
 /// once, all are kept for `shoal info` and `debug dataplane`.
@@ -504,6 +502,8 @@ async fn check_routes(m: &Member, plan: &NodePlan, gateway: Option<&Gateway>) {
     }
 }
 
+/// `shoal debug dataplane`: this node's FDB and neighbour entries, VIP load
+/// balancers and published ports, read back from the kernel.
 pub async fn debug_dataplane(
     m: &Member,
     network: Option<&str>,

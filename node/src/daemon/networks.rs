@@ -161,12 +161,7 @@ async fn routes_to_avoid(spec: &NetworkSpec, gateway: Option<&str>) -> Vec<(Ipv4
     if shares_lan || !super::executor::is_root() {
         return Vec::new();
     }
-    let mut routes: Vec<(Ipv4Net, String)> = shoal_netdriver::linux::host_routes()
-        .await
-        .unwrap_or_default()
-        .into_iter()
-        .filter_map(|(dst, len, dev)| Some((Ipv4Net::new(dst, len)?, dev)))
-        .collect();
+    let mut routes = super::gateway::host_routes().await.unwrap_or_default();
     if let Some(gw) = gateway.and_then(|g| g.parse().ok()) {
         routes.push((gw, shoal_netdriver::render::GATEWAY_BRIDGE.to_owned()));
     }
