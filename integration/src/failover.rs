@@ -342,7 +342,7 @@ pub fn run(scenario: &str) -> anyhow::Result<Value> {
             if i != victim {
                 std::fs::write(
                     dir.join(format!("{}.kernel.txt", h.name)),
-                    kernel_snapshot(&c, i),
+                    c.kernel_snapshot(i),
                 )?;
             }
         }
@@ -362,47 +362,6 @@ pub fn run(scenario: &str) -> anyhow::Result<Value> {
         "mesh": mesh,
         "logs": logs,
     }))
-}
-
-/// What host `i`'s data plane looks like, for a run to be understood
-/// afterwards: its daemon's view (`debug dataplane`), and for each of its
-/// namespaces (the host's and the daemon's) addresses, routes,
-/// neighbours and nftables rules.
-fn kernel_snapshot(c: &Cluster, i: usize) -> String {
-    let mut out = String::new();
-    let dp = c.shoal(i, &["debug", "dataplane", "--format", "json"]);
-    out.push_str(&format!("== debug dataplane\n{}{}\n", dp.stdout, dp.stderr));
-    let Some(host) = c.hosts[i].netns.clone() else {
-        return out;
-    };
-    let mut spaces: Vec<String> = std::fs::read_dir("/run/netns")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n == &host || n.starts_with(&format!("{host}-")))
-        .collect();
-    spaces.sort();
-    for ns in spaces {
-        for args in [
-            &["ip", "-d", "addr"][..],
-            &["ip", "route"],
-            &["ip", "neigh"],
-            &["bridge", "fdb"],
-            &["nft", "list", "ruleset"],
-            &["cat", "/proc/net/nf_conntrack"],
-        ] {
-            let r = std::process::Command::new("ip")
-                .args(["netns", "exec", &ns])
-                .args(args)
-                .output();
-            let text = r
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_else(|e| e.to_string());
-            out.push_str(&format!("== {ns}: {}\n{text}\n", args.join(" ")));
-        }
-    }
-    out
 }
 
 /// The numbers a report's reader compares across runs: `(name, JSON

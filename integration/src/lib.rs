@@ -548,6 +548,47 @@ impl Cluster {
         );
     }
 
+    /// What host `i`'s data plane looks like, for a failure to be understood
+    /// afterwards: its daemon's view (`debug dataplane`), and for each of its
+    /// namespaces (the host's and the daemon's) addresses, routes,
+    /// neighbours, FDB, nftables rules and conntrack entries.
+    pub fn kernel_snapshot(&self, i: usize) -> String {
+        let mut out = String::new();
+        let dp = self.shoal(i, &["debug", "dataplane", "--format", "json"]);
+        out.push_str(&format!("== debug dataplane\n{}{}\n", dp.stdout, dp.stderr));
+        let Some(host) = self.hosts[i].netns.clone() else {
+            return out;
+        };
+        let mut spaces: Vec<String> = std::fs::read_dir("/run/netns")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n == &host || n.starts_with(&format!("{host}-")))
+            .collect();
+        spaces.sort();
+        for ns in spaces {
+            for args in [
+                &["ip", "-d", "addr"][..],
+                &["ip", "route"],
+                &["ip", "neigh"],
+                &["bridge", "fdb"],
+                &["nft", "list", "ruleset"],
+                &["cat", "/proc/net/nf_conntrack"],
+            ] {
+                let r = std::process::Command::new("ip")
+                    .args(["netns", "exec", &ns])
+                    .args(args)
+                    .output();
+                let text = r
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_else(|e| e.to_string());
+                out.push_str(&format!("== {ns}: {}\n{text}\n", args.join(" ")));
+            }
+        }
+        out
+    }
+
     /// The pid of task `task`'s process on host `i` (the third field of
     /// its pid file), for entering its namespaces without its daemon.
     pub fn task_pid(&self, i: usize, task: &str) -> anyhow::Result<String> {

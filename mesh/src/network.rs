@@ -35,6 +35,14 @@ pub enum Driver {
     Ipvlan,
 }
 
+impl Driver {
+    /// Whether its networks sit on their parent interface's LAN (macvlan,
+    /// ipvlan): their subnets are meant to be the LAN's, routes and all.
+    pub fn shares_parent_lan(self) -> bool {
+        matches!(self, Driver::Macvlan | Driver::Ipvlan)
+    }
+}
+
 impl fmt::Display for Driver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -232,7 +240,7 @@ pub fn allocate(
                     })?;
                 vni_asked = Some(n);
             }
-            "parent" if matches!(spec.driver, Driver::Macvlan | Driver::Ipvlan) => {
+            "parent" if spec.driver.shares_parent_lan() => {
                 if v.is_empty() || v.len() > 15 || v.contains('/') {
                     return Err(NetworkError::BadOption(format!(
                         "invalid -o parent={v}: name a host interface"
@@ -252,9 +260,7 @@ pub fn allocate(
             }
         }
     }
-    if matches!(spec.driver, Driver::Macvlan | Driver::Ipvlan)
-        && !spec.options.contains_key("parent")
-    {
+    if spec.driver.shares_parent_lan() && !spec.options.contains_key("parent") {
         return Err(NetworkError::BadOption(format!(
             "{} networks need -o parent=IFACE (the host interface to share)",
             spec.driver

@@ -109,42 +109,13 @@ fn requests(c: &Cluster, bin: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What host `i` has programmed for the routing mesh, for a failure
-/// report: its view, and the nftables rules and neighbours of its host and
-/// network namespaces.
+/// What host `i` has programmed, for a routing-mesh failure report.
 fn mesh_diagnostics(c: &Cluster, i: usize) -> String {
-    let mut out = String::from("--- diagnostics of the routing mesh on ");
-    out.push_str(&c.hosts[i].name);
-    out.push('\n');
-    out.push_str(&c.shoal(i, &["debug", "dataplane"]).stdout);
-    let ns = c.hosts[i].netns.clone().unwrap_or_default();
-    let mut spaces = vec![ns.clone()];
-    if let Ok(d) = std::fs::read_dir("/run/netns") {
-        let mut nets: Vec<String> = d
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n.starts_with(&format!("{ns}-n-")))
-            .collect();
-        nets.sort();
-        spaces.extend(nets);
-    }
-    for space in spaces {
-        for args in [
-            &["nft", "list", "ruleset"][..],
-            &["ip", "neigh"],
-            &["bridge", "fdb", "show"],
-        ] {
-            let o = std::process::Command::new("ip")
-                .args(["netns", "exec", &space])
-                .args(args)
-                .output();
-            if let Ok(o) = o {
-                out.push_str(&format!("--- {space}: {}\n", args.join(" ")));
-                out.push_str(&String::from_utf8_lossy(&o.stdout));
-            }
-        }
-    }
-    out
+    format!(
+        "--- diagnostics of the routing mesh on {}\n{}",
+        c.hosts[i].name,
+        c.kernel_snapshot(i)
+    )
 }
 
 /// A host whose daemon answers.

@@ -73,6 +73,10 @@ impl ListenGate {
                 .and_then(|t| state.services.get(&t.service_id))
                 .map(|s| s.ports.iter().map(|p| (p.protocol, p.target)).collect())
                 .unwrap_or_default();
+            if ports.is_empty() {
+                self.open.insert(id.clone());
+                continue;
+            }
             let since = *self.waiting.entry(id.clone()).or_insert_with(Instant::now);
             let path = std::path::Path::new(NETNS_DIR).join(names.task(id));
             let heard =
@@ -86,7 +90,7 @@ impl ListenGate {
                     Protocol::Udp => l.udp.contains(port),
                 })
             });
-            if ports.is_empty() || listens {
+            if listens {
                 self.open.insert(id.clone());
             } else if since.elapsed() > LISTEN_WAIT_MAX {
                 tracing::warn!(
@@ -473,25 +477,13 @@ pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
 /// subnet (the creating node checked its own only); a new clash is logged
 /// once, all are kept for `shoal info` and `debug dataplane`.
 async fn check_routes(m: &Member, plan: &NodePlan, gateway: Option<&Gateway>) {
-    let Ok(mut routes) = super::gateway::host_routes().await else {
+    let Ok(routes) = super::gateway::node_routes(gateway.map(|g| g.subnet)).await else {
         return;
-    };
-    if let Some(gw) = gateway {
-        routes.push((
-            gw.subnet,
-            shoal_netdriver::render::GATEWAY_BRIDGE.to_owned(),
-        ));
-    }
-    let lan = |d: &shoal_mesh::network::Driver| {
-        matches!(
-            d,
-            shoal_mesh::network::Driver::Macvlan | shoal_mesh::network::Driver::Ipvlan
-        )
     };
     let nets = plan
         .networks
         .values()
-        .filter(|n| !lan(&n.driver))
+        .filter(|n| !n.driver.shares_parent_lan())
         .map(|n| (n.name.as_str(), n.subnet));
     let clashes = super::gateway::route_clashes(nets, &routes);
     if let Ok(mut w) = m.sandboxes.warnings.lock() {

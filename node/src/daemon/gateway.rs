@@ -64,6 +64,23 @@ pub async fn host_routes() -> anyhow::Result<Vec<(Ipv4Net, String)>> {
         .collect())
 }
 
+/// What the networks of this node must stay clear of: the host's routes
+/// and, with `gateway`, the gateway bridge's subnet (a task on both would
+/// have two routes to it). When the host's routes cannot be read, `Err`
+/// carries the gateway's alone.
+pub async fn node_routes(
+    gateway: Option<Ipv4Net>,
+) -> Result<Vec<(Ipv4Net, String)>, Vec<(Ipv4Net, String)>> {
+    let bridge = gateway.map(|gw| (gw, GATEWAY_BRIDGE.to_owned()));
+    match host_routes().await {
+        Ok(mut routes) => {
+            routes.extend(bridge);
+            Ok(routes)
+        }
+        Err(_) => Err(bridge.into_iter().collect()),
+    }
+}
+
 /// For each network (name, subnet) whose subnet overlaps one of `routes`
 /// (the host's, and the gateway bridge's), what that means for its tasks
 /// on this node.

@@ -152,20 +152,17 @@ async fn check_driver(spec: &NetworkSpec) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// This node's routes (not Shoal's, not the default one) that a network of
-/// `spec` must stay clear of, and its `gateway` subnet (a task on both
-/// would have two routes to it): none for macvlan/ipvlan, which are meant
-/// to share their parent's LAN, and none when not root (nothing to program).
+/// This node's routes (not Shoal's, not the default one) and gateway
+/// subnet that a network of `spec` must stay clear of: none for
+/// macvlan/ipvlan, which are meant to share their parent's LAN, and none
+/// when not root (nothing to program).
 async fn routes_to_avoid(spec: &NetworkSpec, gateway: Option<&str>) -> Vec<(Ipv4Net, String)> {
-    let shares_lan = matches!(spec.driver, Driver::Macvlan | Driver::Ipvlan);
-    if shares_lan || !super::executor::is_root() {
+    if spec.driver.shares_parent_lan() || !super::executor::is_root() {
         return Vec::new();
     }
-    let mut routes = super::gateway::host_routes().await.unwrap_or_default();
-    if let Some(gw) = gateway.and_then(|g| g.parse().ok()) {
-        routes.push((gw, shoal_netdriver::render::GATEWAY_BRIDGE.to_owned()));
-    }
-    routes
+    super::gateway::node_routes(gateway.and_then(|g| g.parse().ok()))
+        .await
+        .unwrap_or_else(|gateway_only| gateway_only)
 }
 
 /// The routes among `routes` that overlap the cluster's default address
