@@ -11,15 +11,21 @@
 //! Shoal's hosts, has no conntrack): the kernel's own ceiling for VXLAN on
 //! this machine, what Shoal's overlay could reach at best.
 //!
-//! `cargo bench -p shoal-integration --bench dataplane [-- SECONDS [RUNS]]`
+//! `cargo bench -p shoal-integration --bench dataplane [-- SECONDS [RUNS]] [--wire RATE]`
 //! (root; default 3 s, 7 runs). Runs alternate underlay and overlay, so
 //! that the machine's drift from minute to minute hits both alike; the
 //! ratio reported is the median of the runs' ratios.
+//!
+//! Without `--wire` the underlay is as fast as the CPU can copy (both
+//! hosts share this machine's cores, so the overlay's extra work on either
+//! host slows both). `--wire 5gbit` shapes every switch port of both
+//! underlays to that rate, as a NIC would: then the wire is the limit, as
+//! between real hosts, and the ratio shows what the overlay's headers cost.
 
 use std::time::Duration;
 
 use serde_json::Value;
-use shoal_integration::{Cluster, is_root, shoal_bin};
+use shoal_integration::{Cluster, is_root, shape, shoal_bin};
 
 fn rate(out: &str) -> f64 {
     serde_json::from_str::<Value>(out)
@@ -156,15 +162,33 @@ impl Drop for BareVxlan {
     }
 }
 
+/// The sink processes, killed when dropped (also when the bench fails
+/// half-way: they would otherwise hold its output open).
+struct Sinks(Vec<std::process::Child>);
+
+impl Drop for Sinks {
+    fn drop(&mut self) {
+        for s in &mut self.0 {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     if !is_root() {
         println!("skipped: needs root (network namespaces, VXLAN)");
         return Ok(());
     }
-    let numbers: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a.parse::<u64>().is_ok())
-        .collect();
+    let mut args = std::env::args().skip(1);
+    let (mut wire, mut numbers) = (None, Vec::new());
+    while let Some(a) = args.next() {
+        if a == "--wire" {
+            wire = args.next();
+        } else if a.parse::<u64>().is_ok() {
+            numbers.push(a);
+        }
+    }
     let seconds = numbers.first().cloned().unwrap_or_else(|| "3".into());
     let runs: usize = numbers.get(1).and_then(|n| n.parse().ok()).unwrap_or(7);
     let bin = shoal_bin().to_string_lossy().into_owned();
@@ -192,10 +216,13 @@ fn main() -> anyhow::Result<()> {
     )?;
     // The underlay's sink: a process in host 2's namespace.
     let ns = c.hosts[1].netns.clone().unwrap_or_default();
-    let mut sink = std::process::Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{ns}"))
-        .args([&bin, "tool", "tcp-sink", "--port", "5002"])
-        .spawn()?;
+    let mut sinks = Sinks(Vec::new());
+    sinks.0.push(
+        std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{ns}"))
+            .args([&bin, "tool", "tcp-sink", "--port", "5002"])
+            .spawn()?,
+    );
     std::thread::sleep(Duration::from_millis(500));
     let tasks = c
         .shoal_ok(0, &["service", "ps", "--format", "json", "sink"])?
@@ -217,12 +244,16 @@ fn main() -> anyhow::Result<()> {
     // The sending task's process.
     let from_pid = c.task_pid(0, from["id"].as_str().unwrap_or_default())?;
     let bare = BareVxlan::build()?;
-    let mut bare_sink = bare
-        .run("h2", &bin, &["tool", "tcp-sink", "--port", "5003"])
-        .spawn()?;
-    let mut bare_under_sink = bare
-        .run("h2", &bin, &["tool", "tcp-sink", "--port", "5004"])
-        .spawn()?;
+    if let Some(rate) = &wire {
+        c.shape_underlay(rate)?;
+        for port in ["p1", "p2"] {
+            shape(&bare.ns("ul"), port, rate)?;
+        }
+    }
+    for port in ["5003", "5004"] {
+        let args = ["tool", "tcp-sink", "--port", port];
+        sinks.0.push(bare.run("h2", &bin, &args).spawn()?);
+    }
     std::thread::sleep(Duration::from_millis(300));
     let mut under = Vec::new();
     let mut over = Vec::new();
@@ -264,10 +295,7 @@ fn main() -> anyhow::Result<()> {
         ref_ratios.push(b / bu);
         over_bare.push(o / b);
     }
-    for s in [&mut sink, &mut bare_sink, &mut bare_under_sink] {
-        let _ = s.kill();
-        let _ = s.wait();
-    }
+    drop(sinks);
     drop(bare);
     let (u, o) = (median(under), median(over));
     let (bu, b) = (median(bare_under), median(refs));
@@ -275,7 +303,11 @@ fn main() -> anyhow::Result<()> {
         ratios.iter().copied().fold(f64::INFINITY, f64::min),
         ratios.iter().copied().fold(0.0, f64::max),
     );
-    println!("TCP, one stream, {seconds} s, median of {runs}:");
+    let wire = match &wire {
+        Some(rate) => format!("a wire of {rate}"),
+        None => "an unshaped veth underlay".into(),
+    };
+    println!("TCP, one stream, {seconds} s, median of {runs}, on {wire}:");
     println!("  underlay (host → host):            {u:.0} Mbit/s");
     println!("  overlay (task → task over VXLAN):  {o:.0} Mbit/s");
     println!("  bare underlay (no netfilter):      {bu:.0} Mbit/s");

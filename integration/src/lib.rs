@@ -174,6 +174,23 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A token bucket of `rate` on `dev`'s egress in namespace `ns` (burst
+/// large enough for the veths' 64 KB GSO packets, so that nothing is
+/// segmented to be shaped: the bucket counts their wire bytes).
+pub fn shape(ns: &str, dev: &str, rate: &str) -> anyhow::Result<()> {
+    let out = Command::new("tc")
+        .args(["-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf"])
+        .args(["rate", rate, "burst", "256kb", "latency", "20ms"])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "tc: cannot shape {dev} in {ns} to `{rate}` (a rate like 5gbit): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 impl Cluster {
     /// Starts `n` daemons, none of them in a swarm yet.
     pub fn start(n: usize) -> anyhow::Result<Self> {
@@ -256,38 +273,45 @@ impl Cluster {
         self.base.join("daemon.toml")
     }
 
+    /// For an isolated host: the underlay's namespace and the host's port
+    /// on its switch (the "wire" end of the host's cable).
+    fn switch_port(&self, i: usize) -> Option<(String, String)> {
+        let prefix = self.netns_prefix.as_ref()?;
+        self.hosts[i].netns.as_ref()?;
+        Some((format!("{prefix}ul"), format!("ul{}", i + 1)))
+    }
+
     /// A host dies: its daemon and every process it started are killed
     /// and, for isolated hosts, its underlay link is cut.
     pub fn kill_host(&mut self, i: usize) {
         self.kill(i);
         let base = self.hosts[i].state_dir.clone();
         kill_processes_under(&base);
-        if let (Some(prefix), Some(_)) = (&self.netns_prefix, &self.hosts[i].netns) {
-            let _ = ip(&[
-                "-n",
-                &format!("{prefix}ul"),
-                "link",
-                "set",
-                &format!("ul{}", i + 1),
-                "down",
-            ]);
+        if let Some((ul, port)) = self.switch_port(i) {
+            let _ = ip(&["-n", &ul, "link", "set", &port, "down"]);
         }
     }
 
     /// Reconnects a host killed with [`Cluster::kill_host`] to the
     /// underlay and starts its daemon.
     pub fn revive_host(&mut self, i: usize) -> anyhow::Result<()> {
-        if let (Some(prefix), Some(_)) = (&self.netns_prefix, &self.hosts[i].netns) {
-            ip(&[
-                "-n",
-                &format!("{prefix}ul"),
-                "link",
-                "set",
-                &format!("ul{}", i + 1),
-                "up",
-            ])?;
+        if let Some((ul, port)) = self.switch_port(i) {
+            ip(&["-n", &ul, "link", "set", &port, "up"])?;
         }
         self.start_daemon(i)
+    }
+
+    /// Makes the underlay a wire of `rate` (tc's syntax: `5gbit`): a token
+    /// bucket on the switch's port to every isolated host, so that what
+    /// reaches a host is limited as by a NIC, and not by the CPU.
+    pub fn shape_underlay(&self, rate: &str) -> anyhow::Result<()> {
+        for i in 0..self.hosts.len() {
+            let Some((ul, port)) = self.switch_port(i) else {
+                bail!("host {} is not isolated: it has no wire to shape", i + 1);
+            };
+            shape(&ul, &port, rate)?;
+        }
+        Ok(())
     }
 
     /// Runs `program ARGS…` in host `i`'s network namespace (or here, for
