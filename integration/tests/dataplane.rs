@@ -230,11 +230,7 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
 
     // Diagnostics: node1's FDB names the other two hosts' VTEPs, the VIP's
     // backends are the three tasks, and its tasks' DNS answers as above.
-    let dp = c
-        .shoal_ok(0, &["debug", "dataplane", "--format", "json"])
-        .unwrap()
-        .json()
-        .unwrap();
+    let dp = debug_dataplane(&c, 0);
     let appnet = dp["networks"]
         .as_array()
         .unwrap()
@@ -313,6 +309,21 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
             );
             seen.extend(mesh_answers(on));
         }
+    }
+    // ... and `debug dataplane` shows it as the kernel forwards it: the
+    // mesh port on every host with the three tasks' ingress addresses.
+    for on in 0..3 {
+        let dp = debug_dataplane(&c, on);
+        let p = dp["published"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["published"] == 8081)
+            .unwrap_or_else(|| panic!("node{}: no 8081: {dp}", on + 1))
+            .clone();
+        assert_eq!(p["mode"], "ingress", "{p}");
+        assert_eq!(p["target"], 80, "{p}");
+        assert_eq!(p["backends"].as_array().unwrap().len(), 3, "{p}");
     }
     c.shoal_ok(0, &["service", "scale", "api=1"]).unwrap();
     for on in 0..3 {
@@ -633,11 +644,7 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
     assert!(!r.stdout.contains(&deaf_ip), "{}", r.stdout);
     // No host's load balancers have it, its own host's included.
     for host in 0..3 {
-        let dp = c
-            .shoal_ok(host, &["debug", "dataplane", "--format", "json"])
-            .unwrap()
-            .json()
-            .unwrap();
+        let dp = debug_dataplane(&c, host);
         let lb = dp["networks"]
             .as_array()
             .unwrap()
@@ -747,6 +754,14 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
             r.stdout
         );
     }
+}
+
+/// `shoal debug dataplane --format json` on host `i`.
+fn debug_dataplane(c: &Cluster, i: usize) -> Value {
+    c.shoal_ok(i, &["debug", "dataplane", "--format", "json"])
+        .unwrap()
+        .json()
+        .unwrap()
 }
 
 /// Every namespace of host `i` (by name) with its links (with their

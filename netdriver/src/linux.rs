@@ -282,9 +282,12 @@ pub struct Linux {
     nft_listings: u64,
 }
 
-/// A namespace's tables as listed: the generation, the port forwarding's
-/// fingerprint, the VIP slots.
-type TablesSeen = (u32, Option<String>, BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>);
+/// A namespace's tables as listed: the generation, the port forwarding
+/// (and what else its table holds), the VIP slots.
+type TablesSeen = (u32, Option<NatSeen>, BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>);
+
+/// Port forwarding read back, and the rest of its table, described.
+type NatSeen = (crate::model::Nat, Vec<String>);
 
 /// A link as dumped: index and model.
 struct Seen {
@@ -553,7 +556,7 @@ impl Linux {
 
     /// Namespace `ns`'s tables: from the last listing while the nf_tables
     /// generation there has not moved, else listed by `nft` again.
-    fn tables(&mut self, ns: &str) -> (Option<String>, BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>) {
+    fn tables(&mut self, ns: &str) -> (Option<NatSeen>, BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>) {
         self.seq = self.seq.wrapping_add(1 << 16);
         let seq = self.seq;
         let generation = self
@@ -655,8 +658,11 @@ impl Linux {
                 });
             }
         }
-        let (nat_seen, slots) = self.tables(ns);
-        out.nat_seen = nat_seen;
+        let (nat, slots) = self.tables(ns);
+        if let Some((nat, foreign)) = nat {
+            out.nat = Some(nat);
+            out.nat_foreign = foreign;
+        }
         out.forwarding = self
             .read_sysctl(ns, "net/ipv4/ip_forward")
             .is_some_and(|v| v.trim() == "1");

@@ -145,27 +145,14 @@ pub struct Nat {
 }
 
 impl Nat {
-    /// Rules in the table (for checking what is there).
-    pub fn rules(&self) -> usize {
-        self.dnat.len() * if self.local { 2 } else { 1 }
-            + usize::from(self.snat.is_some())
-            + usize::from(self.masquerade.is_some())
-            + 2 * usize::from(self.untracked_udp.is_some())
-    }
-
-    /// A short fingerprint of the whole configuration (FNV-1a), kept in the
-    /// table so that what is there can be compared with what is wanted.
-    /// (Of its `Debug` text, which cannot fail: JSON refuses the tuple keys
-    /// of `dnat`, and a fingerprint of nothing hid every change of a
-    /// published port's backends.)
-    pub fn fingerprint(&self) -> String {
-        let text = format!("{self:?}");
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in text.bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
+    /// The same forwarding as the kernel holds it: without published
+    /// ports, whether they apply to local connections means nothing.
+    #[must_use]
+    pub fn canonical(mut self) -> Self {
+        if self.dnat.is_empty() {
+            self.local = false;
         }
-        format!("{h:016x}_{}", self.rules())
+        self
     }
 }
 
@@ -186,10 +173,14 @@ pub struct Netns {
     pub routes: BTreeSet<Route>,
     /// VIP load balancing (nftables table `ip shoal`): VIP → backends.
     pub lb: Lb,
-    /// Port forwarding wanted (in a rendered kernel).
+    /// Port forwarding: wanted (in a rendered kernel), or read back from
+    /// table `ip shoal-nat` (in an observed one).
     pub nat: Option<Nat>,
-    /// The fingerprint of the port forwarding there (in an observed one).
-    pub nat_seen: Option<String>,
+    /// What that table holds besides (in an observed kernel): rules and
+    /// chains Shoal does not write, each described. Any makes the table
+    /// be written again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nat_foreign: Vec<String>,
     /// IPv4 forwarding on (Shoal turns it on where it needs it, never off).
     pub forwarding: bool,
 }
@@ -397,8 +388,8 @@ pub fn diff(actual: &Kernel, wanted: &Kernel, prefix: &str) -> Vec<Op> {
                 .difference(&have.routes)
                 .map(|r| Op::AddRoute(ns.clone(), r.clone())),
         );
-        let want_nat = want.nat.as_ref().map(Nat::fingerprint);
-        if have.nat_seen != want_nat {
+        let canonical = |n: &Option<Nat>| n.clone().map(Nat::canonical);
+        if canonical(&have.nat) != canonical(&want.nat) || !have.nat_foreign.is_empty() {
             tables.push(Op::SetNat {
                 ns: ns.clone(),
                 nat: want.nat.clone(),
@@ -441,7 +432,7 @@ pub fn diff(actual: &Kernel, wanted: &Kernel, prefix: &str) -> Vec<Op> {
                 });
             }
         }
-        if host.nat_seen.is_some() {
+        if host.nat.is_some() || !host.nat_foreign.is_empty() {
             removals.push(Op::SetNat {
                 ns: HOST.into(),
                 nat: None,

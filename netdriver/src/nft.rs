@@ -39,6 +39,8 @@ use std::net::Ipv4Addr;
 
 use serde_json::Value;
 
+use crate::model::Nat;
+
 /// The source ports of connections to VIPs (see the module's notes).
 pub const VIP_PORTS: (u16, u16) = (61_000, 65_535);
 
@@ -362,40 +364,45 @@ pub fn parse(json: &str) -> Option<BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>> {
     )
 }
 
-/// The nft script that makes table `ip shoal-nat` exactly `nat` (or removes
-/// it), with the fingerprint kept as the name of an empty chain. VXLAN
-/// packets (`untracked_udp`) are marked untracked before conntrack sees
-/// them: a tunnel needs no connection state (both ends send to the port),
-/// and following each packet costs throughput wherever conntrack is on.
-pub fn nat_script(nat: Option<&crate::model::Nat>) -> String {
-    let mut s = String::from("add table ip shoal-nat\ndelete table ip shoal-nat\n");
-    let Some(nat) = nat else { return s };
-    s.push_str("add table ip shoal-nat\n");
-    let _ = writeln!(s, "add chain ip shoal-nat h_{}", nat.fingerprint());
-    // Only the hooks that have rules: a `nat` hook turns conntrack on for
-    // the whole namespace.
+/// The base chains table `ip shoal-nat` has for `nat`: (name, type, hook,
+/// priority). Only the hooks that have rules: a `nat` hook turns conntrack
+/// on for the whole namespace.
+fn nat_chains(nat: &Nat) -> Vec<(&'static str, &'static str, &'static str, i64)> {
+    let mut chains = Vec::new();
     if !nat.dnat.is_empty() {
-        s.push_str(
-            "add chain ip shoal-nat pre { type nat hook prerouting priority -100; policy accept; }\n",
-        );
+        chains.push(("pre", "nat", "prerouting", -100));
         if nat.local {
-            s.push_str(
-                "add chain ip shoal-nat out { type nat hook output priority -100; policy accept; }\n",
-            );
+            chains.push(("out", "nat", "output", -100));
         }
     }
     if nat.snat.is_some() || nat.masquerade.is_some() {
-        s.push_str(
-            "add chain ip shoal-nat post { type nat hook postrouting priority 100; policy accept; }\n",
+        chains.push(("post", "nat", "postrouting", 100));
+    }
+    if nat.untracked_udp.is_some() {
+        chains.push(("raw_pre", "filter", "prerouting", -300));
+        chains.push(("raw_out", "filter", "output", -300));
+    }
+    chains
+}
+
+/// The nft script that makes table `ip shoal-nat` exactly `nat` (or removes
+/// it). VXLAN packets (`untracked_udp`) are marked untracked before
+/// conntrack sees them: a tunnel needs no connection state (both ends send
+/// to the port), and following each packet costs throughput wherever
+/// conntrack is on.
+pub fn nat_script(nat: Option<&Nat>) -> String {
+    let mut s = String::from("add table ip shoal-nat\ndelete table ip shoal-nat\n");
+    let Some(nat) = nat else { return s };
+    s.push_str("add table ip shoal-nat\n");
+    for (name, kind, hook, prio) in nat_chains(nat) {
+        let _ = writeln!(
+            s,
+            "add chain ip shoal-nat {name} {{ type {kind} hook {hook} priority {prio}; policy accept; }}"
         );
     }
     if let Some(port) = nat.untracked_udp {
-        for (chain, hook) in [("raw_pre", "prerouting"), ("raw_out", "output")] {
-            let _ = writeln!(
-                s,
-                "add chain ip shoal-nat {chain} {{ type filter hook {hook} priority -300; policy accept; }}\n\
-                 add rule ip shoal-nat {chain} udp dport {port} notrack"
-            );
+        for chain in ["raw_pre", "raw_out"] {
+            let _ = writeln!(s, "add rule ip shoal-nat {chain} udp dport {port} notrack");
         }
     }
     for ((proto, port), (to, to_port)) in &nat.dnat {
@@ -429,25 +436,163 @@ pub fn nat_script(nat: Option<&crate::model::Nat>) -> String {
     s
 }
 
-/// The fingerprint of the `ip shoal-nat` table listed in `json`, or
-/// `tampered` when its rules are not all there.
-pub fn nat_seen(json: &str) -> Option<String> {
+/// `{"match": {"op": OP, "left": L, "right": R}}` → (L, R).
+fn matching<'a>(e: &'a Value, op: &str) -> Option<(&'a Value, &'a Value)> {
+    let m = e.get("match")?;
+    (m.get("op")?.as_str()? == op).then_some(())?;
+    Some((m.get("left")?, m.get("right")?))
+}
+
+/// `PROTO FIELD == N` → (PROTO, N).
+fn payload_is<'a>(e: &'a Value, field: &str) -> Option<(String, &'a Value)> {
+    let (left, right) = matching(e, "==")?;
+    let p = left.get("payload")?;
+    (p.get("field")?.as_str()? == field).then_some(())?;
+    Some((p.get("protocol")?.as_str()?.to_owned(), right))
+}
+
+/// `oifname OP "DEV"` → DEV.
+fn oifname(e: &Value, op: &str) -> Option<String> {
+    let (left, right) = matching(e, op)?;
+    (left.get("meta")?.get("key")?.as_str()? == "oifname").then_some(())?;
+    Some(right.as_str()?.to_owned())
+}
+
+/// `fib daddr type local PROTO dport P dnat to numgen inc mod N map { 0 :
+/// A, … } : T` → ((PROTO, P), (As, T)).
+#[allow(clippy::type_complexity)]
+fn dnat_rule(expr: &[Value]) -> Option<((String, u16), (Vec<Ipv4Addr>, u16))> {
+    let [fib, port, dnat] = expr else { return None };
+    let (left, right) = matching(fib, "==")?;
+    let f = left.get("fib")?;
+    let local = f.get("result")?.as_str()? == "type"
+        && f.get("flags")? == &serde_json::json!(["daddr"])
+        && right.as_str()? == "local";
+    local.then_some(())?;
+    let (proto, p) = payload_is(port, "dport")?;
+    matches!(proto.as_str(), "tcp" | "udp").then_some(())?;
+    let p = u16::try_from(p.as_u64()?).ok()?;
+    let d = dnat.get("dnat")?;
+    let target = u16::try_from(d.get("port")?.as_u64()?).ok()?;
+    let map = d.get("addr")?.get("map")?;
+    let ng = map.get("key")?.get("numgen")?;
+    let ok = ng.get("mode")?.as_str()? == "inc" && ng.get("offset")?.as_u64()? == 0;
+    ok.then_some(())?;
+    let n = usize::try_from(ng.get("mod")?.as_u64()?).ok()?;
+    let mut slots: Vec<(u64, Ipv4Addr)> = Vec::new();
+    for e in map.get("data")?.get("set")?.as_array()? {
+        let [i, a] = e.as_array()?.as_slice() else {
+            return None;
+        };
+        slots.push((i.as_u64()?, a.as_str()?.parse().ok()?));
+    }
+    slots.sort();
+    // Every slot of the modulus, once: else some connections go nowhere.
+    let whole = slots.len() == n && slots.iter().zip(0u64..).all(|((i, _), j)| *i == j);
+    whole.then_some(())?;
+    Some((
+        (proto, p),
+        (slots.into_iter().map(|(_, a)| a).collect(), target),
+    ))
+}
+
+/// `oifname "DEV" snat to A` → (DEV, A).
+fn snat_rule(expr: &[Value]) -> Option<(String, Ipv4Addr)> {
+    let [dev, snat] = expr else { return None };
+    let to = snat.get("snat")?;
+    (to.as_object()?.len() == 1).then_some(())?;
+    Some((oifname(dev, "==")?, to.get("addr")?.as_str()?.parse().ok()?))
+}
+
+/// `ip saddr NET/LEN oifname != "DEV" masquerade` → (NET, LEN, DEV).
+fn masquerade_rule(expr: &[Value]) -> Option<(Ipv4Addr, u8, String)> {
+    let [from, dev, masq] = expr else { return None };
+    let (proto, net) = payload_is(from, "saddr")?;
+    (proto == "ip" && masq.get("masquerade")?.is_null()).then_some(())?;
+    let (addr, len) = match net.get("prefix") {
+        Some(p) => (
+            p.get("addr")?.as_str()?,
+            u8::try_from(p.get("len")?.as_u64()?).ok()?,
+        ),
+        None => (net.as_str()?, 32),
+    };
+    Some((addr.parse().ok()?, len, oifname(dev, "!=")?))
+}
+
+/// `udp dport P notrack` → P.
+fn notrack_rule(expr: &[Value]) -> Option<u16> {
+    let [port, notrack] = expr else { return None };
+    let (proto, p) = payload_is(port, "dport")?;
+    (proto == "udp" && notrack.get("notrack")?.is_null()).then_some(())?;
+    u16::try_from(p.as_u64()?).ok()
+}
+
+/// Port forwarding as table `ip shoal-nat` in `json` (`nft -j list table`)
+/// holds it, and what else is there (rules and chains Shoal does not
+/// write, described); `None` without the table.
+pub fn nat_seen(json: &str) -> Option<(Nat, Vec<String>)> {
     let v: Value = serde_json::from_str(json).ok()?;
     let items = v.get("nftables")?.as_array()?;
-    let fp = items.iter().find_map(|i| {
-        i.get("chain")?
-            .get("name")?
-            .as_str()?
-            .strip_prefix("h_")
-            .map(str::to_owned)
-    })?;
-    let rules = items.iter().filter(|i| i.get("rule").is_some()).count();
-    let expected: usize = fp.rsplit('_').next()?.parse().ok()?;
-    Some(if rules == expected {
-        fp
-    } else {
-        "tampered".into()
-    })
+    items.iter().find(|i| i.get("table").is_some())?;
+    let mut foreign = Vec::new();
+    let mut nat = Nat::default();
+    let (mut pre, mut out) = (BTreeMap::new(), BTreeMap::new());
+    let (mut raw_pre, mut raw_out) = (None, None);
+    for r in items.iter().filter_map(|i| i.get("rule")) {
+        let chain = r.get("chain").and_then(Value::as_str).unwrap_or_default();
+        let expr = r
+            .get("expr")
+            .and_then(Value::as_array)
+            .map_or(&[][..], Vec::as_slice);
+        let once = |slot: bool| slot.then_some(());
+        let known = match chain {
+            "pre" | "out" => dnat_rule(expr).and_then(|(k, to)| {
+                let map = if chain == "pre" { &mut pre } else { &mut out };
+                once(map.insert(k, to).is_none())
+            }),
+            "post" => match (snat_rule(expr), masquerade_rule(expr)) {
+                (Some(s), _) => once(nat.snat.replace(s).is_none()),
+                (_, Some(m)) => once(nat.masquerade.replace(m).is_none()),
+                _ => None,
+            },
+            "raw_pre" => notrack_rule(expr).and_then(|p| once(raw_pre.replace(p).is_none())),
+            "raw_out" => notrack_rule(expr).and_then(|p| once(raw_out.replace(p).is_none())),
+            _ => None,
+        };
+        if known.is_none() {
+            foreign.push(format!("rule in chain {chain}: {}", Value::from(expr)));
+        }
+    }
+    nat.local = !out.is_empty();
+    if nat.local && out != pre {
+        foreign.push("chain out does not forward what chain pre does".into());
+    }
+    nat.dnat = pre;
+    if raw_pre != raw_out {
+        foreign.push("chains raw_pre and raw_out leave different ports untracked".into());
+    }
+    nat.untracked_udp = raw_pre;
+    // The chains, hooks and policies are those Shoal makes for this.
+    let want: BTreeSet<String> = nat_chains(&nat)
+        .into_iter()
+        .map(|(n, t, h, p)| format!("{n} {t} {h} {p} accept"))
+        .collect();
+    for c in items.iter().filter_map(|i| i.get("chain")) {
+        let field = |k: &str| c.get(k).map(|v| v.to_string().trim_matches('"').to_owned());
+        let have = [
+            field("name"),
+            field("type"),
+            field("hook"),
+            field("prio"),
+            field("policy"),
+        ]
+        .map(Option::unwrap_or_default)
+        .join(" ");
+        if !want.contains(&have) {
+            foreign.push(format!("chain {have}"));
+        }
+    }
+    Some((nat, foreign))
 }
 
 #[cfg(test)]
@@ -501,7 +646,7 @@ mod tests {
 
     #[test]
     fn tunnels_skip_conntrack_and_only_needed_nat_hooks_are_made() {
-        let tunnel_only = crate::model::Nat {
+        let tunnel_only = Nat {
             untracked_udp: Some(4789),
             ..Default::default()
         };
@@ -516,32 +661,109 @@ mod tests {
         );
         // No nat hook: it would turn conntrack on for the whole namespace.
         assert!(!s.contains("type nat"), "{s}");
-        assert_eq!(s.matches("add rule").count(), tunnel_only.rules());
+        assert_eq!(s.matches("add rule").count(), 2);
         let mut mesh = tunnel_only.clone();
         mesh.dnat.insert(("tcp".into(), 8080), (vec![b(2)], 80));
         let s = nat_script(Some(&mesh));
         assert!(s.contains("hook prerouting priority -100") && !s.contains("hook postrouting"));
-        assert_eq!(s.matches("add rule").count(), mesh.rules());
-        assert_ne!(mesh.fingerprint(), tunnel_only.fingerprint());
+        assert_eq!(s.matches("add rule").count(), 3);
+    }
+
+    /// `nft -j list table ip shoal-nat` (nft 1.0.6) after [`nat_script`]
+    /// of [`full_nat`], as the kernel gives it back.
+    const NAT_LISTING: &str = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}},
+      {"table": {"family": "ip", "name": "shoal-nat", "handle": 1}},
+      {"chain": {"family": "ip", "table": "shoal-nat", "name": "pre", "handle": 1, "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"}},
+      {"chain": {"family": "ip", "table": "shoal-nat", "name": "out", "handle": 2, "type": "nat", "hook": "output", "prio": -100, "policy": "accept"}},
+      {"chain": {"family": "ip", "table": "shoal-nat", "name": "post", "handle": 3, "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}},
+      {"chain": {"family": "ip", "table": "shoal-nat", "name": "raw_pre", "handle": 4, "type": "filter", "hook": "prerouting", "prio": -300, "policy": "accept"}},
+      {"chain": {"family": "ip", "table": "shoal-nat", "name": "raw_out", "handle": 5, "type": "filter", "hook": "output", "prio": -300, "policy": "accept"}},
+      {"rule": {"family": "ip", "table": "shoal-nat", "chain": "pre", "handle": 7, "expr": [{"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}}, {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 8080}}, {"dnat": {"addr": {"map": {"key": {"numgen": {"mode": "inc", "mod": 2, "offset": 0}}, "data": {"set": [[0, "10.0.0.3"], [1, "10.0.0.4"]]}}}, "port": 80}}]}},
+      {"rule": {"family": "ip", "table": "shoal-nat", "chain": "out", "handle": 8, "expr": [{"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}}, {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 8080}}, {"dnat": {"addr": {"map": {"key": {"numgen": {"mode": "inc", "mod": 2, "offset": 0}}, "data": {"set": [[0, "10.0.0.3"], [1, "10.0.0.4"]]}}}, "port": 80}}]}},
+      {"rule": {"family": "ip", "table": "shoal-nat", "chain": "pre", "handle": 9, "expr": [{"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}}, {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 53}}, {"dnat": {"addr": {"map": {"key": {"numgen": {"mode": "inc", "mod": 1, "offset": 0}}, "data": {"set": [[0, "10.0.0.3"]]}}}, "port": 5353}}]}},
+      {"rule": {"family": "ip", "table": "shoal-nat", "chain": "out", "handle": 10, "expr": [{"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}}, {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 53}}, {"dnat": {"addr": {"map": {"key": {"numgen": {"mode": "inc", "mod": 1, "offset": 0}}, "data": {"set": [[0, "10.0.0.3"]]}}}, "port": 5353}}]}},
+      {"rule": {"family": "ip", "table": "shoal-nat", "chain": "post", "handle": 11, "expr": [{"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "ig0"}}, {"snat": {"addr": "10.255.0.2"}}]}},
+      {"rule": {"family": "ip", "table": "shoal-nat", "chain": "post", "handle": 12, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": {"prefix": {"addr": "172.31.0.0", "len": 16}}}}, {"match": {"op": "!=", "left": {"meta": {"key": "oifname"}}, "right": "shoalgw0"}}, {"masquerade": null}]}},
+      {"rule": {"family": "ip", "table": "shoal-nat", "chain": "raw_pre", "handle": 13, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 4789}}, {"notrack": null}]}},
+      {"rule": {"family": "ip", "table": "shoal-nat", "chain": "raw_out", "handle": 14, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 4789}}, {"notrack": null}]}}]}"#;
+
+    fn full_nat() -> Nat {
+        Nat {
+            dnat: BTreeMap::from([
+                (("tcp".into(), 8080), (vec![b(3), b(4)], 80)),
+                (("udp".into(), 53), (vec![b(3)], 5353)),
+            ]),
+            local: true,
+            snat: Some(("ig0".into(), Ipv4Addr::new(10, 255, 0, 2))),
+            masquerade: Some((Ipv4Addr::new(172, 31, 0, 0), 16, "shoalgw0".into())),
+            untracked_udp: Some(4789),
+        }
     }
 
     #[test]
-    fn a_new_backend_or_target_of_a_published_port_changes_the_fingerprint() {
-        let mut one = crate::model::Nat::default();
-        one.dnat.insert(("tcp".into(), 8080), (vec![b(7)], 80));
-        let mut other = one.clone();
-        other.dnat.insert(("tcp".into(), 8080), (vec![b(8)], 80));
-        let mut more = one.clone();
-        more.dnat
-            .insert(("tcp".into(), 8080), (vec![b(7), b(8)], 80));
-        let mut target = one.clone();
-        target.dnat.insert(("tcp".into(), 8080), (vec![b(7)], 81));
-        let prints: BTreeSet<String> = [&one, &other, &more, &target]
-            .iter()
-            .map(|n| n.fingerprint())
-            .collect();
-        assert_eq!(prints.len(), 4, "{prints:?}");
-        assert_eq!(one.fingerprint(), one.clone().fingerprint());
+    fn port_forwarding_reads_back_from_the_listing() {
+        let (nat, foreign) = nat_seen(NAT_LISTING).unwrap();
+        assert_eq!(nat, full_nat());
+        assert!(foreign.is_empty(), "{foreign:?}");
+        // No table: nothing.
+        assert_eq!(nat_seen(r#"{"nftables": [{"metainfo": {}}]}"#), None);
+    }
+
+    #[test]
+    fn port_forwarding_changed_behind_shoals_back_reads_back_different() {
+        // A backend swapped, with as many rules as before.
+        let swapped = NAT_LISTING.replace("\"10.0.0.4\"", "\"10.9.9.9\"");
+        let (nat, foreign) = nat_seen(&swapped).unwrap();
+        assert!(foreign.is_empty(), "{foreign:?}");
+        let other = Ipv4Addr::new(10, 9, 9, 9);
+        assert_eq!(nat.dnat[&("tcp".into(), 8080)].0, vec![b(3), other]);
+        assert_ne!(nat, full_nat());
+        // Swapped in `pre` only, `out` as before: that is named too.
+        let (_, foreign) =
+            nat_seen(&NAT_LISTING.replacen("\"10.0.0.4\"", "\"10.9.9.9\"", 1)).unwrap();
+        assert_eq!(
+            foreign,
+            vec!["chain out does not forward what chain pre does"]
+        );
+        // A modulus larger than the map (connections to nowhere), a rule
+        // of someone else's, a policy changed: each is named.
+        for (from, to, what) in [
+            ("\"mod\": 2", "\"mod\": 3", "rule in chain pre"),
+            (
+                "{\"snat\": {\"addr\": \"10.255.0.2\"}}",
+                "{\"accept\": null}",
+                "rule in chain post",
+            ),
+            (
+                "\"prio\": 100, \"policy\": \"accept\"",
+                "\"prio\": 100, \"policy\": \"drop\"",
+                "chain post nat postrouting 100 drop",
+            ),
+        ] {
+            let (_, foreign) = nat_seen(&NAT_LISTING.replacen(from, to, 1)).unwrap();
+            assert!(
+                foreign.iter().any(|f| f.starts_with(what)),
+                "{what}: {foreign:?}"
+            );
+        }
+        // The chains of an older Shoal (a fingerprint chain) are foreign.
+        let old = NAT_LISTING.replacen(
+            r#"{"table": {"family": "ip", "name": "shoal-nat", "handle": 1}},"#,
+            r#"{"table": {"family": "ip", "name": "shoal-nat", "handle": 1}}, {"chain": {"family": "ip", "table": "shoal-nat", "name": "h_0123_9", "handle": 6}},"#,
+            1,
+        );
+        let (_, foreign) = nat_seen(&old).unwrap();
+        assert_eq!(foreign.len(), 1, "{foreign:?}");
+    }
+
+    #[test]
+    fn what_is_written_is_what_reads_back() {
+        // The script of the listing above, rule for rule.
+        let s = nat_script(Some(&full_nat()));
+        assert!(s.contains("add rule ip shoal-nat pre fib daddr type local tcp dport 8080 dnat to numgen inc mod 2 map { 0 : 10.0.0.3, 1 : 10.0.0.4 } : 80"), "{s}");
+        assert!(s.contains("add chain ip shoal-nat raw_out { type filter hook output priority -300; policy accept; }"), "{s}");
+        assert_eq!(s.matches("add rule").count(), 8, "{s}");
+        assert_eq!(s.matches("add chain").count(), 5, "{s}");
     }
 
     #[test]

@@ -232,8 +232,8 @@ impl Recording {
             }
             Op::SetNat { ns, nat } => {
                 let n = self.ns_mut(ns, op)?;
-                n.nat_seen = nat.as_ref().map(crate::model::Nat::fingerprint);
-                n.nat.clone_from(nat);
+                n.nat = nat.clone().map(crate::model::Nat::canonical);
+                n.nat_foreign.clear();
             }
             Op::EnableForwarding(ns) => self.ns_mut(ns, op)?.forwarding = true,
             Op::SetLb { ns, lb, .. } => {
@@ -254,10 +254,6 @@ impl Backend for Recording {
             .retain(|name, _| name == HOST || name.starts_with(prefix));
         if let Some(host) = k.namespaces.get_mut(HOST) {
             host.links.retain(|n, _| n.starts_with("shoal"));
-        }
-        // Like the kernel, what is there is seen, not what was asked.
-        for n in k.namespaces.values_mut() {
-            n.nat = None;
         }
         Ok(k)
     }

@@ -47,6 +47,25 @@ impl Drop for Cleanup {
     }
 }
 
+/// As root, a fresh namespace `shoal-TAGPID-a` (removed when the returned
+/// guard goes) and a Linux backend; `None`, saying why, when not root.
+fn one_namespace(tag: &str) -> Option<(String, String, Cleanup, shoal_netdriver::linux::Linux)> {
+    if !is_root() {
+        eprintln!("skipped: needs root to create network namespaces");
+        return None;
+    }
+    let prefix = format!("shoal-{tag}{}-", std::process::id());
+    let ns = format!("{prefix}a");
+    let cleanup = Cleanup(vec![prefix.clone()]);
+    shoal_netdriver::linux::create_netns(&ns).unwrap();
+    Some((
+        prefix,
+        ns,
+        cleanup,
+        shoal_netdriver::linux::Linux::new(None),
+    ))
+}
+
 #[tokio::test]
 async fn the_linux_backend_passes_the_suite_in_a_fresh_namespace() {
     if !is_root() {
@@ -75,15 +94,9 @@ async fn vip_backend_changes_go_over_netlink_and_read_back_right() {
     use shoal_netdriver::Backend;
     use shoal_netdriver::model::Op;
 
-    if !is_root() {
-        eprintln!("skipped: needs root to create network namespaces");
+    let Some((prefix, ns, _cleanup, mut b)) = one_namespace("nl") else {
         return;
-    }
-    let prefix = format!("shoal-nl{}-", std::process::id());
-    let ns = format!("{prefix}a");
-    let _cleanup = Cleanup(vec![prefix.clone()]);
-    shoal_netdriver::linux::create_netns(&ns).unwrap();
-    let mut b = shoal_netdriver::linux::Linux::new(None);
+    };
     let ip = |d: u8| Ipv4Addr::new(10, 1, 0, d);
     let (va, vb) = (Ipv4Addr::new(10, 0, 0, 2), Ipv4Addr::new(10, 0, 0, 3));
     let set = |l: &[u8]| l.iter().map(|d| ip(*d)).collect::<BTreeSet<_>>();
@@ -171,4 +184,101 @@ async fn vip_backend_changes_go_over_netlink_and_read_back_right() {
         b.nft_listings() > listed,
         "a changed namespace was not listed"
     );
+}
+
+#[tokio::test]
+async fn port_forwarding_reads_back_from_the_kernel_and_is_put_right() {
+    use std::collections::BTreeMap;
+    use std::net::Ipv4Addr;
+
+    use shoal_netdriver::Backend;
+    use shoal_netdriver::model::{Kernel, Nat, Netns, Op, diff};
+
+    let Some((prefix, ns, _cleanup, mut b)) = one_namespace("nat") else {
+        return;
+    };
+    let ip = |d: u8| Ipv4Addr::new(10, 1, 0, d);
+    let nat = Nat {
+        dnat: BTreeMap::from([
+            (("tcp".into(), 8080), (vec![ip(3), ip(4)], 80)),
+            (("udp".into(), 5353), (vec![ip(3)], 53)),
+        ]),
+        local: true,
+        snat: Some(("ig0".into(), ip(9))),
+        masquerade: Some((Ipv4Addr::new(172, 30, 0, 0), 16, "shoalgw0".into())),
+        untracked_udp: Some(4789),
+    };
+    let set = Op::SetNat {
+        ns: ns.clone(),
+        nat: Some(nat.clone()),
+    };
+    b.apply(&set).await.unwrap();
+    let seen = b.observe(&prefix).await.unwrap();
+    assert_eq!(seen.namespaces[&ns].nat.as_ref(), Some(&nat));
+    assert!(seen.namespaces[&ns].nat_foreign.is_empty());
+    let wanted = Kernel {
+        namespaces: BTreeMap::from([(
+            ns.clone(),
+            Netns {
+                nat: Some(nat.clone()),
+                ..seen.namespaces[&ns].clone()
+            },
+        )]),
+    };
+    assert_eq!(diff(&seen, &wanted, &prefix), vec![]);
+
+    // Behind Shoal's back, one backend of the published port is swapped
+    // for another in both chains (as many rules as before): read back as
+    // it is, so the reconciler writes the table again.
+    let listing = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &ns,
+            "nft",
+            "-a",
+            "list",
+            "table",
+            "ip",
+            "shoal-nat",
+        ])
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    let (mut script, mut chain) = (String::new(), "");
+    for line in listing.lines().map(str::trim) {
+        if let Some(c) = line.strip_prefix("chain ") {
+            chain = c.split_whitespace().next().unwrap();
+        }
+        if !line.contains("dport 8080") {
+            continue;
+        }
+        let (rule, handle) = line.rsplit_once(" # handle ").unwrap();
+        script.push_str(&format!(
+            "replace rule ip shoal-nat {chain} handle {handle} {}\n",
+            rule.replace("10.1.0.4", "10.9.9.9")
+        ));
+    }
+    assert_eq!(script.lines().count(), 2, "{listing}");
+    nft_in(&ns, &script);
+    let seen = b.observe(&prefix).await.unwrap();
+    let tcp = &seen.namespaces[&ns].nat.as_ref().unwrap().dnat[&("tcp".into(), 8080)];
+    assert_eq!(tcp.0, vec![ip(3), Ipv4Addr::new(10, 9, 9, 9)]);
+    assert_eq!(diff(&seen, &wanted, &prefix), vec![set.clone()]);
+    b.apply(&set).await.unwrap();
+    let seen = b.observe(&prefix).await.unwrap();
+    assert_eq!(diff(&seen, &wanted, &prefix), vec![]);
+
+    // A rule of someone else's in Shoal's table: named, and written away.
+    nft_in(&ns, "add rule ip shoal-nat post counter accept\n");
+    let seen = b.observe(&prefix).await.unwrap();
+    let foreign = &seen.namespaces[&ns].nat_foreign;
+    assert!(
+        foreign.len() == 1 && foreign[0].starts_with("rule in chain post"),
+        "{foreign:?}"
+    );
+    assert_eq!(diff(&seen, &wanted, &prefix), vec![set.clone()]);
+    b.apply(&set).await.unwrap();
+    let seen = b.observe(&prefix).await.unwrap();
+    assert!(seen.namespaces[&ns].nat_foreign.is_empty());
 }

@@ -246,16 +246,17 @@ fn print_dataplane(v: &Value) {
         .map(|p| {
             vec![
                 format!("{}/{}", cell(&p["published"]), cell(&p["protocol"])),
+                cell(&p["mode"]),
                 cell(&p["target"]),
                 cell(&p["backends"]),
             ]
         })
         .collect();
     println!(
-        "PUBLISHED (routing mesh, node address {})",
+        "PUBLISHED (as the kernel forwards them; routing-mesh address {})",
         cell(&v["ingress_addr"])
     );
-    print_table(&["PORT", "TARGET", "BACKENDS"], &rows);
+    print_table(&["PORT", "MODE", "TARGET", "BACKENDS"], &rows);
     for w in list(&v["warnings"]) {
         println!("WARNING: {}", w.as_str().unwrap_or_default());
     }

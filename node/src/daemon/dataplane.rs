@@ -504,7 +504,6 @@ pub async fn debug_dataplane(
     let Some(names) = m.sandboxes.names.clone() else {
         anyhow::bail!("the data plane is off on this node (not root, or --no-dataplane)");
     };
-    let state = m.state.state();
     let mut backend = Linux::new(None);
     let seen = shoal_netdriver::Backend::observe(&mut backend, &names.prefix)
         .await
@@ -556,13 +555,29 @@ pub async fn debug_dataplane(
             })
         })
         .collect();
-    let published: Vec<_> = last
+    // Published ports as the kernel forwards them: through the routing
+    // mesh (the ingress namespace's DNAT to the tasks), and straight to a
+    // local task (host mode: the host's own DNAT, which for mesh ports
+    // points into the ingress namespace instead).
+    let nat_of = |ns: &str| {
+        let n = seen.namespaces.get(ns).and_then(|n| n.nat.clone());
+        n.unwrap_or_default().dnat
+    };
+    let mesh = last
         .ingress
         .iter()
-        .flat_map(|ig| ig.ports.iter())
-        .map(|p| json!({"protocol": p.protocol.as_str(), "published": p.published, "target": p.target, "backends": p.backends}))
+        .flat_map(|ig| nat_of(&names.network(&ig.network)))
+        .map(|f| ("ingress", f));
+    let host = nat_of(shoal_netdriver::model::HOST)
+        .into_iter()
+        .filter(|(_, (to, _))| to != &[shoal_netdriver::render::INGRESS_NS_ADDR])
+        .map(|f| ("host", f));
+    let published: Vec<_> = mesh
+        .chain(host)
+        .map(|(mode, ((protocol, port), (backends, target)))| {
+            json!({"protocol": protocol, "published": port, "target": target, "mode": mode, "backends": backends})
+        })
         .collect();
-    let _ = state;
     Ok(json!({
         "node": m.id.to_string(),
         "networks": networks,
