@@ -174,15 +174,28 @@ fn parse_url(url: &str) -> anyhow::Result<(String, u16, String)> {
     Ok((host.to_owned(), port, path.to_owned()))
 }
 
-async fn http_get(url: &str) -> anyhow::Result<String> {
+/// GET `url`, giving up after `limit`; a timeout says whether the
+/// connection was made (and from which local address), or not.
+async fn http_get(url: &str, limit: Duration) -> anyhow::Result<String> {
     let (host, port, path) = parse_url(url)?;
-    let mut stream = TcpStream::connect((host.as_str(), port))
+    let deadline = tokio::time::Instant::now() + limit;
+    let secs = limit.as_secs_f64();
+    let mut stream = tokio::time::timeout_at(deadline, TcpStream::connect((host.as_str(), port)))
         .await
+        .map_err(|_| anyhow!("{url}: no connection within {secs} s"))?
         .with_context(|| format!("cannot connect to {host}:{port}"))?;
+    let from = stream
+        .local_addr()
+        .map_or_else(|_| "?".into(), |a| a.to_string());
     let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
-    stream.write_all(req.as_bytes()).await?;
     let mut resp = Vec::new();
-    stream.read_to_end(&mut resp).await?;
+    let exchange = async {
+        stream.write_all(req.as_bytes()).await?;
+        stream.read_to_end(&mut resp).await
+    };
+    tokio::time::timeout_at(deadline, exchange)
+        .await
+        .map_err(|_| anyhow!("{url}: connected from {from}, but no answer within {secs} s"))??;
     let text = String::from_utf8_lossy(&resp);
     let (head, body) = text
         .split_once("\r\n\r\n")
@@ -251,9 +264,7 @@ impl ToolCmd {
             ToolCmd::TcpBlast { seconds, addr } => tcp_blast(&addr, seconds).await,
             ToolCmd::HttpEcho { port, udp, bind } => http_echo(bind, port, udp).await,
             ToolCmd::HttpGet { timeout, url } => {
-                let body = tokio::time::timeout(Duration::from_secs(timeout), http_get(&url))
-                    .await
-                    .map_err(|_| anyhow!("{url}: no answer within {timeout} s"))??;
+                let body = http_get(&url, Duration::from_secs(timeout)).await?;
                 print!("{body}");
                 Ok(())
             }
@@ -300,7 +311,7 @@ mod tests {
             let (s, c) = listener.accept().await.unwrap();
             serve_http(s, c).await.unwrap();
         });
-        let body = http_get(&format!("http://127.0.0.1:{port}/"))
+        let body = http_get(&format!("http://127.0.0.1:{port}/"), Duration::from_secs(5))
             .await
             .unwrap();
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
