@@ -24,6 +24,17 @@ fn running(c: &Cluster, i: usize, service: &str) -> Vec<Value> {
         .collect()
 }
 
+/// The appnet address of `service`'s one task, once it runs.
+fn running_ip(c: &Cluster, service: &str) -> String {
+    c.wait_until_value(CONVERGE, || {
+        let t = running(c, 0, service);
+        let ip = t.first().and_then(|t| t["addresses"]["appnet"].as_str());
+        ip.map(str::to_owned)
+            .ok_or_else(|| anyhow::anyhow!("{service} does not run"))
+    })
+    .unwrap()
+}
+
 fn host_of(c: &Cluster, t: &Value) -> usize {
     c.hosts
         .iter()
@@ -273,8 +284,13 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
     // task of it.
     let args = echo_service("api", 1, &["--network", "appnet", "-p", "8081:80"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    c.shoal_ok(0, &args).unwrap();
+    let created = c.shoal_ok(0, &args).unwrap();
     let bin = shoal_bin().to_string_lossy().into_owned();
+    // When `service create` returns, the mesh of the node it asked already
+    // forwards to the task: the first request answers.
+    let url = format!("http://{}:8081/", c.hosts[0].ip);
+    let first = c.in_host(0, &bin, &["tool", "http-get", "--timeout", "3", &url]);
+    assert!(first.ok(), "{}\n{}", first.stderr, created.stdout);
     for on in 0..3 {
         for from in 0..3 {
             let url = format!("http://{}:8081/", c.hosts[on].ip);
@@ -567,7 +583,8 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
 
     // A task with a published port joins its VIP and DNS once it listens
     // on the target port, not when its process starts: `late` waits for a
-    // file before it listens.
+    // file before it listens. (`--detach`: `service create` would wait for
+    // that too.)
     let gate = tempfile::tempdir().unwrap();
     let go = gate.path().join("listen");
     let script = format!(
@@ -579,6 +596,7 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
         &[
             "service",
             "create",
+            "--detach",
             "--name",
             "late",
             "--network",
@@ -599,6 +617,7 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
         &[
             "service",
             "create",
+            "--detach",
             "--name",
             "deaf",
             "--network",
@@ -612,14 +631,8 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
     )
     .unwrap();
     let deaf_created = std::time::Instant::now();
-    let deaf_ip = running(&c, 0, "deaf")[0]["addresses"]["appnet"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let late_ip = running(&c, 0, "late")[0]["addresses"]["appnet"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let deaf_ip = running_ip(&c, "deaf");
+    let late_ip = running_ip(&c, "late");
     let client = tasks[0]["name"].as_str().unwrap();
     let dns_late = |c: &Cluster| {
         c.shoal_ok(
@@ -688,6 +701,37 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
     let victim = tasks.iter().position(|t| host_of(&c, t) == 2).unwrap();
     let dead_task = tasks[victim]["name"].as_str().unwrap().to_owned();
     let from = tasks.iter().find(|t| host_of(&c, t) == 0).unwrap().clone();
+    // Beforehand: UDP flows that keep their source port, pinned by
+    // conntrack to `udp`'s task on the host about to die, through the VIP
+    // (from a task) and through the mesh (from host 2 to host 1's port).
+    c.shoal_ok(0, &["service", "scale", "udp=3"]).unwrap();
+    let udp_vip = c
+        .shoal_ok(0, &["service", "inspect", "udp"])
+        .unwrap()
+        .json()
+        .unwrap()[0]["vips"]["appnet"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let doomed = running(&c, 0, "udp")
+        .into_iter()
+        .find(|t| host_of(&c, t) == 2)
+        .unwrap()["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let flows = [
+        (Some(&from), format!("{udp_vip}:80"), 40000),
+        (None, format!("{}:8082", c.hosts[0].ip), 41000),
+    ];
+    let pinned: Vec<u16> = flows
+        .iter()
+        .map(|(task, to, base)| {
+            (*base..base + 30)
+                .find(|p| udp_answer(&c, *task, *p, to).as_deref() == Some(doomed.as_str()))
+                .unwrap_or_else(|| panic!("no flow to {to} reached {doomed}"))
+        })
+        .collect();
     let killed = std::time::Instant::now();
     c.kill_host(2);
     let mut clean = 0;
@@ -716,6 +760,19 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
     })
     .unwrap();
     eprintln!("DNS dropped it within {:?}", killed.elapsed());
+    // The pinned UDP flows, still sending from the same ports, are answered
+    // again by live tasks: conntrack forgot them when their task left.
+    for ((task, to, _), port) in flows.iter().zip(&pinned) {
+        let who = c
+            .wait_until_value(Duration::from_secs(20), || {
+                let who = udp_answer(&c, *task, *port, to);
+                anyhow::ensure!(who.is_some(), "no answer from {to} to port {port}");
+                Ok(who)
+            })
+            .unwrap();
+        assert_ne!(who.as_deref(), Some(doomed.as_str()));
+    }
+    eprintln!("pinned UDP flows moved within {:?}", killed.elapsed());
     // The routing mesh keeps answering on the live hosts (once its task is
     // rescheduled, if it ran on the dead one).
     for on in 0..2 {
@@ -754,6 +811,34 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
             r.stdout
         );
     }
+}
+
+/// The task that answers a datagram to `to` sent from source port `port`,
+/// by `task` (on its host) or else by host 2 itself (none within 1 s).
+fn udp_answer(c: &Cluster, task: Option<&Value>, port: u16, to: &str) -> Option<String> {
+    let bin = shoal_bin().to_string_lossy().into_owned();
+    let port = port.to_string();
+    let send = [
+        bin.as_str(),
+        "tool",
+        "udp-send",
+        "--timeout",
+        "1",
+        "--from-port",
+        &port,
+        to,
+        "ping",
+    ];
+    let r = match task {
+        Some(t) => {
+            let name = t["name"].as_str().unwrap();
+            let args = [&["exec", name, "--"][..], &send[..]].concat();
+            c.shoal(host_of(c, t), &args)
+        }
+        None => c.in_host(1, &bin, &send[1..]),
+    };
+    let v: Value = serde_json::from_str(&r.stdout).ok()?;
+    v["task"].as_str().map(str::to_owned)
 }
 
 /// `shoal debug dataplane --format json` on host `i`.

@@ -14,6 +14,7 @@
 //! back what something else removed.
 
 pub mod conformance;
+pub mod ctnl;
 pub mod dns;
 pub mod linux;
 pub mod listeners;

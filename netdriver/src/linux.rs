@@ -33,7 +33,7 @@ use rtnetlink::{
 };
 
 use crate::model::{Fdb, HOST, Kernel, Link, LinkKind, Neigh, Netns, Op};
-use crate::{Backend, DpError};
+use crate::{Backend, DpError, ctnl};
 
 /// Where named network namespaces live.
 pub const NETNS_DIR: &str = "/run/netns";
@@ -603,6 +603,84 @@ impl Linux {
         })
     }
 
+    /// Programs namespace `ns`'s VIPs as `lb` (see [`Op::SetLb`]): the
+    /// backends of VIPs that stay over netlink, the rest with `nft`.
+    fn set_lb(
+        &mut self,
+        ns: &str,
+        lb: &crate::model::Lb,
+        changed: &BTreeSet<Ipv4Addr>,
+        fresh: bool,
+    ) -> Result<(), DpError> {
+        let mut slots = match self.lb_slots.remove(ns) {
+            Some(remembered) => remembered,
+            None if !fresh => self.read_lb_slots(ns),
+            None => BTreeMap::new(),
+        };
+        let mut changes = crate::nft::slot_changes(lb, changed, fresh, &slots);
+        // Asked to change what the remembered layout says is done
+        // already: the kernel was changed behind our back.
+        if changes
+            .as_ref()
+            .is_some_and(|c| c.iter().all(|(c, _)| c.is_empty()))
+        {
+            slots = self.read_lb_slots(ns);
+            changes = crate::nft::slot_changes(lb, changed, fresh, &slots);
+        }
+        // Backends of VIPs that stay: straight over netlink.
+        if let Some(changes) = changes {
+            let only: Vec<crate::nft::SlotChange> =
+                changes.iter().map(|(c, _)| c.clone()).collect();
+            self.seq = self.seq.wrapping_add(1 << 16);
+            let batch = crate::nfnl::lb_batch(&only, self.seq);
+            if batch.bytes().len() <= crate::nfnl::MAX_BATCH {
+                match self.send_lb_batch(ns, &batch) {
+                    Ok(()) => {
+                        for (c, layout) in changes {
+                            slots.insert(c.vip, layout);
+                        }
+                        self.lb_slots.insert(ns.to_owned(), slots);
+                        self.netlink_changes += 1;
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        // Not in the shape we thought: read it back
+                        // and let `nft` put it right.
+                        tracing::debug!(ns, error = %e, "netlink change refused; using nft");
+                        slots = self.read_lb_slots(ns);
+                    }
+                }
+            }
+        }
+        let script = crate::nft::script(lb, changed, fresh, &mut slots);
+        let done = self.nft(ns, &script);
+        // On failure the kernel kept the old table: read it again next time.
+        if done.is_ok() {
+            self.lb_slots.insert(ns.to_owned(), slots);
+        }
+        done
+    }
+
+    /// After backends left load balancers in namespace `ns`: forgets the
+    /// connections conntrack there still sends them that `pick` chooses
+    /// (see [`ctnl`]). Best effort: a failure is logged, not returned (the
+    /// load balancer itself is right).
+    fn forget_left(&mut self, ns: &str, pick: impl Fn(&ctnl::Entry) -> bool) {
+        self.seq = self.seq.wrapping_add(1 << 16);
+        let seq = self.seq;
+        match self.with_nf_sock(ns, |fd| ctnl::forget_where(fd, seq, pick)) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                ns = show_ns(ns),
+                n,
+                "forgot unanswered connections to backends that left"
+            ),
+            Err(e) => {
+                tracing::warn!(ns = show_ns(ns), error = %e, "could not forget connections to backends that left")
+            }
+        }
+    }
+
     /// Applies an nft script in namespace `ns`, atomically.
     fn nft(&self, ns: &str, script: &str) -> Result<(), DpError> {
         self.nft_run(ns, &["-f", "-"], script).map(drop)
@@ -985,55 +1063,54 @@ impl Linux {
                 changed,
                 fresh,
             } => {
-                let mut slots = match self.lb_slots.remove(ns) {
-                    Some(remembered) => remembered,
-                    None if !*fresh => self.read_lb_slots(ns),
-                    None => BTreeMap::new(),
-                };
-                let mut changes = crate::nft::slot_changes(lb, changed, *fresh, &slots);
-                // Asked to change what the remembered layout says is done
-                // already: the kernel was changed behind our back.
-                if changes
-                    .as_ref()
-                    .is_some_and(|c| c.iter().all(|(c, _)| c.is_empty()))
-                {
-                    slots = self.read_lb_slots(ns);
-                    changes = crate::nft::slot_changes(lb, changed, *fresh, &slots);
-                }
-                // Backends of VIPs that stay: straight over netlink.
-                if let Some(changes) = changes {
-                    let only: Vec<crate::nft::SlotChange> =
-                        changes.iter().map(|(c, _)| c.clone()).collect();
-                    self.seq = self.seq.wrapping_add(1 << 16);
-                    let batch = crate::nfnl::lb_batch(&only, self.seq);
-                    if batch.bytes().len() <= crate::nfnl::MAX_BATCH {
-                        match self.send_lb_batch(ns, &batch) {
-                            Ok(()) => {
-                                for (c, layout) in changes {
-                                    slots.insert(c.vip, layout);
-                                }
-                                self.lb_slots.insert(ns.clone(), slots);
-                                self.netlink_changes += 1;
-                                return Ok(());
-                            }
-                            Err(e) => {
-                                // Not in the shape we thought: read it back
-                                // and let `nft` put it right.
-                                tracing::debug!(ns, error = %e, "netlink change refused; using nft");
-                                slots = self.read_lb_slots(ns);
-                            }
-                        }
-                    }
-                }
-                let script = crate::nft::script(lb, changed, *fresh, &mut slots);
-                let done = self.nft(ns, &script);
-                // On failure the kernel kept the old table: read it again next time.
-                if done.is_ok() {
-                    self.lb_slots.insert(ns.clone(), slots);
+                let before = self
+                    .lb_slots
+                    .get(ns)
+                    .or_else(|| self.tables_seen.get(ns).map(|t| &t.2))
+                    .cloned()
+                    .unwrap_or_default();
+                let done = self.set_lb(ns, lb, changed, *fresh);
+                // Backends that left: what conntrack may still send them.
+                let left: BTreeSet<(Ipv4Addr, Ipv4Addr)> = before
+                    .iter()
+                    .flat_map(|(vip, old)| old.iter().map(move |b| (*vip, *b)))
+                    .filter(|(vip, b)| !lb.get(vip).is_some_and(|now| now.contains(b)))
+                    .collect();
+                if done.is_ok() && !left.is_empty() {
+                    self.forget_left(ns, move |e| {
+                        e.movable() && left.contains(&(e.orig_dst.0, e.reply_src.0))
+                    });
                 }
                 done
             }
-            Op::SetNat { ns, nat } => self.nft(ns, &crate::nft::nat_script(nat.as_ref())),
+            Op::SetNat { ns, nat } => {
+                let before = self
+                    .tables_seen
+                    .get(ns)
+                    .and_then(|t| t.1.as_ref())
+                    .map(|(n, _)| n.dnat.clone())
+                    .unwrap_or_default();
+                let done = self.nft(ns, &crate::nft::nat_script(nat.as_ref()));
+                let after = nat.as_ref().map(|n| &n.dnat);
+                let left: BTreeSet<(u8, Ipv4Addr, u16)> = before
+                    .iter()
+                    .flat_map(|((proto, port), (old, target))| {
+                        let now = after.and_then(|d| d.get(&(proto.clone(), *port)));
+                        let proto = if proto == "udp" { ctnl::UDP } else { ctnl::TCP };
+                        old.iter()
+                            .filter(move |b| {
+                                !now.is_some_and(|(n, t)| t == target && n.contains(b))
+                            })
+                            .map(move |b| (proto, *b, *target))
+                    })
+                    .collect();
+                if done.is_ok() && !left.is_empty() {
+                    self.forget_left(ns, move |e| {
+                        e.movable() && left.contains(&(e.proto, e.reply_src.0, e.reply_src.1))
+                    });
+                }
+                done
+            }
             Op::EnableForwarding(ns) => self.write_sysctl(ns, "net/ipv4/ip_forward", "1"),
             Op::AddRoute(ns, r) => {
                 let idx = self.index(ns, &r.dev).await?;

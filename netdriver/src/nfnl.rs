@@ -28,12 +28,12 @@ use nix::sys::time::TimeVal;
 use crate::DpError;
 use crate::nft::{SlotChange, backend_map, chain};
 
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
+pub(crate) const NLM_F_REQUEST: u16 = 0x1;
+pub(crate) const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_APPEND: u16 = 0x800;
 const NLMSG_ERROR: u16 = 0x2;
-const NLA_F_NESTED: u16 = 0x8000;
+pub(crate) const NLA_F_NESTED: u16 = 0x8000;
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
@@ -290,7 +290,7 @@ pub fn lb_batch(changes: &[SlotChange], seq: u32) -> Batch {
     b.finish()
 }
 
-fn fail(what: &str, e: nix::Error) -> DpError {
+pub(crate) fn fail(what: &str, e: nix::Error) -> DpError {
     DpError::Other(format!("nf_tables netlink: {what}: {e}"))
 }
 
@@ -346,16 +346,16 @@ pub fn send_batch(fd: &OwnedFd, batch: &Batch) -> Result<(), DpError> {
 }
 
 /// One netlink message of an answer.
-struct Answer<'a> {
-    ty: u16,
-    seq: u32,
+pub(crate) struct Answer<'a> {
+    pub(crate) ty: u16,
+    pub(crate) seq: u32,
     /// The whole message, header included.
-    msg: &'a [u8],
+    pub(crate) msg: &'a [u8],
 }
 
 impl Answer<'_> {
     /// The error code of an `NLMSG_ERROR` (0 for an acknowledgement).
-    fn error_code(&self) -> Option<i32> {
+    pub(crate) fn error_code(&self) -> Option<i32> {
         let m = self.msg;
         (self.ty == NLMSG_ERROR && m.len() >= 20)
             .then(|| i32::from_ne_bytes([m[16], m[17], m[18], m[19]]))
@@ -368,7 +368,7 @@ fn malformed() -> DpError {
 
 /// The messages in `buf` (as one `recv` returned it); a length that runs
 /// past the buffer is an error.
-fn answers(buf: &[u8]) -> Result<Vec<Answer<'_>>, DpError> {
+pub(crate) fn answers(buf: &[u8]) -> Result<Vec<Answer<'_>>, DpError> {
     let word = |o: usize| u32::from_ne_bytes([buf[o], buf[o + 1], buf[o + 2], buf[o + 3]]);
     let mut out = Vec::new();
     let mut at = 0;

@@ -282,3 +282,104 @@ async fn port_forwarding_reads_back_from_the_kernel_and_is_put_right() {
     let seen = b.observe(&prefix).await.unwrap();
     assert!(seen.namespaces[&ns].nat_foreign.is_empty());
 }
+
+#[tokio::test]
+async fn a_backend_that_leaves_takes_its_unanswered_connections_with_it() {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use shoal_netdriver::Backend;
+    use shoal_netdriver::ctnl::{self, TCP, UDP};
+    use shoal_netdriver::linux::in_netns;
+    use shoal_netdriver::model::Op;
+
+    let Some((_prefix, ns, _cleanup, mut b)) = one_namespace("ct") else {
+        return;
+    };
+    let ip = |args: &str| {
+        let mut c = std::process::Command::new("ip");
+        c.args(["-n", &ns]).args(args.split_whitespace());
+        assert!(c.status().unwrap().success(), "ip {args}");
+    };
+    // Backends on a veth whose peer no one answers on: 10.1.0.3 never
+    // answers (a dead node); 10.1.0.4 is this namespace's own, with a TCP
+    // listener.
+    ip("link set lo up");
+    ip("link add d0 type veth peer name d1");
+    ip("link set d1 up");
+    ip("addr add 10.1.0.1/24 dev d0");
+    ip("addr add 10.1.0.4/32 dev d0");
+    ip("link set d0 up");
+    ip("route add 10.0.0.0/24 dev d0");
+    let path = Some(PathBuf::from(format!("/run/netns/{ns}")));
+    let vip = Ipv4Addr::new(10, 0, 0, 2);
+    let be = |d: u8| Ipv4Addr::new(10, 1, 0, d);
+    let set_lb = |backends: &[u8], fresh: bool| Op::SetLb {
+        ns: ns.clone(),
+        lb: BTreeMap::from([(
+            vip,
+            backends.iter().map(|d| be(*d)).collect::<BTreeSet<_>>(),
+        )]),
+        changed: BTreeSet::from([vip]),
+        fresh,
+    };
+    b.apply(&set_lb(&[3, 4], true)).await.unwrap();
+    // Round robin: of four TCP connections two are answered (by the
+    // listener), two stay unanswered; then four UDP flows, two each way.
+    let (_listener, _streams, _udp) = in_netns(path.clone(), move || {
+        let listener = TcpListener::bind("10.1.0.4:80").unwrap();
+        let to = SocketAddr::from((vip, 80));
+        let streams: Vec<TcpStream> = (0..4)
+            .filter_map(|_| TcpStream::connect_timeout(&to, Duration::from_millis(200)).ok())
+            .collect();
+        let udp: Vec<UdpSocket> = (0..4)
+            .map(|_| {
+                let s = UdpSocket::bind("10.1.0.1:0").unwrap();
+                s.send_to(b"hello", (vip, 53)).unwrap();
+                s
+            })
+            .collect();
+        Ok((listener, streams, udp))
+    })
+    .unwrap();
+    let table = |path: &Option<PathBuf>| {
+        let fd = in_netns(path.clone(), shoal_netdriver::nfnl::open).unwrap();
+        let mut out: Vec<(u8, u8, bool)> = ctnl::entries(&fd, 1)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.orig_dst.0 == vip)
+            .map(|e| (e.proto, e.reply_src.0.octets()[3], e.replied))
+            .collect();
+        out.sort();
+        out
+    };
+    assert_eq!(
+        table(&path),
+        vec![
+            (TCP, 3, false),
+            (TCP, 3, false),
+            (TCP, 4, true),
+            (TCP, 4, true),
+            (UDP, 3, false),
+            (UDP, 3, false),
+            (UDP, 4, false),
+            (UDP, 4, false),
+        ]
+    );
+    // 10.1.0.3 leaves: whatever was sent to it goes.
+    b.apply(&set_lb(&[4], false)).await.unwrap();
+    assert_eq!(
+        table(&path),
+        vec![
+            (TCP, 4, true),
+            (TCP, 4, true),
+            (UDP, 4, false),
+            (UDP, 4, false)
+        ]
+    );
+    // 10.1.0.4 leaves too: its UDP flows go, its answered connections stay.
+    b.apply(&set_lb(&[5], false)).await.unwrap();
+    assert_eq!(table(&path), vec![(TCP, 4, true), (TCP, 4, true)]);
+}

@@ -99,11 +99,15 @@ pub enum ServiceCmd {
         /// Name, ID or ID prefix.
         service: String,
     },
-    /// Change replica counts: NAME=N (repeatable).
+    /// Change replica counts: NAME=N (repeatable); waits until each
+    /// service runs that many reachable tasks.
     Scale {
         /// NAME=N.
         #[arg(required = true)]
         scales: Vec<String>,
+        /// Return at once instead of waiting for the tasks.
+        #[arg(short, long)]
+        detach: bool,
     },
 }
 
@@ -115,11 +119,17 @@ fn replicas(v: &Value) -> String {
     format!("{}/{}", field(v, "running"), field(v, "replicas"))
 }
 
-/// Waits until `service` runs all its tasks at its current version,
+/// How long `converge` waits for running tasks to become reachable: a
+/// little longer than the daemon holds a task that does not listen.
+const READY_WAIT_MAX: Duration = Duration::from_secs(15);
+
+/// Waits until `service` runs all its tasks at its current version, and
+/// (where the daemon asked runs a data plane) new connections reach them,
 /// printing progress.
 async fn converge(client: &Client, service: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut last = String::new();
+    let mut all_running: Option<Instant> = None;
     loop {
         let v = client
             .call(&Request::ServiceInspect {
@@ -141,8 +151,33 @@ async fn converge(client: &Client, service: &str) -> anyhow::Result<()> {
             last = now;
         }
         if v["running"] == v["replicas"] && v["up_to_date"] == v["replicas"] {
-            println!("{service}: converged");
-            return Ok(());
+            // Running is not yet reachable: a task with a published port
+            // joins the load balancers, the routing mesh and DNS once it
+            // listens (the daemon stops waiting for that after 10 s).
+            let unreachable = v["replicas"].as_u64().zip(v["ready"].as_u64());
+            let since = *all_running.get_or_insert_with(Instant::now);
+            match unreachable {
+                Some((want, ready)) if ready < want && since.elapsed() < READY_WAIT_MAX => {
+                    let now = format!("{ready} of {want} tasks reachable");
+                    if now != last {
+                        println!("{service}: {now}");
+                        last = now;
+                    }
+                }
+                Some((want, ready)) if ready < want => {
+                    println!(
+                        "{service}: converged, but {} of {want} tasks are not reachable yet: see `shoal service ps {service}`",
+                        want - ready
+                    );
+                    return Ok(());
+                }
+                _ => {
+                    println!("{service}: converged");
+                    return Ok(());
+                }
+            }
+        } else {
+            all_running = None;
         }
         if Instant::now() > deadline {
             let ps = client
@@ -342,7 +377,7 @@ impl ServiceCmd {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
-            ServiceCmd::Scale { scales } => {
+            ServiceCmd::Scale { scales, detach } => {
                 let mut failed = 0;
                 for s in scales {
                     let parsed = s
@@ -364,7 +399,12 @@ impl ServiceCmd {
                         Err(e) => {
                             eprintln!("Error: {e:#}");
                             failed += 1;
+                            continue;
                         }
+                    }
+                    if !detach && let Err(e) = converge(client, &service).await {
+                        eprintln!("Error: {e:#}");
+                        failed += 1;
                     }
                 }
                 if failed > 0 {

@@ -58,6 +58,10 @@ pub enum ToolCmd {
         /// Give up after this many seconds.
         #[arg(long, default_value_t = 5)]
         timeout: u64,
+        /// Send from this local port (a flow that keeps its source port,
+        /// as resolvers and metrics agents do), not a new one.
+        #[arg(long, default_value_t = 0)]
+        from_port: u16,
         /// HOST:PORT.
         addr: String,
         /// What to send.
@@ -211,13 +215,15 @@ async fn http_get(url: &str, limit: Duration) -> anyhow::Result<String> {
     Ok(body.to_owned())
 }
 
-async fn udp_send(addr: &str, message: &str) -> anyhow::Result<String> {
+async fn udp_send(addr: &str, from_port: u16, message: &str) -> anyhow::Result<String> {
     let target = tokio::net::lookup_host(addr)
         .await
         .with_context(|| format!("invalid address `{addr}`: use HOST:PORT"))?
         .next()
         .ok_or_else(|| anyhow!("`{addr}` resolves to nothing"))?;
-    let sock = UdpSocket::bind(("0.0.0.0", 0)).await?;
+    let sock = UdpSocket::bind(("0.0.0.0", from_port))
+        .await
+        .with_context(|| format!("cannot send from port {from_port}/udp"))?;
     sock.send_to(message.as_bytes(), target).await?;
     let mut buf = vec![0u8; 65_535];
     let (n, _) = sock.recv_from(&mut buf).await?;
@@ -270,13 +276,14 @@ impl ToolCmd {
             }
             ToolCmd::UdpSend {
                 timeout,
+                from_port,
                 addr,
                 message,
             } => {
-                let answer =
-                    tokio::time::timeout(Duration::from_secs(timeout), udp_send(&addr, &message))
-                        .await
-                        .map_err(|_| anyhow!("{addr}: no answer within {timeout} s"))??;
+                let send = udp_send(&addr, from_port, &message);
+                let answer = tokio::time::timeout(Duration::from_secs(timeout), send)
+                    .await
+                    .map_err(|_| anyhow!("{addr}: no answer within {timeout} s"))??;
                 println!("{answer}");
                 Ok(())
             }

@@ -172,7 +172,7 @@ impl Sandboxes {
     }
 
     /// The plan last programmed, if any.
-    fn last_plan(&self) -> Option<NodePlan> {
+    pub fn last_plan(&self) -> Option<NodePlan> {
         self.last.lock().ok()?.clone()
     }
 

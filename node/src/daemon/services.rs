@@ -367,16 +367,7 @@ fn view(state: &ClusterState, s: &Service) -> Value {
             .map(|n| n.spec.name.clone())
             .unwrap_or_else(|| id.to_owned())
     };
-    let up_to_date = state
-        .tasks
-        .values()
-        .filter(|t| {
-            t.service_id == s.id
-                && t.is_active()
-                && t.state == shoal_mesh::task::TaskState::Running
-                && t.spec_version == s.version
-        })
-        .count();
+    let up_to_date = up_to_date(state, s).count();
     let outdated = state
         .tasks
         .values()
@@ -613,7 +604,70 @@ pub async fn ls(d: &Daemon) -> anyhow::Result<Reply> {
 pub async fn inspect(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
     let m = member(d).await?;
     let state = m.state.state();
-    Ok(Reply::ok(view(&state, resolve(&state, reference)?)))
+    let s = resolve(&state, reference)?;
+    let mut v = view(&state, s);
+    // Where this node runs a data plane, gossip tells which tasks the load
+    // balancers, the routing mesh and DNS have.
+    if m.sandboxes.names.is_some() {
+        let endpoints = m
+            .gossip
+            .ask(super::gossip::GossipCmd::Endpoints)
+            .await
+            .unwrap_or_default();
+        let mesh = m.sandboxes.last_plan().and_then(|p| p.ingress);
+        v["ready"] = json!(ready(&state, s, &endpoints, mesh.as_ref()));
+    }
+    Ok(Reply::ok(v))
+}
+
+/// The running tasks of `s` at its current version.
+fn up_to_date<'a>(state: &'a ClusterState, s: &'a Service) -> impl Iterator<Item = &'a Task> {
+    state.tasks.values().filter(|t| {
+        t.service_id == s.id
+            && t.is_active()
+            && t.state == shoal_mesh::task::TaskState::Running
+            && t.spec_version == s.version
+    })
+}
+
+/// How many running tasks of `s`'s current version new connections
+/// reach: gossip publishes them (on any of their networks, from their own
+/// node), and this node's routing mesh, as last programmed, balances each
+/// of the service's mesh ports over them. A task with a published port is
+/// published once it listens on the target port (or after 10 s anyway).
+fn ready(
+    state: &ClusterState,
+    s: &Service,
+    endpoints: &BTreeMap<String, Vec<shoal_mesh::observed::EndpointRecord>>,
+    mesh: Option<&shoal_mesh::plan::IngressPlan>,
+) -> usize {
+    let in_mesh = |t: &Task| {
+        let Some(mesh) = mesh else { return true };
+        let Some(addr) = t.addresses.get(&mesh.network) else {
+            return true;
+        };
+        s.ports
+            .iter()
+            .filter(|p| p.mode == PublishMode::Ingress)
+            .all(|p| {
+                mesh.ports.iter().any(|m| {
+                    m.protocol == p.protocol
+                        && m.published == p.published
+                        && m.backends.contains(addr)
+                })
+            })
+    };
+    let published = |t: &Task| {
+        t.addresses.iter().any(|(net, ip)| {
+            endpoints.get(net).is_some_and(|list| {
+                list.iter()
+                    .any(|e| e.ip == std::net::IpAddr::V4(*ip) && Some(e.owner) == t.node)
+            })
+        })
+    };
+    up_to_date(state, s)
+        .filter(|t| t.addresses.is_empty() || (published(t) && in_mesh(t)))
+        .count()
 }
 
 /// `service ps`.
