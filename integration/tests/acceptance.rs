@@ -128,9 +128,12 @@ fn converged(c: &Cluster, hosts: &[usize]) -> anyhow::Result<bool> {
     Ok(true)
 }
 
+/// Running tasks per node, as the first host whose daemon runs sees them
+/// (node1 may be the one a step killed).
 fn placement(c: &Cluster, service: &str) -> BTreeMap<String, usize> {
     let mut per_node = BTreeMap::new();
-    for t in json(c, 0, &["service", "ps", "--format", "json", service]) {
+    let asked = (0..c.hosts.len()).find(|i| c.running(*i)).unwrap();
+    for t in json(c, asked, &["service", "ps", "--format", "json", service]) {
         if t["state"] == "running" && t["desired_state"] == "running" {
             *per_node
                 .entry(t["node"].as_str().unwrap().to_owned())
