@@ -11,10 +11,16 @@
 //! The layouts are those of `linux/netfilter/nfnetlink_conntrack.h`: a
 //! dump (`IPCTNL_MSG_CT_GET` with `NLM_F_DUMP`) of the namespace's table,
 //! then one `IPCTNL_MSG_CT_DELETE` per entry picked, naming it by its
-//! original tuple (and zone) exactly as the dump gave them.
+//! original tuple (and zone) exactly as the dump gave them. A dump walks
+//! the kernel's whole conntrack hash table (shared by every namespace:
+//! 262 144 buckets here, ~12 ms), whatever the namespace holds, so the
+//! [`Janitor`] does it on a thread of its own, after the load balancer has
+//! changed, not in the reconciler's way.
 
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::mpsc;
 
 use nix::sys::socket::{MsgFlags, recv, send};
 
@@ -243,6 +249,75 @@ pub fn forget_where(
         return Ok(0);
     }
     forget(fd, seq.wrapping_add(1), &doomed)
+}
+
+/// What a [`Janitor`] is asked to do: in namespace `path` (this one if
+/// `None`), forget the entries `pick` chooses.
+struct Job {
+    label: String,
+    path: Option<PathBuf>,
+    pick: Box<dyn Fn(&Entry) -> bool + Send>,
+}
+
+/// A thread that forgets conntrack entries, one job after another, each
+/// with a netfilter socket of its own in the job's namespace (closed after
+/// it, so that no namespace is kept alive). It ends with its owner.
+pub struct Janitor {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Janitor {
+    /// Starts the thread.
+    pub fn spawn() -> Janitor {
+        let (jobs, todo) = mpsc::channel::<Job>();
+        let work = move || {
+            let mut seq = std::process::id() << 16;
+            for job in todo {
+                seq = seq.wrapping_add(1 << 16);
+                let forgot = crate::linux::in_netns(job.path, crate::nfnl::open)
+                    .and_then(|fd| forget_where(&fd, seq, job.pick));
+                match forgot {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(
+                        ns = job.label,
+                        n,
+                        "forgot unanswered connections to backends that left"
+                    ),
+                    // The namespace may have gone meanwhile.
+                    Err(e) => tracing::debug!(
+                        ns = job.label,
+                        error = %e,
+                        "connections to backends that left not forgotten"
+                    ),
+                }
+            }
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name("shoal-conntrack".into())
+            .spawn(work)
+        {
+            tracing::warn!(error = %e, "no conntrack clean-up thread");
+        }
+        Janitor { jobs }
+    }
+
+    /// Asks for the entries `pick` chooses in namespace `path` (labelled
+    /// `label` in the log) to be forgotten, soon.
+    pub fn forget(
+        &self,
+        label: &str,
+        path: Option<PathBuf>,
+        pick: impl Fn(&Entry) -> bool + Send + 'static,
+    ) {
+        let job = Job {
+            label: label.to_owned(),
+            path,
+            pick: Box::new(pick),
+        };
+        if self.jobs.send(job).is_err() {
+            tracing::warn!(ns = label, "the conntrack clean-up thread is gone");
+        }
+    }
 }
 
 #[cfg(test)]

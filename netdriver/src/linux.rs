@@ -280,6 +280,9 @@ pub struct Linux {
     tables_seen: HashMap<String, TablesSeen>,
     /// `nft` listings made by observations.
     nft_listings: u64,
+    /// Forgets the connections of backends that left (started when first
+    /// needed).
+    janitor: Option<ctnl::Janitor>,
 }
 
 /// A namespace's tables as listed: the generation, the port forwarding
@@ -320,6 +323,7 @@ impl Linux {
             nf_socks: HashMap::new(),
             tables_seen: HashMap::new(),
             nft_listings: 0,
+            janitor: None,
         }
     }
 
@@ -661,24 +665,15 @@ impl Linux {
         done
     }
 
-    /// After backends left load balancers in namespace `ns`: forgets the
+    /// After backends left load balancers in namespace `ns`: has the
     /// connections conntrack there still sends them that `pick` chooses
-    /// (see [`ctnl`]). Best effort: a failure is logged, not returned (the
-    /// load balancer itself is right).
-    fn forget_left(&mut self, ns: &str, pick: impl Fn(&ctnl::Entry) -> bool) {
-        self.seq = self.seq.wrapping_add(1 << 16);
-        let seq = self.seq;
-        match self.with_nf_sock(ns, |fd| ctnl::forget_where(fd, seq, pick)) {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(
-                ns = show_ns(ns),
-                n,
-                "forgot unanswered connections to backends that left"
-            ),
-            Err(e) => {
-                tracing::warn!(ns = show_ns(ns), error = %e, "could not forget connections to backends that left")
-            }
-        }
+    /// forgotten, soon, by the [`ctnl::Janitor`] (best effort: the load
+    /// balancer itself is right already).
+    fn forget_left(&mut self, ns: &str, pick: impl Fn(&ctnl::Entry) -> bool + Send + 'static) {
+        let path = self.ns_path(ns);
+        self.janitor
+            .get_or_insert_with(ctnl::Janitor::spawn)
+            .forget(show_ns(ns), path, pick);
     }
 
     /// Applies an nft script in namespace `ns`, atomically.
