@@ -17,6 +17,7 @@
 //! [`Janitor`] does it on a thread of its own, after the load balancer has
 //! changed, not in the reconciler's way.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -249,6 +250,39 @@ pub fn forget_where(
         return Ok(0);
     }
     forget(fd, seq.wrapping_add(1), &doomed)
+}
+
+/// The backends that left VIPs between `before` (each VIP's backends) and
+/// `after`: (VIP, backend).
+pub fn left_vips(
+    before: &BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>,
+    after: &crate::model::Lb,
+) -> BTreeSet<(Ipv4Addr, Ipv4Addr)> {
+    before
+        .iter()
+        .flat_map(|(vip, old)| old.iter().map(move |b| (*vip, *b)))
+        .filter(|(vip, b)| !after.get(vip).is_some_and(|now| now.contains(b)))
+        .collect()
+}
+
+/// Published ports' DNAT (`Nat::dnat`): (`tcp`|`udp`, port) → (backends,
+/// target port).
+type Dnat = BTreeMap<(String, u16), (Vec<Ipv4Addr>, u16)>;
+
+/// The backends that left published ports between `before` and `after`:
+/// (protocol number, backend, target port); a backend whose target port
+/// changed left the old one.
+pub fn left_ports(before: &Dnat, after: Option<&Dnat>) -> BTreeSet<(u8, Ipv4Addr, u16)> {
+    before
+        .iter()
+        .flat_map(|((proto, port), (old, target))| {
+            let now = after.and_then(|d| d.get(&(proto.clone(), *port)));
+            let proto = if proto == "udp" { UDP } else { TCP };
+            old.iter()
+                .filter(move |b| !now.is_some_and(|(n, t)| t == target && n.contains(b)))
+                .map(move |b| (proto, *b, *target))
+        })
+        .collect()
 }
 
 /// What a [`Janitor`] is asked to do: in namespace `path` (this one if

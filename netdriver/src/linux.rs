@@ -1065,12 +1065,7 @@ impl Linux {
                     .cloned()
                     .unwrap_or_default();
                 let done = self.set_lb(ns, lb, changed, *fresh);
-                // Backends that left: what conntrack may still send them.
-                let left: BTreeSet<(Ipv4Addr, Ipv4Addr)> = before
-                    .iter()
-                    .flat_map(|(vip, old)| old.iter().map(move |b| (*vip, *b)))
-                    .filter(|(vip, b)| !lb.get(vip).is_some_and(|now| now.contains(b)))
-                    .collect();
+                let left = ctnl::left_vips(&before, lb);
                 if done.is_ok() && !left.is_empty() {
                     self.forget_left(ns, move |e| {
                         e.movable() && left.contains(&(e.orig_dst.0, e.reply_src.0))
@@ -1086,19 +1081,7 @@ impl Linux {
                     .map(|(n, _)| n.dnat.clone())
                     .unwrap_or_default();
                 let done = self.nft(ns, &crate::nft::nat_script(nat.as_ref()));
-                let after = nat.as_ref().map(|n| &n.dnat);
-                let left: BTreeSet<(u8, Ipv4Addr, u16)> = before
-                    .iter()
-                    .flat_map(|((proto, port), (old, target))| {
-                        let now = after.and_then(|d| d.get(&(proto.clone(), *port)));
-                        let proto = if proto == "udp" { ctnl::UDP } else { ctnl::TCP };
-                        old.iter()
-                            .filter(move |b| {
-                                !now.is_some_and(|(n, t)| t == target && n.contains(b))
-                            })
-                            .map(move |b| (proto, *b, *target))
-                    })
-                    .collect();
+                let left = ctnl::left_ports(&before, nat.as_ref().map(|n| &n.dnat));
                 if done.is_ok() && !left.is_empty() {
                     self.forget_left(ns, move |e| {
                         e.movable() && left.contains(&(e.proto, e.reply_src.0, e.reply_src.1))
