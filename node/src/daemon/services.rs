@@ -614,8 +614,8 @@ pub async fn inspect(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
             .ask(super::gossip::GossipCmd::Endpoints)
             .await
             .unwrap_or_default();
-        let mesh = m.sandboxes.last_plan().and_then(|p| p.ingress);
-        v["ready"] = json!(ready(&state, s, &endpoints, mesh.as_ref()));
+        let programmed = m.sandboxes.last_plan().unwrap_or_default();
+        v["ready"] = json!(ready(&state, s, &endpoints, &programmed));
     }
     Ok(Reply::ok(v))
 }
@@ -631,18 +631,30 @@ fn up_to_date<'a>(state: &'a ClusterState, s: &'a Service) -> impl Iterator<Item
 }
 
 /// How many running tasks of `s`'s current version new connections
-/// reach: gossip publishes them (on any of their networks, from their own
-/// node), and this node's routing mesh, as last programmed, balances each
-/// of the service's mesh ports over them. A task with a published port is
-/// published once it listens on the target port (or after 10 s anyway).
+/// reach: gossip publishes them (on every one of their networks, from
+/// their own node: each network's record travels on its own), and this
+/// node's data plane, as last `programmed`, balances to them: the
+/// service's VIP on each of their networks present here, and each of its
+/// routing-mesh ports.
 fn ready(
     state: &ClusterState,
     s: &Service,
     endpoints: &BTreeMap<String, Vec<shoal_mesh::observed::EndpointRecord>>,
-    mesh: Option<&shoal_mesh::plan::IngressPlan>,
+    programmed: &shoal_mesh::plan::NodePlan,
 ) -> usize {
+    let in_vips = |t: &Task| {
+        t.addresses.iter().all(|(net, ip)| {
+            let lb = programmed
+                .networks
+                .get(net)
+                .and_then(|n| n.lbs.iter().find(|l| l.service_id == s.id));
+            lb.is_none_or(|l| l.backends.contains(ip))
+        })
+    };
     let in_mesh = |t: &Task| {
-        let Some(mesh) = mesh else { return true };
+        let Some(mesh) = &programmed.ingress else {
+            return true;
+        };
         let Some(addr) = t.addresses.get(&mesh.network) else {
             return true;
         };
@@ -658,7 +670,7 @@ fn ready(
             })
     };
     let published = |t: &Task| {
-        t.addresses.iter().any(|(net, ip)| {
+        t.addresses.iter().all(|(net, ip)| {
             endpoints.get(net).is_some_and(|list| {
                 list.iter()
                     .any(|e| e.ip == std::net::IpAddr::V4(*ip) && Some(e.owner) == t.node)
@@ -666,7 +678,7 @@ fn ready(
         })
     };
     up_to_date(state, s)
-        .filter(|t| t.addresses.is_empty() || (published(t) && in_mesh(t)))
+        .filter(|t| t.addresses.is_empty() || (published(t) && in_vips(t) && in_mesh(t)))
         .count()
 }
 
