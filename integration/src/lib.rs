@@ -49,13 +49,7 @@ pub fn shoal_bin() -> &'static Path {
     })
 }
 
-/// Whether this process runs as root (tasks then get network namespaces).
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"))
-}
+pub use shoal_netdriver::privilege::{is_root, root_or_skip};
 
 /// `service create --name NAME --replicas N EXTRA… -- shoal tool http-echo
 /// --port 80`: the built-in workload, one task per replica.

@@ -12,7 +12,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use shoal_integration::{Cluster, echo_service, is_root};
+use shoal_integration::{Cluster, echo_service, root_or_skip};
 
 const CONVERGE: Duration = Duration::from_secs(40);
 
@@ -145,10 +145,7 @@ fn placement(c: &Cluster, service: &str) -> BTreeMap<String, usize> {
 
 #[test]
 fn services_survive_scaling_draining_node_loss_leader_loss_and_restarts() {
-    if !is_root() {
-        eprintln!(
-            "skipped: needs root for the tasks' network namespaces (http-echo on port 80 each)"
-        );
+    if !root_or_skip("give tasks network namespaces (http-echo on port 80 each)") {
         return;
     }
     let mut c = Cluster::start(4).unwrap();

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use shoal_integration::{Cluster, echo_service, is_root, shoal_bin};
+use shoal_integration::{Cluster, echo_service, root_or_skip, shoal_bin};
 
 const CONVERGE: Duration = Duration::from_secs(40);
 
@@ -84,8 +84,7 @@ fn resolve(c: &Cluster, from: &Value, name: &str) -> std::collections::BTreeSet<
 
 #[test]
 fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
-    if !is_root() {
-        eprintln!("skipped: needs root for network namespaces, veths and VXLAN");
+    if !root_or_skip("make network namespaces, veths and VXLAN devices") {
         return;
     }
     let mut c = Cluster::start_isolated(3).unwrap();
@@ -887,8 +886,7 @@ fn kernel_objects(c: &Cluster, i: usize) -> std::collections::BTreeMap<String, S
 
 #[test]
 fn a_daemon_restart_keeps_traffic_flowing_and_adopts_its_kernel_state() {
-    if !is_root() {
-        eprintln!("skipped: needs root for network namespaces, veths and VXLAN");
+    if !root_or_skip("make network namespaces, veths and VXLAN devices") {
         return;
     }
     let mut c = Cluster::start_isolated(3).unwrap();

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use shoal_integration::is_root;
+use shoal_integration::{is_root, root_or_skip};
 
 fn lab_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_shoal-lab"))
@@ -85,7 +85,7 @@ fn a_lab_comes_up_breaks_heals_and_leaves_nothing_behind() {
     if !is_root() {
         let (ok, _, err) = lab(&["ls"]);
         assert!(!ok && err.contains("needs root"), "{err}");
-        eprintln!("skipped: the lab needs root");
+        root_or_skip("run the lab");
         return;
     }
     let name = format!("t{}", std::process::id() % 100_000);
@@ -134,8 +134,7 @@ fn a_lab_comes_up_breaks_heals_and_leaves_nothing_behind() {
 #[test]
 fn a_failover_scenario_reports_what_clients_felt() {
     let _one = one_lab();
-    if !is_root() {
-        eprintln!("skipped: the lab needs root");
+    if !root_or_skip("run the lab") {
         return;
     }
     let (ok, out, err) = lab(&["failover", "--scenario", "kill-worker", "--format", "json"]);
@@ -154,8 +153,7 @@ fn a_failover_scenario_reports_what_clients_felt() {
 #[test]
 fn a_lab_from_a_definition_has_its_hosts_roles_and_timing() {
     let _one = one_lab();
-    if !is_root() {
-        eprintln!("skipped: the lab needs root");
+    if !root_or_skip("run the lab") {
         return;
     }
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -289,8 +287,7 @@ fn a_lab_from_a_definition_has_its_hosts_roles_and_timing() {
 #[test]
 fn a_bad_definition_or_a_killed_lab_process_leaves_nothing_behind() {
     let _one = one_lab();
-    if !is_root() {
-        eprintln!("skipped: the lab needs root");
+    if !root_or_skip("run the lab") {
         return;
     }
     // A [daemon] key the daemon does not know: `up` fails with the
@@ -351,7 +348,7 @@ fn the_demo_runs_to_completion_and_keep_leaves_its_lab_up() {
     if !is_root() {
         let (ok, _, err) = lab(&["demo", "--keep"]);
         assert!(!ok && err.contains("--keep needs root"), "{err}");
-        eprintln!("skipped: the demo's data plane needs root");
+        root_or_skip("run the demo's data plane");
         return;
     }
     let name = format!("d{}", std::process::id() % 100_000);

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use shoal_integration::{Cluster, is_root};
+use shoal_integration::{Cluster, root_or_skip};
 
 const CONVERGE: Duration = Duration::from_secs(30);
 
@@ -257,8 +257,7 @@ fn services_that_cannot_run_say_why() {
 
 #[test]
 fn tasks_run_in_their_own_network_namespace_with_the_embedded_resolver() {
-    if !is_root() {
-        eprintln!("skipped: needs root to create network and mount namespaces");
+    if !root_or_skip("create network and mount namespaces") {
         return;
     }
     let c = Cluster::start(1).unwrap();

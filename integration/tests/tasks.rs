@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use shoal_integration::{Cluster, echo_service, is_root, shoal_bin};
+use shoal_integration::{Cluster, echo_service, root_or_skip, shoal_bin};
 
 const CONVERGE: Duration = Duration::from_secs(30);
 
@@ -42,8 +42,7 @@ fn alive(pid: u32) -> bool {
 
 #[test]
 fn exec_runs_commands_inside_a_task_and_http_echo_says_who_served() {
-    if !is_root() {
-        eprintln!("skipped: needs root for the tasks' network namespaces");
+    if !root_or_skip("give tasks network namespaces") {
         return;
     }
     let c = Cluster::start(2).unwrap();

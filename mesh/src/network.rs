@@ -41,6 +41,13 @@ impl Driver {
     pub fn shares_parent_lan(self) -> bool {
         matches!(self, Driver::Macvlan | Driver::Ipvlan)
     }
+
+    /// Whether its endpoints reach only endpoints on the same node
+    /// (bridge): another node's task on it is unreachable from here, so it
+    /// is no load-balancer backend and no DNS answer here.
+    pub fn is_single_host(self) -> bool {
+        self == Driver::Bridge
+    }
 }
 
 impl fmt::Display for Driver {
@@ -103,6 +110,30 @@ pub struct NetworkSpec {
 }
 
 impl NetworkSpec {
+    /// Refuses what Shoal would store but not carry out, so that nobody
+    /// relies on it: the ipvlan driver (no task would get an interface),
+    /// a second subnet (only the first is programmed) and `--attachable`
+    /// (there are no standalone containers to attach).
+    pub fn check_supported(&self) -> Result<(), NetworkError> {
+        if self.driver == Driver::Ipvlan {
+            return Err(NetworkError::Unsupported(
+                "the ipvlan driver is not supported yet (its tasks would get no interface): use -d macvlan to share the parent's LAN, or -d overlay".into(),
+            ));
+        }
+        if self.subnets.len() > 1 {
+            return Err(NetworkError::Unsupported(format!(
+                "a network takes one --subnet ({} given): Shoal programs only one subnet per network; create one network per subnet",
+                self.subnets.len()
+            )));
+        }
+        if self.attachable {
+            return Err(NetworkError::Unsupported(
+                "--attachable is not supported: Shoal runs services, not standalone containers that could attach; attach a service with `shoal service create --network NAME`".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// A network of `driver` named `name`, with every option at its default
     /// (a subnet from the pool, no range, no options, no labels).
     pub fn new(name: &str, driver: Driver) -> Self {
@@ -186,6 +217,10 @@ pub enum NetworkError {
     /// No room left.
     #[error("{0}")]
     Exhausted(String),
+    /// Asked for something Shoal does not do yet (and would otherwise
+    /// accept, store and then ignore).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 fn valid_name(name: &str) -> bool {

@@ -197,3 +197,34 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn what_would_be_stored_and_ignored_is_refused() {
+    let ok = spec("web", Driver::Overlay);
+    assert!(ok.check_supported().is_ok());
+    let mut one = spec("web", Driver::Bridge);
+    one.subnets.push(SubnetSpec {
+        subnet: "10.1.0.0/24".parse().unwrap(),
+        gateway: None,
+    });
+    assert!(one.check_supported().is_ok());
+    // ipvlan: refused on every kernel, naming what to use instead.
+    let e = spec("iv", Driver::Ipvlan).check_supported().unwrap_err();
+    assert!(e.to_string().contains("-d macvlan"), "{e}");
+    // A second subnet would never be programmed.
+    let mut two = one.clone();
+    two.subnets.push(SubnetSpec {
+        subnet: "10.2.0.0/24".parse().unwrap(),
+        gateway: None,
+    });
+    let e = two.check_supported().unwrap_err();
+    assert!(e.to_string().contains("one --subnet (2 given)"), "{e}");
+    // --attachable would mean nothing.
+    let mut att = ok.clone();
+    att.attachable = true;
+    let e = att.check_supported().unwrap_err();
+    assert!(
+        e.to_string().contains("--attachable is not supported"),
+        "{e}"
+    );
+}

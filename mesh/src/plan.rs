@@ -252,6 +252,36 @@ fn placed_remotes(state: &ClusterState, node: NodeId, net: &str) -> Vec<Remote> 
     tasks.chain(ingress).collect()
 }
 
+/// The live endpoints on network `net` that this node can reach, so may
+/// balance to and name in DNS: gossip's records, except another node's on
+/// a single-host (bridge) network.
+fn reachable<'a>(input: &PlanInput<'a>, net: &str) -> Vec<&'a EndpointRecord> {
+    let single_host = input
+        .state
+        .networks
+        .get(net)
+        .is_some_and(|n| n.spec.driver.is_single_host());
+    input
+        .endpoints
+        .get(net)
+        .into_iter()
+        .flatten()
+        .filter(|e| !single_host || e.owner == input.node)
+        .collect()
+}
+
+/// The addresses of service `service`'s tasks among `live`, sorted, once each.
+fn backends_of(live: &[&EndpointRecord], service: &str) -> Vec<Ipv4Addr> {
+    let mut backends: Vec<Ipv4Addr> = live
+        .iter()
+        .filter(|e| e.service_id.as_deref() == Some(service))
+        .filter_map(|e| v4(e.ip))
+        .collect();
+    backends.sort();
+    backends.dedup();
+    backends
+}
+
 /// The names a task on `endpoints`' networks resolves: on each (non-ingress)
 /// network, every service attached to it (its VIP, or its live tasks'
 /// addresses in dnsrr mode), `tasks.SERVICE` (the live tasks' addresses),
@@ -262,7 +292,6 @@ fn dns_records(
 ) -> BTreeMap<String, Vec<Ipv4Addr>> {
     let state = input.state;
     let mut out: BTreeMap<String, Vec<Ipv4Addr>> = BTreeMap::new();
-    let none = Vec::new();
     for ep in endpoints {
         let Some(n) = state.networks.get(&ep.network) else {
             continue;
@@ -270,8 +299,8 @@ fn dns_records(
         if n.ingress {
             continue;
         }
-        let live = input.endpoints.get(&ep.network).unwrap_or(&none);
-        for e in live {
+        let live = reachable(input, &ep.network);
+        for e in &live {
             if let Some(ip) = v4(e.ip) {
                 out.entry(e.name.to_lowercase()).or_default().push(ip);
             }
@@ -280,11 +309,7 @@ fn dns_records(
             let Some(att) = s.spec.networks.iter().find(|a| a.network == ep.network) else {
                 continue;
             };
-            let tasks: Vec<Ipv4Addr> = live
-                .iter()
-                .filter(|e| e.service_id.as_deref() == Some(s.id.as_str()))
-                .filter_map(|e| v4(e.ip))
-                .collect();
+            let tasks = backends_of(&live, &s.id);
             let answer: Vec<Ipv4Addr> = match (s.spec.endpoint_mode, s.vips.get(&ep.network)) {
                 (EndpointMode::Vip, Some(vip)) => vec![*vip],
                 _ => tasks.clone(),
@@ -373,7 +398,6 @@ pub fn plan(input: &PlanInput<'_>) -> NodePlan {
     if let Some((n, _)) = my_ingress {
         local_nets.insert(n.id.as_str());
     }
-    let none = Vec::new();
     for net in local_nets {
         let Some(n) = state.networks.get(net) else {
             continue;
@@ -381,8 +405,8 @@ pub fn plan(input: &PlanInput<'_>) -> NodePlan {
         let Some(sub) = n.subnets.first() else {
             continue;
         };
-        let live = input.endpoints.get(net).unwrap_or(&none);
-        let mut remotes: BTreeSet<Remote> = live
+        let reachable = reachable(input, net);
+        let mut remotes: BTreeSet<Remote> = reachable
             .iter()
             .filter(|e| e.owner != input.node && n.spec.driver == Driver::Overlay)
             .filter_map(|e| {
@@ -409,18 +433,11 @@ pub fn plan(input: &PlanInput<'_>) -> NodePlan {
             .filter(|s| s.spec.endpoint_mode == EndpointMode::Vip)
             .filter_map(|s| {
                 let vip = *s.vips.get(net)?;
-                let mut backends: Vec<Ipv4Addr> = live
-                    .iter()
-                    .filter(|e| e.service_id.as_deref() == Some(s.id.as_str()))
-                    .filter_map(|e| v4(e.ip))
-                    .collect();
-                backends.sort();
-                backends.dedup();
                 Some(LbPlan {
                     service_id: s.id.clone(),
                     service: s.spec.name.clone(),
                     vip,
-                    backends,
+                    backends: backends_of(&reachable, &s.id),
                 })
             })
             .collect();
@@ -496,16 +513,10 @@ pub fn plan(input: &PlanInput<'_>) -> NodePlan {
     }
     out.published.sort();
     if let Some((n, addr)) = my_ingress {
-        let live = input.endpoints.get(&n.id).unwrap_or(&none);
+        let live = reachable(input, &n.id);
         let mut ports = Vec::new();
         for s in state.services.values() {
-            let mut backends: Vec<Ipv4Addr> = live
-                .iter()
-                .filter(|e| e.service_id.as_deref() == Some(s.id.as_str()))
-                .filter_map(|e| v4(e.ip))
-                .collect();
-            backends.sort();
-            backends.dedup();
+            let backends = backends_of(&live, &s.id);
             if backends.is_empty() {
                 continue;
             }
@@ -552,7 +563,11 @@ pub fn awaited_endpoints(
             let seen = endpoints
                 .get(net)
                 .is_some_and(|list| list.iter().any(|e| e.ip == IpAddr::V4(*ip)));
-            if networks.contains(net) && !seen {
+            let single_host = state
+                .networks
+                .get(net)
+                .is_some_and(|n| n.spec.driver.is_single_host());
+            if networks.contains(net) && !seen && !single_host {
                 out.push((net.clone(), *ip));
             }
         }

@@ -301,3 +301,69 @@ fn a_restarted_node_awaits_the_remote_endpoints_gossip_has_not_shown() {
     // Everything shown: nothing awaited.
     assert!(awaited_endpoints(&s, NodeId(1), &nets, &gossip(&s, &[]), &none).is_empty());
 }
+
+#[test]
+fn a_bridge_networks_endpoints_stay_on_their_host() {
+    // `web` as a single-host bridge network: each node has its own bridge,
+    // and another node's task on it cannot be reached from here.
+    let mut s = running_swarm();
+    s.networks.get_mut("web").unwrap().spec.driver = Driver::Bridge;
+    let p = plan_for(&s, 1, &[]);
+    let own = p.sandboxes.values().next().unwrap();
+    let own_ip = own
+        .endpoints
+        .iter()
+        .find(|e| e.network == "web")
+        .unwrap()
+        .ip;
+    let web = &p.networks["web"];
+    assert_eq!(
+        web.lbs[0].backends,
+        vec![own_ip],
+        "the VIP balances to this host's task only"
+    );
+    assert!(web.remotes.is_empty(), "{:?}", web.remotes);
+    assert_eq!(own.dns["tasks.web"], vec![own_ip]);
+    assert!(!own.dns.contains_key("web.2"), "{:?}", own.dns);
+    // The overlay `ingress` still reaches every node's task.
+    assert_eq!(p.ingress.unwrap().ports[0].backends.len(), 3);
+    // A restarted node does not wait for other hosts' bridge endpoints.
+    let nets = BTreeSet::from(["web".to_owned()]);
+    let mut running = s.clone();
+    for t in running.tasks.values_mut() {
+        t.state = TaskState::Running;
+    }
+    assert!(
+        awaited_endpoints(
+            &running,
+            NodeId(1),
+            &nets,
+            &BTreeMap::new(),
+            &BTreeSet::new()
+        )
+        .is_empty()
+    );
+}
+
+#[test]
+fn aliases_and_dnsrr_answer_as_docker_does() {
+    let mut s = running_swarm();
+    let svc = s.services.get_mut("svc").unwrap();
+    svc.spec.networks[0].aliases = vec!["Front".into()];
+    let p = plan_for(&s, 1, &[]);
+    let dns = &p.sandboxes.values().next().unwrap().dns;
+    let vip = s.services["svc"].vips["web"];
+    // An alias answers what the service's name answers: its VIP.
+    assert_eq!(dns["front"], vec![vip]);
+    assert_eq!(dns["web"], vec![vip]);
+    // dnsrr: the name and its aliases answer the live tasks' addresses,
+    // and the network has no load balancer for the service.
+    s.services.get_mut("svc").unwrap().spec.endpoint_mode = EndpointMode::Dnsrr;
+    let p = plan_for(&s, 1, &[NodeId(3)]);
+    let dns = &p.sandboxes.values().next().unwrap().dns;
+    assert_eq!(dns["web"].len(), 2, "{dns:?}");
+    assert_eq!(dns["front"], dns["web"]);
+    assert_eq!(dns["tasks.web"], dns["web"]);
+    assert!(!dns["web"].contains(&vip));
+    assert!(p.networks["web"].lbs.is_empty());
+}

@@ -21,6 +21,7 @@ pub mod listeners;
 pub mod model;
 pub mod nfnl;
 pub mod nft;
+pub mod privilege;
 pub mod recording;
 pub mod render;
 

@@ -12,7 +12,7 @@
 //! `nft --debug=netlink` shows for the same rule:
 //!
 //! ```text
-//! [ numgen reg 1 = inc mod N ]
+//! [ numgen reg 1 = random mod N ]
 //! [ lookup reg 1 set be_VIP dreg 1 ]
 //! [ nat dnat ip addr_min reg 1 ]
 //! ```
@@ -64,7 +64,10 @@ const NFTA_NG_DREG: u16 = 1;
 const NFTA_NG_MODULUS: u16 = 2;
 const NFTA_NG_TYPE: u16 = 3;
 const NFTA_NG_OFFSET: u16 = 4;
-const NFT_NG_INCREMENTAL: u32 = 0;
+/// A random slot per new connection (`numgen random`): with `inc`, whose
+/// counter starts at 0 in every namespace, every client's first connection
+/// went to the same backend.
+const NFT_NG_RANDOM: u32 = 1;
 const NFTA_LOOKUP_SET: u16 = 1;
 const NFTA_LOOKUP_SREG: u16 = 2;
 const NFTA_LOOKUP_DREG: u16 = 3;
@@ -223,7 +226,7 @@ impl Batch {
                         a.nest(NFTA_EXPR_DATA, |a| {
                             a.be32(NFTA_NG_DREG, NFT_REG_1);
                             a.be32(NFTA_NG_MODULUS, count as u32);
-                            a.be32(NFTA_NG_TYPE, NFT_NG_INCREMENTAL);
+                            a.be32(NFTA_NG_TYPE, NFT_NG_RANDOM);
                             a.be32(NFTA_NG_OFFSET, 0);
                         });
                     });

@@ -5,7 +5,7 @@
 //!   map vips { type ipv4_addr : verdict; elements = { VIP : goto svc_VIP, … } }
 //!   set vipset { type ipv4_addr; elements = { VIP, … } }
 //!   chain out { type nat hook output priority -100; ip daddr vmap @vips }
-//!   chain svc_10_0_0_2 { dnat to numgen inc mod N map @be_10_0_0_2 }
+//!   chain svc_10_0_0_2 { dnat to numgen random mod N map @be_10_0_0_2 }
 //!   chain post { type nat hook postrouting priority 100; ct status dnat
 //!                oifname != "lo" meta l4proto { tcp, udp } masquerade to :61000-65535 }
 //!   chain raw_out { type filter hook output priority -300;
@@ -64,7 +64,7 @@ fn elements(s: &mut String, map: &str, slots: &[(usize, Ipv4Addr)]) {
 fn rule(s: &mut String, vip: Ipv4Addr, n: usize) {
     let _ = writeln!(
         s,
-        "add rule ip shoal {} dnat to numgen inc mod {n} map @{}",
+        "add rule ip shoal {} dnat to numgen random mod {n} map @{}",
         chain(vip),
         backend_map(vip)
     );
@@ -331,8 +331,12 @@ pub fn parse(json: &str) -> Option<BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>> {
             if HOOKS.contains(&chain) {
                 hooks.insert(chain);
             } else if chain.starts_with("svc_") {
-                let m = r
-                    .pointer("/expr/0/dnat/addr/map/key/numgen/mod")
+                // A chain that picks backends otherwise (an older
+                // layout's `numgen inc`) counts as damaged: rewritten.
+                let ng = r.pointer("/expr/0/dnat/addr/map/key/numgen");
+                let m = ng
+                    .filter(|n| n.get("mode").and_then(Value::as_str) == Some("random"))
+                    .and_then(|n| n.get("mod"))
                     .and_then(Value::as_u64);
                 if let Some(m) = m {
                     modulus.insert(chain.to_owned(), m);
@@ -412,7 +416,7 @@ pub fn nat_script(nat: Option<&Nat>) -> String {
             .map(|(i, a)| format!("{i} : {a}"))
             .collect();
         let action = format!(
-            "fib daddr type local {proto} dport {port} dnat to numgen inc mod {} map {{ {} }} : {to_port}",
+            "fib daddr type local {proto} dport {port} dnat to numgen random mod {} map {{ {} }} : {to_port}",
             to.len().max(1),
             elems.join(", ")
         );
@@ -458,7 +462,7 @@ fn oifname(e: &Value, op: &str) -> Option<String> {
     Some(right.as_str()?.to_owned())
 }
 
-/// `fib daddr type local PROTO dport P dnat to numgen inc mod N map { 0 :
+/// `fib daddr type local PROTO dport P dnat to numgen random mod N map { 0 :
 /// A, … } : T` → ((PROTO, P), (As, T)).
 #[allow(clippy::type_complexity)]
 fn dnat_rule(expr: &[Value]) -> Option<((String, u16), (Vec<Ipv4Addr>, u16))> {
@@ -476,7 +480,7 @@ fn dnat_rule(expr: &[Value]) -> Option<((String, u16), (Vec<Ipv4Addr>, u16))> {
     let target = u16::try_from(d.get("port")?.as_u64()?).ok()?;
     let map = d.get("addr")?.get("map")?;
     let ng = map.get("key")?.get("numgen")?;
-    let ok = ng.get("mode")?.as_str()? == "inc" && ng.get("offset")?.as_u64()? == 0;
+    let ok = ng.get("mode")?.as_str()? == "random" && ng.get("offset")?.as_u64()? == 0;
     ok.then_some(())?;
     let n = usize::try_from(ng.get("mod")?.as_u64()?).ok()?;
     let mut slots: Vec<(u64, Ipv4Addr)> = Vec::new();
@@ -629,7 +633,7 @@ mod tests {
             small.contains("delete element ip shoal be_10_0_0_2 { 2 }"),
             "{small}"
         );
-        assert!(small.contains("numgen inc mod 2"), "{small}");
+        assert!(small.contains("numgen random mod 2"), "{small}");
         assert!(
             !small.contains("10.0.0.4"),
             "an unchanged slot is not written: {small}"
@@ -678,10 +682,10 @@ mod tests {
       {"chain": {"family": "ip", "table": "shoal-nat", "name": "post", "handle": 3, "type": "nat", "hook": "postrouting", "prio": 100, "policy": "accept"}},
       {"chain": {"family": "ip", "table": "shoal-nat", "name": "raw_pre", "handle": 4, "type": "filter", "hook": "prerouting", "prio": -300, "policy": "accept"}},
       {"chain": {"family": "ip", "table": "shoal-nat", "name": "raw_out", "handle": 5, "type": "filter", "hook": "output", "prio": -300, "policy": "accept"}},
-      {"rule": {"family": "ip", "table": "shoal-nat", "chain": "pre", "handle": 7, "expr": [{"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}}, {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 8080}}, {"dnat": {"addr": {"map": {"key": {"numgen": {"mode": "inc", "mod": 2, "offset": 0}}, "data": {"set": [[0, "10.0.0.3"], [1, "10.0.0.4"]]}}}, "port": 80}}]}},
-      {"rule": {"family": "ip", "table": "shoal-nat", "chain": "out", "handle": 8, "expr": [{"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}}, {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 8080}}, {"dnat": {"addr": {"map": {"key": {"numgen": {"mode": "inc", "mod": 2, "offset": 0}}, "data": {"set": [[0, "10.0.0.3"], [1, "10.0.0.4"]]}}}, "port": 80}}]}},
-      {"rule": {"family": "ip", "table": "shoal-nat", "chain": "pre", "handle": 9, "expr": [{"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}}, {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 53}}, {"dnat": {"addr": {"map": {"key": {"numgen": {"mode": "inc", "mod": 1, "offset": 0}}, "data": {"set": [[0, "10.0.0.3"]]}}}, "port": 5353}}]}},
-      {"rule": {"family": "ip", "table": "shoal-nat", "chain": "out", "handle": 10, "expr": [{"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}}, {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 53}}, {"dnat": {"addr": {"map": {"key": {"numgen": {"mode": "inc", "mod": 1, "offset": 0}}, "data": {"set": [[0, "10.0.0.3"]]}}}, "port": 5353}}]}},
+      {"rule": {"family": "ip", "table": "shoal-nat", "chain": "pre", "handle": 7, "expr": [{"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}}, {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 8080}}, {"dnat": {"addr": {"map": {"key": {"numgen": {"mode": "random", "mod": 2, "offset": 0}}, "data": {"set": [[0, "10.0.0.3"], [1, "10.0.0.4"]]}}}, "port": 80}}]}},
+      {"rule": {"family": "ip", "table": "shoal-nat", "chain": "out", "handle": 8, "expr": [{"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}}, {"match": {"op": "==", "left": {"payload": {"protocol": "tcp", "field": "dport"}}, "right": 8080}}, {"dnat": {"addr": {"map": {"key": {"numgen": {"mode": "random", "mod": 2, "offset": 0}}, "data": {"set": [[0, "10.0.0.3"], [1, "10.0.0.4"]]}}}, "port": 80}}]}},
+      {"rule": {"family": "ip", "table": "shoal-nat", "chain": "pre", "handle": 9, "expr": [{"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}}, {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 53}}, {"dnat": {"addr": {"map": {"key": {"numgen": {"mode": "random", "mod": 1, "offset": 0}}, "data": {"set": [[0, "10.0.0.3"]]}}}, "port": 5353}}]}},
+      {"rule": {"family": "ip", "table": "shoal-nat", "chain": "out", "handle": 10, "expr": [{"match": {"op": "==", "left": {"fib": {"result": "type", "flags": ["daddr"]}}, "right": "local"}}, {"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 53}}, {"dnat": {"addr": {"map": {"key": {"numgen": {"mode": "random", "mod": 1, "offset": 0}}, "data": {"set": [[0, "10.0.0.3"]]}}}, "port": 5353}}]}},
       {"rule": {"family": "ip", "table": "shoal-nat", "chain": "post", "handle": 11, "expr": [{"match": {"op": "==", "left": {"meta": {"key": "oifname"}}, "right": "ig0"}}, {"snat": {"addr": "10.255.0.2"}}]}},
       {"rule": {"family": "ip", "table": "shoal-nat", "chain": "post", "handle": 12, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "saddr"}}, "right": {"prefix": {"addr": "172.31.0.0", "len": 16}}}}, {"match": {"op": "!=", "left": {"meta": {"key": "oifname"}}, "right": "shoalgw0"}}, {"masquerade": null}]}},
       {"rule": {"family": "ip", "table": "shoal-nat", "chain": "raw_pre", "handle": 13, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 4789}}, {"notrack": null}]}},
@@ -705,6 +709,10 @@ mod tests {
         let (nat, foreign) = nat_seen(NAT_LISTING).unwrap();
         assert_eq!(nat, full_nat());
         assert!(foreign.is_empty(), "{foreign:?}");
+        // Round robin from slot 0 (an older Shoal's `numgen inc`) is not
+        // what Shoal writes: named, and rewritten.
+        let (_, foreign) = nat_seen(&NAT_LISTING.replace("\"random\"", "\"inc\"")).unwrap();
+        assert!(!foreign.is_empty());
         // No table: nothing.
         assert_eq!(nat_seen(r#"{"nftables": [{"metainfo": {}}]}"#), None);
     }
@@ -760,7 +768,7 @@ mod tests {
     fn what_is_written_is_what_reads_back() {
         // The script of the listing above, rule for rule.
         let s = nat_script(Some(&full_nat()));
-        assert!(s.contains("add rule ip shoal-nat pre fib daddr type local tcp dport 8080 dnat to numgen inc mod 2 map { 0 : 10.0.0.3, 1 : 10.0.0.4 } : 80"), "{s}");
+        assert!(s.contains("add rule ip shoal-nat pre fib daddr type local tcp dport 8080 dnat to numgen random mod 2 map { 0 : 10.0.0.3, 1 : 10.0.0.4 } : 80"), "{s}");
         assert!(s.contains("add chain ip shoal-nat raw_out { type filter hook output priority -300; policy accept; }"), "{s}");
         assert_eq!(s.matches("add rule").count(), 8, "{s}");
         assert_eq!(s.matches("add chain").count(), 5, "{s}");
@@ -776,7 +784,7 @@ mod tests {
           {"rule": {"chain": "post", "expr": []}},
           {"rule": {"chain": "raw_out", "expr": []}},
           {"rule": {"chain": "raw_pre", "expr": []}},
-          {"rule": {"chain": "svc_10_0_0_2", "expr": [{"dnat": {"addr": {"map": {"key": {"numgen": {"mode": "inc", "mod": 2, "offset": 0}}, "data": "@be_10_0_0_2"}}}}]}}]}"#;
+          {"rule": {"chain": "svc_10_0_0_2", "expr": [{"dnat": {"addr": {"map": {"key": {"numgen": {"mode": "random", "mod": 2, "offset": 0}}, "data": "@be_10_0_0_2"}}}}]}}]}"#;
         let lb = parse(json).unwrap();
         assert_eq!(lb[&b(2)], vec![b(3), b(4)]);
         // A modulus that does not match the map: left out, to be rewritten.
@@ -788,6 +796,11 @@ mod tests {
         // A table of the older layout, without the notrack hooks: rewritten.
         let older = json.replace(r#""chain": "raw_pre""#, r#""chain": "x""#);
         assert_eq!(parse(&older), None);
+        // A VIP that balances round robin from slot 0 (`numgen inc`, an
+        // older Shoal): every client's first connection went to the same
+        // backend, so it is left out and rewritten with `numgen random`.
+        let round_robin = json.replace(r#""mode": "random""#, r#""mode": "inc""#);
+        assert!(parse(&round_robin).unwrap().is_empty());
         assert_eq!(parse("{}"), None);
         assert_eq!(parse("not json"), None);
     }

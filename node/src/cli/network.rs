@@ -11,7 +11,7 @@ use crate::api::Request;
 pub enum NetworkCmd {
     /// Create a network.
     Create {
-        /// Driver: overlay, bridge, macvlan or ipvlan.
+        /// Driver: overlay, bridge or macvlan (ipvlan is not supported yet).
         #[arg(short, long, default_value = "overlay")]
         driver: String,
         /// Subnet in CIDR form (repeatable); one from the default pool if none.

@@ -88,17 +88,7 @@ fn find_program(program: &str) -> Result<(), String> {
     }
 }
 
-/// Whether this process runs as root (tasks get their own namespaces).
-pub fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|euid| euid == "0"))
-        })
-        .unwrap_or(false)
-}
+pub use shoal_netdriver::privilege::is_root;
 
 /// Time a task gets between SIGTERM and SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
