@@ -53,6 +53,15 @@ pub trait Backend {
     ) -> impl std::future::Future<Output = Result<Kernel, DpError>> + Send;
     /// Applies one change.
     fn apply(&mut self, op: &Op) -> impl std::future::Future<Output = Result<(), DpError>> + Send;
+    /// The MTU of the underlay interface that holds `ip`, when known
+    /// (overlays are 50 bytes less); `None` lets the caller assume 1500.
+    fn underlay_mtu(
+        &mut self,
+        ip: std::net::Ipv4Addr,
+    ) -> impl std::future::Future<Output = Option<u32>> + Send {
+        let _ = ip;
+        async { None }
+    }
 }
 
 /// Brings the kernel to `wanted`: observes, diffs, applies. Returns the

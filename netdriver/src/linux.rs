@@ -1166,6 +1166,10 @@ fn destination(n: &NeighbourMessage) -> Option<IpAddr> {
 }
 
 impl Backend for Linux {
+    async fn underlay_mtu(&mut self, ip: Ipv4Addr) -> Option<u32> {
+        self.mtu_of(ip).await
+    }
+
     async fn observe(&mut self, prefix: &str) -> Result<Kernel, DpError> {
         let mut k = Kernel::default();
         k.namespaces

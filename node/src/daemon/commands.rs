@@ -15,13 +15,13 @@ use shoal_mesh::{
     state::JoinSecrets,
 };
 
-use super::Daemon;
+use super::agent::{Daemon, NOT_IN_SWARM};
+use super::clock::now_ms;
 use super::config::parse_advertise;
 use super::gossip::GossipCmd;
 use super::identity::{Identity, NodeFile};
 use super::liveness::NodeStatus;
 use super::member::Member;
-use super::peer::now_ms;
 use super::transport::{TlsIdentity, join_call};
 use super::wire::{JoinReply, JoinRequest};
 use super::{pki, wire};
@@ -234,18 +234,6 @@ pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
         Ok(reply) => reply,
         Err(e) => Reply::err(format!("{e:#}")),
     }
-}
-
-const NOT_IN_SWARM: &str =
-    "this node is not part of a swarm: run `shoal swarm init` or `shoal swarm join` first";
-
-/// The running member, or the "not in a swarm" error.
-pub async fn member(d: &Daemon) -> anyhow::Result<Arc<Member>> {
-    d.member
-        .lock()
-        .await
-        .clone()
-        .ok_or_else(|| anyhow!(NOT_IN_SWARM))
 }
 
 /// Warnings for reads served from a local copy that may be behind.
@@ -588,7 +576,7 @@ fn require_manager(m: &Member, state: &ClusterState) -> anyhow::Result<()> {
 }
 
 async fn join_token(d: &Daemon, role: Role, rotate: bool) -> anyhow::Result<Reply> {
-    let m = member(d).await?;
+    let m = d.member().await?;
     require_manager(&m, &m.state.state())?;
     let key = m.manager_key().ok_or_else(|| {
         anyhow!("this manager has not received the managers' key yet; try again in a moment")
@@ -697,21 +685,25 @@ async fn leave(d: &Arc<Daemon>, force: bool) -> anyhow::Result<Reply> {
 }
 
 async fn debug_dataplane(d: &Daemon, network: Option<String>) -> anyhow::Result<Reply> {
-    let m = member(d).await?;
-    let v = super::dataplane::debug_dataplane(&m, network.as_deref()).await?;
+    let m = d.member().await?;
+    let v = super::dataplane::debug_dataplane(m.id, &m.sandboxes, network.as_deref()).await?;
     Ok(Reply::ok(v))
 }
 
 async fn debug_dns(d: &Daemon, task: &str, name: &str) -> anyhow::Result<Reply> {
-    let m = member(d).await?;
-    Ok(Reply::ok(super::dataplane::debug_dns(&m, task, name)?))
+    let m = d.member().await?;
+    Ok(Reply::ok(super::dataplane::debug_dns(
+        &m.sandboxes,
+        task,
+        name,
+    )?))
 }
 
 async fn gossip_ask<T>(
     d: &Daemon,
     make: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> GossipCmd,
 ) -> anyhow::Result<T> {
-    let m = member(d).await?;
+    let m = d.member().await?;
     m.gossip
         .ask(make)
         .await
@@ -719,7 +711,7 @@ async fn gossip_ask<T>(
 }
 
 async fn gossip_do(d: &Daemon, cmd: GossipCmd) -> anyhow::Result<Reply> {
-    member(d).await?.gossip.send(cmd);
+    d.member().await?.gossip.send(cmd);
     Ok(Reply::ok(json!({})))
 }
 
@@ -735,7 +727,7 @@ async fn gossip_states(m: &Member) -> BTreeMap<NodeId, MemberState> {
 }
 
 async fn node_ls(d: &Daemon) -> anyhow::Result<Reply> {
-    let m = member(d).await?;
+    let m = d.member().await?;
     let state = m.state.state();
     let gossip = gossip_states(&m).await;
     let nodes: Vec<NodeView> = state
@@ -749,7 +741,7 @@ async fn node_ls(d: &Daemon) -> anyhow::Result<Reply> {
 }
 
 async fn node_inspect(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
-    let m = member(d).await?;
+    let m = d.member().await?;
     let state = m.state.state();
     let node = state.resolve_node(reference)?;
     let gossip = gossip_states(&m).await;
@@ -763,7 +755,7 @@ async fn node_inspect(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
 }
 
 async fn set_role(d: &Daemon, reference: &str, role: Role) -> anyhow::Result<Reply> {
-    let m = member(d).await?;
+    let m = d.member().await?;
     let state = m.state.state();
     let node = state.resolve_node(reference)?.clone();
     if role == Role::Worker && node.role == Role::Manager && state.managers().count() > 1 {
@@ -791,7 +783,7 @@ async fn node_update(
     label_add: Vec<(String, String)>,
     label_rm: Vec<String>,
 ) -> anyhow::Result<Reply> {
-    let m = member(d).await?;
+    let m = d.member().await?;
     let node = m.state.state().resolve_node(reference)?.id;
     m.propose(Command::UpdateNode {
         node,
@@ -804,7 +796,7 @@ async fn node_update(
 }
 
 async fn node_rm(d: &Daemon, reference: &str, force: bool) -> anyhow::Result<Reply> {
-    let m = member(d).await?;
+    let m = d.member().await?;
     let state = m.state.state();
     let node = state.resolve_node(reference)?;
     if node.role == Role::Manager {

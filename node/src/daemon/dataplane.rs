@@ -10,22 +10,23 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shoal_gossip::MemberState;
+use shoal_mesh::ClusterState;
 use shoal_mesh::ids::NodeId;
 use shoal_mesh::observed::{EndpointRecord, TableValue};
 use shoal_mesh::plan::{NodePlan, PlanInput, awaited_endpoints, mac_text, plan};
 use shoal_mesh::service::Protocol;
 use shoal_netdriver::dns::{self, Records};
 use shoal_netdriver::linux::{Linux, NETNS_DIR};
-use shoal_netdriver::reconcile;
 use shoal_netdriver::render::{Gateway, Names, gateway_addrs, held_gateway_addrs, render};
+use shoal_netdriver::{Backend, reconcile};
+use shoal_raft::StateHandle;
 
 use super::config::DataplaneConfig;
-use super::gossip::GossipCmd;
-use super::member::Member;
+use super::gossip::{GossipCmd, GossipHandle};
 
 /// The gossip table of endpoints.
 pub const ENDPOINTS: &str = "endpoints";
@@ -57,8 +58,7 @@ struct ListenGate {
 
 impl ListenGate {
     /// Checks the tasks of `plan` not let through yet.
-    async fn update(&mut self, m: &Member, names: &Names, plan: &NodePlan) {
-        let state = m.state.state();
+    async fn update(&mut self, state: &ClusterState, names: &Names, plan: &NodePlan) {
         self.waiting.retain(|t, _| plan.sandboxes.contains_key(t));
         self.open.retain(|t| plan.sandboxes.contains_key(t));
         let closed: Vec<&String> = plan
@@ -166,6 +166,16 @@ impl Sandboxes {
             .then(|| names.task(task))
     }
 
+    /// What the executor needs: whether sandboxes are made here, which
+    /// are ready, and why the last reconcile failed.
+    pub fn view(&self) -> super::executor::decide::SandboxView {
+        super::executor::decide::SandboxView {
+            enabled: self.enabled,
+            ready: self.ready.lock().map(|r| r.clone()).unwrap_or_default(),
+            error: self.error(),
+        }
+    }
+
     /// Why the last reconcile failed, if it did.
     pub fn error(&self) -> Option<String> {
         self.error.lock().ok()?.clone()
@@ -191,9 +201,8 @@ impl Sandboxes {
     }
 }
 
-fn vtep_of(m: &Member) -> Option<Ipv4Addr> {
-    let state = m.state.state();
-    let addr = &state.nodes.get(&m.id)?.addr;
+fn vtep_of(state: &ClusterState, me: NodeId) -> Option<Ipv4Addr> {
+    let addr = &state.nodes.get(&me)?.addr;
     match addr.parse::<std::net::SocketAddr>().ok()?.ip() {
         IpAddr::V4(v) => Some(v),
         IpAddr::V6(_) => None,
@@ -202,11 +211,11 @@ fn vtep_of(m: &Member) -> Option<Ipv4Addr> {
 
 /// The endpoint records this node publishes for `plan`, by (network, task).
 fn local_records(
-    m: &Member,
+    state: &ClusterState,
+    me: NodeId,
     plan: &NodePlan,
     vtep: Ipv4Addr,
 ) -> BTreeMap<(String, String), EndpointRecord> {
-    let state = m.state.state();
     let mut out = BTreeMap::new();
     for sb in plan.sandboxes.values() {
         let task = state.tasks.get(&sb.task);
@@ -225,7 +234,7 @@ fn local_records(
                     service_id: service.map(|s| s.id.clone()),
                     service_name: service.map(|s| s.spec.name.clone()),
                     aliases,
-                    owner: m.id,
+                    owner: me,
                     vtep: IpAddr::V4(vtep),
                 },
             );
@@ -236,11 +245,11 @@ fn local_records(
     if let Some(ig) = &plan.ingress {
         let host = state
             .nodes
-            .get(&m.id)
+            .get(&me)
             .map(|n| n.hostname.clone())
             .unwrap_or_default();
         out.insert(
-            (ig.network.clone(), format!("node-{}", m.id)),
+            (ig.network.clone(), format!("node-{me}")),
             EndpointRecord {
                 ip: IpAddr::V4(ig.addr),
                 mac: mac_text(&shoal_mesh::plan::mac_for(ig.addr)),
@@ -248,7 +257,7 @@ fn local_records(
                 service_id: None,
                 service_name: None,
                 aliases: Vec::new(),
-                owner: m.id,
+                owner: me,
                 vtep: IpAddr::V4(vtep),
             },
         );
@@ -287,65 +296,76 @@ fn start_dns(
     })
 }
 
-pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
-    let Some(m) = member.upgrade() else { return };
-    let Some(names) = m.sandboxes.names.clone() else {
-        if cfg.enabled {
+/// What the data-plane loop uses.
+pub struct DataplaneCtx {
+    /// This node.
+    pub id: NodeId,
+    /// The store.
+    pub state: StateHandle,
+    /// Live endpoints in, this node's endpoints out.
+    pub gossip: GossipHandle,
+    /// What it tells the executor and `shoal info`.
+    pub sandboxes: Arc<Sandboxes>,
+    /// Its configuration.
+    pub cfg: DataplaneConfig,
+}
+
+/// The loop's state between passes.
+struct Driver<B> {
+    ctx: DataplaneCtx,
+    backend: B,
+    names: Names,
+    /// The gateway bridge's subnet (chosen or checked when the daemon
+    /// started) and the addresses handed out on it.
+    gateway: Option<Gateway>,
+    /// The plan last programmed, and when the kernel was last compared.
+    last: Option<NodePlan>,
+    last_full: Instant,
+    /// This node's records in gossip, and the networks it is attached to.
+    published: BTreeMap<(String, String), EndpointRecord>,
+    joined: BTreeSet<String>,
+    mtu: Option<u32>,
+    upstreams: Arc<Vec<SocketAddr>>,
+    dns_servers: BTreeMap<String, DnsServer>,
+    gate: ListenGate,
+}
+
+/// Runs until the task is aborted (the daemon stopping): the kernel state
+/// stays for the next run.
+pub async fn run<B: Backend + Send>(ctx: DataplaneCtx, backend: B) {
+    let Some(names) = ctx.sandboxes.names.clone() else {
+        if ctx.cfg.enabled {
             tracing::warn!("not root: no data plane; tasks run in bare network namespaces");
         }
         return;
     };
-    let mut changes = m.state.changes();
-    let gossip_changed = m.gossip.changed.clone();
-    drop(m);
-    let mut backend = Linux::new(None);
-    // Chosen (or checked) when the daemon started.
-    let mut gateway = cfg
+    let mut changes = ctx.state.changes();
+    let gossip_changed = ctx.gossip.changed.clone();
+    let gateway = ctx
+        .cfg
         .gateway_subnet
         .as_deref()
         .and_then(|s| s.parse().ok())
         .map(Gateway::new);
-    let mut last: Option<NodePlan> = None;
-    let mut last_full = Instant::now();
-    let mut published: BTreeMap<(String, String), EndpointRecord> = BTreeMap::new();
-    let mut joined: BTreeSet<String> = BTreeSet::new();
-    let mut mtu = None;
-    let upstreams = Arc::new(dns::upstreams(
-        &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
-    ));
-    let mut dns_servers: BTreeMap<String, DnsServer> = BTreeMap::new();
-    // After a restart the kernel still holds the previous run's state:
-    // before comparing against it, attach to its networks' gossip and give
-    // anti-entropy time to bring the remote endpoints back, so that the
-    // first reconcile adopts rather than tears down and rebuilds.
-    if !shoal_netdriver::linux::list_netns(&names.prefix).is_empty() {
-        if let Some(m) = member.upgrade() {
-            let state = m.state.state();
-            for (id, n) in &state.networks {
-                let local = state.tasks.values().any(|t| {
-                    t.node == Some(m.id) && !t.state.is_terminal() && t.addresses.contains_key(id)
-                });
-                if local || n.ingress {
-                    m.gossip.send(GossipCmd::Join(id.clone()));
-                    joined.insert(id.clone());
-                }
-            }
-        }
-        warm_up(&member, &names, &joined, &mut published).await;
-        // Running tasks keep the gateway addresses they have.
-        if let Some(gw) = gateway.as_mut()
-            && let Ok(seen) = shoal_netdriver::Backend::observe(&mut backend, &names.prefix).await
-        {
-            gw.held = held_gateway_addrs(&seen, &names);
-        }
-    }
-    // What survived a restart was published by the warm-up already.
-    let mut gate = ListenGate {
-        open: published.keys().map(|(_, task)| task.clone()).collect(),
-        ..ListenGate::default()
+    let mut d = Driver {
+        ctx,
+        backend,
+        names,
+        gateway,
+        last: None,
+        last_full: Instant::now(),
+        published: BTreeMap::new(),
+        joined: BTreeSet::new(),
+        mtu: None,
+        upstreams: Arc::new(dns::upstreams(
+            &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        )),
+        dns_servers: BTreeMap::new(),
+        gate: ListenGate::default(),
     };
+    d.adopt_previous_run().await;
     loop {
-        let tick = if gate.pending() {
+        let tick = if d.gate.pending() {
             Duration::from_millis(200)
         } else {
             Duration::from_secs(1)
@@ -355,31 +375,90 @@ pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
             _ = gossip_changed.notified() => {}
             _ = tokio::time::sleep(tick) => {}
         }
-        // The daemon is shutting down: the kernel state stays for the next run.
-        let Some(m) = member.upgrade() else { return };
-        let Some(vtep) = vtep_of(&m) else { continue };
-        if mtu.is_none() {
-            mtu = Some(match cfg.underlay_mtu {
+        d.pass().await;
+    }
+}
+
+impl<B: Backend + Send> Driver<B> {
+    /// After a restart the kernel still holds the previous run's state:
+    /// before comparing against it, attach to its networks' gossip and give
+    /// anti-entropy time to bring the remote endpoints back, so that the
+    /// first reconcile adopts rather than tears down and rebuilds.
+    async fn adopt_previous_run(&mut self) {
+        if shoal_netdriver::linux::list_netns(&self.names.prefix).is_empty() {
+            return;
+        }
+        let state = self.ctx.state.state();
+        let me = self.ctx.id;
+        for (id, n) in &state.networks {
+            let local = state.tasks.values().any(|t| {
+                t.node == Some(me) && !t.state.is_terminal() && t.addresses.contains_key(id)
+            });
+            if local || n.ingress {
+                self.ctx.gossip.send(GossipCmd::Join(id.clone()));
+                self.joined.insert(id.clone());
+            }
+        }
+        self.warm_up().await;
+        // Running tasks keep the gateway addresses they have.
+        if let Some(gw) = self.gateway.as_mut()
+            && let Ok(seen) = self.backend.observe(&self.names.prefix).await
+        {
+            gw.held = held_gateway_addrs(&seen, &self.names);
+        }
+        // What survived a restart was published by the warm-up already.
+        self.gate.open = self
+            .published
+            .keys()
+            .map(|(_, task)| task.clone())
+            .collect();
+    }
+
+    /// One pass: plan, program what changed (or everything every
+    /// [`FULL_EVERY`]), then tell gossip.
+    async fn pass(&mut self) {
+        let state = self.ctx.state.state();
+        let Some(vtep) = vtep_of(&state, self.ctx.id) else {
+            return;
+        };
+        if self.mtu.is_none() {
+            self.mtu = Some(match self.ctx.cfg.underlay_mtu {
                 Some(v) => v,
-                None => backend.mtu_of(vtep).await.unwrap_or(1500),
+                None => self.backend.underlay_mtu(vtep).await.unwrap_or(1500),
             });
         }
-        let mut endpoints = m.gossip.ask(GossipCmd::Endpoints).await.unwrap_or_default();
-        let state = m.state.state();
-        let underlay_mtu = mtu.unwrap_or(1500);
-        // This node's own endpoints count from the start, whether or not
-        // gossip has them yet (it has none right after a restart), once
-        // they listen (the gate holds them out of local balancers too).
+        let p = self.plan(&state, vtep).await;
+        if self.last.as_ref() != Some(&p) || self.last_full.elapsed() > FULL_EVERY {
+            if !self.program(&p).await {
+                return;
+            }
+            self.after_programmed(&p).await;
+        }
+        self.announce(&state, &p, vtep).await;
+    }
+
+    /// The plan, with this node's own endpoints counted from the start
+    /// whether or not gossip has them yet (it has none right after a
+    /// restart), once they listen (the gate holds them out of local
+    /// balancers too).
+    async fn plan(&mut self, state: &ClusterState, vtep: Ipv4Addr) -> NodePlan {
+        let mut endpoints = self
+            .ctx
+            .gossip
+            .ask(GossipCmd::Endpoints)
+            .await
+            .unwrap_or_default();
+        let (node, underlay_mtu) = (self.ctx.id, self.mtu.unwrap_or(1500));
         let first = plan(&PlanInput {
-            state: &state,
-            node: m.id,
+            state,
+            node,
             vtep,
             underlay_mtu,
             endpoints: &endpoints,
         });
-        gate.update(&m, &names, &first).await;
-        for ((net, key), rec) in local_records(&m, &first, vtep) {
-            if !gate.lets_through(&key) {
+        self.gate.update(state, &self.names, &first).await;
+        for ((net, key), rec) in local_records(state, self.ctx.id, &first, vtep) {
+            if !self.gate.lets_through(&key) {
                 continue;
             }
             let list = endpoints.entry(net).or_default();
@@ -388,95 +467,110 @@ pub(super) async fn dataplane_loop(member: Weak<Member>, cfg: DataplaneConfig) {
                 list.push(rec);
             }
         }
-        let p = plan(&PlanInput {
-            state: &state,
-            node: m.id,
+        plan(&PlanInput {
+            state,
+            node,
             vtep,
             underlay_mtu,
             endpoints: &endpoints,
-        });
-        if last.as_ref() != Some(&p) || last_full.elapsed() > FULL_EVERY {
-            let wanted = render(&p, &names, cfg.data_path_port, gateway.as_ref());
-            match reconcile(&mut backend, &wanted, &names.prefix).await {
-                Ok(ops) => {
-                    if !ops.is_empty() {
-                        // A few changes are named (what moved, and why a
-                        // restart or a failover did something); many only
-                        // counted, their list at debug level.
-                        if ops.len() <= 4 {
-                            tracing::info!(changes = ops.len(), ?ops, "data plane programmed");
-                        } else {
-                            tracing::info!(changes = ops.len(), "data plane programmed");
-                            tracing::debug!(?ops, "data plane changes");
-                        }
-                    }
-                    if let Ok(mut e) = m.sandboxes.error.lock() {
-                        *e = None;
-                    }
-                    dns_servers.retain(|id, _| p.sandboxes.contains_key(id));
-                    for (id, sb) in &p.sandboxes {
-                        match dns_servers.get(id) {
-                            Some(server) => {
-                                server.records.send_if_modified(|r| {
-                                    let changed = **r != sb.dns;
-                                    if changed {
-                                        *r = Arc::new(sb.dns.clone());
-                                    }
-                                    changed
-                                });
-                            }
-                            None => match start_dns(&names.task(id), sb.dns.clone(), &upstreams) {
-                                Ok(server) => {
-                                    dns_servers.insert(id.clone(), server);
-                                }
-                                Err(e) => {
-                                    tracing::warn!(task = %id, error = %e, "embedded DNS not started");
-                                }
-                            },
-                        }
-                    }
-                    if let Ok(mut r) = m.sandboxes.ready.lock() {
-                        *r = p.sandboxes.keys().cloned().collect();
-                    }
-                    if let Ok(mut l) = m.sandboxes.last.lock() {
-                        *l = Some(p.clone());
-                    }
-                    if let Some(gw) = gateway.as_mut() {
-                        gw.held = gateway_addrs(&p, gw);
-                    }
-                    check_routes(&m, &p, gateway.as_ref()).await;
-                    last = Some(p.clone());
-                    last_full = Instant::now();
+        })
+    }
+
+    /// Brings the kernel to plan `p`; whether it got there.
+    async fn program(&mut self, p: &NodePlan) -> bool {
+        let port = self.ctx.cfg.data_path_port;
+        let wanted = render(p, &self.names, port, self.gateway.as_ref());
+        match reconcile(&mut self.backend, &wanted, &self.names.prefix).await {
+            Ok(ops) => {
+                // A few changes are named (what moved, and why a restart or
+                // a failover did something); many only counted, their list
+                // at debug level.
+                if ops.len() > 4 {
+                    tracing::info!(changes = ops.len(), "data plane programmed");
+                    tracing::debug!(?ops, "data plane changes");
+                } else if !ops.is_empty() {
+                    tracing::info!(changes = ops.len(), ?ops, "data plane programmed");
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "data plane not programmed; retrying");
-                    if let Ok(mut slot) = m.sandboxes.error.lock() {
-                        *slot = Some(e.to_string());
-                    }
-                    last = None;
-                    continue;
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "data plane not programmed; retrying");
+                if let Ok(mut slot) = self.ctx.sandboxes.error.lock() {
+                    *slot = Some(e.to_string());
                 }
+                self.last = None;
+                false
             }
         }
-        // Gossip: attach to the networks with local endpoints, publish them.
+    }
+
+    /// What follows a programmed plan: DNS servers follow its sandboxes,
+    /// the executor learns which are ready, routes are checked.
+    async fn after_programmed(&mut self, p: &NodePlan) {
+        self.serve_dns(p);
+        let sb = &self.ctx.sandboxes;
+        if let Ok(mut e) = sb.error.lock() {
+            *e = None;
+        }
+        if let Ok(mut r) = sb.ready.lock() {
+            *r = p.sandboxes.keys().cloned().collect();
+        }
+        if let Ok(mut l) = sb.last.lock() {
+            *l = Some(p.clone());
+        }
+        if let Some(gw) = self.gateway.as_mut() {
+            gw.held = gateway_addrs(p, gw);
+        }
+        check_routes(sb, p, self.gateway.as_ref()).await;
+        self.last = Some(p.clone());
+        self.last_full = Instant::now();
+    }
+
+    /// One embedded DNS server per sandbox of `p`, answering its records.
+    fn serve_dns(&mut self, p: &NodePlan) {
+        self.dns_servers
+            .retain(|id, _| p.sandboxes.contains_key(id));
+        for (id, sb) in &p.sandboxes {
+            if let Some(server) = self.dns_servers.get(id) {
+                server.records.send_if_modified(|r| {
+                    let changed = **r != sb.dns;
+                    if changed {
+                        *r = Arc::new(sb.dns.clone());
+                    }
+                    changed
+                });
+                continue;
+            }
+            match start_dns(&self.names.task(id), sb.dns.clone(), &self.upstreams) {
+                Ok(server) => {
+                    self.dns_servers.insert(id.clone(), server);
+                }
+                Err(e) => tracing::warn!(task = %id, error = %e, "embedded DNS not started"),
+            }
+        }
+    }
+
+    /// Gossip: attach to the networks with local endpoints, publish them,
+    /// detach from the others.
+    async fn announce(&mut self, state: &ClusterState, p: &NodePlan, vtep: Ipv4Addr) {
         let nets: BTreeSet<String> = p.networks.keys().cloned().collect();
-        for n in nets.difference(&joined) {
-            m.gossip.send(GossipCmd::Join(n.clone()));
+        for n in nets.difference(&self.joined) {
+            self.ctx.gossip.send(GossipCmd::Join(n.clone()));
         }
-        let mut records = local_records(&m, &p, vtep);
-        records.retain(|(_, key), _| gate.lets_through(key));
-        publish(&m, records, &mut published).await;
-        for n in joined.difference(&nets) {
-            m.gossip.send(GossipCmd::Leave(n.clone()));
+        let mut records = local_records(state, self.ctx.id, p, vtep);
+        records.retain(|(_, key), _| self.gate.lets_through(key));
+        publish(&self.ctx.gossip, records, &mut self.published).await;
+        for n in self.joined.difference(&nets) {
+            self.ctx.gossip.send(GossipCmd::Leave(n.clone()));
         }
-        joined = nets;
+        self.joined = nets;
     }
 }
 
 /// Checks the networks of `plan` against this node's routes and gateway
 /// subnet (the creating node checked its own only); a new clash is logged
 /// once, all are kept for `shoal info` and `debug dataplane`.
-async fn check_routes(m: &Member, plan: &NodePlan, gateway: Option<&Gateway>) {
+async fn check_routes(sandboxes: &Sandboxes, plan: &NodePlan, gateway: Option<&Gateway>) {
     let Ok(routes) = super::gateway::node_routes(gateway.map(|g| g.subnet)).await else {
         return;
     };
@@ -486,7 +580,7 @@ async fn check_routes(m: &Member, plan: &NodePlan, gateway: Option<&Gateway>) {
         .filter(|n| !n.driver.shares_parent_lan())
         .map(|n| (n.name.as_str(), n.subnet));
     let clashes = super::gateway::route_clashes(nets, &routes);
-    if let Ok(mut w) = m.sandboxes.warnings.lock() {
+    if let Ok(mut w) = sandboxes.warnings.lock() {
         for c in clashes.iter().filter(|c| !w.contains(c)) {
             tracing::warn!("{c}");
         }
@@ -497,18 +591,19 @@ async fn check_routes(m: &Member, plan: &NodePlan, gateway: Option<&Gateway>) {
 /// `shoal debug dataplane`: this node's FDB and neighbour entries, VIP load
 /// balancers and published ports, read back from the kernel.
 pub async fn debug_dataplane(
-    m: &Member,
+    me: NodeId,
+    sandboxes: &Sandboxes,
     network: Option<&str>,
 ) -> anyhow::Result<serde_json::Value> {
     use serde_json::json;
-    let Some(names) = m.sandboxes.names.clone() else {
+    let Some(names) = sandboxes.names.clone() else {
         anyhow::bail!("the data plane is off on this node (not root, or --no-dataplane)");
     };
     let mut backend = Linux::new(None);
     let seen = shoal_netdriver::Backend::observe(&mut backend, &names.prefix)
         .await
         .map_err(|e| anyhow::anyhow!("cannot read the kernel: {e}"))?;
-    let last = m.sandboxes.last_plan().unwrap_or_default();
+    let last = sandboxes.last_plan().unwrap_or_default();
     let mut networks = Vec::new();
     for net in last.networks.values() {
         if network.is_some_and(|n| n != net.name && n != net.id) {
@@ -538,7 +633,7 @@ pub async fn debug_dataplane(
             "load_balancers": lbs,
         }));
     }
-    let sandboxes: Vec<_> = last
+    let boxes: Vec<_> = last
         .sandboxes
         .values()
         .map(|sb| {
@@ -579,19 +674,23 @@ pub async fn debug_dataplane(
         })
         .collect();
     Ok(json!({
-        "node": m.id.to_string(),
+        "node": me.to_string(),
         "networks": networks,
-        "sandboxes": sandboxes,
+        "sandboxes": boxes,
         "published": published,
         "ingress_addr": last.ingress.as_ref().map(|i| i.addr.to_string()),
-        "warnings": m.sandboxes.warnings(),
+        "warnings": sandboxes.warnings(),
     }))
 }
 
 /// `shoal debug dns TASK NAME`: what that task's embedded DNS answers.
-pub fn debug_dns(m: &Member, task: &str, name: &str) -> anyhow::Result<serde_json::Value> {
+pub fn debug_dns(
+    sandboxes: &Sandboxes,
+    task: &str,
+    name: &str,
+) -> anyhow::Result<serde_json::Value> {
     use serde_json::json;
-    let last = m.sandboxes.last_plan().unwrap_or_default();
+    let last = sandboxes.last_plan().unwrap_or_default();
     let sb = last
         .sandboxes
         .values()
@@ -608,13 +707,12 @@ pub fn debug_dns(m: &Member, task: &str, name: &str) -> anyhow::Result<serde_jso
 /// Makes this node's entries in the endpoints tables `wanted`, changing
 /// only what differs from what it `published` before.
 async fn publish(
-    m: &Member,
+    gossip: &GossipHandle,
     wanted: BTreeMap<(String, String), EndpointRecord>,
     published: &mut BTreeMap<(String, String), EndpointRecord>,
 ) {
     for ((net, key), _) in published.iter().filter(|(k, _)| !wanted.contains_key(*k)) {
-        let _ = m
-            .gossip
+        let _ = gossip
             .ask(|reply| GossipCmd::Delete {
                 network: net.clone(),
                 table: ENDPOINTS.into(),
@@ -627,8 +725,7 @@ async fn publish(
         if published.get(&(net.clone(), key.clone())) == Some(rec) {
             continue;
         }
-        let _ = m
-            .gossip
+        let _ = gossip
             .ask(|reply| GossipCmd::Put {
                 network: net.clone(),
                 table: ENDPOINTS.into(),
@@ -641,68 +738,66 @@ async fn publish(
     *published = wanted;
 }
 
-/// Waits (at most `WARM_UP_MAX`) until gossip shows the endpoints of every
-/// task the store has running on another live node, on `networks`.
-///
-/// Meanwhile it publishes its own endpoints whose sandboxes survived the
-/// restart: every restarted node waits for the others' (after a restart of
-/// the whole cluster, all of them at once).
-async fn warm_up(
-    member: &Weak<Member>,
-    names: &Names,
-    networks: &BTreeSet<String>,
-    published: &mut BTreeMap<(String, String), EndpointRecord>,
-) {
-    let started = Instant::now();
-    loop {
-        let Some(m) = member.upgrade() else { return };
-        let mut endpoints = m.gossip.ask(GossipCmd::Endpoints).await.unwrap_or_default();
-        if let Some(vtep) = vtep_of(&m) {
-            let existing: BTreeSet<String> = shoal_netdriver::linux::list_netns(&names.prefix)
-                .into_iter()
-                .collect();
-            let p = plan(&PlanInput {
-                state: &m.state.state(),
-                node: m.id,
-                vtep,
-                underlay_mtu: 1500,
-                endpoints: &endpoints,
-            });
-            let mut own = local_records(&m, &p, vtep);
-            own.retain(|(_, key), _| {
-                key.starts_with("node-") || existing.contains(&names.task(key))
-            });
-            for ((net, _), rec) in &own {
-                endpoints.entry(net.clone()).or_default().push(rec.clone());
+impl<B: Backend + Send> Driver<B> {
+    /// Waits (at most `WARM_UP_MAX`) until gossip shows the endpoints of
+    /// every task the store has running on another live node, on the
+    /// networks joined.
+    ///
+    /// Meanwhile it publishes its own endpoints whose sandboxes survived
+    /// the restart: every restarted node waits for the others' (after a
+    /// restart of the whole cluster, all of them at once).
+    async fn warm_up(&mut self) {
+        let started = Instant::now();
+        let (me, gossip) = (self.ctx.id, self.ctx.gossip.clone());
+        loop {
+            let state = self.ctx.state.state();
+            let mut endpoints = gossip.ask(GossipCmd::Endpoints).await.unwrap_or_default();
+            if let Some(vtep) = vtep_of(&state, me) {
+                let existing: BTreeSet<String> =
+                    shoal_netdriver::linux::list_netns(&self.names.prefix)
+                        .into_iter()
+                        .collect();
+                let p = plan(&PlanInput {
+                    state: &state,
+                    node: me,
+                    vtep,
+                    underlay_mtu: 1500,
+                    endpoints: &endpoints,
+                });
+                let mut own = local_records(&state, me, &p, vtep);
+                own.retain(|(_, key), _| {
+                    key.starts_with("node-") || existing.contains(&self.names.task(key))
+                });
+                for ((net, _), rec) in &own {
+                    endpoints.entry(net.clone()).or_default().push(rec.clone());
+                }
+                publish(&gossip, own, &mut self.published).await;
             }
-            publish(&m, own, published).await;
+            let dead: BTreeSet<NodeId> = gossip
+                .ask(GossipCmd::Members)
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|i| matches!(i.state, MemberState::Dead | MemberState::Left))
+                .map(|i| i.node_id)
+                .collect();
+            let awaited = awaited_endpoints(&state, me, &self.joined, &endpoints, &dead);
+            if awaited.is_empty() {
+                tracing::info!(
+                    after_ms = started.elapsed().as_millis() as u64,
+                    "data plane warmed up"
+                );
+                return;
+            }
+            if started.elapsed() > WARM_UP_MAX {
+                tracing::warn!(
+                    missing = awaited.len(),
+                    "gossip did not show every remote endpoint in time; programming what it has"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let dead: BTreeSet<NodeId> = m
-            .gossip
-            .ask(GossipCmd::Members)
-            .await
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|i| matches!(i.state, MemberState::Dead | MemberState::Left))
-            .map(|i| i.node_id)
-            .collect();
-        let awaited = awaited_endpoints(&m.state.state(), m.id, networks, &endpoints, &dead);
-        if awaited.is_empty() {
-            tracing::info!(
-                after_ms = started.elapsed().as_millis() as u64,
-                "data plane warmed up"
-            );
-            return;
-        }
-        if started.elapsed() > WARM_UP_MAX {
-            tracing::warn!(
-                missing = awaited.len(),
-                "gossip did not show every remote endpoint in time; programming what it has"
-            );
-            return;
-        }
-        drop(m);
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -16,7 +16,7 @@ use shoal_mesh::{NodeId, Role};
 use shoal_raft::StateHandle;
 use tokio::sync::{mpsc, oneshot};
 
-use super::peer::now_ms;
+use super::clock::now_ms;
 use super::transport::Quic;
 
 /// Requests to the gossip task.

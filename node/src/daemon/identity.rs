@@ -192,3 +192,32 @@ impl StateDir {
         }
     }
 }
+/// The managers' key as this node holds it (or not), kept on disk too.
+/// Cheap to share: the liveness loop fetches or drops it as the node's
+/// role changes, the peer server hands it to managers and uses it to admit.
+pub struct ManagerKey {
+    dir: StateDir,
+    key: std::sync::Mutex<Option<[u8; 32]>>,
+}
+
+impl ManagerKey {
+    /// The key loaded from `dir` (`key`), saved there on every change.
+    pub fn new(dir: StateDir, key: Option<[u8; 32]>) -> Self {
+        ManagerKey {
+            dir,
+            key: std::sync::Mutex::new(key),
+        }
+    }
+
+    /// The key, if this node holds it.
+    pub fn get(&self) -> Option<[u8; 32]> {
+        *self.key.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Stores or forgets the key, on disk first.
+    pub fn set(&self, key: Option<[u8; 32]>) -> Result<(), IdentityError> {
+        self.dir.save_manager_key(key.as_ref())?;
+        *self.key.lock().unwrap_or_else(|p| p.into_inner()) = key;
+        Ok(())
+    }
+}

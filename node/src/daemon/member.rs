@@ -1,49 +1,42 @@
-//! A node that is part of a swarm: its QUIC endpoint, its Raft node over the
-//! replicated store, and the loops around them (liveness pings, the leader's
-//! membership reconciler, manager-key sync).
+//! The assembly of one swarm member: binds its QUIC endpoint, opens its
+//! store, starts Raft and gossip, builds the handles and hands each loop
+//! only the ones it uses. It imports the loops; no loop imports it.
+//!
+//! ```text
+//!  handles                        loops (each owns its decisions)
+//!  StateHandle  (the store)   ──► orchestrate::run   leader: orchestrate, propose
+//!  Writer       (propose)     ──► membership::run    leader: Raft membership ← store
+//!  Liveness     (pings)       ──► ping::run          pings, the managers' key
+//!  GossipHandle (observed)    ──► executor::run      tasks ↔ processes, reports
+//!  Sandboxes    (data plane)  ──► dataplane::run     plan → kernel, endpoints → gossip
+//!  ManagerKey                 ──► peer::PeerHandler  Raft RPCs, control calls, joins
+//! ```
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use openraft::BasicNode;
-use openraft::error::{ClientWriteError, RaftError};
-use shoal_mesh::{ApplyError, ClusterState, Command, NodeId, Outcome, Role, codec};
+use shoal_mesh::{ClusterState, Command, NodeId, Outcome, codec};
 use shoal_raft::{
     Network, Raft, RaftRpc, RaftRpcReply, RaftTransport, StateHandle, TransportError,
 };
 use tokio::task::JoinHandle;
 
-use super::identity::{Identity, StateDir};
-use super::liveness::{Liveness, NodeStatus, PING_INTERVAL, PING_TIMEOUT};
-use super::transport::{ALPN_CTL, ALPN_RAFT, MAX_MESSAGE, Quic};
+use super::dataplane::{DataplaneCtx, Sandboxes};
+use super::executor::ExecutorCtx;
+use super::gossip::GossipHandle;
+use super::identity::{Identity, ManagerKey, StateDir};
+use super::liveness::{Liveness, NodeStatus};
+use super::membership::MembershipCtx;
+use super::orchestrate::OrchestratorCtx;
+use super::peer::PeerHandler;
+use super::ping::PingCtx;
+use super::transport::{ALPN_RAFT, MAX_MESSAGE, Quic};
 use super::wire::{CtlReply, CtlRequest};
+use super::writer::{Propose, WriteError, Writer};
 
-/// How long a write may take before it is reported as failed.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(4);
-
-/// Why a write did not happen.
-#[derive(Debug, thiserror::Error)]
-pub enum WriteError {
-    /// The state machine refused it; nothing changed.
-    #[error(transparent)]
-    Refused(#[from] ApplyError),
-    /// No leader could commit it in time.
-    #[error(
-        "no quorum: {reachable} of {total} managers reachable; the change was not confirmed. Restart the unreachable managers, or run `shoal swarm init --force-new-cluster` on a surviving manager"
-    )]
-    NoQuorum {
-        /// Managers this node can reach (itself included).
-        reachable: usize,
-        /// Managers in the store.
-        total: usize,
-    },
-    /// Any other failure (reported by a peer or by Raft).
-    #[error("{0}")]
-    Other(String),
-}
-
-/// A running swarm member.
+/// A running swarm member: the handles, for the local API, and the tasks
+/// of its loops.
 pub struct Member {
     /// This node's ID.
     pub id: NodeId,
@@ -55,14 +48,16 @@ pub struct Member {
     pub quic: Arc<Quic>,
     /// The state dir.
     pub dir: StateDir,
-    /// Identity (the manager key may come and go).
-    pub identity: Mutex<Identity>,
+    /// The managers' key, when this node holds it.
+    pub keys: Arc<ManagerKey>,
     /// Ping results.
-    pub live: Liveness,
+    pub live: Arc<Liveness>,
     /// The gossip task.
-    pub gossip: super::gossip::GossipHandle,
+    pub gossip: GossipHandle,
     /// Which task sandboxes the data plane has programmed.
-    pub sandboxes: Arc<super::dataplane::Sandboxes>,
+    pub sandboxes: Arc<Sandboxes>,
+    /// Writes through the leader.
+    pub writer: Writer,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -98,74 +93,121 @@ impl RaftTransport for QuicRaft {
     }
 }
 
+/// What starting a member needs besides its identity and state dir.
+pub struct MemberConfig {
+    /// Raft's timing.
+    pub timing: shoal_raft::RaftTiming,
+    /// Gossip's.
+    pub gossip: shoal_gossip::GossipConfig,
+    /// How long a node is gone before its tasks move.
+    pub reschedule_grace: Duration,
+    /// The data plane's.
+    pub dataplane: super::config::DataplaneConfig,
+}
+
 impl Member {
-    /// Binds the endpoint, opens the store and starts Raft and the loops.
-    /// The handler for incoming calls is attached by the caller.
+    /// Binds the endpoint, opens the store, starts Raft, gossip and the
+    /// loops, and serves peers.
     pub async fn start(
         identity: Identity,
         dir: StateDir,
-        timing: &shoal_raft::RaftTiming,
-        gossip_config: shoal_gossip::GossipConfig,
-        reschedule_grace: Duration,
-        dataplane: super::config::DataplaneConfig,
+        cfg: MemberConfig,
     ) -> anyhow::Result<Arc<Member>> {
         let id = identity.node.node_id;
         let quic = Quic::bind(&identity.tls, identity.node.listen_addr)?;
         let (log, sm) = shoal_raft::open(&dir.raft())?;
         let state = sm.handle();
-        let config = Arc::new(shoal_raft::config(timing).validate()?);
+        let config = Arc::new(shoal_raft::config(&cfg.timing).validate()?);
         let raft = Raft::new(id.0, config, Network::new(QuicRaft(quic.clone())), log, sm).await?;
         let (gossip, gossip_task) = super::gossip::spawn(
             id,
             identity.node.advertise_addr,
             quic.clone(),
             state.clone(),
-            gossip_config,
+            cfg.gossip,
         );
-        let member = Arc::new(Member {
+        let live = Arc::new(Liveness::new(id));
+        let keys = Arc::new(ManagerKey::new(dir.clone(), identity.manager_key));
+        let writer = Writer::new(id, raft.clone(), state.clone(), quic.clone(), live.clone());
+        let sandboxes = Arc::new(Sandboxes::new(
+            &cfg.dataplane,
+            &id.to_string(),
+            super::executor::is_root(),
+        ));
+        let peers = Arc::new(PeerHandler {
+            raft: raft.clone(),
+            state: state.clone(),
+            writer: writer.clone(),
+            gossip: gossip.clone(),
+            keys: keys.clone(),
+            state_dir: dir.0.clone(),
+        });
+        let tasks = vec![
+            gossip_task,
+            tokio::spawn(super::orchestrate::run(OrchestratorCtx {
+                id,
+                state: state.clone(),
+                writer: writer.clone(),
+                gossip: gossip.clone(),
+                live: live.clone(),
+                grace: cfg.reschedule_grace,
+            })),
+            tokio::spawn(super::executor::run(ExecutorCtx {
+                id,
+                state: state.clone(),
+                writer: writer.clone(),
+                sandboxes: sandboxes.clone(),
+                state_dir: dir.0.clone(),
+            })),
+            tokio::spawn(super::dataplane::run(
+                DataplaneCtx {
+                    id,
+                    state: state.clone(),
+                    gossip: gossip.clone(),
+                    sandboxes: sandboxes.clone(),
+                    cfg: cfg.dataplane,
+                },
+                shoal_netdriver::linux::Linux::new(None),
+            )),
+            tokio::spawn(super::ping::run(PingCtx {
+                id,
+                state: state.clone(),
+                writer: writer.clone(),
+                live: live.clone(),
+                keys: keys.clone(),
+            })),
+            tokio::spawn(super::membership::run(MembershipCtx {
+                id,
+                raft: raft.clone(),
+                state: state.clone(),
+                live: live.clone(),
+            })),
+            quic.serve(peers),
+        ];
+        Ok(Arc::new(Member {
             id,
             raft,
             state,
             quic,
             dir,
-            identity: Mutex::new(identity),
-            live: Liveness::new(id),
+            keys,
+            live,
             gossip,
-            sandboxes: Arc::new(super::dataplane::Sandboxes::new(
-                &dataplane,
-                &id.to_string(),
-                super::executor::is_root(),
-            )),
-            tasks: Mutex::new(Vec::new()),
-        });
-        let weak = Arc::downgrade(&member);
-        let tasks = vec![
-            gossip_task,
-            tokio::spawn(super::orchestrate::orchestrator_loop(
-                weak.clone(),
-                reschedule_grace,
-            )),
-            tokio::spawn(super::executor::executor_loop(weak.clone())),
-            tokio::spawn(super::dataplane::dataplane_loop(weak.clone(), dataplane)),
-            tokio::spawn(liveness_loop(weak.clone())),
-            tokio::spawn(super::membership::reconcile_loop(weak)),
-        ];
-        member.lock_tasks().extend(tasks);
-        Ok(member)
-    }
-
-    fn lock_tasks(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
-        self.tasks.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Registers a task to abort at shutdown.
-    pub fn adopt_task(&self, task: JoinHandle<()>) {
-        self.lock_tasks().push(task);
+            sandboxes,
+            writer,
+            tasks: Mutex::new(tasks),
+        }))
     }
 
     /// Stops everything this member runs.
     pub async fn shutdown(&self) {
-        for t in self.lock_tasks().drain(..) {
+        let tasks: Vec<JoinHandle<()>> = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .collect();
+        for t in tasks {
             t.abort();
         }
         if let Err(e) = self.raft.shutdown().await {
@@ -177,20 +219,7 @@ impl Member {
 
     /// The managers' key, if this node holds it.
     pub fn manager_key(&self) -> Option<[u8; 32]> {
-        self.identity
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .manager_key
-    }
-
-    /// Stores or forgets the managers' key.
-    pub fn set_manager_key(&self, key: Option<[u8; 32]>) -> anyhow::Result<()> {
-        self.dir.save_manager_key(key.as_ref())?;
-        self.identity
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .manager_key = key;
-        Ok(())
+        self.keys.get()
     }
 
     /// The node's status as seen from here.
@@ -200,78 +229,17 @@ impl Member {
 
     /// The leader this node knows of.
     pub fn leader(&self) -> Option<NodeId> {
-        self.raft.metrics().borrow().current_leader.map(NodeId)
+        self.writer.leader()
     }
 
     /// Managers reachable from here (this node included) and all managers.
     pub fn manager_reachability(&self, state: &ClusterState) -> (usize, usize) {
-        let total = state.managers().count();
-        let reachable = state
-            .managers()
-            .filter(|m| self.status(m.id) == NodeStatus::Ready)
-            .count();
-        (reachable, total)
+        self.writer.manager_reachability(state)
     }
 
-    fn no_quorum(&self) -> WriteError {
-        let (reachable, total) = self.manager_reachability(&self.state.state());
-        WriteError::NoQuorum { reachable, total }
-    }
-
-    /// Commits `cmd` through the leader, wherever it is; fails within
-    /// [`WRITE_TIMEOUT`] when no leader can commit it.
+    /// Commits `cmd` through the leader, wherever it is.
     pub async fn propose(&self, cmd: Command) -> Result<Outcome, WriteError> {
-        let deadline = Instant::now() + WRITE_TIMEOUT;
-        loop {
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(self.no_quorum());
-            }
-            let remaining = deadline - now;
-            tracing::debug!(leader = ?self.leader(), elapsed_ms = (WRITE_TIMEOUT - remaining).as_millis() as u64, "propose attempt");
-            match self.leader() {
-                Some(l) if l == self.id => {
-                    match tokio::time::timeout(remaining, self.raft.client_write(cmd.clone())).await
-                    {
-                        Ok(Ok(resp)) => return resp.data.map_err(WriteError::Refused),
-                        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {}
-                        Ok(Err(e)) => return Err(WriteError::Other(e.to_string())),
-                        Err(_) => return Err(self.no_quorum()),
-                    }
-                }
-                Some(l) => {
-                    // Give up on this leader as soon as Raft reports another
-                    // one: a dead leader's connection would otherwise hold the
-                    // write until the QUIC idle timeout.
-                    let req = CtlRequest::Propose(Box::new(cmd.clone()));
-                    let forward = self.ctl(l, &req, remaining);
-                    tokio::select! {
-                        reply = forward => match reply {
-                            Ok(CtlReply::Applied(r)) => return r.map_err(WriteError::Refused),
-                            Ok(CtlReply::Refused(msg)) => return Err(WriteError::Other(msg)),
-                            Ok(_) | Err(_) => {}
-                        },
-                        () = self.leader_changed_from(l) => continue,
-                    }
-                }
-                None => {}
-            }
-            // Retry as soon as Raft's view changes (a leader is elected), or
-            // after a short pause.
-            let mut metrics = self.raft.metrics();
-            metrics.borrow_and_update();
-            let _ = tokio::time::timeout(Duration::from_millis(50), metrics.changed()).await;
-        }
-    }
-
-    /// Resolves when Raft reports a leader other than `l` (or none).
-    async fn leader_changed_from(&self, l: NodeId) {
-        let mut rx = self.raft.metrics();
-        while rx.borrow().current_leader == Some(l.0) {
-            if rx.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
+        self.writer.propose(cmd).await
     }
 
     /// Waits (up to `timeout`) until the local copy of the store satisfies
@@ -292,23 +260,6 @@ impl Member {
         }
     }
 
-    /// The address of node `id`: from the store, else from Raft's membership.
-    pub fn addr_of(&self, id: NodeId) -> Option<SocketAddr> {
-        let from_state = self
-            .state
-            .read(|d| d.state.nodes.get(&id).map(|n| n.addr.clone()));
-        let addr = from_state.or_else(|| {
-            self.raft
-                .metrics()
-                .borrow()
-                .membership_config
-                .membership()
-                .get_node(&id.0)
-                .map(|n: &BasicNode| n.addr.clone())
-        })?;
-        addr.parse().ok()
-    }
-
     /// One control call to node `id`.
     pub async fn ctl(
         &self,
@@ -316,61 +267,6 @@ impl Member {
         req: &CtlRequest,
         timeout: Duration,
     ) -> anyhow::Result<CtlReply> {
-        let addr = self
-            .addr_of(id)
-            .ok_or_else(|| anyhow::anyhow!("no address known for node {id}"))?;
-        let bytes = codec::encode(req)?;
-        let reply = self.quic.call(addr, id, ALPN_CTL, &bytes, timeout).await?;
-        Ok(codec::decode(&reply, MAX_MESSAGE)?)
-    }
-
-    /// One liveness round: ping every other node, then fetch or drop the
-    /// managers' key as this node's role in the store says.
-    async fn ping_round(self: &Arc<Self>) {
-        let state = self.state.state();
-        let mut round = tokio::task::JoinSet::new();
-        for node in state.nodes.values().filter(|n| n.id != self.id) {
-            let me = self.clone();
-            let id = node.id;
-            round.spawn(async move {
-                if let Ok(CtlReply::Pong) = me.ctl(id, &CtlRequest::Ping, PING_TIMEOUT).await {
-                    me.live.heard(id, Instant::now());
-                }
-            });
-        }
-        while round.join_next().await.is_some() {}
-        let role = state.nodes.get(&self.id).map(|n| n.role);
-        match (role, self.manager_key()) {
-            (Some(Role::Manager), None) => self.fetch_manager_key(&state).await,
-            (Some(Role::Worker), Some(_)) => {
-                if let Err(e) = self.set_manager_key(None) {
-                    tracing::warn!(error = %e, "cannot drop the manager key after demotion");
-                }
-            }
-            _ => {}
-        }
-    }
-
-    async fn fetch_manager_key(&self, state: &ClusterState) {
-        for m in state.managers().filter(|m| m.id != self.id) {
-            if let Ok(CtlReply::ManagerKey(k)) =
-                self.ctl(m.id, &CtlRequest::ManagerKey, PING_TIMEOUT).await
-            {
-                match self.set_manager_key(Some(k)) {
-                    Ok(()) => tracing::info!("received the managers' key after promotion"),
-                    Err(e) => tracing::warn!(error = %e, "cannot store the managers' key"),
-                }
-                return;
-            }
-        }
-    }
-}
-
-async fn liveness_loop(member: Weak<Member>) {
-    loop {
-        let Some(m) = member.upgrade() else { return };
-        m.ping_round().await;
-        drop(m);
-        tokio::time::sleep(PING_INTERVAL).await;
+        self.writer.ctl(id, req, timeout).await
     }
 }

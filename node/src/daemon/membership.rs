@@ -11,13 +11,14 @@
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Weak;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use openraft::{BasicNode, ChangeMembers};
-use shoal_mesh::ClusterState;
+use shoal_mesh::{ClusterState, NodeId};
+use shoal_raft::{Raft, StateHandle};
 
-use super::member::Member;
+use super::liveness::{Liveness, NodeStatus};
 
 /// How often the leader compares the store with Raft's membership.
 pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(200);
@@ -84,59 +85,73 @@ pub fn plan_membership(
     steps
 }
 
-pub(super) async fn reconcile_loop(member: Weak<Member>) {
+/// What the loop uses.
+pub struct MembershipCtx {
+    /// This node.
+    pub id: NodeId,
+    /// Raft, whose membership it changes.
+    pub raft: Raft,
+    /// The store.
+    pub state: StateHandle,
+    /// Which nodes answer.
+    pub live: Arc<Liveness>,
+}
+
+/// Runs until the task is aborted; acts only while this node leads.
+pub async fn run(ctx: MembershipCtx) {
     loop {
         tokio::time::sleep(RECONCILE_INTERVAL).await;
-        let Some(m) = member.upgrade() else { return };
-        if m.leader() != Some(m.id) {
-            continue;
-        }
-        let (voters, nodes) = {
-            let metrics = m.raft.metrics();
+        let (leader, voters, nodes) = {
+            let metrics = ctx.raft.metrics();
             let mc = metrics.borrow();
             let membership = mc.membership_config.membership();
             let voters: BTreeSet<u64> = membership.voter_ids().collect();
             let nodes: BTreeMap<u64, BasicNode> =
                 membership.nodes().map(|(id, n)| (*id, n.clone())).collect();
-            (voters, nodes)
+            (mc.current_leader, voters, nodes)
         };
-        let state = m.state.state();
+        if leader != Some(ctx.id.0) {
+            continue;
+        }
+        let state = ctx.state.state();
+        let now = Instant::now();
         let reachable: BTreeSet<u64> = state
             .nodes
             .keys()
-            .filter(|id| m.status(**id) == super::liveness::NodeStatus::Ready)
+            .filter(|id| ctx.live.status(**id, now) == NodeStatus::Ready)
             .map(|id| id.0)
             .collect();
         for step in plan_membership(&state, &voters, &nodes, &reachable) {
             tracing::info!(?step, "membership change");
-            let result = match step {
-                MembershipStep::AddLearner(id, addr) => m
-                    .raft
-                    .add_learner(id, BasicNode::new(addr), false)
-                    .await
-                    .map(drop),
-                MembershipStep::SetAddrs(map) => m
-                    .raft
-                    .change_membership(ChangeMembers::SetNodes(map), true)
-                    .await
-                    .map(drop),
-                MembershipStep::SetVoters(set) => m
-                    .raft
-                    .change_membership(ChangeMembers::ReplaceAllVoters(set), true)
-                    .await
-                    .map(drop),
-                MembershipStep::Remove(set) => m
-                    .raft
-                    .change_membership(ChangeMembers::RemoveNodes(set), false)
-                    .await
-                    .map(drop),
-            };
-            if let Err(e) = result {
+            if let Err(e) = take(&ctx.raft, step).await {
                 tracing::warn!(error = %e, "membership change failed; will retry");
                 break;
             }
         }
     }
+}
+
+/// Carries out one step.
+async fn take(raft: &Raft, step: MembershipStep) -> Result<(), String> {
+    let result = match step {
+        MembershipStep::AddLearner(id, addr) => raft
+            .add_learner(id, BasicNode::new(addr), false)
+            .await
+            .map(drop),
+        MembershipStep::SetAddrs(map) => raft
+            .change_membership(ChangeMembers::SetNodes(map), true)
+            .await
+            .map(drop),
+        MembershipStep::SetVoters(set) => raft
+            .change_membership(ChangeMembers::ReplaceAllVoters(set), true)
+            .await
+            .map(drop),
+        MembershipStep::Remove(set) => raft
+            .change_membership(ChangeMembers::RemoveNodes(set), false)
+            .await
+            .map(drop),
+    };
+    result.map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

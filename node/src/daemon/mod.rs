@@ -1,6 +1,8 @@
 //! `shoal daemon`: the long-running node agent. It serves the local API on a
 //! Unix socket and, once the node is part of a swarm, runs a [`member::Member`].
 
+pub mod agent;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod dataplane;
@@ -14,12 +16,14 @@ pub mod membership;
 pub mod networks;
 pub mod orchestrate;
 pub mod peer;
+pub mod ping;
 pub mod pki;
 pub mod recovery;
 pub mod services;
 pub mod shim;
 pub mod transport;
 pub mod wire;
+pub mod writer;
 
 use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
@@ -29,22 +33,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::api::{MAX_REQUEST, Reply, Request};
+use agent::Daemon;
 use config::DaemonConfig;
-use identity::{Identity, StateDir};
-use member::Member;
-
-/// The daemon: its configuration and, when in a swarm, its member.
-pub struct Daemon {
-    /// Configuration.
-    pub cfg: DaemonConfig,
-    /// State dir.
-    pub dir: StateDir,
-    /// This node's hostname.
-    pub hostname: String,
-    /// The running member, if in a swarm. The lock also serializes
-    /// init/join/leave.
-    pub member: tokio::sync::Mutex<Option<Arc<Member>>>,
-}
+use identity::StateDir;
 
 fn system_hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -52,26 +43,6 @@ fn system_hostname() -> String {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "localhost".into())
-}
-
-impl Daemon {
-    /// Starts a member from a saved identity and attaches its QUIC handler.
-    pub async fn start_member(&self, identity: Identity) -> anyhow::Result<Arc<Member>> {
-        let member = Member::start(
-            identity,
-            self.dir.clone(),
-            &self.cfg.raft.timing(),
-            self.cfg.gossip.config(),
-            std::time::Duration::from_millis(self.cfg.orchestrator.reschedule_grace_ms),
-            self.cfg.dataplane.clone(),
-        )
-        .await?;
-        let handler = Arc::new(peer::PeerHandler {
-            member: Arc::downgrade(&member),
-        });
-        member.adopt_task(member.quic.serve(handler));
-        Ok(member)
-    }
 }
 
 /// Runs the daemon until SIGINT or SIGTERM.

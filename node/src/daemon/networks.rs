@@ -10,9 +10,8 @@ use shoal_mesh::cidr::Ipv4Net;
 use shoal_mesh::network::{Driver, Network, NetworkSpec, SubnetSpec};
 use shoal_mesh::{ClusterState, Command};
 
-use super::Daemon;
-use super::commands::member;
-use super::peer::now_ms;
+use super::agent::Daemon;
+use super::clock::now_ms;
 use crate::api::Reply;
 
 /// The raw `network create` arguments.
@@ -199,7 +198,7 @@ fn check_host_routes(spec: &NetworkSpec, routes: &[(Ipv4Net, String)]) -> anyhow
 
 /// `network create`.
 pub async fn create(d: &Daemon, args: CreateArgs) -> anyhow::Result<Reply> {
-    let m = member(d).await?;
+    let m = d.member().await?;
     let spec = parse_spec(args)?;
     spec.check_supported()?;
     check_driver(&spec).await?;
@@ -227,7 +226,7 @@ pub async fn create(d: &Daemon, args: CreateArgs) -> anyhow::Result<Reply> {
 
 /// `network ls`.
 pub async fn ls(d: &Daemon) -> anyhow::Result<Reply> {
-    let m = member(d).await?;
+    let m = d.member().await?;
     let state = m.state.state();
     let mut nets: Vec<&Network> = state.networks.values().collect();
     nets.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
@@ -238,14 +237,14 @@ pub async fn ls(d: &Daemon) -> anyhow::Result<Reply> {
 
 /// `network inspect`.
 pub async fn inspect(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
-    let m = member(d).await?;
+    let m = d.member().await?;
     let state = m.state.state();
     Ok(Reply::ok(view(resolve(&state, reference)?)))
 }
 
 /// `network rm`.
 pub async fn rm(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
-    let m = member(d).await?;
+    let m = d.member().await?;
     let state = m.state.state();
     let n = resolve(&state, reference)?;
     m.propose(Command::RemoveNetwork { id: n.id.clone() })

@@ -1,40 +1,46 @@
 //! Serving other nodes: Raft RPCs, control calls and the join handshake.
 
-use std::sync::{Arc, Weak};
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use shoal_mesh::{Availability, Command, Node, NodeId, Role, codec};
-use shoal_raft::{RaftRpc, serve_rpc};
+use shoal_raft::{Raft, RaftRpc, StateHandle, serve_rpc};
 
-use super::member::{Member, WRITE_TIMEOUT};
+use super::clock::now_ms;
+use super::gossip::{GossipCmd, GossipHandle};
+use super::identity::ManagerKey;
 use super::pki;
 use super::transport::{ALPN_CTL, ALPN_JOIN, ALPN_RAFT, Handler, Incoming, MAX_MESSAGE};
 use super::wire::{CtlReply, CtlRequest, JoinAccepted, JoinReply, JoinRequest};
+use super::writer::{Propose, WRITE_TIMEOUT, Writer};
 
 /// Largest join request (a CSR, a hostname, an address).
 const MAX_JOIN_REQUEST: usize = 16 << 10;
 
-/// The handler for one member's QUIC endpoint.
+/// The handler for one member's QUIC endpoint: what serving peers uses.
 pub struct PeerHandler {
-    /// The member (weak: the endpoint must not keep it alive).
-    pub member: Weak<Member>,
+    /// Raft, for Raft RPCs and writes on the leader.
+    pub raft: Raft,
+    /// The store: who is a member, with which role.
+    pub state: StateHandle,
+    /// Writes (admitting a node).
+    pub writer: Writer,
+    /// Where gossip messages go.
+    pub gossip: GossipHandle,
+    /// The managers' key (handed to managers, used to admit nodes).
+    pub keys: Arc<ManagerKey>,
+    /// The node's state dir (task logs).
+    pub state_dir: PathBuf,
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
     codec::encode(v).unwrap_or_default()
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl Handler for PeerHandler {
     fn gossip(&self, call: Incoming) {
-        if let (Some(m), Some(from)) = (self.member.upgrade(), call.peer) {
-            m.gossip.send(super::gossip::GossipCmd::Incoming {
+        if let Some(from) = call.peer {
+            self.gossip.send(GossipCmd::Incoming {
                 from,
                 bytes: call.request,
             });
@@ -42,13 +48,10 @@ impl Handler for PeerHandler {
     }
 
     async fn handle(&self, call: Incoming) -> Vec<u8> {
-        let Some(m) = self.member.upgrade() else {
-            return Vec::new();
-        };
         match call.alpn.as_slice() {
-            ALPN_RAFT => raft_call(&m, call).await,
-            ALPN_CTL => encode(&ctl_call(&m, call).await),
-            ALPN_JOIN => encode(&join_call(&m, call).await),
+            ALPN_RAFT => raft_call(self, call).await,
+            ALPN_CTL => encode(&ctl_call(self, call).await),
+            ALPN_JOIN => encode(&join_call(self, call).await),
             _ => Vec::new(),
         }
     }
@@ -57,14 +60,14 @@ impl Handler for PeerHandler {
 /// Whether `peer` may talk to us: a node of the store. A node whose store
 /// is still empty (it is joining) accepts Raft traffic from anyone the CA
 /// signed, since that is how it receives the store.
-fn admitted(m: &Member, peer: Option<NodeId>, allow_while_empty: bool) -> bool {
+fn admitted(m: &PeerHandler, peer: Option<NodeId>, allow_while_empty: bool) -> bool {
     let Some(peer) = peer else { return false };
     m.state.read(|d| {
         (allow_while_empty && d.state.cluster.is_none()) || d.state.nodes.contains_key(&peer)
     })
 }
 
-async fn raft_call(m: &Arc<Member>, call: Incoming) -> Vec<u8> {
+async fn raft_call(m: &PeerHandler, call: Incoming) -> Vec<u8> {
     if !admitted(m, call.peer, true) {
         tracing::warn!(peer = ?call.peer, remote = %call.remote, "raft call from a node not in the store refused");
         return Vec::new();
@@ -78,7 +81,7 @@ async fn raft_call(m: &Arc<Member>, call: Incoming) -> Vec<u8> {
     }
 }
 
-async fn ctl_call(m: &Arc<Member>, call: Incoming) -> CtlReply {
+async fn ctl_call(m: &PeerHandler, call: Incoming) -> CtlReply {
     if !admitted(m, call.peer, false) {
         return CtlReply::Refused("this node does not know you: not a member of its swarm".into());
     }
@@ -89,22 +92,17 @@ async fn ctl_call(m: &Arc<Member>, call: Incoming) -> CtlReply {
     match req {
         CtlRequest::Ping => CtlReply::Pong,
         CtlRequest::Propose(cmd) => {
-            if m.leader() != Some(m.id) {
-                return CtlReply::NotLeader(m.leader());
+            if !m.writer.is_leader() {
+                return CtlReply::NotLeader(m.writer.leader());
             }
             match tokio::time::timeout(WRITE_TIMEOUT, m.raft.client_write(*cmd)).await {
                 Ok(Ok(resp)) => CtlReply::Applied(resp.data),
-                Ok(Err(_)) => CtlReply::NotLeader(m.leader()),
-                Err(_) => {
-                    let (reachable, total) = m.manager_reachability(&m.state.state());
-                    CtlReply::Refused(
-                        super::member::WriteError::NoQuorum { reachable, total }.to_string(),
-                    )
-                }
+                Ok(Err(_)) => CtlReply::NotLeader(m.writer.leader()),
+                Err(_) => CtlReply::Refused(m.writer.no_quorum().to_string()),
             }
         }
         CtlRequest::TaskLog { task, offset } => {
-            match super::executor::read_log(&m.dir.0, &task, offset) {
+            match super::executor::read_log(&m.state_dir, &task, offset) {
                 Ok((text, next)) => CtlReply::TaskLog { text, next },
                 Err(e) => CtlReply::Refused(format!("no output for task {task} on this node: {e}")),
             }
@@ -118,7 +116,7 @@ async fn ctl_call(m: &Arc<Member>, call: Incoming) -> CtlReply {
                         .is_some_and(|n| n.role == Role::Manager)
                 })
             });
-            match (is_manager, m.manager_key()) {
+            match (is_manager, m.keys.get()) {
                 (true, Some(k)) => CtlReply::ManagerKey(k),
                 (false, _) => CtlReply::Refused("only managers receive the managers' key".into()),
                 (true, None) => {
@@ -129,14 +127,14 @@ async fn ctl_call(m: &Arc<Member>, call: Incoming) -> CtlReply {
     }
 }
 
-async fn join_call(m: &Arc<Member>, call: Incoming) -> JoinReply {
+async fn join_call(m: &PeerHandler, call: Incoming) -> JoinReply {
     match admit(m, call).await {
         Ok(a) => JoinReply::Accepted(a),
         Err(msg) => JoinReply::Refused(msg),
     }
 }
 
-async fn admit(m: &Arc<Member>, call: Incoming) -> Result<JoinAccepted, String> {
+async fn admit(m: &PeerHandler, call: Incoming) -> Result<JoinAccepted, String> {
     let req: JoinRequest = codec::decode(&call.request, MAX_JOIN_REQUEST)
         .map_err(|e| format!("malformed join request: {e}"))?;
     let state = m.state.state();
@@ -151,7 +149,8 @@ async fn admit(m: &Arc<Member>, call: Incoming) -> Result<JoinAccepted, String> 
             "invalid join token: its secret matches neither this swarm's worker nor its manager token (was it rotated? get the current one with `shoal swarm join-token worker` on a manager)",
         )?;
     let manager_key = m
-        .manager_key()
+        .keys
+        .get()
         .ok_or("the node you contacted cannot admit nodes (it is not a manager); join through a manager's address")?;
     if req.hostname.is_empty()
         || req.hostname.len() > 253
@@ -181,7 +180,8 @@ async fn admit(m: &Arc<Member>, call: Incoming) -> Result<JoinAccepted, String> 
         addr: addr.to_string(),
         joined_at_ms: now_ms(),
     };
-    m.propose(Command::AddNode(node))
+    m.writer
+        .propose(Command::AddNode(node))
         .await
         .map_err(|e| e.to_string())?;
     tracing::info!(node = %id, hostname = %req.hostname, %role, "admitted a node");

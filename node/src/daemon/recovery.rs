@@ -10,7 +10,7 @@ use openraft::BasicNode;
 use serde_json::json;
 use shoal_mesh::{Command, Role};
 
-use super::Daemon;
+use super::agent::Daemon;
 use crate::api::Reply;
 
 /// Rebuilds a one-manager swarm from this manager's local state.
@@ -26,7 +26,11 @@ pub async fn force_new_cluster(d: &Arc<Daemon>) -> anyhow::Result<Reply> {
     if m.manager_key().is_none() {
         bail!("this manager does not hold the managers' key, so it cannot run the swarm alone");
     }
-    let identity = m.identity.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    // As saved: the certificate and the managers' key this member runs with.
+    let identity = d
+        .dir
+        .load()?
+        .ok_or_else(|| anyhow!("this node's identity is missing from its state dir"))?;
     let nodes: BTreeMap<u64, BasicNode> = state
         .nodes
         .values()

@@ -11,9 +11,8 @@ use shoal_mesh::service::{
 use shoal_mesh::task::{DesiredState, Task};
 use shoal_mesh::{ClusterState, Command};
 
-use super::Daemon;
-use super::commands::member;
-use super::peer::now_ms;
+use super::agent::Daemon;
+use super::clock::now_ms;
 use crate::api::{Policies, Reply, ServiceUpdate};
 
 /// The raw `service create` arguments.
@@ -449,7 +448,7 @@ async fn wait_for_networks(m: &super::member::Member, networks: &[String]) {
 
 /// `service create`.
 pub async fn create(d: &Daemon, args: CreateArgs) -> anyhow::Result<Reply> {
-    let m = member(d).await?;
+    let m = d.member().await?;
     if args.command.is_empty() {
         bail!("a service needs a command: shoal service create --name NAME -- COMMAND [ARG...]");
     }
@@ -477,7 +476,7 @@ pub async fn create(d: &Daemon, args: CreateArgs) -> anyhow::Result<Reply> {
 
 /// `service update`.
 pub async fn update(d: &Daemon, u: ServiceUpdate) -> anyhow::Result<Reply> {
-    let m = member(d).await?;
+    let m = d.member().await?;
     wait_for_networks(&m, &u.network_add).await;
     let state = m.state.state();
     let s = resolve(&state, &u.service)?;
@@ -539,7 +538,7 @@ fn resolve_task<'a>(state: &'a ClusterState, reference: &str) -> anyhow::Result<
 /// namespaces.
 pub async fn task_exec(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
     use shoal_mesh::task::TaskState;
-    let m = member(d).await?;
+    let m = d.member().await?;
     let state = m.state.state();
     let t = resolve_task(&state, reference)?;
     let name = super::executor::task_name(&state, t);
@@ -591,7 +590,7 @@ pub async fn task_exec(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
 
 /// `service ls`.
 pub async fn ls(d: &Daemon) -> anyhow::Result<Reply> {
-    let m = member(d).await?;
+    let m = d.member().await?;
     let state = m.state.state();
     let mut list: Vec<&Service> = state.services.values().collect();
     list.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
@@ -602,7 +601,7 @@ pub async fn ls(d: &Daemon) -> anyhow::Result<Reply> {
 
 /// `service inspect`.
 pub async fn inspect(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
-    let m = member(d).await?;
+    let m = d.member().await?;
     let state = m.state.state();
     let s = resolve(&state, reference)?;
     let mut v = view(&state, s);
@@ -684,7 +683,7 @@ fn ready(
 
 /// `service ps`.
 pub async fn ps(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
-    let m = member(d).await?;
+    let m = d.member().await?;
     let state = m.state.state();
     let s = resolve(&state, reference)?;
     let mut tasks: Vec<&Task> = state
@@ -700,7 +699,7 @@ pub async fn ps(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
 
 /// `service rm`.
 pub async fn rm(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
-    let m = member(d).await?;
+    let m = d.member().await?;
     let state = m.state.state();
     let s = resolve(&state, reference)?;
     m.propose(Command::RemoveService { id: s.id.clone() })
@@ -710,7 +709,7 @@ pub async fn rm(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
 
 /// `service scale`.
 pub async fn scale(d: &Daemon, reference: &str, replicas: u64) -> anyhow::Result<Reply> {
-    let m = member(d).await?;
+    let m = d.member().await?;
     let state = m.state.state();
     let s = resolve(&state, reference)?;
     m.propose(Command::ScaleService {
@@ -730,7 +729,7 @@ pub async fn logs(
     reference: &str,
     offsets: &BTreeMap<String, u64>,
 ) -> anyhow::Result<Reply> {
-    let m = member(d).await?;
+    let m = d.member().await?;
     let state = m.state.state();
     let s = resolve(&state, reference)?;
     let mut out = Vec::new();

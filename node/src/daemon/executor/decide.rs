@@ -1,0 +1,190 @@
+//! The executor's decisions, pure: from the store, what this node's
+//! supervisors report and which sandboxes the data plane has ready, what to
+//! start, stop, kill and report. No processes, files or clock reads here;
+//! the driver (`mod.rs`) observes, calls [`Decider::decide`] and carries
+//! out the [`ExecAction`]s in order.
+//!
+//! ```text
+//!  store tasks ─────────────┐
+//!  supervised (ended? how?) ├─► Decider::decide(now) ─► [Report | Forget | Start | Stop | Kill]
+//!  ready sandboxes ─────────┘
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use shoal_mesh::task::{DesiredState, TaskState};
+use shoal_mesh::{ClusterState, NodeId};
+
+/// How long a task waits for its network sandbox before it fails.
+pub const SANDBOX_WAIT: Duration = Duration::from_secs(30);
+
+/// Time a task gets between SIGTERM and SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// A stop not done this long after SIGTERM is forced: the task's own
+/// grace and a little for its supervisor.
+pub const KILL_AFTER: Duration = Duration::from_secs(15);
+
+/// How a task's process ended, from its supervisor's exit record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exit {
+    /// Complete or failed.
+    pub state: TaskState,
+    /// What to show.
+    pub message: String,
+    /// Its exit status, when it exited.
+    pub code: Option<i32>,
+}
+
+/// What the driver sees of one supervised task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Supervision {
+    /// How it ended, once it has.
+    pub ended: Option<Exit>,
+    /// When it was asked to stop.
+    pub stopping: Option<Instant>,
+}
+
+/// Which task sandboxes the data plane has programmed.
+#[derive(Debug, Clone, Default)]
+pub struct SandboxView {
+    /// Whether the data plane runs here (else tasks need no sandbox).
+    pub enabled: bool,
+    /// Tasks whose sandbox is ready.
+    pub ready: BTreeSet<String>,
+    /// Why the data plane last failed, if it did.
+    pub error: Option<String>,
+}
+
+/// One thing for the driver to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecAction {
+    /// Record a task's state in the store.
+    Report {
+        /// The task.
+        task: String,
+        /// Its state.
+        state: TaskState,
+        /// Why.
+        message: String,
+        /// Its exit status.
+        exit_code: Option<i32>,
+    },
+    /// Stop watching a task whose process ended.
+    Forget(String),
+    /// Start a task (its sandbox is ready); the driver reports how it went.
+    Start(String),
+    /// Ask a running task to stop (SIGTERM).
+    Stop(String),
+    /// Kill a task that did not stop in time (SIGKILL).
+    Kill(String),
+}
+
+fn report(task: &str, state: TaskState, message: impl Into<String>) -> ExecAction {
+    ExecAction::Report {
+        task: task.to_owned(),
+        state,
+        message: message.into(),
+        exit_code: None,
+    }
+}
+
+/// The executor's memory between passes: since when each task waits for
+/// its sandbox.
+#[derive(Debug, Default)]
+pub struct Decider {
+    waiting: BTreeMap<String, Instant>,
+}
+
+impl Decider {
+    /// What to do now on node `me`.
+    pub fn decide(
+        &mut self,
+        state: &ClusterState,
+        me: NodeId,
+        supervised: &BTreeMap<String, Supervision>,
+        sandboxes: &SandboxView,
+        now: Instant,
+    ) -> Vec<ExecAction> {
+        let mut out = Vec::new();
+        self.waiting.retain(|id, _| state.tasks.contains_key(id));
+        for (id, s) in supervised {
+            let task = state.tasks.get(id);
+            let wanted = task.is_some_and(|t| t.desired == DesiredState::Running);
+            match &s.ended {
+                // Ended: reported unless the store has it ended already.
+                Some(exit) => {
+                    out.push(ExecAction::Forget(id.clone()));
+                    if task.is_some_and(|t| !t.state.is_terminal()) {
+                        let (st, message) = if wanted && s.stopping.is_none() {
+                            (exit.state, exit.message.clone())
+                        } else {
+                            (TaskState::Shutdown, "stopped".to_owned())
+                        };
+                        out.push(ExecAction::Report {
+                            task: id.clone(),
+                            state: st,
+                            message,
+                            exit_code: exit.code,
+                        });
+                    }
+                }
+                None => {
+                    // A running process whose state did not reach the store
+                    // (a write lost to a leader change) is reported again.
+                    let unreported = task.is_some_and(|t| {
+                        matches!(t.state, TaskState::Assigned | TaskState::Starting)
+                    });
+                    if s.stopping.is_none() && unreported {
+                        out.push(report(id, TaskState::Running, ""));
+                    }
+                    match s.stopping {
+                        None if !wanted => out.push(ExecAction::Stop(id.clone())),
+                        Some(t) if now.saturating_duration_since(t) > KILL_AFTER => {
+                            out.push(ExecAction::Kill(id.clone()));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        let mine = state.tasks.values().filter(|t| {
+            t.node == Some(me)
+                && t.desired == DesiredState::Running
+                && matches!(
+                    t.state,
+                    TaskState::Assigned | TaskState::Starting | TaskState::Running
+                )
+                && !supervised.contains_key(&t.id)
+        });
+        for t in mine {
+            if t.state != TaskState::Assigned {
+                // Its process is gone (not re-adopted at start).
+                let msg = "its process was gone when the node's daemon restarted";
+                out.push(report(&t.id, TaskState::Failed, msg));
+                continue;
+            }
+            if !sandboxes.enabled || sandboxes.ready.contains(&t.id) {
+                self.waiting.remove(&t.id);
+                out.push(ExecAction::Start(t.id.clone()));
+                continue;
+            }
+            let since = *self.waiting.entry(t.id.clone()).or_insert(now);
+            if now.saturating_duration_since(since) > SANDBOX_WAIT {
+                self.waiting.remove(&t.id);
+                let why = sandboxes
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| "the data plane has not programmed it".into());
+                let msg = format!("its network sandbox was not ready within 30 s: {why}");
+                out.push(report(&t.id, TaskState::Failed, msg));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+#[path = "decide_test.rs"]
+mod tests;

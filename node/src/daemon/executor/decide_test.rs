@@ -1,0 +1,240 @@
+use super::*;
+use shoal_mesh::task::Task;
+
+const ME: NodeId = NodeId(1);
+
+fn task(id: &str, node: u64, desired: DesiredState, state: TaskState) -> Task {
+    Task {
+        id: id.into(),
+        service_id: "svc".into(),
+        slot: Some(1),
+        node: Some(NodeId(node)),
+        desired,
+        state,
+        addresses: BTreeMap::new(),
+        message: String::new(),
+        exit_code: None,
+        spec_version: 1,
+        restarts: 0,
+        created_at_ms: 0,
+        updated_at_ms: 0,
+    }
+}
+
+fn store(tasks: Vec<Task>) -> ClusterState {
+    let mut s = ClusterState::default();
+    for t in tasks {
+        s.tasks.insert(t.id.clone(), t);
+    }
+    s
+}
+
+fn running() -> Supervision {
+    Supervision {
+        ended: None,
+        stopping: None,
+    }
+}
+
+fn no_dataplane() -> SandboxView {
+    SandboxView::default()
+}
+
+#[test]
+fn an_assigned_task_starts_and_one_placed_elsewhere_does_not() {
+    let s = store(vec![
+        task("a", 1, DesiredState::Running, TaskState::Assigned),
+        task("b", 2, DesiredState::Running, TaskState::Assigned),
+        task("c", 1, DesiredState::Shutdown, TaskState::Assigned),
+    ]);
+    let mut d = Decider::default();
+    let acts = d.decide(&s, ME, &BTreeMap::new(), &no_dataplane(), Instant::now());
+    assert_eq!(acts, vec![ExecAction::Start("a".into())]);
+}
+
+#[test]
+fn a_task_waits_for_its_sandbox_then_fails_naming_why() {
+    let s = store(vec![task(
+        "a",
+        1,
+        DesiredState::Running,
+        TaskState::Assigned,
+    )]);
+    let mut view = SandboxView {
+        enabled: true,
+        ready: BTreeSet::new(),
+        error: Some("nft: permission denied".into()),
+    };
+    let mut d = Decider::default();
+    let t0 = Instant::now();
+    let none = BTreeMap::new();
+    assert!(d.decide(&s, ME, &none, &view, t0).is_empty());
+    assert!(d.decide(&s, ME, &none, &view, t0 + SANDBOX_WAIT).is_empty());
+    let acts = d.decide(
+        &s,
+        ME,
+        &none,
+        &view,
+        t0 + SANDBOX_WAIT + Duration::from_secs(1),
+    );
+    match acts.as_slice() {
+        [
+            ExecAction::Report {
+                task,
+                state,
+                message,
+                ..
+            },
+        ] => {
+            assert_eq!((task.as_str(), *state), ("a", TaskState::Failed));
+            assert!(
+                message.contains("not ready within 30 s: nft: permission denied"),
+                "{message}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Ready before the deadline: it starts.
+    let mut d = Decider::default();
+    assert!(d.decide(&s, ME, &none, &view, t0).is_empty());
+    view.ready.insert("a".into());
+    let acts = d.decide(&s, ME, &none, &view, t0 + Duration::from_secs(1));
+    assert_eq!(acts, vec![ExecAction::Start("a".into())]);
+}
+
+#[test]
+fn an_ended_task_is_reported_with_its_exit_unless_it_was_stopped() {
+    let s = store(vec![
+        task("a", 1, DesiredState::Running, TaskState::Running),
+        task("b", 1, DesiredState::Shutdown, TaskState::Running),
+        task("c", 1, DesiredState::Running, TaskState::Failed),
+    ]);
+    let exit = Exit {
+        state: TaskState::Failed,
+        message: "exited with status 3".into(),
+        code: Some(3),
+    };
+    let ended = |stopping| Supervision {
+        ended: Some(exit.clone()),
+        stopping,
+    };
+    let t0 = Instant::now();
+    let sup = BTreeMap::from([
+        ("a".to_owned(), ended(None)),
+        ("b".to_owned(), ended(Some(t0))),
+        ("c".to_owned(), ended(None)),
+    ]);
+    let acts = Decider::default().decide(&s, ME, &sup, &no_dataplane(), t0);
+    assert_eq!(
+        acts,
+        vec![
+            ExecAction::Forget("a".into()),
+            ExecAction::Report {
+                task: "a".into(),
+                state: TaskState::Failed,
+                message: "exited with status 3".into(),
+                exit_code: Some(3),
+            },
+            ExecAction::Forget("b".into()),
+            ExecAction::Report {
+                task: "b".into(),
+                state: TaskState::Shutdown,
+                message: "stopped".into(),
+                exit_code: Some(3),
+            },
+            // c's end is in the store already: only forgotten.
+            ExecAction::Forget("c".into()),
+        ]
+    );
+}
+
+#[test]
+fn an_unwanted_task_is_stopped_once_then_killed_when_overdue() {
+    let s = store(vec![task(
+        "a",
+        1,
+        DesiredState::Shutdown,
+        TaskState::Running,
+    )]);
+    let t0 = Instant::now();
+    let mut d = Decider::default();
+    let sup = BTreeMap::from([("a".to_owned(), running())]);
+    assert_eq!(
+        d.decide(&s, ME, &sup, &no_dataplane(), t0),
+        vec![ExecAction::Stop("a".into())]
+    );
+    let stopping = BTreeMap::from([(
+        "a".to_owned(),
+        Supervision {
+            ended: None,
+            stopping: Some(t0),
+        },
+    )]);
+    assert!(
+        d.decide(&s, ME, &stopping, &no_dataplane(), t0 + STOP_GRACE)
+            .is_empty()
+    );
+    assert_eq!(
+        d.decide(
+            &s,
+            ME,
+            &stopping,
+            &no_dataplane(),
+            t0 + KILL_AFTER + Duration::from_secs(1)
+        ),
+        vec![ExecAction::Kill("a".into())]
+    );
+    // A task the store forgot is stopped too.
+    let gone = store(vec![]);
+    assert_eq!(
+        d.decide(&gone, ME, &sup, &no_dataplane(), t0),
+        vec![ExecAction::Stop("a".into())]
+    );
+}
+
+#[test]
+fn a_running_process_the_store_does_not_show_running_is_reported_again() {
+    let s = store(vec![task(
+        "a",
+        1,
+        DesiredState::Running,
+        TaskState::Starting,
+    )]);
+    let sup = BTreeMap::from([("a".to_owned(), running())]);
+    let acts = Decider::default().decide(&s, ME, &sup, &no_dataplane(), Instant::now());
+    assert_eq!(
+        acts,
+        vec![ExecAction::Report {
+            task: "a".into(),
+            state: TaskState::Running,
+            message: String::new(),
+            exit_code: None,
+        }]
+    );
+}
+
+#[test]
+fn a_task_the_store_shows_running_without_a_process_here_failed() {
+    // After a restart that did not re-adopt it.
+    let s = store(vec![task(
+        "a",
+        1,
+        DesiredState::Running,
+        TaskState::Running,
+    )]);
+    let acts = Decider::default().decide(&s, ME, &BTreeMap::new(), &no_dataplane(), Instant::now());
+    match acts.as_slice() {
+        [
+            ExecAction::Report {
+                task,
+                state,
+                message,
+                ..
+            },
+        ] => {
+            assert_eq!((task.as_str(), *state), ("a", TaskState::Failed));
+            assert!(message.contains("process was gone"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -1,0 +1,495 @@
+//! The executor: runs the tasks the store assigns to this node as real
+//! processes and reports their state through the store.
+//!
+//! As root, each task runs in a network namespace of its own (loopback
+//! only, until the data plane of issue 5 gives it endpoints) and a private
+//! mount namespace in which `/etc/resolv.conf` points at the embedded DNS
+//! address 127.0.0.11 (`unshare --net --mount`, then `ip link set lo up` and
+//! a bind mount, then `exec` of the task's command). Without root, tasks run
+//! as plain child processes and the log says so. Output goes to
+//! `STATE_DIR/tasks/<task id>.log`.
+//!
+//! Each task runs under a `shoal task-shim` (see `shim.rs`) in a session of
+//! its own, so that stopping or killing the daemon leaves tasks running: a
+//! restarted daemon re-adopts them from their pid files, and learns how a
+//! task that ended meanwhile exited from its exit record. Tasks stop when
+//! the store says so (SIGTERM, SIGKILL after 10 s) or on `swarm leave`.
+
+pub mod decide;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use shoal_mesh::task::{DesiredState, Task, TaskState};
+use shoal_mesh::{ClusterState, Command, NodeId};
+use shoal_raft::StateHandle;
+use tokio::process::Child;
+
+use super::clock::now_ms;
+use super::dataplane::Sandboxes;
+use super::shim::{self, Pids};
+use super::writer::Propose;
+use decide::{Decider, ExecAction, Exit, STOP_GRACE, Supervision};
+
+const INTERVAL: Duration = Duration::from_millis(300);
+
+/// Most output returned by one log read.
+pub const LOG_CHUNK: u64 = 1 << 20;
+
+/// Reads task `task`'s output on this node from byte `offset` (at most
+/// [`LOG_CHUNK`] bytes); returns the bytes and the next offset.
+pub fn read_log(
+    state_dir: &std::path::Path,
+    task: &str,
+    offset: u64,
+) -> std::io::Result<(Vec<u8>, u64)> {
+    use std::io::{Read, Seek, SeekFrom};
+    if task.is_empty() || !task.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "bad task id",
+        ));
+    }
+    let mut f = std::fs::File::open(state_dir.join("tasks").join(format!("{task}.log")))?;
+    let len = f.metadata()?.len();
+    let start = offset.min(len);
+    f.seek(SeekFrom::Start(start))?;
+    let mut buf = Vec::new();
+    f.take(LOG_CHUNK).read_to_end(&mut buf)?;
+    let next = start + buf.len() as u64;
+    Ok((buf, next))
+}
+
+/// Runs inside the task's new namespaces: `$0` is the resolv.conf to bind,
+/// the rest is the task's command.
+const SANDBOX_INIT: &str =
+    "ip link set lo up && mount --bind \"$0\" /etc/resolv.conf && exec \"$@\"";
+
+/// Whether `program` can be started: an executable file at that path, or
+/// found on `PATH`. Checked before spawning so that a typo is reported as
+/// such rather than as an exit status of the sandbox's shell.
+fn find_program(program: &str) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    let found = if program.contains('/') {
+        executable(std::path::Path::new(program))
+    } else {
+        std::env::var_os("PATH").is_some_and(|paths| {
+            std::env::split_paths(&paths).any(|d| executable(&d.join(program)))
+        })
+    };
+    if found {
+        Ok(())
+    } else {
+        Err(format!(
+            "cannot start `{program}`: no such executable (check the path or the node's PATH)"
+        ))
+    }
+}
+
+pub use shoal_netdriver::privilege::is_root;
+
+/// A task this executor watches.
+struct Supervised {
+    /// The shim, when this daemon started it (else it was re-adopted).
+    shim: Option<Child>,
+    /// Its pids, once known.
+    pids: Option<Pids>,
+    /// When SIGTERM was sent.
+    stopping: Option<Instant>,
+}
+
+impl Supervised {
+    /// Whether the shim has ended.
+    fn ended(&mut self, dir: &Path, id: &str) -> bool {
+        if self.pids.is_none() {
+            self.pids = shim::read_pids(dir, id);
+        }
+        match &mut self.shim {
+            Some(c) => !matches!(c.try_wait(), Ok(None)),
+            None => self.pids.as_ref().is_none_or(|p| !shim::alive(p)),
+        }
+    }
+
+    /// SIGTERM to the shim, which passes it on and gives the task its grace.
+    fn stop(&mut self, now: Instant) {
+        self.stopping.get_or_insert(now);
+        match (&self.shim, &self.pids) {
+            (Some(c), _) => {
+                if let Some(pid) = c.id() {
+                    shim::signal(pid, Signal::SIGTERM);
+                }
+            }
+            (None, Some(p)) => shim::signal(p.shim, Signal::SIGTERM),
+            (None, None) => {}
+        }
+    }
+
+    /// SIGKILL to the shim and its task.
+    fn kill(&mut self) {
+        if let Some(p) = &self.pids {
+            shim::signal(p.child, Signal::SIGKILL);
+            shim::signal(p.shim, Signal::SIGKILL);
+        }
+        if let Some(c) = &mut self.shim {
+            let _ = c.start_kill();
+        }
+    }
+}
+
+/// What a task's exit record says.
+fn outcome(dir: &Path, id: &str) -> Exit {
+    let (state, message, code) = match shim::read_exit(dir, id) {
+        Some(shim::ExitRecord { error: Some(e), .. }) => (TaskState::Failed, e, None),
+        Some(shim::ExitRecord { code: Some(0), .. }) => {
+            (TaskState::Complete, "finished".into(), Some(0))
+        }
+        Some(shim::ExitRecord { code: Some(c), .. }) => (
+            TaskState::Failed,
+            format!("exited with status {c}"),
+            Some(c),
+        ),
+        Some(shim::ExitRecord {
+            signal: Some(s), ..
+        }) => (TaskState::Failed, format!("killed by signal {s}"), None),
+        _ => (
+            TaskState::Failed,
+            "the task's supervisor ended without recording how the task exited".into(),
+            None,
+        ),
+    };
+    Exit {
+        state,
+        message,
+        code,
+    }
+}
+
+/// `SERVICE.SLOT`, or `SERVICE.NODE` for global services.
+pub fn task_name(state: &ClusterState, t: &Task) -> String {
+    state.task_name(t)
+}
+
+/// Every task process this node's shims run (by task ID), whatever the
+/// store says: for re-adoption and for `swarm leave`.
+fn shims_on_disk(dir: &Path) -> BTreeMap<String, Pids> {
+    let mut found = BTreeMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return found;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(id) = name.strip_suffix(".pid")
+            && let Some(p) = shim::read_pids(dir, id)
+            && shim::alive(&p)
+        {
+            found.insert(id.to_owned(), p);
+        }
+    }
+    found
+}
+
+/// Stops every task this node runs and waits (up to the grace period and a
+/// little) for them to end: `swarm leave`.
+pub async fn stop_all(state_dir: &Path) {
+    let dir = state_dir.join("tasks");
+    let shims = shims_on_disk(&dir);
+    for p in shims.values() {
+        shim::signal(p.shim, Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + STOP_GRACE + Duration::from_secs(2);
+    while shims.values().any(shim::alive) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for p in shims.values().filter(|p| shim::alive(p)) {
+        shim::signal(p.child, Signal::SIGKILL);
+        shim::signal(p.shim, Signal::SIGKILL);
+    }
+}
+
+/// What the executor uses.
+pub struct ExecutorCtx<W> {
+    /// This node.
+    pub id: NodeId,
+    /// The store.
+    pub state: StateHandle,
+    /// Where task states are written.
+    pub writer: W,
+    /// Which sandboxes the data plane has ready.
+    pub sandboxes: Arc<Sandboxes>,
+    /// The node's state dir (task files go under `tasks/`).
+    pub state_dir: PathBuf,
+}
+
+impl<W: Propose> ExecutorCtx<W> {
+    fn tasks_dir(&self) -> PathBuf {
+        self.state_dir.join("tasks")
+    }
+
+    async fn report(&self, id: &str, state: TaskState, message: String, exit_code: Option<i32>) {
+        let cmd = Command::SetTaskState {
+            id: id.to_owned(),
+            state,
+            message,
+            exit_code,
+            now_ms: now_ms(),
+        };
+        if let Err(e) = self.writer.propose(cmd).await {
+            tracing::debug!(task = %id, error = %e, "task state not recorded");
+        }
+    }
+}
+
+/// Starts task `t` under a shim (its sandbox, if any, is ready); reports
+/// how that went.
+async fn start<W: Propose>(
+    ctx: &ExecutorCtx<W>,
+    state: &ClusterState,
+    t: &Task,
+) -> Option<Supervised> {
+    let service = state.services.get(&t.service_id)?;
+    let (program, _) = service.spec.command.split_first()?;
+    if let Err(msg) = find_program(program) {
+        ctx.report(&t.id, TaskState::Failed, msg, None).await;
+        return None;
+    }
+    // With the data plane, the task starts inside the sandbox it programmed.
+    let netns = ctx.sandboxes.ready(&t.id);
+    match spawn(ctx, state, t, netns.as_deref()) {
+        Ok(child) => {
+            ctx.report(&t.id, TaskState::Running, String::new(), None)
+                .await;
+            Some(Supervised {
+                shim: Some(child),
+                pids: None,
+                stopping: None,
+            })
+        }
+        Err(e) => {
+            let msg = format!("cannot start the task's supervisor: {e}");
+            ctx.report(&t.id, TaskState::Failed, msg, None).await;
+            None
+        }
+    }
+}
+
+/// Spawns `shoal task-shim` for task `t`, inside network namespace `netns`
+/// (a `/run/netns` name) when given.
+fn spawn<W>(
+    ctx: &ExecutorCtx<W>,
+    state: &ClusterState,
+    t: &Task,
+    netns: Option<&str>,
+) -> std::io::Result<Child> {
+    let dir = ctx.state_dir.join("tasks");
+    let service = state
+        .services
+        .get(&t.service_id)
+        .ok_or_else(|| std::io::Error::other("the task's service is gone"))?;
+    let hostname = state
+        .nodes
+        .get(&ctx.id)
+        .map(|n| n.hostname.clone())
+        .unwrap_or_default();
+    std::fs::create_dir_all(&dir)?;
+    for ext in ["exit", "pid"] {
+        let _ = std::fs::remove_file(shim::file(&dir, &t.id, ext));
+    }
+    let log = std::fs::File::create(shim::file(&dir, &t.id, "log"))?;
+    // This very binary, also when the file was replaced or removed since
+    // the daemon started (an upgrade under a running daemon).
+    let mut cmd = tokio::process::Command::new("/proc/self/exe");
+    if let Ok(exe) = std::env::current_exe() {
+        cmd.arg0(exe);
+    }
+    cmd.arg("task-shim")
+        .arg("--dir")
+        .arg(&dir)
+        .args(["--id", &t.id])
+        .arg("--stop-grace-ms")
+        .arg(STOP_GRACE.as_millis().to_string())
+        .arg("--");
+    if is_root() {
+        let resolv = shim::file(&dir, &t.id, "resolv.conf");
+        std::fs::write(&resolv, "nameserver 127.0.0.11\noptions ndots:0\n")?;
+        match netns {
+            Some(ns) => {
+                let path = Path::new(shoal_netdriver::linux::NETNS_DIR).join(ns);
+                cmd.arg("nsenter")
+                    .arg(format!("--net={}", path.display()))
+                    .args(["unshare", "--mount", "--propagation", "private"])
+            }
+            None => cmd.args(["unshare", "--net", "--mount", "--propagation", "private"]),
+        };
+        cmd.args(["sh", "-c", SANDBOX_INIT]).arg(&resolv);
+    } else {
+        tracing::warn!(task = %t.id, "not root: the task runs without its own network namespace");
+    }
+    cmd.args(&service.spec.command)
+        .envs(&service.spec.env)
+        .env("SHOAL_TASK_ID", &t.id)
+        .env("SHOAL_TASK_NAME", task_name(state, t))
+        .env("SHOAL_SERVICE_NAME", &service.spec.name)
+        .env("SHOAL_SERVICE_ID", &service.id)
+        .env(
+            "SHOAL_TASK_SLOT",
+            t.slot.map(|s| s.to_string()).unwrap_or_default(),
+        )
+        .env("SHOAL_NODE_ID", ctx.id.to_string())
+        .env("SHOAL_NODE_HOSTNAME", hostname)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+}
+
+/// Re-adopts the tasks a previous daemon started on this node: live ones
+/// are watched again, ended ones reported with their exit record, and
+/// processes the store no longer knows are stopped.
+async fn adopt<W: Propose>(
+    ctx: &ExecutorCtx<W>,
+    state: &ClusterState,
+) -> BTreeMap<String, Supervised> {
+    let dir = ctx.tasks_dir();
+    let mut alive = shims_on_disk(&dir);
+    let mut running = BTreeMap::new();
+    let mine = state
+        .tasks
+        .values()
+        .filter(|t| t.node == Some(ctx.id) && !t.state.is_terminal());
+    for t in mine {
+        match alive.remove(&t.id) {
+            Some(p) => {
+                tracing::info!(task = %t.id, pid = p.child, "re-adopted a running task");
+                running.insert(
+                    t.id.clone(),
+                    Supervised {
+                        shim: None,
+                        pids: Some(p),
+                        stopping: None,
+                    },
+                );
+            }
+            None if matches!(t.state, TaskState::Starting | TaskState::Running) => {
+                let exit = if shim::read_exit(&dir, &t.id).is_some() {
+                    outcome(&dir, &t.id)
+                } else {
+                    Exit {
+                        state: TaskState::Failed,
+                        message: "its process was gone when the node's daemon restarted".into(),
+                        code: None,
+                    }
+                };
+                let st = if t.desired == DesiredState::Running {
+                    exit.state
+                } else {
+                    TaskState::Shutdown
+                };
+                ctx.report(&t.id, st, exit.message, exit.code).await;
+            }
+            None => {}
+        }
+    }
+    for (id, p) in alive {
+        tracing::info!(task = %id, "stopping a task the store no longer runs here");
+        shim::signal(p.shim, Signal::SIGTERM);
+    }
+    running
+}
+
+/// Passes between two sweeps of the tasks directory (about a minute).
+const SWEEP_EVERY: u32 = 200;
+
+/// Deletes the files (log, pid, exit record, resolv.conf) of tasks the
+/// store has forgotten and that no longer run here.
+fn sweep(dir: &Path, state: &ClusterState, running: &BTreeMap<String, Supervised>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some((id, _)) = name.split_once('.') else {
+            continue;
+        };
+        if !state.tasks.contains_key(id) && !running.contains_key(id) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// What each supervised task looks like now (its shim polled, the exit
+/// record of an ended one read).
+fn observe(
+    dir: &Path,
+    running: &mut BTreeMap<String, Supervised>,
+) -> BTreeMap<String, Supervision> {
+    running
+        .iter_mut()
+        .map(|(id, s)| {
+            let ended = s.ended(dir, id).then(|| outcome(dir, id));
+            let view = Supervision {
+                ended,
+                stopping: s.stopping,
+            };
+            (id.clone(), view)
+        })
+        .collect()
+}
+
+/// Runs until the task is aborted (the daemon stopping): tasks keep
+/// running, to be re-adopted by the next daemon.
+pub async fn run<W: Propose>(ctx: ExecutorCtx<W>) {
+    let mut changes = ctx.state.changes();
+    let mut running = adopt(&ctx, &ctx.state.state()).await;
+    let mut decider = Decider::default();
+    let mut passes = 0u32;
+    loop {
+        let _ = tokio::time::timeout(INTERVAL, changes.changed()).await;
+        let state = ctx.state.state();
+        let dir = ctx.tasks_dir();
+        passes = passes.wrapping_add(1);
+        if passes.is_multiple_of(SWEEP_EVERY) {
+            sweep(&dir, &state, &running);
+        }
+        let seen = observe(&dir, &mut running);
+        let now = Instant::now();
+        let actions = decider.decide(&state, ctx.id, &seen, &ctx.sandboxes.view(), now);
+        for action in actions {
+            match action {
+                ExecAction::Report {
+                    task,
+                    state: st,
+                    message,
+                    exit_code,
+                } => ctx.report(&task, st, message, exit_code).await,
+                ExecAction::Forget(task) => {
+                    running.remove(&task);
+                }
+                ExecAction::Start(task) => {
+                    let Some(t) = state.tasks.get(&task) else {
+                        continue;
+                    };
+                    if let Some(sup) = start(&ctx, &state, t).await {
+                        running.insert(task, sup);
+                    }
+                }
+                ExecAction::Stop(task) => {
+                    if let Some(s) = running.get_mut(&task) {
+                        s.stop(now);
+                    }
+                }
+                ExecAction::Kill(task) => {
+                    if let Some(s) = running.get_mut(&task) {
+                        s.kill();
+                    }
+                }
+            }
+        }
+    }
+}
