@@ -277,7 +277,8 @@ fn give_ingress_addr(state: &mut ClusterState, node: NodeId) {
 }
 
 /// Applies `cmd` to `state`. Pure and deterministic: same state and command,
-/// same result, on every replica.
+/// same result, on every replica. Each command has its handler; a handler
+/// validates before it changes anything.
 pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyError> {
     if let Command::Init {
         cluster,
@@ -285,230 +286,44 @@ pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyEr
         ingress_id,
     } = cmd
     {
-        if let Some(existing) = &state.cluster {
-            return Err(ApplyError::AlreadyInitialized(existing.id.clone()));
-        }
-        let mut ingress = allocate(
-            ingress_id,
-            &ingress_spec(),
-            &Default::default(),
-            &cluster.default_addr_pool,
-            cluster.default_pool_mask,
-            &[],
-            cluster.created_at_ms,
-        )?;
-        ingress.ingress = true;
-        state.cluster = Some(cluster.clone());
-        state.nodes.clear();
-        state.nodes.insert(first.id, first.clone());
-        state.networks.clear();
-        state.networks.insert(ingress.id.clone(), ingress);
-        state.ingress_addrs.clear();
-        give_ingress_addr(state, first.id);
-        return Ok(Outcome::Done);
+        return init(state, cluster, first, ingress_id);
     }
-    let Some(cluster) = state.cluster.as_mut() else {
+    if state.cluster.is_none() {
         return Err(ApplyError::NotInitialized);
-    };
+    }
     match cmd {
         Command::Init { .. } => unreachable!("handled above"),
-        Command::AddNode(node) => {
-            if state.nodes.contains_key(&node.id) {
-                return Err(ApplyError::DuplicateNode(node.id));
-            }
-            state.nodes.insert(node.id, node.clone());
-            give_ingress_addr(state, node.id);
-        }
-        Command::RotateToken { role, hash, sealed } => {
-            let JoinSecrets {
-                worker_hash,
-                manager_hash,
-                worker_sealed,
-                manager_sealed,
-            } = &mut cluster.tokens;
-            let (h, s) = match role {
-                Role::Manager => (manager_hash, manager_sealed),
-                Role::Worker => (worker_hash, worker_sealed),
-            };
-            h.clone_from(hash);
-            s.clone_from(sealed);
-        }
-        Command::SetRole { node, role } => {
-            let current = state
-                .nodes
-                .get(node)
-                .ok_or(ApplyError::UnknownNode(*node))?;
-            if current.role == *role {
-                return Err(ApplyError::AlreadyRole {
-                    node: *node,
-                    role: *role,
-                });
-            }
-            if current.role == Role::Manager && state.managers().count() == 1 {
-                return Err(ApplyError::LastManager(*node));
-            }
-            if let Some(n) = state.nodes.get_mut(node) {
-                n.role = *role;
-            }
-        }
+        Command::AddNode(node) => add_node(state, node),
+        Command::RotateToken { role, hash, sealed } => rotate_token(state, role, hash, sealed),
+        Command::SetRole { node, role } => set_role(state, node, role),
         Command::UpdateNode {
             node,
             availability,
             label_add,
             label_rm,
-        } => {
-            let current = state
-                .nodes
-                .get(node)
-                .ok_or(ApplyError::UnknownNode(*node))?;
-            if label_add.iter().any(|(k, _)| k.is_empty()) {
-                return Err(ApplyError::EmptyLabelKey);
-            }
-            if let Some(key) = label_rm.iter().find(|k| !current.labels.contains_key(*k)) {
-                return Err(ApplyError::NoSuchLabel {
-                    node: *node,
-                    key: key.clone(),
-                });
-            }
-            if let Some(n) = state.nodes.get_mut(node) {
-                if let Some(a) = availability {
-                    n.availability = *a;
-                }
-                for key in label_rm {
-                    n.labels.remove(key);
-                }
-                for (k, v) in label_add {
-                    n.labels.insert(k.clone(), v.clone());
-                }
-            }
-        }
-        Command::RemoveNode(node) => {
-            let current = state
-                .nodes
-                .get(node)
-                .ok_or(ApplyError::UnknownNode(*node))?;
-            if current.role == Role::Manager && state.managers().count() == 1 {
-                return Err(ApplyError::LastManager(*node));
-            }
-            state.nodes.remove(node);
-            state.ingress_addrs.remove(node);
-        }
-        Command::ForceNewCluster { keep } => {
-            if !state.nodes.contains_key(keep) {
-                return Err(ApplyError::UnknownNode(*keep));
-            }
-            for n in state.nodes.values_mut() {
-                n.role = if n.id == *keep {
-                    Role::Manager
-                } else {
-                    Role::Worker
-                };
-            }
-        }
+        } => update_node(state, node, availability, label_add, label_rm),
+        Command::RemoveNode(node) => remove_node(state, node),
+        Command::ForceNewCluster { keep } => force_new_cluster(state, keep),
         Command::CreateNetwork {
             id,
             spec,
             created_at_ms,
             avoid,
-        } => {
-            if let Some(n) = state.networks.get(id) {
-                // The same command again (a write retried after its reply
-                // was lost): already done.
-                if n.spec == *spec && n.created_at_ms == *created_at_ms {
-                    return Ok(Outcome::Done);
-                }
-                return Err(NetworkError::Exists(id.clone()).into());
-            }
-            let network = allocate(
-                id,
-                spec,
-                &state.networks,
-                &cluster.default_addr_pool,
-                cluster.default_pool_mask,
-                avoid,
-                *created_at_ms,
-            )?;
-            state.networks.insert(id.clone(), network);
-        }
-        Command::RemoveNetwork { id } => {
-            let network = state
-                .networks
-                .get(id)
-                .ok_or_else(|| ApplyError::NoSuchNetwork(id.clone()))?;
-            // A service attached to it, or whose tasks (say, from before an
-            // update detached it) still hold addresses on it.
-            let user = state
-                .services
-                .values()
-                .find(|s| {
-                    s.spec.networks.iter().any(|a| &a.network == id) || s.vips.contains_key(id)
-                })
-                .or_else(|| {
-                    state
-                        .tasks
-                        .values()
-                        .find(|t| t.addresses.contains_key(id))
-                        .and_then(|t| state.services.get(&t.service_id))
-                });
-            if let Some(s) = user {
-                return Err(ApplyError::NetworkInUse {
-                    network: network.spec.name.clone(),
-                    service: s.spec.name.clone(),
-                });
-            }
-            state.networks.remove(id);
-        }
+        } => create_network(state, id, spec, created_at_ms, avoid),
+        Command::RemoveNetwork { id } => remove_network(state, id),
         Command::CreateService {
             id,
             spec,
             created_at_ms,
-        } => {
-            if let Some(svc) = state.services.get(id) {
-                if svc.spec == *spec && svc.created_at_ms == *created_at_ms {
-                    return Ok(Outcome::Done);
-                }
-                return Err(ServiceError::Exists(id.clone()).into());
-            }
-            let service = allocate_service(id, spec, state, *created_at_ms)?;
-            state.services.insert(id.clone(), service);
-        }
-        Command::RemoveService { id } => {
-            if state.services.remove(id).is_none() {
-                return Err(ApplyError::NoSuchService(id.clone()));
-            }
-            state.tasks.retain(|_, t| &t.service_id != id);
-        }
-        Command::ScaleService { id, replicas } => {
-            let svc = state
-                .services
-                .get_mut(id)
-                .ok_or_else(|| ApplyError::NoSuchService(id.clone()))?;
-            match svc.spec.mode {
-                crate::service::ServiceMode::Replicated(_) => {
-                    svc.spec.mode = crate::service::ServiceMode::Replicated(*replicas);
-                }
-                crate::service::ServiceMode::Global => {
-                    return Err(ServiceError::Invalid(format!(
-                        "service `{}` is global: it runs one task per node and cannot be scaled",
-                        svc.spec.name
-                    ))
-                    .into());
-                }
-            }
-        }
+        } => create_service(state, id, spec, created_at_ms),
+        Command::RemoveService { id } => remove_service(state, id),
+        Command::ScaleService { id, replicas } => scale_service(state, id, replicas),
         Command::UpdateService {
             id,
             spec,
             force,
             now_ms,
-        } => {
-            let previous = state
-                .services
-                .get(id)
-                .ok_or_else(|| ApplyError::NoSuchService(id.clone()))?;
-            let service = reallocate_service(previous, spec, state, *force, *now_ms)?;
-            state.services.insert(id.clone(), service);
-        }
+        } => update_service(state, id, spec, force, now_ms),
         Command::AddTask {
             id,
             service_id,
@@ -517,145 +332,471 @@ pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyEr
             message,
             restarts,
             now_ms,
-        } => {
-            let service = state
-                .services
-                .get(service_id)
-                .ok_or_else(|| ApplyError::NoSuchService(service_id.clone()))?;
-            if state.tasks.contains_key(id) {
-                return Err(ApplyError::DuplicateTask(id.clone()));
-            }
-            // One active task per slot (per node for global services), even
-            // if two orchestrators (an old and a new leader) both fill it.
-            let taken = state.tasks.values().find(|t| {
-                t.service_id == *service_id
-                    && t.is_active()
-                    && match slot {
-                        Some(s) => t.slot == Some(*s),
-                        None => t.slot.is_none() && node.is_some() && t.node == *node,
-                    }
-            });
-            if let Some(t) = taken {
-                return Err(ApplyError::SlotTaken {
-                    slot: format!(
-                        "{} {}",
-                        service.spec.name,
-                        slot.map_or_else(
-                            || format!("on {}", node.map(|n| n.to_string()).unwrap_or_default()),
-                            |s| format!("slot {s}")
-                        )
-                    ),
-                    task: t.id.clone(),
-                });
-            }
-            if let Some(n) = node
-                && !state.nodes.contains_key(n)
-            {
-                return Err(ApplyError::UnknownNode(*n));
-            }
-            let mut addresses = std::collections::BTreeMap::new();
-            for net in task_networks(service) {
-                let network = state
-                    .networks
-                    .get(&net)
-                    .ok_or_else(|| ApplyError::NoSuchNetwork(net.clone()))?;
-                let ip = allocate_ip(network, &used_addresses(state, &net))
-                    .map_err(ServiceError::from)?;
-                addresses.insert(net, ip);
-            }
-            state.tasks.insert(
-                id.clone(),
-                Task {
-                    id: id.clone(),
-                    service_id: service_id.clone(),
-                    slot: *slot,
-                    node: *node,
-                    desired: DesiredState::Running,
-                    state: if node.is_some() {
-                        TaskState::Assigned
-                    } else {
-                        TaskState::Pending
-                    },
-                    addresses,
-                    message: message.clone(),
-                    exit_code: None,
-                    spec_version: service.version,
-                    restarts: *restarts,
-                    created_at_ms: *now_ms,
-                    updated_at_ms: *now_ms,
-                },
-            );
-        }
-        Command::AssignTask { id, node, now_ms } => {
-            if !state.nodes.contains_key(node) {
-                return Err(ApplyError::UnknownNode(*node));
-            }
-            let t = state
-                .tasks
-                .get_mut(id)
-                .ok_or_else(|| ApplyError::NoSuchTask(id.clone()))?;
-            if t.state != TaskState::Pending {
-                return Err(ApplyError::BadTransition {
-                    id: id.clone(),
-                    from: t.state,
-                    to: TaskState::Assigned,
-                });
-            }
-            t.node = Some(*node);
-            t.state = TaskState::Assigned;
-            t.message.clear();
-            t.updated_at_ms = *now_ms;
-        }
+        } => add_task(state, id, service_id, slot, node, message, restarts, now_ms),
+        Command::AssignTask { id, node, now_ms } => assign_task(state, id, node, now_ms),
         Command::SetTaskState {
             id,
             state: to,
             message,
             exit_code,
             now_ms,
-        } => {
-            let t = state
-                .tasks
-                .get_mut(id)
-                .ok_or_else(|| ApplyError::NoSuchTask(id.clone()))?;
-            if t.state.is_terminal() || *to < t.state {
-                return Err(ApplyError::BadTransition {
-                    id: id.clone(),
-                    from: t.state,
-                    to: *to,
-                });
-            }
-            t.state = *to;
-            t.message.clone_from(message);
-            t.exit_code = *exit_code;
-            t.updated_at_ms = *now_ms;
+        } => set_task_state(state, id, to, message, exit_code, now_ms),
+        Command::ShutdownTask { id, now_ms } => shutdown_task(state, id, now_ms),
+        Command::RemoveTask { id } => remove_task(state, id),
+        Command::SetNodeAddr { node, addr } => set_node_addr(state, node, addr),
+    }
+}
+
+/// `swarm init`: the cluster's facts, its first manager and `ingress`.
+fn init(
+    state: &mut ClusterState,
+    cluster: &ClusterInfo,
+    first: &Node,
+    ingress_id: &str,
+) -> Result<Outcome, ApplyError> {
+    if let Some(existing) = &state.cluster {
+        return Err(ApplyError::AlreadyInitialized(existing.id.clone()));
+    }
+    let mut ingress = allocate(
+        ingress_id,
+        &ingress_spec(),
+        &Default::default(),
+        &cluster.default_addr_pool,
+        cluster.default_pool_mask,
+        &[],
+        cluster.created_at_ms,
+    )?;
+    ingress.ingress = true;
+    state.cluster = Some(cluster.clone());
+    state.nodes.clear();
+    state.nodes.insert(first.id, first.clone());
+    state.networks.clear();
+    state.networks.insert(ingress.id.clone(), ingress);
+    state.ingress_addrs.clear();
+    give_ingress_addr(state, first.id);
+    Ok(Outcome::Done)
+}
+
+/// A node joins.
+fn add_node(state: &mut ClusterState, node: &Node) -> Result<Outcome, ApplyError> {
+    if state.nodes.contains_key(&node.id) {
+        return Err(ApplyError::DuplicateNode(node.id));
+    }
+    state.nodes.insert(node.id, node.clone());
+    give_ingress_addr(state, node.id);
+    Ok(Outcome::Done)
+}
+
+/// A join token's secret changes.
+fn rotate_token(
+    state: &mut ClusterState,
+    role: &Role,
+    hash: &str,
+    sealed: &Vec<u8>,
+) -> Result<Outcome, ApplyError> {
+    let cluster = state.cluster.as_mut().ok_or(ApplyError::NotInitialized)?;
+
+    let JoinSecrets {
+        worker_hash,
+        manager_hash,
+        worker_sealed,
+        manager_sealed,
+    } = &mut cluster.tokens;
+    let (h, s) = match role {
+        Role::Manager => (manager_hash, manager_sealed),
+        Role::Worker => (worker_hash, worker_sealed),
+    };
+    *h = hash.to_owned();
+    s.clone_from(sealed);
+    Ok(Outcome::Done)
+}
+
+/// `node promote` / `node demote`.
+fn set_role(state: &mut ClusterState, node: &NodeId, role: &Role) -> Result<Outcome, ApplyError> {
+    let current = state
+        .nodes
+        .get(node)
+        .ok_or(ApplyError::UnknownNode(*node))?;
+    if current.role == *role {
+        return Err(ApplyError::AlreadyRole {
+            node: *node,
+            role: *role,
+        });
+    }
+    if current.role == Role::Manager && state.managers().count() == 1 {
+        return Err(ApplyError::LastManager(*node));
+    }
+    if let Some(n) = state.nodes.get_mut(node) {
+        n.role = *role;
+    }
+    Ok(Outcome::Done)
+}
+
+/// `node update`: availability and labels.
+fn update_node(
+    state: &mut ClusterState,
+    node: &NodeId,
+    availability: &Option<Availability>,
+    label_add: &Vec<(String, String)>,
+    label_rm: &Vec<String>,
+) -> Result<Outcome, ApplyError> {
+    let current = state
+        .nodes
+        .get(node)
+        .ok_or(ApplyError::UnknownNode(*node))?;
+    if label_add.iter().any(|(k, _)| k.is_empty()) {
+        return Err(ApplyError::EmptyLabelKey);
+    }
+    if let Some(key) = label_rm.iter().find(|k| !current.labels.contains_key(*k)) {
+        return Err(ApplyError::NoSuchLabel {
+            node: *node,
+            key: key.clone(),
+        });
+    }
+    if let Some(n) = state.nodes.get_mut(node) {
+        if let Some(a) = availability {
+            n.availability = *a;
         }
-        Command::ShutdownTask { id, now_ms } => {
-            let t = state
-                .tasks
-                .get_mut(id)
-                .ok_or_else(|| ApplyError::NoSuchTask(id.clone()))?;
-            if t.desired == DesiredState::Shutdown {
-                return Ok(Outcome::Done);
-            }
-            t.desired = DesiredState::Shutdown;
-            t.updated_at_ms = *now_ms;
-            if matches!(t.state, TaskState::New | TaskState::Pending) {
-                t.state = TaskState::Shutdown;
-            }
+        for key in label_rm {
+            n.labels.remove(key);
         }
-        Command::RemoveTask { id } => {
-            if state.tasks.remove(id).is_none() {
-                return Err(ApplyError::NoSuchTask(id.clone()));
-            }
-        }
-        Command::SetNodeAddr { node, addr } => {
-            let n = state
-                .nodes
-                .get_mut(node)
-                .ok_or(ApplyError::UnknownNode(*node))?;
-            n.addr.clone_from(addr);
+        for (k, v) in label_add {
+            n.labels.insert(k.clone(), v.clone());
         }
     }
+    Ok(Outcome::Done)
+}
+
+/// `node rm`.
+fn remove_node(state: &mut ClusterState, node: &NodeId) -> Result<Outcome, ApplyError> {
+    let current = state
+        .nodes
+        .get(node)
+        .ok_or(ApplyError::UnknownNode(*node))?;
+    if current.role == Role::Manager && state.managers().count() == 1 {
+        return Err(ApplyError::LastManager(*node));
+    }
+    state.nodes.remove(node);
+    state.ingress_addrs.remove(node);
+    Ok(Outcome::Done)
+}
+
+/// `swarm init --force-new-cluster`: only `keep` stays a manager.
+fn force_new_cluster(state: &mut ClusterState, keep: &NodeId) -> Result<Outcome, ApplyError> {
+    if !state.nodes.contains_key(keep) {
+        return Err(ApplyError::UnknownNode(*keep));
+    }
+    for n in state.nodes.values_mut() {
+        n.role = if n.id == *keep {
+            Role::Manager
+        } else {
+            Role::Worker
+        };
+    }
+    Ok(Outcome::Done)
+}
+
+/// `network create`.
+fn create_network(
+    state: &mut ClusterState,
+    id: &str,
+    spec: &NetworkSpec,
+    created_at_ms: &u64,
+    avoid: &[Ipv4Net],
+) -> Result<Outcome, ApplyError> {
+    let cluster = state.cluster.as_ref().ok_or(ApplyError::NotInitialized)?;
+
+    if let Some(n) = state.networks.get(id) {
+        // The same command again (a write retried after its reply
+        // was lost): already done.
+        if n.spec == *spec && n.created_at_ms == *created_at_ms {
+            return Ok(Outcome::Done);
+        }
+        return Err(NetworkError::Exists(id.to_owned()).into());
+    }
+    let network = allocate(
+        id,
+        spec,
+        &state.networks,
+        &cluster.default_addr_pool,
+        cluster.default_pool_mask,
+        avoid,
+        *created_at_ms,
+    )?;
+    state.networks.insert(id.to_owned(), network);
+    Ok(Outcome::Done)
+}
+
+/// `network rm`, refused while a service or task uses it.
+fn remove_network(state: &mut ClusterState, id: &str) -> Result<Outcome, ApplyError> {
+    let network = state
+        .networks
+        .get(id)
+        .ok_or_else(|| ApplyError::NoSuchNetwork(id.to_owned()))?;
+    // A service attached to it, or whose tasks (say, from before an
+    // update detached it) still hold addresses on it.
+    let user = state
+        .services
+        .values()
+        .find(|s| s.spec.networks.iter().any(|a| a.network == id) || s.vips.contains_key(id))
+        .or_else(|| {
+            state
+                .tasks
+                .values()
+                .find(|t| t.addresses.contains_key(id))
+                .and_then(|t| state.services.get(&t.service_id))
+        });
+    if let Some(s) = user {
+        return Err(ApplyError::NetworkInUse {
+            network: network.spec.name.clone(),
+            service: s.spec.name.clone(),
+        });
+    }
+    state.networks.remove(id);
+    Ok(Outcome::Done)
+}
+
+/// `service create`.
+fn create_service(
+    state: &mut ClusterState,
+    id: &str,
+    spec: &ServiceSpec,
+    created_at_ms: &u64,
+) -> Result<Outcome, ApplyError> {
+    if let Some(svc) = state.services.get(id) {
+        if svc.spec == *spec && svc.created_at_ms == *created_at_ms {
+            return Ok(Outcome::Done);
+        }
+        return Err(ServiceError::Exists(id.to_owned()).into());
+    }
+    let service = allocate_service(id, spec, state, *created_at_ms)?;
+    state.services.insert(id.to_owned(), service);
+    Ok(Outcome::Done)
+}
+
+/// `service rm`: the service and its tasks.
+fn remove_service(state: &mut ClusterState, id: &str) -> Result<Outcome, ApplyError> {
+    if state.services.remove(id).is_none() {
+        return Err(ApplyError::NoSuchService(id.to_owned()));
+    }
+    state.tasks.retain(|_, t| t.service_id != id);
+    Ok(Outcome::Done)
+}
+
+/// `service scale`.
+fn scale_service(
+    state: &mut ClusterState,
+    id: &str,
+    replicas: &u64,
+) -> Result<Outcome, ApplyError> {
+    let svc = state
+        .services
+        .get_mut(id)
+        .ok_or_else(|| ApplyError::NoSuchService(id.to_owned()))?;
+    match svc.spec.mode {
+        crate::service::ServiceMode::Replicated(_) => {
+            svc.spec.mode = crate::service::ServiceMode::Replicated(*replicas);
+        }
+        crate::service::ServiceMode::Global => {
+            return Err(ServiceError::Invalid(format!(
+                "service `{}` is global: it runs one task per node and cannot be scaled",
+                svc.spec.name
+            ))
+            .into());
+        }
+    }
+    Ok(Outcome::Done)
+}
+
+/// `service update`.
+fn update_service(
+    state: &mut ClusterState,
+    id: &str,
+    spec: &ServiceSpec,
+    force: &bool,
+    now_ms: &u64,
+) -> Result<Outcome, ApplyError> {
+    let previous = state
+        .services
+        .get(id)
+        .ok_or_else(|| ApplyError::NoSuchService(id.to_owned()))?;
+    let service = reallocate_service(previous, spec, state, *force, *now_ms)?;
+    state.services.insert(id.to_owned(), service);
+    Ok(Outcome::Done)
+}
+
+/// The orchestrator adds a task, with its addresses.
+#[allow(clippy::too_many_arguments)] // the fields of `Command::AddTask`, one each
+fn add_task(
+    state: &mut ClusterState,
+    id: &str,
+    service_id: &str,
+    slot: &Option<u64>,
+    node: &Option<NodeId>,
+    message: &str,
+    restarts: &u64,
+    now_ms: &u64,
+) -> Result<Outcome, ApplyError> {
+    let service = state
+        .services
+        .get(service_id)
+        .ok_or_else(|| ApplyError::NoSuchService(service_id.to_owned()))?;
+    if state.tasks.contains_key(id) {
+        return Err(ApplyError::DuplicateTask(id.to_owned()));
+    }
+    // One active task per slot (per node for global services), even
+    // if two orchestrators (an old and a new leader) both fill it.
+    let taken = state.tasks.values().find(|t| {
+        t.service_id == *service_id
+            && t.is_active()
+            && match slot {
+                Some(s) => t.slot == Some(*s),
+                None => t.slot.is_none() && node.is_some() && t.node == *node,
+            }
+    });
+    if let Some(t) = taken {
+        return Err(ApplyError::SlotTaken {
+            slot: format!(
+                "{} {}",
+                service.spec.name,
+                slot.map_or_else(
+                    || format!("on {}", node.map(|n| n.to_string()).unwrap_or_default()),
+                    |s| format!("slot {s}")
+                )
+            ),
+            task: t.id.to_owned(),
+        });
+    }
+    if let Some(n) = node
+        && !state.nodes.contains_key(n)
+    {
+        return Err(ApplyError::UnknownNode(*n));
+    }
+    let mut addresses = std::collections::BTreeMap::new();
+    for net in task_networks(service) {
+        let network = state
+            .networks
+            .get(&net)
+            .ok_or_else(|| ApplyError::NoSuchNetwork(net.to_owned()))?;
+        let ip = allocate_ip(network, &used_addresses(state, &net)).map_err(ServiceError::from)?;
+        addresses.insert(net, ip);
+    }
+    state.tasks.insert(
+        id.to_owned(),
+        Task {
+            id: id.to_owned(),
+            service_id: service_id.to_owned(),
+            slot: *slot,
+            node: *node,
+            desired: DesiredState::Running,
+            state: if node.is_some() {
+                TaskState::Assigned
+            } else {
+                TaskState::Pending
+            },
+            addresses,
+            message: message.to_owned(),
+            exit_code: None,
+            spec_version: service.version,
+            restarts: *restarts,
+            created_at_ms: *now_ms,
+            updated_at_ms: *now_ms,
+        },
+    );
+    Ok(Outcome::Done)
+}
+
+/// The orchestrator places a pending task.
+fn assign_task(
+    state: &mut ClusterState,
+    id: &str,
+    node: &NodeId,
+    now_ms: &u64,
+) -> Result<Outcome, ApplyError> {
+    if !state.nodes.contains_key(node) {
+        return Err(ApplyError::UnknownNode(*node));
+    }
+    let t = state
+        .tasks
+        .get_mut(id)
+        .ok_or_else(|| ApplyError::NoSuchTask(id.to_owned()))?;
+    if t.state != TaskState::Pending {
+        return Err(ApplyError::BadTransition {
+            id: id.to_owned(),
+            from: t.state,
+            to: TaskState::Assigned,
+        });
+    }
+    t.node = Some(*node);
+    t.state = TaskState::Assigned;
+    t.message.clear();
+    t.updated_at_ms = *now_ms;
+    Ok(Outcome::Done)
+}
+
+/// An executor reports a task's state; it only moves forward.
+fn set_task_state(
+    state: &mut ClusterState,
+    id: &str,
+    to: &TaskState,
+    message: &str,
+    exit_code: &Option<i32>,
+    now_ms: &u64,
+) -> Result<Outcome, ApplyError> {
+    let t = state
+        .tasks
+        .get_mut(id)
+        .ok_or_else(|| ApplyError::NoSuchTask(id.to_owned()))?;
+    if t.state.is_terminal() || *to < t.state {
+        return Err(ApplyError::BadTransition {
+            id: id.to_owned(),
+            from: t.state,
+            to: *to,
+        });
+    }
+    t.state = *to;
+    message.clone_into(&mut t.message);
+    t.exit_code = *exit_code;
+    t.updated_at_ms = *now_ms;
+    Ok(Outcome::Done)
+}
+
+/// The orchestrator asks a task to stop.
+fn shutdown_task(state: &mut ClusterState, id: &str, now_ms: &u64) -> Result<Outcome, ApplyError> {
+    let t = state
+        .tasks
+        .get_mut(id)
+        .ok_or_else(|| ApplyError::NoSuchTask(id.to_owned()))?;
+    if t.desired == DesiredState::Shutdown {
+        return Ok(Outcome::Done);
+    }
+    t.desired = DesiredState::Shutdown;
+    t.updated_at_ms = *now_ms;
+    if matches!(t.state, TaskState::New | TaskState::Pending) {
+        t.state = TaskState::Shutdown;
+    }
+    Ok(Outcome::Done)
+}
+
+/// The orchestrator forgets an ended task.
+fn remove_task(state: &mut ClusterState, id: &str) -> Result<Outcome, ApplyError> {
+    if state.tasks.remove(id).is_none() {
+        return Err(ApplyError::NoSuchTask(id.to_owned()));
+    }
+    Ok(Outcome::Done)
+}
+
+/// A node's address changes.
+fn set_node_addr(
+    state: &mut ClusterState,
+    node: &NodeId,
+    addr: &str,
+) -> Result<Outcome, ApplyError> {
+    let n = state
+        .nodes
+        .get_mut(node)
+        .ok_or(ApplyError::UnknownNode(*node))?;
+    addr.clone_into(&mut n.addr);
     Ok(Outcome::Done)
 }
 

@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shoal_gossip::MemberState;
@@ -27,6 +27,7 @@ use shoal_raft::StateHandle;
 
 use super::config::DataplaneConfig;
 use super::gossip::{GossipCmd, GossipHandle};
+pub use super::sandboxes::Sandboxes;
 
 /// The gossip table of endpoints.
 pub const ENDPOINTS: &str = "endpoints";
@@ -113,91 +114,6 @@ impl ListenGate {
     /// Whether a task still waits (the loop then looks again sooner).
     fn pending(&self) -> bool {
         !self.waiting.is_empty()
-    }
-}
-
-/// What the data plane tells the executor.
-#[derive(Debug, Default)]
-pub struct Sandboxes {
-    /// Whether the data plane runs (else tasks get bare namespaces).
-    pub enabled: bool,
-    /// Namespace names of this node (`<prefix>t-<task>` for sandboxes).
-    pub names: Option<Names>,
-    /// Tasks whose sandbox is programmed.
-    ready: Mutex<BTreeSet<String>>,
-    /// The last reconcile error, for tasks that wait.
-    error: Mutex<Option<String>>,
-    /// The plan last programmed.
-    last: Mutex<Option<NodePlan>>,
-    /// Networks here whose subnet overlaps one of this node's routes.
-    warnings: Mutex<Vec<String>>,
-}
-
-impl Sandboxes {
-    /// For the given configuration and node.
-    pub fn new(cfg: &DataplaneConfig, node: &str, root: bool) -> Self {
-        let enabled = cfg.enabled && root;
-        Sandboxes {
-            enabled,
-            names: enabled.then(|| match &cfg.netns_prefix {
-                Some(p) => Names { prefix: p.clone() },
-                None => Names::for_node(node),
-            }),
-            ready: Mutex::default(),
-            error: Mutex::default(),
-            last: Mutex::default(),
-            warnings: Mutex::default(),
-        }
-    }
-
-    /// What is wrong on this node but not an error: networks whose subnet
-    /// overlaps one of its routes.
-    pub fn warnings(&self) -> Vec<String> {
-        self.warnings.lock().map(|w| w.clone()).unwrap_or_default()
-    }
-
-    /// The network namespace of task `task`, once programmed.
-    pub fn ready(&self, task: &str) -> Option<String> {
-        let names = self.names.as_ref()?;
-        self.ready
-            .lock()
-            .ok()?
-            .contains(task)
-            .then(|| names.task(task))
-    }
-
-    /// What the executor needs: whether sandboxes are made here, which
-    /// are ready, and why the last reconcile failed.
-    pub fn view(&self) -> super::executor::decide::SandboxView {
-        super::executor::decide::SandboxView {
-            enabled: self.enabled,
-            ready: self.ready.lock().map(|r| r.clone()).unwrap_or_default(),
-            error: self.error(),
-        }
-    }
-
-    /// Why the last reconcile failed, if it did.
-    pub fn error(&self) -> Option<String> {
-        self.error.lock().ok()?.clone()
-    }
-
-    /// The plan last programmed, if any.
-    pub fn last_plan(&self) -> Option<NodePlan> {
-        self.last.lock().ok()?.clone()
-    }
-
-    /// For `shoal info`: `off`, `starting` (a restarted daemon waits for
-    /// gossip before it programs anything), `programmed` or `error`.
-    pub fn status(&self) -> &'static str {
-        if !self.enabled {
-            "off"
-        } else if self.error().is_some() {
-            "error"
-        } else if self.last.lock().is_ok_and(|l| l.is_some()) {
-            "programmed"
-        } else {
-            "starting"
-        }
     }
 }
 

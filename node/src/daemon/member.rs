@@ -22,7 +22,7 @@ use shoal_raft::{
 };
 use tokio::task::JoinHandle;
 
-use super::dataplane::{DataplaneCtx, Sandboxes};
+use super::dataplane::DataplaneCtx;
 use super::executor::ExecutorCtx;
 use super::gossip::GossipHandle;
 use super::identity::{Identity, ManagerKey, StateDir};
@@ -31,6 +31,7 @@ use super::membership::MembershipCtx;
 use super::orchestrate::OrchestratorCtx;
 use super::peer::PeerHandler;
 use super::ping::PingCtx;
+use super::sandboxes::Sandboxes;
 use super::transport::{ALPN_RAFT, MAX_MESSAGE, Quic};
 use super::wire::{CtlReply, CtlRequest};
 use super::writer::{Propose, WriteError, Writer};

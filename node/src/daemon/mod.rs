@@ -19,6 +19,7 @@ pub mod peer;
 pub mod ping;
 pub mod pki;
 pub mod recovery;
+pub mod sandboxes;
 pub mod services;
 pub mod shim;
 pub mod transport;

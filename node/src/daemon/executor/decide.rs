@@ -10,11 +10,13 @@
 //!  ready sandboxes ─────────┘
 //! ```
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use shoal_mesh::task::{DesiredState, TaskState};
 use shoal_mesh::{ClusterState, NodeId};
+
+pub use super::super::sandboxes::SandboxView;
 
 /// How long a task waits for its network sandbox before it fails.
 pub const SANDBOX_WAIT: Duration = Duration::from_secs(30);
@@ -44,17 +46,6 @@ pub struct Supervision {
     pub ended: Option<Exit>,
     /// When it was asked to stop.
     pub stopping: Option<Instant>,
-}
-
-/// Which task sandboxes the data plane has programmed.
-#[derive(Debug, Clone, Default)]
-pub struct SandboxView {
-    /// Whether the data plane runs here (else tasks need no sandbox).
-    pub enabled: bool,
-    /// Tasks whose sandbox is ready.
-    pub ready: BTreeSet<String>,
-    /// Why the data plane last failed, if it did.
-    pub error: Option<String>,
 }
 
 /// One thing for the driver to do.

@@ -30,7 +30,7 @@ use shoal_raft::StateHandle;
 use tokio::process::Child;
 
 use super::clock::now_ms;
-use super::dataplane::Sandboxes;
+use super::sandboxes::Sandboxes;
 use super::shim::{self, Pids};
 use super::writer::Propose;
 use decide::{Decider, ExecAction, Exit, STOP_GRACE, Supervision};
