@@ -330,10 +330,39 @@ fn dns_records(
     out
 }
 
-/// The plan for `input.node`.
+/// The plan for `input.node`: its sandboxes, the networks they (and the
+/// routing mesh) need here, its published ports and its part in the mesh.
 pub fn plan(input: &PlanInput<'_>) -> NodePlan {
+    let sandboxes = sandboxes(input);
+    let networks = networks(input, &sandboxes);
+    let published = published(input.state, &sandboxes);
+    let ingress = ingress(input);
+    NodePlan {
+        networks,
+        sandboxes,
+        published,
+        ingress,
+    }
+}
+
+/// The `ingress` network and this node's address on it, while some port is
+/// published through the routing mesh.
+fn my_ingress<'a>(input: &PlanInput<'a>) -> Option<(&'a crate::network::Network, Ipv4Addr)> {
     let state = input.state;
-    let mut out = NodePlan::default();
+    let mesh_ports = state
+        .services
+        .values()
+        .any(|s| s.ports.iter().any(|p| p.mode == PublishMode::Ingress));
+    let n = state.networks.values().find(|n| n.ingress)?;
+    mesh_ports.then_some(())?;
+    Some((n, *state.ingress_addrs.get(&input.node)?))
+}
+
+/// Sandboxes: the tasks placed here that should run, one endpoint per
+/// network, with what their DNS answers.
+fn sandboxes(input: &PlanInput<'_>) -> BTreeMap<String, SandboxPlan> {
+    let state = input.state;
+    let mut out = BTreeMap::new();
     // Sandboxes: the tasks placed here that should run.
     for t in state.tasks.values() {
         let wanted = t.node == Some(input.node)
@@ -369,7 +398,7 @@ pub fn plan(input: &PlanInput<'_>) -> NodePlan {
                     .get(&e.network)
                     .is_some_and(|n| !n.spec.internal)
             });
-        out.sandboxes.insert(
+        out.insert(
             t.id.clone(),
             SandboxPlan {
                 task: t.id.clone(),
@@ -380,22 +409,23 @@ pub fn plan(input: &PlanInput<'_>) -> NodePlan {
             },
         );
     }
-    // Networks: those with a local endpoint, and `ingress` on every node
-    // while a port is published through the mesh.
-    let ingress_net = state.networks.values().find(|n| n.ingress);
-    let mesh_ports = state
-        .services
-        .values()
-        .any(|s| s.ports.iter().any(|p| p.mode == PublishMode::Ingress));
-    let my_ingress = ingress_net
-        .filter(|_| mesh_ports)
-        .and_then(|n| Some((n, *state.ingress_addrs.get(&input.node)?)));
-    let mut local_nets: BTreeSet<&str> = out
-        .sandboxes
+    out
+}
+
+/// Networks: those with a local endpoint, and `ingress` on every node while
+/// a port is published through the mesh; each with its remote endpoints
+/// and its VIP load balancers.
+fn networks(
+    input: &PlanInput<'_>,
+    sandboxes: &BTreeMap<String, SandboxPlan>,
+) -> BTreeMap<String, NetworkPlan> {
+    let state = input.state;
+    let mut out = BTreeMap::new();
+    let mut local_nets: BTreeSet<&str> = sandboxes
         .values()
         .flat_map(|s| s.endpoints.iter().map(|e| e.network.as_str()))
         .collect();
-    if let Some((n, _)) = my_ingress {
+    if let Some((n, _)) = my_ingress(input) {
         local_nets.insert(n.id.as_str());
     }
     for net in local_nets {
@@ -444,7 +474,7 @@ pub fn plan(input: &PlanInput<'_>) -> NodePlan {
         let mtu = n
             .mtu
             .unwrap_or(input.underlay_mtu.saturating_sub(VXLAN_OVERHEAD));
-        out.networks.insert(
+        out.insert(
             net.to_owned(),
             NetworkPlan {
                 id: n.id.clone(),
@@ -462,12 +492,18 @@ pub fn plan(input: &PlanInput<'_>) -> NodePlan {
             },
         );
     }
-    // Published ports: ingress ones on every node, host ones where a task runs.
+    out
+}
+
+/// Published ports: ingress ones on every node, host ones where a task of
+/// the service runs here.
+fn published(state: &ClusterState, sandboxes: &BTreeMap<String, SandboxPlan>) -> Vec<PublishPlan> {
+    let mut out = Vec::new();
     let ingress = state.networks.values().find(|n| n.ingress);
     for s in state.services.values() {
         // This node's sandboxes of the service, for host-mode ports.
         let local: Vec<&SandboxPlan> = if s.ports.iter().any(|p| p.mode == PublishMode::Host) {
-            out.sandboxes
+            sandboxes
                 .values()
                 .filter(|sb| {
                     state
@@ -500,7 +536,7 @@ pub fn plan(input: &PlanInput<'_>) -> NodePlan {
             if p.mode == PublishMode::Host && backends.is_empty() {
                 continue;
             }
-            out.published.push(PublishPlan {
+            out.push(PublishPlan {
                 tasks,
                 service: s.spec.name.clone(),
                 protocol: p.protocol,
@@ -511,32 +547,36 @@ pub fn plan(input: &PlanInput<'_>) -> NodePlan {
             });
         }
     }
-    out.published.sort();
-    if let Some((n, addr)) = my_ingress {
-        let live = reachable(input, &n.id);
-        let mut ports = Vec::new();
-        for s in state.services.values() {
-            let backends = backends_of(&live, &s.id);
-            if backends.is_empty() {
-                continue;
-            }
-            for p in s.ports.iter().filter(|p| p.mode == PublishMode::Ingress) {
-                ports.push(IngressPort {
-                    protocol: p.protocol,
-                    published: p.published,
-                    target: p.target,
-                    backends: backends.clone(),
-                });
-            }
-        }
-        ports.sort();
-        out.ingress = Some(IngressPlan {
-            network: n.id.clone(),
-            addr,
-            ports,
-        });
-    }
+    out.sort();
     out
+}
+
+/// This node's part in the routing mesh: every published port, balanced
+/// over the service's live tasks on `ingress`.
+fn ingress(input: &PlanInput<'_>) -> Option<IngressPlan> {
+    let (n, addr) = my_ingress(input)?;
+    let live = reachable(input, &n.id);
+    let mut ports = Vec::new();
+    for s in input.state.services.values() {
+        let backends = backends_of(&live, &s.id);
+        if backends.is_empty() {
+            continue;
+        }
+        for p in s.ports.iter().filter(|p| p.mode == PublishMode::Ingress) {
+            ports.push(IngressPort {
+                protocol: p.protocol,
+                published: p.published,
+                target: p.target,
+                backends: backends.clone(),
+            });
+        }
+    }
+    ports.sort();
+    Some(IngressPlan {
+        network: n.id.clone(),
+        addr,
+        ports,
+    })
 }
 
 /// The remote endpoints a node's plan would use on `networks` that gossip
