@@ -249,6 +249,23 @@ pub fn allocate(
     if networks.values().any(|n| n.spec.name == spec.name) {
         return Err(NetworkError::Exists(spec.name.clone()));
     }
+    let (mtu, vni_asked) = options(spec)?;
+    let subnets = subnets(spec, networks, pool, pool_mask, avoid)?;
+    check_addresses(spec, &subnets)?;
+    let vni = vni(spec, networks, vni_asked)?;
+    Ok(Network {
+        id: id.to_owned(),
+        spec: spec.clone(),
+        subnets,
+        vni,
+        mtu,
+        ingress: false,
+        created_at_ms,
+    })
+}
+
+/// The `-o` options, checked for the driver: the MTU and the VNI asked for.
+fn options(spec: &NetworkSpec) -> Result<(Option<u32>, Option<u32>), NetworkError> {
     let mut mtu = None;
     let mut vni_asked = None;
     for (k, v) in &spec.options {
@@ -301,6 +318,18 @@ pub fn allocate(
             spec.driver
         )));
     }
+    Ok((mtu, vni_asked))
+}
+
+/// The subnets: those asked for, each checked against the others' and the
+/// existing networks', with its gateway; or one free one from the pool.
+fn subnets(
+    spec: &NetworkSpec,
+    networks: &BTreeMap<String, Network>,
+    pool: &[Ipv4Net],
+    pool_mask: u8,
+    avoid: &[Ipv4Net],
+) -> Result<Vec<Subnet>, NetworkError> {
     let taken: Vec<(&Ipv4Net, &str)> = networks
         .values()
         .flat_map(|n| {
@@ -370,6 +399,11 @@ pub fn allocate(
             gateway,
         });
     }
+    Ok(subnets)
+}
+
+/// `--ip-range` inside the first subnet, `--aux-address`es inside one.
+fn check_addresses(spec: &NetworkSpec, subnets: &[Subnet]) -> Result<(), NetworkError> {
     if let Some(r) = spec.ip_range
         && !subnets.first().is_some_and(|s| s.subnet.contains_net(&r))
     {
@@ -388,9 +422,18 @@ pub fn allocate(
             )));
         }
     }
+    Ok(())
+}
+
+/// An overlay's VNI: the one asked for if free, else the first free one.
+fn vni(
+    spec: &NetworkSpec,
+    networks: &BTreeMap<String, Network>,
+    asked: Option<u32>,
+) -> Result<Option<u32>, NetworkError> {
     let vni = if spec.driver == Driver::Overlay {
         let used = |v: u32| networks.values().find(|n| n.vni == Some(v));
-        Some(match vni_asked {
+        Some(match asked {
             Some(v) => {
                 if let Some(n) = used(v) {
                     return Err(NetworkError::VniInUse {
@@ -407,15 +450,7 @@ pub fn allocate(
     } else {
         None
     };
-    Ok(Network {
-        id: id.to_owned(),
-        spec: spec.clone(),
-        subnets,
-        vni,
-        mtu,
-        ingress: false,
-        created_at_ms,
-    })
+    Ok(vni)
 }
 
 /// The `ingress` network's specification.

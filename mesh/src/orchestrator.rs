@@ -109,42 +109,91 @@ pub fn orchestrate(
     new_id: &mut dyn FnMut() -> String,
     now_ms: u64,
 ) -> Vec<Command> {
-    let mut out = Vec::new();
     let nodes: Vec<&Node> = state.nodes.values().collect();
-    let live_nodes: Vec<&Node> = nodes.iter().copied().filter(|n| live(n.id)).collect();
-    let mut all_tasks: BTreeMap<NodeId, usize> = BTreeMap::new();
+    let mut pass = Pass {
+        state,
+        live,
+        now_ms,
+        live_nodes: nodes.iter().copied().filter(|n| live(n.id)).collect(),
+        nodes,
+        all_tasks: BTreeMap::new(),
+        out: Vec::new(),
+    };
     for t in state.tasks.values().filter(|t| t.is_active()) {
         if let Some(n) = t.node {
-            *all_tasks.entry(n).or_default() += 1;
+            *pass.all_tasks.entry(n).or_default() += 1;
         }
     }
     for service in state.services.values() {
+        pass.service(service, new_id);
+    }
+    let mut out = pass.out;
+    out.extend(prune_history(state));
+    out
+}
+
+/// One orchestration pass: what it knows across services, and what it has
+/// decided so far.
+struct Pass<'a> {
+    state: &'a ClusterState,
+    live: &'a dyn Fn(NodeId) -> bool,
+    now_ms: u64,
+    nodes: Vec<&'a Node>,
+    live_nodes: Vec<&'a Node>,
+    /// Active tasks per node, placements of this pass included (spread).
+    all_tasks: BTreeMap<NodeId, usize>,
+    out: Vec<Command>,
+}
+
+/// One service's tasks as a pass sees them.
+struct ServiceTasks<'a> {
+    /// All of them, ended ones included.
+    mine: Vec<&'a Task>,
+    /// The active ones that stay.
+    kept: Vec<&'a Task>,
+    /// Those shut down in this pass.
+    stopping: BTreeMap<&'a str, &'a Task>,
+    /// Kept tasks per node (spread within the service).
+    per_node: BTreeMap<NodeId, usize>,
+}
+
+impl<'a> Pass<'a> {
+    fn shutdown(&mut self, t: &Task) {
+        self.out.push(Command::ShutdownTask {
+            id: t.id.clone(),
+            now_ms: self.now_ms,
+        });
+    }
+
+    /// Whether task `t` still holds its group back (stop first: a live node
+    /// is given time to stop it); `just_now` if shut down in this pass.
+    fn holds(&self, t: &Task, just_now: bool) -> bool {
+        t.node.is_some_and(self.live)
+            && !t.state.is_terminal()
+            && (just_now || self.now_ms < t.updated_at_ms + STOP_TIMEOUT_MS)
+    }
+
+    fn service(&mut self, service: &'a Service, new_id: &mut dyn FnMut() -> String) {
+        let tasks = self.stop_misplaced(service);
+        let busy = self.fill_groups(service, &tasks, new_id);
+        self.roll(service, &tasks, busy);
+    }
+
+    /// Tasks on nodes that are gone, down, drained or no longer eligible
+    /// stop, as do replicas beyond the count; the rest are kept.
+    fn stop_misplaced(&mut self, service: &'a Service) -> ServiceTasks<'a> {
+        let state = self.state;
         let mine: Vec<&Task> = state
             .tasks
             .values()
             .filter(|t| t.service_id == service.id)
             .collect();
-        // Tasks shut down in this pass, and whether each holds its group
-        // back (stop first: a live node is given time to stop it).
-        let mut stopping: BTreeMap<&str, &Task> = BTreeMap::new();
-        let holds = |t: &Task, just_now: bool| {
-            t.node.is_some_and(live)
-                && !t.state.is_terminal()
-                && (just_now || now_ms < t.updated_at_ms + STOP_TIMEOUT_MS)
-        };
-        let shutdown = |t: &Task, out: &mut Vec<Command>| {
-            out.push(Command::ShutdownTask {
-                id: t.id.clone(),
-                now_ms,
-            });
-        };
-        // Tasks on nodes that are gone, down, drained or no longer eligible
-        // stop, as do replicas beyond the count.
+        let mut stopping = BTreeMap::new();
         let mut kept: Vec<&Task> = Vec::new();
         for t in mine.iter().copied().filter(|t| t.is_active()) {
             let misplaced = match t.node {
                 Some(n) => !state.nodes.get(&n).is_some_and(|node| {
-                    live(n)
+                    (self.live)(n)
                         && node.availability != Availability::Drain
                         && service.spec.constraints.iter().all(|c| c.matches(node))
                 }),
@@ -155,8 +204,8 @@ pub fn orchestrate(
                 ServiceMode::Global => false,
             };
             if misplaced || surplus {
-                shutdown(t, &mut out);
-                stopping.insert(&t.id, t);
+                self.shutdown(t);
+                stopping.insert(t.id.as_str(), t);
             } else {
                 kept.push(t);
             }
@@ -167,66 +216,84 @@ pub fn orchestrate(
                 *per_node.entry(n).or_default() += 1;
             }
         }
+        ServiceTasks {
+            mine,
+            kept,
+            stopping,
+            per_node,
+        }
+    }
+
+    /// Places pending tasks and fills empty groups (slots, or eligible
+    /// nodes of a global service), restart policy permitting. Returns how
+    /// many groups are still changing: being refilled, waiting for a task
+    /// to stop, or with a new task not yet running.
+    fn fill_groups(
+        &mut self,
+        service: &Service,
+        tasks: &ServiceTasks<'a>,
+        new_id: &mut dyn FnMut() -> String,
+    ) -> usize {
         let groups: Vec<Group> = match service.spec.mode {
             ServiceMode::Replicated(replicas) => (1..=replicas).map(Group::Slot).collect(),
-            ServiceMode::Global => nodes
+            ServiceMode::Global => self
+                .nodes
                 .iter()
-                .filter(|n| eligible(n, live, service))
+                .filter(|n| eligible(n, self.live, service))
                 .map(|n| Group::Node(n.id))
                 .collect(),
         };
-        let constraints = &service.spec.constraints;
-        // Groups still changing: being refilled, waiting for a task to
-        // stop, or with a new task not yet running.
+        let mut per_node = tasks.per_node.clone();
         let mut busy = 0usize;
         for group in groups {
             let in_group = |t: &Task| group_of(t) == Some(group);
-            if let Some(t) = kept.iter().find(|t| in_group(t)) {
+            if let Some(t) = tasks.kept.iter().find(|t| in_group(t)) {
                 if t.state < TaskState::Running {
                     busy += 1;
                 }
                 if t.state == TaskState::Pending
-                    && let Some(node) = place(&nodes, live, constraints, &per_node, &all_tasks)
+                    && let Some(node) = self.place(service, &per_node)
                 {
                     *per_node.entry(node).or_default() += 1;
-                    *all_tasks.entry(node).or_default() += 1;
-                    out.push(Command::AssignTask {
+                    *self.all_tasks.entry(node).or_default() += 1;
+                    self.out.push(Command::AssignTask {
                         id: t.id.clone(),
                         node,
-                        now_ms,
+                        now_ms: self.now_ms,
                     });
                 }
                 continue;
             }
-            let held = mine.iter().filter(|t| in_group(t)).any(|t| {
-                if stopping.contains_key(t.id.as_str()) {
-                    holds(t, true)
+            let held = tasks.mine.iter().filter(|t| in_group(t)).any(|t| {
+                if tasks.stopping.contains_key(t.id.as_str()) {
+                    self.holds(t, true)
                 } else {
-                    t.desired == DesiredState::Shutdown && holds(t, false)
+                    t.desired == DesiredState::Shutdown && self.holds(t, false)
                 }
             });
             if held {
                 busy += 1;
                 continue;
             }
-            let latest = mine
+            let latest = tasks
+                .mine
                 .iter()
                 .copied()
                 .filter(|t| in_group(t))
                 .max_by_key(|t| (t.created_at_ms, t.id.clone()));
-            let Some(restarts) = restart_decision(service, latest, now_ms) else {
+            let Some(restarts) = restart_decision(service, latest, self.now_ms) else {
                 continue;
             };
             busy += 1;
             let node = match group {
                 Group::Node(n) => Some(n),
-                Group::Slot(_) => place(&nodes, live, constraints, &per_node, &all_tasks),
+                Group::Slot(_) => self.place(service, &per_node),
             };
             if let Some(n) = node {
                 *per_node.entry(n).or_default() += 1;
-                *all_tasks.entry(n).or_default() += 1;
+                *self.all_tasks.entry(n).or_default() += 1;
             }
-            out.push(Command::AddTask {
+            self.out.push(Command::AddTask {
                 id: new_id(),
                 service_id: service.id.clone(),
                 slot: match group {
@@ -237,41 +304,58 @@ pub fn orchestrate(
                 message: if node.is_some() {
                     String::new()
                 } else {
-                    unplaceable_reason(&live_nodes, constraints)
+                    unplaceable_reason(&self.live_nodes, &service.spec.constraints)
                 },
                 restarts,
-                now_ms,
+                now_ms: self.now_ms,
             });
         }
-        // Rolling update: once nothing is changing (the previous batch runs)
-        // and the delay has passed, the next `parallelism` outdated tasks
-        // stop; the next passes refill their groups with the new version.
-        let outdated: Vec<&Task> = kept
+        busy
+    }
+
+    fn place(&self, service: &Service, per_node: &BTreeMap<NodeId, usize>) -> Option<NodeId> {
+        place(
+            &self.nodes,
+            self.live,
+            &service.spec.constraints,
+            per_node,
+            &self.all_tasks,
+        )
+    }
+
+    /// Rolling update: once nothing is changing (`busy` is 0: the previous
+    /// batch runs) and the delay has passed, the next `parallelism`
+    /// outdated tasks stop; the next passes refill their groups with the
+    /// new version.
+    fn roll(&mut self, service: &Service, tasks: &ServiceTasks<'a>, busy: usize) {
+        let outdated: Vec<&Task> = tasks
+            .kept
             .iter()
             .copied()
             .filter(|t| t.spec_version < service.version)
             .collect();
-        if !outdated.is_empty() && busy == 0 && update_paused(state, service).is_none() {
-            let last_up = mine
-                .iter()
-                .filter(|t| t.spec_version == service.version && t.state == TaskState::Running)
-                .map(|t| t.updated_at_ms)
-                .max();
-            if last_up.is_none_or(|at| now_ms >= at + service.spec.update.delay_ms) {
-                let batch = match service.spec.update.parallelism {
-                    0 => outdated.len(),
-                    n => usize::try_from(n).unwrap_or(usize::MAX),
-                };
-                let mut order = outdated;
-                order.sort_by_key(|t| (group_of(t), t.id.clone()));
-                for t in order.into_iter().take(batch) {
-                    shutdown(t, &mut out);
-                }
-            }
+        if outdated.is_empty() || busy != 0 || update_paused(self.state, service).is_some() {
+            return;
+        }
+        let last_up = tasks
+            .mine
+            .iter()
+            .filter(|t| t.spec_version == service.version && t.state == TaskState::Running)
+            .map(|t| t.updated_at_ms)
+            .max();
+        if last_up.is_some_and(|at| self.now_ms < at + service.spec.update.delay_ms) {
+            return;
+        }
+        let batch = match service.spec.update.parallelism {
+            0 => outdated.len(),
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        };
+        let mut order = outdated;
+        order.sort_by_key(|t| (group_of(t), t.id.clone()));
+        for t in order.into_iter().take(batch) {
+            self.shutdown(t);
         }
     }
-    out.extend(prune_history(state));
-    out
 }
 
 /// Ended tasks beyond the newest [`TASK_HISTORY`] of each slot (or node, for
