@@ -356,7 +356,31 @@ fn allocate(
             "a service needs a command to run".into(),
         ));
     }
-    let ingress = state.networks.values().find(|n| n.ingress);
+    let attached = attachments(spec, state)?;
+    let ports = publish(id, spec, state, previous)?;
+    let through_mesh = ports.iter().any(|p| p.mode == PublishMode::Ingress);
+    if through_mesh && spec.endpoint_mode == EndpointMode::Dnsrr {
+        return Err(ServiceError::Invalid(
+            "ports published through the routing mesh need --endpoint-mode vip (use mode=host with dnsrr)".into(),
+        ));
+    }
+    let vips = vips_for(spec, state, attached, through_mesh, previous)?;
+    Ok(Service {
+        id: id.to_owned(),
+        spec: spec.clone(),
+        vips,
+        ports,
+        created_at_ms,
+        version: 1,
+        updated_at_ms: created_at_ms,
+    })
+}
+
+/// The networks `spec` attaches, each once, none of them `ingress`.
+fn attachments<'a>(
+    spec: &'a ServiceSpec,
+    state: &ClusterState,
+) -> Result<Vec<&'a str>, ServiceError> {
     let mut attached: Vec<&str> = Vec::new();
     for a in &spec.networks {
         let n = state
@@ -377,6 +401,17 @@ fn allocate(
         }
         attached.push(&a.network);
     }
+    Ok(attached)
+}
+
+/// The published ports: ingress ones allocated cluster-wide (a port left to
+/// allocate keeps what it had before an update), host ones as given.
+fn publish(
+    id: &str,
+    spec: &ServiceSpec,
+    state: &ClusterState,
+    previous: Option<&Service>,
+) -> Result<Vec<PublishedPort>, ServiceError> {
     let mut ports = Vec::new();
     let mut used_ports: Vec<(u16, String, String)> = state
         .services
@@ -434,16 +469,23 @@ fn allocate(
             protocol: p.protocol,
         });
     }
-    let through_mesh = ports.iter().any(|p| p.mode == PublishMode::Ingress);
-    if through_mesh && spec.endpoint_mode == EndpointMode::Dnsrr {
-        return Err(ServiceError::Invalid(
-            "ports published through the routing mesh need --endpoint-mode vip (use mode=host with dnsrr)".into(),
-        ));
-    }
+    Ok(ports)
+}
+
+/// A VIP on every attached network (and `ingress` when a port goes through
+/// the mesh), keeping the ones an update had; none in dnsrr mode.
+fn vips_for(
+    spec: &ServiceSpec,
+    state: &ClusterState,
+    attached: Vec<&str>,
+    through_mesh: bool,
+    previous: Option<&Service>,
+) -> Result<BTreeMap<String, Ipv4Addr>, ServiceError> {
     let mut vips = BTreeMap::new();
     if spec.endpoint_mode == EndpointMode::Vip {
         let mut networks: Vec<&str> = attached;
         if through_mesh {
+            let ingress = state.networks.values().find(|n| n.ingress);
             let ing = ingress.ok_or_else(|| {
                 ServiceError::Invalid("ports cannot be published through the routing mesh: the ingress network is gone".into())
             })?;
@@ -459,15 +501,7 @@ fn allocate(
             vips.insert(net.to_owned(), ip);
         }
     }
-    Ok(Service {
-        id: id.to_owned(),
-        spec: spec.clone(),
-        vips,
-        ports,
-        created_at_ms,
-        version: 1,
-        updated_at_ms: created_at_ms,
-    })
+    Ok(vips)
 }
 
 #[cfg(test)]
