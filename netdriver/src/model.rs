@@ -289,35 +289,55 @@ pub fn owned_link(ns: &str, name: &str) -> bool {
 /// `shoal…` links) are touched.
 pub fn diff(actual: &Kernel, wanted: &Kernel, prefix: &str) -> Vec<Op> {
     let empty = Netns::default();
-    let mut add_ns = Vec::new();
-    let mut del_ns = Vec::new();
-    let mut removals = Vec::new();
-    let mut bridges = Vec::new();
-    let mut others = Vec::new();
-    let mut stacked = Vec::new();
-    let mut settings = Vec::new();
-    let mut tables = Vec::new();
-    let mut early = Vec::new();
+    let mut d = Diff::default();
     for name in wanted.namespaces.keys() {
         if name != HOST && !actual.namespaces.contains_key(name) {
-            add_ns.push(Op::AddNetns(name.clone()));
+            d.add_ns.push(Op::AddNetns(name.clone()));
         }
     }
     for name in actual.namespaces.keys() {
         if name != HOST && ours(name, prefix) && !wanted.namespaces.contains_key(name) {
-            del_ns.push(Op::DelNetns(name.clone()));
+            d.del_ns.push(Op::DelNetns(name.clone()));
         }
     }
     for (ns, want) in &wanted.namespaces {
         let have = actual.namespaces.get(ns).unwrap_or(&empty);
+        d.links(ns, have, want);
+        d.entries(ns, have, want);
+        d.tables(ns, have, want);
+    }
+    d.host_leftovers(actual, wanted);
+    d.into_ops()
+}
+
+/// The operations of a diff, by phase; [`Diff::into_ops`] orders them.
+#[derive(Default)]
+struct Diff {
+    add_ns: Vec<Op>,
+    /// Load balancers that only lose backends: before the tunnels change.
+    early: Vec<Op>,
+    removals: Vec<Op>,
+    bridges: Vec<Op>,
+    others: Vec<Op>,
+    /// Macvlans on another Shoal namespace's link: after it exists.
+    stacked: Vec<Op>,
+    settings: Vec<Op>,
+    tables: Vec<Op>,
+    del_ns: Vec<Op>,
+}
+
+impl Diff {
+    /// Links of namespace `ns`: Shoal's that are not wanted (or not as
+    /// wanted) go, wanted ones are made, and settings follow.
+    fn links(&mut self, ns: &str, have: &Netns, want: &Netns) {
         for (name, link) in &have.links {
             if !owned_link(ns, name) {
                 continue;
             }
             match want.links.get(name) {
                 Some(w) if link.kind.satisfies(&w.kind) => {}
-                _ => removals.push(Op::DelLink {
-                    ns: ns.clone(),
+                _ => self.removals.push(Op::DelLink {
+                    ns: ns.to_owned(),
                     name: name.clone(),
                 }),
             }
@@ -326,8 +346,8 @@ pub fn diff(actual: &Kernel, wanted: &Kernel, prefix: &str) -> Vec<Op> {
             match have.links.get(name) {
                 Some(l) if l.kind.satisfies(&w.kind) => {
                     if l.settings_differ(w) {
-                        settings.push(Op::SetLink {
-                            ns: ns.clone(),
+                        self.settings.push(Op::SetLink {
+                            ns: ns.to_owned(),
                             name: name.clone(),
                             link: w.clone(),
                         });
@@ -335,72 +355,80 @@ pub fn diff(actual: &Kernel, wanted: &Kernel, prefix: &str) -> Vec<Op> {
                 }
                 _ => {
                     // Created links get their settings applied after.
-                    settings.push(Op::SetLink {
-                        ns: ns.clone(),
+                    self.settings.push(Op::SetLink {
+                        ns: ns.to_owned(),
                         name: name.clone(),
                         link: w.clone(),
                     });
                     // A veth pair is created once, from its first end.
                     if let LinkKind::Veth { peer, peer_ns } = &w.kind
-                        && (peer_ns.as_str(), peer.as_str()) < (ns.as_str(), name.as_str())
+                        && (peer_ns.as_str(), peer.as_str()) < (ns, name.as_str())
                     {
                         continue;
                     }
                     let op = Op::AddLink {
-                        ns: ns.clone(),
+                        ns: ns.to_owned(),
                         name: name.clone(),
                         link: w.clone(),
                     };
                     if w.kind == LinkKind::Bridge {
-                        bridges.push(op);
+                        self.bridges.push(op);
                     } else if matches!(&w.kind, LinkKind::Macvlan { parent_ns, .. } if parent_ns != HOST)
                     {
                         // On a link of another of Shoal's namespaces (an
                         // overlay's VXLAN device), made with the others.
-                        stacked.push(op);
+                        self.stacked.push(op);
                     } else {
-                        others.push(op);
+                        self.others.push(op);
                     }
                 }
             }
         }
+    }
+
+    /// FDB, neighbour and route entries of namespace `ns`.
+    fn entries(&mut self, ns: &str, have: &Netns, want: &Netns) {
         for f in have.fdb.difference(&want.fdb) {
-            removals.push(Op::DelFdb(ns.clone(), f.clone()));
+            self.removals.push(Op::DelFdb(ns.to_owned(), f.clone()));
         }
         for n in have.neigh.difference(&want.neigh) {
-            removals.push(Op::DelNeigh(ns.clone(), n.clone()));
+            self.removals.push(Op::DelNeigh(ns.to_owned(), n.clone()));
         }
         for r in have.routes.difference(&want.routes) {
-            removals.push(Op::DelRoute(ns.clone(), r.clone()));
+            self.removals.push(Op::DelRoute(ns.to_owned(), r.clone()));
         }
-        tables.extend(
+        self.tables.extend(
             want.fdb
                 .difference(&have.fdb)
-                .map(|f| Op::AddFdb(ns.clone(), f.clone())),
+                .map(|f| Op::AddFdb(ns.to_owned(), f.clone())),
         );
-        tables.extend(
+        self.tables.extend(
             want.neigh
                 .difference(&have.neigh)
-                .map(|n| Op::AddNeigh(ns.clone(), n.clone())),
+                .map(|n| Op::AddNeigh(ns.to_owned(), n.clone())),
         );
-        tables.extend(
+        self.tables.extend(
             want.routes
                 .difference(&have.routes)
-                .map(|r| Op::AddRoute(ns.clone(), r.clone())),
+                .map(|r| Op::AddRoute(ns.to_owned(), r.clone())),
         );
+    }
+
+    /// Port forwarding, forwarding and load balancers of namespace `ns`.
+    fn tables(&mut self, ns: &str, have: &Netns, want: &Netns) {
         let canonical = |n: &Option<Nat>| n.clone().map(Nat::canonical);
         if canonical(&have.nat) != canonical(&want.nat) || !have.nat_foreign.is_empty() {
-            tables.push(Op::SetNat {
-                ns: ns.clone(),
+            self.tables.push(Op::SetNat {
+                ns: ns.to_owned(),
                 nat: want.nat.clone(),
             });
         }
         if want.forwarding && !have.forwarding {
-            tables.push(Op::EnableForwarding(ns.clone()));
+            self.tables.push(Op::EnableForwarding(ns.to_owned()));
         }
         if ns != HOST && have.lb != want.lb {
             let op = Op::SetLb {
-                ns: ns.clone(),
+                ns: ns.to_owned(),
                 lb: want.lb.clone(),
                 changed: lb_changes(&have.lb, &want.lb),
                 fresh: have.lb.is_empty() || want.lb.is_empty(),
@@ -414,39 +442,47 @@ pub fn diff(actual: &Kernel, wanted: &Kernel, prefix: &str) -> Vec<Op> {
                     .iter()
                     .all(|(v, b)| have.lb.get(v).is_some_and(|h| b.is_subset(h)));
             if shrinking {
-                early.push(op);
+                self.early.push(op);
             } else {
-                tables.push(op);
+                self.tables.push(op);
             }
         }
     }
-    // The host's `shoal…` links that are no longer wanted.
-    if let Some(host) = actual.namespaces.get(HOST)
-        && !wanted.namespaces.contains_key(HOST)
-    {
-        for name in host.links.keys() {
-            if owned_link(HOST, name) {
-                removals.push(Op::DelLink {
+
+    /// The host's `shoal…` links and port forwarding, when the host
+    /// namespace is not wanted at all.
+    fn host_leftovers(&mut self, actual: &Kernel, wanted: &Kernel) {
+        // The host's `shoal…` links that are no longer wanted.
+        if let Some(host) = actual.namespaces.get(HOST)
+            && !wanted.namespaces.contains_key(HOST)
+        {
+            for name in host.links.keys() {
+                if owned_link(HOST, name) {
+                    self.removals.push(Op::DelLink {
+                        ns: HOST.into(),
+                        name: name.clone(),
+                    });
+                }
+            }
+            if host.nat.is_some() || !host.nat_foreign.is_empty() {
+                self.removals.push(Op::SetNat {
                     ns: HOST.into(),
-                    name: name.clone(),
+                    nat: None,
                 });
             }
         }
-        if host.nat.is_some() || !host.nat_foreign.is_empty() {
-            removals.push(Op::SetNat {
-                ns: HOST.into(),
-                nat: None,
-            });
-        }
     }
-    let mut out = add_ns;
-    out.extend(early);
-    out.extend(removals);
-    out.extend(bridges);
-    out.extend(others);
-    out.extend(stacked);
-    out.extend(settings);
-    out.extend(tables);
-    out.extend(del_ns);
-    out
+
+    fn into_ops(self) -> Vec<Op> {
+        let mut out = self.add_ns;
+        out.extend(self.early);
+        out.extend(self.removals);
+        out.extend(self.bridges);
+        out.extend(self.others);
+        out.extend(self.stacked);
+        out.extend(self.settings);
+        out.extend(self.tables);
+        out.extend(self.del_ns);
+        out
+    }
 }
