@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use shoal_mesh::cidr::Ipv4Net;
 use shoal_mesh::network::Driver;
-use shoal_mesh::plan::NodePlan;
+use shoal_mesh::plan::{NetworkPlan, NodePlan, SandboxPlan};
 
 use std::net::Ipv4Addr;
 
@@ -188,132 +188,13 @@ pub fn render(
 ) -> Kernel {
     let mut k = Kernel::default();
     for net in plan.networks.values() {
-        if !matches!(net.driver, Driver::Overlay | Driver::Bridge) {
-            continue;
+        if matches!(net.driver, Driver::Overlay | Driver::Bridge) {
+            k.namespaces
+                .insert(names.network(&net.id), network_ns(net, vxlan_port));
         }
-        let mut ns = Netns::default();
-        if net.driver == Driver::Bridge {
-            ns.links.insert(
-                "br0".into(),
-                Link {
-                    kind: LinkKind::Bridge,
-                    mtu: net.mtu,
-                    mac: None,
-                    master: None,
-                    addrs: BTreeSet::from([(net.gateway, net.subnet.prefix_len())]),
-                    up: true,
-                    isolated: false,
-                },
-            );
-        }
-        if let (Driver::Overlay, Some(vni)) = (net.driver, net.vni) {
-            ns.links.insert(
-                VXLAN.into(),
-                Link {
-                    kind: LinkKind::Vxlan {
-                        vni,
-                        local: net.vtep,
-                        port: vxlan_port,
-                    },
-                    mtu: net.mtu,
-                    mac: None,
-                    master: None,
-                    addrs: BTreeSet::new(),
-                    up: true,
-                    isolated: false,
-                },
-            );
-            for r in &net.remotes {
-                ns.fdb.insert(Fdb {
-                    link: VXLAN.into(),
-                    mac: r.mac,
-                    dst: r.vtep,
-                });
-                ns.neigh.insert(Neigh {
-                    link: VXLAN.into(),
-                    ip: r.ip,
-                    mac: r.mac,
-                });
-            }
-        }
-        k.namespaces.insert(names.network(&net.id), ns);
     }
     for sb in plan.sandboxes.values() {
-        let task_ns = names.task(&sb.task);
-        let mut ns = Netns::default();
-        for (i, ep) in sb.endpoints.iter().enumerate() {
-            let Some(net) = plan.networks.get(&ep.network) else {
-                continue;
-            };
-            let eth = format!("eth{i}");
-            let net_ns = names.network(&net.id);
-            let parent = match (net.driver, &net.parent, net.vni) {
-                (Driver::Macvlan, Some(parent), _) => Some((parent.clone(), HOST.to_owned())),
-                (Driver::Overlay, _, Some(_)) => Some((VXLAN.to_owned(), net_ns.clone())),
-                _ => None,
-            };
-            if let Some((parent, parent_ns)) = parent {
-                ns.links.insert(
-                    eth,
-                    Link {
-                        kind: LinkKind::Macvlan { parent, parent_ns },
-                        mtu: net.mtu,
-                        mac: Some(ep.mac),
-                        master: None,
-                        addrs: BTreeSet::from([(ep.ip, ep.prefix)]),
-                        up: true,
-                        isolated: false,
-                    },
-                );
-                continue;
-            }
-            if net.driver != Driver::Bridge {
-                continue;
-            }
-            let port = bridge_port(&sb.task);
-            if let Some(n) = k.namespaces.get_mut(&net_ns) {
-                n.links.insert(
-                    port.clone(),
-                    Link {
-                        kind: LinkKind::Veth {
-                            peer: eth.clone(),
-                            peer_ns: task_ns.clone(),
-                        },
-                        mtu: net.mtu,
-                        mac: None,
-                        master: Some("br0".into()),
-                        addrs: BTreeSet::new(),
-                        up: true,
-                        isolated: false,
-                    },
-                );
-            }
-            ns.links.insert(
-                eth,
-                Link {
-                    kind: LinkKind::Veth {
-                        peer: port,
-                        peer_ns: net_ns,
-                    },
-                    mtu: net.mtu,
-                    mac: Some(ep.mac),
-                    master: None,
-                    addrs: BTreeSet::from([(ep.ip, ep.prefix)]),
-                    up: true,
-                    isolated: false,
-                },
-            );
-        }
-        // East-west VIPs of the networks this task is on.
-        for ep in &sb.endpoints {
-            let Some(net) = plan.networks.get(&ep.network) else {
-                continue;
-            };
-            for lb in net.lbs.iter().filter(|l| !l.backends.is_empty()) {
-                ns.lb.insert(lb.vip, lb.backends.iter().copied().collect());
-            }
-        }
-        k.namespaces.insert(task_ns, ns);
+        render_sandbox(&mut k, plan, names, sb);
     }
     if let Some(gw) = gateway {
         render_gateway(&mut k, plan, names, gw);
@@ -332,6 +213,138 @@ pub fn render(
         host.nat.get_or_insert_with(Nat::default).untracked_udp = Some(vxlan_port);
     }
     k
+}
+
+/// A network's own namespace: its bridge (bridge networks) or its VXLAN
+/// device with the remote endpoints as FDB and neighbour entries (overlays).
+fn network_ns(net: &NetworkPlan, vxlan_port: u16) -> Netns {
+    let mut ns = Netns::default();
+    if net.driver == Driver::Bridge {
+        ns.links.insert(
+            "br0".into(),
+            Link {
+                kind: LinkKind::Bridge,
+                mtu: net.mtu,
+                mac: None,
+                master: None,
+                addrs: BTreeSet::from([(net.gateway, net.subnet.prefix_len())]),
+                up: true,
+                isolated: false,
+            },
+        );
+    }
+    if let (Driver::Overlay, Some(vni)) = (net.driver, net.vni) {
+        ns.links.insert(
+            VXLAN.into(),
+            Link {
+                kind: LinkKind::Vxlan {
+                    vni,
+                    local: net.vtep,
+                    port: vxlan_port,
+                },
+                mtu: net.mtu,
+                mac: None,
+                master: None,
+                addrs: BTreeSet::new(),
+                up: true,
+                isolated: false,
+            },
+        );
+        for r in &net.remotes {
+            ns.fdb.insert(Fdb {
+                link: VXLAN.into(),
+                mac: r.mac,
+                dst: r.vtep,
+            });
+            ns.neigh.insert(Neigh {
+                link: VXLAN.into(),
+                ip: r.ip,
+                mac: r.mac,
+            });
+        }
+    }
+    ns
+}
+
+/// A task's namespace (an interface per network: a macvlan of the overlay's
+/// VXLAN device or of the parent, or a veth into the bridge, whose other
+/// end goes into the network's namespace) and the VIPs it balances.
+fn render_sandbox(k: &mut Kernel, plan: &NodePlan, names: &Names, sb: &SandboxPlan) {
+    let task_ns = names.task(&sb.task);
+    let mut ns = Netns::default();
+    for (i, ep) in sb.endpoints.iter().enumerate() {
+        let Some(net) = plan.networks.get(&ep.network) else {
+            continue;
+        };
+        let eth = format!("eth{i}");
+        let net_ns = names.network(&net.id);
+        let parent = match (net.driver, &net.parent, net.vni) {
+            (Driver::Macvlan, Some(parent), _) => Some((parent.clone(), HOST.to_owned())),
+            (Driver::Overlay, _, Some(_)) => Some((VXLAN.to_owned(), net_ns.clone())),
+            _ => None,
+        };
+        if let Some((parent, parent_ns)) = parent {
+            ns.links.insert(
+                eth,
+                Link {
+                    kind: LinkKind::Macvlan { parent, parent_ns },
+                    mtu: net.mtu,
+                    mac: Some(ep.mac),
+                    master: None,
+                    addrs: BTreeSet::from([(ep.ip, ep.prefix)]),
+                    up: true,
+                    isolated: false,
+                },
+            );
+            continue;
+        }
+        if net.driver != Driver::Bridge {
+            continue;
+        }
+        let port = bridge_port(&sb.task);
+        if let Some(n) = k.namespaces.get_mut(&net_ns) {
+            n.links.insert(
+                port.clone(),
+                Link {
+                    kind: LinkKind::Veth {
+                        peer: eth.clone(),
+                        peer_ns: task_ns.clone(),
+                    },
+                    mtu: net.mtu,
+                    mac: None,
+                    master: Some("br0".into()),
+                    addrs: BTreeSet::new(),
+                    up: true,
+                    isolated: false,
+                },
+            );
+        }
+        ns.links.insert(
+            eth,
+            Link {
+                kind: LinkKind::Veth {
+                    peer: port,
+                    peer_ns: net_ns,
+                },
+                mtu: net.mtu,
+                mac: Some(ep.mac),
+                master: None,
+                addrs: BTreeSet::from([(ep.ip, ep.prefix)]),
+                up: true,
+                isolated: false,
+            },
+        );
+    }
+    // East-west VIPs of the networks this task is on.
+    for ep in &sb.endpoints {
+        let Some(net) = plan.networks.get(&ep.network) else {
+            continue;
+        };
+        for lb in net.lbs.iter().filter(|l| !l.backends.is_empty()) {
+            ns.lb.insert(lb.vip, lb.backends.iter().copied().collect());
+        }
+    }
+    k.namespaces.insert(task_ns, ns);
 }
 
 /// `--publish mode=host`: the port on this host goes straight to the local
