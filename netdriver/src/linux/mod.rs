@@ -1,0 +1,380 @@
+//! The Linux backend: named network namespaces under `/run/netns` (created
+//! the way iproute2 does: a thread unshares its network namespace and it
+//! is bind-mounted there), and links, addresses, FDB and neighbour entries
+//! through rtnetlink, with one netlink socket opened inside each namespace.
+//!
+//! VXLAN devices are created in the host namespace (so that their UDP
+//! socket is on the underlay) and moved into the network's namespace under
+//! their final name in the same request; a veth pair is created in one
+//! namespace and its other end moved and renamed the same way.
+
+mod links;
+mod netns;
+mod observe;
+mod tables;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use futures_util::TryStreamExt;
+use nix::mount::{MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::MacVlanMode;
+use rtnetlink::packet_route::link::{
+    InfoBridgePort, InfoData, InfoKind, InfoPortData, InfoVxlan, LinkAttribute, LinkFlags,
+    LinkInfo, LinkMessage,
+};
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
+use rtnetlink::{
+    Handle, LinkBridge, LinkMacVlan, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder,
+};
+
+use crate::model::{Fdb, HOST, Kernel, Link, LinkKind, Neigh, Netns, Op};
+use crate::{Backend, DpError, ctnl};
+
+pub use netns::{
+    create_netns, delete_netns, host_routes, in_netns, link_exists, list_netns, probe_driver,
+    routes_via,
+};
+
+/// Where named network namespaces live.
+pub const NETNS_DIR: &str = "/run/netns";
+
+fn other(what: &str, e: impl std::fmt::Display) -> DpError {
+    DpError::Other(format!("{what}: {e}"))
+}
+
+fn kernel(op: &Op, e: impl std::fmt::Display) -> DpError {
+    let what = match op {
+        Op::AddNetns(n) => format!("create namespace {n}"),
+        Op::DelNetns(n) => format!("delete namespace {n}"),
+        Op::AddLink { ns, name, .. } => format!("create link {name} in {}", show_ns(ns)),
+        Op::DelLink { ns, name } => format!("delete link {name} in {}", show_ns(ns)),
+        Op::SetLink { ns, name, .. } => format!("configure link {name} in {}", show_ns(ns)),
+        Op::AddFdb(ns, f) => format!("add FDB {:?} in {}", f, show_ns(ns)),
+        Op::DelFdb(ns, f) => format!("delete FDB {:?} in {}", f, show_ns(ns)),
+        Op::AddNeigh(ns, n) => format!("add neighbour {:?} in {}", n, show_ns(ns)),
+        Op::DelNeigh(ns, n) => format!("delete neighbour {:?} in {}", n, show_ns(ns)),
+        Op::AddRoute(ns, r) => format!("add route {:?} in {}", r, show_ns(ns)),
+        Op::DelRoute(ns, r) => format!("delete route {:?} in {}", r, show_ns(ns)),
+        Op::SetLb { ns, .. } => format!("program VIP load balancing in {}", show_ns(ns)),
+        Op::SetNat { ns, .. } => format!("program port forwarding in {}", show_ns(ns)),
+        Op::EnableForwarding(ns) => format!("enable IPv4 forwarding in {}", show_ns(ns)),
+    };
+    DpError::Kernel {
+        op: what,
+        reason: e.to_string(),
+    }
+}
+
+fn show_ns(ns: &str) -> &str {
+    if ns == HOST { "the host namespace" } else { ns }
+}
+
+/// The Linux backend.
+pub struct Linux {
+    /// The namespace standing for the host (the daemon's own if `None`;
+    /// tests use a namespace of their own).
+    host: Option<String>,
+    handles: HashMap<String, Handle>,
+    /// Each namespace's VIP backend slots as last read or written.
+    lb_slots: HashMap<String, BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>>,
+    /// Netlink sequence numbers of nf_tables batches.
+    seq: u32,
+    /// Backend changes applied over netlink (not `nft`).
+    netlink_changes: u64,
+    /// A netfilter netlink socket per namespace (opened there once).
+    nf_socks: HashMap<String, std::os::fd::OwnedFd>,
+    /// Each namespace's tables as `nft` last listed them, with the
+    /// nf_tables generation they were read at: while the generation stays,
+    /// nothing changed them, and they are not listed again.
+    tables_seen: HashMap<String, TablesSeen>,
+    /// `nft` listings made by observations.
+    nft_listings: u64,
+    /// Forgets the connections of backends that left (started when first
+    /// needed).
+    janitor: Option<ctnl::Janitor>,
+}
+
+/// A namespace's tables as listed: the generation, the port forwarding
+/// (and what else its table holds), the VIP slots.
+type TablesSeen = (u32, Option<NatSeen>, BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>);
+
+/// Port forwarding read back, and the rest of its table, described.
+type NatSeen = (crate::model::Nat, Vec<String>);
+
+/// A link as dumped: index and model.
+struct Seen {
+    index: u32,
+    link: Link,
+}
+
+impl Linux {
+    /// How many VIP backend changes went over nf_tables netlink (the rest
+    /// of the load-balancing table is written by `nft`).
+    pub fn netlink_changes(&self) -> u64 {
+        self.netlink_changes
+    }
+
+    /// How many times an observation ran `nft` to list a namespace's
+    /// tables (it does not while their nf_tables generation stays).
+    pub fn nft_listings(&self) -> u64 {
+        self.nft_listings
+    }
+
+    /// A backend whose host namespace is `host` (a name under `/run/netns`)
+    /// or, if `None`, the one this process runs in.
+    pub fn new(host: Option<String>) -> Self {
+        Linux {
+            host,
+            handles: HashMap::new(),
+            lb_slots: HashMap::new(),
+            seq: std::process::id() << 16,
+            netlink_changes: 0,
+            nf_socks: HashMap::new(),
+            tables_seen: HashMap::new(),
+            nft_listings: 0,
+            janitor: None,
+        }
+    }
+
+    /// The MTU of the host-namespace interface that holds `ip`.
+    pub async fn mtu_of(&mut self, ip: Ipv4Addr) -> Option<u32> {
+        let h = self.handle(HOST).await.ok()?;
+        let mut s = h.address().get().execute();
+        let mut index = None;
+        while let Ok(Some(a)) = s.try_next().await {
+            let holds = a.attributes.iter().any(|x| {
+                matches!(x, AddressAttribute::Local(IpAddr::V4(v)) | AddressAttribute::Address(IpAddr::V4(v)) if *v == ip)
+            });
+            if holds {
+                index = Some(a.header.index);
+                break;
+            }
+        }
+        let index = index?;
+        let mut s = h.link().get().match_index(index).execute();
+        let m = s.try_next().await.ok()??;
+        m.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Mtu(v) => Some(*v),
+            _ => None,
+        })
+    }
+
+    fn ns_path(&self, ns: &str) -> Option<PathBuf> {
+        if ns == HOST {
+            self.host.as_ref().map(|h| Path::new(NETNS_DIR).join(h))
+        } else {
+            Some(Path::new(NETNS_DIR).join(ns))
+        }
+    }
+
+    /// A file naming namespace `ns`, for moving links there.
+    fn ns_file(&self, ns: &str) -> Result<File, DpError> {
+        let path = self
+            .ns_path(ns)
+            .unwrap_or_else(|| PathBuf::from("/proc/self/ns/net"));
+        File::open(&path).map_err(|e| other(&path.display().to_string(), e))
+    }
+
+    /// A netlink handle whose socket lives in namespace `ns`.
+    async fn handle(&mut self, ns: &str) -> Result<Handle, DpError> {
+        if let Some(h) = self.handles.get(ns) {
+            return Ok(h.clone());
+        }
+        let rt = tokio::runtime::Handle::current();
+        let (conn, handle) = in_netns(self.ns_path(ns), move || {
+            let _enter = rt.enter();
+            let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| other("netlink", e))?;
+            Ok((conn, handle))
+        })?;
+        tokio::spawn(conn);
+        self.handles.insert(ns.to_owned(), handle.clone());
+        Ok(handle)
+    }
+
+    async fn apply_op(&mut self, op: &Op) -> Result<(), DpError> {
+        match op {
+            Op::AddNetns(name) => {
+                create_netns(name)?;
+                let h = self.handle(name).await?;
+                let lo = LinkUnspec::new_with_name("lo").up().build();
+                h.link()
+                    .set(lo)
+                    .execute()
+                    .await
+                    .map_err(|e| other("loopback up", e))
+            }
+            Op::DelNetns(name) => {
+                self.handles.remove(name);
+                self.nf_socks.remove(name);
+                self.lb_slots.remove(name);
+                self.tables_seen.remove(name);
+                delete_netns(name)
+            }
+            Op::AddLink { ns, name, link } => self.add_link(ns, name, link).await,
+            Op::DelLink { ns, name } => {
+                let idx = self.index(ns, name).await?;
+                let h = self.handle(ns).await?;
+                h.link()
+                    .del(idx)
+                    .execute()
+                    .await
+                    .map_err(|e| other("delete link", e))
+            }
+            Op::SetLink { ns, name, link } => self.set_link(ns, name, link).await,
+            Op::AddFdb(ns, f) => {
+                let idx = self.index(ns, &f.link).await?;
+                let h = self.handle(ns).await?;
+                let mut req = h.neighbours().add_bridge(idx, &f.mac);
+                *req.message_mut() = Self::neighbour(idx, AddressFamily::Bridge, &f.mac, f.dst);
+                req.execute().await.map_err(|e| other("add FDB entry", e))
+            }
+            Op::DelFdb(ns, f) => {
+                let idx = self.index(ns, &f.link).await?;
+                let h = self.handle(ns).await?;
+                let msg = Self::neighbour(idx, AddressFamily::Bridge, &f.mac, f.dst);
+                h.neighbours()
+                    .del(msg)
+                    .execute()
+                    .await
+                    .map_err(|e| other("delete FDB entry", e))
+            }
+            Op::AddNeigh(ns, n) => {
+                let idx = self.index(ns, &n.link).await?;
+                let h = self.handle(ns).await?;
+                h.neighbours()
+                    .add(idx, IpAddr::V4(n.ip))
+                    .link_layer_address(&n.mac)
+                    .execute()
+                    .await
+                    .map_err(|e| other("add neighbour", e))
+            }
+            Op::DelNeigh(ns, n) => {
+                let idx = self.index(ns, &n.link).await?;
+                let h = self.handle(ns).await?;
+                let msg = Self::neighbour(idx, AddressFamily::Inet, &n.mac, n.ip);
+                h.neighbours()
+                    .del(msg)
+                    .execute()
+                    .await
+                    .map_err(|e| other("delete neighbour", e))
+            }
+            Op::SetLb {
+                ns,
+                lb,
+                changed,
+                fresh,
+            } => {
+                let before = self
+                    .lb_slots
+                    .get(ns)
+                    .or_else(|| self.tables_seen.get(ns).map(|t| &t.2))
+                    .cloned()
+                    .unwrap_or_default();
+                let done = self.set_lb(ns, lb, changed, *fresh);
+                let left = ctnl::left_vips(&before, lb);
+                if done.is_ok() && !left.is_empty() {
+                    self.forget_left(ns, move |e| {
+                        e.movable() && left.contains(&(e.orig_dst.0, e.reply_src.0))
+                    });
+                }
+                done
+            }
+            Op::SetNat { ns, nat } => {
+                let before = self
+                    .tables_seen
+                    .get(ns)
+                    .and_then(|t| t.1.as_ref())
+                    .map(|(n, _)| n.dnat.clone())
+                    .unwrap_or_default();
+                let done = self.nft(ns, &crate::nft::nat_script(nat.as_ref()));
+                let left = ctnl::left_ports(&before, nat.as_ref().map(|n| &n.dnat));
+                if done.is_ok() && !left.is_empty() {
+                    self.forget_left(ns, move |e| {
+                        e.movable() && left.contains(&(e.proto, e.reply_src.0, e.reply_src.1))
+                    });
+                }
+                done
+            }
+            Op::EnableForwarding(ns) => self.write_sysctl(ns, "net/ipv4/ip_forward", "1"),
+            Op::AddRoute(ns, r) => {
+                let idx = self.index(ns, &r.dev).await?;
+                let h = self.handle(ns).await?;
+                h.route()
+                    .add(route_message(r, idx))
+                    .execute()
+                    .await
+                    .map_err(|e| other("add route", e))
+            }
+            Op::DelRoute(ns, r) => {
+                let idx = self.index(ns, &r.dev).await?;
+                let h = self.handle(ns).await?;
+                h.route()
+                    .del(route_message(r, idx))
+                    .execute()
+                    .await
+                    .map_err(|e| other("delete route", e))
+            }
+        }
+    }
+}
+
+fn route_message(r: &crate::model::Route, dev: u32) -> RouteMessage {
+    let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(r.dst.0, r.dst.1)
+        .output_interface(dev)
+        .protocol(RouteProtocol::Static);
+    if let Some(via) = r.via {
+        b = b.gateway(via);
+    }
+    b.build()
+}
+
+impl Backend for Linux {
+    async fn underlay_mtu(&mut self, ip: Ipv4Addr) -> Option<u32> {
+        self.mtu_of(ip).await
+    }
+
+    async fn observe(&mut self, prefix: &str) -> Result<Kernel, DpError> {
+        let mut k = Kernel::default();
+        k.namespaces
+            .insert(HOST.into(), self.observe_ns(HOST).await?);
+        let listed = list_netns(prefix);
+        // Sockets hold their namespace: none for one that went away.
+        let keep = |ns: &String| ns == HOST || !ns.starts_with(prefix) || listed.contains(ns);
+        self.nf_socks.retain(|ns, _| keep(ns));
+        self.tables_seen.retain(|ns, _| keep(ns));
+        for ns in listed {
+            // One that cannot be read (a file left by a crash before it
+            // was bound) is reported empty, so that it is removed.
+            match self.observe_ns(&ns).await {
+                Ok(n) => {
+                    k.namespaces.insert(ns, n);
+                }
+                Err(_) => {
+                    self.handles.remove(&ns);
+                    self.nf_socks.remove(&ns);
+                    self.tables_seen.remove(&ns);
+                    k.namespaces.insert(ns, Netns::default());
+                }
+            }
+        }
+        Ok(k)
+    }
+
+    async fn apply(&mut self, op: &Op) -> Result<(), DpError> {
+        self.apply_op(op).await.map_err(|e| match e {
+            DpError::Other(reason) => kernel(op, reason),
+            e => e,
+        })
+    }
+}
