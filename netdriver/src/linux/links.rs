@@ -20,74 +20,7 @@ impl Linux {
             if name == "lo" {
                 continue;
             }
-            let mut link = Link {
-                kind: LinkKind::Other("unknown".into()),
-                mtu: 0,
-                mac: None,
-                master: None,
-                addrs: BTreeSet::new(),
-                up: m.header.flags.contains(LinkFlags::Up),
-                isolated: false,
-            };
-            let mut vxlan = (0, Ipv4Addr::UNSPECIFIED, 0);
-            for a in &m.attributes {
-                match a {
-                    LinkAttribute::Mtu(v) => link.mtu = *v,
-                    LinkAttribute::Address(mac) if mac.len() == 6 => {
-                        link.mac = <[u8; 6]>::try_from(mac.as_slice()).ok();
-                    }
-                    LinkAttribute::Controller(i) => link.master = names.get(i).cloned(),
-                    LinkAttribute::LinkInfo(infos) => {
-                        for i in infos {
-                            match i {
-                                LinkInfo::Kind(k) => {
-                                    link.kind = match k {
-                                        InfoKind::Bridge => LinkKind::Bridge,
-                                        InfoKind::Veth => LinkKind::Veth {
-                                            peer: String::new(),
-                                            peer_ns: String::new(),
-                                        },
-                                        InfoKind::MacVlan => LinkKind::Macvlan {
-                                            parent: String::new(),
-                                            parent_ns: String::new(),
-                                        },
-                                        InfoKind::Vxlan => LinkKind::Vxlan {
-                                            vni: 0,
-                                            local: Ipv4Addr::UNSPECIFIED,
-                                            port: 0,
-                                        },
-                                        k => LinkKind::Other(format!("{k:?}")),
-                                    }
-                                }
-                                LinkInfo::PortData(InfoPortData::BridgePort(v)) => {
-                                    link.isolated = v
-                                        .iter()
-                                        .any(|x| matches!(x, InfoBridgePort::Isolated(true)));
-                                }
-                                LinkInfo::Data(InfoData::Vxlan(v)) => {
-                                    for x in v {
-                                        match x {
-                                            InfoVxlan::Id(id) => vxlan.0 = *id,
-                                            InfoVxlan::Local(l) => vxlan.1 = *l,
-                                            InfoVxlan::Port(p) => vxlan.2 = *p,
-                                            _ => {}
-                                        }
-                                    }
-                                }
-                                _ => {}
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            if let LinkKind::Vxlan { .. } = link.kind {
-                link.kind = LinkKind::Vxlan {
-                    vni: vxlan.0,
-                    local: vxlan.1,
-                    port: vxlan.2,
-                };
-            }
+            let link = link_from(m, &names);
             out.insert(
                 name,
                 Seen {
@@ -325,4 +258,81 @@ pub(super) fn link_name(m: &LinkMessage) -> Option<String> {
         LinkAttribute::IfName(n) => Some(n.clone()),
         _ => None,
     })
+}
+
+/// A dumped link as the model has it (`names`: link names by index, for
+/// its master). Its peer or parent is not in the dump: left empty.
+fn link_from(m: &LinkMessage, names: &HashMap<u32, String>) -> Link {
+    let mut link = Link {
+        kind: LinkKind::Other("unknown".into()),
+        mtu: 0,
+        mac: None,
+        master: None,
+        addrs: BTreeSet::new(),
+        up: m.header.flags.contains(LinkFlags::Up),
+        isolated: false,
+    };
+    let mut vxlan = (0, Ipv4Addr::UNSPECIFIED, 0);
+    for a in &m.attributes {
+        match a {
+            LinkAttribute::Mtu(v) => link.mtu = *v,
+            LinkAttribute::Address(mac) if mac.len() == 6 => {
+                link.mac = <[u8; 6]>::try_from(mac.as_slice()).ok();
+            }
+            LinkAttribute::Controller(i) => link.master = names.get(i).cloned(),
+            LinkAttribute::LinkInfo(infos) => {
+                for i in infos {
+                    match i {
+                        LinkInfo::Kind(k) => link.kind = link_kind(k),
+                        LinkInfo::PortData(InfoPortData::BridgePort(v)) => {
+                            link.isolated = v
+                                .iter()
+                                .any(|x| matches!(x, InfoBridgePort::Isolated(true)));
+                        }
+                        LinkInfo::Data(InfoData::Vxlan(v)) => {
+                            for x in v {
+                                match x {
+                                    InfoVxlan::Id(id) => vxlan.0 = *id,
+                                    InfoVxlan::Local(l) => vxlan.1 = *l,
+                                    InfoVxlan::Port(p) => vxlan.2 = *p,
+                                    _ => {}
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if let LinkKind::Vxlan { .. } = link.kind {
+        link.kind = LinkKind::Vxlan {
+            vni: vxlan.0,
+            local: vxlan.1,
+            port: vxlan.2,
+        };
+    }
+    link
+}
+
+/// The model's kind for a link kind the kernel reports.
+fn link_kind(k: &InfoKind) -> LinkKind {
+    match k {
+        InfoKind::Bridge => LinkKind::Bridge,
+        InfoKind::Veth => LinkKind::Veth {
+            peer: String::new(),
+            peer_ns: String::new(),
+        },
+        InfoKind::MacVlan => LinkKind::Macvlan {
+            parent: String::new(),
+            parent_ns: String::new(),
+        },
+        InfoKind::Vxlan => LinkKind::Vxlan {
+            vni: 0,
+            local: Ipv4Addr::UNSPECIFIED,
+            port: 0,
+        },
+        k => LinkKind::Other(format!("{k:?}")),
+    }
 }

@@ -8,6 +8,7 @@
 //! their final name in the same request; a veth pair is created in one
 //! namespace and its other end moved and renamed the same way.
 
+mod entries;
 mod links;
 mod netns;
 mod observe;
@@ -221,122 +222,24 @@ impl Linux {
                 delete_netns(name)
             }
             Op::AddLink { ns, name, link } => self.add_link(ns, name, link).await,
-            Op::DelLink { ns, name } => {
-                let idx = self.index(ns, name).await?;
-                let h = self.handle(ns).await?;
-                h.link()
-                    .del(idx)
-                    .execute()
-                    .await
-                    .map_err(|e| other("delete link", e))
-            }
+            Op::DelLink { ns, name } => self.del_link(ns, name).await,
             Op::SetLink { ns, name, link } => self.set_link(ns, name, link).await,
-            Op::AddFdb(ns, f) => {
-                let idx = self.index(ns, &f.link).await?;
-                let h = self.handle(ns).await?;
-                let mut req = h.neighbours().add_bridge(idx, &f.mac);
-                *req.message_mut() = Self::neighbour(idx, AddressFamily::Bridge, &f.mac, f.dst);
-                req.execute().await.map_err(|e| other("add FDB entry", e))
-            }
-            Op::DelFdb(ns, f) => {
-                let idx = self.index(ns, &f.link).await?;
-                let h = self.handle(ns).await?;
-                let msg = Self::neighbour(idx, AddressFamily::Bridge, &f.mac, f.dst);
-                h.neighbours()
-                    .del(msg)
-                    .execute()
-                    .await
-                    .map_err(|e| other("delete FDB entry", e))
-            }
-            Op::AddNeigh(ns, n) => {
-                let idx = self.index(ns, &n.link).await?;
-                let h = self.handle(ns).await?;
-                h.neighbours()
-                    .add(idx, IpAddr::V4(n.ip))
-                    .link_layer_address(&n.mac)
-                    .execute()
-                    .await
-                    .map_err(|e| other("add neighbour", e))
-            }
-            Op::DelNeigh(ns, n) => {
-                let idx = self.index(ns, &n.link).await?;
-                let h = self.handle(ns).await?;
-                let msg = Self::neighbour(idx, AddressFamily::Inet, &n.mac, n.ip);
-                h.neighbours()
-                    .del(msg)
-                    .execute()
-                    .await
-                    .map_err(|e| other("delete neighbour", e))
-            }
+            Op::AddFdb(ns, f) => self.fdb(ns, f, true).await,
+            Op::DelFdb(ns, f) => self.fdb(ns, f, false).await,
+            Op::AddNeigh(ns, n) => self.neigh(ns, n, true).await,
+            Op::DelNeigh(ns, n) => self.neigh(ns, n, false).await,
+            Op::AddRoute(ns, r) => self.route(ns, r, true).await,
+            Op::DelRoute(ns, r) => self.route(ns, r, false).await,
             Op::SetLb {
                 ns,
                 lb,
                 changed,
                 fresh,
-            } => {
-                let before = self
-                    .lb_slots
-                    .get(ns)
-                    .or_else(|| self.tables_seen.get(ns).map(|t| &t.2))
-                    .cloned()
-                    .unwrap_or_default();
-                let done = self.set_lb(ns, lb, changed, *fresh);
-                let left = ctnl::left_vips(&before, lb);
-                if done.is_ok() && !left.is_empty() {
-                    self.forget_left(ns, move |e| {
-                        e.movable() && left.contains(&(e.orig_dst.0, e.reply_src.0))
-                    });
-                }
-                done
-            }
-            Op::SetNat { ns, nat } => {
-                let before = self
-                    .tables_seen
-                    .get(ns)
-                    .and_then(|t| t.1.as_ref())
-                    .map(|(n, _)| n.dnat.clone())
-                    .unwrap_or_default();
-                let done = self.nft(ns, &crate::nft::nat_script(nat.as_ref()));
-                let left = ctnl::left_ports(&before, nat.as_ref().map(|n| &n.dnat));
-                if done.is_ok() && !left.is_empty() {
-                    self.forget_left(ns, move |e| {
-                        e.movable() && left.contains(&(e.proto, e.reply_src.0, e.reply_src.1))
-                    });
-                }
-                done
-            }
+            } => self.apply_lb(ns, lb, changed, *fresh),
+            Op::SetNat { ns, nat } => self.apply_nat(ns, nat.as_ref()),
             Op::EnableForwarding(ns) => self.write_sysctl(ns, "net/ipv4/ip_forward", "1"),
-            Op::AddRoute(ns, r) => {
-                let idx = self.index(ns, &r.dev).await?;
-                let h = self.handle(ns).await?;
-                h.route()
-                    .add(route_message(r, idx))
-                    .execute()
-                    .await
-                    .map_err(|e| other("add route", e))
-            }
-            Op::DelRoute(ns, r) => {
-                let idx = self.index(ns, &r.dev).await?;
-                let h = self.handle(ns).await?;
-                h.route()
-                    .del(route_message(r, idx))
-                    .execute()
-                    .await
-                    .map_err(|e| other("delete route", e))
-            }
         }
     }
-}
-
-fn route_message(r: &crate::model::Route, dev: u32) -> RouteMessage {
-    let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
-        .destination_prefix(r.dst.0, r.dst.1)
-        .output_interface(dev)
-        .protocol(RouteProtocol::Static);
-    if let Some(via) = r.via {
-        b = b.gateway(via);
-    }
-    b.build()
 }
 
 impl Backend for Linux {

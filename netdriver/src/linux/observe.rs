@@ -61,33 +61,7 @@ impl Linux {
         out.forwarding = self
             .read_sysctl(ns, "net/ipv4/ip_forward")
             .is_some_and(|v| v.trim() == "1");
-        let mut s = h
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute();
-        while let Some(r) = s.try_next().await.map_err(|e| other("dump routes", e))? {
-            if r.header.protocol != RouteProtocol::Static {
-                continue;
-            }
-            let mut dst = Ipv4Addr::UNSPECIFIED;
-            let mut via = None;
-            let mut dev = None;
-            for a in &r.attributes {
-                match a {
-                    RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
-                    RouteAttribute::Gateway(RouteAddress::Inet(g)) => via = Some(*g),
-                    RouteAttribute::Oif(i) => dev = by_index.get(i).map(|n| (*n).to_owned()),
-                    _ => {}
-                }
-            }
-            if let Some(dev) = dev {
-                out.routes.insert(crate::model::Route {
-                    dst: (dst, r.header.destination_prefix_length),
-                    via,
-                    dev,
-                });
-            }
-        }
+        out.routes = static_routes(&h, &by_index).await?;
         if ns != HOST {
             out.lb = slots
                 .iter()
@@ -148,4 +122,40 @@ pub(super) fn destination(n: &NeighbourMessage) -> Option<IpAddr> {
         }
         _ => None,
     })
+}
+
+/// The static routes of the namespace behind `h`, on links of `by_index`.
+async fn static_routes(
+    h: &Handle,
+    by_index: &HashMap<u32, &str>,
+) -> Result<BTreeSet<crate::model::Route>, DpError> {
+    let mut routes = BTreeSet::new();
+    let mut s = h
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
+    while let Some(r) = s.try_next().await.map_err(|e| other("dump routes", e))? {
+        if r.header.protocol != RouteProtocol::Static {
+            continue;
+        }
+        let mut dst = Ipv4Addr::UNSPECIFIED;
+        let mut via = None;
+        let mut dev = None;
+        for a in &r.attributes {
+            match a {
+                RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => via = Some(*g),
+                RouteAttribute::Oif(i) => dev = by_index.get(i).map(|n| (*n).to_owned()),
+                _ => {}
+            }
+        }
+        if let Some(dev) = dev {
+            routes.insert(crate::model::Route {
+                dst: (dst, r.header.destination_prefix_length),
+                via,
+                dev,
+            });
+        }
+    }
+    Ok(routes)
 }

@@ -199,4 +199,52 @@ impl Linux {
     pub(super) fn nft(&self, ns: &str, script: &str) -> Result<(), DpError> {
         self.nft_run(ns, &["-f", "-"], script).map(drop)
     }
+
+    /// `Op::SetLb`: the VIP maps, then the connections of backends that
+    /// left are forgotten.
+    pub(super) fn apply_lb(
+        &mut self,
+        ns: &str,
+        lb: &BTreeMap<Ipv4Addr, BTreeSet<Ipv4Addr>>,
+        changed: &BTreeSet<Ipv4Addr>,
+        fresh: bool,
+    ) -> Result<(), DpError> {
+        let before = self
+            .lb_slots
+            .get(ns)
+            .or_else(|| self.tables_seen.get(ns).map(|t| &t.2))
+            .cloned()
+            .unwrap_or_default();
+        let done = self.set_lb(ns, lb, changed, fresh);
+        let left = ctnl::left_vips(&before, lb);
+        if done.is_ok() && !left.is_empty() {
+            self.forget_left(ns, move |e| {
+                e.movable() && left.contains(&(e.orig_dst.0, e.reply_src.0))
+            });
+        }
+        done
+    }
+
+    /// `Op::SetNat`: port forwarding, then the connections of published
+    /// ports' backends that left are forgotten.
+    pub(super) fn apply_nat(
+        &mut self,
+        ns: &str,
+        nat: Option<&crate::model::Nat>,
+    ) -> Result<(), DpError> {
+        let before = self
+            .tables_seen
+            .get(ns)
+            .and_then(|t| t.1.as_ref())
+            .map(|(n, _)| n.dnat.clone())
+            .unwrap_or_default();
+        let done = self.nft(ns, &crate::nft::nat_script(nat));
+        let left = ctnl::left_ports(&before, nat.map(|n| &n.dnat));
+        if done.is_ok() && !left.is_empty() {
+            self.forget_left(ns, move |e| {
+                e.movable() && left.contains(&(e.proto, e.reply_src.0, e.reply_src.1))
+            });
+        }
+        done
+    }
 }
