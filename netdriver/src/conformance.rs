@@ -116,11 +116,33 @@ async fn step<B: Backend>(
 /// Runs the suite against `b`, with namespaces under `names.prefix`.
 /// Leaves nothing behind on success.
 pub async fn run<B: Backend>(b: &mut B, names: &Names) -> Result<(), String> {
-    let t1 = "1111111111111111";
-    let t2 = "2222222222222222";
-    let base = sample_plan(&[(t1, 2), (t2, 3)], &[remote(4, 2), remote(5, 3)]);
+    let seen = converges_and_stays(b, names).await?;
+    follows_a_new_remote(b, names).await?;
+    puts_back_what_was_removed(b, names, &seen).await?;
+    removes_leftovers(b, names).await?;
+    removes_what_is_no_longer_planned(b, names).await
+}
 
-    // From nothing to the plan; then again: nothing to do.
+const T1: &str = "1111111111111111";
+const T2: &str = "2222222222222222";
+
+/// Two tasks, two remote endpoints.
+fn base_plan() -> NodePlan {
+    sample_plan(&[(T1, 2), (T2, 3)], &[remote(4, 2), remote(5, 3)])
+}
+
+/// [`base_plan`] and a third remote endpoint.
+fn more_plan() -> NodePlan {
+    sample_plan(
+        &[(T1, 2), (T2, 3)],
+        &[remote(4, 2), remote(5, 3), remote(6, 3)],
+    )
+}
+
+/// From nothing to the plan, then again: nothing to do. Returns what the
+/// backend then holds.
+async fn converges_and_stays<B: Backend>(b: &mut B, names: &Names) -> Result<Kernel, String> {
+    let (t1, base) = (T1, base_plan());
     let ops = step(b, &base, names, "first reconcile").await?;
     if ops.is_empty() {
         return Err("the first reconcile did nothing".into());
@@ -158,12 +180,13 @@ pub async fn run<B: Backend>(b: &mut B, names: &Names) -> Result<(), String> {
         return Err(format!("the VIP should balance over 4 backends: {lb:?}"));
     }
 
-    // One more remote endpoint: one FDB and one neighbour entry, and one
-    // small load-balancer change per task sandbox.
-    let more = sample_plan(
-        &[(t1, 2), (t2, 3)],
-        &[remote(4, 2), remote(5, 3), remote(6, 3)],
-    );
+    Ok(seen)
+}
+
+/// One more remote endpoint: one FDB and one neighbour entry, and one
+/// small load-balancer change per task sandbox.
+async fn follows_a_new_remote<B: Backend>(b: &mut B, names: &Names) -> Result<(), String> {
+    let more = more_plan();
     let ops = step(b, &more, names, "a new remote endpoint").await?;
     let small = ops.len() == 4
         && ops.iter().any(|o| matches!(o, Op::AddFdb(..)))
@@ -179,7 +202,17 @@ pub async fn run<B: Backend>(b: &mut B, names: &Names) -> Result<(), String> {
         ));
     }
 
-    // Something else deletes an FDB entry and a task's interface: put back.
+    Ok(())
+}
+
+/// Something else deletes an FDB entry, a load balancer and a task's
+/// interface, then the VXLAN device: all put back.
+async fn puts_back_what_was_removed<B: Backend>(
+    b: &mut B,
+    names: &Names,
+    seen: &Kernel,
+) -> Result<(), String> {
+    let (t1, t2, more) = (T1, T2, more_plan());
     let net_ns = names.network("0123456789abcdef");
     let fdb = seen.namespaces[&net_ns]
         .fdb
@@ -218,7 +251,12 @@ pub async fn run<B: Backend>(b: &mut B, names: &Names) -> Result<(), String> {
     }
     step(b, &more, names, "after the VXLAN device was deleted").await?;
 
-    // Leftovers of a crash: a stale namespace and a stale host link go.
+    Ok(())
+}
+
+/// Leftovers of a crash: a stale namespace and a stale host link go.
+async fn removes_leftovers<B: Backend>(b: &mut B, names: &Names) -> Result<(), String> {
+    let more = more_plan();
     let stale_ns = format!("{}n-stale", names.prefix);
     let stale_link = Op::AddLink {
         ns: HOST.into(),
@@ -247,7 +285,16 @@ pub async fn run<B: Backend>(b: &mut B, names: &Names) -> Result<(), String> {
         return Err("leftovers were not removed".into());
     }
 
-    // A task goes: its sandbox goes (and its macvlan with it).
+    Ok(())
+}
+
+/// A task goes: its sandbox goes (and its macvlan with it); nothing
+/// planned: nothing left.
+async fn removes_what_is_no_longer_planned<B: Backend>(
+    b: &mut B,
+    names: &Names,
+) -> Result<(), String> {
+    let (t1, t2) = (T1, T2);
     let fewer = sample_plan(&[(t1, 2)], &[remote(4, 2), remote(5, 3), remote(6, 3)]);
     step(b, &fewer, names, "a task removed").await?;
     let seen = b.observe(&names.prefix).await.map_err(|e| e.to_string())?;

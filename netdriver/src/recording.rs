@@ -7,7 +7,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::model::{HOST, Kernel, LinkKind, Netns, Op};
+use crate::model::{HOST, Kernel, Link, LinkKind, Netns, Op};
 use crate::{Backend, DpError};
 
 /// The recording backend.
@@ -84,6 +84,84 @@ impl Recording {
         }
     }
 
+    /// `Op::AddLink`, as the kernel would refuse it: a taken name, a
+    /// missing veth peer namespace or macvlan parent, a master that is not
+    /// a bridge. Created down, without addresses (`SetLink` follows).
+    fn add_link(&mut self, op: &Op, ns: &str, name: &str, link: &Link) -> Result<(), DpError> {
+        if let LinkKind::Veth { peer, peer_ns } = &link.kind {
+            let taken = self
+                .kernel
+                .namespaces
+                .get(peer_ns)
+                .map(|n| n.links.contains_key(peer));
+            match taken {
+                None if peer_ns != HOST => {
+                    return Err(fail(op, "peer namespace missing"));
+                }
+                Some(true) => return Err(fail(op, "file exists (peer)")),
+                _ => {}
+            }
+        }
+        if let LinkKind::Macvlan { parent, parent_ns } = &link.kind
+            && parent_ns != HOST
+            && !self
+                .kernel
+                .namespaces
+                .get(parent_ns)
+                .is_some_and(|n| n.links.contains_key(parent))
+        {
+            return Err(fail(op, "no such device (macvlan parent)"));
+        }
+        let n = self.ns_mut(ns, op)?;
+        if n.links.contains_key(name) {
+            return Err(fail(op, "file exists"));
+        }
+        if let Some(m) = &link.master
+            && n.links.get(m).is_none_or(|b| b.kind != LinkKind::Bridge)
+        {
+            return Err(fail(op, "master is not a bridge here"));
+        }
+        let mut fresh = link.clone();
+        fresh.addrs.clear();
+        fresh.up = false;
+        n.links.insert(name.to_owned(), fresh.clone());
+        if let LinkKind::Veth { peer, peer_ns } = &link.kind {
+            let mut other = fresh;
+            other.master = None;
+            other.mac = None;
+            other.kind = LinkKind::Veth {
+                peer: name.to_owned(),
+                peer_ns: ns.to_owned(),
+            };
+            let p = self.ns_mut(peer_ns, op)?;
+            p.links.insert(peer.clone(), other);
+        }
+        Ok(())
+    }
+
+    /// `Op::SetLink`: MTU, MAC, master, addresses, state.
+    fn set_link(&mut self, op: &Op, ns: &str, name: &str, link: &Link) -> Result<(), DpError> {
+        let n = self.ns_mut(ns, op)?;
+        if let Some(m) = &link.master
+            && n.links.get(m).is_none_or(|b| b.kind != LinkKind::Bridge)
+        {
+            return Err(fail(op, "master is not a bridge here"));
+        }
+        let l = n
+            .links
+            .get_mut(name)
+            .ok_or_else(|| fail(op, "no such device"))?;
+        l.mtu = link.mtu;
+        if link.mac.is_some() {
+            l.mac = link.mac;
+        }
+        l.master.clone_from(&link.master);
+        l.addrs.clone_from(&link.addrs);
+        l.up = link.up;
+        l.isolated = link.isolated && link.master.is_some();
+        Ok(())
+    }
+
     fn apply_op(&mut self, op: &Op) -> Result<(), DpError> {
         match op {
             Op::AddNetns(name) => {
@@ -103,56 +181,7 @@ impl Recording {
                 }
                 self.kernel.namespaces.remove(name);
             }
-            Op::AddLink { ns, name, link } => {
-                if let LinkKind::Veth { peer, peer_ns } = &link.kind {
-                    let taken = self
-                        .kernel
-                        .namespaces
-                        .get(peer_ns)
-                        .map(|n| n.links.contains_key(peer));
-                    match taken {
-                        None if peer_ns != HOST => {
-                            return Err(fail(op, "peer namespace missing"));
-                        }
-                        Some(true) => return Err(fail(op, "file exists (peer)")),
-                        _ => {}
-                    }
-                }
-                if let LinkKind::Macvlan { parent, parent_ns } = &link.kind
-                    && parent_ns != HOST
-                    && !self
-                        .kernel
-                        .namespaces
-                        .get(parent_ns)
-                        .is_some_and(|n| n.links.contains_key(parent))
-                {
-                    return Err(fail(op, "no such device (macvlan parent)"));
-                }
-                let n = self.ns_mut(ns, op)?;
-                if n.links.contains_key(name) {
-                    return Err(fail(op, "file exists"));
-                }
-                if let Some(m) = &link.master
-                    && n.links.get(m).is_none_or(|b| b.kind != LinkKind::Bridge)
-                {
-                    return Err(fail(op, "master is not a bridge here"));
-                }
-                let mut fresh = link.clone();
-                fresh.addrs.clear();
-                fresh.up = false;
-                n.links.insert(name.clone(), fresh.clone());
-                if let LinkKind::Veth { peer, peer_ns } = &link.kind {
-                    let mut other = fresh;
-                    other.master = None;
-                    other.mac = None;
-                    other.kind = LinkKind::Veth {
-                        peer: name.clone(),
-                        peer_ns: ns.clone(),
-                    };
-                    let p = self.ns_mut(peer_ns, op)?;
-                    p.links.insert(peer.clone(), other);
-                }
-            }
+            Op::AddLink { ns, name, link } => self.add_link(op, ns, name, link)?,
             Op::DelLink { ns, name } => {
                 if !self
                     .kernel
@@ -164,26 +193,7 @@ impl Recording {
                 }
                 self.del_link(ns, name);
             }
-            Op::SetLink { ns, name, link } => {
-                let n = self.ns_mut(ns, op)?;
-                if let Some(m) = &link.master
-                    && n.links.get(m).is_none_or(|b| b.kind != LinkKind::Bridge)
-                {
-                    return Err(fail(op, "master is not a bridge here"));
-                }
-                let l = n
-                    .links
-                    .get_mut(name)
-                    .ok_or_else(|| fail(op, "no such device"))?;
-                l.mtu = link.mtu;
-                if link.mac.is_some() {
-                    l.mac = link.mac;
-                }
-                l.master.clone_from(&link.master);
-                l.addrs.clone_from(&link.addrs);
-                l.up = link.up;
-                l.isolated = link.isolated && link.master.is_some();
-            }
+            Op::SetLink { ns, name, link } => self.set_link(op, ns, name, link)?,
             Op::AddFdb(ns, f) => {
                 let n = self.ns_mut(ns, op)?;
                 if !n
