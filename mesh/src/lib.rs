@@ -24,6 +24,7 @@ pub mod orchestrator;
 pub mod plan;
 pub mod service;
 pub mod state;
+pub mod syntax;
 pub mod task;
 pub mod token;
 

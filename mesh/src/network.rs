@@ -71,7 +71,7 @@ impl FromStr for Driver {
             "macvlan" => Ok(Driver::Macvlan),
             "ipvlan" => Ok(Driver::Ipvlan),
             other => Err(format!(
-                "unknown driver `{other}`: use overlay, bridge, macvlan or ipvlan"
+                "unknown driver `{other}`: use overlay, bridge or macvlan"
             )),
         }
     }

@@ -5,6 +5,12 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use shoal_mesh::constraint::Constraint;
+use shoal_mesh::network::NetworkSpec;
+use shoal_mesh::service::{
+    Attachment, EndpointMode, PortSpec, RestartCondition, RestartPolicy, ServiceSpec, UpdateConfig,
+};
+use shoal_mesh::syntax::key_value;
 use shoal_mesh::{Availability, Role};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -18,7 +24,7 @@ pub const MAX_REQUEST: usize = 1 << 20;
 pub struct Policies {
     /// Restart tasks that exit: none, on-failure or any (default any).
     #[arg(long)]
-    pub restart_condition: Option<String>,
+    pub restart_condition: Option<RestartCondition>,
     /// Restarts per slot before giving up (default 0: no limit).
     #[arg(long)]
     pub restart_max_attempts: Option<u64>,
@@ -31,6 +37,27 @@ pub struct Policies {
     /// Wait between update batches, e.g. 10s (default 0s).
     #[arg(long, value_parser = parse_duration_ms)]
     pub update_delay: Option<u64>,
+}
+
+impl Policies {
+    /// The flags given, applied over a service's policies.
+    pub fn apply(&self, restart: &mut RestartPolicy, update: &mut UpdateConfig) {
+        if let Some(c) = self.restart_condition {
+            restart.condition = c;
+        }
+        if let Some(n) = self.restart_max_attempts {
+            restart.max_attempts = n;
+        }
+        if let Some(d) = self.restart_delay {
+            restart.delay_ms = d;
+        }
+        if let Some(n) = self.update_parallelism {
+            update.parallelism = n;
+        }
+        if let Some(d) = self.update_delay {
+            update.delay_ms = d;
+        }
+    }
 }
 
 /// `500ms`, `5s`, `2m`, `1h` or `0` → milliseconds.
@@ -52,45 +79,46 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
     n.checked_mul(scale).ok_or_else(bad)
 }
 
-/// `service update`: only what is given changes (also the CLI's flags).
+/// `service update`: only what is given changes (also the CLI's flags,
+/// parsed into the domain's types as they are read).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, clap::Args)]
 pub struct ServiceUpdate {
     /// New number of tasks.
     #[arg(long)]
     pub replicas: Option<u64>,
     /// Add or change an environment variable K=V (repeatable).
-    #[arg(long)]
-    pub env_add: Vec<String>,
+    #[arg(long, value_parser = key_value)]
+    pub env_add: Vec<(String, String)>,
     /// Remove an environment variable (repeatable).
     #[arg(long)]
     pub env_rm: Vec<String>,
     /// Add or change a label k=v (repeatable).
-    #[arg(long)]
-    pub label_add: Vec<String>,
+    #[arg(long, value_parser = key_value)]
+    pub label_add: Vec<(String, String)>,
     /// Remove a label (repeatable).
     #[arg(long)]
     pub label_rm: Vec<String>,
     /// Add a placement constraint (repeatable).
     #[arg(long)]
-    pub constraint_add: Vec<String>,
+    pub constraint_add: Vec<Constraint>,
     /// Remove a placement constraint (repeatable).
     #[arg(long)]
-    pub constraint_rm: Vec<String>,
+    pub constraint_rm: Vec<Constraint>,
     /// Publish another port, as --publish (repeatable).
     #[arg(long)]
-    pub publish_add: Vec<String>,
+    pub publish_add: Vec<PortSpec>,
     /// Stop publishing a port: TARGET[/udp] or PUBLISHED:TARGET[/udp] (repeatable).
     #[arg(long)]
-    pub publish_rm: Vec<String>,
+    pub publish_rm: Vec<PortSpec>,
     /// Attach another network, as --network (repeatable).
     #[arg(long)]
-    pub network_add: Vec<String>,
+    pub network_add: Vec<Attachment>,
     /// Detach a network (repeatable).
     #[arg(long)]
     pub network_rm: Vec<String>,
     /// vip or dnsrr.
     #[arg(long)]
-    pub endpoint_mode: Option<String>,
+    pub endpoint_mode: Option<EndpointMode>,
     /// Replace the tasks even if nothing they run changed.
     #[arg(long)]
     pub force: bool,
@@ -223,29 +251,9 @@ pub enum Request {
         /// The key.
         key: String,
     },
-    /// `network create`.
-    NetworkCreate {
-        /// Name.
-        name: String,
-        /// Driver.
-        driver: String,
-        /// `--subnet` CIDRs.
-        subnets: Vec<String>,
-        /// `--gateway` IPs, by position.
-        gateways: Vec<String>,
-        /// `--ip-range`.
-        ip_range: Option<String>,
-        /// `--aux-address name=IP`.
-        aux_addresses: Vec<String>,
-        /// `--attachable`.
-        attachable: bool,
-        /// `--internal`.
-        internal: bool,
-        /// `-o k=v`.
-        options: Vec<String>,
-        /// `--label k=v`.
-        labels: Vec<String>,
-    },
+    /// `network create`: the spec as the CLI parsed it; the store's
+    /// `apply` validates and allocates.
+    NetworkCreate(Box<NetworkSpec>),
     /// `network ls`.
     NetworkLs,
     /// `network inspect`.
@@ -258,32 +266,9 @@ pub enum Request {
         /// Name, ID or ID prefix.
         network: String,
     },
-    /// `service create`.
-    ServiceCreate {
-        /// Name.
-        name: String,
-        /// `--replicas`.
-        replicas: Option<u64>,
-        /// `--mode` (`replicated` or `global`).
-        mode: String,
-        /// `--network` (NET or name=NET,alias=A).
-        networks: Vec<String>,
-        /// `--publish` / `-p`.
-        publish: Vec<String>,
-        /// `--endpoint-mode`.
-        endpoint_mode: String,
-        /// `--constraint`.
-        constraints: Vec<String>,
-        /// `--env K=V`.
-        env: Vec<String>,
-        /// `--label k=v`.
-        labels: Vec<String>,
-        /// The command.
-        command: Vec<String>,
-        /// Restart and update settings.
-        #[serde(default)]
-        policies: Policies,
-    },
+    /// `service create`: the spec as the CLI parsed it, its networks
+    /// named as the user typed them (the daemon resolves them to IDs).
+    ServiceCreate(Box<ServiceSpec>),
     /// `service update`: changes to an existing service.
     ServiceUpdate(Box<ServiceUpdate>),
     /// `shoal exec`: where to enter a task's sandbox on this node.

@@ -1,46 +1,93 @@
 //! `shoal network …`.
 
+use std::net::Ipv4Addr;
+
 use clap::Subcommand;
 use serde_json::Value;
+use shoal_mesh::cidr::Ipv4Net;
+use shoal_mesh::network::{Driver, NetworkSpec, SubnetSpec};
+use shoal_mesh::syntax::key_value;
 
 use super::output::{Format, cell, print_table};
 use super::{Client, check_failures, print_inspected};
 use crate::api::Request;
 
+/// `network create`'s flags, parsed into the domain's types as they are read.
+#[derive(Debug, clap::Args)]
+pub struct CreateFlags {
+    /// Driver: overlay, bridge or macvlan (ipvlan is not supported yet).
+    #[arg(short, long, default_value = "overlay")]
+    pub driver: Driver,
+    /// Subnet in CIDR form; one from the default pool if none.
+    #[arg(long)]
+    pub subnet: Vec<Ipv4Net>,
+    /// Gateway of the subnet.
+    #[arg(long, value_parser = ipv4)]
+    pub gateway: Vec<Ipv4Addr>,
+    /// Allocate task addresses from this sub-range of the subnet.
+    #[arg(long)]
+    pub ip_range: Option<Ipv4Net>,
+    /// Reserve an address: name=IP (repeatable).
+    #[arg(long, value_parser = aux_address)]
+    pub aux_address: Vec<(String, Ipv4Addr)>,
+    /// Refused: Shoal runs services, no standalone containers to attach.
+    #[arg(long)]
+    pub attachable: bool,
+    /// No external access.
+    #[arg(long)]
+    pub internal: bool,
+    /// Driver option key=value: parent, mtu, vxlan-id (repeatable).
+    #[arg(short = 'o', long = "opt", value_parser = key_value)]
+    pub opt: Vec<(String, String)>,
+    /// Label key=value (repeatable).
+    #[arg(long, value_parser = key_value)]
+    pub label: Vec<(String, String)>,
+    /// Network name.
+    pub name: String,
+}
+
+impl CreateFlags {
+    /// The spec the flags ask for; what depends on the store (overlaps,
+    /// the pool, names taken) is the store's `apply`'s to check.
+    fn spec(self) -> anyhow::Result<NetworkSpec> {
+        if self.gateway.len() > self.subnet.len() {
+            anyhow::bail!(
+                "each --gateway needs a --subnet before it ({} gateways, {} subnets)",
+                self.gateway.len(),
+                self.subnet.len()
+            );
+        }
+        if self.ip_range.is_some() && self.subnet.is_empty() {
+            anyhow::bail!("--ip-range needs a --subnet");
+        }
+        let gateway = self.gateway;
+        let subnets = self
+            .subnet
+            .into_iter()
+            .enumerate()
+            .map(|(i, subnet)| SubnetSpec {
+                subnet,
+                gateway: gateway.get(i).copied(),
+            })
+            .collect();
+        Ok(NetworkSpec {
+            name: self.name,
+            driver: self.driver,
+            subnets,
+            ip_range: self.ip_range,
+            aux_addresses: self.aux_address.into_iter().collect(),
+            attachable: self.attachable,
+            internal: self.internal,
+            options: self.opt.into_iter().collect(),
+            labels: self.label.into_iter().collect(),
+        })
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum NetworkCmd {
     /// Create a network.
-    Create {
-        /// Driver: overlay, bridge or macvlan (ipvlan is not supported yet).
-        #[arg(short, long, default_value = "overlay")]
-        driver: String,
-        /// Subnet in CIDR form (repeatable); one from the default pool if none.
-        #[arg(long)]
-        subnet: Vec<String>,
-        /// Gateway of the subnet at the same position (repeatable).
-        #[arg(long)]
-        gateway: Vec<String>,
-        /// Allocate task addresses from this sub-range of the first subnet.
-        #[arg(long)]
-        ip_range: Option<String>,
-        /// Reserve an address: name=IP (repeatable).
-        #[arg(long)]
-        aux_address: Vec<String>,
-        /// Let standalone containers attach.
-        #[arg(long)]
-        attachable: bool,
-        /// No external access.
-        #[arg(long)]
-        internal: bool,
-        /// Driver option key=value: parent, mtu, vxlan-id (repeatable).
-        #[arg(short = 'o', long = "opt")]
-        opt: Vec<String>,
-        /// Label key=value (repeatable).
-        #[arg(long)]
-        label: Vec<String>,
-        /// Network name.
-        name: String,
-    },
+    Create(CreateFlags),
     /// List networks.
     Ls {
         /// Output format: `table` or `json`.
@@ -67,6 +114,18 @@ pub enum NetworkCmd {
     },
 }
 
+/// An IPv4 address, or what to write instead.
+fn ipv4(text: &str) -> Result<Ipv4Addr, String> {
+    text.parse()
+        .map_err(|_| format!("`{text}` is not an IPv4 address such as 10.1.0.1"))
+}
+
+/// `--aux-address NAME=IP`.
+fn aux_address(text: &str) -> Result<(String, Ipv4Addr), String> {
+    let (name, ip) = key_value(text).map_err(|_| format!("`{text}` is not NAME=IP"))?;
+    Ok((name, ipv4(&ip)?))
+}
+
 fn field(v: &Value, key: &str) -> String {
     v.get(key).map(cell).unwrap_or_default()
 }
@@ -74,32 +133,9 @@ fn field(v: &Value, key: &str) -> String {
 impl NetworkCmd {
     pub async fn exec(self, client: &Client) -> anyhow::Result<()> {
         match self {
-            NetworkCmd::Create {
-                driver,
-                subnet,
-                gateway,
-                ip_range,
-                aux_address,
-                attachable,
-                internal,
-                opt,
-                label,
-                name,
-            } => {
-                let v = client
-                    .call(&Request::NetworkCreate {
-                        name,
-                        driver,
-                        subnets: subnet,
-                        gateways: gateway,
-                        ip_range,
-                        aux_addresses: aux_address,
-                        attachable,
-                        internal,
-                        options: opt,
-                        labels: label,
-                    })
-                    .await?;
+            NetworkCmd::Create(flags) => {
+                let spec = flags.spec()?;
+                let v = client.call(&Request::NetworkCreate(Box::new(spec))).await?;
                 println!("{}", field(&v, "id"));
             }
             NetworkCmd::Ls { format, quiet } => {

@@ -4,54 +4,101 @@ use std::time::{Duration, Instant};
 
 use clap::Subcommand;
 use serde_json::Value;
+use shoal_mesh::constraint::Constraint;
+use shoal_mesh::service::{
+    Attachment, EndpointMode, PortSpec, RestartPolicy, ServiceMode, ServiceSpec, UpdateConfig,
+};
+use shoal_mesh::syntax::key_value;
 
 use super::output::{Format, cell, print_table};
 use super::{Client, check_failures, print_inspected};
 use crate::api::{Policies, Request, ServiceUpdate};
+
+/// `--mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeArg {
+    /// `--replicas` tasks (1 by default).
+    Replicated,
+    /// One task per eligible node.
+    Global,
+}
+
+/// `service create`'s flags, parsed into the domain's types as they are read.
+#[derive(Debug, clap::Args)]
+pub struct CreateFlags {
+    /// Service name.
+    #[arg(long)]
+    pub name: String,
+    /// Number of tasks (replicated mode).
+    #[arg(long)]
+    pub replicas: Option<u64>,
+    /// replicated or global.
+    #[arg(long, value_enum, default_value = "replicated")]
+    pub mode: ModeArg,
+    /// Network to attach: NET or name=NET,alias=A (repeatable).
+    #[arg(long)]
+    pub network: Vec<Attachment>,
+    /// Publish a port: P:T[/udp] or mode=ingress|host,published=P,target=T[,protocol=udp] (repeatable).
+    #[arg(short, long)]
+    pub publish: Vec<PortSpec>,
+    /// vip or dnsrr.
+    #[arg(long, default_value = "vip")]
+    pub endpoint_mode: EndpointMode,
+    /// Placement constraint, e.g. node.labels.zone==east (repeatable).
+    #[arg(long)]
+    pub constraint: Vec<Constraint>,
+    /// Environment variable K=V (repeatable).
+    #[arg(short, long, value_parser = key_value)]
+    pub env: Vec<(String, String)>,
+    /// Label k=v (repeatable).
+    #[arg(long, value_parser = key_value)]
+    pub label: Vec<(String, String)>,
+    /// Restart and update settings.
+    #[command(flatten)]
+    pub policies: Policies,
+    /// Return at once instead of waiting for the tasks.
+    #[arg(short, long)]
+    pub detach: bool,
+    /// The command to run, after `--`.
+    #[arg(last = true, required = true)]
+    pub command: Vec<String>,
+}
+
+impl CreateFlags {
+    /// The spec the flags ask for, its networks named as typed (the daemon
+    /// resolves them); the store's `apply` checks the rest.
+    fn spec(self) -> anyhow::Result<ServiceSpec> {
+        let mode = match (self.mode, self.replicas) {
+            (ModeArg::Replicated, r) => ServiceMode::Replicated(r.unwrap_or(1)),
+            (ModeArg::Global, None) => ServiceMode::Global,
+            (ModeArg::Global, Some(_)) => {
+                anyhow::bail!("--replicas cannot be used with --mode global")
+            }
+        };
+        let (mut restart, mut update) = (RestartPolicy::default(), UpdateConfig::default());
+        self.policies.apply(&mut restart, &mut update);
+        Ok(ServiceSpec {
+            name: self.name,
+            mode,
+            networks: self.network,
+            ports: self.publish,
+            endpoint_mode: self.endpoint_mode,
+            constraints: self.constraint,
+            env: self.env.into_iter().collect(),
+            command: self.command,
+            labels: self.label.into_iter().collect(),
+            restart,
+            update,
+        })
+    }
+}
 
 // Parsed once per run; boxing clap's variants would only add noise.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum ServiceCmd {
     /// Create a service and wait until its tasks run.
-    Create {
-        /// Service name.
-        #[arg(long)]
-        name: String,
-        /// Number of tasks (replicated mode).
-        #[arg(long)]
-        replicas: Option<u64>,
-        /// replicated or global.
-        #[arg(long, default_value = "replicated")]
-        mode: String,
-        /// Network to attach: NET or name=NET,alias=A (repeatable).
-        #[arg(long)]
-        network: Vec<String>,
-        /// Publish a port: P:T[/udp] or mode=ingress|host,published=P,target=T[,protocol=udp] (repeatable).
-        #[arg(short, long)]
-        publish: Vec<String>,
-        /// vip or dnsrr.
-        #[arg(long, default_value = "vip")]
-        endpoint_mode: String,
-        /// Placement constraint, e.g. node.labels.zone==east (repeatable).
-        #[arg(long)]
-        constraint: Vec<String>,
-        /// Environment variable K=V (repeatable).
-        #[arg(short, long)]
-        env: Vec<String>,
-        /// Label k=v (repeatable).
-        #[arg(long)]
-        label: Vec<String>,
-        /// Restart and update settings.
-        #[command(flatten)]
-        policies: Policies,
-        /// Return at once instead of waiting for the tasks.
-        #[arg(short, long)]
-        detach: bool,
-        /// The command to run, after `--`.
-        #[arg(last = true, required = true)]
-        command: Vec<String>,
-    },
+    Create(CreateFlags),
     /// Change a service; tasks are replaced in rolling batches when what
     /// they run changes, and the command waits until the update is done.
     Update {
@@ -208,35 +255,11 @@ async fn converge(client: &Client, service: &str) -> anyhow::Result<()> {
 impl ServiceCmd {
     pub async fn exec(self, client: &Client) -> anyhow::Result<()> {
         match self {
-            ServiceCmd::Create {
-                name,
-                replicas,
-                mode,
-                network,
-                publish,
-                endpoint_mode,
-                constraint,
-                env,
-                label,
-                policies,
-                detach,
-                command,
-            } => {
-                let v = client
-                    .call(&Request::ServiceCreate {
-                        name: name.clone(),
-                        replicas,
-                        mode,
-                        networks: network,
-                        publish,
-                        endpoint_mode,
-                        constraints: constraint,
-                        env,
-                        labels: label,
-                        command,
-                        policies,
-                    })
-                    .await?;
+            ServiceCmd::Create(flags) => {
+                let detach = flags.detach;
+                let spec = flags.spec()?;
+                let name = spec.name.clone();
+                let v = client.call(&Request::ServiceCreate(Box::new(spec))).await?;
                 println!("{}", field(&v, "id"));
                 if !detach {
                     converge(client, &name).await?;

@@ -108,61 +108,9 @@ pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
                 .await
             }
         }
-        Request::NetworkCreate {
-            name,
-            driver,
-            subnets,
-            gateways,
-            ip_range,
-            aux_addresses,
-            attachable,
-            internal,
-            options,
-            labels,
-        } => {
-            let args = super::networks::CreateArgs {
-                name,
-                driver,
-                subnets,
-                gateways,
-                ip_range,
-                aux_addresses,
-                attachable,
-                internal,
-                options,
-                labels,
-            };
-            super::networks::create(d, args).await
-        }
+        Request::NetworkCreate(spec) => super::networks::create(d, *spec).await,
         Request::NetworkLs => super::networks::ls(d).await,
-        Request::ServiceCreate {
-            name,
-            replicas,
-            mode,
-            networks,
-            publish,
-            endpoint_mode,
-            constraints,
-            env,
-            labels,
-            command,
-            policies,
-        } => {
-            let args = super::services::CreateArgs {
-                name,
-                replicas,
-                mode,
-                networks,
-                publish,
-                endpoint_mode,
-                constraints,
-                env,
-                labels,
-                command,
-                policies,
-            };
-            super::services::create(d, args).await
-        }
+        Request::ServiceCreate(spec) => super::services::create(d, *spec).await,
         Request::ServiceUpdate(args) => super::services::update(d, *args).await,
         Request::TaskExec { task } => super::services::task_exec(d, &task).await,
         Request::ServiceLs => super::services::ls(d).await,

@@ -1,103 +1,16 @@
-//! `network create|ls|inspect|rm`: parse what the user typed, then let the
-//! store's `apply` validate and allocate.
-
-use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+//! `network create|ls|inspect|rm`: the CLI sends the spec as parsed; this
+//! refuses what Shoal does not carry out and what clashes with this node's
+//! routes, then lets the store's `apply` validate and allocate.
 
 use anyhow::{anyhow, bail};
 use serde_json::{Value, json};
 use shoal_mesh::cidr::Ipv4Net;
-use shoal_mesh::network::{Driver, Network, NetworkSpec, SubnetSpec};
+use shoal_mesh::network::{Driver, Network, NetworkSpec};
 use shoal_mesh::{ClusterState, Command};
 
 use super::agent::Daemon;
 use super::clock::now_ms;
 use crate::api::Reply;
-
-/// The raw `network create` arguments.
-pub struct CreateArgs {
-    /// Name.
-    pub name: String,
-    /// Driver.
-    pub driver: String,
-    /// `--subnet`.
-    pub subnets: Vec<String>,
-    /// `--gateway`.
-    pub gateways: Vec<String>,
-    /// `--ip-range`.
-    pub ip_range: Option<String>,
-    /// `--aux-address`.
-    pub aux_addresses: Vec<String>,
-    /// `--attachable`.
-    pub attachable: bool,
-    /// `--internal`.
-    pub internal: bool,
-    /// `-o`.
-    pub options: Vec<String>,
-    /// `--label`.
-    pub labels: Vec<String>,
-}
-
-fn key_values(items: &[String], flag: &str) -> anyhow::Result<BTreeMap<String, String>> {
-    items
-        .iter()
-        .map(|kv| match kv.split_once('=') {
-            Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-            _ => Err(anyhow!("invalid {flag} `{kv}`: use key=value")),
-        })
-        .collect()
-}
-
-fn ip(text: &str, what: &str) -> anyhow::Result<Ipv4Addr> {
-    text.parse()
-        .map_err(|_| anyhow!("invalid {what} `{text}`: use an IPv4 address such as 10.1.0.1"))
-}
-
-/// Turns the typed flags into a [`NetworkSpec`], or says which flag is wrong.
-pub fn parse_spec(a: CreateArgs) -> anyhow::Result<NetworkSpec> {
-    let driver: Driver = a.driver.parse().map_err(|e: String| anyhow!(e))?;
-    if a.gateways.len() > a.subnets.len() {
-        bail!(
-            "each --gateway needs a --subnet before it ({} gateways, {} subnets)",
-            a.gateways.len(),
-            a.subnets.len()
-        );
-    }
-    let subnets = a
-        .subnets
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            Ok(SubnetSpec {
-                subnet: s.parse::<Ipv4Net>()?,
-                gateway: a.gateways.get(i).map(|g| ip(g, "--gateway")).transpose()?,
-            })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let ip_range = a
-        .ip_range
-        .as_deref()
-        .map(str::parse::<Ipv4Net>)
-        .transpose()?;
-    if ip_range.is_some() && subnets.is_empty() {
-        bail!("--ip-range needs a --subnet");
-    }
-    let aux_addresses = key_values(&a.aux_addresses, "--aux-address")?
-        .into_iter()
-        .map(|(k, v)| Ok((k, ip(&v, "--aux-address")?)))
-        .collect::<anyhow::Result<_>>()?;
-    Ok(NetworkSpec {
-        name: a.name,
-        driver,
-        subnets,
-        ip_range,
-        aux_addresses,
-        attachable: a.attachable,
-        internal: a.internal,
-        options: key_values(&a.options, "-o")?,
-        labels: key_values(&a.labels, "--label")?,
-    })
-}
 
 /// A network as `network ls` and `inspect` show it. Field names are stable.
 pub fn view(n: &Network) -> Value {
@@ -197,9 +110,8 @@ fn check_host_routes(spec: &NetworkSpec, routes: &[(Ipv4Net, String)]) -> anyhow
 }
 
 /// `network create`.
-pub async fn create(d: &Daemon, args: CreateArgs) -> anyhow::Result<Reply> {
+pub async fn create(d: &Daemon, spec: NetworkSpec) -> anyhow::Result<Reply> {
     let m = d.member().await?;
-    let spec = parse_spec(args)?;
     spec.check_supported()?;
     check_driver(&spec).await?;
     let routes = routes_to_avoid(&spec, d.cfg.dataplane.gateway_subnet.as_deref()).await;

@@ -5,217 +5,25 @@ use std::collections::BTreeMap;
 use anyhow::{anyhow, bail};
 use serde_json::{Value, json};
 use shoal_mesh::service::{
-    Attachment, EndpointMode, PortSpec, Protocol, PublishMode, RestartCondition, Service,
-    ServiceMode, ServiceSpec,
+    Attachment, PortSpec, Protocol, PublishMode, Service, ServiceMode, ServiceSpec,
 };
 use shoal_mesh::task::{DesiredState, Task};
 use shoal_mesh::{ClusterState, Command};
 
 use super::agent::Daemon;
 use super::clock::now_ms;
-use crate::api::{Policies, Reply, ServiceUpdate};
+use crate::api::{Reply, ServiceUpdate};
 
-/// The raw `service create` arguments.
-pub struct CreateArgs {
-    /// Name.
-    pub name: String,
-    /// `--replicas`.
-    pub replicas: Option<u64>,
-    /// `--mode`.
-    pub mode: String,
-    /// `--network`.
-    pub networks: Vec<String>,
-    /// `--publish`.
-    pub publish: Vec<String>,
-    /// `--endpoint-mode`.
-    pub endpoint_mode: String,
-    /// `--constraint`.
-    pub constraints: Vec<String>,
-    /// `--env`.
-    pub env: Vec<String>,
-    /// `--label`.
-    pub labels: Vec<String>,
-    /// The command.
-    pub command: Vec<String>,
-    /// `--restart-*`, `--update-*`.
-    pub policies: Policies,
-}
-
-fn port_number(text: &str, what: &str) -> anyhow::Result<u16> {
-    text.parse::<u16>()
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| anyhow!("invalid {what} port `{text}`: use 1 to 65535"))
-}
-
-/// `-p 8080:80`, `-p 80`, `-p 53:53/udp`, or
-/// `mode=ingress|host,published=P,target=T,protocol=tcp|udp`.
-pub fn parse_publish(text: &str) -> anyhow::Result<PortSpec> {
-    let bad = || {
-        anyhow!(
-            "invalid --publish `{text}`: use PUBLISHED:TARGET[/udp] or mode=ingress|host,published=P,target=T[,protocol=tcp|udp]"
-        )
-    };
-    if text.contains('=') {
-        let mut spec = PortSpec {
-            mode: PublishMode::Ingress,
-            published: None,
-            target: 0,
-            protocol: Protocol::Tcp,
-        };
-        for kv in text.split(',') {
-            let (k, v) = kv.split_once('=').ok_or_else(bad)?;
-            match k {
-                "mode" => {
-                    spec.mode = match v {
-                        "ingress" => PublishMode::Ingress,
-                        "host" => PublishMode::Host,
-                        _ => return Err(bad()),
-                    }
-                }
-                "published" => spec.published = Some(port_number(v, "published")?),
-                "target" => spec.target = port_number(v, "target")?,
-                "protocol" => {
-                    spec.protocol = match v {
-                        "tcp" => Protocol::Tcp,
-                        "udp" => Protocol::Udp,
-                        _ => return Err(bad()),
-                    }
-                }
-                _ => return Err(bad()),
-            }
-        }
-        if spec.target == 0 {
-            bail!("invalid --publish `{text}`: target= is required");
-        }
-        return Ok(spec);
-    }
-    let (ports, protocol) = match text.split_once('/') {
-        Some((p, "udp")) => (p, Protocol::Udp),
-        Some((p, "tcp")) => (p, Protocol::Tcp),
-        Some(_) => return Err(bad()),
-        None => (text, Protocol::Tcp),
-    };
-    let (published, target) = match ports.split_once(':') {
-        Some((p, t)) => (
-            Some(port_number(p, "published")?),
-            port_number(t, "target")?,
-        ),
-        None => (None, port_number(ports, "target")?),
-    };
-    Ok(PortSpec {
-        mode: PublishMode::Ingress,
-        published,
-        target,
-        protocol,
-    })
-}
-
-fn key_values(items: &[String], flag: &str) -> anyhow::Result<BTreeMap<String, String>> {
-    items
-        .iter()
-        .map(|kv| match kv.split_once('=') {
-            Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-            _ => Err(anyhow!("invalid {flag} `{kv}`: use KEY=VALUE")),
-        })
-        .collect()
-}
-
-/// `--network NET` or `--network name=NET,alias=A`.
-fn parse_network(state: &ClusterState, n: &str) -> anyhow::Result<Attachment> {
-    let (name, aliases) = if n.contains('=') {
-        let kv = key_values(
-            &n.split(',').map(str::to_owned).collect::<Vec<_>>(),
-            "--network",
-        )?;
-        let name = kv
-            .get("name")
-            .cloned()
-            .ok_or_else(|| anyhow!("invalid --network `{n}`: name= is required"))?;
-        (name, kv.get("alias").cloned().into_iter().collect())
-    } else {
-        (n.to_owned(), Vec::new())
-    };
-    let net = state.resolve_network(&name).ok_or_else(|| {
+/// Resolves the network an attachment names (as the user typed it: a
+/// name, an ID or an ID prefix) to its ID.
+fn resolve_attachment(state: &ClusterState, a: &Attachment) -> anyhow::Result<Attachment> {
+    let name = &a.network;
+    let net = state.resolve_network(name).ok_or_else(|| {
         anyhow!("network `{name}` not found (create it with `shoal network create {name}`)")
     })?;
     Ok(Attachment {
         network: net.id.clone(),
-        aliases,
-    })
-}
-
-fn parse_constraint(c: &str) -> anyhow::Result<shoal_mesh::constraint::Constraint> {
-    c.parse()
-        .map_err(|e: shoal_mesh::constraint::ConstraintError| anyhow!(e))
-}
-
-/// Applies the `--restart-*` / `--update-*` flags given to `spec`.
-fn apply_policies(spec: &mut ServiceSpec, p: &Policies) -> anyhow::Result<()> {
-    if let Some(c) = &p.restart_condition {
-        spec.restart.condition = match c.as_str() {
-            "none" => RestartCondition::None,
-            "on-failure" => RestartCondition::OnFailure,
-            "any" => RestartCondition::Any,
-            other => bail!("invalid --restart-condition `{other}`: use none, on-failure or any"),
-        };
-    }
-    if let Some(n) = p.restart_max_attempts {
-        spec.restart.max_attempts = n;
-    }
-    if let Some(d) = p.restart_delay {
-        spec.restart.delay_ms = d;
-    }
-    if let Some(n) = p.update_parallelism {
-        spec.update.parallelism = n;
-    }
-    if let Some(d) = p.update_delay {
-        spec.update.delay_ms = d;
-    }
-    Ok(())
-}
-
-fn parse_spec(state: &ClusterState, a: CreateArgs) -> anyhow::Result<ServiceSpec> {
-    let mode = match (a.mode.as_str(), a.replicas) {
-        ("replicated", r) => ServiceMode::Replicated(r.unwrap_or(1)),
-        ("global", None) => ServiceMode::Global,
-        ("global", Some(_)) => bail!("--replicas cannot be used with --mode global"),
-        (other, _) => bail!("invalid --mode `{other}`: use replicated or global"),
-    };
-    let endpoint_mode = match a.endpoint_mode.as_str() {
-        "vip" => EndpointMode::Vip,
-        "dnsrr" => EndpointMode::Dnsrr,
-        other => bail!("invalid --endpoint-mode `{other}`: use vip or dnsrr"),
-    };
-    let networks = a
-        .networks
-        .iter()
-        .map(|n| parse_network(state, n))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(ServiceSpec {
-        name: a.name,
-        mode,
-        networks,
-        ports: a
-            .publish
-            .iter()
-            .map(|p| parse_publish(p))
-            .collect::<anyhow::Result<_>>()?,
-        endpoint_mode,
-        constraints: a
-            .constraints
-            .iter()
-            .map(|c| parse_constraint(c))
-            .collect::<anyhow::Result<_>>()?,
-        env: key_values(&a.env, "--env")?,
-        command: a.command,
-        labels: key_values(&a.labels, "--label")?,
-        restart: Default::default(),
-        update: Default::default(),
-    })
-    .and_then(|mut spec| {
-        apply_policies(&mut spec, &a.policies)?;
-        Ok(spec)
+        aliases: a.aliases.clone(),
     })
 }
 
@@ -239,17 +47,6 @@ fn check_ports_free(ports: &[PortSpec]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether a published port matches a `--publish-rm` argument: its target
-/// (`80`, `80/udp`) or published and target (`8080:80`).
-fn port_matches(p: &PortSpec, text: &str) -> anyhow::Result<bool> {
-    let asked = parse_publish(text).map_err(|_| {
-        anyhow!("invalid --publish-rm `{text}`: use TARGET[/udp] or PUBLISHED:TARGET[/udp]")
-    })?;
-    Ok(p.target == asked.target
-        && p.protocol == asked.protocol
-        && asked.published.is_none_or(|a| p.published == Some(a)))
-}
-
 /// The spec `service update` asks for: `old` with the changes applied.
 fn updated_spec(
     state: &ClusterState,
@@ -269,41 +66,30 @@ fn updated_spec(
     for k in &u.env_rm {
         spec.env.remove(k);
     }
-    spec.env.extend(key_values(&u.env_add, "--env-add")?);
+    spec.env.extend(u.env_add.iter().cloned());
     for k in &u.label_rm {
         spec.labels.remove(k);
     }
-    spec.labels.extend(key_values(&u.label_add, "--label-add")?);
-    for c in &u.constraint_rm {
-        let c = parse_constraint(c)?;
-        spec.constraints.retain(|x| *x != c);
-    }
+    spec.labels.extend(u.label_add.iter().cloned());
+    spec.constraints.retain(|c| !u.constraint_rm.contains(c));
     for c in &u.constraint_add {
-        let c = parse_constraint(c)?;
-        if !spec.constraints.contains(&c) {
-            spec.constraints.push(c);
+        if !spec.constraints.contains(c) {
+            spec.constraints.push(c.clone());
         }
     }
-    for text in &u.publish_rm {
+    for asked in &u.publish_rm {
         let before = spec.ports.len();
-        let mut err = None;
-        spec.ports.retain(|p| match port_matches(p, text) {
-            Ok(m) => !m,
-            Err(e) => {
-                err = Some(e);
-                true
-            }
-        });
-        if let Some(e) = err {
-            return Err(e);
-        }
+        spec.ports.retain(|p| !p.is_named_by(asked));
         if spec.ports.len() == before {
-            bail!("--publish-rm `{text}`: the service publishes no such port");
+            let published = asked.published.map(|p| format!("{p}:")).unwrap_or_default();
+            bail!(
+                "--publish-rm {published}{}/{}: the service publishes no such port",
+                asked.target,
+                asked.protocol.as_str()
+            );
         }
     }
-    for text in &u.publish_add {
-        spec.ports.push(parse_publish(text)?);
-    }
+    spec.ports.extend(u.publish_add.iter().cloned());
     for n in &u.network_rm {
         let net = state
             .resolve_network(n)
@@ -314,20 +100,16 @@ fn updated_spec(
             bail!("--network-rm `{n}`: the service is not attached to it");
         }
     }
-    for n in &u.network_add {
-        spec.networks.push(parse_network(state, n)?);
+    for a in &u.network_add {
+        spec.networks.push(resolve_attachment(state, a)?);
     }
-    if let Some(m) = &u.endpoint_mode {
-        spec.endpoint_mode = match m.as_str() {
-            "vip" => EndpointMode::Vip,
-            "dnsrr" => EndpointMode::Dnsrr,
-            other => bail!("invalid --endpoint-mode `{other}`: use vip or dnsrr"),
-        };
+    if let Some(m) = u.endpoint_mode {
+        spec.endpoint_mode = m;
     }
     if !u.command.is_empty() {
         spec.command.clone_from(&u.command);
     }
-    apply_policies(&mut spec, &u.policies)?;
+    u.policies.apply(&mut spec.restart, &mut spec.update);
     Ok(spec)
 }
 
@@ -431,29 +213,28 @@ fn task_view(state: &ClusterState, t: &Task) -> Value {
 /// A network created through another node a moment ago may not have
 /// reached this node's copy yet: gives the `--network` arguments (NET or
 /// name=NET,…) a moment to resolve before they are refused.
-async fn wait_for_networks(m: &super::member::Member, networks: &[String]) {
-    let names: Vec<&str> = networks
-        .iter()
-        .map(|n| {
-            n.split(',')
-                .find_map(|kv| kv.strip_prefix("name="))
-                .unwrap_or(n)
-        })
-        .collect();
+async fn wait_for_networks(m: &super::member::Member, networks: &[Attachment]) {
     m.wait_for(std::time::Duration::from_secs(2), |s| {
-        names.iter().all(|n| s.resolve_network(n).is_some())
+        networks
+            .iter()
+            .all(|a| s.resolve_network(&a.network).is_some())
     })
     .await;
 }
 
 /// `service create`.
-pub async fn create(d: &Daemon, args: CreateArgs) -> anyhow::Result<Reply> {
+pub async fn create(d: &Daemon, mut spec: ServiceSpec) -> anyhow::Result<Reply> {
     let m = d.member().await?;
-    if args.command.is_empty() {
+    if spec.command.is_empty() {
         bail!("a service needs a command: shoal service create --name NAME -- COMMAND [ARG...]");
     }
-    wait_for_networks(&m, &args.networks).await;
-    let spec = parse_spec(&m.state.state(), args)?;
+    wait_for_networks(&m, &spec.networks).await;
+    let state = m.state.state();
+    spec.networks = spec
+        .networks
+        .iter()
+        .map(|a| resolve_attachment(&state, a))
+        .collect::<anyhow::Result<_>>()?;
     check_ports_free(&spec.ports)?;
     let id = shoal_mesh::ids::to_hex(&rand::random::<[u8; 8]>());
     m.propose(Command::CreateService {
@@ -776,36 +557,4 @@ pub async fn logs(
     let mut reply = Reply::ok(Value::Array(out));
     reply.warnings = warnings;
     Ok(reply)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn publish_flags_parse_like_docker() {
-        let p = parse_publish("8080:80").unwrap();
-        assert_eq!(
-            (p.published, p.target, p.protocol, p.mode),
-            (Some(8080), 80, Protocol::Tcp, PublishMode::Ingress)
-        );
-        let p = parse_publish("53:53/udp").unwrap();
-        assert_eq!(p.protocol, Protocol::Udp);
-        assert_eq!(parse_publish("80").unwrap().published, None);
-        let p = parse_publish("mode=host,published=9000,target=90,protocol=udp").unwrap();
-        assert_eq!(
-            (p.mode, p.published, p.target, p.protocol),
-            (PublishMode::Host, Some(9000), 90, Protocol::Udp)
-        );
-        for bad in [
-            "0:80",
-            "8080:",
-            "80/sctp",
-            "mode=x,target=1",
-            "published=1",
-            "70000:80",
-        ] {
-            assert!(parse_publish(bad).is_err(), "{bad}");
-        }
-    }
 }
