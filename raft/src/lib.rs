@@ -13,6 +13,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod log_store;
+pub mod memory;
 pub mod network;
 pub mod recovery;
 pub mod state_machine;
@@ -22,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use log_store::LogStore;
+pub use memory::MemoryStore;
 pub use network::{Network, RaftRpc, RaftRpcReply, RaftTransport, TransportError, serve_rpc};
 pub use state_machine::{StateHandle, StateMachineStore};
 pub use types::{ApplyResult, Raft, TypeConfig};

@@ -48,6 +48,11 @@ pub struct StateHandle {
 }
 
 impl StateHandle {
+    /// A handle over `data`, told of changes by `changes`.
+    pub(crate) fn new(data: Arc<RwLock<SmData>>, changes: watch::Receiver<u64>) -> Self {
+        StateHandle { data, changes }
+    }
+
     /// A copy of the current cluster state.
     pub fn state(&self) -> ClusterState {
         self.read(|d| d.state.clone())

@@ -249,35 +249,10 @@ struct Driver<B> {
 /// Runs until the task is aborted (the daemon stopping): the kernel state
 /// stays for the next run.
 pub async fn run<B: Backend + Send>(ctx: DataplaneCtx, backend: B) {
-    let Some(names) = ctx.sandboxes.names.clone() else {
-        if ctx.cfg.enabled {
-            tracing::warn!("not root: no data plane; tasks run in bare network namespaces");
-        }
-        return;
-    };
     let mut changes = ctx.state.changes();
     let gossip_changed = ctx.gossip.changed.clone();
-    let gateway = ctx
-        .cfg
-        .gateway_subnet
-        .as_deref()
-        .and_then(|s| s.parse().ok())
-        .map(Gateway::new);
-    let mut d = Driver {
-        ctx,
-        backend,
-        names,
-        gateway,
-        last: None,
-        last_full: Instant::now(),
-        published: BTreeMap::new(),
-        joined: BTreeSet::new(),
-        mtu: None,
-        upstreams: Arc::new(dns::upstreams(
-            &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
-        )),
-        dns_servers: BTreeMap::new(),
-        gate: ListenGate::default(),
+    let Some(mut d) = Driver::new(ctx, backend) else {
+        return;
     };
     d.adopt_previous_run().await;
     loop {
@@ -296,6 +271,39 @@ pub async fn run<B: Backend + Send>(ctx: DataplaneCtx, backend: B) {
 }
 
 impl<B: Backend + Send> Driver<B> {
+    /// A driver over `backend`; none when this node has no data plane (not
+    /// root, or turned off), which it logs.
+    fn new(ctx: DataplaneCtx, backend: B) -> Option<Self> {
+        let Some(names) = ctx.sandboxes.names.clone() else {
+            if ctx.cfg.enabled {
+                tracing::warn!("not root: no data plane; tasks run in bare network namespaces");
+            }
+            return None;
+        };
+        let gateway = ctx
+            .cfg
+            .gateway_subnet
+            .as_deref()
+            .and_then(|s| s.parse().ok())
+            .map(Gateway::new);
+        Some(Driver {
+            ctx,
+            backend,
+            names,
+            gateway,
+            last: None,
+            last_full: Instant::now(),
+            published: BTreeMap::new(),
+            joined: BTreeSet::new(),
+            mtu: None,
+            upstreams: Arc::new(dns::upstreams(
+                &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+            )),
+            dns_servers: BTreeMap::new(),
+            gate: ListenGate::default(),
+        })
+    }
+
     /// After a restart the kernel still holds the previous run's state:
     /// before comparing against it, attach to its networks' gossip and give
     /// anti-entropy time to bring the remote endpoints back, so that the
@@ -734,3 +742,7 @@ pub async fn teardown(sandboxes: &Sandboxes) {
         tracing::warn!(error = %e, "data plane not fully removed");
     }
 }
+
+#[cfg(test)]
+#[path = "dataplane_test.rs"]
+mod tests;

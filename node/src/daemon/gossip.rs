@@ -75,6 +75,17 @@ pub struct GossipHandle {
 }
 
 impl GossipHandle {
+    /// A handle and the receiving end its commands arrive at (the gossip
+    /// task's, or a test's).
+    pub fn channel() -> (Self, mpsc::UnboundedReceiver<GossipCmd>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let handle = GossipHandle {
+            tx,
+            changed: Arc::new(tokio::sync::Notify::new()),
+        };
+        (handle, rx)
+    }
+
     /// Sends a command (dropped if the task has ended).
     pub fn send(&self, cmd: GossipCmd) {
         let _ = self.tx.send(cmd);
@@ -99,12 +110,8 @@ pub fn spawn(
     state: StateHandle,
     config: GossipConfig,
 ) -> (GossipHandle, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let changed = Arc::new(tokio::sync::Notify::new());
-    let handle = GossipHandle {
-        tx,
-        changed: changed.clone(),
-    };
+    let (handle, rx) = GossipHandle::channel();
+    let changed = handle.changed.clone();
     let me = Peer {
         id,
         addr: addr.to_string(),

@@ -1,0 +1,281 @@
+//! One node's data plane driven without root: the recording backend for the
+//! kernel, an in-memory store for Raft, a fake gossip task.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::Mutex;
+
+use shoal_mesh::network::{Driver as NetDriver, NetworkSpec};
+use shoal_mesh::service::{Attachment, EndpointMode, ServiceMode, ServiceSpec};
+use shoal_mesh::state::JoinSecrets;
+use shoal_mesh::task::TaskState;
+use shoal_mesh::{Availability, ClusterInfo, Command, Node, Role};
+use shoal_netdriver::model::Kernel;
+use shoal_netdriver::recording::Recording;
+use shoal_raft::MemoryStore;
+
+use super::*;
+
+const ME: NodeId = NodeId(1);
+const OTHER: NodeId = NodeId(2);
+
+fn node(id: NodeId) -> Node {
+    Node {
+        id,
+        hostname: format!("h{}", id.0),
+        role: if id == ME {
+            Role::Manager
+        } else {
+            Role::Worker
+        },
+        availability: Availability::Active,
+        labels: BTreeMap::new(),
+        addr: format!("192.0.2.{}:2377", id.0),
+        joined_at_ms: 0,
+    }
+}
+
+/// Two nodes, an overlay `web`, a service on it, task `t1` here and `t2`
+/// on the other node, both running.
+fn store() -> MemoryStore {
+    let store = MemoryStore::new(ClusterState::default());
+    let cluster = ClusterInfo {
+        id: "c".into(),
+        created_at_ms: 0,
+        ca_cert_der: vec![],
+        ca_fingerprint: String::new(),
+        tokens: JoinSecrets {
+            worker_hash: String::new(),
+            manager_hash: String::new(),
+            worker_sealed: vec![],
+            manager_sealed: vec![],
+        },
+        sealed_ca_key: vec![],
+        default_addr_pool: vec!["10.0.0.0/8".parse().unwrap()],
+        default_pool_mask: 24,
+    };
+    let spec = ServiceSpec {
+        name: "api".into(),
+        mode: ServiceMode::Replicated(2),
+        networks: vec![Attachment {
+            network: "web".into(),
+            aliases: vec![],
+        }],
+        ports: vec![],
+        endpoint_mode: EndpointMode::Vip,
+        constraints: vec![],
+        env: BTreeMap::new(),
+        command: vec!["x".into()],
+        labels: BTreeMap::new(),
+        restart: Default::default(),
+        update: Default::default(),
+    };
+    let mut cmds = vec![
+        Command::Init {
+            cluster,
+            first: node(ME),
+            ingress_id: "ing".into(),
+        },
+        Command::AddNode(node(OTHER)),
+        Command::CreateNetwork {
+            id: "web".into(),
+            spec: NetworkSpec::new("web", NetDriver::Overlay),
+            created_at_ms: 0,
+            avoid: vec![],
+        },
+        Command::CreateService {
+            id: "svc".into(),
+            spec,
+            created_at_ms: 0,
+        },
+    ];
+    for (id, slot, n) in [("t1", 1, ME), ("t2", 2, OTHER)] {
+        cmds.push(Command::AddTask {
+            id: id.into(),
+            service_id: "svc".into(),
+            slot: Some(slot),
+            node: Some(n),
+            message: String::new(),
+            restarts: 0,
+            now_ms: 0,
+        });
+        for state in [TaskState::Starting, TaskState::Running] {
+            cmds.push(Command::SetTaskState {
+                id: id.into(),
+                state,
+                message: String::new(),
+                exit_code: None,
+                now_ms: 1,
+            });
+        }
+    }
+    for c in &cmds {
+        store.apply(c).unwrap();
+    }
+    store
+}
+
+/// What the fake gossip shows and what it was told.
+#[derive(Default)]
+struct Gossiped {
+    endpoints: BTreeMap<String, Vec<EndpointRecord>>,
+    told: Vec<String>,
+}
+
+/// A gossip handle served by a task that answers from `seen`.
+fn fake_gossip(seen: Arc<Mutex<Gossiped>>) -> GossipHandle {
+    let (handle, mut rx) = GossipHandle::channel();
+    tokio::spawn(async move {
+        while let Some(cmd) = rx.recv().await {
+            let mut g = seen.lock().unwrap();
+            match cmd {
+                GossipCmd::Endpoints(tx) => drop(tx.send(g.endpoints.clone())),
+                GossipCmd::Members(tx) => drop(tx.send(Vec::new())),
+                GossipCmd::Put {
+                    network,
+                    key,
+                    reply,
+                    ..
+                } => {
+                    g.told.push(format!("put {network} {key}"));
+                    drop(reply.send(Ok(())));
+                }
+                GossipCmd::Delete {
+                    network,
+                    key,
+                    reply,
+                    ..
+                } => {
+                    g.told.push(format!("delete {network} {key}"));
+                    drop(reply.send(Ok(())));
+                }
+                GossipCmd::Join(n) => g.told.push(format!("join {n}")),
+                GossipCmd::Leave(n) => g.told.push(format!("leave {n}")),
+                _ => {}
+            }
+        }
+    });
+    handle
+}
+
+fn driver(store: &MemoryStore, seen: &Arc<Mutex<Gossiped>>) -> Driver<Recording> {
+    let cfg = DataplaneConfig::default();
+    let ctx = DataplaneCtx {
+        id: ME,
+        state: store.handle(),
+        gossip: fake_gossip(seen.clone()),
+        sandboxes: Arc::new(Sandboxes::new(&cfg, "dptest", true)),
+        cfg,
+    };
+    Driver::new(ctx, Recording::default()).expect("a data plane")
+}
+
+async fn kernel(d: &mut Driver<Recording>) -> Kernel {
+    let prefix = d.names.prefix.clone();
+    d.backend.observe(&prefix).await.unwrap()
+}
+
+fn ip_of(store: &MemoryStore, task: &str) -> Ipv4Addr {
+    store.handle().state().tasks[task].addresses["web"]
+}
+
+#[tokio::test]
+async fn a_node_programs_its_tasks_publishes_them_and_follows_gossip() {
+    let store = store();
+    let seen = Arc::new(Mutex::new(Gossiped::default()));
+    let mut d = driver(&store, &seen);
+    d.pass().await;
+    // Its task's sandbox and the overlay are made; the executor may start it.
+    let k = kernel(&mut d).await;
+    let names = d.names.clone();
+    assert!(k.namespaces.contains_key(&names.task("t1")), "{k:#?}");
+    assert!(k.namespaces.contains_key(&names.network("web")));
+    assert!(!k.namespaces.contains_key(&names.task("t2")));
+    assert!(d.ctx.sandboxes.view().ready.contains("t1"));
+    // The other node's task is reachable through its VTEP (the store places
+    // it there), but not balanced to until gossip shows it live.
+    let web = &k.namespaces[&names.network("web")];
+    let t2 = ip_of(&store, "t2");
+    assert!(
+        web.fdb
+            .iter()
+            .any(|f| f.dst == Ipv4Addr::new(192, 0, 2, 2) && f.mac == shoal_mesh::plan::mac_for(t2))
+    );
+    let vip = store.handle().state().services["svc"].vips["web"];
+    let lb = &k.namespaces[&names.task("t1")].lb;
+    assert_eq!(
+        lb[&vip].iter().copied().collect::<Vec<_>>(),
+        vec![ip_of(&store, "t1")]
+    );
+    // Attached to the network's gossip, its endpoint published.
+    let told = told_eventually(&seen, "join web").await;
+    assert!(told.contains(&"put web t1".to_owned()), "{told:?}");
+
+    // Gossip shows the other node's task: it joins the VIP.
+    let record = EndpointRecord {
+        ip: t2.into(),
+        mac: mac_text(&shoal_mesh::plan::mac_for(t2)),
+        name: "api.2".into(),
+        service_id: Some("svc".into()),
+        service_name: Some("api".into()),
+        aliases: vec![],
+        owner: OTHER,
+        vtep: Ipv4Addr::new(192, 0, 2, 2).into(),
+    };
+    seen.lock()
+        .unwrap()
+        .endpoints
+        .insert("web".into(), vec![record]);
+    d.pass().await;
+    let k = kernel(&mut d).await;
+    assert_eq!(k.namespaces[&names.task("t1")].lb[&vip].len(), 2);
+
+    // The store stops the local task: its sandbox goes, its record too, and
+    // with no local endpoint left the node leaves the network.
+    store
+        .apply(&Command::ShutdownTask {
+            id: "t1".into(),
+            now_ms: 2,
+        })
+        .unwrap();
+    d.pass().await;
+    let k = kernel(&mut d).await;
+    assert!(!k.namespaces.contains_key(&names.task("t1")), "{k:#?}");
+    assert!(!k.namespaces.contains_key(&names.network("web")));
+    assert!(d.ctx.sandboxes.view().ready.is_empty());
+    // (Join and leave are sent without an answer: wait until it has them.)
+    let told = told_eventually(&seen, "leave web").await;
+    assert!(told.contains(&"delete web t1".to_owned()), "{told:?}");
+}
+
+/// What gossip was told, once it has been told `what` (at most 5 s).
+async fn told_eventually(seen: &Arc<Mutex<Gossiped>>, what: &str) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let told = seen.lock().unwrap().told.clone();
+        if told.iter().any(|t| t == what) {
+            return told;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "gossip was never told `{what}`: {told:?}"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn an_unchanged_plan_is_not_programmed_again() {
+    let store = store();
+    let seen = Arc::new(Mutex::new(Gossiped::default()));
+    let mut d = driver(&store, &seen);
+    d.pass().await;
+    let first = d.backend.applied.len();
+    assert!(first > 0);
+    d.pass().await;
+    assert_eq!(
+        d.backend.applied.len(),
+        first,
+        "nothing changed, nothing applied"
+    );
+}
