@@ -53,6 +53,9 @@ impl MemoryStore {
 
 #[cfg(test)]
 mod tests {
+    use shoal_mesh::state::JoinSecrets;
+    use shoal_mesh::{Availability, ClusterInfo, Node, NodeId, Role};
+
     use super::*;
 
     #[test]
@@ -64,6 +67,37 @@ mod tests {
         let refused = store.apply(&Command::RemoveTask { id: "x".into() });
         assert_eq!(refused, Err(ApplyError::NotInitialized));
         assert!(!changes.has_changed().unwrap());
-        assert!(h.state().cluster.is_none());
+        let init = Command::Init {
+            cluster: ClusterInfo {
+                id: "c".into(),
+                created_at_ms: 0,
+                ca_cert_der: vec![],
+                ca_fingerprint: String::new(),
+                tokens: JoinSecrets {
+                    worker_hash: String::new(),
+                    manager_hash: String::new(),
+                    worker_sealed: vec![],
+                    manager_sealed: vec![],
+                },
+                sealed_ca_key: vec![],
+                default_addr_pool: vec!["10.0.0.0/8".parse().unwrap()],
+                default_pool_mask: 24,
+            },
+            first: Node {
+                id: NodeId(1),
+                hostname: "h1".into(),
+                role: Role::Manager,
+                availability: Availability::Active,
+                labels: Default::default(),
+                addr: "192.0.2.1:2377".into(),
+                joined_at_ms: 0,
+            },
+            ingress_id: "ing".into(),
+        };
+        assert_eq!(store.apply(&init), Ok(Outcome::Done));
+        assert!(changes.has_changed().unwrap());
+        changes.mark_unchanged();
+        assert_eq!(h.state().cluster.map(|c| c.id), Some("c".into()));
+        assert!(h.state().networks.contains_key("ing"));
     }
 }
