@@ -275,74 +275,8 @@ impl ServiceCmd {
                     converge(client, &name).await?;
                 }
             }
-            ServiceCmd::Ls { format } => {
-                let v = client.call(&Request::ServiceLs).await?;
-                if format == Format::Json {
-                    println!("{}", serde_json::to_string_pretty(&v)?);
-                } else {
-                    let rows: Vec<Vec<String>> = v
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|s| {
-                            let ports: Vec<String> = s["ports"]
-                                .as_array()
-                                .into_iter()
-                                .flatten()
-                                .map(|p| {
-                                    format!(
-                                        "*:{}->{}/{}",
-                                        field(p, "published"),
-                                        field(p, "target"),
-                                        field(p, "protocol")
-                                    )
-                                })
-                                .collect();
-                            vec![
-                                field(s, "id"),
-                                field(s, "name"),
-                                field(s, "mode"),
-                                replicas(s),
-                                ports.join(", "),
-                            ]
-                        })
-                        .collect();
-                    print_table(&["ID", "NAME", "MODE", "REPLICAS", "PORTS"], &rows);
-                }
-            }
-            ServiceCmd::Ps { format, service } => {
-                let v = client.call(&Request::ServicePs { service }).await?;
-                if format == Format::Json {
-                    println!("{}", serde_json::to_string_pretty(&v)?);
-                } else {
-                    let rows: Vec<Vec<String>> = v
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|t| {
-                            vec![
-                                field(t, "id"),
-                                field(t, "name"),
-                                field(t, "node"),
-                                field(t, "desired_state"),
-                                field(t, "state"),
-                                field(t, "message"),
-                            ]
-                        })
-                        .collect();
-                    print_table(
-                        &[
-                            "ID",
-                            "NAME",
-                            "NODE",
-                            "DESIRED STATE",
-                            "CURRENT STATE",
-                            "MESSAGE",
-                        ],
-                        &rows,
-                    );
-                }
-            }
+            ServiceCmd::Ls { format } => ls(client, format).await?,
+            ServiceCmd::Ps { format, service } => ps(client, format, service).await?,
             ServiceCmd::Inspect { format, services } => {
                 let (found, failed) = client
                     .call_each(services, |service| Request::ServiceInspect { service })
@@ -359,82 +293,163 @@ impl ServiceCmd {
                     .for_each(|v| println!("{}", field(v, "name")));
                 check_failures(failed, "service(s) not removed")?;
             }
-            ServiceCmd::Logs { follow, service } => {
-                let mut offsets = std::collections::BTreeMap::new();
-                let mut warned = std::collections::BTreeSet::new();
-                loop {
-                    let reply = crate::api::call(
-                        &client.0,
-                        &Request::ServiceLogs {
-                            service: service.clone(),
-                            offsets: offsets.clone(),
-                        },
-                    )
-                    .await?;
-                    if let Some(e) = reply.error {
-                        anyhow::bail!(e);
-                    }
-                    for w in reply.warnings {
-                        if warned.insert(w.clone()) {
-                            eprintln!("Warning: {w}");
-                        }
-                    }
-                    for t in reply
-                        .data
-                        .as_ref()
-                        .and_then(Value::as_array)
-                        .into_iter()
-                        .flatten()
-                    {
-                        let who = format!("{}@{}", field(t, "name"), field(t, "node"));
-                        for line in t["text"].as_str().unwrap_or_default().lines() {
-                            println!("{who} | {line}");
-                        }
-                        if let (Some(id), Some(next)) = (t["task"].as_str(), t["next"].as_u64()) {
-                            offsets.insert(id.to_owned(), next);
-                        }
-                    }
-                    if !follow {
-                        return Ok(());
-                    }
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
-            ServiceCmd::Scale { scales, detach } => {
-                let mut failed = 0;
-                for s in scales {
-                    let parsed = s
-                        .split_once('=')
-                        .and_then(|(n, r)| r.parse::<u64>().ok().map(|r| (n.to_owned(), r)));
-                    let Some((service, replicas)) = parsed else {
-                        eprintln!("Error: invalid scale `{s}`: use NAME=REPLICAS");
-                        failed += 1;
-                        continue;
-                    };
-                    match client
-                        .call(&Request::ServiceScale {
-                            service: service.clone(),
-                            replicas,
-                        })
-                        .await
-                    {
-                        Ok(_) => println!("{service} scaled to {replicas}"),
-                        Err(e) => {
-                            eprintln!("Error: {e:#}");
-                            failed += 1;
-                            continue;
-                        }
-                    }
-                    if !detach && let Err(e) = converge(client, &service).await {
-                        eprintln!("Error: {e:#}");
-                        failed += 1;
-                    }
-                }
-                if failed > 0 {
-                    anyhow::bail!("{failed} service(s) not scaled");
-                }
-            }
+            ServiceCmd::Logs { follow, service } => logs(client, follow, service).await?,
+            ServiceCmd::Scale { scales, detach } => scale(client, scales, detach).await?,
         }
         Ok(())
     }
+}
+
+/// `service ls`.
+async fn ls(client: &Client, format: Format) -> anyhow::Result<()> {
+    let v = client.call(&Request::ServiceLs).await?;
+    if format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let rows: Vec<Vec<String>> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| {
+                let ports: Vec<String> = s["ports"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|p| {
+                        format!(
+                            "*:{}->{}/{}",
+                            field(p, "published"),
+                            field(p, "target"),
+                            field(p, "protocol")
+                        )
+                    })
+                    .collect();
+                vec![
+                    field(s, "id"),
+                    field(s, "name"),
+                    field(s, "mode"),
+                    replicas(s),
+                    ports.join(", "),
+                ]
+            })
+            .collect();
+        print_table(&["ID", "NAME", "MODE", "REPLICAS", "PORTS"], &rows);
+    }
+    Ok(())
+}
+
+/// `service ps`.
+async fn ps(client: &Client, format: Format, service: String) -> anyhow::Result<()> {
+    let v = client.call(&Request::ServicePs { service }).await?;
+    if format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let rows: Vec<Vec<String>> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|t| {
+                vec![
+                    field(t, "id"),
+                    field(t, "name"),
+                    field(t, "node"),
+                    field(t, "desired_state"),
+                    field(t, "state"),
+                    field(t, "message"),
+                ]
+            })
+            .collect();
+        print_table(
+            &[
+                "ID",
+                "NAME",
+                "NODE",
+                "DESIRED STATE",
+                "CURRENT STATE",
+                "MESSAGE",
+            ],
+            &rows,
+        );
+    }
+    Ok(())
+}
+
+/// `service logs [-f]`.
+async fn logs(client: &Client, follow: bool, service: String) -> anyhow::Result<()> {
+    let mut offsets = std::collections::BTreeMap::new();
+    let mut warned = std::collections::BTreeSet::new();
+    loop {
+        let reply = crate::api::call(
+            &client.0,
+            &Request::ServiceLogs {
+                service: service.clone(),
+                offsets: offsets.clone(),
+            },
+        )
+        .await?;
+        if let Some(e) = reply.error {
+            anyhow::bail!(e);
+        }
+        for w in reply.warnings {
+            if warned.insert(w.clone()) {
+                eprintln!("Warning: {w}");
+            }
+        }
+        for t in reply
+            .data
+            .as_ref()
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let who = format!("{}@{}", field(t, "name"), field(t, "node"));
+            for line in t["text"].as_str().unwrap_or_default().lines() {
+                println!("{who} | {line}");
+            }
+            if let (Some(id), Some(next)) = (t["task"].as_str(), t["next"].as_u64()) {
+                offsets.insert(id.to_owned(), next);
+            }
+        }
+        if !follow {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// `service scale NAME=N…`.
+async fn scale(client: &Client, scales: Vec<String>, detach: bool) -> anyhow::Result<()> {
+    let mut failed = 0;
+    for s in scales {
+        let parsed = s
+            .split_once('=')
+            .and_then(|(n, r)| r.parse::<u64>().ok().map(|r| (n.to_owned(), r)));
+        let Some((service, replicas)) = parsed else {
+            eprintln!("Error: invalid scale `{s}`: use NAME=REPLICAS");
+            failed += 1;
+            continue;
+        };
+        match client
+            .call(&Request::ServiceScale {
+                service: service.clone(),
+                replicas,
+            })
+            .await
+        {
+            Ok(_) => println!("{service} scaled to {replicas}"),
+            Err(e) => {
+                eprintln!("Error: {e:#}");
+                failed += 1;
+                continue;
+            }
+        }
+        if !detach && let Err(e) = converge(client, &service).await {
+            eprintln!("Error: {e:#}");
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} service(s) not scaled");
+    }
+    Ok(())
 }
