@@ -305,45 +305,41 @@ fn address_pool(
     Ok((pool, mask))
 }
 
-async fn init(
-    d: &Arc<Daemon>,
-    advertise: Option<String>,
-    listen: Option<String>,
-    pool: &[String],
-    pool_mask: Option<u8>,
-) -> anyhow::Result<Reply> {
-    let mut slot = d.member.lock().await;
-    if let Some(m) = slot.as_ref() {
-        let cluster = m
-            .state
-            .read(|s| s.state.cluster.as_ref().map(|c| c.id.clone()));
-        bail!(
-            "this node is already part of a swarm (cluster {}); run `shoal swarm leave` first",
-            cluster.unwrap_or_default()
-        );
-    }
-    let (default_addr_pool, default_pool_mask) = address_pool(pool, pool_mask)?;
-    let (listen, advertise) = addresses(d, advertise, listen, None)?;
+/// What `swarm init` makes before anything starts: the cluster's facts
+/// (CA, sealed keys and token secrets), its first node, this node's
+/// identity, and the two join tokens.
+struct NewSwarm {
+    cluster: ClusterInfo,
+    first: Node,
+    identity: Identity,
+    worker: JoinToken,
+    manager: JoinToken,
+}
+
+/// A new swarm's CA, keys and tokens, with this node as its first manager.
+fn new_swarm(
+    d: &Daemon,
+    listen: SocketAddr,
+    advertise: SocketAddr,
+    (default_addr_pool, default_pool_mask): (Vec<shoal_mesh::cidr::Ipv4Net>, u8),
+) -> anyhow::Result<NewSwarm> {
     let (ca_der, ca_key) = pki::new_ca()?;
     let (key_der, csr) = pki::new_key_and_csr()?;
     let node_id = NodeId(rand::random::<u64>().max(1));
     let cert_der = pki::sign_node_csr(&ca_der, &ca_key, &csr, node_id, Role::Manager)?;
     let manager_key: [u8; 32] = rand::random();
     let fingerprint = pki::fingerprint(&ca_der);
-    let worker = JoinToken {
+    let token = || JoinToken {
         ca_fingerprint: fingerprint.clone(),
         secret: pki::new_secret(),
     };
-    let manager = JoinToken {
-        ca_fingerprint: fingerprint.clone(),
-        secret: pki::new_secret(),
-    };
+    let (worker, manager) = (token(), token());
     let cluster_id = shoal_mesh::ids::to_hex(&rand::random::<[u8; 8]>());
     let cluster = ClusterInfo {
         id: cluster_id.clone(),
         created_at_ms: now_ms(),
         ca_cert_der: ca_der.clone(),
-        ca_fingerprint: fingerprint,
+        ca_fingerprint: fingerprint.clone(),
         tokens: JoinSecrets {
             worker_hash: pki::secret_hash(&worker.secret),
             manager_hash: pki::secret_hash(&manager.secret),
@@ -366,7 +362,7 @@ async fn init(
     let identity = Identity {
         node: NodeFile {
             node_id,
-            cluster_id: cluster_id.clone(),
+            cluster_id,
             listen_addr: listen,
             advertise_addr: advertise,
         },
@@ -377,34 +373,67 @@ async fn init(
         },
         manager_key: Some(manager_key),
     };
-    d.dir.save(&identity)?;
-    let started = async {
-        let m = d.start_member(identity).await?;
-        let boot = async {
-            m.raft
-                .initialize(std::collections::BTreeMap::from([(
-                    node_id.0,
-                    BasicNode::new(advertise.to_string()),
-                )]))
-                .await?;
-            let ingress_id = shoal_mesh::ids::to_hex(&rand::random::<[u8; 8]>());
-            m.propose(Command::Init {
-                cluster,
-                first,
-                ingress_id,
-            })
+    Ok(NewSwarm {
+        cluster,
+        first,
+        identity,
+        worker,
+        manager,
+    })
+}
+
+/// Starts the first member: Raft with this node as its only voter, then
+/// the store's first entry. A member that fails to get there is stopped.
+async fn bootstrap(d: &Daemon, new: &NewSwarm) -> anyhow::Result<Arc<Member>> {
+    let m = d.start_member(new.identity.clone()).await?;
+    let advertise = new.identity.node.advertise_addr;
+    let boot = async {
+        m.raft
+            .initialize(std::collections::BTreeMap::from([(
+                new.first.id.0,
+                BasicNode::new(advertise.to_string()),
+            )]))
             .await?;
-            anyhow::Ok(())
-        };
-        match boot.await {
-            Ok(()) => Ok(m),
-            Err(e) => {
-                m.shutdown().await;
-                Err(e)
-            }
-        }
+        let ingress_id = shoal_mesh::ids::to_hex(&rand::random::<[u8; 8]>());
+        m.propose(Command::Init {
+            cluster: new.cluster.clone(),
+            first: new.first.clone(),
+            ingress_id,
+        })
+        .await?;
+        anyhow::Ok(())
     };
-    let m = match started.await {
+    match boot.await {
+        Ok(()) => Ok(m),
+        Err(e) => {
+            m.shutdown().await;
+            Err(e)
+        }
+    }
+}
+
+async fn init(
+    d: &Arc<Daemon>,
+    advertise: Option<String>,
+    listen: Option<String>,
+    pool: &[String],
+    pool_mask: Option<u8>,
+) -> anyhow::Result<Reply> {
+    let mut slot = d.member.lock().await;
+    if let Some(m) = slot.as_ref() {
+        let cluster = m
+            .state
+            .read(|s| s.state.cluster.as_ref().map(|c| c.id.clone()));
+        bail!(
+            "this node is already part of a swarm (cluster {}); run `shoal swarm leave` first",
+            cluster.unwrap_or_default()
+        );
+    }
+    let pool = address_pool(pool, pool_mask)?;
+    let (listen, advertise) = addresses(d, advertise, listen, None)?;
+    let new = new_swarm(d, listen, advertise, pool)?;
+    d.dir.save(&new.identity)?;
+    let m = match bootstrap(d, &new).await {
         Ok(m) => m,
         Err(e) => {
             let _ = d.dir.wipe();
@@ -413,11 +442,11 @@ async fn init(
     };
     *slot = Some(m);
     Ok(Reply::ok(json!({
-        "node_id": node_id.to_string(),
-        "cluster_id": cluster_id,
+        "node_id": new.first.id.to_string(),
+        "cluster_id": new.cluster.id,
         "advertise_addr": advertise.to_string(),
-        "worker_token": worker.to_string(),
-        "manager_token": manager.to_string(),
+        "worker_token": new.worker.to_string(),
+        "manager_token": new.manager.to_string(),
     })))
 }
 
