@@ -18,7 +18,7 @@ use foca::{Foca, NoCustomBroadcast, Notification, PostcardCodec, Runtime, Timer}
 use rand10::rngs::SmallRng;
 use rand10::seq::IteratorRandom;
 use rand10::{RngExt, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use shoal_mesh::NodeId;
 use shoal_mesh::codec;
 use shoal_mesh::observed::TableValue;
@@ -103,7 +103,7 @@ impl GossipConfig {
 }
 
 /// A member's liveness.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MemberState {
     /// Answers probes.

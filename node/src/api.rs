@@ -338,6 +338,11 @@ impl Reply {
         }
     }
 
+    /// A successful reply carrying `view` (one of `crate::views`).
+    pub fn of<T: Serialize>(view: &T) -> anyhow::Result<Self> {
+        Ok(Reply::ok(serde_json::to_value(view)?))
+    }
+
     /// A failed reply.
     pub fn err(message: impl Into<String>) -> Self {
         Reply {

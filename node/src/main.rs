@@ -6,6 +6,7 @@
 mod api;
 mod cli;
 mod daemon;
+mod views;
 
 use clap::Parser;
 

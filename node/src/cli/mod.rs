@@ -115,10 +115,14 @@ fn check_failures(failed: usize, what: &str) -> anyhow::Result<()> {
 }
 
 /// Prints `inspect` results.
-fn print_inspected(found: &[serde_json::Value], format: output::Format) -> anyhow::Result<()> {
+fn print_inspected<T: serde::Serialize>(found: &[T], format: output::Format) -> anyhow::Result<()> {
     match format {
         output::Format::Json => println!("{}", serde_json::to_string_pretty(found)?),
-        output::Format::Table => found.iter().for_each(|v| output::print_object(v, format)),
+        output::Format::Table => {
+            for v in found {
+                output::print_object(&serde_json::to_value(v)?, format);
+            }
+        }
     }
     Ok(())
 }
@@ -126,15 +130,15 @@ fn print_inspected(found: &[serde_json::Value], format: output::Format) -> anyho
 impl Client {
     /// One request per item, in order. Each failure is printed to stderr;
     /// returns the answers and how many failed.
-    async fn call_each(
+    async fn call_each<T: serde::de::DeserializeOwned>(
         &self,
         items: Vec<String>,
         make: impl Fn(String) -> Request,
-    ) -> (Vec<serde_json::Value>, usize) {
+    ) -> (Vec<T>, usize) {
         let mut answers = Vec::new();
         let mut failed = 0;
         for item in items {
-            match self.call(&make(item)).await {
+            match self.call_as(&make(item)).await {
                 Ok(v) => answers.push(v),
                 Err(e) => {
                     eprintln!("Error: {e:#}");
@@ -143,6 +147,16 @@ impl Client {
             }
         }
         (answers, failed)
+    }
+
+    /// One request; its answer read as `T` (one of `crate::views`).
+    async fn call_as<T: serde::de::DeserializeOwned>(&self, req: &Request) -> anyhow::Result<T> {
+        let v = self.call(req).await?;
+        serde_json::from_value(v).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read the daemon's answer ({e}): is the daemon the same version as this CLI?"
+            )
+        })
     }
 
     async fn call(&self, req: &Request) -> anyhow::Result<serde_json::Value> {

@@ -3,14 +3,14 @@
 use std::net::Ipv4Addr;
 
 use clap::Subcommand;
-use serde_json::Value;
 use shoal_mesh::cidr::Ipv4Net;
 use shoal_mesh::network::{Driver, NetworkSpec, SubnetSpec};
 use shoal_mesh::syntax::key_value;
 
-use super::output::{Format, cell, print_table};
+use super::output::{Format, print_table};
 use super::{Client, check_failures, print_inspected};
 use crate::api::Request;
+use crate::views::{Named, NetworkView};
 
 /// `network create`'s flags, parsed into the domain's types as they are read.
 #[derive(Debug, clap::Args)]
@@ -126,68 +126,65 @@ fn aux_address(text: &str) -> Result<(String, Ipv4Addr), String> {
     Ok((name, ipv4(&ip)?))
 }
 
-fn field(v: &Value, key: &str) -> String {
-    v.get(key).map(cell).unwrap_or_default()
-}
-
 impl NetworkCmd {
     pub async fn exec(self, client: &Client) -> anyhow::Result<()> {
         match self {
             NetworkCmd::Create(flags) => {
                 let spec = flags.spec()?;
-                let v = client.call(&Request::NetworkCreate(Box::new(spec))).await?;
-                println!("{}", field(&v, "id"));
+                let v: NetworkView = client
+                    .call_as(&Request::NetworkCreate(Box::new(spec)))
+                    .await?;
+                println!("{}", v.id);
             }
-            NetworkCmd::Ls { format, quiet } => {
-                let v = client.call(&Request::NetworkLs).await?;
-                let nets = v.as_array().cloned().unwrap_or_default();
-                if quiet {
-                    nets.iter().for_each(|n| println!("{}", field(n, "id")));
-                } else if format == Format::Json {
-                    println!("{}", serde_json::to_string_pretty(&v)?);
-                } else {
-                    let rows: Vec<Vec<String>> = nets
-                        .iter()
-                        .map(|n| {
-                            let subnets: Vec<String> = n["subnets"]
-                                .as_array()
-                                .into_iter()
-                                .flatten()
-                                .map(cell)
-                                .collect();
-                            vec![
-                                field(n, "id"),
-                                field(n, "name"),
-                                field(n, "driver"),
-                                field(n, "scope"),
-                                subnets.join(","),
-                                field(n, "vni"),
-                            ]
-                        })
-                        .collect();
-                    print_table(
-                        &["NETWORK ID", "NAME", "DRIVER", "SCOPE", "SUBNETS", "VNI"],
-                        &rows,
-                    );
-                }
-            }
+            NetworkCmd::Ls { format, quiet } => ls(client, format, quiet).await?,
             NetworkCmd::Inspect { format, networks } => {
                 let (found, failed) = client
-                    .call_each(networks, |network| Request::NetworkInspect { network })
+                    .call_each::<NetworkView>(networks, |network| Request::NetworkInspect {
+                        network,
+                    })
                     .await;
                 print_inspected(&found, format)?;
                 check_failures(failed, "network(s) not found")?;
             }
             NetworkCmd::Rm { networks } => {
                 let (removed, failed) = client
-                    .call_each(networks, |network| Request::NetworkRm { network })
+                    .call_each::<Named>(networks, |network| Request::NetworkRm { network })
                     .await;
-                removed
-                    .iter()
-                    .for_each(|v| println!("{}", field(v, "name")));
+                removed.iter().for_each(|v| println!("{}", v.name));
                 check_failures(failed, "network(s) not removed")?;
             }
         }
         Ok(())
     }
+}
+
+/// `network ls`.
+async fn ls(client: &Client, format: Format, quiet: bool) -> anyhow::Result<()> {
+    let nets: Vec<NetworkView> = client.call_as(&Request::NetworkLs).await?;
+    if quiet {
+        nets.iter().for_each(|n| println!("{}", n.id));
+        return Ok(());
+    }
+    if format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(&nets)?);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = nets
+        .iter()
+        .map(|n| {
+            vec![
+                n.id.clone(),
+                n.name.clone(),
+                n.driver.to_string(),
+                n.scope.clone(),
+                n.subnets.join(","),
+                n.vni.map(|v| v.to_string()).unwrap_or_default(),
+            ]
+        })
+        .collect();
+    print_table(
+        &["NETWORK ID", "NAME", "DRIVER", "SCOPE", "SUBNETS", "VNI"],
+        &rows,
+    );
+    Ok(())
 }

@@ -1,12 +1,12 @@
 //! `shoal node …`.
 
 use clap::Subcommand;
-use serde_json::Value;
 use shoal_mesh::Availability;
 
-use super::output::{Format, cell, print_table};
+use super::output::{Format, print_table};
 use super::{Client, check_failures, print_inspected};
 use crate::api::Request;
+use crate::views::{NodeChange, NodeView, text};
 
 #[derive(Debug, Subcommand)]
 pub enum NodeCmd {
@@ -73,71 +73,31 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
     Ok((k.to_owned(), v.to_owned()))
 }
 
-fn field(v: &Value, key: &str) -> String {
-    v.get(key).map(cell).unwrap_or_default()
-}
-
 impl NodeCmd {
     pub async fn exec(self, client: &Client) -> anyhow::Result<()> {
         match self {
-            NodeCmd::Ls { format, quiet } => {
-                let v = client.call(&Request::NodeLs).await?;
-                let nodes = v.as_array().cloned().unwrap_or_default();
-                if quiet {
-                    nodes.iter().for_each(|n| println!("{}", field(n, "id")));
-                } else if format == Format::Json {
-                    println!("{}", serde_json::to_string_pretty(&v)?);
-                } else {
-                    let rows: Vec<Vec<String>> = nodes
-                        .iter()
-                        .map(|n| {
-                            let me = n.get("self").and_then(Value::as_bool) == Some(true);
-                            vec![
-                                format!("{}{}", field(n, "id"), if me { " *" } else { "" }),
-                                field(n, "hostname"),
-                                field(n, "status"),
-                                field(n, "availability"),
-                                field(n, "manager_status"),
-                                field(n, "gossip"),
-                                field(n, "addr"),
-                            ]
-                        })
-                        .collect();
-                    print_table(
-                        &[
-                            "ID",
-                            "HOSTNAME",
-                            "STATUS",
-                            "AVAILABILITY",
-                            "MANAGER STATUS",
-                            "GOSSIP",
-                            "ADDRESS",
-                        ],
-                        &rows,
-                    );
-                }
-            }
+            NodeCmd::Ls { format, quiet } => ls(client, format, quiet).await?,
             NodeCmd::Inspect { format, nodes } => {
                 let (found, failed) = client
-                    .call_each(nodes, |node| Request::NodeInspect { node })
+                    .call_each::<NodeView>(nodes, |node| Request::NodeInspect { node })
                     .await;
                 print_inspected(&found, format)?;
                 check_failures(failed, "node(s) not found")?;
             }
             NodeCmd::Promote { nodes } => {
                 let (done, failed) = client
-                    .call_each(nodes, |node| Request::NodePromote { node })
+                    .call_each::<NodeChange>(nodes, |node| Request::NodePromote { node })
                     .await;
-                done.iter()
-                    .for_each(|v| println!("{}", field(v, "message")));
+                done.into_iter()
+                    .for_each(|v| println!("{}", v.message.unwrap_or(v.id)));
                 check_failures(failed, "node(s) not changed")?;
             }
             NodeCmd::Demote { nodes } => {
                 let (done, failed) = client
-                    .call_each(nodes, |node| Request::NodeDemote { node })
+                    .call_each::<NodeChange>(nodes, |node| Request::NodeDemote { node })
                     .await;
-                done.iter()
-                    .for_each(|v| println!("{}", field(v, "message")));
+                done.into_iter()
+                    .for_each(|v| println!("{}", v.message.unwrap_or(v.id)));
                 check_failures(failed, "node(s) not changed")?;
             }
             NodeCmd::Update {
@@ -146,24 +106,62 @@ impl NodeCmd {
                 label_rm,
                 node,
             } => {
-                let v = client
-                    .call(&Request::NodeUpdate {
+                let v: NodeChange = client
+                    .call_as(&Request::NodeUpdate {
                         node,
                         availability,
                         label_add,
                         label_rm,
                     })
                     .await?;
-                println!("{}", field(&v, "id"));
+                println!("{}", v.id);
             }
             NodeCmd::Rm { force, nodes } => {
                 let (removed, failed) = client
-                    .call_each(nodes, |node| Request::NodeRm { node, force })
+                    .call_each::<NodeChange>(nodes, |node| Request::NodeRm { node, force })
                     .await;
-                removed.iter().for_each(|v| println!("{}", field(v, "id")));
+                removed.iter().for_each(|v| println!("{}", v.id));
                 check_failures(failed, "node(s) not removed")?;
             }
         }
         Ok(())
     }
+}
+
+/// `node ls`.
+async fn ls(client: &Client, format: Format, quiet: bool) -> anyhow::Result<()> {
+    let nodes: Vec<NodeView> = client.call_as(&Request::NodeLs).await?;
+    if quiet {
+        nodes.iter().for_each(|n| println!("{}", n.id));
+        return Ok(());
+    }
+    if format == Format::Json {
+        println!("{}", serde_json::to_string_pretty(&nodes)?);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            vec![
+                format!("{}{}", n.id, if n.is_self { " *" } else { "" }),
+                n.hostname.clone(),
+                text(&n.status),
+                text(&n.availability),
+                n.manager_status.clone().unwrap_or_default(),
+                text(&n.gossip),
+                n.addr.clone(),
+            ]
+        })
+        .collect();
+    let headers = [
+        "ID",
+        "HOSTNAME",
+        "STATUS",
+        "AVAILABILITY",
+        "MANAGER STATUS",
+        "GOSSIP",
+        "ADDRESS",
+    ];
+    print_table(&headers, &rows);
+    Ok(())
 }

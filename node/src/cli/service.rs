@@ -3,16 +3,16 @@
 use std::time::{Duration, Instant};
 
 use clap::Subcommand;
-use serde_json::Value;
 use shoal_mesh::constraint::Constraint;
 use shoal_mesh::service::{
     Attachment, EndpointMode, PortSpec, RestartPolicy, ServiceMode, ServiceSpec, UpdateConfig,
 };
 use shoal_mesh::syntax::key_value;
 
-use super::output::{Format, cell, print_table};
+use super::output::{Format, print_table};
 use super::{Client, check_failures, print_inspected};
 use crate::api::{Policies, Request, ServiceUpdate};
+use crate::views::{Named, ServiceView, TaskLogView, TaskView, text};
 
 /// `--mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -158,12 +158,8 @@ pub enum ServiceCmd {
     },
 }
 
-fn field(v: &Value, key: &str) -> String {
-    v.get(key).map(cell).unwrap_or_default()
-}
-
-fn replicas(v: &Value) -> String {
-    format!("{}/{}", field(v, "running"), field(v, "replicas"))
+fn replicas(v: &ServiceView) -> String {
+    format!("{}/{}", v.running, v.replicas)
 }
 
 /// How long `converge` waits for running tasks to become reachable: a
@@ -177,15 +173,21 @@ async fn converge(client: &Client, service: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut last = String::new();
     let mut all_running: Option<Instant> = None;
+    let mut say = |now: String| {
+        if now != last {
+            println!("{service}: {now}");
+            last = now;
+        }
+    };
     loop {
-        let v = client
-            .call(&Request::ServiceInspect {
+        let v: ServiceView = client
+            .call_as(&Request::ServiceInspect {
                 service: service.to_owned(),
             })
             .await?;
         let mut now = format!("{} tasks running", replicas(&v));
-        if let Some(status) = v["update_status"].as_str() {
-            now = format!("{now}, {} up to date ({status})", field(&v, "up_to_date"));
+        if let Some(status) = &v.update_status {
+            now = format!("{now}, {} up to date ({status})", v.up_to_date);
             if status.starts_with("update paused") {
                 println!("{service}: {now}");
                 anyhow::bail!(
@@ -193,28 +195,21 @@ async fn converge(client: &Client, service: &str) -> anyhow::Result<()> {
                 );
             }
         }
-        if now != last {
-            println!("{service}: {now}");
-            last = now;
-        }
-        if v["running"] == v["replicas"] && v["up_to_date"] == v["replicas"] {
+        say(now);
+        if v.running == v.replicas && v.up_to_date == v.replicas {
             // Running is not yet reachable: a task with a published port
             // joins the load balancers, the routing mesh and DNS once it
             // listens (the daemon stops waiting for that after 10 s).
-            let unreachable = v["replicas"].as_u64().zip(v["ready"].as_u64());
             let since = *all_running.get_or_insert_with(Instant::now);
-            match unreachable {
-                Some((want, ready)) if ready < want && since.elapsed() < READY_WAIT_MAX => {
-                    let now = format!("{ready} of {want} tasks reachable");
-                    if now != last {
-                        println!("{service}: {now}");
-                        last = now;
-                    }
+            match v.ready {
+                Some(ready) if ready < v.replicas && since.elapsed() < READY_WAIT_MAX => {
+                    say(format!("{ready} of {} tasks reachable", v.replicas));
                 }
-                Some((want, ready)) if ready < want => {
+                Some(ready) if ready < v.replicas => {
                     println!(
-                        "{service}: converged, but {} of {want} tasks are not reachable yet: see `shoal service ps {service}`",
-                        want - ready
+                        "{service}: converged, but {} of {} tasks are not reachable yet: see `shoal service ps {service}`",
+                        v.replicas - ready,
+                        v.replicas
                     );
                     return Ok(());
                 }
@@ -227,29 +222,33 @@ async fn converge(client: &Client, service: &str) -> anyhow::Result<()> {
             all_running = None;
         }
         if Instant::now() > deadline {
-            let ps = client
-                .call(&Request::ServicePs {
-                    service: service.to_owned(),
-                })
-                .await?;
-            // The newest task of each slot comes first: one reason per slot.
-            let mut seen = std::collections::BTreeSet::new();
-            let why: Vec<String> = ps
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|t| seen.insert(field(t, "name")))
-                .filter(|t| !field(t, "message").is_empty())
-                .map(|t| format!("{}: {}", field(t, "name"), field(t, "message")))
-                .collect();
+            let why = why_not_running(client, service).await?;
             anyhow::bail!(
-                "service {service} did not converge within 60 s ({last} running){}{}; see `shoal service ps {service}`",
+                "service {service} did not converge within 60 s ({} running){}{}; see `shoal service ps {service}`",
+                replicas(&v),
                 if why.is_empty() { "" } else { ": " },
                 why.join("; ")
             );
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+}
+
+/// Why the service's slots do not run: the newest task of each slot (it
+/// comes first) with its message.
+async fn why_not_running(client: &Client, service: &str) -> anyhow::Result<Vec<String>> {
+    let tasks: Vec<TaskView> = client
+        .call_as(&Request::ServicePs {
+            service: service.to_owned(),
+        })
+        .await?;
+    let mut seen = std::collections::BTreeSet::new();
+    Ok(tasks
+        .into_iter()
+        .filter(|t| seen.insert(t.name.clone()))
+        .filter(|t| !t.message.is_empty())
+        .map(|t| format!("{}: {}", t.name, t.message))
+        .collect())
 }
 
 impl ServiceCmd {
@@ -259,17 +258,19 @@ impl ServiceCmd {
                 let detach = flags.detach;
                 let spec = flags.spec()?;
                 let name = spec.name.clone();
-                let v = client.call(&Request::ServiceCreate(Box::new(spec))).await?;
-                println!("{}", field(&v, "id"));
+                let v: ServiceView = client
+                    .call_as(&Request::ServiceCreate(Box::new(spec)))
+                    .await?;
+                println!("{}", v.id);
                 if !detach {
                     converge(client, &name).await?;
                 }
             }
             ServiceCmd::Update { update, detach } => {
-                let v = client
-                    .call(&Request::ServiceUpdate(Box::new(update)))
+                let v: ServiceView = client
+                    .call_as(&Request::ServiceUpdate(Box::new(update)))
                     .await?;
-                let name = field(&v, "name");
+                let name = v.name;
                 println!("{name}");
                 if !detach {
                     converge(client, &name).await?;
@@ -279,18 +280,18 @@ impl ServiceCmd {
             ServiceCmd::Ps { format, service } => ps(client, format, service).await?,
             ServiceCmd::Inspect { format, services } => {
                 let (found, failed) = client
-                    .call_each(services, |service| Request::ServiceInspect { service })
+                    .call_each::<ServiceView>(services, |service| Request::ServiceInspect {
+                        service,
+                    })
                     .await;
                 print_inspected(&found, format)?;
                 check_failures(failed, "service(s) not found")?;
             }
             ServiceCmd::Rm { services } => {
                 let (removed, failed) = client
-                    .call_each(services, |service| Request::ServiceRm { service })
+                    .call_each::<Named>(services, |service| Request::ServiceRm { service })
                     .await;
-                removed
-                    .iter()
-                    .for_each(|v| println!("{}", field(v, "name")));
+                removed.iter().for_each(|v| println!("{}", v.name));
                 check_failures(failed, "service(s) not removed")?;
             }
             ServiceCmd::Logs { follow, service } => logs(client, follow, service).await?,
@@ -302,75 +303,61 @@ impl ServiceCmd {
 
 /// `service ls`.
 async fn ls(client: &Client, format: Format) -> anyhow::Result<()> {
-    let v = client.call(&Request::ServiceLs).await?;
+    let list: Vec<ServiceView> = client.call_as(&Request::ServiceLs).await?;
     if format == Format::Json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        let rows: Vec<Vec<String>> = v
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|s| {
-                let ports: Vec<String> = s["ports"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|p| {
-                        format!(
-                            "*:{}->{}/{}",
-                            field(p, "published"),
-                            field(p, "target"),
-                            field(p, "protocol")
-                        )
-                    })
-                    .collect();
-                vec![
-                    field(s, "id"),
-                    field(s, "name"),
-                    field(s, "mode"),
-                    replicas(s),
-                    ports.join(", "),
-                ]
-            })
-            .collect();
-        print_table(&["ID", "NAME", "MODE", "REPLICAS", "PORTS"], &rows);
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
     }
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|s| {
+            let ports: Vec<String> = s
+                .ports
+                .iter()
+                .map(|p| format!("*:{}->{}/{}", p.published, p.target, p.protocol.as_str()))
+                .collect();
+            vec![
+                s.id.clone(),
+                s.name.clone(),
+                s.mode.clone(),
+                replicas(s),
+                ports.join(", "),
+            ]
+        })
+        .collect();
+    print_table(&["ID", "NAME", "MODE", "REPLICAS", "PORTS"], &rows);
     Ok(())
 }
 
 /// `service ps`.
 async fn ps(client: &Client, format: Format, service: String) -> anyhow::Result<()> {
-    let v = client.call(&Request::ServicePs { service }).await?;
+    let tasks: Vec<TaskView> = client.call_as(&Request::ServicePs { service }).await?;
     if format == Format::Json {
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        let rows: Vec<Vec<String>> = v
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|t| {
-                vec![
-                    field(t, "id"),
-                    field(t, "name"),
-                    field(t, "node"),
-                    field(t, "desired_state"),
-                    field(t, "state"),
-                    field(t, "message"),
-                ]
-            })
-            .collect();
-        print_table(
-            &[
-                "ID",
-                "NAME",
-                "NODE",
-                "DESIRED STATE",
-                "CURRENT STATE",
-                "MESSAGE",
-            ],
-            &rows,
-        );
+        println!("{}", serde_json::to_string_pretty(&tasks)?);
+        return Ok(());
     }
+    let rows: Vec<Vec<String>> = tasks
+        .iter()
+        .map(|t| {
+            vec![
+                t.id.clone(),
+                t.name.clone(),
+                t.node.clone().unwrap_or_default(),
+                text(&t.desired_state),
+                text(&t.state),
+                t.message.clone(),
+            ]
+        })
+        .collect();
+    let headers = [
+        "ID",
+        "NAME",
+        "NODE",
+        "DESIRED STATE",
+        "CURRENT STATE",
+        "MESSAGE",
+    ];
+    print_table(&headers, &rows);
     Ok(())
 }
 
@@ -395,20 +382,14 @@ async fn logs(client: &Client, follow: bool, service: String) -> anyhow::Result<
                 eprintln!("Warning: {w}");
             }
         }
-        for t in reply
-            .data
-            .as_ref()
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let who = format!("{}@{}", field(t, "name"), field(t, "node"));
-            for line in t["text"].as_str().unwrap_or_default().lines() {
+        let read: Vec<TaskLogView> =
+            serde_json::from_value(reply.data.unwrap_or_default()).unwrap_or_default();
+        for t in read {
+            let who = format!("{}@{}", t.name, t.node.unwrap_or_default());
+            for line in t.text.lines() {
                 println!("{who} | {line}");
             }
-            if let (Some(id), Some(next)) = (t["task"].as_str(), t["next"].as_u64()) {
-                offsets.insert(id.to_owned(), next);
-            }
+            offsets.insert(t.task, t.next);
         }
         if !follow {
             return Ok(());

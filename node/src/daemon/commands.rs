@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use openraft::BasicNode;
-use serde::Serialize;
+
 use serde_json::json;
 use shoal_gossip::MemberState;
 use shoal_mesh::{
@@ -26,37 +26,10 @@ use super::transport::{TlsIdentity, join_call};
 use super::wire::{JoinReply, JoinRequest};
 use super::{pki, wire};
 use crate::api::{Reply, Request};
+use crate::views::{NodeChange, NodeView};
 
 /// How long `swarm join` waits for the manager.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A node as `node ls` and `node inspect` show it. Field names are stable.
-#[derive(Debug, Serialize)]
-pub struct NodeView {
-    /// Node ID.
-    pub id: String,
-    /// Hostname.
-    pub hostname: String,
-    /// `manager` or `worker`.
-    pub role: Role,
-    /// `ready`, `down` or `unknown`, as seen from the answering node.
-    pub status: NodeStatus,
-    /// `active`, `pause` or `drain`.
-    pub availability: Availability,
-    /// `leader`, `reachable`, `unreachable`; null for workers.
-    pub manager_status: Option<&'static str>,
-    /// The address other nodes dial.
-    pub addr: String,
-    /// Labels.
-    pub labels: std::collections::BTreeMap<String, String>,
-    /// Gossip's liveness view (`alive`, `suspect`, `dead`, `left`; null if unknown).
-    pub gossip: Option<MemberState>,
-    /// Whether this is the answering node.
-    #[serde(rename = "self")]
-    pub is_self: bool,
-    /// When the node joined (ms since the epoch).
-    pub joined_at_ms: u64,
-}
 
 fn view(m: &Member, n: &Node, gossip: Option<MemberState>) -> NodeView {
     let status = m.status(n.id);
@@ -68,6 +41,7 @@ fn view(m: &Member, n: &Node, gossip: Option<MemberState>) -> NodeView {
         } else {
             "unreachable"
         }
+        .to_owned()
     });
     NodeView {
         id: n.id.to_string(),
@@ -748,9 +722,10 @@ async fn set_role(d: &Daemon, reference: &str, role: Role) -> anyhow::Result<Rep
     } else {
         "demoted to a worker"
     };
-    Ok(Reply::ok(
-        json!({ "id": node.id.to_string(), "message": format!("node {} {verb}", node.hostname) }),
-    ))
+    Ok(Reply::ok(serde_json::to_value(NodeChange {
+        id: node.id.to_string(),
+        message: Some(format!("node {} {verb}", node.hostname)),
+    })?))
 }
 
 async fn node_update(
@@ -769,7 +744,10 @@ async fn node_update(
         label_rm,
     })
     .await?;
-    Ok(Reply::ok(json!({ "id": node.to_string() })))
+    Reply::of(&NodeChange {
+        id: node.to_string(),
+        message: None,
+    })
 }
 
 async fn node_rm(d: &Daemon, reference: &str, force: bool) -> anyhow::Result<Reply> {
@@ -791,5 +769,8 @@ async fn node_rm(d: &Daemon, reference: &str, force: bool) -> anyhow::Result<Rep
         );
     }
     m.propose(Command::RemoveNode(node.id)).await?;
-    Ok(Reply::ok(json!({ "id": node.id.to_string() })))
+    Reply::of(&NodeChange {
+        id: node.id.to_string(),
+        message: None,
+    })
 }

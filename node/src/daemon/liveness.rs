@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use shoal_mesh::NodeId;
 
 /// How often peers are pinged.
@@ -17,7 +17,7 @@ pub const PING_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DOWN_AFTER: Duration = Duration::from_secs(3);
 
 /// A node's status as `node ls` shows it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NodeStatus {
     /// Answered recently.

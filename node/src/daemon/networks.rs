@@ -3,7 +3,6 @@
 //! routes, then lets the store's `apply` validate and allocate.
 
 use anyhow::{anyhow, bail};
-use serde_json::{Value, json};
 use shoal_mesh::cidr::Ipv4Net;
 use shoal_mesh::network::{Driver, Network, NetworkSpec};
 use shoal_mesh::{ClusterState, Command};
@@ -11,27 +10,33 @@ use shoal_mesh::{ClusterState, Command};
 use super::agent::Daemon;
 use super::clock::now_ms;
 use crate::api::Reply;
+use crate::views::{Named, NetworkView};
 
 /// A network as `network ls` and `inspect` show it. Field names are stable.
-pub fn view(n: &Network) -> Value {
-    json!({
-        "id": n.id,
-        "name": n.spec.name,
-        "driver": n.spec.driver,
-        "scope": if n.spec.driver == Driver::Overlay { "swarm" } else { "local" },
-        "subnets": n.subnets.iter().map(|s| s.subnet.to_string()).collect::<Vec<_>>(),
-        "gateways": n.subnets.iter().map(|s| s.gateway.to_string()).collect::<Vec<_>>(),
-        "ip_range": n.spec.ip_range.map(|r| r.to_string()),
-        "aux_addresses": n.spec.aux_addresses,
-        "vni": n.vni,
-        "mtu": n.mtu,
-        "attachable": n.spec.attachable,
-        "internal": n.spec.internal,
-        "ingress": n.ingress,
-        "options": n.spec.options,
-        "labels": n.spec.labels,
-        "created_at_ms": n.created_at_ms,
-    })
+pub fn view(n: &Network) -> NetworkView {
+    NetworkView {
+        id: n.id.clone(),
+        name: n.spec.name.clone(),
+        driver: n.spec.driver,
+        scope: if n.spec.driver == Driver::Overlay {
+            "swarm"
+        } else {
+            "local"
+        }
+        .to_owned(),
+        subnets: n.subnets.iter().map(|s| s.subnet.to_string()).collect(),
+        gateways: n.subnets.iter().map(|s| s.gateway.to_string()).collect(),
+        ip_range: n.spec.ip_range.map(|r| r.to_string()),
+        aux_addresses: n.spec.aux_addresses.clone(),
+        vni: n.vni,
+        mtu: n.mtu,
+        attachable: n.spec.attachable,
+        internal: n.spec.internal,
+        ingress: n.ingress,
+        options: n.spec.options.clone(),
+        labels: n.spec.labels.clone(),
+        created_at_ms: n.created_at_ms,
+    }
 }
 
 fn resolve<'a>(state: &'a ClusterState, reference: &str) -> anyhow::Result<&'a Network> {
@@ -133,7 +138,7 @@ pub async fn create(d: &Daemon, spec: NetworkSpec) -> anyhow::Result<Reply> {
     let n = state.networks.get(&id).ok_or_else(|| {
         anyhow!("network `{name}` was created but has not reached this node's copy yet")
     })?;
-    Ok(Reply::ok(view(n)))
+    Reply::of(&view(n))
 }
 
 /// `network ls`.
@@ -142,16 +147,15 @@ pub async fn ls(d: &Daemon) -> anyhow::Result<Reply> {
     let state = m.state.state();
     let mut nets: Vec<&Network> = state.networks.values().collect();
     nets.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
-    Ok(Reply::ok(Value::Array(
-        nets.into_iter().map(view).collect(),
-    )))
+    let views: Vec<NetworkView> = nets.into_iter().map(view).collect();
+    Reply::of(&views)
 }
 
 /// `network inspect`.
 pub async fn inspect(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
     let m = d.member().await?;
     let state = m.state.state();
-    Ok(Reply::ok(view(resolve(&state, reference)?)))
+    Reply::of(&view(resolve(&state, reference)?))
 }
 
 /// `network rm`.
@@ -161,5 +165,8 @@ pub async fn rm(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
     let n = resolve(&state, reference)?;
     m.propose(Command::RemoveNetwork { id: n.id.clone() })
         .await?;
-    Ok(Reply::ok(json!({ "id": n.id, "name": n.spec.name })))
+    Reply::of(&Named {
+        id: n.id.clone(),
+        name: n.spec.name.clone(),
+    })
 }

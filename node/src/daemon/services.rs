@@ -3,16 +3,19 @@
 use std::collections::BTreeMap;
 
 use anyhow::{anyhow, bail};
-use serde_json::{Value, json};
+use serde_json::json;
 use shoal_mesh::service::{
     Attachment, PortSpec, Protocol, PublishMode, Service, ServiceMode, ServiceSpec,
 };
-use shoal_mesh::task::{DesiredState, Task};
+use shoal_mesh::task::{DesiredState, Task, TaskState};
 use shoal_mesh::{ClusterState, Command};
 
 use super::agent::Daemon;
 use super::clock::now_ms;
 use crate::api::{Reply, ServiceUpdate};
+use crate::views::{
+    AttachmentView, Named, RestartView, ServiceView, TaskLogView, TaskView, UpdateView,
+};
 
 /// Resolves the network an attachment names (as the user typed it: a
 /// name, an ID or an ID prefix) to its ID.
@@ -131,7 +134,7 @@ fn desired(state: &ClusterState, s: &Service) -> u64 {
 }
 
 /// A service as `ls`/`inspect` show it.
-fn view(state: &ClusterState, s: &Service) -> Value {
+fn view(state: &ClusterState, s: &Service) -> ServiceView {
     let running = state
         .tasks
         .values()
@@ -160,54 +163,89 @@ fn view(state: &ClusterState, s: &Service) -> Value {
         None if s.version > 1 => Some("completed".to_owned()),
         None => None,
     };
-    json!({
-        "id": s.id,
-        "name": s.spec.name,
-        "mode": match s.spec.mode { ServiceMode::Replicated(_) => "replicated", ServiceMode::Global => "global" },
-        "replicas": desired(state, s),
-        "running": running,
-        "up_to_date": up_to_date,
-        "version": s.version,
-        "update_status": update_status,
-        "command": s.spec.command,
-        "endpoint_mode": s.spec.endpoint_mode,
-        "networks": s.spec.networks.iter().map(|a| json!({"network": net_name(&a.network), "aliases": a.aliases})).collect::<Vec<_>>(),
-        "vips": s.vips.iter().map(|(n, ip)| (net_name(n), ip.to_string())).collect::<BTreeMap<_, _>>(),
-        "ports": s.ports,
-        "constraints": s.spec.constraints.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
-        "env": s.spec.env,
-        "labels": s.spec.labels,
-        "restart_policy": {
-            "condition": s.spec.restart.condition.as_str(),
-            "max_attempts": s.spec.restart.max_attempts,
-            "delay_ms": s.spec.restart.delay_ms,
+    ServiceView {
+        id: s.id.clone(),
+        name: s.spec.name.clone(),
+        mode: match s.spec.mode {
+            ServiceMode::Replicated(_) => "replicated",
+            ServiceMode::Global => "global",
+        }
+        .to_owned(),
+        replicas: desired(state, s),
+        running: running as u64,
+        up_to_date: up_to_date as u64,
+        version: s.version,
+        update_status,
+        command: s.spec.command.clone(),
+        endpoint_mode: s.spec.endpoint_mode,
+        networks: s
+            .spec
+            .networks
+            .iter()
+            .map(|a| AttachmentView {
+                network: net_name(&a.network),
+                aliases: a.aliases.clone(),
+            })
+            .collect(),
+        vips: s
+            .vips
+            .iter()
+            .map(|(n, ip)| (net_name(n), ip.to_string()))
+            .collect(),
+        ports: s.ports.clone(),
+        constraints: s.spec.constraints.iter().map(|c| c.to_string()).collect(),
+        env: s.spec.env.clone(),
+        labels: s.spec.labels.clone(),
+        restart_policy: RestartView {
+            condition: s.spec.restart.condition.as_str().to_owned(),
+            max_attempts: s.spec.restart.max_attempts,
+            delay_ms: s.spec.restart.delay_ms,
         },
-        "update_config": {
-            "parallelism": s.spec.update.parallelism,
-            "delay_ms": s.spec.update.delay_ms,
+        update_config: UpdateView {
+            parallelism: s.spec.update.parallelism,
+            delay_ms: s.spec.update.delay_ms,
         },
-        "created_at_ms": s.created_at_ms,
-        "updated_at_ms": s.updated_at_ms,
-    })
+        created_at_ms: s.created_at_ms,
+        updated_at_ms: s.updated_at_ms,
+        ready: None,
+    }
 }
 
-fn task_view(state: &ClusterState, t: &Task) -> Value {
-    let name = super::executor::task_name(state, t);
-    json!({
-        "id": t.id,
-        "name": name,
-        "node": t.node.and_then(|n| state.nodes.get(&n)).map(|n| n.hostname.clone()),
-        "node_id": t.node.map(|n| n.to_string()),
-        "desired_state": t.desired,
-        "state": t.state,
-        "message": t.message,
-        "error": if matches!(t.state, shoal_mesh::task::TaskState::Failed | shoal_mesh::task::TaskState::Pending) { t.message.as_str() } else { "" },
-        "spec_version": t.spec_version,
-        "restarts": t.restarts,
-        "exit_code": t.exit_code,
-        "addresses": t.addresses.iter().map(|(n, ip)| (state.networks.get(n).map(|x| x.spec.name.clone()).unwrap_or_else(|| n.clone()), ip.to_string())).collect::<BTreeMap<_, _>>(),
-        "updated_at_ms": t.updated_at_ms,
-    })
+fn task_view(state: &ClusterState, t: &Task) -> TaskView {
+    let net_name = |n: &String| {
+        state
+            .networks
+            .get(n)
+            .map(|x| x.spec.name.clone())
+            .unwrap_or_else(|| n.clone())
+    };
+    let failed = matches!(t.state, TaskState::Failed | TaskState::Pending);
+    TaskView {
+        id: t.id.clone(),
+        name: super::executor::task_name(state, t),
+        node: t
+            .node
+            .and_then(|n| state.nodes.get(&n))
+            .map(|n| n.hostname.clone()),
+        node_id: t.node.map(|n| n.to_string()),
+        desired_state: t.desired,
+        state: t.state,
+        message: t.message.clone(),
+        error: if failed {
+            t.message.clone()
+        } else {
+            String::new()
+        },
+        spec_version: t.spec_version,
+        restarts: t.restarts,
+        exit_code: t.exit_code,
+        addresses: t
+            .addresses
+            .iter()
+            .map(|(n, ip)| (net_name(n), ip.to_string()))
+            .collect(),
+        updated_at_ms: t.updated_at_ms,
+    }
 }
 
 /// A network created through another node a moment ago may not have
@@ -252,7 +290,7 @@ pub async fn create(d: &Daemon, mut spec: ServiceSpec) -> anyhow::Result<Reply> 
         .services
         .get(&id)
         .ok_or_else(|| anyhow!("service created but not yet in this node's copy"))?;
-    Ok(Reply::ok(view(&state, s)))
+    Reply::of(&view(&state, s))
 }
 
 /// `service update`.
@@ -285,7 +323,7 @@ pub async fn update(d: &Daemon, u: ServiceUpdate) -> anyhow::Result<Reply> {
     .await;
     let state = m.state.state();
     let s = resolve(&state, &id)?;
-    Ok(Reply::ok(view(&state, s)))
+    Reply::of(&view(&state, s))
 }
 
 /// A task by ID, unique ID prefix, or name (`SERVICE.SLOT`): the one
@@ -375,9 +413,8 @@ pub async fn ls(d: &Daemon) -> anyhow::Result<Reply> {
     let state = m.state.state();
     let mut list: Vec<&Service> = state.services.values().collect();
     list.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
-    Ok(Reply::ok(Value::Array(
-        list.into_iter().map(|s| view(&state, s)).collect(),
-    )))
+    let views: Vec<ServiceView> = list.into_iter().map(|s| view(&state, s)).collect();
+    Reply::of(&views)
 }
 
 /// `service inspect`.
@@ -395,9 +432,9 @@ pub async fn inspect(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
             .await
             .unwrap_or_default();
         let programmed = m.sandboxes.last_plan().unwrap_or_default();
-        v["ready"] = json!(ready(&state, s, &endpoints, &programmed));
+        v.ready = Some(ready(&state, s, &endpoints, &programmed) as u64);
     }
-    Ok(Reply::ok(v))
+    Reply::of(&v)
 }
 
 /// The running tasks of `s` at its current version.
@@ -473,9 +510,8 @@ pub async fn ps(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
         .filter(|t| t.service_id == s.id)
         .collect();
     tasks.sort_by_key(|t| (t.slot, t.node, std::cmp::Reverse(t.created_at_ms)));
-    Ok(Reply::ok(Value::Array(
-        tasks.into_iter().map(|t| task_view(&state, t)).collect(),
-    )))
+    let views: Vec<TaskView> = tasks.into_iter().map(|t| task_view(&state, t)).collect();
+    Reply::of(&views)
 }
 
 /// `service rm`.
@@ -485,7 +521,10 @@ pub async fn rm(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
     let s = resolve(&state, reference)?;
     m.propose(Command::RemoveService { id: s.id.clone() })
         .await?;
-    Ok(Reply::ok(json!({ "id": s.id, "name": s.spec.name })))
+    Reply::of(&Named {
+        id: s.id.clone(),
+        name: s.spec.name.clone(),
+    })
 }
 
 /// `service scale`.
@@ -498,9 +537,10 @@ pub async fn scale(d: &Daemon, reference: &str, replicas: u64) -> anyhow::Result
         replicas,
     })
     .await?;
-    Ok(Reply::ok(
-        json!({ "id": s.id, "name": s.spec.name, "replicas": replicas }),
-    ))
+    Reply::of(&Named {
+        id: s.id.clone(),
+        name: s.spec.name.clone(),
+    })
 }
 
 /// `service logs`: each task's output from its offset, read on the node
@@ -540,21 +580,18 @@ pub async fn logs(
         };
         let view = task_view(&state, t);
         match read {
-            Ok((text, next)) => out.push(json!({
-                "task": t.id,
-                "name": view["name"],
-                "node": view["node"],
-                "next": next,
-                "text": String::from_utf8_lossy(&text),
-            })),
-            Err(e) if t.state == shoal_mesh::task::TaskState::Pending => drop(e),
-            Err(e) => warnings.push(format!(
-                "{}: {e}",
-                view["name"].as_str().unwrap_or_default()
-            )),
+            Ok((text, next)) => out.push(TaskLogView {
+                task: t.id.clone(),
+                name: view.name,
+                node: view.node,
+                next,
+                text: String::from_utf8_lossy(&text).into_owned(),
+            }),
+            Err(e) if t.state == TaskState::Pending => drop(e),
+            Err(e) => warnings.push(format!("{}: {e}", view.name)),
         }
     }
-    let mut reply = Reply::ok(Value::Array(out));
+    let mut reply = Reply::of(&out)?;
     reply.warnings = warnings;
     Ok(reply)
 }
