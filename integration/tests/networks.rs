@@ -105,6 +105,20 @@ fn networks_are_allocated_in_the_store_and_bad_ones_refused() {
     for (args, message) in refused {
         c.assert_refused(1, args, message);
     }
+    // The exit code tells the kind of refusal: 2 bad input, 3 not found,
+    // 4 refused by the swarm's state.
+    for (args, code) in [
+        (&["network", "create", "--subnet", "nonsense", "x"][..], 2),
+        (
+            &["network", "create", "-d", "ipvlan", "-o", "parent=lo", "x"][..],
+            2,
+        ),
+        (&["network", "rm", "nosuch"][..], 3),
+        (&["network", "create", "web"][..], 4),
+    ] {
+        let r = c.shoal(1, args);
+        assert_eq!(r.code, code, "`shoal {}`: {r:?}", args.join(" "));
+    }
     assert_eq!(networks(&c, 0).len(), 3, "refusals change nothing");
 
     c.shoal_ok(0, &["network", "rm", "web"]).unwrap();

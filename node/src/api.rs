@@ -317,6 +317,85 @@ pub enum Request {
     },
 }
 
+/// What kind of failure a refused request is. The CLI exits with its code,
+/// so that scripts can tell a typo from a missing object from a swarm that
+/// cannot answer now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request is malformed or asks for what is not allowed: fix it.
+    Invalid,
+    /// It names a node, network, service or task that does not exist.
+    NotFound,
+    /// The swarm's state refuses it (taken, in use, the last manager…).
+    Conflict,
+    /// This node is not in a swarm (or not a manager where one is needed).
+    NotInSwarm,
+    /// The swarm cannot answer now (no quorum, a peer unreachable): retry.
+    Unavailable,
+    /// Anything else (see the daemon's log).
+    Internal,
+}
+
+impl ErrorKind {
+    /// The CLI's exit code (2 is also clap's for a malformed command line).
+    pub fn exit_code(self) -> u8 {
+        match self {
+            ErrorKind::Internal => 1,
+            ErrorKind::Invalid => 2,
+            ErrorKind::NotFound => 3,
+            ErrorKind::Conflict => 4,
+            ErrorKind::NotInSwarm => 5,
+            ErrorKind::Unavailable => 6,
+        }
+    }
+}
+
+/// A refused request: its kind and what to tell the user.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    /// What kind of failure.
+    pub kind: ErrorKind,
+    /// What went wrong and how to fix it.
+    pub message: String,
+}
+
+impl ApiError {
+    fn of(kind: ErrorKind, message: impl Into<String>) -> anyhow::Error {
+        ApiError {
+            kind,
+            message: message.into(),
+        }
+        .into()
+    }
+
+    /// A malformed request.
+    pub fn invalid(message: impl Into<String>) -> anyhow::Error {
+        Self::of(ErrorKind::Invalid, message)
+    }
+
+    /// Something named that does not exist.
+    pub fn not_found(message: impl Into<String>) -> anyhow::Error {
+        Self::of(ErrorKind::NotFound, message)
+    }
+
+    /// Refused by the swarm's state.
+    pub fn conflict(message: impl Into<String>) -> anyhow::Error {
+        Self::of(ErrorKind::Conflict, message)
+    }
+
+    /// Not in a swarm (or not where the request needs to be).
+    pub fn not_in_swarm(message: impl Into<String>) -> anyhow::Error {
+        Self::of(ErrorKind::NotInSwarm, message)
+    }
+
+    /// Cannot be answered now.
+    pub fn unavailable(message: impl Into<String>) -> anyhow::Error {
+        Self::of(ErrorKind::Unavailable, message)
+    }
+}
+
 /// The daemon's answer.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Reply {
@@ -324,6 +403,9 @@ pub struct Reply {
     pub data: Option<Value>,
     /// What went wrong, when it failed.
     pub error: Option<String>,
+    /// What kind of failure, when it failed.
+    #[serde(default)]
+    pub kind: Option<ErrorKind>,
     /// Things the user should know even on success (e.g. stale reads).
     #[serde(default)]
     pub warnings: Vec<String>,
@@ -344,9 +426,10 @@ impl Reply {
     }
 
     /// A failed reply.
-    pub fn err(message: impl Into<String>) -> Self {
+    pub fn err(kind: ErrorKind, message: impl Into<String>) -> Self {
         Reply {
             error: Some(message.into()),
+            kind: Some(kind),
             ..Default::default()
         }
     }
@@ -355,10 +438,10 @@ impl Reply {
 /// Sends `req` to the daemon at `socket` and returns its reply.
 pub async fn call(socket: &Path, req: &Request) -> anyhow::Result<Reply> {
     let stream = UnixStream::connect(socket).await.map_err(|e| {
-        anyhow::anyhow!(
+        ApiError::unavailable(format!(
             "cannot connect to the shoal daemon at {}: {e}. Is `shoal daemon` running? (set --socket or SHOAL_SOCKET)",
             socket.display()
-        )
+        ))
     })?;
     let (read, mut write) = stream.into_split();
     let mut line = serde_json::to_vec(req)?;

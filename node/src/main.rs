@@ -31,7 +31,9 @@ fn main() -> std::process::ExitCode {
             Some(cli::exec::ExitStatus(code)) => std::process::ExitCode::from(*code),
             None => {
                 eprintln!("Error: {e:#}");
-                std::process::ExitCode::FAILURE
+                // The daemon's refusals exit with their kind's code.
+                let kind = e.chain().find_map(|c| c.downcast_ref::<api::ApiError>());
+                std::process::ExitCode::from(kind.map_or(1, |a| a.kind.exit_code()))
             }
         },
     }

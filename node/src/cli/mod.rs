@@ -106,10 +106,20 @@ impl Cli {
 /// Calls the daemon; prints warnings to stderr; turns a refusal into an error.
 pub struct Client(pub PathBuf);
 
-/// Fails with "N `what`" when `failed` is not zero.
-fn check_failures(failed: usize, what: &str) -> anyhow::Result<()> {
-    if failed > 0 {
-        anyhow::bail!("{failed} {what}");
+/// Fails with "N `what`" when some items failed: of their kind when they
+/// all failed alike, else of none in particular.
+fn check_failures(failed: Vec<api::ErrorKind>, what: &str) -> anyhow::Result<()> {
+    if let Some(first) = failed.first() {
+        let same = failed.iter().all(|k| k == first);
+        return Err(api::ApiError {
+            kind: if same {
+                *first
+            } else {
+                api::ErrorKind::Internal
+            },
+            message: format!("{} {what}", failed.len()),
+        }
+        .into());
     }
     Ok(())
 }
@@ -129,20 +139,21 @@ fn print_inspected<T: serde::Serialize>(found: &[T], format: output::Format) -> 
 
 impl Client {
     /// One request per item, in order. Each failure is printed to stderr;
-    /// returns the answers and how many failed.
+    /// returns the answers and the kinds of the failures.
     async fn call_each<T: serde::de::DeserializeOwned>(
         &self,
         items: Vec<String>,
         make: impl Fn(String) -> Request,
-    ) -> (Vec<T>, usize) {
+    ) -> (Vec<T>, Vec<api::ErrorKind>) {
         let mut answers = Vec::new();
-        let mut failed = 0;
+        let mut failed = Vec::new();
         for item in items {
             match self.call_as(&make(item)).await {
                 Ok(v) => answers.push(v),
                 Err(e) => {
                     eprintln!("Error: {e:#}");
-                    failed += 1;
+                    let kind = e.downcast_ref::<api::ApiError>().map(|a| a.kind);
+                    failed.push(kind.unwrap_or(api::ErrorKind::Internal));
                 }
             }
         }
@@ -163,13 +174,18 @@ impl Client {
         let Reply {
             data,
             error,
+            kind,
             warnings,
         } = api::call(&self.0, req).await?;
         for w in warnings {
             eprintln!("Warning: {w}");
         }
         match error {
-            Some(e) => Err(anyhow::anyhow!(e)),
+            Some(message) => Err(api::ApiError {
+                kind: kind.unwrap_or(api::ErrorKind::Internal),
+                message,
+            }
+            .into()),
             None => Ok(data.unwrap_or(serde_json::Value::Null)),
         }
     }

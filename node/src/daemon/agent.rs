@@ -44,6 +44,6 @@ impl Daemon {
             .lock()
             .await
             .clone()
-            .ok_or_else(|| anyhow::anyhow!(NOT_IN_SWARM))
+            .ok_or_else(|| crate::api::ApiError::not_in_swarm(NOT_IN_SWARM))
     }
 }

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, anyhow, bail};
+use anyhow::{Context, anyhow};
 use openraft::BasicNode;
 
 use serde_json::json;
@@ -25,7 +25,7 @@ use super::member::Member;
 use super::transport::{TlsIdentity, join_call};
 use super::wire::{JoinReply, JoinRequest};
 use super::{pki, wire};
-use crate::api::{Reply, Request};
+use crate::api::{ApiError, Reply, Request};
 use crate::views::{NodeChange, NodeView};
 
 /// How long `swarm join` waits for the manager.
@@ -154,7 +154,7 @@ pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
     };
     match result {
         Ok(reply) => reply,
-        Err(e) => Reply::err(format!("{e:#}")),
+        Err(e) => Reply::err(super::kinds::kind_of(&e), format!("{e:#}")),
     }
 }
 
@@ -220,8 +220,11 @@ fn addresses(
     route_to: Option<SocketAddr>,
 ) -> anyhow::Result<(SocketAddr, SocketAddr)> {
     let listen: SocketAddr = match listen {
-        Some(l) => parse_advertise(&l, d.cfg.listen_addr.port())
-            .map_err(|_| anyhow!("invalid listen address `{l}`: use IP:PORT, e.g. 0.0.0.0:2377"))?,
+        Some(l) => parse_advertise(&l, d.cfg.listen_addr.port()).map_err(|_| {
+            ApiError::invalid(format!(
+                "invalid listen address `{l}`: use IP:PORT, e.g. 0.0.0.0:2377"
+            ))
+        })?,
         None => d.cfg.listen_addr,
     };
     let advertise = match advertise.or_else(|| d.cfg.advertise_addr.clone()) {
@@ -236,20 +239,24 @@ fn addresses(
             });
             match ip {
                 Some(ip) => SocketAddr::new(ip, listen.port()),
-                None => bail!(
-                    "cannot choose an address to advertise while listening on {listen}: pass --advertise-addr IP[:PORT]"
-                ),
+                None => {
+                    return Err(ApiError::invalid(format!(
+                        "cannot choose an address to advertise while listening on {listen}: pass --advertise-addr IP[:PORT]"
+                    )));
+                }
             }
         }
     };
     if advertise.ip().is_unspecified() {
-        bail!(
+        return Err(ApiError::invalid(format!(
             "the advertise address {advertise} is unspecified: pass a reachable --advertise-addr"
-        );
+        )));
     }
     // Fail now, not after the cluster has counted us in, if the port is taken.
     std::net::UdpSocket::bind(listen).map_err(|e| {
-        anyhow!("cannot listen on {listen} (UDP): {e}; is another node using that port?")
+        ApiError::conflict(format!(
+            "cannot listen on {listen} (UDP): {e}; is another node using that port?"
+        ))
     })?;
     Ok((listen, advertise))
 }
@@ -263,18 +270,23 @@ fn address_pool(
         vec!["10.0.0.0/8".parse()?]
     } else {
         pool.iter()
-            .map(|p| p.parse().map_err(|e| anyhow!("--default-addr-pool: {e}")))
+            .map(|p| {
+                p.parse()
+                    .map_err(|e| ApiError::invalid(format!("--default-addr-pool: {e}")))
+            })
             .collect::<anyhow::Result<_>>()?
     };
     let mask = mask.unwrap_or(24);
     if let Some(p) = pool.iter().find(|p| p.prefix_len() > mask) {
-        bail!(
+        return Err(ApiError::invalid(format!(
             "--default-addr-pool-mask-length {mask} is shorter than the pool {p}: use a length of at least {}",
             p.prefix_len()
-        );
+        )));
     }
     if mask > 29 {
-        bail!("--default-addr-pool-mask-length {mask} leaves no room for tasks: use 29 or less");
+        return Err(ApiError::invalid(format!(
+            "--default-addr-pool-mask-length {mask} leaves no room for tasks: use 29 or less"
+        )));
     }
     Ok((pool, mask))
 }
@@ -398,10 +410,10 @@ async fn init(
         let cluster = m
             .state
             .read(|s| s.state.cluster.as_ref().map(|c| c.id.clone()));
-        bail!(
+        return Err(ApiError::conflict(format!(
             "this node is already part of a swarm (cluster {}); run `shoal swarm leave` first",
             cluster.unwrap_or_default()
-        );
+        )));
     }
     let pool = address_pool(pool, pool_mask)?;
     let (listen, advertise) = addresses(d, advertise, listen, None)?;
@@ -433,11 +445,15 @@ async fn join(
 ) -> anyhow::Result<Reply> {
     let token: JoinToken = token.parse()?;
     let remote_addr = parse_advertise(remote, super::config::DEFAULT_PORT).map_err(|_| {
-        anyhow!("invalid manager address `{remote}`: use IP:PORT, e.g. 192.168.1.10:2377")
+        ApiError::invalid(format!(
+            "invalid manager address `{remote}`: use IP:PORT, e.g. 192.168.1.10:2377"
+        ))
     })?;
     let mut slot = d.member.lock().await;
     if slot.is_some() {
-        bail!("this node is already part of a swarm; run `shoal swarm leave` first");
+        return Err(ApiError::conflict(
+            "this node is already part of a swarm; run `shoal swarm leave` first",
+        ));
     }
     let (listen, advertise) = addresses(d, advertise, listen, Some(remote_addr))?;
     let (key_der, csr_der) = pki::new_key_and_csr()?;
@@ -450,16 +466,20 @@ async fn join(
     let reply = join_call(remote_addr, &token.ca_fingerprint, &req, JOIN_TIMEOUT)
         .await
         .map_err(|e| match e {
-            super::transport::QuicError::Timeout { secs, .. } => anyhow!(
+            super::transport::QuicError::Timeout { secs, .. } => ApiError::unavailable(format!(
                 "timed out after {secs:.0} s waiting for the manager at {remote_addr}: check the address and that its UDP port is reachable"
-            ),
-            other => anyhow!("cannot join through {remote_addr}: {other}"),
+            )),
+            other => ApiError::unavailable(format!("cannot join through {remote_addr}: {other}")),
         })?;
     let accepted = match shoal_mesh::codec::decode::<JoinReply>(&reply, 1 << 20)
         .context("the manager's answer is not a valid join reply")?
     {
         JoinReply::Accepted(a) => a,
-        JoinReply::Refused(msg) => bail!("join refused by {remote_addr}: {msg}"),
+        JoinReply::Refused(msg) => {
+            return Err(ApiError::conflict(format!(
+                "join refused by {remote_addr}: {msg}"
+            )));
+        }
     };
     let wire::JoinAccepted {
         node_id,
@@ -470,7 +490,9 @@ async fn join(
         manager_key,
     } = accepted;
     if pki::fingerprint(&ca_der) != token.ca_fingerprint {
-        bail!("the manager sent a CA that does not match the join token; refusing to join");
+        return Err(ApiError::conflict(
+            "the manager sent a CA that does not match the join token; refusing to join",
+        ));
     }
     let identity = Identity {
         node: NodeFile {
@@ -522,7 +544,9 @@ async fn join(
 fn require_manager(m: &Member, state: &ClusterState) -> anyhow::Result<()> {
     match state.nodes.get(&m.id).map(|n| n.role) {
         Some(Role::Manager) => Ok(()),
-        _ => bail!("this node is not a swarm manager: run this command on a manager"),
+        _ => Err(ApiError::not_in_swarm(
+            "this node is not a swarm manager: run this command on a manager",
+        )),
     }
 }
 
@@ -530,13 +554,15 @@ async fn join_token(d: &Daemon, role: Role, rotate: bool) -> anyhow::Result<Repl
     let m = d.member().await?;
     require_manager(&m, &m.state.state())?;
     let key = m.manager_key().ok_or_else(|| {
-        anyhow!("this manager has not received the managers' key yet; try again in a moment")
+        ApiError::unavailable(
+            "this manager has not received the managers' key yet; try again in a moment",
+        )
     })?;
     if rotate {
         let fingerprint = m
             .state
             .read(|s| s.state.cluster.as_ref().map(|c| c.ca_fingerprint.clone()))
-            .ok_or_else(|| anyhow!(NOT_IN_SWARM))?;
+            .ok_or_else(|| ApiError::not_in_swarm(NOT_IN_SWARM))?;
         let token = JoinToken {
             ca_fingerprint: fingerprint,
             secret: pki::new_secret(),
@@ -552,7 +578,7 @@ async fn join_token(d: &Daemon, role: Role, rotate: bool) -> anyhow::Result<Repl
     let cluster = state
         .cluster
         .as_ref()
-        .ok_or_else(|| anyhow!(NOT_IN_SWARM))?;
+        .ok_or_else(|| ApiError::not_in_swarm(NOT_IN_SWARM))?;
     let sealed = match role {
         Role::Manager => &cluster.tokens.manager_sealed,
         Role::Worker => &cluster.tokens.worker_sealed,
@@ -589,25 +615,27 @@ fn check_quorum_after(
         .count();
     let needed = remaining.len() / 2 + 1;
     if reachable < needed {
-        bail!(
+        return Err(ApiError::conflict(format!(
             "{what} would break quorum: {reachable} of the {} remaining managers are reachable and {needed} are needed. Use --force to do it anyway",
             remaining.len()
-        );
+        )));
     }
     Ok(())
 }
 
 async fn leave(d: &Arc<Daemon>, force: bool) -> anyhow::Result<Reply> {
     let mut slot = d.member.lock().await;
-    let m = slot.clone().ok_or_else(|| anyhow!(NOT_IN_SWARM))?;
+    let m = slot
+        .clone()
+        .ok_or_else(|| ApiError::not_in_swarm(NOT_IN_SWARM))?;
     let state = m.state.state();
     let me = state.nodes.get(&m.id);
     let mut warnings = Vec::new();
     let is_manager = me.is_some_and(|n| n.role == Role::Manager);
     if is_manager && state.managers().count() == 1 && !force {
-        bail!(
-            "this node is the last manager of the swarm: leaving erases the swarm's state for good. Use --force to leave anyway"
-        );
+        return Err(ApiError::conflict(
+            "this node is the last manager of the swarm: leaving erases the swarm's state for good. Use --force to leave anyway",
+        ));
     }
     if is_manager && !force {
         check_quorum_after(&m, &state, m.id, "leaving")?;
@@ -755,18 +783,17 @@ async fn node_rm(d: &Daemon, reference: &str, force: bool) -> anyhow::Result<Rep
     let state = m.state.state();
     let node = state.resolve_node(reference)?;
     if node.role == Role::Manager {
-        bail!(
+        return Err(ApiError::conflict(format!(
             "node {} is a manager: demote it first (`shoal node demote {}`)",
-            node.hostname,
-            node.id
-        );
+            node.hostname, node.id
+        )));
     }
     if !force && m.status(node.id) != NodeStatus::Down {
-        bail!(
+        return Err(ApiError::conflict(format!(
             "node {} is {} (its daemon answers): run `shoal swarm leave` on it, or stop it, or use --force",
             node.hostname,
             m.status(node.id)
-        );
+        )));
     }
     m.propose(Command::RemoveNode(node.id)).await?;
     Reply::of(&NodeChange {

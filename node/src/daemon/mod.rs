@@ -10,6 +10,7 @@ pub mod executor;
 pub mod gateway;
 pub mod gossip;
 pub mod identity;
+pub mod kinds;
 pub mod liveness;
 pub mod member;
 pub mod membership;
@@ -135,7 +136,7 @@ async fn serve_client(daemon: Arc<Daemon>, stream: UnixStream) -> anyhow::Result
         .await?;
     let reply = match serde_json::from_str::<Request>(&line) {
         Ok(req) => commands::handle(&daemon, req).await,
-        Err(e) => Reply::err(format!("bad request: {e}")),
+        Err(e) => Reply::err(crate::api::ErrorKind::Invalid, format!("bad request: {e}")),
     };
     let mut out = serde_json::to_vec(&reply)?;
     out.push(b'\n');

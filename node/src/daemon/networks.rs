@@ -2,14 +2,14 @@
 //! refuses what Shoal does not carry out and what clashes with this node's
 //! routes, then lets the store's `apply` validate and allocate.
 
-use anyhow::{anyhow, bail};
+use anyhow::anyhow;
 use shoal_mesh::cidr::Ipv4Net;
 use shoal_mesh::network::{Driver, Network, NetworkSpec};
 use shoal_mesh::{ClusterState, Command};
 
 use super::agent::Daemon;
 use super::clock::now_ms;
-use crate::api::Reply;
+use crate::api::{ApiError, Reply};
 use crate::views::{Named, NetworkView};
 
 /// A network as `network ls` and `inspect` show it. Field names are stable.
@@ -41,7 +41,9 @@ pub fn view(n: &Network) -> NetworkView {
 
 fn resolve<'a>(state: &'a ClusterState, reference: &str) -> anyhow::Result<&'a Network> {
     state.resolve_network(reference).ok_or_else(|| {
-        anyhow!("no such network: `{reference}` (use `shoal network ls` to see the networks)")
+        ApiError::not_found(format!(
+            "no such network: `{reference}` (use `shoal network ls` to see the networks)"
+        ))
     })
 }
 
@@ -57,14 +59,16 @@ async fn check_driver(spec: &NetworkSpec) -> anyhow::Result<()> {
         return Ok(());
     }
     if let Err(e) = shoal_netdriver::linux::probe_driver(name).await {
-        bail!(
+        return Err(ApiError::invalid(format!(
             "the {name} driver is not available in this node's kernel ({config} is off or the module is missing): {e}; use -d overlay or -d bridge"
-        );
+        )));
     }
     if let Some(parent) = spec.options.get("parent")
         && !shoal_netdriver::linux::link_exists(parent).await
     {
-        bail!("parent interface `{parent}` does not exist on this node (-o parent=IFACE)");
+        return Err(ApiError::invalid(format!(
+            "parent interface `{parent}` does not exist on this node (-o parent=IFACE)"
+        )));
     }
     Ok(())
 }
@@ -105,10 +109,10 @@ fn in_pool(state: &shoal_mesh::state::ClusterState, routes: &[(Ipv4Net, String)]
 fn check_host_routes(spec: &NetworkSpec, routes: &[(Ipv4Net, String)]) -> anyhow::Result<()> {
     for want in &spec.subnets {
         if let Some((route, dev)) = routes.iter().find(|(r, _)| r.overlaps(&want.subnet)) {
-            bail!(
+            return Err(ApiError::conflict(format!(
                 "subnet {} overlaps this node's route {route} dev {dev}: choose another --subnet",
                 want.subnet
-            );
+            )));
         }
     }
     Ok(())

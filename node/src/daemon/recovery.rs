@@ -11,20 +11,26 @@ use serde_json::json;
 use shoal_mesh::{Command, Role};
 
 use super::agent::Daemon;
-use crate::api::Reply;
+use crate::api::{ApiError, Reply};
 
 /// Rebuilds a one-manager swarm from this manager's local state.
 pub async fn force_new_cluster(d: &Arc<Daemon>) -> anyhow::Result<Reply> {
     let mut slot = d.member.lock().await;
     let m = slot.clone().ok_or_else(|| {
-        anyhow!("--force-new-cluster needs this node's swarm state, and this node is not part of a swarm")
+        ApiError::not_in_swarm(
+            "--force-new-cluster needs this node's swarm state, and this node is not part of a swarm",
+        )
     })?;
     let state = m.state.state();
     if state.nodes.get(&m.id).map(|n| n.role) != Some(Role::Manager) {
-        bail!("--force-new-cluster must run on a manager; this node is a worker");
+        return Err(ApiError::not_in_swarm(
+            "--force-new-cluster must run on a manager; this node is a worker",
+        ));
     }
     if m.manager_key().is_none() {
-        bail!("this manager does not hold the managers' key, so it cannot run the swarm alone");
+        return Err(ApiError::conflict(
+            "this manager does not hold the managers' key, so it cannot run the swarm alone",
+        ));
     }
     // As saved: the certificate and the managers' key this member runs with.
     let identity = d

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{anyhow, bail};
+use anyhow::anyhow;
 use serde_json::json;
 use shoal_mesh::service::{
     Attachment, PortSpec, Protocol, PublishMode, Service, ServiceMode, ServiceSpec,
@@ -12,7 +12,7 @@ use shoal_mesh::{ClusterState, Command};
 
 use super::agent::Daemon;
 use super::clock::now_ms;
-use crate::api::{Reply, ServiceUpdate};
+use crate::api::{ApiError, Reply, ServiceUpdate};
 use crate::views::{
     AttachmentView, Named, RestartView, ServiceView, TaskLogView, TaskView, UpdateView,
 };
@@ -22,7 +22,9 @@ use crate::views::{
 fn resolve_attachment(state: &ClusterState, a: &Attachment) -> anyhow::Result<Attachment> {
     let name = &a.network;
     let net = state.resolve_network(name).ok_or_else(|| {
-        anyhow!("network `{name}` not found (create it with `shoal network create {name}`)")
+        ApiError::not_found(format!(
+            "network `{name}` not found (create it with `shoal network create {name}`)"
+        ))
     })?;
     Ok(Attachment {
         network: net.id.clone(),
@@ -41,10 +43,10 @@ fn check_ports_free(ports: &[PortSpec]) -> anyhow::Result<()> {
             Protocol::Udp => std::net::UdpSocket::bind(("0.0.0.0", port)).err(),
         };
         if taken.is_some_and(|e| e.kind() == std::io::ErrorKind::AddrInUse) {
-            bail!(
+            return Err(ApiError::conflict(format!(
                 "port {port}/{} is already in use on this node by another program: publish another port",
                 p.protocol.as_str()
-            );
+            )));
         }
     }
     Ok(())
@@ -60,10 +62,12 @@ fn updated_spec(
     if let Some(r) = u.replicas {
         match spec.mode {
             ServiceMode::Replicated(_) => spec.mode = ServiceMode::Replicated(r),
-            ServiceMode::Global => bail!(
-                "service `{}` is global: it runs one task per node, --replicas does not apply",
-                old.name
-            ),
+            ServiceMode::Global => {
+                return Err(ApiError::invalid(format!(
+                    "service `{}` is global: it runs one task per node, --replicas does not apply",
+                    old.name
+                )));
+            }
         }
     }
     for k in &u.env_rm {
@@ -85,22 +89,24 @@ fn updated_spec(
         spec.ports.retain(|p| !p.is_named_by(asked));
         if spec.ports.len() == before {
             let published = asked.published.map(|p| format!("{p}:")).unwrap_or_default();
-            bail!(
+            return Err(ApiError::not_found(format!(
                 "--publish-rm {published}{}/{}: the service publishes no such port",
                 asked.target,
                 asked.protocol.as_str()
-            );
+            )));
         }
     }
     spec.ports.extend(u.publish_add.iter().cloned());
     for n in &u.network_rm {
         let net = state
             .resolve_network(n)
-            .ok_or_else(|| anyhow!("network `{n}` not found"))?;
+            .ok_or_else(|| ApiError::not_found(format!("network `{n}` not found")))?;
         let before = spec.networks.len();
         spec.networks.retain(|a| a.network != net.id);
         if spec.networks.len() == before {
-            bail!("--network-rm `{n}`: the service is not attached to it");
+            return Err(ApiError::not_found(format!(
+                "--network-rm `{n}`: the service is not attached to it"
+            )));
         }
     }
     for a in &u.network_add {
@@ -117,9 +123,11 @@ fn updated_spec(
 }
 
 fn resolve<'a>(state: &'a ClusterState, reference: &str) -> anyhow::Result<&'a Service> {
-    state
-        .resolve_service(reference)
-        .ok_or_else(|| anyhow!("no such service: `{reference}` (use `shoal service ls`)"))
+    state.resolve_service(reference).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "no such service: `{reference}` (use `shoal service ls`)"
+        ))
+    })
 }
 
 fn desired(state: &ClusterState, s: &Service) -> u64 {
@@ -264,7 +272,9 @@ async fn wait_for_networks(m: &super::member::Member, networks: &[Attachment]) {
 pub async fn create(d: &Daemon, mut spec: ServiceSpec) -> anyhow::Result<Reply> {
     let m = d.member().await?;
     if spec.command.is_empty() {
-        bail!("a service needs a command: shoal service create --name NAME -- COMMAND [ARG...]");
+        return Err(ApiError::invalid(
+            "a service needs a command: shoal service create --name NAME -- COMMAND [ARG...]",
+        ));
     }
     wait_for_networks(&m, &spec.networks).await;
     let state = m.state.state();
@@ -344,13 +354,19 @@ fn resolve_task<'a>(state: &'a ClusterState, reference: &str) -> anyhow::Result<
             .filter(|t| t.id.starts_with(reference))
             .collect();
         if by_name.len() > 1 {
-            bail!("task ID prefix `{reference}` is ambiguous: give more of it");
+            return Err(ApiError::invalid(format!(
+                "task ID prefix `{reference}` is ambiguous: give more of it"
+            )));
         }
     }
     by_name
         .into_iter()
         .max_by_key(|t| (t.desired == DesiredState::Running, t.created_at_ms))
-        .ok_or_else(|| anyhow!("no such task: `{reference}` (use `shoal service ps SERVICE`)"))
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no such task: `{reference}` (use `shoal service ps SERVICE`)"
+            ))
+        })
 }
 
 /// `shoal exec`: the task's process on this node, for the CLI to enter its
@@ -362,7 +378,10 @@ pub async fn task_exec(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
     let t = resolve_task(&state, reference)?;
     let name = super::executor::task_name(&state, t);
     let Some(node) = t.node else {
-        bail!("task {name} is not placed on any node ({})", t.message);
+        return Err(ApiError::conflict(format!(
+            "task {name} is not placed on any node ({})",
+            t.message
+        )));
     };
     if node != m.id {
         let host = state
@@ -370,7 +389,9 @@ pub async fn task_exec(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
             .get(&node)
             .map(|n| n.hostname.clone())
             .unwrap_or_default();
-        bail!("task {name} runs on node {host} ({node}), not this one: run `shoal exec` there");
+        return Err(ApiError::conflict(format!(
+            "task {name} runs on node {host} ({node}), not this one: run `shoal exec` there"
+        )));
     }
     // The process this node's executor started decides: the store can
     // trail it by a moment (a task just started shows `Assigned` here until
@@ -387,9 +408,16 @@ pub async fn task_exec(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
             } else {
                 format!(": {}", t.message)
             };
-            bail!("task {name} is not running (it is {:?}{why})", t.state);
+            return Err(ApiError::conflict(format!(
+                "task {name} is not running (it is {:?}{why})",
+                t.state
+            )));
         }
-        _ => bail!("task {name}'s process is not running on this node"),
+        _ => {
+            return Err(ApiError::conflict(format!(
+                "task {name}'s process is not running on this node"
+            )));
+        }
     };
     let service = state.services.get(&t.service_id);
     let mut env: BTreeMap<String, String> = service.map(|s| s.spec.env.clone()).unwrap_or_default();
