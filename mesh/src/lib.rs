@@ -16,6 +16,7 @@ pub mod apply;
 pub mod cidr;
 pub mod codec;
 pub mod constraint;
+pub mod fixtures;
 pub mod ids;
 pub mod ipam;
 pub mod network;

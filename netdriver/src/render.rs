@@ -283,19 +283,19 @@ fn render_sandbox(k: &mut Kernel, plan: &NodePlan, names: &Names, sb: &SandboxPl
             (Driver::Overlay, _, Some(_)) => Some((VXLAN.to_owned(), net_ns.clone())),
             _ => None,
         };
+        // The task's end: its address and MAC, up.
+        let task_end = |kind| Link {
+            kind,
+            mtu: net.mtu,
+            mac: Some(ep.mac),
+            master: None,
+            addrs: BTreeSet::from([(ep.ip, ep.prefix)]),
+            up: true,
+            isolated: false,
+        };
         if let Some((parent, parent_ns)) = parent {
-            ns.links.insert(
-                eth,
-                Link {
-                    kind: LinkKind::Macvlan { parent, parent_ns },
-                    mtu: net.mtu,
-                    mac: Some(ep.mac),
-                    master: None,
-                    addrs: BTreeSet::from([(ep.ip, ep.prefix)]),
-                    up: true,
-                    isolated: false,
-                },
-            );
+            let link = task_end(LinkKind::Macvlan { parent, parent_ns });
+            ns.links.insert(eth, link);
             continue;
         }
         if net.driver != Driver::Bridge {
@@ -319,21 +319,11 @@ fn render_sandbox(k: &mut Kernel, plan: &NodePlan, names: &Names, sb: &SandboxPl
                 },
             );
         }
-        ns.links.insert(
-            eth,
-            Link {
-                kind: LinkKind::Veth {
-                    peer: port,
-                    peer_ns: net_ns,
-                },
-                mtu: net.mtu,
-                mac: Some(ep.mac),
-                master: None,
-                addrs: BTreeSet::from([(ep.ip, ep.prefix)]),
-                up: true,
-                isolated: false,
-            },
-        );
+        let link = task_end(LinkKind::Veth {
+            peer: port,
+            peer_ns: net_ns,
+        });
+        ns.links.insert(eth, link);
     }
     // East-west VIPs of the networks this task is on.
     for ep in &sb.endpoints {

@@ -11,8 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::BasicNode;
-use shoal_mesh::state::JoinSecrets;
-use shoal_mesh::{Availability, ClusterInfo, Command, Node, NodeId, Role};
+use shoal_mesh::{Availability, Command, Node, NodeId, Role};
 use shoal_raft::{Network, Raft, RaftRpc, RaftRpcReply, RaftTransport, TransportError};
 
 /// A node alone in its group never sends an RPC.
@@ -78,21 +77,7 @@ async fn main() -> anyhow::Result<()> {
         addr: "127.0.0.1:1".into(),
         joined_at_ms: 0,
     };
-    let cluster = ClusterInfo {
-        id: "bench".into(),
-        created_at_ms: 0,
-        ca_cert_der: vec![],
-        ca_fingerprint: String::new(),
-        tokens: JoinSecrets {
-            worker_hash: String::new(),
-            manager_hash: String::new(),
-            worker_sealed: vec![],
-            manager_sealed: vec![],
-        },
-        sealed_ca_key: vec![],
-        default_addr_pool: vec!["10.0.0.0/8".parse()?],
-        default_pool_mask: 24,
-    };
+    let cluster = shoal_mesh::fixtures::cluster_info("bench");
     raft.client_write(Command::Init {
         cluster,
         first,

@@ -53,8 +53,7 @@ impl MemoryStore {
 
 #[cfg(test)]
 mod tests {
-    use shoal_mesh::state::JoinSecrets;
-    use shoal_mesh::{Availability, ClusterInfo, Node, NodeId, Role};
+    use shoal_mesh::fixtures::{cluster_info, node};
 
     use super::*;
 
@@ -68,30 +67,8 @@ mod tests {
         assert_eq!(refused, Err(ApplyError::NotInitialized));
         assert!(!changes.has_changed().unwrap());
         let init = Command::Init {
-            cluster: ClusterInfo {
-                id: "c".into(),
-                created_at_ms: 0,
-                ca_cert_der: vec![],
-                ca_fingerprint: String::new(),
-                tokens: JoinSecrets {
-                    worker_hash: String::new(),
-                    manager_hash: String::new(),
-                    worker_sealed: vec![],
-                    manager_sealed: vec![],
-                },
-                sealed_ca_key: vec![],
-                default_addr_pool: vec!["10.0.0.0/8".parse().unwrap()],
-                default_pool_mask: 24,
-            },
-            first: Node {
-                id: NodeId(1),
-                hostname: "h1".into(),
-                role: Role::Manager,
-                availability: Availability::Active,
-                labels: Default::default(),
-                addr: "192.0.2.1:2377".into(),
-                joined_at_ms: 0,
-            },
+            cluster: cluster_info("c"),
+            first: node(1),
             ingress_id: "ing".into(),
         };
         assert_eq!(store.apply(&init), Ok(Outcome::Done));

@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::sync::Mutex;
 
+use shoal_mesh::Command;
+use shoal_mesh::fixtures::{cluster_info, node};
 use shoal_mesh::network::{Driver as NetDriver, NetworkSpec};
 use shoal_mesh::service::{Attachment, EndpointMode, ServiceMode, ServiceSpec};
-use shoal_mesh::state::JoinSecrets;
 use shoal_mesh::task::TaskState;
-use shoal_mesh::{Availability, ClusterInfo, Command, Node, Role};
 use shoal_netdriver::model::Kernel;
 use shoal_netdriver::recording::Recording;
 use shoal_raft::MemoryStore;
@@ -19,41 +19,11 @@ use super::*;
 const ME: NodeId = NodeId(1);
 const OTHER: NodeId = NodeId(2);
 
-fn node(id: NodeId) -> Node {
-    Node {
-        id,
-        hostname: format!("h{}", id.0),
-        role: if id == ME {
-            Role::Manager
-        } else {
-            Role::Worker
-        },
-        availability: Availability::Active,
-        labels: BTreeMap::new(),
-        addr: format!("192.0.2.{}:2377", id.0),
-        joined_at_ms: 0,
-    }
-}
-
 /// Two nodes, an overlay `web`, a service on it, task `t1` here and `t2`
 /// on the other node, both running.
 fn store() -> MemoryStore {
     let store = MemoryStore::new(ClusterState::default());
-    let cluster = ClusterInfo {
-        id: "c".into(),
-        created_at_ms: 0,
-        ca_cert_der: vec![],
-        ca_fingerprint: String::new(),
-        tokens: JoinSecrets {
-            worker_hash: String::new(),
-            manager_hash: String::new(),
-            worker_sealed: vec![],
-            manager_sealed: vec![],
-        },
-        sealed_ca_key: vec![],
-        default_addr_pool: vec!["10.0.0.0/8".parse().unwrap()],
-        default_pool_mask: 24,
-    };
+    let cluster = cluster_info("c");
     let spec = ServiceSpec {
         name: "api".into(),
         mode: ServiceMode::Replicated(2),
@@ -73,10 +43,10 @@ fn store() -> MemoryStore {
     let mut cmds = vec![
         Command::Init {
             cluster,
-            first: node(ME),
+            first: node(ME.0),
             ingress_id: "ing".into(),
         },
-        Command::AddNode(node(OTHER)),
+        Command::AddNode(node(OTHER.0)),
         Command::CreateNetwork {
             id: "web".into(),
             spec: NetworkSpec::new("web", NetDriver::Overlay),
@@ -199,7 +169,8 @@ async fn a_node_programs_its_tasks_publishes_them_and_follows_gossip() {
     assert!(
         web.fdb
             .iter()
-            .any(|f| f.dst == Ipv4Addr::new(192, 0, 2, 2) && f.mac == shoal_mesh::plan::mac_for(t2))
+            .any(|f| f.dst == Ipv4Addr::new(192, 168, 0, 2)
+                && f.mac == shoal_mesh::plan::mac_for(t2))
     );
     let vip = store.handle().state().services["svc"].vips["web"];
     let lb = &k.namespaces[&names.task("t1")].lb;
@@ -220,7 +191,7 @@ async fn a_node_programs_its_tasks_publishes_them_and_follows_gossip() {
         service_name: Some("api".into()),
         aliases: vec![],
         owner: OTHER,
-        vtep: Ipv4Addr::new(192, 0, 2, 2).into(),
+        vtep: Ipv4Addr::new(192, 168, 0, 2).into(),
     };
     seen.lock()
         .unwrap()

@@ -157,25 +157,11 @@ async fn take(raft: &Raft, step: MembershipStep) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_mesh::{Availability, ClusterInfo, Node, NodeId, Role, state::JoinSecrets};
+    use shoal_mesh::{Availability, Node, NodeId, Role};
 
     fn state(nodes: &[(u64, Role)]) -> ClusterState {
         let mut s = ClusterState {
-            cluster: Some(ClusterInfo {
-                id: "c".into(),
-                created_at_ms: 0,
-                ca_cert_der: vec![],
-                ca_fingerprint: String::new(),
-                tokens: JoinSecrets {
-                    worker_hash: String::new(),
-                    manager_hash: String::new(),
-                    worker_sealed: vec![],
-                    manager_sealed: vec![],
-                },
-                sealed_ca_key: vec![],
-                default_addr_pool: vec![],
-                default_pool_mask: 24,
-            }),
+            cluster: Some(shoal_mesh::fixtures::cluster_info("c")),
             ..Default::default()
         };
         for (id, role) in nodes {

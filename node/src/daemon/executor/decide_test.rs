@@ -38,6 +38,21 @@ fn running() -> Supervision {
     }
 }
 
+/// `acts` is one report: `task` failed, saying `why`.
+fn assert_failed(acts: &[ExecAction], task: &str, why: &str) {
+    match acts {
+        [
+            ExecAction::Report {
+                task: t,
+                state: TaskState::Failed,
+                message,
+                ..
+            },
+        ] if t == task => assert!(message.contains(why), "{message}"),
+        other => panic!("expected {task} to fail ({why}): {other:?}"),
+    }
+}
+
 fn no_dataplane() -> SandboxView {
     SandboxView::default()
 }
@@ -79,23 +94,7 @@ fn a_task_waits_for_its_sandbox_then_fails_naming_why() {
         &view,
         t0 + SANDBOX_WAIT + Duration::from_secs(1),
     );
-    match acts.as_slice() {
-        [
-            ExecAction::Report {
-                task,
-                state,
-                message,
-                ..
-            },
-        ] => {
-            assert_eq!((task.as_str(), *state), ("a", TaskState::Failed));
-            assert!(
-                message.contains("not ready within 30 s: nft: permission denied"),
-                "{message}"
-            );
-        }
-        other => panic!("{other:?}"),
-    }
+    assert_failed(&acts, "a", "not ready within 30 s: nft: permission denied");
     // Ready before the deadline: it starts.
     let mut d = Decider::default();
     assert!(d.decide(&s, ME, &none, &view, t0).is_empty());
@@ -225,18 +224,5 @@ fn a_task_the_store_shows_running_without_a_process_here_failed() {
         TaskState::Running,
     )]);
     let acts = Decider::default().decide(&s, ME, &BTreeMap::new(), &no_dataplane(), Instant::now());
-    match acts.as_slice() {
-        [
-            ExecAction::Report {
-                task,
-                state,
-                message,
-                ..
-            },
-        ] => {
-            assert_eq!((task.as_str(), *state), ("a", TaskState::Failed));
-            assert!(message.contains("process was gone"), "{message}");
-        }
-        other => panic!("{other:?}"),
-    }
+    assert_failed(&acts, "a", "process was gone");
 }
