@@ -29,6 +29,26 @@ pub struct EndpointRecord {
     pub vtep: IpAddr,
 }
 
+/// What a record of the `endpoints` table stands for, which names its key:
+/// a task's endpoint (key: the task ID) or a node's own address on the
+/// routing mesh (key: `node-<node ID>`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum EndpointKey {
+    /// A task's endpoint.
+    Task(String),
+    /// A node's routing-mesh address.
+    Node(NodeId),
+}
+
+impl std::fmt::Display for EndpointKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EndpointKey::Task(id) => f.write_str(id),
+            EndpointKey::Node(n) => write!(f, "node-{n}"),
+        }
+    }
+}
+
 /// A node's tunnel endpoint on a network (`vteps` table; key: node ID).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct VtepRecord {
@@ -48,4 +68,17 @@ pub enum TableValue {
     Vtep(VtepRecord),
     /// The networks a node is attached to (the cluster-wide `networks` table).
     Networks(Vec<String>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_keys_name_tasks_by_id_and_nodes_apart() {
+        assert_eq!(EndpointKey::Task("t1".into()).to_string(), "t1");
+        let node = EndpointKey::Node(NodeId(0xab)).to_string();
+        assert_eq!(node, format!("node-{}", NodeId(0xab)));
+        assert_ne!(node, NodeId(0xab).to_string(), "never a task ID's form");
+    }
 }

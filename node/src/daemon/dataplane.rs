@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use shoal_gossip::MemberState;
 use shoal_mesh::ClusterState;
 use shoal_mesh::ids::NodeId;
-use shoal_mesh::observed::{EndpointRecord, TableValue};
+use shoal_mesh::observed::{EndpointKey, EndpointRecord, TableValue};
 use shoal_mesh::plan::{NodePlan, PlanInput, awaited_endpoints, mac_text, plan};
 use shoal_mesh::service::Protocol;
 use shoal_netdriver::dns::{self, Records};
@@ -105,10 +105,13 @@ impl ListenGate {
         self.waiting.retain(|t, _| !self.open.contains(t));
     }
 
-    /// Whether the endpoint record under `key` (a task ID, or `node-…`
-    /// for this node's routing-mesh address) may be published.
-    fn lets_through(&self, key: &str) -> bool {
-        key.starts_with("node-") || self.open.contains(key)
+    /// Whether the endpoint record under `key` may be published: a node's
+    /// own routing-mesh address always, a task's once let through.
+    fn lets_through(&self, key: &EndpointKey) -> bool {
+        match key {
+            EndpointKey::Node(_) => true,
+            EndpointKey::Task(id) => self.open.contains(id),
+        }
     }
 
     /// Whether a task still waits (the loop then looks again sooner).
@@ -131,7 +134,7 @@ fn local_records(
     me: NodeId,
     plan: &NodePlan,
     vtep: Ipv4Addr,
-) -> BTreeMap<(String, String), EndpointRecord> {
+) -> BTreeMap<(String, EndpointKey), EndpointRecord> {
     let mut out = BTreeMap::new();
     for sb in plan.sandboxes.values() {
         let task = state.tasks.get(&sb.task);
@@ -142,7 +145,7 @@ fn local_records(
                 .map(|a| a.aliases.clone())
                 .unwrap_or_default();
             out.insert(
-                (ep.network.clone(), sb.task.clone()),
+                (ep.network.clone(), EndpointKey::Task(sb.task.clone())),
                 EndpointRecord {
                     ip: IpAddr::V4(ep.ip),
                     mac: mac_text(&ep.mac),
@@ -165,7 +168,7 @@ fn local_records(
             .map(|n| n.hostname.clone())
             .unwrap_or_default();
         out.insert(
-            (ig.network.clone(), format!("node-{me}")),
+            (ig.network.clone(), EndpointKey::Node(me)),
             EndpointRecord {
                 ip: IpAddr::V4(ig.addr),
                 mac: mac_text(&shoal_mesh::plan::mac_for(ig.addr)),
@@ -238,7 +241,7 @@ struct Driver<B> {
     last: Option<NodePlan>,
     last_full: Instant,
     /// This node's records in gossip, and the networks it is attached to.
-    published: BTreeMap<(String, String), EndpointRecord>,
+    published: BTreeMap<(String, EndpointKey), EndpointRecord>,
     joined: BTreeSet<String>,
     mtu: Option<u32>,
     upstreams: Arc<Vec<SocketAddr>>,
@@ -334,7 +337,10 @@ impl<B: Backend + Send> Driver<B> {
         self.gate.open = self
             .published
             .keys()
-            .map(|(_, task)| task.clone())
+            .filter_map(|(_, key)| match key {
+                EndpointKey::Task(id) => Some(id.clone()),
+                EndpointKey::Node(_) => None,
+            })
             .collect();
     }
 
@@ -632,15 +638,15 @@ pub fn debug_dns(
 /// only what differs from what it `published` before.
 async fn publish(
     gossip: &GossipHandle,
-    wanted: BTreeMap<(String, String), EndpointRecord>,
-    published: &mut BTreeMap<(String, String), EndpointRecord>,
+    wanted: BTreeMap<(String, EndpointKey), EndpointRecord>,
+    published: &mut BTreeMap<(String, EndpointKey), EndpointRecord>,
 ) {
     for ((net, key), _) in published.iter().filter(|(k, _)| !wanted.contains_key(*k)) {
         let _ = gossip
             .ask(|reply| GossipCmd::Delete {
                 network: net.clone(),
                 table: ENDPOINTS.into(),
-                key: key.clone(),
+                key: key.to_string(),
                 reply,
             })
             .await;
@@ -653,7 +659,7 @@ async fn publish(
             .ask(|reply| GossipCmd::Put {
                 network: net.clone(),
                 table: ENDPOINTS.into(),
-                key: key.clone(),
+                key: key.to_string(),
                 value: TableValue::Endpoint(rec.clone()),
                 reply,
             })
@@ -689,8 +695,9 @@ impl<B: Backend + Send> Driver<B> {
                     endpoints: &endpoints,
                 });
                 let mut own = local_records(&state, me, &p, vtep);
-                own.retain(|(_, key), _| {
-                    key.starts_with("node-") || existing.contains(&self.names.task(key))
+                own.retain(|(_, key), _| match key {
+                    EndpointKey::Node(_) => true,
+                    EndpointKey::Task(id) => existing.contains(&self.names.task(id)),
                 });
                 for ((net, _), rec) in &own {
                     endpoints.entry(net.clone()).or_default().push(rec.clone());
