@@ -740,6 +740,30 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+
+    /// Checks that `check` holds, again and again, for all of `window`:
+    /// for what must *not* happen (a task replaced, a name answered too
+    /// early), where there is no event to wait for. Fails at the first
+    /// check that does not hold, saying when.
+    pub fn holds_for(
+        &self,
+        what: &str,
+        window: Duration,
+        mut check: impl FnMut(&Cluster) -> anyhow::Result<bool>,
+    ) -> anyhow::Result<()> {
+        let start = Instant::now();
+        loop {
+            match check(self) {
+                Ok(true) => {}
+                Ok(false) => bail!("{what} stopped holding after {:?}", start.elapsed()),
+                Err(e) => bail!("{what}: cannot tell after {:?}: {e:#}", start.elapsed()),
+            }
+            if start.elapsed() >= window {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 /// Kills, with their process groups, the processes whose command line

@@ -262,8 +262,11 @@ fn services_survive_scaling_draining_node_loss_leader_loss_and_restarts() {
         Ok(c.leader(0)?.is_some() && converged(c, &three)?)
     })
     .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(check(&c, 0), before);
+    // The same tasks, addresses and VIPs as before the restart.
+    c.wait_until("the swarm's state as before the restart", CONVERGE, |c| {
+        Ok(check(c, 0) == before)
+    })
+    .unwrap();
 
     // A global service: one task per node, and one on a node that joins later.
     c.shoal_ok(

@@ -641,7 +641,26 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
         .unwrap()
         .stdout
     };
-    std::thread::sleep(Duration::from_secs(2));
+    // Every host has `late`'s load balancer, its sandbox programmed, and
+    // no backend in it, nor a DNS answer, while it does not listen.
+    let late_lb = |c: &Cluster, host: usize| {
+        let dp = debug_dataplane(c, host);
+        dp["networks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|n| n["load_balancers"].as_array().into_iter().flatten())
+            .find(|l| l["service"] == "late")
+            .cloned()
+    };
+    let late_host = host_of(&c, &running(&c, 0, "late")[0]);
+    c.wait_until("`late`'s sandbox and load balancers", CONVERGE, |c| {
+        let dp = debug_dataplane(c, late_host);
+        let sandboxes = dp["sandboxes"].as_array().cloned().unwrap_or_default();
+        let programmed = sandboxes.iter().any(|sb| sb["task"] == "late.1");
+        Ok(programmed && (0..3).all(|h| late_lb(c, h).is_some()))
+    })
+    .unwrap();
     let v = dns_late(&c);
     assert!(
         v.contains("no address right now"),
@@ -656,14 +675,7 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
     assert!(!r.stdout.contains(&deaf_ip), "{}", r.stdout);
     // No host's load balancers have it, its own host's included.
     for host in 0..3 {
-        let dp = debug_dataplane(&c, host);
-        let lb = dp["networks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|n| n["load_balancers"].as_array().unwrap().iter())
-            .find(|l| l["service"] == "late")
-            .unwrap_or_else(|| panic!("no load balancer for `late`: {dp}"));
+        let lb = late_lb(&c, host).unwrap();
         assert_eq!(lb["backends"], serde_json::json!([]), "host {host}: {lb}");
     }
     std::fs::write(&go, b"").unwrap();
@@ -922,8 +934,10 @@ fn a_daemon_restart_keeps_traffic_flowing_and_adopts_its_kernel_state() {
     let before = kernel_objects(&c, 1);
     assert!(!before.is_empty());
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let made = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let load = {
         let done = done.clone();
+        let made = made.clone();
         let socket = c.hosts[0].socket.clone();
         let name = client["name"].as_str().unwrap().to_owned();
         let url = format!("http://{far_ip}/");
@@ -943,14 +957,28 @@ fn a_daemon_restart_keeps_traffic_flowing_and_adopts_its_kernel_state() {
                     failed.push(String::from_utf8_lossy(&r.stderr).into_owned());
                 }
                 sent += 1;
+                made.store(sent, std::sync::atomic::Ordering::Relaxed);
             }
             (sent, failed)
         })
     };
-    std::thread::sleep(Duration::from_secs(1));
+    let made_so_far = || made.load(std::sync::atomic::Ordering::Relaxed);
+    c.wait_until("requests under way", CONVERGE, |_| Ok(made_so_far() >= 2))
+        .unwrap();
     c.stop(1);
     c.start_daemon(1).unwrap();
-    std::thread::sleep(Duration::from_secs(3));
+    // Requests go on until the restarted daemon has warmed up and
+    // programmed (adopted) its kernel state, and a few more after.
+    c.wait_until("host 2's restarted data plane", CONVERGE, |c| {
+        let info = c.shoal_ok(1, &["info", "--format", "json"])?.json()?;
+        Ok(info["dataplane"] == "programmed")
+    })
+    .unwrap();
+    let then = made_so_far();
+    c.wait_until("requests after the restart", CONVERGE, |_| {
+        Ok(made_so_far() >= then + 3)
+    })
+    .unwrap();
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     let (sent, failed) = load.join().unwrap();
     assert!(sent > 5, "only {sent} requests made");
@@ -959,10 +987,14 @@ fn a_daemon_restart_keeps_traffic_flowing_and_adopts_its_kernel_state() {
         "{} of {sent} requests failed: {failed:?}",
         failed.len()
     );
-    // After a while, host 2's kernel state is what it was: adopted, not
-    // rebuilt or duplicated.
-    std::thread::sleep(Duration::from_secs(6));
-    assert_eq!(kernel_objects(&c, 1), before);
+    // Host 2's kernel state is what it was, and stays so: adopted, not
+    // rebuilt or duplicated (over a full reconcile, every 5 s).
+    c.holds_for(
+        "host 2's kernel state as before",
+        Duration::from_secs(6),
+        |c| Ok(kernel_objects(c, 1) == before),
+    )
+    .unwrap();
     let log = c.log(1);
     let after_restart = log.rsplit("shoal daemon ready").next().unwrap_or_default();
     assert!(

@@ -141,14 +141,18 @@ fn tasks_outlive_a_daemon_restart_and_are_readopted() {
         } else {
             c.kill(0);
         }
-        std::thread::sleep(Duration::from_millis(500));
-        assert!(alive(pid), "the task died with its daemon ({how})");
+        c.holds_for(
+            &format!("the task alive with its daemon gone ({how})"),
+            Duration::from_millis(500),
+            |_| Ok(alive(pid)),
+        )
+        .unwrap();
+        let adopted = c.log(0).matches("re-adopted a running task").count();
         c.start_daemon(0).unwrap();
-        c.wait_until("the daemon to answer", CONVERGE, |c| {
-            Ok(c.shoal(0, &["service", "ps", "keep"]).ok())
+        c.wait_until("the restarted daemon to re-adopt the task", CONVERGE, |c| {
+            Ok(c.log(0).matches("re-adopted a running task").count() > adopted)
         })
         .unwrap();
-        std::thread::sleep(Duration::from_secs(2));
         let now = running(&c, 0, "keep");
         assert_eq!(now.len(), 1, "{now:?}");
         assert_eq!(
@@ -167,7 +171,8 @@ fn tasks_outlive_a_daemon_restart_and_are_readopted() {
     let _ = std::process::Command::new("kill")
         .args(["-9", &pid.to_string()])
         .status();
-    std::thread::sleep(Duration::from_millis(300));
+    c.wait_until("the task to be dead", CONVERGE, |_| Ok(!alive(pid)))
+        .unwrap();
     c.start_daemon(0).unwrap();
     c.wait_until("the dead task to be reported and replaced", CONVERGE, |c| {
         let all = tasks(c, 0, "keep");
@@ -219,7 +224,10 @@ fn restart_policies_decide_whether_ended_tasks_come_back() {
     })
     .unwrap();
     // Given time to restart more, none of them does.
-    std::thread::sleep(Duration::from_secs(2));
+    c.holds_for("three attempts of flaky", Duration::from_secs(2), |c| {
+        Ok(tasks(c, 0, "flaky").len() == 3)
+    })
+    .unwrap();
     let flaky = tasks(&c, 0, "flaky");
     assert_eq!(flaky.len(), 3, "1 run + 2 restarts: {flaky:?}");
     for t in &flaky {

@@ -58,51 +58,84 @@ struct ListenGate {
 }
 
 impl ListenGate {
-    /// Checks the tasks of `plan` not let through yet.
-    async fn update(&mut self, state: &ClusterState, names: &Names, plan: &NodePlan) {
-        self.waiting.retain(|t, _| plan.sandboxes.contains_key(t));
-        self.open.retain(|t| plan.sandboxes.contains_key(t));
-        let closed: Vec<&String> = plan
-            .sandboxes
+    /// The tasks of `plan` still held, with the ports (protocol, target)
+    /// their service publishes: whose namespaces the driver reads.
+    fn held(
+        &self,
+        state: &ClusterState,
+        plan: &NodePlan,
+    ) -> BTreeMap<String, Vec<(Protocol, u16)>> {
+        plan.sandboxes
             .keys()
             .filter(|t| !self.open.contains(*t))
-            .collect();
-        for id in closed {
-            let ports: Vec<(Protocol, u16)> = state
-                .tasks
-                .get(id)
-                .and_then(|t| state.services.get(&t.service_id))
-                .map(|s| s.ports.iter().map(|p| (p.protocol, p.target)).collect())
-                .unwrap_or_default();
-            if ports.is_empty() {
-                self.open.insert(id.clone());
-                continue;
-            }
-            let since = *self.waiting.entry(id.clone()).or_insert_with(Instant::now);
-            let path = std::path::Path::new(NETNS_DIR).join(names.task(id));
-            let heard =
-                tokio::task::spawn_blocking(move || shoal_netdriver::listeners::in_namespace(path))
-                    .await
-                    .ok()
-                    .and_then(Result::ok);
-            let listens = heard.is_some_and(|l| {
+            .map(|id| {
+                let ports = state
+                    .tasks
+                    .get(id)
+                    .and_then(|t| state.services.get(&t.service_id))
+                    .map(|s| s.ports.iter().map(|p| (p.protocol, p.target)).collect())
+                    .unwrap_or_default();
+                (id.clone(), ports)
+            })
+            .collect()
+    }
+
+    /// Lets through, of the `held` tasks (see [`Self::held`]), those whose
+    /// service publishes no port, those that listen on every target port
+    /// (`heard`: what each task's namespace listens on, where read), and
+    /// those held for [`LISTEN_WAIT_MAX`] since first seen; forgets tasks
+    /// no longer in `plan`. Pure: `now` comes in. Returns the tasks let
+    /// through without listening.
+    fn decide(
+        &mut self,
+        plan: &NodePlan,
+        held: &BTreeMap<String, Vec<(Protocol, u16)>>,
+        heard: &BTreeMap<String, shoal_netdriver::listeners::Listeners>,
+        now: Instant,
+    ) -> Vec<String> {
+        self.waiting.retain(|t, _| plan.sandboxes.contains_key(t));
+        self.open.retain(|t| plan.sandboxes.contains_key(t));
+        let mut late = Vec::new();
+        for (id, ports) in held {
+            let since = *self.waiting.entry(id.clone()).or_insert(now);
+            let listens = heard.get(id).is_some_and(|l| {
                 ports.iter().all(|(proto, port)| match proto {
                     Protocol::Tcp => l.tcp.contains(port),
                     Protocol::Udp => l.udp.contains(port),
                 })
             });
-            if listens {
+            if ports.is_empty() || listens {
                 self.open.insert(id.clone());
-            } else if since.elapsed() > LISTEN_WAIT_MAX {
-                tracing::warn!(
-                    task = %id,
-                    ?ports,
-                    "the task does not listen on its service's target ports; adding it to the load balancers anyway"
-                );
+            } else if now.saturating_duration_since(since) > LISTEN_WAIT_MAX {
+                late.push(id.clone());
                 self.open.insert(id.clone());
             }
         }
         self.waiting.retain(|t, _| !self.open.contains(t));
+        late
+    }
+
+    /// Reads the listeners of the held tasks that publish ports, then
+    /// decides.
+    async fn update(&mut self, state: &ClusterState, names: &Names, plan: &NodePlan) {
+        let held = self.held(state, plan);
+        let mut heard = BTreeMap::new();
+        for (id, ports) in held.iter().filter(|(_, p)| !p.is_empty()) {
+            let path = std::path::Path::new(NETNS_DIR).join(names.task(id));
+            let read =
+                tokio::task::spawn_blocking(move || shoal_netdriver::listeners::in_namespace(path));
+            match read.await {
+                Ok(Ok(l)) => drop(heard.insert(id.clone(), l)),
+                _ => tracing::debug!(task = %id, ?ports, "listeners not read"),
+            }
+        }
+        for id in self.decide(plan, &held, &heard, Instant::now()) {
+            tracing::warn!(
+                task = %id,
+                ports = ?held.get(&id),
+                "the task does not listen on its service's target ports; adding it to the load balancers anyway"
+            );
+        }
     }
 
     /// Whether the endpoint record under `key` may be published: a node's

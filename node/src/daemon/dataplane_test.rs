@@ -250,3 +250,78 @@ async fn an_unchanged_plan_is_not_programmed_again() {
         "nothing changed, nothing applied"
     );
 }
+
+fn plan_of(tasks: &[&str]) -> NodePlan {
+    let mut p = NodePlan::default();
+    for t in tasks {
+        p.sandboxes.insert(
+            (*t).to_owned(),
+            shoal_mesh::plan::SandboxPlan {
+                task: (*t).to_owned(),
+                name: format!("{t}.1"),
+                endpoints: vec![],
+                dns: BTreeMap::new(),
+                egress: true,
+            },
+        );
+    }
+    p
+}
+
+#[test]
+fn the_listen_gate_lets_a_task_through_once_it_listens_or_has_waited_long_enough() {
+    use shoal_netdriver::listeners::Listeners;
+    let mut gate = ListenGate::default();
+    let plan = plan_of(&["quiet", "web", "dns", "deaf"]);
+    let held = BTreeMap::from([
+        ("quiet".to_owned(), vec![]),
+        ("web".to_owned(), vec![(Protocol::Tcp, 80)]),
+        (
+            "dns".to_owned(),
+            vec![(Protocol::Udp, 53), (Protocol::Tcp, 53)],
+        ),
+        ("deaf".to_owned(), vec![(Protocol::Tcp, 80)]),
+    ]);
+    let listens = |tcp: &[u16], udp: &[u16]| Listeners {
+        tcp: tcp.iter().copied().collect(),
+        udp: udp.iter().copied().collect(),
+    };
+    let t0 = Instant::now();
+    // web listens on a port of its own choosing, dns on UDP only.
+    let heard = BTreeMap::from([
+        ("web".to_owned(), listens(&[8080], &[])),
+        ("dns".to_owned(), listens(&[], &[53])),
+    ]);
+    assert!(gate.decide(&plan, &held, &heard, t0).is_empty());
+    let key = |t: &str| EndpointKey::Task(t.into());
+    assert!(gate.lets_through(&key("quiet")), "no port: at once");
+    assert!(!gate.lets_through(&key("web")) && !gate.lets_through(&key("dns")));
+    assert!(
+        gate.lets_through(&EndpointKey::Node(ME)),
+        "a node's mesh address always"
+    );
+    assert!(gate.pending());
+    // web now listens on 80, dns on both: through; deaf still not.
+    let heard = BTreeMap::from([
+        ("web".to_owned(), listens(&[80], &[])),
+        ("dns".to_owned(), listens(&[53], &[53])),
+    ]);
+    let later = t0 + Duration::from_secs(1);
+    assert!(gate.decide(&plan, &held, &heard, later).is_empty());
+    assert!(gate.lets_through(&key("web")) && gate.lets_through(&key("dns")));
+    assert!(!gate.lets_through(&key("deaf")));
+    // deaf, held past the limit (counted from when first seen): through,
+    // and named as let through without listening.
+    let limit = t0 + LISTEN_WAIT_MAX + Duration::from_millis(1);
+    let late = gate.decide(&plan, &held, &BTreeMap::new(), limit);
+    assert_eq!(late, vec!["deaf".to_owned()]);
+    assert!(gate.lets_through(&key("deaf")) && !gate.pending());
+    // A task that leaves the plan is forgotten: back, it waits again.
+    gate.decide(
+        &plan_of(&["quiet"]),
+        &BTreeMap::new(),
+        &BTreeMap::new(),
+        limit,
+    );
+    assert!(!gate.lets_through(&key("web")));
+}
