@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use shoal_mesh::{Availability, Command, Node, NodeId, Role, codec};
+use shoal_mesh::{Availability, ClusterState, Command, Node, NodeId, Role, codec};
 use shoal_raft::{Raft, RaftRpc, StateHandle, serve_rpc};
 
 use super::clock::now_ms;
@@ -57,18 +57,23 @@ impl Handler for PeerHandler {
     }
 }
 
-/// Whether `peer` may talk to us: a node of the store. A node whose store
-/// is still empty (it is joining) accepts Raft traffic from anyone the CA
-/// signed, since that is how it receives the store.
-fn admitted(m: &PeerHandler, peer: Option<NodeId>, allow_while_empty: bool) -> bool {
+/// Whether `peer` (from its certificate; none without one) may talk to
+/// us: a node of the store. A node whose store is still empty (it is
+/// joining) accepts Raft traffic (`allow_while_empty`) from anyone the CA
+/// signed, since that is how it receives the store. Pure.
+fn admitted(state: &ClusterState, peer: Option<NodeId>, allow_while_empty: bool) -> bool {
     let Some(peer) = peer else { return false };
-    m.state.read(|d| {
-        (allow_while_empty && d.state.cluster.is_none()) || d.state.nodes.contains_key(&peer)
-    })
+    (allow_while_empty && state.cluster.is_none()) || state.nodes.contains_key(&peer)
+}
+
+/// Whether `peer` is a manager in the store (it may have the managers' key).
+fn is_manager(state: &ClusterState, peer: Option<NodeId>) -> bool {
+    peer.and_then(|p| state.nodes.get(&p))
+        .is_some_and(|n| n.role == Role::Manager)
 }
 
 async fn raft_call(m: &PeerHandler, call: Incoming) -> Vec<u8> {
-    if !admitted(m, call.peer, true) {
+    if !m.state.read(|d| admitted(&d.state, call.peer, true)) {
         tracing::warn!(peer = ?call.peer, remote = %call.remote, "raft call from a node not in the store refused");
         return Vec::new();
     }
@@ -82,7 +87,7 @@ async fn raft_call(m: &PeerHandler, call: Incoming) -> Vec<u8> {
 }
 
 async fn ctl_call(m: &PeerHandler, call: Incoming) -> CtlReply {
-    if !admitted(m, call.peer, false) {
+    if !m.state.read(|d| admitted(&d.state, call.peer, false)) {
         return CtlReply::Refused("this node does not know you: not a member of its swarm".into());
     }
     let req = match codec::decode::<CtlRequest>(&call.request, MAX_MESSAGE) {
@@ -108,15 +113,8 @@ async fn ctl_call(m: &PeerHandler, call: Incoming) -> CtlReply {
             }
         }
         CtlRequest::ManagerKey => {
-            let is_manager = call.peer.is_some_and(|p| {
-                m.state.read(|d| {
-                    d.state
-                        .nodes
-                        .get(&p)
-                        .is_some_and(|n| n.role == Role::Manager)
-                })
-            });
-            match (is_manager, m.keys.get()) {
+            let manager = m.state.read(|d| is_manager(&d.state, call.peer));
+            match (manager, m.keys.get()) {
                 (true, Some(k)) => CtlReply::ManagerKey(k),
                 (false, _) => CtlReply::Refused("only managers receive the managers' key".into()),
                 (true, None) => {
@@ -193,4 +191,29 @@ async fn admit(m: &PeerHandler, call: Incoming) -> Result<JoinAccepted, String> 
         ca_der: cluster.ca_cert_der.clone(),
         manager_key: (role == Role::Manager).then_some(manager_key),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_mesh::fixtures::{cluster_info, node};
+
+    #[test]
+    fn only_nodes_of_the_store_are_heard_and_only_managers_get_the_key() {
+        let mut state = ClusterState::default();
+        // Joining (empty store): Raft from any signed peer, nothing else.
+        assert!(admitted(&state, Some(NodeId(9)), true));
+        assert!(!admitted(&state, Some(NodeId(9)), false));
+        assert!(!admitted(&state, None, true), "no certificate, no entry");
+        state.cluster = Some(cluster_info("c"));
+        state.nodes.insert(NodeId(1), node(1));
+        state.nodes.insert(NodeId(2), node(2));
+        // In a swarm: members only, whatever the call.
+        assert!(admitted(&state, Some(NodeId(2)), false));
+        assert!(!admitted(&state, Some(NodeId(9)), true), "a removed node");
+        assert!(is_manager(&state, Some(NodeId(1))));
+        assert!(!is_manager(&state, Some(NodeId(2))), "a worker");
+        assert!(!is_manager(&state, Some(NodeId(9))));
+        assert!(!is_manager(&state, None));
+    }
 }
