@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shoal_netdriver::linux::{Linux, create_netns, delete_netns};
-use shoal_netdriver::model::Op;
+use shoal_netdriver::model::{Ns, Op};
 use shoal_netdriver::{Backend, dns};
 
 fn is_root() -> bool {
@@ -35,16 +35,16 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// Removes the namespace on drop.
-struct Ns(String);
+struct BenchNs(String);
 
-impl Drop for Ns {
+impl Drop for BenchNs {
     fn drop(&mut self) {
         let _ = delete_netns(&self.0);
     }
 }
 
 async fn lb() {
-    let ns = Ns(format!("shoal-bench{}-lb", std::process::id()));
+    let ns = BenchNs(format!("shoal-bench{}-lb", std::process::id()));
     create_netns(&ns.0).expect("namespace");
     let mut b = Linux::new(None);
     let vip = Ipv4Addr::new(10, 63, 0, 1);
@@ -55,7 +55,7 @@ async fn lb() {
     for n in [10u32, 100, 1_000, 10_000] {
         let all: Vec<Ipv4Addr> = (0..n).map(backend).collect();
         let full = Op::SetLb {
-            ns: ns.0.clone(),
+            ns: Ns::named(ns.0.clone()),
             lb: BTreeMap::from([(vip, all.iter().copied().collect())]),
             changed: BTreeSet::from([vip]),
             fresh: true,
@@ -77,7 +77,7 @@ async fn lb() {
         });
         let swap = median_change(&mut b, &ns.0, vip, replaced).await;
         let seen = b.observe("shoal-bench").await.expect("observe");
-        let got = seen.namespaces[&ns.0].lb[&vip].len();
+        let got = seen.namespaces[&Ns::named(ns.0.clone())].lb[&vip].len();
         assert_eq!(got as u32, n, "the kernel holds what was asked");
         println!(
             "| {n} | {:.1} ms | {:.2} ms | {:.2} ms |",
@@ -99,7 +99,7 @@ async fn median_change(
     let mut times = Vec::new();
     for set in sets {
         let one = Op::SetLb {
-            ns: ns.to_owned(),
+            ns: Ns::named(ns),
             lb: BTreeMap::from([(vip, set)]),
             changed: BTreeSet::from([vip]),
             fresh: false,
@@ -175,7 +175,7 @@ async fn latency() {
     for n in [100u32, 10_000] {
         let mut results = Vec::new();
         for linear in [false, true] {
-            let ns = Ns(format!(
+            let ns = BenchNs(format!(
                 "shoal-bench{}-lat{}{}",
                 std::process::id(),
                 n,

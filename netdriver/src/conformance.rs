@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 use shoal_mesh::network::Driver;
 use shoal_mesh::plan::{EndpointPlan, LbPlan, NetworkPlan, NodePlan, Remote, SandboxPlan, mac_for};
 
-use crate::model::{HOST, Kernel, Link, LinkKind, Op, diff};
+use crate::model::{HOST, Kernel, Link, LinkKind, Ns, Op, diff};
 use crate::render::{Names, VXLAN_PORT, render};
 use crate::{Backend, reconcile};
 
@@ -159,11 +159,11 @@ async fn converges_and_stays<B: Backend>(b: &mut B, names: &Names) -> Result<Ker
     // Egress: a leg into the host's gateway bridge, isolated from the
     // other tasks', and a default route through it.
     let gw = &seen.namespaces[&names.task(t1)].links["gw0"];
-    let port = &seen.namespaces[HOST].links[&crate::render::gateway_port(t1)];
+    let port = &seen.namespaces[&HOST].links[&crate::render::gateway_port(t1)];
     if gw.addrs.is_empty() || !port.isolated || port.master.as_deref() != Some("shoalgw0") {
         return Err(format!("egress leg not as planned: {gw:#?} {port:#?}"));
     }
-    if seen.namespaces[&names.task(t1)].routes.len() != 1 || !seen.namespaces[HOST].forwarding {
+    if seen.namespaces[&names.task(t1)].routes.len() != 1 || !seen.namespaces[&HOST].forwarding {
         return Err("no default route or no forwarding".into());
     }
     let eth = &seen.namespaces[&names.task(t1)].links["eth0"];
@@ -259,7 +259,7 @@ async fn removes_leftovers<B: Backend>(b: &mut B, names: &Names) -> Result<(), S
     let more = more_plan();
     let stale_ns = format!("{}n-stale", names.prefix);
     let stale_link = Op::AddLink {
-        ns: HOST.into(),
+        ns: HOST,
         name: "shoalstale0".into(),
         link: Link {
             kind: LinkKind::Bridge,
@@ -278,10 +278,12 @@ async fn removes_leftovers<B: Backend>(b: &mut B, names: &Names) -> Result<(), S
     let seen = b.observe(&names.prefix).await.map_err(|e| e.to_string())?;
     let host_links: BTreeMap<_, _> = seen
         .namespaces
-        .get(HOST)
+        .get(&HOST)
         .map(|h| h.links.clone())
         .unwrap_or_default();
-    if seen.namespaces.contains_key(&stale_ns) || host_links.contains_key("shoalstale0") {
+    if seen.namespaces.contains_key(&Ns::named(stale_ns.clone()))
+        || host_links.contains_key("shoalstale0")
+    {
         return Err("leftovers were not removed".into());
     }
 
@@ -305,7 +307,7 @@ async fn removes_what_is_no_longer_planned<B: Backend>(
     // Nothing planned: nothing left.
     step(b, &NodePlan::default(), names, "empty plan").await?;
     let seen = b.observe(&names.prefix).await.map_err(|e| e.to_string())?;
-    if seen.namespaces.keys().any(|n| n != HOST) {
+    if seen.namespaces.keys().any(|n| *n != HOST) {
         return Err(format!(
             "namespaces left: {:?}",
             seen.namespaces.keys().collect::<Vec<_>>()

@@ -8,9 +8,63 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
-/// The namespace the daemon itself runs in (the host's, as far as Shoal is
-/// concerned). Only links named `shoal…` are Shoal's there.
-pub const HOST: &str = "";
+/// A network namespace as Shoal sees it: the one the daemon itself runs in
+/// (the host's, as far as Shoal is concerned; only links named `shoal…`
+/// are Shoal's there), or a named one under `/run/netns`, which Shoal
+/// creates and deletes.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Ns {
+    /// The daemon's own namespace.
+    Host,
+    /// A named namespace.
+    Named(String),
+}
+
+/// The daemon's own namespace.
+pub const HOST: Ns = Ns::Host;
+
+impl Ns {
+    /// The named namespace `name`.
+    pub fn named(name: impl Into<String>) -> Self {
+        Ns::Named(name.into())
+    }
+
+    /// Its name under `/run/netns`; none for the host's.
+    pub fn name(&self) -> Option<&str> {
+        match self {
+            Ns::Host => None,
+            Ns::Named(n) => Some(n),
+        }
+    }
+}
+
+impl std::fmt::Display for Ns {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ns::Host => f.write_str("the host namespace"),
+            Ns::Named(n) => f.write_str(n),
+        }
+    }
+}
+
+/// In serialized forms (logs, dumps) a namespace is its name; the host's
+/// is the empty string.
+impl Serialize for Ns {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name().unwrap_or_default())
+    }
+}
+
+impl<'de> Deserialize<'de> for Ns {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        Ok(if name.is_empty() {
+            Ns::Host
+        } else {
+            Ns::Named(name)
+        })
+    }
+}
 
 /// What kind of link.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -32,7 +86,7 @@ pub enum LinkKind {
         /// The other end's name.
         peer: String,
         /// The other end's namespace.
-        peer_ns: String,
+        peer_ns: Ns,
     },
     /// A macvlan (bridge mode) on interface `parent` of namespace
     /// `parent_ns`: created there and moved. On a host interface for the
@@ -42,7 +96,7 @@ pub enum LinkKind {
         /// The parent interface.
         parent: String,
         /// The parent's namespace ([`HOST`] for a host interface).
-        parent_ns: String,
+        parent_ns: Ns,
     },
     /// Something else (seen, never created).
     Other(String),
@@ -190,7 +244,7 @@ pub struct Netns {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Kernel {
     /// Namespaces.
-    pub namespaces: BTreeMap<String, Netns>,
+    pub namespaces: BTreeMap<Ns, Netns>,
 }
 
 /// One change to the kernel.
@@ -203,7 +257,7 @@ pub enum Op {
     /// Create a link (both ends, for a veth).
     AddLink {
         /// Namespace.
-        ns: String,
+        ns: Ns,
         /// Name.
         name: String,
         /// What it should be.
@@ -212,37 +266,37 @@ pub enum Op {
     /// Delete a link (both ends, for a veth).
     DelLink {
         /// Namespace.
-        ns: String,
+        ns: Ns,
         /// Name.
         name: String,
     },
     /// Change a link's settings in place.
     SetLink {
         /// Namespace.
-        ns: String,
+        ns: Ns,
         /// Name.
         name: String,
         /// What it should be.
         link: Link,
     },
     /// Add an FDB entry.
-    AddFdb(String, Fdb),
+    AddFdb(Ns, Fdb),
     /// Remove one.
-    DelFdb(String, Fdb),
+    DelFdb(Ns, Fdb),
     /// Add a neighbour entry.
-    AddNeigh(String, Neigh),
+    AddNeigh(Ns, Neigh),
     /// Remove one.
-    DelNeigh(String, Neigh),
+    DelNeigh(Ns, Neigh),
     /// Add a route.
-    AddRoute(String, Route),
+    AddRoute(Ns, Route),
     /// Remove one.
-    DelRoute(String, Route),
+    DelRoute(Ns, Route),
     /// Bring a namespace's VIP load balancing to `lb`, in one nftables
     /// transaction: the whole table when `fresh` (or removed when `lb` is
     /// empty), else only the VIPs in `changed`.
     SetLb {
         /// Namespace.
-        ns: String,
+        ns: Ns,
         /// Every VIP → backends wanted there.
         lb: Lb,
         /// The VIPs whose backends differ from what is there.
@@ -254,12 +308,12 @@ pub enum Op {
     /// nftables transaction.
     SetNat {
         /// Namespace.
-        ns: String,
+        ns: Ns,
         /// What it should be.
         nat: Option<Nat>,
     },
     /// Turn IPv4 forwarding on in a namespace.
-    EnableForwarding(String),
+    EnableForwarding(Ns),
 }
 
 /// The VIPs whose entries differ between `have` and `want`.
@@ -271,15 +325,15 @@ pub fn lb_changes(have: &Lb, want: &Lb) -> BTreeSet<Ipv4Addr> {
         .collect()
 }
 
-/// Whether `name` is a namespace Shoal owns under `prefix`, or [`HOST`].
-fn ours(name: &str, prefix: &str) -> bool {
-    name == HOST || name.starts_with(prefix)
+/// The name of namespace `ns` if it is one Shoal made, under `prefix`.
+fn ours<'a>(ns: &'a Ns, prefix: &str) -> Option<&'a str> {
+    ns.name().filter(|n| n.starts_with(prefix))
 }
 
 /// Whether a link in namespace `ns` is Shoal's to manage: any link in a
 /// namespace Shoal created, only `shoal…` ones in the host's.
-pub fn owned_link(ns: &str, name: &str) -> bool {
-    ns != HOST || name.starts_with("shoal")
+pub fn owned_link(ns: &Ns, name: &str) -> bool {
+    *ns != HOST || name.starts_with("shoal")
 }
 
 /// The changes that turn `actual` into `wanted`, in an order the kernel
@@ -290,14 +344,18 @@ pub fn owned_link(ns: &str, name: &str) -> bool {
 pub fn diff(actual: &Kernel, wanted: &Kernel, prefix: &str) -> Vec<Op> {
     let empty = Netns::default();
     let mut d = Diff::default();
-    for name in wanted.namespaces.keys() {
-        if name != HOST && !actual.namespaces.contains_key(name) {
-            d.add_ns.push(Op::AddNetns(name.clone()));
+    for ns in wanted.namespaces.keys() {
+        if let Some(name) = ns.name()
+            && !actual.namespaces.contains_key(ns)
+        {
+            d.add_ns.push(Op::AddNetns(name.to_owned()));
         }
     }
-    for name in actual.namespaces.keys() {
-        if name != HOST && ours(name, prefix) && !wanted.namespaces.contains_key(name) {
-            d.del_ns.push(Op::DelNetns(name.clone()));
+    for ns in actual.namespaces.keys() {
+        if let Some(name) = ours(ns, prefix)
+            && !wanted.namespaces.contains_key(ns)
+        {
+            d.del_ns.push(Op::DelNetns(name.to_owned()));
         }
     }
     for (ns, want) in &wanted.namespaces {
@@ -329,7 +387,7 @@ struct Diff {
 impl Diff {
     /// Links of namespace `ns`: Shoal's that are not wanted (or not as
     /// wanted) go, wanted ones are made, and settings follow.
-    fn links(&mut self, ns: &str, have: &Netns, want: &Netns) {
+    fn links(&mut self, ns: &Ns, have: &Netns, want: &Netns) {
         for (name, link) in &have.links {
             if !owned_link(ns, name) {
                 continue;
@@ -337,7 +395,7 @@ impl Diff {
             match want.links.get(name) {
                 Some(w) if link.kind.satisfies(&w.kind) => {}
                 _ => self.removals.push(Op::DelLink {
-                    ns: ns.to_owned(),
+                    ns: ns.clone(),
                     name: name.clone(),
                 }),
             }
@@ -347,7 +405,7 @@ impl Diff {
                 Some(l) if l.kind.satisfies(&w.kind) => {
                     if l.settings_differ(w) {
                         self.settings.push(Op::SetLink {
-                            ns: ns.to_owned(),
+                            ns: ns.clone(),
                             name: name.clone(),
                             link: w.clone(),
                         });
@@ -356,24 +414,24 @@ impl Diff {
                 _ => {
                     // Created links get their settings applied after.
                     self.settings.push(Op::SetLink {
-                        ns: ns.to_owned(),
+                        ns: ns.clone(),
                         name: name.clone(),
                         link: w.clone(),
                     });
                     // A veth pair is created once, from its first end.
                     if let LinkKind::Veth { peer, peer_ns } = &w.kind
-                        && (peer_ns.as_str(), peer.as_str()) < (ns, name.as_str())
+                        && (peer_ns, peer.as_str()) < (ns, name.as_str())
                     {
                         continue;
                     }
                     let op = Op::AddLink {
-                        ns: ns.to_owned(),
+                        ns: ns.clone(),
                         name: name.clone(),
                         link: w.clone(),
                     };
                     if w.kind == LinkKind::Bridge {
                         self.bridges.push(op);
-                    } else if matches!(&w.kind, LinkKind::Macvlan { parent_ns, .. } if parent_ns != HOST)
+                    } else if matches!(&w.kind, LinkKind::Macvlan { parent_ns, .. } if *parent_ns != HOST)
                     {
                         // On a link of another of Shoal's namespaces (an
                         // overlay's VXLAN device), made with the others.
@@ -387,48 +445,48 @@ impl Diff {
     }
 
     /// FDB, neighbour and route entries of namespace `ns`.
-    fn entries(&mut self, ns: &str, have: &Netns, want: &Netns) {
+    fn entries(&mut self, ns: &Ns, have: &Netns, want: &Netns) {
         for f in have.fdb.difference(&want.fdb) {
-            self.removals.push(Op::DelFdb(ns.to_owned(), f.clone()));
+            self.removals.push(Op::DelFdb(ns.clone(), f.clone()));
         }
         for n in have.neigh.difference(&want.neigh) {
-            self.removals.push(Op::DelNeigh(ns.to_owned(), n.clone()));
+            self.removals.push(Op::DelNeigh(ns.clone(), n.clone()));
         }
         for r in have.routes.difference(&want.routes) {
-            self.removals.push(Op::DelRoute(ns.to_owned(), r.clone()));
+            self.removals.push(Op::DelRoute(ns.clone(), r.clone()));
         }
         self.tables.extend(
             want.fdb
                 .difference(&have.fdb)
-                .map(|f| Op::AddFdb(ns.to_owned(), f.clone())),
+                .map(|f| Op::AddFdb(ns.clone(), f.clone())),
         );
         self.tables.extend(
             want.neigh
                 .difference(&have.neigh)
-                .map(|n| Op::AddNeigh(ns.to_owned(), n.clone())),
+                .map(|n| Op::AddNeigh(ns.clone(), n.clone())),
         );
         self.tables.extend(
             want.routes
                 .difference(&have.routes)
-                .map(|r| Op::AddRoute(ns.to_owned(), r.clone())),
+                .map(|r| Op::AddRoute(ns.clone(), r.clone())),
         );
     }
 
     /// Port forwarding, forwarding and load balancers of namespace `ns`.
-    fn tables(&mut self, ns: &str, have: &Netns, want: &Netns) {
+    fn tables(&mut self, ns: &Ns, have: &Netns, want: &Netns) {
         let canonical = |n: &Option<Nat>| n.clone().map(Nat::canonical);
         if canonical(&have.nat) != canonical(&want.nat) || !have.nat_foreign.is_empty() {
             self.tables.push(Op::SetNat {
-                ns: ns.to_owned(),
+                ns: ns.clone(),
                 nat: want.nat.clone(),
             });
         }
         if want.forwarding && !have.forwarding {
-            self.tables.push(Op::EnableForwarding(ns.to_owned()));
+            self.tables.push(Op::EnableForwarding(ns.clone()));
         }
-        if ns != HOST && have.lb != want.lb {
+        if *ns != HOST && have.lb != want.lb {
             let op = Op::SetLb {
-                ns: ns.to_owned(),
+                ns: ns.clone(),
                 lb: want.lb.clone(),
                 changed: lb_changes(&have.lb, &want.lb),
                 fresh: have.lb.is_empty() || want.lb.is_empty(),
@@ -453,20 +511,20 @@ impl Diff {
     /// namespace is not wanted at all.
     fn host_leftovers(&mut self, actual: &Kernel, wanted: &Kernel) {
         // The host's `shoal…` links that are no longer wanted.
-        if let Some(host) = actual.namespaces.get(HOST)
-            && !wanted.namespaces.contains_key(HOST)
+        if let Some(host) = actual.namespaces.get(&HOST)
+            && !wanted.namespaces.contains_key(&HOST)
         {
             for name in host.links.keys() {
-                if owned_link(HOST, name) {
+                if owned_link(&HOST, name) {
                     self.removals.push(Op::DelLink {
-                        ns: HOST.into(),
+                        ns: HOST,
                         name: name.clone(),
                     });
                 }
             }
             if host.nat.is_some() || !host.nat_foreign.is_empty() {
                 self.removals.push(Op::SetNat {
-                    ns: HOST.into(),
+                    ns: HOST,
                     nat: None,
                 });
             }

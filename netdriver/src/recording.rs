@@ -7,7 +7,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::model::{HOST, Kernel, Link, LinkKind, Netns, Op};
+use crate::model::{HOST, Kernel, Link, LinkKind, Netns, Ns, Op};
 use crate::{Backend, DpError};
 
 /// The recording backend.
@@ -27,9 +27,9 @@ fn fail(op: &Op, why: &str) -> DpError {
 }
 
 impl Recording {
-    fn ns_mut(&mut self, ns: &str, op: &Op) -> Result<&mut Netns, DpError> {
-        if ns == HOST {
-            return Ok(self.kernel.namespaces.entry(HOST.into()).or_default());
+    fn ns_mut(&mut self, ns: &Ns, op: &Op) -> Result<&mut Netns, DpError> {
+        if *ns == HOST {
+            return Ok(self.kernel.namespaces.entry(HOST).or_default());
         }
         self.kernel
             .namespaces
@@ -38,7 +38,7 @@ impl Recording {
     }
 
     /// Deletes a link, and its veth peer.
-    fn del_link(&mut self, ns: &str, name: &str) {
+    fn del_link(&mut self, ns: &Ns, name: &str) {
         let removed = self
             .kernel
             .namespaces
@@ -58,7 +58,7 @@ impl Recording {
             return;
         }
         // The macvlans on it, wherever they were moved.
-        let stacked: Vec<(String, String)> = self
+        let stacked: Vec<(Ns, String)> = self
             .kernel
             .namespaces
             .iter()
@@ -87,7 +87,7 @@ impl Recording {
     /// `Op::AddLink`, as the kernel would refuse it: a taken name, a
     /// missing veth peer namespace or macvlan parent, a master that is not
     /// a bridge. Created down, without addresses (`SetLink` follows).
-    fn add_link(&mut self, op: &Op, ns: &str, name: &str, link: &Link) -> Result<(), DpError> {
+    fn add_link(&mut self, op: &Op, ns: &Ns, name: &str, link: &Link) -> Result<(), DpError> {
         if let LinkKind::Veth { peer, peer_ns } = &link.kind {
             let taken = self
                 .kernel
@@ -95,7 +95,7 @@ impl Recording {
                 .get(peer_ns)
                 .map(|n| n.links.contains_key(peer));
             match taken {
-                None if peer_ns != HOST => {
+                None if *peer_ns != HOST => {
                     return Err(fail(op, "peer namespace missing"));
                 }
                 Some(true) => return Err(fail(op, "file exists (peer)")),
@@ -103,7 +103,7 @@ impl Recording {
             }
         }
         if let LinkKind::Macvlan { parent, parent_ns } = &link.kind
-            && parent_ns != HOST
+            && *parent_ns != HOST
             && !self
                 .kernel
                 .namespaces
@@ -131,7 +131,7 @@ impl Recording {
             other.mac = None;
             other.kind = LinkKind::Veth {
                 peer: name.to_owned(),
-                peer_ns: ns.to_owned(),
+                peer_ns: ns.clone(),
             };
             let p = self.ns_mut(peer_ns, op)?;
             p.links.insert(peer.clone(), other);
@@ -140,7 +140,7 @@ impl Recording {
     }
 
     /// `Op::SetLink`: MTU, MAC, master, addresses, state.
-    fn set_link(&mut self, op: &Op, ns: &str, name: &str, link: &Link) -> Result<(), DpError> {
+    fn set_link(&mut self, op: &Op, ns: &Ns, name: &str, link: &Link) -> Result<(), DpError> {
         let n = self.ns_mut(ns, op)?;
         if let Some(m) = &link.master
             && n.links.get(m).is_none_or(|b| b.kind != LinkKind::Bridge)
@@ -165,21 +165,21 @@ impl Recording {
     fn apply_op(&mut self, op: &Op) -> Result<(), DpError> {
         match op {
             Op::AddNetns(name) => {
-                if self.kernel.namespaces.contains_key(name) {
+                let ns = Ns::named(name.clone());
+                if self.kernel.namespaces.contains_key(&ns) {
                     return Err(fail(op, "file exists"));
                 }
-                self.kernel
-                    .namespaces
-                    .insert(name.clone(), Netns::default());
+                self.kernel.namespaces.insert(ns, Netns::default());
             }
             Op::DelNetns(name) => {
-                let Some(gone) = self.kernel.namespaces.get(name).cloned() else {
+                let ns = Ns::named(name.clone());
+                let Some(gone) = self.kernel.namespaces.get(&ns).cloned() else {
                     return Err(fail(op, "no such namespace"));
                 };
                 for link in gone.links.keys() {
-                    self.del_link(name, link);
+                    self.del_link(&ns, link);
                 }
-                self.kernel.namespaces.remove(name);
+                self.kernel.namespaces.remove(&ns);
             }
             Op::AddLink { ns, name, link } => self.add_link(op, ns, name, link)?,
             Op::DelLink { ns, name } => {
@@ -261,8 +261,8 @@ impl Backend for Recording {
     async fn observe(&mut self, prefix: &str) -> Result<Kernel, DpError> {
         let mut k = self.kernel.clone();
         k.namespaces
-            .retain(|name, _| name == HOST || name.starts_with(prefix));
-        if let Some(host) = k.namespaces.get_mut(HOST) {
+            .retain(|ns, _| ns.name().is_none_or(|n| n.starts_with(prefix)));
+        if let Some(host) = k.namespaces.get_mut(&HOST) {
             host.links.retain(|n, _| n.starts_with("shoal"));
         }
         Ok(k)

@@ -26,7 +26,7 @@ use shoal_mesh::plan::{NetworkPlan, NodePlan, SandboxPlan};
 
 use std::net::Ipv4Addr;
 
-use crate::model::{Fdb, HOST, Kernel, Link, LinkKind, Nat, Neigh, Netns, Route};
+use crate::model::{Fdb, HOST, Kernel, Link, LinkKind, Nat, Neigh, Netns, Ns, Route};
 
 /// The link between the host and its ingress namespace: host side.
 pub const INGRESS_HOST_LINK: &str = "shoalig0";
@@ -61,12 +61,17 @@ impl Names {
     }
 
     /// A network's namespace on this node.
-    pub fn network(&self, id: &str) -> String {
-        format!("{}n-{id}", self.prefix)
+    pub fn network(&self, id: &str) -> Ns {
+        Ns::Named(format!("{}n-{id}", self.prefix))
     }
 
     /// A task's sandbox.
-    pub fn task(&self, id: &str) -> String {
+    pub fn task(&self, id: &str) -> Ns {
+        Ns::Named(self.task_name(id))
+    }
+
+    /// The name of a task's sandbox under `/run/netns`.
+    pub fn task_name(&self, id: &str) -> String {
         format!("{}t-{id}", self.prefix)
     }
 }
@@ -165,12 +170,12 @@ pub fn gateway_addrs(plan: &NodePlan, gateway: &Gateway) -> BTreeMap<String, Ipv
 /// The gateway addresses the task namespaces of `kernel` hold (on `gw0`):
 /// what a restarted daemon keeps.
 pub fn held_gateway_addrs(kernel: &Kernel, names: &Names) -> BTreeMap<String, Ipv4Addr> {
-    let prefix = names.task("");
+    let prefix = names.task_name("");
     kernel
         .namespaces
         .iter()
         .filter_map(|(ns, n)| {
-            let task = ns.strip_prefix(&prefix)?;
+            let task = ns.name()?.strip_prefix(&prefix)?;
             let (ip, _) = n.links.get("gw0")?.addrs.iter().next()?;
             Some((task.to_owned(), *ip))
         })
@@ -209,7 +214,7 @@ pub fn render(
         .values()
         .any(|n| n.driver == Driver::Overlay && n.vni.is_some())
     {
-        let host = k.namespaces.entry(HOST.into()).or_default();
+        let host = k.namespaces.entry(HOST).or_default();
         host.nat.get_or_insert_with(Nat::default).untracked_udp = Some(vxlan_port);
     }
     k
@@ -279,7 +284,7 @@ fn render_sandbox(k: &mut Kernel, plan: &NodePlan, names: &Names, sb: &SandboxPl
         let eth = format!("eth{i}");
         let net_ns = names.network(&net.id);
         let parent = match (net.driver, &net.parent, net.vni) {
-            (Driver::Macvlan, Some(parent), _) => Some((parent.clone(), HOST.to_owned())),
+            (Driver::Macvlan, Some(parent), _) => Some((parent.clone(), HOST)),
             (Driver::Overlay, _, Some(_)) => Some((VXLAN.to_owned(), net_ns.clone())),
             _ => None,
         };
@@ -354,7 +359,7 @@ fn render_host_ports(k: &mut Kernel, plan: &NodePlan, gateway: &Gateway) {
         if to.is_empty() {
             continue;
         }
-        let host = k.namespaces.entry(HOST.into()).or_default();
+        let host = k.namespaces.entry(HOST).or_default();
         let nat = host.nat.get_or_insert_with(Nat::default);
         nat.local = true;
         nat.dnat.insert(
@@ -375,7 +380,7 @@ fn render_gateway(k: &mut Kernel, plan: &NodePlan, names: &Names, gateway: &Gate
     }
     let Some(gw) = subnet.nth(1) else { return };
     let len = subnet.prefix_len();
-    let host = k.namespaces.entry(HOST.into()).or_default();
+    let host = k.namespaces.entry(HOST).or_default();
     host.links.insert(
         GATEWAY_BRIDGE.into(),
         Link {
@@ -394,7 +399,7 @@ fn render_gateway(k: &mut Kernel, plan: &NodePlan, names: &Names, gateway: &Gate
     for (task, ip) in &addrs {
         let task_ns = names.task(task);
         let port = gateway_port(task);
-        k.namespaces.entry(HOST.into()).or_default().links.insert(
+        k.namespaces.entry(HOST).or_default().links.insert(
             port.clone(),
             Link {
                 kind: LinkKind::Veth {
@@ -415,7 +420,7 @@ fn render_gateway(k: &mut Kernel, plan: &NodePlan, names: &Names, gateway: &Gate
             Link {
                 kind: LinkKind::Veth {
                     peer: port,
-                    peer_ns: HOST.into(),
+                    peer_ns: HOST,
                 },
                 mtu: 1500,
                 mac: None,
@@ -474,10 +479,10 @@ fn render_ingress(
             isolated: false,
         },
     );
-    let veth = |peer: &str, peer_ns: &str, addr: Ipv4Addr| Link {
+    let veth = |peer: &str, peer_ns: &Ns, addr: Ipv4Addr| Link {
         kind: LinkKind::Veth {
             peer: peer.into(),
-            peer_ns: peer_ns.into(),
+            peer_ns: peer_ns.clone(),
         },
         mtu: 1500,
         mac: None,
@@ -486,8 +491,10 @@ fn render_ingress(
         up: true,
         isolated: false,
     };
-    ns.links
-        .insert("gw0".into(), veth(INGRESS_HOST_LINK, HOST, INGRESS_NS_ADDR));
+    ns.links.insert(
+        "gw0".into(),
+        veth(INGRESS_HOST_LINK, &HOST, INGRESS_NS_ADDR),
+    );
     ns.routes.insert(Route {
         dst: (Ipv4Addr::UNSPECIFIED, 0),
         via: Some(INGRESS_HOST_ADDR),
@@ -511,7 +518,7 @@ fn render_ingress(
         masquerade: None,
         untracked_udp: None,
     });
-    let host = k.namespaces.entry(HOST.into()).or_default();
+    let host = k.namespaces.entry(HOST).or_default();
     host.links.insert(
         INGRESS_HOST_LINK.into(),
         veth("gw0", &ns_name, INGRESS_HOST_ADDR),

@@ -16,12 +16,14 @@ async fn the_recording_backend_passes_the_suite() {
     assert!(b.kernel.namespaces.values().all(|n| n.links.is_empty()));
 }
 
+use shoal_netdriver::model::Ns;
 use shoal_netdriver::privilege::root_or_skip;
 
 /// Runs an nft script in namespace `ns` (changes behind the backend's back).
-fn nft_in(ns: &str, script: &str) {
+fn nft_in(ns: &Ns, script: &str) {
+    let name = ns.name().expect("a named namespace");
     let mut nft = std::process::Command::new("ip")
-        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .args(["netns", "exec", name, "nft", "-f", "-"])
         .stdin(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -44,7 +46,7 @@ impl Drop for Cleanup {
 
 /// As root, a fresh namespace `shoal-TAGPID-a` (removed when the returned
 /// guard goes) and a Linux backend; `None`, saying why, when not root.
-fn one_namespace(tag: &str) -> Option<(String, String, Cleanup, shoal_netdriver::linux::Linux)> {
+fn one_namespace(tag: &str) -> Option<(String, Ns, Cleanup, shoal_netdriver::linux::Linux)> {
     if !root_or_skip("create network namespaces") {
         return None;
     }
@@ -54,7 +56,7 @@ fn one_namespace(tag: &str) -> Option<(String, String, Cleanup, shoal_netdriver:
     shoal_netdriver::linux::create_netns(&ns).unwrap();
     Some((
         prefix,
-        ns,
+        Ns::named(ns),
         cleanup,
         shoal_netdriver::linux::Linux::new(None),
     ))
@@ -227,7 +229,7 @@ async fn port_forwarding_reads_back_from_the_kernel_and_is_put_right() {
         .args([
             "netns",
             "exec",
-            &ns,
+            &ns.to_string(),
             "nft",
             "-a",
             "list",
@@ -293,7 +295,8 @@ async fn a_backend_that_leaves_takes_its_unanswered_connections_with_it() {
     };
     let ip = |args: &str| {
         let mut c = std::process::Command::new("ip");
-        c.args(["-n", &ns]).args(args.split_whitespace());
+        c.args(["-n", &ns.to_string()])
+            .args(args.split_whitespace());
         assert!(c.status().unwrap().success(), "ip {args}");
     };
     // Backends on a veth whose peer no one answers on: 10.1.0.3 never

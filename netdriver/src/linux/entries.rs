@@ -4,7 +4,7 @@ use super::*;
 
 impl Linux {
     /// Deletes link `name` of namespace `ns`.
-    pub(super) async fn del_link(&mut self, ns: &str, name: &str) -> Result<(), DpError> {
+    pub(super) async fn del_link(&mut self, ns: &Ns, name: &str) -> Result<(), DpError> {
         let idx = self.index(ns, name).await?;
         let h = self.handle(ns).await?;
         h.link()
@@ -15,7 +15,7 @@ impl Linux {
     }
 
     /// Adds (`add`) or deletes FDB entry `f` in namespace `ns`.
-    pub(super) async fn fdb(&mut self, ns: &str, f: &Fdb, add: bool) -> Result<(), DpError> {
+    pub(super) async fn fdb(&mut self, ns: &Ns, f: &Fdb, add: bool) -> Result<(), DpError> {
         let idx = self.index(ns, &f.link).await?;
         let h = self.handle(ns).await?;
         let msg = Self::neighbour(idx, AddressFamily::Bridge, &f.mac, f.dst);
@@ -33,7 +33,7 @@ impl Linux {
     }
 
     /// Adds (`add`) or deletes neighbour entry `n` in namespace `ns`.
-    pub(super) async fn neigh(&mut self, ns: &str, n: &Neigh, add: bool) -> Result<(), DpError> {
+    pub(super) async fn neigh(&mut self, ns: &Ns, n: &Neigh, add: bool) -> Result<(), DpError> {
         let idx = self.index(ns, &n.link).await?;
         let h = self.handle(ns).await?;
         if add {
@@ -56,7 +56,7 @@ impl Linux {
     /// Adds (`add`) or deletes route `r` in namespace `ns`.
     pub(super) async fn route(
         &mut self,
-        ns: &str,
+        ns: &Ns,
         r: &crate::model::Route,
         add: bool,
     ) -> Result<(), DpError> {

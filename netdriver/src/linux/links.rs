@@ -3,7 +3,7 @@
 use super::*;
 
 impl Linux {
-    pub(super) async fn links(&mut self, ns: &str) -> Result<BTreeMap<String, Seen>, DpError> {
+    pub(super) async fn links(&mut self, ns: &Ns) -> Result<BTreeMap<String, Seen>, DpError> {
         let h = self.handle(ns).await?;
         let mut msgs = Vec::new();
         let mut s = h.link().get().execute();
@@ -49,21 +49,21 @@ impl Linux {
         Ok(out)
     }
 
-    pub(super) async fn index(&mut self, ns: &str, name: &str) -> Result<u32, DpError> {
+    pub(super) async fn index(&mut self, ns: &Ns, name: &str) -> Result<u32, DpError> {
         let h = self.handle(ns).await?;
         let mut s = h.link().get().match_name(name.to_owned()).execute();
         match s.try_next().await {
             Ok(Some(m)) => Ok(m.header.index),
-            Ok(None) | Err(_) => Err(DpError::Other(format!("no link {name} in {}", show_ns(ns)))),
+            Ok(None) | Err(_) => Err(DpError::Other(format!("no link {name} in {}", ns))),
         }
     }
 
     /// Moves link `index` (in `from`) to namespace `to` as `name`.
     pub(super) async fn move_link(
         &mut self,
-        from: &str,
+        from: &Ns,
         index: u32,
-        to: &str,
+        to: &Ns,
         name: &str,
     ) -> Result<(), DpError> {
         let h = self.handle(from).await?;
@@ -76,7 +76,7 @@ impl Linux {
             .set(msg)
             .execute()
             .await
-            .map_err(|e| other(&format!("move link to {}", show_ns(to)), e))
+            .map_err(|e| other(&format!("move link to {to}"), e))
     }
 
     /// Creates the link `msg` describes in namespace `from` (its name from
@@ -84,8 +84,8 @@ impl Linux {
     /// behind if the move fails.
     pub(super) async fn add_in_and_move(
         &mut self,
-        from: &str,
-        ns: &str,
+        from: &Ns,
+        ns: &Ns,
         name: &str,
         msg: LinkMessage,
         what: &str,
@@ -109,7 +109,7 @@ impl Linux {
 
     pub(super) async fn add_link(
         &mut self,
-        ns: &str,
+        ns: &Ns,
         name: &str,
         link: &Link,
     ) -> Result<(), DpError> {
@@ -125,13 +125,13 @@ impl Linux {
             LinkKind::Vxlan { vni, local, port } => {
                 // Made in the host namespace, under a temporary `shoal…`
                 // name, so that its socket is on the underlay.
-                let msg = LinkVxlan::new(&creation_name(HOST, ns, name), *vni)
+                let msg = LinkVxlan::new(&creation_name(&HOST, ns, name), *vni)
                     .local(*local)
                     .port(*port)
                     .learning(false)
                     .proxy(true)
                     .build();
-                self.add_in_and_move(HOST, ns, name, msg, "vxlan").await
+                self.add_in_and_move(&HOST, ns, name, msg, "vxlan").await
             }
             LinkKind::Veth { peer, peer_ns } => {
                 let tmp = format!("shoalp{}", &name[..name.len().min(9)]);
@@ -167,7 +167,7 @@ impl Linux {
 
     pub(super) async fn set_link(
         &mut self,
-        ns: &str,
+        ns: &Ns,
         name: &str,
         link: &Link,
     ) -> Result<(), DpError> {
@@ -241,12 +241,13 @@ impl Linux {
 /// The name a link bound for `ns` has while it is made in namespace
 /// `from`: its own name if it stays there, else a `shoal…` one unique to
 /// (namespace, name), at most 15 characters.
-pub(super) fn creation_name(from: &str, ns: &str, name: &str) -> String {
+pub(super) fn creation_name(from: &Ns, ns: &Ns, name: &str) -> String {
     if ns == from {
         return name.to_owned();
     }
     let mut h: u32 = 0x811c_9dc5;
-    for b in ns.bytes().chain([0]).chain(name.bytes()) {
+    let ns_name = ns.name().unwrap_or_default();
+    for b in ns_name.bytes().chain([0]).chain(name.bytes()) {
         h ^= u32::from(b);
         h = h.wrapping_mul(0x0100_0193);
     }
@@ -320,13 +321,15 @@ fn link_from(m: &LinkMessage, names: &HashMap<u32, String>) -> Link {
 fn link_kind(k: &InfoKind) -> LinkKind {
     match k {
         InfoKind::Bridge => LinkKind::Bridge,
+        // A dump names neither a veth's peer nor a macvlan's parent's
+        // namespace: left as the host's (`LinkKind::satisfies` ignores them).
         InfoKind::Veth => LinkKind::Veth {
             peer: String::new(),
-            peer_ns: String::new(),
+            peer_ns: Ns::Host,
         },
         InfoKind::MacVlan => LinkKind::Macvlan {
             parent: String::new(),
-            parent_ns: String::new(),
+            parent_ns: Ns::Host,
         },
         InfoKind::Vxlan => LinkKind::Vxlan {
             vni: 0,

@@ -38,7 +38,7 @@ use rtnetlink::{
     Handle, LinkBridge, LinkMacVlan, LinkUnspec, LinkVeth, LinkVxlan, RouteMessageBuilder,
 };
 
-use crate::model::{Fdb, HOST, Kernel, Link, LinkKind, Neigh, Netns, Op};
+use crate::model::{Fdb, HOST, Kernel, Link, LinkKind, Neigh, Netns, Ns, Op};
 use crate::{Backend, DpError, ctnl};
 
 pub use netns::{
@@ -57,18 +57,18 @@ fn kernel(op: &Op, e: impl std::fmt::Display) -> DpError {
     let what = match op {
         Op::AddNetns(n) => format!("create namespace {n}"),
         Op::DelNetns(n) => format!("delete namespace {n}"),
-        Op::AddLink { ns, name, .. } => format!("create link {name} in {}", show_ns(ns)),
-        Op::DelLink { ns, name } => format!("delete link {name} in {}", show_ns(ns)),
-        Op::SetLink { ns, name, .. } => format!("configure link {name} in {}", show_ns(ns)),
-        Op::AddFdb(ns, f) => format!("add FDB {:?} in {}", f, show_ns(ns)),
-        Op::DelFdb(ns, f) => format!("delete FDB {:?} in {}", f, show_ns(ns)),
-        Op::AddNeigh(ns, n) => format!("add neighbour {:?} in {}", n, show_ns(ns)),
-        Op::DelNeigh(ns, n) => format!("delete neighbour {:?} in {}", n, show_ns(ns)),
-        Op::AddRoute(ns, r) => format!("add route {:?} in {}", r, show_ns(ns)),
-        Op::DelRoute(ns, r) => format!("delete route {:?} in {}", r, show_ns(ns)),
-        Op::SetLb { ns, .. } => format!("program VIP load balancing in {}", show_ns(ns)),
-        Op::SetNat { ns, .. } => format!("program port forwarding in {}", show_ns(ns)),
-        Op::EnableForwarding(ns) => format!("enable IPv4 forwarding in {}", show_ns(ns)),
+        Op::AddLink { ns, name, .. } => format!("create link {name} in {}", ns),
+        Op::DelLink { ns, name } => format!("delete link {name} in {}", ns),
+        Op::SetLink { ns, name, .. } => format!("configure link {name} in {}", ns),
+        Op::AddFdb(ns, f) => format!("add FDB {:?} in {}", f, ns),
+        Op::DelFdb(ns, f) => format!("delete FDB {:?} in {}", f, ns),
+        Op::AddNeigh(ns, n) => format!("add neighbour {:?} in {}", n, ns),
+        Op::DelNeigh(ns, n) => format!("delete neighbour {:?} in {}", n, ns),
+        Op::AddRoute(ns, r) => format!("add route {:?} in {}", r, ns),
+        Op::DelRoute(ns, r) => format!("delete route {:?} in {}", r, ns),
+        Op::SetLb { ns, .. } => format!("program VIP load balancing in {}", ns),
+        Op::SetNat { ns, .. } => format!("program port forwarding in {}", ns),
+        Op::EnableForwarding(ns) => format!("enable IPv4 forwarding in {}", ns),
     };
     DpError::Kernel {
         op: what,
@@ -76,28 +76,24 @@ fn kernel(op: &Op, e: impl std::fmt::Display) -> DpError {
     }
 }
 
-fn show_ns(ns: &str) -> &str {
-    if ns == HOST { "the host namespace" } else { ns }
-}
-
 /// The Linux backend.
 pub struct Linux {
     /// The namespace standing for the host (the daemon's own if `None`;
     /// tests use a namespace of their own).
     host: Option<String>,
-    handles: HashMap<String, Handle>,
+    handles: HashMap<Ns, Handle>,
     /// Each namespace's VIP backend slots as last read or written.
-    lb_slots: HashMap<String, BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>>,
+    lb_slots: HashMap<Ns, BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>>,
     /// Netlink sequence numbers of nf_tables batches.
     seq: u32,
     /// Backend changes applied over netlink (not `nft`).
     netlink_changes: u64,
     /// A netfilter netlink socket per namespace (opened there once).
-    nf_socks: HashMap<String, std::os::fd::OwnedFd>,
+    nf_socks: HashMap<Ns, std::os::fd::OwnedFd>,
     /// Each namespace's tables as `nft` last listed them, with the
     /// nf_tables generation they were read at: while the generation stays,
     /// nothing changed them, and they are not listed again.
-    tables_seen: HashMap<String, TablesSeen>,
+    tables_seen: HashMap<Ns, TablesSeen>,
     /// `nft` listings made by observations.
     nft_listings: u64,
     /// Forgets the connections of backends that left (started when first
@@ -149,7 +145,7 @@ impl Linux {
 
     /// The MTU of the host-namespace interface that holds `ip`.
     pub async fn mtu_of(&mut self, ip: Ipv4Addr) -> Option<u32> {
-        let h = self.handle(HOST).await.ok()?;
+        let h = self.handle(&HOST).await.ok()?;
         let mut s = h.address().get().execute();
         let mut index = None;
         while let Ok(Some(a)) = s.try_next().await {
@@ -170,16 +166,15 @@ impl Linux {
         })
     }
 
-    fn ns_path(&self, ns: &str) -> Option<PathBuf> {
-        if ns == HOST {
-            self.host.as_ref().map(|h| Path::new(NETNS_DIR).join(h))
-        } else {
-            Some(Path::new(NETNS_DIR).join(ns))
+    fn ns_path(&self, ns: &Ns) -> Option<PathBuf> {
+        match ns {
+            Ns::Host => self.host.as_ref().map(|h| Path::new(NETNS_DIR).join(h)),
+            Ns::Named(name) => Some(Path::new(NETNS_DIR).join(name)),
         }
     }
 
     /// A file naming namespace `ns`, for moving links there.
-    fn ns_file(&self, ns: &str) -> Result<File, DpError> {
+    fn ns_file(&self, ns: &Ns) -> Result<File, DpError> {
         let path = self
             .ns_path(ns)
             .unwrap_or_else(|| PathBuf::from("/proc/self/ns/net"));
@@ -187,7 +182,7 @@ impl Linux {
     }
 
     /// A netlink handle whose socket lives in namespace `ns`.
-    async fn handle(&mut self, ns: &str) -> Result<Handle, DpError> {
+    async fn handle(&mut self, ns: &Ns) -> Result<Handle, DpError> {
         if let Some(h) = self.handles.get(ns) {
             return Ok(h.clone());
         }
@@ -198,7 +193,7 @@ impl Linux {
             Ok((conn, handle))
         })?;
         tokio::spawn(conn);
-        self.handles.insert(ns.to_owned(), handle.clone());
+        self.handles.insert(ns.clone(), handle.clone());
         Ok(handle)
     }
 
@@ -206,7 +201,7 @@ impl Linux {
         match op {
             Op::AddNetns(name) => {
                 create_netns(name)?;
-                let h = self.handle(name).await?;
+                let h = self.handle(&Ns::named(name.clone())).await?;
                 let lo = LinkUnspec::new_with_name("lo").up().build();
                 h.link()
                     .set(lo)
@@ -215,10 +210,11 @@ impl Linux {
                     .map_err(|e| other("loopback up", e))
             }
             Op::DelNetns(name) => {
-                self.handles.remove(name);
-                self.nf_socks.remove(name);
-                self.lb_slots.remove(name);
-                self.tables_seen.remove(name);
+                let ns = Ns::named(name.clone());
+                self.handles.remove(&ns);
+                self.nf_socks.remove(&ns);
+                self.lb_slots.remove(&ns);
+                self.tables_seen.remove(&ns);
                 delete_netns(name)
             }
             Op::AddLink { ns, name, link } => self.add_link(ns, name, link).await,
@@ -249,11 +245,11 @@ impl Backend for Linux {
 
     async fn observe(&mut self, prefix: &str) -> Result<Kernel, DpError> {
         let mut k = Kernel::default();
-        k.namespaces
-            .insert(HOST.into(), self.observe_ns(HOST).await?);
-        let listed = list_netns(prefix);
+        k.namespaces.insert(HOST, self.observe_ns(&HOST).await?);
+        let listed: Vec<Ns> = list_netns(prefix).into_iter().map(Ns::Named).collect();
         // Sockets hold their namespace: none for one that went away.
-        let keep = |ns: &String| ns == HOST || !ns.starts_with(prefix) || listed.contains(ns);
+        let keep =
+            |ns: &Ns| ns.name().is_none_or(|n| !n.starts_with(prefix)) || listed.contains(ns);
         self.nf_socks.retain(|ns, _| keep(ns));
         self.tables_seen.retain(|ns, _| keep(ns));
         for ns in listed {

@@ -112,14 +112,15 @@ pub async fn probe_driver(driver: &str) -> Result<(), DpError> {
     );
     create_netns(&ns)?;
     let mut b = Linux::new(None);
+    let probe = Ns::named(ns.clone());
     let tried = async {
-        let h = b.handle(&ns).await?;
+        let h = b.handle(&probe).await?;
         h.link()
             .add(LinkVeth::new("probe0", "probe1").build())
             .execute()
             .await
             .map_err(|e| other("veth", e))?;
-        let idx = b.index(&ns, "probe0").await?;
+        let idx = b.index(&probe, "probe0").await?;
         let msg = match driver {
             "macvlan" => LinkMacVlan::new("probe2", idx, MacVlanMode::Bridge).build(),
             "ipvlan" => LinkIpVlan::new("probe2", idx, IpVlanMode::L2).build(),
@@ -159,9 +160,9 @@ pub async fn routes_via(dev: &str) -> Result<Vec<(Ipv4Addr, u8)>, DpError> {
 /// (destination, prefix length, device).
 async fn main_routes() -> Result<Vec<(Ipv4Addr, u8, String)>, DpError> {
     let mut b = Linux::new(None);
-    let links = b.links(HOST).await?;
+    let links = b.links(&HOST).await?;
     let names: HashMap<u32, String> = links.iter().map(|(n, s)| (s.index, n.clone())).collect();
-    let h = b.handle(HOST).await?;
+    let h = b.handle(&HOST).await?;
     let mut out = Vec::new();
     let mut s = h
         .route()
@@ -190,5 +191,5 @@ async fn main_routes() -> Result<Vec<(Ipv4Addr, u8, String)>, DpError> {
 
 /// Whether this namespace has a link named `name`.
 pub async fn link_exists(name: &str) -> bool {
-    Linux::new(None).index(HOST, name).await.is_ok()
+    Linux::new(None).index(&HOST, name).await.is_ok()
 }

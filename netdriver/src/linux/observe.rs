@@ -3,7 +3,7 @@
 use super::*;
 
 impl Linux {
-    pub(super) async fn observe_ns(&mut self, ns: &str) -> Result<Netns, DpError> {
+    pub(super) async fn observe_ns(&mut self, ns: &Ns) -> Result<Netns, DpError> {
         let links = self.links(ns).await?;
         let by_index: HashMap<u32, &str> =
             links.iter().map(|(n, s)| (s.index, n.as_str())).collect();
@@ -62,19 +62,19 @@ impl Linux {
             .read_sysctl(ns, "net/ipv4/ip_forward")
             .is_some_and(|v| v.trim() == "1");
         out.routes = static_routes(&h, &by_index).await?;
-        if ns != HOST {
+        if *ns != HOST {
             out.lb = slots
                 .iter()
                 .map(|(v, b)| (*v, b.iter().copied().collect()))
                 .collect();
-            self.lb_slots.insert(ns.to_owned(), slots);
+            self.lb_slots.insert(ns.clone(), slots);
         }
         out.links = links
             .into_iter()
-            .filter(|(name, _)| ns != HOST || name.starts_with("shoal"))
+            .filter(|(name, _)| *ns != HOST || name.starts_with("shoal"))
             .map(|(n, s)| (n, s.link))
             .collect();
-        if ns == HOST {
+        if *ns == HOST {
             let keep: BTreeSet<String> = out.links.keys().cloned().collect();
             out.fdb.retain(|f| keep.contains(&f.link));
             out.neigh.retain(|n| keep.contains(&n.link));

@@ -4,7 +4,7 @@ use super::*;
 
 impl Linux {
     /// Runs `nft ARGS` in namespace `ns`, with `input` on its standard input.
-    pub(super) fn nft_run(&self, ns: &str, args: &[&str], input: &str) -> Result<String, DpError> {
+    pub(super) fn nft_run(&self, ns: &Ns, args: &[&str], input: &str) -> Result<String, DpError> {
         use std::io::Write;
         use std::process::{Command, Stdio};
         let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
@@ -37,7 +37,7 @@ impl Linux {
 
     /// Each VIP's backends in slot order, read back from the kernel's
     /// `table ip shoal` in namespace `ns` (none when unreadable).
-    pub(super) fn read_lb_slots(&self, ns: &str) -> BTreeMap<Ipv4Addr, Vec<Ipv4Addr>> {
+    pub(super) fn read_lb_slots(&self, ns: &Ns) -> BTreeMap<Ipv4Addr, Vec<Ipv4Addr>> {
         self.nft_run(ns, &["-j", "list", "table", "ip", "shoal"], "")
             .ok()
             .and_then(|j| crate::nft::parse(&j))
@@ -48,7 +48,7 @@ impl Linux {
     /// there the first time); a socket that failed is not kept.
     pub(super) fn send_lb_batch(
         &mut self,
-        ns: &str,
+        ns: &Ns,
         batch: &crate::nfnl::Batch,
     ) -> Result<(), DpError> {
         self.with_nf_sock(ns, |fd| crate::nfnl::send_batch(fd, batch))
@@ -58,7 +58,7 @@ impl Linux {
     /// first time); a socket that failed is not kept.
     pub(super) fn with_nf_sock<T>(
         &mut self,
-        ns: &str,
+        ns: &Ns,
         f: impl FnOnce(&std::os::fd::OwnedFd) -> Result<T, DpError>,
     ) -> Result<T, DpError> {
         let fd = match self.nf_socks.remove(ns) {
@@ -66,7 +66,7 @@ impl Linux {
             None => in_netns(self.ns_path(ns), crate::nfnl::open)?,
         };
         let out = f(&fd)?;
-        self.nf_socks.insert(ns.to_owned(), fd);
+        self.nf_socks.insert(ns.clone(), fd);
         Ok(out)
     }
 
@@ -74,7 +74,7 @@ impl Linux {
     /// generation there has not moved, else listed by `nft` again.
     pub(super) fn tables(
         &mut self,
-        ns: &str,
+        ns: &Ns,
     ) -> (Option<NatSeen>, BTreeMap<Ipv4Addr, Vec<Ipv4Addr>>) {
         self.seq = self.seq.wrapping_add(1 << 16);
         let seq = self.seq;
@@ -91,7 +91,7 @@ impl Linux {
             .nft_run(ns, &["-j", "list", "table", "ip", "shoal-nat"], "")
             .ok()
             .and_then(|j| crate::nft::nat_seen(&j));
-        let slots = if ns == HOST {
+        let slots = if *ns == HOST {
             BTreeMap::new()
         } else {
             self.read_lb_slots(ns)
@@ -100,13 +100,13 @@ impl Linux {
         // newer generation next time, and is listed then.
         if let Some(g) = generation {
             self.tables_seen
-                .insert(ns.to_owned(), (g, nat.clone(), slots.clone()));
+                .insert(ns.clone(), (g, nat.clone(), slots.clone()));
         }
         (nat, slots)
     }
 
     /// Reads a `/proc/sys` value as seen from namespace `ns`.
-    pub(super) fn read_sysctl(&self, ns: &str, key: &str) -> Option<String> {
+    pub(super) fn read_sysctl(&self, ns: &Ns, key: &str) -> Option<String> {
         let key = key.to_owned();
         in_netns(self.ns_path(ns), move || {
             std::fs::read_to_string(format!("/proc/sys/{key}")).map_err(|e| other(&key, e))
@@ -115,7 +115,7 @@ impl Linux {
     }
 
     /// Writes a `/proc/sys` value in namespace `ns`.
-    pub(super) fn write_sysctl(&self, ns: &str, key: &str, value: &str) -> Result<(), DpError> {
+    pub(super) fn write_sysctl(&self, ns: &Ns, key: &str, value: &str) -> Result<(), DpError> {
         let (key, value) = (key.to_owned(), value.to_owned());
         in_netns(self.ns_path(ns), move || {
             std::fs::write(format!("/proc/sys/{key}"), value).map_err(|e| other(&key, e))
@@ -126,7 +126,7 @@ impl Linux {
     /// backends of VIPs that stay over netlink, the rest with `nft`.
     pub(super) fn set_lb(
         &mut self,
-        ns: &str,
+        ns: &Ns,
         lb: &crate::model::Lb,
         changed: &BTreeSet<Ipv4Addr>,
         fresh: bool,
@@ -158,14 +158,14 @@ impl Linux {
                         for (c, layout) in changes {
                             slots.insert(c.vip, layout);
                         }
-                        self.lb_slots.insert(ns.to_owned(), slots);
+                        self.lb_slots.insert(ns.clone(), slots);
                         self.netlink_changes += 1;
                         return Ok(());
                     }
                     Err(e) => {
                         // Not in the shape we thought: read it back
                         // and let `nft` put it right.
-                        tracing::debug!(ns, error = %e, "netlink change refused; using nft");
+                        tracing::debug!(%ns, error = %e, "netlink change refused; using nft");
                         slots = self.read_lb_slots(ns);
                     }
                 }
@@ -175,7 +175,7 @@ impl Linux {
         let done = self.nft(ns, &script);
         // On failure the kernel kept the old table: read it again next time.
         if done.is_ok() {
-            self.lb_slots.insert(ns.to_owned(), slots);
+            self.lb_slots.insert(ns.clone(), slots);
         }
         done
     }
@@ -186,17 +186,17 @@ impl Linux {
     /// balancer itself is right already).
     pub(super) fn forget_left(
         &mut self,
-        ns: &str,
+        ns: &Ns,
         pick: impl Fn(&ctnl::Entry) -> bool + Send + 'static,
     ) {
         let path = self.ns_path(ns);
         self.janitor
             .get_or_insert_with(ctnl::Janitor::spawn)
-            .forget(show_ns(ns), path, pick);
+            .forget(&ns.to_string(), path, pick);
     }
 
     /// Applies an nft script in namespace `ns`, atomically.
-    pub(super) fn nft(&self, ns: &str, script: &str) -> Result<(), DpError> {
+    pub(super) fn nft(&self, ns: &Ns, script: &str) -> Result<(), DpError> {
         self.nft_run(ns, &["-f", "-"], script).map(drop)
     }
 
@@ -204,7 +204,7 @@ impl Linux {
     /// left are forgotten.
     pub(super) fn apply_lb(
         &mut self,
-        ns: &str,
+        ns: &Ns,
         lb: &BTreeMap<Ipv4Addr, BTreeSet<Ipv4Addr>>,
         changed: &BTreeSet<Ipv4Addr>,
         fresh: bool,
@@ -229,7 +229,7 @@ impl Linux {
     /// ports' backends that left are forgotten.
     pub(super) fn apply_nat(
         &mut self,
-        ns: &str,
+        ns: &Ns,
         nat: Option<&crate::model::Nat>,
     ) -> Result<(), DpError> {
         let before = self

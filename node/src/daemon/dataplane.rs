@@ -121,7 +121,7 @@ impl ListenGate {
         let held = self.held(state, plan);
         let mut heard = BTreeMap::new();
         for (id, ports) in held.iter().filter(|(_, p)| !p.is_empty()) {
-            let path = std::path::Path::new(NETNS_DIR).join(names.task(id));
+            let path = std::path::Path::new(NETNS_DIR).join(names.task_name(id));
             let read =
                 tokio::task::spawn_blocking(move || shoal_netdriver::listeners::in_namespace(path));
             match read.await {
@@ -504,7 +504,7 @@ impl<B: Backend + Send> Driver<B> {
                 });
                 continue;
             }
-            match start_dns(&self.names.task(id), sb.dns.clone(), &self.upstreams) {
+            match start_dns(&self.names.task_name(id), sb.dns.clone(), &self.upstreams) {
                 Ok(server) => {
                     self.dns_servers.insert(id.clone(), server);
                 }
@@ -617,14 +617,14 @@ pub async fn debug_dataplane(
     // mesh (the ingress namespace's DNAT to the tasks), and straight to a
     // local task (host mode: the host's own DNAT, which for mesh ports
     // points into the ingress namespace instead).
-    let nat_of = |ns: &str| {
-        let n = seen.namespaces.get(ns).and_then(|n| n.nat.clone());
+    let nat_of = |ns: shoal_netdriver::model::Ns| {
+        let n = seen.namespaces.get(&ns).and_then(|n| n.nat.clone());
         n.unwrap_or_default().dnat
     };
     let mesh = last
         .ingress
         .iter()
-        .flat_map(|ig| nat_of(&names.network(&ig.network)))
+        .flat_map(|ig| nat_of(names.network(&ig.network)))
         .map(|f| ("ingress", f));
     let host = nat_of(shoal_netdriver::model::HOST)
         .into_iter()
@@ -730,7 +730,7 @@ impl<B: Backend + Send> Driver<B> {
                 let mut own = local_records(&state, me, &p, vtep);
                 own.retain(|(_, key), _| match key {
                     EndpointKey::Node(_) => true,
-                    EndpointKey::Task(id) => existing.contains(&self.names.task(id)),
+                    EndpointKey::Task(id) => existing.contains(&self.names.task_name(id)),
                 });
                 for ((net, _), rec) in &own {
                     endpoints.entry(net.clone()).or_default().push(rec.clone());

@@ -70,7 +70,7 @@ impl Sandboxes {
             .lock()
             .ok()?
             .contains(task)
-            .then(|| names.task(task))
+            .then(|| names.task_name(task))
     }
 
     /// What the executor needs: whether sandboxes are made here, which
