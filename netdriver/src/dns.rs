@@ -241,7 +241,10 @@ pub async fn serve_tcp(
 pub fn bind_in(
     netns: &std::path::Path,
 ) -> std::io::Result<(std::net::UdpSocket, std::net::TcpListener)> {
-    let io = |e: std::io::Error| crate::DpError::Other(format!("embedded DNS: {e}"));
+    let io = |e: std::io::Error| crate::DpError::Io {
+        what: "embedded DNS".into(),
+        source: e,
+    };
     crate::linux::in_netns(Some(netns.to_owned()), move || {
         let addr = SocketAddr::from((ADDRESS, 53));
         let udp = std::net::UdpSocket::bind(addr).map_err(io)?;

@@ -27,20 +27,65 @@ pub mod render;
 
 use model::{Kernel, Op, diff};
 
-/// A data-plane failure.
+/// A data-plane failure, with what failed and the underlying error kept
+/// (not flattened into text), so a caller can tell kinds apart and a log
+/// shows the whole chain.
 #[derive(Debug, thiserror::Error)]
 pub enum DpError {
-    /// The kernel refused an operation.
-    #[error("{op}: {reason}")]
-    Kernel {
+    /// One operation of a reconcile failed; `cause` says why.
+    #[error("{op}: {cause}")]
+    Op {
         /// The operation.
-        op: String,
-        /// What the kernel said.
-        reason: String,
+        op: Box<Op>,
+        /// Why it failed.
+        #[source]
+        cause: Box<DpError>,
     },
-    /// Something else (namespaces, sockets).
+    /// A netlink request failed or was refused.
+    #[error("{what}: {source}")]
+    Netlink {
+        /// What was asked.
+        what: String,
+        /// What netlink said.
+        #[source]
+        source: rtnetlink::Error,
+    },
+    /// A file or a process (a namespace file, `nft`, a sysctl) failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was tried.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A system call (namespaces, mounts, netfilter sockets) failed.
+    #[error("{what}: {source}")]
+    Sys {
+        /// What was tried.
+        what: String,
+        /// The error number.
+        #[source]
+        source: nix::Error,
+    },
+    /// `nft` refused a script or a listing.
+    #[error("nft: {stderr}")]
+    Nft {
+        /// What it printed.
+        stderr: String,
+    },
+    /// nf_tables refused a netlink batch, or answered what cannot be read.
+    #[error("nf_tables netlink: {0}")]
+    Nfnl(String),
+    /// Something the operation needs is not there (a link, a bridge).
     #[error("{0}")]
-    Other(String),
+    Missing(String),
+    /// The kernel, or the recording backend that models it, refuses.
+    #[error("{0}")]
+    Refused(String),
+    /// The thread that entered a namespace died.
+    #[error("the thread working in a network namespace panicked")]
+    Panicked,
 }
 
 /// Where kernel objects are read and changed.

@@ -316,6 +316,27 @@ pub enum Op {
     EnableForwarding(Ns),
 }
 
+impl std::fmt::Display for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Op::AddNetns(n) => write!(f, "create namespace {n}"),
+            Op::DelNetns(n) => write!(f, "delete namespace {n}"),
+            Op::AddLink { ns, name, .. } => write!(f, "create link {name} in {ns}"),
+            Op::DelLink { ns, name } => write!(f, "delete link {name} in {ns}"),
+            Op::SetLink { ns, name, .. } => write!(f, "configure link {name} in {ns}"),
+            Op::AddFdb(ns, e) => write!(f, "add FDB {e:?} in {ns}"),
+            Op::DelFdb(ns, e) => write!(f, "delete FDB {e:?} in {ns}"),
+            Op::AddNeigh(ns, n) => write!(f, "add neighbour {n:?} in {ns}"),
+            Op::DelNeigh(ns, n) => write!(f, "delete neighbour {n:?} in {ns}"),
+            Op::AddRoute(ns, r) => write!(f, "add route {r:?} in {ns}"),
+            Op::DelRoute(ns, r) => write!(f, "delete route {r:?} in {ns}"),
+            Op::SetLb { ns, .. } => write!(f, "program VIP load balancing in {ns}"),
+            Op::SetNat { ns, .. } => write!(f, "program port forwarding in {ns}"),
+            Op::EnableForwarding(ns) => write!(f, "enable IPv4 forwarding in {ns}"),
+        }
+    }
+}
+
 /// The VIPs whose entries differ between `have` and `want`.
 pub fn lb_changes(have: &Lb, want: &Lb) -> BTreeSet<Ipv4Addr> {
     have.keys()

@@ -294,7 +294,10 @@ pub fn lb_batch(changes: &[SlotChange], seq: u32) -> Batch {
 }
 
 pub(crate) fn fail(what: &str, e: nix::Error) -> DpError {
-    DpError::Other(format!("nf_tables netlink: {what}: {e}"))
+    DpError::Sys {
+        what: format!("nf_tables netlink: {what}"),
+        source: e,
+    }
 }
 
 /// A netfilter netlink socket in the calling thread's network namespace.
@@ -341,9 +344,7 @@ pub fn send_batch(fd: &OwnedFd, batch: &Batch) -> Result<(), DpError> {
         }
     }
     match first_error {
-        Some(e) => Err(DpError::Other(format!(
-            "nf_tables refused the change ({e})"
-        ))),
+        Some(e) => Err(DpError::Nfnl(format!("refused the change ({e})"))),
         None => Ok(()),
     }
 }
@@ -366,7 +367,7 @@ impl Answer<'_> {
 }
 
 fn malformed() -> DpError {
-    DpError::Other("nf_tables netlink: a malformed answer".into())
+    DpError::Nfnl("a malformed answer".into())
 }
 
 /// The messages in `buf` (as one `recv` returned it); a length that runs

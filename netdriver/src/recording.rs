@@ -20,9 +20,9 @@ pub struct Recording {
 }
 
 fn fail(op: &Op, why: &str) -> DpError {
-    DpError::Kernel {
-        op: format!("{op:?}"),
-        reason: why.into(),
+    DpError::Op {
+        op: Box::new(op.clone()),
+        cause: Box::new(DpError::Refused(why.into())),
     }
 }
 
@@ -272,5 +272,35 @@ impl Backend for Recording {
         self.apply_op(op)?;
         self.applied.push(op.clone());
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_refused_operation_keeps_the_operation_and_why() {
+        let mut b = Recording::default();
+        let add = Op::AddNetns("shoal-x-n-a".into());
+        b.apply(&add).await.unwrap();
+        let e = b.apply(&add).await.unwrap_err();
+        match &e {
+            DpError::Op { op, cause } => {
+                assert_eq!(**op, add);
+                assert!(matches!(**cause, DpError::Refused(ref why) if why == "file exists"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(e.to_string(), "create namespace shoal-x-n-a: file exists");
+        let missing = Op::DelLink {
+            ns: Ns::named("shoal-x-n-b"),
+            name: "eth0".into(),
+        };
+        let e = b.apply(&missing).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "delete link eth0 in shoal-x-n-b: no such device"
+        );
     }
 }

@@ -11,7 +11,7 @@ impl Linux {
             .del(idx)
             .execute()
             .await
-            .map_err(|e| other("delete link", e))
+            .map_err(|e| netlink("delete link", e))
     }
 
     /// Adds (`add`) or deletes FDB entry `f` in namespace `ns`.
@@ -22,13 +22,13 @@ impl Linux {
         if add {
             let mut req = h.neighbours().add_bridge(idx, &f.mac);
             *req.message_mut() = msg;
-            req.execute().await.map_err(|e| other("add FDB entry", e))
+            req.execute().await.map_err(|e| netlink("add FDB entry", e))
         } else {
             h.neighbours()
                 .del(msg)
                 .execute()
                 .await
-                .map_err(|e| other("delete FDB entry", e))
+                .map_err(|e| netlink("delete FDB entry", e))
         }
     }
 
@@ -42,14 +42,14 @@ impl Linux {
                 .link_layer_address(&n.mac)
                 .execute()
                 .await
-                .map_err(|e| other("add neighbour", e))
+                .map_err(|e| netlink("add neighbour", e))
         } else {
             let msg = Self::neighbour(idx, AddressFamily::Inet, &n.mac, n.ip);
             h.neighbours()
                 .del(msg)
                 .execute()
                 .await
-                .map_err(|e| other("delete neighbour", e))
+                .map_err(|e| netlink("delete neighbour", e))
         }
     }
 
@@ -68,13 +68,13 @@ impl Linux {
                 .add(msg)
                 .execute()
                 .await
-                .map_err(|e| other("add route", e))
+                .map_err(|e| netlink("add route", e))
         } else {
             h.route()
                 .del(msg)
                 .execute()
                 .await
-                .map_err(|e| other("delete route", e))
+                .map_err(|e| netlink("delete route", e))
         }
     }
 }

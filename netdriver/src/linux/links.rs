@@ -7,7 +7,7 @@ impl Linux {
         let h = self.handle(ns).await?;
         let mut msgs = Vec::new();
         let mut s = h.link().get().execute();
-        while let Some(m) = s.try_next().await.map_err(|e| other("dump links", e))? {
+        while let Some(m) = s.try_next().await.map_err(|e| netlink("dump links", e))? {
             msgs.push(m);
         }
         let names: HashMap<u32, String> = msgs
@@ -31,7 +31,11 @@ impl Linux {
         }
         // Addresses.
         let mut s = h.address().get().execute();
-        while let Some(a) = s.try_next().await.map_err(|e| other("dump addresses", e))? {
+        while let Some(a) = s
+            .try_next()
+            .await
+            .map_err(|e| netlink("dump addresses", e))?
+        {
             if a.header.family != AddressFamily::Inet {
                 continue;
             }
@@ -54,7 +58,7 @@ impl Linux {
         let mut s = h.link().get().match_name(name.to_owned()).execute();
         match s.try_next().await {
             Ok(Some(m)) => Ok(m.header.index),
-            Ok(None) | Err(_) => Err(DpError::Other(format!("no link {name} in {}", ns))),
+            Ok(None) | Err(_) => Err(DpError::Missing(format!("no link {name} in {ns}"))),
         }
     }
 
@@ -76,7 +80,7 @@ impl Linux {
             .set(msg)
             .execute()
             .await
-            .map_err(|e| other(&format!("move link to {to}"), e))
+            .map_err(|e| netlink(format!("move link to {to}"), e))
     }
 
     /// Creates the link `msg` describes in namespace `from` (its name from
@@ -96,7 +100,7 @@ impl Linux {
             .add(msg)
             .execute()
             .await
-            .map_err(|e| other(&format!("create {what}"), e))?;
+            .map_err(|e| netlink(format!("create {what}"), e))?;
         if ns != from {
             let idx = self.index(from, &tmp).await?;
             if let Err(e) = self.move_link(from, idx, ns, name).await {
@@ -120,7 +124,7 @@ impl Linux {
                     .add(LinkBridge::new(name).build())
                     .execute()
                     .await
-                    .map_err(|e| other("create bridge", e))
+                    .map_err(|e| netlink("create bridge", e))
             }
             LinkKind::Vxlan { vni, local, port } => {
                 // Made in the host namespace, under a temporary `shoal…`
@@ -140,7 +144,7 @@ impl Linux {
                     .add(LinkVeth::new(name, &tmp).build())
                     .execute()
                     .await
-                    .map_err(|e| other("create veth", e))?;
+                    .map_err(|e| netlink("create veth", e))?;
                 let idx = self.index(ns, &tmp).await?;
                 if let Err(e) = self.move_link(ns, idx, peer_ns, peer).await {
                     if let Ok(i) = self.index(ns, name).await {
@@ -161,7 +165,7 @@ impl Linux {
                 self.add_in_and_move(parent_ns, ns, name, msg, "macvlan")
                     .await
             }
-            LinkKind::Other(k) => Err(DpError::Other(format!("cannot create a {k} link"))),
+            LinkKind::Other(k) => Err(DpError::Refused(format!("cannot create a {k} link"))),
         }
     }
 
@@ -174,7 +178,7 @@ impl Linux {
         let links = self.links(ns).await?;
         let seen = links
             .get(name)
-            .ok_or_else(|| DpError::Other(format!("no link {name}")))?;
+            .ok_or_else(|| DpError::Missing(format!("no link {name}")))?;
         let mut msg = LinkUnspec::new_with_index(seen.index).mtu(link.mtu);
         if let Some(mac) = link.mac {
             msg = msg.address(mac.to_vec());
@@ -183,7 +187,7 @@ impl Linux {
             Some(m) => {
                 let idx = links
                     .get(m)
-                    .ok_or_else(|| DpError::Other(format!("no bridge {m}")))?
+                    .ok_or_else(|| DpError::Missing(format!("no bridge {m}")))?
                     .index;
                 msg.controller(idx)
             }
@@ -195,7 +199,7 @@ impl Linux {
             .set(msg.build())
             .execute()
             .await
-            .map_err(|e| other("set link", e))?;
+            .map_err(|e| netlink("set link", e))?;
         if link.master.is_some() {
             let port = rtnetlink::LinkBridgePort::new(seen.index)
                 .isolated(link.isolated)
@@ -204,14 +208,14 @@ impl Linux {
                 .set_port(port)
                 .execute()
                 .await
-                .map_err(|e| other("set bridge port", e))?;
+                .map_err(|e| netlink("set bridge port", e))?;
         }
         for (ip, len) in link.addrs.difference(&seen.link.addrs) {
             h.address()
                 .add(seen.index, IpAddr::V4(*ip), *len)
                 .execute()
                 .await
-                .map_err(|e| other(&format!("add address {ip}/{len}"), e))?;
+                .map_err(|e| netlink(format!("add address {ip}/{len}"), e))?;
         }
         let extra: Vec<(Ipv4Addr, u8)> = seen.link.addrs.difference(&link.addrs).copied().collect();
         if !extra.is_empty() {
@@ -220,7 +224,11 @@ impl Linux {
                 .get()
                 .set_link_index_filter(seen.index)
                 .execute();
-            while let Some(a) = s.try_next().await.map_err(|e| other("dump addresses", e))? {
+            while let Some(a) = s
+                .try_next()
+                .await
+                .map_err(|e| netlink("dump addresses", e))?
+            {
                 let ip = a.attributes.iter().find_map(|x| match x {
                     AddressAttribute::Local(IpAddr::V4(ip)) => Some(*ip),
                     _ => None,
@@ -230,7 +238,7 @@ impl Linux {
                         .del(a)
                         .execute()
                         .await
-                        .map_err(|e| other("delete address", e))?;
+                        .map_err(|e| netlink("delete address", e))?;
                 }
             }
         }

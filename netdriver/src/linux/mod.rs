@@ -49,30 +49,24 @@ pub use netns::{
 /// Where named network namespaces live.
 pub const NETNS_DIR: &str = "/run/netns";
 
-fn other(what: &str, e: impl std::fmt::Display) -> DpError {
-    DpError::Other(format!("{what}: {e}"))
+fn netlink(what: impl Into<String>, source: rtnetlink::Error) -> DpError {
+    DpError::Netlink {
+        what: what.into(),
+        source,
+    }
 }
 
-fn kernel(op: &Op, e: impl std::fmt::Display) -> DpError {
-    let what = match op {
-        Op::AddNetns(n) => format!("create namespace {n}"),
-        Op::DelNetns(n) => format!("delete namespace {n}"),
-        Op::AddLink { ns, name, .. } => format!("create link {name} in {}", ns),
-        Op::DelLink { ns, name } => format!("delete link {name} in {}", ns),
-        Op::SetLink { ns, name, .. } => format!("configure link {name} in {}", ns),
-        Op::AddFdb(ns, f) => format!("add FDB {:?} in {}", f, ns),
-        Op::DelFdb(ns, f) => format!("delete FDB {:?} in {}", f, ns),
-        Op::AddNeigh(ns, n) => format!("add neighbour {:?} in {}", n, ns),
-        Op::DelNeigh(ns, n) => format!("delete neighbour {:?} in {}", n, ns),
-        Op::AddRoute(ns, r) => format!("add route {:?} in {}", r, ns),
-        Op::DelRoute(ns, r) => format!("delete route {:?} in {}", r, ns),
-        Op::SetLb { ns, .. } => format!("program VIP load balancing in {}", ns),
-        Op::SetNat { ns, .. } => format!("program port forwarding in {}", ns),
-        Op::EnableForwarding(ns) => format!("enable IPv4 forwarding in {}", ns),
-    };
-    DpError::Kernel {
-        op: what,
-        reason: e.to_string(),
+fn io(what: impl Into<String>, source: std::io::Error) -> DpError {
+    DpError::Io {
+        what: what.into(),
+        source,
+    }
+}
+
+fn sys(what: impl Into<String>, source: nix::Error) -> DpError {
+    DpError::Sys {
+        what: what.into(),
+        source,
     }
 }
 
@@ -178,7 +172,7 @@ impl Linux {
         let path = self
             .ns_path(ns)
             .unwrap_or_else(|| PathBuf::from("/proc/self/ns/net"));
-        File::open(&path).map_err(|e| other(&path.display().to_string(), e))
+        File::open(&path).map_err(|e| io(path.display().to_string(), e))
     }
 
     /// A netlink handle whose socket lives in namespace `ns`.
@@ -189,7 +183,7 @@ impl Linux {
         let rt = tokio::runtime::Handle::current();
         let (conn, handle) = in_netns(self.ns_path(ns), move || {
             let _enter = rt.enter();
-            let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| other("netlink", e))?;
+            let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| io("netlink", e))?;
             Ok((conn, handle))
         })?;
         tokio::spawn(conn);
@@ -207,7 +201,7 @@ impl Linux {
                     .set(lo)
                     .execute()
                     .await
-                    .map_err(|e| other("loopback up", e))
+                    .map_err(|e| netlink("loopback up", e))
             }
             Op::DelNetns(name) => {
                 let ns = Ns::named(name.clone());
@@ -271,9 +265,9 @@ impl Backend for Linux {
     }
 
     async fn apply(&mut self, op: &Op) -> Result<(), DpError> {
-        self.apply_op(op).await.map_err(|e| match e {
-            DpError::Other(reason) => kernel(op, reason),
-            e => e,
+        self.apply_op(op).await.map_err(|cause| DpError::Op {
+            op: Box::new(op.clone()),
+            cause: Box::new(cause),
         })
     }
 }

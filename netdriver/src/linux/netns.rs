@@ -11,19 +11,19 @@ pub fn in_netns<T: Send + 'static>(
 ) -> Result<T, DpError> {
     std::thread::spawn(move || {
         if let Some(p) = path {
-            let file = File::open(&p).map_err(|e| other(&p.display().to_string(), e))?;
-            nix::sched::setns(file, CloneFlags::CLONE_NEWNET).map_err(|e| other("setns", e))?;
+            let file = File::open(&p).map_err(|e| io(p.display().to_string(), e))?;
+            nix::sched::setns(file, CloneFlags::CLONE_NEWNET).map_err(|e| sys("setns", e))?;
         }
         f()
     })
     .join()
-    .map_err(|_| DpError::Other("namespace thread panicked".into()))?
+    .map_err(|_| DpError::Panicked)?
 }
 
 /// Makes `/run/netns` exist and be a shared mount, as `ip netns add` does,
 /// so that namespaces bound there are seen by every mount namespace.
 fn prepare_netns_dir() -> Result<(), DpError> {
-    std::fs::create_dir_all(NETNS_DIR).map_err(|e| other(NETNS_DIR, e))?;
+    std::fs::create_dir_all(NETNS_DIR).map_err(|e| io(NETNS_DIR, e))?;
     let shared = || {
         nix::mount::mount(
             None::<&str>,
@@ -41,8 +41,8 @@ fn prepare_netns_dir() -> Result<(), DpError> {
             MsFlags::MS_BIND | MsFlags::MS_REC,
             None::<&str>,
         )
-        .map_err(|e| other("bind /run/netns", e))?;
-        shared().map_err(|e| other("make /run/netns shared", e))?;
+        .map_err(|e| sys("bind /run/netns", e))?;
+        shared().map_err(|e| sys("make /run/netns shared", e))?;
     }
     Ok(())
 }
@@ -55,10 +55,10 @@ pub fn create_netns(name: &str) -> Result<(), DpError> {
         .write(true)
         .create_new(true)
         .open(&path)
-        .map_err(|e| other(&path.display().to_string(), e))?;
+        .map_err(|e| io(path.display().to_string(), e))?;
     let target = path.clone();
     let made = std::thread::spawn(move || -> Result<(), DpError> {
-        nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|e| other("unshare", e))?;
+        nix::sched::unshare(CloneFlags::CLONE_NEWNET).map_err(|e| sys("unshare", e))?;
         nix::mount::mount(
             Some("/proc/thread-self/ns/net"),
             &target,
@@ -66,10 +66,10 @@ pub fn create_netns(name: &str) -> Result<(), DpError> {
             MsFlags::MS_BIND,
             None::<&str>,
         )
-        .map_err(|e| other("bind the new namespace", e))
+        .map_err(|e| sys("bind the new namespace", e))
     })
     .join()
-    .map_err(|_| DpError::Other("namespace thread panicked".into()))?;
+    .map_err(|_| DpError::Panicked)?;
     if made.is_err() {
         let _ = std::fs::remove_file(&path);
     }
@@ -81,7 +81,7 @@ pub fn delete_netns(name: &str) -> Result<(), DpError> {
     let path = Path::new(NETNS_DIR).join(name);
     // Not mounted (a failed creation): just the file.
     let _ = nix::mount::umount2(&path, MntFlags::MNT_DETACH);
-    std::fs::remove_file(&path).map_err(|e| other(&path.display().to_string(), e))
+    std::fs::remove_file(&path).map_err(|e| io(path.display().to_string(), e))
 }
 
 /// The named namespaces starting with `prefix`.
@@ -119,7 +119,7 @@ pub async fn probe_driver(driver: &str) -> Result<(), DpError> {
             .add(LinkVeth::new("probe0", "probe1").build())
             .execute()
             .await
-            .map_err(|e| other("veth", e))?;
+            .map_err(|e| netlink("veth", e))?;
         let idx = b.index(&probe, "probe0").await?;
         let msg = match driver {
             "macvlan" => LinkMacVlan::new("probe2", idx, MacVlanMode::Bridge).build(),
@@ -130,7 +130,7 @@ pub async fn probe_driver(driver: &str) -> Result<(), DpError> {
             .add(msg)
             .execute()
             .await
-            .map_err(|e| other(driver, e))
+            .map_err(|e| netlink(driver, e))
     }
     .await;
     b.handles.clear();
@@ -168,7 +168,7 @@ async fn main_routes() -> Result<Vec<(Ipv4Addr, u8, String)>, DpError> {
         .route()
         .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
         .execute();
-    while let Some(r) = s.try_next().await.map_err(|e| other("dump routes", e))? {
+    while let Some(r) = s.try_next().await.map_err(|e| netlink("dump routes", e))? {
         let len = r.header.destination_prefix_length;
         if len == 0 || r.header.table != 254 {
             continue;

@@ -14,7 +14,7 @@ impl Linux {
             .get()
             .set_address_family(AddressFamily::Bridge)
             .execute();
-        while let Some(n) = s.try_next().await.map_err(|e| other("dump FDB", e))? {
+        while let Some(n) = s.try_next().await.map_err(|e| netlink("dump FDB", e))? {
             let Some(link) = by_index.get(&n.header.ifindex) else {
                 continue;
             };
@@ -37,7 +37,7 @@ impl Linux {
         while let Some(n) = s
             .try_next()
             .await
-            .map_err(|e| other("dump neighbours", e))?
+            .map_err(|e| netlink("dump neighbours", e))?
         {
             if n.header.state != NeighbourState::Permanent {
                 continue;
@@ -134,7 +134,7 @@ async fn static_routes(
         .route()
         .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
         .execute();
-    while let Some(r) = s.try_next().await.map_err(|e| other("dump routes", e))? {
+    while let Some(r) = s.try_next().await.map_err(|e| netlink("dump routes", e))? {
         if r.header.protocol != RouteProtocol::Static {
             continue;
         }

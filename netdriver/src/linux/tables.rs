@@ -18,19 +18,18 @@ impl Linux {
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
-                .map_err(|e| other("cannot run nft (install nftables)", e))?;
+                .map_err(|e| io("cannot run nft (install nftables)", e))?;
             if let Some(mut stdin) = child.stdin.take() {
                 stdin
                     .write_all(input.as_bytes())
-                    .map_err(|e| other("nft", e))?;
+                    .map_err(|e| io("nft", e))?;
             }
-            child.wait_with_output().map_err(|e| other("nft", e))
+            child.wait_with_output().map_err(|e| io("nft", e))
         })?;
         if !out.status.success() {
-            return Err(DpError::Other(format!(
-                "nft: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
+            return Err(DpError::Nft {
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            });
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -109,7 +108,7 @@ impl Linux {
     pub(super) fn read_sysctl(&self, ns: &Ns, key: &str) -> Option<String> {
         let key = key.to_owned();
         in_netns(self.ns_path(ns), move || {
-            std::fs::read_to_string(format!("/proc/sys/{key}")).map_err(|e| other(&key, e))
+            std::fs::read_to_string(format!("/proc/sys/{key}")).map_err(|e| io(key.clone(), e))
         })
         .ok()
     }
@@ -118,7 +117,7 @@ impl Linux {
     pub(super) fn write_sysctl(&self, ns: &Ns, key: &str, value: &str) -> Result<(), DpError> {
         let (key, value) = (key.to_owned(), value.to_owned());
         in_netns(self.ns_path(ns), move || {
-            std::fs::write(format!("/proc/sys/{key}"), value).map_err(|e| other(&key, e))
+            std::fs::write(format!("/proc/sys/{key}"), value).map_err(|e| io(key.clone(), e))
         })
     }
 
