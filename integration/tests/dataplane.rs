@@ -82,30 +82,74 @@ fn resolve(c: &Cluster, from: &Value, name: &str) -> std::collections::BTreeSet<
         .collect()
 }
 
+/// The lab of the overlay scenario: three hosts, network `appnet`, and
+/// service `web` with one task on each host and its VIP there.
+struct Overlay {
+    c: Cluster,
+    tasks: Vec<Value>,
+    vip: String,
+}
+
+impl Overlay {
+    fn start() -> Self {
+        let c = Cluster::start_isolated(3).unwrap();
+        c.form(1).unwrap();
+        c.shoal_ok(0, &["network", "create", "appnet"]).unwrap();
+        let args = echo_service("web", 3, &["--network", "appnet"]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = c.shoal_ok(0, &args).unwrap();
+        assert!(r.stdout.contains("converged"), "{r:?}");
+        let tasks = running(&c, 0, "web");
+        assert_eq!(tasks.len(), 3);
+        let hosts: std::collections::BTreeSet<usize> =
+            tasks.iter().map(|t| host_of(&c, t)).collect();
+        assert_eq!(hosts.len(), 3, "one task per host");
+        let svc = c
+            .shoal_ok(0, &["service", "inspect", "web"])
+            .unwrap()
+            .json()
+            .unwrap()[0]
+            .clone();
+        let vip = svc["vips"]["appnet"].as_str().unwrap().to_owned();
+        Overlay { c, tasks, vip }
+    }
+}
+
+/// Every step of the scenario, in order, on one lab: each builds on what
+/// the steps before it left (services, networks, a dead host).
 #[test]
 fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
     if !root_or_skip("make network namespaces, veths and VXLAN devices") {
         return;
     }
-    let mut c = Cluster::start_isolated(3).unwrap();
-    c.form(1).unwrap();
-    c.shoal_ok(0, &["network", "create", "appnet"]).unwrap();
-    let args = echo_service("web", 3, &["--network", "appnet"]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let r = c.shoal_ok(0, &args).unwrap();
-    assert!(r.stdout.contains("converged"), "{r:?}");
-    let tasks = running(&c, 0, "web");
-    assert_eq!(tasks.len(), 3);
-    let hosts: std::collections::BTreeSet<usize> = tasks.iter().map(|t| host_of(&c, t)).collect();
-    assert_eq!(hosts.len(), 3, "one task per host");
+    let mut o = Overlay::start();
+    tasks_reach_each_other(&mut o);
+    the_vip_balances_without_snat(&mut o);
+    conntrack_follows_vip_connections_only(&mut o);
+    names_resolve_through_the_embedded_dns(&mut o);
+    diagnostics_show_vteps_backends_and_answers(&mut o);
+    the_routing_mesh_answers_on_every_host(&mut o);
+    udp_goes_through_the_mesh(&mut o);
+    host_mode_answers_where_the_task_runs(&mut o);
+    macvlan_tasks_are_on_the_hosts_lan(&mut o);
+    a_bridge_network_joins_tasks_on_one_host(&mut o);
+    subnets_steer_clear_of_the_hosts_routes(&mut o);
+    egress_reaches_out_unless_internal(&mut o);
+    a_task_joins_once_it_listens(&mut o);
+    a_dead_hosts_task_leaves_and_is_replaced(&mut o);
+    host_namespaces_hold_no_task_addresses(&mut o);
+}
 
-    // Every task reaches every other one, across hosts, and the server sees
-    // the client task's own address.
+/// Every task reaches every other one, across hosts, and the server sees
+/// the client task's own address.
+fn tasks_reach_each_other(o: &mut Overlay) {
+    let tasks = o.tasks.clone();
+    let c = &mut o.c;
     for from in &tasks {
         for to in &tasks {
             let ip = to["addresses"]["appnet"].as_str().unwrap();
             let v = c
-                .wait_until_value(CONVERGE, || get_from(&c, from, ip))
+                .wait_until_value(CONVERGE, || get_from(c, from, ip))
                 .unwrap();
             assert_eq!(v["task"], to["name"], "{v}");
             let client = v["client"].as_str().unwrap();
@@ -117,30 +161,28 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
             );
         }
     }
+}
 
-    // The service's VIP balances over all three replicas, from every host,
-    // and the servers still see the client's own address (no SNAT). (A task
-    // is reachable as soon as the store places it; it joins the VIP once
-    // gossip shows its endpoint, so this waits for that.)
-    let svc = c
-        .shoal_ok(0, &["service", "inspect", "web"])
-        .unwrap()
-        .json()
-        .unwrap()[0]
-        .clone();
-    let vip = svc["vips"]["appnet"].as_str().unwrap().to_owned();
+/// The service's VIP balances over all three replicas, from every host,
+/// and the servers still see the client's own address (no SNAT). (A task
+/// is reachable as soon as the store places it; it joins the VIP once
+/// gossip shows its endpoint, so this waits for that.)
+fn the_vip_balances_without_snat(o: &mut Overlay) {
+    let tasks = o.tasks.clone();
+    let vip = o.vip.clone();
+    let c = &mut o.c;
     for from in &tasks {
         let own = from["addresses"]["appnet"].as_str().unwrap();
         let mut served = std::collections::BTreeSet::new();
         let deadline = std::time::Instant::now() + CONVERGE;
         for _ in 0..9 {
             while served.len() < 3 && std::time::Instant::now() < deadline {
-                if let Ok(v) = get_from(&c, from, &vip) {
+                if let Ok(v) = get_from(c, from, &vip) {
                     served.insert(v["task"].as_str().unwrap_or_default().to_owned());
                 }
             }
             let v = c
-                .wait_until_value(CONVERGE, || get_from(&c, from, &vip))
+                .wait_until_value(CONVERGE, || get_from(c, from, &vip))
                 .unwrap();
             assert!(
                 v["client"]
@@ -158,14 +200,19 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
             from["name"]
         );
     }
+}
 
-    // Conntrack follows the VIP connections only: in every task's
-    // namespace the requests to the VIP just made are there, and not one
-    // of the direct connections between tasks, either way.
+/// Conntrack follows the VIP connections only: in every task's
+/// namespace the requests to the VIP just made are there, and not one
+/// of the direct connections between tasks, either way.
+fn conntrack_follows_vip_connections_only(o: &mut Overlay) {
+    let tasks = o.tasks.clone();
+    let vip = o.vip.clone();
+    let c = &mut o.c;
     for t in &tasks {
         let name = t["name"].as_str().unwrap();
         let r = c.shoal(
-            host_of(&c, t),
+            host_of(c, t),
             &["exec", name, "--", "cat", "/proc/net/nf_conntrack"],
         );
         assert!(r.ok(), "{r:?}");
@@ -196,20 +243,25 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
             );
         }
     }
+}
 
-    // By name, through the embedded DNS at 127.0.0.11: `web` is the VIP,
-    // `tasks.web` the three tasks.
+/// By name, through the embedded DNS at 127.0.0.11: `web` is the VIP,
+/// `tasks.web` the three tasks.
+fn names_resolve_through_the_embedded_dns(o: &mut Overlay) {
+    let tasks = o.tasks.clone();
+    let vip = o.vip.clone();
+    let c = &mut o.c;
     for from in &tasks {
         let mut served = std::collections::BTreeSet::new();
         let deadline = std::time::Instant::now() + CONVERGE;
         for _ in 0..9 {
             while served.len() < 3 && std::time::Instant::now() < deadline {
-                if let Ok(v) = get_from(&c, from, &vip) {
+                if let Ok(v) = get_from(c, from, &vip) {
                     served.insert(v["task"].as_str().unwrap_or_default().to_owned());
                 }
             }
             let v = c
-                .wait_until_value(CONVERGE, || get_from(&c, from, "web"))
+                .wait_until_value(CONVERGE, || get_from(c, from, "web"))
                 .unwrap();
             served.insert(v["task"].as_str().unwrap().to_owned());
         }
@@ -223,24 +275,28 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
             .iter()
             .map(|t| t["addresses"]["appnet"].as_str().unwrap().to_owned())
             .collect();
-        assert_eq!(resolve(&c, from, "tasks.web"), all);
+        assert_eq!(resolve(c, from, "tasks.web"), all);
         assert_eq!(
-            resolve(&c, from, "web"),
+            resolve(c, from, "web"),
             std::collections::BTreeSet::from([vip.clone()])
         );
         let name = tasks[0]["name"].as_str().unwrap();
         assert_eq!(
-            resolve(&c, from, name),
+            resolve(c, from, name),
             std::collections::BTreeSet::from([tasks[0]["addresses"]["appnet"]
                 .as_str()
                 .unwrap()
                 .to_owned()])
         );
     }
+}
 
-    // Diagnostics: node1's FDB names the other two hosts' VTEPs, the VIP's
-    // backends are the three tasks, and its tasks' DNS answers as above.
-    let dp = debug_dataplane(&c, 0);
+/// Diagnostics: node1's FDB names the other two hosts' VTEPs, the VIP's
+/// backends are the three tasks, and its tasks' DNS answers as above.
+fn diagnostics_show_vteps_backends_and_answers(o: &mut Overlay) {
+    let tasks = o.tasks.clone();
+    let c = &mut o.c;
+    let dp = debug_dataplane(c, 0);
     let appnet = dp["networks"]
         .as_array()
         .unwrap()
@@ -267,7 +323,7 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
         3,
         "{appnet}"
     );
-    let local = tasks.iter().find(|t| host_of(&c, t) == 0).unwrap();
+    let local = tasks.iter().find(|t| host_of(c, t) == 0).unwrap();
     let dns = c
         .shoal_ok(
             0,
@@ -277,10 +333,13 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
     assert_eq!(dns.stdout.lines().count(), 3, "{dns:?}");
     let table = c.shoal_ok(0, &["debug", "dataplane"]).unwrap();
     assert!(table.stdout.contains("NETWORK appnet"), "{table:?}");
+}
 
-    // The routing mesh: a port published by a one-task service answers on
-    // every host's address, from every host, including those that run no
-    // task of it.
+/// The routing mesh: a port published by a one-task service answers on
+/// every host's address, from every host, including those that run no
+/// task of it.
+fn the_routing_mesh_answers_on_every_host(o: &mut Overlay) {
+    let c = &mut o.c;
     let args = echo_service("api", 1, &["--network", "appnet", "-p", "8081:80"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let created = c.shoal_ok(0, &args).unwrap();
@@ -328,7 +387,7 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
     // ... and `debug dataplane` shows it as the kernel forwards it: the
     // mesh port on every host with the three tasks' ingress addresses.
     for on in 0..3 {
-        let dp = debug_dataplane(&c, on);
+        let dp = debug_dataplane(c, on);
         let p = dp["published"]
             .as_array()
             .unwrap()
@@ -355,8 +414,12 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
             }
         }
     }
+}
 
-    // UDP through the mesh, to a task that answers datagrams.
+/// UDP through the mesh, to a task that answers datagrams.
+fn udp_goes_through_the_mesh(o: &mut Overlay) {
+    let c = &mut o.c;
+    let bin = shoal_bin().to_string_lossy().into_owned();
     let bin_s = bin.as_str();
     c.shoal_ok(
         0,
@@ -398,9 +461,14 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
             "{v}"
         );
     }
+}
 
-    // mode=host publishing: the port answers on the host that runs the task
-    // (straight to it), and nowhere else.
+/// mode=host publishing: the port answers on the host that runs the task
+/// (straight to it), and nowhere else.
+fn host_mode_answers_where_the_task_runs(o: &mut Overlay) {
+    let c = &mut o.c;
+    let bin = shoal_bin().to_string_lossy().into_owned();
+    let bin_s = bin.as_str();
     c.shoal_ok(
         0,
         &[
@@ -421,8 +489,8 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
         ],
     )
     .unwrap();
-    let pinned = running(&c, 0, "pinned")[0].clone();
-    let home = host_of(&c, &pinned);
+    let pinned = running(c, 0, "pinned")[0].clone();
+    let home = host_of(c, &pinned);
     let url = format!("http://{}:8090/", c.hosts[home].ip);
     let v: Value = c
         .wait_until_value(CONVERGE, || {
@@ -446,9 +514,14 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
         !r.ok(),
         "mode=host answered on a host without the task: {r:?}"
     );
+}
 
-    // macvlan: tasks get an address on the hosts' own LAN (the underlay),
-    // reachable from the other hosts directly.
+/// macvlan: tasks get an address on the hosts' own LAN (the underlay),
+/// reachable from the other hosts directly.
+fn macvlan_tasks_are_on_the_hosts_lan(o: &mut Overlay) {
+    let c = &mut o.c;
+    let bin = shoal_bin().to_string_lossy().into_owned();
+    let bin_s = bin.as_str();
     c.shoal_ok(
         0,
         &[
@@ -471,13 +544,13 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
     let args = echo_service("lanweb", 2, &["--network", "lan"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     c.shoal_ok(0, &args).unwrap();
-    for t in running(&c, 0, "lanweb") {
+    for t in running(c, 0, "lanweb") {
         let ip = t["addresses"]["lan"].as_str().unwrap().to_owned();
         assert!(
             ip.starts_with("10.210.0.1") || ip.starts_with("10.210.0.2"),
             "{ip}"
         );
-        let other = (host_of(&c, &t) + 1) % 3;
+        let other = (host_of(c, &t) + 1) % 3;
         let url = format!("http://{ip}/");
         let v: Value = c
             .wait_until_value(CONVERGE, || {
@@ -488,8 +561,11 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
             .unwrap();
         assert_eq!(v["task"], t["name"], "{v}");
     }
+}
 
-    // bridge: a one-host network; two tasks on node1 reach each other.
+/// bridge: a one-host network; two tasks on node1 reach each other.
+fn a_bridge_network_joins_tasks_on_one_host(o: &mut Overlay) {
+    let c = &mut o.c;
     c.shoal_ok(0, &["network", "create", "-d", "bridge", "local"])
         .unwrap();
     let args = echo_service(
@@ -499,15 +575,18 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
     );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     c.shoal_ok(0, &args).unwrap();
-    let pair = running(&c, 0, "pair");
+    let pair = running(c, 0, "pair");
     assert_eq!(pair.len(), 2);
     let ip = pair[1]["addresses"]["local"].as_str().unwrap().to_owned();
     let v = c
-        .wait_until_value(CONVERGE, || get_from(&c, &pair[0], &ip))
+        .wait_until_value(CONVERGE, || get_from(c, &pair[0], &ip))
         .unwrap();
     assert_eq!(v["task"], pair[1]["name"], "{v}");
+}
 
-    // A subnet on the hosts' own underlay is refused, naming the route.
+/// A subnet on the hosts' own underlay is refused, naming the route.
+fn subnets_steer_clear_of_the_hosts_routes(o: &mut Overlay) {
+    let c = &mut o.c;
     c.assert_refused(
         0,
         &["network", "create", "--subnet", "10.210.0.0/25", "clash"],
@@ -560,30 +639,40 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
             .is_some_and(Vec::is_empty))
     })
     .unwrap();
+}
 
-    // Egress: a task reaches beyond its network (here another host's
-    // address, through its own host's gateway bridge); one on an
-    // `--internal` network does not.
+/// Egress: a task reaches beyond its network (here another host's
+/// address, through its own host's gateway bridge); one on an
+/// `--internal` network does not.
+fn egress_reaches_out_unless_internal(o: &mut Overlay) {
+    let tasks = o.tasks.clone();
+    let c = &mut o.c;
     c.shoal_ok(0, &["network", "create", "--internal", "sealed"])
         .unwrap();
     let args = echo_service("inside", 1, &["--network", "sealed"]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     c.shoal_ok(0, &args).unwrap();
-    let inside = running(&c, 0, "inside")[0].clone();
+    let inside = running(c, 0, "inside")[0].clone();
     let outside = format!("{}:8081", c.hosts[1].ip);
     let v = c
-        .wait_until_value(CONVERGE, || get_from(&c, &tasks[0], &outside))
+        .wait_until_value(CONVERGE, || get_from(c, &tasks[0], &outside))
         .unwrap();
     assert_eq!(v["task"], "api.1", "{v}");
     assert!(
-        get_from(&c, &inside, &outside).is_err(),
+        get_from(c, &inside, &outside).is_err(),
         "an internal task got out"
     );
+}
 
-    // A task with a published port joins its VIP and DNS once it listens
-    // on the target port, not when its process starts: `late` waits for a
-    // file before it listens. (`--detach`: `service create` would wait for
-    // that too.)
+/// A task with a published port joins its VIP and DNS once it listens
+/// on the target port, not when its process starts: `late` waits for a
+/// file before it listens. (`--detach`: `service create` would wait for
+/// that too.)
+fn a_task_joins_once_it_listens(o: &mut Overlay) {
+    let tasks = o.tasks.clone();
+    let c = &mut o.c;
+    let bin = shoal_bin().to_string_lossy().into_owned();
+    let bin_s = bin.as_str();
     let gate = tempfile::tempdir().unwrap();
     let go = gate.path().join("listen");
     let script = format!(
@@ -630,8 +719,8 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
     )
     .unwrap();
     let deaf_created = std::time::Instant::now();
-    let deaf_ip = running_ip(&c, "deaf");
-    let late_ip = running_ip(&c, "late");
+    let deaf_ip = running_ip(c, "deaf");
+    let late_ip = running_ip(c, "late");
     let client = tasks[0]["name"].as_str().unwrap();
     let dns_late = |c: &Cluster| {
         c.shoal_ok(
@@ -653,7 +742,7 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
             .find(|l| l["service"] == "late")
             .cloned()
     };
-    let late_host = host_of(&c, &running(&c, 0, "late")[0]);
+    let late_host = host_of(c, &running(c, 0, "late")[0]);
     c.wait_until("`late`'s sandbox and load balancers", CONVERGE, |c| {
         let dp = debug_dataplane(c, late_host);
         let sandboxes = dp["sandboxes"].as_array().cloned().unwrap_or_default();
@@ -661,21 +750,21 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
         Ok(programmed && (0..3).all(|h| late_lb(c, h).is_some()))
     })
     .unwrap();
-    let v = dns_late(&c);
+    let v = dns_late(c);
     assert!(
         v.contains("no address right now"),
         "a task that does not listen is in DNS: {v}"
     );
     let r = c
         .shoal_ok(
-            host_of(&c, &tasks[0]),
+            host_of(c, &tasks[0]),
             &["debug", "dns", client, "tasks.deaf"],
         )
         .unwrap();
     assert!(!r.stdout.contains(&deaf_ip), "{}", r.stdout);
     // No host's load balancers have it, its own host's included.
     for host in 0..3 {
-        let lb = late_lb(&c, host).unwrap();
+        let lb = late_lb(c, host).unwrap();
         assert_eq!(lb["backends"], serde_json::json!([]), "host {host}: {lb}");
     }
     std::fs::write(&go, b"").unwrap();
@@ -686,7 +775,7 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
     )
     .unwrap();
     let v = c
-        .wait_until_value(CONVERGE, || get_from(&c, &tasks[0], "late"))
+        .wait_until_value(CONVERGE, || get_from(c, &tasks[0], "late"))
         .unwrap();
     assert_eq!(v["task"], "late.1", "{v}");
     c.wait_until(
@@ -706,12 +795,18 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
         "`deaf` joined after {:?}, before the gate's limit",
         deaf_created.elapsed()
     );
+}
 
-    // A host dies (daemon, tasks, link): within the failure-detection time
-    // the VIP stops sending anything to its task.
-    let victim = tasks.iter().position(|t| host_of(&c, t) == 2).unwrap();
+/// A host dies (daemon, tasks, link): within the failure-detection time
+/// the VIP stops sending anything to its task.
+fn a_dead_hosts_task_leaves_and_is_replaced(o: &mut Overlay) {
+    let tasks = o.tasks.clone();
+    let vip = o.vip.clone();
+    let c = &mut o.c;
+    let bin = shoal_bin().to_string_lossy().into_owned();
+    let victim = tasks.iter().position(|t| host_of(c, t) == 2).unwrap();
     let dead_task = tasks[victim]["name"].as_str().unwrap().to_owned();
-    let from = tasks.iter().find(|t| host_of(&c, t) == 0).unwrap().clone();
+    let from = tasks.iter().find(|t| host_of(c, t) == 0).unwrap().clone();
     // Beforehand: UDP flows that keep their source port, pinned by
     // conntrack to `udp`'s task on the host about to die, through the VIP
     // (from a task) and through the mesh (from host 2 to host 1's port).
@@ -724,9 +819,9 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
         .as_str()
         .unwrap()
         .to_owned();
-    let doomed = running(&c, 0, "udp")
+    let doomed = running(c, 0, "udp")
         .into_iter()
-        .find(|t| host_of(&c, t) == 2)
+        .find(|t| host_of(c, t) == 2)
         .unwrap()["name"]
         .as_str()
         .unwrap()
@@ -739,7 +834,7 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
         .iter()
         .map(|(task, to, base)| {
             (*base..base + 30)
-                .find(|p| udp_answer(&c, *task, *p, to).as_deref() == Some(doomed.as_str()))
+                .find(|p| udp_answer(c, *task, *p, to).as_deref() == Some(doomed.as_str()))
                 .unwrap_or_else(|| panic!("no flow to {to} reached {doomed}"))
         })
         .collect();
@@ -751,7 +846,7 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
             killed.elapsed() < Duration::from_secs(20),
             "the dead task stayed a backend"
         );
-        match get_from(&c, &from, &vip) {
+        match get_from(c, &from, &vip) {
             Ok(v) if v["task"] != dead_task.as_str() => clean += 1,
             _ => clean = 0,
         }
@@ -776,7 +871,7 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
     for ((task, to, _), port) in flows.iter().zip(&pinned) {
         let who = c
             .wait_until_value(Duration::from_secs(20), || {
-                let who = udp_answer(&c, *task, *port, to);
+                let who = udp_answer(c, *task, *port, to);
                 anyhow::ensure!(who.is_some(), "no answer from {to} to port {port}");
                 Ok(who)
             })
@@ -804,15 +899,19 @@ fn tasks_on_different_hosts_reach_each_other_over_the_overlay() {
             std::time::Instant::now() < deadline,
             "no replacement served: {served:?}"
         );
-        if let Ok(v) = get_from(&c, &from, &vip) {
+        if let Ok(v) = get_from(c, &from, &vip) {
             let who = v["addresses"][0].as_str().unwrap_or_default().to_owned();
             assert_ne!(who, dead_ip, "the dead task answered");
             served.insert(who);
         }
     }
     eprintln!("a replacement served {:?} after the kill", killed.elapsed());
+}
 
-    // The hosts' own namespaces hold no task addresses: only the overlay does.
+/// The hosts' own namespaces hold no task addresses: only the overlay does.
+fn host_namespaces_hold_no_task_addresses(o: &mut Overlay) {
+    let tasks = o.tasks.clone();
+    let c = &mut o.c;
     let r = c.in_host(0, "ip", &["-o", "-4", "addr"]);
     for t in &tasks {
         let ip = t["addresses"]["appnet"].as_str().unwrap();
