@@ -364,6 +364,20 @@ fn the_demo_runs_to_completion_and_keep_leaves_its_lab_up() {
     ] {
         assert!(out.contains(shown), "{shown}: {out}");
     }
+    // New connections spread over the replicas from the first one: the
+    // demo's two rounds of requests (before and after the failover, four to
+    // six each, three replicas) are not all answered by one replica (with a
+    // random pick, both rounds all by one has odds below 1 in 700; with the
+    // old round robin from slot 0 it was what every fresh demo showed).
+    let rounds: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("answered by "))
+        .collect();
+    assert_eq!(rounds.len(), 2, "{out}");
+    assert!(
+        rounds.iter().any(|l| !l.starts_with("answered by 1 ")),
+        "every request of the demo went to one replica: {rounds:?}"
+    );
     let (_, ls, _) = lab(&["ls", "--name", &name]);
     assert_eq!(ls.matches("running").count(), 3, "{ls}");
     let (ok, ps, _) = lab(&[

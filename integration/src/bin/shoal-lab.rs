@@ -71,8 +71,16 @@ fn running_tasks(c: &Cluster, i: usize) -> anyhow::Result<Vec<(String, String)>>
 /// From inside each running task of `web`, a request to `http://web/`
 /// (the embedded DNS gives the VIP, which balances over the replicas), then
 /// a request to port 8080 of every live host's address (the routing mesh);
-/// prints who answered.
+/// prints who answered, and how many replicas did (new connections pick a
+/// replica at random, so several answer).
 fn requests(c: &Cluster, bin: &str) -> anyhow::Result<()> {
+    let mut answered = std::collections::BTreeSet::new();
+    let mut note = |stdout: &str| {
+        let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_default();
+        if let Some(task) = v["task"].as_str() {
+            answered.insert(task.to_owned());
+        }
+    };
     let live = |name: &str| c.hosts.iter().position(|h| h.name == name);
     for (task, node) in running_tasks(c, live_host(c))? {
         let Some(i) = live(&node) else { continue };
@@ -80,6 +88,7 @@ fn requests(c: &Cluster, bin: &str) -> anyhow::Result<()> {
         let r = c.shoal_ok(i, &["exec", &task, "--", bin, "tool", "http-get", url])?;
         println!("$ shoal exec {task} -- shoal tool http-get {url}    # on {node}");
         print!("{}", r.stdout);
+        note(&r.stdout);
     }
     for (i, h) in c.hosts.iter().enumerate() {
         if !c.shoal(i, &["info"]).ok() {
@@ -105,7 +114,14 @@ fn requests(c: &Cluster, bin: &str) -> anyhow::Result<()> {
             c.hosts[from].name
         );
         print!("{}", r.stdout);
+        note(&r.stdout);
     }
+    let names: Vec<&str> = answered.iter().map(String::as_str).collect();
+    println!(
+        "answered by {} replicas: {}",
+        answered.len(),
+        names.join(", ")
+    );
     Ok(())
 }
 
