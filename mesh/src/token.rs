@@ -26,6 +26,20 @@ impl fmt::Debug for JoinToken {
     }
 }
 
+/// A token travels as its text, and is checked again when read back.
+impl serde::Serialize for JoinToken {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for JoinToken {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// Token prefix and format version.
 pub const TOKEN_PREFIX: &str = "SHOAL-1-";
 /// Hex digits in the fingerprint part.

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use shoal_mesh::cidr::Ipv4Net;
 use shoal_mesh::constraint::Constraint;
 use shoal_mesh::network::NetworkSpec;
 use shoal_mesh::service::{
@@ -57,6 +58,39 @@ impl Policies {
         if let Some(d) = self.update_delay {
             update.delay_ms = d;
         }
+    }
+}
+
+/// `IP` or `IP:PORT` (`--advertise-addr`, `--listen-addr`, a manager's
+/// address): without a port, the daemon's (or 2377).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostPort {
+    /// The address.
+    pub ip: std::net::IpAddr,
+    /// The port, when given.
+    pub port: Option<u16>,
+}
+
+impl HostPort {
+    /// The socket address, with `port` where none was given.
+    pub fn or_port(self, port: u16) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(self.ip, self.port.unwrap_or(port))
+    }
+}
+
+impl std::str::FromStr for HostPort {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        if let Ok(sa) = text.parse::<std::net::SocketAddr>() {
+            return Ok(HostPort {
+                ip: sa.ip(),
+                port: Some(sa.port()),
+            });
+        }
+        text.parse()
+            .map(|ip| HostPort { ip, port: None })
+            .map_err(|_| format!("`{text}` is not IP or IP:PORT, e.g. 192.168.1.10:2377"))
     }
 }
 
@@ -141,14 +175,14 @@ pub enum Request {
     /// `swarm init`.
     SwarmInit {
         /// What other nodes dial.
-        advertise_addr: Option<String>,
+        advertise_addr: Option<HostPort>,
         /// Where to listen (QUIC/UDP).
-        listen_addr: Option<String>,
+        listen_addr: Option<HostPort>,
         /// Rebuild a one-manager cluster from this manager's local state.
         force_new_cluster: bool,
-        /// `--default-addr-pool` (CIDRs).
+        /// `--default-addr-pool`.
         #[serde(default)]
-        default_addr_pool: Vec<String>,
+        default_addr_pool: Vec<Ipv4Net>,
         /// `--default-addr-pool-mask-length`.
         #[serde(default)]
         default_addr_pool_mask_length: Option<u8>,
@@ -156,13 +190,13 @@ pub enum Request {
     /// `swarm join`.
     SwarmJoin {
         /// The join token.
-        token: String,
+        token: shoal_mesh::JoinToken,
         /// A manager's address.
-        remote: String,
+        remote: HostPort,
         /// What other nodes dial.
-        advertise_addr: Option<String>,
+        advertise_addr: Option<HostPort>,
         /// Where to listen.
-        listen_addr: Option<String>,
+        listen_addr: Option<HostPort>,
     },
     /// `swarm join-token`.
     JoinToken {

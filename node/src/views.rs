@@ -207,6 +207,56 @@ pub struct NodeChange {
     pub message: Option<String>,
 }
 
+/// `swarm init`: the new swarm, and its join tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SwarmInitView {
+    /// This node's ID.
+    pub node_id: String,
+    /// The swarm's ID.
+    pub cluster_id: String,
+    /// What other nodes dial.
+    pub advertise_addr: String,
+    /// The token workers join with.
+    pub worker_token: String,
+    /// The token managers join with.
+    pub manager_token: String,
+}
+
+/// `swarm join`: this node in the swarm it joined.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JoinedView {
+    /// This node's ID.
+    pub node_id: String,
+    /// The swarm's ID.
+    pub cluster_id: String,
+    /// The role the token gave.
+    pub role: shoal_mesh::Role,
+    /// What other nodes dial.
+    pub advertise_addr: String,
+}
+
+/// `swarm join-token`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JoinTokenView {
+    /// Whose token.
+    pub role: shoal_mesh::Role,
+    /// The token.
+    pub token: String,
+    /// This manager's address, to join through.
+    pub manager_addr: String,
+    /// Whether it was just rotated.
+    pub rotated: bool,
+}
+
+/// What was done, in words (`swarm init --force-new-cluster`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Done {
+    /// This node's ID.
+    pub node_id: String,
+    /// What happened.
+    pub message: String,
+}
+
 /// Something removed or changed, by ID and name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Named {

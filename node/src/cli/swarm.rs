@@ -3,8 +3,12 @@
 use clap::Subcommand;
 use shoal_mesh::Role;
 
+use shoal_mesh::JoinToken;
+use shoal_mesh::cidr::Ipv4Net;
+
 use super::Client;
-use crate::api::Request;
+use crate::api::{HostPort, Request};
+use crate::views::{Done, JoinTokenView, JoinedView, SwarmInitView};
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum RoleArg {
@@ -27,16 +31,16 @@ pub enum SwarmCmd {
     Init {
         /// The address other nodes dial: IP or IP:PORT.
         #[arg(long)]
-        advertise_addr: Option<String>,
+        advertise_addr: Option<HostPort>,
         /// QUIC listen address (UDP), IP:PORT.
         #[arg(long)]
-        listen_addr: Option<String>,
+        listen_addr: Option<HostPort>,
         /// Rebuild a one-manager swarm from this manager's local state (after quorum is lost for good).
         #[arg(long)]
         force_new_cluster: bool,
         /// Where networks without --subnet get subnets from (CIDR; repeatable) [default: 10.0.0.0/8].
         #[arg(long)]
-        default_addr_pool: Vec<String>,
+        default_addr_pool: Vec<Ipv4Net>,
         /// Prefix length of those subnets [default: 24].
         #[arg(long)]
         default_addr_pool_mask_length: Option<u8>,
@@ -45,15 +49,15 @@ pub enum SwarmCmd {
     Join {
         /// The join token.
         #[arg(long)]
-        token: String,
+        token: JoinToken,
         /// The address other nodes dial: IP or IP:PORT.
         #[arg(long)]
-        advertise_addr: Option<String>,
+        advertise_addr: Option<HostPort>,
         /// QUIC listen address (UDP), IP:PORT.
         #[arg(long)]
-        listen_addr: Option<String>,
-        /// A manager's address, IP:PORT.
-        remote: String,
+        listen_addr: Option<HostPort>,
+        /// A manager's address, IP[:PORT] (port 2377 if none).
+        remote: HostPort,
     },
     /// Show (or rotate) a join token.
     JoinToken {
@@ -74,13 +78,6 @@ pub enum SwarmCmd {
     },
 }
 
-fn s(v: &serde_json::Value, key: &str) -> String {
-    v.get(key)
-        .and_then(|x| x.as_str())
-        .unwrap_or_default()
-        .to_owned()
-}
-
 impl SwarmCmd {
     pub async fn exec(self, client: &Client) -> anyhow::Result<()> {
         match self {
@@ -91,34 +88,28 @@ impl SwarmCmd {
                 default_addr_pool,
                 default_addr_pool_mask_length,
             } => {
-                let v = client
-                    .call(&Request::SwarmInit {
-                        advertise_addr,
-                        listen_addr,
-                        force_new_cluster,
-                        default_addr_pool,
-                        default_addr_pool_mask_length,
-                    })
-                    .await?;
+                let req = Request::SwarmInit {
+                    advertise_addr,
+                    listen_addr,
+                    force_new_cluster,
+                    default_addr_pool,
+                    default_addr_pool_mask_length,
+                };
                 if force_new_cluster {
-                    println!("{}", s(&v, "message"));
+                    let v: Done = client.call_as(&req).await?;
+                    println!("{}", v.message);
                     return Ok(());
                 }
-                let addr = s(&v, "advertise_addr");
+                let v: SwarmInitView = client.call_as(&req).await?;
+                let addr = v.advertise_addr;
                 println!(
                     "Swarm initialized: current node ({}) is now a manager.\n",
-                    s(&v, "node_id")
+                    v.node_id
                 );
                 println!("To add a worker to this swarm, run the following command:\n");
-                println!(
-                    "    shoal swarm join --token {} {addr}\n",
-                    s(&v, "worker_token")
-                );
+                println!("    shoal swarm join --token {} {addr}\n", v.worker_token);
                 println!("To add a manager to this swarm, run the following command:\n");
-                println!(
-                    "    shoal swarm join --token {} {addr}",
-                    s(&v, "manager_token")
-                );
+                println!("    shoal swarm join --token {} {addr}", v.manager_token);
             }
             SwarmCmd::Join {
                 token,
@@ -126,8 +117,8 @@ impl SwarmCmd {
                 listen_addr,
                 remote,
             } => {
-                let v = client
-                    .call(&Request::SwarmJoin {
+                let v: JoinedView = client
+                    .call_as(&Request::SwarmJoin {
                         token,
                         remote,
                         advertise_addr,
@@ -136,8 +127,7 @@ impl SwarmCmd {
                     .await?;
                 println!(
                     "This node joined a swarm as a {} (node ID {}).",
-                    s(&v, "role"),
-                    s(&v, "node_id")
+                    v.role, v.node_id
                 );
             }
             SwarmCmd::JoinToken {
@@ -145,27 +135,24 @@ impl SwarmCmd {
                 rotate,
                 role,
             } => {
-                let v = client
-                    .call(&Request::JoinToken {
+                let v: JoinTokenView = client
+                    .call_as(&Request::JoinToken {
                         role: role.into(),
                         rotate,
                     })
                     .await?;
-                let token = s(&v, "token");
+                let token = v.token;
                 if quiet {
                     println!("{token}");
                 } else {
                     if rotate {
-                        println!("Successfully rotated {} join token.\n", s(&v, "role"));
+                        println!("Successfully rotated {} join token.\n", v.role);
                     }
                     println!(
                         "To add a {} to this swarm, run the following command:\n",
-                        s(&v, "role")
+                        v.role
                     );
-                    println!(
-                        "    shoal swarm join --token {token} {}",
-                        s(&v, "manager_addr")
-                    );
+                    println!("    shoal swarm join --token {token} {}", v.manager_addr);
                 }
             }
             SwarmCmd::Leave { force } => {

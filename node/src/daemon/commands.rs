@@ -25,8 +25,8 @@ use super::member::Member;
 use super::transport::{TlsIdentity, join_call};
 use super::wire::{JoinReply, JoinRequest};
 use super::{pki, wire};
-use crate::api::{ApiError, Reply, Request};
-use crate::views::{NodeChange, NodeView};
+use crate::api::{ApiError, HostPort, Reply, Request};
+use crate::views::{JoinTokenView, JoinedView, NodeChange, NodeView, SwarmInitView};
 
 /// How long `swarm join` waits for the manager.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -104,7 +104,7 @@ pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
             remote,
             advertise_addr,
             listen_addr,
-        } => join(d, &token, &remote, advertise_addr, listen_addr).await,
+        } => join(d, &token, remote, advertise_addr, listen_addr).await,
         Request::JoinToken { role, rotate } => join_token(d, role, rotate).await,
         Request::SwarmLeave { force } => leave(d, force).await,
         Request::NodeLs => node_ls(d).await,
@@ -215,20 +215,25 @@ async fn info(d: &Daemon) -> anyhow::Result<Reply> {
 /// Picks the listen and advertise addresses for init and join.
 fn addresses(
     d: &Daemon,
-    advertise: Option<String>,
-    listen: Option<String>,
+    advertise: Option<HostPort>,
+    listen: Option<HostPort>,
     route_to: Option<SocketAddr>,
 ) -> anyhow::Result<(SocketAddr, SocketAddr)> {
     let listen: SocketAddr = match listen {
-        Some(l) => parse_advertise(&l, d.cfg.listen_addr.port()).map_err(|_| {
-            ApiError::invalid(format!(
-                "invalid listen address `{l}`: use IP:PORT, e.g. 0.0.0.0:2377"
-            ))
-        })?,
+        Some(l) => l.or_port(d.cfg.listen_addr.port()),
         None => d.cfg.listen_addr,
     };
-    let advertise = match advertise.or_else(|| d.cfg.advertise_addr.clone()) {
-        Some(a) => parse_advertise(&a, listen.port())?,
+    // The configuration file's advertise address is the daemon's own
+    // setting (checked when the daemon started).
+    let configured = || {
+        let a = d.cfg.advertise_addr.as_deref()?;
+        parse_advertise(a, listen.port()).ok()
+    };
+    let advertise = match advertise
+        .map(|a| a.or_port(listen.port()))
+        .or_else(configured)
+    {
+        Some(a) => a,
         None if !listen.ip().is_unspecified() => listen,
         None => {
             // The address this host would use to reach the manager.
@@ -263,18 +268,13 @@ fn addresses(
 
 /// `--default-addr-pool` and its mask, checked; 10.0.0.0/8 in /24s by default.
 fn address_pool(
-    pool: &[String],
+    pool: &[shoal_mesh::cidr::Ipv4Net],
     mask: Option<u8>,
 ) -> anyhow::Result<(Vec<shoal_mesh::cidr::Ipv4Net>, u8)> {
     let pool: Vec<shoal_mesh::cidr::Ipv4Net> = if pool.is_empty() {
         vec!["10.0.0.0/8".parse()?]
     } else {
-        pool.iter()
-            .map(|p| {
-                p.parse()
-                    .map_err(|e| ApiError::invalid(format!("--default-addr-pool: {e}")))
-            })
-            .collect::<anyhow::Result<_>>()?
+        pool.to_vec()
     };
     let mask = mask.unwrap_or(24);
     if let Some(p) = pool.iter().find(|p| p.prefix_len() > mask) {
@@ -400,9 +400,9 @@ async fn bootstrap(d: &Daemon, new: &NewSwarm) -> anyhow::Result<Arc<Member>> {
 
 async fn init(
     d: &Arc<Daemon>,
-    advertise: Option<String>,
-    listen: Option<String>,
-    pool: &[String],
+    advertise: Option<HostPort>,
+    listen: Option<HostPort>,
+    pool: &[shoal_mesh::cidr::Ipv4Net],
     pool_mask: Option<u8>,
 ) -> anyhow::Result<Reply> {
     let mut slot = d.member.lock().await;
@@ -427,28 +427,23 @@ async fn init(
         }
     };
     *slot = Some(m);
-    Ok(Reply::ok(json!({
-        "node_id": new.first.id.to_string(),
-        "cluster_id": new.cluster.id,
-        "advertise_addr": advertise.to_string(),
-        "worker_token": new.worker.to_string(),
-        "manager_token": new.manager.to_string(),
-    })))
+    Reply::of(&SwarmInitView {
+        node_id: new.first.id.to_string(),
+        cluster_id: new.cluster.id.clone(),
+        advertise_addr: advertise.to_string(),
+        worker_token: new.worker.to_string(),
+        manager_token: new.manager.to_string(),
+    })
 }
 
 async fn join(
     d: &Arc<Daemon>,
-    token: &str,
-    remote: &str,
-    advertise: Option<String>,
-    listen: Option<String>,
+    token: &JoinToken,
+    remote: HostPort,
+    advertise: Option<HostPort>,
+    listen: Option<HostPort>,
 ) -> anyhow::Result<Reply> {
-    let token: JoinToken = token.parse()?;
-    let remote_addr = parse_advertise(remote, super::config::DEFAULT_PORT).map_err(|_| {
-        ApiError::invalid(format!(
-            "invalid manager address `{remote}`: use IP:PORT, e.g. 192.168.1.10:2377"
-        ))
-    })?;
+    let remote_addr = remote.or_port(super::config::DEFAULT_PORT);
     let mut slot = d.member.lock().await;
     if slot.is_some() {
         return Err(ApiError::conflict(
@@ -531,12 +526,12 @@ async fn join(
         );
     }
     *slot = Some(m);
-    let mut reply = Reply::ok(json!({
-        "node_id": node_id.to_string(),
-        "cluster_id": cluster_id,
-        "role": role,
-        "advertise_addr": advertise.to_string(),
-    }));
+    let mut reply = Reply::of(&JoinedView {
+        node_id: node_id.to_string(),
+        cluster_id,
+        role,
+        advertise_addr: advertise.to_string(),
+    })?;
     reply.warnings = warnings;
     Ok(reply)
 }
@@ -589,12 +584,12 @@ async fn join_token(d: &Daemon, role: Role, rotate: bool) -> anyhow::Result<Repl
         .get(&m.id)
         .map(|n| n.addr.clone())
         .unwrap_or_default();
-    Ok(Reply::ok(json!({
-        "role": role,
-        "token": token,
-        "manager_addr": addr,
-        "rotated": rotate,
-    })))
+    Reply::of(&JoinTokenView {
+        role,
+        token: token.to_string(),
+        manager_addr: addr,
+        rotated: rotate,
+    })
 }
 
 /// Refuses to lose quorum: after `leaving` goes, a majority of the remaining

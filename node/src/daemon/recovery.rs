@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail};
 use openraft::BasicNode;
-use serde_json::json;
 use shoal_mesh::{Command, Role};
 
 use super::agent::Daemon;
@@ -67,10 +66,10 @@ pub async fn force_new_cluster(d: &Arc<Daemon>) -> anyhow::Result<Reply> {
     let result = m.propose(Command::ForceNewCluster { keep: me }).await;
     *slot = Some(m);
     result?;
-    Ok(Reply::ok(json!({
-        "node_id": me.to_string(),
-        "message": "this node is now the only manager; the other managers were demoted to workers: promote new managers with `shoal node promote`",
-    })))
+    Reply::of(&crate::views::Done {
+        node_id: me.to_string(),
+        message: "this node is now the only manager; the other managers were demoted to workers: promote new managers with `shoal node promote`".into(),
+    })
 }
 
 /// Runs `f` until it succeeds, for up to 5 s.
