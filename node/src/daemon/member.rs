@@ -33,7 +33,6 @@ use super::peer::PeerHandler;
 use super::ping::PingCtx;
 use super::sandboxes::Sandboxes;
 use super::transport::{ALPN_RAFT, MAX_MESSAGE, Quic};
-use super::wire::{CtlReply, CtlRequest};
 use super::writer::{Propose, WriteError, Writer};
 
 /// A running swarm member: the handles, for the local API, and the tasks
@@ -259,15 +258,5 @@ impl Member {
             }
             let _ = tokio::time::timeout(left, changes.changed()).await;
         }
-    }
-
-    /// One control call to node `id`.
-    pub async fn ctl(
-        &self,
-        id: NodeId,
-        req: &CtlRequest,
-        timeout: Duration,
-    ) -> anyhow::Result<CtlReply> {
-        self.writer.ctl(id, req, timeout).await
     }
 }

@@ -599,7 +599,11 @@ pub async fn logs(
                 task: t.id.clone(),
                 offset,
             };
-            match m.ctl(node, &req, std::time::Duration::from_secs(3)).await {
+            match m
+                .writer
+                .ctl(node, &req, std::time::Duration::from_secs(3))
+                .await
+            {
                 Ok(super::wire::CtlReply::TaskLog { text, next }) => Ok((text, next)),
                 Ok(super::wire::CtlReply::Refused(msg)) => Err(msg),
                 Ok(_) => Err("unexpected reply".into()),
