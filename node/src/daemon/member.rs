@@ -3,13 +3,13 @@
 //! only the ones it uses. It imports the loops; no loop imports it.
 //!
 //! ```text
-//!  handles                        loops (each owns its decisions)
-//!  StateHandle  (the store)   ──► orchestrate::run   leader: orchestrate, propose
-//!  Writer       (propose)     ──► membership::run    leader: Raft membership ← store
-//!  Liveness     (pings)       ──► ping::run          pings, the managers' key
-//!  GossipHandle (observed)    ──► executor::run      tasks ↔ processes, reports
-//!  Sandboxes    (data plane)  ──► dataplane::run     plan → kernel, endpoints → gossip
-//!  ManagerKey                 ──► peer::PeerHandler  Raft RPCs, control calls, joins
+//!  loop                  the handles it takes
+//!  orchestrate::run      StateHandle, Writer (propose, who leads), GossipHandle, Liveness
+//!  membership::run       Raft, StateHandle, Liveness
+//!  ping::run             StateHandle, Writer (control calls), Liveness, ManagerKey
+//!  executor::run         StateHandle, Writer, Sandboxes (read)
+//!  dataplane::run        StateHandle, GossipHandle, Sandboxes (written), a Backend
+//!  peer::PeerHandler     Raft, StateHandle, Writer, GossipHandle, ManagerKey
 //! ```
 
 use std::net::SocketAddr;
