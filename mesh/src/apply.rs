@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::cidr::Ipv4Net;
-use crate::ids::NodeId;
+use crate::ids::{NetworkId, NodeId, ServiceId, TaskId};
 use crate::ipam::allocate_ip;
 use crate::network::{NetworkError, NetworkSpec, allocate, ingress_spec};
 use crate::service::{
@@ -26,12 +26,12 @@ pub enum Command {
         /// The manager that ran `swarm init`.
         first: Node,
         /// The ID of the `ingress` network made with the swarm.
-        ingress_id: String,
+        ingress_id: NetworkId,
     },
     /// `network create`.
     CreateNetwork {
         /// Its new ID.
-        id: String,
+        id: NetworkId,
         /// What was asked.
         spec: NetworkSpec,
         /// Milliseconds since the epoch.
@@ -44,12 +44,12 @@ pub enum Command {
     /// `network rm`.
     RemoveNetwork {
         /// Its ID.
-        id: String,
+        id: NetworkId,
     },
     /// `service create`.
     CreateService {
         /// Its new ID.
-        id: String,
+        id: ServiceId,
         /// What was asked.
         spec: ServiceSpec,
         /// Milliseconds since the epoch.
@@ -58,19 +58,19 @@ pub enum Command {
     /// `service rm`: frees its VIPs and ports, and removes its tasks.
     RemoveService {
         /// Its ID.
-        id: String,
+        id: ServiceId,
     },
     /// `service scale`: a new replica count.
     ScaleService {
         /// The service.
-        id: String,
+        id: ServiceId,
         /// Replicas.
         replicas: u64,
     },
     /// `service update`: a new spec for an existing service.
     UpdateService {
         /// The service.
-        id: String,
+        id: ServiceId,
         /// The whole new spec.
         spec: ServiceSpec,
         /// Replace the tasks even if nothing they run changed.
@@ -81,9 +81,9 @@ pub enum Command {
     /// The orchestrator adds a task (placed on `node`, or pending with `message`).
     AddTask {
         /// Its new ID.
-        id: String,
+        id: TaskId,
         /// The service.
-        service_id: String,
+        service_id: ServiceId,
         /// Replica slot.
         slot: Option<u64>,
         /// Where it runs, if anywhere fits.
@@ -98,7 +98,7 @@ pub enum Command {
     /// The orchestrator places a pending task.
     AssignTask {
         /// The task.
-        id: String,
+        id: TaskId,
         /// The node.
         node: NodeId,
         /// Milliseconds since the epoch.
@@ -107,7 +107,7 @@ pub enum Command {
     /// An executor reports a task's state.
     SetTaskState {
         /// The task.
-        id: String,
+        id: TaskId,
         /// The new state.
         state: TaskState,
         /// A message (error, reason).
@@ -120,14 +120,14 @@ pub enum Command {
     /// The orchestrator wants a task stopped.
     ShutdownTask {
         /// The task.
-        id: String,
+        id: TaskId,
         /// Milliseconds since the epoch.
         now_ms: u64,
     },
     /// Forget a task (ended and no longer shown); frees its addresses.
     RemoveTask {
         /// The task.
-        id: String,
+        id: TaskId,
     },
     /// A joiner was admitted (its token checked, its certificate signed).
     AddNode(Node),
@@ -499,7 +499,7 @@ fn force_new_cluster(state: &mut ClusterState, keep: &NodeId) -> Result<Outcome,
 /// `network create`.
 fn create_network(
     state: &mut ClusterState,
-    id: &str,
+    id: &NetworkId,
     spec: &NetworkSpec,
     created_at_ms: &u64,
     avoid: &[Ipv4Net],
@@ -512,7 +512,7 @@ fn create_network(
         if n.spec == *spec && n.created_at_ms == *created_at_ms {
             return Ok(Outcome::Done);
         }
-        return Err(NetworkError::Exists(id.to_owned()).into());
+        return Err(NetworkError::Exists(id.to_string()).into());
     }
     let network = allocate(
         id,
@@ -528,17 +528,17 @@ fn create_network(
 }
 
 /// `network rm`, refused while a service or task uses it.
-fn remove_network(state: &mut ClusterState, id: &str) -> Result<Outcome, ApplyError> {
+fn remove_network(state: &mut ClusterState, id: &NetworkId) -> Result<Outcome, ApplyError> {
     let network = state
         .networks
         .get(id)
-        .ok_or_else(|| ApplyError::NoSuchNetwork(id.to_owned()))?;
+        .ok_or_else(|| ApplyError::NoSuchNetwork(id.to_string()))?;
     // A service attached to it, or whose tasks (say, from before an
     // update detached it) still hold addresses on it.
     let user = state
         .services
         .values()
-        .find(|s| s.spec.networks.iter().any(|a| a.network == id) || s.vips.contains_key(id))
+        .find(|s| s.spec.networks.iter().any(|a| a.network == *id) || s.vips.contains_key(id))
         .or_else(|| {
             state
                 .tasks
@@ -559,7 +559,7 @@ fn remove_network(state: &mut ClusterState, id: &str) -> Result<Outcome, ApplyEr
 /// `service create`.
 fn create_service(
     state: &mut ClusterState,
-    id: &str,
+    id: &ServiceId,
     spec: &ServiceSpec,
     created_at_ms: &u64,
 ) -> Result<Outcome, ApplyError> {
@@ -567,7 +567,7 @@ fn create_service(
         if svc.spec == *spec && svc.created_at_ms == *created_at_ms {
             return Ok(Outcome::Done);
         }
-        return Err(ServiceError::Exists(id.to_owned()).into());
+        return Err(ServiceError::Exists(id.to_string()).into());
     }
     let service = allocate_service(id, spec, state, *created_at_ms)?;
     state.services.insert(id.to_owned(), service);
@@ -575,24 +575,24 @@ fn create_service(
 }
 
 /// `service rm`: the service and its tasks.
-fn remove_service(state: &mut ClusterState, id: &str) -> Result<Outcome, ApplyError> {
+fn remove_service(state: &mut ClusterState, id: &ServiceId) -> Result<Outcome, ApplyError> {
     if state.services.remove(id).is_none() {
-        return Err(ApplyError::NoSuchService(id.to_owned()));
+        return Err(ApplyError::NoSuchService(id.to_string()));
     }
-    state.tasks.retain(|_, t| t.service_id != id);
+    state.tasks.retain(|_, t| t.service_id != *id);
     Ok(Outcome::Done)
 }
 
 /// `service scale`.
 fn scale_service(
     state: &mut ClusterState,
-    id: &str,
+    id: &ServiceId,
     replicas: &u64,
 ) -> Result<Outcome, ApplyError> {
     let svc = state
         .services
         .get_mut(id)
-        .ok_or_else(|| ApplyError::NoSuchService(id.to_owned()))?;
+        .ok_or_else(|| ApplyError::NoSuchService(id.to_string()))?;
     match svc.spec.mode {
         crate::service::ServiceMode::Replicated(_) => {
             svc.spec.mode = crate::service::ServiceMode::Replicated(*replicas);
@@ -611,7 +611,7 @@ fn scale_service(
 /// `service update`.
 fn update_service(
     state: &mut ClusterState,
-    id: &str,
+    id: &ServiceId,
     spec: &ServiceSpec,
     force: &bool,
     now_ms: &u64,
@@ -619,7 +619,7 @@ fn update_service(
     let previous = state
         .services
         .get(id)
-        .ok_or_else(|| ApplyError::NoSuchService(id.to_owned()))?;
+        .ok_or_else(|| ApplyError::NoSuchService(id.to_string()))?;
     let service = reallocate_service(previous, spec, state, *force, *now_ms)?;
     state.services.insert(id.to_owned(), service);
     Ok(Outcome::Done)
@@ -629,8 +629,8 @@ fn update_service(
 #[allow(clippy::too_many_arguments)] // the fields of `Command::AddTask`, one each
 fn add_task(
     state: &mut ClusterState,
-    id: &str,
-    service_id: &str,
+    id: &TaskId,
+    service_id: &ServiceId,
     slot: &Option<u64>,
     node: &Option<NodeId>,
     message: &str,
@@ -640,9 +640,9 @@ fn add_task(
     let service = state
         .services
         .get(service_id)
-        .ok_or_else(|| ApplyError::NoSuchService(service_id.to_owned()))?;
+        .ok_or_else(|| ApplyError::NoSuchService(service_id.to_string()))?;
     if state.tasks.contains_key(id) {
-        return Err(ApplyError::DuplicateTask(id.to_owned()));
+        return Err(ApplyError::DuplicateTask(id.to_string()));
     }
     // One active task per slot (per node for global services), even
     // if two orchestrators (an old and a new leader) both fill it.
@@ -664,7 +664,7 @@ fn add_task(
                     |s| format!("slot {s}")
                 )
             ),
-            task: t.id.to_owned(),
+            task: t.id.to_string(),
         });
     }
     if let Some(n) = node
@@ -677,15 +677,15 @@ fn add_task(
         let network = state
             .networks
             .get(&net)
-            .ok_or_else(|| ApplyError::NoSuchNetwork(net.to_owned()))?;
+            .ok_or_else(|| ApplyError::NoSuchNetwork(net.to_string()))?;
         let ip = allocate_ip(network, &used_addresses(state, &net)).map_err(ServiceError::from)?;
         addresses.insert(net, ip);
     }
     state.tasks.insert(
-        id.to_owned(),
+        id.clone(),
         Task {
-            id: id.to_owned(),
-            service_id: service_id.to_owned(),
+            id: id.clone(),
+            service_id: service_id.clone(),
             slot: *slot,
             node: *node,
             desired: DesiredState::Running,
@@ -709,7 +709,7 @@ fn add_task(
 /// The orchestrator places a pending task.
 fn assign_task(
     state: &mut ClusterState,
-    id: &str,
+    id: &TaskId,
     node: &NodeId,
     now_ms: &u64,
 ) -> Result<Outcome, ApplyError> {
@@ -719,10 +719,10 @@ fn assign_task(
     let t = state
         .tasks
         .get_mut(id)
-        .ok_or_else(|| ApplyError::NoSuchTask(id.to_owned()))?;
+        .ok_or_else(|| ApplyError::NoSuchTask(id.to_string()))?;
     if t.state != TaskState::Pending {
         return Err(ApplyError::BadTransition {
-            id: id.to_owned(),
+            id: id.to_string(),
             from: t.state,
             to: TaskState::Assigned,
         });
@@ -737,7 +737,7 @@ fn assign_task(
 /// An executor reports a task's state; it only moves forward.
 fn set_task_state(
     state: &mut ClusterState,
-    id: &str,
+    id: &TaskId,
     to: &TaskState,
     message: &str,
     exit_code: &Option<i32>,
@@ -746,10 +746,10 @@ fn set_task_state(
     let t = state
         .tasks
         .get_mut(id)
-        .ok_or_else(|| ApplyError::NoSuchTask(id.to_owned()))?;
+        .ok_or_else(|| ApplyError::NoSuchTask(id.to_string()))?;
     if t.state.is_terminal() || *to < t.state {
         return Err(ApplyError::BadTransition {
-            id: id.to_owned(),
+            id: id.to_string(),
             from: t.state,
             to: *to,
         });
@@ -762,11 +762,15 @@ fn set_task_state(
 }
 
 /// The orchestrator asks a task to stop.
-fn shutdown_task(state: &mut ClusterState, id: &str, now_ms: &u64) -> Result<Outcome, ApplyError> {
+fn shutdown_task(
+    state: &mut ClusterState,
+    id: &TaskId,
+    now_ms: &u64,
+) -> Result<Outcome, ApplyError> {
     let t = state
         .tasks
         .get_mut(id)
-        .ok_or_else(|| ApplyError::NoSuchTask(id.to_owned()))?;
+        .ok_or_else(|| ApplyError::NoSuchTask(id.to_string()))?;
     if t.desired == DesiredState::Shutdown {
         return Ok(Outcome::Done);
     }
@@ -779,9 +783,9 @@ fn shutdown_task(state: &mut ClusterState, id: &str, now_ms: &u64) -> Result<Out
 }
 
 /// The orchestrator forgets an ended task.
-fn remove_task(state: &mut ClusterState, id: &str) -> Result<Outcome, ApplyError> {
+fn remove_task(state: &mut ClusterState, id: &TaskId) -> Result<Outcome, ApplyError> {
     if state.tasks.remove(id).is_none() {
-        return Err(ApplyError::NoSuchTask(id.to_owned()));
+        return Err(ApplyError::NoSuchTask(id.to_string()));
     }
     Ok(Outcome::Done)
 }

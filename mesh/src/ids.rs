@@ -77,6 +77,117 @@ pub fn to_hex(bytes: &[u8]) -> String {
     out
 }
 
+/// IDs made of text (16 hex digits when Shoal makes them), one type per
+/// kind of object, so that a task's ID cannot be passed where a network's
+/// is wanted. Each reads as its text (`Deref<Target = str>`, `Display`),
+/// serializes as it (the log and snapshots keep their format), and looks up
+/// maps keyed by it with a `&str`.
+macro_rules! text_id {
+    ($name:ident, $what:literal) => {
+        #[doc = concat!("The ID of a ", $what, ".")]
+        #[derive(
+            Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+        )]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            #[doc = concat!("The ", $what, " ID `text`.")]
+            pub fn new(text: impl Into<String>) -> Self {
+                $name(text.into())
+            }
+
+            /// Its text.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::ops::Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::borrow::Borrow<String> for $name {
+            fn borrow(&self) -> &String {
+                &self.0
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl From<String> for $name {
+            fn from(text: String) -> Self {
+                $name(text)
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(text: &str) -> Self {
+                $name(text.to_owned())
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(id: $name) -> String {
+                id.0
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+
+        impl PartialEq<String> for $name {
+            fn eq(&self, other: &String) -> bool {
+                &self.0 == other
+            }
+        }
+
+        impl PartialEq<$name> for String {
+            fn eq(&self, other: &$name) -> bool {
+                *self == other.0
+            }
+        }
+
+        impl PartialEq<$name> for str {
+            fn eq(&self, other: &$name) -> bool {
+                self == other.0
+            }
+        }
+    };
+}
+
+text_id!(NetworkId, "network");
+text_id!(ServiceId, "service");
+text_id!(TaskId, "task");
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,5 +215,22 @@ mod tests {
     #[test]
     fn hex_is_lowercase_two_digits_per_byte() {
         assert_eq!(to_hex(&[0, 0x0f, 0xa0, 0xff]), "000fa0ff");
+    }
+
+    #[test]
+    fn text_ids_encode_as_their_text_and_look_up_by_it() {
+        // The log and snapshots written before these types read the same.
+        let id = TaskId::from("0123abcd");
+        let text = String::from("0123abcd");
+        let enc = crate::codec::encode(&id).unwrap();
+        assert_eq!(enc, crate::codec::encode(&text).unwrap());
+        let back: TaskId = crate::codec::decode(&enc, 64).unwrap();
+        assert_eq!(back, id);
+        assert_eq!(serde_json::to_string(&id).unwrap(), "\"0123abcd\"");
+        // Maps keyed by an ID answer a `&str` (a user's reference).
+        let map = std::collections::BTreeMap::from([(id.clone(), 1)]);
+        assert_eq!(map.get("0123abcd"), Some(&1));
+        assert!(id == "0123abcd" && id.starts_with("0123"));
+        assert_eq!(id.to_string(), "0123abcd");
     }
 }

@@ -33,6 +33,6 @@ pub mod token;
 mod test_support;
 
 pub use apply::{ApplyError, Command, Outcome, apply};
-pub use ids::NodeId;
+pub use ids::{NetworkId, NodeId, ServiceId, TaskId};
 pub use state::{Availability, ClusterInfo, ClusterState, Node, ResolveError, Role};
 pub use token::{JoinToken, TokenError};

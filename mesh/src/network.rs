@@ -10,6 +10,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::ids::NetworkId;
+
 use crate::cidr::Ipv4Net;
 
 /// The first VNI handed out automatically.
@@ -164,7 +166,7 @@ pub struct Subnet {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Network {
     /// ID (16 hex digits).
-    pub id: String,
+    pub id: NetworkId,
     /// What was asked.
     pub spec: NetworkSpec,
     /// What was allocated.
@@ -237,7 +239,7 @@ fn valid_name(name: &str) -> bool {
 pub fn allocate(
     id: &str,
     spec: &NetworkSpec,
-    networks: &BTreeMap<String, Network>,
+    networks: &BTreeMap<NetworkId, Network>,
     pool: &[Ipv4Net],
     pool_mask: u8,
     avoid: &[Ipv4Net],
@@ -254,7 +256,7 @@ pub fn allocate(
     check_addresses(spec, &subnets)?;
     let vni = vni(spec, networks, vni_asked)?;
     Ok(Network {
-        id: id.to_owned(),
+        id: id.into(),
         spec: spec.clone(),
         subnets,
         vni,
@@ -325,7 +327,7 @@ fn options(spec: &NetworkSpec) -> Result<(Option<u32>, Option<u32>), NetworkErro
 /// existing networks', with its gateway; or one free one from the pool.
 fn subnets(
     spec: &NetworkSpec,
-    networks: &BTreeMap<String, Network>,
+    networks: &BTreeMap<NetworkId, Network>,
     pool: &[Ipv4Net],
     pool_mask: u8,
     avoid: &[Ipv4Net],
@@ -428,7 +430,7 @@ fn check_addresses(spec: &NetworkSpec, subnets: &[Subnet]) -> Result<(), Network
 /// An overlay's VNI: the one asked for if free, else the first free one.
 fn vni(
     spec: &NetworkSpec,
-    networks: &BTreeMap<String, Network>,
+    networks: &BTreeMap<NetworkId, Network>,
     asked: Option<u32>,
 ) -> Result<Option<u32>, NetworkError> {
     let vni = if spec.driver == Driver::Overlay {

@@ -3,6 +3,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use proptest::prelude::*;
 
 use super::*;
+use crate::ids::NetworkId;
 
 fn spec(name: &str, driver: Driver) -> NetworkSpec {
     NetworkSpec::new(name, driver)
@@ -13,7 +14,7 @@ fn pool() -> Vec<Ipv4Net> {
 }
 
 fn create(
-    nets: &mut BTreeMap<String, Network>,
+    nets: &mut BTreeMap<NetworkId, Network>,
     id: &str,
     s: &NetworkSpec,
 ) -> Result<Network, NetworkError> {

@@ -35,7 +35,7 @@ pub struct EndpointRecord {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum EndpointKey {
     /// A task's endpoint.
-    Task(String),
+    Task(crate::ids::TaskId),
     /// A node's routing-mesh address.
     Node(NodeId),
 }

@@ -294,7 +294,7 @@ impl<'a> Pass<'a> {
                 *self.all_tasks.entry(n).or_default() += 1;
             }
             self.out.push(Command::AddTask {
-                id: new_id(),
+                id: new_id().into(),
                 service_id: service.id.clone(),
                 slot: match group {
                     Group::Slot(s) => Some(s),

@@ -2,6 +2,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
 use crate::apply::apply;
+use crate::ids::TaskId;
 use crate::service::RestartCondition;
 use crate::service::{Attachment, EndpointMode, ServiceSpec};
 use crate::task::DesiredState;
@@ -214,7 +215,7 @@ fn a_crash_looping_task_keeps_a_bounded_history() {
         let id = format!("r{i}");
         if s.tasks.contains_key(&id) {
             let fail = Command::SetTaskState {
-                id,
+                id: id.into(),
                 state: TaskState::Failed,
                 message: "boom".into(),
                 exit_code: Some(1),
@@ -277,7 +278,7 @@ fn execute(s: &mut ClusterState, now: u64) {
 }
 
 fn exit_all(s: &mut ClusterState, state: TaskState, now: u64) {
-    let ids: Vec<String> = s
+    let ids: Vec<TaskId> = s
         .tasks
         .values()
         .filter(|t| t.state == TaskState::Running)
@@ -450,7 +451,7 @@ fn a_failing_new_version_pauses_the_update() {
     step(&mut s, 40, &|_| true);
     execute(&mut s, 50);
     // The new task fails.
-    let new: Vec<String> = s
+    let new: Vec<TaskId> = s
         .tasks
         .values()
         .filter(|t| t.spec_version == 2)

@@ -17,7 +17,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use serde::{Deserialize, Serialize};
 
 use crate::cidr::Ipv4Net;
-use crate::ids::NodeId;
+use crate::ids::{NetworkId, NodeId, ServiceId, TaskId};
 use crate::network::Driver;
 use crate::observed::EndpointRecord;
 use crate::service::{EndpointMode, Protocol, PublishMode};
@@ -58,7 +58,7 @@ pub struct Remote {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct LbPlan {
     /// The service's ID.
-    pub service_id: String,
+    pub service_id: ServiceId,
     /// Its name.
     pub service: String,
     /// Its VIP on this network.
@@ -84,14 +84,14 @@ pub struct PublishPlan {
     /// local tasks' addresses (host mode).
     pub backends: Vec<Ipv4Addr>,
     /// Host mode: the local tasks (by ID) it goes to.
-    pub tasks: Vec<String>,
+    pub tasks: Vec<TaskId>,
 }
 
 /// A network as it should be on this node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkPlan {
     /// The network's ID.
-    pub id: String,
+    pub id: NetworkId,
     /// Its name.
     pub name: String,
     /// Its driver.
@@ -120,7 +120,7 @@ pub struct NetworkPlan {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointPlan {
     /// The network's ID.
-    pub network: String,
+    pub network: NetworkId,
     /// Its address.
     pub ip: Ipv4Addr,
     /// The subnet's prefix length.
@@ -135,7 +135,7 @@ pub struct EndpointPlan {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxPlan {
     /// The task's ID.
-    pub task: String,
+    pub task: TaskId,
     /// The task's name (`SERVICE.SLOT`).
     pub name: String,
     /// One interface per network, in the service's order.
@@ -166,7 +166,7 @@ pub struct IngressPort {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IngressPlan {
     /// The `ingress` network's ID.
-    pub network: String,
+    pub network: NetworkId,
     /// This node's address on it.
     pub addr: Ipv4Addr,
     /// The published ports (with at least one live backend).
@@ -177,9 +177,9 @@ pub struct IngressPlan {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodePlan {
     /// Networks with a local endpoint, by ID.
-    pub networks: BTreeMap<String, NetworkPlan>,
+    pub networks: BTreeMap<NetworkId, NetworkPlan>,
     /// Sandboxes of the tasks placed here, by task ID.
-    pub sandboxes: BTreeMap<String, SandboxPlan>,
+    pub sandboxes: BTreeMap<TaskId, SandboxPlan>,
     /// Ports published through the routing mesh or on this host.
     pub published: Vec<PublishPlan>,
     /// The routing mesh on this node, when some port is published through it.
@@ -360,7 +360,7 @@ fn my_ingress<'a>(input: &PlanInput<'a>) -> Option<(&'a crate::network::Network,
 
 /// Sandboxes: the tasks placed here that should run, one endpoint per
 /// network, with what their DNS answers.
-fn sandboxes(input: &PlanInput<'_>) -> BTreeMap<String, SandboxPlan> {
+fn sandboxes(input: &PlanInput<'_>) -> BTreeMap<TaskId, SandboxPlan> {
     let state = input.state;
     let mut out = BTreeMap::new();
     // Sandboxes: the tasks placed here that should run.
@@ -417,8 +417,8 @@ fn sandboxes(input: &PlanInput<'_>) -> BTreeMap<String, SandboxPlan> {
 /// and its VIP load balancers.
 fn networks(
     input: &PlanInput<'_>,
-    sandboxes: &BTreeMap<String, SandboxPlan>,
-) -> BTreeMap<String, NetworkPlan> {
+    sandboxes: &BTreeMap<TaskId, SandboxPlan>,
+) -> BTreeMap<NetworkId, NetworkPlan> {
     let state = input.state;
     let mut out = BTreeMap::new();
     let mut local_nets: BTreeSet<&str> = sandboxes
@@ -475,7 +475,7 @@ fn networks(
             .mtu
             .unwrap_or(input.underlay_mtu.saturating_sub(VXLAN_OVERHEAD));
         out.insert(
-            net.to_owned(),
+            n.id.clone(),
             NetworkPlan {
                 id: n.id.clone(),
                 name: n.spec.name.clone(),
@@ -497,7 +497,7 @@ fn networks(
 
 /// Published ports: ingress ones on every node, host ones where a task of
 /// the service runs here.
-fn published(state: &ClusterState, sandboxes: &BTreeMap<String, SandboxPlan>) -> Vec<PublishPlan> {
+fn published(state: &ClusterState, sandboxes: &BTreeMap<TaskId, SandboxPlan>) -> Vec<PublishPlan> {
     let mut out = Vec::new();
     let ingress = state.networks.values().find(|n| n.ingress);
     for s in state.services.values() {
@@ -516,7 +516,7 @@ fn published(state: &ClusterState, sandboxes: &BTreeMap<String, SandboxPlan>) ->
             Vec::new()
         };
         for p in &s.ports {
-            let (backends, tasks): (Vec<Ipv4Addr>, Vec<String>) = match p.mode {
+            let (backends, tasks): (Vec<Ipv4Addr>, Vec<TaskId>) = match p.mode {
                 PublishMode::Ingress => (
                     ingress
                         .and_then(|i| s.vips.get(&i.id))
@@ -588,10 +588,10 @@ fn ingress(input: &PlanInput<'_>) -> Option<IngressPlan> {
 pub fn awaited_endpoints(
     state: &ClusterState,
     node: NodeId,
-    networks: &BTreeSet<String>,
+    networks: &BTreeSet<NetworkId>,
     endpoints: &BTreeMap<String, Vec<EndpointRecord>>,
     dead: &BTreeSet<NodeId>,
-) -> Vec<(String, Ipv4Addr)> {
+) -> Vec<(NetworkId, Ipv4Addr)> {
     let mut out = Vec::new();
     for t in state.tasks.values() {
         let Some(owner) = t.node else { continue };
@@ -601,7 +601,7 @@ pub fn awaited_endpoints(
         }
         for (net, ip) in &t.addresses {
             let seen = endpoints
-                .get(net)
+                .get(net.as_str())
                 .is_some_and(|list| list.iter().any(|e| e.ip == IpAddr::V4(*ip)));
             let single_host = state
                 .networks

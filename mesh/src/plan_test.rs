@@ -66,16 +66,18 @@ fn gossip(s: &ClusterState, dead: &[NodeId]) -> BTreeMap<String, Vec<EndpointRec
             continue;
         }
         for (net, ip) in &t.addresses {
-            out.entry(net.clone()).or_default().push(EndpointRecord {
-                ip: IpAddr::V4(*ip),
-                mac: mac_text(&mac_for(*ip)),
-                name: s.task_name(t),
-                service_id: Some(t.service_id.clone()),
-                service_name: Some("web".into()),
-                aliases: vec![],
-                owner: node,
-                vtep: IpAddr::V4(vtep(node)),
-            });
+            out.entry(net.to_string())
+                .or_default()
+                .push(EndpointRecord {
+                    ip: IpAddr::V4(*ip),
+                    mac: mac_text(&mac_for(*ip)),
+                    name: s.task_name(t),
+                    service_id: Some(t.service_id.to_string()),
+                    service_name: Some("web".into()),
+                    aliases: vec![],
+                    owner: node,
+                    vtep: IpAddr::V4(vtep(node)),
+                });
         }
     }
     out
@@ -256,9 +258,9 @@ fn every_node_takes_part_in_the_routing_mesh() {
 fn a_restarted_node_awaits_the_remote_endpoints_gossip_has_not_shown() {
     let mut s = running_swarm();
     // Tasks not running yet are not awaited (they may not have published).
-    let nets = BTreeSet::from(["web".to_owned(), "ing".to_owned()]);
+    let nets = BTreeSet::from([NetworkId::from("web"), NetworkId::from("ing")]);
     assert!(awaited_endpoints(&s, NodeId(1), &nets, &BTreeMap::new(), &BTreeSet::new()).is_empty());
-    let ids: Vec<String> = s.tasks.keys().cloned().collect();
+    let ids: Vec<TaskId> = s.tasks.keys().cloned().collect();
     for id in ids {
         for state in [TaskState::Starting, TaskState::Running] {
             let c = Command::SetTaskState {
@@ -284,7 +286,7 @@ fn a_restarted_node_awaits_the_remote_endpoints_gossip_has_not_shown() {
         .values()
         .find(|t| t.node == Some(NodeId(3)))
         .unwrap();
-    let mut want: Vec<(String, Ipv4Addr)> = t3
+    let mut want: Vec<(NetworkId, Ipv4Addr)> = t3
         .addresses
         .iter()
         .map(|(n, ip)| (n.clone(), *ip))
@@ -328,7 +330,7 @@ fn a_bridge_networks_endpoints_stay_on_their_host() {
     // The overlay `ingress` still reaches every node's task.
     assert_eq!(p.ingress.unwrap().ports[0].backends.len(), 3);
     // A restarted node does not wait for other hosts' bridge endpoints.
-    let nets = BTreeSet::from(["web".to_owned()]);
+    let nets = BTreeSet::from([NetworkId::from("web")]);
     let mut running = s.clone();
     for t in running.tasks.values_mut() {
         t.state = TaskState::Running;

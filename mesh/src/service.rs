@@ -12,6 +12,7 @@ use std::net::Ipv4Addr;
 use serde::{Deserialize, Serialize};
 
 use crate::constraint::Constraint;
+use crate::ids::{NetworkId, ServiceId};
 use crate::ipam::{AllocError, allocate_ip, allocate_port};
 use crate::state::ClusterState;
 
@@ -94,6 +95,17 @@ pub enum EndpointMode {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attachment {
     /// The network's ID.
+    pub network: NetworkId,
+    /// Extra DNS names on that network.
+    pub aliases: Vec<String>,
+}
+
+/// A network as a request names it (a name, an ID or an ID prefix), with
+/// the service's aliases there: what `--network` says, before the daemon
+/// resolves it into an [`Attachment`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttachmentRef {
+    /// The network, as typed.
     pub network: String,
     /// Extra DNS names on that network.
     pub aliases: Vec<String>,
@@ -207,12 +219,12 @@ impl ServiceSpec {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
     /// ID.
-    pub id: String,
+    pub id: ServiceId,
     /// What was asked.
     pub spec: ServiceSpec,
     /// Virtual IP per network ID (vip mode; includes `ingress` when ports are
     /// published through the routing mesh).
-    pub vips: BTreeMap<String, Ipv4Addr>,
+    pub vips: BTreeMap<NetworkId, Ipv4Addr>,
     /// Published ports as allocated.
     pub ports: Vec<PublishedPort>,
     /// Milliseconds since the epoch at creation.
@@ -275,8 +287,8 @@ pub fn used_addresses(state: &ClusterState, network: &str) -> BTreeSet<Ipv4Addr>
 
 /// The networks a task of `service` gets an address on: its attached
 /// networks, and `ingress` when it publishes through the routing mesh.
-pub fn task_networks(service: &Service) -> Vec<String> {
-    let mut nets: Vec<String> = service
+pub fn task_networks(service: &Service) -> Vec<NetworkId> {
+    let mut nets: Vec<NetworkId> = service
         .spec
         .networks
         .iter()
@@ -366,7 +378,7 @@ fn allocate(
     }
     let vips = vips_for(spec, state, attached, through_mesh, previous)?;
     Ok(Service {
-        id: id.to_owned(),
+        id: id.into(),
         spec: spec.clone(),
         vips,
         ports,
@@ -386,7 +398,7 @@ fn attachments<'a>(
         let n = state
             .networks
             .get(&a.network)
-            .ok_or_else(|| ServiceError::NoSuchNetwork(a.network.clone()))?;
+            .ok_or_else(|| ServiceError::NoSuchNetwork(a.network.to_string()))?;
         if n.ingress {
             return Err(ServiceError::Invalid(
                 "services cannot attach to the ingress network directly: publish a port instead"
@@ -480,7 +492,7 @@ fn vips_for(
     attached: Vec<&str>,
     through_mesh: bool,
     previous: Option<&Service>,
-) -> Result<BTreeMap<String, Ipv4Addr>, ServiceError> {
+) -> Result<BTreeMap<NetworkId, Ipv4Addr>, ServiceError> {
     let mut vips = BTreeMap::new();
     if spec.endpoint_mode == EndpointMode::Vip {
         let mut networks: Vec<&str> = attached;
@@ -493,12 +505,12 @@ fn vips_for(
         }
         for net in networks {
             if let Some(ip) = previous.and_then(|p| p.vips.get(net)) {
-                vips.insert(net.to_owned(), *ip);
+                vips.insert(NetworkId::from(net), *ip);
                 continue;
             }
             let n = &state.networks[net];
             let ip = allocate_ip(n, &used_addresses(state, net))?;
-            vips.insert(net.to_owned(), ip);
+            vips.insert(NetworkId::from(net), ip);
         }
     }
     Ok(vips)

@@ -165,11 +165,11 @@ pub struct ClusterState {
     /// Every node of the cluster.
     pub nodes: BTreeMap<NodeId, Node>,
     /// Networks, by ID.
-    pub networks: BTreeMap<String, crate::network::Network>,
+    pub networks: BTreeMap<crate::ids::NetworkId, crate::network::Network>,
     /// Services, by ID.
-    pub services: BTreeMap<String, crate::service::Service>,
+    pub services: BTreeMap<crate::ids::ServiceId, crate::service::Service>,
     /// Tasks, by ID.
-    pub tasks: BTreeMap<String, crate::task::Task>,
+    pub tasks: BTreeMap<crate::ids::TaskId, crate::task::Task>,
     /// Each node's address on the `ingress` network (its routing-mesh
     /// endpoint), allocated when it joins.
     pub ingress_addrs: BTreeMap<NodeId, std::net::Ipv4Addr>,

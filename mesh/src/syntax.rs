@@ -5,7 +5,9 @@
 
 use std::str::FromStr;
 
-use crate::service::{Attachment, EndpointMode, PortSpec, Protocol, PublishMode, RestartCondition};
+use crate::service::{
+    AttachmentRef, EndpointMode, PortSpec, Protocol, PublishMode, RestartCondition,
+};
 
 /// `KEY=VALUE`: the key must not be empty, the value may be.
 pub fn key_value(text: &str) -> Result<(String, String), String> {
@@ -125,14 +127,14 @@ impl FromStr for RestartCondition {
     }
 }
 
-impl FromStr for Attachment {
+impl FromStr for AttachmentRef {
     type Err = String;
 
     /// `NET` or `name=NET,alias=A`: `network` is then the name (or ID) as
     /// typed, which the daemon resolves against the store.
     fn from_str(text: &str) -> Result<Self, String> {
         if !text.contains('=') {
-            return Ok(Attachment {
+            return Ok(AttachmentRef {
                 network: text.to_owned(),
                 aliases: Vec::new(),
             });
@@ -153,7 +155,7 @@ impl FromStr for Attachment {
         }
         let network =
             network.ok_or_else(|| format!("invalid --network `{text}`: name= is required"))?;
-        Ok(Attachment { network, aliases })
+        Ok(AttachmentRef { network, aliases })
     }
 }
 
@@ -210,20 +212,20 @@ mod tests {
 
     #[test]
     fn attachments_modes_and_key_values_parse_or_say_why() {
-        let a: Attachment = "name=web,alias=front,alias=api".parse().unwrap();
+        let a: AttachmentRef = "name=web,alias=front,alias=api".parse().unwrap();
         assert_eq!(a.network, "web");
         assert_eq!(a.aliases, vec!["front", "api"]);
-        let a: Attachment = "web".parse().unwrap();
+        let a: AttachmentRef = "web".parse().unwrap();
         assert!(a.aliases.is_empty());
         assert!(
             "alias=x"
-                .parse::<Attachment>()
+                .parse::<AttachmentRef>()
                 .unwrap_err()
                 .contains("name= is required")
         );
         assert!(
             "name=a,colour=b"
-                .parse::<Attachment>()
+                .parse::<AttachmentRef>()
                 .unwrap_err()
                 .contains("unknown key")
         );

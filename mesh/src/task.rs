@@ -12,7 +12,7 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::NodeId;
+use crate::ids::{NetworkId, NodeId, ServiceId, TaskId};
 
 /// Where a task is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -60,9 +60,9 @@ pub enum DesiredState {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Task {
     /// ID.
-    pub id: String,
+    pub id: TaskId,
     /// Its service's ID.
-    pub service_id: String,
+    pub service_id: ServiceId,
     /// Replica slot (replicated services), from 1.
     pub slot: Option<u64>,
     /// The node it is placed on.
@@ -72,7 +72,7 @@ pub struct Task {
     /// What the executor last reported.
     pub state: TaskState,
     /// Address per network ID.
-    pub addresses: BTreeMap<String, Ipv4Addr>,
+    pub addresses: BTreeMap<NetworkId, Ipv4Addr>,
     /// Why it is pending, or how it failed.
     pub message: String,
     /// Exit code, once exited.

@@ -354,7 +354,7 @@ fn render_host_ports(k: &mut Kernel, plan: &NodePlan, gateway: &Gateway) {
         let to: Vec<Ipv4Addr> = p
             .tasks
             .iter()
-            .filter_map(|t| addrs.get(t).copied())
+            .filter_map(|t| addrs.get(t.as_str()).copied())
             .collect();
         if to.is_empty() {
             continue;

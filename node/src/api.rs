@@ -9,7 +9,8 @@ use shoal_mesh::cidr::Ipv4Net;
 use shoal_mesh::constraint::Constraint;
 use shoal_mesh::network::NetworkSpec;
 use shoal_mesh::service::{
-    Attachment, EndpointMode, PortSpec, RestartCondition, RestartPolicy, ServiceSpec, UpdateConfig,
+    AttachmentRef, EndpointMode, PortSpec, RestartCondition, RestartPolicy, ServiceSpec,
+    UpdateConfig,
 };
 use shoal_mesh::syntax::key_value;
 use shoal_mesh::{Availability, Role};
@@ -146,7 +147,7 @@ pub struct ServiceUpdate {
     pub publish_rm: Vec<PortSpec>,
     /// Attach another network, as --network (repeatable).
     #[arg(long)]
-    pub network_add: Vec<Attachment>,
+    pub network_add: Vec<AttachmentRef>,
     /// Detach a network (repeatable).
     #[arg(long)]
     pub network_rm: Vec<String>,
@@ -300,9 +301,15 @@ pub enum Request {
         /// Name, ID or ID prefix.
         network: String,
     },
-    /// `service create`: the spec as the CLI parsed it, its networks
-    /// named as the user typed them (the daemon resolves them to IDs).
-    ServiceCreate(Box<ServiceSpec>),
+    /// `service create`: the spec as the CLI parsed it (its `networks`
+    /// empty), and the networks as the user named them, which the daemon
+    /// resolves to IDs.
+    ServiceCreate {
+        /// The spec.
+        spec: Box<ServiceSpec>,
+        /// `--network`.
+        networks: Vec<AttachmentRef>,
+    },
     /// `service update`: changes to an existing service.
     ServiceUpdate(Box<ServiceUpdate>),
     /// `shoal exec`: where to enter a task's sandbox on this node.

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use clap::Subcommand;
 use shoal_mesh::constraint::Constraint;
 use shoal_mesh::service::{
-    Attachment, EndpointMode, PortSpec, RestartPolicy, ServiceMode, ServiceSpec, UpdateConfig,
+    AttachmentRef, EndpointMode, PortSpec, RestartPolicy, ServiceMode, ServiceSpec, UpdateConfig,
 };
 use shoal_mesh::syntax::key_value;
 
@@ -37,7 +37,7 @@ pub struct CreateFlags {
     pub mode: ModeArg,
     /// Network to attach: NET or name=NET,alias=A (repeatable).
     #[arg(long)]
-    pub network: Vec<Attachment>,
+    pub network: Vec<AttachmentRef>,
     /// Publish a port: P:T[/udp] or mode=ingress|host,published=P,target=T[,protocol=udp] (repeatable).
     #[arg(short, long)]
     pub publish: Vec<PortSpec>,
@@ -65,9 +65,9 @@ pub struct CreateFlags {
 }
 
 impl CreateFlags {
-    /// The spec the flags ask for, its networks named as typed (the daemon
-    /// resolves them); the store's `apply` checks the rest.
-    fn spec(self) -> anyhow::Result<ServiceSpec> {
+    /// The request the flags make: the spec (the store's `apply` checks
+    /// it) and the networks as typed (the daemon resolves them).
+    fn request(self) -> anyhow::Result<Request> {
         let mode = match (self.mode, self.replicas) {
             (ModeArg::Replicated, r) => ServiceMode::Replicated(r.unwrap_or(1)),
             (ModeArg::Global, None) => ServiceMode::Global,
@@ -77,10 +77,10 @@ impl CreateFlags {
         };
         let (mut restart, mut update) = (RestartPolicy::default(), UpdateConfig::default());
         self.policies.apply(&mut restart, &mut update);
-        Ok(ServiceSpec {
+        let spec = ServiceSpec {
             name: self.name,
             mode,
-            networks: self.network,
+            networks: Vec::new(),
             ports: self.publish,
             endpoint_mode: self.endpoint_mode,
             constraints: self.constraint,
@@ -89,6 +89,10 @@ impl CreateFlags {
             labels: self.label.into_iter().collect(),
             restart,
             update,
+        };
+        Ok(Request::ServiceCreate {
+            spec: Box::new(spec),
+            networks: self.network,
         })
     }
 }
@@ -256,14 +260,10 @@ impl ServiceCmd {
         match self {
             ServiceCmd::Create(flags) => {
                 let detach = flags.detach;
-                let spec = flags.spec()?;
-                let name = spec.name.clone();
-                let v: ServiceView = client
-                    .call_as(&Request::ServiceCreate(Box::new(spec)))
-                    .await?;
+                let v: ServiceView = client.call_as(&flags.request()?).await?;
                 println!("{}", v.id);
                 if !detach {
-                    converge(client, &name).await?;
+                    converge(client, &v.name).await?;
                 }
             }
             ServiceCmd::Update { update, detach } => {

@@ -84,7 +84,9 @@ pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
         }
         Request::NetworkCreate(spec) => super::networks::create(d, *spec).await,
         Request::NetworkLs => super::networks::ls(d).await,
-        Request::ServiceCreate(spec) => super::services::create(d, *spec).await,
+        Request::ServiceCreate { spec, networks } => {
+            super::services::create(d, *spec, &networks).await
+        }
         Request::ServiceUpdate(args) => super::services::update(d, *args).await,
         Request::TaskExec { task } => super::services::task_exec(d, &task).await,
         Request::ServiceLs => super::services::ls(d).await,
@@ -384,7 +386,7 @@ async fn bootstrap(d: &Daemon, new: &NewSwarm) -> anyhow::Result<Arc<Member>> {
         m.propose(Command::Init {
             cluster: new.cluster.clone(),
             first: new.first.clone(),
-            ingress_id,
+            ingress_id: ingress_id.into(),
         })
         .await?;
         anyhow::Ok(())

@@ -14,11 +14,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shoal_gossip::MemberState;
-use shoal_mesh::ClusterState;
 use shoal_mesh::ids::NodeId;
 use shoal_mesh::observed::{EndpointKey, EndpointRecord, TableValue};
 use shoal_mesh::plan::{NodePlan, PlanInput, awaited_endpoints, mac_text, plan};
 use shoal_mesh::service::Protocol;
+use shoal_mesh::{ClusterState, NetworkId, TaskId};
 use shoal_netdriver::dns::{self, Records};
 use shoal_netdriver::linux::{Linux, NETNS_DIR};
 use shoal_netdriver::render::{Gateway, Names, gateway_addrs, held_gateway_addrs, render};
@@ -52,9 +52,9 @@ const LISTEN_WAIT_MAX: Duration = Duration::from_secs(10);
 #[derive(Default)]
 struct ListenGate {
     /// When each waiting task was first seen.
-    waiting: BTreeMap<String, Instant>,
+    waiting: BTreeMap<TaskId, Instant>,
     /// Tasks let through (they stay so).
-    open: BTreeSet<String>,
+    open: BTreeSet<TaskId>,
 }
 
 impl ListenGate {
@@ -64,7 +64,7 @@ impl ListenGate {
         &self,
         state: &ClusterState,
         plan: &NodePlan,
-    ) -> BTreeMap<String, Vec<(Protocol, u16)>> {
+    ) -> BTreeMap<TaskId, Vec<(Protocol, u16)>> {
         plan.sandboxes
             .keys()
             .filter(|t| !self.open.contains(*t))
@@ -89,10 +89,10 @@ impl ListenGate {
     fn decide(
         &mut self,
         plan: &NodePlan,
-        held: &BTreeMap<String, Vec<(Protocol, u16)>>,
-        heard: &BTreeMap<String, shoal_netdriver::listeners::Listeners>,
+        held: &BTreeMap<TaskId, Vec<(Protocol, u16)>>,
+        heard: &BTreeMap<TaskId, shoal_netdriver::listeners::Listeners>,
         now: Instant,
-    ) -> Vec<String> {
+    ) -> Vec<TaskId> {
         self.waiting.retain(|t, _| plan.sandboxes.contains_key(t));
         self.open.retain(|t| plan.sandboxes.contains_key(t));
         let mut late = Vec::new();
@@ -167,7 +167,7 @@ fn local_records(
     me: NodeId,
     plan: &NodePlan,
     vtep: Ipv4Addr,
-) -> BTreeMap<(String, EndpointKey), EndpointRecord> {
+) -> BTreeMap<(NetworkId, EndpointKey), EndpointRecord> {
     let mut out = BTreeMap::new();
     for sb in plan.sandboxes.values() {
         let task = state.tasks.get(&sb.task);
@@ -183,7 +183,7 @@ fn local_records(
                     ip: IpAddr::V4(ep.ip),
                     mac: mac_text(&ep.mac),
                     name: sb.name.clone(),
-                    service_id: service.map(|s| s.id.clone()),
+                    service_id: service.map(|s| s.id.to_string()),
                     service_name: service.map(|s| s.spec.name.clone()),
                     aliases,
                     owner: me,
@@ -274,11 +274,11 @@ struct Driver<B> {
     last: Option<NodePlan>,
     last_full: Instant,
     /// This node's records in gossip, and the networks it is attached to.
-    published: BTreeMap<(String, EndpointKey), EndpointRecord>,
-    joined: BTreeSet<String>,
+    published: BTreeMap<(NetworkId, EndpointKey), EndpointRecord>,
+    joined: BTreeSet<NetworkId>,
     mtu: Option<u32>,
     upstreams: Arc<Vec<SocketAddr>>,
-    dns_servers: BTreeMap<String, DnsServer>,
+    dns_servers: BTreeMap<TaskId, DnsServer>,
     gate: ListenGate,
 }
 
@@ -355,7 +355,7 @@ impl<B: Backend + Send> Driver<B> {
                 t.node == Some(me) && !t.state.is_terminal() && t.addresses.contains_key(id)
             });
             if local || n.ingress {
-                self.ctx.gossip.send(GossipCmd::Join(id.clone()));
+                self.ctx.gossip.send(GossipCmd::Join(id.to_string()));
                 self.joined.insert(id.clone());
             }
         }
@@ -424,7 +424,7 @@ impl<B: Backend + Send> Driver<B> {
             if !self.gate.lets_through(&key) {
                 continue;
             }
-            let list = endpoints.entry(net).or_default();
+            let list = endpoints.entry(net.to_string()).or_default();
             if !list.contains(&rec) {
                 list.retain(|e| e.ip != rec.ip);
                 list.push(rec);
@@ -516,15 +516,15 @@ impl<B: Backend + Send> Driver<B> {
     /// Gossip: attach to the networks with local endpoints, publish them,
     /// detach from the others.
     async fn announce(&mut self, state: &ClusterState, p: &NodePlan, vtep: Ipv4Addr) {
-        let nets: BTreeSet<String> = p.networks.keys().cloned().collect();
+        let nets: BTreeSet<NetworkId> = p.networks.keys().cloned().collect();
         for n in nets.difference(&self.joined) {
-            self.ctx.gossip.send(GossipCmd::Join(n.clone()));
+            self.ctx.gossip.send(GossipCmd::Join(n.to_string()));
         }
         let mut records = local_records(state, self.ctx.id, p, vtep);
         records.retain(|(_, key), _| self.gate.lets_through(key));
         publish(&self.ctx.gossip, records, &mut self.published).await;
         for n in self.joined.difference(&nets) {
-            self.ctx.gossip.send(GossipCmd::Leave(n.clone()));
+            self.ctx.gossip.send(GossipCmd::Leave(n.to_string()));
         }
         self.joined = nets;
     }
@@ -569,7 +569,7 @@ pub async fn debug_dataplane(
     let last = sandboxes.last_plan().unwrap_or_default();
     let mut networks = Vec::new();
     for net in last.networks.values() {
-        if network.is_some_and(|n| n != net.name && n != net.id) {
+        if network.is_some_and(|n| n != net.name && n != net.id.as_str()) {
             continue;
         }
         let ns = seen.namespaces.get(&names.network(&net.id));
@@ -671,13 +671,13 @@ pub fn debug_dns(
 /// only what differs from what it `published` before.
 async fn publish(
     gossip: &GossipHandle,
-    wanted: BTreeMap<(String, EndpointKey), EndpointRecord>,
-    published: &mut BTreeMap<(String, EndpointKey), EndpointRecord>,
+    wanted: BTreeMap<(NetworkId, EndpointKey), EndpointRecord>,
+    published: &mut BTreeMap<(NetworkId, EndpointKey), EndpointRecord>,
 ) {
     for ((net, key), _) in published.iter().filter(|(k, _)| !wanted.contains_key(*k)) {
         let _ = gossip
             .ask(|reply| GossipCmd::Delete {
-                network: net.clone(),
+                network: net.to_string(),
                 table: ENDPOINTS.into(),
                 key: key.to_string(),
                 reply,
@@ -690,7 +690,7 @@ async fn publish(
         }
         let _ = gossip
             .ask(|reply| GossipCmd::Put {
-                network: net.clone(),
+                network: net.to_string(),
                 table: ENDPOINTS.into(),
                 key: key.to_string(),
                 value: TableValue::Endpoint(rec.clone()),
@@ -733,7 +733,10 @@ impl<B: Backend + Send> Driver<B> {
                     EndpointKey::Task(id) => existing.contains(&self.names.task_name(id)),
                 });
                 for ((net, _), rec) in &own {
-                    endpoints.entry(net.clone()).or_default().push(rec.clone());
+                    endpoints
+                        .entry(net.to_string())
+                        .or_default()
+                        .push(rec.clone());
                 }
                 publish(&gossip, own, &mut self.published).await;
             }

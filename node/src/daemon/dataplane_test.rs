@@ -15,6 +15,7 @@ use shoal_netdriver::recording::Recording;
 use shoal_raft::MemoryStore;
 
 use super::*;
+use shoal_mesh::TaskId;
 
 const ME: NodeId = NodeId(1);
 const OTHER: NodeId = NodeId(2);
@@ -255,9 +256,9 @@ fn plan_of(tasks: &[&str]) -> NodePlan {
     let mut p = NodePlan::default();
     for t in tasks {
         p.sandboxes.insert(
-            (*t).to_owned(),
+            TaskId::from(*t),
             shoal_mesh::plan::SandboxPlan {
-                task: (*t).to_owned(),
+                task: TaskId::from(*t),
                 name: format!("{t}.1"),
                 endpoints: vec![],
                 dns: BTreeMap::new(),
@@ -274,13 +275,13 @@ fn the_listen_gate_lets_a_task_through_once_it_listens_or_has_waited_long_enough
     let mut gate = ListenGate::default();
     let plan = plan_of(&["quiet", "web", "dns", "deaf"]);
     let held = BTreeMap::from([
-        ("quiet".to_owned(), vec![]),
-        ("web".to_owned(), vec![(Protocol::Tcp, 80)]),
+        (TaskId::from("quiet"), vec![]),
+        (TaskId::from("web"), vec![(Protocol::Tcp, 80)]),
         (
-            "dns".to_owned(),
+            TaskId::from("dns"),
             vec![(Protocol::Udp, 53), (Protocol::Tcp, 53)],
         ),
-        ("deaf".to_owned(), vec![(Protocol::Tcp, 80)]),
+        (TaskId::from("deaf"), vec![(Protocol::Tcp, 80)]),
     ]);
     let listens = |tcp: &[u16], udp: &[u16]| Listeners {
         tcp: tcp.iter().copied().collect(),
@@ -289,8 +290,8 @@ fn the_listen_gate_lets_a_task_through_once_it_listens_or_has_waited_long_enough
     let t0 = Instant::now();
     // web listens on a port of its own choosing, dns on UDP only.
     let heard = BTreeMap::from([
-        ("web".to_owned(), listens(&[8080], &[])),
-        ("dns".to_owned(), listens(&[], &[53])),
+        (TaskId::from("web"), listens(&[8080], &[])),
+        (TaskId::from("dns"), listens(&[], &[53])),
     ]);
     assert!(gate.decide(&plan, &held, &heard, t0).is_empty());
     let key = |t: &str| EndpointKey::Task(t.into());
@@ -303,8 +304,8 @@ fn the_listen_gate_lets_a_task_through_once_it_listens_or_has_waited_long_enough
     assert!(gate.pending());
     // web now listens on 80, dns on both: through; deaf still not.
     let heard = BTreeMap::from([
-        ("web".to_owned(), listens(&[80], &[])),
-        ("dns".to_owned(), listens(&[53], &[53])),
+        (TaskId::from("web"), listens(&[80], &[])),
+        (TaskId::from("dns"), listens(&[53], &[53])),
     ]);
     let later = t0 + Duration::from_secs(1);
     assert!(gate.decide(&plan, &held, &heard, later).is_empty());
@@ -314,7 +315,7 @@ fn the_listen_gate_lets_a_task_through_once_it_listens_or_has_waited_long_enough
     // and named as let through without listening.
     let limit = t0 + LISTEN_WAIT_MAX + Duration::from_millis(1);
     let late = gate.decide(&plan, &held, &BTreeMap::new(), limit);
-    assert_eq!(late, vec!["deaf".to_owned()]);
+    assert_eq!(late, vec![TaskId::from("deaf")]);
     assert!(gate.lets_through(&key("deaf")) && !gate.pending());
     // A task that leaves the plan is forgotten: back, it waits again.
     gate.decide(

@@ -5,7 +5,7 @@
 use anyhow::anyhow;
 use shoal_mesh::cidr::Ipv4Net;
 use shoal_mesh::network::{Driver, Network, NetworkSpec};
-use shoal_mesh::{ClusterState, Command};
+use shoal_mesh::{ClusterState, Command, NetworkId};
 
 use super::agent::Daemon;
 use super::clock::now_ms;
@@ -15,7 +15,7 @@ use crate::views::{Named, NetworkView};
 /// A network as `network ls` and `inspect` show it. Field names are stable.
 pub fn view(n: &Network) -> NetworkView {
     NetworkView {
-        id: n.id.clone(),
+        id: n.id.to_string(),
         name: n.spec.name.clone(),
         driver: n.spec.driver,
         scope: if n.spec.driver == Driver::Overlay {
@@ -125,7 +125,7 @@ pub async fn create(d: &Daemon, spec: NetworkSpec) -> anyhow::Result<Reply> {
     check_driver(&spec).await?;
     let routes = routes_to_avoid(&spec, d.cfg.dataplane.gateway_subnet.as_deref()).await;
     check_host_routes(&spec, &routes)?;
-    let id = shoal_mesh::ids::to_hex(&rand::random::<[u8; 8]>());
+    let id = NetworkId::new(shoal_mesh::ids::to_hex(&rand::random::<[u8; 8]>()));
     let name = spec.name.clone();
     m.propose(Command::CreateNetwork {
         id: id.clone(),
@@ -170,7 +170,7 @@ pub async fn rm(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
     m.propose(Command::RemoveNetwork { id: n.id.clone() })
         .await?;
     Reply::of(&Named {
-        id: n.id.clone(),
+        id: n.id.to_string(),
         name: n.spec.name.clone(),
     })
 }

@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 use std::sync::Mutex;
 
+use shoal_mesh::TaskId;
 use shoal_mesh::plan::NodePlan;
 use shoal_netdriver::render::Names;
 
@@ -18,7 +19,7 @@ pub struct SandboxView {
     /// Whether the data plane runs here (else tasks need no sandbox).
     pub enabled: bool,
     /// Tasks whose sandbox is ready.
-    pub ready: BTreeSet<String>,
+    pub ready: BTreeSet<TaskId>,
     /// Why the data plane last failed, if it did.
     pub error: Option<String>,
 }
@@ -31,7 +32,7 @@ pub struct Sandboxes {
     /// Namespace names of this node (`<prefix>t-<task>` for sandboxes).
     pub names: Option<Names>,
     /// Tasks whose sandbox is programmed.
-    pub(super) ready: Mutex<BTreeSet<String>>,
+    pub(super) ready: Mutex<BTreeSet<TaskId>>,
     /// The last reconcile error, for tasks that wait.
     pub(super) error: Mutex<Option<String>>,
     /// The plan last programmed.

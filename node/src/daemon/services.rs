@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use anyhow::anyhow;
 use serde_json::json;
 use shoal_mesh::service::{
-    Attachment, PortSpec, Protocol, PublishMode, Service, ServiceMode, ServiceSpec,
+    Attachment, AttachmentRef, PortSpec, Protocol, PublishMode, Service, ServiceMode, ServiceSpec,
 };
 use shoal_mesh::task::{DesiredState, Task, TaskState};
-use shoal_mesh::{ClusterState, Command};
+use shoal_mesh::{ClusterState, Command, ServiceId};
 
 use super::agent::Daemon;
 use super::clock::now_ms;
@@ -19,7 +19,7 @@ use crate::views::{
 
 /// Resolves the network an attachment names (as the user typed it: a
 /// name, an ID or an ID prefix) to its ID.
-fn resolve_attachment(state: &ClusterState, a: &Attachment) -> anyhow::Result<Attachment> {
+fn resolve_attachment(state: &ClusterState, a: &AttachmentRef) -> anyhow::Result<Attachment> {
     let name = &a.network;
     let net = state.resolve_network(name).ok_or_else(|| {
         ApiError::not_found(format!(
@@ -172,7 +172,7 @@ fn view(state: &ClusterState, s: &Service) -> ServiceView {
         None => None,
     };
     ServiceView {
-        id: s.id.clone(),
+        id: s.id.to_string(),
         name: s.spec.name.clone(),
         mode: match s.spec.mode {
             ServiceMode::Replicated(_) => "replicated",
@@ -220,16 +220,16 @@ fn view(state: &ClusterState, s: &Service) -> ServiceView {
 }
 
 fn task_view(state: &ClusterState, t: &Task) -> TaskView {
-    let net_name = |n: &String| {
+    let net_name = |n: &str| {
         state
             .networks
             .get(n)
             .map(|x| x.spec.name.clone())
-            .unwrap_or_else(|| n.clone())
+            .unwrap_or_else(|| n.to_owned())
     };
     let failed = matches!(t.state, TaskState::Failed | TaskState::Pending);
     TaskView {
-        id: t.id.clone(),
+        id: t.id.to_string(),
         name: super::executor::task_name(state, t),
         node: t
             .node
@@ -259,7 +259,7 @@ fn task_view(state: &ClusterState, t: &Task) -> TaskView {
 /// A network created through another node a moment ago may not have
 /// reached this node's copy yet: gives the `--network` arguments (NET or
 /// name=NET,…) a moment to resolve before they are refused.
-async fn wait_for_networks(m: &super::member::Member, networks: &[Attachment]) {
+async fn wait_for_networks(m: &super::member::Member, networks: &[AttachmentRef]) {
     m.wait_for(std::time::Duration::from_secs(2), |s| {
         networks
             .iter()
@@ -269,22 +269,25 @@ async fn wait_for_networks(m: &super::member::Member, networks: &[Attachment]) {
 }
 
 /// `service create`.
-pub async fn create(d: &Daemon, mut spec: ServiceSpec) -> anyhow::Result<Reply> {
+pub async fn create(
+    d: &Daemon,
+    mut spec: ServiceSpec,
+    networks: &[AttachmentRef],
+) -> anyhow::Result<Reply> {
     let m = d.member().await?;
     if spec.command.is_empty() {
         return Err(ApiError::invalid(
             "a service needs a command: shoal service create --name NAME -- COMMAND [ARG...]",
         ));
     }
-    wait_for_networks(&m, &spec.networks).await;
+    wait_for_networks(&m, networks).await;
     let state = m.state.state();
-    spec.networks = spec
-        .networks
+    spec.networks = networks
         .iter()
         .map(|a| resolve_attachment(&state, a))
         .collect::<anyhow::Result<_>>()?;
     check_ports_free(&spec.ports)?;
-    let id = shoal_mesh::ids::to_hex(&rand::random::<[u8; 8]>());
+    let id = ServiceId::new(shoal_mesh::ids::to_hex(&rand::random::<[u8; 8]>()));
     m.propose(Command::CreateService {
         id: id.clone(),
         spec,
@@ -421,7 +424,7 @@ pub async fn task_exec(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
     };
     let service = state.services.get(&t.service_id);
     let mut env: BTreeMap<String, String> = service.map(|s| s.spec.env.clone()).unwrap_or_default();
-    env.insert("SHOAL_TASK_ID".into(), t.id.clone());
+    env.insert("SHOAL_TASK_ID".into(), t.id.to_string());
     env.insert("SHOAL_TASK_NAME".into(), name.clone());
     if let Some(s) = service {
         env.insert("SHOAL_SERVICE_NAME".into(), s.spec.name.clone());
@@ -516,7 +519,7 @@ fn ready(
     };
     let published = |t: &Task| {
         t.addresses.iter().all(|(net, ip)| {
-            endpoints.get(net).is_some_and(|list| {
+            endpoints.get(net.as_str()).is_some_and(|list| {
                 list.iter()
                     .any(|e| e.ip == std::net::IpAddr::V4(*ip) && Some(e.owner) == t.node)
             })
@@ -550,7 +553,7 @@ pub async fn rm(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
     m.propose(Command::RemoveService { id: s.id.clone() })
         .await?;
     Reply::of(&Named {
-        id: s.id.clone(),
+        id: s.id.to_string(),
         name: s.spec.name.clone(),
     })
 }
@@ -566,7 +569,7 @@ pub async fn scale(d: &Daemon, reference: &str, replicas: u64) -> anyhow::Result
     })
     .await?;
     Reply::of(&Named {
-        id: s.id.clone(),
+        id: s.id.to_string(),
         name: s.spec.name.clone(),
     })
 }
@@ -591,12 +594,12 @@ pub async fn logs(
     tasks.sort_by_key(|t| (t.slot, t.created_at_ms));
     for t in tasks {
         let Some(node) = t.node else { continue };
-        let offset = offsets.get(&t.id).copied().unwrap_or(0);
+        let offset = offsets.get(t.id.as_str()).copied().unwrap_or(0);
         let read = if node == m.id {
             super::executor::read_log(&m.dir.0, &t.id, offset).map_err(|e| e.to_string())
         } else {
             let req = super::wire::CtlRequest::TaskLog {
-                task: t.id.clone(),
+                task: t.id.to_string(),
                 offset,
             };
             match m
@@ -613,7 +616,7 @@ pub async fn logs(
         let view = task_view(&state, t);
         match read {
             Ok((text, next)) => out.push(TaskLogView {
-                task: t.id.clone(),
+                task: t.id.to_string(),
                 name: view.name,
                 node: view.node,
                 next,

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use shoal_mesh::task::{DesiredState, TaskState};
-use shoal_mesh::{ClusterState, NodeId};
+use shoal_mesh::{ClusterState, NodeId, TaskId};
 
 pub use super::super::sandboxes::SandboxView;
 
@@ -54,7 +54,7 @@ pub enum ExecAction {
     /// Record a task's state in the store.
     Report {
         /// The task.
-        task: String,
+        task: TaskId,
         /// Its state.
         state: TaskState,
         /// Why.
@@ -63,18 +63,18 @@ pub enum ExecAction {
         exit_code: Option<i32>,
     },
     /// Stop watching a task whose process ended.
-    Forget(String),
+    Forget(TaskId),
     /// Start a task (its sandbox is ready); the driver reports how it went.
-    Start(String),
+    Start(TaskId),
     /// Ask a running task to stop (SIGTERM).
-    Stop(String),
+    Stop(TaskId),
     /// Kill a task that did not stop in time (SIGKILL).
-    Kill(String),
+    Kill(TaskId),
 }
 
-fn report(task: &str, state: TaskState, message: impl Into<String>) -> ExecAction {
+fn report(task: &TaskId, state: TaskState, message: impl Into<String>) -> ExecAction {
     ExecAction::Report {
-        task: task.to_owned(),
+        task: task.clone(),
         state,
         message: message.into(),
         exit_code: None,
@@ -85,7 +85,7 @@ fn report(task: &str, state: TaskState, message: impl Into<String>) -> ExecActio
 /// its sandbox.
 #[derive(Debug, Default)]
 pub struct Decider {
-    waiting: BTreeMap<String, Instant>,
+    waiting: BTreeMap<TaskId, Instant>,
 }
 
 impl Decider {
@@ -94,7 +94,7 @@ impl Decider {
         &mut self,
         state: &ClusterState,
         me: NodeId,
-        supervised: &BTreeMap<String, Supervision>,
+        supervised: &BTreeMap<TaskId, Supervision>,
         sandboxes: &SandboxView,
         now: Instant,
     ) -> Vec<ExecAction> {

@@ -1,6 +1,7 @@
 use std::collections::BTreeSet;
 
 use super::*;
+use shoal_mesh::TaskId;
 use shoal_mesh::task::Task;
 
 const ME: NodeId = NodeId(1);
@@ -121,9 +122,9 @@ fn an_ended_task_is_reported_with_its_exit_unless_it_was_stopped() {
     };
     let t0 = Instant::now();
     let sup = BTreeMap::from([
-        ("a".to_owned(), ended(None)),
-        ("b".to_owned(), ended(Some(t0))),
-        ("c".to_owned(), ended(None)),
+        (TaskId::from("a"), ended(None)),
+        (TaskId::from("b"), ended(Some(t0))),
+        (TaskId::from("c"), ended(None)),
     ]);
     let acts = Decider::default().decide(&s, ME, &sup, &no_dataplane(), t0);
     assert_eq!(
@@ -159,13 +160,13 @@ fn an_unwanted_task_is_stopped_once_then_killed_when_overdue() {
     )]);
     let t0 = Instant::now();
     let mut d = Decider::default();
-    let sup = BTreeMap::from([("a".to_owned(), running())]);
+    let sup = BTreeMap::from([(TaskId::from("a"), running())]);
     assert_eq!(
         d.decide(&s, ME, &sup, &no_dataplane(), t0),
         vec![ExecAction::Stop("a".into())]
     );
     let stopping = BTreeMap::from([(
-        "a".to_owned(),
+        TaskId::from("a"),
         Supervision {
             ended: None,
             stopping: Some(t0),
@@ -201,7 +202,7 @@ fn a_running_process_the_store_does_not_show_running_is_reported_again() {
         DesiredState::Running,
         TaskState::Starting,
     )]);
-    let sup = BTreeMap::from([("a".to_owned(), running())]);
+    let sup = BTreeMap::from([(TaskId::from("a"), running())]);
     let acts = Decider::default().decide(&s, ME, &sup, &no_dataplane(), Instant::now());
     assert_eq!(
         acts,

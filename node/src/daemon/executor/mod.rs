@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use shoal_mesh::task::{DesiredState, Task, TaskState};
-use shoal_mesh::{ClusterState, Command, NodeId};
+use shoal_mesh::{ClusterState, Command, NodeId, TaskId};
 use shoal_raft::StateHandle;
 use tokio::process::Child;
 
@@ -178,7 +178,7 @@ pub fn task_name(state: &ClusterState, t: &Task) -> String {
 
 /// Every task process this node's shims run (by task ID), whatever the
 /// store says: for re-adoption and for `swarm leave`.
-fn shims_on_disk(dir: &Path) -> BTreeMap<String, Pids> {
+fn shims_on_disk(dir: &Path) -> BTreeMap<TaskId, Pids> {
     let mut found = BTreeMap::new();
     let Ok(entries) = std::fs::read_dir(dir) else {
         return found;
@@ -189,7 +189,7 @@ fn shims_on_disk(dir: &Path) -> BTreeMap<String, Pids> {
             && let Some(p) = shim::read_pids(dir, id)
             && shim::alive(&p)
         {
-            found.insert(id.to_owned(), p);
+            found.insert(id.into(), p);
         }
     }
     found
@@ -232,9 +232,9 @@ impl<W: Propose> ExecutorCtx<W> {
         self.state_dir.join("tasks")
     }
 
-    async fn report(&self, id: &str, state: TaskState, message: String, exit_code: Option<i32>) {
+    async fn report(&self, id: &TaskId, state: TaskState, message: String, exit_code: Option<i32>) {
         let cmd = Command::SetTaskState {
-            id: id.to_owned(),
+            id: id.clone(),
             state,
             message,
             exit_code,
@@ -333,10 +333,10 @@ fn spawn<W>(
     }
     cmd.args(&service.spec.command)
         .envs(&service.spec.env)
-        .env("SHOAL_TASK_ID", &t.id)
+        .env("SHOAL_TASK_ID", t.id.as_str())
         .env("SHOAL_TASK_NAME", task_name(state, t))
         .env("SHOAL_SERVICE_NAME", &service.spec.name)
-        .env("SHOAL_SERVICE_ID", &service.id)
+        .env("SHOAL_SERVICE_ID", service.id.as_str())
         .env(
             "SHOAL_TASK_SLOT",
             t.slot.map(|s| s.to_string()).unwrap_or_default(),
@@ -355,7 +355,7 @@ fn spawn<W>(
 async fn adopt<W: Propose>(
     ctx: &ExecutorCtx<W>,
     state: &ClusterState,
-) -> BTreeMap<String, Supervised> {
+) -> BTreeMap<TaskId, Supervised> {
     let dir = ctx.tasks_dir();
     let mut alive = shims_on_disk(&dir);
     let mut running = BTreeMap::new();
@@ -408,7 +408,7 @@ const SWEEP_EVERY: u32 = 200;
 
 /// Deletes the files (log, pid, exit record, resolv.conf) of tasks the
 /// store has forgotten and that no longer run here.
-fn sweep(dir: &Path, state: &ClusterState, running: &BTreeMap<String, Supervised>) {
+fn sweep(dir: &Path, state: &ClusterState, running: &BTreeMap<TaskId, Supervised>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -427,8 +427,8 @@ fn sweep(dir: &Path, state: &ClusterState, running: &BTreeMap<String, Supervised
 /// record of an ended one read).
 fn observe(
     dir: &Path,
-    running: &mut BTreeMap<String, Supervised>,
-) -> BTreeMap<String, Supervision> {
+    running: &mut BTreeMap<TaskId, Supervised>,
+) -> BTreeMap<TaskId, Supervision> {
     running
         .iter_mut()
         .map(|(id, s)| {
