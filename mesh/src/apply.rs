@@ -377,6 +377,25 @@ fn init(
     Ok(Outcome::Done)
 }
 
+/// Task `id`, to change.
+fn task_mut<'a>(state: &'a mut ClusterState, id: &TaskId) -> Result<&'a mut Task, ApplyError> {
+    state
+        .tasks
+        .get_mut(id)
+        .ok_or_else(|| ApplyError::NoSuchTask(id.to_string()))
+}
+
+/// Service `id`.
+fn service<'a>(
+    state: &'a ClusterState,
+    id: &ServiceId,
+) -> Result<&'a crate::service::Service, ApplyError> {
+    state
+        .services
+        .get(id)
+        .ok_or_else(|| ApplyError::NoSuchService(id.to_string()))
+}
+
 /// A node joins.
 fn add_node(state: &mut ClusterState, node: &Node) -> Result<Outcome, ApplyError> {
     if state.nodes.contains_key(&node.id) {
@@ -616,10 +635,7 @@ fn update_service(
     force: &bool,
     now_ms: &u64,
 ) -> Result<Outcome, ApplyError> {
-    let previous = state
-        .services
-        .get(id)
-        .ok_or_else(|| ApplyError::NoSuchService(id.to_string()))?;
+    let previous = service(state, id)?;
     let service = reallocate_service(previous, spec, state, *force, *now_ms)?;
     state.services.insert(id.to_owned(), service);
     Ok(Outcome::Done)
@@ -637,10 +653,7 @@ fn add_task(
     restarts: &u64,
     now_ms: &u64,
 ) -> Result<Outcome, ApplyError> {
-    let service = state
-        .services
-        .get(service_id)
-        .ok_or_else(|| ApplyError::NoSuchService(service_id.to_string()))?;
+    let service = service(state, service_id)?;
     if state.tasks.contains_key(id) {
         return Err(ApplyError::DuplicateTask(id.to_string()));
     }
@@ -716,10 +729,7 @@ fn assign_task(
     if !state.nodes.contains_key(node) {
         return Err(ApplyError::UnknownNode(*node));
     }
-    let t = state
-        .tasks
-        .get_mut(id)
-        .ok_or_else(|| ApplyError::NoSuchTask(id.to_string()))?;
+    let t = task_mut(state, id)?;
     if t.state != TaskState::Pending {
         return Err(ApplyError::BadTransition {
             id: id.to_string(),
@@ -743,10 +753,7 @@ fn set_task_state(
     exit_code: &Option<i32>,
     now_ms: &u64,
 ) -> Result<Outcome, ApplyError> {
-    let t = state
-        .tasks
-        .get_mut(id)
-        .ok_or_else(|| ApplyError::NoSuchTask(id.to_string()))?;
+    let t = task_mut(state, id)?;
     if t.state.is_terminal() || *to < t.state {
         return Err(ApplyError::BadTransition {
             id: id.to_string(),
@@ -767,10 +774,7 @@ fn shutdown_task(
     id: &TaskId,
     now_ms: &u64,
 ) -> Result<Outcome, ApplyError> {
-    let t = state
-        .tasks
-        .get_mut(id)
-        .ok_or_else(|| ApplyError::NoSuchTask(id.to_string()))?;
+    let t = task_mut(state, id)?;
     if t.desired == DesiredState::Shutdown {
         return Ok(Outcome::Done);
     }
