@@ -193,7 +193,21 @@ fn services_that_cannot_run_say_why() {
         }))
     })
     .unwrap();
-    let refused: [(&[&str], &str); 4] = [
+    let refused: [(&[&str], &str); 5] = [
+        (
+            &[
+                "service",
+                "create",
+                "--name",
+                "huge",
+                "--replicas",
+                "1000000000",
+                "--",
+                "sleep",
+                "1",
+            ],
+            "over the limit of 10000 tasks per service",
+        ),
         (
             &[
                 "service",

@@ -614,6 +614,7 @@ fn scale_service(
         .ok_or_else(|| ApplyError::NoSuchService(id.to_string()))?;
     match svc.spec.mode {
         crate::service::ServiceMode::Replicated(_) => {
+            crate::service::check_replicas(*replicas)?;
             svc.spec.mode = crate::service::ServiceMode::Replicated(*replicas);
         }
         crate::service::ServiceMode::Global => {

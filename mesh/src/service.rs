@@ -302,6 +302,21 @@ pub fn task_networks(service: &Service) -> Vec<NetworkId> {
     nets
 }
 
+/// The most tasks one replicated service may ask for. Every replica of the
+/// store holds every task: an unbounded count (a typo, or a hostile
+/// request) would exhaust every manager's memory, one after the other.
+pub const MAX_REPLICAS: u64 = 10_000;
+
+/// Refuses a replica count over [`MAX_REPLICAS`], naming the limit.
+pub fn check_replicas(replicas: u64) -> Result<(), ServiceError> {
+    if replicas > MAX_REPLICAS {
+        return Err(ServiceError::Invalid(format!(
+            "--replicas {replicas} is over the limit of {MAX_REPLICAS} tasks per service"
+        )));
+    }
+    Ok(())
+}
+
 /// Allocates `spec` against `state`. Pure.
 pub fn allocate_service(
     id: &str,
@@ -355,6 +370,9 @@ fn allocate(
 ) -> Result<Service, ServiceError> {
     if !valid_name(&spec.name) {
         return Err(ServiceError::BadName(spec.name.clone()));
+    }
+    if let ServiceMode::Replicated(n) = spec.mode {
+        check_replicas(n)?;
     }
     if state
         .services

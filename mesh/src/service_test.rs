@@ -179,3 +179,37 @@ fn a_create_replayed_after_a_lost_reply_is_already_done_and_allocates_nothing() 
     let e = create(&mut s, "a", service("a", vec![port(Some(8081), 80)])).unwrap_err();
     assert!(e.to_string().contains("already exists"), "{e}");
 }
+
+#[test]
+fn a_replica_count_over_the_limit_is_refused_and_changes_nothing() {
+    let mut s = swarm(1);
+    for n in [MAX_REPLICAS + 1, 1_000_000_000, u64::MAX] {
+        let mut spec = service("huge", vec![]);
+        spec.mode = ServiceMode::Replicated(n);
+        let e = create(&mut s, "huge", spec).unwrap_err();
+        assert!(e.to_string().contains("over the limit of 10000"), "{e}");
+    }
+    assert!(s.services.is_empty());
+    let mut spec = service("web", vec![]);
+    spec.mode = ServiceMode::Replicated(MAX_REPLICAS);
+    create(&mut s, "web", spec).unwrap();
+    // Scaling and updating past it are refused too.
+    let scale = Command::ScaleService {
+        id: "web".into(),
+        replicas: u64::MAX,
+    };
+    assert!(apply(&mut s, &scale).is_err());
+    let mut bigger = s.services["web"].spec.clone();
+    bigger.mode = ServiceMode::Replicated(MAX_REPLICAS + 1);
+    let update = Command::UpdateService {
+        id: "web".into(),
+        spec: bigger,
+        force: false,
+        now_ms: 1,
+    };
+    assert!(apply(&mut s, &update).is_err());
+    assert_eq!(
+        s.services["web"].spec.mode,
+        ServiceMode::Replicated(MAX_REPLICAS)
+    );
+}
