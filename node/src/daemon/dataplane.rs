@@ -27,7 +27,7 @@ use shoal_raft::StateHandle;
 
 use super::config::DataplaneConfig;
 use super::gossip::{GossipCmd, GossipHandle};
-pub use super::sandboxes::Sandboxes;
+use super::sandboxes::Sandboxes;
 
 /// The gossip table of endpoints.
 pub const ENDPOINTS: &str = "endpoints";
