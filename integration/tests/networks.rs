@@ -32,8 +32,9 @@ fn networks_are_allocated_in_the_store_and_bad_ones_refused() {
         ],
     )
     .unwrap();
+    let m = c.token(0, "manager").unwrap();
     let t = c.token(0, "worker").unwrap();
-    c.join(1, &t, 0).unwrap();
+    c.join(1, &m, 0).unwrap();
     c.join(2, &t, 0).unwrap();
 
     // ingress exists from init.
@@ -43,9 +44,15 @@ fn networks_are_allocated_in_the_store_and_bad_ones_refused() {
     assert_eq!(nets[0]["subnets"][0], "10.255.0.0/16");
     assert_eq!(nets[0]["vni"], 4096);
 
-    // Created through a worker (forwarded to the leader), seen everywhere,
-    // carved from the configured pool, with the next VNI.
-    c.shoal_ok(2, &["network", "create", "web"]).unwrap();
+    // Not through a worker; through a follower manager (forwarded to the
+    // leader), seen everywhere, carved from the configured pool, with the
+    // next VNI.
+    c.assert_refused(
+        2,
+        &["network", "create", "web"],
+        "this node is not a swarm manager",
+    );
+    c.shoal_ok(1, &["network", "create", "web"]).unwrap();
     c.shoal_ok(
         1,
         &[

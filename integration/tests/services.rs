@@ -58,7 +58,7 @@ fn replicas_run_as_processes_spread_over_nodes_and_move_off_a_dead_node() {
     c.shoal_ok(0, &["network", "create", "web"]).unwrap();
     let r = c
         .shoal_ok(
-            1,
+            0,
             &[
                 "service",
                 "create",
@@ -250,6 +250,42 @@ fn services_that_cannot_run_say_why() {
     for (args, message) in refused {
         c.assert_refused(0, args, message);
     }
+    // Values over their bounds (mesh::bounds), and u64::MAX replicas.
+    let big = format!("BIG={}", "x".repeat(40_000));
+    let esc = "K=\u{1b}[2J".to_owned();
+    let max = u64::MAX.to_string();
+    let over: [(&[&str], &str); 3] = [
+        (
+            &[
+                "service", "create", "--name", "b", "--env", &big, "--", "true",
+            ],
+            "--env `BIG`: 40000 bytes long, at most 32768 allowed",
+        ),
+        (
+            &[
+                "service", "create", "--name", "e", "--label", &esc, "--", "true",
+            ],
+            "control character",
+        ),
+        (
+            &[
+                "service",
+                "create",
+                "--name",
+                "m",
+                "--replicas",
+                &max,
+                "--",
+                "true",
+            ],
+            "over the limit of 10000 tasks per service",
+        ),
+    ];
+    for (args, message) in over {
+        let r = c.shoal(0, args);
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert!(r.stderr.contains(message), "{}", r.stderr);
+    }
     // A port another program holds on this node.
     let holder = std::net::TcpListener::bind(("0.0.0.0", 0)).unwrap();
     let port = holder.local_addr().unwrap().port();
@@ -341,13 +377,13 @@ fn service_logs_gather_every_tasks_output_across_nodes() {
     )
     .unwrap();
     c.wait_until("both tasks' output", CONVERGE, |c| {
-        let out = c.shoal_ok(1, &["service", "logs", "talk"])?.stdout;
+        let out = c.shoal_ok(0, &["service", "logs", "talk"])?.stdout;
         Ok(out.contains("talk.1@node")
             && out.contains("hello from talk.1")
             && out.contains("hello from talk.2"))
     })
     .unwrap();
-    let out = c.shoal_ok(1, &["service", "logs", "talk"]).unwrap().stdout;
+    let out = c.shoal_ok(0, &["service", "logs", "talk"]).unwrap().stdout;
     assert!(
         out.contains("@node1 |") && out.contains("@node2 |"),
         "output from both nodes: {out}"

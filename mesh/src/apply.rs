@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::bounds::{self, OutOfBounds};
 use crate::cidr::Ipv4Net;
 use crate::ids::{NetworkId, NodeId, ServiceId, TaskId};
 use crate::ipam::allocate_ip;
@@ -14,7 +15,7 @@ use crate::service::{
     ServiceError, ServiceSpec, allocate_service, reallocate_service, task_networks, used_addresses,
 };
 use crate::state::{Availability, ClusterInfo, ClusterState, JoinSecrets, Node, Role};
-use crate::task::{DesiredState, Task, TaskState};
+use crate::task::{DesiredState, Task, TaskReport, TaskState};
 
 /// A change to the cluster state, as written to the Raft log.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,6 +174,16 @@ pub enum Command {
         /// Its new address.
         addr: String,
     },
+    /// Node `node` reports the state of a task assigned to it: the only
+    /// task write a worker may make. `node` is the reporter as its
+    /// certificate names it (set by the manager that takes the report,
+    /// never by the reporter), and `apply` refuses a task assigned elsewhere.
+    ReportTask {
+        /// The reporting node.
+        node: NodeId,
+        /// What it reports.
+        report: TaskReport,
+    },
 }
 
 /// What a successful command produced.
@@ -263,6 +274,17 @@ pub enum ApplyError {
         /// The asked state.
         to: TaskState,
     },
+    /// A value over its bound (see [`crate::bounds`]).
+    #[error(transparent)]
+    OutOfBounds(#[from] OutOfBounds),
+    /// A node reported on a task that is not assigned to it.
+    #[error("task {task} is not assigned to node {node}: a node reports only its own tasks")]
+    NotAssigned {
+        /// The task.
+        task: String,
+        /// The node that reported.
+        node: NodeId,
+    },
 }
 
 /// Gives node `node` its address on the `ingress` network (none if that
@@ -344,6 +366,7 @@ pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyEr
         Command::ShutdownTask { id, now_ms } => shutdown_task(state, id, now_ms),
         Command::RemoveTask { id } => remove_task(state, id),
         Command::SetNodeAddr { node, addr } => set_node_addr(state, node, addr),
+        Command::ReportTask { node, report } => report_task(state, node, report),
     }
 }
 
@@ -398,6 +421,9 @@ fn service<'a>(
 
 /// A node joins.
 fn add_node(state: &mut ClusterState, node: &Node) -> Result<Outcome, ApplyError> {
+    bounds::check_hostname(&node.hostname)?;
+    bounds::check_addr(&node.addr)?;
+    bounds::check_map("node label", &node.labels)?;
     if state.nodes.contains_key(&node.id) {
         return Err(ApplyError::DuplicateNode(node.id));
     }
@@ -472,16 +498,19 @@ fn update_node(
             key: key.clone(),
         });
     }
+    let mut labels = current.labels.clone();
+    for key in label_rm {
+        labels.remove(key);
+    }
+    for (k, v) in label_add {
+        labels.insert(k.clone(), v.clone());
+    }
+    bounds::check_map("node label", &labels)?;
     if let Some(n) = state.nodes.get_mut(node) {
         if let Some(a) = availability {
             n.availability = *a;
         }
-        for key in label_rm {
-            n.labels.remove(key);
-        }
-        for (k, v) in label_add {
-            n.labels.insert(k.clone(), v.clone());
-        }
+        n.labels = labels;
     }
     Ok(Outcome::Done)
 }
@@ -524,7 +553,8 @@ fn create_network(
     avoid: &[Ipv4Net],
 ) -> Result<Outcome, ApplyError> {
     let cluster = state.cluster.as_ref().ok_or(ApplyError::NotInitialized)?;
-
+    bounds::check_id("network ID", id)?;
+    bounds::check_network(spec)?;
     if let Some(n) = state.networks.get(id) {
         // The same command again (a write retried after its reply
         // was lost): already done.
@@ -582,6 +612,8 @@ fn create_service(
     spec: &ServiceSpec,
     created_at_ms: &u64,
 ) -> Result<Outcome, ApplyError> {
+    bounds::check_id("service ID", id)?;
+    bounds::check_service(spec)?;
     if let Some(svc) = state.services.get(id) {
         if svc.spec == *spec && svc.created_at_ms == *created_at_ms {
             return Ok(Outcome::Done);
@@ -636,6 +668,7 @@ fn update_service(
     force: &bool,
     now_ms: &u64,
 ) -> Result<Outcome, ApplyError> {
+    bounds::check_service(spec)?;
     let previous = service(state, id)?;
     let service = reallocate_service(previous, spec, state, *force, *now_ms)?;
     state.services.insert(id.to_owned(), service);
@@ -654,6 +687,7 @@ fn add_task(
     restarts: &u64,
     now_ms: &u64,
 ) -> Result<Outcome, ApplyError> {
+    bounds::check_id("task ID", id)?;
     let service = service(state, service_id)?;
     if state.tasks.contains_key(id) {
         return Err(ApplyError::DuplicateTask(id.to_string()));
@@ -746,6 +780,34 @@ fn assign_task(
 }
 
 /// An executor reports a task's state; it only moves forward.
+/// A node's report on its own task: a state change, only from the node the
+/// task is assigned to.
+fn report_task(
+    state: &mut ClusterState,
+    node: &NodeId,
+    r: &TaskReport,
+) -> Result<Outcome, ApplyError> {
+    if r.message.len() > TaskReport::MAX_MESSAGE {
+        return Err(OutOfBounds {
+            what: "a task report's message".into(),
+            problem: format!(
+                "{} bytes long, at most {} allowed",
+                r.message.len(),
+                TaskReport::MAX_MESSAGE
+            ),
+        }
+        .into());
+    }
+    let t = task_mut(state, &r.id)?;
+    if t.node != Some(*node) {
+        return Err(ApplyError::NotAssigned {
+            task: r.id.to_string(),
+            node: *node,
+        });
+    }
+    set_task_state(state, &r.id, &r.state, &r.message, &r.exit_code, &r.now_ms)
+}
+
 fn set_task_state(
     state: &mut ClusterState,
     id: &TaskId,
@@ -801,6 +863,7 @@ fn set_node_addr(
     node: &NodeId,
     addr: &str,
 ) -> Result<Outcome, ApplyError> {
+    bounds::check_addr(addr)?;
     let n = state
         .nodes
         .get_mut(node)

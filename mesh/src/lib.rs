@@ -13,6 +13,7 @@
 //! ```
 
 pub mod apply;
+pub mod bounds;
 pub mod cidr;
 pub mod codec;
 pub mod constraint;
@@ -28,6 +29,7 @@ pub mod state;
 pub mod syntax;
 pub mod task;
 pub mod token;
+pub mod wire;
 
 #[cfg(test)]
 mod test_support;

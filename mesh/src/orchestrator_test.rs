@@ -1,11 +1,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
+use crate::apply::ApplyError;
 use crate::apply::apply;
 use crate::ids::TaskId;
 use crate::service::RestartCondition;
 use crate::service::{Attachment, EndpointMode, ServiceSpec};
-use crate::task::DesiredState;
+use crate::task::{DesiredState, TaskReport};
 use crate::test_support::swarm;
 
 fn add_service(s: &mut ClusterState, id: &str, mode: ServiceMode, constraints: &[&str]) {
@@ -200,6 +201,45 @@ fn task_states_only_move_forward() {
         matches!(cmds.as_slice(), [Command::AddTask { slot: Some(1), .. }]),
         "{cmds:?}"
     );
+}
+
+#[test]
+fn a_node_reports_only_its_own_tasks_with_a_bounded_message() {
+    let mut s = swarm(2);
+    add_service(&mut s, "web", ServiceMode::Replicated(1), &[]);
+    converge(&mut s, &|_| true);
+    let t = s.tasks.values().next().unwrap().clone();
+    let owner = t.node.unwrap();
+    let other = *s.nodes.keys().find(|n| **n != owner).unwrap();
+    let report = |node, message: &str| Command::ReportTask {
+        node,
+        report: TaskReport {
+            id: t.id.clone(),
+            state: TaskState::Running,
+            message: message.into(),
+            exit_code: None,
+            now_ms: 5,
+        },
+    };
+    let before = s.clone();
+    assert_eq!(
+        apply(&mut s, &report(other, "")),
+        Err(ApplyError::NotAssigned {
+            task: t.id.to_string(),
+            node: other
+        })
+    );
+    let long = "x".repeat(TaskReport::MAX_MESSAGE + 1);
+    assert!(matches!(
+        apply(&mut s, &report(owner, &long)),
+        Err(ApplyError::OutOfBounds(_))
+    ));
+    assert_eq!(s, before, "a refused report changes nothing");
+    apply(&mut s, &report(owner, "up")).unwrap();
+    assert_eq!(s.tasks[&t.id].state, TaskState::Running);
+    // The executor's constructor cuts a long message to what apply takes.
+    let cut = TaskReport::new(t.id.clone(), TaskState::Failed, "é".repeat(2000), None, 6);
+    assert!(cut.message.len() <= TaskReport::MAX_MESSAGE && cut.message.ends_with('…'));
 }
 
 #[test]

@@ -213,3 +213,57 @@ fn a_replica_count_over_the_limit_is_refused_and_changes_nothing() {
         ServiceMode::Replicated(MAX_REPLICAS)
     );
 }
+
+#[test]
+fn commands_from_the_log_are_held_to_the_same_bounds_as_the_cli() {
+    let mut s = swarm(2);
+    let before = s.clone();
+    let mut big = service("big", vec![]);
+    big.env
+        .insert("K".into(), "x".repeat(crate::bounds::MAX_VALUE + 1));
+    let mut nul = service("nul", vec![]);
+    nul.command.push("a\0b".into());
+    let mut many = service("many", vec![]);
+    many.command = vec!["x".into(); crate::bounds::MAX_ENTRIES + 1];
+    let mut wide = service("wide", vec![]);
+    for i in 0..20 {
+        wide.env
+            .insert(format!("K{i}"), "x".repeat(crate::bounds::MAX_VALUE));
+    }
+    for (id, spec) in [("b", big), ("n", nul), ("m", many), ("w", wide)] {
+        let e = create(&mut s, id, spec).unwrap_err();
+        assert!(matches!(e, ApplyError::OutOfBounds(_)), "{id}: {e}");
+    }
+    let e = create(&mut s, "../../etc", service("ok", vec![])).unwrap_err();
+    assert!(e.to_string().contains("service ID"), "{e}");
+    let task = Command::AddTask {
+        id: "a/b".into(),
+        service_id: "x".into(),
+        slot: Some(1),
+        node: None,
+        message: String::new(),
+        restarts: 0,
+        now_ms: 0,
+    };
+    assert!(matches!(
+        apply(&mut s, &task),
+        Err(ApplyError::OutOfBounds(_))
+    ));
+    let mut stranger = crate::fixtures::node(9);
+    stranger.hostname = "evil\u{1b}[2J".into();
+    let e = apply(&mut s, &Command::AddNode(stranger)).unwrap_err();
+    assert!(e.to_string().starts_with("hostname:"), "{e}");
+    let labels = Command::UpdateNode {
+        node: crate::ids::NodeId(1),
+        availability: None,
+        label_add: (0..=crate::bounds::MAX_ENTRIES)
+            .map(|i| (format!("k{i}"), String::new()))
+            .collect(),
+        label_rm: vec![],
+    };
+    assert!(matches!(
+        apply(&mut s, &labels),
+        Err(ApplyError::OutOfBounds(_))
+    ));
+    assert_eq!(s, before, "refusals change nothing");
+}

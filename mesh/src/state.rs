@@ -110,16 +110,23 @@ impl JoinSecrets {
         }
     }
 
-    /// The role whose secret hashes to `hash`, if any.
+    /// The role whose secret hashes to `hash`, if any. Both hashes are
+    /// compared in full whatever matches, in time that does not depend on
+    /// where they differ.
     pub fn role_for_hash(&self, hash: &str) -> Option<Role> {
-        if hash == self.manager_hash {
-            Some(Role::Manager)
-        } else if hash == self.worker_hash {
-            Some(Role::Worker)
-        } else {
-            None
+        let manager = constant_time_eq(hash.as_bytes(), self.manager_hash.as_bytes());
+        let worker = constant_time_eq(hash.as_bytes(), self.worker_hash.as_bytes());
+        match (manager, worker) {
+            (true, _) => Some(Role::Manager),
+            (false, true) => Some(Role::Worker),
+            (false, false) => None,
         }
     }
+}
+
+/// Whether `a == b`, in time that depends on their lengths only.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// A node of the cluster as the store knows it.

@@ -46,6 +46,53 @@ impl TaskState {
     }
 }
 
+/// What an executor reports about one of its tasks (see
+/// `Command::ReportTask`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskReport {
+    /// The task.
+    pub id: TaskId,
+    /// Its new state.
+    pub state: TaskState,
+    /// A message (error, reason), at most [`TaskReport::MAX_MESSAGE`] bytes.
+    pub message: String,
+    /// Exit code, when it exited.
+    pub exit_code: Option<i32>,
+    /// Milliseconds since the epoch, on the reporter's clock.
+    pub now_ms: u64,
+}
+
+impl TaskReport {
+    /// The longest message a report may carry, in bytes: a reason, not a log.
+    pub const MAX_MESSAGE: usize = 1024;
+
+    /// A report whose message is cut (at a character boundary, with `…`)
+    /// to [`TaskReport::MAX_MESSAGE`] bytes.
+    pub fn new(
+        id: TaskId,
+        state: TaskState,
+        mut message: String,
+        exit_code: Option<i32>,
+        now_ms: u64,
+    ) -> Self {
+        if message.len() > Self::MAX_MESSAGE {
+            let mut cut = Self::MAX_MESSAGE - '…'.len_utf8();
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push('…');
+        }
+        TaskReport {
+            id,
+            state,
+            message,
+            exit_code,
+            now_ms,
+        }
+    }
+}
+
 /// What the orchestrator wants of a task.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -358,6 +358,53 @@ pub enum Request {
     },
 }
 
+/// What a worker answers to a request only a manager serves.
+pub const NOT_A_MANAGER: &str = "this node is not a swarm manager: run this command on a manager (`shoal node ls` shows which nodes are). Reads of this node's copy of the swarm (ls, ps, inspect) work here";
+
+impl Request {
+    /// Whether only a manager serves it: every change to the swarm, and
+    /// what only managers may see (join tokens, other nodes' task output).
+    /// Reads of the local copy and this node's own business (leaving,
+    /// exec, debug) are not.
+    pub fn needs_manager(&self) -> bool {
+        match self {
+            Request::SwarmInit {
+                force_new_cluster, ..
+            } => *force_new_cluster,
+            Request::JoinToken { .. }
+            | Request::NodePromote { .. }
+            | Request::NodeDemote { .. }
+            | Request::NodeUpdate { .. }
+            | Request::NodeRm { .. }
+            | Request::NetworkCreate(_)
+            | Request::NetworkRm { .. }
+            | Request::ServiceCreate { .. }
+            | Request::ServiceUpdate(_)
+            | Request::ServiceRm { .. }
+            | Request::ServiceScale { .. }
+            | Request::ServiceLogs { .. } => true,
+            Request::Info
+            | Request::SwarmJoin { .. }
+            | Request::SwarmLeave { .. }
+            | Request::NodeLs
+            | Request::NodeInspect { .. }
+            | Request::DebugDataplane { .. }
+            | Request::DebugDns { .. }
+            | Request::DebugGossip { .. }
+            | Request::DebugGossipJoin { .. }
+            | Request::DebugGossipLeave { .. }
+            | Request::DebugGossipPut { .. }
+            | Request::DebugGossipDelete { .. }
+            | Request::NetworkLs
+            | Request::NetworkInspect { .. }
+            | Request::TaskExec { .. }
+            | Request::ServiceLs
+            | Request::ServicePs { .. }
+            | Request::ServiceInspect { .. } => false,
+        }
+    }
+}
+
 /// What kind of failure a refused request is. The CLI exits with its code,
 /// so that scripts can tell a typo from a missing object from a swarm that
 /// cannot answer now.

@@ -108,6 +108,13 @@ pub struct Client(pub PathBuf);
 
 /// Fails with "N `what`" when some items failed: of their kind when they
 /// all failed alike, else of none in particular.
+/// The kind of a failed call (`Internal` for one the daemon did not classify).
+fn kind_of(e: &anyhow::Error) -> api::ErrorKind {
+    e.chain()
+        .find_map(|c| c.downcast_ref::<api::ApiError>())
+        .map_or(api::ErrorKind::Internal, |a| a.kind)
+}
+
 fn check_failures(failed: Vec<api::ErrorKind>, what: &str) -> anyhow::Result<()> {
     if let Some(first) = failed.first() {
         let same = failed.iter().all(|k| k == first);
@@ -152,8 +159,7 @@ impl Client {
                 Ok(v) => answers.push(v),
                 Err(e) => {
                     eprintln!("Error: {e:#}");
-                    let kind = e.downcast_ref::<api::ApiError>().map(|a| a.kind);
-                    failed.push(kind.unwrap_or(api::ErrorKind::Internal));
+                    failed.push(kind_of(&e));
                 }
             }
         }

@@ -10,8 +10,8 @@ use shoal_mesh::service::{
 use shoal_mesh::syntax::key_value;
 
 use super::output::{Format, print_table};
-use super::{Client, check_failures, print_inspected};
-use crate::api::{Policies, Request, ServiceUpdate};
+use super::{Client, check_failures, kind_of, print_inspected};
+use crate::api::{ErrorKind, Policies, Request, ServiceUpdate};
 use crate::views::{Named, ServiceView, TaskLogView, TaskView, text};
 
 /// `--mode`.
@@ -374,8 +374,12 @@ async fn logs(client: &Client, follow: bool, service: String) -> anyhow::Result<
             },
         )
         .await?;
-        if let Some(e) = reply.error {
-            anyhow::bail!(e);
+        if let Some(message) = reply.error {
+            return Err(crate::api::ApiError {
+                kind: reply.kind.unwrap_or(ErrorKind::Internal),
+                message,
+            }
+            .into());
         }
         for w in reply.warnings {
             if warned.insert(w.clone()) {
@@ -400,14 +404,14 @@ async fn logs(client: &Client, follow: bool, service: String) -> anyhow::Result<
 
 /// `service scale NAME=N…`.
 async fn scale(client: &Client, scales: Vec<String>, detach: bool) -> anyhow::Result<()> {
-    let mut failed = 0;
+    let mut failed = Vec::new();
     for s in scales {
         let parsed = s
             .split_once('=')
             .and_then(|(n, r)| r.parse::<u64>().ok().map(|r| (n.to_owned(), r)));
         let Some((service, replicas)) = parsed else {
             eprintln!("Error: invalid scale `{s}`: use NAME=REPLICAS");
-            failed += 1;
+            failed.push(ErrorKind::Invalid);
             continue;
         };
         match client
@@ -420,17 +424,14 @@ async fn scale(client: &Client, scales: Vec<String>, detach: bool) -> anyhow::Re
             Ok(_) => println!("{service} scaled to {replicas}"),
             Err(e) => {
                 eprintln!("Error: {e:#}");
-                failed += 1;
+                failed.push(kind_of(&e));
                 continue;
             }
         }
         if !detach && let Err(e) = converge(client, &service).await {
             eprintln!("Error: {e:#}");
-            failed += 1;
+            failed.push(kind_of(&e));
         }
     }
-    if failed > 0 {
-        anyhow::bail!("{failed} service(s) not scaled");
-    }
-    Ok(())
+    check_failures(failed, "service(s) not scaled")
 }

@@ -22,11 +22,11 @@ use super::gossip::GossipCmd;
 use super::identity::{Identity, NodeFile};
 use super::liveness::NodeStatus;
 use super::member::Member;
+use super::pki;
 use super::transport::{TlsIdentity, join_call};
-use super::wire::{JoinReply, JoinRequest};
-use super::{pki, wire};
 use crate::api::{ApiError, HostPort, Reply, Request};
 use crate::views::{JoinTokenView, JoinedView, NodeChange, NodeView, SwarmInitView};
+use shoal_mesh::wire::{self, JoinReply, JoinRequest};
 
 /// How long `swarm join` waits for the manager.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -58,8 +58,29 @@ fn view(m: &Member, n: &Node, gossip: Option<MemberState>) -> NodeView {
     }
 }
 
+/// Refuses `req` on a node that is in a swarm but not a manager of it (as
+/// its copy of the store says) when only managers serve it. The managers
+/// check again whatever reaches them.
+async fn check_role(d: &Daemon, req: &Request) -> anyhow::Result<()> {
+    if !req.needs_manager() {
+        return Ok(());
+    }
+    let Some(m) = d.member.lock().await.clone() else {
+        return Ok(()); // each request says it needs a swarm
+    };
+    let role = m.state.read(|s| s.state.nodes.get(&m.id).map(|n| n.role));
+    if role == Some(Role::Manager) {
+        Ok(())
+    } else {
+        Err(ApiError::not_in_swarm(crate::api::NOT_A_MANAGER))
+    }
+}
+
 /// Carries out one API request.
 pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
+    if let Err(e) = check_role(d, &req).await {
+        return Reply::err(super::kinds::kind_of(&e), format!("{e:#}"));
+    }
     let result = match req {
         Request::Info => info(d).await,
         Request::SwarmInit {
@@ -353,6 +374,7 @@ fn new_swarm(
             cluster_id,
             listen_addr: listen,
             advertise_addr: advertise,
+            join_managers: Vec::new(),
         },
         tls: TlsIdentity {
             ca_der,
@@ -485,6 +507,7 @@ async fn join(
         cert_der,
         ca_der,
         manager_key,
+        managers,
     } = accepted;
     if pki::fingerprint(&ca_der) != token.ca_fingerprint {
         return Err(ApiError::conflict(
@@ -497,6 +520,7 @@ async fn join(
             cluster_id: cluster_id.clone(),
             listen_addr: listen,
             advertise_addr: advertise,
+            join_managers: managers,
         },
         tls: TlsIdentity {
             ca_der,

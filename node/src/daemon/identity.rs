@@ -30,6 +30,11 @@ pub struct NodeFile {
     pub listen_addr: SocketAddr,
     /// What others dial.
     pub advertise_addr: SocketAddr,
+    /// The swarm's managers when this node joined (empty for the node that
+    /// ran `swarm init`): until its store arrives, it takes Raft traffic
+    /// from these nodes only.
+    #[serde(default)]
+    pub join_managers: Vec<NodeId>,
 }
 
 /// A loaded identity.

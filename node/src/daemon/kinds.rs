@@ -43,7 +43,7 @@ fn applied(e: &ApplyError) -> ErrorKind {
         | ApplyError::NoSuchService(_)
         | ApplyError::NoSuchTask(_)
         | ApplyError::NoSuchLabel { .. } => ErrorKind::NotFound,
-        ApplyError::EmptyLabelKey => ErrorKind::Invalid,
+        ApplyError::EmptyLabelKey | ApplyError::OutOfBounds(_) => ErrorKind::Invalid,
         ApplyError::Network(n) => network(n),
         ApplyError::Service(s) => match s {
             ServiceError::BadName(_) | ServiceError::Invalid(_) => ErrorKind::Invalid,

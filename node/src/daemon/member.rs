@@ -32,8 +32,9 @@ use super::orchestrate::OrchestratorCtx;
 use super::peer::PeerHandler;
 use super::ping::PingCtx;
 use super::sandboxes::Sandboxes;
-use super::transport::{ALPN_RAFT, MAX_MESSAGE, Quic};
+use super::transport::{MAX_MESSAGE, Quic};
 use super::writer::{Propose, WriteError, Writer};
+use shoal_mesh::wire::ALPN_RAFT;
 
 /// A running swarm member: the handles, for the local API, and the tasks
 /// of its loops.
@@ -141,6 +142,8 @@ impl Member {
             gossip: gossip.clone(),
             keys: keys.clone(),
             state_dir: dir.0.clone(),
+            join_managers: identity.node.join_managers.clone(),
+            join_failures: Default::default(),
         });
         let tasks = vec![
             gossip_task,

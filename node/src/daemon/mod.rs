@@ -7,6 +7,7 @@ pub mod commands;
 pub mod config;
 pub mod dataplane;
 pub mod executor;
+pub mod gate;
 pub mod gateway;
 pub mod gossip;
 pub mod identity;
@@ -24,7 +25,6 @@ pub mod sandboxes;
 pub mod services;
 pub mod shim;
 pub mod transport;
-pub mod wire;
 pub mod writer;
 
 use std::os::unix::fs::PermissionsExt;

@@ -1,21 +1,34 @@
 //! Serving other nodes: Raft RPCs, control calls and the join handshake.
+//!
+//! Who may do what is decided here, on the serving side, from the node ID
+//! in the caller's certificate and the store (docs/security.md):
+//! - Raft RPCs only from voters and managers, each speaking for itself
+//!   (the node in the RPC's vote is the caller); a joiner whose store has
+//!   not arrived yet only from the managers that admitted it;
+//! - proposals only from managers; any member may report on the tasks
+//!   assigned to it, leave, ping and read its tasks' output; only
+//!   managers receive the managers' key.
 
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use shoal_mesh::{Availability, ClusterState, Command, Node, NodeId, Role, codec};
 use shoal_raft::{Raft, RaftRpc, StateHandle, serve_rpc};
 
 use super::clock::now_ms;
+use super::gate::JoinFailures;
 use super::gossip::{GossipCmd, GossipHandle};
 use super::identity::ManagerKey;
 use super::pki;
-use super::transport::{ALPN_CTL, ALPN_JOIN, ALPN_RAFT, Handler, Incoming, MAX_MESSAGE};
-use super::wire::{CtlReply, CtlRequest, JoinAccepted, JoinReply, JoinRequest};
+use super::transport::{Handler, Incoming, MAX_MESSAGE};
 use super::writer::{Propose, WRITE_TIMEOUT, Writer};
-
-/// Largest join request (a CSR, a hostname, an address).
-const MAX_JOIN_REQUEST: usize = 16 << 10;
+use shoal_mesh::wire::{
+    ALPN_CTL, ALPN_JOIN, ALPN_RAFT, CtlReply, CtlRequest, JoinAccepted, JoinReply, JoinRequest,
+    MAX_JOIN_REQUEST,
+};
 
 /// The handler for one member's QUIC endpoint: what serving peers uses.
 pub struct PeerHandler {
@@ -31,6 +44,14 @@ pub struct PeerHandler {
     pub keys: Arc<ManagerKey>,
     /// The node's state dir (task logs).
     pub state_dir: PathBuf,
+    /// The managers that admitted this node (`NodeFile::join_managers`).
+    pub join_managers: Vec<NodeId>,
+    /// Failed join attempts per source address.
+    pub join_failures: Mutex<JoinFailures>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
@@ -57,13 +78,10 @@ impl Handler for PeerHandler {
     }
 }
 
-/// Whether `peer` (from its certificate; none without one) may talk to
-/// us: a node of the store. A node whose store is still empty (it is
-/// joining) accepts Raft traffic (`allow_while_empty`) from anyone the CA
-/// signed, since that is how it receives the store. Pure.
-fn admitted(state: &ClusterState, peer: Option<NodeId>, allow_while_empty: bool) -> bool {
-    let Some(peer) = peer else { return false };
-    (allow_while_empty && state.cluster.is_none()) || state.nodes.contains_key(&peer)
+/// Whether `peer` (from its certificate; none without one) may make
+/// control calls: a node of the store. Pure.
+fn admitted(state: &ClusterState, peer: Option<NodeId>) -> bool {
+    peer.is_some_and(|p| state.nodes.contains_key(&p))
 }
 
 /// Whether `peer` is a manager in the store (it may have the managers' key).
@@ -72,39 +90,115 @@ fn is_manager(state: &ClusterState, peer: Option<NodeId>) -> bool {
         .is_some_and(|n| n.role == Role::Manager)
 }
 
-async fn raft_call(m: &PeerHandler, call: Incoming) -> Vec<u8> {
-    if !m.state.read(|d| admitted(&d.state, call.peer, true)) {
-        tracing::warn!(peer = ?call.peer, remote = %call.remote, "raft call from a node not in the store refused");
-        return Vec::new();
+/// Whether a Raft RPC from `peer` (from its certificate), which speaks for
+/// node `claimed` (the node in the RPC's vote: the candidate, or the
+/// leader), is served; the reason when not. `voters` are the voters of
+/// Raft's membership as this node knows it. Pure.
+fn raft_allowed(
+    state: &ClusterState,
+    voters: &BTreeSet<u64>,
+    join_managers: &[NodeId],
+    peer: Option<NodeId>,
+    claimed: Option<u64>,
+) -> Result<(), String> {
+    let Some(peer) = peer else {
+        return Err("no certificate".into());
+    };
+    if claimed != Some(peer.0) {
+        return Err(format!(
+            "node {peer} speaks for another node ({})",
+            claimed.map_or("none".into(), |c| NodeId(c).to_string())
+        ));
     }
-    match codec::decode::<RaftRpc>(&call.request, MAX_MESSAGE) {
-        Ok(rpc) => encode(&serve_rpc(&m.raft, rpc).await),
-        Err(e) => {
-            tracing::warn!(error = %e, remote = %call.remote, "undecodable raft call");
-            Vec::new()
-        }
+    if state.cluster.is_none() {
+        return if join_managers.contains(&peer) {
+            Ok(())
+        } else {
+            Err(format!(
+                "node {peer} is not one of the managers that admitted this node"
+            ))
+        };
+    }
+    if voters.contains(&peer.0) || is_manager(state, Some(peer)) {
+        Ok(())
+    } else {
+        Err(format!("node {peer} is neither a voter nor a manager"))
     }
 }
 
+/// The node an RPC speaks for: the candidate of a vote, the leader of an
+/// append or snapshot.
+fn claimed_by(rpc: &RaftRpc) -> Option<u64> {
+    let vote = match rpc {
+        RaftRpc::Append(r) => &r.vote,
+        RaftRpc::Vote(r) => &r.vote,
+        RaftRpc::Snapshot(r) => &r.vote,
+    };
+    vote.leader_id().voted_for()
+}
+
+async fn raft_call(m: &PeerHandler, call: Incoming) -> Vec<u8> {
+    let rpc = match codec::decode::<RaftRpc>(&call.request, MAX_MESSAGE) {
+        Ok(rpc) => rpc,
+        Err(e) => {
+            tracing::warn!(error = %e, remote = %call.remote, "undecodable raft call");
+            return Vec::new();
+        }
+    };
+    let voters: BTreeSet<u64> = m
+        .raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .voter_ids()
+        .collect();
+    let allowed = m.state.read(|d| {
+        raft_allowed(
+            &d.state,
+            &voters,
+            &m.join_managers,
+            call.peer,
+            claimed_by(&rpc),
+        )
+    });
+    if let Err(why) = allowed {
+        tracing::warn!(peer = ?call.peer, remote = %call.remote, %why, "raft call refused");
+        return Vec::new();
+    }
+    encode(&serve_rpc(&m.raft, rpc).await)
+}
+
 async fn ctl_call(m: &PeerHandler, call: Incoming) -> CtlReply {
-    if !m.state.read(|d| admitted(&d.state, call.peer, false)) {
+    if !m.state.read(|d| admitted(&d.state, call.peer)) {
         return CtlReply::Refused("this node does not know you: not a member of its swarm".into());
     }
     let req = match codec::decode::<CtlRequest>(&call.request, MAX_MESSAGE) {
         Ok(r) => r,
         Err(e) => return CtlReply::Refused(format!("bad request: {e}")),
     };
+    let Some(peer) = call.peer else {
+        return CtlReply::Refused("no certificate".into());
+    };
     match req {
         CtlRequest::Ping => CtlReply::Pong,
         CtlRequest::Propose(cmd) => {
-            if !m.writer.is_leader() {
-                return CtlReply::NotLeader(m.writer.leader());
+            if m.state.read(|d| is_manager(&d.state, Some(peer))) {
+                return write(m, *cmd).await;
             }
-            match tokio::time::timeout(WRITE_TIMEOUT, m.raft.client_write(*cmd)).await {
-                Ok(Ok(resp)) => CtlReply::Applied(resp.data),
-                Ok(Err(_)) => CtlReply::NotLeader(m.writer.leader()),
-                Err(_) => CtlReply::Refused(m.writer.no_quorum().to_string()),
-            }
+            tracing::warn!(%peer, remote = %call.remote, command = ?cmd, "proposal from a node that is not a manager refused");
+            CtlReply::Refused(format!(
+                "node {peer} is not a swarm manager: only managers may change the swarm"
+            ))
+        }
+        // The reporter is who the certificate says, whatever it claims.
+        CtlRequest::ReportTask(report) => {
+            write(m, Command::ReportTask { node: peer, report }).await
+        }
+        CtlRequest::Leave => write(m, Command::RemoveNode(peer)).await,
+        CtlRequest::TaskLog { .. } if !m.state.read(|d| is_manager(&d.state, Some(peer))) => {
+            tracing::warn!(%peer, remote = %call.remote, "a node that is not a manager asked for task output; refused");
+            CtlReply::Refused("only managers read other nodes' task output".into())
         }
         CtlRequest::TaskLog { task, offset } => {
             match super::executor::read_log(&m.state_dir, &task, offset) {
@@ -116,12 +210,27 @@ async fn ctl_call(m: &PeerHandler, call: Incoming) -> CtlReply {
             let manager = m.state.read(|d| is_manager(&d.state, call.peer));
             match (manager, m.keys.get()) {
                 (true, Some(k)) => CtlReply::ManagerKey(k),
-                (false, _) => CtlReply::Refused("only managers receive the managers' key".into()),
+                (false, _) => {
+                    tracing::warn!(%peer, remote = %call.remote, "a node that is not a manager asked for the managers' key; refused");
+                    CtlReply::Refused("only managers receive the managers' key".into())
+                }
                 (true, None) => {
                     CtlReply::Refused("this node does not hold the managers' key".into())
                 }
             }
         }
+    }
+}
+
+/// Writes `cmd` on this node, if it leads.
+async fn write(m: &PeerHandler, cmd: Command) -> CtlReply {
+    if !m.writer.is_leader() {
+        return CtlReply::NotLeader(m.writer.leader());
+    }
+    match tokio::time::timeout(WRITE_TIMEOUT, m.raft.client_write(cmd)).await {
+        Ok(Ok(resp)) => CtlReply::Applied(resp.data),
+        Ok(Err(_)) => CtlReply::NotLeader(m.writer.leader()),
+        Err(_) => CtlReply::Refused(m.writer.no_quorum().to_string()),
     }
 }
 
@@ -132,10 +241,10 @@ async fn join_call(m: &PeerHandler, call: Incoming) -> JoinReply {
     }
 }
 
-async fn admit(m: &PeerHandler, call: Incoming) -> Result<JoinAccepted, String> {
-    let req: JoinRequest = codec::decode(&call.request, MAX_JOIN_REQUEST)
-        .map_err(|e| format!("malformed join request: {e}"))?;
-    let state = m.state.state();
+/// What a join request asks, checked against the store before anything
+/// is done for it: the secret first (in constant time), then the hostname
+/// and address. Pure.
+fn check_join(state: &ClusterState, req: &JoinRequest) -> Result<(Role, SocketAddr), String> {
     let cluster = state
         .cluster
         .as_ref()
@@ -146,20 +255,59 @@ async fn admit(m: &PeerHandler, call: Incoming) -> Result<JoinAccepted, String> 
         .ok_or(
             "invalid join token: its secret matches neither this swarm's worker nor its manager token (was it rotated? get the current one with `shoal swarm join-token worker` on a manager)",
         )?;
+    if req.hostname.is_empty()
+        || req.hostname.len() > 253
+        || req
+            .hostname
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "invalid hostname `{}`",
+            req.hostname.escape_debug()
+        ));
+    }
+    let addr = req.advertise_addr.parse().map_err(|_| {
+        format!(
+            "invalid advertise address `{}`",
+            req.advertise_addr.escape_debug()
+        )
+    })?;
+    Ok((role, addr))
+}
+
+async fn admit(m: &PeerHandler, call: Incoming) -> Result<JoinAccepted, String> {
+    let source = call.remote.ip();
+    let now = Instant::now();
+    if let Err(wait) = lock(&m.join_failures).check(source, now) {
+        return Err(format!(
+            "too many failed join attempts from {source}: wait {} s, and check the token and the address",
+            wait.as_secs() + 1
+        ));
+    }
+    let checked = codec::decode::<JoinRequest>(&call.request, MAX_JOIN_REQUEST)
+        .map_err(|e| format!("malformed join request: {e}"))
+        .and_then(|req| {
+            let (role, addr) = m.state.read(|d| check_join(&d.state, &req))?;
+            Ok((req, role, addr))
+        });
+    let (req, role, addr) = match checked {
+        Ok(c) => c,
+        Err(msg) => {
+            lock(&m.join_failures).failed(source, now);
+            tracing::info!(%source, reason = %msg, "join refused");
+            return Err(msg);
+        }
+    };
+    let state = m.state.state();
+    let cluster = state
+        .cluster
+        .as_ref()
+        .ok_or("the node you contacted is not part of an initialized swarm")?;
     let manager_key = m
         .keys
         .get()
         .ok_or("the node you contacted cannot admit nodes (it is not a manager); join through a manager's address")?;
-    if req.hostname.is_empty()
-        || req.hostname.len() > 253
-        || req.hostname.chars().any(char::is_whitespace)
-    {
-        return Err(format!("invalid hostname `{}`", req.hostname));
-    }
-    let addr: std::net::SocketAddr = req
-        .advertise_addr
-        .parse()
-        .map_err(|_| format!("invalid advertise address `{}`", req.advertise_addr))?;
     let ca_key = pki::unseal(&manager_key, &cluster.sealed_ca_key).map_err(|e| e.to_string())?;
     let id = loop {
         let candidate = NodeId(rand::random());
@@ -190,6 +338,7 @@ async fn admit(m: &PeerHandler, call: Incoming) -> Result<JoinAccepted, String> 
         cert_der,
         ca_der: cluster.ca_cert_der.clone(),
         manager_key: (role == Role::Manager).then_some(manager_key),
+        managers: state.managers().map(|n| n.id).collect(),
     })
 }
 
@@ -201,19 +350,89 @@ mod tests {
     #[test]
     fn only_nodes_of_the_store_are_heard_and_only_managers_get_the_key() {
         let mut state = ClusterState::default();
-        // Joining (empty store): Raft from any signed peer, nothing else.
-        assert!(admitted(&state, Some(NodeId(9)), true));
-        assert!(!admitted(&state, Some(NodeId(9)), false));
-        assert!(!admitted(&state, None, true), "no certificate, no entry");
+        assert!(
+            !admitted(&state, Some(NodeId(9))),
+            "joining: no control calls"
+        );
         state.cluster = Some(cluster_info("c"));
         state.nodes.insert(NodeId(1), node(1));
         state.nodes.insert(NodeId(2), node(2));
-        // In a swarm: members only, whatever the call.
-        assert!(admitted(&state, Some(NodeId(2)), false));
-        assert!(!admitted(&state, Some(NodeId(9)), true), "a removed node");
+        assert!(admitted(&state, Some(NodeId(2))));
+        assert!(!admitted(&state, Some(NodeId(9))), "a removed node");
+        assert!(!admitted(&state, None), "no certificate, no entry");
         assert!(is_manager(&state, Some(NodeId(1))));
         assert!(!is_manager(&state, Some(NodeId(2))), "a worker");
         assert!(!is_manager(&state, Some(NodeId(9))));
         assert!(!is_manager(&state, None));
+    }
+
+    #[test]
+    fn raft_is_heard_from_voters_and_managers_each_for_itself() {
+        let voters: BTreeSet<u64> = [1, 3].into();
+        // Joining: only the managers that admitted us.
+        let empty = ClusterState::default();
+        let via = [NodeId(1)];
+        assert!(raft_allowed(&empty, &voters, &via, Some(NodeId(1)), Some(1)).is_ok());
+        assert!(raft_allowed(&empty, &voters, &via, Some(NodeId(2)), Some(2)).is_err());
+        assert!(raft_allowed(&empty, &voters, &[], Some(NodeId(1)), Some(1)).is_err());
+        let mut state = ClusterState {
+            cluster: Some(cluster_info("c")),
+            ..Default::default()
+        };
+        state.nodes.insert(NodeId(1), node(1));
+        state.nodes.insert(NodeId(2), node(2));
+        let mut promoted = node(4);
+        promoted.role = Role::Manager;
+        state.nodes.insert(NodeId(4), promoted);
+        assert!(raft_allowed(&state, &voters, &[], Some(NodeId(1)), Some(1)).is_ok());
+        // A voter the store no longer lists as a manager (being demoted).
+        assert!(raft_allowed(&state, &voters, &[], Some(NodeId(3)), Some(3)).is_ok());
+        // A manager Raft has not made a voter yet (being promoted).
+        assert!(raft_allowed(&state, &voters, &[], Some(NodeId(4)), Some(4)).is_ok());
+        let worker = raft_allowed(&state, &voters, &[], Some(NodeId(2)), Some(2));
+        assert!(
+            worker
+                .unwrap_err()
+                .contains("neither a voter nor a manager")
+        );
+        let forged = raft_allowed(&state, &voters, &[], Some(NodeId(2)), Some(1));
+        assert!(forged.unwrap_err().contains("speaks for another node"));
+        assert!(raft_allowed(&state, &voters, &[], None, Some(1)).is_err());
+    }
+
+    #[test]
+    fn a_join_request_is_checked_secret_first_then_its_values() {
+        let mut state = ClusterState::default();
+        let req = |secret: &str, hostname: &str, addr: &str| JoinRequest {
+            secret: secret.into(),
+            csr_der: vec![],
+            hostname: hostname.into(),
+            advertise_addr: addr.into(),
+        };
+        let good = req("s3cret", "h", "10.0.0.1:2377");
+        assert!(
+            check_join(&state, &good)
+                .unwrap_err()
+                .contains("not part of an initialized swarm")
+        );
+        let mut info = cluster_info("c");
+        info.tokens.worker_hash = pki::secret_hash("s3cret");
+        state.cluster = Some(info);
+        assert_eq!(
+            check_join(&state, &good).unwrap(),
+            (Role::Worker, "10.0.0.1:2377".parse().unwrap())
+        );
+        // A wrong secret is refused before the hostile values are looked at.
+        let wrong = check_join(&state, &req("guess", "a\nb", "x")).unwrap_err();
+        assert!(wrong.contains("invalid join token"), "{wrong}");
+        for bad_host in ["", "a b", "a\u{1b}[2J", &"h".repeat(254)] {
+            let e = check_join(&state, &req("s3cret", bad_host, "10.0.0.1:1")).unwrap_err();
+            assert!(
+                e.contains("invalid hostname") && !e.contains('\u{1b}'),
+                "{e}"
+            );
+        }
+        let e = check_join(&state, &req("s3cret", "h", "nowhere")).unwrap_err();
+        assert!(e.contains("invalid advertise address"), "{e}");
     }
 }

@@ -16,8 +16,8 @@ use shoal_raft::StateHandle;
 
 use super::identity::ManagerKey;
 use super::liveness::{Liveness, PING_INTERVAL, PING_TIMEOUT};
-use super::wire::{CtlReply, CtlRequest};
 use super::writer::Writer;
+use shoal_mesh::wire::{CtlReply, CtlRequest};
 
 /// What to do with the managers' key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -598,7 +598,7 @@ pub async fn logs(
         let read = if node == m.id {
             super::executor::read_log(&m.dir.0, &t.id, offset).map_err(|e| e.to_string())
         } else {
-            let req = super::wire::CtlRequest::TaskLog {
+            let req = shoal_mesh::wire::CtlRequest::TaskLog {
                 task: t.id.to_string(),
                 offset,
             };
@@ -607,8 +607,8 @@ pub async fn logs(
                 .ctl(node, &req, std::time::Duration::from_secs(3))
                 .await
             {
-                Ok(super::wire::CtlReply::TaskLog { text, next }) => Ok((text, next)),
-                Ok(super::wire::CtlReply::Refused(msg)) => Err(msg),
+                Ok(shoal_mesh::wire::CtlReply::TaskLog { text, next }) => Ok((text, next)),
+                Ok(shoal_mesh::wire::CtlReply::Refused(msg)) => Err(msg),
                 Ok(_) => Err("unexpected reply".into()),
                 Err(e) => Err(e.to_string()),
             }

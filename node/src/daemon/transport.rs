@@ -24,17 +24,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, Serve
 use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use shoal_mesh::NodeId;
+use shoal_mesh::wire::{ALPN_CTL, ALPN_GOSSIP, ALPN_JOIN, ALPN_RAFT, MAX_JOIN_REQUEST};
 
+use super::gate::{ANON_PER_SOURCE, ANON_TOTAL, AnonSlots};
 use super::pki;
-
-/// ALPN of Raft RPCs.
-pub const ALPN_RAFT: &[u8] = b"shoal-raft/1";
-/// ALPN of control calls (forwarded writes, pings, secrets).
-pub const ALPN_CTL: &[u8] = b"shoal-ctl/1";
-/// ALPN of the join handshake.
-pub const ALPN_JOIN: &[u8] = b"shoal-join/1";
-/// ALPN of gossip: SWIM in datagrams, table messages in one-way streams.
-pub const ALPN_GOSSIP: &[u8] = b"shoal-gossip/1";
 
 /// Largest request or reply accepted on a stream.
 pub const MAX_MESSAGE: usize = shoal_mesh::codec::DEFAULT_LIMIT;
@@ -86,8 +79,21 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Bytes a peer may have sent on one connection that this node has not
+/// read yet, all streams together (a larger message flows as it is read).
+/// It bounds what a peer without a certificate can make a node buffer.
+const CONNECTION_WINDOW: u32 = 4 << 20;
+/// Requests a peer may have open at once on one connection.
+const MAX_STREAMS: u32 = 32;
+/// How long a joiner has to send its request.
+const JOIN_READ_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a joiner has to take the reply and close.
+const JOIN_LINGER: Duration = Duration::from_secs(2);
+
 fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
+    t.receive_window(CONNECTION_WINDOW.into());
+    t.max_concurrent_bidi_streams(MAX_STREAMS.into());
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(Duration::from_secs(5)).unwrap_or_else(|_| unreachable!()),
     ));
@@ -134,6 +140,10 @@ fn server_config(id: &TlsIdentity) -> Result<quinn::ServerConfig, QuicError> {
     let quic = QuicServerConfig::try_from(cfg).map_err(|e| QuicError::Tls(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic));
     server.transport_config(transport_config());
+    // Handshakes in progress at once, and what they may buffer.
+    server.max_incoming(1024);
+    server.incoming_buffer_size(64 << 10);
+    server.incoming_buffer_size_total(16 << 20);
     Ok(server)
 }
 
@@ -277,6 +287,7 @@ pub struct Quic {
     ctl_client: quinn::ClientConfig,
     gossip_client: quinn::ClientConfig,
     conns: Mutex<HashMap<(SocketAddr, &'static [u8]), quinn::Connection>>,
+    anon: Arc<Mutex<AnonSlots>>,
 }
 
 impl Quic {
@@ -294,18 +305,21 @@ impl Quic {
             ctl_client: client_config(identity, ALPN_CTL)?,
             gossip_client: client_config(identity, ALPN_GOSSIP)?,
             conns: Mutex::new(HashMap::new()),
+            anon: Arc::new(Mutex::new(AnonSlots::new(ANON_TOTAL, ANON_PER_SOURCE))),
         }))
     }
 
     /// Accepts connections until the endpoint closes, handing calls to `handler`.
     pub fn serve<H: Handler>(self: &Arc<Self>, handler: Arc<H>) -> tokio::task::JoinHandle<()> {
         let endpoint = self.endpoint.clone();
+        let anon = self.anon.clone();
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let handler = handler.clone();
+                let anon = anon.clone();
                 let remote = incoming.remote_address();
                 tokio::spawn(async move {
-                    match serve_connection(incoming, handler).await {
+                    match serve_connection(incoming, handler, anon).await {
                         Err(e @ quinn::ConnectionError::TransportError(_))
                         | Err(e @ quinn::ConnectionError::ConnectionClosed(_)) => {
                             log_refusal_once(remote, &e)
@@ -517,6 +531,7 @@ pub async fn join_call(
 async fn serve_connection<H: Handler>(
     incoming: quinn::Incoming,
     handler: Arc<H>,
+    anon: Arc<Mutex<AnonSlots>>,
 ) -> Result<(), quinn::ConnectionError> {
     let conn = incoming.await?;
     let alpn = conn
@@ -528,11 +543,14 @@ async fn serve_connection<H: Handler>(
         .peer_identity()
         .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
         .and_then(|certs| certs.first().and_then(|c| pki::node_id_of(c).ok()));
-    if alpn != ALPN_JOIN && peer.is_none() {
-        conn.close(1u32.into(), b"a cluster certificate is required");
-        return Ok(());
-    }
     let remote = conn.remote_address();
+    if peer.is_none() {
+        if alpn != ALPN_JOIN {
+            conn.close(1u32.into(), b"a cluster certificate is required");
+            return Ok(());
+        }
+        return serve_join(conn, handler, anon, remote).await;
+    }
     if alpn == ALPN_GOSSIP {
         return serve_gossip(conn, handler, peer, remote).await;
     }
@@ -557,6 +575,72 @@ async fn serve_connection<H: Handler>(
             }
         });
     }
+}
+
+/// Holds one of the unauthenticated slots until dropped.
+struct AnonSlot {
+    slots: Arc<Mutex<AnonSlots>>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for AnonSlot {
+    fn drop(&mut self) {
+        lock(&self.slots).leave(self.ip);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A connection without a certificate: one join request of at most
+/// [`MAX_JOIN_REQUEST`] bytes, read within [`JOIN_READ_DEADLINE`], in one
+/// of a bounded number of slots; then the connection is closed.
+async fn serve_join<H: Handler>(
+    conn: quinn::Connection,
+    handler: Arc<H>,
+    slots: Arc<Mutex<AnonSlots>>,
+    remote: SocketAddr,
+) -> Result<(), quinn::ConnectionError> {
+    let entered = lock(&slots).enter(remote.ip());
+    if let Err(why) = entered {
+        tracing::debug!(%remote, why, "unauthenticated connection refused");
+        conn.close(2u32.into(), why.as_bytes());
+        return Ok(());
+    }
+    let _slot = AnonSlot {
+        slots,
+        ip: remote.ip(),
+    };
+    // One request stream, no more.
+    conn.set_max_concurrent_bi_streams(0u32.into());
+    conn.set_max_concurrent_uni_streams(0u32.into());
+    let read = async {
+        let (send, mut recv) = conn.accept_bi().await.ok()?;
+        let request = recv.read_to_end(MAX_JOIN_REQUEST).await.ok()?;
+        Some((send, request))
+    };
+    let Ok(Some((mut send, request))) = tokio::time::timeout(JOIN_READ_DEADLINE, read).await else {
+        conn.close(
+            3u32.into(),
+            b"send one join request of at most 16 KiB, promptly",
+        );
+        return Ok(());
+    };
+    let reply = handler
+        .handle(Incoming {
+            alpn: ALPN_JOIN.to_vec(),
+            peer: None,
+            remote,
+            request,
+        })
+        .await;
+    if send.write_all(&reply).await.is_ok() && send.finish().is_ok() {
+        // The joiner closes once it has the reply.
+        let _ = tokio::time::timeout(JOIN_LINGER, conn.closed()).await;
+    }
+    conn.close(0u32.into(), b"done");
+    Ok(())
 }
 
 async fn serve_gossip<H: Handler>(

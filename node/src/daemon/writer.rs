@@ -14,8 +14,8 @@ use shoal_mesh::{ApplyError, ClusterState, Command, NodeId, Outcome, codec};
 use shoal_raft::{Raft, StateHandle};
 
 use super::liveness::{Liveness, NodeStatus};
-use super::transport::{ALPN_CTL, MAX_MESSAGE, Quic};
-use super::wire::{CtlReply, CtlRequest};
+use super::transport::{MAX_MESSAGE, Quic};
+use shoal_mesh::wire::{ALPN_CTL, CtlReply, CtlRequest};
 
 /// How long a write may take before it is reported as failed.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(4);
@@ -46,6 +46,17 @@ pub enum WriteError {
 pub trait Propose: Send + Sync {
     /// Commits `cmd`; its outcome once applied.
     fn propose(&self, cmd: Command) -> impl Future<Output = Result<Outcome, WriteError>> + Send;
+}
+
+/// How node `me` asks the leader to write `cmd`: its own task reports and
+/// its own departure as what they are (any member may send those), the
+/// rest as a proposal, which the leader takes from managers only. Pure.
+fn forwarded(me: NodeId, cmd: Command) -> CtlRequest {
+    match cmd {
+        Command::ReportTask { node, report } if node == me => CtlRequest::ReportTask(report),
+        Command::RemoveNode(node) if node == me => CtlRequest::Leave,
+        other => CtlRequest::Propose(Box::new(other)),
+    }
 }
 
 /// Writes through Raft: on the leader directly, elsewhere forwarded to it.
@@ -133,7 +144,7 @@ impl Writer {
                     // Give up on this leader as soon as Raft reports another
                     // one: a dead leader's connection would otherwise hold the
                     // write until the QUIC idle timeout.
-                    let req = CtlRequest::Propose(Box::new(cmd.clone()));
+                    let req = forwarded(self.id, cmd.clone());
                     let forward = self.ctl(l, &req, remaining);
                     tokio::select! {
                         reply = forward => match reply {
@@ -194,5 +205,36 @@ impl Writer {
         let bytes = codec::encode(req)?;
         let reply = self.quic.call(addr, id, ALPN_CTL, &bytes, timeout).await?;
         Ok(codec::decode(&reply, MAX_MESSAGE)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_mesh::task::{TaskReport, TaskState};
+
+    #[test]
+    fn a_node_forwards_its_own_reports_and_departure_as_such() {
+        let me = NodeId(7);
+        let report = TaskReport::new("t1".into(), TaskState::Running, String::new(), None, 1);
+        let own = Command::ReportTask {
+            node: me,
+            report: report.clone(),
+        };
+        assert!(matches!(forwarded(me, own), CtlRequest::ReportTask(r) if r == report));
+        assert!(matches!(
+            forwarded(me, Command::RemoveNode(me)),
+            CtlRequest::Leave
+        ));
+        // Anything else is a proposal, which only a manager may make.
+        assert!(matches!(
+            forwarded(me, Command::RemoveNode(NodeId(8))),
+            CtlRequest::Propose(_)
+        ));
+        let other = Command::ReportTask {
+            node: NodeId(8),
+            report,
+        };
+        assert!(matches!(forwarded(me, other), CtlRequest::Propose(_)));
     }
 }

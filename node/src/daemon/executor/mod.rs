@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use shoal_mesh::task::{DesiredState, Task, TaskState};
+use shoal_mesh::task::{DesiredState, Task, TaskReport, TaskState};
 use shoal_mesh::{ClusterState, Command, NodeId, TaskId};
 use shoal_raft::StateHandle;
 use tokio::process::Child;
@@ -233,12 +233,9 @@ impl<W: Propose> ExecutorCtx<W> {
     }
 
     async fn report(&self, id: &TaskId, state: TaskState, message: String, exit_code: Option<i32>) {
-        let cmd = Command::SetTaskState {
-            id: id.clone(),
-            state,
-            message,
-            exit_code,
-            now_ms: now_ms(),
+        let cmd = Command::ReportTask {
+            node: self.id,
+            report: TaskReport::new(id.clone(), state, message, exit_code, now_ms()),
         };
         if let Err(e) = self.writer.propose(cmd).await {
             tracing::debug!(task = %id, error = %e, "task state not recorded");

@@ -1,16 +1,35 @@
 //! Messages between nodes on the control and join protocols (Raft RPCs are
-//! `shoal_raft::RaftRpc`). All are encoded with `shoal_mesh::codec`.
+//! `shoal_raft::RaftRpc`), and the protocols' ALPN names. All are encoded
+//! with [`crate::codec`]. They live here, beside the commands they carry,
+//! so that every speaker of the protocol (the daemon, a test's attack
+//! client) uses the same types.
 
 use serde::{Deserialize, Serialize};
-use shoal_mesh::{Command, NodeId, Role};
-use shoal_raft::ApplyResult;
+
+use crate::apply::{ApplyError, Command, Outcome};
+use crate::ids::NodeId;
+use crate::state::Role;
+use crate::task::TaskReport;
+
+/// ALPN of Raft RPCs.
+pub const ALPN_RAFT: &[u8] = b"shoal-raft/1";
+/// ALPN of control calls (forwarded writes, task reports, pings, secrets).
+pub const ALPN_CTL: &[u8] = b"shoal-ctl/1";
+/// ALPN of the join handshake.
+pub const ALPN_JOIN: &[u8] = b"shoal-join/1";
+/// ALPN of gossip: SWIM in datagrams, table messages in one-way streams.
+pub const ALPN_GOSSIP: &[u8] = b"shoal-gossip/1";
+
+/// The largest join request (a CSR, a hostname, an address, the secret):
+/// what a node reads at most from a peer it does not know yet.
+pub const MAX_JOIN_REQUEST: usize = 16 << 10;
 
 /// A control call (`shoal-ctl/1`).
 #[derive(Debug, Serialize, Deserialize)]
 pub enum CtlRequest {
     /// Liveness probe.
     Ping,
-    /// A write forwarded to the leader.
+    /// A write forwarded to the leader: from managers only.
     Propose(Box<Command>),
     /// A manager (per the store) asks for the managers' key.
     ManagerKey,
@@ -21,6 +40,12 @@ pub enum CtlRequest {
         /// Where to start.
         offset: u64,
     },
+    /// The caller reports on a task assigned to it (any member; the leader
+    /// writes it as `Command::ReportTask` with the caller's node ID).
+    ReportTask(TaskReport),
+    /// The caller leaves the swarm (any member; the leader writes
+    /// `Command::RemoveNode` of the caller).
+    Leave,
 }
 
 /// The reply to a [`CtlRequest`].
@@ -29,7 +54,7 @@ pub enum CtlReply {
     /// Reply to `Ping`.
     Pong,
     /// The leader applied the write; this is what `apply` returned.
-    Applied(ApplyResult),
+    Applied(Result<Outcome, ApplyError>),
     /// This node is not the leader; here is the one it knows of.
     NotLeader(Option<NodeId>),
     /// The managers' key.
@@ -73,6 +98,9 @@ pub struct JoinAccepted {
     pub ca_der: Vec<u8>,
     /// The managers' key, for managers.
     pub manager_key: Option<[u8; 32]>,
+    /// The swarm's managers when it was admitted: until its store arrives,
+    /// the joiner takes Raft traffic from these nodes only.
+    pub managers: Vec<NodeId>,
 }
 
 /// The join handshake's reply.

@@ -1,0 +1,291 @@
+//! Trust boundaries (issue 14): what a worker may do, checked where it is
+//! served. The worker's own certificate and key are used directly against
+//! the managers by an attack client over real QUIC.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::process::Command as Process;
+use std::time::Duration;
+
+use openraft::raft::{AppendEntriesRequest, VoteRequest};
+use openraft::{CommittedLeaderId, LogId, Vote};
+use serde_json::Value;
+use shoal_integration::Cluster;
+use shoal_integration::attack::Attacker;
+use shoal_mesh::task::{TaskReport, TaskState};
+use shoal_mesh::wire::{CtlReply, CtlRequest};
+use shoal_mesh::{ApplyError, Command, NodeId, Role};
+use shoal_raft::RaftRpc;
+
+/// The tests here run one at a time: the flood loads the machine, and the
+/// attack test checks that no election happened.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+const NOT_A_MANAGER: &str = "this node is not a swarm manager";
+const CALLER_NOT_A_MANAGER: &str = "is not a swarm manager: only managers may change the swarm";
+
+struct KillOnDrop(String);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Process::new("pkill").args(["-f", &self.0]).status();
+    }
+}
+
+fn node_id(c: &Cluster, hostname: &str) -> NodeId {
+    let nodes = c.node_ls(0).unwrap();
+    let n = nodes.iter().find(|n| n["hostname"] == hostname).unwrap();
+    NodeId(u64::from_str_radix(n["id"].as_str().unwrap(), 16).unwrap())
+}
+
+fn role_of(c: &Cluster, hostname: &str) -> Value {
+    let nodes = c.node_ls(0).unwrap();
+    nodes.iter().find(|n| n["hostname"] == hostname).unwrap()["role"].clone()
+}
+
+fn term(c: &Cluster, i: usize) -> u64 {
+    c.info(i).unwrap()["raft"]["term"].as_u64().unwrap()
+}
+
+#[test]
+fn a_worker_is_refused_every_change_on_its_node() {
+    let _serial = serial();
+    let c = Cluster::start(2).unwrap();
+    c.form(1).unwrap();
+    let writes: [&[&str]; 8] = [
+        &["node", "promote", "node2"],
+        &["node", "update", "--availability", "drain", "node1"],
+        &[
+            "service", "create", "--detach", "--name", "x", "--", "sleep", "1",
+        ],
+        &["service", "scale", "x=2"],
+        &["network", "create", "n"],
+        &["swarm", "join-token", "manager"],
+        &["swarm", "join-token", "-q", "worker"],
+        &["service", "logs", "x"],
+    ];
+    for args in writes {
+        let r = c.shoal(1, args);
+        assert_eq!(r.code, 5, "`shoal {}`: {}", args.join(" "), r.stderr);
+        assert!(r.stderr.contains(NOT_A_MANAGER), "{}", r.stderr);
+    }
+    // Reads of the worker's copy still work, and nothing changed.
+    assert_eq!(role_of(&c, "node2"), "worker");
+    let services = c
+        .shoal_ok(1, &["service", "ls", "--format", "json"])
+        .unwrap();
+    assert_eq!(services.json().unwrap(), serde_json::json!([]));
+    c.shoal_ok(1, &["network", "ls"]).unwrap();
+}
+
+#[test]
+fn a_workers_key_used_directly_against_the_managers_changes_nothing() {
+    let _serial = serial();
+    let marker = format!("5{}", std::process::id() % 100_000 + 100_000);
+    let _cleanup = KillOnDrop(format!("sleep {marker}"));
+    let c = Cluster::start(3).unwrap();
+    c.form_roles(&[true, true, false]).unwrap();
+    // A task the worker does not run.
+    c.shoal_ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--name",
+            "pinned",
+            "--constraint",
+            "node.hostname==node1",
+            "--",
+            "sleep",
+            &marker,
+        ],
+    )
+    .unwrap();
+    let ps = c
+        .shoal_ok(0, &["service", "ps", "--format", "json", "pinned"])
+        .unwrap();
+    let task = ps.json().unwrap()[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(c.leader(0).unwrap(), Some(0));
+    let worker_id = node_id(&c, "node3");
+    let manager_id = node_id(&c, "node2");
+    let leader: SocketAddr = c.hosts[0].addr().parse().unwrap();
+    let follower: SocketAddr = c.hosts[1].addr().parse().unwrap();
+    let worker = Attacker::with_identity_of(&c.hosts[2].state_dir).unwrap();
+    let manager = Attacker::with_identity_of(&c.hosts[1].state_dir).unwrap();
+    let token = c.token(0, "manager").unwrap();
+    let term_before = term(&c, 0);
+
+    // The attack client speaks the protocol: a member's ping is answered,
+    // and a manager gets what a manager may have.
+    assert!(matches!(
+        worker.ctl(leader, &CtlRequest::Ping).unwrap(),
+        CtlReply::Pong
+    ));
+    assert!(matches!(
+        manager.ctl(leader, &CtlRequest::ManagerKey).unwrap(),
+        CtlReply::ManagerKey(_)
+    ));
+
+    // Proposals: promote itself, rotate a token, force a new cluster, add a node.
+    let proposals = [
+        Command::SetRole {
+            node: worker_id,
+            role: Role::Manager,
+        },
+        Command::RotateToken {
+            role: Role::Manager,
+            hash: "00".repeat(32),
+            sealed: vec![0; 48],
+        },
+        Command::ForceNewCluster { keep: worker_id },
+        Command::RemoveNode(manager_id),
+    ];
+    for cmd in proposals {
+        let what = format!("{cmd:?}");
+        match worker
+            .ctl(leader, &CtlRequest::Propose(Box::new(cmd)))
+            .unwrap()
+        {
+            CtlReply::Refused(msg) => assert!(msg.contains(CALLER_NOT_A_MANAGER), "{what}: {msg}"),
+            other => panic!("{what}: expected a refusal, got {other:?}"),
+        }
+    }
+    match worker.ctl(leader, &CtlRequest::ManagerKey).unwrap() {
+        CtlReply::Refused(msg) => assert!(msg.contains("only managers"), "{msg}"),
+        other => panic!("the managers' key went to a worker: {other:?}"),
+    }
+    match worker
+        .ctl(
+            leader,
+            &CtlRequest::TaskLog {
+                task: task.clone(),
+                offset: 0,
+            },
+        )
+        .unwrap()
+    {
+        CtlReply::Refused(msg) => assert!(msg.contains("only managers"), "{msg}"),
+        other => panic!("a task's output went to a worker: {other:?}"),
+    }
+    // A report on a task of another node: written as the worker's, refused.
+    let report = TaskReport::new(task.as_str().into(), TaskState::Failed, "x".into(), None, 1);
+    match worker.ctl(leader, &CtlRequest::ReportTask(report)).unwrap() {
+        CtlReply::Applied(Err(ApplyError::NotAssigned { node, .. })) => {
+            assert_eq!(node, worker_id)
+        }
+        other => panic!("expected NotAssigned, got {other:?}"),
+    }
+
+    // Raft: a vote at a far higher term, one that speaks for a manager,
+    // and an append as a self-made leader; to the leader and a follower.
+    let high = term_before + 10;
+    let vote = |candidate: NodeId| {
+        RaftRpc::Vote(VoteRequest::new(
+            Vote::new(high, candidate.0),
+            Some(LogId::new(
+                CommittedLeaderId::new(high, candidate.0),
+                1 << 40,
+            )),
+        ))
+    };
+    let append = || {
+        RaftRpc::Append(AppendEntriesRequest {
+            vote: Vote::new_committed(high, worker_id.0),
+            prev_log_id: None,
+            entries: vec![],
+            leader_commit: None,
+        })
+    };
+    for target in [leader, follower] {
+        for rpc in [vote(worker_id), vote(manager_id), append()] {
+            let reply = worker.raft(target, &rpc).unwrap();
+            assert!(reply.is_none(), "{rpc:?} to {target} was served: {reply:?}");
+        }
+    }
+
+    // Nothing changed: same roles, leader, term, token and task.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(role_of(&c, "node3"), "worker");
+    assert_eq!(c.node_ls(0).unwrap().len(), 3);
+    assert_eq!(c.leader(1).unwrap(), Some(0));
+    assert_eq!(term(&c, 0), term_before);
+    assert_eq!(term(&c, 1), term_before);
+    assert_eq!(c.token(0, "manager").unwrap(), token);
+    let ps = c
+        .shoal_ok(0, &["service", "ps", "--format", "json", "pinned"])
+        .unwrap();
+    assert_eq!(ps.json().unwrap()[0]["state"], "running");
+    // Each refusal is logged where it was served.
+    let log = c.log(0);
+    assert!(
+        log.contains("proposal from a node that is not a manager refused"),
+        "{log}"
+    );
+    assert!(log.contains("asked for the managers' key"), "{log}");
+    assert!(log.contains("raft call refused"), "{log}");
+    assert!(c.log(1).contains("raft call refused"));
+}
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// What the flood may add to the daemon's memory: 4 join slots from one
+/// address, each with a 4 MiB connection window, plus handshakes and
+/// allocator slack.
+const FLOOD_RSS_BOUND_MIB: u64 = 96;
+
+#[test]
+fn a_flood_of_anonymous_connections_costs_a_bounded_amount_and_joins_still_work() {
+    let _serial = serial();
+    let c = Cluster::start(2).unwrap();
+    c.init(0).unwrap();
+    let token = c.token(0, "worker").unwrap();
+    let pid = c.hosts[0].pid().unwrap();
+    let addr: SocketAddr = c.hosts[0].addr().parse().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = rss_kib(pid);
+    // 200 connections × 100 streams × 16 MiB, from an address of its own.
+    let flood = std::thread::spawn(move || {
+        Attacker::anonymous("127.66.0.1".parse().unwrap())
+            .unwrap()
+            .flood(addr, 200, 100, 16 << 20, Duration::from_secs(10))
+    });
+    let mut peak = before;
+    let sample = |peak: &mut u64| *peak = (*peak).max(rss_kib(pid));
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(100));
+        sample(&mut peak);
+    }
+    // A legitimate join, while the flood goes on.
+    c.join(1, &token, 0).unwrap();
+    while !flood.is_finished() {
+        sample(&mut peak);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let report = flood.join().unwrap().unwrap();
+    eprintln!("flood: {report:?}; RSS {before} KiB before, {peak} KiB at most");
+    assert!(report.connected > 0, "the flood never reached the daemon");
+    assert!(
+        report.bytes_sent < 200 * (16 << 20),
+        "the daemon took everything: {report:?}"
+    );
+    assert!(
+        peak.saturating_sub(before) < FLOOD_RSS_BOUND_MIB << 10,
+        "RSS grew by {} KiB (bound {FLOOD_RSS_BOUND_MIB} MiB)",
+        peak - before
+    );
+    assert_eq!(c.node_ls(0).unwrap().len(), 2);
+    assert!(c.running(0));
+}

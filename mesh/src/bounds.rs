@@ -1,0 +1,263 @@
+//! Bounds on every value a command carries. `apply` checks them, so a
+//! command from the log or a peer is held to them as strictly as one from
+//! the CLI: every replica keeps every object, and one oversized value (a
+//! typo, or a hostile peer) would otherwise cost every manager its memory.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::network::NetworkSpec;
+use crate::service::ServiceSpec;
+
+/// Longest ID (network, service, task), in bytes.
+pub const MAX_ID: usize = 64;
+/// Longest key (an environment variable's name, a label's key), in bytes.
+pub const MAX_KEY: usize = 256;
+/// Longest value (an environment variable, a label, an argument), in bytes.
+pub const MAX_VALUE: usize = 32 << 10;
+/// Most entries in an environment, a label set or a command line.
+pub const MAX_ENTRIES: usize = 1024;
+/// Most items in a short list (networks, ports, constraints, aliases,
+/// options, subnets, auxiliary addresses).
+pub const MAX_ITEMS: usize = 64;
+/// All the text of one spec together, in bytes.
+pub const MAX_SPEC_BYTES: usize = 256 << 10;
+/// Longest hostname, in bytes (as DNS allows).
+pub const MAX_HOSTNAME: usize = 253;
+
+/// A value over its bound, or a character a value may not hold.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{what}: {problem}")]
+pub struct OutOfBounds {
+    /// Which value.
+    pub what: String,
+    /// What is wrong with it, and the bound.
+    pub problem: String,
+}
+
+fn out(what: impl Into<String>, problem: impl Into<String>) -> OutOfBounds {
+    OutOfBounds {
+        what: what.into(),
+        problem: problem.into(),
+    }
+}
+
+/// Checks that `text` is at most `max` bytes and holds no NUL or other
+/// control character (`\t` allowed, and newlines where `lines`); its length.
+pub fn check_text(what: &str, text: &str, max: usize, lines: bool) -> Result<usize, OutOfBounds> {
+    if text.len() > max {
+        return Err(out(
+            what,
+            format!("{} bytes long, at most {max} allowed", text.len()),
+        ));
+    }
+    let bad = text
+        .chars()
+        .find(|c| c.is_control() && *c != '\t' && !(lines && (*c == '\n' || *c == '\r')));
+    if let Some(c) = bad {
+        return Err(out(
+            what,
+            format!(
+                "holds the control character {:?}",
+                c.escape_unicode().to_string()
+            ),
+        ));
+    }
+    Ok(text.len())
+}
+
+/// An ID: 1 to [`MAX_ID`] ASCII letters, digits, `-` or `_` (it names
+/// files and kernel objects).
+pub fn check_id(what: &str, id: &str) -> Result<(), OutOfBounds> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(out(
+            what,
+            format!(
+                "`{}` is not an ID (1 to {MAX_ID} letters, digits, `-` or `_`)",
+                id.escape_debug()
+            ),
+        ))
+    }
+}
+
+fn check_count(what: &str, n: usize, max: usize) -> Result<(), OutOfBounds> {
+    if n > max {
+        return Err(out(what, format!("{n} given, at most {max} allowed")));
+    }
+    Ok(())
+}
+
+/// A map of keys to values (environment, labels, options): its size, in bytes.
+pub fn check_map(what: &str, map: &BTreeMap<String, String>) -> Result<usize, OutOfBounds> {
+    check_count(what, map.len(), MAX_ENTRIES)?;
+    let mut bytes = 0;
+    for (k, v) in map {
+        if k.is_empty() {
+            return Err(out(what, "a key is empty"));
+        }
+        bytes += check_text(
+            &format!("{what} key `{}`", k.escape_debug()),
+            k,
+            MAX_KEY,
+            false,
+        )?;
+        bytes += check_text(
+            &format!("{what} `{}`", k.escape_debug()),
+            v,
+            MAX_VALUE,
+            true,
+        )?;
+    }
+    Ok(bytes)
+}
+
+/// A hostname as a node reports it.
+pub fn check_hostname(hostname: &str) -> Result<(), OutOfBounds> {
+    if hostname.is_empty() || hostname.chars().any(char::is_whitespace) {
+        return Err(out("hostname", "empty or holds white space"));
+    }
+    check_text("hostname", hostname, MAX_HOSTNAME, false).map(drop)
+}
+
+/// A node's address, as `IP:PORT`.
+pub fn check_addr(addr: &str) -> Result<(), OutOfBounds> {
+    addr.parse::<std::net::SocketAddr>().map(drop).map_err(|_| {
+        out(
+            "address",
+            format!("`{}` is not IP:PORT", addr.escape_debug()),
+        )
+    })
+}
+
+/// A service spec's sizes.
+pub fn check_service(spec: &ServiceSpec) -> Result<(), OutOfBounds> {
+    let mut bytes = 0;
+    for k in spec.env.keys() {
+        if k.contains('=') {
+            return Err(out(
+                "--env",
+                format!("the name `{}` holds `=`", k.escape_debug()),
+            ));
+        }
+    }
+    bytes += check_map("--env", &spec.env)?;
+    bytes += check_map("--label", &spec.labels)?;
+    check_count("the command's arguments", spec.command.len(), MAX_ENTRIES)?;
+    for (i, arg) in spec.command.iter().enumerate() {
+        bytes += check_text(
+            &format!("argument {i} of the command"),
+            arg,
+            MAX_VALUE,
+            true,
+        )?;
+    }
+    check_count("--network", spec.networks.len(), MAX_ITEMS)?;
+    for a in &spec.networks {
+        check_count("aliases of one network", a.aliases.len(), MAX_ITEMS)?;
+        for alias in &a.aliases {
+            bytes += check_text("an alias", alias, MAX_HOSTNAME, false)?;
+        }
+    }
+    check_count("--publish", spec.ports.len(), MAX_ITEMS)?;
+    check_count("--constraint", spec.constraints.len(), MAX_ITEMS)?;
+    if bytes > MAX_SPEC_BYTES {
+        return Err(out(
+            "the service's spec",
+            format!(
+                "{bytes} bytes of environment, labels, command and aliases, at most {MAX_SPEC_BYTES} allowed"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A network spec's sizes.
+pub fn check_network(spec: &NetworkSpec) -> Result<(), OutOfBounds> {
+    check_count("--opt", spec.options.len(), MAX_ITEMS)?;
+    check_map("--opt", &spec.options)?;
+    check_map("--label", &spec.labels)?;
+    check_count("--subnet", spec.subnets.len(), MAX_ITEMS)?;
+    check_count("--aux-address", spec.aux_addresses.len(), MAX_ITEMS)?;
+    for k in spec.aux_addresses.keys() {
+        check_text("an --aux-address name", k, MAX_HOSTNAME, false)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_name_files_safely() {
+        for good in [
+            "a",
+            "r1",
+            "0123456789abcdef",
+            "web_1-x",
+            &"f".repeat(MAX_ID),
+        ] {
+            assert!(check_id("id", good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "../etc",
+            "a/b",
+            "a b",
+            "é",
+            "a\0",
+            &"f".repeat(MAX_ID + 1),
+        ] {
+            let e = check_id("task ID", bad).unwrap_err();
+            assert!(e.to_string().starts_with("task ID: "), "{e}");
+        }
+    }
+
+    #[test]
+    fn maps_are_bounded_in_count_key_and_value() {
+        let mut m = BTreeMap::new();
+        m.insert("K".to_owned(), "line 1\nline 2\tand a tab".to_owned());
+        assert_eq!(check_map("--env", &m).unwrap(), 1 + 23);
+        m.insert("BIG".into(), "x".repeat(MAX_VALUE + 1));
+        let e = check_map("--env", &m).unwrap_err().to_string();
+        assert!(
+            e.contains("--env `BIG`") && e.contains("at most 32768"),
+            "{e}"
+        );
+        m.remove("BIG");
+        m.insert("k".repeat(MAX_KEY + 1), "v".into());
+        assert!(check_map("--label", &m).is_err());
+        let many: BTreeMap<String, String> = (0..=MAX_ENTRIES)
+            .map(|i| (format!("K{i}"), String::new()))
+            .collect();
+        assert!(
+            check_map("--env", &many)
+                .unwrap_err()
+                .problem
+                .contains("1025 given")
+        );
+        let esc: BTreeMap<String, String> = [("K".to_owned(), "\u{1b}[2J".to_owned())].into();
+        assert!(
+            check_map("--env", &esc)
+                .unwrap_err()
+                .problem
+                .contains("control character")
+        );
+    }
+
+    #[test]
+    fn hostnames_are_short_and_printable() {
+        assert!(check_hostname("node-1.example").is_ok());
+        for bad in ["", "a b", "a\u{7}", &"h".repeat(MAX_HOSTNAME + 1)] {
+            assert!(check_hostname(bad).is_err(), "{bad:?}");
+        }
+    }
+}
