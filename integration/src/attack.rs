@@ -152,23 +152,27 @@ impl Attacker {
 
     /// One request on a fresh connection with ALPN `alpn`: the raw reply.
     pub fn call(&self, addr: SocketAddr, alpn: &[u8], request: &[u8]) -> anyhow::Result<Vec<u8>> {
+        let session = self.session(addr, alpn)?;
+        let reply = session.call(request);
+        session.close();
+        reply
+    }
+
+    /// A connection with ALPN `alpn` that stays open for several requests.
+    pub fn session(&self, addr: SocketAddr, alpn: &[u8]) -> anyhow::Result<Session<'_>> {
         let cfg = self.client_config(alpn)?;
         self.rt.block_on(async {
             let endpoint = quinn::Endpoint::client(self.bind)?;
-            let exchange = async {
-                let conn = endpoint.connect_with(cfg, addr, "shoal")?.await?;
-                let (mut send, mut recv) = conn.open_bi().await?;
-                send.write_all(request).await?;
-                send.finish()?;
-                let reply = recv.read_to_end(codec::DEFAULT_LIMIT).await?;
-                conn.close(0u32.into(), b"done");
-                anyhow::Ok(reply)
-            };
-            let reply = tokio::time::timeout(CALL_TIMEOUT, exchange).await;
-            endpoint.close(0u32.into(), b"done");
-            match reply {
-                Ok(r) => r,
-                Err(_) => bail!("no reply from {addr} within {CALL_TIMEOUT:?}"),
+            let connecting = endpoint.connect_with(cfg, addr, "shoal")?;
+            match tokio::time::timeout(CALL_TIMEOUT, connecting).await {
+                Ok(Ok(conn)) => Ok(Session {
+                    attacker: self,
+                    endpoint,
+                    conn,
+                    addr,
+                }),
+                Ok(Err(e)) => bail!("cannot connect to {addr}: {e}"),
+                Err(_) => bail!("no handshake with {addr} within {CALL_TIMEOUT:?}"),
             }
         })
     }
@@ -197,6 +201,45 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
+}
+
+/// An open connection of an [`Attacker`].
+pub struct Session<'a> {
+    attacker: &'a Attacker,
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    addr: SocketAddr,
+}
+
+impl Session<'_> {
+    /// One request on this connection: the raw reply.
+    pub fn call(&self, request: &[u8]) -> anyhow::Result<Vec<u8>> {
+        let addr = self.addr;
+        self.attacker.rt.block_on(async {
+            let exchange = async {
+                let (mut send, mut recv) = self.conn.open_bi().await?;
+                send.write_all(request).await?;
+                send.finish()?;
+                anyhow::Ok(recv.read_to_end(codec::DEFAULT_LIMIT).await?)
+            };
+            match tokio::time::timeout(CALL_TIMEOUT, exchange).await {
+                Ok(r) => r,
+                Err(_) => bail!("no reply from {addr} within {CALL_TIMEOUT:?}"),
+            }
+        })
+    }
+
+    /// A control call on this connection.
+    pub fn ctl(&self, req: &CtlRequest) -> anyhow::Result<CtlReply> {
+        let reply = self.call(&codec::encode(req)?)?;
+        Ok(codec::decode(&reply, codec::DEFAULT_LIMIT)?)
+    }
+
+    /// Closes the connection.
+    pub fn close(self) {
+        self.conn.close(0u32.into(), b"done");
+        self.endpoint.close(0u32.into(), b"done");
+    }
 }
 
 /// Accepts any server certificate (its handshake signatures are still

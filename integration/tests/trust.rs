@@ -14,7 +14,7 @@ use serde_json::Value;
 use shoal_integration::Cluster;
 use shoal_integration::attack::Attacker;
 use shoal_mesh::task::{TaskReport, TaskState};
-use shoal_mesh::wire::{CtlReply, CtlRequest};
+use shoal_mesh::wire::{ALPN_CTL, CtlReply, CtlRequest};
 use shoal_mesh::{ApplyError, Command, NodeId, Role};
 use shoal_raft::RaftRpc;
 
@@ -288,4 +288,56 @@ fn a_flood_of_anonymous_connections_costs_a_bounded_amount_and_joins_still_work(
     );
     assert_eq!(c.node_ls(0).unwrap().len(), 2);
     assert!(c.running(0));
+}
+
+#[test]
+fn a_removed_node_is_refused_at_the_handshake_and_never_comes_back() {
+    let _serial = serial();
+    let mut c = Cluster::start(3).unwrap();
+    c.form_roles(&[true, true, false]).unwrap();
+    let managers: Vec<SocketAddr> = (0..2).map(|i| c.hosts[i].addr().parse().unwrap()).collect();
+    let removed = Attacker::with_identity_of(&c.hosts[2].state_dir).unwrap();
+    let open = removed.session(managers[0], ALPN_CTL).unwrap();
+    assert!(matches!(
+        open.ctl(&CtlRequest::Ping).unwrap(),
+        CtlReply::Pong
+    ));
+    c.stop(2);
+    c.shoal_ok(0, &["node", "rm", "--force", "node3"]).unwrap();
+    // Its open connection is closed (not answered with a refusal)…
+    c.wait_until(
+        "the removed node's connection to close",
+        Duration::from_secs(10),
+        |_| Ok(open.ctl(&CtlRequest::Ping).is_err()),
+    )
+    .unwrap();
+    // …and every node refuses its certificate at the handshake.
+    c.wait_until(
+        "both managers to refuse it",
+        Duration::from_secs(10),
+        |_| {
+            Ok(managers
+                .iter()
+                .all(|a| removed.ctl(*a, &CtlRequest::Ping).is_err()))
+        },
+    )
+    .unwrap();
+    for i in 0..2 {
+        assert!(
+            c.log(i)
+                .contains("refused the certificate of a removed node"),
+            "node{}: {}",
+            i + 1,
+            c.log(i)
+        );
+    }
+    // Restarted with its old state dir, it stays out.
+    c.start_daemon(2).unwrap();
+    c.holds_for("node3 to stay out", Duration::from_secs(5), |c| {
+        Ok((0..2).all(|i| {
+            c.node_ls(i)
+                .is_ok_and(|n| n.len() == 2 && n.iter().all(|n| n["hostname"] != "node3"))
+        }))
+    })
+    .unwrap();
 }

@@ -205,8 +205,8 @@ pub enum ApplyError {
     /// The node ID is not in the cluster.
     #[error("no such node: {0}")]
     UnknownNode(NodeId),
-    /// `AddNode` with an ID already present.
-    #[error("node {0} is already a member")]
+    /// `AddNode` with an ID already present, or of a removed node.
+    #[error("node {0} is already a member, or was removed")]
     DuplicateNode(NodeId),
     /// Promoting a manager or demoting a worker.
     #[error("node {node} is already a {role}")]
@@ -396,6 +396,7 @@ fn init(
     state.networks.clear();
     state.networks.insert(ingress.id.clone(), ingress);
     state.ingress_addrs.clear();
+    state.revoked.clear();
     give_ingress_addr(state, first.id);
     Ok(Outcome::Done)
 }
@@ -424,7 +425,7 @@ fn add_node(state: &mut ClusterState, node: &Node) -> Result<Outcome, ApplyError
     bounds::check_hostname(&node.hostname)?;
     bounds::check_addr(&node.addr)?;
     bounds::check_map("node label", &node.labels)?;
-    if state.nodes.contains_key(&node.id) {
+    if state.nodes.contains_key(&node.id) || state.revoked.contains(&node.id) {
         return Err(ApplyError::DuplicateNode(node.id));
     }
     state.nodes.insert(node.id, node.clone());
@@ -526,6 +527,7 @@ fn remove_node(state: &mut ClusterState, node: &NodeId) -> Result<Outcome, Apply
     }
     state.nodes.remove(node);
     state.ingress_addrs.remove(node);
+    state.revoked.insert(*node);
     Ok(Outcome::Done)
 }
 

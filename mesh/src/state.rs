@@ -180,6 +180,36 @@ pub struct ClusterState {
     /// Each node's address on the `ingress` network (its routing-mesh
     /// endpoint), allocated when it joins.
     pub ingress_addrs: BTreeMap<NodeId, std::net::Ipv4Addr>,
+    /// Nodes removed from the swarm (`node rm`, `swarm leave`): their
+    /// certificates are refused at the TLS handshake by every node, and
+    /// their IDs are never admitted again.
+    pub revoked: std::collections::BTreeSet<NodeId>,
+}
+
+/// [`ClusterState`] as snapshots before the deny list (`revoked`) stored
+/// it; read when a current decode fails, so that old state dirs open.
+#[derive(Deserialize)]
+pub struct ClusterStateV1 {
+    cluster: Option<ClusterInfo>,
+    nodes: BTreeMap<NodeId, Node>,
+    networks: BTreeMap<crate::ids::NetworkId, crate::network::Network>,
+    services: BTreeMap<crate::ids::ServiceId, crate::service::Service>,
+    tasks: BTreeMap<crate::ids::TaskId, crate::task::Task>,
+    ingress_addrs: BTreeMap<NodeId, std::net::Ipv4Addr>,
+}
+
+impl From<ClusterStateV1> for ClusterState {
+    fn from(v1: ClusterStateV1) -> Self {
+        ClusterState {
+            cluster: v1.cluster,
+            nodes: v1.nodes,
+            networks: v1.networks,
+            services: v1.services,
+            tasks: v1.tasks,
+            ingress_addrs: v1.ingress_addrs,
+            revoked: Default::default(),
+        }
+    }
 }
 
 impl ClusterState {

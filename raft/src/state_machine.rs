@@ -34,6 +34,27 @@ pub struct SmData {
     pub state: ClusterState,
 }
 
+/// [`SmData`] as snapshots before `ClusterState::revoked` stored it.
+#[derive(Deserialize)]
+struct SmDataV1 {
+    last_applied: Option<LogId<u64>>,
+    membership: StoredMembership<u64, BasicNode>,
+    state: shoal_mesh::state::ClusterStateV1,
+}
+
+/// A snapshot's content, in the current shape or an older one.
+fn decode_data(bytes: &[u8]) -> Result<SmData, codec::DecodeError> {
+    codec::decode::<SmData>(bytes, codec::DEFAULT_LIMIT).or_else(|current| {
+        codec::decode::<SmDataV1>(bytes, codec::DEFAULT_LIMIT)
+            .map(|v1| SmData {
+                last_applied: v1.last_applied,
+                membership: v1.membership,
+                state: v1.state.into(),
+            })
+            .map_err(|_| current)
+    })
+}
+
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta<u64, BasicNode>,
@@ -104,8 +125,7 @@ impl StateMachineStore {
                 };
                 let snap: StoredSnapshot =
                     codec::decode(&bytes, codec::DEFAULT_LIMIT).map_err(|e| fail(e.to_string()))?;
-                codec::decode::<SmData>(&snap.data, codec::DEFAULT_LIMIT)
-                    .map_err(|e| fail(e.to_string()))?
+                decode_data(&snap.data).map_err(|e| fail(e.to_string()))?
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => SmData::default(),
             Err(e) => {
@@ -241,7 +261,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError<u64>> {
         let bytes = snapshot.into_inner();
-        let new: SmData = codec::decode(&bytes, codec::DEFAULT_LIMIT).map_err(|e| {
+        let new: SmData = decode_data(&bytes).map_err(|e| {
             StorageError::from(StorageIOError::new(
                 ErrorSubject::Snapshot(Some(meta.signature())),
                 ErrorVerb::Read,
@@ -275,5 +295,58 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta: snap.meta,
             snapshot: Box::new(Cursor::new(snap.data)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use shoal_mesh::NodeId;
+    use shoal_mesh::fixtures::{cluster_info, node};
+
+    /// The snapshot's shape before `ClusterState::revoked`, as it was written.
+    #[derive(Serialize)]
+    struct OldState {
+        cluster: Option<shoal_mesh::ClusterInfo>,
+        nodes: BTreeMap<NodeId, shoal_mesh::Node>,
+        networks: BTreeMap<String, shoal_mesh::network::Network>,
+        services: BTreeMap<String, shoal_mesh::service::Service>,
+        tasks: BTreeMap<String, shoal_mesh::task::Task>,
+        ingress_addrs: BTreeMap<NodeId, std::net::Ipv4Addr>,
+    }
+
+    #[derive(Serialize)]
+    struct OldSm {
+        last_applied: Option<LogId<u64>>,
+        membership: StoredMembership<u64, BasicNode>,
+        state: OldState,
+    }
+
+    #[test]
+    fn snapshots_written_before_the_deny_list_still_open() {
+        let old = OldSm {
+            last_applied: None,
+            membership: Default::default(),
+            state: OldState {
+                cluster: Some(cluster_info("c")),
+                nodes: BTreeMap::from([(NodeId(1), node(1))]),
+                networks: BTreeMap::new(),
+                services: BTreeMap::new(),
+                tasks: BTreeMap::new(),
+                ingress_addrs: BTreeMap::new(),
+            },
+        };
+        let bytes = codec::encode(&old).unwrap();
+        let data = decode_data(&bytes).unwrap();
+        assert_eq!(data.state.nodes[&NodeId(1)], node(1));
+        assert!(data.state.revoked.is_empty());
+        // The current shape reads as itself.
+        let mut now = data.clone();
+        now.state.revoked.insert(NodeId(7));
+        let back = decode_data(&codec::encode(&now).unwrap()).unwrap();
+        assert!(back.state.revoked.contains(&NodeId(7)));
+        assert!(decode_data(b"\x01garbage").is_err());
     }
 }

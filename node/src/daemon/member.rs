@@ -31,6 +31,7 @@ use super::membership::MembershipCtx;
 use super::orchestrate::OrchestratorCtx;
 use super::peer::PeerHandler;
 use super::ping::PingCtx;
+use super::revocation::Revocations;
 use super::sandboxes::Sandboxes;
 use super::transport::{MAX_MESSAGE, Quic};
 use super::writer::{Propose, WriteError, Writer};
@@ -115,9 +116,13 @@ impl Member {
         cfg: MemberConfig,
     ) -> anyhow::Result<Arc<Member>> {
         let id = identity.node.node_id;
-        let quic = Quic::bind(&identity.tls, identity.node.listen_addr)?;
         let (log, sm) = shoal_raft::open(&dir.raft())?;
         let state = sm.handle();
+        let quic = Quic::bind(
+            &identity.tls,
+            identity.node.listen_addr,
+            Revocations::of_store(state.clone()),
+        )?;
         let config = Arc::new(shoal_raft::config(&cfg.timing).validate()?);
         let raft = Raft::new(id.0, config, Network::new(QuicRaft(quic.clone())), log, sm).await?;
         let (gossip, gossip_task) = super::gossip::spawn(

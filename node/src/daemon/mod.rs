@@ -21,6 +21,7 @@ pub mod peer;
 pub mod ping;
 pub mod pki;
 pub mod recovery;
+pub mod revocation;
 pub mod sandboxes;
 pub mod services;
 pub mod shim;

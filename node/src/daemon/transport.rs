@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
@@ -28,6 +29,7 @@ use shoal_mesh::wire::{ALPN_CTL, ALPN_GOSSIP, ALPN_JOIN, ALPN_RAFT, MAX_JOIN_REQ
 
 use super::gate::{ANON_PER_SOURCE, ANON_TOTAL, AnonSlots};
 use super::pki;
+use super::revocation::{ClientNotRevoked, Revocations, ServerNotRevoked};
 
 /// Largest request or reply accepted on a stream.
 pub const MAX_MESSAGE: usize = shoal_mesh::codec::DEFAULT_LIMIT;
@@ -87,6 +89,9 @@ const CONNECTION_WINDOW: u32 = 4 << 20;
 const MAX_STREAMS: u32 = 32;
 /// How long a joiner has to send its request.
 const JOIN_READ_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a removed node's requests in flight may take to be answered
+/// before its connection is closed.
+const REVOKED_DRAIN: Duration = Duration::from_secs(2);
 /// How long a joiner has to take the reply and close.
 const JOIN_LINGER: Duration = Duration::from_secs(2);
 
@@ -113,13 +118,20 @@ fn key(key_der: &[u8]) -> PrivateKeyDer<'static> {
     PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der.to_vec()))
 }
 
-fn server_config(id: &TlsIdentity) -> Result<quinn::ServerConfig, QuicError> {
+fn server_config(
+    id: &TlsIdentity,
+    revocations: &Revocations,
+) -> Result<quinn::ServerConfig, QuicError> {
     let tls = |e: rustls::Error| QuicError::Tls(e.to_string());
-    let verifier =
+    let ca_checks =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&id.ca_der)?), provider())
             .allow_unauthenticated()
             .build()
             .map_err(|e| QuicError::Tls(e.to_string()))?;
+    let verifier = Arc::new(ClientNotRevoked {
+        inner: ca_checks,
+        revocations: revocations.clone(),
+    });
     let chain = vec![
         CertificateDer::from(id.cert_der.clone()),
         CertificateDer::from(id.ca_der.clone()),
@@ -147,12 +159,24 @@ fn server_config(id: &TlsIdentity) -> Result<quinn::ServerConfig, QuicError> {
     Ok(server)
 }
 
-fn client_config(id: &TlsIdentity, alpn: &[u8]) -> Result<quinn::ClientConfig, QuicError> {
+fn client_config(
+    id: &TlsIdentity,
+    alpn: &[u8],
+    revocations: &Revocations,
+) -> Result<quinn::ClientConfig, QuicError> {
     let tls = |e: rustls::Error| QuicError::Tls(e.to_string());
+    let ca_checks =
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots(&id.ca_der)?), provider())
+            .build()
+            .map_err(|e| QuicError::Tls(e.to_string()))?;
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls)?
-        .with_root_certificates(roots(&id.ca_der)?)
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ServerNotRevoked {
+            inner: ca_checks,
+            revocations: revocations.clone(),
+        }))
         .with_client_auth_cert(
             vec![CertificateDer::from(id.cert_der.clone())],
             key(&id.key_der),
@@ -288,24 +312,30 @@ pub struct Quic {
     gossip_client: quinn::ClientConfig,
     conns: Mutex<HashMap<(SocketAddr, &'static [u8]), quinn::Connection>>,
     anon: Arc<Mutex<AnonSlots>>,
+    revocations: Revocations,
 }
 
 impl Quic {
-    /// Binds `listen` with `identity`.
-    pub fn bind(identity: &TlsIdentity, listen: SocketAddr) -> Result<Arc<Self>, QuicError> {
-        let endpoint = quinn::Endpoint::server(server_config(identity)?, listen).map_err(|e| {
-            QuicError::Bind {
-                addr: listen,
-                reason: e.to_string(),
-            }
+    /// Binds `listen` with `identity`; certificates of nodes on
+    /// `revocations` are refused, and their connections closed.
+    pub fn bind(
+        identity: &TlsIdentity,
+        listen: SocketAddr,
+        revocations: Revocations,
+    ) -> Result<Arc<Self>, QuicError> {
+        let server = server_config(identity, &revocations)?;
+        let endpoint = quinn::Endpoint::server(server, listen).map_err(|e| QuicError::Bind {
+            addr: listen,
+            reason: e.to_string(),
         })?;
         Ok(Arc::new(Quic {
             endpoint,
-            raft_client: client_config(identity, ALPN_RAFT)?,
-            ctl_client: client_config(identity, ALPN_CTL)?,
-            gossip_client: client_config(identity, ALPN_GOSSIP)?,
+            raft_client: client_config(identity, ALPN_RAFT, &revocations)?,
+            ctl_client: client_config(identity, ALPN_CTL, &revocations)?,
+            gossip_client: client_config(identity, ALPN_GOSSIP, &revocations)?,
             conns: Mutex::new(HashMap::new()),
             anon: Arc::new(Mutex::new(AnonSlots::new(ANON_TOTAL, ANON_PER_SOURCE))),
+            revocations,
         }))
     }
 
@@ -313,13 +343,15 @@ impl Quic {
     pub fn serve<H: Handler>(self: &Arc<Self>, handler: Arc<H>) -> tokio::task::JoinHandle<()> {
         let endpoint = self.endpoint.clone();
         let anon = self.anon.clone();
+        let revocations = self.revocations.clone();
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let handler = handler.clone();
                 let anon = anon.clone();
+                let revocations = revocations.clone();
                 let remote = incoming.remote_address();
                 tokio::spawn(async move {
-                    match serve_connection(incoming, handler, anon).await {
+                    match serve_connection(incoming, handler, anon, revocations).await {
                         Err(e @ quinn::ConnectionError::TransportError(_))
                         | Err(e @ quinn::ConnectionError::ConnectionClosed(_)) => {
                             log_refusal_once(remote, &e)
@@ -532,6 +564,7 @@ async fn serve_connection<H: Handler>(
     incoming: quinn::Incoming,
     handler: Arc<H>,
     anon: Arc<Mutex<AnonSlots>>,
+    revocations: Revocations,
 ) -> Result<(), quinn::ConnectionError> {
     let conn = incoming.await?;
     let alpn = conn
@@ -544,21 +577,38 @@ async fn serve_connection<H: Handler>(
         .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
         .and_then(|certs| certs.first().and_then(|c| pki::node_id_of(c).ok()));
     let remote = conn.remote_address();
-    if peer.is_none() {
+    let Some(node) = peer else {
         if alpn != ALPN_JOIN {
             conn.close(1u32.into(), b"a cluster certificate is required");
             return Ok(());
         }
         return serve_join(conn, handler, anon, remote).await;
-    }
+    };
+    // Closed as soon as the node is removed from the swarm.
+    let revoked = until_revoked(revocations, node);
+    tokio::pin!(revoked);
     if alpn == ALPN_GOSSIP {
-        return serve_gossip(conn, handler, peer, remote).await;
+        return tokio::select! {
+            r = serve_gossip(conn.clone(), handler, peer, remote) => r,
+            () = &mut revoked => close_revoked(&conn, node),
+        };
     }
+    // Requests being answered: a removal lets them finish (the reply to
+    // the node's own `swarm leave` among them) before the connection closes.
+    let mut inflight = tokio::task::JoinSet::new();
     loop {
-        let (mut send, mut recv) = conn.accept_bi().await?;
+        while inflight.try_join_next().is_some() {}
+        let (mut send, mut recv) = tokio::select! {
+            s = conn.accept_bi() => s?,
+            () = &mut revoked => {
+                let drain = async { while inflight.join_next().await.is_some() {} };
+                let _ = tokio::time::timeout(REVOKED_DRAIN, drain).await;
+                return close_revoked(&conn, node);
+            }
+        };
         let handler = handler.clone();
         let alpn = alpn.clone();
-        tokio::spawn(async move {
+        inflight.spawn(async move {
             let Ok(request) = recv.read_to_end(MAX_MESSAGE).await else {
                 return;
             };
@@ -570,11 +620,29 @@ async fn serve_connection<H: Handler>(
                     request,
                 })
                 .await;
-            if send.write_all(&reply).await.is_ok() {
-                let _ = send.finish();
+            if send.write_all(&reply).await.is_ok() && send.finish().is_ok() {
+                // Until the peer has it all (or a bound).
+                let _ = tokio::time::timeout(REVOKED_DRAIN, send.stopped()).await;
             }
         });
     }
+}
+
+/// Resolves once node `node` is on the deny list (never, if nothing can
+/// change the list any more).
+async fn until_revoked(revocations: Revocations, node: NodeId) {
+    let mut changes = revocations.changes();
+    while !revocations.is_revoked(node) {
+        if changes.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+fn close_revoked(conn: &quinn::Connection, node: NodeId) -> Result<(), quinn::ConnectionError> {
+    tracing::warn!(%node, remote = %conn.remote_address(), "closed the connection of a removed node");
+    conn.close(4u32.into(), b"this node was removed from the swarm");
+    Ok(())
 }
 
 /// Holds one of the unauthenticated slots until dropped.
@@ -724,13 +792,23 @@ mod tests {
     #[tokio::test]
     async fn cluster_peers_talk_and_strangers_are_served_nothing() {
         let ca = pki::new_ca().unwrap();
-        let server = Quic::bind(&identity(&ca, NodeId(1)), loopback()).unwrap();
+        let server = Quic::bind(
+            &identity(&ca, NodeId(1)),
+            loopback(),
+            Revocations::fixed(vec![]),
+        )
+        .unwrap();
         let addr = server.endpoint.local_addr().unwrap();
         server.serve(Arc::new(Echo::default()));
         let t = Duration::from_secs(3);
 
         // A node of the same cluster is served, and identified by its certificate.
-        let peer = Quic::bind(&identity(&ca, NodeId(2)), loopback()).unwrap();
+        let peer = Quic::bind(
+            &identity(&ca, NodeId(2)),
+            loopback(),
+            Revocations::fixed(vec![]),
+        )
+        .unwrap();
         let reply = peer
             .call(addr, NodeId(1), ALPN_CTL, b"hi", t)
             .await
@@ -791,12 +869,22 @@ mod tests {
     #[tokio::test]
     async fn gossip_arrives_from_members_only() {
         let ca = pki::new_ca().unwrap();
-        let server = Quic::bind(&identity(&ca, NodeId(1)), loopback()).unwrap();
+        let server = Quic::bind(
+            &identity(&ca, NodeId(1)),
+            loopback(),
+            Revocations::fixed(vec![]),
+        )
+        .unwrap();
         let addr = server.endpoint.local_addr().unwrap();
         let echo = Arc::new(Echo::default());
         server.serve(echo.clone());
         let t = Duration::from_secs(3);
-        let member = Quic::bind(&identity(&ca, NodeId(2)), loopback()).unwrap();
+        let member = Quic::bind(
+            &identity(&ca, NodeId(2)),
+            loopback(),
+            Revocations::fixed(vec![]),
+        )
+        .unwrap();
         member
             .gossip(addr, NodeId(1), b"probe", true, t)
             .await
@@ -810,7 +898,7 @@ mod tests {
         // believe it sent) never reaches the handler.
         let mut foreign = identity(&pki::new_ca().unwrap(), NodeId(3));
         foreign.ca_der = ca.0.clone();
-        let stranger = Quic::bind(&foreign, loopback()).unwrap();
+        let stranger = Quic::bind(&foreign, loopback(), Revocations::fixed(vec![])).unwrap();
         let _ = stranger.gossip(addr, NodeId(1), b"evil", true, t).await;
         let _ = stranger.gossip(addr, NodeId(1), b"evil", false, t).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -832,9 +920,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn removed_nodes_are_refused_at_the_handshake_both_ways() {
+        let ca = pki::new_ca().unwrap();
+        let server = Quic::bind(
+            &identity(&ca, NodeId(1)),
+            loopback(),
+            Revocations::fixed(vec![NodeId(3)]),
+        )
+        .unwrap();
+        let addr = server.endpoint.local_addr().unwrap();
+        server.serve(Arc::new(Echo::default()));
+        let t = Duration::from_secs(3);
+        let none = || Revocations::fixed(vec![]);
+        let member = Quic::bind(&identity(&ca, NodeId(2)), loopback(), none()).unwrap();
+        assert!(
+            member
+                .call(addr, NodeId(1), ALPN_CTL, b"hi", t)
+                .await
+                .is_ok()
+        );
+        let removed = Quic::bind(&identity(&ca, NodeId(3)), loopback(), none()).unwrap();
+        // (TLS 1.3: the client learns of it when the server closes.)
+        let refused = removed.call(addr, NodeId(1), ALPN_CTL, b"hi", t).await;
+        assert!(refused.is_err(), "{refused:?}");
+        // A node that knows the server as removed does not talk to it.
+        let wary = Quic::bind(
+            &identity(&ca, NodeId(4)),
+            loopback(),
+            Revocations::fixed(vec![NodeId(1)]),
+        )
+        .unwrap();
+        assert!(
+            wary.call(addr, NodeId(1), ALPN_RAFT, b"hi", t)
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
     async fn the_server_refuses_clients_without_a_cluster_certificate() {
         let ca = pki::new_ca().unwrap();
-        let server = Quic::bind(&identity(&ca, NodeId(1)), loopback()).unwrap();
+        let server = Quic::bind(
+            &identity(&ca, NodeId(1)),
+            loopback(),
+            Revocations::fixed(vec![]),
+        )
+        .unwrap();
         let addr = server.endpoint.local_addr().unwrap();
         server.serve(Arc::new(Echo::default()));
         let member = identity(&ca, NodeId(2));
