@@ -226,7 +226,7 @@ async fn dns_bench() {
         .expect("bind");
     let addr = sock.local_addr().expect("addr");
     let (_tx, rx) = tokio::sync::watch::channel(Arc::new(records));
-    tokio::spawn(dns::serve_udp(sock, rx, Arc::new(Vec::new())));
+    tokio::spawn(dns::serve_udp(sock, rx, dns::Relay::Refuse));
     let client = tokio::net::UdpSocket::bind("127.0.0.1:0")
         .await
         .expect("bind");

@@ -3,12 +3,17 @@
 //! namespace and served by the daemon, each with the records of that task
 //! (the planner's `SandboxPlan::dns`): service names, `tasks.NAME`, aliases
 //! and task names of the networks the task is on. Other names are relayed
-//! to the host's resolvers. Answers carry a short TTL, so that clients
-//! follow the cluster within seconds.
+//! to the host's resolvers, unless the task has no way out (every network
+//! it is on is `--internal`): then they are refused. Answers carry a short
+//! TTL, so that clients follow the cluster within seconds.
 //!
 //! Hostile input: a query that does not parse gets FORMERR (or is dropped
 //! if it has no header), one larger than [`MAX_QUERY`] is dropped, UDP
-//! answers over 512 bytes are truncated with TC set.
+//! answers over 512 bytes are truncated with TC set. A relayed query goes
+//! out under a random ID on a socket connected to the upstream, and only a
+//! response with that ID is taken. Relays in flight ([`MAX_RELAYS`]) and
+//! TCP connections ([`MAX_TCP`]) are bounded in the whole daemon, and a
+//! TCP connection that is idle or slow is closed.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -19,7 +24,7 @@ use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, SemaphorePermit, watch};
 
 /// Name → addresses.
 pub type Records = BTreeMap<String, Vec<Ipv4Addr>>;
@@ -133,8 +138,66 @@ pub fn upstreams(resolv_conf: &str) -> Vec<SocketAddr> {
         .collect()
 }
 
-/// Relays `query` to the first upstream that answers.
+/// Where names that are not the swarm's go.
+#[derive(Clone, Debug)]
+pub enum Relay {
+    /// To these resolvers (the host's).
+    To(Arc<Vec<SocketAddr>>),
+    /// Nowhere: the sandbox has no way out (every network it is on is
+    /// `--internal`), so other names are refused.
+    Refuse,
+}
+
+/// Relays in flight in the whole daemon, each with a socket of its own;
+/// past it, a query to relay is answered SERVFAIL at once.
+pub const MAX_RELAYS: usize = 256;
+static RELAYS: Semaphore = Semaphore::const_new(MAX_RELAYS);
+/// TCP connections served at once in the whole daemon; past it, new ones
+/// are closed at once.
+pub const MAX_TCP: usize = 128;
+static TCP_CONNS: Semaphore = Semaphore::const_new(MAX_TCP);
+/// How long a TCP connection may sit between queries.
+const TCP_IDLE: Duration = Duration::from_secs(10);
+/// How long reading one query's bytes, or writing an answer, may take.
+const TCP_IO: Duration = Duration::from_secs(2);
+
+/// What to do with one query, decided without waiting.
+enum Step {
+    Reply(Vec<u8>),
+    Relay(SemaphorePermit<'static>, Arc<Vec<SocketAddr>>),
+    Drop,
+}
+
+fn step(query: &[u8], records: &Records, relay: &Relay) -> Step {
+    match answer(query, records) {
+        Outcome::Reply(b) => Step::Reply(b),
+        Outcome::Drop => Step::Drop,
+        Outcome::Forward => {
+            let code = match relay {
+                Relay::Refuse => ResponseCode::Refused,
+                Relay::To(ups) => match RELAYS.try_acquire() {
+                    Ok(permit) => return Step::Relay(permit, ups.clone()),
+                    Err(_) => ResponseCode::ServFail,
+                },
+            };
+            match error_reply(query, code) {
+                Outcome::Reply(b) => Step::Reply(b),
+                _ => Step::Drop,
+            }
+        }
+    }
+}
+
+/// Relays `query` to the first upstream that answers, under an ID of our
+/// own: only a response with that ID, from the upstream's address (the
+/// socket is connected to it), is taken; it goes back under the client's ID.
 async fn forward(query: &[u8], upstreams: &[SocketAddr]) -> Outcome {
+    if query.len() < 12 {
+        return Outcome::Drop;
+    }
+    let ours: u16 = rand::random();
+    let mut relayed = query.to_vec();
+    relayed[..2].copy_from_slice(&ours.to_be_bytes());
     for up in upstreams {
         let bind: SocketAddr = if up.is_ipv4() {
             ([0, 0, 0, 0], 0).into()
@@ -144,36 +207,35 @@ async fn forward(query: &[u8], upstreams: &[SocketAddr]) -> Outcome {
         let Ok(sock) = tokio::net::UdpSocket::bind(bind).await else {
             continue;
         };
-        if sock.send_to(query, up).await.is_err() {
+        if sock.connect(up).await.is_err() || sock.send(&relayed).await.is_err() {
             continue;
         }
+        let deadline = tokio::time::Instant::now() + UPSTREAM_TIMEOUT;
         let mut buf = vec![0u8; 65_535];
-        if let Ok(Ok((n, _))) =
-            tokio::time::timeout(UPSTREAM_TIMEOUT, sock.recv_from(&mut buf)).await
-        {
-            buf.truncate(n);
-            return Outcome::Reply(buf);
+        while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, sock.recv(&mut buf)).await {
+            if is_answer_to(&buf[..n], ours) {
+                buf.truncate(n);
+                buf[..2].copy_from_slice(&query[..2]);
+                return Outcome::Reply(buf);
+            }
+            tracing::debug!(upstream = %up, "ignored a DNS reply that does not answer our query");
         }
     }
     error_reply(query, ResponseCode::ServFail)
 }
 
-async fn respond(query: &[u8], records: &Records, upstreams: &[SocketAddr]) -> Option<Vec<u8>> {
-    match answer(query, records) {
-        Outcome::Reply(b) => Some(b),
-        Outcome::Forward => match forward(query, upstreams).await {
-            Outcome::Reply(b) => Some(b),
-            _ => None,
-        },
-        Outcome::Drop => None,
-    }
+/// Whether `reply` is a response (QR set) with ID `id`.
+fn is_answer_to(reply: &[u8], id: u16) -> bool {
+    reply.len() >= 12 && u16::from_be_bytes([reply[0], reply[1]]) == id && reply[2] & 0x80 != 0
 }
 
-/// Serves DNS over UDP on `sock` until the task is aborted.
+/// Serves DNS over UDP on `sock` until the task is aborted. Swarm names are
+/// answered in the loop; only relays run on their own, at most
+/// [`MAX_RELAYS`] in the daemon.
 pub async fn serve_udp(
     sock: tokio::net::UdpSocket,
     records: watch::Receiver<Arc<Records>>,
-    upstreams: Arc<Vec<SocketAddr>>,
+    relay: Relay,
 ) {
     let sock = Arc::new(sock);
     let mut buf = vec![0u8; MAX_QUERY + 1];
@@ -181,58 +243,93 @@ pub async fn serve_udp(
         let Ok((n, from)) = sock.recv_from(&mut buf).await else {
             continue;
         };
-        let query = buf[..n].to_vec();
-        let records = records.borrow().clone();
-        let (sock, upstreams) = (sock.clone(), upstreams.clone());
-        tokio::spawn(async move {
-            if let Some(reply) = respond(&query, &records, &upstreams).await {
-                let _ = sock.send_to(&fit_udp(reply), from).await;
+        let query = &buf[..n];
+        let next = step(query, &records.borrow(), &relay);
+        match next {
+            Step::Reply(b) => {
+                let _ = sock.send_to(&fit_udp(b), from).await;
             }
+            Step::Relay(permit, ups) => {
+                let (sock, query) = (sock.clone(), query.to_vec());
+                tokio::spawn(async move {
+                    if let Outcome::Reply(b) = forward(&query, &ups).await {
+                        let _ = sock.send_to(&fit_udp(b), from).await;
+                    }
+                    drop(permit);
+                });
+            }
+            Step::Drop => {}
+        }
+    }
+}
+
+/// Serves DNS over TCP on `listener` until the task is aborted: at most
+/// [`MAX_TCP`] connections in the daemon, each closed when idle for
+/// [`TCP_IDLE`] or slow to send a query or take an answer.
+pub async fn serve_tcp(
+    listener: tokio::net::TcpListener,
+    records: watch::Receiver<Arc<Records>>,
+    relay: Relay,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let Ok(permit) = TCP_CONNS.try_acquire() else {
+            continue; // dropped: closed at once
+        };
+        let (records, relay) = (records.clone(), relay.clone());
+        tokio::spawn(async move {
+            serve_tcp_connection(stream, records, relay).await;
+            drop(permit);
         });
     }
 }
 
-/// Serves DNS over TCP on `listener` until the task is aborted.
-pub async fn serve_tcp(
-    listener: tokio::net::TcpListener,
+async fn serve_tcp_connection(
+    mut stream: tokio::net::TcpStream,
     records: watch::Receiver<Arc<Records>>,
-    upstreams: Arc<Vec<SocketAddr>>,
+    relay: Relay,
 ) {
+    use tokio::time::timeout;
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
-            continue;
+        let mut len = [0u8; 2];
+        if !matches!(
+            timeout(TCP_IDLE, stream.read_exact(&mut len)).await,
+            Ok(Ok(_))
+        ) {
+            return;
+        }
+        let len = usize::from(u16::from_be_bytes(len));
+        if len > MAX_QUERY {
+            return;
+        }
+        let mut query = vec![0u8; len];
+        if !matches!(
+            timeout(TCP_IO, stream.read_exact(&mut query)).await,
+            Ok(Ok(_))
+        ) {
+            return;
+        }
+        let next = step(&query, &records.borrow(), &relay);
+        let reply = match next {
+            Step::Reply(b) => b,
+            Step::Relay(_permit, ups) => match forward(&query, &ups).await {
+                Outcome::Reply(b) => b,
+                _ => return,
+            },
+            Step::Drop => return,
         };
-        let (records, upstreams) = (records.clone(), upstreams.clone());
-        tokio::spawn(async move {
-            loop {
-                let mut len = [0u8; 2];
-                let read =
-                    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut len));
-                if !matches!(read.await, Ok(Ok(_))) {
-                    return;
-                }
-                let len = usize::from(u16::from_be_bytes(len));
-                if len > MAX_QUERY {
-                    return;
-                }
-                let mut query = vec![0u8; len];
-                if stream.read_exact(&mut query).await.is_err() {
-                    return;
-                }
-                let recs = records.borrow().clone();
-                let Some(reply) = respond(&query, &recs, &upstreams).await else {
-                    return;
-                };
-                let Ok(n) = u16::try_from(reply.len()) else {
-                    return;
-                };
-                if stream.write_all(&n.to_be_bytes()).await.is_err()
-                    || stream.write_all(&reply).await.is_err()
-                {
-                    return;
-                }
-            }
-        });
+        let Ok(n) = u16::try_from(reply.len()) else {
+            return;
+        };
+        let write = async {
+            stream.write_all(&n.to_be_bytes()).await?;
+            stream.write_all(&reply).await
+        };
+        if !matches!(timeout(TCP_IO, write).await, Ok(Ok(()))) {
+            return;
+        }
     }
 }
 
@@ -358,7 +455,7 @@ mod tests {
     #[tokio::test]
     async fn the_server_answers_over_udp_and_tcp() {
         let (_tx, rx) = watch::channel(Arc::new(records()));
-        let none = Arc::new(Vec::new());
+        let none = Relay::To(Arc::new(Vec::new()));
         let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let udp_addr = udp.local_addr().unwrap();
         tokio::spawn(serve_udp(udp, rx.clone(), none.clone()));
@@ -389,6 +486,86 @@ mod tests {
         let (n, _) = client.recv_from(&mut buf).await.unwrap();
         let m = Message::from_vec(&buf[..n]).unwrap();
         assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    }
+
+    #[tokio::test]
+    async fn a_sandbox_without_a_way_out_resolves_swarm_names_only() {
+        let (_tx, rx) = watch::channel(Arc::new(records()));
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = udp.local_addr().unwrap();
+        tokio::spawn(serve_udp(udp, rx, Relay::Refuse));
+        let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut buf = vec![0u8; 1500];
+        for (name, code, answers) in [
+            ("web", ResponseCode::NoError, 1),
+            ("example.org", ResponseCode::Refused, 0),
+        ] {
+            client
+                .send_to(&query(name, RecordType::A), addr)
+                .await
+                .unwrap();
+            let (n, _) = client.recv_from(&mut buf).await.unwrap();
+            let m = Message::from_vec(&buf[..n]).unwrap();
+            assert_eq!(
+                (m.metadata.response_code, m.answers.len()),
+                (code, answers),
+                "{name}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_relayed_answer_must_carry_our_id() {
+        // A fake upstream that first sends a forged reply (another ID),
+        // then the real one.
+        let up = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = up.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 1500];
+            let (n, from) = up.recv_from(&mut buf).await.unwrap();
+            let q = Message::from_vec(&buf[..n]).unwrap();
+            assert_ne!(q.metadata.id, 7, "the client's ID is not sent upstream");
+            let answer = |id: u16, ip: Ipv4Addr| {
+                let mut m = Message::response(id, OpCode::Query);
+                m.add_query(q.queries[0].clone());
+                m.add_answer(Record::from_rdata(
+                    q.queries[0].name().clone(),
+                    5,
+                    RData::A(A(ip)),
+                ));
+                m.to_vec().unwrap()
+            };
+            let forged = answer(q.metadata.id.wrapping_add(1), Ipv4Addr::new(6, 6, 6, 6));
+            up.send_to(&forged, from).await.unwrap();
+            let real = answer(q.metadata.id, Ipv4Addr::new(192, 0, 2, 1));
+            up.send_to(&real, from).await.unwrap();
+        });
+        let out = forward(&query("example.org", RecordType::A), &[up_addr]).await;
+        let m = reply(out);
+        assert_eq!(
+            m.metadata.id, 7,
+            "the answer goes back under the client's ID"
+        );
+        assert_eq!(m.answers[0].data, RData::A(A(Ipv4Addr::new(192, 0, 2, 1))));
+    }
+
+    #[tokio::test]
+    async fn a_slow_tcp_client_is_closed() {
+        let (_tx, rx) = watch::channel(Arc::new(records()));
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        tokio::spawn(serve_tcp(tcp, rx, Relay::Refuse));
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // A length, then only part of the query, then nothing.
+        s.write_all(&[0, 40, 1, 2, 3]).await.unwrap();
+        let started = std::time::Instant::now();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(TCP_IO * 3, s.read_to_end(&mut rest)).await;
+        assert!(
+            matches!(read, Ok(Ok(0))),
+            "closed without an answer: {read:?}"
+        );
+        assert!(started.elapsed() < TCP_IO * 2);
     }
 
     #[test]

@@ -230,11 +230,7 @@ impl Drop for DnsServer {
 }
 
 /// Starts the DNS server inside `netns` (a `/run/netns` name).
-fn start_dns(
-    netns: &str,
-    records: Records,
-    upstreams: &Arc<Vec<SocketAddr>>,
-) -> std::io::Result<DnsServer> {
+fn start_dns(netns: &str, records: Records, relay: dns::Relay) -> std::io::Result<DnsServer> {
     let (udp, tcp) = dns::bind_in(&std::path::Path::new(NETNS_DIR).join(netns))?;
     let udp = tokio::net::UdpSocket::from_std(udp)?;
     let tcp = tokio::net::TcpListener::from_std(tcp)?;
@@ -242,8 +238,8 @@ fn start_dns(
     Ok(DnsServer {
         records: tx,
         tasks: [
-            tokio::spawn(dns::serve_udp(udp, rx.clone(), upstreams.clone())),
-            tokio::spawn(dns::serve_tcp(tcp, rx, upstreams.clone())),
+            tokio::spawn(dns::serve_udp(udp, rx.clone(), relay.clone())),
+            tokio::spawn(dns::serve_tcp(tcp, rx, relay)),
         ],
     })
 }
@@ -504,7 +500,13 @@ impl<B: Backend + Send> Driver<B> {
                 });
                 continue;
             }
-            match start_dns(&self.names.task_name(id), sb.dns.clone(), &self.upstreams) {
+            // A sandbox with no way out resolves the swarm's names only.
+            let relay = if sb.egress {
+                dns::Relay::To(self.upstreams.clone())
+            } else {
+                dns::Relay::Refuse
+            };
+            match start_dns(&self.names.task_name(id), sb.dns.clone(), relay) {
                 Ok(server) => {
                     self.dns_servers.insert(id.clone(), server);
                 }
