@@ -250,3 +250,178 @@ proptest! {
         }
     }
 }
+
+mod world {
+    //! `apply` over arbitrary sequences of every kind of command, on a
+    //! small world of IDs so that commands meet: whatever the log holds, no
+    //! panic, replicas agree, a refusal changes nothing, and the state's
+    //! invariants hold.
+
+    use std::collections::BTreeSet;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::network::{Driver, NetworkSpec};
+    use crate::service::{
+        Attachment, EndpointMode, PortSpec, Protocol, PublishMode, ServiceMode, ServiceSpec,
+    };
+    use crate::task::{TaskReport, TaskState};
+
+    fn service(name: &str, nets: &[&str], replicas: u64, publish: bool) -> ServiceSpec {
+        ServiceSpec {
+            name: name.into(),
+            mode: ServiceMode::Replicated(replicas),
+            networks: nets
+                .iter()
+                .map(|n| Attachment {
+                    network: (*n).into(),
+                    aliases: vec![],
+                })
+                .collect(),
+            ports: publish
+                .then_some(PortSpec {
+                    mode: PublishMode::Ingress,
+                    published: Some(8080),
+                    target: 80,
+                    protocol: Protocol::Tcp,
+                })
+                .into_iter()
+                .collect(),
+            endpoint_mode: EndpointMode::Vip,
+            constraints: vec![],
+            env: BTreeMap::new(),
+            command: vec!["true".into()],
+            labels: BTreeMap::new(),
+            restart: Default::default(),
+            update: Default::default(),
+        }
+    }
+
+    fn arb_command() -> impl Strategy<Value = Command> {
+        let node = || (1u64..5).prop_map(NodeId);
+        let net = || prop_oneof![Just("web"), Just("db"), Just("ing")];
+        let svc = || prop_oneof![Just("a"), Just("b"), Just("c")];
+        let task = || (0u8..8).prop_map(|i| TaskId::from(format!("t{i}")));
+        let state = prop_oneof![
+            Just(TaskState::Starting),
+            Just(TaskState::Running),
+            Just(TaskState::Failed),
+            Just(TaskState::Complete),
+        ];
+        prop_oneof![
+            (2u64..5).prop_map(|i| Command::AddNode(crate::fixtures::node(i))),
+            node().prop_map(Command::RemoveNode),
+            net().prop_map(|n| Command::CreateNetwork {
+                id: n.into(),
+                spec: NetworkSpec::new(n, Driver::Overlay),
+                created_at_ms: 0,
+                avoid: vec![],
+            }),
+            net().prop_map(|n| Command::RemoveNetwork { id: n.into() }),
+            (
+                svc(),
+                proptest::sample::subsequence(vec!["web", "db"], 0..=2),
+                0u64..4,
+                any::<bool>()
+            )
+                .prop_map(|(s, nets, r, p)| Command::CreateService {
+                    id: s.into(),
+                    spec: service(s, &nets, r, p),
+                    created_at_ms: 0,
+                }),
+            svc().prop_map(|s| Command::RemoveService { id: s.into() }),
+            (svc(), 0u64..4).prop_map(|(s, r)| Command::ScaleService {
+                id: s.into(),
+                replicas: r
+            }),
+            (
+                task(),
+                svc(),
+                proptest::option::of(1u64..4),
+                proptest::option::of(node())
+            )
+                .prop_map(|(id, s, slot, node)| Command::AddTask {
+                    id,
+                    service_id: s.into(),
+                    slot,
+                    node,
+                    message: String::new(),
+                    restarts: 0,
+                    now_ms: 1,
+                }),
+            (task(), node()).prop_map(|(id, node)| Command::AssignTask {
+                id,
+                node,
+                now_ms: 2
+            }),
+            (node(), task(), state).prop_map(|(node, id, st)| Command::ReportTask {
+                node,
+                report: TaskReport::new(id, st, String::new(), None, 3),
+            }),
+            task().prop_map(|id| Command::ShutdownTask { id, now_ms: 4 }),
+            task().prop_map(|id| Command::RemoveTask { id }),
+        ]
+    }
+
+    /// What must hold of any state `apply` produced.
+    fn invariants(s: &ClusterState) -> Result<(), TestCaseError> {
+        for (net_id, net) in &s.networks {
+            let mut seen = BTreeSet::new();
+            let vips = s.services.values().filter_map(|v| v.vips.get(net_id));
+            let tasks = s.tasks.values().filter_map(|t| t.addresses.get(net_id));
+            let nodes = s.ingress_addrs.values().filter(|_| net.ingress);
+            for ip in vips.chain(tasks).chain(nodes) {
+                prop_assert!(seen.insert(*ip), "{ip} twice on {net_id}");
+            }
+        }
+        for t in s.tasks.values() {
+            prop_assert!(
+                s.services.contains_key(&t.service_id),
+                "orphan task {}",
+                t.id
+            );
+            for n in t.addresses.keys() {
+                prop_assert!(
+                    s.networks.contains_key(n),
+                    "task {} on a gone network",
+                    t.id
+                );
+            }
+        }
+        prop_assert!(s.nodes.keys().all(|n| !s.revoked.contains(n)));
+        prop_assert!(s.managers().count() >= 1);
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+        #[test]
+        fn any_log_keeps_the_state_whole(cmds in proptest::collection::vec(arb_command(), 0..80)) {
+            let mut a = crate::test_support::swarm(2);
+            let mut b = a.clone();
+            for cmd in &cmds {
+                let before = a.clone();
+                let ra = apply(&mut a, cmd);
+                prop_assert_eq!(&ra, &apply(&mut b, cmd));
+                prop_assert_eq!(&a, &b);
+                if ra.is_err() {
+                    prop_assert_eq!(&a, &before, "{:?} refused but changed the state", cmd);
+                }
+                // Nothing is placed on a node the store does not have, and
+                // a node's report only lands on its own task.
+                match (cmd, &ra) {
+                    (Command::AddTask { node: Some(n), .. }, Ok(_))
+                    | (Command::AssignTask { node: n, .. }, Ok(_)) => {
+                        prop_assert!(a.nodes.contains_key(n), "task placed on {n}, not a member");
+                    }
+                    (Command::ReportTask { node, report }, Ok(_)) => {
+                        prop_assert_eq!(a.tasks[&report.id].node, Some(*node));
+                    }
+                    _ => {}
+                }
+                invariants(&a)?;
+            }
+        }
+    }
+}

@@ -42,3 +42,13 @@ pub fn node(id: u64) -> Node {
         joined_at_ms: 0,
     }
 }
+
+/// Decodes `bytes` as `T`, as they are and behind a valid version byte
+/// (so that the body is reached): for property tests of decoders, which
+/// only ask that this returns.
+pub fn decode_hostile<T: serde::de::DeserializeOwned>(bytes: &[u8], limit: usize) {
+    let mut framed = vec![crate::codec::WIRE_VERSION];
+    framed.extend_from_slice(bytes);
+    let _ = crate::codec::decode::<T>(bytes, limit);
+    let _ = crate::codec::decode::<T>(&framed, limit);
+}

@@ -111,3 +111,43 @@ pub enum JoinReply {
     /// Refused, with the reason for the user.
     Refused(String),
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::codec::{self, DEFAULT_LIMIT};
+    use crate::fixtures::decode_hostile;
+
+    proptest! {
+        /// Whatever a peer sends on the control or join protocol decodes
+        /// to a value or an error, never a panic or an allocation past the
+        /// limit.
+        #[test]
+        fn hostile_bytes_decode_to_errors_not_panics(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            decode_hostile::<CtlRequest>(&bytes, DEFAULT_LIMIT);
+            decode_hostile::<CtlReply>(&bytes, DEFAULT_LIMIT);
+            decode_hostile::<JoinRequest>(&bytes, MAX_JOIN_REQUEST);
+            decode_hostile::<JoinReply>(&bytes, DEFAULT_LIMIT);
+        }
+
+        /// A valid request with bytes flipped: still no panic.
+        #[test]
+        fn mutated_requests_never_panic(flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
+            let good = codec::encode(&JoinRequest {
+                secret: "s".repeat(40),
+                csr_der: vec![7; 300],
+                hostname: "node-1".into(),
+                advertise_addr: "10.0.0.1:2377".into(),
+            }).unwrap();
+            let mut b = good.clone();
+            for (at, x) in flips {
+                let at = at % b.len();
+                b[at] ^= x;
+            }
+            let _ = codec::decode::<JoinRequest>(&b, MAX_JOIN_REQUEST);
+            let _ = codec::decode::<CtlRequest>(&b, DEFAULT_LIMIT);
+        }
+    }
+}

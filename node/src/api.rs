@@ -546,3 +546,50 @@ pub async fn call(socket: &Path, req: &Request) -> anyhow::Result<Reply> {
     }
     Ok(serde_json::from_str(&answer)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// Whatever a local client writes on the API socket reads as a
+        /// request or an error, never a panic.
+        #[test]
+        fn hostile_json_is_an_error_not_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = serde_json::from_slice::<Request>(&bytes);
+        }
+
+        /// Well-formed JSON of the wrong shape, and valid requests with
+        /// characters changed, too.
+        #[test]
+        fn mutated_requests_never_panic(at in any::<usize>(), with in any::<char>()) {
+            let good = r#"{"ServiceScale":{"service":"web","replicas":3}}"#;
+            let mut chars: Vec<char> = good.chars().collect();
+            let i = at % chars.len();
+            chars[i] = with;
+            let text: String = chars.into_iter().collect();
+            let _ = serde_json::from_str::<Request>(&text);
+        }
+    }
+
+    #[test]
+    fn only_managers_serve_changes_and_token_reads() {
+        let scale = Request::ServiceScale {
+            service: "web".into(),
+            replicas: 3,
+        };
+        assert!(scale.needs_manager());
+        assert!(
+            Request::JoinToken {
+                role: shoal_mesh::Role::Worker,
+                rotate: false
+            }
+            .needs_manager()
+        );
+        assert!(!Request::ServiceLs.needs_manager());
+        assert!(!Request::NodeLs.needs_manager());
+        assert!(!Request::SwarmLeave { force: false }.needs_manager());
+    }
+}

@@ -180,3 +180,22 @@ pub async fn serve_rpc(raft: &Raft, rpc: RaftRpc) -> RaftRpcReply {
         RaftRpc::Snapshot(r) => RaftRpcReply::Snapshot(raft.install_snapshot(r).await),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use shoal_mesh::codec::DEFAULT_LIMIT;
+    use shoal_mesh::fixtures::decode_hostile;
+
+    use super::{RaftRpc, RaftRpcReply};
+
+    proptest! {
+        /// Any bytes on the Raft protocol decode to an RPC or an error,
+        /// never a panic.
+        #[test]
+        fn hostile_bytes_decode_to_errors_not_panics(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            decode_hostile::<RaftRpc>(&bytes, DEFAULT_LIMIT);
+            decode_hostile::<RaftRpcReply>(&bytes, DEFAULT_LIMIT);
+        }
+    }
+}
