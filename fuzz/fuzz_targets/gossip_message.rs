@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use shoal_gossip::{Gossip, GossipConfig, Peer};
+use shoal_gossip::{Gossip, GossipConfig, Peer, TestKeys};
 use shoal_mesh::NodeId;
 
 fuzz_target!(|data: &[u8]| {
@@ -13,7 +13,7 @@ fuzz_target!(|data: &[u8]| {
         generation: 1 << 16,
         bump: 0,
     };
-    let mut g = Gossip::new(me, GossipConfig::default(), 1, 1);
+    let mut g = Gossip::new(me, GossipConfig::default(), 1, 1, Box::new(TestKeys(NodeId(1))));
     g.join_network(1, "net");
     let _ = g.handle_message(2, NodeId(2), data);
     g.handle_timeout(10_000);

@@ -23,9 +23,17 @@ use shoal_mesh::NodeId;
 use shoal_mesh::codec;
 use shoal_mesh::observed::TableValue;
 
+use crate::keys::Keys;
 use crate::message::{MAX_DATAGRAM, MAX_STREAM_MESSAGE, Message, TableMessage};
 use crate::peer::Peer;
-use crate::table::{Change, Entry, EntryKey, GLOBAL, NETWORKS_TABLE, Tables, differing_owners};
+use crate::table::{
+    Change, Entry, EntryKey, GLOBAL, NETWORKS_TABLE, Tables, differing_owners, signed_bytes,
+};
+
+/// How far ahead of this node's clock an entry's version may be (versions
+/// are `ms << 16`): more is refused, so that nobody can pin an entry with a
+/// version its owner could never win back.
+pub const MAX_CLOCK_AHEAD_MS: u64 = 5 * 60 * 1000;
 
 /// Timing and limits. The defaults aim at detecting a dead node on a LAN
 /// within about 2 s with few false positives.
@@ -252,8 +260,12 @@ pub struct Gossip {
     events: VecDeque<Event>,
     next_sync_ms: u64,
     last_sync: BTreeMap<NodeId, u64>,
-    /// Counts of dropped messages, by reason (for diagnostics).
+    /// Counts of dropped messages and entries, by reason (for diagnostics).
     pub rejected: BTreeMap<String, u64>,
+    keys: Box<dyn Keys>,
+    my_cert: Vec<u8>,
+    /// Certificates of owners whose entries this node took.
+    certs: BTreeMap<NodeId, Vec<u8>>,
 }
 
 fn encode(m: &Message) -> Vec<u8> {
@@ -261,8 +273,15 @@ fn encode(m: &Message) -> Vec<u8> {
 }
 
 impl Gossip {
-    /// A node `me` that knows nobody yet. `seed` drives its random choices.
-    pub fn new(me: Peer, config: GossipConfig, seed: u64, now_ms: u64) -> Self {
+    /// A node `me` that knows nobody yet, signing its entries and checking
+    /// others' with `keys`. `seed` drives its random choices.
+    pub fn new(
+        me: Peer,
+        config: GossipConfig,
+        seed: u64,
+        now_ms: u64,
+        keys: Box<dyn Keys>,
+    ) -> Self {
         let foca = Foca::new(
             me.clone(),
             config.foca(),
@@ -287,6 +306,9 @@ impl Gossip {
             next_sync_ms: now_ms + config.sync_interval_ms,
             last_sync: BTreeMap::new(),
             rejected: BTreeMap::new(),
+            my_cert: keys.cert(),
+            keys,
+            certs: BTreeMap::new(),
             config,
         };
         g.write_networks_record();
@@ -530,9 +552,12 @@ impl Gossip {
         let Some(addr) = self.members.get(&to).map(|t| t.peer.addr.clone()) else {
             return;
         };
+        let sender = self.networks_entry();
+        let certs = self.certs_for(sender.iter().map(|e| e.owner).chain(body.owners()));
         let msg = Message::Table {
-            sender: self.networks_entry(),
+            sender,
             body,
+            certs,
         };
         self.transmits.push_back(Transmit {
             to,
@@ -565,11 +590,32 @@ impl Gossip {
         }
     }
 
+    /// The certificates of `owners`, as far as this node has them.
+    fn certs_for(&self, owners: impl Iterator<Item = NodeId>) -> Vec<(NodeId, Vec<u8>)> {
+        let owners: BTreeSet<NodeId> = owners.collect();
+        owners
+            .into_iter()
+            .filter_map(|o| {
+                let cert = if o == self.me.id {
+                    Some(&self.my_cert)
+                } else {
+                    self.certs.get(&o)
+                };
+                cert.map(|c| (o, c.clone()))
+            })
+            .collect()
+    }
+
     fn write_local(&mut self, key: EntryKey, value: Option<TableValue>) {
+        let version = self.next_version();
+        let sig = self
+            .keys
+            .sign(&signed_bytes(&key, self.me.id, version, &value));
         let entry = Entry {
             owner: self.me.id,
-            version: self.next_version(),
+            version,
             value,
+            sig,
             reap_at_ms: None,
         };
         let change = self.tables.merge(
@@ -707,15 +753,27 @@ impl Gossip {
                 if data.len() > MAX_DATAGRAM {
                     return Err(Rejected::Malformed("oversized SWIM packet".into()));
                 }
+                // A packet speaks for its sender only: the identity in its
+                // header is the certificate's.
+                let header = foca::Codec::<Peer>::decode_header(&mut PostcardCodec, &data[..])
+                    .map_err(|e| Rejected::Malformed(e.to_string()))?;
+                if header.src.id != from {
+                    return Err(Rejected::ForgedSender(from));
+                }
                 self.run(|f, rt| f.handle_data(&data, rt));
                 Ok(())
             }
-            Message::Table { sender, body } => {
+            Message::Table {
+                sender,
+                body,
+                certs,
+            } => {
+                let offered: BTreeMap<NodeId, Vec<u8>> = certs.into_iter().collect();
                 if let Some(e) = sender {
                     if e.owner != from {
                         return Err(Rejected::ForgedSender(from));
                     }
-                    self.merge_remote(from, networks_key(from), e);
+                    self.merge_remote(from, networks_key(from), e, &offered);
                 }
                 let network = body.network().to_owned();
                 let allowed = if network == GLOBAL {
@@ -729,9 +787,53 @@ impl Gossip {
                         network,
                     });
                 }
-                self.handle_table(from, body)
+                self.handle_table(from, body, &offered)
             }
         }
+    }
+
+    /// Whether `entry` for `key` is its owner's: its version not ahead of
+    /// this node's clock by more than [`MAX_CLOCK_AHEAD_MS`], and signed
+    /// under a valid certificate of the owner (offered with the message,
+    /// or one this node already took). An entry this node already holds is
+    /// not checked again. Counts what it refuses.
+    fn authentic(
+        &mut self,
+        key: &EntryKey,
+        entry: &Entry,
+        offered: &BTreeMap<NodeId, Vec<u8>>,
+    ) -> bool {
+        let reject = |g: &mut Self, why: &str| {
+            *g.rejected.entry(why.to_owned()).or_default() += 1;
+            false
+        };
+        if entry.version >> 16 > self.now_ms.saturating_add(MAX_CLOCK_AHEAD_MS) {
+            return reject(self, "version_ahead");
+        }
+        if self
+            .tables
+            .get(key)
+            .is_some_and(|e| (e.owner, e.version) == (entry.owner, entry.version))
+        {
+            return true;
+        }
+        let owner = entry.owner;
+        let cert = if owner == self.me.id {
+            Some(self.my_cert.clone())
+        } else {
+            offered.get(&owner).or(self.certs.get(&owner)).cloned()
+        };
+        let Some(cert) = cert else {
+            return reject(self, "no_certificate");
+        };
+        let msg = signed_bytes(key, owner, entry.version, &entry.value);
+        if !self.keys.verify(owner, &cert, &msg, &entry.sig) {
+            return reject(self, "bad_signature");
+        }
+        if owner != self.me.id && self.certs.get(&owner) != Some(&cert) {
+            self.certs.insert(owner, cert);
+        }
+        true
     }
 
     fn valid_entry(network: &str, key: &EntryKey, entry: &Entry) -> bool {
@@ -745,7 +847,16 @@ impl Gossip {
         }
     }
 
-    fn merge_remote(&mut self, from: NodeId, key: EntryKey, entry: Entry) {
+    fn merge_remote(
+        &mut self,
+        from: NodeId,
+        key: EntryKey,
+        entry: Entry,
+        offered: &BTreeMap<NodeId, Vec<u8>>,
+    ) {
+        if !self.authentic(&key, &entry, offered) {
+            return;
+        }
         if entry.owner == self.me.id {
             // This node is the authority on its own entries: one it does not
             // hold (lost in a restart, or reaped) is deleted everywhere.
@@ -803,12 +914,17 @@ impl Gossip {
         }
     }
 
-    fn handle_table(&mut self, from: NodeId, body: TableMessage) -> Result<(), Rejected> {
+    fn handle_table(
+        &mut self,
+        from: NodeId,
+        body: TableMessage,
+        offered: &BTreeMap<NodeId, Vec<u8>>,
+    ) -> Result<(), Rejected> {
         match body {
             TableMessage::Entries { network, entries } => {
                 for (k, e) in entries {
                     if Self::valid_entry(&network, &k, &e) {
-                        self.merge_remote(from, k, e);
+                        self.merge_remote(from, k, e, offered);
                     }
                 }
                 self.last_sync.insert(from, self.now_ms);
@@ -835,7 +951,7 @@ impl Gossip {
             } => {
                 for (k, e) in entries {
                     if Self::valid_entry(&network, &k, &e) {
-                        self.merge_remote(from, k, e);
+                        self.merge_remote(from, k, e, offered);
                     }
                 }
                 let want: BTreeSet<NodeId> = want.into_iter().collect();

@@ -14,6 +14,7 @@
 //! them in one process in simulated time, with lossy, slow or cut links.
 
 pub mod core;
+pub mod keys;
 pub mod message;
 pub mod peer;
 pub mod sim;
@@ -22,4 +23,5 @@ pub mod table;
 pub use crate::core::{
     Event, Gossip, GossipConfig, GossipError, MemberInfo, MemberState, Rejected, Transmit,
 };
+pub use crate::keys::{Keys, TestKeys};
 pub use crate::peer::Peer;

@@ -26,6 +26,8 @@ pub enum Message {
         sender: Option<Entry>,
         /// What it says.
         body: TableMessage,
+        /// The certificates of the entries' owners (see [`crate::keys`]).
+        certs: Vec<(NodeId, Vec<u8>)>,
     },
 }
 
@@ -59,6 +61,17 @@ pub enum TableMessage {
 }
 
 impl TableMessage {
+    /// The owners of the entries it carries.
+    pub fn owners(&self) -> impl Iterator<Item = NodeId> + '_ {
+        let entries = match self {
+            TableMessage::Entries { entries, .. } | TableMessage::DigestReply { entries, .. } => {
+                entries.as_slice()
+            }
+            TableMessage::Digest { .. } => &[],
+        };
+        entries.iter().map(|(_, e)| e.owner)
+    }
+
     /// The network the message is about.
     pub fn network(&self) -> &str {
         match self {
@@ -84,7 +97,13 @@ mod tests {
             generation: 1 << 16,
             bump: 0,
         };
-        Gossip::new(me, GossipConfig::default(), 1, 1)
+        Gossip::new(
+            me,
+            GossipConfig::default(),
+            1,
+            1,
+            Box::new(crate::TestKeys(NodeId(1))),
+        )
     }
 
     proptest! {

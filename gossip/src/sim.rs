@@ -100,6 +100,7 @@ impl Sim {
             self.config.clone(),
             seed,
             self.now_ms,
+            Box::new(crate::TestKeys(id)),
         );
         for s in seeds {
             if let Some(n) = self.nodes.get(s).filter(|n| n.up && *s != id) {

@@ -40,9 +40,21 @@ pub struct Entry {
     pub version: u64,
     /// `None` for a tombstone.
     pub value: Option<TableValue>,
+    /// The owner's signature of [`signed_bytes`] (see [`crate::keys`]).
+    pub sig: Vec<u8>,
     /// For tombstones: when (ms, local clock of the node holding it) it may be forgotten.
     #[serde(skip)]
     pub reap_at_ms: Option<u64>,
+}
+
+/// What an entry's owner signs: its key, owner, version and value.
+pub fn signed_bytes(
+    key: &EntryKey,
+    owner: NodeId,
+    version: u64,
+    value: &Option<TableValue>,
+) -> Vec<u8> {
+    shoal_mesh::codec::encode(&(key, owner, version, value)).unwrap_or_default()
 }
 
 impl Entry {
@@ -308,6 +320,7 @@ mod tests {
             owner: NodeId(owner),
             version,
             value: Some(TableValue::Networks(vec![v.into()])),
+            sig: vec![],
             reap_at_ms: None,
         }
     }
@@ -317,6 +330,7 @@ mod tests {
             owner: NodeId(owner),
             version,
             value: None,
+            sig: vec![],
             reap_at_ms: None,
         }
     }

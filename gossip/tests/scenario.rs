@@ -17,6 +17,36 @@ fn vtep(n: u64) -> TableValue {
     })
 }
 
+fn peer(n: u64) -> shoal_gossip::Peer {
+    shoal_gossip::Peer {
+        id: NodeId(n),
+        addr: format!("sim:{n}"),
+        generation: 1 << 16,
+        bump: 0,
+    }
+}
+
+/// Node 1 on its own, driven by hand.
+fn lone_node() -> shoal_gossip::Gossip {
+    shoal_gossip::Gossip::new(
+        peer(1),
+        GossipConfig::default(),
+        1,
+        1,
+        Box::new(shoal_gossip::TestKeys(NodeId(1))),
+    )
+}
+
+/// `cluster(n)` with every node attached to network `net`.
+fn cluster_on_net(n: u64) -> Sim {
+    let mut sim = cluster(n);
+    for i in 1..=n {
+        sim.with_node(NodeId(i), |g, now| g.join_network(now, "net"));
+    }
+    sim.run_for(500);
+    sim
+}
+
 fn cluster(n: u64) -> Sim {
     let mut sim = Sim::new(7, GossipConfig::default(), 1_000_000);
     sim.start(NodeId(1), &[]);
@@ -61,11 +91,7 @@ fn entries_reach_every_member_and_a_crashed_owner_disappears() {
 
 #[test]
 fn a_restarted_owner_replaces_its_old_state() {
-    let mut sim = cluster(4);
-    for i in 1..=4 {
-        sim.with_node(NodeId(i), |g, now| g.join_network(now, "net"));
-    }
-    sim.run_for(500);
+    let mut sim = cluster_on_net(4);
     sim.with_node(NodeId(4), |g, now| {
         g.put(now, "net", "vteps", "old", vtep(4)).unwrap()
     });
@@ -115,17 +141,11 @@ fn entries_stay_inside_their_network() {
 
 #[test]
 fn entries_from_a_non_member_of_the_network_are_rejected() {
+    use shoal_gossip::Rejected;
     use shoal_gossip::message::{Message, TableMessage};
     use shoal_gossip::table::Entry;
-    use shoal_gossip::{Gossip, Peer, Rejected};
 
-    let peer = |n: u64| Peer {
-        id: NodeId(n),
-        addr: format!("sim:{n}"),
-        generation: 1 << 16,
-        bump: 0,
-    };
-    let mut g = Gossip::new(peer(1), GossipConfig::default(), 1, 1);
+    let mut g = lone_node();
     g.join_network(1, "a");
     let forged = Message::Table {
         sender: None,
@@ -137,10 +157,12 @@ fn entries_from_a_non_member_of_the_network_are_rejected() {
                     owner: NodeId(3),
                     version: 5,
                     value: Some(vtep(3)),
+                    sig: vec![],
                     reap_at_ms: None,
                 },
             )],
         },
+        certs: vec![],
     };
     let bytes = shoal_mesh::codec::encode(&forged).unwrap();
     let err = g.handle_message(2, NodeId(3), &bytes).unwrap_err();
@@ -152,6 +174,66 @@ fn entries_from_a_non_member_of_the_network_are_rejected() {
         g.handle_message(3, NodeId(3), &bytes),
         Err(Rejected::NotAllowed(_))
     ));
+}
+
+#[test]
+fn entries_forged_for_another_owner_or_the_far_future_are_ignored_by_every_node() {
+    use shoal_gossip::keys::test_signature;
+    use shoal_gossip::message::{Message, TableMessage};
+    use shoal_gossip::table::{Entry, signed_bytes};
+
+    let mut sim = cluster_on_net(3);
+    sim.with_node(NodeId(2), |g, now| {
+        g.put(now, "net", "vteps", "2", vtep(2)).unwrap()
+    });
+    sim.run_for(500);
+    // Node 3 (a member of the network) forges: node 2's entry deleted at a
+    // higher version, a new entry in node 2's name (both signed by itself,
+    // node 2's certificate attached), and one of its own at the end of time.
+    let key = |k: &str| shoal_gossip::core::entry_key("net", "vteps", k);
+    let forge = |k: &str, owner: u64, version: u64, value: Option<TableValue>| {
+        let sig = test_signature(
+            NodeId(3),
+            &signed_bytes(&key(k), NodeId(owner), version, &value),
+        );
+        (
+            key(k),
+            Entry {
+                owner: NodeId(owner),
+                version,
+                value,
+                sig,
+                reap_at_ms: None,
+            },
+        )
+    };
+    let now = sim.with_node(NodeId(1), |_, now| now).unwrap();
+    let entries = vec![
+        forge("2", 2, (now + 1_000) << 16, None),
+        forge("evil", 2, (now + 1_000) << 16, Some(vtep(9))),
+        forge("3", 3, u64::MAX, Some(vtep(9))),
+    ];
+    let msg = Message::Table {
+        sender: None,
+        body: TableMessage::Entries {
+            network: "net".into(),
+            entries,
+        },
+        certs: vec![(NodeId(2), 2u64.to_le_bytes().to_vec())],
+    };
+    let bytes = shoal_mesh::codec::encode(&msg).unwrap();
+    sim.with_node(NodeId(1), |g, now| {
+        g.handle_message(now, NodeId(3), &bytes).unwrap()
+    });
+    sim.run_for(3_000);
+    for i in 1..=3 {
+        let g = &sim.nodes[&NodeId(i)].gossip;
+        let snap = g.snapshot("net");
+        assert_eq!(snap, vec![(key("2"), vtep(2))], "node {i}");
+    }
+    let rejected = &sim.nodes[&NodeId(1)].gossip.rejected;
+    assert_eq!(rejected.get("bad_signature"), Some(&2), "{rejected:?}");
+    assert_eq!(rejected.get("version_ahead"), Some(&1), "{rejected:?}");
 }
 
 #[test]
@@ -180,4 +262,28 @@ fn a_node_that_leaves_is_marked_left_and_its_entries_go() {
             .unwrap();
         assert_eq!(m.state, MemberState::Left, "node {i}");
     }
+}
+
+#[test]
+fn a_swim_packet_speaks_for_its_sender_only() {
+    use foca::{Codec, Header, PostcardCodec};
+    use shoal_gossip::Rejected;
+    use shoal_gossip::message::Message;
+
+    let mut g = lone_node();
+    let packet = |src: u64| {
+        let header = Header {
+            src: peer(src),
+            src_incarnation: 0,
+            dst: peer(1),
+            message: foca::Message::Ping(1),
+        };
+        let mut data = Vec::new();
+        PostcardCodec.encode_header(&header, &mut data).unwrap();
+        shoal_mesh::codec::encode(&Message::Swim(data)).unwrap()
+    };
+    // Node 2 sending a ping in node 3's name.
+    let err = g.handle_message(2, NodeId(2), &packet(3)).unwrap_err();
+    assert!(matches!(err, Rejected::ForgedSender(_)), "{err}");
+    assert!(g.handle_message(3, NodeId(2), &packet(2)).is_ok());
 }

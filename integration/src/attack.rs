@@ -17,7 +17,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 use shoal_mesh::codec;
-use shoal_mesh::wire::{ALPN_CTL, ALPN_JOIN, ALPN_RAFT, CtlReply, CtlRequest};
+use shoal_mesh::wire::{ALPN_CTL, ALPN_GOSSIP, ALPN_JOIN, ALPN_RAFT, CtlReply, CtlRequest};
 use shoal_raft::{RaftRpc, RaftRpcReply};
 
 /// How long one call may take.
@@ -156,6 +156,21 @@ impl Attacker {
         let reply = session.call(request);
         session.close();
         reply
+    }
+
+    /// One gossip message (a one-way stream on the gossip protocol); waits
+    /// until the daemon has taken it all.
+    pub fn gossip(&self, addr: SocketAddr, message: &[u8]) -> anyhow::Result<()> {
+        let session = self.session(addr, ALPN_GOSSIP)?;
+        let sent = self.rt.block_on(async {
+            let mut send = session.conn.open_uni().await?;
+            send.write_all(message).await?;
+            send.finish()?;
+            let _ = tokio::time::timeout(CALL_TIMEOUT, send.stopped()).await;
+            anyhow::Ok(())
+        });
+        session.close();
+        sent
     }
 
     /// A connection with ALPN `alpn` that stays open for several requests.

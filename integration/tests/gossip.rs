@@ -42,6 +42,20 @@ fn member_state(c: &Cluster, i: usize, node_id: &str) -> anyhow::Result<String> 
         .to_owned())
 }
 
+/// Each host `i` writes its own VTEP entry (key: its node ID `ids[i]`) in `net1`.
+fn put_own_vteps(c: &Cluster, ids: &[String]) {
+    for (i, id) in ids.iter().enumerate() {
+        let value = format!(r#"{{"vtep":{{"node":"{id}","addr":"{}"}}}}"#, c.hosts[i].ip);
+        c.wait_until("the put to be accepted", CONVERGE, |c| {
+            Ok(
+                c.shoal(i, &["debug", "gossip-put", "net1", "vteps", id, &value])
+                    .ok(),
+            )
+        })
+        .unwrap();
+    }
+}
+
 #[test]
 fn entries_spread_to_every_member_and_leave_with_a_dead_owner() {
     let mut c = Cluster::start(5).unwrap();
@@ -62,16 +76,7 @@ fn entries_spread_to_every_member_and_leave_with_a_dead_owner() {
     for i in 0..5 {
         c.shoal_ok(i, &["debug", "gossip-join", "net1"]).unwrap();
     }
-    for (i, id) in ids.iter().enumerate() {
-        let value = format!(r#"{{"vtep":{{"node":"{id}","addr":"{}"}}}}"#, c.hosts[i].ip);
-        c.wait_until("the put to be accepted", CONVERGE, |c| {
-            Ok(
-                c.shoal(i, &["debug", "gossip-put", "net1", "vteps", id, &value])
-                    .ok(),
-            )
-        })
-        .unwrap();
-    }
+    put_own_vteps(&c, &ids);
     let mut all = ids.clone();
     all.sort();
     c.wait_until("every node to hold every entry", CONVERGE, |c| {
@@ -173,4 +178,89 @@ fn bad_gossip_requests_get_clear_errors() {
     assert!(r.stderr.contains("invalid table"), "{}", r.stderr);
     let r = c.shoal(0, &["debug", "gossip-put", "n", "vteps", "k", "{not json"]);
     assert!(r.stderr.contains("invalid value"), "{}", r.stderr);
+}
+
+#[test]
+fn a_forged_entry_for_another_nodes_endpoint_is_ignored_by_every_node() {
+    use shoal_gossip::core::entry_key;
+    use shoal_gossip::message::{Message, TableMessage};
+    use shoal_gossip::table::Entry;
+    use shoal_integration::attack::Attacker;
+    use shoal_mesh::NodeId;
+    use shoal_mesh::observed::{TableValue, VtepRecord};
+
+    let c = Cluster::start(3).unwrap();
+    c.form(1).unwrap();
+    let ids: Vec<String> = (0..3)
+        .map(|i| c.info(i).unwrap()["node_id"].as_str().unwrap().to_owned())
+        .collect();
+    for i in 0..3 {
+        c.shoal_ok(i, &["debug", "gossip-join", "net1"]).unwrap();
+    }
+    put_own_vteps(&c, &ids);
+    let mut all = ids.clone();
+    all.sort();
+    c.wait_until("every node to hold every entry", CONVERGE, |c| {
+        Ok((0..3).all(|i| visible(c, i).is_ok_and(|v| v == all)))
+    })
+    .unwrap();
+
+    // node3, a member of net1, writes node2's entries: deletes its VTEP and
+    // adds one in its name, a minute ahead, with node2's real certificate
+    // attached but no signature of node2's.
+    let victim: NodeId = ids[1].parse().unwrap();
+    let ahead = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        + 60_000)
+        << 16;
+    let forged = |key: &str, value: Option<TableValue>| {
+        (
+            entry_key("net1", "vteps", key),
+            Entry {
+                owner: victim,
+                version: ahead,
+                value,
+                sig: vec![0x30; 70],
+                reap_at_ms: None,
+            },
+        )
+    };
+    let evil = TableValue::Vtep(VtepRecord {
+        node: victim,
+        addr: "10.9.9.9".parse().unwrap(),
+    });
+    let msg = Message::Table {
+        sender: None,
+        body: TableMessage::Entries {
+            network: "net1".into(),
+            entries: vec![forged(&ids[1], None), forged("evil", Some(evil))],
+        },
+        certs: vec![(
+            victim,
+            std::fs::read(c.hosts[1].state_dir.join("node.der")).unwrap(),
+        )],
+    };
+    let bytes = shoal_mesh::codec::encode(&msg).unwrap();
+    let attacker = Attacker::with_identity_of(&c.hosts[2].state_dir).unwrap();
+    for i in 0..2 {
+        attacker
+            .gossip(c.hosts[i].addr().parse().unwrap(), &bytes)
+            .unwrap();
+    }
+    c.holds_for(
+        "every node to keep node2's entry",
+        Duration::from_secs(4),
+        |c| Ok((0..3).all(|i| visible(c, i).is_ok_and(|v| v == all))),
+    )
+    .unwrap();
+    for i in 0..2 {
+        let rejected = &dump(&c, i).unwrap()["rejected"];
+        assert!(
+            rejected["bad_signature"].as_u64().is_some_and(|n| n >= 2),
+            "node{}: {rejected}",
+            i + 1
+        );
+    }
 }

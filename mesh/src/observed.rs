@@ -40,6 +40,47 @@ pub enum EndpointKey {
     Node(NodeId),
 }
 
+impl EndpointKey {
+    /// The key as the `endpoints` table writes it.
+    pub fn parse(text: &str) -> Self {
+        match text.strip_prefix("node-").and_then(|n| n.parse().ok()) {
+            Some(n) => EndpointKey::Node(n),
+            None => EndpointKey::Task(text.into()),
+        }
+    }
+}
+
+/// Whether the store vouches for endpoint record `rec`, stored under `key`
+/// on network `net` by node `writer` (the gossip entry's signed owner): a
+/// task of the store on `writer`, with that address, service and name; or
+/// `writer`'s own address on the routing mesh. Whatever else a node
+/// publishes (another service's name, another task's address) is not
+/// taken. Pure.
+pub fn vouched(
+    state: &crate::state::ClusterState,
+    net: &str,
+    key: &str,
+    writer: NodeId,
+    rec: &EndpointRecord,
+) -> bool {
+    if rec.owner != writer {
+        return false;
+    }
+    match EndpointKey::parse(key) {
+        EndpointKey::Node(n) => {
+            n == writer
+                && rec.service_id.is_none()
+                && state.ingress_addrs.get(&n).map(|ip| IpAddr::V4(*ip)) == Some(rec.ip)
+        }
+        EndpointKey::Task(id) => state.tasks.get(&id).is_some_and(|t| {
+            t.node == Some(writer)
+                && rec.service_id.as_deref() == Some(t.service_id.as_str())
+                && t.addresses.get(net).map(|ip| IpAddr::V4(*ip)) == Some(rec.ip)
+                && rec.name == state.task_name(t)
+        }),
+    }
+}
+
 impl std::fmt::Display for EndpointKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

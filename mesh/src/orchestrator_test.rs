@@ -630,3 +630,74 @@ fn a_second_orchestrator_cannot_fill_a_slot_twice() {
     assert_eq!(s, before);
     assert_eq!(s.tasks.values().filter(|t| t.is_active()).count(), 1);
 }
+
+#[test]
+fn the_store_vouches_only_for_a_nodes_own_tasks_under_their_own_names() {
+    use crate::observed::{EndpointRecord, vouched};
+    use std::net::IpAddr;
+
+    let mut s = swarm(2);
+    add_service(
+        &mut s,
+        "web",
+        ServiceMode::Replicated(1),
+        &["node.hostname==h2"],
+    );
+    add_service(
+        &mut s,
+        "db",
+        ServiceMode::Replicated(1),
+        &["node.hostname==h1"],
+    );
+    converge(&mut s, &|_| true);
+    let task = |svc: &str| {
+        s.tasks
+            .values()
+            .find(|t| t.service_id == svc)
+            .unwrap()
+            .clone()
+    };
+    let web = task("web");
+    let owner = web.node.unwrap();
+    let record = EndpointRecord {
+        ip: IpAddr::V4(web.addresses["web"]),
+        mac: "02:00:00:00:00:01".into(),
+        name: s.task_name(&web),
+        service_id: Some("web".into()),
+        service_name: Some("web".into()),
+        aliases: vec![],
+        owner,
+        vtep: "192.168.0.2".parse().unwrap(),
+    };
+    assert!(vouched(&s, "web", &web.id, owner, &record));
+    // Written by another node, or claiming another node.
+    let other = crate::ids::NodeId(1);
+    assert!(!vouched(&s, "web", &web.id, other, &record));
+    let mut moved = record.clone();
+    moved.owner = other;
+    assert!(!vouched(&s, "web", &web.id, other, &moved));
+    // Its own task, but another service's name or ID, or another address.
+    let mut renamed = record.clone();
+    renamed.name = "db.1".into();
+    assert!(!vouched(&s, "web", &web.id, owner, &renamed));
+    let mut hijack = record.clone();
+    hijack.service_id = Some("db".into());
+    assert!(!vouched(&s, "web", &web.id, owner, &hijack));
+    let mut elsewhere = record.clone();
+    elsewhere.ip = IpAddr::V4(task("db").addresses["web"]);
+    assert!(!vouched(&s, "web", &web.id, owner, &elsewhere));
+    // A task of the store that runs on another node, or none at all.
+    let db = task("db");
+    assert!(!vouched(&s, "web", &db.id, owner, &record));
+    assert!(!vouched(&s, "web", "nosuch", owner, &record));
+    // A node's routing-mesh address is its own only.
+    let mesh = EndpointRecord {
+        ip: IpAddr::V4(s.ingress_addrs[&owner]),
+        name: "h2".into(),
+        service_id: None,
+        service_name: None,
+        ..record.clone()
+    };
+    assert!(vouched(&s, "ing", &format!("node-{owner}"), owner, &mesh));
+    assert!(!vouched(&s, "ing", &format!("node-{other}"), owner, &mesh));
+}

@@ -11,8 +11,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use shoal_gossip::table::{GLOBAL, NETWORKS_TABLE};
 use shoal_gossip::{Event, Gossip, GossipConfig, GossipError, MemberInfo, Peer};
-use shoal_mesh::observed::{EndpointRecord, TableValue};
-use shoal_mesh::{NodeId, Role};
+use shoal_mesh::observed::{EndpointRecord, TableValue, vouched};
+use shoal_mesh::{ClusterState, NodeId, Role};
 use shoal_raft::StateHandle;
 use tokio::sync::{mpsc, oneshot};
 
@@ -109,6 +109,7 @@ pub fn spawn(
     quic: Arc<Quic>,
     state: StateHandle,
     config: GossipConfig,
+    keys: Box<dyn shoal_gossip::Keys>,
 ) -> (GossipHandle, tokio::task::JoinHandle<()>) {
     let (handle, rx) = GossipHandle::channel();
     let changed = handle.changed.clone();
@@ -118,8 +119,30 @@ pub fn spawn(
         generation: now_ms() << 16,
         bump: 0,
     };
-    let task = tokio::spawn(run(me, quic, state, config, rx, changed));
+    let task = tokio::spawn(run(me, quic, state, config, keys, rx, changed));
     (handle, task)
+}
+
+/// The live endpoints of every network this node is in, as far as the
+/// store vouches for them (`observed::vouched`): a node publishes only its
+/// own tasks, under their own names and addresses.
+fn vouched_endpoints(g: &Gossip, state: &ClusterState) -> BTreeMap<String, Vec<EndpointRecord>> {
+    let mut out: BTreeMap<String, Vec<EndpointRecord>> = BTreeMap::new();
+    for net in g.networks() {
+        let eps = g
+            .snapshot(net)
+            .into_iter()
+            .filter_map(|(k, v)| match v {
+                TableValue::Endpoint(e) => {
+                    let writer = g.tables().get(&k)?.owner;
+                    vouched(state, net, &k.key, writer, &e).then_some(e)
+                }
+                _ => None,
+            })
+            .collect();
+        out.insert(net.clone(), eps);
+    }
+    out
 }
 
 /// Lets the store decide who takes part, and introduces us to its managers
@@ -193,10 +216,11 @@ async fn run(
     quic: Arc<Quic>,
     state: StateHandle,
     config: GossipConfig,
+    keys: Box<dyn shoal_gossip::Keys>,
     mut rx: mpsc::UnboundedReceiver<GossipCmd>,
     changed: Arc<tokio::sync::Notify>,
 ) {
-    let mut g = Gossip::new(me, config, rand::random(), now_ms());
+    let mut g = Gossip::new(me, config, rand::random(), now_ms(), keys);
     let mut changes = state.changes();
     refresh_from_store(&mut g, &state, true);
     let mut lonely = tokio::time::interval(Duration::from_secs(2));
@@ -227,19 +251,7 @@ async fn run(
                         let _ = reply.send(g.members());
                     }
                     GossipCmd::Endpoints(reply) => {
-                        let mut out: BTreeMap<String, Vec<EndpointRecord>> = BTreeMap::new();
-                        for net in g.networks().clone() {
-                            let eps = g
-                                .snapshot(&net)
-                                .into_iter()
-                                .filter_map(|(_, v)| match v {
-                                    TableValue::Endpoint(e) => Some(e),
-                                    _ => None,
-                                })
-                                .collect();
-                            out.insert(net, eps);
-                        }
-                        let _ = reply.send(out);
+                        let _ = reply.send(state.read(|d| vouched_endpoints(&g, &d.state)));
                     }
                     GossipCmd::Dump(network, reply) => {
                         let _ = reply.send(dump(&g, &state, network.as_deref(), now));

@@ -23,6 +23,7 @@ use shoal_raft::{
 use tokio::task::JoinHandle;
 
 use super::dataplane::DataplaneCtx;
+use super::entry_keys::NodeKeys;
 use super::executor::ExecutorCtx;
 use super::gossip::GossipHandle;
 use super::identity::{Identity, ManagerKey, StateDir};
@@ -125,12 +126,14 @@ impl Member {
         )?;
         let config = Arc::new(shoal_raft::config(&cfg.timing).validate()?);
         let raft = Raft::new(id.0, config, Network::new(QuicRaft(quic.clone())), log, sm).await?;
+        let keys = NodeKeys::new(&identity.tls, Revocations::of_store(state.clone()))?;
         let (gossip, gossip_task) = super::gossip::spawn(
             id,
             identity.node.advertise_addr,
             quic.clone(),
             state.clone(),
             cfg.gossip,
+            Box::new(keys),
         );
         let live = Arc::new(Liveness::new(id));
         let keys = Arc::new(ManagerKey::new(dir.clone(), identity.manager_key));

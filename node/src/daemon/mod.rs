@@ -6,6 +6,7 @@ pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod dataplane;
+pub mod entry_keys;
 pub mod executor;
 pub mod gate;
 pub mod gateway;

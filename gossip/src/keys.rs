@@ -1,0 +1,55 @@
+//! Who wrote an entry. Every entry carries its owner's signature over its
+//! key, owner, version and value, made with the owner's node key; entries
+//! travel with their owners' certificates. A node takes an entry, whoever
+//! relays it, only when the certificate is a valid one of that owner and
+//! the signature checks, so that no member can write another node's
+//! endpoints, tunnels or network list (docs/security.md).
+//!
+//! The core only asks a [`Keys`]; the node crate implements it with the
+//! swarm's CA and its node key, [`TestKeys`] stands in for tests and the
+//! simulator.
+
+use shoal_mesh::NodeId;
+
+/// Signs this node's entries and checks others'.
+pub trait Keys: Send {
+    /// This node's certificate (DER), sent along with its entries.
+    fn cert(&self) -> Vec<u8>;
+    /// This node's signature of `msg`.
+    fn sign(&self, msg: &[u8]) -> Vec<u8>;
+    /// Whether `cert` is a valid certificate of node `owner` (for the
+    /// node: signed by the swarm's CA, naming `owner`, not revoked) and
+    /// `sig` its signature of `msg`.
+    fn verify(&mut self, owner: NodeId, cert: &[u8], msg: &[u8], sig: &[u8]) -> bool;
+}
+
+/// Keys for tests and the simulator: a node's "certificate" is its ID and
+/// its "signature" a keyed hash of the message under that ID. Anyone can
+/// compute one, so this proves nothing; it lets tests check that an entry
+/// whose signature does not match its owner is refused.
+#[derive(Clone, Debug)]
+pub struct TestKeys(pub NodeId);
+
+/// The test signature of `msg` by `owner`.
+pub fn test_signature(owner: NodeId, msg: &[u8]) -> Vec<u8> {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ owner.0;
+    for b in msg {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h.to_le_bytes().to_vec()
+}
+
+impl Keys for TestKeys {
+    fn cert(&self) -> Vec<u8> {
+        self.0.0.to_le_bytes().to_vec()
+    }
+
+    fn sign(&self, msg: &[u8]) -> Vec<u8> {
+        test_signature(self.0, msg)
+    }
+
+    fn verify(&mut self, owner: NodeId, cert: &[u8], msg: &[u8], sig: &[u8]) -> bool {
+        cert == owner.0.to_le_bytes() && sig == test_signature(owner, msg)
+    }
+}

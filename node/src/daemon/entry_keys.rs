@@ -1,0 +1,148 @@
+//! The node's side of gossip integrity (`shoal_gossip::keys`): entries are
+//! signed with the node's TLS key (ECDSA P-256), and another owner's entry
+//! is taken only under a certificate the swarm's CA signed, naming that
+//! owner, not revoked, whose key made the signature.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ring::rand::SystemRandom;
+use ring::signature::{
+    ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, UnparsedPublicKey,
+};
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
+use shoal_gossip::Keys;
+use shoal_mesh::NodeId;
+
+use super::pki;
+use super::revocation::Revocations;
+use super::transport::TlsIdentity;
+
+/// Signs this node's entries; checks others' against the swarm's CA.
+pub struct NodeKeys {
+    cert: Vec<u8>,
+    key: EcdsaKeyPair,
+    rng: SystemRandom,
+    ca: Arc<dyn ClientCertVerifier>,
+    revocations: Revocations,
+    /// Certificates already checked, with their public keys, by owner.
+    known: HashMap<NodeId, (Vec<u8>, Vec<u8>)>,
+}
+
+impl NodeKeys {
+    /// The keys of the node with TLS identity `id`.
+    pub fn new(id: &TlsIdentity, revocations: Revocations) -> anyhow::Result<Self> {
+        let rng = SystemRandom::new();
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &id.key_der, &rng)
+            .map_err(|e| anyhow::anyhow!("this node's key cannot sign gossip entries: {e}"))?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from(id.ca_der.clone()))?;
+        let ca = WebPkiClientVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()?;
+        Ok(NodeKeys {
+            cert: id.cert_der.clone(),
+            key,
+            rng,
+            ca,
+            revocations,
+            known: HashMap::new(),
+        })
+    }
+
+    /// The public key of `cert`, if it is a valid certificate of `owner`.
+    fn public_key(&mut self, owner: NodeId, cert: &[u8]) -> Option<Vec<u8>> {
+        if let Some((c, pk)) = self.known.get(&owner)
+            && c == cert
+        {
+            return Some(pk.clone());
+        }
+        let der = CertificateDer::from(cert.to_vec());
+        self.ca
+            .verify_client_cert(&der, &[], UnixTime::now())
+            .ok()?;
+        if pki::node_id_of(cert).ok()? != owner {
+            return None;
+        }
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+        let pk = parsed.public_key().subject_public_key.data.to_vec();
+        self.known.insert(owner, (cert.to_vec(), pk.clone()));
+        Some(pk)
+    }
+}
+
+impl Keys for NodeKeys {
+    fn cert(&self) -> Vec<u8> {
+        self.cert.clone()
+    }
+
+    fn sign(&self, msg: &[u8]) -> Vec<u8> {
+        self.key
+            .sign(&self.rng, msg)
+            .map(|s| s.as_ref().to_vec())
+            .unwrap_or_default()
+    }
+
+    fn verify(&mut self, owner: NodeId, cert: &[u8], msg: &[u8], sig: &[u8]) -> bool {
+        if self.revocations.is_revoked(owner) {
+            self.known.remove(&owner);
+            return false;
+        }
+        let Some(pk) = self.public_key(owner, cert) else {
+            return false;
+        };
+        UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, &pk)
+            .verify(msg, sig)
+            .is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_mesh::Role;
+
+    fn identity(ca: &(Vec<u8>, Vec<u8>), id: NodeId) -> TlsIdentity {
+        let (key_der, csr) = pki::new_key_and_csr().unwrap();
+        TlsIdentity {
+            ca_der: ca.0.clone(),
+            cert_der: pki::sign_node_csr(&ca.0, &ca.1, &csr, id, Role::Worker).unwrap(),
+            key_der,
+        }
+    }
+
+    #[test]
+    fn only_the_owner_under_the_swarms_ca_signs_its_entries() {
+        let ca = pki::new_ca().unwrap();
+        let none = || Revocations::fixed(vec![]);
+        let a = NodeKeys::new(&identity(&ca, NodeId(1)), none()).unwrap();
+        let mut b = NodeKeys::new(&identity(&ca, NodeId(2)), none()).unwrap();
+        let sig = a.sign(b"entry");
+        assert!(b.verify(NodeId(1), &a.cert(), b"entry", &sig));
+        assert!(!b.verify(NodeId(1), &a.cert(), b"other entry", &sig));
+        // Node 2's signature under node 1's name, or node 1's certificate
+        // claimed for another node: refused.
+        assert!(!b.verify(NodeId(1), &a.cert(), b"entry", &b.sign(b"entry")));
+        assert!(!b.verify(NodeId(3), &a.cert(), b"entry", &sig));
+        // A certificate of another swarm's CA.
+        let other = pki::new_ca().unwrap();
+        let stranger = NodeKeys::new(&identity(&other, NodeId(1)), none()).unwrap();
+        assert!(!b.verify(
+            NodeId(1),
+            &stranger.cert(),
+            b"entry",
+            &stranger.sign(b"entry")
+        ));
+        // A removed owner.
+        let mut c = NodeKeys::new(
+            &identity(&ca, NodeId(3)),
+            Revocations::fixed(vec![NodeId(1)]),
+        )
+        .unwrap();
+        assert!(!c.verify(NodeId(1), &a.cert(), b"entry", &sig));
+    }
+}
