@@ -189,7 +189,16 @@ pub fn shape(ns: &str, dev: &str, rate: &str) -> anyhow::Result<()> {
 impl Cluster {
     /// Starts `n` daemons, none of them in a swarm yet.
     pub fn start(n: usize) -> anyhow::Result<Self> {
+        Self::start_configured(n, None)
+    }
+
+    /// Starts `n` daemons with the daemon configuration file `toml` (or
+    /// none), none of them in a swarm yet.
+    pub fn start_configured(n: usize, toml: Option<&str>) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("shoal-test-").tempdir()?;
+        if let Some(text) = toml {
+            std::fs::write(dir.path().join("daemon.toml"), text)?;
+        }
         let (a, b) = next_prefix();
         let mut cluster = Cluster {
             hosts: Vec::new(),

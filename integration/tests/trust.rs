@@ -341,3 +341,62 @@ fn a_removed_node_is_refused_at_the_handshake_and_never_comes_back() {
     })
     .unwrap();
 }
+
+#[test]
+fn past_the_store_quota_growth_is_refused_and_the_swarm_stays_usable() {
+    let _serial = serial();
+    let c = Cluster::start_configured(2, Some("[store]\nquota_mib = 1\n")).unwrap();
+    c.form(2).unwrap();
+    // About 210 KiB of environment per service.
+    let env: Vec<String> = (0..7)
+        .map(|i| format!("K{i}={}", "x".repeat(30_000)))
+        .collect();
+    let create = |c: &Cluster, name: &str, via: usize| {
+        let mut args = vec![
+            "service",
+            "create",
+            "--detach",
+            "--replicas",
+            "0",
+            "--name",
+            name,
+        ];
+        for e in &env {
+            args.extend(["--env", e.as_str()]);
+        }
+        args.extend(["--", "true"]);
+        c.shoal(via, &args)
+    };
+    let mut created = 0;
+    let refused = loop {
+        let r = create(&c, &format!("s{created}"), created % 2);
+        if !r.ok() {
+            break r;
+        }
+        created += 1;
+        assert!(created < 10, "the quota never applied");
+        std::thread::sleep(QUOTA_REMEASURE);
+    };
+    assert!(
+        (4..=6).contains(&created),
+        "{created} services fit in 1 MiB"
+    );
+    assert_eq!(refused.code, 4, "{}", refused.stderr);
+    assert!(
+        refused.stderr.contains("store quota exceeded"),
+        "{}",
+        refused.stderr
+    );
+    // Reads, removals and the cluster's health are untouched.
+    let ls = c
+        .shoal_ok(1, &["service", "ls", "--format", "json"])
+        .unwrap();
+    assert_eq!(ls.json().unwrap().as_array().unwrap().len(), created);
+    c.shoal_ok(0, &["service", "rm", "s0", "s1"]).unwrap();
+    assert_eq!(c.leader(1).unwrap(), c.leader(0).unwrap());
+    std::thread::sleep(QUOTA_REMEASURE);
+    assert!(create(&c, "again", 1).ok(), "room again after removals");
+}
+
+/// How long a quota measurement is kept (`daemon::quota::REMEASURE`), and a bit.
+const QUOTA_REMEASURE: Duration = Duration::from_millis(1_100);

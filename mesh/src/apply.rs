@@ -424,7 +424,7 @@ fn service<'a>(
 fn add_node(state: &mut ClusterState, node: &Node) -> Result<Outcome, ApplyError> {
     bounds::check_hostname(&node.hostname)?;
     bounds::check_addr(&node.addr)?;
-    bounds::check_map("node label", &node.labels)?;
+    bounds::check_node_labels(&node.labels)?;
     if state.nodes.contains_key(&node.id) || state.revoked.contains(&node.id) {
         return Err(ApplyError::DuplicateNode(node.id));
     }
@@ -506,7 +506,7 @@ fn update_node(
     for (k, v) in label_add {
         labels.insert(k.clone(), v.clone());
     }
-    bounds::check_map("node label", &labels)?;
+    bounds::check_node_labels(&labels)?;
     if let Some(n) = state.nodes.get_mut(node) {
         if let Some(a) = availability {
             n.availability = *a;

@@ -21,7 +21,8 @@ pub const MAX_ENTRIES: usize = 1024;
 /// Most items in a short list (networks, ports, constraints, aliases,
 /// options, subnets, auxiliary addresses).
 pub const MAX_ITEMS: usize = 64;
-/// All the text of one spec together, in bytes.
+/// All the text of one spec (or of a node's labels) together, in bytes:
+/// it bounds every command, so that a batch of log entries fits a message.
 pub const MAX_SPEC_BYTES: usize = 256 << 10;
 /// Longest hostname, in bytes (as DNS allows).
 pub const MAX_HOSTNAME: usize = 253;
@@ -182,12 +183,29 @@ pub fn check_service(spec: &ServiceSpec) -> Result<(), OutOfBounds> {
 /// A network spec's sizes.
 pub fn check_network(spec: &NetworkSpec) -> Result<(), OutOfBounds> {
     check_count("--opt", spec.options.len(), MAX_ITEMS)?;
-    check_map("--opt", &spec.options)?;
-    check_map("--label", &spec.labels)?;
+    let mut bytes = check_map("--opt", &spec.options)?;
+    bytes += check_map("--label", &spec.labels)?;
     check_count("--subnet", spec.subnets.len(), MAX_ITEMS)?;
     check_count("--aux-address", spec.aux_addresses.len(), MAX_ITEMS)?;
     for k in spec.aux_addresses.keys() {
-        check_text("an --aux-address name", k, MAX_HOSTNAME, false)?;
+        bytes += check_text("an --aux-address name", k, MAX_HOSTNAME, false)?;
+    }
+    check_total("the network's spec", bytes)
+}
+
+/// A node's labels: each as [`check_map`], and all together at most
+/// [`MAX_SPEC_BYTES`].
+pub fn check_node_labels(labels: &BTreeMap<String, String>) -> Result<(), OutOfBounds> {
+    let bytes = check_map("node label", labels)?;
+    check_total("the node's labels", bytes)
+}
+
+fn check_total(what: &str, bytes: usize) -> Result<(), OutOfBounds> {
+    if bytes > MAX_SPEC_BYTES {
+        return Err(out(
+            what,
+            format!("{bytes} bytes in all, at most {MAX_SPEC_BYTES} allowed"),
+        ));
     }
     Ok(())
 }

@@ -68,6 +68,13 @@ pub enum CtlReply {
         /// Offset after `text`.
         next: u64,
     },
+    /// The store is over its quota and the write would grow it.
+    QuotaExceeded {
+        /// The state's encoded size, in bytes.
+        size: u64,
+        /// The quota, in bytes.
+        limit: u64,
+    },
 }
 
 /// The join handshake's request (`shoal-join/1`).

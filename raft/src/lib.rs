@@ -88,6 +88,9 @@ pub fn config(timing: &RaftTiming) -> openraft::Config {
         install_snapshot_timeout: 2_000,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(2_000),
         max_in_snapshot_log_to_keep: 500,
+        // An entry is at most a few hundred KiB (mesh::bounds): 48 of them
+        // stay under the 16 MiB a peer reads in one message.
+        max_payload_entries: 48,
         ..Default::default()
     }
 }

@@ -34,6 +34,7 @@ impl Daemon {
                 self.cfg.orchestrator.reschedule_grace_ms,
             ),
             dataplane: self.cfg.dataplane.clone(),
+            quota_bytes: (self.cfg.store.quota_mib as usize) << 20,
         };
         Member::start(identity, self.dir.clone(), cfg).await
     }

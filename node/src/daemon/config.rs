@@ -35,6 +35,30 @@ pub struct DaemonConfig {
     pub orchestrator: OrchestratorConfig,
     /// The data plane.
     pub dataplane: DataplaneConfig,
+    /// The replicated store.
+    pub store: StoreConfig,
+}
+
+/// `[store]`: the replicated store's limits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// The store quota, in MiB of encoded state: past it, a manager refuses
+    /// writes that would grow the state (removals still go through), as
+    /// etcd's `--quota-backend-bytes` does. At most 12, so that a snapshot
+    /// always stays under the 16 MiB a node reads back.
+    pub quota_mib: u64,
+}
+
+/// The largest store quota, in MiB.
+pub const MAX_QUOTA_MIB: u64 = 12;
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            quota_mib: MAX_QUOTA_MIB,
+        }
+    }
 }
 
 /// `[dataplane]`: the kernel state this node programs.
@@ -180,6 +204,7 @@ impl Default for DaemonConfig {
             gossip: GossipTimingConfig::default(),
             orchestrator: OrchestratorConfig::default(),
             dataplane: DataplaneConfig::default(),
+            store: StoreConfig::default(),
         }
     }
 }
@@ -224,6 +249,9 @@ pub enum ConfigError {
         "invalid netns_prefix `{0}`: it must start with `shoal` and hold only letters, digits and `-`"
     )]
     NetnsPrefix(String),
+    /// A store quota out of range.
+    #[error("invalid [store] quota_mib {0}: use 1 to {MAX_QUOTA_MIB}")]
+    Quota(u64),
     /// Hostname empty or with whitespace.
     #[error("invalid hostname `{0}`: it must be non-empty and contain no whitespace")]
     Hostname(String),
@@ -282,6 +310,9 @@ impl DaemonConfig {
         {
             return Err(ConfigError::Hostname(h.clone()));
         }
+        if !(1..=MAX_QUOTA_MIB).contains(&self.store.quota_mib) {
+            return Err(ConfigError::Quota(self.store.quota_mib));
+        }
         Ok(())
     }
 }
@@ -333,6 +364,7 @@ mod tests {
             "the example shows the defaults"
         );
         assert_eq!(c.orchestrator, OrchestratorConfig::default());
+        assert_eq!(c.store, StoreConfig::default());
     }
 
     #[test]
@@ -348,6 +380,14 @@ mod tests {
             parse_advertise("10.0.0.1", 2377).unwrap().to_string(),
             "10.0.0.1:2377"
         );
+        for quota in [0, MAX_QUOTA_MIB + 1] {
+            let c = DaemonConfig {
+                store: StoreConfig { quota_mib: quota },
+                ..Default::default()
+            };
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("quota_mib") && e.contains("1 to 12"), "{e}");
+        }
         c.raft.heartbeat_ms = 500;
         assert!(matches!(c.validate(), Err(ConfigError::RaftTiming(..))));
     }

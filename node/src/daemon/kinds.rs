@@ -19,6 +19,7 @@ pub fn kind_of(e: &anyhow::Error) -> ErrorKind {
                 Some(match w {
                     WriteError::Refused(a) => applied(a),
                     WriteError::NoQuorum { .. } => ErrorKind::Unavailable,
+                    WriteError::QuotaExceeded { .. } => ErrorKind::Conflict,
                     WriteError::Other(_) => ErrorKind::Internal,
                 })
             } else if let Some(a) = cause.downcast_ref::<ApplyError>() {

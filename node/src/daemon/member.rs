@@ -32,6 +32,7 @@ use super::membership::MembershipCtx;
 use super::orchestrate::OrchestratorCtx;
 use super::peer::PeerHandler;
 use super::ping::PingCtx;
+use super::quota::Quota;
 use super::revocation::Revocations;
 use super::sandboxes::Sandboxes;
 use super::transport::{MAX_MESSAGE, Quic};
@@ -106,6 +107,8 @@ pub struct MemberConfig {
     pub reschedule_grace: Duration,
     /// The data plane's.
     pub dataplane: super::config::DataplaneConfig,
+    /// The store quota, in bytes of encoded state.
+    pub quota_bytes: usize,
 }
 
 impl Member {
@@ -137,7 +140,15 @@ impl Member {
         );
         let live = Arc::new(Liveness::new(id));
         let keys = Arc::new(ManagerKey::new(dir.clone(), identity.manager_key));
-        let writer = Writer::new(id, raft.clone(), state.clone(), quic.clone(), live.clone());
+        let quota = Arc::new(Quota::new(cfg.quota_bytes));
+        let writer = Writer::new(
+            id,
+            raft.clone(),
+            state.clone(),
+            quic.clone(),
+            live.clone(),
+            quota,
+        );
         let sandboxes = Arc::new(Sandboxes::new(
             &cfg.dataplane,
             &id.to_string(),

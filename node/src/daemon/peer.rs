@@ -24,7 +24,7 @@ use super::gossip::{GossipCmd, GossipHandle};
 use super::identity::ManagerKey;
 use super::pki;
 use super::transport::{Handler, Incoming, MAX_MESSAGE};
-use super::writer::{Propose, WRITE_TIMEOUT, Writer};
+use super::writer::{Propose, WRITE_TIMEOUT, WriteError, Writer};
 use shoal_mesh::wire::{
     ALPN_CTL, ALPN_JOIN, ALPN_RAFT, CtlReply, CtlRequest, JoinAccepted, JoinReply, JoinRequest,
     MAX_JOIN_REQUEST,
@@ -226,6 +226,9 @@ async fn ctl_call(m: &PeerHandler, call: Incoming) -> CtlReply {
 async fn write(m: &PeerHandler, cmd: Command) -> CtlReply {
     if !m.writer.is_leader() {
         return CtlReply::NotLeader(m.writer.leader());
+    }
+    if let Err(WriteError::QuotaExceeded { size, limit }) = m.writer.check_quota(&cmd) {
+        return CtlReply::QuotaExceeded { size, limit };
     }
     match tokio::time::timeout(WRITE_TIMEOUT, m.raft.client_write(cmd)).await {
         Ok(Ok(resp)) => CtlReply::Applied(resp.data),

@@ -14,6 +14,7 @@ use shoal_mesh::{ApplyError, ClusterState, Command, NodeId, Outcome, codec};
 use shoal_raft::{Raft, StateHandle};
 
 use super::liveness::{Liveness, NodeStatus};
+use super::quota::Quota;
 use super::transport::{MAX_MESSAGE, Quic};
 use shoal_mesh::wire::{ALPN_CTL, CtlReply, CtlRequest};
 
@@ -35,6 +36,16 @@ pub enum WriteError {
         reachable: usize,
         /// Managers in the store.
         total: usize,
+    },
+    /// The store is over its quota and the write would grow it.
+    #[error(
+        "store quota exceeded: the swarm's state is {size} bytes, over its quota of {limit}; nothing was changed. Remove services, networks or nodes (removals still go through), or raise [store] quota_mib on the managers"
+    )]
+    QuotaExceeded {
+        /// The state's encoded size.
+        size: u64,
+        /// The quota.
+        limit: u64,
     },
     /// Any other failure (reported by a peer or by Raft).
     #[error("{0}")]
@@ -68,6 +79,7 @@ pub struct Writer {
     state: StateHandle,
     quic: Arc<Quic>,
     live: Arc<Liveness>,
+    quota: Arc<Quota>,
 }
 
 impl Propose for Writer {
@@ -84,6 +96,7 @@ impl Writer {
         state: StateHandle,
         quic: Arc<Quic>,
         live: Arc<Liveness>,
+        quota: Arc<Quota>,
     ) -> Self {
         Writer {
             id,
@@ -91,7 +104,19 @@ impl Writer {
             state,
             quic,
             live,
+            quota,
         }
+    }
+
+    /// Refuses `cmd` on this node (as leader) when the store is over its
+    /// quota and `cmd` would grow it.
+    pub fn check_quota(&self, cmd: &Command) -> Result<(), WriteError> {
+        self.quota
+            .check(&self.state, cmd)
+            .map_err(|e| WriteError::QuotaExceeded {
+                size: e.size as u64,
+                limit: e.limit as u64,
+            })
     }
 
     /// The leader this node knows of.
@@ -132,6 +157,7 @@ impl Writer {
             tracing::debug!(leader = ?self.leader(), elapsed_ms = (WRITE_TIMEOUT - remaining).as_millis() as u64, "propose attempt");
             match self.leader() {
                 Some(l) if l == self.id => {
+                    self.check_quota(&cmd)?;
                     match tokio::time::timeout(remaining, self.raft.client_write(cmd.clone())).await
                     {
                         Ok(Ok(resp)) => return resp.data.map_err(WriteError::Refused),
@@ -150,6 +176,9 @@ impl Writer {
                         reply = forward => match reply {
                             Ok(CtlReply::Applied(r)) => return r.map_err(WriteError::Refused),
                             Ok(CtlReply::Refused(msg)) => return Err(WriteError::Other(msg)),
+                            Ok(CtlReply::QuotaExceeded { size, limit }) => {
+                                return Err(WriteError::QuotaExceeded { size, limit });
+                            }
                             Ok(_) | Err(_) => {}
                         },
                         () = self.leader_changed_from(l) => continue,
