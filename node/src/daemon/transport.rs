@@ -599,7 +599,15 @@ async fn serve_connection<H: Handler>(
     loop {
         while inflight.try_join_next().is_some() {}
         let (mut send, mut recv) = tokio::select! {
-            s = conn.accept_bi() => s?,
+            s = conn.accept_bi() => match s {
+                Ok(s) => s,
+                Err(e) => {
+                    // The connection is gone: what is being answered
+                    // finishes on its own (a write already proposed, say).
+                    inflight.detach_all();
+                    return Err(e);
+                }
+            },
             () = &mut revoked => {
                 let drain = async { while inflight.join_next().await.is_some() {} };
                 let _ = tokio::time::timeout(REVOKED_DRAIN, drain).await;
