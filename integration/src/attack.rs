@@ -35,9 +35,10 @@ pub struct Attacker {
 pub struct Flood {
     /// Connections whose handshake completed.
     pub connected: usize,
-    /// Streams the server let the attacker open.
+    /// Streams the attacker could open (the server's initial stream credit).
     pub streams: usize,
-    /// Bytes the server took (flow control let through).
+    /// Bytes the attacker's writes completed (into its send buffers, as far
+    /// as the server's flow control let them), not what the server read.
     pub bytes_sent: u64,
 }
 
