@@ -76,6 +76,15 @@ fn a_worker_is_refused_every_change_on_its_node() {
     }
     // Reads of the worker's copy still work, and nothing changed.
     assert_eq!(role_of(&c, "node2"), "worker");
+    // `info` shows the node's certificate: its expiry, and the CA that
+    // signed it (the fingerprint join tokens pin).
+    let token = c.token(0, "worker").unwrap();
+    let cert = &c.info(1).unwrap()["certificate"];
+    assert_eq!(cert["issuer_fingerprint"], token.split('-').nth(2).unwrap());
+    assert!(
+        cert["expires_at_ms"].as_i64().is_some_and(|t| t > 0),
+        "{cert}"
+    );
     let services = c
         .shoal_ok(1, &["service", "ls", "--format", "json"])
         .unwrap();

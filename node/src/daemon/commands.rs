@@ -211,8 +211,16 @@ async fn info(d: &Daemon) -> anyhow::Result<Reply> {
     let metrics = m.raft.metrics().borrow().clone();
     let role = state.nodes.get(&m.id).map(|n| n.role);
     let warnings = m.sandboxes.warnings();
+    // This node's certificate, as its state dir holds it.
+    let certificate = d.dir.load().ok().flatten().map(|id| {
+        json!({
+            "expires_at_ms": pki::expires_at_ms(&id.tls.cert_der).ok(),
+            "issuer_fingerprint": pki::fingerprint(&id.tls.ca_der),
+        })
+    });
     let mut reply = Reply::ok(json!({
         "swarm": "active",
+        "certificate": certificate,
         "node_id": m.id.to_string(),
         "hostname": d.hostname,
         "cluster_id": state.cluster.as_ref().map(|c| c.id.clone()),

@@ -119,6 +119,13 @@ pub fn node_id_of(cert_der: &[u8]) -> Result<NodeId, PkiError> {
         .map_err(|e: shoal_mesh::ids::ParseNodeIdError| PkiError::BadCert(e.to_string()))
 }
 
+/// When a certificate stops being valid, in milliseconds since the epoch.
+pub fn expires_at_ms(cert_der: &[u8]) -> Result<i64, PkiError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| PkiError::BadCert(e.to_string()))?;
+    Ok(cert.validity().not_after.timestamp().saturating_mul(1000))
+}
+
 fn aead_key(key: &[u8; 32]) -> aead::LessSafeKey {
     // A 32-byte key is always valid for ChaCha20-Poly1305.
     let unbound = aead::UnboundKey::new(&aead::CHACHA20_POLY1305, key)
