@@ -263,7 +263,6 @@ pub struct Gossip {
     /// Counts of dropped messages and entries, by reason (for diagnostics).
     pub rejected: BTreeMap<String, u64>,
     keys: Box<dyn Keys>,
-    my_cert: Vec<u8>,
     /// Certificates of owners whose entries this node took.
     certs: BTreeMap<NodeId, Vec<u8>>,
 }
@@ -306,7 +305,6 @@ impl Gossip {
             next_sync_ms: now_ms + config.sync_interval_ms,
             last_sync: BTreeMap::new(),
             rejected: BTreeMap::new(),
-            my_cert: keys.cert(),
             keys,
             certs: BTreeMap::new(),
             config,
@@ -596,12 +594,11 @@ impl Gossip {
         owners
             .into_iter()
             .filter_map(|o| {
-                let cert = if o == self.me.id {
-                    Some(&self.my_cert)
+                if o == self.me.id {
+                    Some((o, self.keys.cert()))
                 } else {
-                    self.certs.get(&o)
-                };
-                cert.map(|c| (o, c.clone()))
+                    self.certs.get(&o).map(|c| (o, c.clone()))
+                }
             })
             .collect()
     }
@@ -639,6 +636,22 @@ impl Gossip {
             return Err(GossipError::BadTable(table.to_owned()));
         }
         Ok(())
+    }
+
+    /// Writes every live entry of this node's again, under a new version:
+    /// after its key changed (a renewed certificate), so that what it
+    /// relays carries signatures its new certificate checks.
+    pub fn rekey(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+        let mine: Vec<(EntryKey, TableValue)> = self
+            .tables
+            .all()
+            .filter(|(_, e)| e.owner == self.me.id)
+            .filter_map(|(k, e)| e.value.clone().map(|v| (k.clone(), v)))
+            .collect();
+        for (key, value) in mine {
+            self.write_local(key, Some(value));
+        }
     }
 
     /// Writes an entry owned by this node.
@@ -819,7 +832,7 @@ impl Gossip {
         }
         let owner = entry.owner;
         let cert = if owner == self.me.id {
-            Some(self.my_cert.clone())
+            Some(self.keys.cert())
         } else {
             offered.get(&owner).or(self.certs.get(&owner)).cloned()
         };

@@ -287,3 +287,25 @@ fn a_swim_packet_speaks_for_its_sender_only() {
     assert!(matches!(err, Rejected::ForgedSender(_)), "{err}");
     assert!(g.handle_message(3, NodeId(2), &packet(2)).is_ok());
 }
+
+#[test]
+fn a_rekeyed_node_writes_its_entries_again_and_every_node_follows() {
+    let mut sim = cluster_on_net(3);
+    sim.with_node(NodeId(2), |g, now| {
+        g.put(now, "net", "vteps", "2", vtep(2)).unwrap()
+    });
+    sim.run_for(500);
+    let key = shoal_gossip::core::entry_key("net", "vteps", "2");
+    let version = |sim: &mut Sim, i: u64| {
+        sim.with_node(NodeId(i), |g, _| g.tables().get(&key).map(|e| e.version))
+            .flatten()
+    };
+    let before = version(&mut sim, 1).unwrap();
+    sim.with_node(NodeId(2), |g, now| g.rekey(now));
+    sim.run_for(500);
+    for i in 1..=3 {
+        assert!(version(&mut sim, i).unwrap() > before, "node {i}");
+        let snap = sim.nodes[&NodeId(i)].gossip.snapshot("net");
+        assert_eq!(snap, vec![(key.clone(), vtep(2))], "node {i}");
+    }
+}

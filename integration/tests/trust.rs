@@ -409,3 +409,73 @@ fn past_the_store_quota_growth_is_refused_and_the_swarm_stays_usable() {
 
 /// How long a quota measurement is kept (`daemon::quota::REMEASURE`), and a bit.
 const QUOTA_REMEASURE: Duration = Duration::from_millis(1_100);
+
+#[test]
+fn certificates_expire_and_are_renewed_half_way_without_a_restart() {
+    let _serial = serial();
+    let mut c = Cluster::start_configured(2, Some("[pki]\nmin_cert_expiry_s = 10\n")).unwrap();
+    // Below the configured minimum: refused, naming it.
+    c.assert_refused(
+        0,
+        &["swarm", "init", "--cert-expiry", "5s"],
+        "at least 10 s",
+    );
+    c.shoal_ok(0, &["swarm", "init", "--cert-expiry", "16s"])
+        .unwrap();
+    let token = c.token(0, "worker").unwrap();
+    c.join(1, &token, 0).unwrap();
+    let expiry = |c: &Cluster, i: usize| {
+        c.info(i).unwrap()["certificate"]["expires_at_ms"]
+            .as_i64()
+            .unwrap()
+    };
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    let first = [expiry(&c, 0), expiry(&c, 1)];
+    assert!(first.iter().all(|e| e - now() <= 17_000), "{first:?}");
+    // Keep the worker's first certificate and key, to try them once expired.
+    let old = tempfile::tempdir().unwrap();
+    for f in ["node.der", "node.key"] {
+        std::fs::copy(c.hosts[1].state_dir.join(f), old.path().join(f)).unwrap();
+    }
+    // Both nodes renew at half-life (about 8 s in), without a restart.
+    c.wait_until("both certificates renewed", Duration::from_secs(20), |c| {
+        Ok(expiry(c, 0) > first[0] && expiry(c, 1) > first[1])
+    })
+    .unwrap();
+    // Past the first certificates' expiry, new connections work with the
+    // renewed ones: the manager restarts, and the worker is ready again.
+    while now() < first[1] + 1_000 {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c.stop(0);
+    c.start_daemon(0).unwrap();
+    c.wait_until(
+        "the worker to be ready again",
+        Duration::from_secs(20),
+        |c| Ok(c.node_ls(0)?.iter().all(|n| n["status"] == "ready")),
+    )
+    .unwrap();
+    assert_eq!(role_of(&c, "node2"), "worker");
+    // The first certificate, expired, is refused at the handshake.
+    let expired = Attacker::with_identity_of(old.path()).unwrap();
+    let manager: SocketAddr = c.hosts[0].addr().parse().unwrap();
+    assert!(expired.ctl(manager, &CtlRequest::Ping).is_err());
+    let renewed = Attacker::with_identity_of(&c.hosts[1].state_dir).unwrap();
+    assert!(matches!(
+        renewed.ctl(manager, &CtlRequest::Ping).unwrap(),
+        CtlReply::Pong
+    ));
+    // `swarm update` changes the validity of the next renewals.
+    c.assert_refused(
+        0,
+        &["swarm", "update", "--cert-expiry", "1s"],
+        "at least 10 s",
+    );
+    c.shoal_ok(0, &["swarm", "update", "--cert-expiry", "2160h"])
+        .unwrap();
+}

@@ -174,6 +174,11 @@ pub enum Command {
         /// Its new address.
         addr: String,
     },
+    /// `swarm update --cert-expiry`: how long node certificates are valid.
+    SetCertExpiry {
+        /// Milliseconds.
+        ms: u64,
+    },
     /// Node `node` reports the state of a task assigned to it: the only
     /// task write a worker may make. `node` is the reporter as its
     /// certificate names it (set by the manager that takes the report,
@@ -367,6 +372,7 @@ pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyEr
         Command::RemoveTask { id } => remove_task(state, id),
         Command::SetNodeAddr { node, addr } => set_node_addr(state, node, addr),
         Command::ReportTask { node, report } => report_task(state, node, report),
+        Command::SetCertExpiry { ms } => set_cert_expiry(state, *ms),
     }
 }
 
@@ -397,6 +403,7 @@ fn init(
     state.networks.insert(ingress.id.clone(), ingress);
     state.ingress_addrs.clear();
     state.revoked.clear();
+    state.cert_expiry_ms = crate::state::DEFAULT_CERT_EXPIRY_MS;
     give_ingress_addr(state, first.id);
     Ok(Outcome::Done)
 }
@@ -782,6 +789,24 @@ fn assign_task(
 }
 
 /// An executor reports a task's state; it only moves forward.
+/// Node certificates' validity, within bounds.
+fn set_cert_expiry(state: &mut ClusterState, ms: u64) -> Result<Outcome, ApplyError> {
+    use crate::state::{MAX_CERT_EXPIRY_MS, MIN_CERT_EXPIRY_MS};
+    if !(MIN_CERT_EXPIRY_MS..=MAX_CERT_EXPIRY_MS).contains(&ms) {
+        return Err(OutOfBounds {
+            what: "--cert-expiry".into(),
+            problem: format!(
+                "{ms} ms is out of bounds: use {} s to {} days",
+                MIN_CERT_EXPIRY_MS / 1000,
+                MAX_CERT_EXPIRY_MS / 86_400_000
+            ),
+        }
+        .into());
+    }
+    state.cert_expiry_ms = ms;
+    Ok(Outcome::Done)
+}
+
 /// A node's report on its own task: a state change, only from the node the
 /// task is assigned to.
 fn report_task(

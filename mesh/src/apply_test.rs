@@ -425,3 +425,19 @@ mod world {
         }
     }
 }
+
+#[test]
+fn certificate_validity_is_bounded_and_defaults_to_ninety_days() {
+    use crate::state::{DEFAULT_CERT_EXPIRY_MS, MAX_CERT_EXPIRY_MS, MIN_CERT_EXPIRY_MS};
+    let mut s = initialized();
+    assert_eq!(s.cert_expiry_ms, DEFAULT_CERT_EXPIRY_MS);
+    assert_eq!(DEFAULT_CERT_EXPIRY_MS, 90 * 86_400_000);
+    for bad in [0, MIN_CERT_EXPIRY_MS - 1, MAX_CERT_EXPIRY_MS + 1] {
+        let before = s.clone();
+        let e = apply(&mut s, &Command::SetCertExpiry { ms: bad }).unwrap_err();
+        assert!(e.to_string().starts_with("--cert-expiry"), "{e}");
+        assert_eq!(s, before);
+    }
+    apply(&mut s, &Command::SetCertExpiry { ms: 3_600_000 }).unwrap();
+    assert_eq!(s.cert_expiry_ms, 3_600_000);
+}

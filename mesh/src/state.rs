@@ -184,10 +184,22 @@ pub struct ClusterState {
     /// certificates are refused at the TLS handshake by every node, and
     /// their IDs are never admitted again.
     pub revoked: std::collections::BTreeSet<NodeId>,
+    /// How long node certificates are valid, in milliseconds (`swarm
+    /// update --cert-expiry`); nodes renew theirs at half that.
+    pub cert_expiry_ms: u64,
 }
 
-/// [`ClusterState`] as snapshots before the deny list (`revoked`) stored
-/// it; read when a current decode fails, so that old state dirs open.
+/// Node certificates' validity unless set: 90 days, as in Docker Swarm.
+pub const DEFAULT_CERT_EXPIRY_MS: u64 = 90 * 24 * 3_600_000;
+/// The shortest validity the store takes (the daemon asks for at least an
+/// hour unless configured for tests).
+pub const MIN_CERT_EXPIRY_MS: u64 = 10_000;
+/// The longest: ten years.
+pub const MAX_CERT_EXPIRY_MS: u64 = 3_650 * 24 * 3_600_000;
+
+/// [`ClusterState`] as snapshots before the deny list (`revoked`) and the
+/// certificate validity stored them; read when a current decode fails, so
+/// that old state dirs open.
 #[derive(Deserialize)]
 pub struct ClusterStateV1 {
     cluster: Option<ClusterInfo>,
@@ -208,6 +220,7 @@ impl From<ClusterStateV1> for ClusterState {
             tasks: v1.tasks,
             ingress_addrs: v1.ingress_addrs,
             revoked: Default::default(),
+            cert_expiry_ms: DEFAULT_CERT_EXPIRY_MS,
         }
     }
 }

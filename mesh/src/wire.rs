@@ -46,6 +46,13 @@ pub enum CtlRequest {
     /// The caller leaves the swarm (any member; the leader writes
     /// `Command::RemoveNode` of the caller).
     Leave,
+    /// The caller renews its certificate (any member, to a manager): a CSR
+    /// for its new key. The certificate names the caller and its role as
+    /// the store has them.
+    RenewCert {
+        /// The CSR (DER).
+        csr_der: Vec<u8>,
+    },
 }
 
 /// The reply to a [`CtlRequest`].
@@ -68,6 +75,8 @@ pub enum CtlReply {
         /// Offset after `text`.
         next: u64,
     },
+    /// A renewed certificate (DER).
+    Cert(Vec<u8>),
     /// The store is over its quota and the write would grow it.
     QuotaExceeded {
         /// The state's encoded size, in bytes.

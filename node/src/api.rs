@@ -187,6 +187,14 @@ pub enum Request {
         /// `--default-addr-pool-mask-length`.
         #[serde(default)]
         default_addr_pool_mask_length: Option<u8>,
+        /// `--cert-expiry`, in milliseconds.
+        #[serde(default)]
+        cert_expiry_ms: Option<u64>,
+    },
+    /// `swarm update`: the swarm's settings.
+    SwarmUpdate {
+        /// `--cert-expiry`, in milliseconds.
+        cert_expiry_ms: Option<u64>,
     },
     /// `swarm join`.
     SwarmJoin {
@@ -372,6 +380,7 @@ impl Request {
                 force_new_cluster, ..
             } => *force_new_cluster,
             Request::JoinToken { .. }
+            | Request::SwarmUpdate { .. }
             | Request::NodePromote { .. }
             | Request::NodeDemote { .. }
             | Request::NodeUpdate { .. }

@@ -44,6 +44,15 @@ pub enum SwarmCmd {
         /// Prefix length of those subnets [default: 24].
         #[arg(long)]
         default_addr_pool_mask_length: Option<u8>,
+        /// How long node certificates are valid, e.g. 2160h [default: 90 days]; nodes renew theirs at half that.
+        #[arg(long, value_parser = crate::api::parse_duration_ms)]
+        cert_expiry: Option<u64>,
+    },
+    /// Change the swarm's settings.
+    Update {
+        /// How long node certificates are valid, e.g. 2160h; every node renews its certificate at half that.
+        #[arg(long, value_parser = crate::api::parse_duration_ms)]
+        cert_expiry: Option<u64>,
     },
     /// Join a swarm as a worker or manager (the token decides).
     Join {
@@ -87,6 +96,7 @@ impl SwarmCmd {
                 force_new_cluster,
                 default_addr_pool,
                 default_addr_pool_mask_length,
+                cert_expiry,
             } => {
                 let req = Request::SwarmInit {
                     advertise_addr,
@@ -94,6 +104,7 @@ impl SwarmCmd {
                     force_new_cluster,
                     default_addr_pool,
                     default_addr_pool_mask_length,
+                    cert_expiry_ms: cert_expiry,
                 };
                 if force_new_cluster {
                     let v: Done = client.call_as(&req).await?;
@@ -110,6 +121,14 @@ impl SwarmCmd {
                 println!("    shoal swarm join --token {} {addr}\n", v.worker_token);
                 println!("To add a manager to this swarm, run the following command:\n");
                 println!("    shoal swarm join --token {} {addr}", v.manager_token);
+            }
+            SwarmCmd::Update { cert_expiry } => {
+                let v: Done = client
+                    .call_as(&Request::SwarmUpdate {
+                        cert_expiry_ms: cert_expiry,
+                    })
+                    .await?;
+                println!("{}", v.message);
             }
             SwarmCmd::Join {
                 token,

@@ -10,10 +10,10 @@ use openraft::BasicNode;
 
 use serde_json::json;
 use shoal_gossip::MemberState;
-use shoal_mesh::{
-    Availability, ClusterInfo, ClusterState, Command, JoinToken, Node, NodeId, Role,
-    state::JoinSecrets,
+use shoal_mesh::state::{
+    DEFAULT_CERT_EXPIRY_MS, JoinSecrets, MAX_CERT_EXPIRY_MS, MIN_CERT_EXPIRY_MS,
 };
+use shoal_mesh::{Availability, ClusterInfo, ClusterState, Command, JoinToken, Node, NodeId, Role};
 
 use super::agent::{Daemon, NOT_IN_SWARM};
 use super::clock::now_ms;
@@ -76,6 +76,42 @@ async fn check_role(d: &Daemon, req: &Request) -> anyhow::Result<()> {
     }
 }
 
+/// `--cert-expiry` checked against this manager's bounds: at least
+/// `[pki] min_cert_expiry_s`, at most ten years.
+fn check_cert_expiry(d: &Daemon, ms: u64) -> anyhow::Result<u64> {
+    let min = d.cfg.pki.min_cert_expiry_s.max(MIN_CERT_EXPIRY_MS / 1000) * 1000;
+    if !(min..=MAX_CERT_EXPIRY_MS).contains(&ms) {
+        return Err(ApiError::invalid(format!(
+            "--cert-expiry {ms} ms is out of bounds: use at least {} s and at most {} h, e.g. 2160h (90 days)",
+            min / 1000,
+            MAX_CERT_EXPIRY_MS / 3_600_000
+        )));
+    }
+    Ok(ms)
+}
+
+/// `swarm update`: the swarm's settings (nodes pick a new certificate
+/// validity up at their next renewal).
+async fn swarm_update(d: &Daemon, cert_expiry_ms: Option<u64>) -> anyhow::Result<Reply> {
+    let m = d.member().await?;
+    let Some(ms) = cert_expiry_ms else {
+        return Err(ApiError::invalid(
+            "nothing to update: give --cert-expiry DURATION",
+        ));
+    };
+    m.propose(Command::SetCertExpiry {
+        ms: check_cert_expiry(d, ms)?,
+    })
+    .await?;
+    Reply::of(&crate::views::Done {
+        node_id: m.id.to_string(),
+        message: format!(
+            "swarm updated: node certificates are valid for {} s from their next renewal",
+            ms / 1000
+        ),
+    })
+}
+
 /// Carries out one API request.
 pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
     if let Err(e) = check_role(d, &req).await {
@@ -89,20 +125,22 @@ pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
             force_new_cluster,
             default_addr_pool,
             default_addr_pool_mask_length,
+            cert_expiry_ms,
         } => {
             if force_new_cluster {
                 super::recovery::force_new_cluster(d).await
             } else {
                 init(
                     d,
-                    advertise_addr,
-                    listen_addr,
+                    (advertise_addr, listen_addr),
                     &default_addr_pool,
                     default_addr_pool_mask_length,
+                    cert_expiry_ms,
                 )
                 .await
             }
         }
+        Request::SwarmUpdate { cert_expiry_ms } => swarm_update(d, cert_expiry_ms).await,
         Request::NetworkCreate(spec) => super::networks::create(d, *spec).await,
         Request::NetworkLs => super::networks::ls(d).await,
         Request::ServiceCreate { spec, networks } => {
@@ -326,6 +364,7 @@ fn address_pool(
 /// (CA, sealed keys and token secrets), its first node, this node's
 /// identity, and the two join tokens.
 struct NewSwarm {
+    cert_expiry_ms: u64,
     cluster: ClusterInfo,
     first: Node,
     identity: Identity,
@@ -339,11 +378,13 @@ fn new_swarm(
     listen: SocketAddr,
     advertise: SocketAddr,
     (default_addr_pool, default_pool_mask): (Vec<shoal_mesh::cidr::Ipv4Net>, u8),
+    cert_expiry_ms: u64,
 ) -> anyhow::Result<NewSwarm> {
     let (ca_der, ca_key) = pki::new_ca()?;
     let (key_der, csr) = pki::new_key_and_csr()?;
     let node_id = NodeId(rand::random::<u64>().max(1));
-    let cert_der = pki::sign_node_csr(&ca_der, &ca_key, &csr, node_id, Role::Manager)?;
+    let validity = Duration::from_millis(cert_expiry_ms);
+    let cert_der = pki::sign_node_csr(&ca_der, &ca_key, &csr, node_id, Role::Manager, validity)?;
     let manager_key: [u8; 32] = rand::random();
     let fingerprint = pki::fingerprint(&ca_der);
     let token = || JoinToken {
@@ -392,6 +433,7 @@ fn new_swarm(
         manager_key: Some(manager_key),
     };
     Ok(NewSwarm {
+        cert_expiry_ms,
         cluster,
         first,
         identity,
@@ -419,6 +461,10 @@ async fn bootstrap(d: &Daemon, new: &NewSwarm) -> anyhow::Result<Arc<Member>> {
             ingress_id: ingress_id.into(),
         })
         .await?;
+        m.propose(Command::SetCertExpiry {
+            ms: new.cert_expiry_ms,
+        })
+        .await?;
         anyhow::Ok(())
     };
     match boot.await {
@@ -432,11 +478,12 @@ async fn bootstrap(d: &Daemon, new: &NewSwarm) -> anyhow::Result<Arc<Member>> {
 
 async fn init(
     d: &Arc<Daemon>,
-    advertise: Option<HostPort>,
-    listen: Option<HostPort>,
+    (advertise, listen): (Option<HostPort>, Option<HostPort>),
     pool: &[shoal_mesh::cidr::Ipv4Net],
     pool_mask: Option<u8>,
+    cert_expiry_ms: Option<u64>,
 ) -> anyhow::Result<Reply> {
+    let expiry = check_cert_expiry(d, cert_expiry_ms.unwrap_or(DEFAULT_CERT_EXPIRY_MS))?;
     let mut slot = d.member.lock().await;
     if let Some(m) = slot.as_ref() {
         let cluster = m
@@ -449,7 +496,7 @@ async fn init(
     }
     let pool = address_pool(pool, pool_mask)?;
     let (listen, advertise) = addresses(d, advertise, listen, None)?;
-    let new = new_swarm(d, listen, advertise, pool)?;
+    let new = new_swarm(d, listen, advertise, pool, expiry)?;
     d.dir.save(&new.identity)?;
     let m = match bootstrap(d, &new).await {
         Ok(m) => m,

@@ -37,6 +37,25 @@ pub struct DaemonConfig {
     pub dataplane: DataplaneConfig,
     /// The replicated store.
     pub store: StoreConfig,
+    /// Certificates.
+    pub pki: PkiConfig,
+}
+
+/// `[pki]`: node certificates.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PkiConfig {
+    /// The shortest `--cert-expiry` this manager takes, in seconds (an
+    /// hour; lower only to watch renewals in tests, down to 10).
+    pub min_cert_expiry_s: u64,
+}
+
+impl Default for PkiConfig {
+    fn default() -> Self {
+        PkiConfig {
+            min_cert_expiry_s: 3600,
+        }
+    }
 }
 
 /// `[store]`: the replicated store's limits.
@@ -205,6 +224,7 @@ impl Default for DaemonConfig {
             orchestrator: OrchestratorConfig::default(),
             dataplane: DataplaneConfig::default(),
             store: StoreConfig::default(),
+            pki: PkiConfig::default(),
         }
     }
 }
@@ -249,6 +269,9 @@ pub enum ConfigError {
         "invalid netns_prefix `{0}`: it must start with `shoal` and hold only letters, digits and `-`"
     )]
     NetnsPrefix(String),
+    /// A minimum certificate validity under 10 s.
+    #[error("invalid [pki] min_cert_expiry_s {0}: use at least 10")]
+    MinCertExpiry(u64),
     /// A store quota out of range.
     #[error("invalid [store] quota_mib {0}: use 1 to {MAX_QUOTA_MIB}")]
     Quota(u64),
@@ -310,6 +333,9 @@ impl DaemonConfig {
         {
             return Err(ConfigError::Hostname(h.clone()));
         }
+        if self.pki.min_cert_expiry_s < 10 {
+            return Err(ConfigError::MinCertExpiry(self.pki.min_cert_expiry_s));
+        }
         if !(1..=MAX_QUOTA_MIB).contains(&self.store.quota_mib) {
             return Err(ConfigError::Quota(self.store.quota_mib));
         }
@@ -365,6 +391,7 @@ mod tests {
         );
         assert_eq!(c.orchestrator, OrchestratorConfig::default());
         assert_eq!(c.store, StoreConfig::default());
+        assert_eq!(c.pki, PkiConfig::default());
     }
 
     #[test]

@@ -20,10 +20,33 @@ use super::pki;
 use super::revocation::Revocations;
 use super::transport::TlsIdentity;
 
-/// Signs this node's entries; checks others' against the swarm's CA.
-pub struct NodeKeys {
+/// This node's certificate and key, replaced when they are renewed.
+pub struct Signing {
     cert: Vec<u8>,
     key: EcdsaKeyPair,
+}
+
+/// Shared access to a node's [`Signing`] (gossip signs with it, the
+/// renewal loop replaces it).
+pub type SigningHandle = Arc<std::sync::Mutex<Signing>>;
+
+/// This node's signing pair from its TLS identity.
+pub fn signing(id: &TlsIdentity) -> anyhow::Result<Signing> {
+    let key = EcdsaKeyPair::from_pkcs8(
+        &ECDSA_P256_SHA256_ASN1_SIGNING,
+        &id.key_der,
+        &SystemRandom::new(),
+    )
+    .map_err(|e| anyhow::anyhow!("this node's key cannot sign gossip entries: {e}"))?;
+    Ok(Signing {
+        cert: id.cert_der.clone(),
+        key,
+    })
+}
+
+/// Signs this node's entries; checks others' against the swarm's CA.
+pub struct NodeKeys {
+    signing: SigningHandle,
     rng: SystemRandom,
     ca: Arc<dyn ClientCertVerifier>,
     revocations: Revocations,
@@ -34,9 +57,7 @@ pub struct NodeKeys {
 impl NodeKeys {
     /// The keys of the node with TLS identity `id`.
     pub fn new(id: &TlsIdentity, revocations: Revocations) -> anyhow::Result<Self> {
-        let rng = SystemRandom::new();
-        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &id.key_der, &rng)
-            .map_err(|e| anyhow::anyhow!("this node's key cannot sign gossip entries: {e}"))?;
+        let signing = Arc::new(std::sync::Mutex::new(signing(id)?));
         let mut roots = rustls::RootCertStore::empty();
         roots.add(CertificateDer::from(id.ca_der.clone()))?;
         let ca = WebPkiClientVerifier::builder_with_provider(
@@ -45,13 +66,17 @@ impl NodeKeys {
         )
         .build()?;
         Ok(NodeKeys {
-            cert: id.cert_der.clone(),
-            key,
-            rng,
+            signing,
+            rng: SystemRandom::new(),
             ca,
             revocations,
             known: HashMap::new(),
         })
+    }
+
+    /// The handle to replace this node's certificate and key with.
+    pub fn signing(&self) -> SigningHandle {
+        self.signing.clone()
     }
 
     /// The public key of `cert`, if it is a valid certificate of `owner`.
@@ -75,13 +100,18 @@ impl NodeKeys {
     }
 }
 
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 impl Keys for NodeKeys {
     fn cert(&self) -> Vec<u8> {
-        self.cert.clone()
+        lock(&self.signing).cert.clone()
     }
 
     fn sign(&self, msg: &[u8]) -> Vec<u8> {
-        self.key
+        lock(&self.signing)
+            .key
             .sign(&self.rng, msg)
             .map(|s| s.as_ref().to_vec())
             .unwrap_or_default()
@@ -110,7 +140,15 @@ mod tests {
         let (key_der, csr) = pki::new_key_and_csr().unwrap();
         TlsIdentity {
             ca_der: ca.0.clone(),
-            cert_der: pki::sign_node_csr(&ca.0, &ca.1, &csr, id, Role::Worker).unwrap(),
+            cert_der: pki::sign_node_csr(
+                &ca.0,
+                &ca.1,
+                &csr,
+                id,
+                Role::Worker,
+                std::time::Duration::from_secs(3600),
+            )
+            .unwrap(),
             key_der,
         }
     }
@@ -144,5 +182,37 @@ mod tests {
         )
         .unwrap();
         assert!(!c.verify(NodeId(1), &a.cert(), b"entry", &sig));
+    }
+}
+
+#[cfg(test)]
+mod renewal_tests {
+    use super::*;
+    use shoal_mesh::Role;
+
+    #[test]
+    fn a_renewed_key_signs_from_then_on() {
+        let ca = pki::new_ca().unwrap();
+        let hour = std::time::Duration::from_secs(3600);
+        let issue = |id| {
+            let (key_der, csr) = pki::new_key_and_csr().unwrap();
+            TlsIdentity {
+                ca_der: ca.0.clone(),
+                cert_der: pki::sign_node_csr(&ca.0, &ca.1, &csr, id, Role::Worker, hour).unwrap(),
+                key_der,
+            }
+        };
+        let none = || Revocations::fixed(vec![]);
+        let a = NodeKeys::new(&issue(NodeId(1)), none()).unwrap();
+        let mut b = NodeKeys::new(&issue(NodeId(2)), none()).unwrap();
+        let old = (a.cert(), a.sign(b"m"));
+        *lock(&a.signing()) = signing(&issue(NodeId(1))).unwrap();
+        let new = (a.cert(), a.sign(b"m"));
+        assert_ne!(old.0, new.0);
+        assert!(b.verify(NodeId(1), &new.0, b"m", &new.1));
+        assert!(
+            !b.verify(NodeId(1), &new.0, b"m", &old.1),
+            "the old key's signature under the new certificate"
+        );
     }
 }

@@ -62,6 +62,8 @@ pub enum GossipCmd {
     Dump(Option<String>, oneshot::Sender<Value>),
     /// Leave the cluster on purpose (others mark this node `left`), then stop.
     LeaveCluster(oneshot::Sender<()>),
+    /// This node's key changed (a renewed certificate): sign its entries again.
+    Rekey,
     /// The visible endpoints of every network this node is attached to.
     Endpoints(oneshot::Sender<BTreeMap<String, Vec<EndpointRecord>>>),
 }
@@ -256,6 +258,7 @@ async fn run(
                     GossipCmd::Dump(network, reply) => {
                         let _ = reply.send(dump(&g, &state, network.as_deref(), now));
                     }
+                    GossipCmd::Rekey => g.rekey(now),
                     GossipCmd::LeaveCluster(reply) => {
                         g.leave_cluster(now);
                         flush(&mut g, &quic);

@@ -85,6 +85,7 @@ impl StateDir {
     /// Loads the identity; `Ok(None)` if there is none. A damaged file is an
     /// error naming it.
     pub fn load(&self) -> Result<Option<Identity>, IdentityError> {
+        self.finish_renewal()?;
         let node_path = self.path("node.json");
         let text = match std::fs::read_to_string(&node_path) {
             Ok(t) => t,
@@ -139,6 +140,34 @@ impl StateDir {
         let json = serde_json::to_vec_pretty(&id.node)
             .map_err(|e| file_err(&self.path("node.json"), e))?;
         self.write("node.json", &json, false)
+    }
+
+    /// Replaces this node's certificate and key (a renewal): both are
+    /// written in full beside the old ones first, then renamed into place;
+    /// a crash between the renames is finished by the next [`Self::load`].
+    pub fn save_tls(&self, cert_der: &[u8], key_der: &[u8]) -> Result<(), IdentityError> {
+        self.write("node.key.next", key_der, true)?;
+        self.write("node.der.next", cert_der, false)?;
+        self.finish_renewal()
+    }
+
+    /// Moves a renewal's files into place, if one was written.
+    fn finish_renewal(&self) -> Result<(), IdentityError> {
+        for name in ["node.key", "node.der"] {
+            let next = self.path(&format!("{name}.next"));
+            match std::fs::rename(&next, self.path(name)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(file_err(&next, e)),
+            }
+        }
+        std::fs::File::open(&self.0)
+            .and_then(|d| d.sync_all())
+            .or_else(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            })
+            .map_err(|e| file_err(&self.0, e))
     }
 
     /// Stores (or, with `None`, deletes) the managers' key.

@@ -9,6 +9,7 @@
 //!  ping::run             StateHandle, Writer (control calls), Liveness, ManagerKey
 //!  executor::run         StateHandle, Writer, Sandboxes (read)
 //!  dataplane::run        StateHandle, GossipHandle, Sandboxes (written), a Backend
+//!  renewal::run          StateHandle, Writer (control calls), Quic, SigningHandle, GossipHandle, StateDir
 //!  peer::PeerHandler     Raft, StateHandle, Writer, GossipHandle, ManagerKey
 //! ```
 
@@ -33,6 +34,7 @@ use super::orchestrate::OrchestratorCtx;
 use super::peer::PeerHandler;
 use super::ping::PingCtx;
 use super::quota::Quota;
+use super::renewal::RenewalCtx;
 use super::revocation::Revocations;
 use super::sandboxes::Sandboxes;
 use super::transport::{MAX_MESSAGE, Quic};
@@ -130,6 +132,7 @@ impl Member {
         let config = Arc::new(shoal_raft::config(&cfg.timing).validate()?);
         let raft = Raft::new(id.0, config, Network::new(QuicRaft(quic.clone())), log, sm).await?;
         let keys = NodeKeys::new(&identity.tls, Revocations::of_store(state.clone()))?;
+        let signing = keys.signing();
         let (gossip, gossip_task) = super::gossip::spawn(
             id,
             identity.node.advertise_addr,
@@ -203,6 +206,15 @@ impl Member {
                 raft: raft.clone(),
                 state: state.clone(),
                 live: live.clone(),
+            })),
+            tokio::spawn(super::renewal::run(RenewalCtx {
+                id,
+                state: state.clone(),
+                writer: writer.clone(),
+                quic: quic.clone(),
+                signing,
+                gossip: gossip.clone(),
+                dir: dir.clone(),
             })),
             quic.serve(peers),
         ];

@@ -23,6 +23,7 @@ pub mod ping;
 pub mod pki;
 pub mod quota;
 pub mod recovery;
+pub mod renewal;
 pub mod revocation;
 pub mod sandboxes;
 pub mod services;

@@ -196,6 +196,13 @@ async fn ctl_call(m: &PeerHandler, call: Incoming) -> CtlReply {
             write(m, Command::ReportTask { node: peer, report }).await
         }
         CtlRequest::Leave => write(m, Command::RemoveNode(peer)).await,
+        CtlRequest::RenewCert { csr_der } => match renew(m, peer, &csr_der) {
+            Ok(cert) => {
+                tracing::info!(node = %peer, "renewed a node's certificate");
+                CtlReply::Cert(cert)
+            }
+            Err(msg) => CtlReply::Refused(msg),
+        },
         CtlRequest::TaskLog { .. } if !m.state.read(|d| is_manager(&d.state, Some(peer))) => {
             tracing::warn!(%peer, remote = %call.remote, "a node that is not a manager asked for task output; refused");
             CtlReply::Refused("only managers read other nodes' task output".into())
@@ -220,6 +227,27 @@ async fn ctl_call(m: &PeerHandler, call: Incoming) -> CtlReply {
             }
         }
     }
+}
+
+/// A certificate for member `peer`'s new key (`csr_der`), with its role
+/// from the store and the swarm's validity, signed with the CA key this
+/// manager unseals.
+fn renew(m: &PeerHandler, peer: NodeId, csr_der: &[u8]) -> Result<Vec<u8>, String> {
+    let key = m
+        .keys
+        .get()
+        .ok_or("this node does not hold the managers' key; renew through a manager")?;
+    let (cluster, role, expiry_ms) = m.state.read(|d| {
+        let s = &d.state;
+        let role = s.nodes.get(&peer).map(|n| n.role);
+        (s.cluster.clone(), role, s.cert_expiry_ms)
+    });
+    let cluster = cluster.ok_or("this node is not part of an initialized swarm")?;
+    let role = role.ok_or("this node does not know you: not a member of its swarm")?;
+    let ca_key = pki::unseal(&key, &cluster.sealed_ca_key).map_err(|e| e.to_string())?;
+    let validity = std::time::Duration::from_millis(expiry_ms);
+    pki::sign_node_csr(&cluster.ca_cert_der, &ca_key, csr_der, peer, role, validity)
+        .map_err(|e| format!("cannot sign the renewal's CSR: {e}"))
 }
 
 /// Writes `cmd` on this node, if it leads.
@@ -318,8 +346,16 @@ async fn admit(m: &PeerHandler, call: Incoming) -> Result<JoinAccepted, String> 
             break candidate;
         }
     };
-    let cert_der = pki::sign_node_csr(&cluster.ca_cert_der, &ca_key, &req.csr_der, id, role)
-        .map_err(|e| format!("cannot sign the join request's CSR: {e}"))?;
+    let validity = std::time::Duration::from_millis(state.cert_expiry_ms);
+    let cert_der = pki::sign_node_csr(
+        &cluster.ca_cert_der,
+        &ca_key,
+        &req.csr_der,
+        id,
+        role,
+        validity,
+    )
+    .map_err(|e| format!("cannot sign the join request's CSR: {e}"))?;
     let node = Node {
         id,
         hostname: req.hostname.clone(),

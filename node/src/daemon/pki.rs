@@ -75,14 +75,16 @@ pub fn new_key_and_csr() -> Result<(Vec<u8>, Vec<u8>), PkiError> {
     Ok((key.serialize_der(), csr.der().to_vec()))
 }
 
-/// Signs `csr_der` with the CA, for node `id` in `role`. Only the CSR's
-/// public key is used; every other field comes from our own parameters.
+/// Signs `csr_der` with the CA, for node `id` in `role`, valid from a
+/// little earlier (clocks differ) until `validity` from now. Only the CSR's public key is
+/// used; every other field comes from our own parameters.
 pub fn sign_node_csr(
     ca_cert_der: &[u8],
     ca_key_der: &[u8],
     csr_der: &[u8],
     id: NodeId,
     role: Role,
+    validity: std::time::Duration,
 ) -> Result<Vec<u8>, PkiError> {
     let ca_key = KeyPair::try_from(ca_key_der)?;
     let issuer = Issuer::from_ca_cert_der(&ca_cert_der.to_vec().into(), ca_key)?;
@@ -96,6 +98,18 @@ pub fn sign_node_csr(
     params
         .distinguished_name
         .push(DnType::OrganizationalUnitName, role.to_string());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let at = |t: std::time::Duration| {
+        time::OffsetDateTime::from_unix_timestamp(t.as_secs() as i64)
+            .map_err(|e| PkiError::BadCert(e.to_string()))
+    };
+    // Valid from a little earlier (clocks differ): a minute, or a quarter
+    // of a short validity, so that half its life is still ahead.
+    let early = std::time::Duration::from_secs(60).min(validity / 4);
+    params.not_before = at(now.saturating_sub(early))?;
+    params.not_after = at(now + validity)?;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,
@@ -121,9 +135,18 @@ pub fn node_id_of(cert_der: &[u8]) -> Result<NodeId, PkiError> {
 
 /// When a certificate stops being valid, in milliseconds since the epoch.
 pub fn expires_at_ms(cert_der: &[u8]) -> Result<i64, PkiError> {
+    validity_ms(cert_der).map(|(_, until)| until)
+}
+
+/// A certificate's validity: from and until, in milliseconds since the epoch.
+pub fn validity_ms(cert_der: &[u8]) -> Result<(i64, i64), PkiError> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
         .map_err(|e| PkiError::BadCert(e.to_string()))?;
-    Ok(cert.validity().not_after.timestamp().saturating_mul(1000))
+    let v = cert.validity();
+    Ok((
+        v.not_before.timestamp().saturating_mul(1000),
+        v.not_after.timestamp().saturating_mul(1000),
+    ))
 }
 
 fn aead_key(key: &[u8; 32]) -> aead::LessSafeKey {
@@ -171,7 +194,13 @@ mod tests {
     fn a_signed_node_cert_names_its_node() {
         let (ca, ca_key) = new_ca().unwrap();
         let (_key, csr) = new_key_and_csr().unwrap();
-        let cert = sign_node_csr(&ca, &ca_key, &csr, NodeId(0xabc), Role::Worker).unwrap();
+        let day = std::time::Duration::from_secs(86_400);
+        let cert = sign_node_csr(&ca, &ca_key, &csr, NodeId(0xabc), Role::Worker, day).unwrap();
+        let (from, until) = validity_ms(&cert).unwrap();
+        assert!(
+            (until - from - 86_400_000 - 60_000).abs() <= 2_000,
+            "{from} {until}"
+        );
         assert_eq!(node_id_of(&cert).unwrap(), NodeId(0xabc));
         let (_, parsed) = x509_parser::parse_x509_certificate(&cert).unwrap();
         let ou = parsed.subject().iter_organizational_unit().next().unwrap();

@@ -189,6 +189,18 @@ fn client_config(
     Ok(client)
 }
 
+/// The client configurations for Raft, control calls and gossip.
+fn clients(
+    id: &TlsIdentity,
+    revocations: &Revocations,
+) -> Result<[quinn::ClientConfig; 3], QuicError> {
+    Ok([
+        client_config(id, ALPN_RAFT, revocations)?,
+        client_config(id, ALPN_CTL, revocations)?,
+        client_config(id, ALPN_GOSSIP, revocations)?,
+    ])
+}
+
 /// Trusts exactly the CA whose SHA-256 fingerprint is pinned (from a join
 /// token), and a server certificate that CA signed. Names are not checked:
 /// the joiner does not know the manager's node ID, and any cluster node
@@ -307,9 +319,9 @@ pub trait Handler: Send + Sync + 'static {
 /// The node's QUIC endpoint, as client and server.
 pub struct Quic {
     endpoint: quinn::Endpoint,
-    raft_client: quinn::ClientConfig,
-    ctl_client: quinn::ClientConfig,
-    gossip_client: quinn::ClientConfig,
+    /// Client configurations (Raft, control, gossip), replaced when the
+    /// node's certificate is renewed.
+    clients: Mutex<[quinn::ClientConfig; 3]>,
     conns: Mutex<HashMap<(SocketAddr, &'static [u8]), quinn::Connection>>,
     anon: Arc<Mutex<AnonSlots>>,
     revocations: Revocations,
@@ -330,13 +342,21 @@ impl Quic {
         })?;
         Ok(Arc::new(Quic {
             endpoint,
-            raft_client: client_config(identity, ALPN_RAFT, &revocations)?,
-            ctl_client: client_config(identity, ALPN_CTL, &revocations)?,
-            gossip_client: client_config(identity, ALPN_GOSSIP, &revocations)?,
+            clients: Mutex::new(clients(identity, &revocations)?),
             conns: Mutex::new(HashMap::new()),
             anon: Arc::new(Mutex::new(AnonSlots::new(ANON_TOTAL, ANON_PER_SOURCE))),
             revocations,
         }))
+    }
+
+    /// Takes `identity` (a renewed certificate and key) for every new
+    /// connection, as server and as client; open connections go on.
+    pub fn reload(&self, identity: &TlsIdentity) -> Result<(), QuicError> {
+        let server = server_config(identity, &self.revocations)?;
+        let fresh = clients(identity, &self.revocations)?;
+        self.endpoint.set_server_config(Some(server));
+        *lock(&self.clients) = fresh;
+        Ok(())
     }
 
     /// Accepts connections until the endpoint closes, handing calls to `handler`.
@@ -464,10 +484,13 @@ impl Quic {
         {
             return Ok(c);
         }
-        let cfg = match alpn {
-            ALPN_RAFT => self.raft_client.clone(),
-            ALPN_GOSSIP => self.gossip_client.clone(),
-            _ => self.ctl_client.clone(),
+        let cfg = {
+            let [raft, ctl, gossip] = &*lock(&self.clients);
+            match alpn {
+                ALPN_RAFT => raft.clone(),
+                ALPN_GOSSIP => gossip.clone(),
+                _ => ctl.clone(),
+            }
         };
         let conn = connect(&self.endpoint, cfg, addr, &pki::server_name(peer)).await?;
         self.conns
@@ -788,7 +811,15 @@ mod tests {
         let (key_der, csr) = pki::new_key_and_csr().unwrap();
         TlsIdentity {
             ca_der: ca.0.clone(),
-            cert_der: pki::sign_node_csr(&ca.0, &ca.1, &csr, id, shoal_mesh::Role::Worker).unwrap(),
+            cert_der: pki::sign_node_csr(
+                &ca.0,
+                &ca.1,
+                &csr,
+                id,
+                shoal_mesh::Role::Worker,
+                Duration::from_secs(3600),
+            )
+            .unwrap(),
             key_der,
         }
     }
