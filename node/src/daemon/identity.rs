@@ -153,21 +153,21 @@ impl StateDir {
 
     /// Moves a renewal's files into place, if one was written.
     fn finish_renewal(&self) -> Result<(), IdentityError> {
+        let mut renamed = false;
         for name in ["node.key", "node.der"] {
             let next = self.path(&format!("{name}.next"));
             match std::fs::rename(&next, self.path(name)) {
-                Ok(()) => {}
+                Ok(()) => renamed = true,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => return Err(file_err(&next, e)),
             }
         }
-        std::fs::File::open(&self.0)
-            .and_then(|d| d.sync_all())
-            .or_else(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => Ok(()),
-                _ => Err(e),
-            })
-            .map_err(|e| file_err(&self.0, e))
+        if renamed {
+            std::fs::File::open(&self.0)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| file_err(&self.0, e))?;
+        }
+        Ok(())
     }
 
     /// Stores (or, with `None`, deletes) the managers' key.
@@ -207,7 +207,15 @@ impl StateDir {
     pub fn wipe(&self) -> Result<(), IdentityError> {
         let mut errors = Vec::new();
         // node.json first: from here on the dir is no longer a member.
-        for name in ["node.json", "manager.key", "node.key", "node.der", "ca.der"] {
+        for name in [
+            "node.json",
+            "manager.key",
+            "node.key",
+            "node.der",
+            "ca.der",
+            "node.key.next",
+            "node.der.next",
+        ] {
             match std::fs::remove_file(self.path(name)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -253,5 +261,58 @@ impl ManagerKey {
         self.dir.save_manager_key(key.as_ref())?;
         *self.key.lock().unwrap_or_else(|p| p.into_inner()) = key;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shoal_mesh::Role;
+
+    #[test]
+    fn a_renewal_cut_short_between_its_renames_is_finished_at_the_next_load() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir(tmp.path().to_owned());
+        let ca = super::super::pki::new_ca().unwrap();
+        let issue = || {
+            let (key_der, csr) = super::super::pki::new_key_and_csr().unwrap();
+            let hour = std::time::Duration::from_secs(3600);
+            let cert =
+                super::super::pki::sign_node_csr(&ca.0, &ca.1, &csr, NodeId(7), Role::Worker, hour)
+                    .unwrap();
+            (cert, key_der)
+        };
+        let (cert, key_der) = issue();
+        dir.save(&Identity {
+            node: NodeFile {
+                node_id: NodeId(7),
+                cluster_id: "c".into(),
+                listen_addr: "127.0.0.1:2377".parse().unwrap(),
+                advertise_addr: "127.0.0.1:2377".parse().unwrap(),
+                join_managers: vec![],
+            },
+            tls: TlsIdentity {
+                ca_der: ca.0.clone(),
+                cert_der: cert,
+                key_der,
+            },
+            manager_key: None,
+        })
+        .unwrap();
+        // A renewal that wrote both files, and renamed only the key.
+        let (new_cert, new_key) = issue();
+        dir.write("node.key.next", &new_key, true).unwrap();
+        dir.write("node.der.next", &new_cert, false).unwrap();
+        std::fs::rename(dir.path("node.key.next"), dir.path("node.key")).unwrap();
+        let loaded = dir.load().unwrap().unwrap();
+        assert_eq!(
+            (loaded.tls.cert_der, loaded.tls.key_der),
+            (new_cert, new_key)
+        );
+        assert!(!dir.path("node.der.next").exists());
+        // And a whole one.
+        let (cert3, key3) = issue();
+        dir.save_tls(&cert3, &key3).unwrap();
+        assert_eq!(dir.load().unwrap().unwrap().tls.cert_der, cert3);
     }
 }
