@@ -17,6 +17,7 @@ use shoal_gossip::Keys;
 use shoal_mesh::NodeId;
 
 use super::pki;
+use super::poison::lock;
 use super::revocation::Revocations;
 use super::transport::TlsIdentity;
 
@@ -100,10 +101,6 @@ impl NodeKeys {
     }
 }
 
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Keys for NodeKeys {
     fn cert(&self) -> Vec<u8> {
         lock(&self.signing).cert.clone()
@@ -134,31 +131,14 @@ impl Keys for NodeKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_mesh::Role;
-
-    fn identity(ca: &(Vec<u8>, Vec<u8>), id: NodeId) -> TlsIdentity {
-        let (key_der, csr) = pki::new_key_and_csr().unwrap();
-        TlsIdentity {
-            ca_der: ca.0.clone(),
-            cert_der: pki::sign_node_csr(
-                &ca.0,
-                &ca.1,
-                &csr,
-                id,
-                Role::Worker,
-                std::time::Duration::from_secs(3600),
-            )
-            .unwrap(),
-            key_der,
-        }
-    }
+    use crate::daemon::transport::test_identity;
 
     #[test]
     fn only_the_owner_under_the_swarms_ca_signs_its_entries() {
         let ca = pki::new_ca().unwrap();
         let none = || Revocations::fixed(vec![]);
-        let a = NodeKeys::new(&identity(&ca, NodeId(1)), none()).unwrap();
-        let mut b = NodeKeys::new(&identity(&ca, NodeId(2)), none()).unwrap();
+        let a = NodeKeys::new(&test_identity(&ca, NodeId(1)), none()).unwrap();
+        let mut b = NodeKeys::new(&test_identity(&ca, NodeId(2)), none()).unwrap();
         let sig = a.sign(b"entry");
         assert!(b.verify(NodeId(1), &a.cert(), b"entry", &sig));
         assert!(!b.verify(NodeId(1), &a.cert(), b"other entry", &sig));
@@ -168,7 +148,7 @@ mod tests {
         assert!(!b.verify(NodeId(3), &a.cert(), b"entry", &sig));
         // A certificate of another swarm's CA.
         let other = pki::new_ca().unwrap();
-        let stranger = NodeKeys::new(&identity(&other, NodeId(1)), none()).unwrap();
+        let stranger = NodeKeys::new(&test_identity(&other, NodeId(1)), none()).unwrap();
         assert!(!b.verify(
             NodeId(1),
             &stranger.cert(),
@@ -177,31 +157,17 @@ mod tests {
         ));
         // A removed owner.
         let mut c = NodeKeys::new(
-            &identity(&ca, NodeId(3)),
+            &test_identity(&ca, NodeId(3)),
             Revocations::fixed(vec![NodeId(1)]),
         )
         .unwrap();
         assert!(!c.verify(NodeId(1), &a.cert(), b"entry", &sig));
     }
-}
-
-#[cfg(test)]
-mod renewal_tests {
-    use super::*;
-    use shoal_mesh::Role;
 
     #[test]
     fn a_renewed_key_signs_from_then_on() {
         let ca = pki::new_ca().unwrap();
-        let hour = std::time::Duration::from_secs(3600);
-        let issue = |id| {
-            let (key_der, csr) = pki::new_key_and_csr().unwrap();
-            TlsIdentity {
-                ca_der: ca.0.clone(),
-                cert_der: pki::sign_node_csr(&ca.0, &ca.1, &csr, id, Role::Worker, hour).unwrap(),
-                key_der,
-            }
-        };
+        let issue = |id| test_identity(&ca, id);
         let none = || Revocations::fixed(vec![]);
         let a = NodeKeys::new(&issue(NodeId(1)), none()).unwrap();
         let mut b = NodeKeys::new(&issue(NodeId(2)), none()).unwrap();

@@ -267,7 +267,6 @@ impl ManagerKey {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_mesh::Role;
 
     #[test]
     fn a_renewal_cut_short_between_its_renames_is_finished_at_the_next_load() {
@@ -275,12 +274,8 @@ mod tests {
         let dir = StateDir(tmp.path().to_owned());
         let ca = super::super::pki::new_ca().unwrap();
         let issue = || {
-            let (key_der, csr) = super::super::pki::new_key_and_csr().unwrap();
-            let hour = std::time::Duration::from_secs(3600);
-            let cert =
-                super::super::pki::sign_node_csr(&ca.0, &ca.1, &csr, NodeId(7), Role::Worker, hour)
-                    .unwrap();
-            (cert, key_der)
+            let id = super::super::transport::test_identity(&ca, NodeId(7));
+            (id.cert_der, id.key_der)
         };
         let (cert, key_der) = issue();
         dir.save(&Identity {

@@ -124,14 +124,15 @@ impl Member {
         let id = identity.node.node_id;
         let (log, sm) = shoal_raft::open(&dir.raft())?;
         let state = sm.handle();
+        let revocations = Revocations::of_store(state.clone());
         let quic = Quic::bind(
             &identity.tls,
             identity.node.listen_addr,
-            Revocations::of_store(state.clone()),
+            revocations.clone(),
         )?;
         let config = Arc::new(shoal_raft::config(&cfg.timing).validate()?);
         let raft = Raft::new(id.0, config, Network::new(QuicRaft(quic.clone())), log, sm).await?;
-        let keys = NodeKeys::new(&identity.tls, Revocations::of_store(state.clone()))?;
+        let keys = NodeKeys::new(&identity.tls, revocations)?;
         let signing = keys.signing();
         let (gossip, gossip_task) = super::gossip::spawn(
             id,

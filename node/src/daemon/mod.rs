@@ -21,6 +21,7 @@ pub mod orchestrate;
 pub mod peer;
 pub mod ping;
 pub mod pki;
+pub mod poison;
 pub mod quota;
 pub mod recovery;
 pub mod renewal;

@@ -23,6 +23,7 @@ use super::gate::JoinFailures;
 use super::gossip::{GossipCmd, GossipHandle};
 use super::identity::ManagerKey;
 use super::pki;
+use super::poison::lock;
 use super::transport::{Handler, Incoming, MAX_MESSAGE};
 use super::writer::{Propose, WRITE_TIMEOUT, WriteError, Writer};
 use shoal_mesh::wire::{
@@ -48,10 +49,6 @@ pub struct PeerHandler {
     pub join_managers: Vec<NodeId>,
     /// Failed join attempts per source address.
     pub join_failures: Mutex<JoinFailures>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use shoal_mesh::{Command, codec};
 use shoal_raft::StateHandle;
 
+use super::poison::lock;
+
 /// How old a measurement may be before it is taken again.
 pub const REMEASURE: Duration = Duration::from_secs(1);
 
@@ -59,7 +61,7 @@ impl Quota {
             return Ok(());
         }
         let now = Instant::now();
-        let mut m = self.measured.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = lock(&self.measured);
         let size = match *m {
             Some((at, size)) if now.duration_since(at) < REMEASURE => size,
             _ => {

@@ -17,6 +17,7 @@ use super::entry_keys::{SigningHandle, signing};
 use super::gossip::{GossipCmd, GossipHandle};
 use super::identity::{Identity, StateDir};
 use super::pki;
+use super::poison::lock;
 use super::transport::{Quic, TlsIdentity};
 use super::writer::Writer;
 
@@ -139,7 +140,7 @@ fn take(
         key_der,
     };
     ctx.quic.reload(&new)?;
-    *ctx.signing.lock().unwrap_or_else(|p| p.into_inner()) = signing(&new)?;
+    *lock(&ctx.signing) = signing(&new)?;
     ctx.dir.save_tls(&new.cert_der, &new.key_der)?;
     ctx.gossip.send(GossipCmd::Rekey);
     Ok(until)

@@ -29,6 +29,7 @@ use shoal_mesh::wire::{ALPN_CTL, ALPN_GOSSIP, ALPN_JOIN, ALPN_RAFT, MAX_JOIN_REQ
 
 use super::gate::{ANON_PER_SOURCE, ANON_TOTAL, AnonSlots};
 use super::pki;
+use super::poison::lock;
 use super::revocation::{ClientNotRevoked, Revocations, ServerNotRevoked};
 
 /// Largest request or reply accepted on a stream.
@@ -75,6 +76,20 @@ pub struct TlsIdentity {
     pub cert_der: Vec<u8>,
     /// This node's key (PKCS#8 DER).
     pub key_der: Vec<u8>,
+}
+
+/// A worker's identity for node `id` under `ca` (certificate, key), valid
+/// for an hour: for tests.
+#[cfg(test)]
+pub fn test_identity(ca: &(Vec<u8>, Vec<u8>), id: NodeId) -> TlsIdentity {
+    let (key_der, csr) = pki::new_key_and_csr().unwrap_or_else(|e| panic!("{e}"));
+    let hour = Duration::from_secs(3600);
+    TlsIdentity {
+        ca_der: ca.0.clone(),
+        cert_der: pki::sign_node_csr(&ca.0, &ca.1, &csr, id, shoal_mesh::Role::Worker, hour)
+            .unwrap_or_else(|e| panic!("{e}")),
+        key_der,
+    }
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -688,10 +703,6 @@ impl Drop for AnonSlot {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// A connection without a certificate: one join request of at most
 /// [`MAX_JOIN_REQUEST`] bytes, read within [`JOIN_READ_DEADLINE`], in one
 /// of a bounded number of slots; then the connection is closed.
@@ -807,23 +818,6 @@ mod tests {
         }
     }
 
-    fn identity(ca: &(Vec<u8>, Vec<u8>), id: NodeId) -> TlsIdentity {
-        let (key_der, csr) = pki::new_key_and_csr().unwrap();
-        TlsIdentity {
-            ca_der: ca.0.clone(),
-            cert_der: pki::sign_node_csr(
-                &ca.0,
-                &ca.1,
-                &csr,
-                id,
-                shoal_mesh::Role::Worker,
-                Duration::from_secs(3600),
-            )
-            .unwrap(),
-            key_der,
-        }
-    }
-
     fn loopback() -> SocketAddr {
         "127.0.0.1:0".parse().unwrap()
     }
@@ -832,7 +826,7 @@ mod tests {
     async fn cluster_peers_talk_and_strangers_are_served_nothing() {
         let ca = pki::new_ca().unwrap();
         let server = Quic::bind(
-            &identity(&ca, NodeId(1)),
+            &test_identity(&ca, NodeId(1)),
             loopback(),
             Revocations::fixed(vec![]),
         )
@@ -843,7 +837,7 @@ mod tests {
 
         // A node of the same cluster is served, and identified by its certificate.
         let peer = Quic::bind(
-            &identity(&ca, NodeId(2)),
+            &test_identity(&ca, NodeId(2)),
             loopback(),
             Revocations::fixed(vec![]),
         )
@@ -909,7 +903,7 @@ mod tests {
     async fn gossip_arrives_from_members_only() {
         let ca = pki::new_ca().unwrap();
         let server = Quic::bind(
-            &identity(&ca, NodeId(1)),
+            &test_identity(&ca, NodeId(1)),
             loopback(),
             Revocations::fixed(vec![]),
         )
@@ -919,7 +913,7 @@ mod tests {
         server.serve(echo.clone());
         let t = Duration::from_secs(3);
         let member = Quic::bind(
-            &identity(&ca, NodeId(2)),
+            &test_identity(&ca, NodeId(2)),
             loopback(),
             Revocations::fixed(vec![]),
         )
@@ -935,7 +929,7 @@ mod tests {
         // A node of another cluster that somehow trusts our CA fails the
         // handshake on the server's side: whatever it sends (its side may
         // believe it sent) never reaches the handler.
-        let mut foreign = identity(&pki::new_ca().unwrap(), NodeId(3));
+        let mut foreign = test_identity(&pki::new_ca().unwrap(), NodeId(3));
         foreign.ca_der = ca.0.clone();
         let stranger = Quic::bind(&foreign, loopback(), Revocations::fixed(vec![])).unwrap();
         let _ = stranger.gossip(addr, NodeId(1), b"evil", true, t).await;
@@ -962,7 +956,7 @@ mod tests {
     async fn removed_nodes_are_refused_at_the_handshake_both_ways() {
         let ca = pki::new_ca().unwrap();
         let server = Quic::bind(
-            &identity(&ca, NodeId(1)),
+            &test_identity(&ca, NodeId(1)),
             loopback(),
             Revocations::fixed(vec![NodeId(3)]),
         )
@@ -971,20 +965,20 @@ mod tests {
         server.serve(Arc::new(Echo::default()));
         let t = Duration::from_secs(3);
         let none = || Revocations::fixed(vec![]);
-        let member = Quic::bind(&identity(&ca, NodeId(2)), loopback(), none()).unwrap();
+        let member = Quic::bind(&test_identity(&ca, NodeId(2)), loopback(), none()).unwrap();
         assert!(
             member
                 .call(addr, NodeId(1), ALPN_CTL, b"hi", t)
                 .await
                 .is_ok()
         );
-        let removed = Quic::bind(&identity(&ca, NodeId(3)), loopback(), none()).unwrap();
+        let removed = Quic::bind(&test_identity(&ca, NodeId(3)), loopback(), none()).unwrap();
         // (TLS 1.3: the client learns of it when the server closes.)
         let refused = removed.call(addr, NodeId(1), ALPN_CTL, b"hi", t).await;
         assert!(refused.is_err(), "{refused:?}");
         // A node that knows the server as removed does not talk to it.
         let wary = Quic::bind(
-            &identity(&ca, NodeId(4)),
+            &test_identity(&ca, NodeId(4)),
             loopback(),
             Revocations::fixed(vec![NodeId(1)]),
         )
@@ -1000,15 +994,15 @@ mod tests {
     async fn the_server_refuses_clients_without_a_cluster_certificate() {
         let ca = pki::new_ca().unwrap();
         let server = Quic::bind(
-            &identity(&ca, NodeId(1)),
+            &test_identity(&ca, NodeId(1)),
             loopback(),
             Revocations::fixed(vec![]),
         )
         .unwrap();
         let addr = server.endpoint.local_addr().unwrap();
         server.serve(Arc::new(Echo::default()));
-        let member = identity(&ca, NodeId(2));
-        let foreign = identity(&pki::new_ca().unwrap(), NodeId(2));
+        let member = test_identity(&ca, NodeId(2));
+        let foreign = test_identity(&pki::new_ca().unwrap(), NodeId(2));
         for alpn in [ALPN_RAFT, ALPN_CTL] {
             assert!(call_as(&ca.0, Some(&member), addr, alpn).await.is_ok());
             assert!(
