@@ -120,25 +120,19 @@ pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
     let result = match req {
         Request::Info => info(d).await,
         Request::SwarmInit {
+            force_new_cluster: true,
+            ..
+        } => super::recovery::force_new_cluster(d).await,
+        Request::SwarmInit {
             advertise_addr,
             listen_addr,
-            force_new_cluster,
             default_addr_pool,
             default_addr_pool_mask_length,
             cert_expiry_ms,
+            ..
         } => {
-            if force_new_cluster {
-                super::recovery::force_new_cluster(d).await
-            } else {
-                init(
-                    d,
-                    (advertise_addr, listen_addr),
-                    &default_addr_pool,
-                    default_addr_pool_mask_length,
-                    cert_expiry_ms,
-                )
-                .await
-            }
+            let pool = (&default_addr_pool[..], default_addr_pool_mask_length);
+            init(d, (advertise_addr, listen_addr), pool, cert_expiry_ms).await
         }
         Request::SwarmUpdate { cert_expiry_ms } => swarm_update(d, cert_expiry_ms).await,
         Request::NetworkCreate(spec) => super::networks::create(d, *spec).await,
@@ -479,8 +473,7 @@ async fn bootstrap(d: &Daemon, new: &NewSwarm) -> anyhow::Result<Arc<Member>> {
 async fn init(
     d: &Arc<Daemon>,
     (advertise, listen): (Option<HostPort>, Option<HostPort>),
-    pool: &[shoal_mesh::cidr::Ipv4Net],
-    pool_mask: Option<u8>,
+    (pool, pool_mask): (&[shoal_mesh::cidr::Ipv4Net], Option<u8>),
     cert_expiry_ms: Option<u64>,
 ) -> anyhow::Result<Reply> {
     let expiry = check_cert_expiry(d, cert_expiry_ms.unwrap_or(DEFAULT_CERT_EXPIRY_MS))?;

@@ -24,7 +24,7 @@ use shoal_raft::{
 use tokio::task::JoinHandle;
 
 use super::dataplane::DataplaneCtx;
-use super::entry_keys::NodeKeys;
+use super::entry_keys::{NodeKeys, SigningHandle};
 use super::executor::ExecutorCtx;
 use super::gossip::GossipHandle;
 use super::identity::{Identity, ManagerKey, StateDir};
@@ -99,6 +99,49 @@ impl RaftTransport for QuicRaft {
     }
 }
 
+/// Opens the store, binds the endpoint (which refuses the store's revoked
+/// nodes) and starts Raft on it.
+async fn open(
+    identity: &Identity,
+    dir: &StateDir,
+    timing: &shoal_raft::RaftTiming,
+) -> anyhow::Result<(StateHandle, Revocations, Arc<Quic>, Raft)> {
+    let (log, sm) = shoal_raft::open(&dir.raft())?;
+    let state = sm.handle();
+    let revocations = Revocations::of_store(state.clone());
+    let quic = Quic::bind(
+        &identity.tls,
+        identity.node.listen_addr,
+        revocations.clone(),
+    )?;
+    let config = Arc::new(shoal_raft::config(timing).validate()?);
+    let id = identity.node.node_id.0;
+    let raft = Raft::new(id, config, Network::new(QuicRaft(quic.clone())), log, sm).await?;
+    Ok((state, revocations, quic, raft))
+}
+
+/// Starts gossip, signing with this node's key; its handle, its task, and
+/// the signing pair a renewal replaces.
+fn start_gossip(
+    identity: &Identity,
+    quic: &Arc<Quic>,
+    state: &StateHandle,
+    revocations: Revocations,
+    config: shoal_gossip::GossipConfig,
+) -> anyhow::Result<(GossipHandle, JoinHandle<()>, SigningHandle)> {
+    let keys = NodeKeys::new(&identity.tls, revocations)?;
+    let signing = keys.signing();
+    let (gossip, task) = super::gossip::spawn(
+        identity.node.node_id,
+        identity.node.advertise_addr,
+        quic.clone(),
+        state.clone(),
+        config,
+        Box::new(keys),
+    );
+    Ok((gossip, task, signing))
+}
+
 /// What starting a member needs besides its identity and state dir.
 pub struct MemberConfig {
     /// Raft's timing.
@@ -122,26 +165,9 @@ impl Member {
         cfg: MemberConfig,
     ) -> anyhow::Result<Arc<Member>> {
         let id = identity.node.node_id;
-        let (log, sm) = shoal_raft::open(&dir.raft())?;
-        let state = sm.handle();
-        let revocations = Revocations::of_store(state.clone());
-        let quic = Quic::bind(
-            &identity.tls,
-            identity.node.listen_addr,
-            revocations.clone(),
-        )?;
-        let config = Arc::new(shoal_raft::config(&cfg.timing).validate()?);
-        let raft = Raft::new(id.0, config, Network::new(QuicRaft(quic.clone())), log, sm).await?;
-        let keys = NodeKeys::new(&identity.tls, revocations)?;
-        let signing = keys.signing();
-        let (gossip, gossip_task) = super::gossip::spawn(
-            id,
-            identity.node.advertise_addr,
-            quic.clone(),
-            state.clone(),
-            cfg.gossip,
-            Box::new(keys),
-        );
+        let (state, revocations, quic, raft) = open(&identity, &dir, &cfg.timing).await?;
+        let (gossip, gossip_task, signing) =
+            start_gossip(&identity, &quic, &state, revocations, cfg.gossip)?;
         let live = Arc::new(Liveness::new(id));
         let keys = Arc::new(ManagerKey::new(dir.clone(), identity.manager_key));
         let quota = Arc::new(Quota::new(cfg.quota_bytes));
