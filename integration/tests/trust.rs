@@ -57,8 +57,9 @@ fn a_worker_is_refused_every_change_on_its_node() {
     let _serial = serial();
     let c = Cluster::start(2).unwrap();
     c.form(1).unwrap();
-    let writes: [&[&str]; 8] = [
+    let writes: [&[&str]; 9] = [
         &["node", "promote", "node2"],
+        &["swarm", "ca", "--rotate"],
         &["node", "update", "--availability", "drain", "node1"],
         &[
             "service", "create", "--detach", "--name", "x", "--", "sleep", "1",
@@ -478,4 +479,116 @@ fn certificates_expire_and_are_renewed_half_way_without_a_restart() {
     );
     c.shoal_ok(0, &["swarm", "update", "--cert-expiry", "2160h"])
         .unwrap();
+}
+
+#[test]
+fn the_ca_rotates_under_traffic_and_the_old_ca_is_dropped() {
+    let _serial = serial();
+    let c = Cluster::start(4).unwrap();
+    c.form_roles(&[true, true, false]).unwrap();
+    let old_token = c.token(0, "worker").unwrap();
+    let old_fp = old_token.split('-').nth(2).unwrap().to_owned();
+    // The worker's certificate under the old CA, to try once it is dropped.
+    let old = tempfile::tempdir().unwrap();
+    for f in ["ca.der", "node.der", "node.key"] {
+        std::fs::copy(c.hosts[2].state_dir.join(f), old.path().join(f)).unwrap();
+    }
+    // Traffic through the rotation: writes forwarded from the follower
+    // manager to the leader, and reads on the worker.
+    let term_before = term(&c, 0);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (rotated, failures, requests) = std::thread::scope(|scope| {
+        let traffic = scope.spawn(|| {
+            let (mut failures, mut n) = (Vec::new(), 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let label = format!("round={n}");
+                for (i, args) in [
+                    (1, vec!["node", "update", "--label-add", &label, "node3"]),
+                    (2, vec!["node", "ls"]),
+                ] {
+                    let r = c.shoal(i, &args);
+                    if !r.ok() {
+                        failures.push(format!(
+                            "`{}` on node{}: {}",
+                            args.join(" "),
+                            i + 1,
+                            r.stderr
+                        ));
+                    }
+                    n += 1;
+                }
+            }
+            (failures, n)
+        });
+        std::thread::sleep(Duration::from_secs(1));
+        let rotated = c.shoal_ok(0, &["swarm", "ca", "--rotate"]);
+        std::thread::sleep(Duration::from_secs(1));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (failures, n) = traffic.join().unwrap();
+        (rotated.unwrap(), failures, n)
+    });
+    assert!(
+        failures.is_empty(),
+        "{} of {requests} requests failed: {failures:#?}",
+        failures.len()
+    );
+    // The rotation cost no election.
+    assert_eq!(
+        term(&c, 0),
+        term_before,
+        "the leader changed during the rotation"
+    );
+    assert!(
+        requests > 10,
+        "only {requests} requests went through the rotation"
+    );
+    assert!(
+        rotated.stdout.starts_with("-----BEGIN CERTIFICATE-----"),
+        "{}",
+        rotated.stdout
+    );
+    assert!(
+        rotated.stderr.contains("CA rotation finished"),
+        "{}",
+        rotated.stderr
+    );
+    // Every node holds a certificate under the new CA, and the tokens pin it.
+    let ca = c.shoal_ok(1, &["swarm", "ca"]).unwrap();
+    assert_eq!(ca.stdout, rotated.stdout, "both managers show the new CA");
+    let new_token = c.token(1, "worker").unwrap();
+    let new_fp = new_token.split('-').nth(2).unwrap().to_owned();
+    assert_ne!(new_fp, old_fp);
+    assert_eq!(
+        new_token.split('-').nth(3),
+        old_token.split('-').nth(3),
+        "the secret stays"
+    );
+    for i in 0..3 {
+        let fp = &c.info(i).unwrap()["certificate"]["issuer_fingerprint"];
+        assert_eq!(fp, new_fp.as_str(), "node{}", i + 1);
+    }
+    // A certificate under the old CA is refused at the handshake.
+    let manager: SocketAddr = c.hosts[0].addr().parse().unwrap();
+    let before = Attacker::with_identity_of(old.path()).unwrap();
+    assert!(before.ctl(manager, &CtlRequest::Ping).is_err());
+    let now = Attacker::with_identity_of(&c.hosts[2].state_dir).unwrap();
+    assert!(matches!(
+        now.ctl(manager, &CtlRequest::Ping).unwrap(),
+        CtlReply::Pong
+    ));
+    // The old token names a CA the swarm no longer has; the new one joins.
+    c.assert_refused(
+        3,
+        &["swarm", "join", "--token", &old_token, &c.hosts[0].addr()],
+        "does not match the join token's fingerprint",
+    );
+    c.join(3, &new_token, 0).unwrap();
+    // Everyone is ready, the new node too, and it has the store.
+    c.wait_until("every node ready", Duration::from_secs(15), |c| {
+        let nodes = c.node_ls(0)?;
+        Ok(nodes.len() == 4
+            && nodes.iter().all(|n| n["status"] == "ready")
+            && c.node_ls(3)?.len() == 4)
+    })
+    .unwrap();
 }

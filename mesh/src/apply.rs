@@ -189,6 +189,28 @@ pub enum Command {
         /// What it reports.
         report: TaskReport,
     },
+    /// `swarm ca --rotate`: a new CA, trusted beside the old one until
+    /// every node has a certificate under it.
+    StartCaRotation(crate::ca::CaRotation),
+    /// Node `node` holds a certificate under the new CA (set from the
+    /// reporter's certificate by the manager that takes the report).
+    AdoptCa {
+        /// The reporting node.
+        node: NodeId,
+        /// The new CA's fingerprint.
+        fingerprint: String,
+    },
+    /// Every node has adopted the new CA: it replaces the old one.
+    FinishCaRotation {
+        /// The new CA's fingerprint.
+        fingerprint: String,
+    },
+    /// `swarm update --autolock`: the unlock key sealed with the managers'
+    /// key, or `None` to turn autolock off.
+    SetAutolock {
+        /// The sealed unlock key.
+        sealed_unlock_key: Option<Vec<u8>>,
+    },
 }
 
 /// What a successful command produced.
@@ -282,6 +304,9 @@ pub enum ApplyError {
     /// A value over its bound (see [`crate::bounds`]).
     #[error(transparent)]
     OutOfBounds(#[from] OutOfBounds),
+    /// A CA rotation command that does not fit the rotation running.
+    #[error(transparent)]
+    Ca(#[from] crate::ca::CaError),
     /// A node reported on a task that is not assigned to it.
     #[error("task {task} is not assigned to node {node}: a node reports only its own tasks")]
     NotAssigned {
@@ -373,6 +398,12 @@ pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyEr
         Command::SetNodeAddr { node, addr } => set_node_addr(state, node, addr),
         Command::ReportTask { node, report } => report_task(state, node, report),
         Command::SetCertExpiry { ms } => set_cert_expiry(state, *ms),
+        Command::StartCaRotation(rotation) => crate::ca::start_rotation(state, rotation),
+        Command::AdoptCa { node, fingerprint } => crate::ca::adopt(state, *node, fingerprint),
+        Command::FinishCaRotation { fingerprint } => crate::ca::finish_rotation(state, fingerprint),
+        Command::SetAutolock { sealed_unlock_key } => {
+            crate::ca::set_autolock(state, sealed_unlock_key)
+        }
     }
 }
 
@@ -404,6 +435,8 @@ fn init(
     state.ingress_addrs.clear();
     state.revoked.clear();
     state.cert_expiry_ms = crate::state::DEFAULT_CERT_EXPIRY_MS;
+    state.ca_rotation = None;
+    state.autolock = None;
     give_ingress_addr(state, first.id);
     Ok(Outcome::Done)
 }

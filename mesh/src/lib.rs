@@ -14,6 +14,7 @@
 
 pub mod apply;
 pub mod bounds;
+pub mod ca;
 pub mod cidr;
 pub mod codec;
 pub mod constraint;

@@ -129,6 +129,7 @@ pub fn orchestrate(
     }
     let mut out = pass.out;
     out.extend(prune_history(state));
+    out.extend(crate::ca::finish_when_adopted(state));
     out
 }
 

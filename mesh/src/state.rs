@@ -187,6 +187,11 @@ pub struct ClusterState {
     /// How long node certificates are valid, in milliseconds (`swarm
     /// update --cert-expiry`); nodes renew theirs at half that.
     pub cert_expiry_ms: u64,
+    /// A CA rotation in progress (`swarm ca --rotate`).
+    pub ca_rotation: Option<crate::ca::CaRotation>,
+    /// Autolock (`swarm init --autolock`, `swarm update --autolock`): the
+    /// unlock key, sealed with the managers' key; `None` when off.
+    pub autolock: Option<Vec<u8>>,
 }
 
 /// Node certificates' validity unless set: 90 days, as in Docker Swarm.
@@ -221,6 +226,39 @@ impl From<ClusterStateV1> for ClusterState {
             ingress_addrs: v1.ingress_addrs,
             revoked: Default::default(),
             cert_expiry_ms: DEFAULT_CERT_EXPIRY_MS,
+            ca_rotation: None,
+            autolock: None,
+        }
+    }
+}
+
+/// [`ClusterState`] as snapshots before CA rotation and autolock stored
+/// it; read when a current decode fails.
+#[derive(Deserialize)]
+pub struct ClusterStateV2 {
+    cluster: Option<ClusterInfo>,
+    nodes: BTreeMap<NodeId, Node>,
+    networks: BTreeMap<crate::ids::NetworkId, crate::network::Network>,
+    services: BTreeMap<crate::ids::ServiceId, crate::service::Service>,
+    tasks: BTreeMap<crate::ids::TaskId, crate::task::Task>,
+    ingress_addrs: BTreeMap<NodeId, std::net::Ipv4Addr>,
+    revoked: std::collections::BTreeSet<NodeId>,
+    cert_expiry_ms: u64,
+}
+
+impl From<ClusterStateV2> for ClusterState {
+    fn from(v2: ClusterStateV2) -> Self {
+        ClusterState {
+            cluster: v2.cluster,
+            nodes: v2.nodes,
+            networks: v2.networks,
+            services: v2.services,
+            tasks: v2.tasks,
+            ingress_addrs: v2.ingress_addrs,
+            revoked: v2.revoked,
+            cert_expiry_ms: v2.cert_expiry_ms,
+            ca_rotation: None,
+            autolock: None,
         }
     }
 }

@@ -53,6 +53,13 @@ pub enum CtlRequest {
         /// The CSR (DER).
         csr_der: Vec<u8>,
     },
+    /// The caller holds a certificate under the new CA of the CA rotation
+    /// running (any member; the leader writes `Command::AdoptCa` with the
+    /// caller's node ID).
+    AdoptCa {
+        /// The new CA's fingerprint.
+        fingerprint: String,
+    },
 }
 
 /// The reply to a [`CtlRequest`].

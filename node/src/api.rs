@@ -207,6 +207,11 @@ pub enum Request {
         /// Where to listen.
         listen_addr: Option<HostPort>,
     },
+    /// `swarm ca`: the CA; with `rotate`, start replacing it.
+    SwarmCa {
+        /// `--rotate`.
+        rotate: bool,
+    },
     /// `swarm join-token`.
     JoinToken {
         /// Which token.
@@ -380,6 +385,7 @@ impl Request {
                 force_new_cluster, ..
             } => *force_new_cluster,
             Request::JoinToken { .. }
+            | Request::SwarmCa { .. }
             | Request::SwarmUpdate { .. }
             | Request::NodePromote { .. }
             | Request::NodeDemote { .. }

@@ -248,6 +248,32 @@ pub struct JoinTokenView {
     pub rotated: bool,
 }
 
+/// `swarm ca`: the cluster CA, and a rotation's progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaView {
+    /// The CA certificate, PEM.
+    pub ca_cert_pem: String,
+    /// Its SHA-256 fingerprint (what join tokens pin).
+    pub ca_fingerprint: String,
+    /// A rotation in progress.
+    pub rotation: Option<CaRotationView>,
+}
+
+/// A CA rotation's progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaRotationView {
+    /// The new CA's fingerprint.
+    pub ca_fingerprint: String,
+    /// When it started, ms since the epoch.
+    pub started_at_ms: u64,
+    /// Nodes in the swarm.
+    pub nodes: usize,
+    /// Nodes with a certificate under the new CA.
+    pub adopted: usize,
+    /// The nodes it waits for: `ID (hostname)`.
+    pub pending: Vec<String>,
+}
+
 /// What was done, in words (`swarm init --force-new-cluster`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Done {

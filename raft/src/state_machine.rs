@@ -34,23 +34,32 @@ pub struct SmData {
     pub state: ClusterState,
 }
 
-/// [`SmData`] as snapshots before `ClusterState::revoked` stored it.
+/// [`SmData`] with an older shape of the cluster state: `ClusterStateV1`
+/// (before `revoked`) or `ClusterStateV2` (before CA rotation and autolock).
 #[derive(Deserialize)]
-struct SmDataV1 {
+struct SmDataOld<S> {
     last_applied: Option<LogId<u64>>,
     membership: StoredMembership<u64, BasicNode>,
-    state: shoal_mesh::state::ClusterStateV1,
+    state: S,
+}
+
+fn decode_old<S>(bytes: &[u8]) -> Result<SmData, codec::DecodeError>
+where
+    S: serde::de::DeserializeOwned + Into<ClusterState>,
+{
+    codec::decode::<SmDataOld<S>>(bytes, codec::DEFAULT_LIMIT).map(|old| SmData {
+        last_applied: old.last_applied,
+        membership: old.membership,
+        state: old.state.into(),
+    })
 }
 
 /// A snapshot's content, in the current shape or an older one.
 fn decode_data(bytes: &[u8]) -> Result<SmData, codec::DecodeError> {
+    use shoal_mesh::state::{ClusterStateV1, ClusterStateV2};
     codec::decode::<SmData>(bytes, codec::DEFAULT_LIMIT).or_else(|current| {
-        codec::decode::<SmDataV1>(bytes, codec::DEFAULT_LIMIT)
-            .map(|v1| SmData {
-                last_applied: v1.last_applied,
-                membership: v1.membership,
-                state: v1.state.into(),
-            })
+        decode_old::<ClusterStateV2>(bytes)
+            .or_else(|_| decode_old::<ClusterStateV1>(bytes))
             .map_err(|_| current)
     })
 }
@@ -342,6 +351,28 @@ mod tests {
         let data = decode_data(&bytes).unwrap();
         assert_eq!(data.state.nodes[&NodeId(1)], node(1));
         assert!(data.state.revoked.is_empty());
+        // The shape before CA rotation and autolock.
+        #[derive(Serialize)]
+        struct V2 {
+            last_applied: Option<LogId<u64>>,
+            membership: StoredMembership<u64, BasicNode>,
+            state: OldState,
+            revoked: std::collections::BTreeSet<NodeId>,
+            cert_expiry_ms: u64,
+        }
+        // (bincode lays a nested struct's fields out in line, so the
+        // state's two later fields can follow it here.)
+        let v2 = V2 {
+            last_applied: old.last_applied,
+            membership: old.membership.clone(),
+            state: old.state,
+            revoked: [NodeId(4)].into(),
+            cert_expiry_ms: 3_600_000,
+        };
+        let data2 = decode_data(&codec::encode(&v2).unwrap()).unwrap();
+        assert!(data2.state.revoked.contains(&NodeId(4)));
+        assert_eq!(data2.state.cert_expiry_ms, 3_600_000);
+        assert!(data2.state.ca_rotation.is_none());
         // The current shape reads as itself.
         let mut now = data.clone();
         now.state.revoked.insert(NodeId(7));

@@ -8,7 +8,7 @@ use shoal_mesh::cidr::Ipv4Net;
 
 use super::Client;
 use crate::api::{HostPort, Request};
-use crate::views::{Done, JoinTokenView, JoinedView, SwarmInitView};
+use crate::views::{CaRotationView, CaView, Done, JoinTokenView, JoinedView, SwarmInitView};
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum RoleArg {
@@ -78,6 +78,18 @@ pub enum SwarmCmd {
         rotate: bool,
         /// Whose token.
         role: RoleArg,
+    },
+    /// Show the swarm's CA certificate, or replace the CA (--rotate).
+    Ca {
+        /// Replace the CA: every node gets a certificate under a new CA, then the old one is dropped (join tokens change).
+        #[arg(long)]
+        rotate: bool,
+        /// Return once the rotation started, without waiting for every node.
+        #[arg(short, long)]
+        detach: bool,
+        /// Print the certificate only, without progress.
+        #[arg(short, long)]
+        quiet: bool,
     },
     /// Leave the swarm.
     Leave {
@@ -174,6 +186,11 @@ impl SwarmCmd {
                     println!("    shoal swarm join --token {token} {}", v.manager_addr);
                 }
             }
+            SwarmCmd::Ca {
+                rotate,
+                detach,
+                quiet,
+            } => swarm_ca(client, rotate, detach, quiet).await?,
             SwarmCmd::Leave { force } => {
                 client.call(&Request::SwarmLeave { force }).await?;
                 println!("Node left the swarm.");
@@ -181,4 +198,49 @@ impl SwarmCmd {
         }
         Ok(())
     }
+}
+
+/// How far a CA rotation is, in words.
+fn progress(r: &CaRotationView) -> String {
+    let waiting = if r.pending.is_empty() {
+        String::new()
+    } else {
+        format!(" (waiting for {})", r.pending.join(", "))
+    };
+    format!(
+        "{} of {} nodes have a certificate under the new CA {}{waiting}",
+        r.adopted, r.nodes, r.ca_fingerprint
+    )
+}
+
+/// `swarm ca`: with `--rotate`, starts a rotation and (unless `detach`)
+/// follows it until every node has a certificate under the new CA.
+async fn swarm_ca(client: &Client, rotate: bool, detach: bool, quiet: bool) -> anyhow::Result<()> {
+    let mut v: CaView = client.call_as(&Request::SwarmCa { rotate }).await?;
+    if rotate && !detach {
+        let target = v.rotation.as_ref().map(|r| r.ca_fingerprint.clone());
+        let mut last = None;
+        while let Some(r) = v
+            .rotation
+            .as_ref()
+            .filter(|r| Some(&r.ca_fingerprint) == target.as_ref())
+        {
+            if !quiet && last != Some(r.adopted) {
+                eprintln!("rotating the CA: {}", progress(r));
+                last = Some(r.adopted);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            v = client.call_as(&Request::SwarmCa { rotate: false }).await?;
+        }
+        if !quiet {
+            eprintln!(
+                "CA rotation finished: join tokens now pin CA {}",
+                v.ca_fingerprint
+            );
+        }
+    } else if let Some(r) = v.rotation.as_ref().filter(|_| !quiet) {
+        eprintln!("CA rotation in progress: {}", progress(r));
+    }
+    print!("{}", v.ca_cert_pem);
+    Ok(())
 }

@@ -173,6 +173,18 @@ pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
             label_rm,
         } => node_update(d, &node, availability, label_add, label_rm).await,
         Request::NodeRm { node, force } => node_rm(d, &node, force).await,
+        Request::SwarmCa { rotate } => super::ca::swarm_ca(d, rotate).await,
+        debug => debug_request(d, debug).await,
+    };
+    match result {
+        Ok(reply) => reply,
+        Err(e) => Reply::err(super::kinds::kind_of(&e), format!("{e:#}")),
+    }
+}
+
+/// The `debug` requests.
+async fn debug_request(d: &Arc<Daemon>, req: Request) -> anyhow::Result<Reply> {
+    match req {
         Request::DebugDataplane { network } => debug_dataplane(d, network).await,
         Request::DebugDns { task, name } => debug_dns(d, &task, &name).await,
         Request::DebugGossip { network } => gossip_ask(d, |tx| GossipCmd::Dump(network, tx))
@@ -206,10 +218,7 @@ pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
         })
         .await
         .and_then(|r| Ok(r.map(|()| Reply::ok(json!({})))?)),
-    };
-    match result {
-        Ok(reply) => reply,
-        Err(e) => Reply::err(super::kinds::kind_of(&e), format!("{e:#}")),
+        other => Err(ApiError::invalid(format!("not a debug request: {other:?}"))),
     }
 }
 
@@ -243,11 +252,17 @@ async fn info(d: &Daemon) -> anyhow::Result<Reply> {
     let metrics = m.raft.metrics().borrow().clone();
     let role = state.nodes.get(&m.id).map(|n| n.role);
     let warnings = m.sandboxes.warnings();
-    // This node's certificate, as its state dir holds it.
+    // This node's certificate, as its state dir holds it, and which of the
+    // CAs it knows issued it.
     let certificate = d.dir.load().ok().flatten().map(|id| {
+        let mut cas = state.trusted_cas();
+        cas.push(&id.tls.ca_der);
+        let issuer = cas
+            .into_iter()
+            .find(|ca| pki::issued_by(&id.tls.cert_der, ca));
         json!({
             "expires_at_ms": pki::expires_at_ms(&id.tls.cert_der).ok(),
-            "issuer_fingerprint": pki::fingerprint(&id.tls.ca_der),
+            "issuer_fingerprint": issuer.map(pki::fingerprint),
         })
     });
     let mut reply = Reply::ok(json!({
@@ -652,7 +667,10 @@ async fn join_token(d: &Daemon, role: Role, rotate: bool) -> anyhow::Result<Repl
         Role::Manager => &cluster.tokens.manager_sealed,
         Role::Worker => &cluster.tokens.worker_sealed,
     };
-    let token = String::from_utf8(pki::unseal(&key, sealed)?)?;
+    // The secret as sealed, with the CA as it is now (a CA rotation
+    // changes every token's fingerprint, not its secret).
+    let mut token: JoinToken = String::from_utf8(pki::unseal(&key, sealed)?)?.parse()?;
+    token.ca_fingerprint.clone_from(&cluster.ca_fingerprint);
     let addr = state
         .nodes
         .get(&m.id)

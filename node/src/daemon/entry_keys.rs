@@ -1,7 +1,9 @@
 //! The node's side of gossip integrity (`shoal_gossip::keys`): entries are
 //! signed with the node's TLS key (ECDSA P-256), and another owner's entry
 //! is taken only under a certificate the swarm's CA signed, naming that
-//! owner, not revoked, whose key made the signature.
+//! owner, not revoked, whose key made the signature. What travels as a
+//! node's "certificate" is its chain: the certificate, then (during a CA
+//! rotation) the cross-signed new CA, DER after DER.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,16 +12,14 @@ use ring::rand::SystemRandom;
 use ring::signature::{
     ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, UnparsedPublicKey,
 };
-use rustls::pki_types::{CertificateDer, UnixTime};
-use rustls::server::WebPkiClientVerifier;
-use rustls::server::danger::ClientCertVerifier;
+use rustls::pki_types::CertificateDer;
 use shoal_gossip::Keys;
 use shoal_mesh::NodeId;
 
 use super::pki;
 use super::poison::lock;
-use super::revocation::Revocations;
 use super::transport::TlsIdentity;
+use super::trust::Trust;
 
 /// This node's certificate and key, replaced when they are renewed.
 pub struct Signing {
@@ -31,46 +31,54 @@ pub struct Signing {
 /// renewal loop replaces it).
 pub type SigningHandle = Arc<std::sync::Mutex<Signing>>;
 
-/// This node's signing pair from its TLS identity.
-pub fn signing(id: &TlsIdentity) -> anyhow::Result<Signing> {
+/// This node's signing pair from its TLS identity, with the chain `trust`
+/// calls for.
+pub fn signing(id: &TlsIdentity, trust: &Trust) -> anyhow::Result<Signing> {
     let key = EcdsaKeyPair::from_pkcs8(
         &ECDSA_P256_SHA256_ASN1_SIGNING,
         &id.key_der,
         &SystemRandom::new(),
     )
     .map_err(|e| anyhow::anyhow!("this node's key cannot sign gossip entries: {e}"))?;
-    Ok(Signing {
-        cert: id.cert_der.clone(),
-        key,
-    })
+    let mut cert = id.cert_der.clone();
+    for c in trust.anchors().intermediates_for(&id.cert_der) {
+        cert.extend_from_slice(&c);
+    }
+    Ok(Signing { cert, key })
+}
+
+/// The certificates in `bytes`, DER after DER (at most four).
+fn split_chain(mut bytes: &[u8]) -> Option<Vec<CertificateDer<'static>>> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() && out.len() < 4 {
+        let (rest, _) = x509_parser::parse_x509_certificate(bytes).ok()?;
+        let len = bytes.len() - rest.len();
+        out.push(CertificateDer::from(bytes[..len].to_vec()));
+        bytes = rest;
+    }
+    (bytes.is_empty() && !out.is_empty()).then_some(out)
 }
 
 /// Signs this node's entries; checks others' against the swarm's CA.
 pub struct NodeKeys {
     signing: SigningHandle,
     rng: SystemRandom,
-    ca: Arc<dyn ClientCertVerifier>,
-    revocations: Revocations,
-    /// Certificates already checked, with their public keys, by owner.
+    trust: Trust,
+    /// Certificates already checked, with their public keys, by owner,
+    /// under the trusted CAs of epoch `epoch`.
     known: HashMap<NodeId, (Vec<u8>, Vec<u8>)>,
+    epoch: u64,
 }
 
 impl NodeKeys {
     /// The keys of the node with TLS identity `id`.
-    pub fn new(id: &TlsIdentity, revocations: Revocations) -> anyhow::Result<Self> {
-        let signing = Arc::new(std::sync::Mutex::new(signing(id)?));
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(CertificateDer::from(id.ca_der.clone()))?;
-        let ca = WebPkiClientVerifier::builder_with_provider(
-            Arc::new(roots),
-            Arc::new(rustls::crypto::ring::default_provider()),
-        )
-        .build()?;
+    pub fn new(id: &TlsIdentity, trust: Trust) -> anyhow::Result<Self> {
+        let signing = Arc::new(std::sync::Mutex::new(signing(id, &trust)?));
         Ok(NodeKeys {
             signing,
             rng: SystemRandom::new(),
-            ca,
-            revocations,
+            epoch: trust.epoch(),
+            trust,
             known: HashMap::new(),
         })
     }
@@ -82,19 +90,22 @@ impl NodeKeys {
 
     /// The public key of `cert`, if it is a valid certificate of `owner`.
     fn public_key(&mut self, owner: NodeId, cert: &[u8]) -> Option<Vec<u8>> {
+        let epoch = self.trust.epoch();
+        if epoch != self.epoch {
+            // Another CA: what was checked under the old one is checked again.
+            self.known.clear();
+            self.epoch = epoch;
+        }
         if let Some((c, pk)) = self.known.get(&owner)
             && c == cert
         {
             return Some(pk.clone());
         }
-        let der = CertificateDer::from(cert.to_vec());
-        self.ca
-            .verify_client_cert(&der, &[], UnixTime::now())
-            .ok()?;
-        if pki::node_id_of(cert).ok()? != owner {
+        let chain = split_chain(cert)?;
+        if !self.trust.verifies(&chain) || pki::node_id_of(&chain[0]).ok()? != owner {
             return None;
         }
-        let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+        let (_, parsed) = x509_parser::parse_x509_certificate(&chain[0]).ok()?;
         let pk = parsed.public_key().subject_public_key.data.to_vec();
         self.known.insert(owner, (cert.to_vec(), pk.clone()));
         Some(pk)
@@ -115,7 +126,7 @@ impl Keys for NodeKeys {
     }
 
     fn verify(&mut self, owner: NodeId, cert: &[u8], msg: &[u8], sig: &[u8]) -> bool {
-        if self.revocations.is_revoked(owner) {
+        if self.trust.is_revoked(owner) {
             self.known.remove(&owner);
             return false;
         }
@@ -136,7 +147,7 @@ mod tests {
     #[test]
     fn only_the_owner_under_the_swarms_ca_signs_its_entries() {
         let ca = pki::new_ca().unwrap();
-        let none = || Revocations::fixed(vec![]);
+        let none = || Trust::only(&ca.0);
         let a = NodeKeys::new(&test_identity(&ca, NodeId(1)), none()).unwrap();
         let mut b = NodeKeys::new(&test_identity(&ca, NodeId(2)), none()).unwrap();
         let sig = a.sign(b"entry");
@@ -148,7 +159,8 @@ mod tests {
         assert!(!b.verify(NodeId(3), &a.cert(), b"entry", &sig));
         // A certificate of another swarm's CA.
         let other = pki::new_ca().unwrap();
-        let stranger = NodeKeys::new(&test_identity(&other, NodeId(1)), none()).unwrap();
+        let stranger =
+            NodeKeys::new(&test_identity(&other, NodeId(1)), Trust::only(&other.0)).unwrap();
         assert!(!b.verify(
             NodeId(1),
             &stranger.cert(),
@@ -158,7 +170,13 @@ mod tests {
         // A removed owner.
         let mut c = NodeKeys::new(
             &test_identity(&ca, NodeId(3)),
-            Revocations::fixed(vec![NodeId(1)]),
+            Trust::fixed(
+                crate::daemon::trust::Anchors {
+                    roots: vec![ca.0.clone()],
+                    rotation: None,
+                },
+                vec![NodeId(1)],
+            ),
         )
         .unwrap();
         assert!(!c.verify(NodeId(1), &a.cert(), b"entry", &sig));
@@ -168,11 +186,11 @@ mod tests {
     fn a_renewed_key_signs_from_then_on() {
         let ca = pki::new_ca().unwrap();
         let issue = |id| test_identity(&ca, id);
-        let none = || Revocations::fixed(vec![]);
+        let none = || Trust::only(&ca.0);
         let a = NodeKeys::new(&issue(NodeId(1)), none()).unwrap();
         let mut b = NodeKeys::new(&issue(NodeId(2)), none()).unwrap();
         let old = (a.cert(), a.sign(b"m"));
-        *lock(&a.signing()) = signing(&issue(NodeId(1))).unwrap();
+        *lock(&a.signing()) = signing(&issue(NodeId(1)), &none()).unwrap();
         let new = (a.cert(), a.sign(b"m"));
         assert_ne!(old.0, new.0);
         assert!(b.verify(NodeId(1), &new.0, b"m", &new.1));

@@ -142,19 +142,21 @@ impl StateDir {
         self.write("node.json", &json, false)
     }
 
-    /// Replaces this node's certificate and key (a renewal): both are
-    /// written in full beside the old ones first, then renamed into place;
-    /// a crash between the renames is finished by the next [`Self::load`].
-    pub fn save_tls(&self, cert_der: &[u8], key_der: &[u8]) -> Result<(), IdentityError> {
-        self.write("node.key.next", key_der, true)?;
-        self.write("node.der.next", cert_der, false)?;
+    /// Replaces this node's certificate, key and the CA that issued it (a
+    /// renewal): all are written in full beside the old ones first, then
+    /// renamed into place; a crash between the renames is finished by the
+    /// next [`Self::load`].
+    pub fn save_tls(&self, tls: &TlsIdentity) -> Result<(), IdentityError> {
+        self.write("node.key.next", &tls.key_der, true)?;
+        self.write("node.der.next", &tls.cert_der, false)?;
+        self.write("ca.der.next", &tls.ca_der, false)?;
         self.finish_renewal()
     }
 
     /// Moves a renewal's files into place, if one was written.
     fn finish_renewal(&self) -> Result<(), IdentityError> {
         let mut renamed = false;
-        for name in ["node.key", "node.der"] {
+        for name in ["node.key", "node.der", "ca.der"] {
             let next = self.path(&format!("{name}.next"));
             match std::fs::rename(&next, self.path(name)) {
                 Ok(()) => renamed = true,
@@ -215,6 +217,7 @@ impl StateDir {
             "ca.der",
             "node.key.next",
             "node.der.next",
+            "ca.der.next",
         ] {
             match std::fs::remove_file(self.path(name)) {
                 Ok(()) => {}
@@ -307,7 +310,12 @@ mod tests {
         assert!(!dir.path("node.der.next").exists());
         // And a whole one.
         let (cert3, key3) = issue();
-        dir.save_tls(&cert3, &key3).unwrap();
+        let tls = TlsIdentity {
+            ca_der: ca.0.clone(),
+            cert_der: cert3.clone(),
+            key_der: key3,
+        };
+        dir.save_tls(&tls).unwrap();
         assert_eq!(dir.load().unwrap().unwrap().tls.cert_der, cert3);
     }
 }

@@ -9,7 +9,7 @@
 //!  ping::run             StateHandle, Writer (control calls), Liveness, ManagerKey
 //!  executor::run         StateHandle, Writer, Sandboxes (read)
 //!  dataplane::run        StateHandle, GossipHandle, Sandboxes (written), a Backend
-//!  renewal::run          StateHandle, Writer (control calls), Quic, SigningHandle, GossipHandle, StateDir
+//!  renewal::run          StateHandle, Writer (control calls), Quic, Trust, SigningHandle, GossipHandle, StateDir
 //!  peer::PeerHandler     Raft, StateHandle, Writer, GossipHandle, ManagerKey
 //! ```
 
@@ -35,9 +35,9 @@ use super::peer::PeerHandler;
 use super::ping::PingCtx;
 use super::quota::Quota;
 use super::renewal::RenewalCtx;
-use super::revocation::Revocations;
 use super::sandboxes::Sandboxes;
 use super::transport::{MAX_MESSAGE, Quic};
+use super::trust::Trust;
 use super::writer::{Propose, WriteError, Writer};
 use shoal_mesh::wire::ALPN_RAFT;
 
@@ -99,25 +99,21 @@ impl RaftTransport for QuicRaft {
     }
 }
 
-/// Opens the store, binds the endpoint (which refuses the store's revoked
-/// nodes) and starts Raft on it.
+/// Opens the store, binds the endpoint (which trusts the store's CAs and
+/// refuses its revoked nodes) and starts Raft on it.
 async fn open(
     identity: &Identity,
     dir: &StateDir,
     timing: &shoal_raft::RaftTiming,
-) -> anyhow::Result<(StateHandle, Revocations, Arc<Quic>, Raft)> {
+) -> anyhow::Result<(StateHandle, Trust, Arc<Quic>, Raft)> {
     let (log, sm) = shoal_raft::open(&dir.raft())?;
     let state = sm.handle();
-    let revocations = Revocations::of_store(state.clone());
-    let quic = Quic::bind(
-        &identity.tls,
-        identity.node.listen_addr,
-        revocations.clone(),
-    )?;
+    let trust = Trust::of_store(state.clone(), identity.tls.ca_der.clone());
+    let quic = Quic::bind(&identity.tls, identity.node.listen_addr, trust.clone())?;
     let config = Arc::new(shoal_raft::config(timing).validate()?);
     let id = identity.node.node_id.0;
     let raft = Raft::new(id, config, Network::new(QuicRaft(quic.clone())), log, sm).await?;
-    Ok((state, revocations, quic, raft))
+    Ok((state, trust, quic, raft))
 }
 
 /// Starts gossip, signing with this node's key; its handle, its task, and
@@ -126,10 +122,10 @@ fn start_gossip(
     identity: &Identity,
     quic: &Arc<Quic>,
     state: &StateHandle,
-    revocations: Revocations,
+    trust: Trust,
     config: shoal_gossip::GossipConfig,
 ) -> anyhow::Result<(GossipHandle, JoinHandle<()>, SigningHandle)> {
-    let keys = NodeKeys::new(&identity.tls, revocations)?;
+    let keys = NodeKeys::new(&identity.tls, trust)?;
     let signing = keys.signing();
     let (gossip, task) = super::gossip::spawn(
         identity.node.node_id,
@@ -165,9 +161,9 @@ impl Member {
         cfg: MemberConfig,
     ) -> anyhow::Result<Arc<Member>> {
         let id = identity.node.node_id;
-        let (state, revocations, quic, raft) = open(&identity, &dir, &cfg.timing).await?;
+        let (state, trust, quic, raft) = open(&identity, &dir, &cfg.timing).await?;
         let (gossip, gossip_task, signing) =
-            start_gossip(&identity, &quic, &state, revocations, cfg.gossip)?;
+            start_gossip(&identity, &quic, &state, trust.clone(), cfg.gossip)?;
         let live = Arc::new(Liveness::new(id));
         let keys = Arc::new(ManagerKey::new(dir.clone(), identity.manager_key));
         let quota = Arc::new(Quota::new(cfg.quota_bytes));
@@ -239,6 +235,7 @@ impl Member {
                 state: state.clone(),
                 writer: writer.clone(),
                 quic: quic.clone(),
+                trust,
                 signing,
                 gossip: gossip.clone(),
                 dir: dir.clone(),

@@ -2,6 +2,7 @@
 //! Unix socket and, once the node is part of a swarm, runs a [`member::Member`].
 
 pub mod agent;
+pub mod ca;
 pub mod clock;
 pub mod commands;
 pub mod config;
@@ -25,11 +26,11 @@ pub mod poison;
 pub mod quota;
 pub mod recovery;
 pub mod renewal;
-pub mod revocation;
 pub mod sandboxes;
 pub mod services;
 pub mod shim;
 pub mod transport;
+pub mod trust;
 pub mod writer;
 
 use std::os::unix::fs::PermissionsExt;

@@ -193,7 +193,17 @@ async fn ctl_call(m: &PeerHandler, call: Incoming) -> CtlReply {
             write(m, Command::ReportTask { node: peer, report }).await
         }
         CtlRequest::Leave => write(m, Command::RemoveNode(peer)).await,
-        CtlRequest::RenewCert { csr_der } => match renew(m, peer, &csr_der) {
+        CtlRequest::AdoptCa { fingerprint } => {
+            write(
+                m,
+                Command::AdoptCa {
+                    node: peer,
+                    fingerprint,
+                },
+            )
+            .await
+        }
+        CtlRequest::RenewCert { csr_der } => match renew(m, peer, csr_der).await {
             Ok(cert) => {
                 tracing::info!(node = %peer, "renewed a node's certificate");
                 CtlReply::Cert(cert)
@@ -228,23 +238,33 @@ async fn ctl_call(m: &PeerHandler, call: Incoming) -> CtlReply {
 
 /// A certificate for member `peer`'s new key (`csr_der`), with its role
 /// from the store and the swarm's validity, signed with the CA key this
-/// manager unseals.
-fn renew(m: &PeerHandler, peer: NodeId, csr_der: &[u8]) -> Result<Vec<u8>, String> {
+/// manager unseals: the new CA's during a rotation.
+async fn renew(m: &PeerHandler, peer: NodeId, csr_der: Vec<u8>) -> Result<Vec<u8>, String> {
     let key = m
         .keys
         .get()
         .ok_or("this node does not hold the managers' key; renew through a manager")?;
-    let (cluster, role, expiry_ms) = m.state.read(|d| {
+    let (ca, role, expiry_ms) = m.state.read(|d| {
         let s = &d.state;
         let role = s.nodes.get(&peer).map(|n| n.role);
-        (s.cluster.clone(), role, s.cert_expiry_ms)
+        let ca = match (&s.ca_rotation, &s.cluster) {
+            (Some(r), _) => Some((r.ca_cert_der.clone(), r.sealed_ca_key.clone())),
+            (None, Some(c)) => Some((c.ca_cert_der.clone(), c.sealed_ca_key.clone())),
+            (None, None) => None,
+        };
+        (ca, role, s.cert_expiry_ms)
     });
-    let cluster = cluster.ok_or("this node is not part of an initialized swarm")?;
+    let (ca_der, sealed_ca_key) = ca.ok_or("this node is not part of an initialized swarm")?;
     let role = role.ok_or("this node does not know you: not a member of its swarm")?;
-    let ca_key = pki::unseal(&key, &cluster.sealed_ca_key).map_err(|e| e.to_string())?;
+    let ca_key = pki::unseal(&key, &sealed_ca_key).map_err(|e| e.to_string())?;
     let validity = std::time::Duration::from_millis(expiry_ms);
-    pki::sign_node_csr(&cluster.ca_cert_der, &ca_key, csr_der, peer, role, validity)
-        .map_err(|e| format!("cannot sign the renewal's CSR: {e}"))
+    // Off the runtime's workers: Raft's heartbeats must not wait for it.
+    tokio::task::spawn_blocking(move || {
+        pki::sign_node_csr(&ca_der, &ca_key, &csr_der, peer, role, validity)
+            .map_err(|e| format!("cannot sign the renewal's CSR: {e}"))
+    })
+    .await
+    .map_err(|e| format!("cannot sign the renewal's CSR: {e}"))?
 }
 
 /// Writes `cmd` on this node, if it leads.

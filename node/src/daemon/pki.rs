@@ -50,21 +50,61 @@ pub fn new_secret() -> String {
     to_hex(&rand::random::<[u8; 16]>())
 }
 
-/// A new cluster CA: its certificate (DER) and key (PKCS#8 DER).
-pub fn new_ca() -> Result<(Vec<u8>, Vec<u8>), PkiError> {
-    let key = KeyPair::generate()?;
+fn ca_params(name: &str) -> Result<CertificateParams, PkiError> {
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "shoal cluster CA");
+    params.distinguished_name.push(DnType::CommonName, name);
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    let cert = params.self_signed(&key)?;
+    Ok(params)
+}
+
+/// A new cluster CA: its certificate (DER) and key (PKCS#8 DER).
+pub fn new_ca() -> Result<(Vec<u8>, Vec<u8>), PkiError> {
+    let key = KeyPair::generate()?;
+    let cert = ca_params("shoal cluster CA")?.self_signed(&key)?;
     Ok((cert.der().to_vec(), key.serialize_der()))
+}
+
+/// A CA made by `swarm ca --rotate`.
+pub struct RotatedCa {
+    /// Its certificate (DER), self-signed.
+    pub cert: Vec<u8>,
+    /// Its key (PKCS#8 DER).
+    pub key: Vec<u8>,
+    /// The same name and key signed by the old CA: a certificate under the
+    /// new CA sent with it verifies under the old CA too.
+    pub cross: Vec<u8>,
+}
+
+/// A new CA to replace the one with certificate `old_der` and key
+/// `old_key_der`. Its name is new too (so that which CA issued a
+/// certificate can be told by name).
+pub fn new_rotated_ca(old_der: &[u8], old_key_der: &[u8]) -> Result<RotatedCa, PkiError> {
+    let key = KeyPair::generate()?;
+    let name = format!("shoal cluster CA {}", to_hex(&rand::random::<[u8; 6]>()));
+    let params = ca_params(&name)?;
+    let cert = params.self_signed(&key)?;
+    let old_key = KeyPair::try_from(old_key_der)?;
+    let old = Issuer::from_ca_cert_der(&old_der.to_vec().into(), old_key)?;
+    let cross = params.signed_by(&key, &old)?;
+    Ok(RotatedCa {
+        cert: cert.der().to_vec(),
+        key: key.serialize_der(),
+        cross: cross.der().to_vec(),
+    })
+}
+
+/// Whether certificate `cert_der` names CA `ca_der` as its issuer.
+pub fn issued_by(cert_der: &[u8], ca_der: &[u8]) -> bool {
+    let parse = |der| x509_parser::parse_x509_certificate(der).map(|(_, c)| c);
+    match (parse(cert_der), parse(ca_der)) {
+        (Ok(cert), Ok(ca)) => cert.issuer().as_raw() == ca.subject().as_raw(),
+        _ => false,
+    }
 }
 
 /// A node's fresh key (PKCS#8 DER) and a CSR for it (DER).

@@ -18,11 +18,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::server::{ParsedCertificate, WebPkiClientVerifier};
+use rustls::server::ParsedCertificate;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use shoal_mesh::NodeId;
 use shoal_mesh::wire::{ALPN_CTL, ALPN_GOSSIP, ALPN_JOIN, ALPN_RAFT, MAX_JOIN_REQUEST};
@@ -30,7 +29,7 @@ use shoal_mesh::wire::{ALPN_CTL, ALPN_GOSSIP, ALPN_JOIN, ALPN_RAFT, MAX_JOIN_REQ
 use super::gate::{ANON_PER_SOURCE, ANON_TOTAL, AnonSlots};
 use super::pki;
 use super::poison::lock;
-use super::revocation::{ClientNotRevoked, Revocations, ServerNotRevoked};
+use super::trust::{ClientTrusted, ServerTrusted, Trust};
 
 /// Largest request or reply accepted on a stream.
 pub const MAX_MESSAGE: usize = shoal_mesh::codec::DEFAULT_LIMIT;
@@ -133,28 +132,20 @@ fn key(key_der: &[u8]) -> PrivateKeyDer<'static> {
     PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der.to_vec()))
 }
 
-fn server_config(
-    id: &TlsIdentity,
-    revocations: &Revocations,
-) -> Result<quinn::ServerConfig, QuicError> {
+fn server_config(id: &TlsIdentity, trust: &Trust) -> Result<quinn::ServerConfig, QuicError> {
     let tls = |e: rustls::Error| QuicError::Tls(e.to_string());
-    let ca_checks =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&id.ca_der)?), provider())
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| QuicError::Tls(e.to_string()))?;
-    let verifier = Arc::new(ClientNotRevoked {
-        inner: ca_checks,
-        revocations: revocations.clone(),
-    });
-    let chain = vec![
-        CertificateDer::from(id.cert_der.clone()),
-        CertificateDer::from(id.ca_der.clone()),
-    ];
+    let mut chain = vec![CertificateDer::from(id.cert_der.clone())];
+    chain.extend(
+        trust
+            .anchors()
+            .chain_for(&id.cert_der)
+            .into_iter()
+            .map(CertificateDer::from),
+    );
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls)?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(Arc::new(ClientTrusted(trust.clone())))
         .with_single_cert(chain, key(&id.key_der))
         .map_err(tls)?;
     cfg.alpn_protocols = vec![
@@ -177,25 +168,23 @@ fn server_config(
 fn client_config(
     id: &TlsIdentity,
     alpn: &[u8],
-    revocations: &Revocations,
+    trust: &Trust,
 ) -> Result<quinn::ClientConfig, QuicError> {
     let tls = |e: rustls::Error| QuicError::Tls(e.to_string());
-    let ca_checks =
-        WebPkiServerVerifier::builder_with_provider(Arc::new(roots(&id.ca_der)?), provider())
-            .build()
-            .map_err(|e| QuicError::Tls(e.to_string()))?;
+    let mut chain = vec![CertificateDer::from(id.cert_der.clone())];
+    chain.extend(
+        trust
+            .anchors()
+            .intermediates_for(&id.cert_der)
+            .into_iter()
+            .map(CertificateDer::from),
+    );
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls)?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(ServerNotRevoked {
-            inner: ca_checks,
-            revocations: revocations.clone(),
-        }))
-        .with_client_auth_cert(
-            vec![CertificateDer::from(id.cert_der.clone())],
-            key(&id.key_der),
-        )
+        .with_custom_certificate_verifier(Arc::new(ServerTrusted(trust.clone())))
+        .with_client_auth_cert(chain, key(&id.key_der))
         .map_err(tls)?;
     cfg.alpn_protocols = vec![alpn.to_vec()];
     let quic = QuicClientConfig::try_from(cfg).map_err(|e| QuicError::Tls(e.to_string()))?;
@@ -205,14 +194,11 @@ fn client_config(
 }
 
 /// The client configurations for Raft, control calls and gossip.
-fn clients(
-    id: &TlsIdentity,
-    revocations: &Revocations,
-) -> Result<[quinn::ClientConfig; 3], QuicError> {
+fn clients(id: &TlsIdentity, trust: &Trust) -> Result<[quinn::ClientConfig; 3], QuicError> {
     Ok([
-        client_config(id, ALPN_RAFT, revocations)?,
-        client_config(id, ALPN_CTL, revocations)?,
-        client_config(id, ALPN_GOSSIP, revocations)?,
+        client_config(id, ALPN_RAFT, trust)?,
+        client_config(id, ALPN_CTL, trust)?,
+        client_config(id, ALPN_GOSSIP, trust)?,
     ])
 }
 
@@ -246,10 +232,11 @@ impl ServerCertVerifier for PinnedCa {
             })?;
         let roots = roots(ca).map_err(|e| rustls::Error::General(e.to_string()))?;
         let parsed = ParsedCertificate::try_from(end_entity)?;
+        // Through the cross-signed new CA during a rotation.
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed,
             &roots,
-            &[],
+            intermediates,
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
@@ -262,12 +249,7 @@ impl ServerCertVerifier for PinnedCa {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        super::trust::tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -276,18 +258,11 @@ impl ServerCertVerifier for PinnedCa {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        super::trust::tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        super::trust::schemes()
     }
 }
 
@@ -331,46 +306,76 @@ pub trait Handler: Send + Sync + 'static {
     fn gossip(&self, call: Incoming);
 }
 
+/// A cached client connection, and the node it reaches.
+type Dialled = (NodeId, quinn::Connection);
+
 /// The node's QUIC endpoint, as client and server.
 pub struct Quic {
     endpoint: quinn::Endpoint,
     /// Client configurations (Raft, control, gossip), replaced when the
     /// node's certificate is renewed.
     clients: Mutex<[quinn::ClientConfig; 3]>,
-    conns: Mutex<HashMap<(SocketAddr, &'static [u8]), quinn::Connection>>,
+    conns: Mutex<HashMap<(SocketAddr, &'static [u8]), Dialled>>,
+    /// The certificate presented now (DER).
+    cert: Mutex<Vec<u8>>,
     anon: Arc<Mutex<AnonSlots>>,
-    revocations: Revocations,
+    trust: Trust,
 }
 
 impl Quic {
-    /// Binds `listen` with `identity`; certificates of nodes on
-    /// `revocations` are refused, and their connections closed.
+    /// Binds `listen` with `identity`; peers are taken as `trust` says,
+    /// and their connections closed when it no longer takes them.
     pub fn bind(
         identity: &TlsIdentity,
         listen: SocketAddr,
-        revocations: Revocations,
+        trust: Trust,
     ) -> Result<Arc<Self>, QuicError> {
-        let server = server_config(identity, &revocations)?;
+        let server = server_config(identity, &trust)?;
         let endpoint = quinn::Endpoint::server(server, listen).map_err(|e| QuicError::Bind {
             addr: listen,
             reason: e.to_string(),
         })?;
         Ok(Arc::new(Quic {
             endpoint,
-            clients: Mutex::new(clients(identity, &revocations)?),
+            clients: Mutex::new(clients(identity, &trust)?),
             conns: Mutex::new(HashMap::new()),
+            cert: Mutex::new(identity.cert_der.clone()),
             anon: Arc::new(Mutex::new(AnonSlots::new(ANON_TOTAL, ANON_PER_SOURCE))),
-            revocations,
+            trust,
         }))
     }
 
     /// Takes `identity` (a renewed certificate and key) for every new
-    /// connection, as server and as client; open connections go on.
-    pub fn reload(&self, identity: &TlsIdentity) -> Result<(), QuicError> {
-        let server = server_config(identity, &self.revocations)?;
-        let fresh = clients(identity, &self.revocations)?;
+    /// connection, as server and as client, with the chain the trusted CAs
+    /// call for now (after a CA rotation began or ended). After a renewal,
+    /// each open client connection is replaced, in the background, by one
+    /// that presents the new certificate (so that no peer holds a
+    /// connection under a CA it drops later); calls use the old one until
+    /// the new one is up.
+    pub fn reload(self: &Arc<Self>, identity: &TlsIdentity) -> Result<(), QuicError> {
+        let server = server_config(identity, &self.trust)?;
+        let fresh = clients(identity, &self.trust)?;
         self.endpoint.set_server_config(Some(server));
         *lock(&self.clients) = fresh;
+        let renewed = std::mem::replace(&mut *lock(&self.cert), identity.cert_der.clone())
+            != identity.cert_der;
+        if !renewed {
+            // Only the chain sent after the same certificate changed:
+            // open connections go on as they are.
+            return Ok(());
+        }
+        let open: Vec<_> = lock(&self.conns)
+            .iter()
+            .map(|(&(addr, alpn), (peer, _))| (addr, alpn, *peer))
+            .collect();
+        let quic = self.clone();
+        tokio::spawn(async move {
+            for (addr, alpn, peer) in open {
+                if let Err(e) = quic.dial(addr, peer, alpn).await {
+                    tracing::debug!(%addr, error = %e, "could not dial again with the new certificate");
+                }
+            }
+        });
         Ok(())
     }
 
@@ -378,15 +383,15 @@ impl Quic {
     pub fn serve<H: Handler>(self: &Arc<Self>, handler: Arc<H>) -> tokio::task::JoinHandle<()> {
         let endpoint = self.endpoint.clone();
         let anon = self.anon.clone();
-        let revocations = self.revocations.clone();
+        let trust = self.trust.clone();
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let handler = handler.clone();
                 let anon = anon.clone();
-                let revocations = revocations.clone();
+                let trust = trust.clone();
                 let remote = incoming.remote_address();
                 tokio::spawn(async move {
-                    match serve_connection(incoming, handler, anon, revocations).await {
+                    match serve_connection(incoming, handler, anon, trust).await {
                         Err(e @ quinn::ConnectionError::TransportError(_))
                         | Err(e @ quinn::ConnectionError::ConnectionClosed(_)) => {
                             log_refusal_once(remote, &e)
@@ -493,12 +498,22 @@ impl Quic {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&(addr, alpn))
-            .cloned();
+            .map(|(_, c)| c.clone());
         if let Some(c) = cached
             && c.close_reason().is_none()
         {
             return Ok(c);
         }
+        self.dial(addr, peer, alpn).await
+    }
+
+    /// A new connection to node `peer` at `addr`, cached for later calls.
+    async fn dial(
+        &self,
+        addr: SocketAddr,
+        peer: NodeId,
+        alpn: &'static [u8],
+    ) -> Result<quinn::Connection, QuicError> {
         let cfg = {
             let [raft, ctl, gossip] = &*lock(&self.clients);
             match alpn {
@@ -511,7 +526,7 @@ impl Quic {
         self.conns
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert((addr, alpn), conn.clone());
+            .insert((addr, alpn), (peer, conn.clone()));
         Ok(conn)
     }
 
@@ -602,7 +617,7 @@ async fn serve_connection<H: Handler>(
     incoming: quinn::Incoming,
     handler: Arc<H>,
     anon: Arc<Mutex<AnonSlots>>,
-    revocations: Revocations,
+    trust: Trust,
 ) -> Result<(), quinn::ConnectionError> {
     let conn = incoming.await?;
     let alpn = conn
@@ -610,10 +625,12 @@ async fn serve_connection<H: Handler>(
         .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
         .and_then(|d| d.protocol)
         .unwrap_or_default();
-    let peer = conn
+    let chain: Vec<CertificateDer<'static>> = conn
         .peer_identity()
         .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
-        .and_then(|certs| certs.first().and_then(|c| pki::node_id_of(c).ok()));
+        .map(|c| *c)
+        .unwrap_or_default();
+    let peer = chain.first().and_then(|c| pki::node_id_of(c).ok());
     let remote = conn.remote_address();
     let Some(node) = peer else {
         if alpn != ALPN_JOIN {
@@ -622,13 +639,14 @@ async fn serve_connection<H: Handler>(
         }
         return serve_join(conn, handler, anon, remote).await;
     };
-    // Closed as soon as the node is removed from the swarm.
-    let revoked = until_revoked(revocations, node);
+    // Closed as soon as the node is removed from the swarm, or its
+    // certificate's CA is no longer trusted (a CA rotation ended).
+    let revoked = until_untrusted(trust, node, chain);
     tokio::pin!(revoked);
     if alpn == ALPN_GOSSIP {
         return tokio::select! {
             r = serve_gossip(conn.clone(), handler, peer, remote) => r,
-            () = &mut revoked => close_revoked(&conn, node),
+            why = &mut revoked => close_untrusted(&conn, node, why),
         };
     }
     // Requests being answered: a removal lets them finish (the reply to
@@ -646,10 +664,10 @@ async fn serve_connection<H: Handler>(
                     return Err(e);
                 }
             },
-            () = &mut revoked => {
+            why = &mut revoked => {
                 let drain = async { while inflight.join_next().await.is_some() {} };
                 let _ = tokio::time::timeout(REVOKED_DRAIN, drain).await;
-                return close_revoked(&conn, node);
+                return close_untrusted(&conn, node, why);
             }
         };
         let handler = handler.clone();
@@ -674,20 +692,42 @@ async fn serve_connection<H: Handler>(
     }
 }
 
-/// Resolves once node `node` is on the deny list (never, if nothing can
-/// change the list any more).
-async fn until_revoked(revocations: Revocations, node: NodeId) {
-    let mut changes = revocations.changes();
-    while !revocations.is_revoked(node) {
+/// Resolves once node `node` is on the deny list, or once its certificate
+/// `chain` no longer verifies under the trusted CAs (never, if nothing can
+/// change either any more); why.
+async fn until_untrusted(
+    trust: Trust,
+    node: NodeId,
+    chain: Vec<CertificateDer<'static>>,
+) -> &'static str {
+    let mut changes = trust.changes();
+    let mut epoch = None;
+    loop {
+        if trust.is_revoked(node) {
+            return "this node was removed from the swarm";
+        }
+        // Verified again only when the trusted CAs changed (and once at
+        // first, in case they changed since the handshake).
+        let now = Some(trust.epoch());
+        if now != epoch {
+            epoch = now;
+            if !trust.verifies(&chain) {
+                return "this node's certificate is not under the swarm's CA";
+            }
+        }
         if changes.changed().await.is_err() {
             std::future::pending::<()>().await;
         }
     }
 }
 
-fn close_revoked(conn: &quinn::Connection, node: NodeId) -> Result<(), quinn::ConnectionError> {
-    tracing::warn!(%node, remote = %conn.remote_address(), "closed the connection of a removed node");
-    conn.close(4u32.into(), b"this node was removed from the swarm");
+fn close_untrusted(
+    conn: &quinn::Connection,
+    node: NodeId,
+    why: &'static str,
+) -> Result<(), quinn::ConnectionError> {
+    tracing::warn!(%node, remote = %conn.remote_address(), why, "closed a connection");
+    conn.close(4u32.into(), why.as_bytes());
     Ok(())
 }
 
@@ -818,6 +858,14 @@ mod tests {
         }
     }
 
+    fn trusting(ca: &(Vec<u8>, Vec<u8>), revoked: Vec<NodeId>) -> Trust {
+        let anchors = crate::daemon::trust::Anchors {
+            roots: vec![ca.0.clone()],
+            rotation: None,
+        };
+        Trust::fixed(anchors, revoked)
+    }
+
     fn loopback() -> SocketAddr {
         "127.0.0.1:0".parse().unwrap()
     }
@@ -828,7 +876,7 @@ mod tests {
         let server = Quic::bind(
             &test_identity(&ca, NodeId(1)),
             loopback(),
-            Revocations::fixed(vec![]),
+            Trust::only(&ca.0),
         )
         .unwrap();
         let addr = server.endpoint.local_addr().unwrap();
@@ -839,7 +887,7 @@ mod tests {
         let peer = Quic::bind(
             &test_identity(&ca, NodeId(2)),
             loopback(),
-            Revocations::fixed(vec![]),
+            Trust::only(&ca.0),
         )
         .unwrap();
         let reply = peer
@@ -905,7 +953,7 @@ mod tests {
         let server = Quic::bind(
             &test_identity(&ca, NodeId(1)),
             loopback(),
-            Revocations::fixed(vec![]),
+            Trust::only(&ca.0),
         )
         .unwrap();
         let addr = server.endpoint.local_addr().unwrap();
@@ -915,7 +963,7 @@ mod tests {
         let member = Quic::bind(
             &test_identity(&ca, NodeId(2)),
             loopback(),
-            Revocations::fixed(vec![]),
+            Trust::only(&ca.0),
         )
         .unwrap();
         member
@@ -931,7 +979,7 @@ mod tests {
         // believe it sent) never reaches the handler.
         let mut foreign = test_identity(&pki::new_ca().unwrap(), NodeId(3));
         foreign.ca_der = ca.0.clone();
-        let stranger = Quic::bind(&foreign, loopback(), Revocations::fixed(vec![])).unwrap();
+        let stranger = Quic::bind(&foreign, loopback(), Trust::only(&ca.0)).unwrap();
         let _ = stranger.gossip(addr, NodeId(1), b"evil", true, t).await;
         let _ = stranger.gossip(addr, NodeId(1), b"evil", false, t).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -958,13 +1006,13 @@ mod tests {
         let server = Quic::bind(
             &test_identity(&ca, NodeId(1)),
             loopback(),
-            Revocations::fixed(vec![NodeId(3)]),
+            trusting(&ca, vec![NodeId(3)]),
         )
         .unwrap();
         let addr = server.endpoint.local_addr().unwrap();
         server.serve(Arc::new(Echo::default()));
         let t = Duration::from_secs(3);
-        let none = || Revocations::fixed(vec![]);
+        let none = || Trust::only(&ca.0);
         let member = Quic::bind(&test_identity(&ca, NodeId(2)), loopback(), none()).unwrap();
         assert!(
             member
@@ -980,7 +1028,7 @@ mod tests {
         let wary = Quic::bind(
             &test_identity(&ca, NodeId(4)),
             loopback(),
-            Revocations::fixed(vec![NodeId(1)]),
+            trusting(&ca, vec![NodeId(1)]),
         )
         .unwrap();
         assert!(
@@ -996,7 +1044,7 @@ mod tests {
         let server = Quic::bind(
             &test_identity(&ca, NodeId(1)),
             loopback(),
-            Revocations::fixed(vec![]),
+            Trust::only(&ca.0),
         )
         .unwrap();
         let addr = server.endpoint.local_addr().unwrap();

@@ -66,6 +66,7 @@ fn forwarded(me: NodeId, cmd: Command) -> CtlRequest {
     match cmd {
         Command::ReportTask { node, report } if node == me => CtlRequest::ReportTask(report),
         Command::RemoveNode(node) if node == me => CtlRequest::Leave,
+        Command::AdoptCa { node, fingerprint } if node == me => CtlRequest::AdoptCa { fingerprint },
         other => CtlRequest::Propose(Box::new(other)),
     }
 }
