@@ -103,7 +103,8 @@ fn check_bytes(what: &str, bytes: &[u8], max: usize) -> Result<(), OutOfBounds> 
     Ok(())
 }
 
-fn check_fingerprint(fingerprint: &str) -> Result<(), OutOfBounds> {
+/// Checks a CA fingerprint's form: 64 lowercase hex digits.
+pub fn check_fingerprint(fingerprint: &str) -> Result<(), OutOfBounds> {
     let ok = fingerprint.len() == 64
         && fingerprint
             .bytes()
@@ -146,6 +147,7 @@ pub(crate) fn adopt(
     node: NodeId,
     fingerprint: &str,
 ) -> Result<Outcome, ApplyError> {
+    check_fingerprint(fingerprint)?;
     if !state.nodes.contains_key(&node) {
         return Err(ApplyError::UnknownNode(node));
     }
@@ -164,6 +166,7 @@ pub(crate) fn finish_rotation(
     state: &mut ClusterState,
     fingerprint: &str,
 ) -> Result<Outcome, ApplyError> {
+    check_fingerprint(fingerprint)?;
     match &state.ca_rotation {
         Some(r) if r.ca_fingerprint == fingerprint => {}
         _ => return Err(CaError::NotRotating(fingerprint.to_owned()).into()),
@@ -289,6 +292,14 @@ mod tests {
         let mut bad = rotation(1);
         bad.ca_fingerprint = "ZZ".repeat(32);
         assert!(apply(&mut s, &Command::StartCaRotation(bad)).is_err());
+        let long = Command::AdoptCa {
+            node: NodeId(1),
+            fingerprint: "a".repeat(1 << 20),
+        };
+        assert!(matches!(
+            apply(&mut s, &long),
+            Err(ApplyError::OutOfBounds(_))
+        ));
         let huge = Command::SetAutolock {
             sealed_unlock_key: Some(vec![0; MAX_SEALED + 1]),
         };

@@ -193,6 +193,11 @@ async fn ctl_call(m: &PeerHandler, call: Incoming) -> CtlReply {
             write(m, Command::ReportTask { node: peer, report }).await
         }
         CtlRequest::Leave => write(m, Command::RemoveNode(peer)).await,
+        CtlRequest::AdoptCa { fingerprint }
+            if shoal_mesh::ca::check_fingerprint(&fingerprint).is_err() =>
+        {
+            CtlReply::Refused("a CA fingerprint is 64 lowercase hex digits".into())
+        }
         CtlRequest::AdoptCa { fingerprint } => {
             write(
                 m,
