@@ -547,6 +547,25 @@ impl Cluster {
         Run::from(out)
     }
 
+    /// Runs `shoal ARGS…` against host `i`'s daemon with `input` on its
+    /// standard input.
+    pub fn shoal_input(&self, i: usize, args: &[&str], input: &str) -> Run {
+        use std::io::Write;
+        let mut child = Command::new(shoal_bin())
+            .arg("--socket")
+            .arg(&self.hosts[i].socket)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot run the shoal CLI");
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(input.as_bytes());
+        }
+        Run::from(child.wait_with_output().expect("cannot run the shoal CLI"))
+    }
+
     /// Runs `shoal ARGS…` and fails unless it exits 0.
     pub fn shoal_ok(&self, i: usize, args: &[&str]) -> anyhow::Result<Run> {
         let r = self.shoal(i, args);

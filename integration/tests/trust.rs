@@ -592,3 +592,134 @@ fn the_ca_rotates_under_traffic_and_the_old_ca_is_dropped() {
     })
     .unwrap();
 }
+
+/// What of host `i`'s secrets is on its disk: (`node.key`, `manager.key`,
+/// `keys.locked`).
+fn secrets_on_disk(c: &Cluster, i: usize) -> (bool, bool, Option<Vec<u8>>) {
+    let dir = &c.hosts[i].state_dir;
+    (
+        dir.join("node.key").exists(),
+        dir.join("manager.key").exists(),
+        std::fs::read(dir.join("keys.locked")).ok(),
+    )
+}
+
+fn unlock_key_in(text: &str) -> String {
+    text.split_whitespace()
+        .find(|w| w.starts_with("SWMKEY-1-"))
+        .unwrap_or_else(|| panic!("no unlock key in {text}"))
+        .to_owned()
+}
+
+const LOCKED: &str = "this manager is locked";
+
+#[test]
+fn an_autolocked_manager_serves_nothing_until_unlocked() {
+    let _serial = serial();
+    let mut c = Cluster::start(3).unwrap();
+    let init = c.shoal_ok(0, &["swarm", "init", "--autolock"]).unwrap();
+    let key = unlock_key_in(&init.stdout);
+    let mt = c.token(0, "manager").unwrap();
+    let wt = c.token(0, "worker").unwrap();
+    c.join(1, &mt, 0).unwrap();
+    c.join(2, &wt, 0).unwrap();
+    // Managers' keys are sealed at rest (the joined manager's as soon as it
+    // has the store); the worker's are not.
+    let sealed = |c: &Cluster, i| {
+        let (node, manager, locked) = secrets_on_disk(c, i);
+        !node && !manager && locked.is_some()
+    };
+    c.wait_until("both managers' keys sealed", Duration::from_secs(10), |c| {
+        Ok(sealed(c, 0) && sealed(c, 1))
+    })
+    .unwrap();
+    assert_eq!(secrets_on_disk(&c, 2), (true, false, None));
+    let shown = c.shoal_ok(1, &["swarm", "unlock-key", "-q"]).unwrap();
+    assert_eq!(shown.stdout.trim(), key);
+    c.assert_refused(2, &["swarm", "unlock-key"], NOT_A_MANAGER);
+
+    // Restarted, the manager is locked: it serves nothing but `info` and
+    // `swarm unlock`.
+    c.stop(1);
+    c.start_daemon(1).unwrap();
+    assert_eq!(c.info(1).unwrap()["swarm"], "locked");
+    for args in [
+        &["node", "ls"][..],
+        &["service", "ls"],
+        &["swarm", "unlock-key"],
+    ] {
+        let r = c.shoal(1, args);
+        assert_eq!(r.code, 7, "`shoal {}`: {}", args.join(" "), r.stderr);
+        assert!(r.stderr.contains(LOCKED), "{}", r.stderr);
+    }
+    // The other manager sees it go down: it does not answer its peers.
+    c.wait_until("node2 down on node1", Duration::from_secs(30), |c| {
+        let nodes = c.node_ls(0)?;
+        Ok(nodes
+            .iter()
+            .any(|n| n["hostname"] == "node2" && n["status"] == "down"))
+    })
+    .unwrap();
+    let wrong = format!("SWMKEY-1-{}", "ab".repeat(32));
+    for (given, says) in [
+        (wrong.as_str(), "invalid unlock key"),
+        ("SWMKEY-1-nothex", "malformed unlock key"),
+        ("", "no unlock key on standard input"),
+    ] {
+        let r = c.shoal_input(1, &["swarm", "unlock"], given);
+        assert!(
+            !r.ok() && r.stderr.contains(says),
+            "{given:?}: {}",
+            r.stderr
+        );
+    }
+    assert_eq!(c.info(1).unwrap()["swarm"], "locked");
+    let r = c.shoal_input(1, &["swarm", "unlock"], &format!("{key}\n"));
+    assert!(
+        r.ok() && r.stdout.contains("Swarm unlocked"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(c.info(1).unwrap()["swarm"], "active");
+    c.wait_until("node2 ready again", Duration::from_secs(30), |c| {
+        let nodes = c.node_ls(1)?;
+        Ok(nodes.iter().all(|n| n["status"] == "ready"))
+    })
+    .unwrap();
+
+    // A rotated key seals the managers' keys anew: after a restart only the
+    // new key opens them.
+    let before = secrets_on_disk(&c, 1).2;
+    let rotated = c
+        .shoal_ok(0, &["swarm", "unlock-key", "--rotate", "-q"])
+        .unwrap();
+    let new_key = rotated.stdout.trim().to_owned();
+    assert_ne!(new_key, key);
+    c.wait_until("node2 resealed", Duration::from_secs(10), |c| {
+        Ok(secrets_on_disk(c, 1).2 != before)
+    })
+    .unwrap();
+    c.stop(1);
+    c.start_daemon(1).unwrap();
+    let r = c.shoal_input(1, &["swarm", "unlock"], &key);
+    assert!(r.stderr.contains("invalid unlock key"), "{}", r.stderr);
+    let r = c.shoal_input(1, &["swarm", "unlock"], &new_key);
+    assert!(r.ok(), "{}", r.stderr);
+    assert_eq!(c.info(1).unwrap()["swarm"], "active");
+
+    // Off: keys back in the clear, and a restart is not locked.
+    c.shoal_ok(1, &["swarm", "update", "--autolock=false"])
+        .unwrap();
+    c.wait_until("keys in the clear", Duration::from_secs(10), |c| {
+        Ok([0, 1]
+            .iter()
+            .all(|&i| secrets_on_disk(c, i) == (true, true, None)))
+    })
+    .unwrap();
+    c.assert_refused(0, &["swarm", "unlock-key"], "autolock is not on");
+    c.stop(0);
+    c.start_daemon(0).unwrap();
+    assert_eq!(c.info(0).unwrap()["swarm"], "active");
+    let r = c.shoal_input(0, &["swarm", "unlock"], &new_key);
+    assert!(r.stderr.contains("not locked"), "{}", r.stderr);
+}

@@ -190,11 +190,27 @@ pub enum Request {
         /// `--cert-expiry`, in milliseconds.
         #[serde(default)]
         cert_expiry_ms: Option<u64>,
+        /// `--autolock`.
+        #[serde(default)]
+        autolock: bool,
     },
     /// `swarm update`: the swarm's settings.
     SwarmUpdate {
         /// `--cert-expiry`, in milliseconds.
         cert_expiry_ms: Option<u64>,
+        /// `--autolock=true|false`.
+        #[serde(default)]
+        autolock: Option<bool>,
+    },
+    /// `swarm unlock`: opens a locked manager's keys.
+    SwarmUnlock {
+        /// The unlock key (`SWMKEY-1-…`).
+        key: String,
+    },
+    /// `swarm unlock-key`: the unlock key; with `rotate`, a new one first.
+    UnlockKey {
+        /// `--rotate`.
+        rotate: bool,
     },
     /// `swarm join`.
     SwarmJoin {
@@ -385,6 +401,7 @@ impl Request {
                 force_new_cluster, ..
             } => *force_new_cluster,
             Request::JoinToken { .. }
+            | Request::UnlockKey { .. }
             | Request::SwarmCa { .. }
             | Request::SwarmUpdate { .. }
             | Request::NodePromote { .. }
@@ -399,6 +416,7 @@ impl Request {
             | Request::ServiceScale { .. }
             | Request::ServiceLogs { .. } => true,
             Request::Info
+            | Request::SwarmUnlock { .. }
             | Request::SwarmJoin { .. }
             | Request::SwarmLeave { .. }
             | Request::NodeLs
@@ -418,6 +436,14 @@ impl Request {
             | Request::ServiceInspect { .. } => false,
         }
     }
+
+    /// Whether a locked node (autolock, before `swarm unlock`) serves it.
+    pub fn served_when_locked(&self) -> bool {
+        matches!(
+            self,
+            Request::Info | Request::SwarmUnlock { .. } | Request::SwarmLeave { force: true }
+        )
+    }
 }
 
 /// What kind of failure a refused request is. The CLI exits with its code,
@@ -436,6 +462,8 @@ pub enum ErrorKind {
     NotInSwarm,
     /// The swarm cannot answer now (no quorum, a peer unreachable): retry.
     Unavailable,
+    /// This manager is locked (autolock): run `swarm unlock`.
+    Locked,
     /// Anything else (see the daemon's log).
     Internal,
 }
@@ -450,6 +478,7 @@ impl ErrorKind {
             ErrorKind::Conflict => 4,
             ErrorKind::NotInSwarm => 5,
             ErrorKind::Unavailable => 6,
+            ErrorKind::Locked => 7,
         }
     }
 }
@@ -491,6 +520,11 @@ impl ApiError {
     /// Not in a swarm (or not where the request needs to be).
     pub fn not_in_swarm(message: impl Into<String>) -> anyhow::Error {
         Self::of(ErrorKind::NotInSwarm, message)
+    }
+
+    /// A locked manager (autolock).
+    pub fn locked(message: impl Into<String>) -> anyhow::Error {
+        Self::of(ErrorKind::Locked, message)
     }
 
     /// Cannot be answered now.

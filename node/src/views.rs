@@ -220,6 +220,27 @@ pub struct SwarmInitView {
     pub worker_token: String,
     /// The token managers join with.
     pub manager_token: String,
+    /// The unlock key, with `--autolock`.
+    #[serde(default)]
+    pub unlock_key: Option<String>,
+}
+
+/// `swarm unlock-key`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnlockKeyView {
+    /// The key (`SWMKEY-1-…`).
+    pub unlock_key: String,
+    /// Whether it was just made (`--rotate`).
+    pub rotated: bool,
+}
+
+/// `swarm update`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SwarmUpdatedView {
+    /// What changed, in words.
+    pub message: String,
+    /// The unlock key, when autolock is on after the update.
+    pub unlock_key: Option<String>,
 }
 
 /// `swarm join`: this node in the swarm it joined.

@@ -186,7 +186,9 @@ fn only_the_api_and_the_assembly_know_the_member() {
         .collect();
     // The API handlers and the daemon's own state hold the running member;
     // no loop does.
-    let allowed = BTreeSet::from(["", "agent", "commands", "networks", "services", "recovery"]);
+    let allowed = BTreeSet::from([
+        "", "agent", "commands", "networks", "services", "recovery", "unlock",
+    ]);
     assert!(knowing.is_subset(&allowed), "{knowing:?}");
 }
 

@@ -8,7 +8,10 @@ use shoal_mesh::cidr::Ipv4Net;
 
 use super::Client;
 use crate::api::{HostPort, Request};
-use crate::views::{CaRotationView, CaView, Done, JoinTokenView, JoinedView, SwarmInitView};
+use crate::views::{
+    CaRotationView, CaView, Done, JoinTokenView, JoinedView, SwarmInitView, SwarmUpdatedView,
+    UnlockKeyView,
+};
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum RoleArg {
@@ -47,12 +50,29 @@ pub enum SwarmCmd {
         /// How long node certificates are valid, e.g. 2160h [default: 90 days]; nodes renew theirs at half that.
         #[arg(long, value_parser = crate::api::parse_duration_ms)]
         cert_expiry: Option<u64>,
+        /// Seal managers' keys at rest under an unlock key: a restarted manager serves nothing until `shoal swarm unlock`.
+        #[arg(long)]
+        autolock: bool,
     },
     /// Change the swarm's settings.
     Update {
         /// How long node certificates are valid, e.g. 2160h; every node renews its certificate at half that.
         #[arg(long, value_parser = crate::api::parse_duration_ms)]
         cert_expiry: Option<u64>,
+        /// Turn autolock on or off (--autolock=true|false).
+        #[arg(long, num_args = 0..=1, default_missing_value = "true", require_equals = true)]
+        autolock: Option<bool>,
+    },
+    /// Unlock a locked manager: reads the unlock key from standard input.
+    Unlock,
+    /// Show (or rotate) the unlock key.
+    UnlockKey {
+        /// Print the key only.
+        #[arg(short, long)]
+        quiet: bool,
+        /// Make a new key; managers restarted later need it (keep the old one until every manager has run with the new).
+        #[arg(long)]
+        rotate: bool,
     },
     /// Join a swarm as a worker or manager (the token decides).
     Join {
@@ -109,6 +129,7 @@ impl SwarmCmd {
                 default_addr_pool,
                 default_addr_pool_mask_length,
                 cert_expiry,
+                autolock,
             } => {
                 let req = Request::SwarmInit {
                     advertise_addr,
@@ -117,6 +138,7 @@ impl SwarmCmd {
                     default_addr_pool,
                     default_addr_pool_mask_length,
                     cert_expiry_ms: cert_expiry,
+                    autolock,
                 };
                 if force_new_cluster {
                     let v: Done = client.call_as(&req).await?;
@@ -133,14 +155,45 @@ impl SwarmCmd {
                 println!("    shoal swarm join --token {} {addr}\n", v.worker_token);
                 println!("To add a manager to this swarm, run the following command:\n");
                 println!("    shoal swarm join --token {} {addr}", v.manager_token);
+                if let Some(key) = v.unlock_key {
+                    print_unlock_key(&key);
+                }
             }
-            SwarmCmd::Update { cert_expiry } => {
-                let v: Done = client
+            SwarmCmd::Update {
+                cert_expiry,
+                autolock,
+            } => {
+                let v: SwarmUpdatedView = client
                     .call_as(&Request::SwarmUpdate {
                         cert_expiry_ms: cert_expiry,
+                        autolock,
                     })
                     .await?;
                 println!("{}", v.message);
+                if let Some(key) = v.unlock_key.filter(|_| autolock == Some(true)) {
+                    print_unlock_key(&key);
+                }
+            }
+            SwarmCmd::Unlock => {
+                let key = read_unlock_key()?;
+                let v: Done = client.call_as(&Request::SwarmUnlock { key }).await?;
+                println!("{}", v.message);
+            }
+            SwarmCmd::UnlockKey { quiet, rotate } => {
+                let v: UnlockKeyView = client.call_as(&Request::UnlockKey { rotate }).await?;
+                if quiet {
+                    println!("{}", v.unlock_key);
+                } else {
+                    if v.rotated {
+                        println!("Successfully rotated manager unlock key.");
+                    }
+                    print_unlock_key(&v.unlock_key);
+                    if v.rotated {
+                        println!(
+                            "\nManagers that were down during the rotation still need the previous key."
+                        );
+                    }
+                }
             }
             SwarmCmd::Join {
                 token,
@@ -198,6 +251,32 @@ impl SwarmCmd {
         }
         Ok(())
     }
+}
+
+/// Tells the user how to unlock a restarted manager.
+fn print_unlock_key(key: &str) {
+    println!(
+        "\nTo unlock a swarm manager after it restarts, run `shoal swarm unlock` and provide the following key:\n"
+    );
+    println!("    {key}\n");
+    println!("Keep it somewhere safe: without it, a restarted manager cannot rejoin the swarm.");
+}
+
+/// The unlock key from standard input (one line; prompted on a terminal).
+fn read_unlock_key() -> anyhow::Result<String> {
+    use std::io::{BufRead, IsTerminal, Read, Write};
+    if std::io::stdin().is_terminal() {
+        eprint!("Enter unlock key: ");
+        std::io::stderr().flush()?;
+    }
+    let mut line = String::new();
+    std::io::stdin().lock().take(4096).read_line(&mut line)?;
+    let key = line.trim();
+    anyhow::ensure!(
+        !key.is_empty(),
+        "no unlock key on standard input: give the key `shoal swarm unlock-key` prints on a manager"
+    );
+    Ok(key.to_owned())
 }
 
 /// How far a CA rotation is, in words.

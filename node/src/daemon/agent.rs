@@ -19,6 +19,9 @@ pub struct Daemon {
     /// The running member, if in a swarm. The lock also serializes
     /// init/join/leave.
     pub member: tokio::sync::Mutex<Option<Arc<Member>>>,
+    /// Whether the node's keys are sealed and `swarm unlock` has not been
+    /// given the key yet (autolock): then no member runs.
+    pub locked: std::sync::atomic::AtomicBool,
 }
 
 pub const NOT_IN_SWARM: &str =
@@ -37,6 +40,17 @@ impl Daemon {
             quota_bytes: (self.cfg.store.quota_mib as usize) << 20,
         };
         Member::start(identity, self.dir.clone(), cfg).await
+    }
+
+    /// Whether this node waits for `swarm unlock`.
+    pub fn is_locked(&self) -> bool {
+        self.locked.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Marks this node locked or unlocked.
+    pub fn set_locked(&self, locked: bool) {
+        self.locked
+            .store(locked, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// The running member, or the "not in a swarm" error.

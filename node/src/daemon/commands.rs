@@ -16,6 +16,7 @@ use shoal_mesh::state::{
 use shoal_mesh::{Availability, ClusterInfo, ClusterState, Command, JoinToken, Node, NodeId, Role};
 
 use super::agent::{Daemon, NOT_IN_SWARM};
+use super::autolock::UnlockKey;
 use super::clock::now_ms;
 use super::config::parse_advertise;
 use super::gossip::GossipCmd;
@@ -91,29 +92,47 @@ fn check_cert_expiry(d: &Daemon, ms: u64) -> anyhow::Result<u64> {
 }
 
 /// `swarm update`: the swarm's settings (nodes pick a new certificate
-/// validity up at their next renewal).
-async fn swarm_update(d: &Daemon, cert_expiry_ms: Option<u64>) -> anyhow::Result<Reply> {
+/// validity up at their next renewal; autolock seals or unseals each
+/// manager's keys as soon as it applies the change).
+async fn swarm_update(
+    d: &Daemon,
+    cert_expiry_ms: Option<u64>,
+    autolock: Option<bool>,
+) -> anyhow::Result<Reply> {
     let m = d.member().await?;
-    let Some(ms) = cert_expiry_ms else {
+    if cert_expiry_ms.is_none() && autolock.is_none() {
         return Err(ApiError::invalid(
-            "nothing to update: give --cert-expiry DURATION",
+            "nothing to update: give --cert-expiry DURATION or --autolock=true|false",
         ));
-    };
-    m.propose(Command::SetCertExpiry {
-        ms: check_cert_expiry(d, ms)?,
-    })
-    .await?;
-    Reply::of(&crate::views::Done {
-        node_id: m.id.to_string(),
-        message: format!(
-            "swarm updated: node certificates are valid for {} s from their next renewal",
+    }
+    let mut said = Vec::new();
+    if let Some(ms) = cert_expiry_ms {
+        m.propose(Command::SetCertExpiry {
+            ms: check_cert_expiry(d, ms)?,
+        })
+        .await?;
+        said.push(format!(
+            "node certificates are valid for {} s from their next renewal",
             ms / 1000
-        ),
+        ));
+    }
+    let mut unlock_key = None;
+    if let Some(on) = autolock {
+        unlock_key = super::unlock::set(&m, on).await?.map(|k| k.to_string());
+        said.push(format!("autolock is {}", if on { "on" } else { "off" }));
+    }
+    Reply::of(&crate::views::SwarmUpdatedView {
+        message: format!("Swarm updated: {}.", said.join("; ")),
+        unlock_key,
     })
 }
 
 /// Carries out one API request.
 pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
+    if d.is_locked() && !req.served_when_locked() {
+        let e = ApiError::locked(super::unlock::LOCKED);
+        return Reply::err(super::kinds::kind_of(&e), format!("{e:#}"));
+    }
     if let Err(e) = check_role(d, &req).await {
         return Reply::err(super::kinds::kind_of(&e), format!("{e:#}"));
     }
@@ -129,12 +148,19 @@ pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
             default_addr_pool,
             default_addr_pool_mask_length,
             cert_expiry_ms,
+            autolock,
             ..
         } => {
             let pool = (&default_addr_pool[..], default_addr_pool_mask_length);
-            init(d, (advertise_addr, listen_addr), pool, cert_expiry_ms).await
+            let settings = (cert_expiry_ms, autolock);
+            init(d, (advertise_addr, listen_addr), pool, settings).await
         }
-        Request::SwarmUpdate { cert_expiry_ms } => swarm_update(d, cert_expiry_ms).await,
+        Request::SwarmUpdate {
+            cert_expiry_ms,
+            autolock,
+        } => swarm_update(d, cert_expiry_ms, autolock).await,
+        Request::SwarmUnlock { key } => super::unlock::unlock(d, &key).await,
+        Request::UnlockKey { rotate } => super::unlock::unlock_key(d, rotate).await,
         Request::NetworkCreate(spec) => super::networks::create(d, *spec).await,
         Request::NetworkLs => super::networks::ls(d).await,
         Request::ServiceCreate { spec, networks } => {
@@ -244,6 +270,15 @@ fn staleness(m: &Member) -> Vec<String> {
 
 async fn info(d: &Daemon) -> anyhow::Result<Reply> {
     let Some(m) = d.member.lock().await.clone() else {
+        if d.is_locked() {
+            let node = d.dir.node_file().ok().flatten();
+            return Ok(Reply::ok(json!({
+                "swarm": "locked",
+                "hostname": d.hostname,
+                "node_id": node.as_ref().map(|n| n.node_id.to_string()),
+                "cluster_id": node.map(|n| n.cluster_id),
+            })));
+        }
         return Ok(Reply::ok(
             json!({ "swarm": "inactive", "hostname": d.hostname }),
         ));
@@ -254,14 +289,12 @@ async fn info(d: &Daemon) -> anyhow::Result<Reply> {
     let warnings = m.sandboxes.warnings();
     // This node's certificate, as its state dir holds it, and which of the
     // CAs it knows issued it.
-    let certificate = d.dir.load().ok().flatten().map(|id| {
+    let certificate = d.dir.certificates().ok().map(|(ca_der, cert_der)| {
         let mut cas = state.trusted_cas();
-        cas.push(&id.tls.ca_der);
-        let issuer = cas
-            .into_iter()
-            .find(|ca| pki::issued_by(&id.tls.cert_der, ca));
+        cas.push(&ca_der);
+        let issuer = cas.into_iter().find(|ca| pki::issued_by(&cert_der, ca));
         json!({
-            "expires_at_ms": pki::expires_at_ms(&id.tls.cert_der).ok(),
+            "expires_at_ms": pki::expires_at_ms(&cert_der).ok(),
             "issuer_fingerprint": issuer.map(pki::fingerprint),
         })
     });
@@ -374,6 +407,9 @@ fn address_pool(
 /// identity, and the two join tokens.
 struct NewSwarm {
     cert_expiry_ms: u64,
+    /// With `--autolock`: the unlock key, and sealed with the managers' key
+    /// for the store.
+    autolock: Option<(UnlockKey, Vec<u8>)>,
     cluster: ClusterInfo,
     first: Node,
     identity: Identity,
@@ -387,7 +423,7 @@ fn new_swarm(
     listen: SocketAddr,
     advertise: SocketAddr,
     (default_addr_pool, default_pool_mask): (Vec<shoal_mesh::cidr::Ipv4Net>, u8),
-    cert_expiry_ms: u64,
+    (cert_expiry_ms, autolock): (u64, bool),
 ) -> anyhow::Result<NewSwarm> {
     let (ca_der, ca_key) = pki::new_ca()?;
     let (key_der, csr) = pki::new_key_and_csr()?;
@@ -395,6 +431,10 @@ fn new_swarm(
     let validity = Duration::from_millis(cert_expiry_ms);
     let cert_der = pki::sign_node_csr(&ca_der, &ca_key, &csr, node_id, Role::Manager, validity)?;
     let manager_key: [u8; 32] = rand::random();
+    let autolock = autolock.then(|| {
+        let key = UnlockKey::random();
+        (key, pki::seal(&manager_key, &key.0))
+    });
     let fingerprint = pki::fingerprint(&ca_der);
     let token = || JoinToken {
         ca_fingerprint: fingerprint.clone(),
@@ -440,9 +480,11 @@ fn new_swarm(
             key_der,
         },
         manager_key: Some(manager_key),
+        unlock_key: autolock.as_ref().map(|(k, _)| k.0),
     };
     Ok(NewSwarm {
         cert_expiry_ms,
+        autolock,
         cluster,
         first,
         identity,
@@ -474,6 +516,12 @@ async fn bootstrap(d: &Daemon, new: &NewSwarm) -> anyhow::Result<Arc<Member>> {
             ms: new.cert_expiry_ms,
         })
         .await?;
+        if let Some((_, sealed)) = &new.autolock {
+            m.propose(Command::SetAutolock {
+                sealed_unlock_key: Some(sealed.clone()),
+            })
+            .await?;
+        }
         anyhow::Ok(())
     };
     match boot.await {
@@ -489,7 +537,7 @@ async fn init(
     d: &Arc<Daemon>,
     (advertise, listen): (Option<HostPort>, Option<HostPort>),
     (pool, pool_mask): (&[shoal_mesh::cidr::Ipv4Net], Option<u8>),
-    cert_expiry_ms: Option<u64>,
+    (cert_expiry_ms, autolock): (Option<u64>, bool),
 ) -> anyhow::Result<Reply> {
     let expiry = check_cert_expiry(d, cert_expiry_ms.unwrap_or(DEFAULT_CERT_EXPIRY_MS))?;
     let mut slot = d.member.lock().await;
@@ -504,7 +552,7 @@ async fn init(
     }
     let pool = address_pool(pool, pool_mask)?;
     let (listen, advertise) = addresses(d, advertise, listen, None)?;
-    let new = new_swarm(d, listen, advertise, pool, expiry)?;
+    let new = new_swarm(d, listen, advertise, pool, (expiry, autolock))?;
     d.dir.save(&new.identity)?;
     let m = match bootstrap(d, &new).await {
         Ok(m) => m,
@@ -520,6 +568,7 @@ async fn init(
         advertise_addr: advertise.to_string(),
         worker_token: new.worker.to_string(),
         manager_token: new.manager.to_string(),
+        unlock_key: new.autolock.as_ref().map(|(k, _)| k.to_string()),
     })
 }
 
@@ -591,6 +640,7 @@ async fn join(
             key_der,
         },
         manager_key,
+        unlock_key: None,
     };
     d.dir.save(&identity)?;
     let m = match d.start_member(identity).await {
@@ -712,6 +762,9 @@ fn check_quorum_after(
 
 async fn leave(d: &Arc<Daemon>, force: bool) -> anyhow::Result<Reply> {
     let mut slot = d.member.lock().await;
+    if d.is_locked() {
+        return leave_locked(d).await;
+    }
     let m = slot
         .clone()
         .ok_or_else(|| ApiError::not_in_swarm(NOT_IN_SWARM))?;
@@ -747,6 +800,22 @@ async fn leave(d: &Arc<Daemon>, force: bool) -> anyhow::Result<Reply> {
     d.dir.wipe()?;
     let mut reply = Reply::ok(json!({ "left": m.id.to_string() }));
     reply.warnings = warnings;
+    Ok(reply)
+}
+
+/// `swarm leave --force` on a locked manager: its keys cannot be opened,
+/// so it tells the swarm nothing (remove it with `node rm --force` on a
+/// manager) and erases its state.
+async fn leave_locked(d: &Daemon) -> anyhow::Result<Reply> {
+    let node = d.dir.node_file()?.map(|n| n.node_id.to_string());
+    super::executor::stop_all(&d.dir.0).await;
+    d.dir.wipe()?;
+    d.set_locked(false);
+    let mut reply = Reply::ok(json!({ "left": node }));
+    reply.warnings.push(
+        "this locked manager left without telling the swarm: remove it with `shoal node rm --force` on a manager"
+            .into(),
+    );
     Ok(reply)
 }
 

@@ -6,8 +6,17 @@
 //! STATE_DIR/node.der      this node's certificate
 //! STATE_DIR/node.key      this node's private key           (0600)
 //! STATE_DIR/manager.key   managers' sealing key, managers only (0600)
+//! STATE_DIR/keys.locked   both keys sealed under the unlock key, in
+//!                         place of node.key and manager.key (autolock)
 //! STATE_DIR/raft/         Raft log (redb) and snapshot
 //! ```
+//!
+//! A node's secrets are kept either in the clear (`node.key`,
+//! `manager.key`) or, on an autolocked manager, together in `keys.locked`;
+//! `node.key` decides which: when it exists the node is not locked. Going
+//! locked writes `keys.locked` and then removes `node.key` first; going
+//! unlocked writes `manager.key`, then `node.key`, then removes
+//! `keys.locked`; so a crash in between leaves one complete set.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -46,6 +55,22 @@ pub struct Identity {
     pub tls: TlsIdentity,
     /// The managers' sealing key, if this node has it.
     pub manager_key: Option<[u8; 32]>,
+    /// The unlock key the secrets are sealed under at rest (autolock).
+    pub unlock_key: Option<[u8; 32]>,
+}
+
+/// What `keys.locked` holds, sealed under the unlock key.
+#[derive(Serialize, Deserialize)]
+struct SealedKeys {
+    node_key: Vec<u8>,
+    manager_key: Option<[u8; 32]>,
+}
+
+/// The secrets a node keeps at rest, and how.
+struct AtRest<'a> {
+    node_key: &'a [u8],
+    manager_key: Option<&'a [u8; 32]>,
+    unlock_key: Option<&'a [u8; 32]>,
 }
 
 /// Errors reading or writing the state dir.
@@ -59,6 +84,14 @@ pub enum IdentityError {
         /// Why.
         reason: String,
     },
+    /// The node's keys are sealed under the swarm's unlock key.
+    #[error("this manager is locked: its keys are sealed under the swarm's unlock key")]
+    Locked,
+    /// The key given does not open them.
+    #[error(
+        "invalid unlock key: it does not open this node's keys (if the key was rotated while this node was down, give the key from before the rotation)"
+    )]
+    WrongUnlockKey,
 }
 
 fn file_err(path: &Path, e: impl ToString) -> IdentityError {
@@ -82,25 +115,49 @@ impl StateDir {
         self.path("raft")
     }
 
-    /// Loads the identity; `Ok(None)` if there is none. A damaged file is an
-    /// error naming it.
+    /// Loads the identity; `Ok(None)` if there is none,
+    /// [`IdentityError::Locked`] if its keys are sealed. A damaged file is
+    /// an error naming it.
     pub fn load(&self) -> Result<Option<Identity>, IdentityError> {
-        self.finish_renewal()?;
+        self.open(None)
+    }
+
+    /// `node.json` alone (a locked node says who it is).
+    pub fn node_file(&self) -> Result<Option<NodeFile>, IdentityError> {
         let node_path = self.path("node.json");
         let text = match std::fs::read_to_string(&node_path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(file_err(&node_path, e)),
         };
-        let node: NodeFile = serde_json::from_str(&text).map_err(|e| file_err(&node_path, e))?;
-        let read = |name: &str| {
-            let p = self.path(name);
-            std::fs::read(&p).map_err(|e| file_err(&p, e))
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| file_err(&node_path, e))
+    }
+
+    /// The CA and node certificates as saved (no key needed).
+    pub fn certificates(&self) -> Result<(Vec<u8>, Vec<u8>), IdentityError> {
+        Ok((self.read("ca.der")?, self.read("node.der")?))
+    }
+
+    fn read(&self, name: &str) -> Result<Vec<u8>, IdentityError> {
+        let p = self.path(name);
+        std::fs::read(&p).map_err(|e| file_err(&p, e))
+    }
+
+    /// Loads the identity, opening sealed keys with `unlock` (`swarm
+    /// unlock`); without it, sealed keys are [`IdentityError::Locked`].
+    pub fn open(&self, unlock: Option<&[u8; 32]>) -> Result<Option<Identity>, IdentityError> {
+        self.finish_renewal()?;
+        let Some(node) = self.node_file()? else {
+            return Ok(None);
         };
+        let (ca_der, cert_der) = self.certificates()?;
+        let (key_der, manager_key, unlock_key) = self.secrets(unlock)?;
         let tls = TlsIdentity {
-            ca_der: read("ca.der")?,
-            cert_der: read("node.der")?,
-            key_der: read("node.key")?,
+            ca_der,
+            cert_der,
+            key_der,
         };
         let cert_id = super::pki::node_id_of(&tls.cert_der)
             .map_err(|e| file_err(&self.path("node.der"), e))?;
@@ -113,20 +170,55 @@ impl StateDir {
                 ),
             ));
         }
-        let mk_path = self.path("manager.key");
-        let manager_key = match std::fs::read(&mk_path) {
-            Ok(b) => Some(
-                <[u8; 32]>::try_from(b.as_slice())
-                    .map_err(|_| file_err(&mk_path, "expected 32 bytes"))?,
-            ),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => return Err(file_err(&mk_path, e)),
-        };
         Ok(Some(Identity {
             node,
             tls,
             manager_key,
+            unlock_key,
         }))
+    }
+
+    /// The node key, the managers' key and the unlock key they were sealed
+    /// under, from the clear files or from `keys.locked`.
+    #[allow(clippy::type_complexity)]
+    fn secrets(
+        &self,
+        unlock: Option<&[u8; 32]>,
+    ) -> Result<(Vec<u8>, Option<[u8; 32]>, Option<[u8; 32]>), IdentityError> {
+        match std::fs::read(self.path("node.key")) {
+            Ok(key) => return Ok((key, self.clear_manager_key()?, None)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(file_err(&self.path("node.key"), e)),
+        }
+        let sealed = self.read("keys.locked")?;
+        let unlock = unlock.ok_or(IdentityError::Locked)?;
+        let plain =
+            super::pki::unseal(unlock, &sealed).map_err(|_| IdentityError::WrongUnlockKey)?;
+        let keys: SealedKeys = shoal_mesh::codec::decode(&plain, 1 << 16)
+            .map_err(|e| file_err(&self.path("keys.locked"), e))?;
+        // A crash while locking can leave the clear managers' key behind.
+        self.remove("manager.key")?;
+        Ok((keys.node_key, keys.manager_key, Some(*unlock)))
+    }
+
+    fn clear_manager_key(&self) -> Result<Option<[u8; 32]>, IdentityError> {
+        let mk_path = self.path("manager.key");
+        match std::fs::read(&mk_path) {
+            Ok(b) => Ok(Some(
+                <[u8; 32]>::try_from(b.as_slice())
+                    .map_err(|_| file_err(&mk_path, "expected 32 bytes"))?,
+            )),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(file_err(&mk_path, e)),
+        }
+    }
+
+    fn remove(&self, name: &str) -> Result<(), IdentityError> {
+        match std::fs::remove_file(self.path(name)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(file_err(&self.path(name), e)),
+        }
     }
 
     /// Writes a whole identity; `node.json` goes last so that a crash
@@ -135,19 +227,28 @@ impl StateDir {
         std::fs::create_dir_all(&self.0).map_err(|e| file_err(&self.0, e))?;
         self.write("ca.der", &id.tls.ca_der, false)?;
         self.write("node.der", &id.tls.cert_der, false)?;
-        self.write("node.key", &id.tls.key_der, true)?;
-        self.save_manager_key(id.manager_key.as_ref())?;
+        self.save_secrets(&AtRest {
+            node_key: &id.tls.key_der,
+            manager_key: id.manager_key.as_ref(),
+            unlock_key: id.unlock_key.as_ref(),
+        })?;
         let json = serde_json::to_vec_pretty(&id.node)
             .map_err(|e| file_err(&self.path("node.json"), e))?;
         self.write("node.json", &json, false)
     }
 
     /// Replaces this node's certificate, key and the CA that issued it (a
-    /// renewal): all are written in full beside the old ones first, then
-    /// renamed into place; a crash between the renames is finished by the
-    /// next [`Self::load`].
-    pub fn save_tls(&self, tls: &TlsIdentity) -> Result<(), IdentityError> {
-        self.write("node.key.next", &tls.key_der, true)?;
+    /// renewal), keeping the key as `at_rest` says: all are written in full
+    /// beside the old ones first, then renamed into place; a crash between
+    /// the renames is finished by the next [`Self::load`].
+    fn save_tls(&self, tls: &TlsIdentity, at_rest: &AtRest) -> Result<(), IdentityError> {
+        match at_rest.unlock_key {
+            Some(unlock) => {
+                let sealed = seal_keys(unlock, &tls.key_der, at_rest.manager_key)?;
+                self.write("keys.locked.next", &sealed, true)?;
+            }
+            None => self.write("node.key.next", &tls.key_der, true)?,
+        }
         self.write("node.der.next", &tls.cert_der, false)?;
         self.write("ca.der.next", &tls.ca_der, false)?;
         self.finish_renewal()
@@ -156,7 +257,7 @@ impl StateDir {
     /// Moves a renewal's files into place, if one was written.
     fn finish_renewal(&self) -> Result<(), IdentityError> {
         let mut renamed = false;
-        for name in ["node.key", "node.der", "ca.der"] {
+        for name in ["node.key", "keys.locked", "node.der", "ca.der"] {
             let next = self.path(&format!("{name}.next"));
             match std::fs::rename(&next, self.path(name)) {
                 Ok(()) => renamed = true,
@@ -172,15 +273,24 @@ impl StateDir {
         Ok(())
     }
 
-    /// Stores (or, with `None`, deletes) the managers' key.
-    pub fn save_manager_key(&self, key: Option<&[u8; 32]>) -> Result<(), IdentityError> {
-        match key {
-            Some(k) => self.write("manager.key", k, true),
-            None => match std::fs::remove_file(self.path("manager.key")) {
-                Ok(()) => Ok(()),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                Err(e) => Err(file_err(&self.path("manager.key"), e)),
-            },
+    /// Writes the node's secrets in the clear or sealed, as `at_rest`
+    /// says, and removes the other form (see the module's notes on order).
+    fn save_secrets(&self, at_rest: &AtRest) -> Result<(), IdentityError> {
+        match at_rest.unlock_key {
+            Some(unlock) => {
+                let sealed = seal_keys(unlock, at_rest.node_key, at_rest.manager_key)?;
+                self.write("keys.locked", &sealed, true)?;
+                self.remove("node.key")?;
+                self.remove("manager.key")
+            }
+            None => {
+                match at_rest.manager_key {
+                    Some(k) => self.write("manager.key", k, true)?,
+                    None => self.remove("manager.key")?,
+                }
+                self.write("node.key", at_rest.node_key, true)?;
+                self.remove("keys.locked")
+            }
         }
     }
 
@@ -213,6 +323,8 @@ impl StateDir {
             "node.json",
             "manager.key",
             "node.key",
+            "keys.locked",
+            "keys.locked.next",
             "node.der",
             "ca.der",
             "node.key.next",
@@ -237,39 +349,142 @@ impl StateDir {
         }
     }
 }
-/// The managers' key as this node holds it (or not), kept on disk too.
-/// Cheap to share: the liveness loop fetches or drops it as the node's
-/// role changes, the peer server hands it to managers and uses it to admit.
-pub struct ManagerKey {
-    dir: StateDir,
-    key: std::sync::Mutex<Option<[u8; 32]>>,
+fn seal_keys(
+    unlock: &[u8; 32],
+    node_key: &[u8],
+    manager_key: Option<&[u8; 32]>,
+) -> Result<Vec<u8>, IdentityError> {
+    let plain = shoal_mesh::codec::encode(&SealedKeys {
+        node_key: node_key.to_vec(),
+        manager_key: manager_key.copied(),
+    })
+    .map_err(|e| IdentityError::File {
+        path: "keys.locked".into(),
+        reason: e.to_string(),
+    })?;
+    Ok(super::pki::seal(unlock, &plain))
 }
 
-impl ManagerKey {
-    /// The key loaded from `dir` (`key`), saved there on every change.
-    pub fn new(dir: StateDir, key: Option<[u8; 32]>) -> Self {
-        ManagerKey {
+/// The secrets this node holds (its key, the managers' key if it is a
+/// manager, the unlock key they are sealed under when autolocked), kept in
+/// the state dir on every change. Cheap to share: the liveness loop fetches
+/// or drops the managers' key as the node's role changes, the autolock
+/// loop seals or unseals, renewal replaces the node key, the peer server
+/// hands the managers' key to managers and uses it to admit.
+pub struct Secrets {
+    dir: StateDir,
+    held: std::sync::Mutex<Held>,
+    /// Bumped when the managers' key changes.
+    changed: tokio::sync::watch::Sender<()>,
+}
+
+#[derive(Clone)]
+struct Held {
+    node_key: Vec<u8>,
+    manager_key: Option<[u8; 32]>,
+    unlock_key: Option<[u8; 32]>,
+}
+
+impl Held {
+    fn at_rest(&self) -> AtRest<'_> {
+        AtRest {
+            node_key: &self.node_key,
+            manager_key: self.manager_key.as_ref(),
+            unlock_key: self.unlock_key.as_ref(),
+        }
+    }
+}
+
+impl Secrets {
+    /// The secrets of `identity`, kept in `dir`.
+    pub fn new(dir: StateDir, identity: &Identity) -> Self {
+        Secrets {
             dir,
-            key: std::sync::Mutex::new(key),
+            held: std::sync::Mutex::new(Held {
+                node_key: identity.tls.key_der.clone(),
+                manager_key: identity.manager_key,
+                unlock_key: identity.unlock_key,
+            }),
+            changed: tokio::sync::watch::Sender::new(()),
         }
     }
 
-    /// The key, if this node holds it.
-    pub fn get(&self) -> Option<[u8; 32]> {
-        *self.key.lock().unwrap_or_else(|p| p.into_inner())
+    /// Told when the managers' key changes.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<()> {
+        self.changed.subscribe()
     }
 
-    /// Stores or forgets the key, on disk first.
+    fn held(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The managers' key, if this node holds it.
+    pub fn get(&self) -> Option<[u8; 32]> {
+        self.held().manager_key
+    }
+
+    /// Stores or forgets the managers' key, on disk first.
     pub fn set(&self, key: Option<[u8; 32]>) -> Result<(), IdentityError> {
-        self.dir.save_manager_key(key.as_ref())?;
-        *self.key.lock().unwrap_or_else(|p| p.into_inner()) = key;
+        self.change(|h| h.manager_key = key)?;
+        self.changed.send_replace(());
         Ok(())
+    }
+
+    /// Applies `f` to the secrets, on disk first.
+    fn change(&self, f: impl FnOnce(&mut Held)) -> Result<(), IdentityError> {
+        let mut held = self.held();
+        let mut next = held.clone();
+        f(&mut next);
+        self.dir.save_secrets(&next.at_rest())?;
+        *held = next;
+        Ok(())
+    }
+
+    /// The unlock key the secrets are sealed under, if autolocked.
+    pub fn unlock_key(&self) -> Option<[u8; 32]> {
+        self.held().unlock_key
+    }
+
+    /// Seals the secrets under `key`, or keeps them in the clear (`None`).
+    pub fn set_unlock_key(&self, key: Option<[u8; 32]>) -> Result<(), IdentityError> {
+        self.change(|h| h.unlock_key = key)
+    }
+
+    /// Keeps a renewed certificate and its key.
+    pub fn save_tls(&self, tls: &TlsIdentity) -> Result<(), IdentityError> {
+        let mut held = self.held();
+        self.dir.save_tls(
+            tls,
+            &AtRest {
+                node_key: &tls.key_der,
+                ..held.at_rest()
+            },
+        )?;
+        held.node_key.clone_from(&tls.key_der);
+        Ok(())
+    }
+
+    /// The identity as saved, with the secrets held here (so also when
+    /// they are sealed).
+    pub fn identity(&self) -> Result<Option<Identity>, IdentityError> {
+        let unlock = self.unlock_key();
+        self.dir.open(unlock.as_ref())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn node7() -> NodeFile {
+        NodeFile {
+            node_id: NodeId(7),
+            cluster_id: "c".into(),
+            listen_addr: "127.0.0.1:2377".parse().unwrap(),
+            advertise_addr: "127.0.0.1:2377".parse().unwrap(),
+            join_managers: vec![],
+        }
+    }
 
     #[test]
     fn a_renewal_cut_short_between_its_renames_is_finished_at_the_next_load() {
@@ -282,19 +497,14 @@ mod tests {
         };
         let (cert, key_der) = issue();
         dir.save(&Identity {
-            node: NodeFile {
-                node_id: NodeId(7),
-                cluster_id: "c".into(),
-                listen_addr: "127.0.0.1:2377".parse().unwrap(),
-                advertise_addr: "127.0.0.1:2377".parse().unwrap(),
-                join_managers: vec![],
-            },
+            node: node7(),
             tls: TlsIdentity {
                 ca_der: ca.0.clone(),
                 cert_der: cert,
                 key_der,
             },
             manager_key: None,
+            unlock_key: None,
         })
         .unwrap();
         // A renewal that wrote both files, and renamed only the key.
@@ -315,7 +525,76 @@ mod tests {
             cert_der: cert3.clone(),
             key_der: key3,
         };
-        dir.save_tls(&tls).unwrap();
+        let at_rest = AtRest {
+            node_key: &tls.key_der,
+            manager_key: None,
+            unlock_key: None,
+        };
+        dir.save_tls(&tls, &at_rest).unwrap();
         assert_eq!(dir.load().unwrap().unwrap().tls.cert_der, cert3);
+    }
+
+    #[test]
+    fn sealed_keys_open_only_with_the_unlock_key_and_every_change_keeps_one_set() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir(tmp.path().to_owned());
+        let ca = super::super::pki::new_ca().unwrap();
+        let tls = super::super::transport::test_identity(&ca, NodeId(7));
+        let unlock = [5u8; 32];
+        let manager = [6u8; 32];
+        let id = Identity {
+            node: node7(),
+            tls: tls.clone(),
+            manager_key: Some(manager),
+            unlock_key: Some(unlock),
+        };
+        dir.save(&id).unwrap();
+        let on_disk = |name: &str| dir.path(name).exists();
+        assert!(on_disk("keys.locked") && !on_disk("node.key") && !on_disk("manager.key"));
+        let sealed = std::fs::read(dir.path("keys.locked")).unwrap();
+        assert!(!sealed.windows(32).any(|w| w == manager));
+        assert!(matches!(dir.load(), Err(IdentityError::Locked)));
+        assert!(matches!(
+            dir.open(Some(&[4u8; 32])),
+            Err(IdentityError::WrongUnlockKey)
+        ));
+        let opened = dir.open(Some(&unlock)).unwrap().unwrap();
+        assert_eq!(opened.tls.key_der, tls.key_der);
+        assert_eq!(opened.manager_key, Some(manager));
+        assert_eq!(opened.unlock_key, Some(unlock));
+        assert_eq!(dir.node_file().unwrap().unwrap().node_id, NodeId(7));
+
+        // A renewal while locked keeps the new key sealed.
+        let secrets = Secrets::new(dir.clone(), &opened);
+        let renewed = super::super::transport::test_identity(&ca, NodeId(7));
+        secrets.save_tls(&renewed).unwrap();
+        assert!(!on_disk("node.key"));
+        let opened = dir.open(Some(&unlock)).unwrap().unwrap();
+        assert_eq!(opened.tls.key_der, renewed.key_der);
+        assert_eq!(
+            secrets.identity().unwrap().unwrap().tls.cert_der,
+            renewed.cert_der
+        );
+
+        // Unlocked: the clear files come back and the sealed one goes.
+        secrets.set_unlock_key(None).unwrap();
+        assert!(on_disk("node.key") && on_disk("manager.key") && !on_disk("keys.locked"));
+        let loaded = dir.load().unwrap().unwrap();
+        assert_eq!(
+            (loaded.manager_key, loaded.unlock_key),
+            (Some(manager), None)
+        );
+
+        // A crash while locking (sealed file written, clear node key not yet
+        // removed) opens from the clear files; one after removing the node
+        // key opens sealed, and the leftover managers' key is removed.
+        secrets.set_unlock_key(Some(unlock)).unwrap();
+        dir.write("node.key", &renewed.key_der, true).unwrap();
+        dir.write("manager.key", &manager, true).unwrap();
+        assert_eq!(dir.load().unwrap().unwrap().unlock_key, None);
+        std::fs::remove_file(dir.path("node.key")).unwrap();
+        assert!(matches!(dir.load(), Err(IdentityError::Locked)));
+        dir.open(Some(&unlock)).unwrap().unwrap();
+        assert!(!on_disk("manager.key"));
     }
 }

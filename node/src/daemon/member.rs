@@ -6,11 +6,12 @@
 //!  loop                  the handles it takes
 //!  orchestrate::run      StateHandle, Writer (propose, who leads), GossipHandle, Liveness
 //!  membership::run       Raft, StateHandle, Liveness
-//!  ping::run             StateHandle, Writer (control calls), Liveness, ManagerKey
+//!  ping::run             StateHandle, Writer (control calls), Liveness, Secrets
 //!  executor::run         StateHandle, Writer, Sandboxes (read)
 //!  dataplane::run        StateHandle, GossipHandle, Sandboxes (written), a Backend
-//!  renewal::run          StateHandle, Writer (control calls), Quic, Trust, SigningHandle, GossipHandle, StateDir
-//!  peer::PeerHandler     Raft, StateHandle, Writer, GossipHandle, ManagerKey
+//!  renewal::run          StateHandle, Writer (control calls), Quic, Trust, SigningHandle, GossipHandle, Secrets
+//!  autolock::run         StateHandle, Secrets
+//!  peer::PeerHandler     Raft, StateHandle, Writer, GossipHandle, Secrets
 //! ```
 
 use std::net::SocketAddr;
@@ -23,11 +24,12 @@ use shoal_raft::{
 };
 use tokio::task::JoinHandle;
 
+use super::autolock::AutolockCtx;
 use super::dataplane::DataplaneCtx;
 use super::entry_keys::{NodeKeys, SigningHandle};
 use super::executor::ExecutorCtx;
 use super::gossip::GossipHandle;
-use super::identity::{Identity, ManagerKey, StateDir};
+use super::identity::{Identity, Secrets, StateDir};
 use super::liveness::{Liveness, NodeStatus};
 use super::membership::MembershipCtx;
 use super::orchestrate::OrchestratorCtx;
@@ -54,8 +56,9 @@ pub struct Member {
     pub quic: Arc<Quic>,
     /// The state dir.
     pub dir: StateDir,
-    /// The managers' key, when this node holds it.
-    pub keys: Arc<ManagerKey>,
+    /// The node's secrets: its key, the managers' key when it holds it,
+    /// the unlock key when autolocked.
+    pub keys: Arc<Secrets>,
     /// Ping results.
     pub live: Arc<Liveness>,
     /// The gossip task.
@@ -165,7 +168,7 @@ impl Member {
         let (gossip, gossip_task, signing) =
             start_gossip(&identity, &quic, &state, trust.clone(), cfg.gossip)?;
         let live = Arc::new(Liveness::new(id));
-        let keys = Arc::new(ManagerKey::new(dir.clone(), identity.manager_key));
+        let keys = Arc::new(Secrets::new(dir.clone(), &identity));
         let quota = Arc::new(Quota::new(cfg.quota_bytes));
         let writer = Writer::new(
             id,
@@ -230,6 +233,11 @@ impl Member {
                 state: state.clone(),
                 live: live.clone(),
             })),
+            tokio::spawn(super::autolock::run(AutolockCtx {
+                id,
+                state: state.clone(),
+                keys: keys.clone(),
+            })),
             tokio::spawn(super::renewal::run(RenewalCtx {
                 id,
                 state: state.clone(),
@@ -238,7 +246,7 @@ impl Member {
                 trust,
                 signing,
                 gossip: gossip.clone(),
-                dir: dir.clone(),
+                keys: keys.clone(),
             })),
             quic.serve(peers),
         ];

@@ -2,6 +2,7 @@
 //! Unix socket and, once the node is part of a swarm, runs a [`member::Member`].
 
 pub mod agent;
+pub mod autolock;
 pub mod ca;
 pub mod clock;
 pub mod commands;
@@ -31,6 +32,7 @@ pub mod services;
 pub mod shim;
 pub mod transport;
 pub mod trust;
+pub mod unlock;
 pub mod writer;
 
 use std::os::unix::fs::PermissionsExt;
@@ -68,16 +70,26 @@ pub async fn run(mut cfg: DaemonConfig) -> anyhow::Result<()> {
     std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("cannot set permissions on {}", cfg.state_dir.display()))?;
     let dir = StateDir(cfg.state_dir.clone());
-    let identity = dir
-        .load()
-        .context("refusing to start: the state dir is damaged (restore it from a backup, or remove it to start afresh)")?;
+    let (identity, locked) = match dir.load() {
+        Ok(identity) => (identity, false),
+        Err(identity::IdentityError::Locked) => (None, true),
+        Err(e) => return Err(anyhow::Error::from(e).context(
+            "refusing to start: the state dir is damaged (restore it from a backup, or remove it to start afresh)",
+        )),
+    };
     let hostname = cfg.hostname.clone().unwrap_or_else(system_hostname);
     let daemon = Arc::new(Daemon {
         cfg: cfg.clone(),
         dir,
         hostname,
         member: tokio::sync::Mutex::new(None),
+        locked: locked.into(),
     });
+    if locked {
+        tracing::warn!(
+            "this manager is locked (autolock): it serves nothing until `shoal swarm unlock` is given the unlock key"
+        );
+    }
     if let Some(identity) = identity {
         let id = identity.node.node_id;
         let member = daemon

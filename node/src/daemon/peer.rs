@@ -21,7 +21,7 @@ use shoal_raft::{Raft, RaftRpc, StateHandle, serve_rpc};
 use super::clock::now_ms;
 use super::gate::JoinFailures;
 use super::gossip::{GossipCmd, GossipHandle};
-use super::identity::ManagerKey;
+use super::identity::Secrets;
 use super::pki;
 use super::poison::lock;
 use super::transport::{Handler, Incoming, MAX_MESSAGE};
@@ -42,7 +42,7 @@ pub struct PeerHandler {
     /// Where gossip messages go.
     pub gossip: GossipHandle,
     /// The managers' key (handed to managers, used to admit nodes).
-    pub keys: Arc<ManagerKey>,
+    pub keys: Arc<Secrets>,
     /// The node's state dir (task logs).
     pub state_dir: PathBuf,
     /// The managers that admitted this node (`NodeFile::join_managers`).

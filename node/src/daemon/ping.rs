@@ -14,7 +14,7 @@ use std::time::Instant;
 use shoal_mesh::{ClusterState, NodeId, Role};
 use shoal_raft::StateHandle;
 
-use super::identity::ManagerKey;
+use super::identity::Secrets;
 use super::liveness::{Liveness, PING_INTERVAL, PING_TIMEOUT};
 use super::writer::Writer;
 use shoal_mesh::wire::{CtlReply, CtlRequest};
@@ -49,7 +49,7 @@ pub struct PingCtx {
     /// Where answers are recorded.
     pub live: Arc<Liveness>,
     /// The managers' key.
-    pub keys: Arc<ManagerKey>,
+    pub keys: Arc<Secrets>,
 }
 
 /// Runs until the task is aborted.

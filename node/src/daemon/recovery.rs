@@ -32,9 +32,9 @@ pub async fn force_new_cluster(d: &Arc<Daemon>) -> anyhow::Result<Reply> {
         ));
     }
     // As saved: the certificate and the managers' key this member runs with.
-    let identity = d
-        .dir
-        .load()?
+    let identity = m
+        .keys
+        .identity()?
         .ok_or_else(|| anyhow!("this node's identity is missing from its state dir"))?;
     let nodes: BTreeMap<u64, BasicNode> = state
         .nodes

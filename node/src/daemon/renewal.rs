@@ -19,7 +19,7 @@ use shoal_raft::StateHandle;
 use super::clock::now_ms;
 use super::entry_keys::{SigningHandle, signing};
 use super::gossip::{GossipCmd, GossipHandle};
-use super::identity::StateDir;
+use super::identity::Secrets;
 use super::pki;
 use super::poison::lock;
 use super::transport::{Quic, TlsIdentity};
@@ -49,8 +49,8 @@ pub struct RenewalCtx {
     pub signing: SigningHandle,
     /// Told to sign this node's entries again.
     pub gossip: GossipHandle,
-    /// Where the certificate and key are kept.
-    pub dir: StateDir,
+    /// Where the certificate and key are kept (sealed when autolocked).
+    pub keys: Arc<Secrets>,
 }
 
 /// When a certificate valid from `from_ms` until `until_ms` is renewed:
@@ -115,7 +115,7 @@ pub fn next(
 /// Runs until the task is aborted.
 pub async fn run(ctx: RenewalCtx) {
     let mut identity = loop {
-        match ctx.dir.load() {
+        match ctx.keys.identity() {
             Ok(Some(id)) => break id.tls,
             Ok(None) => tracing::warn!("no identity in the state dir to renew"),
             Err(e) => tracing::warn!(error = %e, "cannot read this node's certificate"),
@@ -265,7 +265,7 @@ fn take(ctx: &RenewalCtx, new: &TlsIdentity) -> anyhow::Result<()> {
     );
     ctx.trust.set_own_ca(&new.ca_der);
     present(ctx, new)?;
-    ctx.dir.save_tls(new)?;
+    ctx.keys.save_tls(new)?;
     Ok(())
 }
 
