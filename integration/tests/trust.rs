@@ -594,12 +594,13 @@ fn the_ca_rotates_under_traffic_and_the_old_ca_is_dropped() {
 }
 
 /// What of host `i`'s secrets is on its disk: (`node.key`, `manager.key`,
-/// `keys.locked`).
-fn secrets_on_disk(c: &Cluster, i: usize) -> (bool, bool, Option<Vec<u8>>) {
+/// `raft.key`, `keys.locked`).
+fn secrets_on_disk(c: &Cluster, i: usize) -> (bool, bool, bool, Option<Vec<u8>>) {
     let dir = &c.hosts[i].state_dir;
     (
         dir.join("node.key").exists(),
         dir.join("manager.key").exists(),
+        dir.join("raft.key").exists(),
         std::fs::read(dir.join("keys.locked")).ok(),
     )
 }
@@ -626,14 +627,14 @@ fn an_autolocked_manager_serves_nothing_until_unlocked() {
     // Managers' keys are sealed at rest (the joined manager's as soon as it
     // has the store); the worker's are not.
     let sealed = |c: &Cluster, i| {
-        let (node, manager, locked) = secrets_on_disk(c, i);
-        !node && !manager && locked.is_some()
+        let (node, manager, raft, locked) = secrets_on_disk(c, i);
+        !node && !manager && !raft && locked.is_some()
     };
     c.wait_until("both managers' keys sealed", Duration::from_secs(10), |c| {
         Ok(sealed(c, 0) && sealed(c, 1))
     })
     .unwrap();
-    assert_eq!(secrets_on_disk(&c, 2), (true, false, None));
+    assert_eq!(secrets_on_disk(&c, 2), (true, false, true, None));
     let shown = c.shoal_ok(1, &["swarm", "unlock-key", "-q"]).unwrap();
     assert_eq!(shown.stdout.trim(), key);
     c.assert_refused(2, &["swarm", "unlock-key"], NOT_A_MANAGER);
@@ -689,14 +690,14 @@ fn an_autolocked_manager_serves_nothing_until_unlocked() {
 
     // A rotated key seals the managers' keys anew: after a restart only the
     // new key opens them.
-    let before = secrets_on_disk(&c, 1).2;
+    let before = secrets_on_disk(&c, 1).3;
     let rotated = c
         .shoal_ok(0, &["swarm", "unlock-key", "--rotate", "-q"])
         .unwrap();
     let new_key = rotated.stdout.trim().to_owned();
     assert_ne!(new_key, key);
     c.wait_until("node2 resealed", Duration::from_secs(10), |c| {
-        Ok(secrets_on_disk(c, 1).2 != before)
+        Ok(secrets_on_disk(c, 1).3 != before)
     })
     .unwrap();
     c.stop(1);
@@ -713,7 +714,7 @@ fn an_autolocked_manager_serves_nothing_until_unlocked() {
     c.wait_until("keys in the clear", Duration::from_secs(10), |c| {
         Ok([0, 1]
             .iter()
-            .all(|&i| secrets_on_disk(c, i) == (true, true, None)))
+            .all(|&i| secrets_on_disk(c, i) == (true, true, true, None)))
     })
     .unwrap();
     c.assert_refused(0, &["swarm", "unlock-key"], "autolock is not on");

@@ -60,7 +60,8 @@ fn update(i: usize) -> Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let (log, sm) = shoal_raft::open(dir.path())?;
+    // Sealed at rest, as the node runs it.
+    let (log, sm) = shoal_raft::open(dir.path(), shoal_raft::AtRest::with_key(&[7; 32]))?;
     let config = Arc::new(shoal_raft::config(&Default::default()).validate()?);
     let raft = Raft::new(1, config, Network::new(Alone), log, sm).await?;
     raft.initialize(BTreeMap::from([(1, BasicNode::new("127.0.0.1:1"))]))

@@ -12,6 +12,7 @@
 // only add conversions at every call.
 #![allow(clippy::result_large_err)]
 
+pub mod at_rest;
 pub mod log_store;
 pub mod memory;
 pub mod network;
@@ -22,6 +23,7 @@ pub mod types;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use at_rest::AtRest;
 pub use log_store::LogStore;
 pub use memory::MemoryStore;
 pub use network::{Network, RaftRpc, RaftRpcReply, RaftTransport, TransportError, serve_rpc};
@@ -95,14 +97,15 @@ pub fn config(timing: &RaftTiming) -> openraft::Config {
     }
 }
 
-/// Opens (or creates) the log store and the state machine under `dir`.
-pub fn open(dir: &Path) -> Result<(LogStore, StateMachineStore), StoreError> {
+/// Opens (or creates) the log store and the state machine under `dir`,
+/// their data sealed as `at_rest` says.
+pub fn open(dir: &Path, at_rest: AtRest) -> Result<(LogStore, StateMachineStore), StoreError> {
     std::fs::create_dir_all(dir).map_err(|e| StoreError::OpenLog {
         path: dir.to_owned(),
         reason: e.to_string(),
     })?;
-    let log = LogStore::open(&dir.join("raft-log.redb"))?;
-    let sm = StateMachineStore::open(dir)?;
+    let log = LogStore::open(&dir.join("raft-log.redb"), at_rest.clone())?;
+    let sm = StateMachineStore::open(dir, at_rest)?;
     Ok((log, sm))
 }
 

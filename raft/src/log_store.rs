@@ -4,6 +4,8 @@
 //! (vote, last purged log ID, last committed log ID). Every write is a redb
 //! transaction with immediate durability: it is fsynced before `commit`
 //! returns, and only then is openraft told that the entries are on disk.
+//! Entries are sealed with the node's data key (`at_rest`); the meta values
+//! (votes and log IDs) are not secret and stay in the clear.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -21,6 +23,7 @@ use serde::de::DeserializeOwned;
 use shoal_mesh::codec;
 
 use crate::StoreError;
+use crate::at_rest::{AtRest, log_place};
 use crate::types::TypeConfig;
 
 type Entry = openraft::Entry<TypeConfig>;
@@ -35,6 +38,7 @@ const KEY_COMMITTED: &str = "committed";
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    at_rest: AtRest,
 }
 
 fn io_err(subject: ErrorSubject<u64>, verb: ErrorVerb, e: impl ToString) -> StorageError<u64> {
@@ -58,8 +62,9 @@ fn dec<T: DeserializeOwned>(b: &[u8]) -> Result<T, StorageError<u64>> {
 }
 
 impl LogStore {
-    /// Opens or creates the log database at `path`.
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
+    /// Opens or creates the log database at `path`, its entries sealed as
+    /// `at_rest` says.
+    pub fn open(path: &Path, at_rest: AtRest) -> Result<Self, StoreError> {
         let fail = |reason: String| StoreError::OpenLog {
             path: path.to_owned(),
             reason,
@@ -69,7 +74,10 @@ impl LogStore {
         txn.open_table(LOG).map_err(|e| fail(e.to_string()))?;
         txn.open_table(META).map_err(|e| fail(e.to_string()))?;
         txn.commit().map_err(|e| fail(e.to_string()))?;
-        let store = LogStore { db: Arc::new(db) };
+        let store = LogStore {
+            db: Arc::new(db),
+            at_rest,
+        };
         // Read everything once so that a corrupt entry or meta value is found
         // now, with the file named, rather than at some later Raft step.
         store.check().map_err(|e| fail(e.to_string()))?;
@@ -83,10 +91,19 @@ impl LogStore {
         let txn = self.db.begin_read().map_err(read_err)?;
         let table = txn.open_table(LOG).map_err(read_err)?;
         for row in table.iter().map_err(read_err)? {
-            let (_, v) = row.map_err(read_err)?;
-            dec::<Entry>(v.value())?;
+            let (k, v) = row.map_err(read_err)?;
+            self.entry(k.value(), v.value())?;
         }
         Ok(())
+    }
+
+    /// The entry stored at `index` as `stored`.
+    fn entry(&self, index: u64, stored: &[u8]) -> Result<Entry, StorageError<u64>> {
+        let plain = self
+            .at_rest
+            .open(&log_place(index), stored)
+            .map_err(read_err)?;
+        dec(&plain)
     }
 
     fn meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageError<u64>> {
@@ -117,7 +134,8 @@ impl LogStore {
         {
             let mut table = txn.open_table(LOG).map_err(write_err)?;
             for entry in entries {
-                let bytes = enc(&entry)?;
+                let index = entry.log_id.index;
+                let bytes = self.at_rest.seal(&log_place(index), enc(&entry)?);
                 table
                     .insert(entry.log_id.index, bytes.as_slice())
                     .map_err(write_err)?;
@@ -148,7 +166,7 @@ impl LogStore {
         let txn = self.db.begin_read().map_err(read_err)?;
         let table = txn.open_table(LOG).map_err(read_err)?;
         match table.last().map_err(read_err)? {
-            Some((_, v)) => Ok(Some(dec::<Entry>(v.value())?.log_id)),
+            Some((k, v)) => Ok(Some(self.entry(k.value(), v.value())?.log_id)),
             None => Ok(None),
         }
     }
@@ -172,7 +190,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
             if !range.contains(&k.value()) {
                 break;
             }
-            out.push(dec(v.value())?);
+            out.push(self.entry(k.value(), v.value())?);
         }
         Ok(out)
     }

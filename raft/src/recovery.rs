@@ -13,11 +13,13 @@ use std::path::Path;
 
 use openraft::{BasicNode, CommittedLeaderId, EntryPayload, LogId, Membership, Vote};
 
-use crate::{LogStore, StoreError};
+use crate::{AtRest, LogStore, StoreError};
 
-/// Rewrites the log under `raft_dir` so that `me` is the only voter.
+/// Rewrites the log under `raft_dir` (sealed as `at_rest` says) so that
+/// `me` is the only voter.
 pub fn force_single_voter(
     raft_dir: &Path,
+    at_rest: AtRest,
     me: u64,
     nodes: BTreeMap<u64, BasicNode>,
 ) -> Result<(), StoreError> {
@@ -26,7 +28,7 @@ pub fn force_single_voter(
         path: path.clone(),
         reason: e.to_string(),
     };
-    let log = LogStore::open(&path)?;
+    let log = LogStore::open(&path, at_rest)?;
     let term = log
         .vote()
         .map_err(fail)?

@@ -21,6 +21,7 @@ use shoal_mesh::{ClusterState, Outcome, apply, codec};
 use tokio::sync::watch;
 
 use crate::StoreError;
+use crate::at_rest::{AtRest, SNAPSHOT_PLACE};
 use crate::types::{ApplyResult, TypeConfig};
 
 /// Everything the state machine holds; also the snapshot's content.
@@ -105,6 +106,8 @@ impl StateHandle {
 pub struct StateMachineStore {
     data: Arc<RwLock<SmData>>,
     dir: PathBuf,
+    /// How the snapshot file is sealed.
+    at_rest: AtRest,
     changed: Arc<watch::Sender<u64>>,
     changes: watch::Receiver<u64>,
 }
@@ -123,8 +126,9 @@ fn snap_err(verb: ErrorVerb, e: impl ToString) -> StorageError<u64> {
 }
 
 impl StateMachineStore {
-    /// Opens the state machine under `dir`, loading `snapshot.bin` if present.
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+    /// Opens the state machine under `dir`, loading `snapshot.bin` if
+    /// present; the snapshot file is sealed as `at_rest` says.
+    pub fn open(dir: &Path, at_rest: AtRest) -> Result<Self, StoreError> {
         let path = dir.join("snapshot.bin");
         let data = match std::fs::read(&path) {
             Ok(bytes) => {
@@ -132,8 +136,11 @@ impl StateMachineStore {
                     path: path.clone(),
                     reason,
                 };
+                let plain = at_rest
+                    .open(SNAPSHOT_PLACE, &bytes)
+                    .map_err(|e| fail(e.to_string()))?;
                 let snap: StoredSnapshot =
-                    codec::decode(&bytes, codec::DEFAULT_LIMIT).map_err(|e| fail(e.to_string()))?;
+                    codec::decode(&plain, codec::DEFAULT_LIMIT).map_err(|e| fail(e.to_string()))?;
                 decode_data(&snap.data).map_err(|e| fail(e.to_string()))?
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => SmData::default(),
@@ -148,6 +155,7 @@ impl StateMachineStore {
         Ok(StateMachineStore {
             data: Arc::new(RwLock::new(data)),
             dir: dir.to_owned(),
+            at_rest,
             changed: Arc::new(tx),
             changes: rx,
         })
@@ -170,7 +178,8 @@ impl StateMachineStore {
     }
 
     fn save_snapshot(&self, snap: &StoredSnapshot) -> Result<(), StorageError<u64>> {
-        let bytes = codec::encode(snap).map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        let plain = codec::encode(snap).map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        let bytes = self.at_rest.seal(SNAPSHOT_PLACE, plain);
         let tmp = self.dir.join("snapshot.bin.tmp");
         let write = || -> std::io::Result<()> {
             let mut f = std::fs::File::create(&tmp)?;
@@ -298,7 +307,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(snap_err(ErrorVerb::Read, e)),
         };
-        let snap: StoredSnapshot = codec::decode(&bytes, codec::DEFAULT_LIMIT)
+        let plain = self
+            .at_rest
+            .open(SNAPSHOT_PLACE, &bytes)
+            .map_err(|e| snap_err(ErrorVerb::Read, e))?;
+        let snap: StoredSnapshot = codec::decode(&plain, codec::DEFAULT_LIMIT)
             .map_err(|e| snap_err(ErrorVerb::Read, e))?;
         Ok(Some(Snapshot {
             meta: snap.meta,

@@ -481,6 +481,7 @@ fn new_swarm(
         },
         manager_key: Some(manager_key),
         unlock_key: autolock.as_ref().map(|(k, _)| k.0),
+        raft_key: rand::random(),
     };
     Ok(NewSwarm {
         cert_expiry_ms,
@@ -641,6 +642,7 @@ async fn join(
         },
         manager_key,
         unlock_key: None,
+        raft_key: rand::random(),
     };
     d.dir.save(&identity)?;
     let m = match d.start_member(identity).await {

@@ -6,16 +6,17 @@
 //! STATE_DIR/node.der      this node's certificate
 //! STATE_DIR/node.key      this node's private key           (0600)
 //! STATE_DIR/manager.key   managers' sealing key, managers only (0600)
-//! STATE_DIR/keys.locked   both keys sealed under the unlock key, in
-//!                         place of node.key and manager.key (autolock)
-//! STATE_DIR/raft/         Raft log (redb) and snapshot
+//! STATE_DIR/raft.key      the Raft data's encryption key        (0600)
+//! STATE_DIR/keys.locked   the three keys sealed under the unlock key, in
+//!                         place of the three files above (autolock)
+//! STATE_DIR/raft/         Raft log (redb) and snapshot, sealed with raft.key
 //! ```
 //!
 //! A node's secrets are kept either in the clear (`node.key`,
-//! `manager.key`) or, on an autolocked manager, together in `keys.locked`;
-//! `node.key` decides which: when it exists the node is not locked. Going
-//! locked writes `keys.locked` and then removes `node.key` first; going
-//! unlocked writes `manager.key`, then `node.key`, then removes
+//! `manager.key`, `raft.key`) or, on an autolocked manager, together in
+//! `keys.locked`; `node.key` decides which: when it exists the node is not
+//! locked. Going locked writes `keys.locked` and then removes `node.key`
+//! first; going unlocked writes the others, then `node.key`, then removes
 //! `keys.locked`; so a crash in between leaves one complete set.
 
 use std::io::Write;
@@ -57,6 +58,8 @@ pub struct Identity {
     pub manager_key: Option<[u8; 32]>,
     /// The unlock key the secrets are sealed under at rest (autolock).
     pub unlock_key: Option<[u8; 32]>,
+    /// The key the Raft data is sealed with.
+    pub raft_key: [u8; 32],
 }
 
 /// What `keys.locked` holds, sealed under the unlock key.
@@ -64,13 +67,41 @@ pub struct Identity {
 struct SealedKeys {
     node_key: Vec<u8>,
     manager_key: Option<[u8; 32]>,
+    raft_key: [u8; 32],
 }
 
-/// The secrets a node keeps at rest, and how.
-struct AtRest<'a> {
-    node_key: &'a [u8],
-    manager_key: Option<&'a [u8; 32]>,
-    unlock_key: Option<&'a [u8; 32]>,
+/// A node's secrets, and the unlock key they are sealed under (if any).
+#[derive(Clone)]
+struct Held {
+    node_key: Vec<u8>,
+    manager_key: Option<[u8; 32]>,
+    raft_key: [u8; 32],
+    unlock_key: Option<[u8; 32]>,
+}
+
+impl Held {
+    fn of(id: &Identity) -> Self {
+        Held {
+            node_key: id.tls.key_der.clone(),
+            manager_key: id.manager_key,
+            raft_key: id.raft_key,
+            unlock_key: id.unlock_key,
+        }
+    }
+
+    /// `keys.locked`'s content.
+    fn sealed(&self, unlock: &[u8; 32]) -> Result<Vec<u8>, IdentityError> {
+        let plain = shoal_mesh::codec::encode(&SealedKeys {
+            node_key: self.node_key.clone(),
+            manager_key: self.manager_key,
+            raft_key: self.raft_key,
+        })
+        .map_err(|e| IdentityError::File {
+            path: "keys.locked".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(super::pki::seal(unlock, &plain))
+    }
 }
 
 /// Errors reading or writing the state dir.
@@ -153,11 +184,11 @@ impl StateDir {
             return Ok(None);
         };
         let (ca_der, cert_der) = self.certificates()?;
-        let (key_der, manager_key, unlock_key) = self.secrets(unlock)?;
+        let held = self.secrets(unlock)?;
         let tls = TlsIdentity {
             ca_der,
             cert_der,
-            key_der,
+            key_der: held.node_key,
         };
         let cert_id = super::pki::node_id_of(&tls.cert_der)
             .map_err(|e| file_err(&self.path("node.der"), e))?;
@@ -173,20 +204,33 @@ impl StateDir {
         Ok(Some(Identity {
             node,
             tls,
-            manager_key,
-            unlock_key,
+            manager_key: held.manager_key,
+            unlock_key: held.unlock_key,
+            raft_key: held.raft_key,
         }))
     }
 
-    /// The node key, the managers' key and the unlock key they were sealed
-    /// under, from the clear files or from `keys.locked`.
-    #[allow(clippy::type_complexity)]
-    fn secrets(
-        &self,
-        unlock: Option<&[u8; 32]>,
-    ) -> Result<(Vec<u8>, Option<[u8; 32]>, Option<[u8; 32]>), IdentityError> {
+    /// The secrets, from the clear files or from `keys.locked`. A state dir
+    /// from before the Raft data was encrypted gets a data key now.
+    fn secrets(&self, unlock: Option<&[u8; 32]>) -> Result<Held, IdentityError> {
         match std::fs::read(self.path("node.key")) {
-            Ok(key) => return Ok((key, self.clear_manager_key()?, None)),
+            Ok(node_key) => {
+                let manager_key = self.clear_key("manager.key")?;
+                let raft_key = match self.clear_key("raft.key")? {
+                    Some(k) => k,
+                    None => {
+                        let k: [u8; 32] = rand::random();
+                        self.write("raft.key", &k, true)?;
+                        k
+                    }
+                };
+                return Ok(Held {
+                    node_key,
+                    manager_key,
+                    raft_key,
+                    unlock_key: None,
+                });
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(file_err(&self.path("node.key"), e)),
         }
@@ -196,20 +240,27 @@ impl StateDir {
             super::pki::unseal(unlock, &sealed).map_err(|_| IdentityError::WrongUnlockKey)?;
         let keys: SealedKeys = shoal_mesh::codec::decode(&plain, 1 << 16)
             .map_err(|e| file_err(&self.path("keys.locked"), e))?;
-        // A crash while locking can leave the clear managers' key behind.
+        // A crash while locking can leave clear keys behind.
         self.remove("manager.key")?;
-        Ok((keys.node_key, keys.manager_key, Some(*unlock)))
+        self.remove("raft.key")?;
+        Ok(Held {
+            node_key: keys.node_key,
+            manager_key: keys.manager_key,
+            raft_key: keys.raft_key,
+            unlock_key: Some(*unlock),
+        })
     }
 
-    fn clear_manager_key(&self) -> Result<Option<[u8; 32]>, IdentityError> {
-        let mk_path = self.path("manager.key");
-        match std::fs::read(&mk_path) {
+    /// A 32-byte key kept in the clear, if its file exists.
+    fn clear_key(&self, name: &str) -> Result<Option<[u8; 32]>, IdentityError> {
+        let path = self.path(name);
+        match std::fs::read(&path) {
             Ok(b) => Ok(Some(
                 <[u8; 32]>::try_from(b.as_slice())
-                    .map_err(|_| file_err(&mk_path, "expected 32 bytes"))?,
+                    .map_err(|_| file_err(&path, "expected 32 bytes"))?,
             )),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(file_err(&mk_path, e)),
+            Err(e) => Err(file_err(&path, e)),
         }
     }
 
@@ -227,26 +278,19 @@ impl StateDir {
         std::fs::create_dir_all(&self.0).map_err(|e| file_err(&self.0, e))?;
         self.write("ca.der", &id.tls.ca_der, false)?;
         self.write("node.der", &id.tls.cert_der, false)?;
-        self.save_secrets(&AtRest {
-            node_key: &id.tls.key_der,
-            manager_key: id.manager_key.as_ref(),
-            unlock_key: id.unlock_key.as_ref(),
-        })?;
+        self.save_secrets(&Held::of(id))?;
         let json = serde_json::to_vec_pretty(&id.node)
             .map_err(|e| file_err(&self.path("node.json"), e))?;
         self.write("node.json", &json, false)
     }
 
     /// Replaces this node's certificate, key and the CA that issued it (a
-    /// renewal), keeping the key as `at_rest` says: all are written in full
-    /// beside the old ones first, then renamed into place; a crash between
-    /// the renames is finished by the next [`Self::load`].
-    fn save_tls(&self, tls: &TlsIdentity, at_rest: &AtRest) -> Result<(), IdentityError> {
-        match at_rest.unlock_key {
-            Some(unlock) => {
-                let sealed = seal_keys(unlock, &tls.key_der, at_rest.manager_key)?;
-                self.write("keys.locked.next", &sealed, true)?;
-            }
+    /// renewal), with `held` (which has the new key): all are written in
+    /// full beside the old ones first, then renamed into place; a crash
+    /// between the renames is finished by the next [`Self::load`].
+    fn save_tls(&self, tls: &TlsIdentity, held: &Held) -> Result<(), IdentityError> {
+        match &held.unlock_key {
+            Some(unlock) => self.write("keys.locked.next", &held.sealed(unlock)?, true)?,
             None => self.write("node.key.next", &tls.key_der, true)?,
         }
         self.write("node.der.next", &tls.cert_der, false)?;
@@ -273,22 +317,23 @@ impl StateDir {
         Ok(())
     }
 
-    /// Writes the node's secrets in the clear or sealed, as `at_rest`
-    /// says, and removes the other form (see the module's notes on order).
-    fn save_secrets(&self, at_rest: &AtRest) -> Result<(), IdentityError> {
-        match at_rest.unlock_key {
+    /// Writes the node's secrets in the clear or sealed (`held`'s unlock
+    /// key), and removes the other form (see the module's notes on order).
+    fn save_secrets(&self, held: &Held) -> Result<(), IdentityError> {
+        match &held.unlock_key {
             Some(unlock) => {
-                let sealed = seal_keys(unlock, at_rest.node_key, at_rest.manager_key)?;
-                self.write("keys.locked", &sealed, true)?;
+                self.write("keys.locked", &held.sealed(unlock)?, true)?;
                 self.remove("node.key")?;
-                self.remove("manager.key")
+                self.remove("manager.key")?;
+                self.remove("raft.key")
             }
             None => {
-                match at_rest.manager_key {
+                match &held.manager_key {
                     Some(k) => self.write("manager.key", k, true)?,
                     None => self.remove("manager.key")?,
                 }
-                self.write("node.key", at_rest.node_key, true)?;
+                self.write("raft.key", &held.raft_key, true)?;
+                self.write("node.key", &held.node_key, true)?;
                 self.remove("keys.locked")
             }
         }
@@ -322,6 +367,7 @@ impl StateDir {
         for name in [
             "node.json",
             "manager.key",
+            "raft.key",
             "node.key",
             "keys.locked",
             "keys.locked.next",
@@ -349,22 +395,6 @@ impl StateDir {
         }
     }
 }
-fn seal_keys(
-    unlock: &[u8; 32],
-    node_key: &[u8],
-    manager_key: Option<&[u8; 32]>,
-) -> Result<Vec<u8>, IdentityError> {
-    let plain = shoal_mesh::codec::encode(&SealedKeys {
-        node_key: node_key.to_vec(),
-        manager_key: manager_key.copied(),
-    })
-    .map_err(|e| IdentityError::File {
-        path: "keys.locked".into(),
-        reason: e.to_string(),
-    })?;
-    Ok(super::pki::seal(unlock, &plain))
-}
-
 /// The secrets this node holds (its key, the managers' key if it is a
 /// manager, the unlock key they are sealed under when autolocked), kept in
 /// the state dir on every change. Cheap to share: the liveness loop fetches
@@ -378,33 +408,12 @@ pub struct Secrets {
     changed: tokio::sync::watch::Sender<()>,
 }
 
-#[derive(Clone)]
-struct Held {
-    node_key: Vec<u8>,
-    manager_key: Option<[u8; 32]>,
-    unlock_key: Option<[u8; 32]>,
-}
-
-impl Held {
-    fn at_rest(&self) -> AtRest<'_> {
-        AtRest {
-            node_key: &self.node_key,
-            manager_key: self.manager_key.as_ref(),
-            unlock_key: self.unlock_key.as_ref(),
-        }
-    }
-}
-
 impl Secrets {
     /// The secrets of `identity`, kept in `dir`.
     pub fn new(dir: StateDir, identity: &Identity) -> Self {
         Secrets {
             dir,
-            held: std::sync::Mutex::new(Held {
-                node_key: identity.tls.key_der.clone(),
-                manager_key: identity.manager_key,
-                unlock_key: identity.unlock_key,
-            }),
+            held: std::sync::Mutex::new(Held::of(identity)),
             changed: tokio::sync::watch::Sender::new(()),
         }
     }
@@ -435,7 +444,7 @@ impl Secrets {
         let mut held = self.held();
         let mut next = held.clone();
         f(&mut next);
-        self.dir.save_secrets(&next.at_rest())?;
+        self.dir.save_secrets(&next)?;
         *held = next;
         Ok(())
     }
@@ -453,14 +462,12 @@ impl Secrets {
     /// Keeps a renewed certificate and its key.
     pub fn save_tls(&self, tls: &TlsIdentity) -> Result<(), IdentityError> {
         let mut held = self.held();
-        self.dir.save_tls(
-            tls,
-            &AtRest {
-                node_key: &tls.key_der,
-                ..held.at_rest()
-            },
-        )?;
-        held.node_key.clone_from(&tls.key_der);
+        let next = Held {
+            node_key: tls.key_der.clone(),
+            ..held.clone()
+        };
+        self.dir.save_tls(tls, &next)?;
+        *held = next;
         Ok(())
     }
 
@@ -505,6 +512,7 @@ mod tests {
             },
             manager_key: None,
             unlock_key: None,
+            raft_key: [1; 32],
         })
         .unwrap();
         // A renewal that wrote both files, and renamed only the key.
@@ -525,12 +533,13 @@ mod tests {
             cert_der: cert3.clone(),
             key_der: key3,
         };
-        let at_rest = AtRest {
-            node_key: &tls.key_der,
+        let held = Held {
+            node_key: tls.key_der.clone(),
             manager_key: None,
+            raft_key: [1; 32],
             unlock_key: None,
         };
-        dir.save_tls(&tls, &at_rest).unwrap();
+        dir.save_tls(&tls, &held).unwrap();
         assert_eq!(dir.load().unwrap().unwrap().tls.cert_der, cert3);
     }
 
@@ -547,12 +556,14 @@ mod tests {
             tls: tls.clone(),
             manager_key: Some(manager),
             unlock_key: Some(unlock),
+            raft_key: [2; 32],
         };
         dir.save(&id).unwrap();
         let on_disk = |name: &str| dir.path(name).exists();
         assert!(on_disk("keys.locked") && !on_disk("node.key") && !on_disk("manager.key"));
+        assert!(!on_disk("raft.key"));
         let sealed = std::fs::read(dir.path("keys.locked")).unwrap();
-        assert!(!sealed.windows(32).any(|w| w == manager));
+        assert!(!sealed.windows(32).any(|w| w == manager || w == [2; 32]));
         assert!(matches!(dir.load(), Err(IdentityError::Locked)));
         assert!(matches!(
             dir.open(Some(&[4u8; 32])),
@@ -562,6 +573,7 @@ mod tests {
         assert_eq!(opened.tls.key_der, tls.key_der);
         assert_eq!(opened.manager_key, Some(manager));
         assert_eq!(opened.unlock_key, Some(unlock));
+        assert_eq!(opened.raft_key, [2; 32]);
         assert_eq!(dir.node_file().unwrap().unwrap().node_id, NodeId(7));
 
         // A renewal while locked keeps the new key sealed.
@@ -596,5 +608,11 @@ mod tests {
         assert!(matches!(dir.load(), Err(IdentityError::Locked)));
         dir.open(Some(&unlock)).unwrap().unwrap();
         assert!(!on_disk("manager.key"));
+
+        // A state dir from before the data key gets one, kept.
+        secrets.set_unlock_key(None).unwrap();
+        std::fs::remove_file(dir.path("raft.key")).unwrap();
+        let fresh = dir.load().unwrap().unwrap().raft_key;
+        assert_eq!(dir.load().unwrap().unwrap().raft_key, fresh);
     }
 }

@@ -109,7 +109,8 @@ async fn open(
     dir: &StateDir,
     timing: &shoal_raft::RaftTiming,
 ) -> anyhow::Result<(StateHandle, Trust, Arc<Quic>, Raft)> {
-    let (log, sm) = shoal_raft::open(&dir.raft())?;
+    let at_rest = shoal_raft::AtRest::with_key(&identity.raft_key);
+    let (log, sm) = shoal_raft::open(&dir.raft(), at_rest)?;
     let state = sm.handle();
     let trust = Trust::of_store(state.clone(), identity.tls.ca_der.clone());
     let quic = Quic::bind(&identity.tls, identity.node.listen_addr, trust.clone())?;

@@ -48,7 +48,8 @@ pub async fn force_new_cluster(d: &Arc<Daemon>) -> anyhow::Result<Reply> {
     // The old Raft's tasks and QUIC driver let go of the log database and the
     // UDP port shortly after shutdown; until then, opening either fails.
     retry_briefly(|| async {
-        shoal_raft::recovery::force_single_voter(&d.dir.raft(), me.0, nodes.clone())
+        let at_rest = shoal_raft::AtRest::with_key(&identity.raft_key);
+        shoal_raft::recovery::force_single_voter(&d.dir.raft(), at_rest, me.0, nodes.clone())
             .map_err(anyhow::Error::from)
     })
     .await?;
