@@ -635,6 +635,18 @@ fn an_autolocked_manager_serves_nothing_until_unlocked() {
     })
     .unwrap();
     assert_eq!(secrets_on_disk(&c, 2), (true, false, true, None));
+    // The Raft data is sealed on every node (with its data key, itself
+    // sealed under the unlock key on managers).
+    c.shoal_ok(0, &["network", "create", "s3cr3tmarker"])
+        .unwrap();
+    c.wait_until("the network on every node", Duration::from_secs(10), |c| {
+        Ok((0..3).all(|i| c.shoal(i, &["network", "inspect", "s3cr3tmarker"]).ok()))
+    })
+    .unwrap();
+    for i in 0..3 {
+        let log = std::fs::read(c.hosts[i].state_dir.join("raft/raft-log.redb")).unwrap();
+        assert!(!log.windows(12).any(|w| w == b"s3cr3tmarker"), "host {i}");
+    }
     let shown = c.shoal_ok(1, &["swarm", "unlock-key", "-q"]).unwrap();
     assert_eq!(shown.stdout.trim(), key);
     c.assert_refused(2, &["swarm", "unlock-key"], NOT_A_MANAGER);
