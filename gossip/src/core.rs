@@ -12,9 +12,12 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::num::{NonZeroU8, NonZeroUsize};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use foca::{Foca, NoCustomBroadcast, Notification, PostcardCodec, Runtime, Timer};
+
+use crate::swim::{SignedCodec, SwimTrust};
 use rand10::rngs::SmallRng;
 use rand10::seq::IteratorRandom;
 use rand10::{RngExt, SeedableRng};
@@ -245,7 +248,7 @@ impl Runtime<Peer> for Rt {
 pub struct Gossip {
     me: Peer,
     config: GossipConfig,
-    foca: Foca<Peer, PostcardCodec, SmallRng, NoCustomBroadcast>,
+    foca: Foca<Peer, SignedCodec, SmallRng, NoCustomBroadcast>,
     rng: SmallRng,
     tables: Tables,
     networks: BTreeSet<String>,
@@ -262,9 +265,9 @@ pub struct Gossip {
     last_sync: BTreeMap<NodeId, u64>,
     /// Counts of dropped messages and entries, by reason (for diagnostics).
     pub rejected: BTreeMap<String, u64>,
-    keys: Box<dyn Keys>,
-    /// Certificates of owners whose entries this node took.
-    certs: BTreeMap<NodeId, Vec<u8>>,
+    /// Keys, owners' certificates and members' signed claims, shared with
+    /// the SWIM codec.
+    trust: Arc<Mutex<SwimTrust>>,
 }
 
 fn encode(m: &Message) -> Vec<u8> {
@@ -281,11 +284,12 @@ impl Gossip {
         now_ms: u64,
         keys: Box<dyn Keys>,
     ) -> Self {
+        let trust = Arc::new(Mutex::new(SwimTrust::new(me.id, keys)));
         let foca = Foca::new(
             me.clone(),
             config.foca(),
             SmallRng::seed_from_u64(seed),
-            PostcardCodec,
+            SignedCodec(trust.clone()),
         );
         let mut g = Gossip {
             clock: me.generation,
@@ -305,12 +309,30 @@ impl Gossip {
             next_sync_ms: now_ms + config.sync_interval_ms,
             last_sync: BTreeMap::new(),
             rejected: BTreeMap::new(),
-            keys,
-            certs: BTreeMap::new(),
+            trust,
             config,
         };
         g.write_networks_record();
         g
+    }
+
+    fn trust(&self) -> std::sync::MutexGuard<'_, SwimTrust> {
+        self.trust.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies the SWIM claims that waited for their subjects'
+    /// certificates, and counts the updates the codec refused.
+    fn after_swim_trust(&mut self) {
+        let (ready, refused) = {
+            let mut t = self.trust();
+            (t.ready(), std::mem::take(&mut t.refused))
+        };
+        for (why, n) in refused {
+            *self.rejected.entry(why.to_owned()).or_default() += n;
+        }
+        if !ready.is_empty() {
+            self.run(|f, rt| f.apply_many(ready.into_iter(), true, rt));
+        }
     }
 
     /// This node's identity.
@@ -341,7 +363,7 @@ impl Gossip {
     fn run(
         &mut self,
         f: impl FnOnce(
-            &mut Foca<Peer, PostcardCodec, SmallRng, NoCustomBroadcast>,
+            &mut Foca<Peer, SignedCodec, SmallRng, NoCustomBroadcast>,
             &mut Rt,
         ) -> Result<(), foca::Error>,
     ) {
@@ -595,9 +617,9 @@ impl Gossip {
             .into_iter()
             .filter_map(|o| {
                 if o == self.me.id {
-                    Some((o, self.keys.cert()))
+                    Some((o, self.trust().keys.cert()))
                 } else {
-                    self.certs.get(&o).map(|c| (o, c.clone()))
+                    self.trust().certs.get(&o).map(|c| (o, c.clone()))
                 }
             })
             .collect()
@@ -606,6 +628,7 @@ impl Gossip {
     fn write_local(&mut self, key: EntryKey, value: Option<TableValue>) {
         let version = self.next_version();
         let sig = self
+            .trust()
             .keys
             .sign(&signed_bytes(&key, self.me.id, version, &value));
         let entry = Entry {
@@ -643,6 +666,7 @@ impl Gossip {
     /// relays carries signatures its new certificate checks.
     pub fn rekey(&mut self, now_ms: u64) {
         self.now_ms = self.now_ms.max(now_ms);
+        self.trust().rekey();
         let mine: Vec<(EntryKey, TableValue)> = self
             .tables
             .all()
@@ -774,6 +798,7 @@ impl Gossip {
                     return Err(Rejected::ForgedSender(from));
                 }
                 self.run(|f, rt| f.handle_data(&data, rt));
+                self.after_swim_trust();
                 Ok(())
             }
             Message::Table {
@@ -800,7 +825,9 @@ impl Gossip {
                         network,
                     });
                 }
-                self.handle_table(from, body, &offered)
+                let result = self.handle_table(from, body, &offered);
+                self.after_swim_trust();
+                result
             }
         }
     }
@@ -831,20 +858,23 @@ impl Gossip {
             return true;
         }
         let owner = entry.owner;
+        let mut trust = self.trust();
         let cert = if owner == self.me.id {
-            Some(self.keys.cert())
+            Some(trust.keys.cert())
         } else {
-            offered.get(&owner).or(self.certs.get(&owner)).cloned()
+            offered.get(&owner).or(trust.certs.get(&owner)).cloned()
         };
         let Some(cert) = cert else {
+            drop(trust);
             return reject(self, "no_certificate");
         };
         let msg = signed_bytes(key, owner, entry.version, &entry.value);
-        if !self.keys.verify(owner, &cert, &msg, &entry.sig) {
+        if !trust.keys.verify(owner, &cert, &msg, &entry.sig) {
+            drop(trust);
             return reject(self, "bad_signature");
         }
-        if owner != self.me.id && self.certs.get(&owner) != Some(&cert) {
-            self.certs.insert(owner, cert);
+        if owner != self.me.id && trust.certs.get(&owner) != Some(&cert) {
+            trust.certs.insert(owner, cert);
         }
         true
     }

@@ -18,6 +18,7 @@ pub mod keys;
 pub mod message;
 pub mod peer;
 pub mod sim;
+pub mod swim;
 pub mod table;
 
 pub use crate::core::{

@@ -280,6 +280,7 @@ fn a_swim_packet_speaks_for_its_sender_only() {
         };
         let mut data = Vec::new();
         PostcardCodec.encode_header(&header, &mut data).unwrap();
+        data.push(0); // no signature
         shoal_mesh::codec::encode(&Message::Swim(data)).unwrap()
     };
     // Node 2 sending a ping in node 3's name.
@@ -308,4 +309,81 @@ fn a_rekeyed_node_writes_its_entries_again_and_every_node_follows() {
         let snap = sim.nodes[&NodeId(i)].gossip.snapshot("net");
         assert_eq!(snap, vec![(key.clone(), vtep(2))], "node {i}");
     }
+}
+
+/// A SWIM packet from node `src` (signed as node `src`, as its header must
+/// be) carrying `updates`, each with the signature given.
+fn swim_packet(
+    src: &shoal_gossip::Peer,
+    dst: &shoal_gossip::Peer,
+    updates: &[(foca::Member<shoal_gossip::Peer>, Vec<u8>)],
+) -> Vec<u8> {
+    use foca::{Codec, Header, PostcardCodec};
+    use shoal_gossip::message::Message;
+    use shoal_gossip::swim::{SignedCodec, SwimTrust};
+    let trust = SwimTrust::new(src.id, Box::new(shoal_gossip::TestKeys(src.id)));
+    let mut codec = SignedCodec(std::sync::Arc::new(std::sync::Mutex::new(trust)));
+    let header = Header {
+        src: src.clone(),
+        src_incarnation: 0,
+        dst: dst.clone(),
+        message: foca::Message::Gossip,
+    };
+    let mut data = Vec::new();
+    codec.encode_header(&header, &mut data).unwrap();
+    data.extend_from_slice(&(updates.len() as u16).to_be_bytes());
+    for (m, sig) in updates {
+        PostcardCodec.encode_member(m, &mut data).unwrap();
+        data.push(sig.len() as u8);
+        data.extend_from_slice(sig);
+    }
+    shoal_mesh::codec::encode(&Message::Swim(data)).unwrap()
+}
+
+#[test]
+fn a_member_cannot_keep_a_dead_node_alive_or_take_its_identity() {
+    use foca::{Member, State};
+    let mut sim = cluster(4);
+    let me = |sim: &Sim, n| sim.nodes[&NodeId(n)].gossip.me().clone();
+    let (one, two, four) = (me(&sim, 1), me(&sim, 2), me(&sim, 4));
+    sim.crash(NodeId(4));
+    // Node 2 keeps telling node 1 that node 4 is alive, at ever higher
+    // incarnations and under a newer identity, signed by itself or not.
+    let newer = shoal_gossip::Peer {
+        generation: u64::MAX,
+        ..four.clone()
+    };
+    for round in 1..=30u16 {
+        let own_sig = |p: &shoal_gossip::Peer, i| {
+            shoal_gossip::keys::test_signature(NodeId(2), &shoal_gossip::swim::claim_bytes(p, i))
+        };
+        let lies = swim_packet(
+            &two,
+            &one,
+            &[
+                (
+                    Member::new(peer(4), round, State::Alive),
+                    own_sig(&peer(4), round),
+                ),
+                (Member::new(peer(4), round, State::Alive), Vec::new()),
+                (
+                    Member::new(newer.clone(), round, State::Alive),
+                    own_sig(&newer, round),
+                ),
+            ],
+        );
+        sim.with_node(NodeId(1), |g, now| g.handle_message(now, NodeId(2), &lies))
+            .unwrap()
+            .unwrap();
+        sim.run_for(100);
+    }
+    let g = &sim.nodes[&NodeId(1)].gossip;
+    let seen = g
+        .members()
+        .into_iter()
+        .find(|m| m.node_id == NodeId(4))
+        .unwrap();
+    assert_eq!(seen.state, MemberState::Dead, "{seen:?}");
+    assert_eq!(seen.generation, four.generation);
+    assert!(g.rejected["swim_unsigned_alive"] >= 90, "{:?}", g.rejected);
 }
