@@ -537,4 +537,24 @@ mod tests {
         let mut buf = &item[..];
         assert!(codec.decode_member(&mut buf).is_err());
     }
+
+    proptest::proptest! {
+        /// Whatever bytes a member sends, the codec returns an error or an
+        /// update, never panics, and takes no claim it cannot check.
+        #[test]
+        fn hostile_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let t = trust(1);
+            let mut codec = SignedCodec(t.clone());
+            let mut buf = &bytes[..];
+            if codec.decode_header(&mut buf).is_ok() {
+                while !buf.is_empty() {
+                    if codec.decode_member(&mut buf).is_err() {
+                        break;
+                    }
+                }
+            }
+            let t = t.lock().unwrap();
+            proptest::prop_assert!(t.vouched.is_empty());
+        }
+    }
 }
