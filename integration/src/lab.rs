@@ -115,7 +115,9 @@ impl Cluster {
                 socket: s(h, "socket").into(),
                 log: s(h, "log").into(),
                 netns: h["netns"].as_str().map(str::to_owned),
+                containerd_dir: dir.join(s(h, "name")).join("containerd"),
                 child: None,
+                containerd: None,
             })
             .collect();
         Ok(Cluster {

@@ -126,7 +126,11 @@ pub struct Host {
     /// Its network namespace, when hosts are isolated (else the daemon
     /// runs in the machine's own, with the data plane off).
     pub netns: Option<String>,
+    /// Its containerd's root, state, socket and log (started on demand by
+    /// [`Cluster::start_containerd`]; the daemon always points there).
+    pub containerd_dir: PathBuf,
     child: Option<Child>,
+    containerd: Option<Child>,
 }
 
 impl Host {
@@ -349,7 +353,9 @@ impl Cluster {
             socket: base.join("shoal.sock"),
             log: base.join("daemon.log"),
             netns,
+            containerd_dir: base.join("containerd"),
             child: None,
+            containerd: None,
         });
         Ok(())
     }
@@ -392,6 +398,8 @@ impl Cluster {
             .arg(h.addr())
             .arg("--hostname")
             .arg(&h.name)
+            .arg("--containerd-socket")
+            .arg(h.containerd_dir.join("containerd.sock"))
             // To look closer at one run (`shoal-lab failover`, a test):
             // e.g. SHOAL_LOG_LEVEL=info,shoal::daemon::dataplane=debug.
             .args(
@@ -416,6 +424,94 @@ impl Cluster {
                 // For later `shoal-lab` runs (labs outlive this process).
                 let _ = std::fs::write(self.pid_file(i), child.id().to_string());
             })?)
+    }
+
+    /// Host `i`'s containerd socket.
+    pub fn containerd_socket(&self, i: usize) -> PathBuf {
+        self.hosts[i].containerd_dir.join("containerd.sock")
+    }
+
+    /// Starts a containerd of host `i`'s own (its root, state and socket
+    /// under the host's folder, in the host's network namespace) and waits
+    /// until it answers. Needs root and Debian's `containerd`.
+    pub fn start_containerd(&mut self, i: usize) -> anyhow::Result<()> {
+        let dir = self.hosts[i].containerd_dir.clone();
+        std::fs::create_dir_all(&dir)?;
+        let socket = self.containerd_socket(i);
+        let config = dir.join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n\
+                 [debug]\n  address = \"\"\n[metrics]\n  address = \"\"\n",
+                root = dir.join("root").display(),
+                state = dir.join("state").display(),
+                sock = socket.display(),
+            ),
+        )?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("containerd.log"))?;
+        let mut cmd = match &self.hosts[i].netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg("containerd");
+                c
+            }
+            None => Command::new("containerd"),
+        };
+        let child = cmd
+            .arg("--config")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("cannot start containerd (install Debian's `containerd`: scripts/setup)")?;
+        self.hosts[i].containerd = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let answered = Command::new("ctr")
+                .arg("--address")
+                .arg(&socket)
+                .arg("version")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if answered {
+                return Ok(());
+            }
+            if let Some(status) = self.hosts[i]
+                .containerd
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "containerd of {} exited with {status}:\n{}",
+                    self.hosts[i].name,
+                    std::fs::read_to_string(dir.join("containerd.log")).unwrap_or_default()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "containerd of {} did not answer within 15 s",
+                    self.hosts[i].name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `kill -9` host `i`'s containerd.
+    pub fn kill_containerd(&mut self, i: usize) {
+        if let Some(mut c) = self.hosts[i].containerd.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     fn pid_file(&self, i: usize) -> PathBuf {
@@ -831,6 +927,7 @@ impl Drop for Cluster {
         }
         for i in 0..self.hosts.len() {
             self.kill(i);
+            self.kill_containerd(i);
         }
         kill_processes_under(&self.base);
         if let Some(prefix) = &self.netns_prefix

@@ -35,6 +35,9 @@ pub struct DaemonArgs {
     /// VXLAN UDP port [default: 4789].
     #[arg(long)]
     data_path_port: Option<u16>,
+    /// containerd's API socket [default: /run/containerd/containerd.sock].
+    #[arg(long)]
+    containerd_socket: Option<PathBuf>,
 }
 
 impl DaemonArgs {
@@ -73,6 +76,9 @@ impl DaemonArgs {
         }
         if let Some(v) = self.data_path_port {
             cfg.dataplane.data_path_port = v;
+        }
+        if let Some(v) = self.containerd_socket {
+            cfg.containerd_socket = v;
         }
         let filter = tracing_subscriber::EnvFilter::try_new(format!(
             "{},openraft=warn,quinn=warn,rustls=warn",

@@ -22,6 +22,8 @@ pub struct Daemon {
     /// Whether the node's keys are sealed and `swarm unlock` has not been
     /// given the key yet (autolock): then no member runs.
     pub locked: std::sync::atomic::AtomicBool,
+    /// The container engine (containerd).
+    pub engine: Arc<super::engine::Engine>,
 }
 
 pub const NOT_IN_SWARM: &str =

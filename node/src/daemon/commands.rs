@@ -269,6 +269,7 @@ fn staleness(m: &Member) -> Vec<String> {
 }
 
 async fn info(d: &Daemon) -> anyhow::Result<Reply> {
+    let containerd = d.engine.status().await;
     let Some(m) = d.member.lock().await.clone() else {
         if d.is_locked() {
             let node = d.dir.node_file().ok().flatten();
@@ -277,11 +278,14 @@ async fn info(d: &Daemon) -> anyhow::Result<Reply> {
                 "hostname": d.hostname,
                 "node_id": node.as_ref().map(|n| n.node_id.to_string()),
                 "cluster_id": node.map(|n| n.cluster_id),
+                "containerd": containerd,
             })));
         }
-        return Ok(Reply::ok(
-            json!({ "swarm": "inactive", "hostname": d.hostname }),
-        ));
+        return Ok(Reply::ok(json!({
+            "swarm": "inactive",
+            "hostname": d.hostname,
+            "containerd": containerd,
+        })));
     };
     let state = m.state.state();
     let metrics = m.raft.metrics().borrow().clone();
@@ -312,6 +316,7 @@ async fn info(d: &Daemon) -> anyhow::Result<Reply> {
         "dataplane": m.sandboxes.status(),
         "dataplane_error": m.sandboxes.error(),
         "dataplane_warnings": warnings,
+        "containerd": containerd,
         "raft": {
             "term": metrics.current_term,
             "last_log_index": metrics.last_log_index,

@@ -39,6 +39,9 @@ pub struct DaemonConfig {
     pub store: StoreConfig,
     /// Certificates.
     pub pki: PkiConfig,
+    /// containerd's API socket (the container engine Shoal drives; it is
+    /// never started by Shoal).
+    pub containerd_socket: PathBuf,
 }
 
 /// `[pki]`: node certificates.
@@ -225,6 +228,7 @@ impl Default for DaemonConfig {
             dataplane: DataplaneConfig::default(),
             store: StoreConfig::default(),
             pki: PkiConfig::default(),
+            containerd_socket: PathBuf::from(super::engine::DEFAULT_SOCKET),
         }
     }
 }

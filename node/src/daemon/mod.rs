@@ -8,6 +8,7 @@ pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod dataplane;
+pub mod engine;
 pub mod entry_keys;
 pub mod executor;
 pub mod gate;
@@ -84,6 +85,7 @@ pub async fn run(mut cfg: DaemonConfig) -> anyhow::Result<()> {
         hostname,
         member: tokio::sync::Mutex::new(None),
         locked: locked.into(),
+        engine: Arc::new(engine::Engine::new(&cfg.containerd_socket)),
     });
     if locked {
         tracing::warn!(

@@ -1,0 +1,153 @@
+//! The container engine: containerd, driven through its gRPC API on its
+//! Unix socket (`--containerd-socket`). Shoal never starts containerd: when
+//! it does not answer, `shoal info` says so (and tasks wait, with that
+//! message).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use containerd_client::services::v1::version_client::VersionClient;
+use containerd_client::tonic::transport::Channel;
+use serde::Serialize;
+
+/// Where containerd listens unless configured.
+pub const DEFAULT_SOCKET: &str = "/run/containerd/containerd.sock";
+
+/// How long a call to containerd may take before it counts as not
+/// answering.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why containerd could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// Nothing listens on the socket, or it does not speak containerd's API.
+    #[error(
+        "containerd does not answer at {socket}: {reason} (start containerd, or point `shoal daemon --containerd-socket` at its socket)"
+    )]
+    Unreachable {
+        /// The socket.
+        socket: PathBuf,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// containerd as `shoal info` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EngineStatus {
+    /// The socket Shoal uses.
+    pub socket: PathBuf,
+    /// containerd's version, when it answers.
+    pub version: Option<String>,
+    /// Why it cannot be used, when it does not.
+    pub error: Option<String>,
+}
+
+/// The handle to containerd: its socket and a connection, made when first
+/// needed and made again after a failure.
+pub struct Engine {
+    socket: PathBuf,
+    channel: tokio::sync::Mutex<Option<Channel>>,
+}
+
+impl Engine {
+    /// containerd at `socket`; nothing is dialled yet.
+    pub fn new(socket: &Path) -> Self {
+        Engine {
+            socket: socket.to_owned(),
+            channel: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    fn unreachable(&self, reason: impl ToString) -> EngineError {
+        EngineError::Unreachable {
+            socket: self.socket.clone(),
+            reason: reason.to_string(),
+        }
+    }
+
+    /// A connection to containerd (the cached one, or a new one).
+    async fn channel(&self) -> Result<Channel, EngineError> {
+        let mut slot = self.channel.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let connect = containerd_client::connect(&self.socket);
+        let channel = tokio::time::timeout(CALL_TIMEOUT, connect)
+            .await
+            .map_err(|_| self.unreachable("timed out connecting"))?
+            .map_err(|e| self.unreachable(source_chain(&e)))?;
+        *slot = Some(channel.clone());
+        Ok(channel)
+    }
+
+    /// Forgets the connection after a failed call, so the next call dials
+    /// again (containerd may have restarted).
+    async fn reset(&self) {
+        *self.channel.lock().await = None;
+    }
+
+    /// containerd's version, asked now.
+    pub async fn version(&self) -> Result<String, EngineError> {
+        let mut client = VersionClient::new(self.channel().await?);
+        let reply = match tokio::time::timeout(CALL_TIMEOUT, client.version(())).await {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(status)) => {
+                self.reset().await;
+                return Err(self.unreachable(format!("{}: {}", status.code(), status.message())));
+            }
+            Err(_) => {
+                self.reset().await;
+                return Err(self.unreachable("timed out"));
+            }
+        };
+        Ok(reply.version)
+    }
+
+    /// What `shoal info` shows.
+    pub async fn status(&self) -> EngineStatus {
+        let (version, error) = match self.version().await {
+            Ok(v) => (Some(v), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        EngineStatus {
+            socket: self.socket.clone(),
+            version,
+            error,
+        }
+    }
+}
+
+/// An error and its causes, on one line (tonic's transport errors say
+/// little at the top).
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_socket_nobody_serves_is_reported_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("containerd.sock");
+        let engine = Engine::new(&socket);
+        let status = engine.status().await;
+        assert_eq!(status.version, None);
+        let error = status.error.unwrap();
+        assert!(error.contains(&socket.display().to_string()), "{error}");
+        assert!(error.contains("--containerd-socket"), "{error}");
+        // A socket that is not containerd's: refused as well, and named.
+        let _listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let status = engine.status().await;
+        assert!(status.error.is_some());
+    }
+}
