@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 pub mod attack;
 pub mod failover;
+pub mod images;
 pub mod lab;
 pub mod spec;
 

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use shoal_integration::{Cluster, root_or_skip};
+use shoal_integration::{Cluster, images, root_or_skip};
 
 fn containerd_of(c: &Cluster, i: usize) -> serde_json::Value {
     c.info(i).unwrap()["containerd"].clone()
@@ -48,4 +48,80 @@ fn a_node_shows_its_containerd_and_says_what_to_do_when_it_does_not_answer() {
         |c| Ok(containerd_of(c, 0)["version"].is_string()),
     )
     .unwrap();
+}
+
+#[test]
+fn an_image_archive_loads_into_the_nodes_containerd_and_a_bad_one_changes_nothing() {
+    if !root_or_skip("run containerd") {
+        return;
+    }
+    let mut c = Cluster::start(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("busybox.tar");
+    std::fs::write(&archive, images::busybox("lab.local/busybox:1").unwrap()).unwrap();
+    let path = archive.to_str().unwrap();
+    // containerd not running: the load says so, as a retryable failure.
+    let r = c.shoal(0, &["image", "load", path]);
+    assert_eq!(r.code, 6, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("containerd does not answer"),
+        "{}",
+        r.stderr
+    );
+
+    c.start_containerd(0).unwrap();
+    let r = c.shoal_ok(0, &["image", "load", path]).unwrap();
+    assert!(
+        r.stdout.contains("Loaded image: lab.local/busybox:1"),
+        "{}",
+        r.stdout
+    );
+    let ls = c
+        .shoal_ok(0, &["image", "ls", "--format", "json"])
+        .unwrap()
+        .json()
+        .unwrap();
+    let manifest_digest = ls[0]["digest"].as_str().unwrap().to_owned();
+    assert_eq!(ls.as_array().unwrap().len(), 1, "{ls}");
+    assert_eq!(ls[0]["name"], "lab.local/busybox:1");
+    // containerd itself holds the image and its blobs, in Shoal's namespace.
+    let ctr = |args: &[&str]| {
+        let out = std::process::Command::new("ctr")
+            .arg("--address")
+            .arg(c.containerd_socket(0))
+            .args(["-n", "shoal"])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(ctr(&["images", "ls", "-q"]).contains("lab.local/busybox:1"));
+    let content = ctr(&["content", "ls", "-q"]);
+    assert_eq!(content.lines().count(), 3, "{content}");
+    assert!(content.contains(&manifest_digest));
+    // Loading again is harmless; a short name is normalised as Docker does.
+    c.shoal_ok(0, &["image", "load", path]).unwrap();
+    std::fs::write(&archive, images::busybox("busybox").unwrap()).unwrap();
+    let r = c.shoal_ok(0, &["image", "load", path]).unwrap();
+    assert!(
+        r.stdout.contains("docker.io/library/busybox:latest"),
+        "{}",
+        r.stdout
+    );
+
+    // Bad archives: a clear error, exit code 2, nothing added.
+    let before = c.shoal_ok(0, &["image", "ls", "-q"]).unwrap().stdout;
+    std::fs::write(&archive, b"this is not a tar").unwrap();
+    for (file, says) in [
+        (path, "not an image archive"),
+        ("/nonexistent/x.tar", "cannot read /nonexistent/x.tar"),
+    ] {
+        let r = c.shoal(0, &["image", "load", file]);
+        assert_eq!(r.code, 2, "{file}: {}", r.stderr);
+        assert!(r.stderr.contains(says), "{file}: {}", r.stderr);
+    }
+    assert_eq!(
+        c.shoal_ok(0, &["image", "ls", "-q"]).unwrap().stdout,
+        before
+    );
 }

@@ -202,6 +202,14 @@ pub enum Request {
         #[serde(default)]
         autolock: Option<bool>,
     },
+    /// `image load FILE`: the images of an OCI archive, into this node's
+    /// containerd.
+    ImageLoad {
+        /// The archive, an absolute path on this node.
+        path: std::path::PathBuf,
+    },
+    /// `image ls`: the images in this node's containerd.
+    ImageLs,
     /// `swarm unlock`: opens a locked manager's keys.
     SwarmUnlock {
         /// The unlock key (`SWMKEY-1-…`).
@@ -416,6 +424,8 @@ impl Request {
             | Request::ServiceScale { .. }
             | Request::ServiceLogs { .. } => true,
             Request::Info
+            | Request::ImageLoad { .. }
+            | Request::ImageLs
             | Request::SwarmUnlock { .. }
             | Request::SwarmJoin { .. }
             | Request::SwarmLeave { .. }

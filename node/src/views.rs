@@ -322,3 +322,14 @@ pub fn text<T: Serialize>(v: &T) -> String {
         Ok(other) => other.to_string(),
     }
 }
+
+/// An image in this node's containerd (`image ls`, `image load`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageView {
+    /// Its normalised name.
+    pub name: String,
+    /// Its manifest's digest.
+    pub digest: String,
+    /// Its manifest's media type.
+    pub media_type: String,
+}

@@ -3,6 +3,7 @@
 mod daemon;
 mod debug;
 pub mod exec;
+mod image;
 mod network;
 mod node;
 mod output;
@@ -50,6 +51,9 @@ enum Cmd {
     /// Manage services.
     #[command(subcommand)]
     Service(service::ServiceCmd),
+    /// Manage this node's images (in its containerd).
+    #[command(subcommand)]
+    Image(image::ImageCmd),
     /// Diagnostics.
     #[command(subcommand)]
     Debug(debug::DebugCmd),
@@ -92,6 +96,7 @@ impl Cli {
             Cmd::Swarm(cmd) => cmd.exec(&Client(socket)).await,
             Cmd::Node(cmd) => cmd.exec(&Client(socket)).await,
             Cmd::Debug(cmd) => cmd.exec(&Client(socket)).await,
+            Cmd::Image(cmd) => cmd.exec(&Client(socket)).await,
             Cmd::Network(cmd) => cmd.exec(&Client(socket)).await,
             Cmd::Service(cmd) => cmd.exec(&Client(socket)).await,
             Cmd::Info { format } => {

@@ -159,6 +159,8 @@ pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
             cert_expiry_ms,
             autolock,
         } => swarm_update(d, cert_expiry_ms, autolock).await,
+        Request::ImageLoad { path } => image_load(d, path).await,
+        Request::ImageLs => image_ls(d).await,
         Request::SwarmUnlock { key } => super::unlock::unlock(d, &key).await,
         Request::UnlockKey { rotate } => super::unlock::unlock_key(d, rotate).await,
         Request::NetworkCreate(spec) => super::networks::create(d, *spec).await,
@@ -808,6 +810,38 @@ async fn leave(d: &Arc<Daemon>, force: bool) -> anyhow::Result<Reply> {
     let mut reply = Reply::ok(json!({ "left": m.id.to_string() }));
     reply.warnings = warnings;
     Ok(reply)
+}
+
+/// An engine failure as the API reports it: containerd not answering is
+/// "cannot answer now"; the rest is containerd's own refusal.
+fn engine_error(e: super::engine::EngineError) -> anyhow::Error {
+    match e {
+        super::engine::EngineError::Unreachable { .. } => ApiError::unavailable(e.to_string()),
+        other => anyhow::Error::from(other),
+    }
+}
+
+/// `image ls`.
+async fn image_ls(d: &Daemon) -> anyhow::Result<Reply> {
+    Reply::of(&d.engine.images().await.map_err(engine_error)?)
+}
+
+/// `image load FILE`: reads and checks the archive (off the runtime's
+/// workers), then writes it into containerd.
+async fn image_load(d: &Daemon, path: std::path::PathBuf) -> anyhow::Result<Reply> {
+    if !path.is_absolute() {
+        return Err(ApiError::invalid(format!(
+            "{}: give the archive's absolute path",
+            path.display()
+        )));
+    }
+    let file = std::fs::File::open(&path)
+        .map_err(|e| ApiError::invalid(format!("cannot read {}: {e}", path.display())))?;
+    let archive =
+        tokio::task::spawn_blocking(move || super::archive::read(std::io::BufReader::new(file)))
+            .await?
+            .map_err(|e| ApiError::invalid(format!("{}: {e}", path.display())))?;
+    Reply::of(&d.engine.load(&archive).await.map_err(engine_error)?)
 }
 
 /// `swarm leave --force` on a locked manager: its keys cannot be opened,

@@ -30,6 +30,16 @@ pub enum EngineError {
         /// What failed.
         reason: String,
     },
+    /// containerd answered with an error.
+    #[error("containerd could not {what}: {code}: {message}")]
+    Call {
+        /// What Shoal asked.
+        what: String,
+        /// The gRPC code.
+        code: String,
+        /// containerd's words.
+        message: String,
+    },
 }
 
 /// containerd as `shoal info` shows it.
@@ -67,7 +77,7 @@ impl Engine {
     }
 
     /// A connection to containerd (the cached one, or a new one).
-    async fn channel(&self) -> Result<Channel, EngineError> {
+    pub(crate) async fn channel(&self) -> Result<Channel, EngineError> {
         let mut slot = self.channel.lock().await;
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());

@@ -2,6 +2,7 @@
 //! Unix socket and, once the node is part of a swarm, runs a [`member::Member`].
 
 pub mod agent;
+pub mod archive;
 pub mod autolock;
 pub mod ca;
 pub mod clock;
@@ -15,6 +16,7 @@ pub mod gate;
 pub mod gateway;
 pub mod gossip;
 pub mod identity;
+pub mod images;
 pub mod kinds;
 pub mod liveness;
 pub mod member;

@@ -1,0 +1,252 @@
+//! Images in containerd, in Shoal's namespace: `shoal image load FILE`
+//! writes a checked archive's blobs into containerd's content store (under
+//! a lease, so that its garbage collector leaves them alone until the image
+//! records point at them) and makes an image record per name; `shoal image
+//! ls` lists the records. Unpacking into snapshots comes with running
+//! containers (issue 15).
+
+use std::collections::HashMap;
+
+use containerd_client::services::v1::content_client::ContentClient;
+use containerd_client::services::v1::images_client::ImagesClient;
+use containerd_client::services::v1::leases_client::LeasesClient;
+use containerd_client::services::v1::{
+    CreateImageRequest, CreateRequest, DeleteRequest, Image, InfoRequest, ListImagesRequest,
+    UpdateImageRequest, WriteAction, WriteContentRequest,
+};
+use containerd_client::tonic::{self, Code, Request};
+use containerd_client::types::Descriptor;
+
+use super::archive::{self, Archive};
+use super::engine::{Engine, EngineError};
+use crate::views::ImageView;
+
+/// The containerd namespace Shoal's images, containers and snapshots live
+/// in, apart from anything else on the host.
+pub const NAMESPACE: &str = "shoal";
+
+/// How much of a blob one write message carries.
+const CHUNK: usize = 1 << 20;
+
+/// `msg` for containerd: in Shoal's namespace, and under `lease` if given.
+fn request<T>(msg: T, lease: Option<&str>) -> Request<T> {
+    let mut req = Request::new(msg);
+    let md = req.metadata_mut();
+    md.insert(
+        "containerd-namespace",
+        tonic::metadata::MetadataValue::from_static(NAMESPACE),
+    );
+    if let Some(l) = lease.and_then(|l| l.parse().ok()) {
+        md.insert("containerd-lease", l);
+    }
+    req
+}
+
+fn descriptor(d: &archive::Descriptor) -> Descriptor {
+    Descriptor {
+        media_type: d.media_type.clone(),
+        digest: d.digest.clone(),
+        size: d.size as i64,
+        annotations: HashMap::new(),
+    }
+}
+
+/// The garbage-collector labels that keep a manifest's config and layers
+/// alive as long as the manifest is (containerd's `gc.ref.content`).
+fn gc_labels(image: &archive::ArchiveImage) -> HashMap<String, String> {
+    let mut labels = HashMap::from([(
+        "containerd.io/gc.ref.content.config".to_owned(),
+        image.config.digest.clone(),
+    )]);
+    for (i, l) in image.layers.iter().enumerate() {
+        labels.insert(
+            format!("containerd.io/gc.ref.content.l.{i}"),
+            l.digest.clone(),
+        );
+    }
+    labels
+}
+
+impl Engine {
+    fn failed(&self, what: &str, status: tonic::Status) -> EngineError {
+        EngineError::Call {
+            what: what.to_owned(),
+            code: format!("{:?}", status.code()),
+            message: status.message().to_owned(),
+        }
+    }
+
+    /// Writes `archive` into containerd and names its images; returns them.
+    pub async fn load(&self, archive: &Archive) -> Result<Vec<ImageView>, EngineError> {
+        let channel = self.channel().await?;
+        let lease = format!("shoal-load-{:016x}", rand::random::<u64>());
+        let mut leases = LeasesClient::new(channel.clone());
+        leases
+            .create(request(
+                CreateRequest {
+                    id: lease.clone(),
+                    labels: HashMap::new(),
+                },
+                None,
+            ))
+            .await
+            .map_err(|s| self.failed("create a lease", s))?;
+        let result = self.load_under(&lease, archive).await;
+        // The image records now hold what they need; the lease can go.
+        let _ = leases
+            .delete(request(
+                DeleteRequest {
+                    id: lease,
+                    sync: false,
+                },
+                None,
+            ))
+            .await;
+        result
+    }
+
+    async fn load_under(
+        &self,
+        lease: &str,
+        archive: &Archive,
+    ) -> Result<Vec<ImageView>, EngineError> {
+        let channel = self.channel().await?;
+        let mut labels: HashMap<String, HashMap<String, String>> = HashMap::new();
+        for image in &archive.images {
+            labels.insert(image.manifest.digest.clone(), gc_labels(image));
+        }
+        for (digest, bytes) in &archive.blobs {
+            let blob_labels = labels.get(digest).cloned().unwrap_or_default();
+            self.write_blob(lease, digest, bytes, blob_labels).await?;
+        }
+        let mut images = ImagesClient::new(channel);
+        let mut out = Vec::new();
+        for image in &archive.images {
+            let record = Image {
+                name: image.name.clone(),
+                labels: HashMap::new(),
+                target: Some(descriptor(&image.manifest)),
+                created_at: None,
+                updated_at: None,
+            };
+            let created = images
+                .create(request(
+                    CreateImageRequest {
+                        image: Some(record.clone()),
+                        source_date_epoch: None,
+                    },
+                    Some(lease),
+                ))
+                .await;
+            match created {
+                Ok(_) => {}
+                // The name moves to this archive's image, as `docker load` does.
+                Err(s) if s.code() == Code::AlreadyExists => {
+                    images
+                        .update(request(
+                            UpdateImageRequest {
+                                image: Some(record),
+                                update_mask: None,
+                                source_date_epoch: None,
+                            },
+                            Some(lease),
+                        ))
+                        .await
+                        .map_err(|s| self.failed("update an image", s))?;
+                }
+                Err(s) => return Err(self.failed("create an image", s)),
+            }
+            out.push(ImageView {
+                name: image.name.clone(),
+                digest: image.manifest.digest.clone(),
+                media_type: image.manifest.media_type.clone(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Puts one blob into the content store, unless it is there already.
+    async fn write_blob(
+        &self,
+        lease: &str,
+        digest: &str,
+        bytes: &[u8],
+        labels: HashMap<String, String>,
+    ) -> Result<(), EngineError> {
+        let mut content = ContentClient::new(self.channel().await?);
+        let info = content
+            .info(request(
+                InfoRequest {
+                    digest: digest.to_owned(),
+                },
+                Some(lease),
+            ))
+            .await;
+        if info.is_ok() {
+            return Ok(());
+        }
+        let reference = format!("shoal-{digest}");
+        let total = bytes.len() as i64;
+        let mut msgs: Vec<WriteContentRequest> = bytes
+            .chunks(CHUNK)
+            .enumerate()
+            .map(|(i, chunk)| WriteContentRequest {
+                action: WriteAction::Write as i32,
+                r#ref: reference.clone(),
+                total,
+                expected: digest.to_owned(),
+                offset: (i * CHUNK) as i64,
+                data: chunk.to_vec(),
+                labels: HashMap::new(),
+            })
+            .collect();
+        msgs.push(WriteContentRequest {
+            action: WriteAction::Commit as i32,
+            r#ref: reference,
+            total,
+            expected: digest.to_owned(),
+            offset: total,
+            data: Vec::new(),
+            labels,
+        });
+        let stream = futures_util::stream::iter(msgs);
+        let mut replies = content
+            .write(request(stream, Some(lease)))
+            .await
+            .map_err(|s| self.failed("write a blob", s))?
+            .into_inner();
+        loop {
+            match replies.message().await {
+                Ok(Some(_)) => {}
+                Ok(None) => return Ok(()),
+                // Committed by an earlier load: the content is there.
+                Err(s) if s.code() == Code::AlreadyExists => return Ok(()),
+                Err(s) => return Err(self.failed("write a blob", s)),
+            }
+        }
+    }
+
+    /// Shoal's images in containerd.
+    pub async fn images(&self) -> Result<Vec<ImageView>, EngineError> {
+        let mut images = ImagesClient::new(self.channel().await?);
+        let list = images
+            .list(request(ListImagesRequest { filters: vec![] }, None))
+            .await
+            .map_err(|s| self.failed("list images", s))?
+            .into_inner();
+        let mut out: Vec<ImageView> = list
+            .images
+            .into_iter()
+            .map(|i| {
+                let target = i.target.unwrap_or_default();
+                ImageView {
+                    name: i.name,
+                    digest: target.digest,
+                    media_type: target.media_type,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+}
