@@ -99,6 +99,25 @@ fn an_image_archive_loads_into_the_nodes_containerd_and_a_bad_one_changes_nothin
     let content = ctr(&["content", "ls", "-q"]);
     assert_eq!(content.lines().count(), 3, "{content}");
     assert!(content.contains(&manifest_digest));
+    // Unpacked: one committed snapshot, named by the layer's chain ID, that
+    // holds the image's files.
+    let snaps = ctr(&["snapshots", "--snapshotter", "overlayfs", "ls"]);
+    assert_eq!(
+        snaps.lines().filter(|l| l.contains("Committed")).count(),
+        1,
+        "{snaps}"
+    );
+    let fs_root = c.hosts[0]
+        .containerd_dir
+        .join("root/io.containerd.snapshotter.v1.overlayfs/snapshots");
+    let unpacked = std::fs::read_dir(&fs_root).unwrap().flatten().any(|e| {
+        std::fs::metadata(e.path().join("fs/bin/busybox")).is_ok_and(|m| m.len() > 1_000_000)
+    });
+    assert!(
+        unpacked,
+        "no snapshot under {} holds bin/busybox",
+        fs_root.display()
+    );
     // Loading again is harmless; a short name is normalised as Docker does.
     c.shoal_ok(0, &["image", "load", path]).unwrap();
     std::fs::write(&archive, images::busybox("busybox").unwrap()).unwrap();

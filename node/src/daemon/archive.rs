@@ -45,6 +45,16 @@ struct Manifest {
     layers: Vec<Descriptor>,
 }
 
+#[derive(Deserialize)]
+struct Config {
+    rootfs: RootFs,
+}
+
+#[derive(Deserialize)]
+struct RootFs {
+    diff_ids: Vec<String>,
+}
+
 /// One image of an archive.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ArchiveImage {
@@ -56,6 +66,9 @@ pub struct ArchiveImage {
     pub config: Descriptor,
     /// Its layers, bottom first.
     pub layers: Vec<Descriptor>,
+    /// The digests of its layers uncompressed (the config's
+    /// `rootfs.diff_ids`), bottom first.
+    pub diff_ids: Vec<String>,
 }
 
 /// A checked archive: its images and the blobs they need, by digest.
@@ -209,7 +222,23 @@ pub fn read(reader: impl Read) -> Result<Archive, ArchiveError> {
             });
         }
         let manifest: Manifest = json(&format!("manifest {}", m.digest), &take(m)?)?;
-        take(&manifest.config)?;
+        let config: Config = json(
+            &format!("config {}", manifest.config.digest),
+            &take(&manifest.config)?,
+        )?;
+        if config.rootfs.diff_ids.len() != manifest.layers.len() {
+            return Err(ArchiveError::BadJson {
+                what: format!("config {}", manifest.config.digest),
+                reason: format!(
+                    "{} diff_ids for {} layers",
+                    config.rootfs.diff_ids.len(),
+                    manifest.layers.len()
+                ),
+            });
+        }
+        for d in &config.rootfs.diff_ids {
+            hex_of(d)?;
+        }
         for layer in &manifest.layers {
             take(layer)?;
         }
@@ -223,6 +252,7 @@ pub fn read(reader: impl Read) -> Result<Archive, ArchiveError> {
             manifest: m.clone(),
             config: manifest.config,
             layers: manifest.layers,
+            diff_ids: config.rootfs.diff_ids,
         });
     }
     if images.is_empty() {
@@ -230,6 +260,21 @@ pub fn read(reader: impl Read) -> Result<Archive, ArchiveError> {
     }
     archive.images = images;
     Ok(archive)
+}
+
+/// The chain IDs of layers with `diff_ids` (the OCI image spec's: the
+/// first is its diff ID, each next one the digest of the one below, a
+/// space and its diff ID), which name their unpacked snapshots.
+pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(diff_ids.len());
+    for d in diff_ids {
+        let next = match out.last() {
+            None => d.clone(),
+            Some(below) => digest_of(format!("{below} {d}").as_bytes()),
+        };
+        out.push(next);
+    }
+    out
 }
 
 /// An image name as Docker reads it: `busybox` is
@@ -386,6 +431,16 @@ pub mod tests {
             add(&format!("blobs/sha256/{}", &digest_of(blob)[7..]), blob);
         }
         out.into_inner().unwrap()
+    }
+
+    #[test]
+    fn chain_ids_follow_the_image_spec() {
+        let a = format!("sha256:{}", "a".repeat(64));
+        let b = format!("sha256:{}", "b".repeat(64));
+        let chains = chain_ids(&[a.clone(), b.clone()]);
+        assert_eq!(chains[0], a);
+        assert_eq!(chains[1], digest_of(format!("{a} {b}").as_bytes()));
+        assert!(chain_ids(&[]).is_empty());
     }
 
     #[test]

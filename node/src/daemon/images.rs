@@ -1,18 +1,24 @@
 //! Images in containerd, in Shoal's namespace: `shoal image load FILE`
 //! writes a checked archive's blobs into containerd's content store (under
 //! a lease, so that its garbage collector leaves them alone until the image
-//! records point at them) and makes an image record per name; `shoal image
-//! ls` lists the records. Unpacking into snapshots comes with running
-//! containers (issue 15).
+//! records point at them), unpacks each image's layers into snapshots
+//! named by their chain IDs (containerd's diff and snapshot services, as
+//! its own client does), and makes an image record per name; `shoal image
+//! ls` lists the records.
 
 use std::collections::HashMap;
 
 use containerd_client::services::v1::content_client::ContentClient;
+use containerd_client::services::v1::diff_client::DiffClient;
 use containerd_client::services::v1::images_client::ImagesClient;
 use containerd_client::services::v1::leases_client::LeasesClient;
+use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+use containerd_client::services::v1::snapshots::{
+    CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
+};
 use containerd_client::services::v1::{
-    CreateImageRequest, CreateRequest, DeleteRequest, Image, InfoRequest, ListImagesRequest,
-    UpdateImageRequest, WriteAction, WriteContentRequest,
+    ApplyRequest, CreateImageRequest, CreateRequest, DeleteRequest, Image, Info, InfoRequest,
+    ListImagesRequest, UpdateImageRequest, UpdateRequest, WriteAction, WriteContentRequest,
 };
 use containerd_client::tonic::{self, Code, Request};
 use containerd_client::types::Descriptor;
@@ -24,6 +30,9 @@ use crate::views::ImageView;
 /// The containerd namespace Shoal's images, containers and snapshots live
 /// in, apart from anything else on the host.
 pub const NAMESPACE: &str = "shoal";
+
+/// The snapshotter images are unpacked with.
+pub const SNAPSHOTTER: &str = "overlayfs";
 
 /// How much of a blob one write message carries.
 const CHUNK: usize = 1 << 20;
@@ -118,6 +127,9 @@ impl Engine {
         for (digest, bytes) in &archive.blobs {
             let blob_labels = labels.get(digest).cloned().unwrap_or_default();
             self.write_blob(lease, digest, bytes, blob_labels).await?;
+        }
+        for image in &archive.images {
+            self.unpack(lease, image).await?;
         }
         let mut images = ImagesClient::new(channel);
         let mut out = Vec::new();
@@ -224,6 +236,122 @@ impl Engine {
                 Err(s) => return Err(self.failed("write a blob", s)),
             }
         }
+    }
+
+    /// Unpacks `image`'s layers into snapshots named by their chain IDs
+    /// (those already there are kept), then labels its config so that the
+    /// garbage collector keeps the top snapshot while the image lives.
+    async fn unpack(&self, lease: &str, image: &archive::ArchiveImage) -> Result<(), EngineError> {
+        let channel = self.channel().await?;
+        let mut snapshots = SnapshotsClient::new(channel.clone());
+        let chains = archive::chain_ids(&image.diff_ids);
+        let mut parent = String::new();
+        for ((layer, diff_id), chain) in image.layers.iter().zip(&image.diff_ids).zip(&chains) {
+            let stat = StatSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: chain.clone(),
+            };
+            if snapshots.stat(request(stat, Some(lease))).await.is_err() {
+                self.apply_layer(lease, layer, diff_id, chain, &parent)
+                    .await?;
+            }
+            parent.clone_from(chain);
+        }
+        let Some(top) = chains.last() else {
+            return Ok(());
+        };
+        let label = format!("containerd.io/gc.ref.snapshot.{SNAPSHOTTER}");
+        let info = Info {
+            digest: image.config.digest.clone(),
+            labels: HashMap::from([(label.clone(), top.clone())]),
+            ..Default::default()
+        };
+        ContentClient::new(channel)
+            .update(request(
+                UpdateRequest {
+                    info: Some(info),
+                    update_mask: Some(prost_types::FieldMask {
+                        paths: vec![format!("labels.{label}")],
+                    }),
+                },
+                Some(lease),
+            ))
+            .await
+            .map_err(|s| self.failed("label an image's config", s))?;
+        Ok(())
+    }
+
+    /// Applies one layer on `parent` and commits it as `chain`; checks
+    /// that it unpacked to `diff_id`. A half-made snapshot is removed.
+    async fn apply_layer(
+        &self,
+        lease: &str,
+        layer: &archive::Descriptor,
+        diff_id: &str,
+        chain: &str,
+        parent: &str,
+    ) -> Result<(), EngineError> {
+        let channel = self.channel().await?;
+        let mut snapshots = SnapshotsClient::new(channel.clone());
+        let key = format!("shoal-extract-{:016x}-{chain}", rand::random::<u64>());
+        let prepared = snapshots
+            .prepare(request(
+                PrepareSnapshotRequest {
+                    snapshotter: SNAPSHOTTER.into(),
+                    key: key.clone(),
+                    parent: parent.to_owned(),
+                    labels: HashMap::new(),
+                },
+                Some(lease),
+            ))
+            .await
+            .map_err(|s| self.failed("prepare a snapshot", s))?
+            .into_inner();
+        let applied = DiffClient::new(channel)
+            .apply(request(
+                ApplyRequest {
+                    diff: Some(descriptor(layer)),
+                    mounts: prepared.mounts,
+                    payloads: HashMap::new(),
+                    sync_fs: true,
+                },
+                Some(lease),
+            ))
+            .await
+            .map(|r| r.into_inner().applied.unwrap_or_default().digest);
+        let committed = match applied {
+            Ok(d) if d == diff_id => snapshots
+                .commit(request(
+                    CommitSnapshotRequest {
+                        snapshotter: SNAPSHOTTER.into(),
+                        name: chain.to_owned(),
+                        key: key.clone(),
+                        labels: HashMap::new(),
+                    },
+                    Some(lease),
+                ))
+                .await
+                .map(drop)
+                .or_else(|s| match s.code() {
+                    // Another load committed the same layers meanwhile.
+                    Code::AlreadyExists => Ok(()),
+                    _ => Err(self.failed("commit a snapshot", s)),
+                }),
+            Ok(d) => Err(EngineError::Call {
+                what: format!("unpack layer {}", layer.digest),
+                code: "DataLoss".into(),
+                message: format!("it unpacks to {d}, not to the config's {diff_id}"),
+            }),
+            Err(s) => Err(self.failed("unpack a layer", s)),
+        };
+        if committed.is_err() {
+            let remove = RemoveSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key,
+            };
+            let _ = snapshots.remove(request(remove, Some(lease))).await;
+        }
+        committed
     }
 
     /// Shoal's images in containerd.
