@@ -22,6 +22,9 @@ pub mod liveness;
 pub mod member;
 pub mod membership;
 pub mod networks;
+// The container executor (issue 15, next) drives containerd with it.
+#[allow(dead_code)]
+pub mod oci;
 pub mod orchestrate;
 pub mod peer;
 pub mod ping;
