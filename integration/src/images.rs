@@ -43,9 +43,8 @@ pub enum Entry {
     Link(String),
 }
 
-/// An OCI archive of one image named `name` whose only layer holds
-/// `layer`, running `cmd` by default.
-pub fn oci_archive(name: &str, layer: &[(&str, Entry)], cmd: &[&str]) -> anyhow::Result<Vec<u8>> {
+/// An image's layer (a tar of `layer`) and config, running `cmd`.
+fn layer_and_config(layer: &[(&str, Entry)], cmd: &[&str]) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
     let layer = tar_of(layer)?;
     let config = serde_json::to_vec(&json!({
         "architecture": "amd64",
@@ -53,6 +52,34 @@ pub fn oci_archive(name: &str, layer: &[(&str, Entry)], cmd: &[&str]) -> anyhow:
         "config": { "Cmd": cmd },
         "rootfs": { "type": "layers", "diff_ids": [digest(&layer)] },
     }))?;
+    Ok((layer, config))
+}
+
+/// A docker-archive (`docker save` before Docker 25) of one image tagged
+/// `tags` whose only layer holds `layer`, running `cmd` by default.
+pub fn docker_archive(
+    tags: &[&str],
+    layer: &[(&str, Entry)],
+    cmd: &[&str],
+) -> anyhow::Result<Vec<u8>> {
+    let (layer, config) = layer_and_config(layer, cmd)?;
+    let manifest = serde_json::to_vec(&json!([{
+        "Config": "config.json",
+        "RepoTags": tags,
+        "Layers": ["layer0/layer.tar"],
+    }]))?;
+    let file = |b: &[u8]| Entry::File(b.to_vec(), 0o644);
+    tar_of(&[
+        ("manifest.json", file(&manifest)),
+        ("config.json", file(&config)),
+        ("layer0/layer.tar", file(&layer)),
+    ])
+}
+
+/// An OCI archive of one image named `name` whose only layer holds
+/// `layer`, running `cmd` by default.
+pub fn oci_archive(name: &str, layer: &[(&str, Entry)], cmd: &[&str]) -> anyhow::Result<Vec<u8>> {
+    let (layer, config) = layer_and_config(layer, cmd)?;
     let manifest = serde_json::to_vec(&json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -87,17 +114,23 @@ pub fn oci_archive(name: &str, layer: &[(&str, Entry)], cmd: &[&str]) -> anyhow:
     ])
 }
 
-/// An image of Debian's `busybox-static` (`/bin/busybox`, `/bin/sh`),
-/// named `name`. Needs the package (scripts/setup installs it).
-pub fn busybox(name: &str) -> anyhow::Result<Vec<u8>> {
+/// The layer of a busybox image: Debian's `busybox-static`
+/// (`/bin/busybox`, `/bin/sh`). Needs the package (scripts/setup).
+fn busybox_layer() -> anyhow::Result<Vec<(&'static str, Entry)>> {
     let busybox = std::fs::read("/bin/busybox")
         .context("cannot read /bin/busybox: install Debian's busybox-static (scripts/setup)")?;
-    oci_archive(
-        name,
-        &[
-            ("bin/busybox", Entry::File(busybox, 0o755)),
-            ("bin/sh", Entry::Link("busybox".into())),
-        ],
-        &["/bin/sh"],
-    )
+    Ok(vec![
+        ("bin/busybox", Entry::File(busybox, 0o755)),
+        ("bin/sh", Entry::Link("busybox".into())),
+    ])
+}
+
+/// A busybox image named `name`, as an OCI archive.
+pub fn busybox(name: &str) -> anyhow::Result<Vec<u8>> {
+    oci_archive(name, &busybox_layer()?, &["/bin/sh"])
+}
+
+/// A busybox image tagged `tags`, as a docker-archive.
+pub fn busybox_docker(tags: &[&str]) -> anyhow::Result<Vec<u8>> {
+    docker_archive(tags, &busybox_layer()?, &["/bin/sh"])
 }

@@ -128,6 +128,39 @@ fn an_image_archive_loads_into_the_nodes_containerd_and_a_bad_one_changes_nothin
         r.stdout
     );
 
+    // A docker-archive, tagged twice; and removal by name.
+    std::fs::write(
+        &archive,
+        images::busybox_docker(&["tools:1", "lab.local/tools:2"]).unwrap(),
+    )
+    .unwrap();
+    let r = c.shoal_ok(0, &["image", "load", path]).unwrap();
+    assert!(
+        r.stdout.contains("docker.io/library/tools:1"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("lab.local/tools:2"), "{}", r.stdout);
+    let r = c.shoal_ok(0, &["image", "rm", "tools:1"]).unwrap();
+    assert!(
+        r.stdout.contains("docker.io/library/tools:1"),
+        "{}",
+        r.stdout
+    );
+    let names = c.shoal_ok(0, &["image", "ls", "-q"]).unwrap().stdout;
+    assert!(
+        !names.contains("tools:1") && names.contains("lab.local/tools:2"),
+        "{names}"
+    );
+    let r = c.shoal(0, &["image", "rm", "tools:1"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("no such image: docker.io/library/tools:1"),
+        "{}",
+        r.stderr
+    );
+
     // Bad archives: a clear error, exit code 2, nothing added.
     let before = c.shoal_ok(0, &["image", "ls", "-q"]).unwrap().stdout;
     std::fs::write(&archive, b"this is not a tar").unwrap();

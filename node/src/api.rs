@@ -210,6 +210,11 @@ pub enum Request {
     },
     /// `image ls`: the images in this node's containerd.
     ImageLs,
+    /// `image rm`: an image of this node's containerd.
+    ImageRm {
+        /// Its name.
+        image: String,
+    },
     /// `swarm unlock`: opens a locked manager's keys.
     SwarmUnlock {
         /// The unlock key (`SWMKEY-1-…`).
@@ -426,6 +431,7 @@ impl Request {
             Request::Info
             | Request::ImageLoad { .. }
             | Request::ImageLs
+            | Request::ImageRm { .. }
             | Request::SwarmUnlock { .. }
             | Request::SwarmJoin { .. }
             | Request::SwarmLeave { .. }

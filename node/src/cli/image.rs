@@ -16,6 +16,12 @@ pub enum ImageCmd {
         /// The archive.
         file: PathBuf,
     },
+    /// Remove images from this node.
+    Rm {
+        /// Their names.
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
     /// List this node's images.
     Ls {
         /// Output format: `table` or `json`.
@@ -37,6 +43,15 @@ impl ImageCmd {
                 for i in loaded {
                     println!("Loaded image: {} ({})", i.name, i.digest);
                 }
+            }
+            ImageCmd::Rm { images } => {
+                let (removed, failed) = client
+                    .call_each::<serde_json::Value>(images, |image| Request::ImageRm { image })
+                    .await;
+                removed
+                    .iter()
+                    .for_each(|v| println!("Untagged: {}", v["removed"].as_str().unwrap_or("")));
+                super::check_failures(failed, "image(s) not removed")?;
             }
             ImageCmd::Ls { format, quiet } => {
                 let images: Vec<ImageView> = client.call_as(&Request::ImageLs).await?;

@@ -86,13 +86,10 @@ pub enum ArchiveError {
     /// Not a tar, or a damaged one.
     #[error("not an image archive: {0}")]
     NotATar(String),
-    /// A docker-archive (`manifest.json` without `oci-layout`).
+    /// Neither an OCI layout nor a docker-archive.
     #[error(
-        "docker-archive tarballs are not read yet: save the image in the OCI layout (`docker save` from Docker 25 on, or `skopeo copy docker-archive:FILE oci-archive:FILE`)"
+        "not an image archive: no `oci-layout` and `index.json`, nor a docker-archive's `manifest.json`, in it"
     )]
-    DockerArchive,
-    /// Not an OCI layout.
-    #[error("not an image archive: no `oci-layout` and `index.json` in it")]
     NotOci,
     /// Bigger than [`MAX_ARCHIVE`].
     #[error("the archive holds more than {} MiB", MAX_ARCHIVE >> 20)]
@@ -190,15 +187,86 @@ fn json<T: serde::de::DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, A
     })
 }
 
-/// Reads and checks an OCI archive.
+/// One image of a docker-archive's `manifest.json`.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct DockerEntry {
+    config: String,
+    #[serde(default)]
+    repo_tags: Vec<String>,
+    layers: Vec<String>,
+}
+
+/// A docker-archive's files (`docker save`: `manifest.json`, the config
+/// and the layer tars by path) as the OCI layout of the same images: the
+/// blobs by digest, a manifest per image, an index entry per tag.
+fn docker_to_oci(
+    files: BTreeMap<String, Vec<u8>>,
+) -> Result<BTreeMap<String, Vec<u8>>, ArchiveError> {
+    let entries: Vec<DockerEntry> = json("manifest.json", &files["manifest.json"])?;
+    let mut index = Vec::new();
+    let mut blobs: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for e in entries {
+        let mut blob = |path: &str, layer: bool| -> Result<serde_json::Value, ArchiveError> {
+            let bytes = files
+                .get(path)
+                .cloned()
+                .ok_or_else(|| ArchiveError::Missing(path.to_owned()))?;
+            let media_type = match (layer, bytes.starts_with(&[0x1f, 0x8b])) {
+                (false, _) => "application/vnd.oci.image.config.v1+json",
+                (true, false) => "application/vnd.oci.image.layer.v1.tar",
+                (true, true) => "application/vnd.oci.image.layer.v1.tar+gzip",
+            };
+            let digest = digest_of(&bytes);
+            let d =
+                serde_json::json!({"mediaType": media_type, "digest": digest, "size": bytes.len()});
+            blobs.insert(digest, bytes);
+            Ok(d)
+        };
+        let config = blob(&e.config, false)?;
+        let mut layers = Vec::new();
+        for l in &e.layers {
+            layers.push(blob(l, true)?);
+        }
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": layers,
+        }))
+        .map_err(|e| ArchiveError::NotATar(e.to_string()))?;
+        let digest = digest_of(&manifest);
+        if e.repo_tags.is_empty() {
+            return Err(ArchiveError::Unnamed(digest));
+        }
+        for tag in &e.repo_tags {
+            index.push(serde_json::json!({
+                "mediaType": OCI_MANIFEST, "digest": digest, "size": manifest.len(),
+                "annotations": {"io.containerd.image.name": tag},
+            }));
+        }
+        blobs.insert(digest, manifest);
+    }
+    let mut out = BTreeMap::new();
+    for (digest, bytes) in blobs {
+        out.insert(format!("blobs/sha256/{}", hex_of(&digest)?), bytes);
+    }
+    out.insert(
+        "oci-layout".into(),
+        br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
+    );
+    let index = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": index}))
+        .map_err(|e| ArchiveError::NotATar(e.to_string()))?;
+    out.insert("index.json".into(), index);
+    Ok(out)
+}
+
+/// Reads and checks an image archive: an OCI layout, or a docker-archive
+/// (read as the OCI layout of the same images).
 pub fn read(reader: impl Read) -> Result<Archive, ArchiveError> {
-    let files = files(reader)?;
+    let mut files = files(reader)?;
     if !files.contains_key("oci-layout") || !files.contains_key("index.json") {
-        return Err(if files.contains_key("manifest.json") {
-            ArchiveError::DockerArchive
-        } else {
-            ArchiveError::NotOci
-        });
+        if !files.contains_key("manifest.json") {
+            return Err(ArchiveError::NotOci);
+        }
+        files = docker_to_oci(files)?;
     }
     let index: Index = json("index.json", &files["index.json"])?;
     let mut archive = Archive::default();
@@ -489,7 +557,37 @@ pub mod tests {
             "manifest.json".to_owned(),
             b"[]".to_vec(),
         )]));
-        assert_eq!(read(&docker[..]).unwrap_err(), ArchiveError::DockerArchive);
+        assert_eq!(read(&docker[..]).unwrap_err(), ArchiveError::Empty);
+
+        // The same image as a docker-archive (`docker save` before Docker
+        // 25): read as the same config and layer, under each of its tags.
+        let oci = super::files(&bytes[..]).unwrap();
+        let blob = |d: &str| oci[&format!("blobs/sha256/{}", &d[7..])].clone();
+        let docker = BTreeMap::from([
+            (
+                "manifest.json".to_owned(),
+                serde_json::to_vec(&serde_json::json!([{
+                    "Config": "cfg.json",
+                    "RepoTags": ["tiny:1", "lab.local/tiny:2"],
+                    "Layers": ["abc/layer.tar"],
+                }]))
+                .unwrap(),
+            ),
+            ("cfg.json".to_owned(), blob(&img.config.digest)),
+            ("abc/layer.tar".to_owned(), blob(&img.layers[0].digest)),
+        ]);
+        let d = read(&retar(&docker)[..]).unwrap();
+        let names: Vec<&str> = d.images.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["docker.io/library/tiny:1", "lab.local/tiny:2"]);
+        assert_eq!(d.images[0].config.digest, img.config.digest);
+        assert_eq!(d.images[0].layers[0].digest, img.layers[0].digest);
+        assert_eq!(d.images[0].diff_ids, img.diff_ids);
+        let mut missing = docker.clone();
+        missing.remove("abc/layer.tar");
+        assert_eq!(
+            read(&retar(&missing)[..]).unwrap_err(),
+            ArchiveError::Missing("abc/layer.tar".into())
+        );
         let bad_name = archive("Not A Name", &[("x", b"y")]);
         assert!(matches!(read(&bad_name[..]), Err(ArchiveError::Name(_))));
     }

@@ -161,6 +161,7 @@ pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
         } => swarm_update(d, cert_expiry_ms, autolock).await,
         Request::ImageLoad { path } => image_load(d, path).await,
         Request::ImageLs => image_ls(d).await,
+        Request::ImageRm { image } => image_rm(d, &image).await,
         Request::SwarmUnlock { key } => super::unlock::unlock(d, &key).await,
         Request::UnlockKey { rotate } => super::unlock::unlock_key(d, rotate).await,
         Request::NetworkCreate(spec) => super::networks::create(d, *spec).await,
@@ -824,6 +825,15 @@ fn engine_error(e: super::engine::EngineError) -> anyhow::Error {
 /// `image ls`.
 async fn image_ls(d: &Daemon) -> anyhow::Result<Reply> {
     Reply::of(&d.engine.images().await.map_err(engine_error)?)
+}
+
+/// `image rm NAME`: the name as Docker reads it.
+async fn image_rm(d: &Daemon, image: &str) -> anyhow::Result<Reply> {
+    let name = super::archive::normalize(image).map_err(|e| ApiError::invalid(e.to_string()))?;
+    if !d.engine.remove_image(&name).await.map_err(engine_error)? {
+        return Err(ApiError::not_found(format!("no such image: {name}")));
+    }
+    Ok(Reply::ok(json!({ "removed": name })))
 }
 
 /// `image load FILE`: reads and checks the archive (off the runtime's

@@ -17,8 +17,9 @@ use containerd_client::services::v1::snapshots::{
     CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
 };
 use containerd_client::services::v1::{
-    ApplyRequest, CreateImageRequest, CreateRequest, DeleteRequest, Image, Info, InfoRequest,
-    ListImagesRequest, UpdateImageRequest, UpdateRequest, WriteAction, WriteContentRequest,
+    ApplyRequest, CreateImageRequest, CreateRequest, DeleteImageRequest, DeleteRequest, Image,
+    Info, InfoRequest, ListImagesRequest, UpdateImageRequest, UpdateRequest, WriteAction,
+    WriteContentRequest,
 };
 use containerd_client::tonic::{self, Code, Request};
 use containerd_client::types::Descriptor;
@@ -352,6 +353,23 @@ impl Engine {
             let _ = snapshots.remove(request(remove, Some(lease))).await;
         }
         committed
+    }
+
+    /// Removes the image record `name` (its content and snapshots go with
+    /// containerd's garbage collection, unless another image holds them).
+    /// `Ok(false)`: there is none.
+    pub async fn remove_image(&self, name: &str) -> Result<bool, EngineError> {
+        let mut images = ImagesClient::new(self.channel().await?);
+        let req = DeleteImageRequest {
+            name: name.to_owned(),
+            sync: true,
+            ..Default::default()
+        };
+        match images.delete(request(req, None)).await {
+            Ok(_) => Ok(true),
+            Err(s) if s.code() == Code::NotFound => Ok(false),
+            Err(s) => Err(self.failed("remove an image", s)),
+        }
     }
 
     /// Shoal's images in containerd.
