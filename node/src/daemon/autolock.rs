@@ -1,5 +1,6 @@
 //! Autolock, as in Docker Swarm: a manager's keys (its node key, the
-//! managers' key) are sealed at rest under the swarm's unlock key, so a
+//! managers' key, the Raft data's key) are sealed at rest under the swarm's
+//! unlock key, so a
 //! stolen disk or a restarted manager yields nothing until someone gives
 //! the key (`swarm unlock`).
 //!
