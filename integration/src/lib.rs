@@ -921,6 +921,18 @@ pub fn kill_processes_under(dir: &Path) {
     }
 }
 
+/// Removes the `shoal` cgroups containers were put under, where they are
+/// empty (one in use by another test is left alone: `rmdir` refuses it).
+fn remove_empty_shoal_cgroups() {
+    let mut dirs = vec![PathBuf::from("/sys/fs/cgroup/shoal")];
+    if let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") {
+        dirs.extend(controllers.flatten().map(|c| c.path().join("shoal")));
+    }
+    for d in dirs {
+        let _ = std::fs::remove_dir(d);
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         if self.keep {
@@ -931,6 +943,7 @@ impl Drop for Cluster {
             self.kill_containerd(i);
         }
         kill_processes_under(&self.base);
+        remove_empty_shoal_cgroups();
         if let Some(prefix) = &self.netns_prefix
             && let Ok(entries) = std::fs::read_dir("/run/netns")
         {

@@ -7,6 +7,32 @@ use std::time::Duration;
 
 use shoal_integration::{Cluster, images, root_or_skip};
 
+/// `ctr -n shoal ARGS…` against host 0's containerd: its standard output.
+fn ctr(c: &Cluster, args: &[&str]) -> String {
+    let out = std::process::Command::new("ctr")
+        .arg("--address")
+        .arg(c.containerd_socket(0))
+        .args(["-n", "shoal"])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `shoal debug run lab.local/busybox:1 -- /bin/sh -c SCRIPT` on host 0.
+fn run_sh(c: &Cluster, script: &str) -> shoal_integration::Run {
+    let args = [
+        "debug",
+        "run",
+        "lab.local/busybox:1",
+        "--",
+        "/bin/sh",
+        "-c",
+        script,
+    ];
+    c.shoal(0, &args)
+}
+
 fn containerd_of(c: &Cluster, i: usize) -> serde_json::Value {
     c.info(i).unwrap()["containerd"].clone()
 }
@@ -85,16 +111,7 @@ fn an_image_archive_loads_into_the_nodes_containerd_and_a_bad_one_changes_nothin
     assert_eq!(ls.as_array().unwrap().len(), 1, "{ls}");
     assert_eq!(ls[0]["name"], "lab.local/busybox:1");
     // containerd itself holds the image and its blobs, in Shoal's namespace.
-    let ctr = |args: &[&str]| {
-        let out = std::process::Command::new("ctr")
-            .arg("--address")
-            .arg(c.containerd_socket(0))
-            .args(["-n", "shoal"])
-            .args(args)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let ctr = |args: &[&str]| ctr(&c, args);
     assert!(ctr(&["images", "ls", "-q"]).contains("lab.local/busybox:1"));
     let content = ctr(&["content", "ls", "-q"]);
     assert_eq!(content.lines().count(), 3, "{content}");
@@ -175,5 +192,72 @@ fn an_image_archive_loads_into_the_nodes_containerd_and_a_bad_one_changes_nothin
     assert_eq!(
         c.shoal_ok(0, &["image", "ls", "-q"]).unwrap().stdout,
         before
+    );
+}
+
+#[test]
+fn a_container_runs_confined_with_pid_1_and_nothing_of_the_host() {
+    if !root_or_skip("run containerd and containers") {
+        return;
+    }
+    let mut c = Cluster::start(1).unwrap();
+    c.start_containerd(0).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("busybox.tar");
+    std::fs::write(&archive, images::busybox("lab.local/busybox:1").unwrap()).unwrap();
+    c.shoal_ok(0, &["image", "load", archive.to_str().unwrap()])
+        .unwrap();
+    let script = "echo pid=$$; grep CapEff /proc/self/status; busybox ls /; \
+                  busybox ps -o pid,comm; busybox hostname; busybox cat /etc/resolv.conf";
+    let r = run_sh(&c, script);
+    assert!(r.ok(), "{}", r.stderr);
+    let out = r.stdout;
+    assert!(out.contains("pid=1\n"), "{out}");
+    // Docker's default capabilities: no CAP_SYS_ADMIN (bit 21).
+    assert!(out.contains("CapEff:\t00000000a80425fb"), "{out}");
+    // The image's root: nothing of the host's state dir or API socket.
+    let root: Vec<&str> = out
+        .lines()
+        .skip_while(|l| !l.starts_with("CapEff"))
+        .skip(1)
+        .take_while(|l| !l.contains("PID"))
+        .collect();
+    assert!(
+        root.contains(&"bin") && !root.contains(&"var") && !root.contains(&"run"),
+        "{out}"
+    );
+    // Only its own processes.
+    let procs = out
+        .lines()
+        .skip_while(|l| !l.contains("PID"))
+        .skip(1)
+        .take_while(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .count();
+    assert_eq!(procs, 2, "{out}");
+    assert!(out.contains("shoal-run-"), "{out}");
+    assert!(out.contains("nameserver 127.0.0.11"), "{out}");
+
+    // The exit status comes back; an unknown image is named.
+    let r = run_sh(&c, "exit 3");
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    let r = c.shoal(0, &["debug", "run", "lab.local/nothing:1", "--", "true"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("no such image on this node: lab.local/nothing:1"),
+        "{}",
+        r.stderr
+    );
+    // Nothing is left in containerd.
+    let out = std::process::Command::new("ctr")
+        .arg("--address")
+        .arg(c.containerd_socket(0))
+        .args(["-n", "shoal", "containers", "ls", "-q"])
+        .output()
+        .unwrap();
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
     );
 }

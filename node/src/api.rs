@@ -286,6 +286,16 @@ pub enum Request {
         /// Only this network.
         network: Option<String>,
     },
+    /// `debug run`: a one-off container of an image on this node, run to
+    /// its end and removed.
+    DebugRun {
+        /// The image's name.
+        image: String,
+        /// The network namespace to join (a new one when absent).
+        netns: Option<std::path::PathBuf>,
+        /// The command, replacing the image's.
+        args: Vec<String>,
+    },
     /// `debug dns`: what a task's embedded DNS answers for a name.
     DebugDns {
         /// Task ID, ID prefix or `SERVICE.SLOT`.
@@ -439,6 +449,7 @@ impl Request {
             | Request::NodeInspect { .. }
             | Request::DebugDataplane { .. }
             | Request::DebugDns { .. }
+            | Request::DebugRun { .. }
             | Request::DebugGossip { .. }
             | Request::DebugGossipJoin { .. }
             | Request::DebugGossipLeave { .. }

@@ -20,6 +20,18 @@ pub enum DebugCmd {
         #[arg(long, default_value = "table")]
         format: Format,
     },
+    /// Run a one-off container of an image on this node (as `docker run --rm`),
+    /// print its output and exit with its status.
+    Run {
+        /// Join this network namespace (e.g. /run/netns/NAME) [default: a new one].
+        #[arg(long)]
+        netns: Option<std::path::PathBuf>,
+        /// The image.
+        image: String,
+        /// The command, replacing the image's.
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
     /// Show what a task's embedded DNS (127.0.0.11) answers for a name.
     Dns {
         /// Task ID or SERVICE.SLOT (on this node).
@@ -77,6 +89,24 @@ impl DebugCmd {
                 match format {
                     Format::Json => println!("{}", serde_json::to_string_pretty(&v)?),
                     Format::Table => print_dataplane(&v),
+                }
+            }
+            DebugCmd::Run {
+                netns,
+                image,
+                command,
+            } => {
+                let v: crate::daemon::containers::Ended = client
+                    .call_as(&Request::DebugRun {
+                        image,
+                        netns: netns.map(std::path::absolute).transpose()?,
+                        args: command,
+                    })
+                    .await?;
+                print!("{}", v.stdout);
+                eprint!("{}", v.stderr);
+                if v.exit_status != 0 {
+                    std::process::exit(v.exit_status.clamp(1, 255) as i32);
                 }
             }
             DebugCmd::Dns { task, name } => {

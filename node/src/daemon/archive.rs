@@ -330,6 +330,18 @@ pub fn read(reader: impl Read) -> Result<Archive, ArchiveError> {
     Ok(archive)
 }
 
+/// A manifest's config and layers (from containerd's content store).
+pub fn parse_manifest(bytes: &[u8]) -> Result<(Descriptor, Vec<Descriptor>), ArchiveError> {
+    let m: Manifest = json("the manifest", bytes)?;
+    Ok((m.config, m.layers))
+}
+
+/// A config's layer diff IDs.
+pub fn parse_diff_ids(bytes: &[u8]) -> Result<Vec<String>, ArchiveError> {
+    let c: Config = json("the image config", bytes)?;
+    Ok(c.rootfs.diff_ids)
+}
+
 /// The chain IDs of layers with `diff_ids` (the OCI image spec's: the
 /// first is its diff ID, each next one the digest of the one below, a
 /// space and its diff ID), which name their unpacked snapshots.

@@ -215,6 +215,7 @@ pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
 async fn debug_request(d: &Arc<Daemon>, req: Request) -> anyhow::Result<Reply> {
     match req {
         Request::DebugDataplane { network } => debug_dataplane(d, network).await,
+        Request::DebugRun { image, netns, args } => debug_run(d, &image, netns, args).await,
         Request::DebugDns { task, name } => debug_dns(d, &task, &name).await,
         Request::DebugGossip { network } => gossip_ask(d, |tx| GossipCmd::Dump(network, tx))
             .await
@@ -874,6 +875,44 @@ async fn debug_dataplane(d: &Daemon, network: Option<String>) -> anyhow::Result<
     let m = d.member().await?;
     let v = super::dataplane::debug_dataplane(m.id, &m.sandboxes, network.as_deref()).await?;
     Ok(Reply::ok(v))
+}
+
+/// `debug run`: a one-off container, its output and exit status.
+async fn debug_run(
+    d: &Daemon,
+    image: &str,
+    netns: Option<std::path::PathBuf>,
+    args: Vec<String>,
+) -> anyhow::Result<Reply> {
+    let image = super::archive::normalize(image).map_err(|e| ApiError::invalid(e.to_string()))?;
+    if let Some(n) = &netns
+        && !n.exists()
+    {
+        return Err(ApiError::invalid(format!(
+            "--netns {}: no such network namespace",
+            n.display()
+        )));
+    }
+    let id = format!(
+        "shoal-run-{}",
+        shoal_mesh::ids::to_hex(&rand::random::<[u8; 6]>())
+    );
+    let dir = d.dir.0.join("run").join(&id);
+    let one = super::containers::OneOff {
+        id,
+        image,
+        args,
+        netns,
+        dir: dir.clone(),
+    };
+    let ended = d.engine.run_once(&one).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    match ended {
+        Ok(e) => Reply::of(&e),
+        Err(e @ super::engine::EngineError::NoImage(_)) => Err(ApiError::not_found(e.to_string())),
+        Err(e @ super::engine::EngineError::Spec(_)) => Err(ApiError::invalid(e.to_string())),
+        Err(e) => Err(engine_error(e)),
+    }
 }
 
 async fn debug_dns(d: &Daemon, task: &str, name: &str) -> anyhow::Result<Reply> {

@@ -30,6 +30,12 @@ pub enum EngineError {
         /// What failed.
         reason: String,
     },
+    /// No image of that name on this node.
+    #[error("no such image on this node: {0} (load it with `shoal image load`)")]
+    NoImage(String),
+    /// The spec cannot be made.
+    #[error(transparent)]
+    Spec(super::oci::SpecError),
     /// containerd answered with an error.
     #[error("containerd could not {what}: {code}: {message}")]
     Call {

@@ -39,7 +39,7 @@ pub const SNAPSHOTTER: &str = "overlayfs";
 const CHUNK: usize = 1 << 20;
 
 /// `msg` for containerd: in Shoal's namespace, and under `lease` if given.
-fn request<T>(msg: T, lease: Option<&str>) -> Request<T> {
+pub(crate) fn request<T>(msg: T, lease: Option<&str>) -> Request<T> {
     let mut req = Request::new(msg);
     let md = req.metadata_mut();
     md.insert(
@@ -78,7 +78,7 @@ fn gc_labels(image: &archive::ArchiveImage) -> HashMap<String, String> {
 }
 
 impl Engine {
-    fn failed(&self, what: &str, status: tonic::Status) -> EngineError {
+    pub(crate) fn failed(&self, what: &str, status: tonic::Status) -> EngineError {
         EngineError::Call {
             what: what.to_owned(),
             code: format!("{:?}", status.code()),

@@ -8,6 +8,7 @@ pub mod ca;
 pub mod clock;
 pub mod commands;
 pub mod config;
+pub mod containers;
 pub mod dataplane;
 pub mod engine;
 pub mod entry_keys;
@@ -22,8 +23,6 @@ pub mod liveness;
 pub mod member;
 pub mod membership;
 pub mod networks;
-// The container executor (issue 15, next) drives containerd with it.
-#[allow(dead_code)]
 pub mod oci;
 pub mod orchestrate;
 pub mod peer;

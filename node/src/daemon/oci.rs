@@ -108,8 +108,9 @@ pub struct TaskRun {
     pub user: Option<String>,
     /// `--workdir`.
     pub workdir: Option<String>,
-    /// The task's network namespace (a path under `/run/netns`).
-    pub netns: PathBuf,
+    /// The network namespace to join (a task's, under `/run/netns`); a new,
+    /// empty one when `None`.
+    pub netns: Option<PathBuf>,
     /// The files bound read-only at `/etc/resolv.conf`, `/etc/hosts` and
     /// `/etc/hostname`.
     pub etc: EtcFiles,
@@ -515,7 +516,7 @@ pub fn runtime_spec(image: &ImageConfig, run: &TaskRun) -> Result<Spec, SpecErro
                 ns("mount"),
                 Namespace {
                     kind: "network".into(),
-                    path: Some(run.netns.display().to_string()),
+                    path: run.netns.as_ref().map(|p| p.display().to_string()),
                 },
             ],
             masked_paths: MASKED_PATHS.iter().map(|p| (*p).to_owned()).collect(),
@@ -537,7 +538,7 @@ mod tests {
     fn run() -> TaskRun {
         TaskRun {
             hostname: "web.1.abc".into(),
-            netns: "/run/netns/shoal-1-t".into(),
+            netns: Some("/run/netns/shoal-1-t".into()),
             etc: EtcFiles {
                 resolv_conf: "/var/lib/shoal/tasks/t/resolv.conf".into(),
                 hosts: "/var/lib/shoal/tasks/t/hosts".into(),

@@ -1,0 +1,267 @@
+//! Running a container of an image through containerd: the image's
+//! unpacked snapshot, the runtime spec from `oci`, a container and its task
+//! (runc through containerd's v2 shim), output to files. Today this serves
+//! `shoal debug run` (a one-off container, as `docker run --rm`); the
+//! executor will run tasks with it (issue 15).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use containerd_client::services::v1::container::Runtime;
+use containerd_client::services::v1::containers_client::ContainersClient;
+use containerd_client::services::v1::content_client::ContentClient;
+use containerd_client::services::v1::images_client::ImagesClient;
+use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
+use containerd_client::services::v1::snapshots::{PrepareSnapshotRequest, RemoveSnapshotRequest};
+use containerd_client::services::v1::tasks_client::TasksClient;
+use containerd_client::services::v1::{
+    Container, CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest,
+    DeleteTaskRequest, GetImageRequest, ReadContentRequest, StartRequest, WaitRequest,
+};
+use containerd_client::tonic::Code;
+
+use super::archive;
+use super::engine::{Engine, EngineError};
+use super::images::{SNAPSHOTTER, request};
+use super::oci::{self, EtcFiles, ImageConfig, TaskRun};
+
+/// The runtime spec's type, as containerd stores it.
+const SPEC_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
+
+/// A one-off container.
+pub struct OneOff {
+    /// Its ID (also its snapshot's key and its hostname).
+    pub id: String,
+    /// The image's normalised name.
+    pub image: String,
+    /// The command, replacing the image's `CMD`.
+    pub args: Vec<String>,
+    /// The network namespace it joins (a new one when `None`).
+    pub netns: Option<PathBuf>,
+    /// Where its `/etc` files and output go.
+    pub dir: PathBuf,
+}
+
+/// How a one-off container ended.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Ended {
+    /// Its exit status.
+    pub exit_status: u32,
+    /// What it wrote to standard output.
+    pub stdout: String,
+    /// And to standard error.
+    pub stderr: String,
+}
+
+/// The files bound at `/etc/resolv.conf`, `/etc/hosts` and `/etc/hostname`.
+fn write_etc(dir: &Path, hostname: &str) -> std::io::Result<EtcFiles> {
+    std::fs::create_dir_all(dir)?;
+    let etc = EtcFiles {
+        resolv_conf: dir.join("resolv.conf"),
+        hosts: dir.join("hosts"),
+        hostname: dir.join("hostname"),
+    };
+    std::fs::write(&etc.resolv_conf, "nameserver 127.0.0.11\noptions ndots:0\n")?;
+    std::fs::write(&etc.hosts, "127.0.0.1\tlocalhost\n::1\tlocalhost\n")?;
+    std::fs::write(&etc.hostname, format!("{hostname}\n"))?;
+    Ok(etc)
+}
+
+impl Engine {
+    /// A blob of the content store, whole.
+    async fn read_blob(&self, digest: &str) -> Result<Vec<u8>, EngineError> {
+        let mut content = ContentClient::new(self.channel().await?);
+        let req = ReadContentRequest {
+            digest: digest.to_owned(),
+            offset: 0,
+            size: 0,
+        };
+        let mut stream = content
+            .read(request(req, None))
+            .await
+            .map_err(|s| self.failed("read a blob", s))?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(chunk) = stream
+            .message()
+            .await
+            .map_err(|s| self.failed("read a blob", s))?
+        {
+            out.extend_from_slice(&chunk.data);
+        }
+        Ok(out)
+    }
+
+    /// An image's run settings and the chain ID of its top snapshot.
+    async fn image_for_run(&self, name: &str) -> Result<(ImageConfig, String), EngineError> {
+        let mut images = ImagesClient::new(self.channel().await?);
+        let got = images
+            .get(request(
+                GetImageRequest {
+                    name: name.to_owned(),
+                },
+                None,
+            ))
+            .await;
+        let image = match got {
+            Ok(r) => r.into_inner().image.unwrap_or_default(),
+            Err(s) if s.code() == Code::NotFound => {
+                return Err(EngineError::NoImage(name.to_owned()));
+            }
+            Err(s) => return Err(self.failed("find an image", s)),
+        };
+        let bad = |e: archive::ArchiveError| EngineError::Call {
+            what: format!("read image {name}"),
+            code: "DataLoss".into(),
+            message: e.to_string(),
+        };
+        let manifest = self
+            .read_blob(&image.target.unwrap_or_default().digest)
+            .await?;
+        let (config, _) = archive::parse_manifest(&manifest).map_err(bad)?;
+        let config = self.read_blob(&config.digest).await?;
+        let diff_ids = archive::parse_diff_ids(&config).map_err(bad)?;
+        let top = archive::chain_ids(&diff_ids).pop().unwrap_or_default();
+        let run = ImageConfig::from_json(&config).map_err(|e| EngineError::Call {
+            what: format!("read image {name}"),
+            code: "DataLoss".into(),
+            message: e.to_string(),
+        })?;
+        Ok((run, top))
+    }
+
+    /// Runs `c` to its end and removes it.
+    pub async fn run_once(&self, c: &OneOff) -> Result<Ended, EngineError> {
+        let (image, top) = self.image_for_run(&c.image).await?;
+        let io = |e: std::io::Error| EngineError::Call {
+            what: format!("write {}", c.dir.display()),
+            code: "Io".into(),
+            message: e.to_string(),
+        };
+        let run = TaskRun {
+            hostname: c.id.clone(),
+            args: c.args.clone(),
+            netns: c.netns.clone(),
+            etc: write_etc(&c.dir, &c.id).map_err(io)?,
+            cgroup: format!("/shoal/{}", c.id),
+            ..Default::default()
+        };
+        let spec = oci::runtime_spec(&image, &run).map_err(EngineError::Spec)?;
+        let spec = serde_json::to_vec(&spec).unwrap_or_default();
+        let result = self.create_and_wait(c, &top, spec).await;
+        self.remove_container(&c.id).await;
+        let ended = result?;
+        let read = |name: &str| std::fs::read_to_string(c.dir.join(name)).unwrap_or_default();
+        Ok(Ended {
+            exit_status: ended,
+            stdout: read("stdout"),
+            stderr: read("stderr"),
+        })
+    }
+
+    async fn create_and_wait(
+        &self,
+        c: &OneOff,
+        top: &str,
+        spec: Vec<u8>,
+    ) -> Result<u32, EngineError> {
+        let channel = self.channel().await?;
+        let mounts = SnapshotsClient::new(channel.clone())
+            .prepare(request(
+                PrepareSnapshotRequest {
+                    snapshotter: SNAPSHOTTER.into(),
+                    key: c.id.clone(),
+                    parent: top.to_owned(),
+                    labels: HashMap::new(),
+                },
+                None,
+            ))
+            .await
+            .map_err(|s| self.failed("prepare the container's snapshot", s))?
+            .into_inner()
+            .mounts;
+        let container = Container {
+            id: c.id.clone(),
+            image: c.image.clone(),
+            runtime: Some(Runtime {
+                name: "io.containerd.runc.v2".into(),
+                options: None,
+            }),
+            spec: Some(prost_types::Any {
+                type_url: SPEC_TYPE.into(),
+                value: spec,
+            }),
+            snapshotter: SNAPSHOTTER.into(),
+            snapshot_key: c.id.clone(),
+            ..Default::default()
+        };
+        ContainersClient::new(channel.clone())
+            .create(request(
+                CreateContainerRequest {
+                    container: Some(container),
+                },
+                None,
+            ))
+            .await
+            .map_err(|s| self.failed("create a container", s))?;
+        let file = |name: &str| format!("file://{}", c.dir.join(name).display());
+        let mut tasks = TasksClient::new(channel);
+        tasks
+            .create(request(
+                CreateTaskRequest {
+                    container_id: c.id.clone(),
+                    rootfs: mounts,
+                    stdout: file("stdout"),
+                    stderr: file("stderr"),
+                    ..Default::default()
+                },
+                None,
+            ))
+            .await
+            .map_err(|s| self.failed("create a task", s))?;
+        let start = StartRequest {
+            container_id: c.id.clone(),
+            exec_id: String::new(),
+        };
+        tasks
+            .start(request(start, None))
+            .await
+            .map_err(|s| self.failed("start a task", s))?;
+        let wait = WaitRequest {
+            container_id: c.id.clone(),
+            exec_id: String::new(),
+        };
+        let status = tasks
+            .wait(request(wait, None))
+            .await
+            .map_err(|s| self.failed("wait for a task", s))?
+            .into_inner()
+            .exit_status;
+        Ok(status)
+    }
+
+    /// Removes container `id`: its task, itself, its snapshot (what is not
+    /// there is skipped).
+    async fn remove_container(&self, id: &str) {
+        let Ok(channel) = self.channel().await else {
+            return;
+        };
+        let task = DeleteTaskRequest {
+            container_id: id.to_owned(),
+        };
+        let _ = TasksClient::new(channel.clone())
+            .delete(request(task, None))
+            .await;
+        let container = DeleteContainerRequest { id: id.to_owned() };
+        let _ = ContainersClient::new(channel.clone())
+            .delete(request(container, None))
+            .await;
+        let snapshot = RemoveSnapshotRequest {
+            snapshotter: SNAPSHOTTER.into(),
+            key: id.to_owned(),
+        };
+        let _ = SnapshotsClient::new(channel)
+            .remove(request(snapshot, None))
+            .await;
+    }
+}
