@@ -196,7 +196,7 @@ fn an_image_archive_loads_into_the_nodes_containerd_and_a_bad_one_changes_nothin
 }
 
 #[test]
-fn a_container_runs_confined_with_pid_1_and_nothing_of_the_host() {
+fn a_container_runs_confined_and_limited_with_pid_1_and_nothing_of_the_host() {
     if !root_or_skip("run containerd and containers") {
         return;
     }
@@ -236,6 +236,74 @@ fn a_container_runs_confined_with_pid_1_and_nothing_of_the_host() {
     assert_eq!(procs, 2, "{out}");
     assert!(out.contains("shoal-run-"), "{out}");
     assert!(out.contains("nameserver 127.0.0.11"), "{out}");
+
+    // Limits: more memory than allowed is killed by the kernel (SIGKILL,
+    // 137); more processes than allowed cannot fork.
+    let hog = [
+        "debug",
+        "run",
+        "--memory",
+        "16m",
+        "lab.local/busybox:1",
+        "--",
+    ];
+    let r = c.shoal(
+        0,
+        &[
+            &hog[..],
+            &[
+                "/bin/sh",
+                "-c",
+                "busybox dd if=/dev/zero of=/dev/null bs=64M count=1",
+            ],
+        ]
+        .concat(),
+    );
+    assert_eq!(r.code, 137, "{}", r.stderr);
+    let r = c.shoal(
+        0,
+        &[
+            &hog[..],
+            &[
+                "/bin/sh",
+                "-c",
+                "busybox dd if=/dev/zero of=/dev/null bs=4M count=1",
+            ],
+        ]
+        .concat(),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let forks = "busybox sleep 1 & busybox sleep 1 & busybox sleep 1 & wait";
+    let run_forks = |limit: &[&str]| {
+        let args = [
+            &["debug", "run"][..],
+            limit,
+            &["lab.local/busybox:1", "--", "/bin/sh", "-c", forks],
+        ];
+        c.shoal(0, &args.concat())
+    };
+    let r = run_forks(&[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = run_forks(&["--pids-limit", "3"]);
+    assert_ne!(
+        r.code, 0,
+        "4 processes ran under a limit of 3: {}",
+        r.stderr
+    );
+    let r = c.shoal(
+        0,
+        &[
+            "debug",
+            "run",
+            "--memory",
+            "1m",
+            "lab.local/busybox:1",
+            "--",
+            "true",
+        ],
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("at least 6m"), "{}", r.stderr);
 
     // The exit status comes back; an unknown image is named.
     let r = run_sh(&c, "exit 3");

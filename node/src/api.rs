@@ -114,6 +114,77 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
     n.checked_mul(scale).ok_or_else(bad)
 }
 
+/// The smallest memory limit taken (Docker's: below it a container cannot
+/// start).
+pub const MIN_MEMORY: u64 = 6 << 20;
+/// The largest: 1 TiB.
+pub const MAX_MEMORY: u64 = 1 << 40;
+
+/// `--limit-memory`: bytes, with an optional unit `b`, `k`, `m` or `g`
+/// (powers of 1024, as Docker reads them), e.g. `32m`.
+pub fn parse_memory(text: &str) -> Result<u64, String> {
+    let bad = || format!("invalid memory size `{text}`: use a number with b, k, m or g, e.g. 32m");
+    let lower = text.trim().to_ascii_lowercase();
+    let split = lower
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(lower.len());
+    let (n, unit) = lower.split_at(split);
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    let scale: u64 = match unit {
+        "" | "b" => 1,
+        "k" | "kb" => 1 << 10,
+        "m" | "mb" => 1 << 20,
+        "g" | "gb" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    let bytes = n.checked_mul(scale).ok_or_else(bad)?;
+    if !(MIN_MEMORY..=MAX_MEMORY).contains(&bytes) {
+        return Err(format!(
+            "memory size `{text}` is out of bounds: at least 6m, at most 1024g"
+        ));
+    }
+    Ok(bytes)
+}
+
+/// `--limit-cpu`: a number of CPUs (`0.5`, `2`), as billionths of a CPU.
+pub fn parse_cpus(text: &str) -> Result<u64, String> {
+    let bad = || format!("invalid CPU count `{text}`: use a number of CPUs, e.g. 0.5 or 2");
+    let (whole, frac) = text.trim().split_once('.').unwrap_or((text.trim(), ""));
+    if whole.is_empty() && frac.is_empty()
+        || !whole.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+        || frac.len() > 9
+    {
+        return Err(bad());
+    }
+    let whole: u64 = if whole.is_empty() {
+        0
+    } else {
+        whole.parse().map_err(|_| bad())?
+    };
+    let frac: u64 = format!("{frac:0<9}").parse().map_err(|_| bad())?;
+    let nano = whole
+        .checked_mul(1_000_000_000)
+        .and_then(|w| w.checked_add(frac))
+        .ok_or_else(bad)?;
+    if !(10_000_000..=1024 * 1_000_000_000).contains(&nano) {
+        return Err(format!(
+            "CPU count `{text}` is out of bounds: at least 0.01, at most 1024"
+        ));
+    }
+    Ok(nano)
+}
+
+/// `--limit-pids`: at least 1, at most 4 194 304 (the kernel's most).
+pub fn parse_pids(text: &str) -> Result<i64, String> {
+    match text.trim().parse::<i64>() {
+        Ok(n) if (1..=4_194_304).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "invalid process limit `{text}`: use a whole number from 1 to 4194304"
+        )),
+    }
+}
+
 /// `service update`: only what is given changes (also the CLI's flags,
 /// parsed into the domain's types as they are read).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, clap::Args)]
@@ -295,6 +366,9 @@ pub enum Request {
         netns: Option<std::path::PathBuf>,
         /// The command, replacing the image's.
         args: Vec<String>,
+        /// Resource limits.
+        #[serde(default)]
+        limits: crate::daemon::oci::Limits,
     },
     /// `debug dns`: what a task's embedded DNS answers for a name.
     DebugDns {
@@ -667,5 +741,47 @@ mod tests {
         assert!(!Request::ServiceLs.needs_manager());
         assert!(!Request::NodeLs.needs_manager());
         assert!(!Request::SwarmLeave { force: false }.needs_manager());
+    }
+
+    #[test]
+    fn resource_values_read_as_docker_reads_them_and_bad_ones_say_what_to_fix() {
+        assert_eq!(parse_memory("32m"), Ok(32 << 20));
+        assert_eq!(parse_memory("1G"), Ok(1 << 30));
+        assert_eq!(parse_memory("6291456"), Ok(6 << 20));
+        assert_eq!(parse_memory("8192k"), Ok(8 << 20));
+        for bad in [
+            "",
+            "0",
+            "5m",
+            "32x",
+            "m",
+            "-1m",
+            "2000g",
+            "99999999999999999999g",
+        ] {
+            let e = parse_memory(bad).unwrap_err();
+            assert!(e.contains("memory size"), "{bad}: {e}");
+        }
+        assert_eq!(parse_cpus("0.5"), Ok(500_000_000));
+        assert_eq!(parse_cpus("2"), Ok(2_000_000_000));
+        assert_eq!(parse_cpus(".25"), Ok(250_000_000));
+        assert_eq!(parse_cpus("1.000000001"), Ok(1_000_000_001));
+        for bad in [
+            "",
+            ".",
+            "0",
+            "0.001",
+            "abc",
+            "1.2.3",
+            "-1",
+            "2000",
+            "1.0000000001",
+        ] {
+            assert!(parse_cpus(bad).unwrap_err().contains("CPU count"), "{bad}");
+        }
+        assert_eq!(parse_pids("100"), Ok(100));
+        for bad in ["0", "-5", "x", "5000000"] {
+            assert!(parse_pids(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -26,6 +26,15 @@ pub enum DebugCmd {
         /// Join this network namespace (e.g. /run/netns/NAME) [default: a new one].
         #[arg(long)]
         netns: Option<std::path::PathBuf>,
+        /// Memory limit, e.g. 32m (swap included).
+        #[arg(long, value_parser = crate::api::parse_memory)]
+        memory: Option<u64>,
+        /// CPU limit, in CPUs, e.g. 0.5.
+        #[arg(long, value_parser = crate::api::parse_cpus)]
+        cpus: Option<u64>,
+        /// Process limit.
+        #[arg(long, value_parser = crate::api::parse_pids)]
+        pids_limit: Option<i64>,
         /// The image.
         image: String,
         /// The command, replacing the image's.
@@ -93,6 +102,9 @@ impl DebugCmd {
             }
             DebugCmd::Run {
                 netns,
+                memory,
+                cpus,
+                pids_limit,
                 image,
                 command,
             } => {
@@ -101,6 +113,11 @@ impl DebugCmd {
                         image,
                         netns: netns.map(std::path::absolute).transpose()?,
                         args: command,
+                        limits: crate::daemon::oci::Limits {
+                            memory,
+                            nano_cpus: cpus,
+                            pids: pids_limit,
+                        },
                     })
                     .await?;
                 print!("{}", v.stdout);

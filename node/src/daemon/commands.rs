@@ -215,7 +215,12 @@ pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
 async fn debug_request(d: &Arc<Daemon>, req: Request) -> anyhow::Result<Reply> {
     match req {
         Request::DebugDataplane { network } => debug_dataplane(d, network).await,
-        Request::DebugRun { image, netns, args } => debug_run(d, &image, netns, args).await,
+        Request::DebugRun {
+            image,
+            netns,
+            args,
+            limits,
+        } => debug_run(d, &image, netns, (args, limits)).await,
         Request::DebugDns { task, name } => debug_dns(d, &task, &name).await,
         Request::DebugGossip { network } => gossip_ask(d, |tx| GossipCmd::Dump(network, tx))
             .await
@@ -882,7 +887,7 @@ async fn debug_run(
     d: &Daemon,
     image: &str,
     netns: Option<std::path::PathBuf>,
-    args: Vec<String>,
+    (args, limits): (Vec<String>, super::oci::Limits),
 ) -> anyhow::Result<Reply> {
     let image = super::archive::normalize(image).map_err(|e| ApiError::invalid(e.to_string()))?;
     if let Some(n) = &netns
@@ -904,6 +909,7 @@ async fn debug_run(
         args,
         netns,
         dir: dir.clone(),
+        limits,
     };
     let ended = d.engine.run_once(&one).await;
     let _ = std::fs::remove_dir_all(&dir);

@@ -40,6 +40,8 @@ pub struct OneOff {
     pub netns: Option<PathBuf>,
     /// Where its `/etc` files and output go.
     pub dir: PathBuf,
+    /// Its resource limits.
+    pub limits: oci::Limits,
 }
 
 /// How a one-off container ended.
@@ -144,6 +146,7 @@ impl Engine {
             netns: c.netns.clone(),
             etc: write_etc(&c.dir, &c.id).map_err(io)?,
             cgroup: format!("/shoal/{}", c.id),
+            limits: c.limits,
             ..Default::default()
         };
         let spec = oci::runtime_spec(&image, &run).map_err(EngineError::Spec)?;

@@ -116,7 +116,23 @@ pub struct TaskRun {
     pub etc: EtcFiles,
     /// The cgroup the container goes into.
     pub cgroup: String,
+    /// Resource limits.
+    pub limits: Limits,
 }
+
+/// `--limit-memory`, `--limit-cpu`, `--limit-pids`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Bytes of memory (swap included: none beyond it).
+    pub memory: Option<u64>,
+    /// CPU time, in billionths of a CPU.
+    pub nano_cpus: Option<u64>,
+    /// Processes and threads.
+    pub pids: Option<i64>,
+}
+
+/// The CFS period CPU limits are quotas of (Docker's, 100 ms).
+pub const CPU_PERIOD_US: u64 = 100_000;
 
 /// Files the node writes for a task and binds into its container.
 #[derive(Clone, Debug, Default)]
@@ -278,6 +294,56 @@ pub struct Namespace {
 pub struct Resources {
     /// Device cgroup rules.
     pub devices: Vec<DeviceRule>,
+    /// Memory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryLimit>,
+    /// CPU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuLimit>,
+    /// Processes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pids: Option<PidsLimit>,
+}
+
+/// `linux.resources.memory`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MemoryLimit {
+    /// Bytes.
+    pub limit: i64,
+    /// Memory and swap together: the same, so no swap.
+    pub swap: i64,
+}
+
+/// `linux.resources.cpu`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CpuLimit {
+    /// Microseconds per period.
+    pub quota: i64,
+    /// The period, in microseconds.
+    pub period: u64,
+}
+
+/// `linux.resources.pids`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PidsLimit {
+    /// Processes and threads.
+    pub limit: i64,
+}
+
+/// The cgroup limits of `limits`.
+fn resources(limits: &Limits) -> Resources {
+    Resources {
+        devices: devices(),
+        memory: limits.memory.map(|m| MemoryLimit {
+            limit: m as i64,
+            swap: m as i64,
+        }),
+        cpu: limits.nano_cpus.map(|n| CpuLimit {
+            quota: (n.saturating_mul(CPU_PERIOD_US) / 1_000_000_000).max(1_000) as i64,
+            period: CPU_PERIOD_US,
+        }),
+        pids: limits.pids.map(|limit| PidsLimit { limit }),
+    }
 }
 
 /// `linux.resources.devices[]`.
@@ -522,7 +588,7 @@ pub fn runtime_spec(image: &ImageConfig, run: &TaskRun) -> Result<Spec, SpecErro
             masked_paths: MASKED_PATHS.iter().map(|p| (*p).to_owned()).collect(),
             readonly_paths: READONLY_PATHS.iter().map(|p| (*p).to_owned()).collect(),
             cgroups_path: run.cgroup.clone(),
-            resources: Resources { devices: devices() },
+            resources: resources(&run.limits),
         },
     })
 }
@@ -706,6 +772,24 @@ mod tests {
         assert!(s.linux.masked_paths.contains(&"/proc/kcore".to_owned()));
         assert!(s.linux.readonly_paths.contains(&"/proc/sys".to_owned()));
         assert!(!s.linux.resources.devices[0].allow);
+        assert_eq!(s.linux.resources.memory, None);
+
+        // Limits, as runc reads them.
+        let limited = TaskRun {
+            limits: Limits {
+                memory: Some(32 << 20),
+                nano_cpus: Some(500_000_000),
+                pids: Some(64),
+            },
+            ..run()
+        };
+        let v = serde_json::to_value(runtime_spec(&image, &limited).unwrap()).unwrap();
+        let r = &v["linux"]["resources"];
+        assert_eq!(r["memory"]["limit"], 32 << 20);
+        assert_eq!(r["memory"]["swap"], 32 << 20);
+        assert_eq!(r["cpu"]["quota"], 50_000);
+        assert_eq!(r["cpu"]["period"], 100_000);
+        assert_eq!(r["pids"]["limit"], 64);
 
         // The JSON is the runtime spec's.
         let v = serde_json::to_value(&s).unwrap();
