@@ -35,6 +35,33 @@ pub const NAMESPACE: &str = "shoal";
 /// The snapshotter images are unpacked with.
 pub const SNAPSHOTTER: &str = "overlayfs";
 
+/// How long a load's lease outlives a daemon that died during the load:
+/// then containerd's garbage collector takes what it held.
+const LEASE_EXPIRY_S: u64 = 3600;
+
+/// `secs` since the epoch as RFC 3339 in UTC (containerd's
+/// `containerd.io/gc.expire` label). Pure.
+pub fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// How much of a blob one write message carries.
 const CHUNK: usize = 1 << 20;
 
@@ -95,7 +122,10 @@ impl Engine {
             .create(request(
                 CreateRequest {
                     id: lease.clone(),
-                    labels: HashMap::new(),
+                    labels: HashMap::from([(
+                        "containerd.io/gc.expire".to_owned(),
+                        rfc3339(super::clock::now_ms() / 1000 + LEASE_EXPIRY_S),
+                    )]),
                 },
                 None,
             ))
@@ -394,5 +424,18 @@ impl Engine {
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_written_as_rfc3339_in_utc() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_796_258_096), "2026-12-03T00:34:56Z");
+        assert_eq!(rfc3339(4_102_444_799), "2099-12-31T23:59:59Z");
     }
 }
