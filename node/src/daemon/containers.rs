@@ -151,8 +151,13 @@ impl Engine {
         };
         let spec = oci::runtime_spec(&image, &run).map_err(EngineError::Spec)?;
         let spec = serde_json::to_vec(&spec).unwrap_or_default();
-        let result = self.create_and_wait(c, &top, spec).await;
+        // The new snapshot is held by a lease until the container refers
+        // to it: else containerd's garbage collector may take it between
+        // the two calls.
+        let lease = self.create_lease("shoal-run").await?;
+        let result = self.create_and_wait(c, &lease, &top, spec).await;
         self.remove_container(&c.id).await;
+        self.delete_lease(lease).await;
         let ended = result?;
         let read = |name: &str| std::fs::read_to_string(c.dir.join(name)).unwrap_or_default();
         Ok(Ended {
@@ -165,6 +170,7 @@ impl Engine {
     async fn create_and_wait(
         &self,
         c: &OneOff,
+        lease: &str,
         top: &str,
         spec: Vec<u8>,
     ) -> Result<u32, EngineError> {
@@ -177,7 +183,7 @@ impl Engine {
                     parent: top.to_owned(),
                     labels: HashMap::new(),
                 },
-                None,
+                Some(lease),
             ))
             .await
             .map_err(|s| self.failed("prepare the container's snapshot", s))?
@@ -203,7 +209,7 @@ impl Engine {
                 CreateContainerRequest {
                     container: Some(container),
                 },
-                None,
+                Some(lease),
             ))
             .await
             .map_err(|s| self.failed("create a container", s))?;

@@ -113,12 +113,12 @@ impl Engine {
         }
     }
 
-    /// Writes `archive` into containerd and names its images; returns them.
-    pub async fn load(&self, archive: &Archive) -> Result<Vec<ImageView>, EngineError> {
-        let channel = self.channel().await?;
-        let lease = format!("shoal-load-{:016x}", rand::random::<u64>());
-        let mut leases = LeasesClient::new(channel.clone());
-        leases
+    /// Creates a lease (`prefix` and a random suffix) that holds what is
+    /// made under it until it is deleted or, if its holder dies, for
+    /// [`LEASE_EXPIRY_S`].
+    pub(crate) async fn create_lease(&self, prefix: &str) -> Result<String, EngineError> {
+        let lease = format!("{prefix}-{:016x}", rand::random::<u64>());
+        LeasesClient::new(self.channel().await?)
             .create(request(
                 CreateRequest {
                     id: lease.clone(),
@@ -131,9 +131,15 @@ impl Engine {
             ))
             .await
             .map_err(|s| self.failed("create a lease", s))?;
-        let result = self.load_under(&lease, archive).await;
-        // The image records now hold what they need; the lease can go.
-        let _ = leases
+        Ok(lease)
+    }
+
+    /// Deletes `lease` (best effort: an undeleted lease expires).
+    pub(crate) async fn delete_lease(&self, lease: String) {
+        let Ok(channel) = self.channel().await else {
+            return;
+        };
+        let _ = LeasesClient::new(channel)
             .delete(request(
                 DeleteRequest {
                     id: lease,
@@ -142,6 +148,14 @@ impl Engine {
                 None,
             ))
             .await;
+    }
+
+    /// Writes `archive` into containerd and names its images; returns them.
+    pub async fn load(&self, archive: &Archive) -> Result<Vec<ImageView>, EngineError> {
+        let lease = self.create_lease("shoal-load").await?;
+        let result = self.load_under(&lease, archive).await;
+        // The image records now hold what they need; the lease can go.
+        self.delete_lease(lease).await;
         result
     }
 
