@@ -10,6 +10,7 @@ use crate::bounds::{self, OutOfBounds};
 use crate::cidr::Ipv4Net;
 use crate::ids::{NetworkId, NodeId, ServiceId, TaskId};
 use crate::ipam::allocate_ip;
+use crate::legacy::ServiceSpecV1;
 use crate::network::{NetworkError, NetworkSpec, allocate, ingress_spec};
 use crate::service::{
     ServiceError, ServiceSpec, allocate_service, reallocate_service, task_networks, used_addresses,
@@ -47,12 +48,12 @@ pub enum Command {
         /// Its ID.
         id: NetworkId,
     },
-    /// `service create`.
-    CreateService {
+    /// `service create` as logs before containers wrote it (read only).
+    CreateServiceV1 {
         /// Its new ID.
         id: ServiceId,
         /// What was asked.
-        spec: ServiceSpec,
+        spec: ServiceSpecV1,
         /// Milliseconds since the epoch.
         created_at_ms: u64,
     },
@@ -68,12 +69,12 @@ pub enum Command {
         /// Replicas.
         replicas: u64,
     },
-    /// `service update`: a new spec for an existing service.
-    UpdateService {
+    /// `service update` as logs before containers wrote it (read only).
+    UpdateServiceV1 {
         /// The service.
         id: ServiceId,
         /// The whole new spec.
-        spec: ServiceSpec,
+        spec: ServiceSpecV1,
         /// Replace the tasks even if nothing they run changed.
         force: bool,
         /// Milliseconds since the epoch.
@@ -210,6 +211,27 @@ pub enum Command {
     SetAutolock {
         /// The sealed unlock key.
         sealed_unlock_key: Option<Vec<u8>>,
+    },
+    // New variants go last: a log entry names its variant by position.
+    /// `service create`.
+    CreateService {
+        /// Its new ID.
+        id: ServiceId,
+        /// What was asked.
+        spec: ServiceSpec,
+        /// Milliseconds since the epoch.
+        created_at_ms: u64,
+    },
+    /// `service update`: a new spec for an existing service.
+    UpdateService {
+        /// The service.
+        id: ServiceId,
+        /// The whole new spec.
+        spec: ServiceSpec,
+        /// Replace the tasks even if nothing they run changed.
+        force: bool,
+        /// Milliseconds since the epoch.
+        now_ms: u64,
     },
 }
 
@@ -376,6 +398,17 @@ pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyEr
             force,
             now_ms,
         } => update_service(state, id, spec, force, now_ms),
+        Command::CreateServiceV1 {
+            id,
+            spec,
+            created_at_ms,
+        } => create_service(state, id, &spec.clone().into(), created_at_ms),
+        Command::UpdateServiceV1 {
+            id,
+            spec,
+            force,
+            now_ms,
+        } => update_service(state, id, &spec.clone().into(), force, now_ms),
         Command::AddTask {
             id,
             service_id,

@@ -295,6 +295,7 @@ mod world {
             labels: BTreeMap::new(),
             restart: Default::default(),
             update: Default::default(),
+            container: None,
         }
     }
 

@@ -169,6 +169,9 @@ pub fn check_service(spec: &ServiceSpec) -> Result<(), OutOfBounds> {
     }
     check_count("--publish", spec.ports.len(), MAX_ITEMS)?;
     check_count("--constraint", spec.constraints.len(), MAX_ITEMS)?;
+    if let Some(c) = &spec.container {
+        bytes += check_container(c)?;
+    }
     if bytes > MAX_SPEC_BYTES {
         return Err(out(
             "the service's spec",
@@ -178,6 +181,87 @@ pub fn check_service(spec: &ServiceSpec) -> Result<(), OutOfBounds> {
         ));
     }
     Ok(())
+}
+
+/// Longest image reference, in bytes.
+pub const MAX_IMAGE: usize = 512;
+/// Least memory a container may be limited to (as Docker: 6 MiB).
+pub const MIN_MEMORY: u64 = 6 << 20;
+/// Most memory a limit or reservation may name (1 TiB).
+pub const MAX_MEMORY: u64 = 1 << 40;
+/// Least CPU a limit or reservation may name (0.01 CPU).
+pub const MIN_NANO_CPUS: u64 = 10_000_000;
+/// Most CPUs (1024).
+pub const MAX_NANO_CPUS: u64 = 1024 * 1_000_000_000;
+/// Most processes a limit may name (the kernel's `pid_max` ceiling).
+pub const MAX_PIDS: u64 = 4_194_304;
+/// Longest stop grace period (one hour).
+pub const MAX_STOP_GRACE_MS: u64 = 3_600_000;
+
+fn check_range(what: &str, v: Option<u64>, min: u64, max: u64) -> Result<(), OutOfBounds> {
+    match v {
+        Some(v) if !(min..=max).contains(&v) => {
+            Err(out(what, format!("{v} is out of range ({min} to {max})")))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A container spec's values; the bytes of its text.
+pub fn check_container(c: &crate::service::ContainerSpec) -> Result<usize, OutOfBounds> {
+    let mut bytes = check_text("the image", &c.image, MAX_IMAGE, false)?;
+    if c.image.is_empty() {
+        return Err(out("the image", "empty"));
+    }
+    if let Some(d) = &c.digest {
+        let hex = d.strip_prefix("sha256:").unwrap_or("");
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(out(
+                "the image digest",
+                format!("`{}` is not sha256:<64 hex digits>", d.escape_debug()),
+            ));
+        }
+    }
+    let entrypoint = c.entrypoint.as_deref().unwrap_or_default();
+    check_count("--entrypoint's arguments", entrypoint.len(), MAX_ENTRIES)?;
+    for arg in entrypoint {
+        bytes += check_text("an --entrypoint argument", arg, MAX_VALUE, true)?;
+    }
+    for (what, v) in [
+        ("--user", &c.user),
+        ("--workdir", &c.workdir),
+        ("--stop-signal", &c.stop_signal),
+    ] {
+        if let Some(v) = v {
+            bytes += check_text(what, v, MAX_KEY, false)?;
+        }
+    }
+    if let Some(h) = &c.hostname {
+        bytes += check_text("--hostname", h, MAX_HOSTNAME, false)?;
+    }
+    for (kind, r) in [("limit", &c.limits), ("reserve", &c.reservations)] {
+        check_range(
+            &format!("--{kind}-memory"),
+            r.memory_bytes,
+            MIN_MEMORY,
+            MAX_MEMORY,
+        )?;
+        check_range(
+            &format!("--{kind}-cpu"),
+            r.nano_cpus,
+            MIN_NANO_CPUS,
+            MAX_NANO_CPUS,
+        )?;
+    }
+    check_range("--limit-pids", c.limits.pids, 1, MAX_PIDS)?;
+    if c.reservations.pids.is_some() {
+        return Err(out(
+            "--reserve-pids",
+            "processes can be limited, not reserved",
+        ));
+    }
+    check_range("--stop-grace-period", c.stop_grace_ms, 0, MAX_STOP_GRACE_MS)?;
+    Ok(bytes)
 }
 
 /// A network spec's sizes.

@@ -21,6 +21,7 @@ pub mod constraint;
 pub mod fixtures;
 pub mod ids;
 pub mod ipam;
+pub mod legacy;
 pub mod network;
 pub mod observed;
 pub mod orchestrator;

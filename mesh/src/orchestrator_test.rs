@@ -25,6 +25,7 @@ fn add_service(s: &mut ClusterState, id: &str, mode: ServiceMode, constraints: &
         labels: BTreeMap::new(),
         restart: Default::default(),
         update: Default::default(),
+        container: None,
     };
     apply(
         s,

@@ -30,6 +30,7 @@ fn running_swarm() -> ClusterState {
         labels: Default::default(),
         restart: Default::default(),
         update: Default::default(),
+        container: None,
     };
     let c = Command::CreateService {
         id: "svc".into(),

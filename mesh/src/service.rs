@@ -199,6 +199,75 @@ pub struct ServiceSpec {
     pub restart: RestartPolicy,
     /// How updates roll out.
     pub update: UpdateConfig,
+    /// The image and container settings its tasks run with; `None` for
+    /// host processes (`--runtime process`, or the `--` form).
+    #[serde(with = "json_field")]
+    pub container: Option<ContainerSpec>,
+}
+
+/// Resource amounts of a container (`--limit-*`, `--reserve-*`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Resources {
+    /// Memory, in bytes.
+    pub memory_bytes: Option<u64>,
+    /// CPU, in billionths of a CPU.
+    pub nano_cpus: Option<u64>,
+    /// Processes (limits only).
+    pub pids: Option<u64>,
+}
+
+/// How a service's tasks run as containers (`service create IMAGE`).
+///
+/// Stored as JSON inside the store's binary encoding (see [`json_field`]):
+/// a field added later, with its default, reads older records, so this
+/// part of the store can grow without a new format.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ContainerSpec {
+    /// The image, as normalised (`docker.io/library/busybox:latest`).
+    pub image: String,
+    /// The manifest digest the reference resolved to when the service was
+    /// created or updated (`sha256:…`); every node runs that. `None` when
+    /// no node or registry could say (each node then runs what the name
+    /// names on it).
+    pub digest: Option<String>,
+    /// `--entrypoint` (replaces the image's, and drops its `CMD`).
+    pub entrypoint: Option<Vec<String>>,
+    /// `--user`.
+    pub user: Option<String>,
+    /// `--workdir`.
+    pub workdir: Option<String>,
+    /// `--hostname` (the task's name otherwise).
+    pub hostname: Option<String>,
+    /// `--limit-memory`, `--limit-cpu`, `--limit-pids`.
+    pub limits: Resources,
+    /// `--reserve-memory`, `--reserve-cpu`.
+    pub reservations: Resources,
+    /// `--stop-signal` (`SIGTERM` otherwise).
+    pub stop_signal: Option<String>,
+    /// `--stop-grace-period` in milliseconds (10 s otherwise).
+    pub stop_grace_ms: Option<u64>,
+}
+
+/// A field kept as a JSON string inside the binary encoding.
+pub mod json_field {
+    use serde::de::{DeserializeOwned, Error as _};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    /// Writes `value` as a JSON string.
+    pub fn serialize<T: Serialize, S: Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {
+        let json = serde_json::to_string(value).map_err(serde::ser::Error::custom)?;
+        s.serialize_str(&json)
+    }
+
+    /// Reads a JSON string written by [`serialize`].
+    pub fn deserialize<'de, T: DeserializeOwned, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<T, D::Error> {
+        let json = String::deserialize(d)?;
+        serde_json::from_str(&json).map_err(D::Error::custom)
+    }
 }
 
 impl ServiceSpec {
@@ -212,6 +281,7 @@ impl ServiceSpec {
             || self.networks != new.networks
             || self.ports != new.ports
             || self.endpoint_mode != new.endpoint_mode
+            || self.container != new.container
     }
 }
 

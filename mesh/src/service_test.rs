@@ -20,6 +20,7 @@ fn service(name: &str, ports: Vec<PortSpec>) -> ServiceSpec {
         labels: BTreeMap::new(),
         restart: Default::default(),
         update: Default::default(),
+        container: None,
     }
 }
 
@@ -266,4 +267,83 @@ fn commands_from_the_log_are_held_to_the_same_bounds_as_the_cli() {
         Err(ApplyError::OutOfBounds(_))
     ));
     assert_eq!(s, before, "refusals change nothing");
+}
+
+#[test]
+fn a_container_spec_survives_the_log_and_bad_values_are_refused() {
+    let mut spec = service("web", vec![]);
+    spec.container = Some(ContainerSpec {
+        image: "lab.local/busybox:1".into(),
+        digest: Some(format!("sha256:{}", "ab".repeat(32))),
+        limits: Resources {
+            memory_bytes: Some(32 << 20),
+            ..Default::default()
+        },
+        stop_grace_ms: Some(2_000),
+        ..Default::default()
+    });
+    let cmd = Command::CreateService {
+        id: "a".into(),
+        spec: spec.clone(),
+        created_at_ms: 0,
+    };
+    let bytes = crate::codec::encode(&cmd).unwrap();
+    let back: Command = crate::codec::decode(&bytes, crate::codec::DEFAULT_LIMIT).unwrap();
+    assert_eq!(back, cmd);
+    let mut s = swarm(1);
+    apply(&mut s, &back).unwrap();
+    assert_eq!(s.services["a"].spec, spec);
+
+    let refused = |c: ContainerSpec| {
+        let mut spec = service("x", vec![]);
+        spec.container = Some(c);
+        crate::bounds::check_service(&spec).unwrap_err().to_string()
+    };
+    let base = ContainerSpec {
+        image: "busybox".into(),
+        ..Default::default()
+    };
+    let e = refused(ContainerSpec {
+        digest: Some("sha256:zz".into()),
+        ..base.clone()
+    });
+    assert!(e.contains("not sha256:<64 hex digits>"), "{e}");
+    let e = refused(ContainerSpec {
+        limits: Resources {
+            memory_bytes: Some(1 << 20),
+            ..Default::default()
+        },
+        ..base.clone()
+    });
+    assert!(
+        e.starts_with("--limit-memory: 1048576 is out of range"),
+        "{e}"
+    );
+    let e = refused(ContainerSpec {
+        image: String::new(),
+        ..base.clone()
+    });
+    assert_eq!(e, "the image: empty");
+    let e = refused(ContainerSpec {
+        stop_grace_ms: Some(u64::MAX),
+        ..base
+    });
+    assert!(e.starts_with("--stop-grace-period"), "{e}");
+}
+
+#[test]
+fn log_entries_written_before_containers_apply_as_host_process_services() {
+    let spec = service("old", vec![]);
+    let v1 = Command::CreateServiceV1 {
+        id: "o".into(),
+        spec: crate::legacy::ServiceSpecV1::from_current(&spec),
+        created_at_ms: 0,
+    };
+    // The old variant kept its position, so old bytes decode as it.
+    let bytes = crate::codec::encode(&v1).unwrap();
+    let back: Command = crate::codec::decode(&bytes, crate::codec::DEFAULT_LIMIT).unwrap();
+    let mut s = swarm(1);
+    apply(&mut s, &back).unwrap();
+    assert_eq!(s.services["o"].spec, spec);
+    assert!(s.services["o"].spec.container.is_none());
 }

@@ -210,7 +210,7 @@ pub struct ClusterStateV1 {
     cluster: Option<ClusterInfo>,
     nodes: BTreeMap<NodeId, Node>,
     networks: BTreeMap<crate::ids::NetworkId, crate::network::Network>,
-    services: BTreeMap<crate::ids::ServiceId, crate::service::Service>,
+    services: BTreeMap<crate::ids::ServiceId, crate::legacy::ServiceV1>,
     tasks: BTreeMap<crate::ids::TaskId, crate::task::Task>,
     ingress_addrs: BTreeMap<NodeId, std::net::Ipv4Addr>,
 }
@@ -221,7 +221,7 @@ impl From<ClusterStateV1> for ClusterState {
             cluster: v1.cluster,
             nodes: v1.nodes,
             networks: v1.networks,
-            services: v1.services,
+            services: crate::legacy::services(v1.services),
             tasks: v1.tasks,
             ingress_addrs: v1.ingress_addrs,
             revoked: Default::default(),
@@ -239,7 +239,7 @@ pub struct ClusterStateV2 {
     cluster: Option<ClusterInfo>,
     nodes: BTreeMap<NodeId, Node>,
     networks: BTreeMap<crate::ids::NetworkId, crate::network::Network>,
-    services: BTreeMap<crate::ids::ServiceId, crate::service::Service>,
+    services: BTreeMap<crate::ids::ServiceId, crate::legacy::ServiceV1>,
     tasks: BTreeMap<crate::ids::TaskId, crate::task::Task>,
     ingress_addrs: BTreeMap<NodeId, std::net::Ipv4Addr>,
     revoked: std::collections::BTreeSet<NodeId>,
@@ -252,13 +252,46 @@ impl From<ClusterStateV2> for ClusterState {
             cluster: v2.cluster,
             nodes: v2.nodes,
             networks: v2.networks,
-            services: v2.services,
+            services: crate::legacy::services(v2.services),
             tasks: v2.tasks,
             ingress_addrs: v2.ingress_addrs,
             revoked: v2.revoked,
             cert_expiry_ms: v2.cert_expiry_ms,
             ca_rotation: None,
             autolock: None,
+        }
+    }
+}
+
+/// [`ClusterState`] as snapshots before containers stored it (services
+/// without container settings); read when a current decode fails.
+#[derive(Deserialize)]
+pub struct ClusterStateV3 {
+    cluster: Option<ClusterInfo>,
+    nodes: BTreeMap<NodeId, Node>,
+    networks: BTreeMap<crate::ids::NetworkId, crate::network::Network>,
+    services: BTreeMap<crate::ids::ServiceId, crate::legacy::ServiceV1>,
+    tasks: BTreeMap<crate::ids::TaskId, crate::task::Task>,
+    ingress_addrs: BTreeMap<NodeId, std::net::Ipv4Addr>,
+    revoked: std::collections::BTreeSet<NodeId>,
+    cert_expiry_ms: u64,
+    ca_rotation: Option<crate::ca::CaRotation>,
+    autolock: Option<Vec<u8>>,
+}
+
+impl From<ClusterStateV3> for ClusterState {
+    fn from(v3: ClusterStateV3) -> Self {
+        ClusterState {
+            cluster: v3.cluster,
+            nodes: v3.nodes,
+            networks: v3.networks,
+            services: crate::legacy::services(v3.services),
+            tasks: v3.tasks,
+            ingress_addrs: v3.ingress_addrs,
+            revoked: v3.revoked,
+            cert_expiry_ms: v3.cert_expiry_ms,
+            ca_rotation: v3.ca_rotation,
+            autolock: v3.autolock,
         }
     }
 }

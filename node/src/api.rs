@@ -115,10 +115,8 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
 }
 
 /// The smallest memory limit taken (Docker's: below it a container cannot
-/// start).
-pub const MIN_MEMORY: u64 = 6 << 20;
-/// The largest: 1 TiB.
-pub const MAX_MEMORY: u64 = 1 << 40;
+/// start), and the largest: 1 TiB.
+pub use shoal_mesh::bounds::{MAX_MEMORY, MIN_MEMORY};
 
 /// `--limit-memory`: bytes, with an optional unit `b`, `k`, `m` or `g`
 /// (powers of 1024, as Docker reads them), e.g. `32m`.
@@ -231,11 +229,136 @@ pub struct ServiceUpdate {
     /// Restart and update settings.
     #[command(flatten)]
     pub policies: Policies,
+    /// A new image for a container service (resolved to a digest again;
+    /// the tasks roll over to it).
+    #[arg(long)]
+    pub image: Option<String>,
     /// Name, ID or ID prefix.
     pub service: String,
     /// A new command, after `--` (empty: unchanged).
     #[arg(last = true)]
     pub command: Vec<String>,
+}
+
+/// `--runtime`: what runs a service's tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RuntimeArg {
+    /// An image's container, through containerd (the default with IMAGE).
+    Container,
+    /// A host program, as root, in the task's network namespace (labs and
+    /// diagnostics; the default with the `--` form).
+    Process,
+}
+
+/// `service create`'s container settings (`docker service create`'s).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ContainerFlags {
+    /// Override the image's ENTRYPOINT (a program; its arguments are the
+    /// command).
+    #[arg(long)]
+    pub entrypoint: Option<String>,
+    /// Run as UID[:GID].
+    #[arg(short, long)]
+    pub user: Option<String>,
+    /// The working directory inside the container.
+    #[arg(short, long)]
+    pub workdir: Option<String>,
+    /// The container's hostname (the task's name otherwise).
+    #[arg(long)]
+    pub hostname: Option<String>,
+    /// Memory limit, e.g. 32m (the kernel kills the task above it).
+    #[arg(long, value_parser = parse_memory)]
+    pub limit_memory: Option<u64>,
+    /// CPU limit, e.g. 0.5.
+    #[arg(long, value_parser = parse_cpus)]
+    pub limit_cpu: Option<u64>,
+    /// Most processes the task may run.
+    #[arg(long, value_parser = parse_pids)]
+    pub limit_pids: Option<i64>,
+    /// Memory the scheduler sets aside for each task, e.g. 64m.
+    #[arg(long, value_parser = parse_memory)]
+    pub reserve_memory: Option<u64>,
+    /// CPU the scheduler sets aside for each task, e.g. 0.25.
+    #[arg(long, value_parser = parse_cpus)]
+    pub reserve_cpu: Option<u64>,
+    /// The signal that asks a task to stop (default SIGTERM).
+    #[arg(long, value_parser = parse_signal)]
+    pub stop_signal: Option<String>,
+    /// Time between the stop signal and SIGKILL, e.g. 30s (default 10s).
+    #[arg(long, value_parser = parse_duration_ms)]
+    pub stop_grace_period: Option<u64>,
+}
+
+impl ContainerFlags {
+    /// Whether any flag was given (they need a container).
+    pub fn any(&self) -> bool {
+        self.entrypoint.is_some()
+            || self.user.is_some()
+            || self.workdir.is_some()
+            || self.hostname.is_some()
+            || self.limit_memory.is_some()
+            || self.limit_cpu.is_some()
+            || self.limit_pids.is_some()
+            || self.reserve_memory.is_some()
+            || self.reserve_cpu.is_some()
+            || self.stop_signal.is_some()
+            || self.stop_grace_period.is_some()
+    }
+
+    /// The container spec of `image` with these settings.
+    pub fn spec(self, image: String) -> shoal_mesh::service::ContainerSpec {
+        use shoal_mesh::service::{ContainerSpec, Resources};
+        ContainerSpec {
+            image,
+            digest: None,
+            entrypoint: self.entrypoint.map(|e| vec![e]),
+            user: self.user,
+            workdir: self.workdir,
+            hostname: self.hostname,
+            limits: Resources {
+                memory_bytes: self.limit_memory,
+                nano_cpus: self.limit_cpu,
+                pids: self.limit_pids.map(|p| p.unsigned_abs()),
+            },
+            reservations: Resources {
+                memory_bytes: self.reserve_memory,
+                nano_cpus: self.reserve_cpu,
+                pids: None,
+            },
+            stop_signal: self.stop_signal,
+            stop_grace_ms: self.stop_grace_period,
+        }
+    }
+}
+
+/// The signals a container may be asked to stop with, by name and number.
+pub const SIGNALS: &[(&str, i32)] = &[
+    ("SIGHUP", 1),
+    ("SIGINT", 2),
+    ("SIGQUIT", 3),
+    ("SIGKILL", 9),
+    ("SIGUSR1", 10),
+    ("SIGUSR2", 12),
+    ("SIGTERM", 15),
+    ("SIGWINCH", 28),
+];
+
+/// `--stop-signal`: `SIGTERM`, `TERM` or `15` → `SIGTERM`.
+pub fn parse_signal(text: &str) -> Result<String, String> {
+    let upper = text.trim().to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    SIGNALS
+        .iter()
+        .find(|(n, num)| *n == name || text.trim().parse::<i32>() == Ok(*num))
+        .map(|(n, _)| (*n).to_owned())
+        .ok_or_else(|| {
+            let names: Vec<&str> = SIGNALS.iter().map(|(n, _)| *n).collect();
+            format!("unknown signal `{text}`: use one of {}", names.join(", "))
+        })
 }
 
 /// A request to the daemon.

@@ -8,10 +8,8 @@ mod cli;
 mod daemon;
 mod views;
 
-use clap::Parser;
-
 fn main() -> std::process::ExitCode {
-    let cli = cli::Cli::parse();
+    let cli = cli::Cli::parse_args();
     // A task shim (one per task) needs no worker threads.
     let mut builder = if cli.is_shim() {
         tokio::runtime::Builder::new_current_thread()

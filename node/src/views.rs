@@ -29,6 +29,9 @@ pub struct ServiceView {
     pub update_status: Option<String>,
     /// What its tasks run.
     pub command: Vec<String>,
+    /// The image and container settings (`null` for host programs,
+    /// `--runtime process`).
+    pub container: Option<shoal_mesh::service::ContainerSpec>,
     /// `vip` or `dnsrr`.
     pub endpoint_mode: EndpointMode,
     /// Its networks, by name, with aliases.

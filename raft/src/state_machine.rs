@@ -36,7 +36,8 @@ pub struct SmData {
 }
 
 /// [`SmData`] with an older shape of the cluster state: `ClusterStateV1`
-/// (before `revoked`) or `ClusterStateV2` (before CA rotation and autolock).
+/// (before `revoked`), `ClusterStateV2` (before CA rotation and autolock)
+/// or `ClusterStateV3` (before containers).
 #[derive(Deserialize)]
 struct SmDataOld<S> {
     last_applied: Option<LogId<u64>>,
@@ -57,9 +58,10 @@ where
 
 /// A snapshot's content, in the current shape or an older one.
 fn decode_data(bytes: &[u8]) -> Result<SmData, codec::DecodeError> {
-    use shoal_mesh::state::{ClusterStateV1, ClusterStateV2};
+    use shoal_mesh::state::{ClusterStateV1, ClusterStateV2, ClusterStateV3};
     codec::decode::<SmData>(bytes, codec::DEFAULT_LIMIT).or_else(|current| {
-        decode_old::<ClusterStateV2>(bytes)
+        decode_old::<ClusterStateV3>(bytes)
+            .or_else(|_| decode_old::<ClusterStateV2>(bytes))
             .or_else(|_| decode_old::<ClusterStateV1>(bytes))
             .map_err(|_| current)
     })
@@ -392,5 +394,82 @@ mod tests {
         let back = decode_data(&codec::encode(&now).unwrap()).unwrap();
         assert!(back.state.revoked.contains(&NodeId(7)));
         assert!(decode_data(b"\x01garbage").is_err());
+    }
+
+    #[test]
+    fn snapshots_written_before_containers_still_open_with_their_services() {
+        use shoal_mesh::legacy::ServiceSpecV1;
+        use shoal_mesh::service::{Service, ServiceMode, ServiceSpec};
+        /// `Service` before containers, as it was written.
+        #[derive(Serialize)]
+        struct ServiceV1 {
+            id: String,
+            spec: ServiceSpecV1,
+            vips: BTreeMap<String, std::net::Ipv4Addr>,
+            ports: Vec<shoal_mesh::service::PublishedPort>,
+            created_at_ms: u64,
+            version: u64,
+            updated_at_ms: u64,
+        }
+        #[derive(Serialize)]
+        struct V3 {
+            last_applied: Option<LogId<u64>>,
+            membership: StoredMembership<u64, BasicNode>,
+            cluster: Option<shoal_mesh::ClusterInfo>,
+            nodes: BTreeMap<NodeId, shoal_mesh::Node>,
+            networks: BTreeMap<String, shoal_mesh::network::Network>,
+            services: BTreeMap<String, ServiceV1>,
+            tasks: BTreeMap<String, shoal_mesh::task::Task>,
+            ingress_addrs: BTreeMap<NodeId, std::net::Ipv4Addr>,
+            revoked: std::collections::BTreeSet<NodeId>,
+            cert_expiry_ms: u64,
+            ca_rotation: Option<shoal_mesh::ca::CaRotation>,
+            autolock: Option<Vec<u8>>,
+        }
+        let spec = ServiceSpec {
+            name: "web".into(),
+            mode: ServiceMode::Replicated(2),
+            networks: vec![],
+            ports: vec![],
+            endpoint_mode: shoal_mesh::service::EndpointMode::Vip,
+            constraints: vec![],
+            env: BTreeMap::from([("A".into(), "1".into())]),
+            command: vec!["sleep".into(), "9".into()],
+            labels: BTreeMap::new(),
+            restart: Default::default(),
+            update: Default::default(),
+            container: None,
+        };
+        let old = V3 {
+            last_applied: None,
+            membership: Default::default(),
+            cluster: Some(cluster_info("c")),
+            nodes: BTreeMap::from([(NodeId(1), node(1))]),
+            networks: BTreeMap::new(),
+            services: BTreeMap::from([(
+                "s1".into(),
+                ServiceV1 {
+                    id: "s1".into(),
+                    spec: ServiceSpecV1::from_current(&spec),
+                    vips: BTreeMap::new(),
+                    ports: vec![],
+                    created_at_ms: 5,
+                    version: 3,
+                    updated_at_ms: 6,
+                },
+            )]),
+            tasks: BTreeMap::new(),
+            ingress_addrs: BTreeMap::new(),
+            revoked: [NodeId(4)].into(),
+            cert_expiry_ms: 3_600_000,
+            ca_rotation: None,
+            autolock: Some(vec![1, 2]),
+        };
+        let data = decode_data(&codec::encode(&old).unwrap()).unwrap();
+        let s: &Service = &data.state.services["s1"];
+        assert_eq!(s.spec, spec);
+        assert_eq!((s.version, s.created_at_ms), (3, 5));
+        assert_eq!(data.state.autolock, Some(vec![1, 2]));
+        assert!(data.state.revoked.contains(&NodeId(4)));
     }
 }

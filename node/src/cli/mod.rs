@@ -33,6 +33,25 @@ pub struct Cli {
     command: Cmd,
 }
 
+impl Cli {
+    /// Parses the process's arguments (exits on bad ones, as clap does);
+    /// notes whether `service create`'s positional part came after `--`,
+    /// which clap does not keep.
+    pub fn parse_args() -> Cli {
+        let mut cli = <Cli as clap::Parser>::parse();
+        if let Cmd::Service(service::ServiceCmd::Create(flags)) = &mut cli.command {
+            let argv: Vec<String> = std::env::args_os()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            flags.dash_form = argv
+                .iter()
+                .position(|a| a == "--")
+                .is_some_and(|i| !flags.image.is_empty() && argv[i + 1..] == flags.image[..]);
+        }
+        cli
+    }
+}
+
 // Parsed once per run; boxing clap's variants would only add noise.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]

@@ -5,13 +5,14 @@ use std::time::{Duration, Instant};
 use clap::Subcommand;
 use shoal_mesh::constraint::Constraint;
 use shoal_mesh::service::{
-    AttachmentRef, EndpointMode, PortSpec, RestartPolicy, ServiceMode, ServiceSpec, UpdateConfig,
+    AttachmentRef, ContainerSpec, EndpointMode, PortSpec, RestartPolicy, ServiceMode, ServiceSpec,
+    UpdateConfig,
 };
 use shoal_mesh::syntax::key_value;
 
 use super::output::{Format, print_table};
 use super::{Client, check_failures, kind_of, print_inspected};
-use crate::api::{ErrorKind, Policies, Request, ServiceUpdate};
+use crate::api::{ContainerFlags, ErrorKind, Policies, Request, RuntimeArg, ServiceUpdate};
 use crate::views::{Named, ServiceView, TaskLogView, TaskView, text};
 
 /// `--mode`.
@@ -59,9 +60,74 @@ pub struct CreateFlags {
     /// Return at once instead of waiting for the tasks.
     #[arg(short, long)]
     pub detach: bool,
-    /// The command to run, after `--`.
-    #[arg(last = true, required = true)]
-    pub command: Vec<String>,
+    /// What runs the tasks: `container` (an image's, the default) or
+    /// `process` (a host program, the `--` form's default).
+    #[arg(long, value_enum)]
+    pub runtime: Option<RuntimeArg>,
+    /// Container settings.
+    #[command(flatten)]
+    pub container: ContainerFlags,
+    /// IMAGE [COMMAND] [ARG...]: the image and the command replacing its
+    /// CMD; or `-- COMMAND [ARG...]`: a host program (`--runtime process`).
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "IMAGE [COMMAND]"
+    )]
+    pub image: Vec<String>,
+    /// Whether the positional part followed `--` (the host-program form);
+    /// set from the raw arguments by [`super::Cli::parse_args`].
+    #[arg(skip)]
+    pub dash_form: bool,
+}
+
+/// What runs a new service's tasks, from IMAGE, the `--` part and
+/// `--runtime`: the container spec (if any) and the command.
+fn runtime(
+    runtime: Option<RuntimeArg>,
+    container: ContainerFlags,
+    positional: Vec<String>,
+    dash_form: bool,
+) -> anyhow::Result<(Option<ContainerSpec>, Vec<String>)> {
+    let (mut image, after_dashes) = if dash_form {
+        (Vec::new(), positional)
+    } else {
+        (positional, Vec::new())
+    };
+    let process = match runtime {
+        Some(r) => r == RuntimeArg::Process,
+        None => dash_form,
+    };
+    if process {
+        if !image.is_empty() {
+            anyhow::bail!(
+                "--runtime process runs a host program: give it after `--` (shoal service create --name NAME -- COMMAND [ARG...]), not an image"
+            );
+        }
+        if container.any() {
+            anyhow::bail!(
+                "container settings (--entrypoint, --user, --limit-*, --stop-*…) need an image: shoal service create [OPTIONS] IMAGE [COMMAND]"
+            );
+        }
+        if after_dashes.is_empty() {
+            anyhow::bail!(
+                "a service needs an image or a command: shoal service create [OPTIONS] IMAGE [COMMAND] [ARG...], or -- COMMAND for a host program"
+            );
+        }
+        return Ok((None, after_dashes));
+    }
+    if image.is_empty() {
+        anyhow::bail!(
+            "--runtime container needs an image: shoal service create [OPTIONS] IMAGE [COMMAND] [ARG...]"
+        );
+    }
+    let name = image.remove(0);
+    // `IMAGE -- COMMAND…`: the `--` only separates.
+    if image.first().is_some_and(|a| a == "--") {
+        image.remove(0);
+    }
+    image.extend(after_dashes);
+    Ok((Some(container.spec(name)), image))
 }
 
 impl CreateFlags {
@@ -77,6 +143,8 @@ impl CreateFlags {
         };
         let (mut restart, mut update) = (RestartPolicy::default(), UpdateConfig::default());
         self.policies.apply(&mut restart, &mut update);
+        let (container, command) =
+            runtime(self.runtime, self.container, self.image, self.dash_form)?;
         let spec = ServiceSpec {
             name: self.name,
             mode,
@@ -85,10 +153,11 @@ impl CreateFlags {
             endpoint_mode: self.endpoint_mode,
             constraints: self.constraint,
             env: self.env.into_iter().collect(),
-            command: self.command,
+            command,
             labels: self.label.into_iter().collect(),
             restart,
             update,
+            container,
         };
         Ok(Request::ServiceCreate {
             spec: Box::new(spec),
@@ -316,16 +385,21 @@ async fn ls(client: &Client, format: Format) -> anyhow::Result<()> {
                 .iter()
                 .map(|p| format!("*:{}->{}/{}", p.published, p.target, p.protocol.as_str()))
                 .collect();
+            let image = s
+                .container
+                .as_ref()
+                .map_or_else(|| "(host process)".to_owned(), |c| c.image.clone());
             vec![
                 s.id.clone(),
                 s.name.clone(),
                 s.mode.clone(),
                 replicas(s),
+                image,
                 ports.join(", "),
             ]
         })
         .collect();
-    print_table(&["ID", "NAME", "MODE", "REPLICAS", "PORTS"], &rows);
+    print_table(&["ID", "NAME", "MODE", "REPLICAS", "IMAGE", "PORTS"], &rows);
     Ok(())
 }
 

@@ -40,6 +40,7 @@ fn store() -> MemoryStore {
         labels: BTreeMap::new(),
         restart: Default::default(),
         update: Default::default(),
+        container: None,
     };
     let mut cmds = vec![
         Command::Init {

@@ -17,9 +17,9 @@ use containerd_client::services::v1::snapshots::{
     CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
 };
 use containerd_client::services::v1::{
-    ApplyRequest, CreateImageRequest, CreateRequest, DeleteImageRequest, DeleteRequest, Image,
-    Info, InfoRequest, ListImagesRequest, UpdateImageRequest, UpdateRequest, WriteAction,
-    WriteContentRequest,
+    ApplyRequest, CreateImageRequest, CreateRequest, DeleteImageRequest, DeleteRequest,
+    GetImageRequest, Image, Info, InfoRequest, ListImagesRequest, UpdateImageRequest,
+    UpdateRequest, WriteAction, WriteContentRequest,
 };
 use containerd_client::tonic::{self, Code, Request};
 use containerd_client::types::Descriptor;
@@ -417,6 +417,27 @@ impl Engine {
     }
 
     /// Shoal's images in containerd.
+    /// The manifest digest image `name` names here, if it is here.
+    pub async fn image_digest(&self, name: &str) -> Result<Option<String>, EngineError> {
+        let got = ImagesClient::new(self.channel().await?)
+            .get(request(
+                GetImageRequest {
+                    name: name.to_owned(),
+                },
+                None,
+            ))
+            .await;
+        match got {
+            Ok(r) => Ok(r
+                .into_inner()
+                .image
+                .and_then(|i| i.target)
+                .map(|t| t.digest)),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+            Err(s) => Err(self.failed("find an image", s)),
+        }
+    }
+
     pub async fn images(&self) -> Result<Vec<ImageView>, EngineError> {
         let mut images = ImagesClient::new(self.channel().await?);
         let list = images

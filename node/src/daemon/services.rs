@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use anyhow::anyhow;
 use serde_json::json;
 use shoal_mesh::service::{
-    Attachment, AttachmentRef, PortSpec, Protocol, PublishMode, Service, ServiceMode, ServiceSpec,
+    Attachment, AttachmentRef, ContainerSpec, PortSpec, Protocol, PublishMode, Service,
+    ServiceMode, ServiceSpec,
 };
 use shoal_mesh::task::{DesiredState, Task, TaskState};
 use shoal_mesh::{ClusterState, Command, ServiceId};
@@ -185,6 +186,7 @@ fn view(state: &ClusterState, s: &Service) -> ServiceView {
         version: s.version,
         update_status,
         command: s.spec.command.clone(),
+        container: s.spec.container.clone(),
         endpoint_mode: s.spec.endpoint_mode,
         networks: s
             .spec
@@ -268,6 +270,35 @@ async fn wait_for_networks(m: &super::member::Member, networks: &[AttachmentRef]
     .await;
 }
 
+/// Normalises a container service's image name and resolves it to the
+/// digest it names: from the reference itself (`NAME@sha256:…`), else from
+/// this node's images. A warning when neither could say.
+async fn resolve_image(d: &Daemon, c: &mut ContainerSpec) -> anyhow::Result<Option<String>> {
+    let name = super::archive::normalize(&c.image).map_err(|e| ApiError::invalid(e.to_string()))?;
+    c.image = name;
+    if let Some((_, digest)) = c.image.split_once('@') {
+        c.digest = Some(digest.to_owned());
+        return Ok(None);
+    }
+    match d.engine.image_digest(&c.image).await {
+        Ok(Some(digest)) => {
+            c.digest = Some(digest);
+            Ok(Some(format!(
+                "image {} resolved to {} from this node's images: no registry recorded it, so every node must hold that image (shoal image load)",
+                c.image,
+                c.digest.as_deref().unwrap_or_default()
+            )))
+        }
+        Ok(None) | Err(_) => {
+            c.digest = None;
+            Ok(Some(format!(
+                "image {} could not be resolved to a digest here: each node runs what the name names on it, possibly different versions",
+                c.image
+            )))
+        }
+    }
+}
+
 /// `service create`.
 pub async fn create(
     d: &Daemon,
@@ -275,11 +306,15 @@ pub async fn create(
     networks: &[AttachmentRef],
 ) -> anyhow::Result<Reply> {
     let m = d.member().await?;
-    if spec.command.is_empty() {
-        return Err(ApiError::invalid(
-            "a service needs a command: shoal service create --name NAME -- COMMAND [ARG...]",
-        ));
-    }
+    let warning = match &mut spec.container {
+        Some(c) => resolve_image(d, c).await?,
+        None if spec.command.is_empty() => {
+            return Err(ApiError::invalid(
+                "a service needs an image or a command: shoal service create --name NAME IMAGE [COMMAND], or -- COMMAND for a host program",
+            ));
+        }
+        None => None,
+    };
     wait_for_networks(&m, networks).await;
     let state = m.state.state();
     spec.networks = networks
@@ -303,7 +338,9 @@ pub async fn create(
         .services
         .get(&id)
         .ok_or_else(|| anyhow!("service created but not yet in this node's copy"))?;
-    Reply::of(&view(&state, s))
+    let mut reply = Reply::of(&view(&state, s))?;
+    reply.warnings.extend(warning);
+    Ok(reply)
 }
 
 /// `service update`.
@@ -312,7 +349,18 @@ pub async fn update(d: &Daemon, u: ServiceUpdate) -> anyhow::Result<Reply> {
     wait_for_networks(&m, &u.network_add).await;
     let state = m.state.state();
     let s = resolve(&state, &u.service)?;
-    let spec = updated_spec(&state, &s.spec, &u)?;
+    let mut spec = updated_spec(&state, &s.spec, &u)?;
+    let mut warning = None;
+    if let Some(image) = &u.image {
+        let Some(c) = &mut spec.container else {
+            return Err(ApiError::invalid(format!(
+                "service `{}` runs a host program (--runtime process): --image needs a container service",
+                s.spec.name
+            )));
+        };
+        c.image.clone_from(image);
+        warning = resolve_image(d, c).await?;
+    }
     let added: Vec<PortSpec> = spec
         .ports
         .iter()
@@ -336,7 +384,9 @@ pub async fn update(d: &Daemon, u: ServiceUpdate) -> anyhow::Result<Reply> {
     .await;
     let state = m.state.state();
     let s = resolve(&state, &id)?;
-    Reply::of(&view(&state, s))
+    let mut reply = Reply::of(&view(&state, s))?;
+    reply.warnings.extend(warning);
+    Ok(reply)
 }
 
 /// A task by ID, unique ID prefix, or name (`SERVICE.SLOT`): the one
