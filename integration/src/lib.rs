@@ -807,6 +807,12 @@ impl Cluster {
         Ok(v.as_array().cloned().unwrap_or_default())
     }
 
+    /// `service inspect SERVICE` on host `i`: the service's view.
+    pub fn service_inspect(&self, i: usize, service: &str) -> anyhow::Result<Value> {
+        let all = self.shoal_ok(i, &["service", "inspect", service])?.json()?;
+        Ok(all[0].clone())
+    }
+
     /// `info --format json` on host `i`.
     pub fn info(&self, i: usize) -> anyhow::Result<Value> {
         self.shoal_ok(i, &["info", "--format", "json"])?.json()

@@ -9,9 +9,14 @@ use shoal_integration::{Cluster, images, root_or_skip};
 
 /// `ctr -n shoal ARGS…` against host 0's containerd: its standard output.
 fn ctr(c: &Cluster, args: &[&str]) -> String {
+    ctr_on(c, 0, args)
+}
+
+/// `ctr -n shoal ARGS` against host `i`'s containerd; its output.
+fn ctr_on(c: &Cluster, i: usize, args: &[&str]) -> String {
     let out = std::process::Command::new("ctr")
         .arg("--address")
-        .arg(c.containerd_socket(0))
+        .arg(c.containerd_socket(i))
         .args(["-n", "shoal"])
         .args(args)
         .output()
@@ -328,4 +333,200 @@ fn a_container_runs_confined_and_limited_with_pid_1_and_nothing_of_the_host() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+}
+
+/// The tasks of `service` that run, by `service ps --format json`.
+fn running(c: &Cluster, i: usize, service: &str) -> Vec<serde_json::Value> {
+    let all = c
+        .shoal_ok(i, &["service", "ps", "--format", "json", service])
+        .unwrap()
+        .json()
+        .unwrap();
+    all.as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["desired_state"] == "running" && t["state"] == "running")
+        .cloned()
+        .collect()
+}
+
+/// The container tasks containerd runs on host `i`: task ID → PID.
+fn container_pids(c: &Cluster, i: usize) -> std::collections::BTreeMap<String, String> {
+    ctr_on(c, i, &["tasks", "ls"])
+        .lines()
+        .skip(1)
+        .filter(|l| l.contains("RUNNING"))
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((f.next()?.to_owned(), f.next()?.to_owned()))
+        })
+        .collect()
+}
+
+#[test]
+fn a_service_runs_its_image_as_containers_behind_the_mesh_and_outlives_its_daemon() {
+    if !root_or_skip("run containerd, containers and network namespaces") {
+        return;
+    }
+    let mut c = Cluster::start_isolated(2).unwrap();
+    for i in 0..2 {
+        c.start_containerd(i).unwrap();
+    }
+    c.form(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("busybox.tar");
+    std::fs::write(&archive, images::busybox("lab.local/busybox:1").unwrap()).unwrap();
+    for i in 0..2 {
+        c.shoal_ok(i, &["image", "load", archive.to_str().unwrap()])
+            .unwrap();
+    }
+    c.shoal_ok(0, &["network", "create", "appnet"]).unwrap();
+    let script = r#"busybox mkdir -p /www && echo "{\"task\":\"$(busybox hostname)\"}" > /www/index.html && echo started $(busybox hostname) && exec busybox httpd -f -p 80 -h /www"#;
+    let created = c
+        .shoal_ok(
+            0,
+            &[
+                "service",
+                "create",
+                "--name",
+                "web",
+                "--replicas",
+                "2",
+                "--network",
+                "appnet",
+                "-p",
+                "8080:80",
+                "--limit-memory",
+                "64m",
+                "lab.local/busybox:1",
+                "/bin/sh",
+                "-c",
+                script,
+            ],
+        )
+        .unwrap();
+    // Resolved from the node's own images: said so.
+    assert!(
+        created.stderr.contains("from this node's images"),
+        "{}",
+        created.stderr
+    );
+    let svc = c.service_inspect(0, "web").unwrap();
+    assert_eq!(svc["container"]["image"], "lab.local/busybox:1", "{svc}");
+    assert!(
+        svc["container"]["digest"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("sha256:")),
+        "{svc}"
+    );
+    let tasks = c
+        .wait_until_value(Duration::from_secs(60), || {
+            let t = running(&c, 0, "web");
+            anyhow::ensure!(t.len() == 2, "{} of 2 tasks run", t.len());
+            Ok(t)
+        })
+        .unwrap();
+    let ids: std::collections::BTreeSet<String> = tasks
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_owned())
+        .collect();
+    // Each is a container in its node's containerd.
+    let mut pids = std::collections::BTreeMap::new();
+    for i in 0..2 {
+        pids.extend(container_pids(&c, i));
+    }
+    let running_ids: std::collections::BTreeSet<String> = pids.keys().cloned().collect();
+    assert_eq!(running_ids, ids, "{pids:?}");
+
+    // Requests through the routing mesh reach both containers.
+    let bin = shoal_integration::shoal_bin()
+        .to_string_lossy()
+        .into_owned();
+    let url = format!("http://{}:8080/", c.hosts[1].ip);
+    let mut seen = std::collections::BTreeSet::new();
+    c.wait_until(
+        "both tasks answer through the mesh",
+        Duration::from_secs(60),
+        |c| {
+            let r = c.in_host(1, &bin, &["tool", "http-get", "--timeout", "2", &url]);
+            anyhow::ensure!(r.ok(), "{}", r.stderr);
+            let v: serde_json::Value = serde_json::from_str(&r.stdout)?;
+            seen.insert(v["task"].as_str().unwrap_or_default().to_owned());
+            Ok(seen.len() == 2)
+        },
+    )
+    .unwrap();
+    assert!(seen.contains("web.1") && seen.contains("web.2"), "{seen:?}");
+    // Their output is the service's log.
+    let logs = c.shoal_ok(0, &["service", "logs", "web"]).unwrap();
+    assert!(logs.stdout.contains("started web.1"), "{}", logs.stdout);
+    assert!(logs.stdout.contains("started web.2"), "{}", logs.stdout);
+
+    // kill -9 a daemon: its container goes on; restarted, the daemon
+    // watches it again without restarting it.
+    let before = container_pids(&c, 1);
+    assert_eq!(before.len(), 1, "{before:?}");
+    c.kill(1);
+    assert_eq!(container_pids(&c, 1), before);
+    c.start_daemon(1).unwrap();
+    c.holds_for("the task stays as it was", Duration::from_secs(5), |c| {
+        let now: std::collections::BTreeSet<String> = running(c, 0, "web")
+            .iter()
+            .map(|t| t["id"].as_str().unwrap().to_owned())
+            .collect();
+        Ok(now == ids)
+    })
+    .unwrap();
+    assert_eq!(container_pids(&c, 1), before);
+
+    // A task over its memory limit is killed by the kernel, and says so.
+    c.shoal_ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            "hog",
+            "--restart-condition",
+            "none",
+            "--limit-memory",
+            "16m",
+            "lab.local/busybox:1",
+            "busybox",
+            "dd",
+            "if=/dev/zero",
+            "of=/dev/null",
+            "bs=64M",
+            "count=1",
+        ],
+    )
+    .unwrap();
+    let failed = c
+        .wait_until_value(Duration::from_secs(60), || {
+            let ps = c
+                .shoal_ok(0, &["service", "ps", "--format", "json", "hog"])?
+                .json()?;
+            let t = ps[0].clone();
+            anyhow::ensure!(t["state"] == "failed", "{t}");
+            Ok(t)
+        })
+        .unwrap();
+    assert!(
+        failed["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("out of memory")),
+        "{failed}"
+    );
+
+    // Removed, the containers go.
+    c.shoal_ok(0, &["service", "rm", "web", "hog"]).unwrap();
+    c.wait_until("no containers left", Duration::from_secs(30), |c| {
+        for i in 0..2 {
+            let left = ctr_on(c, i, &["containers", "ls", "-q"]);
+            anyhow::ensure!(left.trim().is_empty(), "node{}: {left}", i + 1);
+        }
+        Ok(true)
+    })
+    .unwrap();
 }

@@ -104,12 +104,7 @@ impl Overlay {
         let hosts: std::collections::BTreeSet<usize> =
             tasks.iter().map(|t| host_of(&c, t)).collect();
         assert_eq!(hosts.len(), 3, "one task per host");
-        let svc = c
-            .shoal_ok(0, &["service", "inspect", "web"])
-            .unwrap()
-            .json()
-            .unwrap()[0]
-            .clone();
+        let svc = c.service_inspect(0, "web").unwrap();
         let vip = svc["vips"]["appnet"].as_str().unwrap().to_owned();
         Overlay { c, tasks, vip }
     }

@@ -40,6 +40,7 @@ impl Daemon {
             ),
             dataplane: self.cfg.dataplane.clone(),
             quota_bytes: (self.cfg.store.quota_mib as usize) << 20,
+            engine: self.engine.clone(),
         };
         Member::start(identity, self.dir.clone(), cfg).await
     }

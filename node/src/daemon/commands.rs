@@ -811,7 +811,7 @@ async fn leave(d: &Arc<Daemon>, force: bool) -> anyhow::Result<Reply> {
     m.gossip.ask(GossipCmd::LeaveCluster).await;
     m.shutdown().await;
     *slot = None;
-    super::executor::stop_all(&d.dir.0).await;
+    super::executor::stop_all(&d.dir.0, &d.engine).await;
     super::dataplane::teardown(&m.sandboxes).await;
     d.dir.wipe()?;
     let mut reply = Reply::ok(json!({ "left": m.id.to_string() }));
@@ -865,7 +865,7 @@ async fn image_load(d: &Daemon, path: std::path::PathBuf) -> anyhow::Result<Repl
 /// manager) and erases its state.
 async fn leave_locked(d: &Daemon) -> anyhow::Result<Reply> {
     let node = d.dir.node_file()?.map(|n| n.node_id.to_string());
-    super::executor::stop_all(&d.dir.0).await;
+    super::executor::stop_all(&d.dir.0, &d.engine).await;
     d.dir.wipe()?;
     d.set_locked(false);
     let mut reply = Reply::ok(json!({ "left": node }));

@@ -16,7 +16,8 @@ use containerd_client::services::v1::snapshots::{PrepareSnapshotRequest, RemoveS
 use containerd_client::services::v1::tasks_client::TasksClient;
 use containerd_client::services::v1::{
     Container, CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest,
-    DeleteTaskRequest, GetImageRequest, ReadContentRequest, StartRequest, WaitRequest,
+    DeleteTaskRequest, GetImageRequest, GetRequest, KillRequest, ListContainersRequest,
+    ReadContentRequest, StartRequest, WaitRequest,
 };
 use containerd_client::tonic::Code;
 
@@ -44,6 +45,35 @@ pub struct OneOff {
     pub limits: oci::Limits,
 }
 
+/// A container to create and start.
+pub struct NewContainer<'a> {
+    /// Its ID (also its snapshot's key).
+    pub id: &'a str,
+    /// The image's normalised name.
+    pub image: &'a str,
+    /// The manifest digest the image must have, if the service fixed one.
+    pub digest: Option<&'a str>,
+    /// What the service and the node say about it.
+    pub run: TaskRun,
+    /// Where its standard output goes (appended).
+    pub stdout: PathBuf,
+    /// And its standard error (may be the same file).
+    pub stderr: PathBuf,
+    /// Labels on the container record.
+    pub labels: HashMap<String, String>,
+}
+
+/// One of Shoal's containers, as containerd has it.
+#[derive(Debug, Clone)]
+pub struct Found {
+    /// Its ID.
+    pub id: String,
+    /// Its labels.
+    pub labels: HashMap<String, String>,
+    /// Whether its task runs.
+    pub running: bool,
+}
+
 /// How a one-off container ended.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Ended {
@@ -55,16 +85,27 @@ pub struct Ended {
     pub stderr: String,
 }
 
-/// The files bound at `/etc/resolv.conf`, `/etc/hosts` and `/etc/hostname`.
+/// The files bound at `/etc/resolv.conf`, `/etc/hosts` and `/etc/hostname`,
+/// written in `dir`.
 fn write_etc(dir: &Path, hostname: &str) -> std::io::Result<EtcFiles> {
     std::fs::create_dir_all(dir)?;
-    let etc = EtcFiles {
-        resolv_conf: dir.join("resolv.conf"),
-        hosts: dir.join("hosts"),
-        hostname: dir.join("hostname"),
-    };
+    write_etc_files(
+        EtcFiles {
+            resolv_conf: dir.join("resolv.conf"),
+            hosts: dir.join("hosts"),
+            hostname: dir.join("hostname"),
+        },
+        hostname,
+    )
+}
+
+/// Writes the files `etc` names for a container named `hostname`.
+pub fn write_etc_files(etc: EtcFiles, hostname: &str) -> std::io::Result<EtcFiles> {
     std::fs::write(&etc.resolv_conf, "nameserver 127.0.0.11\noptions ndots:0\n")?;
-    std::fs::write(&etc.hosts, "127.0.0.1\tlocalhost\n::1\tlocalhost\n")?;
+    std::fs::write(
+        &etc.hosts,
+        format!("127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\t{hostname}\n"),
+    )?;
     std::fs::write(&etc.hostname, format!("{hostname}\n"))?;
     Ok(etc)
 }
@@ -94,8 +135,12 @@ impl Engine {
         Ok(out)
     }
 
-    /// An image's run settings and the chain ID of its top snapshot.
-    async fn image_for_run(&self, name: &str) -> Result<(ImageConfig, String), EngineError> {
+    /// An image's run settings, the chain ID of its top snapshot and its
+    /// manifest digest.
+    async fn image_for_run(
+        &self,
+        name: &str,
+    ) -> Result<(ImageConfig, String, String), EngineError> {
         let mut images = ImagesClient::new(self.channel().await?);
         let got = images
             .get(request(
@@ -112,29 +157,50 @@ impl Engine {
             }
             Err(s) => return Err(self.failed("find an image", s)),
         };
-        let bad = |e: archive::ArchiveError| EngineError::Call {
+        let bad = |e: String| EngineError::Call {
             what: format!("read image {name}"),
             code: "DataLoss".into(),
-            message: e.to_string(),
+            message: e,
         };
-        let manifest = self
-            .read_blob(&image.target.unwrap_or_default().digest)
-            .await?;
-        let (config, _) = archive::parse_manifest(&manifest).map_err(bad)?;
+        let digest = image.target.unwrap_or_default().digest;
+        let manifest = self.read_blob(&digest).await?;
+        let (config, _) = archive::parse_manifest(&manifest).map_err(|e| bad(e.to_string()))?;
         let config = self.read_blob(&config.digest).await?;
-        let diff_ids = archive::parse_diff_ids(&config).map_err(bad)?;
+        let diff_ids = archive::parse_diff_ids(&config).map_err(|e| bad(e.to_string()))?;
         let top = archive::chain_ids(&diff_ids).pop().unwrap_or_default();
-        let run = ImageConfig::from_json(&config).map_err(|e| EngineError::Call {
-            what: format!("read image {name}"),
-            code: "DataLoss".into(),
-            message: e.to_string(),
-        })?;
-        Ok((run, top))
+        let run = ImageConfig::from_json(&config).map_err(|e| bad(e.to_string()))?;
+        Ok((run, top, digest))
+    }
+
+    /// Creates and starts container `c` (its snapshot, the container and
+    /// its task); what it made is removed again when a step fails.
+    pub async fn start(&self, c: NewContainer<'_>) -> Result<(), EngineError> {
+        let (image, top, digest) = self.image_for_run(c.image).await?;
+        if let Some(want) = c.digest
+            && want != digest
+        {
+            return Err(EngineError::OtherImage {
+                name: c.image.to_owned(),
+                want: want.to_owned(),
+                have: digest,
+            });
+        }
+        let spec = oci::runtime_spec(&image, &c.run).map_err(EngineError::Spec)?;
+        let spec = serde_json::to_vec(&spec).unwrap_or_default();
+        // The new snapshot is held by a lease until the container refers
+        // to it: else containerd's garbage collector may take it between
+        // the two calls.
+        let lease = self.create_lease("shoal-run").await?;
+        let result = self.create_and_start(&c, &lease, &top, spec).await;
+        self.delete_lease(lease).await;
+        if result.is_err() {
+            self.remove_container(c.id).await;
+        }
+        result
     }
 
     /// Runs `c` to its end and removes it.
     pub async fn run_once(&self, c: &OneOff) -> Result<Ended, EngineError> {
-        let (image, top) = self.image_for_run(&c.image).await?;
         let io = |e: std::io::Error| EngineError::Call {
             what: format!("write {}", c.dir.display()),
             code: "Io".into(),
@@ -149,15 +215,22 @@ impl Engine {
             limits: c.limits,
             ..Default::default()
         };
-        let spec = oci::runtime_spec(&image, &run).map_err(EngineError::Spec)?;
-        let spec = serde_json::to_vec(&spec).unwrap_or_default();
-        // The new snapshot is held by a lease until the container refers
-        // to it: else containerd's garbage collector may take it between
-        // the two calls.
-        let lease = self.create_lease("shoal-run").await?;
-        let result = self.create_and_wait(c, &lease, &top, spec).await;
+        let started = self
+            .start(NewContainer {
+                id: &c.id,
+                image: &c.image,
+                digest: None,
+                run,
+                stdout: c.dir.join("stdout"),
+                stderr: c.dir.join("stderr"),
+                labels: HashMap::new(),
+            })
+            .await;
+        let result = match started {
+            Ok(()) => self.wait(&c.id).await,
+            Err(e) => Err(e),
+        };
         self.remove_container(&c.id).await;
-        self.delete_lease(lease).await;
         let ended = result?;
         let read = |name: &str| std::fs::read_to_string(c.dir.join(name)).unwrap_or_default();
         Ok(Ended {
@@ -167,19 +240,19 @@ impl Engine {
         })
     }
 
-    async fn create_and_wait(
+    async fn create_and_start(
         &self,
-        c: &OneOff,
+        c: &NewContainer<'_>,
         lease: &str,
         top: &str,
         spec: Vec<u8>,
-    ) -> Result<u32, EngineError> {
+    ) -> Result<(), EngineError> {
         let channel = self.channel().await?;
         let mounts = SnapshotsClient::new(channel.clone())
             .prepare(request(
                 PrepareSnapshotRequest {
                     snapshotter: SNAPSHOTTER.into(),
-                    key: c.id.clone(),
+                    key: c.id.to_owned(),
                     parent: top.to_owned(),
                     labels: HashMap::new(),
                 },
@@ -190,8 +263,9 @@ impl Engine {
             .into_inner()
             .mounts;
         let container = Container {
-            id: c.id.clone(),
-            image: c.image.clone(),
+            id: c.id.to_owned(),
+            image: c.image.to_owned(),
+            labels: c.labels.clone(),
             runtime: Some(Runtime {
                 name: "io.containerd.runc.v2".into(),
                 options: None,
@@ -201,7 +275,7 @@ impl Engine {
                 value: spec,
             }),
             snapshotter: SNAPSHOTTER.into(),
-            snapshot_key: c.id.clone(),
+            snapshot_key: c.id.to_owned(),
             ..Default::default()
         };
         ContainersClient::new(channel.clone())
@@ -213,15 +287,15 @@ impl Engine {
             ))
             .await
             .map_err(|s| self.failed("create a container", s))?;
-        let file = |name: &str| format!("file://{}", c.dir.join(name).display());
+        let file = |p: &Path| format!("file://{}", p.display());
         let mut tasks = TasksClient::new(channel);
         tasks
             .create(request(
                 CreateTaskRequest {
-                    container_id: c.id.clone(),
+                    container_id: c.id.to_owned(),
                     rootfs: mounts,
-                    stdout: file("stdout"),
-                    stderr: file("stderr"),
+                    stdout: file(&c.stdout),
+                    stderr: file(&c.stderr),
                     ..Default::default()
                 },
                 None,
@@ -229,18 +303,23 @@ impl Engine {
             .await
             .map_err(|s| self.failed("create a task", s))?;
         let start = StartRequest {
-            container_id: c.id.clone(),
+            container_id: c.id.to_owned(),
             exec_id: String::new(),
         };
         tasks
             .start(request(start, None))
             .await
             .map_err(|s| self.failed("start a task", s))?;
+        Ok(())
+    }
+
+    /// Waits for container `id`'s task to end; its exit status.
+    pub async fn wait(&self, id: &str) -> Result<u32, EngineError> {
         let wait = WaitRequest {
-            container_id: c.id.clone(),
+            container_id: id.to_owned(),
             exec_id: String::new(),
         };
-        let status = tasks
+        let status = TasksClient::new(self.channel().await?)
             .wait(request(wait, None))
             .await
             .map_err(|s| self.failed("wait for a task", s))?
@@ -249,9 +328,63 @@ impl Engine {
         Ok(status)
     }
 
+    /// Sends `signal` to container `id`'s process (to all its processes
+    /// when `all`).
+    pub async fn kill(&self, id: &str, signal: u32, all: bool) -> Result<(), EngineError> {
+        let kill = KillRequest {
+            container_id: id.to_owned(),
+            exec_id: String::new(),
+            signal,
+            all,
+        };
+        TasksClient::new(self.channel().await?)
+            .kill(request(kill, None))
+            .await
+            .map_err(|s| self.failed("signal a task", s))?;
+        Ok(())
+    }
+
+    /// Shoal's containers here: ID, labels, and whether their task runs.
+    pub async fn containers(&self) -> Result<Vec<Found>, EngineError> {
+        let channel = self.channel().await?;
+        let list = ContainersClient::new(channel.clone())
+            .list(request(ListContainersRequest { filters: vec![] }, None))
+            .await
+            .map_err(|s| self.failed("list containers", s))?
+            .into_inner()
+            .containers;
+        let mut tasks = TasksClient::new(channel);
+        let mut out = Vec::new();
+        for c in list {
+            let got = tasks
+                .get(request(
+                    GetRequest {
+                        container_id: c.id.clone(),
+                        exec_id: String::new(),
+                    },
+                    None,
+                ))
+                .await;
+            let running = match got {
+                Ok(r) => r.into_inner().process.is_some_and(|p| {
+                    p.status == containerd_client::types::v1::Status::Running as i32
+                        || p.status == containerd_client::types::v1::Status::Created as i32
+                }),
+                Err(s) if s.code() == Code::NotFound => false,
+                Err(s) => return Err(self.failed("look at a task", s)),
+            };
+            out.push(Found {
+                id: c.id,
+                labels: c.labels,
+                running,
+            });
+        }
+        Ok(out)
+    }
+
     /// Removes container `id`: its task, itself, its snapshot (what is not
     /// there is skipped).
-    async fn remove_container(&self, id: &str) {
+    pub async fn remove_container(&self, id: &str) {
         let Ok(channel) = self.channel().await else {
             return;
         };

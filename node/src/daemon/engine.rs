@@ -33,6 +33,19 @@ pub enum EngineError {
     /// No image of that name on this node.
     #[error("no such image on this node: {0} (load it with `shoal image load`)")]
     NoImage(String),
+    /// The image of that name here is not the one the service was
+    /// created with.
+    #[error(
+        "image {name} on this node is {have}, not {want} as the service was created with (load that image, or `shoal service update --image`)"
+    )]
+    OtherImage {
+        /// The image's name.
+        name: String,
+        /// The digest the service runs.
+        want: String,
+        /// The digest here.
+        have: String,
+    },
     /// The spec cannot be made.
     #[error(transparent)]
     Spec(super::oci::SpecError),

@@ -154,6 +154,8 @@ pub struct MemberConfig {
     pub dataplane: super::config::DataplaneConfig,
     /// The store quota, in bytes of encoded state.
     pub quota_bytes: usize,
+    /// containerd, for container tasks.
+    pub engine: Arc<super::engine::Engine>,
 }
 
 impl Member {
@@ -210,6 +212,7 @@ impl Member {
                 writer: writer.clone(),
                 sandboxes: sandboxes.clone(),
                 state_dir: dir.0.clone(),
+                engine: cfg.engine.clone(),
             })),
             tokio::spawn(super::dataplane::run(
                 DataplaneCtx {

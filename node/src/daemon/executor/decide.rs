@@ -72,6 +72,21 @@ pub enum ExecAction {
     Kill(TaskId),
 }
 
+/// How long after its stop signal task `id` is killed: a container's stop
+/// grace period (`--stop-grace-period`, [`STOP_GRACE`] otherwise), or for
+/// a host program its shim's grace and a little ([`KILL_AFTER`]).
+pub fn kill_after(state: &ClusterState, id: &TaskId) -> Duration {
+    let container = state
+        .tasks
+        .get(id)
+        .and_then(|t| state.services.get(&t.service_id))
+        .and_then(|s| s.spec.container.as_ref());
+    match container {
+        Some(c) => c.stop_grace_ms.map_or(STOP_GRACE, Duration::from_millis),
+        None => KILL_AFTER,
+    }
+}
+
 fn report(task: &TaskId, state: TaskState, message: impl Into<String>) -> ExecAction {
     ExecAction::Report {
         task: task.clone(),
@@ -132,7 +147,7 @@ impl Decider {
                     }
                     match s.stopping {
                         None if !wanted => out.push(ExecAction::Stop(id.clone())),
-                        Some(t) if now.saturating_duration_since(t) > KILL_AFTER => {
+                        Some(t) if now.saturating_duration_since(t) > kill_after(state, id) => {
                             out.push(ExecAction::Kill(id.clone()));
                         }
                         _ => {}

@@ -15,6 +15,7 @@
 //! task that ended meanwhile exited from its exit record. Tasks stop when
 //! the store says so (SIGTERM, SIGKILL after 10 s) or on `swarm leave`.
 
+pub mod container;
 pub mod decide;
 
 use std::collections::BTreeMap;
@@ -30,6 +31,7 @@ use shoal_raft::StateHandle;
 use tokio::process::Child;
 
 use super::clock::now_ms;
+use super::engine::Engine;
 use super::sandboxes::Sandboxes;
 use super::shim::{self, Pids};
 use super::writer::Propose;
@@ -95,50 +97,91 @@ fn find_program(program: &str) -> Result<(), String> {
 
 pub use shoal_netdriver::privilege::is_root;
 
+/// What runs a supervised task.
+enum Runner {
+    /// A host program under a `shoal task-shim`.
+    Shim {
+        /// The shim, when this daemon started it (else it was re-adopted).
+        shim: Option<Child>,
+        /// Its pids, once known.
+        pids: Option<Pids>,
+    },
+    /// A container, watched through containerd.
+    Container(container::Watched),
+}
+
 /// A task this executor watches.
 struct Supervised {
-    /// The shim, when this daemon started it (else it was re-adopted).
-    shim: Option<Child>,
-    /// Its pids, once known.
-    pids: Option<Pids>,
-    /// When SIGTERM was sent.
+    runner: Runner,
+    /// When it was asked to stop.
     stopping: Option<Instant>,
 }
 
 impl Supervised {
-    /// Whether the shim has ended.
-    fn ended(&mut self, dir: &Path, id: &str) -> bool {
-        if self.pids.is_none() {
-            self.pids = shim::read_pids(dir, id);
-        }
-        match &mut self.shim {
-            Some(c) => !matches!(c.try_wait(), Ok(None)),
-            None => self.pids.as_ref().is_none_or(|p| !shim::alive(p)),
+    fn shim(shim: Option<Child>, pids: Option<Pids>) -> Self {
+        Supervised {
+            runner: Runner::Shim { shim, pids },
+            stopping: None,
         }
     }
 
-    /// SIGTERM to the shim, which passes it on and gives the task its grace.
-    fn stop(&mut self, now: Instant) {
+    fn container(watched: container::Watched) -> Self {
+        Supervised {
+            runner: Runner::Container(watched),
+            stopping: None,
+        }
+    }
+
+    /// How the task ended, once it has.
+    fn ended(&mut self, dir: &Path, id: &str) -> Option<Exit> {
+        match &mut self.runner {
+            Runner::Shim { shim, pids } => {
+                if pids.is_none() {
+                    *pids = shim::read_pids(dir, id);
+                }
+                let ended = match shim {
+                    Some(c) => !matches!(c.try_wait(), Ok(None)),
+                    None => pids.as_ref().is_none_or(|p| !shim::alive(p)),
+                };
+                ended.then(|| outcome(dir, id))
+            }
+            Runner::Container(w) => w.ended(),
+        }
+    }
+
+    /// The stop signal: for a host program, SIGTERM to the shim, which
+    /// passes it on and gives the task its grace; for a container, the
+    /// service's stop signal.
+    async fn stop(&mut self, engine: &Engine, id: &str, signal: Option<&str>, now: Instant) {
         self.stopping.get_or_insert(now);
-        match (&self.shim, &self.pids) {
-            (Some(c), _) => {
+        match &self.runner {
+            Runner::Shim { shim: Some(c), .. } => {
                 if let Some(pid) = c.id() {
                     shim::signal(pid, Signal::SIGTERM);
                 }
             }
-            (None, Some(p)) => shim::signal(p.shim, Signal::SIGTERM),
-            (None, None) => {}
+            Runner::Shim {
+                shim: None,
+                pids: Some(p),
+            } => shim::signal(p.shim, Signal::SIGTERM),
+            Runner::Shim { .. } => {}
+            Runner::Container(_) => container::stop(engine, id, signal).await,
         }
     }
 
-    /// SIGKILL to the shim and its task.
-    fn kill(&mut self) {
-        if let Some(p) = &self.pids {
-            shim::signal(p.child, Signal::SIGKILL);
-            shim::signal(p.shim, Signal::SIGKILL);
-        }
-        if let Some(c) = &mut self.shim {
-            let _ = c.start_kill();
+    /// SIGKILL to the task (and its shim).
+    async fn kill(&mut self, engine: &Engine, id: &str) {
+        match &mut self.runner {
+            Runner::Shim { shim, pids } => {
+                if let Some(p) = pids {
+                    shim::signal(p.child, Signal::SIGKILL);
+                    shim::signal(p.shim, Signal::SIGKILL);
+                }
+                if let Some(c) = shim {
+                    let _ = c.start_kill();
+                }
+            }
+            Runner::Container(_) => container::kill(engine, id).await,
         }
     }
 }
@@ -195,9 +238,16 @@ fn shims_on_disk(dir: &Path) -> BTreeMap<TaskId, Pids> {
     found
 }
 
-/// Stops every task this node runs and waits (up to the grace period and a
-/// little) for them to end: `swarm leave`.
-pub async fn stop_all(state_dir: &Path) {
+/// Stops every task this node runs, host programs and containers, and
+/// waits (up to the grace period and a little) for them to end: `swarm
+/// leave`.
+pub async fn stop_all(state_dir: &Path, engine: &Engine) {
+    let none = std::collections::BTreeSet::new();
+    let containers = container::remove_others(engine, &none, STOP_GRACE);
+    tokio::join!(stop_all_shims(state_dir), containers);
+}
+
+async fn stop_all_shims(state_dir: &Path) {
     let dir = state_dir.join("tasks");
     let shims = shims_on_disk(&dir);
     for p in shims.values() {
@@ -225,6 +275,8 @@ pub struct ExecutorCtx<W> {
     pub sandboxes: Arc<Sandboxes>,
     /// The node's state dir (task files go under `tasks/`).
     pub state_dir: PathBuf,
+    /// containerd, for container tasks.
+    pub engine: Arc<Engine>,
 }
 
 impl<W: Propose> ExecutorCtx<W> {
@@ -243,30 +295,59 @@ impl<W: Propose> ExecutorCtx<W> {
     }
 }
 
-/// Starts task `t` under a shim (its sandbox, if any, is ready); reports
-/// how that went.
+/// Starts task `t` (its sandbox, if any, is ready): its container, or a
+/// host program under a shim; reports how that went.
 async fn start<W: Propose>(
     ctx: &ExecutorCtx<W>,
     state: &ClusterState,
     t: &Task,
 ) -> Option<Supervised> {
     let service = state.services.get(&t.service_id)?;
+    // With the data plane, the task starts inside the sandbox it programmed.
+    let netns = ctx.sandboxes.ready(&t.id);
+    if service.spec.container.is_some() {
+        let dir = ctx.tasks_dir();
+        let started = container::start(
+            &ctx.engine,
+            container::Start {
+                id: &t.id,
+                service,
+                name: task_name(state, t),
+                env: task_env(ctx, state, t)
+                    .into_iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect(),
+                netns: netns.map(|ns| Path::new(shoal_netdriver::linux::NETNS_DIR).join(ns)),
+                dir: &dir,
+            },
+        )
+        .await;
+        return match started {
+            Ok(()) => {
+                ctx.report(&t.id, TaskState::Running, String::new(), None)
+                    .await;
+                Some(Supervised::container(container::watch(
+                    ctx.engine.clone(),
+                    t.id.clone(),
+                )))
+            }
+            Err(e) => {
+                let msg = format!("cannot start the task's container: {e}");
+                ctx.report(&t.id, TaskState::Failed, msg, None).await;
+                None
+            }
+        };
+    }
     let (program, _) = service.spec.command.split_first()?;
     if let Err(msg) = find_program(program) {
         ctx.report(&t.id, TaskState::Failed, msg, None).await;
         return None;
     }
-    // With the data plane, the task starts inside the sandbox it programmed.
-    let netns = ctx.sandboxes.ready(&t.id);
     match spawn(ctx, state, t, netns.as_deref()) {
         Ok(child) => {
             ctx.report(&t.id, TaskState::Running, String::new(), None)
                 .await;
-            Some(Supervised {
-                shim: Some(child),
-                pids: None,
-                stopping: None,
-            })
+            Some(Supervised::shim(Some(child), None))
         }
         Err(e) => {
             let msg = format!("cannot start the task's supervisor: {e}");
@@ -274,6 +355,37 @@ async fn start<W: Propose>(
             None
         }
     }
+}
+
+/// A task's environment: its service's, then Shoal's `SHOAL_*` variables.
+fn task_env<W>(ctx: &ExecutorCtx<W>, state: &ClusterState, t: &Task) -> Vec<(String, String)> {
+    let Some(service) = state.services.get(&t.service_id) else {
+        return Vec::new();
+    };
+    let hostname = state
+        .nodes
+        .get(&ctx.id)
+        .map(|n| n.hostname.clone())
+        .unwrap_or_default();
+    let mut env: Vec<(String, String)> = service
+        .spec
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    env.extend([
+        ("SHOAL_TASK_ID".into(), t.id.to_string()),
+        ("SHOAL_TASK_NAME".into(), task_name(state, t)),
+        ("SHOAL_SERVICE_NAME".into(), service.spec.name.clone()),
+        ("SHOAL_SERVICE_ID".into(), service.id.to_string()),
+        (
+            "SHOAL_TASK_SLOT".into(),
+            t.slot.map(|s| s.to_string()).unwrap_or_default(),
+        ),
+        ("SHOAL_NODE_ID".into(), ctx.id.to_string()),
+        ("SHOAL_NODE_HOSTNAME".into(), hostname),
+    ]);
+    env
 }
 
 /// Spawns `shoal task-shim` for task `t`, inside network namespace `netns`
@@ -289,11 +401,6 @@ fn spawn<W>(
         .services
         .get(&t.service_id)
         .ok_or_else(|| std::io::Error::other("the task's service is gone"))?;
-    let hostname = state
-        .nodes
-        .get(&ctx.id)
-        .map(|n| n.hostname.clone())
-        .unwrap_or_default();
     std::fs::create_dir_all(&dir)?;
     for ext in ["exit", "pid"] {
         let _ = std::fs::remove_file(shim::file(&dir, &t.id, ext));
@@ -329,17 +436,7 @@ fn spawn<W>(
         tracing::warn!(task = %t.id, "not root: the task runs without its own network namespace");
     }
     cmd.args(&service.spec.command)
-        .envs(&service.spec.env)
-        .env("SHOAL_TASK_ID", t.id.as_str())
-        .env("SHOAL_TASK_NAME", task_name(state, t))
-        .env("SHOAL_SERVICE_NAME", &service.spec.name)
-        .env("SHOAL_SERVICE_ID", service.id.as_str())
-        .env(
-            "SHOAL_TASK_SLOT",
-            t.slot.map(|s| s.to_string()).unwrap_or_default(),
-        )
-        .env("SHOAL_NODE_ID", ctx.id.to_string())
-        .env("SHOAL_NODE_HOSTNAME", hostname)
+        .envs(task_env(ctx, state, t))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -356,22 +453,33 @@ async fn adopt<W: Propose>(
     let dir = ctx.tasks_dir();
     let mut alive = shims_on_disk(&dir);
     let mut running = BTreeMap::new();
-    let mine = state
+    let mine: Vec<&Task> = state
         .tasks
         .values()
-        .filter(|t| t.node == Some(ctx.id) && !t.state.is_terminal());
+        .filter(|t| t.node == Some(ctx.id) && !t.state.is_terminal())
+        .collect();
+    // Containers of tasks the store no longer runs here are stopped (in
+    // the background: they get their grace).
+    let keep = mine.iter().map(|t| t.id.clone()).collect();
+    let engine = ctx.engine.clone();
+    tokio::spawn(async move { container::remove_others(&engine, &keep, STOP_GRACE).await });
     for t in mine {
+        let is_container = state
+            .services
+            .get(&t.service_id)
+            .is_some_and(|s| s.spec.container.is_some());
+        if is_container && matches!(t.state, TaskState::Starting | TaskState::Running) {
+            // Its container runs on under its shim, or ended meanwhile:
+            // waiting on it again tells which.
+            tracing::info!(task = %t.id, "watching a container task again");
+            let watched = container::watch(ctx.engine.clone(), t.id.clone());
+            running.insert(t.id.clone(), Supervised::container(watched));
+            continue;
+        }
         match alive.remove(&t.id) {
             Some(p) => {
                 tracing::info!(task = %t.id, pid = p.child, "re-adopted a running task");
-                running.insert(
-                    t.id.clone(),
-                    Supervised {
-                        shim: None,
-                        pids: Some(p),
-                        stopping: None,
-                    },
-                );
+                running.insert(t.id.clone(), Supervised::shim(None, Some(p)));
             }
             None if matches!(t.state, TaskState::Starting | TaskState::Running) => {
                 let exit = if shim::read_exit(&dir, &t.id).is_some() {
@@ -429,7 +537,7 @@ fn observe(
     running
         .iter_mut()
         .map(|(id, s)| {
-            let ended = s.ended(dir, id).then(|| outcome(dir, id));
+            let ended = s.ended(dir, id);
             let view = Supervision {
                 ended,
                 stopping: s.stopping,
@@ -437,6 +545,13 @@ fn observe(
             (id.clone(), view)
         })
         .collect()
+}
+
+/// The stop signal of task `id`'s service (`--stop-signal`), if set.
+fn stop_signal<'a>(state: &'a ClusterState, id: &TaskId) -> Option<&'a str> {
+    let t = state.tasks.get(id)?;
+    let c = state.services.get(&t.service_id)?.spec.container.as_ref()?;
+    c.stop_signal.as_deref()
 }
 
 /// Runs until the task is aborted (the daemon stopping): tasks keep
@@ -478,12 +593,13 @@ pub async fn run<W: Propose>(ctx: ExecutorCtx<W>) {
                 }
                 ExecAction::Stop(task) => {
                     if let Some(s) = running.get_mut(&task) {
-                        s.stop(now);
+                        let signal = stop_signal(&state, &task);
+                        s.stop(&ctx.engine, &task, signal, now).await;
                     }
                 }
                 ExecAction::Kill(task) => {
                     if let Some(s) = running.get_mut(&task) {
-                        s.kill();
+                        s.kill(&ctx.engine, &task).await;
                     }
                 }
             }
