@@ -457,6 +457,40 @@ fn a_service_runs_its_image_as_containers_behind_the_mesh_and_outlives_its_daemo
     )
     .unwrap();
     assert!(seen.contains("web.1") && seen.contains("web.2"), "{seen:?}");
+    // Inside a task (`shoal exec`, through containerd): the container's
+    // processes only, the image's root, nothing of the host, no
+    // CAP_SYS_ADMIN.
+    let t1 = tasks.iter().find(|t| t["name"] == "web.1").unwrap();
+    let on = c
+        .hosts
+        .iter()
+        .position(|h| h.name == t1["node"].as_str().unwrap())
+        .unwrap();
+    let state_dir = c.hosts[on].state_dir.display().to_string();
+    let look = format!(
+        "busybox ps -o pid,comm; grep CapEff /proc/self/status; \
+         for p in /run/shoal {state_dir} {sock}; do test -e $p && echo found $p; done; \
+         busybox cat /etc/hostname; exit 4",
+        sock = c.hosts[on].socket.display()
+    );
+    let r = c.shoal(on, &["exec", "web.1", "--", "/bin/sh", "-c", &look]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    let procs: Vec<&str> = r
+        .stdout
+        .lines()
+        .skip(1)
+        .take_while(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .collect();
+    assert!(procs[0].trim_start().starts_with("1 "), "{}", r.stdout);
+    assert_eq!(procs.len(), 3, "httpd, sh and ps only: {}", r.stdout);
+    assert!(
+        r.stdout.contains("CapEff:\t00000000a80425fb"),
+        "{}",
+        r.stdout
+    );
+    assert!(!r.stdout.contains("found"), "{}", r.stdout);
+    assert!(r.stdout.contains("web.1\n"), "{}", r.stdout);
+
     // Their output is the service's log.
     let logs = c.shoal_ok(0, &["service", "logs", "web"]).unwrap();
     assert!(logs.stdout.contains("started web.1"), "{}", logs.stdout);

@@ -566,6 +566,14 @@ pub enum Request {
         /// Task ID, unique ID prefix, or `SERVICE.SLOT`.
         task: String,
     },
+    /// `shoal exec` into a container task on this node: runs the command
+    /// through containerd as the container's own process runs.
+    TaskExecIn {
+        /// Task ID, unique ID prefix, or `SERVICE.SLOT`.
+        task: String,
+        /// The command.
+        command: Vec<String>,
+    },
     /// `service ls`.
     ServiceLs,
     /// `service ps`.
@@ -655,6 +663,7 @@ impl Request {
             | Request::NetworkLs
             | Request::NetworkInspect { .. }
             | Request::TaskExec { .. }
+            | Request::TaskExecIn { .. }
             | Request::ServiceLs
             | Request::ServicePs { .. }
             | Request::ServiceInspect { .. } => false,

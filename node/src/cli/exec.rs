@@ -1,8 +1,10 @@
-//! `shoal exec TASK -- CMD…`: runs a command inside a running task's
-//! sandbox (its network namespace and its `/etc/resolv.conf`), like
-//! `docker exec`. The daemon says where the task's process is; the command
-//! runs from here through `nsenter`, with this terminal's input and output,
-//! and its exit status becomes ours.
+//! `shoal exec TASK -- CMD…`: runs a command inside a running task, like
+//! `docker exec`, and its exit status becomes ours. In a container task,
+//! the daemon runs it through containerd as the container's own process
+//! runs (its namespaces, user, capabilities), with no input, and returns
+//! its output when it ends. In a host-program task's sandbox (its network
+//! namespace and its `/etc/resolv.conf`), the command runs from here
+//! through `nsenter`, with this terminal's input and output.
 
 use anyhow::{Context, anyhow};
 
@@ -23,7 +25,21 @@ impl std::error::Error for ExitStatus {}
 
 /// Runs `command` in `task`'s sandbox.
 pub async fn exec(client: &Client, task: String, command: Vec<String>) -> anyhow::Result<()> {
-    let v = client.call(&Request::TaskExec { task }).await?;
+    let v = client
+        .call(&Request::TaskExec { task: task.clone() })
+        .await?;
+    if v["container"] == true {
+        // A container: the daemon runs the command through containerd.
+        let ended: crate::daemon::containers::Ended = client
+            .call_as(&Request::TaskExecIn { task, command })
+            .await?;
+        print!("{}", ended.stdout);
+        eprint!("{}", ended.stderr);
+        return match ended.exit_status {
+            0 => Ok(()),
+            c => Err(ExitStatus(u8::try_from(c).unwrap_or(1)).into()),
+        };
+    }
     let pid = v["pid"]
         .as_u64()
         .ok_or_else(|| anyhow!("the daemon did not say where the task runs"))?;

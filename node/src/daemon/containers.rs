@@ -16,8 +16,9 @@ use containerd_client::services::v1::snapshots::{PrepareSnapshotRequest, RemoveS
 use containerd_client::services::v1::tasks_client::TasksClient;
 use containerd_client::services::v1::{
     Container, CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest,
-    DeleteTaskRequest, GetImageRequest, GetRequest, KillRequest, ListContainersRequest,
-    ReadContentRequest, StartRequest, WaitRequest,
+    DeleteProcessRequest, DeleteTaskRequest, ExecProcessRequest, GetContainerRequest,
+    GetImageRequest, GetRequest, KillRequest, ListContainersRequest, ReadContentRequest,
+    StartRequest, WaitRequest,
 };
 use containerd_client::tonic::Code;
 
@@ -28,6 +29,8 @@ use super::oci::{self, EtcFiles, ImageConfig, TaskRun};
 
 /// The runtime spec's type, as containerd stores it.
 const SPEC_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/Spec";
+/// An exec'd process's spec's type.
+const PROCESS_TYPE: &str = "types.containerd.io/opencontainers/runtime-spec/1/Process";
 
 /// A one-off container.
 pub struct OneOff {
@@ -342,6 +345,104 @@ impl Engine {
             .await
             .map_err(|s| self.failed("signal a task", s))?;
         Ok(())
+    }
+
+    /// Runs `args` inside running container `id` as its own process runs
+    /// (user, capabilities, working directory and environment from the
+    /// container's spec, plus `env`), its output to `stdout` and `stderr`
+    /// (which may be one file); waits at
+    /// most `limit` (then kills it); its exit status, `None` on timeout.
+    pub async fn exec(
+        &self,
+        id: &str,
+        args: &[String],
+        env: &[String],
+        (stdout, stderr): (&Path, &Path),
+        limit: Option<std::time::Duration>,
+    ) -> Result<Option<u32>, EngineError> {
+        let channel = self.channel().await?;
+        let container = ContainersClient::new(channel.clone())
+            .get(request(GetContainerRequest { id: id.to_owned() }, None))
+            .await
+            .map_err(|s| self.failed("find the task's container", s))?
+            .into_inner()
+            .container
+            .unwrap_or_default();
+        let spec: serde_json::Value =
+            serde_json::from_slice(&container.spec.unwrap_or_default().value).unwrap_or_default();
+        let mut process = spec["process"].clone();
+        process["args"] = serde_json::json!(args);
+        process["terminal"] = serde_json::json!(false);
+        if let Some(vars) = process["env"].as_array_mut() {
+            vars.extend(env.iter().map(|e| serde_json::json!(e)));
+        }
+        let exec_id = format!("shoal-exec-{:016x}", rand::random::<u64>());
+        let file = |p: &Path| format!("file://{}", p.display());
+        let mut tasks = TasksClient::new(channel);
+        let exec = ExecProcessRequest {
+            container_id: id.to_owned(),
+            stdin: String::new(),
+            stdout: file(stdout),
+            stderr: file(stderr),
+            terminal: false,
+            spec: Some(prost_types::Any {
+                type_url: PROCESS_TYPE.into(),
+                value: serde_json::to_vec(&process).unwrap_or_default(),
+            }),
+            exec_id: exec_id.clone(),
+        };
+        tasks
+            .exec(request(exec, None))
+            .await
+            .map_err(|s| self.failed("exec in a container", s))?;
+        let result = self.start_and_wait(&mut tasks, id, &exec_id, limit).await;
+        let delete = DeleteProcessRequest {
+            container_id: id.to_owned(),
+            exec_id,
+        };
+        let _ = tasks.delete_process(request(delete, None)).await;
+        result
+    }
+
+    async fn start_and_wait(
+        &self,
+        tasks: &mut TasksClient<containerd_client::tonic::transport::Channel>,
+        id: &str,
+        exec_id: &str,
+        limit: Option<std::time::Duration>,
+    ) -> Result<Option<u32>, EngineError> {
+        let start = StartRequest {
+            container_id: id.to_owned(),
+            exec_id: exec_id.to_owned(),
+        };
+        tasks
+            .start(request(start, None))
+            .await
+            .map_err(|s| self.failed("start an exec'd process", s))?;
+        let wait = WaitRequest {
+            container_id: id.to_owned(),
+            exec_id: exec_id.to_owned(),
+        };
+        let mut waiting = tasks.clone();
+        let waited = waiting.wait(request(wait, None));
+        let limit = limit.unwrap_or(std::time::Duration::MAX);
+        match tokio::time::timeout(limit, waited).await {
+            Ok(r) => Ok(Some(
+                r.map_err(|s| self.failed("wait for an exec'd process", s))?
+                    .into_inner()
+                    .exit_status,
+            )),
+            Err(_) => {
+                let kill = KillRequest {
+                    container_id: id.to_owned(),
+                    exec_id: exec_id.to_owned(),
+                    signal: 9,
+                    all: false,
+                };
+                let _ = tasks.kill(request(kill, None)).await;
+                Ok(None)
+            }
+        }
     }
 
     /// Shoal's containers here: ID, labels, and whether their task runs.

@@ -446,6 +446,16 @@ pub async fn task_exec(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
             "task {name} runs on node {host} ({node}), not this one: run `shoal exec` there"
         )));
     }
+    if state
+        .services
+        .get(&t.service_id)
+        .is_some_and(|s| s.spec.container.is_some())
+    {
+        // Entered through containerd (`TaskExecIn`).
+        return Ok(Reply::ok(
+            json!({ "task": t.id, "name": name, "container": true }),
+        ));
+    }
     // The process this node's executor started decides: the store can
     // trail it by a moment (a task just started shows `Assigned` here until
     // the leader's commit of `Running` reaches this node).
@@ -486,6 +496,59 @@ pub async fn task_exec(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
         "namespaced": super::executor::is_root(),
         "env": env,
     })))
+}
+
+/// Most output `shoal exec` into a container returns, per stream.
+const EXEC_OUTPUT: u64 = 4 << 20;
+
+/// `shoal exec` into container task `reference` on this node: the
+/// command's exit status and output.
+pub async fn task_exec_in(
+    d: &Daemon,
+    reference: &str,
+    command: Vec<String>,
+) -> anyhow::Result<Reply> {
+    use std::io::Read;
+    let m = d.member().await?;
+    let state = m.state.state();
+    let t = resolve_task(&state, reference)?;
+    let name = super::executor::task_name(&state, t);
+    if t.node != Some(m.id) || t.state != shoal_mesh::task::TaskState::Running {
+        return Err(ApiError::conflict(format!(
+            "task {name} is not running on this node"
+        )));
+    }
+    if command.is_empty() {
+        return Err(ApiError::invalid(
+            "no command: shoal exec TASK -- COMMAND [ARG...]",
+        ));
+    }
+    let dir = m.dir.0.join("tasks");
+    let n = rand::random::<u32>();
+    let (out, err) = (
+        dir.join(format!("{}.exec-{n:08x}.out", t.id)),
+        dir.join(format!("{}.exec-{n:08x}.err", t.id)),
+    );
+    let status = d
+        .engine
+        .exec(&t.id, &command, &[], (&out, &err), None)
+        .await
+        .map_err(|e| ApiError::conflict(format!("cannot exec in task {name}: {e}")));
+    let read = |p: &std::path::Path| {
+        let mut buf = Vec::new();
+        if let Ok(f) = std::fs::File::open(p) {
+            let _ = f.take(EXEC_OUTPUT).read_to_end(&mut buf);
+        }
+        let _ = std::fs::remove_file(p);
+        String::from_utf8_lossy(&buf).into_owned()
+    };
+    let (stdout, stderr) = (read(&out), read(&err));
+    let status = status?.unwrap_or(137);
+    Reply::of(&super::containers::Ended {
+        exit_status: status,
+        stdout,
+        stderr,
+    })
 }
 
 /// `service ls`.
