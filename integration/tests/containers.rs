@@ -335,6 +335,25 @@ fn a_container_runs_confined_and_limited_with_pid_1_and_nothing_of_the_host() {
     );
 }
 
+/// Two namespace hosts, each with its containerd and the busybox image
+/// `lab.local/busybox:1` loaded, a swarm of them, and overlay `appnet`.
+fn container_lab() -> Cluster {
+    let mut c = Cluster::start_isolated(2).unwrap();
+    for i in 0..2 {
+        c.start_containerd(i).unwrap();
+    }
+    c.form(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("busybox.tar");
+    std::fs::write(&archive, images::busybox("lab.local/busybox:1").unwrap()).unwrap();
+    for i in 0..2 {
+        c.shoal_ok(i, &["image", "load", archive.to_str().unwrap()])
+            .unwrap();
+    }
+    c.shoal_ok(0, &["network", "create", "appnet"]).unwrap();
+    c
+}
+
 /// The tasks of `service` that run, by `service ps --format json`.
 fn running(c: &Cluster, i: usize, service: &str) -> Vec<serde_json::Value> {
     let all = c
@@ -368,19 +387,7 @@ fn a_service_runs_its_image_as_containers_behind_the_mesh_and_outlives_its_daemo
     if !root_or_skip("run containerd, containers and network namespaces") {
         return;
     }
-    let mut c = Cluster::start_isolated(2).unwrap();
-    for i in 0..2 {
-        c.start_containerd(i).unwrap();
-    }
-    c.form(1).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let archive = dir.path().join("busybox.tar");
-    std::fs::write(&archive, images::busybox("lab.local/busybox:1").unwrap()).unwrap();
-    for i in 0..2 {
-        c.shoal_ok(i, &["image", "load", archive.to_str().unwrap()])
-            .unwrap();
-    }
-    c.shoal_ok(0, &["network", "create", "appnet"]).unwrap();
+    let mut c = container_lab();
     let script = r#"busybox mkdir -p /www && echo "{\"task\":\"$(busybox hostname)\"}" > /www/index.html && echo started $(busybox hostname) && exec busybox httpd -f -p 80 -h /www"#;
     let created = c
         .shoal_ok(
@@ -562,5 +569,118 @@ fn a_service_runs_its_image_as_containers_behind_the_mesh_and_outlives_its_daemo
         }
         Ok(true)
     })
+    .unwrap();
+}
+
+/// The task of `service` named `name` (`SERVICE.SLOT`) that runs, if any.
+fn running_named(c: &Cluster, service: &str, name: &str) -> Option<serde_json::Value> {
+    running(c, 0, service)
+        .into_iter()
+        .find(|t| t["name"] == name)
+}
+
+#[test]
+fn a_task_failing_its_health_check_leaves_the_mesh_and_is_replaced() {
+    if !root_or_skip("run containerd, containers and network namespaces") {
+        return;
+    }
+    let c = container_lab();
+    let script = r#"busybox mkdir -p /www && echo "{\"task\":\"$(busybox hostname)\"}" > /www/index.html && busybox touch /www/ok && exec busybox httpd -f -p 80 -h /www"#;
+    c.shoal_ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--name",
+            "hc",
+            "--replicas",
+            "2",
+            "--network",
+            "appnet",
+            "-p",
+            "8081:80",
+            "--health-cmd",
+            "busybox test -e /www/ok",
+            "--health-interval",
+            "1s",
+            "--health-retries",
+            "2",
+            "lab.local/busybox:1",
+            "/bin/sh",
+            "-c",
+            script,
+        ],
+    )
+    .unwrap();
+    c.wait_until("both tasks healthy", Duration::from_secs(60), |c| {
+        let t = running(c, 0, "hc");
+        Ok(t.len() == 2 && t.iter().all(|t| t["health"] == "healthy"))
+    })
+    .unwrap();
+    let bin = shoal_integration::shoal_bin()
+        .to_string_lossy()
+        .into_owned();
+    let url = format!("http://{}:8081/", c.hosts[0].ip);
+    let answer = |c: &Cluster| -> anyhow::Result<String> {
+        let r = c.in_host(0, &bin, &["tool", "http-get", "--timeout", "2", &url]);
+        anyhow::ensure!(r.ok(), "{}", r.stderr);
+        let v: serde_json::Value = serde_json::from_str(&r.stdout)?;
+        Ok(v["task"].as_str().unwrap_or_default().to_owned())
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    c.wait_until("both answer", Duration::from_secs(30), |c| {
+        seen.insert(answer(c)?);
+        Ok(seen.len() == 2)
+    })
+    .unwrap();
+
+    // hc.1's check starts failing: within a few intervals it takes no more
+    // connections, its task fails as unhealthy, and a new hc.1 replaces it.
+    let first = running_named(&c, "hc", "hc.1").unwrap();
+    let on = c
+        .hosts
+        .iter()
+        .position(|h| h.name == first["node"].as_str().unwrap())
+        .unwrap();
+    c.shoal_ok(on, &["exec", "hc.1", "--", "busybox", "rm", "/www/ok"])
+        .unwrap();
+    c.wait_until("hc.1 out of the mesh", Duration::from_secs(15), |c| {
+        // Ten answers in a row from hc.2 only.
+        for _ in 0..10 {
+            if answer(c)? != "hc.2" {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    })
+    .unwrap();
+    let old = first["id"].as_str().unwrap().to_owned();
+    c.wait_until("hc.1 failed as unhealthy", Duration::from_secs(30), |c| {
+        let ps = c
+            .shoal_ok(0, &["service", "ps", "--format", "json", "hc"])?
+            .json()?;
+        let t = ps
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["id"] == old.as_str())
+            .cloned();
+        Ok(t.is_some_and(|t| {
+            t["state"] == "failed"
+                && t["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("unhealthy"))
+        }))
+    })
+    .unwrap();
+    c.wait_until(
+        "a new hc.1 healthy and answering",
+        Duration::from_secs(60),
+        |c| {
+            let now = running_named(c, "hc", "hc.1");
+            let fresh = now.is_some_and(|t| t["id"] != old.as_str() && t["health"] == "healthy");
+            Ok(fresh && answer(c)? == "hc.1")
+        },
+    )
     .unwrap();
 }

@@ -195,6 +195,9 @@ pub const MIN_NANO_CPUS: u64 = 10_000_000;
 pub const MAX_NANO_CPUS: u64 = 1024 * 1_000_000_000;
 /// Most processes a limit may name (the kernel's `pid_max` ceiling).
 pub const MAX_PIDS: u64 = 4_194_304;
+/// Shortest health-check interval and timeout (as Docker: 1 ms; Shoal
+/// asks for 100 ms, so that a hostile spec cannot make a node spin).
+pub const MIN_HEALTH_MS: u64 = 100;
 /// Longest stop grace period (one hour).
 pub const MAX_STOP_GRACE_MS: u64 = 3_600_000;
 
@@ -261,6 +264,26 @@ pub fn check_container(c: &crate::service::ContainerSpec) -> Result<usize, OutOf
         ));
     }
     check_range("--stop-grace-period", c.stop_grace_ms, 0, MAX_STOP_GRACE_MS)?;
+    if let Some(h) = &c.healthcheck {
+        let test = h.test.as_deref().unwrap_or_default();
+        check_count("--health-cmd's arguments", test.len(), MAX_ENTRIES)?;
+        for arg in test {
+            bytes += check_text("a --health-cmd argument", arg, MAX_VALUE, true)?;
+        }
+        for (what, v) in [
+            ("--health-interval", h.interval_ms),
+            ("--health-timeout", h.timeout_ms),
+        ] {
+            check_range(what, v, MIN_HEALTH_MS, MAX_STOP_GRACE_MS)?;
+        }
+        check_range(
+            "--health-start-period",
+            h.start_period_ms,
+            0,
+            MAX_STOP_GRACE_MS,
+        )?;
+        check_range("--health-retries", h.retries, 1, 100)?;
+    }
     Ok(bytes)
 }
 

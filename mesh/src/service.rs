@@ -248,7 +248,63 @@ pub struct ContainerSpec {
     pub stop_signal: Option<String>,
     /// `--stop-grace-period` in milliseconds (10 s otherwise).
     pub stop_grace_ms: Option<u64>,
+    /// `--health-*`: overrides the image's `HEALTHCHECK`, field by field.
+    pub healthcheck: Option<HealthCheck>,
+    /// `--no-healthcheck`: no check, even if the image has one.
+    pub no_healthcheck: bool,
 }
+
+/// A container's health check, as Docker writes it (`HEALTHCHECK`,
+/// `--health-*`): a field left `None` takes the image's, then Docker's
+/// default.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct HealthCheck {
+    /// `["CMD", prog, args…]`, `["CMD-SHELL", script]` or `["NONE"]`.
+    pub test: Option<Vec<String>>,
+    /// Time between checks (30 s).
+    pub interval_ms: Option<u64>,
+    /// How long one check may run (30 s).
+    pub timeout_ms: Option<u64>,
+    /// Failures in a row that make the task unhealthy (3).
+    pub retries: Option<u64>,
+    /// Time after the start during which failures do not count (0).
+    pub start_period_ms: Option<u64>,
+}
+
+impl HealthCheck {
+    /// `self` over `image`'s check, field by field.
+    pub fn over(&self, image: &HealthCheck) -> HealthCheck {
+        HealthCheck {
+            test: self.test.clone().or_else(|| image.test.clone()),
+            interval_ms: self.interval_ms.or(image.interval_ms),
+            timeout_ms: self.timeout_ms.or(image.timeout_ms),
+            retries: self.retries.or(image.retries),
+            start_period_ms: self.start_period_ms.or(image.start_period_ms),
+        }
+    }
+
+    /// The command to exec, `None` for no check (`NONE`, or no test). A
+    /// `CMD-SHELL` script runs under `/bin/sh -c`.
+    pub fn command(&self) -> Option<Vec<String>> {
+        let test = self.test.as_ref()?;
+        let (kind, rest) = test.split_first()?;
+        match kind.as_str() {
+            "CMD" if !rest.is_empty() => Some(rest.to_vec()),
+            "CMD-SHELL" if !rest.is_empty() => {
+                Some(vec!["/bin/sh".into(), "-c".into(), rest.join(" ")])
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Docker's defaults for a health check's timing.
+pub const HEALTH_INTERVAL_MS: u64 = 30_000;
+/// How long one check may run unless set.
+pub const HEALTH_TIMEOUT_MS: u64 = 30_000;
+/// Failures in a row unless set.
+pub const HEALTH_RETRIES: u64 = 3;
 
 /// A field kept as a JSON string inside the binary encoding.
 pub mod json_field {

@@ -287,6 +287,25 @@ pub struct ContainerFlags {
     /// Time between the stop signal and SIGKILL, e.g. 30s (default 10s).
     #[arg(long, value_parser = parse_duration_ms)]
     pub stop_grace_period: Option<u64>,
+    /// A health check: a shell command run inside the container; exit 0
+    /// is healthy.
+    #[arg(long)]
+    pub health_cmd: Option<String>,
+    /// Time between health checks, e.g. 5s (default 30s).
+    #[arg(long, value_parser = parse_duration_ms)]
+    pub health_interval: Option<u64>,
+    /// How long one check may run (default 30s).
+    #[arg(long, value_parser = parse_duration_ms)]
+    pub health_timeout: Option<u64>,
+    /// Failures in a row that make a task unhealthy (default 3).
+    #[arg(long)]
+    pub health_retries: Option<u64>,
+    /// Time after the start during which failures do not count.
+    #[arg(long, value_parser = parse_duration_ms)]
+    pub health_start_period: Option<u64>,
+    /// No health check, even if the image has one.
+    #[arg(long)]
+    pub no_healthcheck: bool,
 }
 
 impl ContainerFlags {
@@ -303,11 +322,22 @@ impl ContainerFlags {
             || self.reserve_cpu.is_some()
             || self.stop_signal.is_some()
             || self.stop_grace_period.is_some()
+            || self.health_flags()
+            || self.no_healthcheck
+    }
+
+    fn health_flags(&self) -> bool {
+        self.health_cmd.is_some()
+            || self.health_interval.is_some()
+            || self.health_timeout.is_some()
+            || self.health_retries.is_some()
+            || self.health_start_period.is_some()
     }
 
     /// The container spec of `image` with these settings.
     pub fn spec(self, image: String) -> shoal_mesh::service::ContainerSpec {
-        use shoal_mesh::service::{ContainerSpec, Resources};
+        use shoal_mesh::service::{ContainerSpec, HealthCheck, Resources};
+        let checked = self.health_flags();
         ContainerSpec {
             image,
             digest: None,
@@ -325,6 +355,17 @@ impl ContainerFlags {
                 nano_cpus: self.reserve_cpu,
                 pids: None,
             },
+            healthcheck: checked.then(|| HealthCheck {
+                test: self
+                    .health_cmd
+                    .clone()
+                    .map(|cmd| vec!["CMD-SHELL".to_owned(), cmd]),
+                interval_ms: self.health_interval,
+                timeout_ms: self.health_timeout,
+                retries: self.health_retries,
+                start_period_ms: self.health_start_period,
+            }),
+            no_healthcheck: self.no_healthcheck,
             stop_signal: self.stop_signal,
             stop_grace_ms: self.stop_grace_period,
         }

@@ -108,6 +108,9 @@ pub struct TaskView {
     pub message: String,
     /// The message when it failed or is pending, else empty.
     pub error: String,
+    /// A running task's health, when it reported one (`healthy`,
+    /// `unhealthy`); null otherwise.
+    pub health: Option<String>,
     /// The service spec version it runs.
     pub spec_version: u64,
     /// Restarts of its slot before it.

@@ -175,9 +175,19 @@ impl Engine {
         Ok((run, top, digest))
     }
 
+    /// Image `name`'s own health check, if it has one.
+    pub async fn image_health(
+        &self,
+        name: &str,
+    ) -> Result<Option<shoal_mesh::service::HealthCheck>, EngineError> {
+        let (image, _, _) = self.image_for_run(name).await?;
+        Ok(image.healthcheck.map(|h| h.check()))
+    }
+
     /// Creates and starts container `c` (its snapshot, the container and
-    /// its task); what it made is removed again when a step fails.
-    pub async fn start(&self, c: NewContainer<'_>) -> Result<(), EngineError> {
+    /// its task); what it made is removed again when a step fails. Returns
+    /// the image's run settings.
+    pub async fn start(&self, c: NewContainer<'_>) -> Result<ImageConfig, EngineError> {
         let (image, top, digest) = self.image_for_run(c.image).await?;
         if let Some(want) = c.digest
             && want != digest
@@ -199,7 +209,7 @@ impl Engine {
         if result.is_err() {
             self.remove_container(c.id).await;
         }
-        result
+        result.map(|()| image)
     }
 
     /// Runs `c` to its end and removes it.
@@ -230,7 +240,7 @@ impl Engine {
             })
             .await;
         let result = match started {
-            Ok(()) => self.wait(&c.id).await,
+            Ok(_) => self.wait(&c.id).await,
             Err(e) => Err(e),
         };
         self.remove_container(&c.id).await;

@@ -254,6 +254,9 @@ pub struct DataplaneCtx {
     pub gossip: GossipHandle,
     /// What it tells the executor and `shoal info`.
     pub sandboxes: Arc<Sandboxes>,
+    /// The health of checked tasks: such a task is published only while
+    /// healthy.
+    pub health: Arc<super::health::Health>,
     /// Its configuration.
     pub cfg: DataplaneConfig,
 }
@@ -283,6 +286,7 @@ struct Driver<B> {
 pub async fn run<B: Backend + Send>(ctx: DataplaneCtx, backend: B) {
     let mut changes = ctx.state.changes();
     let gossip_changed = ctx.gossip.changed.clone();
+    let health = ctx.health.clone();
     let Some(mut d) = Driver::new(ctx, backend) else {
         return;
     };
@@ -296,6 +300,7 @@ pub async fn run<B: Backend + Send>(ctx: DataplaneCtx, backend: B) {
         tokio::select! {
             _ = changes.changed() => {}
             _ = gossip_changed.notified() => {}
+            _ = health.changed.notified() => {}
             _ = tokio::time::sleep(tick) => {}
         }
         d.pass().await;
@@ -334,6 +339,17 @@ impl<B: Backend + Send> Driver<B> {
             dns_servers: BTreeMap::new(),
             gate: ListenGate::default(),
         })
+    }
+
+    /// Whether a local endpoint record is published: a task with a health
+    /// check while it is healthy, any other once the listen gate lets it
+    /// through.
+    fn publishes(&self, key: &EndpointKey) -> bool {
+        let checked = match key {
+            EndpointKey::Task(id) => self.ctx.health.allows(id),
+            EndpointKey::Node(_) => None,
+        };
+        checked.unwrap_or_else(|| self.gate.lets_through(key))
     }
 
     /// After a restart the kernel still holds the previous run's state:
@@ -417,7 +433,7 @@ impl<B: Backend + Send> Driver<B> {
         });
         self.gate.update(state, &self.names, &first).await;
         for ((net, key), rec) in local_records(state, self.ctx.id, &first, vtep) {
-            if !self.gate.lets_through(&key) {
+            if !self.publishes(&key) {
                 continue;
             }
             let list = endpoints.entry(net.to_string()).or_default();
@@ -523,7 +539,7 @@ impl<B: Backend + Send> Driver<B> {
             self.ctx.gossip.send(GossipCmd::Join(n.to_string()));
         }
         let mut records = local_records(state, self.ctx.id, p, vtep);
-        records.retain(|(_, key), _| self.gate.lets_through(key));
+        records.retain(|(_, key), _| self.publishes(key));
         publish(&self.ctx.gossip, records, &mut self.published).await;
         for n in self.joined.difference(&nets) {
             self.ctx.gossip.send(GossipCmd::Leave(n.to_string()));

@@ -137,6 +137,7 @@ fn driver(store: &MemoryStore, seen: &Arc<Mutex<Gossiped>>) -> Driver<Recording>
         state: store.handle(),
         gossip: fake_gossip(seen.clone()),
         sandboxes: Arc::new(Sandboxes::new(&cfg, "dptest", true)),
+        health: Default::default(),
         cfg,
     };
     Driver::new(ctx, Recording::default()).expect("a data plane")
@@ -326,4 +327,37 @@ fn the_listen_gate_lets_a_task_through_once_it_listens_or_has_waited_long_enough
         limit,
     );
     assert!(!gate.lets_through(&key("web")));
+}
+
+#[tokio::test]
+async fn a_task_with_a_health_check_is_balanced_to_only_while_healthy() {
+    let store = store();
+    let seen = Arc::new(Mutex::new(Gossiped::default()));
+    let mut d = driver(&store, &seen);
+    let t1 = TaskId::from("t1");
+    d.ctx.health.checking(&t1);
+    d.pass().await;
+    let names = d.names.clone();
+    let vip = store.handle().state().services["svc"].vips["web"];
+    let backends = |k: &Kernel| {
+        k.namespaces[&names.task("t1")]
+            .lb
+            .get(&vip)
+            .map_or(0, |b| b.len())
+    };
+    // Starting: its sandbox is ready, but nothing balances to it.
+    let k = kernel(&mut d).await;
+    assert!(d.ctx.sandboxes.view().ready.contains("t1"));
+    assert_eq!(backends(&k), 0, "{k:#?}");
+    // Healthy: published and balanced to.
+    d.ctx.health.set(&t1, true);
+    d.pass().await;
+    assert_eq!(backends(&kernel(&mut d).await), 1);
+    let told = told_eventually(&seen, "put web t1").await;
+    assert!(told.contains(&"join web".to_owned()), "{told:?}");
+    // Unhealthy: withdrawn from gossip (so from every node) and from here.
+    d.ctx.health.set(&t1, false);
+    d.pass().await;
+    assert_eq!(backends(&kernel(&mut d).await), 0);
+    told_eventually(&seen, "delete web t1").await;
 }

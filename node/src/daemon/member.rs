@@ -181,6 +181,7 @@ impl Member {
             live.clone(),
             quota,
         );
+        let health = Arc::new(super::health::Health::default());
         let sandboxes = Arc::new(Sandboxes::new(
             &cfg.dataplane,
             &id.to_string(),
@@ -213,6 +214,7 @@ impl Member {
                 sandboxes: sandboxes.clone(),
                 state_dir: dir.0.clone(),
                 engine: cfg.engine.clone(),
+                health: health.clone(),
             })),
             tokio::spawn(super::dataplane::run(
                 DataplaneCtx {
@@ -220,6 +222,7 @@ impl Member {
                     state: state.clone(),
                     gossip: gossip.clone(),
                     sandboxes: sandboxes.clone(),
+                    health: health.clone(),
                     cfg: cfg.dataplane,
                 },
                 shoal_netdriver::linux::Linux::new(None),

@@ -16,6 +16,7 @@ pub mod executor;
 pub mod gate;
 pub mod gateway;
 pub mod gossip;
+pub mod health;
 pub mod identity;
 pub mod images;
 pub mod kinds;

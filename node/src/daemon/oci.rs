@@ -76,6 +76,38 @@ pub struct ImageConfig {
     pub user: Option<String>,
     /// `WORKDIR`.
     pub working_dir: Option<String>,
+    /// `HEALTHCHECK`.
+    pub healthcheck: Option<ImageHealth>,
+}
+
+/// An image's `HEALTHCHECK` (durations in nanoseconds; 0 is unset).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "PascalCase", default)]
+pub struct ImageHealth {
+    /// `["CMD", …]`, `["CMD-SHELL", …]` or `["NONE"]`.
+    pub test: Option<Vec<String>>,
+    /// Between checks.
+    pub interval: u64,
+    /// One check's limit.
+    pub timeout: u64,
+    /// Grace after the start.
+    pub start_period: u64,
+    /// Failures in a row.
+    pub retries: u64,
+}
+
+impl ImageHealth {
+    /// As a service's check reads it.
+    pub fn check(&self) -> shoal_mesh::service::HealthCheck {
+        let ms = |ns: u64| (ns > 0).then_some(ns / 1_000_000);
+        shoal_mesh::service::HealthCheck {
+            test: self.test.clone(),
+            interval_ms: ms(self.interval),
+            timeout_ms: ms(self.timeout),
+            retries: (self.retries > 0).then_some(self.retries),
+            start_period_ms: ms(self.start_period),
+        }
+    }
 }
 
 #[derive(Deserialize)]

@@ -221,6 +221,19 @@ fn view(state: &ClusterState, s: &Service) -> ServiceView {
     }
 }
 
+/// A running task's health, from what its executor reported (`healthy`,
+/// `unhealthy: …`, in the task's message).
+fn health_of(t: &Task) -> Option<String> {
+    if t.state != TaskState::Running {
+        return None;
+    }
+    match t.message.as_str() {
+        "healthy" => Some("healthy".into()),
+        m if m.starts_with("unhealthy") => Some("unhealthy".into()),
+        _ => None,
+    }
+}
+
 fn task_view(state: &ClusterState, t: &Task) -> TaskView {
     let net_name = |n: &str| {
         state
@@ -246,6 +259,7 @@ fn task_view(state: &ClusterState, t: &Task) -> TaskView {
         } else {
             String::new()
         },
+        health: health_of(t),
         spec_version: t.spec_version,
         restarts: t.restarts,
         exit_code: t.exit_code,

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shoal_mesh::TaskId;
-use shoal_mesh::service::{ContainerSpec, Service};
+use shoal_mesh::service::{ContainerSpec, HealthCheck, Service};
 use shoal_mesh::task::TaskState;
 
 use super::decide::Exit;
@@ -26,10 +26,13 @@ pub const TASK_LABEL: &str = "shoal.task.id";
 /// SIGKILL's number.
 const SIGKILL: u32 = 9;
 
-/// A container task the executor watches: how it ended, once it has.
+/// A container task the executor watches: how it ended, once it has, and
+/// its health probe, if it has a check.
 pub struct Watched {
     exit: Arc<Mutex<Option<Exit>>>,
     waiter: tokio::task::JoinHandle<()>,
+    /// The health probe.
+    pub probe: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Watched {
@@ -42,6 +45,9 @@ impl Watched {
 impl Drop for Watched {
     fn drop(&mut self) {
         self.waiter.abort();
+        if let Some(p) = &self.probe {
+            p.abort();
+        }
     }
 }
 
@@ -95,8 +101,9 @@ pub struct Start<'a> {
     pub dir: &'a Path,
 }
 
-/// Creates and starts the task's container.
-pub async fn start(engine: &Engine, s: Start<'_>) -> Result<(), EngineError> {
+/// Creates and starts the task's container; the image's own health
+/// check, if any.
+pub async fn start(engine: &Engine, s: Start<'_>) -> Result<Option<HealthCheck>, EngineError> {
     let Some(c) = &s.service.spec.container else {
         return Err(EngineError::Call {
             what: "start a container".into(),
@@ -140,6 +147,7 @@ pub async fn start(engine: &Engine, s: Start<'_>) -> Result<(), EngineError> {
             labels: HashMap::from([(TASK_LABEL.to_owned(), s.id.to_string())]),
         })
         .await
+        .map(|image| image.healthcheck.map(|h| h.check()))
 }
 
 /// How a container that exited with `status` ended; `oom` when the kernel
@@ -212,7 +220,11 @@ pub fn watch(engine: Arc<Engine>, id: TaskId) -> Watched {
             *e = Some(ended);
         }
     });
-    Watched { exit, waiter }
+    Watched {
+        exit,
+        waiter,
+        probe: None,
+    }
 }
 
 /// A signal's number from its name (`SIGTERM` when unknown).

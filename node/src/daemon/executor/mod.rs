@@ -17,6 +17,7 @@
 
 pub mod container;
 pub mod decide;
+pub mod probe;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -32,10 +33,12 @@ use tokio::process::Child;
 
 use super::clock::now_ms;
 use super::engine::Engine;
+use super::health::Health;
 use super::sandboxes::Sandboxes;
 use super::shim::{self, Pids};
 use super::writer::Propose;
 use decide::{Decider, ExecAction, Exit, STOP_GRACE, Supervision};
+use tokio::sync::mpsc;
 
 const INTERVAL: Duration = Duration::from_millis(300);
 
@@ -277,6 +280,8 @@ pub struct ExecutorCtx<W> {
     pub state_dir: PathBuf,
     /// containerd, for container tasks.
     pub engine: Arc<Engine>,
+    /// The health of checked tasks (set here, read by the data plane).
+    pub health: Arc<Health>,
 }
 
 impl<W: Propose> ExecutorCtx<W> {
@@ -301,6 +306,7 @@ async fn start<W: Propose>(
     ctx: &ExecutorCtx<W>,
     state: &ClusterState,
     t: &Task,
+    tell: &mpsc::Sender<probe::Turned>,
 ) -> Option<Supervised> {
     let service = state.services.get(&t.service_id)?;
     // With the data plane, the task starts inside the sandbox it programmed.
@@ -323,13 +329,12 @@ async fn start<W: Propose>(
         )
         .await;
         return match started {
-            Ok(()) => {
+            Ok(image_check) => {
                 ctx.report(&t.id, TaskState::Running, String::new(), None)
                     .await;
-                Some(Supervised::container(container::watch(
-                    ctx.engine.clone(),
-                    t.id.clone(),
-                )))
+                let mut watched = container::watch(ctx.engine.clone(), t.id.clone());
+                watched.probe = start_probe(ctx, service, &t.id, image_check.as_ref(), tell);
+                Some(Supervised::container(watched))
             }
             Err(e) => {
                 let msg = format!("cannot start the task's container: {e}");
@@ -355,6 +360,26 @@ async fn start<W: Propose>(
             None
         }
     }
+}
+
+/// Starts the health probe of container task `id` when its service or
+/// image has a check.
+fn start_probe<W: Propose>(
+    ctx: &ExecutorCtx<W>,
+    service: &shoal_mesh::service::Service,
+    id: &TaskId,
+    image_check: Option<&shoal_mesh::service::HealthCheck>,
+    tell: &mpsc::Sender<probe::Turned>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let check = probe::resolve(service.spec.container.as_ref()?, image_check)?;
+    Some(probe::spawn(
+        ctx.engine.clone(),
+        ctx.health.clone(),
+        id.clone(),
+        check,
+        ctx.tasks_dir().join(format!("{id}.health")),
+        tell.clone(),
+    ))
 }
 
 /// A task's environment: its service's, then Shoal's `SHOAL_*` variables.
@@ -449,6 +474,7 @@ fn spawn<W>(
 async fn adopt<W: Propose>(
     ctx: &ExecutorCtx<W>,
     state: &ClusterState,
+    tell: &mpsc::Sender<probe::Turned>,
 ) -> BTreeMap<TaskId, Supervised> {
     let dir = ctx.tasks_dir();
     let mut alive = shims_on_disk(&dir);
@@ -464,15 +490,17 @@ async fn adopt<W: Propose>(
     let engine = ctx.engine.clone();
     tokio::spawn(async move { container::remove_others(&engine, &keep, STOP_GRACE).await });
     for t in mine {
-        let is_container = state
-            .services
-            .get(&t.service_id)
-            .is_some_and(|s| s.spec.container.is_some());
-        if is_container && matches!(t.state, TaskState::Starting | TaskState::Running) {
+        let service = state.services.get(&t.service_id);
+        let image = service.and_then(|s| s.spec.container.as_ref());
+        if let (Some(service), Some(c)) = (service, image)
+            && matches!(t.state, TaskState::Starting | TaskState::Running)
+        {
             // Its container runs on under its shim, or ended meanwhile:
             // waiting on it again tells which.
             tracing::info!(task = %t.id, "watching a container task again");
-            let watched = container::watch(ctx.engine.clone(), t.id.clone());
+            let mut watched = container::watch(ctx.engine.clone(), t.id.clone());
+            let image_check = ctx.engine.image_health(&c.image).await.ok().flatten();
+            watched.probe = start_probe(ctx, service, &t.id, image_check.as_ref(), tell);
             running.insert(t.id.clone(), Supervised::container(watched));
             continue;
         }
@@ -533,11 +561,19 @@ fn sweep(dir: &Path, state: &ClusterState, running: &BTreeMap<TaskId, Supervised
 fn observe(
     dir: &Path,
     running: &mut BTreeMap<TaskId, Supervised>,
+    health: &Health,
 ) -> BTreeMap<TaskId, Supervision> {
     running
         .iter_mut()
         .map(|(id, s)| {
-            let ended = s.ended(dir, id);
+            let ended = s.ended(dir, id).map(|mut exit| {
+                // Stopped for failing its health check: it failed.
+                if health.unhealthy(id) {
+                    exit.state = TaskState::Failed;
+                    exit.message = format!("unhealthy: {}", exit.message);
+                }
+                exit
+            });
             let view = Supervision {
                 ended,
                 stopping: s.stopping,
@@ -545,6 +581,34 @@ fn observe(
             (id.clone(), view)
         })
         .collect()
+}
+
+/// A probe's news: recorded as the running task's message; an unhealthy
+/// task is stopped (its service's stop signal, SIGKILL after its grace),
+/// and its end is then reported as a failure, which the restart policy
+/// answers.
+async fn on_health<W: Propose>(ctx: &ExecutorCtx<W>, turned: probe::Turned) {
+    match turned {
+        probe::Turned::Healthy(id) => {
+            tracing::info!(task = %id, "healthy");
+            ctx.report(&id, TaskState::Running, "healthy".into(), None)
+                .await;
+        }
+        probe::Turned::Unhealthy(id, why) => {
+            tracing::warn!(task = %id, %why, "unhealthy: stopping it");
+            let state = ctx.state.state();
+            ctx.report(&id, TaskState::Running, format!("unhealthy: {why}"), None)
+                .await;
+            let signal = stop_signal(&state, &id).map(str::to_owned);
+            let grace = decide::kill_after(&state, &id);
+            let engine = ctx.engine.clone();
+            tokio::spawn(async move {
+                container::stop(&engine, &id, signal.as_deref()).await;
+                tokio::time::sleep(grace).await;
+                container::kill(&engine, &id).await;
+            });
+        }
+    }
 }
 
 /// The stop signal of task `id`'s service (`--stop-signal`), if set.
@@ -558,18 +622,23 @@ fn stop_signal<'a>(state: &'a ClusterState, id: &TaskId) -> Option<&'a str> {
 /// running, to be re-adopted by the next daemon.
 pub async fn run<W: Propose>(ctx: ExecutorCtx<W>) {
     let mut changes = ctx.state.changes();
-    let mut running = adopt(&ctx, &ctx.state.state()).await;
+    let (tell, mut turned) = mpsc::channel(64);
+    let mut running = adopt(&ctx, &ctx.state.state(), &tell).await;
     let mut decider = Decider::default();
     let mut passes = 0u32;
     loop {
-        let _ = tokio::time::timeout(INTERVAL, changes.changed()).await;
+        tokio::select! {
+            _ = tokio::time::sleep(INTERVAL) => {}
+            _ = changes.changed() => {}
+            Some(t) = turned.recv() => on_health(&ctx, t).await,
+        }
         let state = ctx.state.state();
         let dir = ctx.tasks_dir();
         passes = passes.wrapping_add(1);
         if passes.is_multiple_of(SWEEP_EVERY) {
             sweep(&dir, &state, &running);
         }
-        let seen = observe(&dir, &mut running);
+        let seen = observe(&dir, &mut running, &ctx.health);
         let now = Instant::now();
         let actions = decider.decide(&state, ctx.id, &seen, &ctx.sandboxes.view(), now);
         for action in actions {
@@ -582,12 +651,13 @@ pub async fn run<W: Propose>(ctx: ExecutorCtx<W>) {
                 } => ctx.report(&task, st, message, exit_code).await,
                 ExecAction::Forget(task) => {
                     running.remove(&task);
+                    ctx.health.forget(&task);
                 }
                 ExecAction::Start(task) => {
                     let Some(t) = state.tasks.get(&task) else {
                         continue;
                     };
-                    if let Some(sup) = start(&ctx, &state, t).await {
+                    if let Some(sup) = start(&ctx, &state, t, &tell).await {
                         running.insert(task, sup);
                     }
                 }
