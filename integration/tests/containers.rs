@@ -560,8 +560,50 @@ fn a_service_runs_its_image_as_containers_behind_the_mesh_and_outlives_its_daemo
         "{failed}"
     );
 
+    // Nodes report what they have; a reservation larger than any node
+    // leaves the task pending, saying why.
+    let nodes = c.node_ls(0).unwrap();
+    assert!(
+        nodes
+            .iter()
+            .all(|n| n["resources"]["memory_bytes"].as_u64().unwrap_or(0) > 1 << 30),
+        "{nodes:?}"
+    );
+    c.shoal_ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            "huge",
+            "--reserve-memory",
+            "1000g",
+            "lab.local/busybox:1",
+            "busybox",
+            "sleep",
+            "600",
+        ],
+    )
+    .unwrap();
+    let pending = c
+        .wait_until_value(Duration::from_secs(30), || {
+            let ps = c
+                .shoal_ok(0, &["service", "ps", "--format", "json", "huge"])?
+                .json()?;
+            let t = ps[0].clone();
+            anyhow::ensure!(t["state"] == "pending", "{t}");
+            Ok(t)
+        })
+        .unwrap();
+    assert_eq!(
+        pending["error"], "no suitable node (insufficient memory on 2 nodes)",
+        "{pending}"
+    );
+
     // Removed, the containers go.
-    c.shoal_ok(0, &["service", "rm", "web", "hog"]).unwrap();
+    c.shoal_ok(0, &["service", "rm", "web", "hog", "huge"])
+        .unwrap();
     c.wait_until("no containers left", Duration::from_secs(30), |c| {
         for i in 0..2 {
             let left = ctr_on(c, i, &["containers", "ls", "-q"]);

@@ -15,7 +15,9 @@ use crate::network::{NetworkError, NetworkSpec, allocate, ingress_spec};
 use crate::service::{
     ServiceError, ServiceSpec, allocate_service, reallocate_service, task_networks, used_addresses,
 };
-use crate::state::{Availability, ClusterInfo, ClusterState, JoinSecrets, Node, Role};
+use crate::state::{
+    Availability, ClusterInfo, ClusterState, JoinSecrets, Node, NodeResources, Role,
+};
 use crate::task::{DesiredState, Task, TaskReport, TaskState};
 
 /// A change to the cluster state, as written to the Raft log.
@@ -233,6 +235,14 @@ pub enum Command {
         /// Milliseconds since the epoch.
         now_ms: u64,
     },
+    /// A node's CPU and memory, as it reports them (a worker may report
+    /// its own; the leader writes the caller's ID).
+    SetNodeResources {
+        /// The node.
+        node: NodeId,
+        /// What it has.
+        resources: NodeResources,
+    },
 }
 
 /// What a successful command produced.
@@ -398,6 +408,7 @@ pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyEr
             force,
             now_ms,
         } => update_service(state, id, spec, force, now_ms),
+        Command::SetNodeResources { node, resources } => set_node_resources(state, node, resources),
         Command::CreateServiceV1 {
             id,
             spec,
@@ -600,6 +611,7 @@ fn remove_node(state: &mut ClusterState, node: &NodeId) -> Result<Outcome, Apply
     }
     state.nodes.remove(node);
     state.ingress_addrs.remove(node);
+    state.ext.node_resources.remove(node);
     state.revoked.insert(*node);
     Ok(Outcome::Done)
 }
@@ -875,6 +887,33 @@ fn set_cert_expiry(state: &mut ClusterState, ms: u64) -> Result<Outcome, ApplyEr
 
 /// A node's report on its own task: a state change, only from the node the
 /// task is assigned to.
+/// Most CPUs a node may report (4096).
+pub const MAX_NODE_NANO_CPUS: u64 = 4096 * 1_000_000_000;
+/// Most memory a node may report (64 TiB).
+pub const MAX_NODE_MEMORY: u64 = 64 << 40;
+
+fn set_node_resources(
+    state: &mut ClusterState,
+    node: &NodeId,
+    r: &NodeResources,
+) -> Result<Outcome, ApplyError> {
+    if !state.nodes.contains_key(node) {
+        return Err(ApplyError::UnknownNode(*node));
+    }
+    if r.nano_cpus > MAX_NODE_NANO_CPUS || r.memory_bytes > MAX_NODE_MEMORY {
+        return Err(OutOfBounds {
+            what: "a node's resources".into(),
+            problem: format!(
+                "{} nano-CPUs and {} bytes, at most {MAX_NODE_NANO_CPUS} and {MAX_NODE_MEMORY}",
+                r.nano_cpus, r.memory_bytes
+            ),
+        }
+        .into());
+    }
+    state.ext.node_resources.insert(*node, *r);
+    Ok(Outcome::Done)
+}
+
 fn report_task(
     state: &mut ClusterState,
     node: &NodeId,

@@ -38,5 +38,5 @@ mod test_support;
 
 pub use apply::{ApplyError, Command, Outcome, apply};
 pub use ids::{NetworkId, NodeId, ServiceId, TaskId};
-pub use state::{Availability, ClusterInfo, ClusterState, Node, ResolveError, Role};
+pub use state::{Availability, ClusterInfo, ClusterState, Node, NodeResources, ResolveError, Role};
 pub use token::{JoinToken, TokenError};

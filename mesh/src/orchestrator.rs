@@ -100,6 +100,72 @@ pub fn update_paused(state: &ClusterState, service: &Service) -> Option<String> 
         .map(|t| format!("update paused: task {} failed: {}", t.id, t.message))
 }
 
+/// What a task of `service` reserves: (nano-CPUs, bytes of memory).
+fn reservation(service: &Service) -> (u64, u64) {
+    let r = service
+        .spec
+        .container
+        .as_ref()
+        .map(|c| c.reservations)
+        .unwrap_or_default();
+    (r.nano_cpus.unwrap_or(0), r.memory_bytes.unwrap_or(0))
+}
+
+/// What the active tasks on `node` reserve: (nano-CPUs, bytes).
+pub fn reserved_on(state: &ClusterState, node: NodeId) -> (u64, u64) {
+    let mut out = (0u64, 0u64);
+    for t in state.tasks.values() {
+        if t.node == Some(node)
+            && t.is_active()
+            && let Some(s) = state.services.get(&t.service_id)
+        {
+            let (cpu, mem) = reservation(s);
+            out = (out.0.saturating_add(cpu), out.1.saturating_add(mem));
+        }
+    }
+    out
+}
+
+/// What the active tasks on each node reserve: (nano-CPUs, bytes).
+fn reserved(state: &ClusterState) -> BTreeMap<NodeId, (u64, u64)> {
+    let mut out: BTreeMap<NodeId, (u64, u64)> = BTreeMap::new();
+    for t in state.tasks.values().filter(|t| t.is_active()) {
+        let (Some(n), Some(s)) = (t.node, state.services.get(&t.service_id)) else {
+            continue;
+        };
+        let (cpu, mem) = reservation(s);
+        let r = out.entry(n).or_default();
+        *r = (r.0.saturating_add(cpu), r.1.saturating_add(mem));
+    }
+    out
+}
+
+/// What node `node` lacks for a task reserving `want`, beside what is
+/// reserved there already: `None` when it fits. A node that has not
+/// reported its resources takes only tasks that reserve nothing.
+fn short_of(
+    state: &ClusterState,
+    reserved: &BTreeMap<NodeId, (u64, u64)>,
+    node: NodeId,
+    want: (u64, u64),
+) -> Option<&'static str> {
+    if want == (0, 0) {
+        return None;
+    }
+    let Some(has) = state.ext.node_resources.get(&node) else {
+        return Some("resources (not reported yet)");
+    };
+    let (cpu, mem) = reserved.get(&node).copied().unwrap_or_default();
+    let mem_short = mem.saturating_add(want.1) > has.memory_bytes;
+    let cpu_short = cpu.saturating_add(want.0) > has.nano_cpus;
+    match (cpu_short, mem_short) {
+        (false, false) => None,
+        (false, true) => Some("memory"),
+        (true, false) => Some("CPU"),
+        (true, true) => Some("CPU and memory"),
+    }
+}
+
 /// The commands that bring every service to its spec. `live` says whether
 /// a node is up (past any grace period the caller applies); `new_id` makes
 /// task IDs; `now_ms` stamps them.
@@ -117,6 +183,7 @@ pub fn orchestrate(
         live_nodes: nodes.iter().copied().filter(|n| live(n.id)).collect(),
         nodes,
         all_tasks: BTreeMap::new(),
+        reserved: reserved(state),
         out: Vec::new(),
     };
     for t in state.tasks.values().filter(|t| t.is_active()) {
@@ -143,6 +210,9 @@ struct Pass<'a> {
     live_nodes: Vec<&'a Node>,
     /// Active tasks per node, placements of this pass included (spread).
     all_tasks: BTreeMap<NodeId, usize>,
+    /// What active tasks reserve per node, placements of this pass
+    /// included.
+    reserved: BTreeMap<NodeId, (u64, u64)>,
     out: Vec<Command>,
 }
 
@@ -256,7 +326,7 @@ impl<'a> Pass<'a> {
                     && let Some(node) = self.place(service, &per_node)
                 {
                     *per_node.entry(node).or_default() += 1;
-                    *self.all_tasks.entry(node).or_default() += 1;
+                    self.count(service, node);
                     self.out.push(Command::AssignTask {
                         id: t.id.clone(),
                         node,
@@ -292,7 +362,7 @@ impl<'a> Pass<'a> {
             };
             if let Some(n) = node {
                 *per_node.entry(n).or_default() += 1;
-                *self.all_tasks.entry(n).or_default() += 1;
+                self.count(service, n);
             }
             self.out.push(Command::AddTask {
                 id: new_id().into(),
@@ -305,7 +375,7 @@ impl<'a> Pass<'a> {
                 message: if node.is_some() {
                     String::new()
                 } else {
-                    unplaceable_reason(&self.live_nodes, &service.spec.constraints)
+                    self.unplaceable(service)
                 },
                 restarts,
                 now_ms: self.now_ms,
@@ -314,9 +384,52 @@ impl<'a> Pass<'a> {
         busy
     }
 
+    /// A task of `service` placed on `node` in this pass.
+    fn count(&mut self, service: &Service, node: NodeId) {
+        *self.all_tasks.entry(node).or_default() += 1;
+        let (cpu, mem) = reservation(service);
+        let r = self.reserved.entry(node).or_default();
+        *r = (r.0.saturating_add(cpu), r.1.saturating_add(mem));
+    }
+
+    /// Why no node takes a task of `service`: the nodes that pass its
+    /// constraints lack what it reserves, or the constraints' reason.
+    fn unplaceable(&self, service: &Service) -> String {
+        let want = reservation(service);
+        let candidates: Vec<&&Node> = self
+            .live_nodes
+            .iter()
+            .filter(|n| eligible(n, self.live, service))
+            .collect();
+        let short: Vec<&str> = candidates
+            .iter()
+            .filter_map(|n| short_of(self.state, &self.reserved, n.id, want))
+            .collect();
+        match short.first() {
+            Some(first) if !candidates.is_empty() && short.len() == candidates.len() => {
+                let what = if short.iter().all(|s| s == first) {
+                    *first
+                } else {
+                    "resources"
+                };
+                let n = short.len();
+                let nodes = if n == 1 { "node" } else { "nodes" };
+                format!("no suitable node (insufficient {what} on {n} {nodes})")
+            }
+            _ => unplaceable_reason(&self.live_nodes, &service.spec.constraints),
+        }
+    }
+
     fn place(&self, service: &Service, per_node: &BTreeMap<NodeId, usize>) -> Option<NodeId> {
+        let want = reservation(service);
+        let fitting: Vec<&Node> = self
+            .nodes
+            .iter()
+            .copied()
+            .filter(|n| short_of(self.state, &self.reserved, n.id, want).is_none())
+            .collect();
         place(
-            &self.nodes,
+            &fitting,
             self.live,
             &service.spec.constraints,
             per_node,

@@ -702,3 +702,66 @@ fn the_store_vouches_only_for_a_nodes_own_tasks_under_their_own_names() {
     assert!(vouched(&s, "ing", &format!("node-{owner}"), owner, &mesh));
     assert!(!vouched(&s, "ing", &format!("node-{other}"), owner, &mesh));
 }
+
+#[test]
+fn reservations_never_exceed_a_node_and_the_rest_wait_saying_why() {
+    use crate::service::{ContainerSpec, Resources};
+    use crate::state::NodeResources;
+    let mut s = swarm(3);
+    let gib = 1u64 << 30;
+    for n in 1..=3 {
+        apply(
+            &mut s,
+            &Command::SetNodeResources {
+                node: NodeId(n),
+                resources: NodeResources {
+                    nano_cpus: 2_000_000_000,
+                    memory_bytes: 4 * gib,
+                },
+            },
+        )
+        .unwrap();
+    }
+    add_service(&mut s, "big", ServiceMode::Replicated(7), &[]);
+    let mut spec = s.services["big"].spec.clone();
+    spec.container = Some(ContainerSpec {
+        image: "busybox".into(),
+        reservations: Resources {
+            memory_bytes: Some(2 * gib),
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    apply(
+        &mut s,
+        &Command::UpdateService {
+            id: "big".into(),
+            spec,
+            force: false,
+            now_ms: 1,
+        },
+    )
+    .unwrap();
+    converge(&mut s, &|_| true);
+    // Two of 2 GiB fit on each 4 GiB node: six placed, one pending.
+    let placed = active_nodes(&s, "big");
+    for n in 1..=3 {
+        let on = placed.iter().filter(|p| **p == Some(NodeId(n))).count();
+        assert_eq!(on, 2, "{placed:?}");
+    }
+    let pending: Vec<&Task> = s
+        .tasks
+        .values()
+        .filter(|t| t.service_id == "big" && t.is_active() && t.node.is_none())
+        .collect();
+    assert_eq!(pending.len(), 1, "{placed:?}");
+    assert_eq!(
+        pending[0].message,
+        "no suitable node (insufficient memory on 3 nodes)"
+    );
+    // A node that has not reported takes no task that reserves something.
+    s.ext.node_resources.clear();
+    add_service(&mut s, "plain", ServiceMode::Replicated(2), &[]);
+    converge(&mut s, &|_| true);
+    assert!(active_nodes(&s, "plain").iter().all(Option::is_some));
+}

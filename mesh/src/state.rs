@@ -192,6 +192,29 @@ pub struct ClusterState {
     /// Autolock (`swarm init --autolock`, `swarm update --autolock`): the
     /// unlock key, sealed with the managers' key; `None` when off.
     pub autolock: Option<Vec<u8>>,
+    /// Everything added since: JSON inside the binary encoding, so that a
+    /// field added to [`StateExt`] (with its default) reads older
+    /// snapshots without a new format.
+    #[serde(with = "crate::service::json_field")]
+    pub ext: StateExt,
+}
+
+/// The part of the state stored as JSON (see [`ClusterState::ext`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StateExt {
+    /// The CPU and memory each node reported (what the scheduler sets
+    /// reservations against).
+    pub node_resources: BTreeMap<NodeId, NodeResources>,
+}
+
+/// What a node has to run tasks with.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeResources {
+    /// CPUs, in billionths.
+    pub nano_cpus: u64,
+    /// Memory, in bytes.
+    pub memory_bytes: u64,
 }
 
 /// Node certificates' validity unless set: 90 days, as in Docker Swarm.
@@ -228,6 +251,7 @@ impl From<ClusterStateV1> for ClusterState {
             cert_expiry_ms: DEFAULT_CERT_EXPIRY_MS,
             ca_rotation: None,
             autolock: None,
+            ext: StateExt::default(),
         }
     }
 }
@@ -259,6 +283,7 @@ impl From<ClusterStateV2> for ClusterState {
             cert_expiry_ms: v2.cert_expiry_ms,
             ca_rotation: None,
             autolock: None,
+            ext: StateExt::default(),
         }
     }
 }
@@ -292,6 +317,41 @@ impl From<ClusterStateV3> for ClusterState {
             cert_expiry_ms: v3.cert_expiry_ms,
             ca_rotation: v3.ca_rotation,
             autolock: v3.autolock,
+            ext: StateExt::default(),
+        }
+    }
+}
+
+/// [`ClusterState`] as snapshots before [`StateExt`] stored it; read when
+/// a current decode fails.
+#[derive(Deserialize)]
+pub struct ClusterStateV4 {
+    cluster: Option<ClusterInfo>,
+    nodes: BTreeMap<NodeId, Node>,
+    networks: BTreeMap<crate::ids::NetworkId, crate::network::Network>,
+    services: BTreeMap<crate::ids::ServiceId, crate::service::Service>,
+    tasks: BTreeMap<crate::ids::TaskId, crate::task::Task>,
+    ingress_addrs: BTreeMap<NodeId, std::net::Ipv4Addr>,
+    revoked: std::collections::BTreeSet<NodeId>,
+    cert_expiry_ms: u64,
+    ca_rotation: Option<crate::ca::CaRotation>,
+    autolock: Option<Vec<u8>>,
+}
+
+impl From<ClusterStateV4> for ClusterState {
+    fn from(v4: ClusterStateV4) -> Self {
+        ClusterState {
+            cluster: v4.cluster,
+            nodes: v4.nodes,
+            networks: v4.networks,
+            services: v4.services,
+            tasks: v4.tasks,
+            ingress_addrs: v4.ingress_addrs,
+            revoked: v4.revoked,
+            cert_expiry_ms: v4.cert_expiry_ms,
+            ca_rotation: v4.ca_rotation,
+            autolock: v4.autolock,
+            ext: StateExt::default(),
         }
     }
 }

@@ -60,6 +60,9 @@ pub enum CtlRequest {
         /// The new CA's fingerprint.
         fingerprint: String,
     },
+    /// The caller's CPU and memory (any member; the leader writes
+    /// `Command::SetNodeResources` with the caller's node ID).
+    ReportResources(crate::state::NodeResources),
 }
 
 /// The reply to a [`CtlRequest`].

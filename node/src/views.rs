@@ -201,6 +201,12 @@ pub struct NodeView {
     pub is_self: bool,
     /// When the node joined (ms since the epoch).
     pub joined_at_ms: u64,
+    /// Its CPUs and memory as it reported them (`nano_cpus`,
+    /// `memory_bytes`), and what its tasks reserve of them; null until
+    /// reported.
+    pub resources: Option<shoal_mesh::NodeResources>,
+    /// What the active tasks placed on it reserve.
+    pub reserved: shoal_mesh::NodeResources,
 }
 
 /// A node changed or removed.

@@ -37,7 +37,8 @@ pub struct SmData {
 
 /// [`SmData`] with an older shape of the cluster state: `ClusterStateV1`
 /// (before `revoked`), `ClusterStateV2` (before CA rotation and autolock)
-/// or `ClusterStateV3` (before containers).
+/// `ClusterStateV3` (before containers) or `ClusterStateV4` (before
+/// `StateExt`).
 #[derive(Deserialize)]
 struct SmDataOld<S> {
     last_applied: Option<LogId<u64>>,
@@ -58,9 +59,10 @@ where
 
 /// A snapshot's content, in the current shape or an older one.
 fn decode_data(bytes: &[u8]) -> Result<SmData, codec::DecodeError> {
-    use shoal_mesh::state::{ClusterStateV1, ClusterStateV2, ClusterStateV3};
+    use shoal_mesh::state::{ClusterStateV1, ClusterStateV2, ClusterStateV3, ClusterStateV4};
     codec::decode::<SmData>(bytes, codec::DEFAULT_LIMIT).or_else(|current| {
-        decode_old::<ClusterStateV3>(bytes)
+        decode_old::<ClusterStateV4>(bytes)
+            .or_else(|_| decode_old::<ClusterStateV3>(bytes))
             .or_else(|_| decode_old::<ClusterStateV2>(bytes))
             .or_else(|_| decode_old::<ClusterStateV1>(bytes))
             .map_err(|_| current)

@@ -44,7 +44,18 @@ fn view(m: &Member, n: &Node, gossip: Option<MemberState>) -> NodeView {
         }
         .to_owned()
     });
+    let (resources, (nano_cpus, memory_bytes)) = m.state.read(|d| {
+        (
+            d.state.ext.node_resources.get(&n.id).copied(),
+            shoal_mesh::orchestrator::reserved_on(&d.state, n.id),
+        )
+    });
     NodeView {
+        resources,
+        reserved: shoal_mesh::NodeResources {
+            nano_cpus,
+            memory_bytes,
+        },
         id: n.id.to_string(),
         hostname: n.hostname.clone(),
         role: n.role,

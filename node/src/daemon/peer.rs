@@ -208,6 +208,17 @@ async fn ctl_call(m: &PeerHandler, call: Incoming) -> CtlReply {
             )
             .await
         }
+        // The reporter is who the certificate says.
+        CtlRequest::ReportResources(resources) => {
+            write(
+                m,
+                Command::SetNodeResources {
+                    node: peer,
+                    resources,
+                },
+            )
+            .await
+        }
         CtlRequest::RenewCert { csr_der } => match renew(m, peer, csr_der).await {
             Ok(cert) => {
                 tracing::info!(node = %peer, "renewed a node's certificate");

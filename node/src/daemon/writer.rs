@@ -59,14 +59,18 @@ pub trait Propose: Send + Sync {
     fn propose(&self, cmd: Command) -> impl Future<Output = Result<Outcome, WriteError>> + Send;
 }
 
-/// How node `me` asks the leader to write `cmd`: its own task reports and
-/// its own departure as what they are (any member may send those), the
-/// rest as a proposal, which the leader takes from managers only. Pure.
+/// How node `me` asks the leader to write `cmd`: its own task reports, its
+/// resources and its own departure as what they are (any member may send
+/// those), the rest as a proposal, which the leader takes from managers
+/// only. Pure.
 fn forwarded(me: NodeId, cmd: Command) -> CtlRequest {
     match cmd {
         Command::ReportTask { node, report } if node == me => CtlRequest::ReportTask(report),
         Command::RemoveNode(node) if node == me => CtlRequest::Leave,
         Command::AdoptCa { node, fingerprint } if node == me => CtlRequest::AdoptCa { fingerprint },
+        Command::SetNodeResources { node, resources } if node == me => {
+            CtlRequest::ReportResources(resources)
+        }
         other => CtlRequest::Propose(Box::new(other)),
     }
 }

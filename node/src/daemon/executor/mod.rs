@@ -624,6 +624,8 @@ pub async fn run<W: Propose>(ctx: ExecutorCtx<W>) {
     let mut changes = ctx.state.changes();
     let (tell, mut turned) = mpsc::channel(64);
     let mut running = adopt(&ctx, &ctx.state.state(), &tell).await;
+    let mut reported = std::pin::pin!(report_resources(&ctx));
+    let mut reporting = true;
     let mut decider = Decider::default();
     let mut passes = 0u32;
     loop {
@@ -631,6 +633,7 @@ pub async fn run<W: Propose>(ctx: ExecutorCtx<W>) {
             _ = tokio::time::sleep(INTERVAL) => {}
             _ = changes.changed() => {}
             Some(t) = turned.recv() => on_health(&ctx, t).await,
+            () = &mut reported, if reporting => reporting = false,
         }
         let state = ctx.state.state();
         let dir = ctx.tasks_dir();
@@ -674,5 +677,45 @@ pub async fn run<W: Propose>(ctx: ExecutorCtx<W>) {
                 }
             }
         }
+    }
+}
+
+/// This machine's CPUs and memory (`/proc/meminfo`'s `MemTotal`).
+pub fn node_resources() -> shoal_mesh::NodeResources {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    let memory_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0);
+    shoal_mesh::NodeResources {
+        nano_cpus: cpus * 1_000_000_000,
+        memory_bytes: memory_kib * 1024,
+    }
+}
+
+/// Records this node's resources in the store (for the scheduler's
+/// reservations) when the store does not have them yet, or has others;
+/// retried until it does.
+async fn report_resources<W: Propose>(ctx: &ExecutorCtx<W>) {
+    let mine = node_resources();
+    loop {
+        let stored = ctx
+            .state
+            .read(|d| d.state.ext.node_resources.get(&ctx.id).copied());
+        if stored == Some(mine) {
+            return;
+        }
+        let cmd = Command::SetNodeResources {
+            node: ctx.id,
+            resources: mine,
+        };
+        if let Err(e) = ctx.writer.propose(cmd).await {
+            tracing::debug!(error = %e, "resources not recorded yet");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
 }
