@@ -288,14 +288,14 @@ impl From<ClusterStateV2> for ClusterState {
     }
 }
 
-/// [`ClusterState`] as snapshots before containers stored it (services
-/// without container settings); read when a current decode fails.
+/// [`ClusterState`] as snapshots stored it before [`StateExt`], with
+/// services of shape `S`; read when a current decode fails.
 #[derive(Deserialize)]
-pub struct ClusterStateV3 {
+pub struct BeforeExt<S> {
     cluster: Option<ClusterInfo>,
     nodes: BTreeMap<NodeId, Node>,
     networks: BTreeMap<crate::ids::NetworkId, crate::network::Network>,
-    services: BTreeMap<crate::ids::ServiceId, crate::legacy::ServiceV1>,
+    services: BTreeMap<crate::ids::ServiceId, S>,
     tasks: BTreeMap<crate::ids::TaskId, crate::task::Task>,
     ingress_addrs: BTreeMap<NodeId, std::net::Ipv4Addr>,
     revoked: std::collections::BTreeSet<NodeId>,
@@ -304,53 +304,28 @@ pub struct ClusterStateV3 {
     autolock: Option<Vec<u8>>,
 }
 
-impl From<ClusterStateV3> for ClusterState {
-    fn from(v3: ClusterStateV3) -> Self {
-        ClusterState {
-            cluster: v3.cluster,
-            nodes: v3.nodes,
-            networks: v3.networks,
-            services: crate::legacy::services(v3.services),
-            tasks: v3.tasks,
-            ingress_addrs: v3.ingress_addrs,
-            revoked: v3.revoked,
-            cert_expiry_ms: v3.cert_expiry_ms,
-            ca_rotation: v3.ca_rotation,
-            autolock: v3.autolock,
-            ext: StateExt::default(),
-        }
-    }
-}
+/// Snapshots before containers (services without container settings).
+pub type ClusterStateV3 = BeforeExt<crate::legacy::ServiceV1>;
+/// Snapshots before [`StateExt`].
+pub type ClusterStateV4 = BeforeExt<crate::service::Service>;
 
-/// [`ClusterState`] as snapshots before [`StateExt`] stored it; read when
-/// a current decode fails.
-#[derive(Deserialize)]
-pub struct ClusterStateV4 {
-    cluster: Option<ClusterInfo>,
-    nodes: BTreeMap<NodeId, Node>,
-    networks: BTreeMap<crate::ids::NetworkId, crate::network::Network>,
-    services: BTreeMap<crate::ids::ServiceId, crate::service::Service>,
-    tasks: BTreeMap<crate::ids::TaskId, crate::task::Task>,
-    ingress_addrs: BTreeMap<NodeId, std::net::Ipv4Addr>,
-    revoked: std::collections::BTreeSet<NodeId>,
-    cert_expiry_ms: u64,
-    ca_rotation: Option<crate::ca::CaRotation>,
-    autolock: Option<Vec<u8>>,
-}
-
-impl From<ClusterStateV4> for ClusterState {
-    fn from(v4: ClusterStateV4) -> Self {
+impl<S: Into<crate::service::Service>> From<BeforeExt<S>> for ClusterState {
+    fn from(old: BeforeExt<S>) -> Self {
         ClusterState {
-            cluster: v4.cluster,
-            nodes: v4.nodes,
-            networks: v4.networks,
-            services: v4.services,
-            tasks: v4.tasks,
-            ingress_addrs: v4.ingress_addrs,
-            revoked: v4.revoked,
-            cert_expiry_ms: v4.cert_expiry_ms,
-            ca_rotation: v4.ca_rotation,
-            autolock: v4.autolock,
+            cluster: old.cluster,
+            nodes: old.nodes,
+            networks: old.networks,
+            services: old
+                .services
+                .into_iter()
+                .map(|(id, s)| (id, s.into()))
+                .collect(),
+            tasks: old.tasks,
+            ingress_addrs: old.ingress_addrs,
+            revoked: old.revoked,
+            cert_expiry_ms: old.cert_expiry_ms,
+            ca_rotation: old.ca_rotation,
+            autolock: old.autolock,
             ext: StateExt::default(),
         }
     }
