@@ -161,6 +161,13 @@ pub struct Cluster {
     keep: bool,
 }
 
+/// The lab registry's `HOST:PORT` on the underlay of a host at `host`:
+/// `.254` of its /24, port 5000.
+pub fn registry_on(host: Ipv4Addr) -> String {
+    let [a, b, c, _] = host.octets();
+    format!("{a}.{b}.{c}.254:5000")
+}
+
 /// Runs `ip ARGS…`, failing with its error output.
 fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("ip").args(args).output()?;
@@ -381,7 +388,9 @@ impl Cluster {
                     .arg(shoal_bin())
                     .arg("daemon")
                     .arg("--netns-prefix")
-                    .arg(format!("{ns}-"));
+                    .arg(format!("{ns}-"))
+                    .arg("--insecure-registry")
+                    .arg(registry_on(h.ip));
                 c
             }
             None => {
@@ -425,6 +434,97 @@ impl Cluster {
                 // For later `shoal-lab` runs (labs outlive this process).
                 let _ = std::fs::write(self.pid_file(i), child.id().to_string());
             })?)
+    }
+
+    /// Starts the lab's registry (Debian's `docker-registry`) in the
+    /// underlay's namespace, at `.254` of the underlay, port 5000, storing
+    /// under this cluster's folder; returns its `HOST:PORT`, which every
+    /// isolated host's daemon takes as an insecure registry. Needs root and
+    /// an isolated cluster.
+    pub fn start_registry(&mut self) -> anyhow::Result<String> {
+        let prefix = self
+            .netns_prefix
+            .clone()
+            .context("the lab registry needs an isolated cluster")?;
+        let addr = registry_on(self.hosts[0].ip);
+        let (host, _) = addr.split_once(':').unwrap_or_default();
+        let ul = format!("{prefix}ul");
+        ip(&[
+            "-n",
+            &ul,
+            "addr",
+            "add",
+            &format!("{host}/24"),
+            "dev",
+            "ul0",
+        ])?;
+        let dir = self.base.join("registry");
+        std::fs::create_dir_all(&dir)?;
+        let config = dir.join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                dir.join("data").display()
+            ),
+        )?;
+        let log = std::fs::File::create(dir.join("registry.log"))?;
+        Command::new("ip")
+            .args(["netns", "exec", &ul, "docker-registry", "serve"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context(
+                "cannot start the lab registry (install Debian's `docker-registry`: scripts/setup)",
+            )?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            // Asked from the first host, as its daemon will.
+            let up = Command::new("ip")
+                .args(["netns", "exec", &format!("{prefix}h1"), "bash", "-c"])
+                .arg(format!("exec 3<>/dev/tcp/{host}/5000"))
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if up {
+                return Ok(addr);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!(
+            "the lab registry did not answer within 15 s:\n{}",
+            std::fs::read_to_string(dir.join("registry.log")).unwrap_or_default()
+        )
+    }
+
+    /// Pushes image archive `archive` (OCI) to the lab registry as
+    /// `NAME:TAG` (Debian's `skopeo`, from the first host's namespace).
+    pub fn push(&self, archive: &Path, name_tag: &str) -> anyhow::Result<()> {
+        let prefix = self.netns_prefix.clone().unwrap_or_default();
+        let addr = registry_on(self.hosts[0].ip);
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &format!("{prefix}ul"),
+                "skopeo",
+                "copy",
+                "--quiet",
+            ])
+            .args(["--dest-tls-verify=false", "--insecure-policy"])
+            .arg(format!("oci-archive:{}", archive.display()))
+            .arg(format!("docker://{addr}/{name_tag}"))
+            .output()
+            .context("cannot run skopeo (install Debian's `skopeo`: scripts/setup)")?;
+        if !out.status.success() {
+            bail!(
+                "skopeo copy to {addr}/{name_tag}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
     }
 
     /// Host `i`'s containerd socket.

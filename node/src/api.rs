@@ -445,6 +445,12 @@ pub enum Request {
     },
     /// `image ls`: the images in this node's containerd.
     ImageLs,
+    /// `image pull NAME`: an image from its registry, into this node's
+    /// containerd.
+    ImagePull {
+        /// The image's name (`NAME[:TAG]` or `NAME@sha256:…`).
+        image: String,
+    },
     /// `image rm`: an image of this node's containerd.
     ImageRm {
         /// Its name.
@@ -688,6 +694,7 @@ impl Request {
             | Request::ImageLoad { .. }
             | Request::ImageLs
             | Request::ImageRm { .. }
+            | Request::ImagePull { .. }
             | Request::SwarmUnlock { .. }
             | Request::SwarmJoin { .. }
             | Request::SwarmLeave { .. }

@@ -38,6 +38,12 @@ pub struct DaemonArgs {
     /// containerd's API socket [default: /run/containerd/containerd.sock].
     #[arg(long)]
     containerd_socket: Option<PathBuf>,
+    /// A registry to pull from over plain HTTP, HOST[:PORT] (repeatable).
+    #[arg(long)]
+    insecure_registry: Vec<String>,
+    /// Registry credentials: a docker-style config.json.
+    #[arg(long)]
+    registry_auth_file: Option<PathBuf>,
 }
 
 impl DaemonArgs {
@@ -79,6 +85,10 @@ impl DaemonArgs {
         }
         if let Some(v) = self.containerd_socket {
             cfg.containerd_socket = v;
+        }
+        cfg.insecure_registries.extend(self.insecure_registry);
+        if let Some(v) = self.registry_auth_file {
+            cfg.registry_auth_file = Some(v);
         }
         let filter = tracing_subscriber::EnvFilter::try_new(format!(
             "{},openraft=warn,quinn=warn,rustls=warn",

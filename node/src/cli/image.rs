@@ -16,6 +16,11 @@ pub enum ImageCmd {
         /// The archive.
         file: PathBuf,
     },
+    /// Pull an image from its registry into this node.
+    Pull {
+        /// NAME[:TAG] or NAME@sha256:DIGEST.
+        image: String,
+    },
     /// Remove images from this node.
     Rm {
         /// Their names.
@@ -42,6 +47,12 @@ impl ImageCmd {
                 let loaded: Vec<ImageView> = client.call_as(&Request::ImageLoad { path }).await?;
                 for i in loaded {
                     println!("Loaded image: {} ({})", i.name, i.digest);
+                }
+            }
+            ImageCmd::Pull { image } => {
+                let pulled: Vec<ImageView> = client.call_as(&Request::ImagePull { image }).await?;
+                for i in pulled {
+                    println!("Pulled image: {} ({})", i.name, i.digest);
                 }
             }
             ImageCmd::Rm { images } => {

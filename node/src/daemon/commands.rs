@@ -173,6 +173,7 @@ pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
         Request::ImageLoad { path } => image_load(d, path).await,
         Request::ImageLs => image_ls(d).await,
         Request::ImageRm { image } => image_rm(d, &image).await,
+        Request::ImagePull { image } => image_pull(d, &image).await,
         Request::SwarmUnlock { key } => super::unlock::unlock(d, &key).await,
         Request::UnlockKey { rotate } => super::unlock::unlock_key(d, rotate).await,
         Request::NetworkCreate(spec) => super::networks::create(d, *spec).await,
@@ -836,8 +837,14 @@ async fn leave(d: &Arc<Daemon>, force: bool) -> anyhow::Result<Reply> {
 /// An engine failure as the API reports it: containerd not answering is
 /// "cannot answer now"; the rest is containerd's own refusal.
 fn engine_error(e: super::engine::EngineError) -> anyhow::Error {
+    use super::engine::EngineError;
+    use super::registry::PullError;
     match e {
-        super::engine::EngineError::Unreachable { .. } => ApiError::unavailable(e.to_string()),
+        EngineError::Unreachable { .. } | EngineError::Pull(PullError::Unreachable { .. }) => {
+            ApiError::unavailable(e.to_string())
+        }
+        EngineError::Pull(PullError::NotFound(_)) => ApiError::not_found(e.to_string()),
+        EngineError::Pull(PullError::Bad { .. }) => ApiError::invalid(e.to_string()),
         other => anyhow::Error::from(other),
     }
 }
@@ -854,6 +861,21 @@ async fn image_rm(d: &Daemon, image: &str) -> anyhow::Result<Reply> {
         return Err(ApiError::not_found(format!("no such image: {name}")));
     }
     Ok(Reply::ok(json!({ "removed": name })))
+}
+
+/// `image pull NAME`: the name as Docker reads it, from its registry.
+async fn image_pull(d: &Daemon, image: &str) -> anyhow::Result<Reply> {
+    let name = super::archive::normalize(image).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let (name, digest) = match name.split_once('@') {
+        Some((n, dg)) => (n.to_owned(), Some(dg.to_owned())),
+        None => (name, None),
+    };
+    Reply::of(
+        &d.engine
+            .pull(&name, digest.as_deref())
+            .await
+            .map_err(engine_error)?,
+    )
 }
 
 /// `image load FILE`: reads and checks the archive (off the runtime's

@@ -42,6 +42,10 @@ pub struct DaemonConfig {
     /// containerd's API socket (the container engine Shoal drives; it is
     /// never started by Shoal).
     pub containerd_socket: PathBuf,
+    /// Registries pulled from over plain HTTP (`HOST[:PORT]`).
+    pub insecure_registries: Vec<String>,
+    /// A docker-style `config.json` with registry credentials.
+    pub registry_auth_file: Option<PathBuf>,
 }
 
 /// `[pki]`: node certificates.
@@ -229,6 +233,8 @@ impl Default for DaemonConfig {
             store: StoreConfig::default(),
             pki: PkiConfig::default(),
             containerd_socket: PathBuf::from(super::engine::DEFAULT_SOCKET),
+            insecure_registries: Vec::new(),
+            registry_auth_file: None,
         }
     }
 }

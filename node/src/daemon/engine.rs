@@ -46,6 +46,9 @@ pub enum EngineError {
         /// The digest here.
         have: String,
     },
+    /// The image could not be pulled.
+    #[error(transparent)]
+    Pull(#[from] super::registry::PullError),
     /// The spec cannot be made.
     #[error(transparent)]
     Spec(super::oci::SpecError),
@@ -77,6 +80,8 @@ pub struct EngineStatus {
 pub struct Engine {
     socket: PathBuf,
     channel: tokio::sync::Mutex<Option<Channel>>,
+    /// Where images are pulled from.
+    pub(crate) registries: super::registry::Registries,
 }
 
 impl Engine {
@@ -85,7 +90,14 @@ impl Engine {
         Engine {
             socket: socket.to_owned(),
             channel: tokio::sync::Mutex::new(None),
+            registries: Default::default(),
         }
+    }
+
+    /// The same, pulling from `registries`.
+    pub fn with_registries(mut self, registries: super::registry::Registries) -> Self {
+        self.registries = registries;
+        self
     }
 
     fn unreachable(&self, reason: impl ToString) -> EngineError {

@@ -417,6 +417,17 @@ impl Engine {
     }
 
     /// Shoal's images in containerd.
+    /// Pulls image `name` (normalised; at `digest` when given) from its
+    /// registry into containerd, as `load` writes an archive.
+    pub async fn pull(
+        &self,
+        name: &str,
+        digest: Option<&str>,
+    ) -> Result<Vec<ImageView>, EngineError> {
+        let archive = self.registries.fetch(name, digest).await?;
+        self.load(&archive).await
+    }
+
     /// The manifest digest image `name` names here, if it is here.
     pub async fn image_digest(&self, name: &str) -> Result<Option<String>, EngineError> {
         let got = ImagesClient::new(self.channel().await?)

@@ -32,6 +32,7 @@ pub mod pki;
 pub mod poison;
 pub mod quota;
 pub mod recovery;
+pub mod registry;
 pub mod renewal;
 pub mod sandboxes;
 pub mod services;
@@ -84,13 +85,15 @@ pub async fn run(mut cfg: DaemonConfig) -> anyhow::Result<()> {
         )),
     };
     let hostname = cfg.hostname.clone().unwrap_or_else(system_hostname);
+    let registries =
+        registry::Registries::new(&cfg.insecure_registries, cfg.registry_auth_file.as_deref())?;
     let daemon = Arc::new(Daemon {
         cfg: cfg.clone(),
         dir,
         hostname,
         member: tokio::sync::Mutex::new(None),
         locked: locked.into(),
-        engine: Arc::new(engine::Engine::new(&cfg.containerd_socket)),
+        engine: Arc::new(engine::Engine::new(&cfg.containerd_socket).with_registries(registries)),
     });
     if locked {
         tracing::warn!(

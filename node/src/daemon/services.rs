@@ -286,27 +286,39 @@ async fn wait_for_networks(m: &super::member::Member, networks: &[AttachmentRef]
 
 /// Normalises a container service's image name and resolves it to the
 /// digest it names: from the reference itself (`NAME@sha256:…`), else from
-/// this node's images. A warning when neither could say.
+/// this node's images (with a warning that no registry recorded it), else
+/// from its registry. An image its registry does not have is refused; a
+/// registry that does not answer leaves the name unresolved, with a
+/// warning.
 async fn resolve_image(d: &Daemon, c: &mut ContainerSpec) -> anyhow::Result<Option<String>> {
+    use super::registry::PullError;
     let name = super::archive::normalize(&c.image).map_err(|e| ApiError::invalid(e.to_string()))?;
     c.image = name;
-    if let Some((_, digest)) = c.image.split_once('@') {
+    if let Some((name, digest)) = c.image.split_once('@') {
         c.digest = Some(digest.to_owned());
+        c.image = name.to_owned();
         return Ok(None);
     }
-    match d.engine.image_digest(&c.image).await {
-        Ok(Some(digest)) => {
+    if let Ok(Some(digest)) = d.engine.image_digest(&c.image).await {
+        let warning = format!(
+            "image {} resolved to {digest} from this node's images: no registry recorded it, so every node must hold that image (shoal image load) or reach a registry that has it",
+            c.image
+        );
+        c.digest = Some(digest);
+        return Ok(Some(warning));
+    }
+    match d.engine.registries.resolve(&c.image).await {
+        Ok(digest) => {
             c.digest = Some(digest);
-            Ok(Some(format!(
-                "image {} resolved to {} from this node's images: no registry recorded it, so every node must hold that image (shoal image load)",
-                c.image,
-                c.digest.as_deref().unwrap_or_default()
-            )))
+            Ok(None)
         }
-        Ok(None) | Err(_) => {
+        Err(e @ PullError::NotFound(_)) => Err(ApiError::not_found(format!(
+            "{e} (not on this node, and its registry has no such image or tag)"
+        ))),
+        Err(e) => {
             c.digest = None;
             Ok(Some(format!(
-                "image {} could not be resolved to a digest here: each node runs what the name names on it, possibly different versions",
+                "image {} could not be resolved to a digest ({e}): each node runs what the name names on it, possibly different versions",
                 c.image
             )))
         }

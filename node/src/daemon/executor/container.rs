@@ -136,18 +136,26 @@ pub async fn start(engine: &Engine, s: Start<'_>) -> Result<Option<HealthCheck>,
         etc,
         s.id,
     );
-    engine
-        .start(NewContainer {
-            id: s.id,
-            image: &c.image,
-            digest: c.digest.as_deref(),
-            run,
-            stdout: log.clone(),
-            stderr: log,
-            labels: HashMap::from([(TASK_LABEL.to_owned(), s.id.to_string())]),
-        })
-        .await
-        .map(|image| image.healthcheck.map(|h| h.check()))
+    let new = |run: TaskRun| NewContainer {
+        id: s.id,
+        image: &c.image,
+        digest: c.digest.as_deref(),
+        run,
+        stdout: log.clone(),
+        stderr: log.clone(),
+        labels: HashMap::from([(TASK_LABEL.to_owned(), s.id.to_string())]),
+    };
+    let started = match engine.start(new(run.clone())).await {
+        // Not here, or not the version the service runs: pulled, then
+        // started.
+        Err(EngineError::NoImage(_) | EngineError::OtherImage { .. }) => {
+            tracing::info!(task = %s.id, image = %c.image, "pulling the task's image");
+            engine.pull(&c.image, c.digest.as_deref()).await?;
+            engine.start(new(run)).await
+        }
+        other => other,
+    };
+    started.map(|image| image.healthcheck.map(|h| h.check()))
 }
 
 /// How a container that exited with `status` ended; `oom` when the kernel
