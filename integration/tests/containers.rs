@@ -369,6 +369,19 @@ fn running(c: &Cluster, i: usize, service: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The first task of `service` once it is in `state` (within `limit`).
+fn first_task_when(c: &Cluster, service: &str, state: &str, limit: Duration) -> serde_json::Value {
+    c.wait_until_value(limit, || {
+        let ps = c
+            .shoal_ok(0, &["service", "ps", "--format", "json", service])?
+            .json()?;
+        let t = ps[0].clone();
+        anyhow::ensure!(t["state"] == state, "{t}");
+        Ok(t)
+    })
+    .unwrap()
+}
+
 /// The container tasks containerd runs on host `i`: task ID → PID.
 fn container_pids(c: &Cluster, i: usize) -> std::collections::BTreeMap<String, String> {
     ctr_on(c, i, &["tasks", "ls"])
@@ -543,16 +556,7 @@ fn a_service_runs_its_image_as_containers_behind_the_mesh_and_outlives_its_daemo
         ],
     )
     .unwrap();
-    let failed = c
-        .wait_until_value(Duration::from_secs(60), || {
-            let ps = c
-                .shoal_ok(0, &["service", "ps", "--format", "json", "hog"])?
-                .json()?;
-            let t = ps[0].clone();
-            anyhow::ensure!(t["state"] == "failed", "{t}");
-            Ok(t)
-        })
-        .unwrap();
+    let failed = first_task_when(&c, "hog", "failed", Duration::from_secs(60));
     assert!(
         failed["message"]
             .as_str()
@@ -586,16 +590,7 @@ fn a_service_runs_its_image_as_containers_behind_the_mesh_and_outlives_its_daemo
         ],
     )
     .unwrap();
-    let pending = c
-        .wait_until_value(Duration::from_secs(30), || {
-            let ps = c
-                .shoal_ok(0, &["service", "ps", "--format", "json", "huge"])?
-                .json()?;
-            let t = ps[0].clone();
-            anyhow::ensure!(t["state"] == "pending", "{t}");
-            Ok(t)
-        })
-        .unwrap();
+    let pending = first_task_when(&c, "huge", "pending", Duration::from_secs(30));
     assert_eq!(
         pending["error"], "no suitable node (insufficient memory on 2 nodes)",
         "{pending}"
