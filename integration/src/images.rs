@@ -116,7 +116,7 @@ pub fn oci_archive(name: &str, layer: &[(&str, Entry)], cmd: &[&str]) -> anyhow:
 
 /// The layer of a busybox image: Debian's `busybox-static`
 /// (`/bin/busybox`, `/bin/sh`). Needs the package (scripts/setup).
-fn busybox_layer() -> anyhow::Result<Vec<(&'static str, Entry)>> {
+pub fn busybox_layer() -> anyhow::Result<Vec<(&'static str, Entry)>> {
     let busybox = std::fs::read("/bin/busybox")
         .context("cannot read /bin/busybox: install Debian's busybox-static (scripts/setup)")?;
     Ok(vec![

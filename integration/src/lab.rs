@@ -14,6 +14,10 @@ use serde_json::{Value, json};
 use super::spec::LabSpec;
 use super::{Cluster, Host, ip, kill_processes_under};
 
+/// The image every lab's registry holds from the start, as `NAME:TAG`
+/// under the registry's address (see [`super::registry_on`]).
+pub const LAB_IMAGE: &str = "lab/busybox:1";
+
 /// Where labs keep their hosts' state.
 pub const LAB_ROOT: &str = "/run/shoal-lab";
 
@@ -73,7 +77,7 @@ impl Cluster {
             netns_prefix: Some(prefix(name)),
             keep: true,
         };
-        let c = match cluster.build_isolated(spec) {
+        let c = match cluster.build_isolated(spec).and_then(Cluster::equip) {
             Ok(c) => c,
             Err(e) => {
                 let _ = Cluster::lab_down(name);
@@ -93,6 +97,20 @@ impl Cluster {
             serde_json::to_vec_pretty(&json!({"name": name, "hosts": hosts}))?,
         )?;
         Ok(c)
+    }
+
+    /// What a lab's hosts run containers with: a containerd on every host,
+    /// the lab's registry on the underlay, and in it [`LAB_IMAGE`], a
+    /// busybox image built from Debian's `busybox-static`.
+    pub fn equip(mut self) -> anyhow::Result<Cluster> {
+        for i in 0..self.hosts.len() {
+            self.start_containerd(i)?;
+        }
+        self.start_registry()?;
+        let archive = self.base.join("busybox.tar");
+        std::fs::write(&archive, super::images::busybox(LAB_IMAGE)?)?;
+        self.push(&archive, LAB_IMAGE)?;
+        Ok(self)
     }
 
     /// The lab `name`, as `up` left it.
@@ -181,6 +199,9 @@ impl Cluster {
     pub fn lab_down(name: &str) -> anyhow::Result<()> {
         check_name(name)?;
         let dir = base(name);
+        if let Ok(c) = Cluster::lab_attach(name) {
+            (0..c.hosts.len()).for_each(|i| c.kill_containers(i));
+        }
         kill_processes_under(&dir);
         let p = prefix(name);
         if let Ok(entries) = std::fs::read_dir("/run/netns") {

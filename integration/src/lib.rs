@@ -168,6 +168,33 @@ pub fn registry_on(host: Ipv4Addr) -> String {
     format!("{a}.{b}.{c}.254:5000")
 }
 
+/// skopeo's name for the kind of image archive `path` is: an OCI archive
+/// has an `oci-layout` file, a docker-archive (`docker save`) a
+/// `manifest.json`.
+fn transport(path: &Path) -> anyhow::Result<&'static str> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut docker = false;
+    for entry in tar::Archive::new(file)
+        .entries()
+        .with_context(|| format!("{} is not a tar archive", path.display()))?
+    {
+        let entry = entry.with_context(|| format!("{} is not a tar archive", path.display()))?;
+        match entry.path()?.to_string_lossy().trim_start_matches("./") {
+            "oci-layout" => return Ok("oci-archive"),
+            "manifest.json" => docker = true,
+            _ => {}
+        }
+    }
+    if docker {
+        return Ok("docker-archive");
+    }
+    bail!(
+        "{} is not an image archive: it has neither oci-layout (OCI) nor manifest.json (docker save)",
+        path.display()
+    )
+}
+
 /// Runs `ip ARGS…`, failing with its error output.
 fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("ip").args(args).output()?;
@@ -449,6 +476,7 @@ impl Cluster {
         let addr = registry_on(self.hosts[0].ip);
         let (host, _) = addr.split_once(':').unwrap_or_default();
         let ul = format!("{prefix}ul");
+        let first = self.hosts[0].netns.clone().unwrap_or_default();
         ip(&[
             "-n",
             &ul,
@@ -469,8 +497,11 @@ impl Cluster {
             ),
         )?;
         let log = std::fs::File::create(dir.join("registry.log"))?;
-        Command::new("ip")
-            .args(["netns", "exec", &ul, "docker-registry", "serve"])
+        let mut cmd = Command::new(if self.keep { "setsid" } else { "ip" });
+        if self.keep {
+            cmd.arg("ip");
+        }
+        cmd.args(["netns", "exec", &ul, "docker-registry", "serve"])
             .arg(&config)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -483,7 +514,7 @@ impl Cluster {
         while Instant::now() < deadline {
             // Asked from the first host, as its daemon will.
             let up = Command::new("ip")
-                .args(["netns", "exec", &format!("{prefix}h1"), "bash", "-c"])
+                .args(["netns", "exec", &first, "bash", "-c"])
                 .arg(format!("exec 3<>/dev/tcp/{host}/5000"))
                 .stderr(Stdio::null())
                 .status()
@@ -499,22 +530,18 @@ impl Cluster {
         )
     }
 
-    /// Pushes image archive `archive` (OCI) to the lab registry as
-    /// `NAME:TAG` (Debian's `skopeo`, from the first host's namespace).
+    /// Pushes image archive `archive` (OCI or docker-archive) to the lab
+    /// registry as
+    /// `NAME:TAG` (Debian's `skopeo`, from the first host's namespace: the
+    /// underlay's own namespace has no loopback up, so it cannot reach
+    /// itself).
     pub fn push(&self, archive: &Path, name_tag: &str) -> anyhow::Result<()> {
-        let prefix = self.netns_prefix.clone().unwrap_or_default();
         let addr = registry_on(self.hosts[0].ip);
+        let first = self.hosts[0].netns.clone().unwrap_or_default();
         let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &format!("{prefix}ul"),
-                "skopeo",
-                "copy",
-                "--quiet",
-            ])
+            .args(["netns", "exec", &first, "skopeo", "copy", "--quiet"])
             .args(["--dest-tls-verify=false", "--insecure-policy"])
-            .arg(format!("oci-archive:{}", archive.display()))
+            .arg(format!("{}:{}", transport(archive)?, archive.display()))
             .arg(format!("docker://{addr}/{name_tag}"))
             .output()
             .context("cannot run skopeo (install Debian's `skopeo`: scripts/setup)")?;
@@ -556,14 +583,16 @@ impl Cluster {
             .create(true)
             .append(true)
             .open(dir.join("containerd.log"))?;
-        let mut cmd = match &self.hosts[i].netns {
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/run/netns/{ns}")).arg("containerd");
-                c
-            }
-            None => Command::new("containerd"),
-        };
+        // A kept lab's containerd gets a session of its own, as its daemons
+        // do, to outlive `shoal-lab`.
+        let mut cmd = Command::new(if self.keep { "setsid" } else { "nsenter" });
+        if self.keep {
+            cmd.arg("nsenter");
+        }
+        if let Some(ns) = &self.hosts[i].netns {
+            cmd.arg(format!("--net=/run/netns/{ns}"));
+        }
+        cmd.arg("containerd");
         let child = cmd
             .arg("--config")
             .arg(&config)
@@ -612,6 +641,38 @@ impl Cluster {
         if let Some(mut c) = self.hosts[i].containerd.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Kills the containers host `i`'s containerd started (by their init
+    /// PIDs in its runtime's state, so also when containerd is gone) and
+    /// unmounts their root filesystems: a container outlives its daemon and
+    /// its containerd by design, but not its test or lab.
+    pub fn kill_containers(&self, i: usize) {
+        let runtime = self.hosts[i]
+            .containerd_dir
+            .join("state/io.containerd.runtime.v2.task");
+        let bundles: Vec<PathBuf> = std::fs::read_dir(&runtime)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|ns| std::fs::read_dir(ns.path()).into_iter().flatten().flatten())
+            .map(|b| b.path())
+            .collect();
+        for b in &bundles {
+            if let Ok(pid) = std::fs::read_to_string(b.join("init.pid")) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", pid.trim()])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+        for b in &bundles {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(b.join("rootfs"))
+                .stderr(Stdio::null())
+                .status();
         }
     }
 
@@ -1046,6 +1107,7 @@ impl Drop for Cluster {
         }
         for i in 0..self.hosts.len() {
             self.kill(i);
+            self.kill_containers(i);
             self.kill_containerd(i);
         }
         kill_processes_under(&self.base);

@@ -721,3 +721,142 @@ fn a_task_failing_its_health_check_leaves_the_mesh_and_is_replaced() {
     )
     .unwrap();
 }
+
+/// The digest service `name` runs, by `service inspect`.
+fn service_digest(c: &Cluster, name: &str) -> String {
+    let v = c
+        .shoal_ok(0, &["service", "inspect", name])
+        .unwrap()
+        .json()
+        .unwrap();
+    let v = if v.is_array() { v[0].clone() } else { v };
+    v["container"]["digest"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn nodes_pull_what_a_service_names_from_the_lab_registry_and_a_moved_tag_changes_nothing_until_update()
+ {
+    if !root_or_skip("run containerd, a registry and network namespaces") {
+        return;
+    }
+    let mut c = Cluster::start_isolated(2).unwrap();
+    for i in 0..2 {
+        c.start_containerd(i).unwrap();
+    }
+    let registry = c.start_registry().unwrap();
+    c.form(1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("busybox.tar");
+    std::fs::write(&archive, images::busybox("lab/busybox:1").unwrap()).unwrap();
+    c.push(&archive, "lab/busybox:1").unwrap();
+    let image = format!("{registry}/lab/busybox:1");
+
+    // An explicit pull, on node1 only.
+    let r = c.shoal_ok(0, &["image", "pull", &image]).unwrap();
+    assert!(r.stdout.contains(&image), "{}", r.stdout);
+    let ls = c
+        .shoal_ok(0, &["image", "ls", "--format", "json"])
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(ls[0]["name"], image.as_str(), "{ls}");
+    let first = ls[0]["digest"].as_str().unwrap().to_owned();
+    assert!(
+        c.shoal_ok(1, &["image", "ls", "-q"])
+            .unwrap()
+            .stdout
+            .trim()
+            .is_empty()
+    );
+
+    // A service of it: the digest comes from the registry (no warning), and
+    // node2, which has no image, pulls it to run its task.
+    let r = c
+        .shoal_ok(
+            0,
+            &[
+                "service",
+                "create",
+                "--name",
+                "pulled",
+                "--replicas",
+                "2",
+                &image,
+                "busybox",
+                "sleep",
+                "3600",
+            ],
+        )
+        .unwrap();
+    assert!(!r.stderr.contains("warning"), "{}", r.stderr);
+    assert_eq!(service_digest(&c, "pulled"), first);
+    c.wait_until("2 tasks running", Duration::from_secs(60), |c| {
+        Ok(running(c, 0, "pulled").len() == 2)
+    })
+    .unwrap();
+    let nodes: std::collections::BTreeSet<String> = running(&c, 0, "pulled")
+        .iter()
+        .map(|t| t["node"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(nodes.len(), 2, "one task on each node: {nodes:?}");
+    let on_node2 = c
+        .shoal_ok(1, &["image", "ls", "--format", "json"])
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(on_node2[0]["digest"], first.as_str(), "{on_node2}");
+
+    // The tag moves to another image: the running service is unchanged.
+    std::fs::write(
+        &archive,
+        images::oci_archive(
+            "lab/busybox:1",
+            &images::busybox_layer().unwrap(),
+            &["/bin/sh", "-c", "moved"],
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    c.push(&archive, "lab/busybox:1").unwrap();
+    let before: Vec<_> = running(&c, 0, "pulled")
+        .iter()
+        .map(|t| t["id"].clone())
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(service_digest(&c, "pulled"), first);
+    let after: Vec<_> = running(&c, 0, "pulled")
+        .iter()
+        .map(|t| t["id"].clone())
+        .collect();
+    assert_eq!(before, after);
+
+    // `service update --image` resolves the tag again and rolls out.
+    c.shoal_ok(0, &["service", "update", "--image", &image, "pulled"])
+        .unwrap();
+    let moved = service_digest(&c, "pulled");
+    assert!(moved.starts_with("sha256:") && moved != first, "{moved}");
+    c.wait_until(
+        "2 tasks of the new image running",
+        Duration::from_secs(60),
+        |c| {
+            let tasks = running(c, 0, "pulled");
+            Ok(tasks.len() == 2 && tasks.iter().all(|t| !before.contains(&t["id"])))
+        },
+    )
+    .unwrap();
+
+    // What the registry does not have is refused, and nothing is created.
+    let missing = format!("{registry}/lab/nothing:1");
+    let r = c.shoal(0, &["service", "create", "--name", "missing", &missing]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("not found"), "{}", r.stderr);
+    assert_eq!(c.shoal(0, &["service", "inspect", "missing"]).code, 3);
+    let ids = c.shoal_ok(0, &["service", "ls", "-q"]).unwrap().stdout;
+    assert_eq!(ids.lines().count(), 1, "{ids}");
+    let r = c.shoal(0, &["image", "pull", &missing]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("not found"), "{}", r.stderr);
+}

@@ -77,6 +77,10 @@ fn assert_nothing_left(name: &str) {
         "{}",
         String::from_utf8_lossy(&procs.stdout)
     );
+    // The containers' root filesystems are unmounted (their processes gone).
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    let dir = format!("/run/shoal-lab/{name}/");
+    assert!(!mounts.contains(&dir), "{mounts}");
 }
 
 #[test]
@@ -378,8 +382,47 @@ fn the_demo_runs_to_completion_and_keep_leaves_its_lab_up() {
         rounds.iter().any(|l| !l.starts_with("answered by 1 ")),
         "every request of the demo went to one replica: {rounds:?}"
     );
+    // The service's tasks are containers of the image in the lab's registry.
+    assert!(
+        out.contains("10.210.0.254:5000/lab/busybox:1")
+            && out.contains("busybox wget -qO- http://web/"),
+        "{out}"
+    );
     let (_, ls, _) = lab(&["ls", "--name", &name]);
     assert_eq!(ls.matches("running").count(), 3, "{ls}");
+    // `push` puts an archive (here a docker-archive) into the lab's
+    // registry, where the nodes pull it; what is not an archive is refused.
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("tools.tar");
+    std::fs::write(
+        &archive,
+        shoal_integration::images::busybox_docker(&["tools:2"]).unwrap(),
+    )
+    .unwrap();
+    let archive = archive.to_str().unwrap();
+    let (ok, out, err) = lab(&["push", "--name", &name, archive, "lab/tools:2"]);
+    assert!(
+        ok && out.contains("10.210.0.254:5000/lab/tools:2"),
+        "{out}{err}"
+    );
+    let (ok, out, err) = lab(&[
+        "exec",
+        "--name",
+        &name,
+        "node3",
+        "--",
+        "shoal",
+        "image",
+        "pull",
+        "10.210.0.254:5000/lab/tools:2",
+    ]);
+    assert!(ok, "{out}{err}");
+    std::fs::write(dir.path().join("bad.tar"), b"not a tar").unwrap();
+    let bad = dir.path().join("bad.tar");
+    let (ok, _, err) = lab(&["push", "--name", &name, bad.to_str().unwrap(), "lab/x:1"]);
+    assert!(!ok && err.contains("not a"), "{err}");
+    let (ok, _, err) = lab(&["push", "--name", &name, archive, "lab/notag"]);
+    assert!(!ok && err.contains("NAME:TAG"), "{err}");
     let (ok, ps, _) = lab(&[
         "exec", "--name", &name, "node2", "--", "shoal", "service", "ps", "web",
     ]);

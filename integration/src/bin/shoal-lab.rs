@@ -1,24 +1,34 @@
-//! `shoal-lab`: local Shoal clusters on one machine.
-//!
-//! Today it has one command, `demo`: three `shoal daemon` processes on
-//! loopback addresses form a swarm of three managers and gossip their VTEPs;
-//! the leader is killed, another takes over, the dead node's VTEP leaves
-//! every table, the killed node rejoins, and everything is torn down.
-//! (The lab issue grows this into hosts in network namespaces with services
-//! and traffic.)
+//! `shoal-lab`: local Shoal clusters on one machine, as root: hosts made of
+//! network namespaces on one underlay bridge, each with a shoal daemon and
+//! a containerd, and a registry of the lab's own on the underlay (`up`,
+//! `push`, `exec`, `kill`/`stop`/`start`, `partition`/`heal`, `down`);
+//! `demo`, the main job shown step by step; `failover`, scenarios measured
+//! from the clients' side. Without root, `demo` runs its swarm on loopback
+//! addresses, without the data plane.
 
 use std::time::{Duration, Instant};
 
 use shoal_integration::failover;
+use shoal_integration::lab::LAB_IMAGE;
 use shoal_integration::spec::LabSpec;
-use shoal_integration::{Cluster, echo_service, is_root};
+use shoal_integration::{Cluster, is_root};
 
 fn step(text: &str) {
     println!("\n==> {text}");
 }
 
+/// `arg` as a shell would need it typed.
+fn quoted(arg: &str) -> String {
+    let plain = |ch: char| ch.is_ascii_alphanumeric() || "-_./:=@,".contains(ch);
+    if !arg.is_empty() && arg.chars().all(plain) {
+        return arg.to_owned();
+    }
+    format!("'{}'", arg.replace('\'', r"'\''"))
+}
+
 fn show(c: &Cluster, i: usize, args: &[&str]) -> anyhow::Result<()> {
-    println!("$ shoal {}    # on {}", args.join(" "), c.hosts[i].name);
+    let typed: Vec<String> = args.iter().map(|a| quoted(a)).collect();
+    println!("$ shoal {}    # on {}", typed.join(" "), c.hosts[i].name);
     let r = c.shoal_ok(i, args)?;
     print!("{}", r.stdout);
     eprint!("{}", r.stderr);
@@ -68,6 +78,10 @@ fn running_tasks(c: &Cluster, i: usize) -> anyhow::Result<Vec<(String, String)>>
         .collect())
 }
 
+/// What the demo's containers run: busybox's httpd, serving the
+/// container's hostname (its task's name) as JSON.
+const WEB: &str = r#"busybox mkdir -p /www && echo "{\"task\":\"$(busybox hostname)\"}" > /www/index.html && exec busybox httpd -f -p 80 -h /www"#;
+
 /// From inside each running task of `web`, a request to `http://web/`
 /// (the embedded DNS gives the VIP, which balances over the replicas), then
 /// a request to port 8080 of every live host's address (the routing mesh);
@@ -85,8 +99,8 @@ fn requests(c: &Cluster, bin: &str) -> anyhow::Result<()> {
     for (task, node) in running_tasks(c, live_host(c))? {
         let Some(i) = live(&node) else { continue };
         let url = "http://web/";
-        let r = c.shoal_ok(i, &["exec", &task, "--", bin, "tool", "http-get", url])?;
-        println!("$ shoal exec {task} -- shoal tool http-get {url}    # on {node}");
+        let r = c.shoal_ok(i, &["exec", &task, "--", "busybox", "wget", "-qO-", url])?;
+        println!("$ shoal exec {task} -- busybox wget -qO- {url}    # on {node}");
         print!("{}", r.stdout);
         note(&r.stdout);
     }
@@ -184,10 +198,13 @@ fn demo(keep: Option<&str>) -> anyhow::Result<()> {
         step(
             "Three hosts as network namespaces on one underlay bridge (10.210.0.0/24), a shoal daemon in each",
         );
+        println!(
+            "    each host runs a containerd; the lab's registry on the underlay holds a busybox image built from Debian's busybox-static"
+        );
         if let Some(name) = keep {
             Cluster::lab_create(name, &LabSpec::nodes(3, 3)?)?
         } else {
-            Cluster::start_isolated(3)?
+            Cluster::start_isolated(3)?.equip()?
         }
     } else {
         step("Not root: three shoal daemons on loopback addresses, without the data plane");
@@ -218,15 +235,38 @@ fn demo(keep: Option<&str>) -> anyhow::Result<()> {
 
     if root {
         step(
-            "An overlay network and a service of 3 http-echo tasks, published on port 8080 through the routing mesh",
+            "An overlay network and a service of 3 containers of the registry's image (busybox httpd answering with its hostname), published on port 8080 through the routing mesh",
         );
         show(&c, 0, &["network", "create", "web"])?;
         let bin = shoal_integration::shoal_bin()
             .to_string_lossy()
             .into_owned();
-        let args = echo_service("web", 3, &["--network", "web", "-p", "8080:80"]);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        show(&c, 1, &args)?;
+        let image = format!(
+            "{}/{LAB_IMAGE}",
+            shoal_integration::registry_on(c.hosts[0].ip)
+        );
+        show(
+            &c,
+            1,
+            &[
+                "service",
+                "create",
+                "--name",
+                "web",
+                "--replicas",
+                "3",
+                "--network",
+                "web",
+                "-p",
+                "8080:80",
+                "--limit-memory",
+                "64m",
+                &image,
+                "sh",
+                "-c",
+                WEB,
+            ],
+        )?;
         // node1's copy of the store may trail the leader's for a moment.
         c.wait_until(
             "node1 to see 3 running tasks",
@@ -352,7 +392,9 @@ fn demo(keep: Option<&str>) -> anyhow::Result<()> {
     }
     drop(c);
     println!("\nDemo complete: a 3-manager swarm formed over QUIC with mutual TLS on three hosts,");
-    println!("ran a 3-task http-echo service on a VXLAN overlay, answered by name through the");
+    println!(
+        "ran 3 containers pulled from a registry on a VXLAN overlay, answered by name through the"
+    );
     println!("embedded DNS and the VIP and on port 8080 of every host, lost its leader, elected a");
     println!("new one, kept accepting writes, moved the dead host's task to a live host with");
     println!("traffic flowing, and took the old host back with the full state.");
@@ -362,6 +404,7 @@ fn demo(keep: Option<&str>) -> anyhow::Result<()> {
 const USAGE: &str = "usage: shoal-lab demo [--keep [--name LAB]]
        shoal-lab up [--nodes N] [--managers M | --config cluster-configs/FILE.toml] [--name LAB]
        shoal-lab ls [--name LAB]
+       shoal-lab push [--name LAB] ARCHIVE NAME:TAG
        shoal-lab exec [--name LAB] HOST -- CMD [ARG...]
        shoal-lab kill|stop|start [--name LAB] HOST
        shoal-lab partition [--name LAB] HOST,HOST... HOST,HOST...
@@ -529,6 +572,10 @@ fn lab(cmd: &str, mut args: Vec<String>) -> anyhow::Result<std::process::ExitCod
                 "lab `{name}`: {} hosts, {managers} manager(s)",
                 spec.hosts.len()
             );
+            let registry = shoal_integration::registry_on(c.hosts[0].ip);
+            println!(
+                "  registry: {registry}, holding {registry}/{LAB_IMAGE} (busybox); add images with: shoal-lab push --name {name} ARCHIVE NAME:TAG"
+            );
             for h in &c.hosts {
                 println!(
                     "  {}: {} (namespace {}), run commands with: shoal-lab exec --name {name} {} -- shoal node ls",
@@ -538,6 +585,20 @@ fn lab(cmd: &str, mut args: Vec<String>) -> anyhow::Result<std::process::ExitCod
                     h.name
                 );
             }
+        }
+        "push" => {
+            let c = Cluster::lab_attach(&name)?;
+            let [archive, name_tag] = args.as_slice() else {
+                anyhow::bail!("push needs an image archive and a NAME:TAG\n{USAGE}");
+            };
+            if name_tag.starts_with('-') || name_tag.contains("://") || !name_tag.contains(':') {
+                anyhow::bail!(
+                    "invalid image name `{name_tag}`: give NAME:TAG, e.g. lab/web:1 (the lab's registry address is added)"
+                );
+            }
+            c.push(std::path::Path::new(archive), name_tag)?;
+            let registry = shoal_integration::registry_on(c.hosts[0].ip);
+            println!("pushed: the lab's nodes pull it as {registry}/{name_tag}");
         }
         "ls" => {
             no_more(&args)?;

@@ -187,6 +187,9 @@ pub enum ServiceCmd {
         /// Output format: `table` or `json`.
         #[arg(long, default_value = "table")]
         format: Format,
+        /// Only print IDs.
+        #[arg(short, long)]
+        quiet: bool,
     },
     /// List a service's tasks.
     Ps {
@@ -345,7 +348,7 @@ impl ServiceCmd {
                     converge(client, &name).await?;
                 }
             }
-            ServiceCmd::Ls { format } => ls(client, format).await?,
+            ServiceCmd::Ls { format, quiet } => ls(client, format, quiet).await?,
             ServiceCmd::Ps { format, service } => ps(client, format, service).await?,
             ServiceCmd::Inspect { format, services } => {
                 let (found, failed) = client
@@ -371,8 +374,12 @@ impl ServiceCmd {
 }
 
 /// `service ls`.
-async fn ls(client: &Client, format: Format) -> anyhow::Result<()> {
+async fn ls(client: &Client, format: Format, quiet: bool) -> anyhow::Result<()> {
     let list: Vec<ServiceView> = client.call_as(&Request::ServiceLs).await?;
+    if quiet {
+        list.iter().for_each(|s| println!("{}", s.id));
+        return Ok(());
+    }
     if format == Format::Json {
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(());

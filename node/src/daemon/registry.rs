@@ -101,6 +101,43 @@ pub fn parse_auth_file(text: &str) -> Result<BTreeMap<String, (String, String)>,
     Ok(out)
 }
 
+/// A blob being received: refuses bytes past the size its manifest gives,
+/// so a registry cannot make the daemon hold more than it agreed to.
+struct Capped {
+    bytes: Vec<u8>,
+    limit: usize,
+}
+
+impl tokio::io::AsyncWrite for Capped {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.bytes.len() + buf.len() > self.limit {
+            return std::task::Poll::Ready(Err(std::io::Error::other(
+                "the registry sent more bytes than the manifest gives",
+            )));
+        }
+        self.bytes.extend_from_slice(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
 impl Registries {
     /// The daemon's settings: `insecure` registries and the credentials in
     /// `auth_file`, read now.
@@ -122,6 +159,10 @@ impl Registries {
     }
 
     fn client(&self) -> Client {
+        // reqwest (under oci-client) takes the process's default rustls
+        // provider: ring, as the rest of the daemon uses (set once; a
+        // second call changes nothing).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         Client::new(ClientConfig {
             protocol: ClientProtocol::HttpsExcept(self.insecure.clone()),
             connect_timeout: Some(std::time::Duration::from_secs(5)),
@@ -227,7 +268,10 @@ impl Registries {
         }
         let mut blobs = BTreeMap::from([(digest.clone(), raw.to_vec())]);
         for d in std::iter::once(&config).chain(&layers) {
-            let mut bytes = Vec::with_capacity(usize::try_from(d.size).unwrap_or(0));
+            let mut bytes = Capped {
+                bytes: Vec::with_capacity(usize::try_from(d.size).unwrap_or(0)),
+                limit: usize::try_from(d.size).unwrap_or(usize::MAX),
+            };
             let layer = oci_client::manifest::OciDescriptor {
                 media_type: d.media_type.clone(),
                 digest: d.digest.clone(),
@@ -238,7 +282,15 @@ impl Registries {
                 .pull_blob(&pinned, &layer, &mut bytes)
                 .await
                 .map_err(|e| Self::error(name, &r, e))?;
-            blobs.insert(d.digest.clone(), bytes);
+            if bytes.bytes.len() != bytes.limit {
+                return Err(bad(format!(
+                    "blob {} has {} bytes, not the {} its manifest says",
+                    d.digest,
+                    bytes.bytes.len(),
+                    d.size
+                )));
+            }
+            blobs.insert(d.digest.clone(), bytes.bytes);
         }
         let diff_ids =
             archive::parse_diff_ids(&blobs[&config.digest]).map_err(|e| bad(e.to_string()))?;
@@ -268,6 +320,18 @@ impl Registries {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_blob_longer_than_its_manifest_says_is_cut_off() {
+        use tokio::io::AsyncWriteExt;
+        let mut blob = Capped {
+            bytes: Vec::new(),
+            limit: 5,
+        };
+        blob.write_all(b"12345").await.unwrap();
+        assert!(blob.write_all(b"6").await.is_err());
+        assert_eq!(blob.bytes, b"12345");
+    }
 
     #[test]
     fn docker_config_credentials_are_read_both_ways() {

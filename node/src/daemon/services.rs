@@ -284,12 +284,15 @@ async fn wait_for_networks(m: &super::member::Member, networks: &[AttachmentRef]
     .await;
 }
 
-/// Normalises a container service's image name and resolves it to the
+/// How long `service create` waits for a registry to name a digest.
+const RESOLVE_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Completes `c` for `service create` and `service update --image` with the
 /// digest it names: from the reference itself (`NAME@sha256:…`), else from
-/// this node's images (with a warning that no registry recorded it), else
-/// from its registry. An image its registry does not have is refused; a
-/// registry that does not answer leaves the name unresolved, with a
-/// warning.
+/// its registry, else (an image only loaded on the nodes) from this node's
+/// images, with a warning that no registry recorded it. An image neither
+/// its registry nor this node has is refused; a registry that does not
+/// answer leaves the name unresolved, with a warning.
 async fn resolve_image(d: &Daemon, c: &mut ContainerSpec) -> anyhow::Result<Option<String>> {
     use super::registry::PullError;
     let name = super::archive::normalize(&c.image).map_err(|e| ApiError::invalid(e.to_string()))?;
@@ -299,23 +302,37 @@ async fn resolve_image(d: &Daemon, c: &mut ContainerSpec) -> anyhow::Result<Opti
         c.image = name.to_owned();
         return Ok(None);
     }
+    // As Docker does, the registry decides what a name means now; an image
+    // only loaded on the nodes (no registry has it) is taken from this
+    // node's store, with a warning.
+    let registry = tokio::time::timeout(RESOLVE_LIMIT, d.engine.registries.resolve(&c.image))
+        .await
+        .unwrap_or_else(|_| {
+            Err(PullError::Unreachable {
+                registry: c.image.split('/').next().unwrap_or_default().to_owned(),
+                reason: format!("no answer within {} s", RESOLVE_LIMIT.as_secs()),
+            })
+        });
+    let e = match registry {
+        Ok(digest) => {
+            c.digest = Some(digest);
+            return Ok(None);
+        }
+        Err(e) => e,
+    };
     if let Ok(Some(digest)) = d.engine.image_digest(&c.image).await {
         let warning = format!(
-            "image {} resolved to {digest} from this node's images: no registry recorded it, so every node must hold that image (shoal image load) or reach a registry that has it",
+            "image {} resolved to {digest} from this node's images ({e}): every node must hold that image (shoal image load) or reach a registry that has it",
             c.image
         );
         c.digest = Some(digest);
         return Ok(Some(warning));
     }
-    match d.engine.registries.resolve(&c.image).await {
-        Ok(digest) => {
-            c.digest = Some(digest);
-            Ok(None)
-        }
-        Err(e @ PullError::NotFound(_)) => Err(ApiError::not_found(format!(
-            "{e} (not on this node, and its registry has no such image or tag)"
+    match e {
+        e @ PullError::NotFound(_) => Err(ApiError::not_found(format!(
+            "{e} (its registry has no such image or tag, and this node holds none by that name)"
         ))),
-        Err(e) => {
+        e => {
             c.digest = None;
             Ok(Some(format!(
                 "image {} could not be resolved to a digest ({e}): each node runs what the name names on it, possibly different versions",
