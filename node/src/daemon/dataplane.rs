@@ -488,7 +488,11 @@ impl<B: Backend + Send> Driver<B> {
             *e = None;
         }
         if let Ok(mut r) = sb.ready.lock() {
-            *r = p.sandboxes.keys().cloned().collect();
+            let ready: std::collections::BTreeSet<_> = p.sandboxes.keys().cloned().collect();
+            if *r != ready {
+                *r = ready;
+                sb.changed.notify_one();
+            }
         }
         if let Ok(mut l) = sb.last.lock() {
             *l = Some(p.clone());

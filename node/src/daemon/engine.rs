@@ -82,6 +82,8 @@ pub struct Engine {
     channel: tokio::sync::Mutex<Option<Channel>>,
     /// Where images are pulled from.
     pub(crate) registries: super::registry::Registries,
+    /// Held while an image is pulled.
+    pub(super) pulling: tokio::sync::Mutex<()>,
 }
 
 impl Engine {
@@ -91,6 +93,7 @@ impl Engine {
             socket: socket.to_owned(),
             channel: tokio::sync::Mutex::new(None),
             registries: Default::default(),
+            pulling: tokio::sync::Mutex::new(()),
         }
     }
 

@@ -416,7 +416,6 @@ impl Engine {
         }
     }
 
-    /// Shoal's images in containerd.
     /// Pulls image `name` (normalised; at `digest` when given) from its
     /// registry into containerd, as `load` writes an archive.
     pub async fn pull(
@@ -424,8 +423,25 @@ impl Engine {
         name: &str,
         digest: Option<&str>,
     ) -> Result<Vec<ImageView>, EngineError> {
+        // One pull at a time on a node: tasks of one image started together
+        // wait for its first pull instead of fetching it each.
+        let _one = self.pulling.lock().await;
         let archive = self.registries.fetch(name, digest).await?;
         self.load(&archive).await
+    }
+
+    /// Pulls image `name` for a task unless it is here (at `digest` when
+    /// given), checked once the pulls before it have ended.
+    pub async fn pull_missing(&self, name: &str, digest: Option<&str>) -> Result<(), EngineError> {
+        let here = {
+            let _one = self.pulling.lock().await;
+            self.image_digest(name).await?
+        };
+        match (here, digest) {
+            (Some(h), Some(d)) if h == d => Ok(()),
+            (Some(_), None) => Ok(()),
+            _ => self.pull(name, digest).await.map(drop),
+        }
     }
 
     /// The manifest digest image `name` names here, if it is here.
@@ -449,6 +465,7 @@ impl Engine {
         }
     }
 
+    /// Shoal's images in containerd.
     pub async fn images(&self) -> Result<Vec<ImageView>, EngineError> {
         let mut images = ImagesClient::new(self.channel().await?);
         let list = images

@@ -39,6 +39,9 @@ pub struct Sandboxes {
     pub(super) last: Mutex<Option<NodePlan>>,
     /// Networks here whose subnet overlaps one of this node's routes.
     pub(super) warnings: Mutex<Vec<String>>,
+    /// Woken when the set of ready sandboxes changes, so the executor
+    /// starts a task as soon as its sandbox is programmed.
+    pub changed: tokio::sync::Notify,
 }
 
 impl Sandboxes {
@@ -55,6 +58,7 @@ impl Sandboxes {
             error: Mutex::default(),
             last: Mutex::default(),
             warnings: Mutex::default(),
+            changed: tokio::sync::Notify::new(),
         }
     }
 

@@ -133,6 +133,10 @@ pub async fn run(args: ShimArgs) -> anyhow::Result<()> {
         .command
         .split_first()
         .ok_or_else(|| anyhow::anyhow!("no command"))?;
+    // Taken before the task starts: a stop that arrives while it starts
+    // must reach it, not end the shim and orphan the task (a 100-task
+    // service removed right after it started left such a task behind).
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let spawned = tokio::process::Command::new(program)
         .args(rest)
         .stdin(std::process::Stdio::null())
@@ -157,7 +161,6 @@ pub async fn run(args: ShimArgs) -> anyhow::Result<()> {
         &file(&args.dir, &args.id, "pid"),
         format!("{me} {my_start} {child_pid}\n").as_bytes(),
     )?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let status = tokio::select! {
         s = child.wait() => s?,
         _ = term.recv() => {

@@ -150,7 +150,7 @@ pub async fn start(engine: &Engine, s: Start<'_>) -> Result<Option<HealthCheck>,
         // started.
         Err(EngineError::NoImage(_) | EngineError::OtherImage { .. }) => {
             tracing::info!(task = %s.id, image = %c.image, "pulling the task's image");
-            engine.pull(&c.image, c.digest.as_deref()).await?;
+            engine.pull_missing(&c.image, c.digest.as_deref()).await?;
             engine.start(new(run)).await
         }
         other => other,

@@ -632,6 +632,7 @@ pub async fn run<W: Propose>(ctx: ExecutorCtx<W>) {
         tokio::select! {
             _ = tokio::time::sleep(INTERVAL) => {}
             _ = changes.changed() => {}
+            () = ctx.sandboxes.changed.notified() => {}
             Some(t) = turned.recv() => on_health(&ctx, t).await,
             () = &mut reported, if reporting => reporting = false,
         }
@@ -644,6 +645,7 @@ pub async fn run<W: Propose>(ctx: ExecutorCtx<W>) {
         let seen = observe(&dir, &mut running, &ctx.health);
         let now = Instant::now();
         let actions = decider.decide(&state, ctx.id, &seen, &ctx.sandboxes.view(), now);
+        let mut starts = Vec::new();
         for action in actions {
             match action {
                 ExecAction::Report {
@@ -656,14 +658,7 @@ pub async fn run<W: Propose>(ctx: ExecutorCtx<W>) {
                     running.remove(&task);
                     ctx.health.forget(&task);
                 }
-                ExecAction::Start(task) => {
-                    let Some(t) = state.tasks.get(&task) else {
-                        continue;
-                    };
-                    if let Some(sup) = start(&ctx, &state, t, &tell).await {
-                        running.insert(task, sup);
-                    }
-                }
+                ExecAction::Start(task) => starts.extend(state.tasks.get(&task)),
                 ExecAction::Stop(task) => {
                     if let Some(s) = running.get_mut(&task) {
                         let signal = stop_signal(&state, &task);
@@ -677,8 +672,45 @@ pub async fn run<W: Propose>(ctx: ExecutorCtx<W>) {
                 }
             }
         }
+        running.extend(start_all(&ctx, &state, starts, &tell).await);
     }
 }
+
+/// Starts `tasks`, several at once: a container's start is mostly waiting
+/// on containerd and runc, and each report on a Raft commit.
+async fn start_all<W: Propose>(
+    ctx: &ExecutorCtx<W>,
+    state: &ClusterState,
+    tasks: Vec<&Task>,
+    tell: &mpsc::Sender<probe::Turned>,
+) -> Vec<(TaskId, Supervised)> {
+    use futures_util::StreamExt;
+    let mut started = Vec::new();
+    let mut waiting = tasks.into_iter();
+    let mut pending = futures_util::stream::FuturesUnordered::new();
+    for t in waiting.by_ref().take(PARALLEL_STARTS) {
+        pending.push(start_one(ctx, state, t, tell));
+    }
+    while let Some((id, sup)) = pending.next().await {
+        started.extend(sup.map(|s| (id, s)));
+        if let Some(t) = waiting.next() {
+            pending.push(start_one(ctx, state, t, tell));
+        }
+    }
+    started
+}
+
+async fn start_one<W: Propose>(
+    ctx: &ExecutorCtx<W>,
+    state: &ClusterState,
+    t: &Task,
+    tell: &mpsc::Sender<probe::Turned>,
+) -> (TaskId, Option<Supervised>) {
+    (t.id.clone(), start(ctx, state, t, tell).await)
+}
+
+/// Tasks an executor starts at once.
+const PARALLEL_STARTS: usize = 8;
 
 /// This machine's CPUs and memory (`/proc/meminfo`'s `MemTotal`).
 pub fn node_resources() -> shoal_mesh::NodeResources {
