@@ -11,39 +11,12 @@
 //!
 //! `cargo bench -p shoal-integration --bench containers [-- TRIALS [running|pull|memory]]`
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::json;
+use shoal_integration::bench::{call, summary};
 use shoal_integration::{Cluster, images, lab::LAB_IMAGE, registry_on};
-
-fn call(socket: &Path, req: &Value) -> anyhow::Result<Value> {
-    let mut s = UnixStream::connect(socket)?;
-    let mut line = serde_json::to_vec(req)?;
-    line.push(b'\n');
-    s.write_all(&line)?;
-    let mut reply = String::new();
-    BufReader::new(s).read_line(&mut reply)?;
-    let v: Value = serde_json::from_str(&reply)?;
-    if let Some(e) = v["error"].as_str() {
-        anyhow::bail!("{e}");
-    }
-    Ok(v["data"].clone())
-}
-
-fn summary(name: &str, mut v: Vec<Duration>) {
-    v.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    println!(
-        "{name}: n={} min={:.0}ms p50={:.0}ms max={:.0}ms",
-        v.len(),
-        ms(v[0]),
-        ms(v[v.len() / 2]),
-        ms(v[v.len() - 1])
-    );
-}
 
 /// Waits until service `name` runs `replicas` tasks (by the leader's
 /// `service inspect`, every 10 ms); the time since `started`.

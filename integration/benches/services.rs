@@ -8,35 +8,12 @@
 //!
 //! `cargo bench -p shoal-integration --bench services [-- TRIALS [running|many]]`
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::json;
 use shoal_integration::Cluster;
-
-fn call(socket: &Path, req: &Value) -> anyhow::Result<Value> {
-    let mut s = UnixStream::connect(socket)?;
-    let mut line = serde_json::to_vec(req)?;
-    line.push(b'\n');
-    s.write_all(&line)?;
-    let mut reply = String::new();
-    BufReader::new(s).read_line(&mut reply)?;
-    let v: Value = serde_json::from_str(&reply)?;
-    if let Some(e) = v["error"].as_str() {
-        anyhow::bail!("{e}");
-    }
-    Ok(v["data"].clone())
-}
-
-fn create(name: &str, replicas: u64, networks: &[&str], command: &[&str]) -> Value {
-    json!({
-        "op": "service_create", "name": name, "replicas": replicas, "mode": "replicated",
-        "networks": networks, "publish": [], "endpoint_mode": "vip", "constraints": [],
-        "env": [], "labels": [], "command": command,
-    })
-}
+use shoal_integration::bench::{call, create_process_service, summary};
 
 fn formed() -> anyhow::Result<Cluster> {
     let c = Cluster::start(3)?;
@@ -45,18 +22,6 @@ fn formed() -> anyhow::Result<Cluster> {
         Ok(c.node_ls(0)?.iter().all(|n| n["status"] == "ready"))
     })?;
     Ok(c)
-}
-
-fn summary(name: &str, mut v: Vec<Duration>) {
-    v.sort();
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    println!(
-        "{name}: n={} min={:.0}ms p50={:.0}ms max={:.0}ms",
-        v.len(),
-        ms(v[0]),
-        ms(v[v.len() / 2]),
-        ms(v[v.len() - 1])
-    );
 }
 
 fn create_to_running(trials: usize) -> anyhow::Result<()> {
@@ -68,7 +33,10 @@ fn create_to_running(trials: usize) -> anyhow::Result<()> {
         for t in 0..trials {
             let name = format!("s{replicas}-{t}");
             let started = Instant::now();
-            call(&socket, &create(&name, replicas, &[], &["sleep", "600"]))?;
+            call(
+                &socket,
+                &create_process_service(&name, replicas, &[], &["sleep", "600"]),
+            )?;
             let inspect = json!({"op": "service_inspect", "service": name});
             loop {
                 let v = call(&socket, &inspect)?;
@@ -139,7 +107,10 @@ fn many_services(count: usize, clients: usize) -> anyhow::Result<()> {
                 let socket = &socket;
                 s.spawn(move || -> anyhow::Result<()> {
                     for i in (k..count).step_by(clients) {
-                        call(socket, &create(&format!("m{i}"), 0, &["bench"], &["true"]))?;
+                        call(
+                            socket,
+                            &create_process_service(&format!("m{i}"), 0, &["bench"], &["true"]),
+                        )?;
                     }
                     Ok(())
                 })

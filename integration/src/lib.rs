@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub mod attack;
+pub mod bench;
 pub mod failover;
 pub mod images;
 pub mod lab;
