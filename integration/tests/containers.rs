@@ -860,3 +860,67 @@ fn nodes_pull_what_a_service_names_from_the_lab_registry_and_a_moved_tag_changes
     assert_ne!(r.code, 0);
     assert!(r.stderr.contains("not found"), "{}", r.stderr);
 }
+
+#[test]
+fn a_task_waits_with_the_reason_while_containerd_is_away_and_starts_once_it_answers() {
+    if !root_or_skip("run containerd and network namespaces") {
+        return;
+    }
+    let mut c = Cluster::start_isolated(1).unwrap();
+    c.form(1).unwrap();
+    // No containerd: the image cannot be resolved here, so the service
+    // runs it by name, with a warning.
+    let r = c
+        .shoal_ok(
+            0,
+            &[
+                "service",
+                "create",
+                "--detach",
+                "--name",
+                "late",
+                "lab.local/busybox:1",
+                "busybox",
+                "sleep",
+                "600",
+            ],
+        )
+        .unwrap();
+    assert!(r.stderr.contains("could not be resolved"), "{}", r.stderr);
+    // The task waits on its node, saying why and when it tries again; it
+    // neither fails nor is replaced, however long containerd is away.
+    let waiting = c
+        .wait_until_value(Duration::from_secs(20), || {
+            let ps = c
+                .shoal_ok(0, &["service", "ps", "--format", "json", "late"])?
+                .json()?;
+            let t = ps[0].clone();
+            anyhow::ensure!(t["state"] == "assigned" && t["message"] != "", "{t}");
+            Ok(t)
+        })
+        .unwrap();
+    let msg = waiting["message"].as_str().unwrap();
+    assert!(
+        msg.contains("waiting to start: containerd does not answer") && msg.contains("next try in"),
+        "{msg}"
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    let ps = c
+        .shoal_ok(0, &["service", "ps", "--format", "json", "late"])
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(ps.as_array().unwrap().len(), 1, "{ps}");
+    assert_eq!(ps[0]["id"], waiting["id"], "{ps}");
+    assert_eq!(ps[0]["state"], "assigned", "{ps}");
+
+    // containerd comes, then the image: the same task runs.
+    c.start_containerd(0).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("busybox.tar");
+    std::fs::write(&archive, images::busybox("lab.local/busybox:1").unwrap()).unwrap();
+    c.shoal_ok(0, &["image", "load", archive.to_str().unwrap()])
+        .unwrap();
+    let ran = first_task_when(&c, "late", "running", Duration::from_secs(90));
+    assert_eq!(ran["id"], waiting["id"]);
+}

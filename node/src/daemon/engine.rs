@@ -86,6 +86,20 @@ pub struct Engine {
     pub(super) pulling: tokio::sync::Mutex<()>,
 }
 
+impl EngineError {
+    /// Whether a task that could not start for this reason should wait and
+    /// try again (containerd or the registry away, an image not there yet)
+    /// rather than fail.
+    pub fn retryable(&self) -> bool {
+        use super::registry::PullError as P;
+        matches!(
+            self,
+            EngineError::Unreachable { .. }
+                | EngineError::Pull(P::Unreachable { .. } | P::NotFound(_) | P::Denied { .. })
+        )
+    }
+}
+
 impl Engine {
     /// containerd at `socket`; nothing is dialled yet.
     pub fn new(socket: &Path) -> Self {
@@ -178,6 +192,38 @@ fn source_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_task_waits_out_what_may_pass_and_fails_on_what_will_not() {
+        use super::super::registry::PullError as P;
+        let s = |x: &str| x.to_owned();
+        for e in [
+            EngineError::Unreachable {
+                socket: "/run/x.sock".into(),
+                reason: s("refused"),
+            },
+            EngineError::Pull(P::NotFound(s("lab/x:1"))),
+            EngineError::Pull(P::Unreachable {
+                registry: s("r:5000"),
+                reason: s("timeout"),
+            }),
+            EngineError::Pull(P::Denied {
+                name: s("lab/x:1"),
+                reason: s("401"),
+            }),
+        ] {
+            assert!(e.retryable(), "{e}");
+        }
+        for e in [
+            EngineError::NoImage(s("lab/x:1")),
+            EngineError::Pull(P::Bad {
+                name: s("lab/x:1"),
+                reason: s("not an image"),
+            }),
+        ] {
+            assert!(!e.retryable(), "{e}");
+        }
+    }
 
     #[tokio::test]
     async fn a_socket_nobody_serves_is_reported_with_what_to_do() {

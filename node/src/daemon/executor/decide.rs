@@ -96,14 +96,35 @@ fn report(task: &TaskId, state: TaskState, message: impl Into<String>) -> ExecAc
     }
 }
 
+/// The first wait before a task that could not start tries again; each
+/// try doubles it, up to [`RETRY_MAX`].
+pub const RETRY_FIRST: Duration = Duration::from_secs(1);
+
+/// The longest wait between two tries to start a task.
+pub const RETRY_MAX: Duration = Duration::from_secs(60);
+
 /// The executor's memory between passes: since when each task waits for
-/// its sandbox.
+/// its sandbox, and when a task that could not start tries again.
 #[derive(Debug, Default)]
 pub struct Decider {
     waiting: BTreeMap<TaskId, Instant>,
+    /// Task → (when it may try again, tries so far).
+    retry: BTreeMap<TaskId, (Instant, u32)>,
 }
 
 impl Decider {
+    /// Task `id` could not start for a reason that may pass (containerd or
+    /// a registry away): it is not started again before the returned wait,
+    /// which doubles with each try (1 s, 2 s, … 60 s).
+    pub fn retry_later(&mut self, id: &TaskId, now: Instant) -> Duration {
+        let tries = self.retry.get(id).map_or(0, |(_, n)| *n);
+        let wait = RETRY_FIRST
+            .saturating_mul(1 << tries.min(16))
+            .min(RETRY_MAX);
+        self.retry.insert(id.clone(), (now + wait, tries + 1));
+        wait
+    }
+
     /// What to do now on node `me`.
     pub fn decide(
         &mut self,
@@ -115,6 +136,8 @@ impl Decider {
     ) -> Vec<ExecAction> {
         let mut out = Vec::new();
         self.waiting.retain(|id, _| state.tasks.contains_key(id));
+        self.retry
+            .retain(|id, _| state.tasks.contains_key(id) && !supervised.contains_key(id));
         for (id, s) in supervised {
             let task = state.tasks.get(id);
             let wanted = task.is_some_and(|t| t.desired == DesiredState::Running);
@@ -173,7 +196,9 @@ impl Decider {
             }
             if !sandboxes.enabled || sandboxes.ready.contains(&t.id) {
                 self.waiting.remove(&t.id);
-                out.push(ExecAction::Start(t.id.clone()));
+                if self.retry.get(&t.id).is_none_or(|(at, _)| now >= *at) {
+                    out.push(ExecAction::Start(t.id.clone()));
+                }
                 continue;
             }
             let since = *self.waiting.entry(t.id.clone()).or_insert(now);

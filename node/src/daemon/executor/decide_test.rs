@@ -227,3 +227,35 @@ fn a_task_the_store_shows_running_without_a_process_here_failed() {
     let acts = Decider::default().decide(&s, ME, &BTreeMap::new(), &no_dataplane(), Instant::now());
     assert_failed(&acts, "a", "process was gone");
 }
+
+#[test]
+fn a_task_that_could_not_start_tries_again_after_a_doubling_wait() {
+    let s = store(vec![task(
+        "a",
+        1,
+        DesiredState::Running,
+        TaskState::Assigned,
+    )]);
+    let mut d = Decider::default();
+    let t0 = Instant::now();
+    let none = BTreeMap::new();
+    let start = vec![ExecAction::Start("a".into())];
+    assert_eq!(d.decide(&s, ME, &none, &no_dataplane(), t0), start);
+    // containerd did not answer: 1 s, then 2 s, 4 s… up to a minute.
+    assert_eq!(d.retry_later(&"a".into(), t0), Duration::from_secs(1));
+    assert!(d.decide(&s, ME, &none, &no_dataplane(), t0).is_empty());
+    let t1 = t0 + Duration::from_secs(1);
+    assert_eq!(d.decide(&s, ME, &none, &no_dataplane(), t1), start);
+    assert_eq!(d.retry_later(&"a".into(), t1), Duration::from_secs(2));
+    let almost = t1 + Duration::from_millis(1999);
+    assert!(d.decide(&s, ME, &none, &no_dataplane(), almost).is_empty());
+    let mut t = t1;
+    for _ in 0..10 {
+        t += d.retry_later(&"a".into(), t);
+    }
+    assert_eq!(d.retry_later(&"a".into(), t), RETRY_MAX);
+    // Once it runs, its next failure to start waits 1 s again.
+    let sup = BTreeMap::from([(TaskId::from("a"), running())]);
+    d.decide(&s, ME, &sup, &no_dataplane(), t);
+    assert_eq!(d.retry_later(&"a".into(), t), Duration::from_secs(1));
+}

@@ -300,15 +300,28 @@ impl<W: Propose> ExecutorCtx<W> {
     }
 }
 
+/// How a start went.
+enum Started {
+    /// It runs (reported).
+    Running(Box<Supervised>),
+    /// It could not start (reported failed), or its service is gone.
+    Failed,
+    /// It could not start for a reason that may pass (not reported yet).
+    Retry(String),
+}
+
 /// Starts task `t` (its sandbox, if any, is ready): its container, or a
-/// host program under a shim; reports how that went.
+/// host program under a shim; reports how that went, except a failure
+/// that may pass, which the caller retries.
 async fn start<W: Propose>(
     ctx: &ExecutorCtx<W>,
     state: &ClusterState,
     t: &Task,
     tell: &mpsc::Sender<probe::Turned>,
-) -> Option<Supervised> {
-    let service = state.services.get(&t.service_id)?;
+) -> Started {
+    let Some(service) = state.services.get(&t.service_id) else {
+        return Started::Failed;
+    };
     // With the data plane, the task starts inside the sandbox it programmed.
     let netns = ctx.sandboxes.ready(&t.id);
     if service.spec.container.is_some() {
@@ -334,30 +347,33 @@ async fn start<W: Propose>(
                     .await;
                 let mut watched = container::watch(ctx.engine.clone(), t.id.clone());
                 watched.probe = start_probe(ctx, service, &t.id, image_check.as_ref(), tell);
-                Some(Supervised::container(watched))
+                Started::Running(Box::new(Supervised::container(watched)))
             }
+            Err(e) if e.retryable() => Started::Retry(e.to_string()),
             Err(e) => {
                 let msg = format!("cannot start the task's container: {e}");
                 ctx.report(&t.id, TaskState::Failed, msg, None).await;
-                None
+                Started::Failed
             }
         };
     }
-    let (program, _) = service.spec.command.split_first()?;
+    let Some((program, _)) = service.spec.command.split_first() else {
+        return Started::Failed;
+    };
     if let Err(msg) = find_program(program) {
         ctx.report(&t.id, TaskState::Failed, msg, None).await;
-        return None;
+        return Started::Failed;
     }
     match spawn(ctx, state, t, netns.as_deref()) {
         Ok(child) => {
             ctx.report(&t.id, TaskState::Running, String::new(), None)
                 .await;
-            Some(Supervised::shim(Some(child), None))
+            Started::Running(Box::new(Supervised::shim(Some(child), None)))
         }
         Err(e) => {
             let msg = format!("cannot start the task's supervisor: {e}");
             ctx.report(&t.id, TaskState::Failed, msg, None).await;
-            None
+            Started::Failed
         }
     }
 }
@@ -672,7 +688,20 @@ pub async fn run<W: Propose>(ctx: ExecutorCtx<W>) {
                 }
             }
         }
-        running.extend(start_all(&ctx, &state, starts, &tell).await);
+        for (id, started) in start_all(&ctx, &state, starts, &tell).await {
+            match started {
+                Started::Running(sup) => {
+                    running.insert(id, *sup);
+                }
+                Started::Failed => {}
+                Started::Retry(why) => {
+                    let wait = decider.retry_later(&id, Instant::now());
+                    let msg = format!("waiting to start: {why}; next try in {} s", wait.as_secs());
+                    tracing::info!(task = %id, "{msg}");
+                    ctx.report(&id, TaskState::Assigned, msg, None).await;
+                }
+            }
+        }
     }
 }
 
@@ -683,7 +712,7 @@ async fn start_all<W: Propose>(
     state: &ClusterState,
     tasks: Vec<&Task>,
     tell: &mpsc::Sender<probe::Turned>,
-) -> Vec<(TaskId, Supervised)> {
+) -> Vec<(TaskId, Started)> {
     use futures_util::StreamExt;
     let mut started = Vec::new();
     let mut waiting = tasks.into_iter();
@@ -691,8 +720,8 @@ async fn start_all<W: Propose>(
     for t in waiting.by_ref().take(PARALLEL_STARTS) {
         pending.push(start_one(ctx, state, t, tell));
     }
-    while let Some((id, sup)) = pending.next().await {
-        started.extend(sup.map(|s| (id, s)));
+    while let Some(one) = pending.next().await {
+        started.push(one);
         if let Some(t) = waiting.next() {
             pending.push(start_one(ctx, state, t, tell));
         }
@@ -705,7 +734,7 @@ async fn start_one<W: Propose>(
     state: &ClusterState,
     t: &Task,
     tell: &mpsc::Sender<probe::Turned>,
-) -> (TaskId, Option<Supervised>) {
+) -> (TaskId, Started) {
     (t.id.clone(), start(ctx, state, t, tell).await)
 }
 
