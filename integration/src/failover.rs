@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use serde_json::{Value, json};
 
-use super::{Cluster, echo_service, shoal_bin};
+use super::lab::LAB_IMAGE;
+use super::{Cluster, registry_on, shoal_bin, web_service};
 
 /// The scenarios.
 pub const SCENARIOS: [&str; 5] = [
@@ -108,10 +109,11 @@ pub fn run(scenario: &str) -> anyhow::Result<Value> {
             SCENARIOS.join(", ")
         );
     }
-    let mut c = Cluster::start_isolated(4)?;
+    let mut c = Cluster::start_isolated(4)?.equip()?;
     c.form(3)?;
     c.shoal_ok(0, &["network", "create", "appnet"])?;
-    let args = echo_service("web", 4, &["--network", "appnet", "-p", "8080:80"]);
+    let image = format!("{}/{}", registry_on(c.hosts[0].ip), LAB_IMAGE);
+    let args = web_service("web", 4, &["--network", "appnet", "-p", "8080:80"], &image);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     c.shoal_ok(0, &args)?;
     let leader = c.leader(0)?.unwrap_or(0);
@@ -158,8 +160,9 @@ pub fn run(scenario: &str) -> anyhow::Result<Value> {
         .filter_map(|t| t["addresses"]["appnet"].as_str().map(str::to_owned))
         .collect();
     let bin = shoal_bin().to_string_lossy().into_owned();
-    // The client runs inside the task's namespaces without going through
-    // its daemon (which some scenarios restart), to the VIP's address.
+    // The client (this machine's `shoal tool http-get`) runs in the task's
+    // network namespace without going through its daemon (which some
+    // scenarios restart), to the VIP's address.
     let client_id = tasks
         .iter()
         .find(|t| t["name"] == client_task.as_str() && t["node"] == obs_name.as_str())
@@ -182,7 +185,6 @@ pub fn run(scenario: &str) -> anyhow::Result<Value> {
             "--target".into(),
             pid,
             "--net".into(),
-            "--mount".into(),
             "--".into(),
             bin.clone(),
             "tool".into(),

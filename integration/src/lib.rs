@@ -69,6 +69,25 @@ pub fn echo_service(name: &str, replicas: usize, extra: &[&str]) -> Vec<String> 
     args
 }
 
+/// What the web containers of the lab run (busybox's `httpd`): each
+/// answers with its task's name (its hostname) and its IPv4 addresses, as
+/// `{"task": "web.1", "addresses": ["10.0.1.3", …]}`, like the built-in
+/// `shoal tool http-echo`.
+pub const WEB_SCRIPT: &str = r#"busybox mkdir -p /www && A=$(busybox ip -o -4 addr | busybox awk '$2 != "lo" { split($4, a, "/"); printf "%s\"%s\"", (n++ ? "," : ""), a[1] }') && echo "{\"task\":\"$(busybox hostname)\",\"addresses\":[$A]}" > /www/index.html && exec busybox httpd -f -p 80 -h /www"#;
+
+/// `service create --name NAME --replicas N EXTRA… IMAGE sh -c WEB_SCRIPT`:
+/// web containers of `image` (the lab's busybox), one per replica.
+pub fn web_service(name: &str, replicas: usize, extra: &[&str], image: &str) -> Vec<String> {
+    let mut args: Vec<String> = ["service", "create", "--name", name, "--replicas"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    args.push(replicas.to_string());
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    args.extend([image, "sh", "-c", WEB_SCRIPT].map(str::to_owned));
+    args
+}
+
 /// A unique `127.A.B.0` prefix for each cluster of this process, so that
 /// tests can run in parallel and beside other test runs.
 fn next_prefix() -> (u8, u8) {
@@ -325,12 +344,15 @@ impl Cluster {
         Some((format!("{prefix}ul"), format!("ul{}", i + 1)))
     }
 
-    /// A host dies: its daemon and every process it started are killed
-    /// and, for isolated hosts, its underlay link is cut.
+    /// A host dies: its daemon, its containerd, its containers and every
+    /// process it started are killed and, for isolated hosts, its underlay
+    /// link is cut.
     pub fn kill_host(&mut self, i: usize) {
         self.kill(i);
         let base = self.hosts[i].state_dir.clone();
         kill_processes_under(&base);
+        self.kill_containers(i);
+        self.kill_containerd(i);
         if let Some((ul, port)) = self.switch_port(i) {
             let _ = ip(&["-n", &ul, "link", "set", &port, "down"]);
         }
@@ -341,6 +363,9 @@ impl Cluster {
     pub fn revive_host(&mut self, i: usize) -> anyhow::Result<()> {
         if let Some((ul, port)) = self.switch_port(i) {
             ip(&["-n", &ul, "link", "set", &port, "up"])?;
+        }
+        if self.hosts[i].containerd_dir.join("config.toml").exists() {
+            self.start_containerd(i)?;
         }
         self.start_daemon(i)
     }
@@ -895,9 +920,19 @@ impl Cluster {
         out
     }
 
-    /// The pid of task `task`'s process on host `i` (the third field of
-    /// its pid file), for entering its namespaces without its daemon.
+    /// The pid of task `task`'s process on host `i` (a container's init,
+    /// or the third field of a host program's pid file), for entering its
+    /// namespaces without its daemon.
     pub fn task_pid(&self, i: usize, task: &str) -> anyhow::Result<String> {
+        // A container's: its init process, in its containerd's runtime state.
+        let init = self.hosts[i]
+            .containerd_dir
+            .join("state/io.containerd.runtime.v2.task/shoal")
+            .join(task)
+            .join("init.pid");
+        if let Ok(pid) = std::fs::read_to_string(&init) {
+            return Ok(pid.trim().to_owned());
+        }
         let path = self.hosts[i]
             .state_dir
             .join("tasks")

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use shoal_integration::failover;
 use shoal_integration::lab::LAB_IMAGE;
 use shoal_integration::spec::LabSpec;
-use shoal_integration::{Cluster, is_root};
+use shoal_integration::{Cluster, is_root, web_service};
 
 fn step(text: &str) {
     println!("\n==> {text}");
@@ -77,10 +77,6 @@ fn running_tasks(c: &Cluster, i: usize) -> anyhow::Result<Vec<(String, String)>>
         })
         .collect())
 }
-
-/// What the demo's containers run: busybox's httpd, serving the
-/// container's hostname (its task's name) as JSON.
-const WEB: &str = r#"busybox mkdir -p /www && echo "{\"task\":\"$(busybox hostname)\"}" > /www/index.html && exec busybox httpd -f -p 80 -h /www"#;
 
 /// From inside each running task of `web`, a request to `http://web/`
 /// (the embedded DNS gives the VIP, which balances over the replicas), then
@@ -245,28 +241,14 @@ fn demo(keep: Option<&str>) -> anyhow::Result<()> {
             "{}/{LAB_IMAGE}",
             shoal_integration::registry_on(c.hosts[0].ip)
         );
-        show(
-            &c,
-            1,
-            &[
-                "service",
-                "create",
-                "--name",
-                "web",
-                "--replicas",
-                "3",
-                "--network",
-                "web",
-                "-p",
-                "8080:80",
-                "--limit-memory",
-                "64m",
-                &image,
-                "sh",
-                "-c",
-                WEB,
-            ],
-        )?;
+        let args = web_service(
+            "web",
+            3,
+            &["--network", "web", "-p", "8080:80", "--limit-memory", "64m"],
+            &image,
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        show(&c, 1, &args)?;
         // node1's copy of the store may trail the leader's for a moment.
         c.wait_until(
             "node1 to see 3 running tasks",
