@@ -57,15 +57,21 @@ pub use shoal_netdriver::privilege::{is_root, root_or_skip};
 /// `service create --name NAME --replicas N EXTRA… -- shoal tool http-echo
 /// --port 80`: the built-in workload, one task per replica.
 pub fn echo_service(name: &str, replicas: usize, extra: &[&str]) -> Vec<String> {
+    let mut args = create_args(name, replicas, extra);
+    args.push("--".into());
+    args.push(shoal_bin().to_string_lossy().into_owned());
+    args.extend(["tool", "http-echo", "--port", "80"].map(str::to_owned));
+    args
+}
+
+/// `service create --name NAME --replicas N EXTRA…`.
+fn create_args(name: &str, replicas: usize, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = ["service", "create", "--name", name, "--replicas"]
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
     args.push(replicas.to_string());
     args.extend(extra.iter().map(|s| (*s).to_owned()));
-    args.push("--".into());
-    args.push(shoal_bin().to_string_lossy().into_owned());
-    args.extend(["tool", "http-echo", "--port", "80"].map(str::to_owned));
     args
 }
 
@@ -78,12 +84,7 @@ pub const WEB_SCRIPT: &str = r#"busybox mkdir -p /www && A=$(busybox ip -o -4 ad
 /// `service create --name NAME --replicas N EXTRA… IMAGE sh -c WEB_SCRIPT`:
 /// web containers of `image` (the lab's busybox), one per replica.
 pub fn web_service(name: &str, replicas: usize, extra: &[&str], image: &str) -> Vec<String> {
-    let mut args: Vec<String> = ["service", "create", "--name", name, "--replicas"]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
-    args.push(replicas.to_string());
-    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    let mut args = create_args(name, replicas, extra);
     args.extend([image, "sh", "-c", WEB_SCRIPT].map(str::to_owned));
     args
 }
