@@ -558,10 +558,9 @@ impl Cluster {
     }
 
     /// Pushes image archive `archive` (OCI or docker-archive) to the lab
-    /// registry as
-    /// `NAME:TAG` (Debian's `skopeo`, from the first host's namespace: the
-    /// underlay's own namespace has no loopback up, so it cannot reach
-    /// itself).
+    /// registry as `NAME:TAG` (Debian's `skopeo`, from the first host's
+    /// namespace: the underlay's own namespace has no loopback up, so it
+    /// cannot reach itself).
     pub fn push(&self, archive: &Path, name_tag: &str) -> anyhow::Result<()> {
         let addr = registry_on(self.hosts[0].ip);
         let first = self.hosts[0].netns.clone().unwrap_or_default();
@@ -687,7 +686,23 @@ impl Cluster {
             .map(|b| b.path())
             .collect();
         for b in &bundles {
-            if let Ok(pid) = std::fs::read_to_string(b.join("init.pid")) {
+            // Only a container's init (PID 1 of a PID namespace): the PID of
+            // a container that ended may have been reused since.
+            let pid = std::fs::read_to_string(b.join("init.pid"))
+                .ok()
+                .filter(|pid| {
+                    std::fs::read_to_string(format!("/proc/{}/status", pid.trim())).is_ok_and(
+                        |st| {
+                            st.lines()
+                                .find_map(|l| l.strip_prefix("NSpid:"))
+                                .is_some_and(|ids| {
+                                    let ids: Vec<&str> = ids.split_whitespace().collect();
+                                    ids.len() > 1 && ids.last() == Some(&"1")
+                                })
+                        },
+                    )
+                });
+            if let Some(pid) = pid {
                 let _ = Command::new("kill")
                     .args(["-KILL", pid.trim()])
                     .stderr(Stdio::null())

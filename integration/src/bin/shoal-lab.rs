@@ -231,7 +231,7 @@ fn demo(keep: Option<&str>) -> anyhow::Result<()> {
 
     if root {
         step(
-            "An overlay network and a service of 3 containers of the registry's image (busybox httpd answering with its hostname), published on port 8080 through the routing mesh",
+            "An overlay network and a service of 3 containers of the registry's image (busybox httpd answering with its task name and addresses), published on port 8080 through the routing mesh",
         );
         show(&c, 0, &["network", "create", "web"])?;
         let bin = shoal_integration::shoal_bin()

@@ -121,7 +121,8 @@ impl Decider {
         let wait = RETRY_FIRST
             .saturating_mul(1 << tries.min(16))
             .min(RETRY_MAX);
-        self.retry.insert(id.clone(), (now + wait, tries + 1));
+        self.retry
+            .insert(id.clone(), (now + wait, tries.saturating_add(1)));
         wait
     }
 
