@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use shoal_integration::bench::{call, summary};
+use shoal_integration::bench::{call, proc_kib, summary};
 use shoal_integration::{Cluster, images, lab::LAB_IMAGE, registry_on};
 
 /// Waits until service `name` runs `replicas` tasks (by the leader's
@@ -76,16 +76,6 @@ fn pids_of(matches: impl Fn(&str) -> bool) -> Vec<u32> {
             matches(&String::from_utf8_lossy(&cmd)).then_some(pid)
         })
         .collect()
-}
-
-/// Proportional set size of process `pid`, in KiB.
-fn pss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Memory charged to the `shoal` cgroups of container tasks (their
@@ -232,7 +222,12 @@ fn memory(c: &Cluster, image: &str) -> anyhow::Result<()> {
                 pids_of(|cmd| cmd == "sleep\u{0}600\u{0}"),
             )
         };
-        let per_task = |pids: &[u32]| pids.iter().map(|p| pss_kib(*p)).sum::<u64>() / N as u64;
+        let per_task = |pids: &[u32]| {
+            pids.iter()
+                .map(|p| proc_kib(*p, "smaps_rollup", "Pss:"))
+                .sum::<u64>()
+                / N as u64
+        };
         print!(
             "{N} {runtime} tasks, PSS per task: shim {} KiB ({} processes), task {} KiB",
             per_task(&shims),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use shoal_integration::Cluster;
-use shoal_integration::bench::{call, create_process_service, summary};
+use shoal_integration::bench::{call, create_process_service, proc_kib, summary};
 
 fn formed() -> anyhow::Result<Cluster> {
     let c = Cluster::start(3)?;
@@ -75,15 +75,6 @@ fn dir_size(p: &Path) -> u64 {
         .sum()
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 fn many_services(count: usize, clients: usize) -> anyhow::Result<()> {
     let c = formed()?;
     let leader = c.leader(0)?.unwrap_or(0);
@@ -91,7 +82,7 @@ fn many_services(count: usize, clients: usize) -> anyhow::Result<()> {
     let rss_before: Vec<u64> = c
         .hosts
         .iter()
-        .map(|h| rss_kib(h.pid().unwrap_or(0)))
+        .map(|h| proc_kib(h.pid().unwrap_or(0), "status", "VmRSS:"))
         .collect();
     call(
         &socket,
@@ -140,7 +131,7 @@ fn many_services(count: usize, clients: usize) -> anyhow::Result<()> {
             "  {}: state dir {:.1} MiB, daemon RSS {:.1} MiB (was {:.1} MiB)",
             h.name,
             dir_size(&h.state_dir) as f64 / 1048576.0,
-            rss_kib(h.pid().unwrap_or(0)) as f64 / 1024.0,
+            proc_kib(h.pid().unwrap_or(0), "status", "VmRSS:") as f64 / 1024.0,
             rss_before[i] as f64 / 1024.0,
         );
     }

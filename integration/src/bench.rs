@@ -1,5 +1,6 @@
 //! What the benchmarks share: a call on a daemon's API socket, a request
-//! that creates a host-program service, and a one-line summary of timings.
+//! that creates a host-program service, a one-line summary of timings, and
+//! a process's memory.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -69,4 +70,15 @@ pub fn summary(name: &str, mut v: Vec<Duration>) {
         ms(v[v.len() / 2]),
         ms(v[v.len() - 1])
     );
+}
+
+/// Field `field` (e.g. `VmRSS:` of `status`, `Pss:` of `smaps_rollup`) of
+/// `/proc/PID/FILE`, in KiB; 0 when the process or the field is gone.
+pub fn proc_kib(pid: u32, file: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }

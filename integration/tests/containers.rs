@@ -371,12 +371,22 @@ fn running(c: &Cluster, i: usize, service: &str) -> Vec<serde_json::Value> {
 
 /// The first task of `service` once it is in `state` (within `limit`).
 fn first_task_when(c: &Cluster, service: &str, state: &str, limit: Duration) -> serde_json::Value {
+    first_task_where(c, service, limit, |t| t["state"] == state)
+}
+
+/// The first task of `service` once `ok` holds for it (within `limit`).
+fn first_task_where(
+    c: &Cluster,
+    service: &str,
+    limit: Duration,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     c.wait_until_value(limit, || {
         let ps = c
             .shoal_ok(0, &["service", "ps", "--format", "json", service])?
             .json()?;
         let t = ps[0].clone();
-        anyhow::ensure!(t["state"] == state, "{t}");
+        anyhow::ensure!(ok(&t), "{t}");
         Ok(t)
     })
     .unwrap()
@@ -889,16 +899,9 @@ fn a_task_waits_with_the_reason_while_containerd_is_away_and_starts_once_it_answ
     assert!(r.stderr.contains("could not be resolved"), "{}", r.stderr);
     // The task waits on its node, saying why and when it tries again; it
     // neither fails nor is replaced, however long containerd is away.
-    let waiting = c
-        .wait_until_value(Duration::from_secs(20), || {
-            let ps = c
-                .shoal_ok(0, &["service", "ps", "--format", "json", "late"])?
-                .json()?;
-            let t = ps[0].clone();
-            anyhow::ensure!(t["state"] == "assigned" && t["message"] != "", "{t}");
-            Ok(t)
-        })
-        .unwrap();
+    let waiting = first_task_where(&c, "late", Duration::from_secs(20), |t| {
+        t["state"] == "assigned" && t["message"] != ""
+    });
     let msg = waiting["message"].as_str().unwrap();
     assert!(
         msg.contains("waiting to start: containerd does not answer") && msg.contains("next try in"),

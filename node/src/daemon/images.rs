@@ -426,22 +426,29 @@ impl Engine {
         // One pull at a time on a node: tasks of one image started together
         // wait for its first pull instead of fetching it each.
         let _one = self.pulling.lock().await;
-        let archive = self.registries.fetch(name, digest).await?;
-        self.load(&archive).await
+        self.fetch_and_load(name, digest).await
     }
 
     /// Pulls image `name` for a task unless it is here (at `digest` when
-    /// given), checked once the pulls before it have ended.
+    /// given), checked under the same lock as the pull, so that tasks
+    /// of one missing image pull it once.
     pub async fn pull_missing(&self, name: &str, digest: Option<&str>) -> Result<(), EngineError> {
-        let here = {
-            let _one = self.pulling.lock().await;
-            self.image_digest(name).await?
-        };
-        match (here, digest) {
+        let _one = self.pulling.lock().await;
+        match (self.image_digest(name).await?, digest) {
             (Some(h), Some(d)) if h == d => Ok(()),
             (Some(_), None) => Ok(()),
-            _ => self.pull(name, digest).await.map(drop),
+            _ => self.fetch_and_load(name, digest).await.map(drop),
         }
+    }
+
+    /// The pull itself; the caller holds `pulling`.
+    async fn fetch_and_load(
+        &self,
+        name: &str,
+        digest: Option<&str>,
+    ) -> Result<Vec<ImageView>, EngineError> {
+        let archive = self.registries.fetch(name, digest).await?;
+        self.load(&archive).await
     }
 
     /// The manifest digest image `name` names here, if it is here.
