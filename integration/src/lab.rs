@@ -134,6 +134,7 @@ impl Cluster {
                 log: s(h, "log").into(),
                 netns: h["netns"].as_str().map(str::to_owned),
                 containerd_dir: dir.join(s(h, "name")).join("containerd"),
+                daemon_args: Vec::new(),
                 child: None,
                 containerd: None,
             })

@@ -54,14 +54,88 @@ pub fn shoal_bin() -> &'static Path {
 
 pub use shoal_netdriver::privilege::{is_root, root_or_skip};
 
-/// `service create --name NAME --replicas N EXTRA… -- shoal tool http-echo
-/// --port 80`: the built-in workload, one task per replica.
+/// `service create --name NAME --replicas N EXTRA… TOOLS shoal tool
+/// http-echo --port 80`: containers of the tools image running the
+/// built-in workload, one per replica (the hosts need
+/// [`Cluster::load_tools`]).
 pub fn echo_service(name: &str, replicas: usize, extra: &[&str]) -> Vec<String> {
+    tools_service(
+        name,
+        replicas,
+        extra,
+        &["shoal", "tool", "http-echo", "--port", "80"],
+    )
+}
+
+/// `service create --name NAME --replicas N EXTRA… TOOLS COMMAND…`:
+/// containers of the tools image running `command`.
+pub fn tools_service(name: &str, replicas: usize, extra: &[&str], command: &[&str]) -> Vec<String> {
     let mut args = create_args(name, replicas, extra);
-    args.push("--".into());
-    args.push(shoal_bin().to_string_lossy().into_owned());
-    args.extend(["tool", "http-echo", "--port", "80"].map(str::to_owned));
+    args.push(tools_image().reference.clone());
+    args.extend(command.iter().map(|s| (*s).to_owned()));
     args
+}
+
+/// The image the end-to-end tests run: busybox (every applet), this
+/// build's `shoal` (for `shoal tool http-echo|http-get|udp-send`) and
+/// glibc's `getent`, with their libraries (see [`images::tools_layer`]).
+pub struct ToolsImage {
+    /// Its OCI archive, beside the `shoal` binary it holds.
+    pub archive: PathBuf,
+    /// `lab.local/tools:1@sha256:…`: a service naming it so runs exactly
+    /// this image, and nothing asks a registry for it.
+    pub reference: String,
+}
+
+/// The name the tools image is loaded under.
+pub const TOOLS_IMAGE: &str = "lab.local/tools:1";
+
+/// The tools image of this `shoal` binary, built on first use (once per
+/// binary: later test processes reuse the file).
+pub fn tools_image() -> &'static ToolsImage {
+    static IMAGE: OnceLock<ToolsImage> = OnceLock::new();
+    IMAGE.get_or_init(|| build_tools_image().expect("cannot build the tools image"))
+}
+
+fn build_tools_image() -> anyhow::Result<ToolsImage> {
+    let bin = shoal_bin();
+    let meta = std::fs::metadata(bin)?;
+    let stamp = meta
+        .modified()?
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos();
+    let archive = bin.with_file_name(format!("lab-tools-{}-{stamp}.tar", meta.len()));
+    let digest_file = archive.with_extension("digest");
+    if let (true, Ok(digest)) = (archive.exists(), std::fs::read_to_string(&digest_file)) {
+        return Ok(ToolsImage {
+            archive,
+            reference: format!("{TOOLS_IMAGE}@{}", digest.trim()),
+        });
+    }
+    let getent = Path::new("/usr/bin/getent");
+    let layer = images::tools_layer(&[(bin, "/usr/local/bin/shoal"), (getent, "/usr/bin/getent")])?;
+    let (bytes, digest) = images::oci_archive_and_digest(TOOLS_IMAGE, &layer, &["/bin/sh"])?;
+    // Whole files only, for test processes building it at once.
+    let tmp = archive.with_extension(format!("{}.tmp", std::process::id()));
+    std::fs::write(&tmp, &bytes)?;
+    std::fs::write(&digest_file, &digest)?;
+    std::fs::rename(&tmp, &archive)?;
+    // Earlier builds' images go.
+    let stem = |p: &Path| {
+        let name = p.file_name().unwrap_or_default().to_string_lossy();
+        name.split('.').next().unwrap_or_default().to_owned()
+    };
+    let ours = stem(&archive);
+    for e in std::fs::read_dir(archive.parent().unwrap_or(Path::new(".")))?.flatten() {
+        let theirs = stem(&e.path());
+        if theirs.starts_with("lab-tools-") && theirs != ours {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    Ok(ToolsImage {
+        archive,
+        reference: format!("{TOOLS_IMAGE}@{digest}"),
+    })
 }
 
 /// `service create --name NAME --replicas N EXTRA…`.
@@ -151,6 +225,8 @@ pub struct Host {
     /// Its containerd's root, state, socket and log (started on demand by
     /// [`Cluster::start_containerd`]; the daemon always points there).
     pub containerd_dir: PathBuf,
+    /// More arguments its daemon gets when (re)started.
+    pub daemon_args: Vec<String>,
     child: Option<Child>,
     containerd: Option<Child>,
 }
@@ -416,6 +492,7 @@ impl Cluster {
             log: base.join("daemon.log"),
             netns,
             containerd_dir: base.join("containerd"),
+            daemon_args: Vec::new(),
             child: None,
             containerd: None,
         });
@@ -464,6 +541,7 @@ impl Cluster {
             .arg(&h.name)
             .arg("--containerd-socket")
             .arg(h.containerd_dir.join("containerd.sock"))
+            .args(&h.daemon_args)
             // To look closer at one run (`shoal-lab failover`, a test):
             // e.g. SHOAL_LOG_LEVEL=info,shoal::daemon::dataplane=debug.
             .args(
@@ -496,6 +574,12 @@ impl Cluster {
     /// isolated host's daemon takes as an insecure registry. Needs root and
     /// an isolated cluster.
     pub fn start_registry(&mut self) -> anyhow::Result<String> {
+        self.start_registry_with(None)
+    }
+
+    /// [`Cluster::start_registry`], asking for credentials when
+    /// `htpasswd` (lines `USER:BCRYPT-HASH`) is given.
+    pub fn start_registry_with(&mut self, htpasswd: Option<&str>) -> anyhow::Result<String> {
         let prefix = self
             .netns_prefix
             .clone()
@@ -516,13 +600,19 @@ impl Cluster {
         let dir = self.base.join("registry");
         std::fs::create_dir_all(&dir)?;
         let config = dir.join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-                dir.join("data").display()
-            ),
-        )?;
+        let mut yaml = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            dir.join("data").display()
+        );
+        if let Some(lines) = htpasswd {
+            let file = dir.join("htpasswd");
+            std::fs::write(&file, lines)?;
+            yaml.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: lab\n    path: {}\n",
+                file.display()
+            ));
+        }
+        std::fs::write(&config, yaml)?;
         let log = std::fs::File::create(dir.join("registry.log"))?;
         let mut cmd = Command::new(if self.keep { "setsid" } else { "ip" });
         if self.keep {
@@ -562,11 +652,26 @@ impl Cluster {
     /// namespace: the underlay's own namespace has no loopback up, so it
     /// cannot reach itself).
     pub fn push(&self, archive: &Path, name_tag: &str) -> anyhow::Result<()> {
+        self.push_as(archive, name_tag, None)
+    }
+
+    /// [`Cluster::push`] with credentials `USER:PASSWORD`.
+    pub fn push_as(
+        &self,
+        archive: &Path,
+        name_tag: &str,
+        creds: Option<&str>,
+    ) -> anyhow::Result<()> {
         let addr = registry_on(self.hosts[0].ip);
         let first = self.hosts[0].netns.clone().unwrap_or_default();
-        let out = Command::new("ip")
+        let mut skopeo = Command::new("ip");
+        skopeo
             .args(["netns", "exec", &first, "skopeo", "copy", "--quiet"])
-            .args(["--dest-tls-verify=false", "--insecure-policy"])
+            .args(["--dest-tls-verify=false", "--insecure-policy"]);
+        if let Some(creds) = creds {
+            skopeo.arg(format!("--dest-creds={creds}"));
+        }
+        let out = skopeo
             .arg(format!("{}:{}", transport(archive)?, archive.display()))
             .arg(format!("docker://{addr}/{name_tag}"))
             .output()
@@ -583,6 +688,18 @@ impl Cluster {
     /// Host `i`'s containerd socket.
     pub fn containerd_socket(&self, i: usize) -> PathBuf {
         self.hosts[i].containerd_dir.join("containerd.sock")
+    }
+
+    /// Every host runs containers of the tools image: a containerd of its
+    /// own, and the image loaded (`shoal image load`) into it.
+    pub fn load_tools(&mut self) -> anyhow::Result<()> {
+        let image = tools_image();
+        let path = image.archive.to_string_lossy().into_owned();
+        for i in 0..self.hosts.len() {
+            self.start_containerd(i)?;
+            self.shoal_ok(i, &["image", "load", &path])?;
+        }
+        Ok(())
     }
 
     /// Starts a containerd of host `i`'s own (its root, state and socket

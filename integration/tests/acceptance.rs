@@ -12,7 +12,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use shoal_integration::{Cluster, echo_service, root_or_skip};
+use shoal_integration::{Cluster, echo_service, root_or_skip, tools_image};
 
 const CONVERGE: Duration = Duration::from_secs(40);
 
@@ -149,6 +149,7 @@ fn services_survive_scaling_draining_node_loss_leader_loss_and_restarts() {
         return;
     }
     let mut c = Cluster::start(4).unwrap();
+    c.load_tools().unwrap();
     c.init(0).unwrap();
     let mt = c.token(0, "manager").unwrap();
     c.join(1, &mt, 0).unwrap();
@@ -269,10 +270,21 @@ fn services_survive_scaling_draining_node_loss_leader_loss_and_restarts() {
     .unwrap();
 
     // A global service: one task per node, and one on a node that joins later.
+    let tools = tools_image().reference.as_str();
     c.shoal_ok(
         0,
         &[
-            "service", "create", "--name", "agent", "--mode", "global", "--", "sleep", "600",
+            "service",
+            "create",
+            "--name",
+            "agent",
+            "--mode",
+            "global",
+            "--stop-grace-period",
+            "1s",
+            tools,
+            "sleep",
+            "600",
         ],
     )
     .unwrap();
@@ -306,7 +318,7 @@ fn services_survive_scaling_draining_node_loss_leader_loss_and_restarts() {
             "again",
             "--network",
             "web",
-            "--",
+            tools,
             "sleep",
             "600",
         ],

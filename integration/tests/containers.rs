@@ -927,3 +927,177 @@ fn a_task_waits_with_the_reason_while_containerd_is_away_and_starts_once_it_answ
     let ran = first_task_when(&c, "late", "running", Duration::from_secs(90));
     assert_eq!(ran["id"], waiting["id"]);
 }
+
+#[test]
+fn a_registry_that_asks_for_credentials_gets_those_of_the_auth_file() {
+    if !root_or_skip("run containerd, a registry and network namespaces") {
+        return;
+    }
+    let mut c = Cluster::start_isolated(1).unwrap();
+    c.start_containerd(0).unwrap();
+    let hash = bcrypt::hash_with_salt("s3cret", 4, [7; 16]).unwrap();
+    let registry = c
+        .start_registry_with(Some(&format!(
+            "lab:{}\n",
+            hash.format_for_version(bcrypt::Version::TwoY)
+        )))
+        .unwrap();
+    c.init(0).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("busybox.tar");
+    std::fs::write(&archive, images::busybox("lab/private:1").unwrap()).unwrap();
+    c.push_as(&archive, "lab/private:1", Some("lab:s3cret"))
+        .unwrap();
+    let image = format!("{registry}/lab/private:1");
+
+    // No credentials: refused, saying how to give them.
+    let r = c.shoal(0, &["image", "pull", &image]);
+    assert!(!r.ok(), "{r:?}");
+    assert!(
+        r.stderr.contains("refused access") && r.stderr.contains("--registry-auth-file"),
+        "{}",
+        r.stderr
+    );
+    // A service of it is created (its digest unknown, with a warning, as
+    // Docker does), and its task waits, saying why.
+    let r = c
+        .shoal_ok(
+            0,
+            &[
+                "service", "create", "--detach", "--name", "private", &image, "busybox", "sleep",
+                "3600",
+            ],
+        )
+        .unwrap();
+    assert!(r.stderr.contains("could not be resolved"), "{}", r.stderr);
+    first_task_where(&c, "private", Duration::from_secs(30), |t| {
+        let m = t["message"].as_str().unwrap_or_default();
+        t["state"] == "assigned" && m.contains("waiting to start") && m.contains("refused access")
+    });
+
+    // Wrong credentials: refused the same way.
+    let auth = dir.path().join("config.json");
+    let creds = |password: &str| {
+        serde_json::json!({"auths": {registry.clone(): {"username": "lab", "password": password}}})
+            .to_string()
+    };
+    std::fs::write(&auth, creds("wrong")).unwrap();
+    c.hosts[0].daemon_args = vec![
+        "--registry-auth-file".into(),
+        auth.to_string_lossy().into_owned(),
+    ];
+    c.stop(0);
+    c.start_daemon(0).unwrap();
+    let r = c.shoal(0, &["image", "pull", &image]);
+    assert!(r.stderr.contains("refused access"), "{r:?}");
+
+    // The right ones: the waiting task pulls its image and runs.
+    std::fs::write(&auth, creds("s3cret")).unwrap();
+    c.stop(0);
+    c.start_daemon(0).unwrap();
+    first_task_when(&c, "private", "running", Duration::from_secs(60));
+    let ls = c.shoal_ok(0, &["image", "ls"]).unwrap();
+    assert!(ls.stdout.contains(&image), "{}", ls.stdout);
+}
+
+#[test]
+fn a_containerd_restart_is_noticed_and_its_tasks_are_accounted_for() {
+    if !root_or_skip("run containerd and containers") {
+        return;
+    }
+    let mut c = Cluster::start_isolated(1).unwrap();
+    c.start_containerd(0).unwrap();
+    c.init(0).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("busybox.tar");
+    std::fs::write(&archive, images::busybox("lab.local/busybox:1").unwrap()).unwrap();
+    c.shoal_ok(0, &["image", "load", archive.to_str().unwrap()])
+        .unwrap();
+    c.shoal_ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--name",
+            "steady",
+            "--replicas",
+            "2",
+            "lab.local/busybox:1",
+            "busybox",
+            "sleep",
+            "3600",
+        ],
+    )
+    .unwrap();
+    let before: Vec<String> = running(&c, 0, "steady")
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(before.len(), 2);
+    let pids: Vec<String> = before.iter().map(|id| c.task_pid(0, id).unwrap()).collect();
+
+    // containerd goes away and comes back: the containers ran on (their
+    // shims hold them), and the node still counts them as its tasks.
+    c.kill_containerd(0);
+    c.wait_until("containerd reported down", Duration::from_secs(10), |c| {
+        Ok(containerd_of(c, 0)["error"].is_string())
+    })
+    .unwrap();
+    // One of them dies meanwhile.
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pids[1]])
+        .status();
+    c.holds_for(
+        "no task replaced while containerd is away",
+        Duration::from_secs(2),
+        |c| Ok(running(c, 0, "steady").len() == 2),
+    )
+    .unwrap();
+    c.start_containerd(0).unwrap();
+    // Once it is back, the dead one is reported as it ended and replaced;
+    // the other is the same task in the same container.
+    c.wait_until(
+        "the dead task reported and replaced",
+        Duration::from_secs(30),
+        |c| {
+            let ps = c
+                .shoal_ok(0, &["service", "ps", "--format", "json", "steady"])?
+                .json()?;
+            let all = ps.as_array().cloned().unwrap_or_default();
+            let dead = all.iter().find(|t| t["id"] == before[1].as_str());
+            let live = running(c, 0, "steady");
+            Ok(dead.is_some_and(|t| t["state"] == "failed")
+                && live.len() == 2
+                && live.iter().any(|t| t["id"] == before[0].as_str()))
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        c.task_pid(0, &before[0]).unwrap(),
+        pids[0],
+        "the live task's container was kept"
+    );
+    let ps = c
+        .shoal_ok(0, &["service", "ps", "--format", "json", "steady"])
+        .unwrap()
+        .json()
+        .unwrap();
+    let dead = ps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == before[1].as_str())
+        .unwrap()
+        .clone();
+    assert!(
+        dead["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("signal 9")
+            || dead["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("signal 9"),
+        "{dead}"
+    );
+}

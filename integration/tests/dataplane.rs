@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use shoal_integration::{Cluster, echo_service, root_or_skip, shoal_bin};
+use shoal_integration::{Cluster, echo_service, root_or_skip, shoal_bin, tools_service};
 
 const CONVERGE: Duration = Duration::from_secs(40);
 
@@ -44,7 +44,6 @@ fn host_of(c: &Cluster, t: &Value) -> usize {
 
 /// `GET http://IP/` from inside task `from` (on its host).
 fn get_from(c: &Cluster, from: &Value, ip: &str) -> anyhow::Result<Value> {
-    let bin = shoal_bin().to_string_lossy().into_owned();
     let url = format!("http://{ip}/");
     let name = from["name"].as_str().unwrap();
     let r = c.shoal(
@@ -53,7 +52,7 @@ fn get_from(c: &Cluster, from: &Value, ip: &str) -> anyhow::Result<Value> {
             "exec",
             name,
             "--",
-            &bin,
+            "shoal",
             "tool",
             "http-get",
             "--timeout",
@@ -92,7 +91,8 @@ struct Overlay {
 
 impl Overlay {
     fn start() -> Self {
-        let c = Cluster::start_isolated(3).unwrap();
+        let mut c = Cluster::start_isolated(3).unwrap();
+        c.load_tools().unwrap();
         c.form(1).unwrap();
         c.shoal_ok(0, &["network", "create", "appnet"]).unwrap();
         let args = echo_service("web", 3, &["--network", "appnet"]);
@@ -416,27 +416,14 @@ fn udp_goes_through_the_mesh(o: &mut Overlay) {
     let c = &mut o.c;
     let bin = shoal_bin().to_string_lossy().into_owned();
     let bin_s = bin.as_str();
-    c.shoal_ok(
-        0,
-        &[
-            "service",
-            "create",
-            "--name",
-            "udp",
-            "--network",
-            "appnet",
-            "-p",
-            "8082:80/udp",
-            "--",
-            bin_s,
-            "tool",
-            "http-echo",
-            "--port",
-            "80",
-            "--udp",
-        ],
-    )
-    .unwrap();
+    let args = tools_service(
+        "udp",
+        1,
+        &["--network", "appnet", "-p", "8082:80/udp"],
+        &["shoal", "tool", "http-echo", "--port", "80", "--udp"],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.shoal_ok(0, &args).unwrap();
     for on in 0..3 {
         let addr = format!("{}:8082", c.hosts[on].ip);
         let v: Value = c
@@ -464,26 +451,18 @@ fn host_mode_answers_where_the_task_runs(o: &mut Overlay) {
     let c = &mut o.c;
     let bin = shoal_bin().to_string_lossy().into_owned();
     let bin_s = bin.as_str();
-    c.shoal_ok(
-        0,
+    let args = echo_service(
+        "pinned",
+        1,
         &[
-            "service",
-            "create",
-            "--name",
-            "pinned",
             "--network",
             "appnet",
             "--publish",
             "mode=host,published=8090,target=80",
-            "--",
-            bin_s,
-            "tool",
-            "http-echo",
-            "--port",
-            "80",
         ],
-    )
-    .unwrap();
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.shoal_ok(0, &args).unwrap();
     let pinned = running(c, 0, "pinned")[0].clone();
     let home = host_of(c, &pinned);
     let url = format!("http://{}:8090/", c.hosts[home].ip);
@@ -666,53 +645,25 @@ fn egress_reaches_out_unless_internal(o: &mut Overlay) {
 fn a_task_joins_once_it_listens(o: &mut Overlay) {
     let tasks = o.tasks.clone();
     let c = &mut o.c;
-    let bin = shoal_bin().to_string_lossy().into_owned();
-    let bin_s = bin.as_str();
-    let gate = tempfile::tempdir().unwrap();
-    let go = gate.path().join("listen");
-    let script = format!(
-        "while [ ! -e {} ]; do sleep 0.1; done; exec {bin_s} tool http-echo --port 80",
-        go.display()
+    let script = "while [ ! -e /listen ]; do sleep 0.1; done; exec shoal tool http-echo --port 80";
+    let args = tools_service(
+        "late",
+        1,
+        &["--detach", "--network", "appnet", "--publish", "8083:80"],
+        &["sh", "-c", script],
     );
-    c.shoal_ok(
-        0,
-        &[
-            "service",
-            "create",
-            "--detach",
-            "--name",
-            "late",
-            "--network",
-            "appnet",
-            "--publish",
-            "8083:80",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ],
-    )
-    .unwrap();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.shoal_ok(0, &args).unwrap();
     // `deaf` never listens on its published port: it joins anyway after
     // the gate's limit (10 s), rather than never.
-    c.shoal_ok(
-        0,
-        &[
-            "service",
-            "create",
-            "--detach",
-            "--name",
-            "deaf",
-            "--network",
-            "appnet",
-            "--publish",
-            "8084:80",
-            "--",
-            "sleep",
-            "3600",
-        ],
-    )
-    .unwrap();
+    let args = tools_service(
+        "deaf",
+        1,
+        &["--detach", "--network", "appnet", "--publish", "8084:80"],
+        &["sleep", "3600"],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.shoal_ok(0, &args).unwrap();
     let deaf_created = std::time::Instant::now();
     let deaf_ip = running_ip(c, "deaf");
     let late_ip = running_ip(c, "late");
@@ -762,7 +713,8 @@ fn a_task_joins_once_it_listens(o: &mut Overlay) {
         let lb = late_lb(c, host).unwrap();
         assert_eq!(lb["backends"], serde_json::json!([]), "host {host}: {lb}");
     }
-    std::fs::write(&go, b"").unwrap();
+    c.shoal_ok(late_host, &["exec", "late.1", "--", "touch", "/listen"])
+        .unwrap();
     c.wait_until(
         "`late` to join DNS once it listens",
         Duration::from_secs(8),
@@ -924,7 +876,7 @@ fn udp_answer(c: &Cluster, task: Option<&Value>, port: u16, to: &str) -> Option<
     let bin = shoal_bin().to_string_lossy().into_owned();
     let port = port.to_string();
     let send = [
-        bin.as_str(),
+        "shoal",
         "tool",
         "udp-send",
         "--timeout",
@@ -996,6 +948,7 @@ fn a_daemon_restart_keeps_traffic_flowing_and_adopts_its_kernel_state() {
         return;
     }
     let mut c = Cluster::start_isolated(3).unwrap();
+    c.load_tools().unwrap();
     c.form(1).unwrap();
     c.shoal_ok(0, &["network", "create", "appnet"]).unwrap();
     c.shoal_ok(0, &["network", "create", "other"]).unwrap();
@@ -1042,8 +995,7 @@ fn a_daemon_restart_keeps_traffic_flowing_and_adopts_its_kernel_state() {
                 let r = std::process::Command::new(bin)
                     .arg("--socket")
                     .arg(&socket)
-                    .args(["exec", &name, "--"])
-                    .arg(bin)
+                    .args(["exec", &name, "--", "shoal"])
                     .args(["tool", "http-get", "--timeout", "3", &url])
                     .output()
                     .unwrap();

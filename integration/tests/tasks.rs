@@ -1,13 +1,16 @@
 //! Tasks as a user meets them: `shoal exec` into a task's sandbox, the
 //! built-in `http-echo` workload, tasks that outlive a daemon restart,
-//! restart policies and rolling updates (issue 4).
+//! restart policies and rolling updates (issue 4). The tasks are
+//! containers of the tools image, but for the daemon restart: that one
+//! runs a host program (`--`, the process runtime, whose shim differs);
+//! containers outliving their daemon are in `containers.rs`.
 
 #![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use shoal_integration::{Cluster, echo_service, root_or_skip, shoal_bin};
+use shoal_integration::{Cluster, echo_service, root_or_skip, tools_service};
 
 const CONVERGE: Duration = Duration::from_secs(30);
 
@@ -45,9 +48,9 @@ fn exec_runs_commands_inside_a_task_and_http_echo_says_who_served() {
     if !root_or_skip("give tasks network namespaces") {
         return;
     }
-    let c = Cluster::start(2).unwrap();
+    let mut c = Cluster::start(2).unwrap();
+    c.load_tools().unwrap();
     c.form(1).unwrap();
-    let bin = shoal_bin().to_string_lossy().into_owned();
     let args = echo_service("web", 2, &[]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let r = c.shoal_ok(0, &args).unwrap();
@@ -68,7 +71,7 @@ fn exec_runs_commands_inside_a_task_and_http_echo_says_who_served() {
                     "exec",
                     name,
                     "--",
-                    &bin,
+                    "shoal",
                     "tool",
                     "http-get",
                     "http://127.0.0.1:80/",
@@ -108,6 +111,7 @@ fn exec_runs_commands_inside_a_task_and_http_echo_says_who_served() {
     assert!(!host_get.ok(), "{host_get:?}");
 }
 
+/// Host programs (`--runtime process`) outlive their daemon too.
 #[test]
 fn tasks_outlive_a_daemon_restart_and_are_readopted() {
     let mut c = Cluster::start(1).unwrap();
@@ -199,12 +203,18 @@ fn tasks_outlive_a_daemon_restart_and_are_readopted() {
 
 #[test]
 fn restart_policies_decide_whether_ended_tasks_come_back() {
-    let c = Cluster::start(1).unwrap();
+    if !root_or_skip("run containers") {
+        return;
+    }
+    let mut c = Cluster::start(1).unwrap();
+    c.load_tools().unwrap();
     c.init(0).unwrap();
     let create = |name: &str, policy: &[&str], script: &str| {
-        let mut args = vec!["service", "create", "--detach", "--name", name];
-        args.extend_from_slice(policy);
-        args.extend_from_slice(&["--restart-delay", "200ms", "--", "sh", "-c", script]);
+        let mut extra = vec!["--detach"];
+        extra.extend_from_slice(policy);
+        extra.extend_from_slice(&["--restart-delay", "200ms"]);
+        let args = tools_service(name, 1, &extra, &["sh", "-c", script]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         c.shoal_ok(0, &args).unwrap();
     };
     create(
@@ -275,30 +285,31 @@ fn restart_policies_decide_whether_ended_tasks_come_back() {
 
 #[test]
 fn service_update_rolls_out_batch_by_batch_and_pauses_on_failure() {
-    let c = Cluster::start(3).unwrap();
+    if !root_or_skip("run containers") {
+        return;
+    }
+    let mut c = Cluster::start(3).unwrap();
+    c.load_tools().unwrap();
     c.form(1).unwrap();
     c.shoal_ok(0, &["network", "create", "web"]).unwrap();
-    c.shoal_ok(
-        0,
+    let args = tools_service(
+        "app",
+        3,
+        // `sleep`, as PID 1, ignores SIGTERM: a stop would wait 10 s.
         &[
-            "service",
-            "create",
-            "--name",
-            "app",
-            "--replicas",
-            "3",
             "--network",
             "web",
             "--update-delay",
             "1s",
             "--env",
             "V=1",
-            "--",
-            "sleep",
-            "600",
+            "--stop-grace-period",
+            "1s",
         ],
-    )
-    .unwrap();
+        &["sleep", "600"],
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    c.shoal_ok(0, &args).unwrap();
     let before = c
         .shoal_ok(0, &["service", "inspect", "app"])
         .unwrap()

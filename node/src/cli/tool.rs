@@ -152,8 +152,14 @@ async fn http_echo(bind: std::net::IpAddr, port: u16, udp: bool) -> anyhow::Resu
             }
         });
     }
+    // SIGTERM ends it: as a container's PID 1 it has no default action,
+    // and a stop would otherwise wait out the grace period.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
-        let (stream, client) = listener.accept().await?;
+        let (stream, client) = tokio::select! {
+            accepted = listener.accept() => accepted?,
+            _ = term.recv() => return Ok(()),
+        };
         tokio::spawn(async move {
             let _ = serve_http(stream, client).await;
         });

@@ -23,7 +23,7 @@ use containerd_client::services::v1::{
 use containerd_client::tonic::Code;
 
 use super::archive;
-use super::engine::{Engine, EngineError};
+use super::engine::{Engine, EngineError, command_error};
 use super::images::{SNAPSHOTTER, request};
 use super::oci::{self, EtcFiles, ImageConfig, TaskRun};
 
@@ -99,16 +99,28 @@ fn write_etc(dir: &Path, hostname: &str) -> std::io::Result<EtcFiles> {
             hostname: dir.join("hostname"),
         },
         hostname,
+        None,
     )
 }
 
-/// Writes the files `etc` names for a container named `hostname`.
-pub fn write_etc_files(etc: EtcFiles, hostname: &str) -> std::io::Result<EtcFiles> {
+/// `/etc/hosts` of a container named `hostname` whose address is
+/// `address` (as Docker writes it: its own name maps to its address, so
+/// that it resolves to what the other tasks reach it at), 127.0.1.1 when
+/// it has none. Pure.
+pub fn hosts_file(hostname: &str, address: Option<std::net::Ipv4Addr>) -> String {
+    let own = address.map_or_else(|| "127.0.1.1".to_owned(), |a| a.to_string());
+    format!("127.0.0.1\tlocalhost\n::1\tlocalhost\n{own}\t{hostname}\n")
+}
+
+/// Writes the files `etc` names for a container named `hostname` at
+/// `address`.
+pub fn write_etc_files(
+    etc: EtcFiles,
+    hostname: &str,
+    address: Option<std::net::Ipv4Addr>,
+) -> std::io::Result<EtcFiles> {
     std::fs::write(&etc.resolv_conf, "nameserver 127.0.0.11\noptions ndots:0\n")?;
-    std::fs::write(
-        &etc.hosts,
-        format!("127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\t{hostname}\n"),
-    )?;
+    std::fs::write(&etc.hosts, hosts_file(hostname, address))?;
     std::fs::write(&etc.hostname, format!("{hostname}\n"))?;
     Ok(etc)
 }
@@ -314,15 +326,16 @@ impl Engine {
                 None,
             ))
             .await
-            .map_err(|s| self.failed("create a task", s))?;
+            .map_err(|s| {
+                command_error(s.message()).unwrap_or_else(|| self.failed("create a task", s))
+            })?;
         let start = StartRequest {
             container_id: c.id.to_owned(),
             exec_id: String::new(),
         };
-        tasks
-            .start(request(start, None))
-            .await
-            .map_err(|s| self.failed("start a task", s))?;
+        tasks.start(request(start, None)).await.map_err(|s| {
+            command_error(s.message()).unwrap_or_else(|| self.failed("start a task", s))
+        })?;
         Ok(())
     }
 
@@ -401,10 +414,9 @@ impl Engine {
             }),
             exec_id: exec_id.clone(),
         };
-        tasks
-            .exec(request(exec, None))
-            .await
-            .map_err(|s| self.failed("exec in a container", s))?;
+        tasks.exec(request(exec, None)).await.map_err(|s| {
+            command_error(s.message()).unwrap_or_else(|| self.failed("exec in a container", s))
+        })?;
         let result = self.start_and_wait(&mut tasks, id, &exec_id, limit).await;
         let delete = DeleteProcessRequest {
             container_id: id.to_owned(),
@@ -425,10 +437,9 @@ impl Engine {
             container_id: id.to_owned(),
             exec_id: exec_id.to_owned(),
         };
-        tasks
-            .start(request(start, None))
-            .await
-            .map_err(|s| self.failed("start an exec'd process", s))?;
+        tasks.start(request(start, None)).await.map_err(|s| {
+            command_error(s.message()).unwrap_or_else(|| self.failed("start an exec'd process", s))
+        })?;
         let wait = WaitRequest {
             container_id: id.to_owned(),
             exec_id: exec_id.to_owned(),
@@ -516,5 +527,53 @@ impl Engine {
         let _ = SnapshotsClient::new(channel)
             .remove(request(snapshot, None))
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hosts_file;
+    use crate::daemon::engine::{EngineError, command_error};
+
+    #[test]
+    fn a_containers_name_maps_to_its_address_as_docker_writes_it() {
+        let at = hosts_file("web.1", Some("10.0.1.3".parse().unwrap()));
+        assert_eq!(
+            at,
+            "127.0.0.1\tlocalhost\n::1\tlocalhost\n10.0.1.3\tweb.1\n"
+        );
+        assert!(hosts_file("web.1", None).ends_with("127.0.1.1\tweb.1\n"));
+    }
+
+    #[test]
+    fn runcs_words_for_a_missing_program_are_made_plain() {
+        let missing = "failed to create shim task: OCI runtime create failed: runc create failed: unable to start container process: exec: \"/nonexistent/program\": stat /nonexistent/program: no such file or directory: unknown";
+        let e = command_error(missing).unwrap();
+        assert!(
+            matches!(&e, EngineError::Command { program, .. } if program == "/nonexistent/program")
+        );
+        assert!(
+            e.to_string().starts_with(
+                "cannot start `/nonexistent/program`: no such executable in the image"
+            ),
+            "{e}"
+        );
+        let path = "OCI runtime exec failed: exec failed: unable to start container process: exec: \"curl\": executable file not found in $PATH: unknown";
+        assert!(
+            command_error(path)
+                .unwrap()
+                .to_string()
+                .contains("`curl`: no such executable")
+        );
+        let mode =
+            "unable to start container process: exec: \"/etc/passwd\": permission denied: unknown";
+        assert!(
+            command_error(mode)
+                .unwrap()
+                .to_string()
+                .contains("not executable")
+        );
+        assert!(command_error("failed to mount rootfs: no space left on device").is_none());
+        assert!(command_error("exec: \"unterminated").is_none());
     }
 }

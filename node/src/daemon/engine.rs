@@ -52,6 +52,15 @@ pub enum EngineError {
     /// The spec cannot be made.
     #[error(transparent)]
     Spec(super::oci::SpecError),
+    /// The container's process cannot be started (runc's words, made
+    /// plain by [`command_error`]).
+    #[error("cannot start `{program}`: {reason}")]
+    Command {
+        /// The program, as the command or entrypoint names it.
+        program: String,
+        /// Why.
+        reason: String,
+    },
     /// containerd answered with an error.
     #[error("containerd could not {what}: {code}: {message}")]
     Call {
@@ -187,6 +196,26 @@ fn source_chain(e: &dyn std::error::Error) -> String {
         next = s.source();
     }
     out
+}
+
+/// What runc means when it cannot run a container's program: its message
+/// ends `exec: "PROGRAM": WHY: unknown`, deep in containerd's, as
+/// [`EngineError::Command`] saying what to fix. `None` for any other
+/// error. Pure.
+pub fn command_error(message: &str) -> Option<EngineError> {
+    let (_, rest) = message.rsplit_once("exec: \"")?;
+    let (program, why) = rest.split_once('"')?;
+    let reason = if why.contains("executable file not found") || why.contains("no such file") {
+        "no such executable in the image (check the command, the entrypoint and the image's PATH)"
+    } else if why.contains("permission denied") {
+        "not executable (permission denied; check the file's mode in the image)"
+    } else {
+        return None;
+    };
+    Some(EngineError::Command {
+        program: program.to_owned(),
+        reason: reason.to_owned(),
+    })
 }
 
 #[cfg(test)]

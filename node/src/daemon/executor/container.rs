@@ -7,6 +7,7 @@
 //! again.
 
 use std::collections::{BTreeSet, HashMap};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -97,6 +98,8 @@ pub struct Start<'a> {
     pub env: Vec<String>,
     /// Its network namespace (a path), when the data plane made one.
     pub netns: Option<PathBuf>,
+    /// The address its hostname maps to in its `/etc/hosts`.
+    pub address: Option<Ipv4Addr>,
     /// The tasks directory (log and `/etc` files).
     pub dir: &'a Path,
 }
@@ -124,7 +127,7 @@ pub async fn start(engine: &Engine, s: Start<'_>) -> Result<Option<HealthCheck>,
         hosts: file("hosts"),
         hostname: file("hostname"),
     };
-    let etc = write_etc_files(etc, &hostname).map_err(io)?;
+    let etc = write_etc_files(etc, &hostname, s.address).map_err(io)?;
     let log = file("log");
     std::fs::File::create(&log).map_err(io)?;
     let run = task_run(

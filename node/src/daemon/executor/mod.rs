@@ -337,6 +337,7 @@ async fn start<W: Propose>(
                     .map(|(k, v)| format!("{k}={v}"))
                     .collect(),
                 netns: netns.map(|ns| Path::new(shoal_netdriver::linux::NETNS_DIR).join(ns)),
+                address: own_address(service, t),
                 dir: &dir,
             },
         )
@@ -399,6 +400,19 @@ fn start_probe<W: Propose>(
 }
 
 /// A task's environment: its service's, then Shoal's `SHOAL_*` variables.
+/// The address a task's name maps to in its own `/etc/hosts`: on the
+/// first of its service's networks it has one on (as the other tasks
+/// resolve it there), else on any. Pure.
+fn own_address(service: &shoal_mesh::service::Service, t: &Task) -> Option<std::net::Ipv4Addr> {
+    service
+        .spec
+        .networks
+        .iter()
+        .find_map(|a| t.addresses.get(&a.network))
+        .or_else(|| t.addresses.values().next())
+        .copied()
+}
+
 fn task_env<W>(ctx: &ExecutorCtx<W>, state: &ClusterState, t: &Task) -> Vec<(String, String)> {
     let Some(service) = state.services.get(&t.service_id) else {
         return Vec::new();
