@@ -354,6 +354,35 @@ fn container_lab() -> Cluster {
     c
 }
 
+/// `lab.local/busybox:1` loaded on host `i`.
+fn load_busybox(c: &Cluster, i: usize) {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("busybox.tar");
+    std::fs::write(&archive, images::busybox("lab.local/busybox:1").unwrap()).unwrap();
+    c.shoal_ok(i, &["image", "load", archive.to_str().unwrap()])
+        .unwrap();
+}
+
+/// Service `name`: `replicas` busybox containers sleeping an hour.
+fn create_sleepers(c: &Cluster, name: &str, replicas: &str) {
+    c.shoal_ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--name",
+            name,
+            "--replicas",
+            replicas,
+            "lab.local/busybox:1",
+            "busybox",
+            "sleep",
+            "3600",
+        ],
+    )
+    .unwrap();
+}
+
 /// The tasks of `service` that run, by `service ps --format json`.
 fn running(c: &Cluster, i: usize, service: &str) -> Vec<serde_json::Value> {
     let all = c
@@ -583,31 +612,54 @@ fn a_service_runs_its_image_as_containers_behind_the_mesh_and_outlives_its_daemo
             .all(|n| n["resources"]["memory_bytes"].as_u64().unwrap_or(0) > 1 << 30),
         "{nodes:?}"
     );
-    c.shoal_ok(
-        0,
-        &[
+    let huge = |name: &str, mode: &str| {
+        let args = [
             "service",
             "create",
             "--detach",
             "--name",
-            "huge",
+            name,
+            "--mode",
+            mode,
             "--reserve-memory",
             "1000g",
             "lab.local/busybox:1",
             "busybox",
             "sleep",
             "600",
-        ],
-    )
-    .unwrap();
+        ];
+        c.shoal_ok(0, &args).unwrap();
+    };
+    huge("huge", "replicated");
     let pending = first_task_when(&c, "huge", "pending", Duration::from_secs(30));
     assert_eq!(
         pending["error"], "no suitable node (insufficient memory on 2 nodes)",
         "{pending}"
     );
+    // A global service too: its task waits, pending, on each node.
+    huge("everywhere", "global");
+    c.wait_until(
+        "a pending global task on each node",
+        Duration::from_secs(30),
+        |c| {
+            let ps = c
+                .shoal_ok(0, &["service", "ps", "--format", "json", "everywhere"])?
+                .json()?;
+            let all = ps.as_array().cloned().unwrap_or_default();
+            let nodes: std::collections::BTreeSet<&str> =
+                all.iter().filter_map(|t| t["node"].as_str()).collect();
+            Ok(all.len() == 2
+                && nodes.len() == 2
+                && all.iter().all(|t| {
+                    t["state"] == "pending"
+                        && t["error"] == "no suitable node (insufficient memory on 1 node)"
+                }))
+        },
+    )
+    .unwrap();
 
     // Removed, the containers go.
-    c.shoal_ok(0, &["service", "rm", "web", "hog", "huge"])
+    c.shoal_ok(0, &["service", "rm", "web", "hog", "huge", "everywhere"])
         .unwrap();
     c.wait_until("no containers left", Duration::from_secs(30), |c| {
         for i in 0..2 {
@@ -1008,27 +1060,8 @@ fn a_containerd_restart_is_noticed_and_its_tasks_are_accounted_for() {
     let mut c = Cluster::start_isolated(1).unwrap();
     c.start_containerd(0).unwrap();
     c.init(0).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let archive = dir.path().join("busybox.tar");
-    std::fs::write(&archive, images::busybox("lab.local/busybox:1").unwrap()).unwrap();
-    c.shoal_ok(0, &["image", "load", archive.to_str().unwrap()])
-        .unwrap();
-    c.shoal_ok(
-        0,
-        &[
-            "service",
-            "create",
-            "--name",
-            "steady",
-            "--replicas",
-            "2",
-            "lab.local/busybox:1",
-            "busybox",
-            "sleep",
-            "3600",
-        ],
-    )
-    .unwrap();
+    load_busybox(&c, 0);
+    create_sleepers(&c, "steady", "2");
     let before: Vec<String> = running(&c, 0, "steady")
         .iter()
         .map(|t| t["id"].as_str().unwrap().to_owned())
@@ -1100,4 +1133,166 @@ fn a_containerd_restart_is_noticed_and_its_tasks_are_accounted_for() {
                 .contains("signal 9"),
         "{dead}"
     );
+}
+
+#[test]
+fn user_and_group_names_are_the_images() {
+    if !root_or_skip("run containerd and containers") {
+        return;
+    }
+    let mut c = Cluster::start_isolated(1).unwrap();
+    c.start_containerd(0).unwrap();
+    c.init(0).unwrap();
+    let mut layer = images::busybox_layer().unwrap();
+    let file = |text: &str| images::Entry::File(text.as_bytes().to_vec(), 0o644);
+    layer.push((
+        "etc/passwd",
+        file("root:x:0:0:root:/root:/bin/sh\nwww:x:33:44::/srv:/bin/sh\n"),
+    ));
+    layer.push(("etc/group", file("root:x:0:\nweb:x:44:\nstaff:x:50:\n")));
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("users.tar");
+    std::fs::write(
+        &archive,
+        images::oci_archive("lab.local/users:1", &layer, &["/bin/sh"]).unwrap(),
+    )
+    .unwrap();
+    c.shoal_ok(0, &["image", "load", archive.to_str().unwrap()])
+        .unwrap();
+    let create = |name: &str, user: &str| {
+        c.shoal(
+            0,
+            &[
+                "service",
+                "create",
+                "--detach",
+                "--name",
+                name,
+                "--user",
+                user,
+                "--stop-grace-period",
+                "1s",
+                "lab.local/users:1",
+                "busybox",
+                "sleep",
+                "3600",
+            ],
+        )
+    };
+    // Names, as `docker run --user` reads them: the user's primary group,
+    // or the one named.
+    for (name, user, want) in [
+        ("www", "www", "33 44"),
+        ("staff", "www:staff", "33 50"),
+        ("byuid", "33", "33 44"),
+    ] {
+        assert!(create(name, user).ok());
+        let task = first_task_when(&c, name, "running", Duration::from_secs(30));
+        let id = c
+            .shoal_ok(
+                0,
+                &[
+                    "exec",
+                    task["name"].as_str().unwrap(),
+                    "--",
+                    "busybox",
+                    "sh",
+                    "-c",
+                    "echo $(busybox id -u) $(busybox id -g)",
+                ],
+            )
+            .unwrap();
+        assert_eq!(id.stdout.trim(), want, "--user {user}");
+    }
+    // A name the image does not have: the task fails saying so.
+    assert!(create("nobody", "nobody").ok());
+    let failed = c
+        .wait_until_value(Duration::from_secs(30), || {
+            let ps = c
+                .shoal_ok(0, &["service", "ps", "--format", "json", "nobody"])?
+                .json()?;
+            let failed = ps
+                .as_array()
+                .and_then(|all| all.iter().find(|t| t["state"] == "failed").cloned());
+            failed.ok_or_else(|| anyhow::anyhow!("no failed task yet: {ps}"))
+        })
+        .unwrap();
+    let message = failed["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("user `nobody`")
+            && message.contains("no such user in the image's /etc/passwd"),
+        "{failed}"
+    );
+}
+
+/// A small tmpfs on a directory of its own, unmounted and removed when
+/// dropped (declared before the cluster that uses it, it goes after it).
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn new(size: &str) -> Tmpfs {
+        let dir = tempfile::Builder::new()
+            .prefix("shoal-test-tmpfs-")
+            .tempdir()
+            .unwrap();
+        let mount = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "shoal-test"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(mount.success());
+        Tmpfs(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_disk_too_full_to_load_an_image_says_so_and_disturbs_nothing_running() {
+    if !root_or_skip("mount a small tmpfs and run containerd") {
+        return;
+    }
+    let disk = Tmpfs::new("16m");
+    let mut c = Cluster::start_isolated(1).unwrap();
+    // containerd's root (content and snapshots) on a 16 MiB disk.
+    let dir = &c.hosts[0].containerd_dir;
+    std::fs::create_dir_all(dir).unwrap();
+    std::os::unix::fs::symlink(disk.0.path(), dir.join("root")).unwrap();
+    c.start_containerd(0).unwrap();
+    c.init(0).unwrap();
+    load_busybox(&c, 0);
+    create_sleepers(&c, "steady", "1");
+    let task = running(&c, 0, "steady")[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let pid = c.task_pid(0, &task).unwrap();
+
+    // An image larger than the disk: refused, naming the cause.
+    let mut layer = images::busybox_layer().unwrap();
+    layer.push(("data", images::Entry::File(vec![7; 24 << 20], 0o644)));
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.tar");
+    std::fs::write(
+        &big,
+        images::oci_archive("lab.local/big:1", &layer, &["/bin/sh"]).unwrap(),
+    )
+    .unwrap();
+    let r = c.shoal(0, &["image", "load", big.to_str().unwrap()]);
+    assert!(!r.ok(), "{r:?}");
+    assert!(r.stderr.contains("no space left on device"), "{}", r.stderr);
+    let ls = c.shoal_ok(0, &["image", "ls"]).unwrap();
+    assert!(!ls.stdout.contains("lab.local/big"), "{}", ls.stdout);
+    // The running task is untouched.
+    let now = running(&c, 0, "steady");
+    assert_eq!(now.len(), 1);
+    assert_eq!(now[0]["id"], task.as_str());
+    assert_eq!(c.task_pid(0, &task).unwrap(), pid);
 }

@@ -243,6 +243,22 @@ pub enum Command {
         /// What it has.
         resources: NodeResources,
     },
+    /// The orchestrator adds a global service's task for `node` that waits
+    /// there, pending, until the node has room for what it reserves.
+    AddPendingTask {
+        /// Its new ID.
+        id: TaskId,
+        /// The service.
+        service_id: ServiceId,
+        /// The node it is for.
+        node: NodeId,
+        /// Why it waits.
+        message: String,
+        /// Restarts of its node's task before it.
+        restarts: u64,
+        /// Milliseconds since the epoch.
+        now_ms: u64,
+    },
 }
 
 /// What a successful command produced.
@@ -428,7 +444,27 @@ pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyEr
             message,
             restarts,
             now_ms,
-        } => add_task(state, id, service_id, slot, node, message, restarts, now_ms),
+        } => add_task(
+            state, id, service_id, slot, node, message, restarts, now_ms, false,
+        ),
+        Command::AddPendingTask {
+            id,
+            service_id,
+            node,
+            message,
+            restarts,
+            now_ms,
+        } => add_task(
+            state,
+            id,
+            service_id,
+            &None,
+            &Some(*node),
+            message,
+            restarts,
+            now_ms,
+            true,
+        ),
         Command::AssignTask { id, node, now_ms } => assign_task(state, id, node, now_ms),
         Command::SetTaskState {
             id,
@@ -763,7 +799,7 @@ fn update_service(
 }
 
 /// The orchestrator adds a task, with its addresses.
-#[allow(clippy::too_many_arguments)] // the fields of `Command::AddTask`, one each
+#[allow(clippy::too_many_arguments)] // the fields of `Command::AddTask`, one each, and pending
 fn add_task(
     state: &mut ClusterState,
     id: &TaskId,
@@ -773,6 +809,7 @@ fn add_task(
     message: &str,
     restarts: &u64,
     now_ms: &u64,
+    pending: bool,
 ) -> Result<Outcome, ApplyError> {
     bounds::check_id("task ID", id)?;
     let service = service(state, service_id)?;
@@ -824,7 +861,7 @@ fn add_task(
             slot: *slot,
             node: *node,
             desired: DesiredState::Running,
-            state: if node.is_some() {
+            state: if node.is_some() && !pending {
                 TaskState::Assigned
             } else {
                 TaskState::Pending

@@ -116,7 +116,7 @@ pub fn reserved_on(state: &ClusterState, node: NodeId) -> (u64, u64) {
     let mut out = (0u64, 0u64);
     for t in state.tasks.values() {
         if t.node == Some(node)
-            && t.is_active()
+            && t.holds_reservation()
             && let Some(s) = state.services.get(&t.service_id)
         {
             let (cpu, mem) = reservation(s);
@@ -129,7 +129,7 @@ pub fn reserved_on(state: &ClusterState, node: NodeId) -> (u64, u64) {
 /// What the active tasks on each node reserve: (nano-CPUs, bytes).
 fn reserved(state: &ClusterState) -> BTreeMap<NodeId, (u64, u64)> {
     let mut out: BTreeMap<NodeId, (u64, u64)> = BTreeMap::new();
-    for t in state.tasks.values().filter(|t| t.is_active()) {
+    for t in state.tasks.values().filter(|t| t.holds_reservation()) {
         let (Some(n), Some(s)) = (t.node, state.services.get(&t.service_id)) else {
             continue;
         };
@@ -186,7 +186,7 @@ pub fn orchestrate(
         reserved: reserved(state),
         out: Vec::new(),
     };
-    for t in state.tasks.values().filter(|t| t.is_active()) {
+    for t in state.tasks.values().filter(|t| t.holds_reservation()) {
         if let Some(n) = t.node {
             *pass.all_tasks.entry(n).or_default() += 1;
         }
@@ -323,7 +323,10 @@ impl<'a> Pass<'a> {
                     busy += 1;
                 }
                 if t.state == TaskState::Pending
-                    && let Some(node) = self.place(service, &per_node)
+                    && let Some(node) = (match group {
+                        Group::Node(n) => self.fits(service, n).then_some(n),
+                        Group::Slot(_) => self.place(service, &per_node),
+                    })
                 {
                     *per_node.entry(node).or_default() += 1;
                     self.count(service, node);
@@ -357,6 +360,22 @@ impl<'a> Pass<'a> {
             };
             busy += 1;
             let node = match group {
+                Group::Node(n) if !self.fits(service, n) => {
+                    // A global task waits on its node until it has room.
+                    let short = short_of(self.state, &self.reserved, n, reservation(service));
+                    self.out.push(Command::AddPendingTask {
+                        id: new_id().into(),
+                        service_id: service.id.clone(),
+                        node: n,
+                        message: format!(
+                            "no suitable node (insufficient {} on 1 node)",
+                            short.unwrap_or("resources")
+                        ),
+                        restarts,
+                        now_ms: self.now_ms,
+                    });
+                    continue;
+                }
                 Group::Node(n) => Some(n),
                 Group::Slot(_) => self.place(service, &per_node),
             };
@@ -382,6 +401,11 @@ impl<'a> Pass<'a> {
             });
         }
         busy
+    }
+
+    /// Whether node `n` has room for what a task of `service` reserves.
+    fn fits(&self, service: &Service, n: NodeId) -> bool {
+        short_of(self.state, &self.reserved, n, reservation(service)).is_none()
     }
 
     /// A task of `service` placed on `node` in this pass.

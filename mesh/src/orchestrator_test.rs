@@ -703,9 +703,29 @@ fn the_store_vouches_only_for_a_nodes_own_tasks_under_their_own_names() {
     assert!(!vouched(&s, "ing", &format!("node-{other}"), owner, &mesh));
 }
 
+/// Service `id` becomes a container service reserving `bytes` of memory.
+fn reserve_memory(s: &mut ClusterState, id: &str, bytes: u64) {
+    use crate::service::{ContainerSpec, Resources};
+    let mut spec = s.services[id].spec.clone();
+    spec.container = Some(ContainerSpec {
+        image: "busybox".into(),
+        reservations: Resources {
+            memory_bytes: Some(bytes),
+            ..Default::default()
+        },
+        ..Default::default()
+    });
+    let update = Command::UpdateService {
+        id: id.into(),
+        spec,
+        force: false,
+        now_ms: 1,
+    };
+    apply(s, &update).unwrap();
+}
+
 #[test]
 fn reservations_never_exceed_a_node_and_the_rest_wait_saying_why() {
-    use crate::service::{ContainerSpec, Resources};
     use crate::state::NodeResources;
     let mut s = swarm(3);
     let gib = 1u64 << 30;
@@ -723,25 +743,7 @@ fn reservations_never_exceed_a_node_and_the_rest_wait_saying_why() {
         .unwrap();
     }
     add_service(&mut s, "big", ServiceMode::Replicated(7), &[]);
-    let mut spec = s.services["big"].spec.clone();
-    spec.container = Some(ContainerSpec {
-        image: "busybox".into(),
-        reservations: Resources {
-            memory_bytes: Some(2 * gib),
-            ..Default::default()
-        },
-        ..Default::default()
-    });
-    apply(
-        &mut s,
-        &Command::UpdateService {
-            id: "big".into(),
-            spec,
-            force: false,
-            now_ms: 1,
-        },
-    )
-    .unwrap();
+    reserve_memory(&mut s, "big", 2 * gib);
     converge(&mut s, &|_| true);
     // Two of 2 GiB fit on each 4 GiB node: six placed, one pending.
     let placed = active_nodes(&s, "big");
@@ -764,4 +766,62 @@ fn reservations_never_exceed_a_node_and_the_rest_wait_saying_why() {
     add_service(&mut s, "plain", ServiceMode::Replicated(2), &[]);
     converge(&mut s, &|_| true);
     assert!(active_nodes(&s, "plain").iter().all(Option::is_some));
+}
+
+#[test]
+fn a_global_task_waits_on_a_node_without_room_and_runs_once_it_has_some() {
+    use crate::state::NodeResources;
+    let mut s = swarm(3);
+    let gib = 1u64 << 30;
+    let report = |s: &mut ClusterState, n: u64, memory: u64| {
+        apply(
+            s,
+            &Command::SetNodeResources {
+                node: NodeId(n),
+                resources: NodeResources {
+                    nano_cpus: 2_000_000_000,
+                    memory_bytes: memory * gib,
+                },
+            },
+        )
+        .unwrap();
+    };
+    report(&mut s, 1, 4);
+    report(&mut s, 2, 4);
+    report(&mut s, 3, 1);
+    add_service(&mut s, "agent", ServiceMode::Global, &[]);
+    reserve_memory(&mut s, "agent", 2 * gib);
+    converge(&mut s, &|_| true);
+    let active = |s: &ClusterState| -> Vec<Task> {
+        s.tasks
+            .values()
+            .filter(|t| t.service_id == "agent" && t.is_active())
+            .cloned()
+            .collect()
+    };
+    // One task per node; the 1 GiB node's waits there, pending, saying
+    // why, and holds nothing.
+    let tasks = active(&s);
+    assert_eq!(tasks.len(), 3, "{tasks:?}");
+    let small = tasks.iter().find(|t| t.node == Some(NodeId(3))).unwrap();
+    assert_eq!(small.state, TaskState::Pending);
+    assert_eq!(
+        small.message,
+        "no suitable node (insufficient memory on 1 node)"
+    );
+    assert_eq!(reserved_on(&s, NodeId(3)), (0, 0));
+    assert_eq!(reserved_on(&s, NodeId(1)), (0, 2 * gib));
+    let waiting = small.id.clone();
+    // Further passes change nothing: no second task for that node.
+    assert!(
+        orchestrate(&s, &|_| true, &mut || "x".into(), 5)
+            .iter()
+            .all(|c| !matches!(c, Command::AddTask { .. } | Command::AddPendingTask { .. })),
+    );
+    // The node grows: the same task is placed there.
+    report(&mut s, 3, 8);
+    converge(&mut s, &|_| true);
+    let t = &s.tasks[&waiting];
+    assert_eq!((t.node, t.state), (Some(NodeId(3)), TaskState::Assigned));
+    assert_eq!(active(&s).len(), 3);
 }

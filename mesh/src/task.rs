@@ -142,4 +142,10 @@ impl Task {
     pub fn is_active(&self) -> bool {
         self.desired == DesiredState::Running && !self.state.is_terminal()
     }
+
+    /// Whether it holds what its service reserves on its node: active and
+    /// placed there (a global task pending for its node holds nothing).
+    pub fn holds_reservation(&self) -> bool {
+        self.is_active() && self.state != TaskState::Pending && self.node.is_some()
+    }
 }

@@ -103,6 +103,62 @@ fn write_etc(dir: &Path, hostname: &str) -> std::io::Result<EtcFiles> {
     )
 }
 
+/// File `path` of a snapshot whose `mounts` containerd gave (an overlay
+/// of layer directories, or a bind of one), as the container will see it:
+/// from the topmost directory that has it, at most
+/// [`oci::MAX_ACCOUNTS_FILE`] of it; empty when none has it or it is not
+/// a regular file (a symbolic link is not followed: it would point into
+/// the host). Whiteouts are not read: a file an upper layer deleted may
+/// be found in a lower one.
+pub fn read_from_layers(mounts: &[containerd_client::types::Mount], path: &str) -> String {
+    use std::io::Read;
+    'layers: for dir in layer_dirs(mounts) {
+        // No component may be a symbolic link (`etc -> /` would lead into
+        // the host's files).
+        let mut file = dir;
+        let parts: Vec<&str> = path.split('/').collect();
+        for (i, part) in parts.iter().enumerate() {
+            file.push(part);
+            match std::fs::symlink_metadata(&file) {
+                Err(_) => continue 'layers,
+                Ok(m) if i + 1 < parts.len() && m.is_dir() => {}
+                Ok(m) if i + 1 == parts.len() && m.is_file() => {}
+                Ok(_) => return String::new(),
+            }
+        }
+        let mut text = Vec::new();
+        let read = std::fs::File::open(&file)
+            .and_then(|f| f.take(oci::MAX_ACCOUNTS_FILE).read_to_end(&mut text));
+        return read.map_or_else(
+            |_| String::new(),
+            |_| String::from_utf8_lossy(&text).into_owned(),
+        );
+    }
+    String::new()
+}
+
+/// The directories of a snapshot's mounts, topmost first: an overlay's
+/// `upperdir` then its `lowerdir`s, or a bind mount's source. Pure.
+pub fn layer_dirs(mounts: &[containerd_client::types::Mount]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for m in mounts {
+        if m.r#type == "bind" {
+            out.push(PathBuf::from(&m.source));
+            continue;
+        }
+        let option = |key: &str| {
+            m.options
+                .iter()
+                .find_map(|o| o.strip_prefix(key).map(str::to_owned))
+        };
+        out.extend(option("upperdir=").map(PathBuf::from));
+        if let Some(lower) = option("lowerdir=") {
+            out.extend(lower.split(':').map(PathBuf::from));
+        }
+    }
+    out
+}
+
 /// `/etc/hosts` of a container named `hostname` whose address is
 /// `address` (as Docker writes it: its own name maps to its address, so
 /// that it resolves to what the other tasks reach it at), 127.0.1.1 when
@@ -210,13 +266,11 @@ impl Engine {
                 have: digest,
             });
         }
-        let spec = oci::runtime_spec(&image, &c.run).map_err(EngineError::Spec)?;
-        let spec = serde_json::to_vec(&spec).unwrap_or_default();
         // The new snapshot is held by a lease until the container refers
         // to it: else containerd's garbage collector may take it between
         // the two calls.
         let lease = self.create_lease("shoal-run").await?;
-        let result = self.create_and_start(&c, &lease, &top, spec).await;
+        let result = self.create_and_start(&c, &lease, &top, &image).await;
         self.delete_lease(lease).await;
         if result.is_err() {
             self.remove_container(c.id).await;
@@ -270,7 +324,7 @@ impl Engine {
         c: &NewContainer<'_>,
         lease: &str,
         top: &str,
-        spec: Vec<u8>,
+        image: &ImageConfig,
     ) -> Result<(), EngineError> {
         let channel = self.channel().await?;
         let mounts = SnapshotsClient::new(channel.clone())
@@ -287,6 +341,14 @@ impl Engine {
             .map_err(|s| self.failed("prepare the container's snapshot", s))?
             .into_inner()
             .mounts;
+        // User and group names are the image's: read from its layers.
+        let mut run = c.run.clone();
+        run.accounts = oci::Accounts {
+            passwd: read_from_layers(&mounts, "etc/passwd"),
+            group: read_from_layers(&mounts, "etc/group"),
+        };
+        let spec = oci::runtime_spec(image, &run).map_err(EngineError::Spec)?;
+        let spec = serde_json::to_vec(&spec).unwrap_or_default();
         let container = Container {
             id: c.id.to_owned(),
             image: c.image.to_owned(),
@@ -543,6 +605,60 @@ mod tests {
             "127.0.0.1\tlocalhost\n::1\tlocalhost\n10.0.1.3\tweb.1\n"
         );
         assert!(hosts_file("web.1", None).ends_with("127.0.1.1\tweb.1\n"));
+    }
+
+    #[test]
+    fn an_images_account_files_are_read_from_its_topmost_layer_never_through_a_link() {
+        use containerd_client::types::Mount;
+        let tmp = tempfile::tempdir().unwrap();
+        let layer = |name: &str, passwd: Option<&str>| {
+            let dir = tmp.path().join(name);
+            std::fs::create_dir_all(dir.join("etc")).unwrap();
+            if let Some(p) = passwd {
+                std::fs::write(dir.join("etc/passwd"), p).unwrap();
+            }
+            dir.display().to_string()
+        };
+        let (upper, top, base) = (
+            layer("upper", None),
+            layer("top", Some("top")),
+            layer("base", Some("base")),
+        );
+        let overlay = Mount {
+            r#type: "overlay".into(),
+            source: "overlay".into(),
+            options: vec![
+                "index=off".into(),
+                format!("workdir={}/work", tmp.path().display()),
+                format!("upperdir={upper}"),
+                format!("lowerdir={top}:{base}"),
+            ],
+            ..Default::default()
+        };
+        let dirs = super::layer_dirs(std::slice::from_ref(&overlay));
+        assert_eq!(dirs.len(), 3);
+        assert_eq!(
+            super::read_from_layers(std::slice::from_ref(&overlay), "etc/passwd"),
+            "top"
+        );
+        assert_eq!(super::read_from_layers(&[overlay], "etc/group"), "");
+        let bind = Mount {
+            r#type: "bind".into(),
+            source: base,
+            options: vec!["ro".into(), "rbind".into()],
+            ..Default::default()
+        };
+        assert_eq!(super::read_from_layers(&[bind], "etc/passwd"), "base");
+        // A hostile layer whose etc is a link to the host's: nothing read.
+        let evil = tmp.path().join("evil");
+        std::fs::create_dir_all(&evil).unwrap();
+        std::os::unix::fs::symlink("/etc", evil.join("etc")).unwrap();
+        let link = Mount {
+            r#type: "bind".into(),
+            source: evil.display().to_string(),
+            ..Default::default()
+        };
+        assert_eq!(super::read_from_layers(&[link], "etc/passwd"), "");
     }
 
     #[test]

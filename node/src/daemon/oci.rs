@@ -136,8 +136,11 @@ pub struct TaskRun {
     pub args: Vec<String>,
     /// `--env`, as `KEY=VALUE`, over the image's.
     pub env: Vec<String>,
-    /// `--user`: `UID[:GID]`.
+    /// `--user`: `USER[:GROUP]`, each a name or a number.
     pub user: Option<String>,
+    /// The image's `/etc/passwd` and `/etc/group`, for user and group
+    /// names.
+    pub accounts: Accounts,
     /// `--workdir`.
     pub workdir: Option<String>,
     /// The network namespace to join (a task's, under `/run/netns`); a new,
@@ -150,6 +153,37 @@ pub struct TaskRun {
     pub cgroup: String,
     /// Resource limits.
     pub limits: Limits,
+}
+
+/// An image's `/etc/passwd` and `/etc/group` (empty when it has none).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Accounts {
+    /// `/etc/passwd`.
+    pub passwd: String,
+    /// `/etc/group`.
+    pub group: String,
+}
+
+/// The most of an image's `/etc/passwd` or `/etc/group` that is read.
+pub const MAX_ACCOUNTS_FILE: u64 = 1024 * 1024;
+
+impl Accounts {
+    /// UID and primary GID of `who` (a name or a UID), by `/etc/passwd`.
+    fn user(&self, who: &str) -> Option<(u32, u32)> {
+        self.passwd.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            let (uid, gid) = (f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?);
+            (f[0] == who || f[2] == who).then_some((uid, gid))
+        })
+    }
+
+    /// The GID of group `name`, by `/etc/group`.
+    fn group(&self, name: &str) -> Option<u32> {
+        self.group.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.first() == Some(&name)).then(|| f.get(2)?.parse().ok())?
+        })
+    }
 }
 
 /// `--limit-memory`, `--limit-cpu`, `--limit-pids`.
@@ -183,11 +217,9 @@ pub enum SpecError {
     /// Nothing to run.
     #[error("no command to run: the image has no ENTRYPOINT or CMD; give one after the image")]
     NoCommand,
-    /// A user that is not numeric.
-    #[error(
-        "--user `{0}`: give a numeric UID[:GID] (names from the image's /etc/passwd are not looked up yet)"
-    )]
-    User(String),
+    /// A user or group that the image does not know.
+    #[error("user `{0}` (from --user or the image's USER): {1}")]
+    User(String, String),
     /// A relative working directory.
     #[error("--workdir `{0}` must be an absolute path")]
     Workdir(String),
@@ -463,7 +495,9 @@ fn env(image: &ImageConfig, run: &TaskRun) -> Result<Vec<String>, SpecError> {
     Ok(out.into_iter().map(|(k, v)| format!("{k}={v}")).collect())
 }
 
-/// `UID[:GID]` (root when unset).
+/// `USER[:GROUP]`, names looked up in the image's `/etc/passwd` and
+/// `/etc/group` as Docker does: a user's group is its primary group, or
+/// 0 for a UID the image does not list; root when unset.
 fn user(image: &ImageConfig, run: &TaskRun) -> Result<User, SpecError> {
     let given = run
         .user
@@ -473,15 +507,24 @@ fn user(image: &ImageConfig, run: &TaskRun) -> Result<User, SpecError> {
     let Some(text) = given else {
         return Ok(User { uid: 0, gid: 0 });
     };
-    let bad = || SpecError::User(text.clone());
-    let (uid, gid) = match text.split_once(':') {
+    let bad = |why: &str| SpecError::User(text.clone(), why.to_owned());
+    let (who, group) = match text.split_once(':') {
         Some((u, g)) => (u, Some(g)),
         None => (text.as_str(), None),
     };
-    let uid: u32 = uid.parse().map_err(|_| bad())?;
-    let gid: u32 = match gid {
-        Some(g) => g.parse().map_err(|_| bad())?,
-        None => uid,
+    let a = &run.accounts;
+    let (uid, primary) = match (who.parse::<u32>(), a.user(who)) {
+        (_, Some(found)) => found,
+        (Ok(uid), None) => (uid, 0),
+        (Err(_), None) => return Err(bad("no such user in the image's /etc/passwd")),
+    };
+    let gid = match group {
+        None => primary,
+        Some(g) => match (g.parse::<u32>(), a.group(g)) {
+            (Ok(gid), _) => gid,
+            (Err(_), Some(gid)) => gid,
+            (Err(_), None) => return Err(bad("no such group in the image's /etc/group")),
+        },
     };
     Ok(User { uid, gid })
 }
@@ -687,6 +730,54 @@ mod tests {
     }
 
     #[test]
+    fn user_and_group_names_come_from_the_images_files() {
+        let image = ImageConfig {
+            cmd: Some(strings(&["x"])),
+            user: Some("www-data".into()),
+            ..Default::default()
+        };
+        let accounts = Accounts {
+            passwd: "root:x:0:0:root:/root:/bin/sh\nwww-data:x:33:33::/var/www:/bin/false\nbad:x:notanumber:1::/:\nshort:x\n".into(),
+            group: "root:x:0:\nstaff:x:50:www-data\nbroken\n".into(),
+        };
+        let with = |user: Option<&str>| TaskRun {
+            user: user.map(str::to_owned),
+            accounts: accounts.clone(),
+            ..run()
+        };
+        let user_of = |r: &TaskRun| runtime_spec(&image, r).map(|s| s.process.user);
+        assert_eq!(user_of(&with(None)), Ok(User { uid: 33, gid: 33 }));
+        assert_eq!(
+            user_of(&with(Some("www-data:staff"))),
+            Ok(User { uid: 33, gid: 50 })
+        );
+        // A listed UID takes its primary group; numbers are taken as given.
+        assert_eq!(user_of(&with(Some("33"))), Ok(User { uid: 33, gid: 33 }));
+        assert_eq!(user_of(&with(Some("7:8"))), Ok(User { uid: 7, gid: 8 }));
+        assert_eq!(
+            user_of(&with(Some("root:50"))),
+            Ok(User { uid: 0, gid: 50 })
+        );
+        for (bad, why) in [
+            ("nobody", "no such user in the image's /etc/passwd"),
+            ("bad", "no such user"),
+            ("short", "no such user"),
+            ("www-data:wheel", "no such group in the image's /etc/group"),
+            ("www-data:broken", "no such group"),
+        ] {
+            let e = user_of(&with(Some(bad))).unwrap_err();
+            assert!(e.to_string().contains(why), "{bad}: {e}");
+            assert!(e.to_string().contains(&format!("user `{bad}`")), "{e}");
+        }
+        // Without the files (an image with no /etc), only numbers work.
+        let bare = TaskRun {
+            user: Some("www-data".into()),
+            ..run()
+        };
+        assert!(user_of(&bare).is_err());
+    }
+
+    #[test]
     fn the_environment_user_and_workdir_follow_image_then_service() {
         let image = ImageConfig {
             cmd: Some(strings(&["x"])),
@@ -700,13 +791,8 @@ mod tests {
             s.process.env,
             strings(&["PATH=/opt/bin", "HOSTNAME=web.1.abc", "A=image", "B=kept"])
         );
-        assert_eq!(
-            s.process.user,
-            User {
-                uid: 1000,
-                gid: 1000
-            }
-        );
+        // A UID the image does not list gets group 0, as with Docker.
+        assert_eq!(s.process.user, User { uid: 1000, gid: 0 });
         assert_eq!(s.process.cwd, "/app");
         let r = TaskRun {
             env: strings(&["A=service", "C=x=y"]),

@@ -26,6 +26,7 @@ pub fn grows(cmd: &Command) -> bool {
             | Command::CreateService { .. }
             | Command::UpdateService { .. }
             | Command::AddTask { .. }
+            | Command::AddPendingTask { .. }
             | Command::AddNode(_)
             | Command::UpdateNode { .. }
     )

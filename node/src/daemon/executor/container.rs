@@ -74,6 +74,8 @@ pub fn task_run(
         args: command.to_vec(),
         env,
         user: c.user.clone(),
+        // Read from the image's layers when its container is made.
+        accounts: Default::default(),
         workdir: c.workdir.clone(),
         netns,
         etc,
