@@ -95,6 +95,19 @@ fn exec_runs_commands_inside_a_task_and_http_echo_says_who_served() {
         );
         let r = c.shoal(here, &["exec", name, "--", "sh", "-c", "exit 3"]);
         assert_eq!(r.code, 3, "{r:?}");
+        // -i: input streams to the command, output and errors apart; -t:
+        // it runs on a terminal.
+        let script = "read x; echo got $x; read y; echo and $y >&2";
+        let args = ["exec", "-i", name, "--", "sh", "-c", script];
+        let r = c.shoal_input(here, &args, "hello\nworld\n");
+        assert_eq!(
+            (r.code, r.stdout.as_str(), r.stderr.as_str()),
+            (0, "got hello\n", "and world\n")
+        );
+        let r = c.shoal(here, &["exec", "-t", name, "--", "tty"]);
+        assert!(r.ok() && r.stdout.starts_with("/dev/pts/"), "{r:?}");
+        let r = c.shoal_input(here, &["exec", "-it", name, "--", "sh"], "exit 4\n");
+        assert_eq!(r.code, 4, "{r:?}");
         // Asked on the other node: it says where the task runs.
         c.assert_refused(
             there,

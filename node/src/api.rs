@@ -1,7 +1,7 @@
 //! The local API between the `shoal` CLI and its daemon: one JSON request
 //! per line on the Unix socket, one JSON reply back.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -238,6 +238,20 @@ pub struct ServiceUpdate {
     /// A new command, after `--` (empty: unchanged).
     #[arg(last = true)]
     pub command: Vec<String>,
+}
+
+/// The FIFOs `shoal exec -i|-t` made for a process's input and output:
+/// `in`, `out` and `err` in `dir` (a directory of the client's, on this
+/// node). The daemon uses only paths that are FIFOs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecStdio {
+    /// The directory.
+    pub dir: PathBuf,
+    /// `-i`: the process reads `in`.
+    pub stdin: bool,
+    /// `-t`: the process runs on a terminal of this size (columns, rows;
+    /// 0 when unknown), its output and errors both in `out`.
+    pub terminal: Option<(u16, u16)>,
 }
 
 /// `--runtime`: what runs a service's tasks.
@@ -620,6 +634,10 @@ pub enum Request {
         task: String,
         /// The command.
         command: Vec<String>,
+        /// `-i`/`-t`: the client's FIFOs to stream through (else the
+        /// output comes back in the answer).
+        #[serde(default)]
+        stdio: Option<ExecStdio>,
     },
     /// `service ls`.
     ServiceLs,

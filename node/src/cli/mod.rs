@@ -78,6 +78,12 @@ enum Cmd {
     Debug(debug::DebugCmd),
     /// Run a command inside a running task's sandbox.
     Exec {
+        /// Keep standard input open to the command (a container's).
+        #[arg(short, long)]
+        interactive: bool,
+        /// Run the command on a terminal (a container's).
+        #[arg(short, long)]
+        tty: bool,
         /// Task ID, ID prefix, or SERVICE.SLOT.
         task: String,
         /// The command, after `--`.
@@ -109,7 +115,15 @@ impl Cli {
         let socket = self.socket;
         match self.command {
             Cmd::Daemon(args) => args.exec(socket).await,
-            Cmd::Exec { task, command } => exec::exec(&Client(socket), task, command).await,
+            Cmd::Exec {
+                interactive,
+                tty,
+                task,
+                command,
+            } => {
+                let how = exec::Streams { interactive, tty };
+                exec::exec(&Client(socket), task, command, how).await
+            }
             Cmd::Tool(cmd) => cmd.exec().await,
             Cmd::TaskShim(args) => crate::daemon::shim::run(args).await,
             Cmd::Swarm(cmd) => cmd.exec(&Client(socket)).await,

@@ -183,9 +183,11 @@ pub async fn handle(d: &Arc<Daemon>, req: Request) -> Reply {
         }
         Request::ServiceUpdate(args) => super::services::update(d, *args).await,
         Request::TaskExec { task } => super::services::task_exec(d, &task).await,
-        Request::TaskExecIn { task, command } => {
-            super::services::task_exec_in(d, &task, command).await
-        }
+        Request::TaskExecIn {
+            task,
+            command,
+            stdio,
+        } => super::services::task_exec_in(d, &task, command, stdio).await,
         Request::ServiceLs => super::services::ls(d).await,
         Request::ServicePs { service } => super::services::ps(d, &service).await,
         Request::ServiceInspect { service } => super::services::inspect(d, &service).await,

@@ -18,7 +18,7 @@ use containerd_client::services::v1::{
     Container, CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest,
     DeleteProcessRequest, DeleteTaskRequest, ExecProcessRequest, GetContainerRequest,
     GetImageRequest, GetRequest, KillRequest, ListContainersRequest, ReadContentRequest,
-    StartRequest, WaitRequest,
+    ResizePtyRequest, StartRequest, WaitRequest,
 };
 use containerd_client::tonic::Code;
 
@@ -101,6 +101,26 @@ fn write_etc(dir: &Path, hostname: &str) -> std::io::Result<EtcFiles> {
         hostname,
         None,
     )
+}
+
+/// Where an exec'd process's input and output go.
+pub enum ExecIo<'a> {
+    /// Output and errors appended to files (which may be one); no input.
+    Files(&'a Path, &'a Path),
+    /// A client's FIFOs: input read from `stdin` when given, output
+    /// written to `stdout`, errors to `stderr` (on a terminal, both go to
+    /// `stdout`); on a terminal of `terminal`'s size (columns, rows; 0
+    /// when unknown) when given.
+    Fifos {
+        /// Input.
+        stdin: Option<&'a Path>,
+        /// Output.
+        stdout: &'a Path,
+        /// Errors, off a terminal.
+        stderr: Option<&'a Path>,
+        /// The terminal's size, when on one.
+        terminal: Option<(u16, u16)>,
+    },
 }
 
 /// File `path` of a snapshot whose `mounts` containerd gave (an overlay
@@ -434,15 +454,15 @@ impl Engine {
 
     /// Runs `args` inside running container `id` as its own process runs
     /// (user, capabilities, working directory and environment from the
-    /// container's spec, plus `env`), its output to `stdout` and `stderr`
-    /// (which may be one file); waits at
-    /// most `limit` (then kills it); its exit status, `None` on timeout.
+    /// container's spec, plus `env`), its input and output as `io` says;
+    /// waits at most `limit` (then kills it); its exit status, `None` on
+    /// timeout.
     pub async fn exec(
         &self,
         id: &str,
         args: &[String],
         env: &[String],
-        (stdout, stderr): (&Path, &Path),
+        io: ExecIo<'_>,
         limit: Option<std::time::Duration>,
     ) -> Result<Option<u32>, EngineError> {
         let channel = self.channel().await?;
@@ -457,19 +477,38 @@ impl Engine {
             serde_json::from_slice(&container.spec.unwrap_or_default().value).unwrap_or_default();
         let mut process = spec["process"].clone();
         process["args"] = serde_json::json!(args);
-        process["terminal"] = serde_json::json!(false);
+        let terminal = matches!(
+            io,
+            ExecIo::Fifos {
+                terminal: Some(_),
+                ..
+            }
+        );
+        process["terminal"] = serde_json::json!(terminal);
         if let Some(vars) = process["env"].as_array_mut() {
             vars.extend(env.iter().map(|e| serde_json::json!(e)));
         }
         let exec_id = format!("shoal-exec-{:016x}", rand::random::<u64>());
+        // containerd's shim appends to a `file://` path, and opens a plain
+        // path as a FIFO.
         let file = |p: &Path| format!("file://{}", p.display());
+        let fifo = |p: Option<&Path>| p.map(|p| p.display().to_string()).unwrap_or_default();
+        let (stdin, stdout, stderr, size) = match io {
+            ExecIo::Files(out, err) => (String::new(), file(out), file(err), None),
+            ExecIo::Fifos {
+                stdin,
+                stdout,
+                stderr,
+                terminal,
+            } => (fifo(stdin), fifo(Some(stdout)), fifo(stderr), terminal),
+        };
         let mut tasks = TasksClient::new(channel);
         let exec = ExecProcessRequest {
             container_id: id.to_owned(),
-            stdin: String::new(),
-            stdout: file(stdout),
-            stderr: file(stderr),
-            terminal: false,
+            stdin,
+            stdout,
+            stderr,
+            terminal,
             spec: Some(prost_types::Any {
                 type_url: PROCESS_TYPE.into(),
                 value: serde_json::to_vec(&process).unwrap_or_default(),
@@ -479,7 +518,9 @@ impl Engine {
         tasks.exec(request(exec, None)).await.map_err(|s| {
             command_error(s.message()).unwrap_or_else(|| self.failed("exec in a container", s))
         })?;
-        let result = self.start_and_wait(&mut tasks, id, &exec_id, limit).await;
+        let result = self
+            .start_and_wait(&mut tasks, id, &exec_id, size, limit)
+            .await;
         let delete = DeleteProcessRequest {
             container_id: id.to_owned(),
             exec_id,
@@ -493,6 +534,7 @@ impl Engine {
         tasks: &mut TasksClient<containerd_client::tonic::transport::Channel>,
         id: &str,
         exec_id: &str,
+        size: Option<(u16, u16)>,
         limit: Option<std::time::Duration>,
     ) -> Result<Option<u32>, EngineError> {
         let start = StartRequest {
@@ -502,6 +544,16 @@ impl Engine {
         tasks.start(request(start, None)).await.map_err(|s| {
             command_error(s.message()).unwrap_or_else(|| self.failed("start an exec'd process", s))
         })?;
+        if let Some((width, height)) = size.filter(|(w, h)| *w > 0 && *h > 0) {
+            let resize = ResizePtyRequest {
+                container_id: id.to_owned(),
+                exec_id: exec_id.to_owned(),
+                width: width.into(),
+                height: height.into(),
+            };
+            // The terminal keeps its default size if this fails.
+            let _ = tasks.resize_pty(request(resize, None)).await;
+        }
         let wait = WaitRequest {
             container_id: id.to_owned(),
             exec_id: exec_id.to_owned(),

@@ -550,6 +550,7 @@ pub async fn task_exec_in(
     d: &Daemon,
     reference: &str,
     command: Vec<String>,
+    stdio: Option<crate::api::ExecStdio>,
 ) -> anyhow::Result<Reply> {
     use std::io::Read;
     let m = d.member().await?;
@@ -566,6 +567,20 @@ pub async fn task_exec_in(
             "no command: shoal exec TASK -- COMMAND [ARG...]",
         ));
     }
+    if let Some(stdio) = stdio {
+        // Streamed through the client's FIFOs.
+        let fifos = ExecFifos::check(&stdio)?;
+        let status = d
+            .engine
+            .exec(&t.id, &command, &[], fifos.io(stdio.terminal), None)
+            .await
+            .map_err(|e| ApiError::conflict(format!("cannot exec in task {name}: {e}")))?;
+        return Reply::of(&super::containers::Ended {
+            exit_status: status.unwrap_or(137),
+            stdout: String::new(),
+            stderr: String::new(),
+        });
+    }
     let dir = m.dir.0.join("tasks");
     let n = rand::random::<u32>();
     let (out, err) = (
@@ -574,7 +589,13 @@ pub async fn task_exec_in(
     );
     let status = d
         .engine
-        .exec(&t.id, &command, &[], (&out, &err), None)
+        .exec(
+            &t.id,
+            &command,
+            &[],
+            super::containers::ExecIo::Files(&out, &err),
+            None,
+        )
         .await
         .map_err(|e| ApiError::conflict(format!("cannot exec in task {name}: {e}")));
     let read = |p: &std::path::Path| {
@@ -592,6 +613,47 @@ pub async fn task_exec_in(
         stdout,
         stderr,
     })
+}
+
+/// The FIFOs a `shoal exec -i|-t` client made, checked to be FIFOs (a
+/// path to a regular file would have containerd's shim write into it).
+struct ExecFifos {
+    stdin: Option<std::path::PathBuf>,
+    stdout: std::path::PathBuf,
+    stderr: Option<std::path::PathBuf>,
+}
+
+impl ExecFifos {
+    fn check(stdio: &crate::api::ExecStdio) -> anyhow::Result<Self> {
+        use std::os::unix::fs::FileTypeExt;
+        let fifo = |name: &str| -> anyhow::Result<std::path::PathBuf> {
+            let path = stdio.dir.join(name);
+            let is_fifo = stdio.dir.is_absolute()
+                && std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_fifo());
+            if is_fifo {
+                Ok(path)
+            } else {
+                Err(ApiError::invalid(format!(
+                    "{} is not a FIFO: shoal exec -i/-t streams through FIFOs the CLI makes on this node",
+                    path.display()
+                )))
+            }
+        };
+        Ok(ExecFifos {
+            stdin: stdio.stdin.then(|| fifo("in")).transpose()?,
+            stdout: fifo("out")?,
+            stderr: stdio.terminal.is_none().then(|| fifo("err")).transpose()?,
+        })
+    }
+
+    fn io(&self, terminal: Option<(u16, u16)>) -> super::containers::ExecIo<'_> {
+        super::containers::ExecIo::Fifos {
+            stdin: self.stdin.as_deref(),
+            stdout: &self.stdout,
+            stderr: self.stderr.as_deref(),
+            terminal,
+        }
+    }
 }
 
 /// `service ls`.
@@ -785,4 +847,47 @@ pub async fn logs(
     let mut reply = Reply::of(&out)?;
     reply.warnings = warnings;
     Ok(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ExecFifos;
+    use crate::api::ExecStdio;
+
+    #[test]
+    fn exec_streams_only_through_fifos() {
+        use nix::sys::stat::Mode;
+        let dir = tempfile::tempdir().unwrap();
+        let stdio = |terminal| ExecStdio {
+            dir: dir.path().to_owned(),
+            stdin: true,
+            terminal,
+        };
+        // Regular files (say, /etc/shadow named by a client): refused.
+        for name in ["in", "out", "err"] {
+            std::fs::write(dir.path().join(name), b"").unwrap();
+        }
+        let e = ExecFifos::check(&stdio(None)).err().unwrap();
+        assert!(e.to_string().contains("is not a FIFO"), "{e}");
+        for name in ["in", "out", "err"] {
+            std::fs::remove_file(dir.path().join(name)).unwrap();
+            nix::unistd::mkfifo(&dir.path().join(name), Mode::S_IRUSR | Mode::S_IWUSR).unwrap();
+        }
+        let ok = ExecFifos::check(&stdio(None)).unwrap();
+        assert!(ok.stdin.is_some() && ok.stderr.is_some());
+        // On a terminal, errors go with the output.
+        assert!(
+            ExecFifos::check(&stdio(Some((80, 24))))
+                .unwrap()
+                .stderr
+                .is_none()
+        );
+        // A relative directory is refused.
+        let relative = ExecStdio {
+            dir: "fifos".into(),
+            stdin: false,
+            terminal: None,
+        };
+        assert!(ExecFifos::check(&relative).is_err());
+    }
 }

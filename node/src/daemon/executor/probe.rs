@@ -93,7 +93,7 @@ pub fn spawn(
                     &id,
                     &check.command,
                     &[],
-                    (&output, &output),
+                    crate::daemon::containers::ExecIo::Files(&output, &output),
                     Some(check.timeout),
                 )
                 .await;
