@@ -399,7 +399,6 @@ fn start_probe<W: Propose>(
     ))
 }
 
-/// A task's environment: its service's, then Shoal's `SHOAL_*` variables.
 /// The address a task's name maps to in its own `/etc/hosts`: on the
 /// first of its service's networks it has one on (as the other tasks
 /// resolve it there), else on any. Pure.
@@ -413,6 +412,7 @@ fn own_address(service: &shoal_mesh::service::Service, t: &Task) -> Option<std::
         .copied()
 }
 
+/// A task's environment: its service's, then Shoal's `SHOAL_*` variables.
 fn task_env<W>(ctx: &ExecutorCtx<W>, state: &ClusterState, t: &Task) -> Vec<(String, String)> {
     let Some(service) = state.services.get(&t.service_id) else {
         return Vec::new();
