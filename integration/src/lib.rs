@@ -18,6 +18,7 @@ pub mod bench;
 pub mod failover;
 pub mod images;
 pub mod lab;
+pub mod scale;
 pub mod spec;
 
 use anyhow::{Context, bail};

@@ -432,3 +432,61 @@ fn the_demo_runs_to_completion_and_keep_leaves_its_lab_up() {
     assert!(lab(&["down", "--name", &name]).0);
     assert_nothing_left(&name);
 }
+
+/// `shoal-lab scale` (issue 16's harness) on a few nodes: every figure is
+/// there, no live node was shown down, and the killed worker was seen
+/// down and its tasks run elsewhere. Bad arguments are named.
+#[test]
+fn the_scale_harness_measures_a_small_swarm() {
+    let _one = one_lab();
+    let (ok, out, err) = lab(&[
+        "scale",
+        "--nodes",
+        "4",
+        "--managers",
+        "1",
+        "--seconds",
+        "5",
+        "--format",
+        "json",
+    ]);
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["nodes"], 4);
+    assert!(r["all_ready_s"].as_f64().is_some(), "{r}");
+    let cpu = &r["idle_cpu_percent_of_a_core"];
+    assert!(cpu["mean"].as_f64().is_some_and(|c| c > 0.0), "{r}");
+    assert!(
+        r["rss_mib"]["median"].as_f64().is_some_and(|m| m > 1.0),
+        "{r}"
+    );
+    assert_eq!(r["bytes_sent_per_s"].is_null(), !is_root(), "{r}");
+    assert_eq!(r["false_downs"], serde_json::json!({}), "{r}");
+    assert!(r["service_of_2n_running_s"].as_f64().is_some(), "{r}");
+    assert!(
+        r["killed_worker_down_on_every_manager_s"]
+            .as_f64()
+            .is_some(),
+        "{r}"
+    );
+    assert!(
+        r["killed_workers_tasks_rescheduled_s"].as_f64().is_some(),
+        "{r}"
+    );
+    for (args, says) in [
+        (&["scale", "--nodes", "1"][..], "--nodes must be 2 to 250"),
+        (
+            &["scale", "--nodes", "3", "--managers", "4"][..],
+            "--managers must be 1 to 7",
+        ),
+        (&["scale", "--seconds", "x"][..], "invalid --seconds `x`"),
+        (&["scale", "--nodes"][..], "--nodes needs a value"),
+        (
+            &["scale", "--frobnicate"][..],
+            "unexpected argument `--frobnicate`",
+        ),
+    ] {
+        let (ok, _, err) = lab(args);
+        assert!(!ok && err.contains(says), "{args:?}: {err}");
+    }
+}

@@ -392,7 +392,8 @@ const USAGE: &str = "usage: shoal-lab demo [--keep [--name LAB]]
        shoal-lab partition [--name LAB] HOST,HOST... HOST,HOST...
        shoal-lab heal [--name LAB]
        shoal-lab down [--name LAB]
-       shoal-lab failover --scenario kill-leader|kill-worker|partition-minority|restart-all|rolling-restart [--runs N] [--format json]";
+       shoal-lab failover --scenario kill-leader|kill-worker|partition-minority|restart-all|rolling-restart [--runs N] [--format json]
+       shoal-lab scale [--nodes N] [--managers M] [--seconds S] [--format json]";
 
 /// `--flag VALUE` out of `args` (removed), or `default`; a flag given
 /// without its value is an error rather than silently the default.
@@ -470,6 +471,27 @@ fn print_report(r: &serde_json::Value) {
     if let Some(dir) = r["logs"].as_str() {
         println!("  daemon logs of this run (a request failed after recovery): {dir}");
     }
+}
+
+/// `shoal-lab scale`: N daemons on loopback addresses, measured (bytes on
+/// the wire need root, the rest does not).
+fn scale(mut args: Vec<String>) -> anyhow::Result<std::process::ExitCode> {
+    let nodes = number(&flag(&mut args, "--nodes", "10")?, "--nodes")?;
+    let managers = match flag(&mut args, "--managers", "")?.as_str() {
+        "" => nodes.min(3),
+        m => number(m, "--managers")?,
+    };
+    let seconds = number(&flag(&mut args, "--seconds", "15")?, "--seconds")?;
+    let format = flag(&mut args, "--format", "table")?;
+    no_more(&args)?;
+    let s = shoal_integration::scale::Scale::new(nodes, managers, seconds as u64)?;
+    let report = shoal_integration::scale::run(s)?;
+    if format == "json" {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        shoal_integration::scale::print(&report);
+    }
+    Ok(std::process::ExitCode::SUCCESS)
 }
 
 /// The lab commands other than `demo`.
@@ -710,6 +732,7 @@ fn main() -> std::process::ExitCode {
             }
         }
         .map(|()| std::process::ExitCode::SUCCESS),
+        Some("scale") => scale(args[1..].to_vec()),
         Some(cmd) if !cmd.starts_with('-') => {
             let cmd = args.remove(0);
             lab(&cmd, args)
