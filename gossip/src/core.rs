@@ -478,9 +478,21 @@ impl Gossip {
             .filter(|t| !allowed.contains(&t.peer.id))
             .map(|t| t.peer.clone())
             .collect();
+        // SWIM members learned while the store did not list them yet (their
+        // `MemberUp` was dropped then): up now, or never, since SWIM will
+        // not tell again.
+        let known: Vec<Peer> = self
+            .foca
+            .iter_members()
+            .map(|m| m.id().clone())
+            .filter(|p| allowed.contains(&p.id) && !self.members.contains_key(&p.id))
+            .collect();
         self.allowed = Some(allowed);
         for p in gone {
             self.member_down(p);
+        }
+        for p in known {
+            self.member_up(p);
         }
     }
 

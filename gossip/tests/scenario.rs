@@ -387,3 +387,40 @@ fn a_member_cannot_keep_a_dead_node_alive_or_take_its_identity() {
     assert_eq!(seen.generation, four.generation);
     assert!(g.rejected["swim_unsigned_alive"] >= 90, "{:?}", g.rejected);
 }
+
+/// A member gossip learned of before the store listed it (its news was
+/// dropped then) is up once the store lists it: SWIM would not say again.
+#[test]
+fn a_member_learned_before_the_store_listed_it_is_up_once_it_does() {
+    let mut sim = Sim::new(7, GossipConfig::default(), 1_000_000);
+    sim.start(NodeId(1), &[]);
+    sim.start(NodeId(2), &[NodeId(1)]);
+    sim.run_for(2_000);
+    // Node 1's store knows nodes 1 and 2 only; node 3 joins through node 2.
+    sim.with_node(NodeId(1), |g, _| {
+        g.set_allowed([NodeId(1), NodeId(2)].into())
+    });
+    sim.start(NodeId(3), &[NodeId(2)]);
+    sim.run_for(3_000);
+    let state_of_3 = |sim: &mut Sim| {
+        sim.with_node(NodeId(1), |g, _| {
+            g.members()
+                .into_iter()
+                .find(|m| m.node_id == NodeId(3))
+                .map(|m| m.state)
+        })
+        .flatten()
+    };
+    assert_ne!(state_of_3(&mut sim), Some(MemberState::Alive));
+    // The store lists it now: alive at once, and said so.
+    let said = sim
+        .with_node(NodeId(1), |g, _| {
+            g.set_allowed([NodeId(1), NodeId(2), NodeId(3)].into());
+            std::iter::from_fn(|| g.poll_event()).any(|e| {
+                matches!(e, shoal_gossip::Event::Member { node, state: MemberState::Alive } if node == NodeId(3))
+            })
+        })
+        .unwrap();
+    assert!(said);
+    assert_eq!(state_of_3(&mut sim), Some(MemberState::Alive));
+}

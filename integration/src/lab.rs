@@ -49,7 +49,26 @@ impl Cluster {
     pub fn lab_up(name: &str, spec: &LabSpec) -> anyhow::Result<Cluster> {
         let c = Cluster::lab_create(name, spec)?;
         let roles: Vec<bool> = spec.hosts.iter().map(|h| h.manager).collect();
-        if let Err(e) = c.form_roles(&roles) {
+        // Up means usable: every host sees every node ready (gossip's
+        // view spreads within a second or two of the last join).
+        let formed = c.form_roles(&roles).and_then(|()| {
+            c.wait_until(
+                "every host to see every node ready",
+                std::time::Duration::from_secs(30),
+                |c| {
+                    for i in 0..c.hosts.len() {
+                        let nodes = c.node_ls(i)?;
+                        if nodes.len() != c.hosts.len()
+                            || nodes.iter().any(|n| n["status"] != "ready")
+                        {
+                            return Ok(false);
+                        }
+                    }
+                    Ok(true)
+                },
+            )
+        });
+        if let Err(e) = formed {
             let _ = Cluster::lab_down(name);
             return Err(e);
         }

@@ -112,6 +112,7 @@ pub fn spawn(
     state: StateHandle,
     config: GossipConfig,
     keys: Box<dyn shoal_gossip::Keys>,
+    live: Arc<super::liveness::Liveness>,
 ) -> (GossipHandle, tokio::task::JoinHandle<()>) {
     let (handle, rx) = GossipHandle::channel();
     let changed = handle.changed.clone();
@@ -121,7 +122,8 @@ pub fn spawn(
         generation: now_ms() << 16,
         bump: 0,
     };
-    let task = tokio::spawn(run(me, quic, state, config, keys, rx, changed));
+    let g = Gossip::new(me, config, rand::random(), now_ms(), keys);
+    let task = tokio::spawn(run(g, quic, state, rx, changed, live));
     (handle, task)
 }
 
@@ -187,7 +189,7 @@ fn is_alone(g: &Gossip) -> bool {
 
 /// Sends what gossip has to send; returns whether members or entries
 /// changed.
-fn flush(g: &mut Gossip, quic: &Arc<Quic>) -> bool {
+fn flush(g: &mut Gossip, quic: &Arc<Quic>, live: &super::liveness::Liveness) -> bool {
     while let Some(t) = g.poll_transmit() {
         let Ok(addr) = t.addr.parse::<SocketAddr>() else {
             continue;
@@ -206,7 +208,10 @@ fn flush(g: &mut Gossip, quic: &Arc<Quic>) -> bool {
     while let Some(e) = g.poll_event() {
         changed = true;
         match e {
-            Event::Member { node, state } => tracing::info!(%node, ?state, "gossip member"),
+            Event::Member { node, state } => {
+                tracing::info!(%node, ?state, "gossip member");
+                live.member(node, state);
+            }
             Event::Entry(change) => tracing::debug!(?change, "gossip entry"),
         }
     }
@@ -214,20 +219,18 @@ fn flush(g: &mut Gossip, quic: &Arc<Quic>) -> bool {
 }
 
 async fn run(
-    me: Peer,
+    mut g: Gossip,
     quic: Arc<Quic>,
     state: StateHandle,
-    config: GossipConfig,
-    keys: Box<dyn shoal_gossip::Keys>,
     mut rx: mpsc::UnboundedReceiver<GossipCmd>,
     changed: Arc<tokio::sync::Notify>,
+    live: Arc<super::liveness::Liveness>,
 ) {
-    let mut g = Gossip::new(me, config, rand::random(), now_ms(), keys);
     let mut changes = state.changes();
     refresh_from_store(&mut g, &state, true);
     let mut lonely = tokio::time::interval(Duration::from_secs(2));
     loop {
-        if flush(&mut g, &quic) {
+        if flush(&mut g, &quic, &live) {
             changed.notify_waiters();
         }
         let wait = g.poll_timeout().saturating_sub(now_ms()).min(1_000);
@@ -261,7 +264,7 @@ async fn run(
                     GossipCmd::Rekey => g.rekey(now),
                     GossipCmd::LeaveCluster(reply) => {
                         g.leave_cluster(now);
-                        flush(&mut g, &quic);
+                        flush(&mut g, &quic, &live);
                         // Give the farewell a moment to leave the socket.
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         let _ = reply.send(());

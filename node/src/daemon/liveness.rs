@@ -1,12 +1,18 @@
-//! Who answers right now: every node pings every other node of the store
-//! over the control protocol. This is the store-level view that `node ls`
-//! shows until the gossip layer (SWIM) takes over failure detection.
+//! Who answers right now, as `node ls` shows it and the writer, the
+//! membership loop and the orchestrator use it. One failure detector:
+//! gossip's SWIM, whose cost per node does not grow with the swarm
+//! (`Event::Member` feeds [`Liveness::member`]). Managers also ping each
+//! other ([`crate::daemon::ping`]; a handful of nodes), so that a write's
+//! quorum and the leader's view of its voters do not wait for gossip; a
+//! recent answer to such a ping counts as alive too. Nobody pings the
+//! workers.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use shoal_gossip::MemberState;
 use shoal_mesh::NodeId;
 
 /// How often peers are pinged.
@@ -38,11 +44,14 @@ impl std::fmt::Display for NodeStatus {
     }
 }
 
-/// Last successful contact per node.
+/// Last successful ping per node, and gossip's state of each member.
 pub struct Liveness {
     me: NodeId,
     started: Instant,
     last_ok: Mutex<HashMap<NodeId, Instant>>,
+    members: Mutex<HashMap<NodeId, MemberState>>,
+    /// When a node gossip has not heard of was first asked about.
+    unheard_since: Mutex<HashMap<NodeId, Instant>>,
 }
 
 impl Liveness {
@@ -52,7 +61,17 @@ impl Liveness {
             me,
             started: Instant::now(),
             last_ok: Mutex::new(HashMap::new()),
+            members: Mutex::new(HashMap::new()),
+            unheard_since: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Records gossip's state of member `node`.
+    pub fn member(&self, node: NodeId, state: MemberState) {
+        self.members
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node, state);
     }
 
     /// Records an answer from `node` at `now`.
@@ -63,28 +82,74 @@ impl Liveness {
             .insert(node, now);
     }
 
-    /// The status of `node` at `now`.
+    /// The status of `node` at `now`: ready while gossip has it alive (or
+    /// suspect: it may still refute) or it answered a ping lately; down
+    /// once gossip has it dead or gone and no ping answers; unknown for a
+    /// while when gossip has not heard of it (a node that just joined),
+    /// from when this daemon started or was first asked about it.
     pub fn status(&self, node: NodeId, now: Instant) -> NodeStatus {
         if node == self.me {
             return NodeStatus::Ready;
         }
-        let last = self
+        let pinged = self
             .last_ok
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&node)
+            .is_some_and(|t| now.saturating_duration_since(*t) < DOWN_AFTER);
+        let member = self
+            .members
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)
             .copied();
-        match last {
-            Some(t) if now.saturating_duration_since(t) < DOWN_AFTER => NodeStatus::Ready,
-            _ if now.saturating_duration_since(self.started) < DOWN_AFTER => NodeStatus::Unknown,
-            _ => NodeStatus::Down,
-        }
+        let since = match member {
+            Some(_) => self.started,
+            None => *self
+                .unheard_since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(node)
+                .or_insert(now),
+        };
+        decide(pinged, member, now.saturating_duration_since(since))
+    }
+}
+
+/// A node's status from a recent ping answer (`pinged`), gossip's state of
+/// it, and for how long this daemon has known of it. Pure.
+pub fn decide(pinged: bool, member: Option<MemberState>, age: Duration) -> NodeStatus {
+    match member {
+        _ if pinged => NodeStatus::Ready,
+        Some(MemberState::Alive | MemberState::Suspect) => NodeStatus::Ready,
+        Some(MemberState::Dead | MemberState::Left) => NodeStatus::Down,
+        None if age < DOWN_AFTER => NodeStatus::Unknown,
+        None => NodeStatus::Down,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gossip_decides_and_a_ping_answer_counts_as_alive() {
+        let (young, old) = (Duration::ZERO, DOWN_AFTER * 2);
+        use MemberState::*;
+        assert_eq!(decide(false, Some(Alive), old), NodeStatus::Ready);
+        assert_eq!(decide(false, Some(Suspect), old), NodeStatus::Ready);
+        assert_eq!(decide(false, Some(Dead), old), NodeStatus::Down);
+        assert_eq!(decide(false, Some(Left), old), NodeStatus::Down);
+        // A manager gossip has dead that still answers pings: ready.
+        assert_eq!(decide(true, Some(Dead), old), NodeStatus::Ready);
+        assert_eq!(decide(false, None, young), NodeStatus::Unknown);
+        assert_eq!(decide(false, None, old), NodeStatus::Down);
+        let l = Liveness::new(NodeId(1));
+        l.member(NodeId(4), Alive);
+        assert_eq!(l.status(NodeId(4), l.started), NodeStatus::Ready);
+        l.member(NodeId(4), Dead);
+        assert_eq!(l.status(NodeId(4), l.started), NodeStatus::Down);
+    }
 
     #[test]
     fn status_follows_the_last_answer() {
@@ -102,8 +167,14 @@ mod tests {
             l.status(NodeId(2), t0 + Duration::from_secs(5)),
             NodeStatus::Down
         );
+        // Gossip has not heard of node 3 (say, it just joined): unknown
+        // for a while from when it was first asked about, then down.
         assert_eq!(
             l.status(NodeId(3), t0 + Duration::from_secs(5)),
+            NodeStatus::Unknown
+        );
+        assert_eq!(
+            l.status(NodeId(3), t0 + Duration::from_secs(9)),
             NodeStatus::Down
         );
     }

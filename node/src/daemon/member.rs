@@ -128,6 +128,7 @@ fn start_gossip(
     state: &StateHandle,
     trust: Trust,
     config: shoal_gossip::GossipConfig,
+    live: Arc<Liveness>,
 ) -> anyhow::Result<(GossipHandle, JoinHandle<()>, SigningHandle)> {
     let keys = NodeKeys::new(&identity.tls, trust)?;
     let signing = keys.signing();
@@ -138,6 +139,7 @@ fn start_gossip(
         state.clone(),
         config,
         Box::new(keys),
+        live,
     );
     Ok((gossip, task, signing))
 }
@@ -168,9 +170,15 @@ impl Member {
     ) -> anyhow::Result<Arc<Member>> {
         let id = identity.node.node_id;
         let (state, trust, quic, raft) = open(&identity, &dir, &cfg.timing).await?;
-        let (gossip, gossip_task, signing) =
-            start_gossip(&identity, &quic, &state, trust.clone(), cfg.gossip)?;
         let live = Arc::new(Liveness::new(id));
+        let (gossip, gossip_task, signing) = start_gossip(
+            &identity,
+            &quic,
+            &state,
+            trust.clone(),
+            cfg.gossip,
+            live.clone(),
+        )?;
         let keys = Arc::new(Secrets::new(dir.clone(), &identity));
         let quota = Arc::new(Quota::new(cfg.quota_bytes));
         let writer = Writer::new(

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use shoal_mesh::apply::ApplyError;
 use shoal_mesh::{Availability, ClusterState, Command, Node, NodeId, Role, codec};
 use shoal_raft::{Raft, RaftRpc, StateHandle, serve_rpc};
 
@@ -398,10 +399,15 @@ async fn admit(m: &PeerHandler, call: Incoming) -> Result<JoinAccepted, String> 
         addr: addr.to_string(),
         joined_at_ms: now_ms(),
     };
-    m.writer
-        .propose(Command::AddNode(node))
-        .await
-        .map_err(|e| e.to_string())?;
+    let added = m.writer.propose(Command::AddNode(node)).await;
+    match added {
+        Ok(_) => {}
+        // A retried proposal whose first attempt committed after all (a
+        // leader change mid-write): `id` is fresh and random, absent from
+        // the store when drawn, so only that attempt can have added it.
+        Err(WriteError::Refused(ApplyError::DuplicateNode(dup))) if dup == id => {}
+        Err(e) => return Err(e.to_string()),
+    }
     tracing::info!(node = %id, hostname = %req.hostname, %role, "admitted a node");
     Ok(JoinAccepted {
         node_id: id,

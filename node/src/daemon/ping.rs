@@ -1,10 +1,11 @@
-//! The store-level liveness loop: every [`PING_INTERVAL`] this node pings
-//! every other node of the store over the control protocol (what `node ls`
-//! shows as `ready`/`down`), then fetches or drops the managers' key as its
-//! own role in the store says.
+//! The managers' liveness loop: every [`PING_INTERVAL`] a manager pings
+//! the other managers over the control protocol (a handful of nodes,
+//! whatever the swarm's size: the workers are gossip's alone, see
+//! [`super::liveness`]), then every node fetches or drops the managers'
+//! key as its own role in the store says.
 //!
 //! ```text
-//!  store nodes ──► ping each ──► Liveness (heard)
+//!  own role manager ──► ping the other managers ──► Liveness (heard)
 //!  own role, key held ──► key_step() ──► Fetch from a manager | Drop | nothing
 //! ```
 
@@ -63,7 +64,11 @@ pub async fn run(ctx: PingCtx) {
 async fn round(ctx: &PingCtx) {
     let state = ctx.state.state();
     let mut round = tokio::task::JoinSet::new();
-    for node in state.nodes.values().filter(|n| n.id != ctx.id) {
+    let role = state.nodes.get(&ctx.id).map(|n| n.role);
+    let peers = state
+        .managers()
+        .filter(|n| n.id != ctx.id && role == Some(Role::Manager));
+    for node in peers {
         let (writer, live, id) = (ctx.writer.clone(), ctx.live.clone(), node.id);
         round.spawn(async move {
             if let Ok(CtlReply::Pong) = writer.ctl(id, &CtlRequest::Ping, PING_TIMEOUT).await {
@@ -72,7 +77,6 @@ async fn round(ctx: &PingCtx) {
         });
     }
     while round.join_next().await.is_some() {}
-    let role = state.nodes.get(&ctx.id).map(|n| n.role);
     match key_step(role, ctx.keys.get().is_some()) {
         Some(KeyStep::Fetch) => fetch_manager_key(ctx, &state).await,
         Some(KeyStep::Drop) => {
