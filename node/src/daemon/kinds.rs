@@ -18,7 +18,9 @@ pub fn kind_of(e: &anyhow::Error) -> ErrorKind {
             } else if let Some(w) = cause.downcast_ref::<WriteError>() {
                 Some(match w {
                     WriteError::Refused(a) => applied(a),
-                    WriteError::NoQuorum { .. } => ErrorKind::Unavailable,
+                    WriteError::NoQuorum { .. } | WriteError::NotConfirmed { .. } => {
+                        ErrorKind::Unavailable
+                    }
                     WriteError::QuotaExceeded { .. } => ErrorKind::Conflict,
                     WriteError::Other(_) => ErrorKind::Internal,
                 })

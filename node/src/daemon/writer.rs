@@ -37,6 +37,18 @@ pub enum WriteError {
         /// Managers in the store.
         total: usize,
     },
+    /// A majority of managers is reachable, yet no leader confirmed the
+    /// write in time.
+    #[error(
+        "the change was not confirmed within {} s although {reachable} of {total} managers are reachable: the leader is overloaded or slow. It may still be applied: check (`shoal node ls`, `shoal service ls`) before retrying",
+        WRITE_TIMEOUT.as_secs()
+    )]
+    NotConfirmed {
+        /// Managers this node can reach (itself included).
+        reachable: usize,
+        /// Managers in the store.
+        total: usize,
+    },
     /// The store is over its quota and the write would grow it.
     #[error(
         "store quota exceeded: the swarm's state is {size} bytes, over its quota of {limit}; nothing was changed. Remove services, networks or nodes (removals still go through), or raise [store] quota_mib on the managers"
@@ -57,6 +69,17 @@ pub enum WriteError {
 pub trait Propose: Send + Sync {
     /// Commits `cmd`; its outcome once applied.
     fn propose(&self, cmd: Command) -> impl Future<Output = Result<Outcome, WriteError>> + Send;
+}
+
+/// Why a write was not confirmed in time, with `reachable` of `total`
+/// managers reachable from here: a lost quorum only without a majority.
+/// Pure.
+pub fn unconfirmed(reachable: usize, total: usize) -> WriteError {
+    if reachable > total / 2 {
+        WriteError::NotConfirmed { reachable, total }
+    } else {
+        WriteError::NoQuorum { reachable, total }
+    }
 }
 
 /// How node `me` asks the leader to write `cmd`: its own task reports, its
@@ -148,7 +171,7 @@ impl Writer {
     /// The error of a write no leader confirmed in time.
     pub fn no_quorum(&self) -> WriteError {
         let (reachable, total) = self.manager_reachability(&self.state.state());
-        WriteError::NoQuorum { reachable, total }
+        unconfirmed(reachable, total)
     }
 
     async fn write(&self, cmd: Command) -> Result<Outcome, WriteError> {
@@ -246,6 +269,20 @@ impl Writer {
 mod tests {
     use super::*;
     use shoal_mesh::task::{TaskReport, TaskState};
+
+    #[test]
+    fn an_unconfirmed_write_blames_the_quorum_only_without_a_majority() {
+        assert!(matches!(unconfirmed(1, 3), WriteError::NoQuorum { .. }));
+        assert!(matches!(unconfirmed(1, 2), WriteError::NoQuorum { .. }));
+        let slow = unconfirmed(3, 3);
+        assert!(matches!(slow, WriteError::NotConfirmed { .. }));
+        let text = slow.to_string();
+        assert!(
+            !text.contains("no quorum") && text.contains("3 of 3"),
+            "{text}"
+        );
+        assert!(matches!(unconfirmed(1, 1), WriteError::NotConfirmed { .. }));
+    }
 
     #[test]
     fn a_node_forwards_its_own_reports_and_departure_as_such() {
