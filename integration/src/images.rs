@@ -188,7 +188,10 @@ pub fn tools_layer(programs: &[(&Path, &str)]) -> anyhow::Result<Vec<(String, En
             .context("cannot run strip (install binutils)")?;
         anyhow::ensure!(strip.success(), "strip {} failed", from.display());
         let to = to.trim_start_matches('/').to_owned();
-        seen.insert(to.clone());
+        // The program replaces a busybox applet of that name, if any.
+        if !seen.insert(to.clone()) {
+            out.retain(|(p, _)| *p != to);
+        }
         out.push((to, Entry::File(std::fs::read(stripped.path())?, 0o755)));
         for lib in shared_libraries(from)? {
             let at = lib.trim_start_matches('/').to_owned();
