@@ -153,11 +153,16 @@ fn nft(script: &str) -> anyhow::Result<()> {
 
 /// Hostnames manager `m` shows other than `ready`.
 fn not_ready(c: &Cluster, m: usize) -> anyhow::Result<Vec<String>> {
-    Ok(c.node_ls(m)?
+    Ok(unready_in(&c.node_ls(m)?))
+}
+
+/// Hostnames of `node ls`'s `nodes` other than `ready`.
+fn unready_in(nodes: &[Value]) -> Vec<String> {
+    nodes
         .iter()
         .filter(|n| n["status"] != "ready")
         .map(|n| n["hostname"].as_str().unwrap_or_default().to_owned())
-        .collect())
+        .collect()
 }
 
 /// min, median, max of `v` (in its unit), `null` when empty.
@@ -177,7 +182,27 @@ fn secs(d: Duration) -> f64 {
 pub fn run(s: Scale) -> anyhow::Result<Value> {
     let mut c = Cluster::start(s.nodes)?;
     let managers: Vec<usize> = (0..s.managers).collect();
-    // Joins, one after another, as a user's script would.
+    let mut report = json!({
+        "nodes": s.nodes,
+        "managers": s.managers,
+        "seconds": s.seconds,
+    });
+    for part in [
+        form(&c, s, &managers)?,
+        idle(&c, s, &managers)?,
+        kill_a_worker(&mut c, s, &managers)?,
+    ] {
+        if let (Some(r), Value::Object(p)) = (report.as_object_mut(), part) {
+            r.extend(p);
+        }
+    }
+    Ok(report)
+}
+
+/// Joins, one after another as a user's script would, until every
+/// manager shows every node ready (measured anyway after 120 s, saying
+/// which are not).
+fn form(c: &Cluster, s: Scale, managers: &[usize]) -> anyhow::Result<Value> {
     let started = Instant::now();
     c.init(0)?;
     let mt = c.token(0, "manager")?;
@@ -191,41 +216,38 @@ pub fn run(s: Scale) -> anyhow::Result<Value> {
         joins.push(t.elapsed().as_secs_f64());
     }
     let formed = started.elapsed();
-    // What each manager still shows not ready, for the error.
+    // What a manager still shows not ready, for the report.
     let mut last = String::new();
     let ready = c.wait_until(
         "every node ready on every manager",
         Duration::from_secs(120),
         |c| {
-            for &m in &managers {
+            for &m in managers {
                 let nodes = c.node_ls(m)?;
-                let not: Vec<String> = nodes
-                    .iter()
-                    .filter(|n| n["status"] != "ready")
-                    .map(|n| format!("{} {}", n["hostname"], n["status"]))
-                    .collect();
-                if nodes.len() != s.nodes || !not.is_empty() {
-                    last = format!(
-                        "{}: {} nodes, not ready: {not:?}",
-                        c.hosts[m].name,
-                        nodes.len()
-                    );
+                let (listed, not) = (nodes.len(), unready_in(&nodes));
+                if listed != s.nodes || !not.is_empty() {
+                    last = format!("{}: {listed} nodes, not ready: {not:?}", c.hosts[m].name);
                     return Ok(false);
                 }
             }
             Ok(true)
         },
     );
-    // Not all ready within the limit: measured anyway, and said.
-    let all_ready = ready.is_ok().then(|| started.elapsed());
-    let unready = ready.is_err().then_some(last);
+    Ok(json!({
+        "swarm_formed_s": secs(formed),
+        "all_ready_s": ready.is_ok().then(|| secs(started.elapsed())),
+        "not_ready_after_120_s": ready.is_err().then_some(last),
+        "join_s": spread(&mut joins),
+    }))
+}
 
-    // Idle: settle, then measure CPU, memory and bytes over the window,
-    // watching for live nodes shown down.
+/// Settles, then measures CPU, memory and bytes over the window, watching
+/// for live nodes shown down.
+fn idle(c: &Cluster, s: Scale, managers: &[usize]) -> anyhow::Result<Value> {
     std::thread::sleep(Duration::from_secs(s.seconds));
     let pids: Vec<u32> = c.hosts.iter().filter_map(|h| h.pid()).collect();
     let counters = if is_root() {
-        Some(Counters::start(&c)?)
+        Some(Counters::start(c)?)
     } else {
         None
     };
@@ -234,8 +256,8 @@ pub fn run(s: Scale) -> anyhow::Result<Value> {
     let window = Instant::now();
     let mut false_downs: BTreeMap<String, usize> = BTreeMap::new();
     while window.elapsed() < Duration::from_secs(s.seconds) {
-        for &m in &managers {
-            for name in not_ready(&c, m)? {
+        for &m in managers {
+            for name in not_ready(c, m)? {
                 *false_downs.entry(name).or_default() += 1;
             }
         }
@@ -250,7 +272,8 @@ pub fn run(s: Scale) -> anyhow::Result<Value> {
         .zip(&cpu1)
         .map(|(a, b)| 100.0 * (b.saturating_sub(*a)) as f64 / hz / elapsed)
         .collect();
-    let cpu_mean = cpu.iter().sum::<f64>() / cpu.len().max(1) as f64;
+    let total: f64 = cpu.iter().sum();
+    let mean = total / cpu.len().max(1) as f64;
     let mut rss: Vec<f64> = pids
         .iter()
         .filter_map(|p| rss_kib(*p))
@@ -266,9 +289,22 @@ pub fn run(s: Scale) -> anyhow::Result<Value> {
         }
         _ => Value::Null,
     };
-    drop(counters);
+    Ok(json!({
+        "idle_cpu_percent_of_a_core": {
+            "mean": (mean * 100.0).round() / 100.0,
+            "all_daemons": (total * 100.0).round() / 100.0,
+            "per_daemon": spread(&mut cpu),
+        },
+        "rss_mib": spread(&mut rss),
+        "bytes_sent_per_s": bytes,
+        "false_downs": false_downs,
+    }))
+}
 
-    // A service of 2·N replicas (host programs: no data plane here).
+/// A service of 2·N replicas (host programs: no data plane here), then the
+/// last worker killed: until every manager shows it down, and until its
+/// tasks run elsewhere.
+fn kill_a_worker(c: &mut Cluster, s: Scale, managers: &[usize]) -> anyhow::Result<Value> {
     let replicas = (2 * s.nodes).to_string();
     let t = Instant::now();
     c.shoal_ok(
@@ -288,8 +324,6 @@ pub fn run(s: Scale) -> anyhow::Result<Value> {
         ],
     )?;
     let service_running = t.elapsed();
-
-    // A worker killed: down on every manager, its tasks running elsewhere.
     let victim = s.nodes - 1;
     let victim_name = c.hosts[victim].name.clone();
     let killed = Instant::now();
@@ -297,8 +331,8 @@ pub fn run(s: Scale) -> anyhow::Result<Value> {
     let mut down_on = BTreeMap::new();
     let limit = Duration::from_secs(60);
     while down_on.len() < managers.len() && killed.elapsed() < limit {
-        for &m in &managers {
-            if !down_on.contains_key(&m) && not_ready(&c, m)?.contains(&victim_name) {
+        for &m in managers {
+            if !down_on.contains_key(&m) && not_ready(c, m)?.contains(&victim_name) {
                 down_on.insert(m, killed.elapsed());
             }
         }
@@ -331,21 +365,6 @@ pub fn run(s: Scale) -> anyhow::Result<Value> {
         })
         .ok();
     Ok(json!({
-        "nodes": s.nodes,
-        "managers": s.managers,
-        "seconds": s.seconds,
-        "swarm_formed_s": secs(formed),
-        "all_ready_s": all_ready.map(secs),
-        "not_ready_after_120_s": unready,
-        "join_s": spread(&mut joins),
-        "idle_cpu_percent_of_a_core": {
-            "mean": (cpu_mean * 100.0).round() / 100.0,
-            "all_daemons": (cpu.iter().sum::<f64>() * 100.0).round() / 100.0,
-            "per_daemon": spread(&mut cpu),
-        },
-        "rss_mib": spread(&mut rss),
-        "bytes_sent_per_s": bytes,
-        "false_downs": false_downs,
         "service_of_2n_running_s": secs(service_running),
         "killed_worker_down_on_every_manager_s": down_everywhere.map(secs),
         "killed_workers_tasks_rescheduled_s": rescheduled.map(secs),

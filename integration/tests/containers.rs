@@ -383,18 +383,20 @@ fn create_sleepers(c: &Cluster, name: &str, replicas: &str) {
     .unwrap();
 }
 
+/// Every task of `service`, by `service ps --format json` on host `i`.
+fn service_ps(c: &Cluster, i: usize, service: &str) -> anyhow::Result<Vec<serde_json::Value>> {
+    let ps = c
+        .shoal_ok(i, &["service", "ps", "--format", "json", service])?
+        .json()?;
+    Ok(ps.as_array().cloned().unwrap_or_default())
+}
+
 /// The tasks of `service` that run, by `service ps --format json`.
 fn running(c: &Cluster, i: usize, service: &str) -> Vec<serde_json::Value> {
-    let all = c
-        .shoal_ok(i, &["service", "ps", "--format", "json", service])
+    service_ps(c, i, service)
         .unwrap()
-        .json()
-        .unwrap();
-    all.as_array()
-        .unwrap()
-        .iter()
+        .into_iter()
         .filter(|t| t["desired_state"] == "running" && t["state"] == "running")
-        .cloned()
         .collect()
 }
 
@@ -411,10 +413,10 @@ fn first_task_where(
     ok: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
     c.wait_until_value(limit, || {
-        let ps = c
-            .shoal_ok(0, &["service", "ps", "--format", "json", service])?
-            .json()?;
-        let t = ps[0].clone();
+        let t = service_ps(c, 0, service)?
+            .first()
+            .cloned()
+            .unwrap_or_default();
         anyhow::ensure!(ok(&t), "{t}");
         Ok(t)
     })
@@ -642,10 +644,7 @@ fn a_service_runs_its_image_as_containers_behind_the_mesh_and_outlives_its_daemo
         "a pending global task on each node",
         Duration::from_secs(30),
         |c| {
-            let ps = c
-                .shoal_ok(0, &["service", "ps", "--format", "json", "everywhere"])?
-                .json()?;
-            let all = ps.as_array().cloned().unwrap_or_default();
+            let all = service_ps(c, 0, "everywhere")?;
             let nodes: std::collections::BTreeSet<&str> =
                 all.iter().filter_map(|t| t["node"].as_str()).collect();
             Ok(all.len() == 2
@@ -755,15 +754,9 @@ fn a_task_failing_its_health_check_leaves_the_mesh_and_is_replaced() {
     .unwrap();
     let old = first["id"].as_str().unwrap().to_owned();
     c.wait_until("hc.1 failed as unhealthy", Duration::from_secs(30), |c| {
-        let ps = c
-            .shoal_ok(0, &["service", "ps", "--format", "json", "hc"])?
-            .json()?;
-        let t = ps
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["id"] == old.as_str())
-            .cloned();
+        let t = service_ps(c, 0, "hc")?
+            .into_iter()
+            .find(|t| t["id"] == old.as_str());
         Ok(t.is_some_and(|t| {
             t["state"] == "failed"
                 && t["message"]
@@ -960,14 +953,10 @@ fn a_task_waits_with_the_reason_while_containerd_is_away_and_starts_once_it_answ
         "{msg}"
     );
     std::thread::sleep(Duration::from_secs(4));
-    let ps = c
-        .shoal_ok(0, &["service", "ps", "--format", "json", "late"])
-        .unwrap()
-        .json()
-        .unwrap();
-    assert_eq!(ps.as_array().unwrap().len(), 1, "{ps}");
-    assert_eq!(ps[0]["id"], waiting["id"], "{ps}");
-    assert_eq!(ps[0]["state"], "assigned", "{ps}");
+    let ps = service_ps(&c, 0, "late").unwrap();
+    assert_eq!(ps.len(), 1, "{ps:?}");
+    assert_eq!(ps[0]["id"], waiting["id"], "{ps:?}");
+    assert_eq!(ps[0]["state"], "assigned", "{ps:?}");
 
     // containerd comes, then the image: the same task runs.
     c.start_containerd(0).unwrap();
@@ -1093,10 +1082,7 @@ fn a_containerd_restart_is_noticed_and_its_tasks_are_accounted_for() {
         "the dead task reported and replaced",
         Duration::from_secs(30),
         |c| {
-            let ps = c
-                .shoal_ok(0, &["service", "ps", "--format", "json", "steady"])?
-                .json()?;
-            let all = ps.as_array().cloned().unwrap_or_default();
+            let all = service_ps(c, 0, "steady")?;
             let dead = all.iter().find(|t| t["id"] == before[1].as_str());
             let live = running(c, 0, "steady");
             Ok(dead.is_some_and(|t| t["state"] == "failed")
@@ -1110,18 +1096,11 @@ fn a_containerd_restart_is_noticed_and_its_tasks_are_accounted_for() {
         pids[0],
         "the live task's container was kept"
     );
-    let ps = c
-        .shoal_ok(0, &["service", "ps", "--format", "json", "steady"])
+    let dead = service_ps(&c, 0, "steady")
         .unwrap()
-        .json()
-        .unwrap();
-    let dead = ps
-        .as_array()
-        .unwrap()
-        .iter()
+        .into_iter()
         .find(|t| t["id"] == before[1].as_str())
-        .unwrap()
-        .clone();
+        .unwrap();
     assert!(
         dead["message"]
             .as_str()
@@ -1208,13 +1187,9 @@ fn user_and_group_names_are_the_images() {
     assert!(create("nobody", "nobody").ok());
     let failed = c
         .wait_until_value(Duration::from_secs(30), || {
-            let ps = c
-                .shoal_ok(0, &["service", "ps", "--format", "json", "nobody"])?
-                .json()?;
-            let failed = ps
-                .as_array()
-                .and_then(|all| all.iter().find(|t| t["state"] == "failed").cloned());
-            failed.ok_or_else(|| anyhow::anyhow!("no failed task yet: {ps}"))
+            let ps = service_ps(&c, 0, "nobody")?;
+            let failed = ps.iter().find(|t| t["state"] == "failed").cloned();
+            failed.ok_or_else(|| anyhow::anyhow!("no failed task yet: {ps:?}"))
         })
         .unwrap();
     let message = failed["message"].as_str().unwrap_or_default();
