@@ -249,11 +249,20 @@ fn demo(keep: Option<&str>) -> anyhow::Result<()> {
         );
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         show(&c, 1, &args)?;
-        // node1's copy of the store may trail the leader's for a moment.
+        // A host's copy of the store may trail the leader's for a moment
+        // (longer across an election): each host execs into its own tasks
+        // below, so each must see them run.
         c.wait_until(
-            "node1 to see 3 running tasks",
+            "every host to see 3 running tasks",
             Duration::from_secs(30),
-            |c| Ok(running_tasks(c, 0)?.len() == 3),
+            |c| {
+                for i in 0..c.hosts.len() {
+                    if running_tasks(c, i)?.len() != 3 {
+                        return Ok(false);
+                    }
+                }
+                Ok(true)
+            },
         )?;
         show(&c, 0, &["service", "ps", "web"])?;
         step(
