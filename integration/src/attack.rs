@@ -160,7 +160,7 @@ impl Attacker {
     }
 
     /// One gossip message (a one-way stream on the gossip protocol); waits
-    /// until the daemon has taken it all.
+    /// until the daemon has received it all, and a moment for it to be read.
     pub fn gossip(&self, addr: SocketAddr, message: &[u8]) -> anyhow::Result<()> {
         let session = self.session(addr, ALPN_GOSSIP)?;
         let sent = self.rt.block_on(async {
@@ -168,6 +168,10 @@ impl Attacker {
             send.write_all(message).await?;
             send.finish()?;
             let _ = tokio::time::timeout(CALL_TIMEOUT, send.stopped()).await;
+            // `stopped` says the bytes arrived, not that the daemon's reader
+            // took them: a connection closed now can lose them in its
+            // buffers (seen in CI). A node's own connections stay open.
+            tokio::time::sleep(Duration::from_millis(500)).await;
             anyhow::Ok(())
         });
         session.close();
