@@ -113,7 +113,14 @@ async fn open(
     let (log, sm) = shoal_raft::open(&dir.raft(), at_rest)?;
     let state = sm.handle();
     let trust = Trust::of_store(state.clone(), identity.tls.ca_der.clone());
-    let quic = Quic::bind(&identity.tls, identity.node.listen_addr, trust.clone())?;
+    // Stateless resets keyed by a secret that outlives restarts (the key
+    // of the store at rest, through a one-way derivation).
+    let quic = Quic::bind_with_reset(
+        &identity.tls,
+        identity.node.listen_addr,
+        trust.clone(),
+        &identity.raft_key,
+    )?;
     let config = Arc::new(shoal_raft::config(timing).validate()?);
     let id = identity.node.node_id.0;
     let raft = Raft::new(id, config, Network::new(QuicRaft(quic.clone())), log, sm).await?;

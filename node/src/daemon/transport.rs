@@ -109,14 +109,49 @@ const REVOKED_DRAIN: Duration = Duration::from_secs(2);
 /// How long a joiner has to take the reply and close.
 const JOIN_LINGER: Duration = Duration::from_secs(2);
 
+/// How long a connection may carry nothing before it is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The endpoint's configuration, its keys derived from `seed` (a secret of
+/// the node's that survives restarts and renewals): the key of its
+/// stateless resets, and the one its connection IDs are checked with. Both
+/// are the same across restarts, so that a restarted node's endpoint takes
+/// the connection IDs its previous run issued as its own and resets the
+/// connections its peers still hold, at the first packet they send on them:
+/// they dial again at once instead of waiting out [`IDLE_TIMEOUT`].
+fn endpoint_config(seed: &[u8; 32]) -> quinn::EndpointConfig {
+    let derive = |label: &[u8]| {
+        ring::hmac::sign(&ring::hmac::Key::new(ring::hmac::HMAC_SHA256, seed), label)
+    };
+    let reset = derive(b"shoal quic stateless reset v1");
+    let cid = derive(b"shoal quic connection ids v1");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&cid.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut cfg = quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        reset.as_ref(),
+    )));
+    cfg.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    cfg
+}
+
 fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     t.receive_window(CONNECTION_WINDOW.into());
     t.max_concurrent_bidi_streams(MAX_STREAMS.into());
+    // No keep-alives: an idle connection costs nothing until it is used
+    // again or this timeout ends it (a keep-alive a second on every
+    // connection to every peer was per-second work growing with the swarm).
+    // A dead peer is noticed by the calls' own timeouts and by SWIM; a
+    // restarted one resets the old connections at their first packet
+    // (`reset_key`).
     t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(Duration::from_secs(5)).unwrap_or_else(|_| unreachable!()),
+        quinn::IdleTimeout::try_from(IDLE_TIMEOUT).unwrap_or_else(|_| unreachable!()),
     ));
-    t.keep_alive_interval(Some(Duration::from_secs(1)));
+    t.keep_alive_interval(None);
     Arc::new(t)
 }
 
@@ -325,16 +360,37 @@ pub struct Quic {
 impl Quic {
     /// Binds `listen` with `identity`; peers are taken as `trust` says,
     /// and their connections closed when it no longer takes them.
+    /// Its stateless resets use a random key (see [`Quic::bind_with_reset`]).
     pub fn bind(
         identity: &TlsIdentity,
         listen: SocketAddr,
         trust: Trust,
     ) -> Result<Arc<Self>, QuicError> {
+        let mut seed = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
+            .map_err(|_| QuicError::Tls("no randomness for the reset key".into()))?;
+        Self::bind_with_reset(identity, listen, trust, &seed)
+    }
+
+    /// As [`Quic::bind`], its stateless resets keyed by `seed` (a node
+    /// secret that survives restarts): peers holding connections to this
+    /// node's previous run have them reset at their first packet.
+    pub fn bind_with_reset(
+        identity: &TlsIdentity,
+        listen: SocketAddr,
+        trust: Trust,
+        seed: &[u8; 32],
+    ) -> Result<Arc<Self>, QuicError> {
         let server = server_config(identity, &trust)?;
-        let endpoint = quinn::Endpoint::server(server, listen).map_err(|e| QuicError::Bind {
+        let bind_error = |reason: String| QuicError::Bind {
             addr: listen,
-            reason: e.to_string(),
-        })?;
+            reason,
+        };
+        let socket = std::net::UdpSocket::bind(listen).map_err(|e| bind_error(e.to_string()))?;
+        let runtime =
+            quinn::default_runtime().ok_or_else(|| bind_error("no async runtime".into()))?;
+        let endpoint = quinn::Endpoint::new(endpoint_config(seed), Some(server), socket, runtime)
+            .map_err(|e| bind_error(e.to_string()))?;
         Ok(Arc::new(Quic {
             endpoint,
             clients: Mutex::new(clients(identity, &trust)?),
@@ -538,7 +594,16 @@ impl Quic {
         request: &[u8],
     ) -> Result<Vec<u8>, QuicError> {
         let conn = self.connection(addr, peer, alpn).await?;
-        exchange(&conn, addr, request).await
+        match exchange(&conn, addr, request).await {
+            // The peer restarted: its new endpoint reset the connection
+            // dialled to its previous run. Dial it again, once.
+            Err(_) if matches!(conn.close_reason(), Some(quinn::ConnectionError::Reset)) => {
+                self.forget(addr, alpn);
+                let conn = self.dial(addr, peer, alpn).await?;
+                exchange(&conn, addr, request).await
+            }
+            result => result,
+        }
     }
 }
 
@@ -868,6 +933,60 @@ mod tests {
 
     fn loopback() -> SocketAddr {
         "127.0.0.1:0".parse().unwrap()
+    }
+
+    #[test]
+    fn a_restarted_peer_is_called_again_at_once_on_a_fresh_connection() {
+        let runtime = || {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let ca = pki::new_ca().unwrap();
+        let seed = [7u8; 32];
+        let identity = test_identity(&ca, NodeId(1));
+        let start = |rt: &tokio::runtime::Runtime, addr: SocketAddr| {
+            let _in = rt.enter();
+            let server = Quic::bind_with_reset(&identity, addr, Trust::only(&ca.0), &seed).unwrap();
+            server.serve(Arc::new(Echo::default()));
+            server
+        };
+        let first = runtime();
+        let addr = start(&first, loopback()).endpoint.local_addr().unwrap();
+
+        let client = runtime();
+        let peer = {
+            let _in = client.enter();
+            Quic::bind(
+                &test_identity(&ca, NodeId(2)),
+                loopback(),
+                Trust::only(&ca.0),
+            )
+            .unwrap()
+        };
+        let t = Duration::from_secs(10);
+        let hi = format!("{}:hi", NodeId(2)).into_bytes();
+        let call = || client.block_on(peer.call(addr, NodeId(1), ALPN_CTL, b"hi", t));
+        assert_eq!(call().unwrap(), hi);
+
+        // The server's process ends without a word (its runtime is gone:
+        // no CONNECTION_CLOSE reaches the peer), and a new run comes up on
+        // the same address with the same seed.
+        drop(first);
+        let second = runtime();
+        let _server = start(&second, addr);
+
+        // The cached connection is reset at its first packet and the call
+        // goes through on a new one, long before any timeout.
+        let started = std::time::Instant::now();
+        assert_eq!(call().unwrap(), hi);
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]
