@@ -361,6 +361,7 @@ impl Quic {
     /// Binds `listen` with `identity`; peers are taken as `trust` says,
     /// and their connections closed when it no longer takes them.
     /// Its stateless resets use a random key (see [`Quic::bind_with_reset`]).
+    #[cfg(test)]
     pub fn bind(
         identity: &TlsIdentity,
         listen: SocketAddr,
