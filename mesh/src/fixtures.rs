@@ -43,6 +43,30 @@ pub fn node(id: u64) -> Node {
     }
 }
 
+/// An initialized swarm (cluster `c`) of these nodes and roles, node `id`
+/// named `n<id>` at `127.0.0.<id>:2377`.
+pub fn swarm(nodes: &[(u64, Role)]) -> crate::ClusterState {
+    let mut s = crate::ClusterState {
+        cluster: Some(cluster_info("c")),
+        ..Default::default()
+    };
+    for (id, role) in nodes {
+        s.nodes.insert(
+            NodeId(*id),
+            Node {
+                id: NodeId(*id),
+                hostname: format!("n{id}"),
+                role: *role,
+                availability: Availability::Active,
+                labels: BTreeMap::new(),
+                addr: format!("127.0.0.{id}:2377"),
+                joined_at_ms: 0,
+            },
+        );
+    }
+    s
+}
+
 /// Decodes `bytes` as `T`, as they are and behind a valid version byte
 /// (so that the body is reached): for property tests of decoders, which
 /// only ask that this returns.

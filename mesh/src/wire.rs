@@ -63,6 +63,9 @@ pub enum CtlRequest {
     /// The caller's CPU and memory (any member; the leader writes
     /// `Command::SetNodeResources` with the caller's node ID).
     ReportResources(crate::state::NodeResources),
+    /// The store's feed (any member, to a manager): an encoded
+    /// `shoal_raft::feed::FeedRequest`, answered with [`CtlReply::Feed`].
+    Feed(Vec<u8>),
 }
 
 /// The reply to a [`CtlRequest`].
@@ -94,6 +97,8 @@ pub enum CtlReply {
         /// The quota, in bytes.
         limit: u64,
     },
+    /// An encoded `shoal_raft::feed::FeedReply`.
+    Feed(Vec<u8>),
 }
 
 /// The join handshake's request (`shoal-join/1`).
@@ -127,6 +132,9 @@ pub struct JoinAccepted {
     /// The swarm's managers when it was admitted: until its store arrives,
     /// the joiner takes Raft traffic from these nodes only.
     pub managers: Vec<NodeId>,
+    /// The manager that answered (at the address the joiner dialled): the
+    /// joiner's first source of the store.
+    pub via: NodeId,
 }
 
 /// The join handshake's reply.

@@ -13,6 +13,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod at_rest;
+pub mod feed;
 pub mod log_store;
 pub mod memory;
 pub mod network;

@@ -504,6 +504,7 @@ fn new_swarm(
             listen_addr: listen,
             advertise_addr: advertise,
             join_managers: Vec::new(),
+            join_via: None,
         },
         tls: TlsIdentity {
             ca_der,
@@ -652,6 +653,7 @@ async fn join(
         ca_der,
         manager_key,
         managers,
+        via,
     } = accepted;
     if pki::fingerprint(&ca_der) != token.ca_fingerprint {
         return Err(ApiError::conflict(
@@ -665,6 +667,7 @@ async fn join(
             listen_addr: listen,
             advertise_addr: advertise,
             join_managers: managers,
+            join_via: Some((via, remote_addr)),
         },
         tls: TlsIdentity {
             ca_der,

@@ -45,6 +45,11 @@ pub struct NodeFile {
     /// from these nodes only.
     #[serde(default)]
     pub join_managers: Vec<NodeId>,
+    /// The manager that admitted this node, and the address it was dialled
+    /// at: where the store's feed comes from until the store names the
+    /// managers (none for the node that ran `swarm init`).
+    #[serde(default)]
+    pub join_via: Option<(NodeId, SocketAddr)>,
 }
 
 /// A loaded identity.
@@ -490,6 +495,7 @@ mod tests {
             listen_addr: "127.0.0.1:2377".parse().unwrap(),
             advertise_addr: "127.0.0.1:2377".parse().unwrap(),
             join_managers: vec![],
+            join_via: None,
         }
     }
 

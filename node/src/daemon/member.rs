@@ -6,12 +6,13 @@
 //!  loop                  the handles it takes
 //!  orchestrate::run      StateHandle, Writer (propose, who leads), GossipHandle, Liveness
 //!  membership::run       Raft, StateHandle, Liveness
+//!  feed::run             Raft, StateHandle, Quic, Liveness, gossip's change signal
 //!  ping::run             StateHandle, Writer (control calls), Liveness, Secrets
 //!  executor::run         StateHandle, Writer, Sandboxes (read)
 //!  dataplane::run        StateHandle, GossipHandle, Sandboxes (written), a Backend
 //!  renewal::run          StateHandle, Writer (control calls), Quic, Trust, SigningHandle, GossipHandle, Secrets
 //!  autolock::run         StateHandle, Secrets
-//!  peer::PeerHandler     Raft, StateHandle, Writer, GossipHandle, Secrets
+//!  peer::PeerHandler     Raft, LogStore (the feed), StateHandle, Writer, GossipHandle, Secrets
 //! ```
 
 use std::net::SocketAddr;
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use shoal_mesh::{ClusterState, Command, NodeId, Outcome, codec};
 use shoal_raft::{
-    Network, Raft, RaftRpc, RaftRpcReply, RaftTransport, StateHandle, TransportError,
+    LogStore, Network, Raft, RaftRpc, RaftRpcReply, RaftTransport, StateHandle, TransportError,
 };
 use tokio::task::JoinHandle;
 
@@ -28,6 +29,7 @@ use super::autolock::AutolockCtx;
 use super::dataplane::DataplaneCtx;
 use super::entry_keys::{NodeKeys, SigningHandle};
 use super::executor::ExecutorCtx;
+use super::feed::FeedCtx;
 use super::gossip::GossipHandle;
 use super::identity::{Identity, Secrets, StateDir};
 use super::liveness::{Liveness, NodeStatus};
@@ -108,7 +110,7 @@ async fn open(
     identity: &Identity,
     dir: &StateDir,
     timing: &shoal_raft::RaftTiming,
-) -> anyhow::Result<(StateHandle, Trust, Arc<Quic>, Raft)> {
+) -> anyhow::Result<(StateHandle, Trust, Arc<Quic>, Raft, LogStore)> {
     let at_rest = shoal_raft::AtRest::with_key(&identity.raft_key);
     let (log, sm) = shoal_raft::open(&dir.raft(), at_rest)?;
     let state = sm.handle();
@@ -123,8 +125,15 @@ async fn open(
     )?;
     let config = Arc::new(shoal_raft::config(timing).validate()?);
     let id = identity.node.node_id.0;
-    let raft = Raft::new(id, config, Network::new(QuicRaft(quic.clone())), log, sm).await?;
-    Ok((state, trust, quic, raft))
+    let raft = Raft::new(
+        id,
+        config,
+        Network::new(QuicRaft(quic.clone())),
+        log.clone(),
+        sm,
+    )
+    .await?;
+    Ok((state, trust, quic, raft, log))
 }
 
 /// Starts gossip, signing with this node's key; its handle, its task, and
@@ -176,7 +185,7 @@ impl Member {
         cfg: MemberConfig,
     ) -> anyhow::Result<Arc<Member>> {
         let id = identity.node.node_id;
-        let (state, trust, quic, raft) = open(&identity, &dir, &cfg.timing).await?;
+        let (state, trust, quic, raft, log) = open(&identity, &dir, &cfg.timing).await?;
         let live = Arc::new(Liveness::new(id));
         let (gossip, gossip_task, signing) = start_gossip(
             &identity,
@@ -202,8 +211,10 @@ impl Member {
             &id.to_string(),
             super::executor::is_root(),
         ));
+        let stale_voters = Arc::new(super::membership::StaleVoters::default());
         let peers = Arc::new(PeerHandler {
             raft: raft.clone(),
+            log,
             state: state.clone(),
             writer: writer.clone(),
             gossip: gossip.clone(),
@@ -211,6 +222,7 @@ impl Member {
             state_dir: dir.0.clone(),
             join_managers: identity.node.join_managers.clone(),
             join_failures: Default::default(),
+            stale_voters: stale_voters.clone(),
         });
         let tasks = vec![
             gossip_task,
@@ -249,11 +261,21 @@ impl Member {
                 live: live.clone(),
                 keys: keys.clone(),
             })),
+            tokio::spawn(super::feed::run(FeedCtx {
+                id,
+                raft: raft.clone(),
+                state: state.clone(),
+                quic: quic.clone(),
+                live: live.clone(),
+                members_changed: gossip.changed.clone(),
+                join_via: identity.node.join_via,
+            })),
             tokio::spawn(super::membership::run(MembershipCtx {
                 id,
                 raft: raft.clone(),
                 state: state.clone(),
                 live: live.clone(),
+                stale: stale_voters,
             })),
             tokio::spawn(super::autolock::run(AutolockCtx {
                 id,

@@ -1,7 +1,8 @@
 //! The leader's membership reconciler: makes Raft's membership follow the
-//! store. Every node in the store is a Raft learner; every manager is a
-//! voter; a node gone from the store leaves Raft; a changed address is
-//! updated. Runs only on the leader, idempotently, so a new leader finishes
+//! store. Every manager is a voter (a learner first, while it catches up);
+//! workers are not members (they are fed the store by the managers:
+//! `feed`), so a demoted manager and a node gone from the store leave
+//! Raft; a changed address is updated. Runs only on the leader, idempotently, so a new leader finishes
 //! whatever its predecessor started.
 //!
 //! ```text
@@ -22,6 +23,36 @@ use super::liveness::{Liveness, NodeStatus};
 
 /// How often the leader compares the store with Raft's membership.
 pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(200);
+/// How long a node that asked for votes without being a voter stays a
+/// learner after its last request.
+pub const STALE_VOTER_HOLD: Duration = Duration::from_secs(10);
+
+/// Nodes of the store that ask for votes although they are not voters: a
+/// former manager back from a `--force-new-cluster`, whose own copy of
+/// Raft's membership still makes it a voter. Such a node runs elections
+/// nobody answers and takes no feed (its term is past the leader's); the
+/// leader makes it a learner for a while, as it made every node before the
+/// feed, so that Raft's own rules bring it the current term and membership.
+#[derive(Default)]
+pub struct StaleVoters(std::sync::Mutex<BTreeMap<NodeId, Instant>>);
+
+impl StaleVoters {
+    /// Node `node` asked for a vote and was refused.
+    pub fn note(&self, node: NodeId, now: Instant) {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.retain(|_, at| now.duration_since(*at) < STALE_VOTER_HOLD);
+        m.insert(node, now);
+    }
+
+    /// Those that asked within [`STALE_VOTER_HOLD`].
+    pub fn current(&self, now: Instant) -> BTreeSet<u64> {
+        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter()
+            .filter(|(_, at)| now.duration_since(**at) < STALE_VOTER_HOLD)
+            .map(|(n, _)| n.0)
+            .collect()
+    }
+}
 
 /// One step towards the desired membership.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,12 +63,14 @@ pub enum MembershipStep {
     SetAddrs(BTreeMap<u64, BasicNode>),
     /// Make exactly these nodes voters (demoted ones stay learners).
     SetVoters(BTreeSet<u64>),
-    /// Remove nodes that left the store.
+    /// Remove learners that left the store or are not managers.
     Remove(BTreeSet<u64>),
 }
 
-/// The next steps, given the store, Raft's current voters and nodes, and
-/// which nodes answer. Pure: learners first, then voters, then removals.
+/// The next steps, given the store, Raft's current voters and nodes,
+/// which nodes answer and which ask for votes without being voters
+/// (`stale`, see [`StaleVoters`]). Pure: learners first, then voters, then
+/// removals.
 ///
 /// A manager becomes a voter only once it answers: making an unreachable
 /// node a voter would stall the change (the joint configuration needs its
@@ -47,12 +80,17 @@ pub fn plan_membership(
     voters: &BTreeSet<u64>,
     nodes: &BTreeMap<u64, BasicNode>,
     reachable: &BTreeSet<u64>,
+    stale: &BTreeSet<u64>,
 ) -> Vec<MembershipStep> {
     if state.cluster.is_none() {
         return Vec::new();
     }
     let mut steps = Vec::new();
-    for n in state.nodes.values() {
+    let learners = state
+        .nodes
+        .values()
+        .filter(|n| n.role == shoal_mesh::Role::Manager || stale.contains(&n.id.0));
+    for n in learners {
         if !nodes.contains_key(&n.id.0) {
             steps.push(MembershipStep::AddLearner(n.id.0, n.addr.clone()));
         }
@@ -74,9 +112,16 @@ pub fn plan_membership(
     if !desired.is_empty() && &desired != voters {
         steps.push(MembershipStep::SetVoters(desired.clone()));
     }
+    // Voters leave through `SetVoters` first (a later round removes them).
     let gone: BTreeSet<u64> = nodes
         .keys()
-        .filter(|id| !state.nodes.contains_key(&shoal_mesh::NodeId(**id)))
+        .filter(|id| !voters.contains(id) && !stale.contains(id))
+        .filter(|id| {
+            state
+                .nodes
+                .get(&shoal_mesh::NodeId(**id))
+                .is_none_or(|n| n.role != shoal_mesh::Role::Manager)
+        })
         .copied()
         .collect();
     if !gone.is_empty() {
@@ -95,6 +140,8 @@ pub struct MembershipCtx {
     pub state: StateHandle,
     /// Which nodes answer.
     pub live: Arc<Liveness>,
+    /// Nodes asking for votes without being voters.
+    pub stale: Arc<StaleVoters>,
 }
 
 /// Runs until the task is aborted; acts only while this node leads.
@@ -121,7 +168,8 @@ pub async fn run(ctx: MembershipCtx) {
             .filter(|id| ctx.live.status(**id, now) == NodeStatus::Ready)
             .map(|id| id.0)
             .collect();
-        for step in plan_membership(&state, &voters, &nodes, &reachable) {
+        let stale = ctx.stale.current(now);
+        for step in plan_membership(&state, &voters, &nodes, &reachable, &stale) {
             tracing::info!(?step, "membership change");
             if let Err(e) = take(&ctx.raft, step).await {
                 tracing::warn!(error = %e, "membership change failed; will retry");
@@ -157,28 +205,10 @@ async fn take(raft: &Raft, step: MembershipStep) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shoal_mesh::{Availability, Node, NodeId, Role};
+    use shoal_mesh::{NodeId, Role};
 
     fn state(nodes: &[(u64, Role)]) -> ClusterState {
-        let mut s = ClusterState {
-            cluster: Some(shoal_mesh::fixtures::cluster_info("c")),
-            ..Default::default()
-        };
-        for (id, role) in nodes {
-            s.nodes.insert(
-                NodeId(*id),
-                Node {
-                    id: NodeId(*id),
-                    hostname: format!("n{id}"),
-                    role: *role,
-                    availability: Availability::Active,
-                    labels: Default::default(),
-                    addr: format!("127.0.0.{id}:2377"),
-                    joined_at_ms: 0,
-                },
-            );
-        }
-        s
+        shoal_mesh::fixtures::swarm(nodes)
     }
 
     fn raft_nodes(ids: &[u64]) -> BTreeMap<u64, BasicNode> {
@@ -195,12 +225,12 @@ mod tests {
             &BTreeSet::from([1]),
             &raft_nodes(&[1]),
             &BTreeSet::from([1, 2, 3]),
+            &BTreeSet::new(),
         );
         assert_eq!(
             steps,
             vec![
                 MembershipStep::AddLearner(2, "127.0.0.2:2377".into()),
-                MembershipStep::AddLearner(3, "127.0.0.3:2377".into()),
                 MembershipStep::SetVoters(BTreeSet::from([1, 2])),
             ]
         );
@@ -214,14 +244,62 @@ mod tests {
             &BTreeSet::from([1, 2, 3]),
             &raft_nodes(&[1, 2, 3]),
             &BTreeSet::new(),
+            &BTreeSet::new(),
+        );
+        assert_eq!(steps, vec![MembershipStep::SetVoters(BTreeSet::from([1]))]);
+        // Next round: both are learners now, and leave.
+        let steps = plan_membership(
+            &s,
+            &BTreeSet::from([1]),
+            &raft_nodes(&[1, 2, 3]),
+            &BTreeSet::new(),
+            &BTreeSet::new(),
+        );
+        assert_eq!(steps, vec![MembershipStep::Remove(BTreeSet::from([2, 3]))]);
+    }
+
+    #[test]
+    fn a_worker_asking_for_votes_is_a_learner_until_it_stops() {
+        let s = state(&[(1, Role::Manager), (2, Role::Worker)]);
+        let stale = BTreeSet::from([2]);
+        let steps = plan_membership(
+            &s,
+            &BTreeSet::from([1]),
+            &raft_nodes(&[1]),
+            &BTreeSet::from([1, 2]),
+            &stale,
         );
         assert_eq!(
             steps,
-            vec![
-                MembershipStep::SetVoters(BTreeSet::from([1])),
-                MembershipStep::Remove(BTreeSet::from([3])),
-            ]
+            vec![MembershipStep::AddLearner(2, "127.0.0.2:2377".into())]
         );
+        let held = plan_membership(
+            &s,
+            &BTreeSet::from([1]),
+            &raft_nodes(&[1, 2]),
+            &BTreeSet::from([1, 2]),
+            &stale,
+        );
+        assert!(held.is_empty(), "{held:?}");
+        let voters = StaleVoters::default();
+        let t = Instant::now();
+        voters.note(NodeId(2), t);
+        assert_eq!(voters.current(t), stale);
+        assert!(voters.current(t + STALE_VOTER_HOLD).is_empty());
+    }
+
+    #[test]
+    fn workers_learning_from_raft_leave_it() {
+        // A swarm whose workers were learners (before the feed).
+        let s = state(&[(1, Role::Manager), (2, Role::Worker)]);
+        let steps = plan_membership(
+            &s,
+            &BTreeSet::from([1]),
+            &raft_nodes(&[1, 2]),
+            &BTreeSet::from([1, 2]),
+            &BTreeSet::new(),
+        );
+        assert_eq!(steps, vec![MembershipStep::Remove(BTreeSet::from([2]))]);
     }
 
     #[test]
@@ -231,7 +309,8 @@ mod tests {
             plan_membership(
                 &s,
                 &BTreeSet::from([1]),
-                &raft_nodes(&[1, 2]),
+                &raft_nodes(&[1]),
+                &BTreeSet::new(),
                 &BTreeSet::new()
             )
             .is_empty()
@@ -246,6 +325,7 @@ mod tests {
             &BTreeSet::from([1]),
             &raft_nodes(&[1, 2]),
             &BTreeSet::from([1]),
+            &BTreeSet::new(),
         );
         assert!(steps.is_empty(), "{steps:?}");
     }

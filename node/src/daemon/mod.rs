@@ -13,6 +13,7 @@ pub mod dataplane;
 pub mod engine;
 pub mod entry_keys;
 pub mod executor;
+pub mod feed;
 pub mod gate;
 pub mod gateway;
 pub mod gossip;

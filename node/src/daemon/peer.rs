@@ -7,7 +7,8 @@
 //!   not arrived yet only from the managers that admitted it;
 //! - proposals only from managers; any member may report on the tasks
 //!   assigned to it, leave, ping and read its tasks' output; only
-//!   managers receive the managers' key.
+//!   managers receive the managers' key; any member may ask a manager for
+//!   the store's feed (it holds the whole store, as every node always has).
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -17,12 +18,15 @@ use std::time::Instant;
 
 use shoal_mesh::apply::ApplyError;
 use shoal_mesh::{Availability, ClusterState, Command, Node, NodeId, Role, codec};
-use shoal_raft::{Raft, RaftRpc, StateHandle, serve_rpc};
+use shoal_raft::{LogStore, Raft, RaftRpc, StateHandle, serve_rpc};
+
+use shoal_raft::feed::{FeedReply, FeedRequest};
 
 use super::clock::now_ms;
 use super::gate::JoinFailures;
 use super::gossip::{GossipCmd, GossipHandle};
 use super::identity::Secrets;
+use super::membership::StaleVoters;
 use super::pki;
 use super::poison::lock;
 use super::transport::{Handler, Incoming, MAX_MESSAGE};
@@ -36,6 +40,8 @@ use shoal_mesh::wire::{
 pub struct PeerHandler {
     /// Raft, for Raft RPCs and writes on the leader.
     pub raft: Raft,
+    /// The log, read to feed the store to workers.
+    pub log: LogStore,
     /// The store: who is a member, with which role.
     pub state: StateHandle,
     /// Writes (admitting a node).
@@ -50,6 +56,8 @@ pub struct PeerHandler {
     pub join_managers: Vec<NodeId>,
     /// Failed join attempts per source address.
     pub join_failures: Mutex<JoinFailures>,
+    /// Members of the store asking for votes without being voters.
+    pub stale_voters: Arc<StaleVoters>,
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
@@ -162,6 +170,12 @@ async fn raft_call(m: &PeerHandler, call: Incoming) -> Vec<u8> {
     });
     if let Err(why) = allowed {
         tracing::warn!(peer = ?call.peer, remote = %call.remote, %why, "raft call refused");
+        if let (RaftRpc::Vote(_), Some(peer)) = (&rpc, call.peer)
+            && m.state.read(|d| admitted(&d.state, Some(peer)))
+            && claimed_by(&rpc) == Some(peer.0)
+        {
+            m.stale_voters.note(peer, Instant::now());
+        }
         return Vec::new();
     }
     encode(&serve_rpc(&m.raft, rpc).await)
@@ -237,6 +251,7 @@ async fn ctl_call(m: &PeerHandler, call: Incoming) -> CtlReply {
                 Err(e) => CtlReply::Refused(format!("no output for task {task} on this node: {e}")),
             }
         }
+        CtlRequest::Feed(bytes) => CtlReply::Feed(encode(&feed(m, &bytes).await)),
         CtlRequest::ManagerKey => {
             let manager = m.state.read(|d| is_manager(&d.state, call.peer));
             match (manager, m.keys.get()) {
@@ -251,6 +266,28 @@ async fn ctl_call(m: &PeerHandler, call: Incoming) -> CtlReply {
             }
         }
     }
+}
+
+/// Serves the store's feed from this node, if it is a voter (a manager
+/// Raft replicates to).
+async fn feed(m: &PeerHandler, request: &[u8]) -> FeedReply {
+    let req = match codec::decode::<FeedRequest>(request, MAX_MESSAGE) {
+        Ok(r) => r,
+        Err(e) => return FeedReply::Unavailable(format!("bad feed request: {e}")),
+    };
+    let voter = {
+        let metrics = m.raft.metrics();
+        let mc = metrics.borrow();
+        let me = mc.id;
+        mc.membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == me)
+    };
+    if !voter {
+        return FeedReply::Unavailable("this node is not a voting manager".into());
+    }
+    shoal_raft::feed::serve(&m.raft, &m.log, req).await
 }
 
 /// A certificate for member `peer`'s new key (`csr_der`), with its role
@@ -417,6 +454,7 @@ async fn admit(m: &PeerHandler, call: Incoming) -> Result<JoinAccepted, String> 
         ca_der: cluster.ca_cert_der.clone(),
         manager_key: (role == Role::Manager).then_some(manager_key),
         managers: state.managers().map(|n| n.id).collect(),
+        via: m.writer.id(),
     })
 }
 

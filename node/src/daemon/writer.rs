@@ -147,6 +147,11 @@ impl Writer {
             })
     }
 
+    /// This node's ID.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
     /// The leader this node knows of.
     pub fn leader(&self) -> Option<NodeId> {
         self.raft.metrics().borrow().current_leader.map(NodeId)

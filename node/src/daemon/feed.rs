@@ -1,0 +1,258 @@
+//! A worker's copy of the store, fed by a manager (`shoal_raft::feed`):
+//! workers are not Raft members, so the leader sends them nothing; each
+//! asks one manager — a follower when there is one, chosen by a hash of
+//! its ID so workers spread over the managers — for what was committed
+//! after what it holds, and waits there (a long poll) for the next change.
+//! Idle, a worker sends one request per [`POLL`].
+//!
+//! ```text
+//!  store (managers, roles) ─┐
+//!  Liveness (not down)     ─┼─► sources() ─► ask one ─► shoal_raft::feed::take ─► Raft (local log, state machine)
+//!  Raft (leader)           ─┘      ▲ another when it fails, or SWIM says it is down
+//! ```
+
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shoal_mesh::wire::{ALPN_CTL, CtlReply, CtlRequest};
+use shoal_mesh::{ClusterState, NodeId, Role, codec};
+use shoal_raft::feed::{FeedReply, FeedRequest, TakeError};
+use shoal_raft::{Raft, StateHandle};
+
+use super::liveness::{Liveness, NodeStatus};
+use super::transport::{MAX_MESSAGE, Quic};
+
+/// How long a manager holds a request with nothing new.
+pub const POLL: Duration = Duration::from_secs(25);
+/// The pause before asking again after a failure.
+const RETRY: Duration = Duration::from_millis(500);
+
+/// Whether node `me` keeps its store from the feed: every node but a
+/// manager (Raft replicates to managers). A node the store does not list
+/// yet (it has just joined) is fed. Pure.
+pub fn fed(state: &ClusterState, me: NodeId) -> bool {
+    state.nodes.get(&me).is_none_or(|n| n.role != Role::Manager)
+}
+
+/// The managers node `me` may ask, in the order to try them: those
+/// `usable` (not down) but the leader, ordered by a hash of (`me`, manager) so that
+/// workers spread evenly over them, then the leader; with none in the
+/// store (it has not arrived yet), the one that admitted `me`. Pure.
+pub fn sources(
+    state: &ClusterState,
+    me: NodeId,
+    leader: Option<NodeId>,
+    usable: impl Fn(NodeId) -> bool,
+    join_via: Option<(NodeId, SocketAddr)>,
+) -> Vec<(NodeId, SocketAddr)> {
+    let rank = |m: NodeId| {
+        let mut h = std::hash::DefaultHasher::new();
+        (me, m).hash(&mut h);
+        h.finish()
+    };
+    let mut managers: Vec<(bool, u64, NodeId, SocketAddr)> = state
+        .managers()
+        .filter(|n| n.id != me && usable(n.id))
+        .filter_map(|n| {
+            let addr = n.addr.parse().ok()?;
+            Some((Some(n.id) == leader, rank(n.id), n.id, addr))
+        })
+        .collect();
+    managers.sort();
+    let out: Vec<(NodeId, SocketAddr)> =
+        managers.into_iter().map(|(_, _, id, a)| (id, a)).collect();
+    if out.is_empty() && state.managers().next().is_none() {
+        return join_via.into_iter().collect();
+    }
+    out
+}
+
+/// What the loop uses.
+pub struct FeedCtx {
+    /// This node.
+    pub id: NodeId,
+    /// Its Raft node, which takes what the feed brings.
+    pub raft: Raft,
+    /// The store (who the managers are; whether this node is one).
+    pub state: StateHandle,
+    /// For the requests.
+    pub quic: Arc<Quic>,
+    /// Which managers are up.
+    pub live: Arc<Liveness>,
+    /// Woken when gossip's view of the members changes.
+    pub members_changed: Arc<tokio::sync::Notify>,
+    /// The manager that admitted this node, and where.
+    pub join_via: Option<(NodeId, SocketAddr)>,
+}
+
+/// Runs until the task is aborted.
+pub async fn run(ctx: FeedCtx) {
+    let mut after = ctx.raft.metrics().borrow().last_applied;
+    let mut attempt = 0usize;
+    let mut serving: Option<NodeId> = None;
+    loop {
+        if !ctx.state.read(|d| fed(&d.state, ctx.id)) {
+            // A manager: Raft replicates to it. Look again when the store
+            // changes (a demotion).
+            serving = None;
+            let mut changes = ctx.state.changes();
+            if changes.changed().await.is_err() {
+                return;
+            }
+            after = ctx.raft.metrics().borrow().last_applied;
+            continue;
+        }
+        let leader = ctx.raft.metrics().borrow().current_leader.map(NodeId);
+        let now = Instant::now();
+        let list = ctx.state.read(|d| {
+            sources(
+                &d.state,
+                ctx.id,
+                leader,
+                |m| ctx.live.status(m, now) != NodeStatus::Down,
+                ctx.join_via,
+            )
+        });
+        let Some(&(source, addr)) = list.get(attempt % list.len().max(1)) else {
+            tokio::time::sleep(RETRY).await;
+            continue;
+        };
+        if serving != Some(source) {
+            tracing::info!(manager = %source, "the store's feed comes from a manager");
+            serving = Some(source);
+        }
+        match ask(&ctx, source, addr, after).await {
+            Ok(reply) => match shoal_raft::feed::take(&ctx.raft, after, reply).await {
+                Ok(a) => after = a,
+                Err(TakeError::Conflict) => {
+                    tracing::warn!(manager = %source, "the feed does not follow this node's log; asking for it whole");
+                    after = None;
+                }
+                Err(e) => {
+                    tracing::debug!(manager = %source, error = %e, "feed not taken; asking another manager");
+                    attempt += 1;
+                    serving = None;
+                    tokio::time::sleep(RETRY).await;
+                }
+            },
+            Err(e) => {
+                tracing::debug!(manager = %source, error = %e, "feed request failed; asking another manager");
+                attempt += 1;
+                serving = None;
+                tokio::time::sleep(RETRY).await;
+            }
+        }
+    }
+}
+
+/// One long poll to manager `source`, abandoned as soon as SWIM says it is
+/// down.
+async fn ask(
+    ctx: &FeedCtx,
+    source: NodeId,
+    addr: SocketAddr,
+    after: Option<openraft::LogId<u64>>,
+) -> Result<FeedReply, String> {
+    let req = FeedRequest {
+        after,
+        wait_ms: POLL.as_millis() as u32,
+    };
+    let bytes = codec::encode(&CtlRequest::Feed(
+        codec::encode(&req).map_err(|e| e.to_string())?,
+    ))
+    .map_err(|e| e.to_string())?;
+    let call = ctx.quic.call(
+        addr,
+        source,
+        ALPN_CTL,
+        &bytes,
+        POLL + Duration::from_secs(5),
+    );
+    let reply = tokio::select! {
+        r = call => r.map_err(|e| e.to_string())?,
+        () = down(ctx, source) => return Err(format!("manager {source} is down")),
+    };
+    match codec::decode::<CtlReply>(&reply, MAX_MESSAGE).map_err(|e| e.to_string())? {
+        CtlReply::Feed(bytes) => codec::decode(&bytes, MAX_MESSAGE).map_err(|e| e.to_string()),
+        CtlReply::Refused(why) => Err(why),
+        other => Err(format!("unexpected reply {other:?}")),
+    }
+}
+
+/// Resolves once SWIM no longer has `node` ready.
+async fn down(ctx: &FeedCtx, node: NodeId) {
+    loop {
+        let changed = ctx.members_changed.notified();
+        if ctx.live.status(node, Instant::now()) == NodeStatus::Down {
+            return;
+        }
+        changed.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(nodes: &[(u64, Role)]) -> ClusterState {
+        shoal_mesh::fixtures::swarm(nodes)
+    }
+
+    #[test]
+    fn managers_are_replicated_to_and_every_other_node_is_fed() {
+        let s = state(&[(1, Role::Manager), (2, Role::Worker)]);
+        assert!(!fed(&s, NodeId(1)));
+        assert!(fed(&s, NodeId(2)));
+        // Just joined: not in its store yet.
+        assert!(fed(&ClusterState::default(), NodeId(3)));
+    }
+
+    #[test]
+    fn workers_ask_followers_spread_by_hash_and_the_leader_last() {
+        let s = state(&[
+            (1, Role::Manager),
+            (2, Role::Manager),
+            (3, Role::Manager),
+            (4, Role::Worker),
+        ]);
+        let all = |_| true;
+        let list = sources(&s, NodeId(4), Some(NodeId(1)), all, None);
+        assert_eq!(list.len(), 3);
+        assert_eq!(list[2].0, NodeId(1), "{list:?}");
+        assert_eq!(list[2].1, "127.0.0.1:2377".parse().unwrap());
+        // A manager that is down is not asked.
+        let list = sources(&s, NodeId(4), Some(NodeId(1)), |m| m != NodeId(2), None);
+        assert_eq!(
+            list.iter().map(|l| l.0).collect::<Vec<_>>(),
+            vec![NodeId(3), NodeId(1)]
+        );
+        // Over many workers, the first choices spread over both followers.
+        let mut first = std::collections::BTreeMap::new();
+        for w in 100..400 {
+            let list = sources(&s, NodeId(w), Some(NodeId(1)), all, None);
+            *first.entry(list[0].0).or_insert(0) += 1;
+        }
+        assert_eq!(first.len(), 2, "{first:?}");
+        assert!(first.values().all(|n| *n > 100), "{first:?}");
+    }
+
+    #[test]
+    fn a_node_without_its_store_asks_the_manager_that_admitted_it() {
+        let via = (NodeId(9), "10.0.0.9:2377".parse().unwrap());
+        assert_eq!(
+            sources(
+                &ClusterState::default(),
+                NodeId(4),
+                None,
+                |_| true,
+                Some(via)
+            ),
+            vec![via]
+        );
+        // Managers known but all down: nobody (wait for one).
+        let s = state(&[(1, Role::Manager), (4, Role::Worker)]);
+        assert!(sources(&s, NodeId(4), None, |_| false, Some(via)).is_empty());
+    }
+}
