@@ -31,9 +31,13 @@ fn running(c: &Cluster, i: usize, service: &str) -> Vec<Value> {
         .collect()
 }
 
-/// The task's own process.
+/// The task's own process (its shim writes the pid file just after the
+/// task is reported running: wait for it).
 fn task_pid(c: &Cluster, i: usize, task: &str) -> u32 {
-    c.task_pid(i, task).unwrap().parse().unwrap()
+    c.wait_until_value(Duration::from_secs(5), || c.task_pid(i, task))
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 fn alive(pid: u32) -> bool {

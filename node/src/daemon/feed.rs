@@ -30,10 +30,16 @@ pub const POLL: Duration = Duration::from_secs(25);
 const RETRY: Duration = Duration::from_millis(500);
 
 /// Whether node `me` keeps its store from the feed: every node but a
-/// manager (Raft replicates to managers). A node the store does not list
-/// yet (it has just joined) is fed. Pure.
-pub fn fed(state: &ClusterState, me: NodeId) -> bool {
-    state.nodes.get(&me).is_none_or(|n| n.role != Role::Manager)
+/// manager that Raft's membership (`in_raft`, as this node knows it)
+/// lists, which the leader replicates to. A node the store does not list
+/// yet (it has just joined), and a new manager until it sees itself
+/// added to Raft, are fed: no gap between the two. Pure.
+pub fn fed(state: &ClusterState, me: NodeId, in_raft: bool) -> bool {
+    !(in_raft
+        && state
+            .nodes
+            .get(&me)
+            .is_some_and(|n| n.role == Role::Manager))
 }
 
 /// The managers node `me` may ask, in the order to try them: those
@@ -93,9 +99,17 @@ pub async fn run(ctx: FeedCtx) {
     let mut attempt = 0usize;
     let mut serving: Option<NodeId> = None;
     loop {
-        if !ctx.state.read(|d| fed(&d.state, ctx.id)) {
-            // A manager: Raft replicates to it. Look again when the store
-            // changes (a demotion).
+        let in_raft = {
+            let metrics = ctx.raft.metrics();
+            let m = metrics.borrow();
+            m.membership_config
+                .membership()
+                .get_node(&ctx.id.0)
+                .is_some()
+        };
+        if !ctx.state.read(|d| fed(&d.state, ctx.id, in_raft)) {
+            // A manager Raft replicates to. Look again when the store
+            // changes (a demotion; a membership entry applied).
             serving = None;
             let mut changes = ctx.state.changes();
             if changes.changed().await.is_err() {
@@ -203,10 +217,14 @@ mod tests {
     #[test]
     fn managers_are_replicated_to_and_every_other_node_is_fed() {
         let s = state(&[(1, Role::Manager), (2, Role::Worker)]);
-        assert!(!fed(&s, NodeId(1)));
-        assert!(fed(&s, NodeId(2)));
+        assert!(!fed(&s, NodeId(1), true));
+        // A manager Raft has not added yet.
+        assert!(fed(&s, NodeId(1), false));
+        assert!(fed(&s, NodeId(2), false));
+        // A demoted manager still in Raft's membership, for a moment.
+        assert!(fed(&s, NodeId(2), true));
         // Just joined: not in its store yet.
-        assert!(fed(&ClusterState::default(), NodeId(3)));
+        assert!(fed(&ClusterState::default(), NodeId(3), false));
     }
 
     #[test]
