@@ -600,12 +600,12 @@ impl Gossip {
     }
 
     fn send_digest(&mut self, to: NodeId, network: &str) {
-        let digest = self.tables.digest(network);
+        let root = crate::table::root(&self.tables.digest(network));
         self.send_table(
             to,
-            TableMessage::Digest {
+            TableMessage::Root {
                 network: network.to_owned(),
-                digest,
+                root,
             },
         );
     }
@@ -983,6 +983,19 @@ impl Gossip {
                     }
                 }
                 self.last_sync.insert(from, self.now_ms);
+            }
+            TableMessage::Root { network, root } => {
+                self.last_sync.insert(from, self.now_ms);
+                let mine = self.tables.digest(&network);
+                if crate::table::root(&mine) != root {
+                    self.send_table(
+                        from,
+                        TableMessage::Digest {
+                            network,
+                            digest: mine,
+                        },
+                    );
+                }
             }
             TableMessage::Digest { network, digest } => {
                 let owners = differing_owners(&self.tables.digest(&network), &digest);

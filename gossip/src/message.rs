@@ -58,6 +58,15 @@ pub enum TableMessage {
         /// Owners whose entries the replier wants.
         want: Vec<NodeId>,
     },
+    /// Anti-entropy's first leg: the sender's whole digest in one number
+    /// (`table::root`). A receiver whose own differs answers with its
+    /// [`TableMessage::Digest`]; an idle swarm sends only these.
+    Root {
+        /// The network.
+        network: String,
+        /// The root of the sender's digest.
+        root: u64,
+    },
 }
 
 impl TableMessage {
@@ -67,7 +76,7 @@ impl TableMessage {
             TableMessage::Entries { entries, .. } | TableMessage::DigestReply { entries, .. } => {
                 entries.as_slice()
             }
-            TableMessage::Digest { .. } => &[],
+            TableMessage::Digest { .. } | TableMessage::Root { .. } => &[],
         };
         entries.iter().map(|(_, e)| e.owner)
     }
@@ -77,7 +86,8 @@ impl TableMessage {
         match self {
             TableMessage::Entries { network, .. }
             | TableMessage::Digest { network, .. }
-            | TableMessage::DigestReply { network, .. } => network,
+            | TableMessage::DigestReply { network, .. }
+            | TableMessage::Root { network, .. } => network,
         }
     }
 }

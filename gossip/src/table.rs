@@ -83,11 +83,24 @@ pub enum Change {
 /// with the same digest for an owner hold the same entries of that owner.
 pub type Digest = BTreeMap<NodeId, (u64, u32)>;
 
+/// The whole of a [`Digest`] in one number: equal roots, equal digests
+/// (but for a 64-bit collision). Pure.
+pub fn root(digest: &Digest) -> u64 {
+    digest.iter().fold(0xcbf2_9ce4_8422_2325, |h, (o, (d, n))| {
+        let h = fnv(h, &o.0.to_le_bytes());
+        let h = fnv(h, &d.to_le_bytes());
+        fnv(h, &n.to_le_bytes())
+    })
+}
+
 /// All tables this node holds.
 #[derive(Clone, Debug)]
 pub struct Tables {
     entries: BTreeMap<EntryKey, Entry>,
     live: BTreeSet<NodeId>,
+    /// Digests computed since the entries last changed, per network: an
+    /// idle node's anti-entropy does not walk its entries.
+    digests: BTreeMap<String, Digest>,
 }
 
 fn visible_value<'a>(e: &'a Entry, live: &BTreeSet<NodeId>) -> Option<&'a TableValue> {
@@ -126,6 +139,7 @@ impl Tables {
         Tables {
             entries: BTreeMap::new(),
             live: BTreeSet::from([me]),
+            digests: BTreeMap::new(),
         }
     }
 
@@ -150,6 +164,7 @@ impl Tables {
             .and_then(|e| visible_value(e, &self.live))
             .cloned();
         let after = visible_value(&incoming, &self.live).cloned();
+        self.digests.remove(&key.network);
         self.entries.insert(key.clone(), incoming);
         change(&key, before.as_ref(), after.as_ref())
     }
@@ -235,6 +250,9 @@ impl Tables {
 
     fn remove_keys(&mut self, keys: Vec<EntryKey>) -> Vec<Change> {
         let mut changes = Vec::new();
+        if !keys.is_empty() {
+            self.digests.clear();
+        }
         for k in keys {
             if let Some(e) = self.entries.remove(&k)
                 && visible_value(&e, &self.live).is_some()
@@ -258,12 +276,25 @@ impl Tables {
 
     /// Drops tombstones whose reap time has passed.
     pub fn reap(&mut self, now_ms: u64) {
+        let before = self.entries.len();
         self.entries
             .retain(|_, e| e.reap_at_ms.is_none_or(|t| t > now_ms));
+        if self.entries.len() != before {
+            self.digests.clear();
+        }
     }
 
-    /// The per-owner digest of one network.
-    pub fn digest(&self, network: &str) -> Digest {
+    /// The per-owner digest of one network (computed once per change).
+    pub fn digest(&mut self, network: &str) -> Digest {
+        if let Some(d) = self.digests.get(network) {
+            return d.clone();
+        }
+        let d = self.compute_digest(network);
+        self.digests.insert(network.to_owned(), d.clone());
+        d
+    }
+
+    fn compute_digest(&self, network: &str) -> Digest {
         let mut d: Digest = BTreeMap::new();
         for (k, e) in self.entries.iter().filter(|(k, _)| k.network == network) {
             let slot = d.entry(e.owner).or_insert((0xcbf2_9ce4_8422_2325, 0));
@@ -409,9 +440,32 @@ mod tests {
         a.merge(key("x"), put(1, 1, "x"), 0, 100);
         b.merge(key("x"), put(1, 1, "x"), 0, 100);
         assert!(differing_owners(&a.digest("net"), &b.digest("net")).is_empty());
+        assert_eq!(root(&a.digest("net")), root(&b.digest("net")));
         b.merge(key("x"), put(1, 2, "y"), 0, 100);
         b.merge(key("z"), put(2, 1, "z"), 0, 100);
         let diff = differing_owners(&a.digest("net"), &b.digest("net"));
         assert_eq!(diff, BTreeSet::from([NodeId(1), NodeId(2)]));
+        assert_ne!(root(&a.digest("net")), root(&b.digest("net")));
+    }
+
+    #[test]
+    fn a_cached_digest_follows_every_change() {
+        let mut a = tables();
+        a.merge(key("x"), put(1, 1, "x"), 0, 100);
+        let first = a.digest("net");
+        assert_eq!(a.digest("net"), first, "nothing changed");
+        a.merge(key("x"), put(1, 2, "y"), 0, 100);
+        let second = a.digest("net");
+        assert_ne!(second, first);
+        // A tombstone, then reaped.
+        a.merge(key("x"), del(1, 3), 0, 100);
+        let third = a.digest("net");
+        assert_ne!(third, second);
+        a.reap(1_000);
+        assert_eq!(a.digest("net"), a.compute_digest("net"));
+        assert!(a.digest("net").is_empty());
+        a.merge(key("z"), put(2, 1, "z"), 0, 100);
+        a.purge_owner_in(NodeId(2), "net");
+        assert_eq!(a.digest("net"), a.compute_digest("net"));
     }
 }

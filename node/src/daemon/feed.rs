@@ -98,7 +98,9 @@ pub async fn run(ctx: FeedCtx) {
     let mut after = ctx.raft.metrics().borrow().last_applied;
     let mut attempt = 0usize;
     let mut serving: Option<NodeId> = None;
+    let mut changes = ctx.state.changes();
     loop {
+        changes.borrow_and_update();
         let in_raft = {
             let metrics = ctx.raft.metrics();
             let m = metrics.borrow();
@@ -111,7 +113,6 @@ pub async fn run(ctx: FeedCtx) {
             // A manager Raft replicates to. Look again when the store
             // changes (a demotion; a membership entry applied).
             serving = None;
-            let mut changes = ctx.state.changes();
             if changes.changed().await.is_err() {
                 return;
             }

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use shoal_gossip::table::{GLOBAL, NETWORKS_TABLE};
 use shoal_gossip::{Event, Gossip, GossipConfig, GossipError, MemberInfo, Peer};
 use shoal_mesh::observed::{EndpointRecord, TableValue, vouched};
-use shoal_mesh::{ClusterState, NodeId, Role};
+use shoal_mesh::{ClusterState, NodeId};
 use shoal_raft::StateHandle;
 use tokio::sync::{mpsc, oneshot};
 
@@ -152,25 +152,31 @@ fn vouched_endpoints(g: &Gossip, state: &ClusterState) -> BTreeMap<String, Vec<E
 /// Lets the store decide who takes part, and introduces us to its managers
 /// (all of them when this node knows no live member yet).
 fn refresh_from_store(g: &mut Gossip, state: &StateHandle, announce: bool) {
-    let st = state.state();
-    if st.cluster.is_none() {
+    let me = g.me().id;
+    // What it needs of the store, without copying the rest.
+    let Some((nodes, managers)) = state.read(|d| {
+        let st = &d.state;
+        st.cluster.as_ref()?;
+        let managers: Vec<(NodeId, String)> = st
+            .managers()
+            .filter(|n| n.id != me)
+            .map(|n| (n.id, n.addr.clone()))
+            .collect();
+        Some((st.nodes.keys().copied().collect(), managers))
+    }) else {
         return;
-    }
-    g.set_allowed(st.nodes.keys().copied().collect());
+    };
+    g.set_allowed(nodes);
     if !announce {
         return;
     }
     let now = now_ms();
-    let me = g.me().id;
-    for n in st
-        .managers()
-        .filter(|n| n.id != me && n.role == Role::Manager)
-    {
+    for (id, addr) in managers {
         g.announce(
             now,
             Peer {
-                id: n.id,
-                addr: n.addr.clone(),
+                id,
+                addr,
                 generation: 0,
                 bump: 0,
             },
@@ -281,9 +287,12 @@ async fn run(
                 let alone = is_alone(&g);
                 refresh_from_store(&mut g, &state, alone);
             }
+            // Alone (a partition healed, a restart), it asks the
+            // managers again every 2 s.
             _ = lonely.tick() => {
-                let alone = is_alone(&g);
-                refresh_from_store(&mut g, &state, alone);
+                if is_alone(&g) {
+                    refresh_from_store(&mut g, &state, true);
+                }
             }
         }
     }

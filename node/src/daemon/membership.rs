@@ -144,9 +144,15 @@ pub struct MembershipCtx {
     pub stale: Arc<StaleVoters>,
 }
 
-/// Runs until the task is aborted; acts only while this node leads.
+/// Runs until the task is aborted; acts only while this node leads (and
+/// otherwise waits, without a timer, until it does).
 pub async fn run(ctx: MembershipCtx) {
+    let mut metrics = ctx.raft.metrics();
     loop {
+        let me = Some(ctx.id.0);
+        if metrics.wait_for(|m| m.current_leader == me).await.is_err() {
+            return;
+        }
         tokio::time::sleep(RECONCILE_INTERVAL).await;
         let (leader, voters, nodes) = {
             let metrics = ctx.raft.metrics();

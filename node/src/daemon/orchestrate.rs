@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shoal_gossip::MemberState;
-use shoal_mesh::NodeId;
 use shoal_mesh::orchestrator::orchestrate;
+use shoal_mesh::{NodeId, Role};
 use shoal_raft::StateHandle;
 
 use super::clock::now_ms;
@@ -23,8 +23,11 @@ use super::gossip::{GossipCmd, GossipHandle};
 use super::liveness::{Liveness, NodeStatus};
 use super::writer::{Propose, Writer};
 
-/// How often the orchestrator looks, at most.
+/// How often the leader's orchestrator looks, at most.
 const INTERVAL: Duration = Duration::from_millis(500);
+/// How often another manager's looks, besides on changes (it only keeps
+/// how long nodes have been gone, for when it leads).
+const FOLLOWER_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Since when each node has looked gone. Pure: fed observations and times.
 #[derive(Debug, Default)]
@@ -88,7 +91,27 @@ pub async fn run(ctx: OrchestratorCtx) {
     let mut downtime = Downtime::default();
     let mut changes = ctx.state.changes();
     loop {
-        let _ = tokio::time::timeout(INTERVAL, changes.changed()).await;
+        changes.borrow_and_update();
+        let manager = ctx.state.read(|d| {
+            d.state
+                .nodes
+                .get(&ctx.id)
+                .is_some_and(|n| n.role == Role::Manager)
+        });
+        if ctx.writer.is_leader() {
+            let _ = tokio::time::timeout(INTERVAL, changes.changed()).await;
+        } else if manager {
+            tokio::select! {
+                _ = changes.changed() => {}
+                () = ctx.gossip.changed.notified() => {}
+                () = tokio::time::sleep(FOLLOWER_INTERVAL) => {}
+            }
+        } else {
+            // A worker never leads: nothing to keep until it is promoted.
+            downtime = Downtime::default();
+            let _ = changes.changed().await;
+            continue;
+        }
         let gossip: BTreeMap<NodeId, MemberState> = ctx
             .gossip
             .ask(GossipCmd::Members)

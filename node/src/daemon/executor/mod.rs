@@ -41,6 +41,10 @@ use decide::{Decider, ExecAction, Exit, STOP_GRACE, Supervision};
 use tokio::sync::mpsc;
 
 const INTERVAL: Duration = Duration::from_millis(300);
+/// How often it looks when this node has no task at all (assigned or
+/// running): nothing to observe, no delay running out; the store's changes
+/// wake it.
+const IDLE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Most output returned by one log read.
 pub const LOG_CHUNK: u64 = 1 << 20;
@@ -658,9 +662,11 @@ pub async fn run<W: Propose>(ctx: ExecutorCtx<W>) {
     let mut reporting = true;
     let mut decider = Decider::default();
     let mut passes = 0u32;
+    let mut idle = false;
     loop {
+        let tick = if idle { IDLE_INTERVAL } else { INTERVAL };
         tokio::select! {
-            _ = tokio::time::sleep(INTERVAL) => {}
+            _ = tokio::time::sleep(tick) => {}
             _ = changes.changed() => {}
             () = ctx.sandboxes.changed.notified() => {}
             Some(t) = turned.recv() => on_health(&ctx, t).await,
@@ -716,6 +722,7 @@ pub async fn run<W: Propose>(ctx: ExecutorCtx<W>) {
                 }
             }
         }
+        idle = running.is_empty() && !state.tasks.values().any(|t| t.node == Some(ctx.id));
     }
 }
 
