@@ -38,6 +38,20 @@ use crate::table::{
 /// version its owner could never win back.
 pub const MAX_CLOCK_AHEAD_MS: u64 = 5 * 60 * 1000;
 
+/// Networks of at most this many other members get a write pushed to
+/// every member by its owner; larger ones spread it as an epidemic.
+pub const DIRECT_PUSH_MAX: usize = 32;
+
+/// How many members a node sends a new entry to in a network of `n` other
+/// members, when it spreads as an epidemic: ln(n) + 3, so that every member
+/// has it with high probability (each member misses it with a probability
+/// of about e^-fanout) while a node's sends per entry stay logarithmic.
+/// Pure.
+pub fn push_fanout(n: usize) -> usize {
+    let ln = (n.max(1) as f64).ln().ceil() as usize;
+    (ln + 3).min(n)
+}
+
 /// Timing and limits. The defaults aim at detecting a dead node on a LAN
 /// within about 2 s with few false positives.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -610,8 +624,26 @@ impl Gossip {
         );
     }
 
-    fn push(&mut self, network: &str, entries: Vec<(EntryKey, Entry)>) {
-        for to in self.members_in(network) {
+    /// Sends `entries` (new to this node: its own write, or entries it has
+    /// just taken) on towards the other members of `network`, except
+    /// `skip`: every member when the network is small, else a few chosen
+    /// at random, each of which sends them on once in turn (an epidemic:
+    /// every member has them after about log(n) rounds, and a member that
+    /// missed them gets them by anti-entropy). A node sends each entry it
+    /// takes at most [`push_fanout`] times.
+    fn push(&mut self, network: &str, entries: Vec<(EntryKey, Entry)>, skip: &BTreeSet<NodeId>) {
+        let members: Vec<NodeId> = self
+            .members_in(network)
+            .into_iter()
+            .filter(|m| !skip.contains(m))
+            .collect();
+        let targets = if self.spreads(network) {
+            let n = self.members_in_count(network);
+            members.into_iter().sample(&mut self.rng, push_fanout(n))
+        } else {
+            members
+        };
+        for to in targets {
             self.send_table(
                 to,
                 TableMessage::Entries {
@@ -620,6 +652,20 @@ impl Gossip {
                 },
             );
         }
+    }
+
+    /// How many other members `network` has.
+    fn members_in_count(&self, network: &str) -> usize {
+        self.members_in(network).len()
+    }
+
+    /// Whether writes in `network` spread as an epidemic (more than
+    /// [`DIRECT_PUSH_MAX`] other members) rather than straight from their
+    /// owners. The global scope never does: its entries (which networks
+    /// each node is on) change rarely and carry the certificates SWIM's
+    /// claims wait for, so they go straight to every member.
+    fn spreads(&self, network: &str) -> bool {
+        network != GLOBAL && self.members_in_count(network) > DIRECT_PUSH_MAX
     }
 
     /// The certificates of `owners`, as far as this node has them.
@@ -658,7 +704,7 @@ impl Gossip {
         );
         self.emit(change.into_iter().collect());
         let network = key.network.clone();
-        self.push(&network, vec![(key, entry)]);
+        self.push(&network, vec![(key, entry)], &BTreeSet::new());
     }
 
     fn write_networks_record(&mut self) {
@@ -902,15 +948,17 @@ impl Gossip {
         }
     }
 
+    /// Takes `entry` for `key` from `from` if it is authentic and newer
+    /// than what this node holds; the entry, if it was taken (to send on).
     fn merge_remote(
         &mut self,
         from: NodeId,
         key: EntryKey,
         entry: Entry,
         offered: &BTreeMap<NodeId, Vec<u8>>,
-    ) {
+    ) -> Option<(EntryKey, Entry)> {
         if !self.authentic(&key, &entry, offered) {
-            return;
+            return None;
         }
         if entry.owner == self.me.id {
             // This node is the authority on its own entries: one it does not
@@ -934,15 +982,19 @@ impl Gossip {
                     },
                 );
             }
-            return;
+            return None;
         }
         if key.network != GLOBAL && !self.node_in(entry.owner, &key.network) {
             // Only members of a network own entries in it.
-            return;
+            return None;
+        }
+        if self.tables.get(&key).is_some_and(|c| !entry.wins_over(c)) {
+            return None;
         }
         let owner = entry.owner;
         let before = self.networks_of(owner);
         let is_networks = key.table == NETWORKS_TABLE;
+        let taken = (key.clone(), entry.clone());
         let change = self
             .tables
             .merge(key, entry, self.now_ms, self.config.tombstone_ttl_ms);
@@ -956,6 +1008,7 @@ impl Gossip {
                 self.emit(gone);
             }
         }
+        Some(taken)
     }
 
     fn networks_of(&self, node: NodeId) -> BTreeSet<String> {
@@ -977,12 +1030,19 @@ impl Gossip {
     ) -> Result<(), Rejected> {
         match body {
             TableMessage::Entries { network, entries } => {
+                let mut taken = Vec::new();
                 for (k, e) in entries {
                     if Self::valid_entry(&network, &k, &e) {
-                        self.merge_remote(from, k, e, offered);
+                        taken.extend(self.merge_remote(from, k, e, offered));
                     }
                 }
                 self.last_sync.insert(from, self.now_ms);
+                if !taken.is_empty() && self.spreads(&network) {
+                    // On, once, past the sender and the entries' owners.
+                    let mut skip: BTreeSet<NodeId> = taken.iter().map(|(_, e)| e.owner).collect();
+                    skip.insert(from);
+                    self.push(&network, taken, &skip);
+                }
             }
             TableMessage::Root { network, root } => {
                 self.last_sync.insert(from, self.now_ms);

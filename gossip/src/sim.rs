@@ -47,6 +47,8 @@ pub struct Sim {
     pub slow: BTreeMap<NodeId, u64>,
     /// Bytes sent per node.
     pub bytes_sent: BTreeMap<NodeId, u64>,
+    /// Messages sent per node.
+    pub messages_sent: BTreeMap<NodeId, u64>,
     /// Every event, with the time and the node that saw it, if recording.
     pub events: Vec<(u64, NodeId, Event)>,
     /// Whether to record events.
@@ -71,6 +73,7 @@ impl Sim {
             datagram_loss: 0.0,
             slow: BTreeMap::new(),
             bytes_sent: BTreeMap::new(),
+            messages_sent: BTreeMap::new(),
             events: Vec::new(),
             record_events: false,
         }
@@ -166,6 +169,7 @@ impl Sim {
         let wake = n.gossip.poll_timeout();
         for t in sends {
             *self.bytes_sent.entry(id).or_default() += t.bytes.len() as u64;
+            *self.messages_sent.entry(id).or_default() += 1;
             if t.datagram && self.datagram_loss > 0.0 && self.rng.random_bool(self.datagram_loss) {
                 continue;
             }

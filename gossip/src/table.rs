@@ -63,7 +63,9 @@ impl Entry {
         self.value.is_none()
     }
 
-    fn wins_over(&self, other: &Entry) -> bool {
+    /// Whether this entry replaces `other` (a newer version, ties broken
+    /// by owner).
+    pub fn wins_over(&self, other: &Entry) -> bool {
         (self.version, self.owner) > (other.version, other.owner)
     }
 }

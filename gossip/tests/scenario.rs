@@ -424,3 +424,44 @@ fn a_member_learned_before_the_store_listed_it_is_up_once_it_does() {
     assert!(said);
     assert_eq!(state_of_3(&mut sim), Some(MemberState::Alive));
 }
+
+#[test]
+fn a_write_in_a_large_network_spreads_with_a_few_sends_per_node() {
+    let n = 80;
+    let mut sim = cluster_on_net(n);
+    let others = n as usize - 1;
+    let fanout = shoal_gossip::core::push_fanout(others);
+    assert!(others > shoal_gossip::core::DIRECT_PUSH_MAX && fanout < 12);
+    // Every node knows every member. (At 80 nodes this takes SWIM well
+    // over 8 s of simulated time: claims about members whose certificates
+    // a node does not hold yet wait, and the last ones come from periodic
+    // announcements and probes.)
+    sim.run_for(30_000);
+    for i in 1..=n {
+        assert_eq!(sim.nodes[&NodeId(i)].gossip.members().len(), n as usize);
+    }
+    let sent = |sim: &Sim| sim.messages_sent.get(&NodeId(1)).copied().unwrap_or(0);
+    let before = sent(&sim);
+    sim.with_node(NodeId(1), |g, now| {
+        g.put(now, "net", "vteps", "1", vtep(1)).unwrap()
+    });
+    // The owner sends it to a few members, not to the 79 others.
+    assert_eq!(sent(&sim) - before, fanout as u64);
+    // Those send it on: every member has it well before anti-entropy's
+    // first round (1 s), in simulated time.
+    sim.run_for(150);
+    for i in 1..=n {
+        let snap = sim.nodes[&NodeId(i)].gossip.snapshot("net");
+        assert_eq!(snap.len(), 1, "node {i} lacks the entry");
+    }
+}
+
+#[test]
+fn push_fanout_grows_with_the_log_of_the_network() {
+    use shoal_gossip::core::push_fanout;
+    assert_eq!(push_fanout(2), 2);
+    assert_eq!(push_fanout(33), 7);
+    assert_eq!(push_fanout(99), 8);
+    assert_eq!(push_fanout(999), 10);
+    assert_eq!(push_fanout(4_999), 12);
+}
