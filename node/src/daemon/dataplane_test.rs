@@ -96,7 +96,8 @@ struct Gossiped {
 
 /// A gossip handle served by a task that answers from `seen`.
 fn fake_gossip(seen: Arc<Mutex<Gossiped>>) -> GossipHandle {
-    let (handle, mut rx) = GossipHandle::channel();
+    let (handle, rx) = GossipHandle::channel();
+    let mut rx = rx.cmds;
     tokio::spawn(async move {
         while let Some(cmd) = rx.recv().await {
             let mut g = seen.lock().unwrap();

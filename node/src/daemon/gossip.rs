@@ -19,15 +19,17 @@ use tokio::sync::{mpsc, oneshot};
 use super::clock::now_ms;
 use super::transport::Quic;
 
-/// Requests to the gossip task.
+/// Messages from peers waiting for the gossip task, at most: beyond, they
+/// are dropped (and counted) rather than queued, so a peer that sends
+/// faster than this node reads cannot make it hold more.
+pub const INBOX_MESSAGES: usize = 4096;
+/// Bytes of messages from peers waiting, at most (a stream message may be
+/// up to 8 MiB).
+pub const INBOX_BYTES: usize = 32 << 20;
+
+/// Requests to the gossip task (from this node; messages from peers go
+/// through the bounded inbox, [`GossipHandle::incoming`]).
 pub enum GossipCmd {
-    /// A message from an authenticated peer.
-    Incoming {
-        /// The sender (from its certificate).
-        from: NodeId,
-        /// The bytes.
-        bytes: Vec<u8>,
-    },
     /// Write an entry owned by this node.
     Put {
         /// Network.
@@ -68,10 +70,23 @@ pub enum GossipCmd {
     Endpoints(oneshot::Sender<BTreeMap<String, Vec<EndpointRecord>>>),
 }
 
+/// What the gossip task reads: its commands and its inbox.
+pub struct Receivers {
+    /// Commands from this node.
+    pub cmds: mpsc::UnboundedReceiver<GossipCmd>,
+    /// Messages from peers: the sender (from its certificate) and the bytes.
+    pub inbox: mpsc::Receiver<(NodeId, Vec<u8>)>,
+}
+
 /// A handle to the gossip task.
 #[derive(Clone)]
 pub struct GossipHandle {
     tx: mpsc::UnboundedSender<GossipCmd>,
+    inbox: mpsc::Sender<(NodeId, Vec<u8>)>,
+    /// Bytes waiting in the inbox.
+    queued: Arc<std::sync::atomic::AtomicUsize>,
+    /// Messages dropped because the inbox was full.
+    pub dropped: Arc<std::sync::atomic::AtomicU64>,
     /// Woken when members or table entries change.
     pub changed: Arc<tokio::sync::Notify>,
 }
@@ -79,13 +94,41 @@ pub struct GossipHandle {
 impl GossipHandle {
     /// A handle and the receiving end its commands arrive at (the gossip
     /// task's, or a test's).
-    pub fn channel() -> (Self, mpsc::UnboundedReceiver<GossipCmd>) {
-        let (tx, rx) = mpsc::unbounded_channel();
+    pub fn channel() -> (Self, Receivers) {
+        let (tx, cmds) = mpsc::unbounded_channel();
+        let (inbox, inbox_rx) = mpsc::channel(INBOX_MESSAGES);
         let handle = GossipHandle {
             tx,
+            inbox,
+            queued: Default::default(),
+            dropped: Default::default(),
             changed: Arc::new(tokio::sync::Notify::new()),
         };
-        (handle, rx)
+        (
+            handle,
+            Receivers {
+                cmds,
+                inbox: inbox_rx,
+            },
+        )
+    }
+
+    /// Queues a message from peer `from` (authenticated by the transport),
+    /// or drops and counts it when the inbox is full.
+    pub fn incoming(&self, from: NodeId, bytes: Vec<u8>) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let n = bytes.len();
+        let over = self.queued.fetch_add(n, SeqCst) + n > INBOX_BYTES;
+        if over || self.inbox.try_send((from, bytes)).is_err() {
+            self.queued.fetch_sub(n, SeqCst);
+            self.dropped.fetch_add(1, SeqCst);
+        }
+    }
+
+    /// A message left the inbox.
+    fn taken(&self, n: usize) {
+        self.queued
+            .fetch_sub(n, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Sends a command (dropped if the task has ended).
@@ -116,6 +159,7 @@ pub fn spawn(
 ) -> (GossipHandle, tokio::task::JoinHandle<()>) {
     let (handle, rx) = GossipHandle::channel();
     let changed = handle.changed.clone();
+    let inbox = handle.clone();
     let me = Peer {
         id,
         addr: addr.to_string(),
@@ -123,7 +167,7 @@ pub fn spawn(
         bump: 0,
     };
     let g = Gossip::new(me, config, rand::random(), now_ms(), keys);
-    let task = tokio::spawn(run(g, quic, state, rx, changed, live));
+    let task = tokio::spawn(run(g, quic, state, rx, inbox, changed, live));
     (handle, task)
 }
 
@@ -228,11 +272,16 @@ async fn run(
     mut g: Gossip,
     quic: Arc<Quic>,
     state: StateHandle,
-    mut rx: mpsc::UnboundedReceiver<GossipCmd>,
+    rx: Receivers,
+    inbox: GossipHandle,
     changed: Arc<tokio::sync::Notify>,
     live: Arc<super::liveness::Liveness>,
 ) {
     let mut changes = state.changes();
+    let Receivers {
+        mut cmds,
+        inbox: mut inbox_rx,
+    } = rx;
     refresh_from_store(&mut g, &state, true);
     let mut lonely = tokio::time::interval(Duration::from_secs(2));
     loop {
@@ -241,15 +290,16 @@ async fn run(
         }
         let wait = g.poll_timeout().saturating_sub(now_ms()).min(1_000);
         tokio::select! {
-            cmd = rx.recv() => {
+            Some((from, bytes)) = inbox_rx.recv() => {
+                inbox.taken(bytes.len());
+                if let Err(e) = g.handle_message(now_ms(), from, &bytes) {
+                    tracing::debug!(error = %e, "gossip message dropped");
+                }
+            }
+            cmd = cmds.recv() => {
                 let Some(cmd) = cmd else { return };
                 let now = now_ms();
                 match cmd {
-                    GossipCmd::Incoming { from, bytes } => {
-                        if let Err(e) = g.handle_message(now, from, &bytes) {
-                            tracing::debug!(error = %e, "gossip message dropped");
-                        }
-                    }
                     GossipCmd::Put { network, table, key, value, reply } => {
                         let _ = reply.send(g.put(now, &network, &table, &key, value));
                     }
@@ -265,7 +315,8 @@ async fn run(
                         let _ = reply.send(state.read(|d| vouched_endpoints(&g, &d.state)));
                     }
                     GossipCmd::Dump(network, reply) => {
-                        let _ = reply.send(dump(&g, &state, network.as_deref(), now));
+                        let dropped = inbox.dropped.load(std::sync::atomic::Ordering::SeqCst);
+                        let _ = reply.send(dump(&g, &state, network.as_deref(), now, dropped));
                     }
                     GossipCmd::Rekey => g.rekey(now),
                     GossipCmd::LeaveCluster(reply) => {
@@ -300,7 +351,13 @@ async fn run(
 
 /// `shoal debug gossip`: members and tables, tombstones and hidden entries
 /// included, as stable JSON.
-fn dump(g: &Gossip, state: &StateHandle, network: Option<&str>, now: u64) -> Value {
+fn dump(
+    g: &Gossip,
+    state: &StateHandle,
+    network: Option<&str>,
+    now: u64,
+    inbox_full: u64,
+) -> Value {
     let st = state.state();
     let hostname = |id: NodeId| st.nodes.get(&id).map(|n| n.hostname.clone());
     let members: Vec<Value> = g
@@ -343,12 +400,49 @@ fn dump(g: &Gossip, state: &StateHandle, network: Option<&str>, now: u64) -> Val
             }));
     }
     let attached: BTreeSet<&String> = g.networks().iter().collect();
+    let mut rejected = g.rejected.clone();
+    if inbox_full > 0 {
+        rejected.insert("inbox_full".to_owned(), inbox_full);
+    }
     json!({
         "node_id": g.me().id.to_string(),
         "attached": attached,
         "members": members,
         "networks": networks,
-        "rejected": g.rejected,
+        "rejected": rejected,
         "global_table": NETWORKS_TABLE,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering::SeqCst;
+
+    #[tokio::test]
+    async fn a_peer_cannot_make_the_inbox_hold_more_than_its_bounds() {
+        let (handle, mut rx) = GossipHandle::channel();
+        let peer = NodeId(7);
+        // By count: small messages beyond INBOX_MESSAGES are dropped.
+        for _ in 0..INBOX_MESSAGES + 10 {
+            handle.incoming(peer, vec![0; 8]);
+        }
+        assert_eq!(handle.dropped.load(SeqCst), 10);
+        // Reading makes room again.
+        let (from, bytes) = rx.inbox.recv().await.unwrap();
+        handle.taken(bytes.len());
+        assert_eq!(from, peer);
+        handle.incoming(peer, vec![0; 8]);
+        assert_eq!(handle.dropped.load(SeqCst), 10);
+        while let Ok((_, b)) = rx.inbox.try_recv() {
+            handle.taken(b.len());
+        }
+        assert_eq!(handle.queued.load(SeqCst), 0);
+        // By bytes: four 8 MiB messages fill it; the fifth is dropped.
+        for _ in 0..5 {
+            handle.incoming(peer, vec![0; 8 << 20]);
+        }
+        assert_eq!(handle.dropped.load(SeqCst), 11);
+        assert_eq!(handle.queued.load(SeqCst), INBOX_BYTES);
+    }
 }

@@ -24,7 +24,7 @@ use shoal_raft::feed::{FeedReply, FeedRequest};
 
 use super::clock::now_ms;
 use super::gate::JoinFailures;
-use super::gossip::{GossipCmd, GossipHandle};
+use super::gossip::GossipHandle;
 use super::identity::Secrets;
 use super::membership::StaleVoters;
 use super::pki;
@@ -67,10 +67,7 @@ fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
 impl Handler for PeerHandler {
     fn gossip(&self, call: Incoming) {
         if let Some(from) = call.peer {
-            self.gossip.send(GossipCmd::Incoming {
-                from,
-                bytes: call.request,
-            });
+            self.gossip.incoming(from, call.request);
         }
     }
 
