@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use shoal_mesh::wire::{ALPN_CTL, CtlReply, CtlRequest};
 use shoal_mesh::{ClusterState, NodeId, Role, codec};
 use shoal_raft::feed::{FeedReply, FeedRequest, TakeError};
-use shoal_raft::{Raft, StateHandle};
+use shoal_raft::{LogStore, Raft, StateHandle};
 
 use super::liveness::{Liveness, NodeStatus};
 use super::transport::{MAX_MESSAGE, Quic};
@@ -81,6 +81,8 @@ pub struct FeedCtx {
     pub id: NodeId,
     /// Its Raft node, which takes what the feed brings.
     pub raft: Raft,
+    /// Its log (where the first request starts: what it committed before).
+    pub log: LogStore,
     /// The store (who the managers are; whether this node is one).
     pub state: StateHandle,
     /// For the requests.
@@ -95,7 +97,7 @@ pub struct FeedCtx {
 
 /// Runs until the task is aborted.
 pub async fn run(ctx: FeedCtx) {
-    let mut after = ctx.raft.metrics().borrow().last_applied;
+    let mut after = first_after(&ctx).await;
     let mut attempt = 0usize;
     let mut serving: Option<NodeId> = None;
     let mut changes = ctx.state.changes();
@@ -160,6 +162,16 @@ pub async fn run(ctx: FeedCtx) {
             }
         }
     }
+}
+
+/// Where a (re)started node asks from: the last entry it knew committed
+/// (durable in its log), or what it applied if that is later. Not from its
+/// snapshot, which would have a manager send again what the log holds.
+async fn first_after(ctx: &FeedCtx) -> Option<openraft::LogId<u64>> {
+    use openraft::storage::RaftLogStorage;
+    let applied = ctx.raft.metrics().borrow().last_applied;
+    let committed = ctx.log.clone().read_committed().await.ok().flatten();
+    applied.max(committed)
 }
 
 /// One long poll to manager `source`, abandoned as soon as SWIM says it is

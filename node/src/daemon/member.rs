@@ -6,7 +6,7 @@
 //!  loop                  the handles it takes
 //!  orchestrate::run      StateHandle, Writer (propose, who leads), GossipHandle, Liveness
 //!  membership::run       Raft, StateHandle, Liveness
-//!  feed::run             Raft, StateHandle, Quic, Liveness, gossip's change signal
+//!  feed::run             Raft, LogStore (where to start), StateHandle, Quic, Liveness, gossip's change signal
 //!  ping::run             StateHandle, Writer (control calls), Liveness, Secrets
 //!  executor::run         StateHandle, Writer, Sandboxes (read)
 //!  dataplane::run        StateHandle, GossipHandle, Sandboxes (written), a Backend
@@ -214,7 +214,7 @@ impl Member {
         let stale_voters = Arc::new(super::membership::StaleVoters::default());
         let peers = Arc::new(PeerHandler {
             raft: raft.clone(),
-            log,
+            log: log.clone(),
             state: state.clone(),
             writer: writer.clone(),
             gossip: gossip.clone(),
@@ -264,6 +264,7 @@ impl Member {
             tokio::spawn(super::feed::run(FeedCtx {
                 id,
                 raft: raft.clone(),
+                log,
                 state: state.clone(),
                 quic: quic.clone(),
                 live: live.clone(),
