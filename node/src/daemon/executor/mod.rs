@@ -41,9 +41,9 @@ use decide::{Decider, ExecAction, Exit, STOP_GRACE, Supervision};
 use tokio::sync::mpsc;
 
 const INTERVAL: Duration = Duration::from_millis(300);
-/// How often it looks when this node has no task at all (assigned or
-/// running): nothing to observe, no delay running out; the store's changes
-/// wake it.
+/// How often it looks when this node has no task to run or settle (none
+/// wanted running, none running): nothing to observe, no delay running
+/// out; the store's changes wake it.
 const IDLE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Most output returned by one log read.
@@ -722,7 +722,14 @@ pub async fn run<W: Propose>(ctx: ExecutorCtx<W>) {
                 }
             }
         }
-        idle = running.is_empty() && !state.tasks.values().any(|t| t.node == Some(ctx.id));
+        // Idle: nothing runs here and no task of this node is wanted
+        // running or still to settle (ended tasks kept as history count
+        // for nothing).
+        idle = running.is_empty()
+            && !state.tasks.values().any(|t| {
+                t.node == Some(ctx.id)
+                    && (t.desired == DesiredState::Running || !t.state.is_terminal())
+            });
     }
 }
 
