@@ -192,6 +192,11 @@ pub enum TakeError {
     /// is behind.
     #[error("the manager's leader ({0}) is older than this node's")]
     Stale(String),
+    /// The answer carries this node's own vote: it leads (or led, in that
+    /// term), and takes entries from no one. A leader handed its own vote
+    /// would take the entries as a follower, which openraft forbids.
+    #[error("the feed carries this node's own vote: it leads")]
+    OwnVote,
     /// The manager could not serve.
     #[error("{0}")]
     Unavailable(String),
@@ -208,8 +213,13 @@ pub async fn take(
     asked: Option<LogId<u64>>,
     reply: FeedReply,
 ) -> Result<Option<LogId<u64>>, TakeError> {
+    let me = raft.metrics().borrow().id;
+    let own = |vote: &Vote<u64>| vote.leader_id().voted_for() == Some(me);
     match reply {
         FeedReply::Unavailable(why) => Err(TakeError::Unavailable(why)),
+        FeedReply::Entries { vote, .. } | FeedReply::Snapshot { vote, .. } if own(&vote) => {
+            Err(TakeError::OwnVote)
+        }
         FeedReply::Entries { entries, .. } if entries.is_empty() => Ok(asked),
         FeedReply::Entries {
             vote,

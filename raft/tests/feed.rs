@@ -271,3 +271,27 @@ async fn entries_that_do_not_follow_are_refused() {
     assert_eq!(feed::take(&w.raft, asked, reply).await, Ok(asked));
     assert_eq!(w.state.state(), Default::default());
 }
+
+#[tokio::test]
+async fn a_leader_never_takes_its_own_vote_from_the_feed() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = leader(dir.path(), shoal_raft::config(&Default::default())).await;
+    label(&m.raft, 1).await;
+    // What a follower would relay to it: its own entries, under its vote.
+    for after in [
+        None,
+        m.raft.metrics().borrow().last_applied.map(|mut l| {
+            l.index -= 1;
+            l
+        }),
+    ] {
+        let reply = feed::serve(&m.raft, &m.log, FeedRequest { after, wait_ms: 0 }).await;
+        assert_eq!(
+            feed::take(&m.raft, after, reply).await,
+            Err(TakeError::OwnVote)
+        );
+    }
+    // It still leads, and writes.
+    label(&m.raft, 2).await;
+    assert_eq!(m.raft.metrics().borrow().current_leader, Some(1));
+}

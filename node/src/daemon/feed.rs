@@ -147,6 +147,11 @@ pub async fn run(ctx: FeedCtx) {
                     tracing::warn!(manager = %source, "the feed does not follow this node's log; asking for it whole");
                     after = None;
                 }
+                Err(TakeError::OwnVote) => {
+                    // This node leads (its Raft's view of its membership
+                    // had not loaded yet): Raft is its source.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;
+                }
                 Err(e) => {
                     tracing::debug!(manager = %source, error = %e, "feed not taken; asking another manager");
                     attempt += 1;
