@@ -24,7 +24,7 @@
 //! The codec shares [`SwimTrust`] with the gossip core: foca owns the
 //! codec, the core owns the keys, the certificates and what waits.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::{Buf, BufMut};
@@ -70,13 +70,13 @@ pub struct SwimTrust {
     /// This node's signed claim, for its current identity and incarnation.
     own: Option<Vouch>,
     /// Each member's highest signed claim this node checked.
-    vouched: HashMap<NodeId, Vouch>,
+    vouched: BTreeMap<NodeId, Vouch>,
     /// Each member's highest claim from its own packets (the transport
     /// vouches for the sender; the signature is relayed as it came, and
     /// checked by whoever takes the relay).
-    heard: HashMap<NodeId, Vouch>,
+    heard: BTreeMap<NodeId, Vouch>,
     /// `Alive` claims waiting for their subject's certificate.
-    waiting: HashMap<NodeId, (Member<Peer>, Vec<u8>)>,
+    waiting: BTreeMap<NodeId, (Member<Peer>, Vec<u8>)>,
     /// The sender of the packet being decoded.
     src: Option<Peer>,
     /// Updates refused, by reason (merged into the core's counts).
@@ -91,9 +91,9 @@ impl SwimTrust {
             certs: Default::default(),
             me,
             own: None,
-            vouched: HashMap::new(),
-            heard: HashMap::new(),
-            waiting: HashMap::new(),
+            vouched: BTreeMap::new(),
+            heard: BTreeMap::new(),
+            waiting: BTreeMap::new(),
             src: None,
             refused: Default::default(),
         }
