@@ -1130,6 +1130,21 @@ impl Cluster {
         Ok(())
     }
 
+    /// The tasks of `service` wanted and reported running, as host `i`
+    /// sees them (`service ps --format json`).
+    pub fn running_tasks(&self, i: usize, service: &str) -> anyhow::Result<Vec<Value>> {
+        let ps = self
+            .shoal_ok(i, &["service", "ps", "--format", "json", service])?
+            .json()?;
+        Ok(ps
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| t["state"] == "running" && t["desired_state"] == "running")
+            .cloned()
+            .collect())
+    }
+
     /// `node ls --format json` on host `i`.
     pub fn node_ls(&self, i: usize) -> anyhow::Result<Vec<Value>> {
         let v = self

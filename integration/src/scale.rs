@@ -329,21 +329,10 @@ fn kill_a_worker(c: &mut Cluster, s: Scale, managers: &[usize]) -> anyhow::Resul
         ],
     )?;
     let all = 2 * s.nodes;
-    let running_now = |c: &Cluster| -> anyhow::Result<usize> {
-        let ps = c
-            .shoal_ok(0, &["service", "ps", "--format", "json", "scale"])?
-            .json()?;
-        Ok(ps
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|t| t["state"] == "running" && t["desired_state"] == "running")
-            .count())
-    };
     // Until all run, or a bound (then how many did).
     let mut running = 0;
     while t.elapsed() < SERVICE_LIMIT {
-        running = running_now(c)?;
+        running = c.running_tasks(0, "scale")?.len();
         if running == all {
             break;
         }
@@ -369,24 +358,12 @@ fn kill_a_worker(c: &mut Cluster, s: Scale, managers: &[usize]) -> anyhow::Resul
         .flatten();
     let rescheduled = c
         .wait_until_value(limit, || {
-            let ps = c
-                .shoal_ok(0, &["service", "ps", "--format", "json", "scale"])?
-                .json()?;
-            let running = ps
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter(|t| {
-                    t["state"] == "running"
-                        && t["desired_state"] == "running"
-                        && t["node"] != victim_name.as_str()
-                })
+            let running = c
+                .running_tasks(0, "scale")?
+                .iter()
+                .filter(|t| t["node"] != victim_name.as_str())
                 .count();
-            anyhow::ensure!(
-                running == 2 * s.nodes,
-                "{running} of {} running",
-                2 * s.nodes
-            );
+            anyhow::ensure!(running == all, "{running} of {all} running");
             Ok(killed.elapsed())
         })
         .ok();

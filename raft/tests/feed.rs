@@ -40,6 +40,14 @@ struct Store {
     state: StateHandle,
 }
 
+impl Store {
+    /// Its feed's answer to a node that holds `after`, waiting at most
+    /// `wait_ms` for something newer.
+    async fn serve(&self, after: Option<openraft::LogId<u64>>, wait_ms: u32) -> FeedReply {
+        feed::serve(&self.raft, &self.log, FeedRequest { after, wait_ms }).await
+    }
+}
+
 async fn open(id: u64, dir: &std::path::Path, config: openraft::Config) -> Store {
     let (log, sm) = shoal_raft::open(dir, shoal_raft::AtRest::with_key(&[id as u8; 32])).unwrap();
     let state = sm.handle();
@@ -101,12 +109,7 @@ async fn catch_up(
         if after >= target {
             return after;
         }
-        let reply = feed::serve(
-            &manager.raft,
-            &manager.log,
-            FeedRequest { after, wait_ms: 0 },
-        )
-        .await;
+        let reply = manager.serve(after, 0).await;
         after = feed::take(&worker.raft, after, reply).await.unwrap();
     }
     panic!("not caught up: {after:?} < {target:?}");
@@ -145,15 +148,7 @@ async fn a_fed_node_holds_the_store_across_restarts_and_never_votes() {
 
     // A long poll with nothing new waits, then answers nothing.
     let started = Instant::now();
-    let reply = feed::serve(
-        &m.raft,
-        &m.log,
-        FeedRequest {
-            after,
-            wait_ms: 300,
-        },
-    )
-    .await;
+    let reply = m.serve(after, 300).await;
     assert!(started.elapsed() >= Duration::from_millis(300));
     assert!(matches!(&reply, FeedReply::Entries { entries, .. } if entries.is_empty()));
     assert_eq!(feed::take(&w.raft, after, reply).await, Ok(after));
@@ -165,15 +160,7 @@ async fn a_fed_node_holds_the_store_across_restarts_and_never_votes() {
         label(&raft, 1000).await;
     });
     let started = Instant::now();
-    let reply = feed::serve(
-        &m.raft,
-        &m.log,
-        FeedRequest {
-            after,
-            wait_ms: 20_000,
-        },
-    )
-    .await;
+    let reply = m.serve(after, 20_000).await;
     assert!(started.elapsed() < Duration::from_secs(5));
     writer.await.unwrap();
     let after = feed::take(&w.raft, after, reply).await.unwrap();
@@ -204,15 +191,7 @@ async fn a_node_behind_the_purged_log_gets_the_snapshot() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let w = open(2, dirs[1].path(), config).await;
-    let reply = feed::serve(
-        &m.raft,
-        &m.log,
-        FeedRequest {
-            after: None,
-            wait_ms: 0,
-        },
-    )
-    .await;
+    let reply = m.serve(None, 0).await;
     assert!(matches!(reply, FeedReply::Snapshot { .. }), "{reply:?}");
     let after = feed::take(&w.raft, None, reply).await.unwrap();
     let after = catch_up(&m, &w, after).await;
@@ -229,40 +208,16 @@ async fn entries_that_do_not_follow_are_refused() {
     let w = open(2, dirs[1].path(), config).await;
     // An answer to a question this node did not ask.
     let asked = m.raft.metrics().borrow().last_applied;
-    let reply = feed::serve(
-        &m.raft,
-        &m.log,
-        FeedRequest {
-            after: asked,
-            wait_ms: 0,
-        },
-    )
-    .await;
+    let reply = m.serve(asked, 0).await;
     label(&m.raft, 2).await;
-    let reply2 = feed::serve(
-        &m.raft,
-        &m.log,
-        FeedRequest {
-            after: asked,
-            wait_ms: 0,
-        },
-    )
-    .await;
+    let reply2 = m.serve(asked, 0).await;
     assert!(matches!(&reply2, FeedReply::Entries { entries, .. } if entries.len() == 1));
     assert_eq!(
         feed::take(&w.raft, None, reply2).await,
         Err(TakeError::Conflict)
     );
     // Entries after one this node does not hold: its Raft refuses them.
-    let reply3 = feed::serve(
-        &m.raft,
-        &m.log,
-        FeedRequest {
-            after: asked,
-            wait_ms: 0,
-        },
-    )
-    .await;
+    let reply3 = m.serve(asked, 0).await;
     assert_eq!(
         feed::take(&w.raft, asked, reply3).await,
         Err(TakeError::Conflict)
@@ -285,7 +240,7 @@ async fn a_leader_never_takes_its_own_vote_from_the_feed() {
             l
         }),
     ] {
-        let reply = feed::serve(&m.raft, &m.log, FeedRequest { after, wait_ms: 0 }).await;
+        let reply = m.serve(after, 0).await;
         assert_eq!(
             feed::take(&m.raft, after, reply).await,
             Err(TakeError::OwnVote)

@@ -63,14 +63,8 @@ fn visible_vteps(c: &Cluster, i: usize) -> anyhow::Result<usize> {
 
 /// (task name, node hostname) of the running tasks of `web`, as host `i` sees them.
 fn running_tasks(c: &Cluster, i: usize) -> anyhow::Result<Vec<(String, String)>> {
-    let ps = c
-        .shoal_ok(i, &["service", "ps", "--format", "json", "web"])?
-        .json()?;
-    Ok(ps
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|t| t["state"] == "running" && t["desired_state"] == "running")
+    Ok(c.running_tasks(i, "web")?
+        .iter()
         .map(|t| {
             let s = |k: &str| t[k].as_str().unwrap_or_default().to_owned();
             (s("name"), s("node"))
