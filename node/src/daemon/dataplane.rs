@@ -4,8 +4,10 @@
 //! sandboxes are ready, and publishes the local endpoints into gossip (and
 //! attaches to the networks that have them).
 //!
-//! It reconciles whenever the plan changes, and every 5 s anyway, so that
-//! what something else removed is put back. At start it adopts what a
+//! It plans when the store, gossip or a task's health changes, and
+//! reconciles when the plan changed; every 30 s it compares the kernel
+//! anyway, so that what something else removed is put back (an idle node
+//! does nothing in between). At start it adopts what a
 //! previous run left (the reconciler diffs against the kernel, not memory).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -32,7 +34,10 @@ use super::sandboxes::Sandboxes;
 /// The gossip table of endpoints.
 pub const ENDPOINTS: &str = "endpoints";
 
-const FULL_EVERY: Duration = Duration::from_secs(5);
+/// How often the kernel is compared with the plan when nothing changed
+/// (to put back what something else removed): an idle node does nothing
+/// in between.
+const AUDIT_EVERY: Duration = Duration::from_secs(30);
 /// How long a restarted daemon at most lets gossip catch up before it
 /// touches the kernel state it found (it goes on as soon as gossip shows
 /// every running remote task's endpoint, or that task's node dead).
@@ -291,19 +296,39 @@ pub async fn run<B: Backend + Send>(ctx: DataplaneCtx, backend: B) {
         return;
     };
     d.adopt_previous_run().await;
+    let mut audit = true;
     loop {
-        let tick = if d.gate.pending() {
-            Duration::from_millis(200)
-        } else {
-            Duration::from_secs(1)
-        };
+        // Registered before the pass, so that a change during it is not
+        // missed (`notify_waiters` wakes only registered waiters).
+        let gossip = gossip_changed.notified();
+        let healthy = health.changed.notified();
+        tokio::pin!(gossip, healthy);
+        gossip.as_mut().enable();
+        healthy.as_mut().enable();
+        changes.borrow_and_update();
+        d.pass(audit).await;
+        let wait = next_pass(d.gate.pending(), d.last.is_none(), d.last_full.elapsed());
         tokio::select! {
             _ = changes.changed() => {}
-            _ = gossip_changed.notified() => {}
-            _ = health.changed.notified() => {}
-            _ = tokio::time::sleep(tick) => {}
+            () = gossip => {}
+            () = healthy => {}
+            () = tokio::time::sleep(wait) => {}
         }
-        d.pass().await;
+        audit = d.last_full.elapsed() >= AUDIT_EVERY;
+    }
+}
+
+/// How long the data plane waits for a change before it looks anyway:
+/// soon while the listen gate holds tasks back (it polls their sockets)
+/// or the last reconcile failed, else until the next audit, due
+/// [`AUDIT_EVERY`] after the last reconcile (`since_full`). Pure.
+fn next_pass(gate_pending: bool, failed: bool, since_full: Duration) -> Duration {
+    if gate_pending {
+        Duration::from_millis(200)
+    } else if failed {
+        Duration::from_secs(1)
+    } else {
+        AUDIT_EVERY.saturating_sub(since_full)
     }
 }
 
@@ -389,9 +414,9 @@ impl<B: Backend + Send> Driver<B> {
             .collect();
     }
 
-    /// One pass: plan, program what changed (or everything every
-    /// [`FULL_EVERY`]), then tell gossip.
-    async fn pass(&mut self) {
+    /// One pass: plan, program it when it changed (or on an `audit`, to
+    /// put back what something else changed), then tell gossip.
+    async fn pass(&mut self, audit: bool) {
         let state = self.ctx.state.state();
         let Some(vtep) = vtep_of(&state, self.ctx.id) else {
             return;
@@ -403,7 +428,7 @@ impl<B: Backend + Send> Driver<B> {
             });
         }
         let p = self.plan(&state, vtep).await;
-        if self.last.as_ref() != Some(&p) || self.last_full.elapsed() > FULL_EVERY {
+        if self.last.as_ref() != Some(&p) || audit {
             if !self.program(&p).await {
                 return;
             }

@@ -158,7 +158,7 @@ async fn a_node_programs_its_tasks_publishes_them_and_follows_gossip() {
     let store = store();
     let seen = Arc::new(Mutex::new(Gossiped::default()));
     let mut d = driver(&store, &seen);
-    d.pass().await;
+    d.pass(false).await;
     // Its task's sandbox and the overlay are made; the executor may start it.
     let k = kernel(&mut d).await;
     let names = d.names.clone();
@@ -201,7 +201,7 @@ async fn a_node_programs_its_tasks_publishes_them_and_follows_gossip() {
         .unwrap()
         .endpoints
         .insert("web".into(), vec![record]);
-    d.pass().await;
+    d.pass(false).await;
     let k = kernel(&mut d).await;
     assert_eq!(k.namespaces[&names.task("t1")].lb[&vip].len(), 2);
 
@@ -213,7 +213,7 @@ async fn a_node_programs_its_tasks_publishes_them_and_follows_gossip() {
             now_ms: 2,
         })
         .unwrap();
-    d.pass().await;
+    d.pass(false).await;
     let k = kernel(&mut d).await;
     assert!(!k.namespaces.contains_key(&names.task("t1")), "{k:#?}");
     assert!(!k.namespaces.contains_key(&names.network("web")));
@@ -244,15 +244,44 @@ async fn an_unchanged_plan_is_not_programmed_again() {
     let store = store();
     let seen = Arc::new(Mutex::new(Gossiped::default()));
     let mut d = driver(&store, &seen);
-    d.pass().await;
+    d.pass(false).await;
     let first = d.backend.applied.len();
     assert!(first > 0);
-    d.pass().await;
+    d.pass(false).await;
     assert_eq!(
         d.backend.applied.len(),
         first,
         "nothing changed, nothing applied"
     );
+    // Something else removes a namespace: a pass without an audit does not
+    // look at the kernel; the audit puts it back.
+    let gone = d
+        .backend
+        .kernel
+        .namespaces
+        .keys()
+        .find(|ns| **ns != shoal_netdriver::model::HOST)
+        .cloned()
+        .expect("a task namespace");
+    d.backend.kernel.namespaces.remove(&gone);
+    d.pass(false).await;
+    assert_eq!(d.backend.applied.len(), first, "no audit, no look");
+    d.pass(true).await;
+    assert!(
+        kernel(&mut d).await.namespaces.contains_key(&gone),
+        "put back"
+    );
+}
+
+#[test]
+fn an_idle_data_plane_waits_for_the_audit() {
+    let s = Duration::from_secs;
+    assert_eq!(next_pass(false, false, s(0)), AUDIT_EVERY);
+    assert_eq!(next_pass(false, false, s(20)), s(10));
+    assert_eq!(next_pass(false, false, s(40)), Duration::ZERO);
+    // The listen gate polls; a failed reconcile is retried.
+    assert_eq!(next_pass(true, false, s(0)), Duration::from_millis(200));
+    assert_eq!(next_pass(false, true, s(0)), s(1));
 }
 
 fn plan_of(tasks: &[&str]) -> NodePlan {
@@ -337,7 +366,7 @@ async fn a_task_with_a_health_check_is_balanced_to_only_while_healthy() {
     let mut d = driver(&store, &seen);
     let t1 = TaskId::from("t1");
     d.ctx.health.checking(&t1);
-    d.pass().await;
+    d.pass(false).await;
     let names = d.names.clone();
     let vip = store.handle().state().services["svc"].vips["web"];
     let backends = |k: &Kernel| {
@@ -352,13 +381,13 @@ async fn a_task_with_a_health_check_is_balanced_to_only_while_healthy() {
     assert_eq!(backends(&k), 0, "{k:#?}");
     // Healthy: published and balanced to.
     d.ctx.health.set(&t1, true);
-    d.pass().await;
+    d.pass(false).await;
     assert_eq!(backends(&kernel(&mut d).await), 1);
     let told = told_eventually(&seen, "put web t1").await;
     assert!(told.contains(&"join web".to_owned()), "{told:?}");
     // Unhealthy: withdrawn from gossip (so from every node) and from here.
     d.ctx.health.set(&t1, false);
-    d.pass().await;
+    d.pass(false).await;
     assert_eq!(backends(&kernel(&mut d).await), 0);
     told_eventually(&seen, "delete web t1").await;
 }

@@ -242,6 +242,7 @@ impl Member {
                 state_dir: dir.0.clone(),
                 engine: cfg.engine.clone(),
                 health: health.clone(),
+                wake: Default::default(),
             })),
             tokio::spawn(super::dataplane::run(
                 DataplaneCtx {

@@ -208,7 +208,8 @@ fn oom_killed(id: &str) -> bool {
 /// Watches task `id`'s container until it ends (also one started by an
 /// earlier daemon); then removes it. While containerd does not answer, it
 /// waits for it to come back.
-pub fn watch(engine: Arc<Engine>, id: TaskId) -> Watched {
+/// `exits` is woken once it has ended.
+pub fn watch(engine: Arc<Engine>, id: TaskId, exits: Arc<tokio::sync::Notify>) -> Watched {
     let exit = Arc::new(Mutex::new(None));
     let slot = exit.clone();
     let waiter = tokio::spawn(async move {
@@ -232,6 +233,7 @@ pub fn watch(engine: Arc<Engine>, id: TaskId) -> Watched {
         if let Ok(mut e) = slot.lock() {
             *e = Some(ended);
         }
+        exits.notify_one();
     });
     Watched {
         exit,

@@ -126,6 +126,23 @@ impl Decider {
         wait
     }
 
+    /// When the next of its delays runs out, after which [`Self::decide`]
+    /// acts without anything else changing: the grace of a task asked to
+    /// stop at the time given (`stopping`), a task's wait for its sandbox,
+    /// a retry.
+    pub fn next_deadline<'a>(
+        &self,
+        state: &ClusterState,
+        stopping: impl IntoIterator<Item = (&'a TaskId, Instant)>,
+    ) -> Option<Instant> {
+        let graces = stopping
+            .into_iter()
+            .map(|(id, t)| t + kill_after(state, id));
+        let sandboxes = self.waiting.values().map(|t| *t + SANDBOX_WAIT);
+        let retries = self.retry.values().map(|(at, _)| *at);
+        graces.chain(sandboxes).chain(retries).min()
+    }
+
     /// What to do now on node `me`.
     pub fn decide(
         &mut self,

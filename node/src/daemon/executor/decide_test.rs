@@ -86,7 +86,10 @@ fn a_task_waits_for_its_sandbox_then_fails_naming_why() {
     let mut d = Decider::default();
     let t0 = Instant::now();
     let none = BTreeMap::new();
+    assert_eq!(d.next_deadline(&s, []), None);
     assert!(d.decide(&s, ME, &none, &view, t0).is_empty());
+    // The executor sleeps until then, when nothing else wakes it.
+    assert_eq!(d.next_deadline(&s, []), Some(t0 + SANDBOX_WAIT));
     assert!(d.decide(&s, ME, &none, &view, t0 + SANDBOX_WAIT).is_empty());
     let acts = d.decide(
         &s,
@@ -176,6 +179,9 @@ fn an_unwanted_task_is_stopped_once_then_killed_when_overdue() {
         d.decide(&s, ME, &stopping, &no_dataplane(), t0 + STOP_GRACE)
             .is_empty()
     );
+    // The executor wakes when the grace runs out.
+    let a = TaskId::from("a");
+    assert_eq!(d.next_deadline(&s, [(&a, t0)]), Some(t0 + KILL_AFTER));
     assert_eq!(
         d.decide(
             &s,
@@ -258,4 +264,25 @@ fn a_task_that_could_not_start_tries_again_after_a_doubling_wait() {
     let sup = BTreeMap::from([(TaskId::from("a"), running())]);
     d.decide(&s, ME, &sup, &no_dataplane(), t);
     assert_eq!(d.retry_later(&"a".into(), t), Duration::from_secs(1));
+}
+
+#[test]
+fn a_retry_is_a_deadline_too() {
+    let s = store(vec![task(
+        "a",
+        1,
+        DesiredState::Running,
+        TaskState::Assigned,
+    )]);
+    let (mut d, t0) = (Decider::default(), Instant::now());
+    let wait = d.retry_later(&"a".into(), t0);
+    assert_eq!(wait, RETRY_FIRST);
+    assert_eq!(d.next_deadline(&s, []), Some(t0 + RETRY_FIRST));
+    // The earliest of several.
+    let b = TaskId::from("b");
+    assert_eq!(
+        d.next_deadline(&s, [(&b, t0 - KILL_AFTER)]),
+        Some(t0),
+        "a grace already over comes first"
+    );
 }

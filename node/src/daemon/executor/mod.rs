@@ -38,13 +38,15 @@ use super::sandboxes::Sandboxes;
 use super::shim::{self, Pids};
 use super::writer::Propose;
 use decide::{Decider, ExecAction, Exit, STOP_GRACE, Supervision};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
-const INTERVAL: Duration = Duration::from_millis(300);
-/// How often it looks when this node has no task to run or settle (none
-/// wanted running, none running): nothing to observe, no delay running
-/// out; the store's changes wake it.
-const IDLE_INTERVAL: Duration = Duration::from_secs(10);
+/// How often it looks while it must poll: a task's end it cannot be told
+/// of (a kernel without pidfds), or a report that did not reach the store.
+const POLL_INTERVAL: Duration = Duration::from_millis(300);
+/// How often it looks when nothing wakes it: the store's changes, a
+/// task's end (containerd's wait, a pidfd), a health probe, a sandbox and
+/// the next delay running out do.
+const AUDIT_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Most output returned by one log read.
 pub const LOG_CHUNK: u64 = 1 << 20;
@@ -122,13 +124,47 @@ struct Supervised {
     runner: Runner,
     /// When it was asked to stop.
     stopping: Option<Instant>,
+    /// Wakes the executor when a shim ends (none for a container, whose
+    /// watcher does, or where the kernel gives no pidfd).
+    exit_watch: Option<tokio::task::JoinHandle<()>>,
+    /// Whether its end is only seen by looking (no pidfd).
+    polled: bool,
 }
 
 impl Supervised {
-    fn shim(shim: Option<Child>, pids: Option<Pids>) -> Self {
+    /// A shim this daemon started (`shim`) or re-adopted (`pids`); its end
+    /// wakes `exits`.
+    fn shim(shim: Option<Child>, pids: Option<Pids>, exits: &Arc<Notify>) -> Self {
+        let pid = match (&shim, &pids) {
+            (Some(c), _) => c.id(),
+            (None, Some(p)) => Some(p.shim),
+            (None, None) => None,
+        };
+        let exit_watch = match pid.map(shim::exit_watch) {
+            Some(Ok(fd)) => {
+                // A re-adopted pid may be another process's by now: checked
+                // by start time once the pidfd holds it.
+                let same = shim.is_some() || pids.as_ref().is_some_and(shim::alive);
+                let fd = fd.filter(|_| same);
+                let exits = exits.clone();
+                Some(tokio::spawn(async move {
+                    if let Some(fd) = fd {
+                        let _ = fd.readable().await;
+                    }
+                    exits.notify_one();
+                }))
+            }
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "no pidfd: the task's end is polled");
+                None
+            }
+            None => None,
+        };
         Supervised {
+            polled: exit_watch.is_none(),
             runner: Runner::Shim { shim, pids },
             stopping: None,
+            exit_watch,
         }
     }
 
@@ -136,6 +172,8 @@ impl Supervised {
         Supervised {
             runner: Runner::Container(watched),
             stopping: None,
+            exit_watch: None,
+            polled: false,
         }
     }
 
@@ -189,6 +227,14 @@ impl Supervised {
                 }
             }
             Runner::Container(_) => container::kill(engine, id).await,
+        }
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        if let Some(w) = &self.exit_watch {
+            w.abort();
         }
     }
 }
@@ -286,6 +332,17 @@ pub struct ExecutorCtx<W> {
     pub engine: Arc<Engine>,
     /// The health of checked tasks (set here, read by the data plane).
     pub health: Arc<Health>,
+    /// What wakes the executor besides the store.
+    pub wake: Wake,
+}
+
+/// What wakes the executor besides the store's changes.
+#[derive(Default)]
+pub struct Wake {
+    /// Woken when a task ends.
+    exits: Arc<Notify>,
+    /// A report did not reach the store (it is made again soon).
+    unsettled: std::sync::atomic::AtomicBool,
 }
 
 impl<W: Propose> ExecutorCtx<W> {
@@ -300,6 +357,9 @@ impl<W: Propose> ExecutorCtx<W> {
         };
         if let Err(e) = self.writer.propose(cmd).await {
             tracing::debug!(task = %id, error = %e, "task state not recorded");
+            self.wake
+                .unsettled
+                .store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
 }
@@ -350,7 +410,8 @@ async fn start<W: Propose>(
             Ok(image_check) => {
                 ctx.report(&t.id, TaskState::Running, String::new(), None)
                     .await;
-                let mut watched = container::watch(ctx.engine.clone(), t.id.clone());
+                let mut watched =
+                    container::watch(ctx.engine.clone(), t.id.clone(), ctx.wake.exits.clone());
                 watched.probe = start_probe(ctx, service, &t.id, image_check.as_ref(), tell);
                 Started::Running(Box::new(Supervised::container(watched)))
             }
@@ -373,7 +434,11 @@ async fn start<W: Propose>(
         Ok(child) => {
             ctx.report(&t.id, TaskState::Running, String::new(), None)
                 .await;
-            Started::Running(Box::new(Supervised::shim(Some(child), None)))
+            Started::Running(Box::new(Supervised::shim(
+                Some(child),
+                None,
+                &ctx.wake.exits,
+            )))
         }
         Err(e) => {
             let msg = format!("cannot start the task's supervisor: {e}");
@@ -532,7 +597,8 @@ async fn adopt<W: Propose>(
             // Its container runs on under its shim, or ended meanwhile:
             // waiting on it again tells which.
             tracing::info!(task = %t.id, "watching a container task again");
-            let mut watched = container::watch(ctx.engine.clone(), t.id.clone());
+            let mut watched =
+                container::watch(ctx.engine.clone(), t.id.clone(), ctx.wake.exits.clone());
             let image_check = ctx.engine.image_health(&c.image).await.ok().flatten();
             watched.probe = start_probe(ctx, service, &t.id, image_check.as_ref(), tell);
             running.insert(t.id.clone(), Supervised::container(watched));
@@ -541,7 +607,8 @@ async fn adopt<W: Propose>(
         match alive.remove(&t.id) {
             Some(p) => {
                 tracing::info!(task = %t.id, pid = p.child, "re-adopted a running task");
-                running.insert(t.id.clone(), Supervised::shim(None, Some(p)));
+                let s = Supervised::shim(None, Some(p), &ctx.wake.exits);
+                running.insert(t.id.clone(), s);
             }
             None if matches!(t.state, TaskState::Starting | TaskState::Running) => {
                 let exit = if shim::read_exit(&dir, &t.id).is_some() {
@@ -570,8 +637,8 @@ async fn adopt<W: Propose>(
     running
 }
 
-/// Passes between two sweeps of the tasks directory (about a minute).
-const SWEEP_EVERY: u32 = 200;
+/// How often the tasks directory is swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// Deletes the files (log, pid, exit record, resolv.conf) of tasks the
 /// store has forgotten and that no longer run here.
@@ -661,21 +728,24 @@ pub async fn run<W: Propose>(ctx: ExecutorCtx<W>) {
     let mut reported = std::pin::pin!(report_resources(&ctx));
     let mut reporting = true;
     let mut decider = Decider::default();
-    let mut passes = 0u32;
-    let mut idle = false;
+    let mut swept = Instant::now();
+    let mut wait = Duration::ZERO;
     loop {
-        let tick = if idle { IDLE_INTERVAL } else { INTERVAL };
         tokio::select! {
-            _ = tokio::time::sleep(tick) => {}
+            () = tokio::time::sleep(wait) => {}
             _ = changes.changed() => {}
             () = ctx.sandboxes.changed.notified() => {}
+            () = ctx.wake.exits.notified() => {}
             Some(t) = turned.recv() => on_health(&ctx, t).await,
             () = &mut reported, if reporting => reporting = false,
         }
+        ctx.wake
+            .unsettled
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         let state = ctx.state.state();
         let dir = ctx.tasks_dir();
-        passes = passes.wrapping_add(1);
-        if passes.is_multiple_of(SWEEP_EVERY) {
+        if swept.elapsed() >= SWEEP_EVERY {
+            swept = Instant::now();
             sweep(&dir, &state, &running);
         }
         let seen = observe(&dir, &mut running, &ctx.health);
@@ -722,15 +792,32 @@ pub async fn run<W: Propose>(ctx: ExecutorCtx<W>) {
                 }
             }
         }
-        // Idle: nothing runs here and no task of this node is wanted
-        // running or still to settle (ended tasks kept as history count
-        // for nothing).
-        idle = running.is_empty()
-            && !state.tasks.values().any(|t| {
-                t.node == Some(ctx.id)
-                    && (t.desired == DesiredState::Running || !t.state.is_terminal())
-            });
+        let polled = running.values().any(|s| s.polled)
+            || ctx
+                .wake
+                .unsettled
+                .load(std::sync::atomic::Ordering::Relaxed);
+        let stopping = running
+            .iter()
+            .filter_map(|(id, s)| s.stopping.map(|t| (id, t)));
+        let due = decider.next_deadline(&state, stopping);
+        wait = next_look(Instant::now(), due, polled);
     }
+}
+
+/// How long the executor sleeps when nothing wakes it: until the
+/// decider's next delay runs out (a stop's grace, a sandbox wait, a retry),
+/// at most [`AUDIT_INTERVAL`]; [`POLL_INTERVAL`] while something is only
+/// seen by looking. Pure.
+fn next_look(now: Instant, due: Option<Instant>, polled: bool) -> Duration {
+    if polled {
+        return POLL_INTERVAL;
+    }
+    // A little past the deadline: the decider acts once it has passed.
+    due.map_or(AUDIT_INTERVAL, |d| {
+        d.saturating_duration_since(now) + Duration::from_millis(5)
+    })
+    .min(AUDIT_INTERVAL)
 }
 
 /// Starts `tasks`, several at once: a container's start is mostly waiting
@@ -806,5 +893,27 @@ async fn report_resources<W: Propose>(ctx: &ExecutorCtx<W>) {
             tracing::debug!(error = %e, "resources not recorded yet");
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+#[cfg(test)]
+mod look_tests {
+    use super::*;
+
+    #[test]
+    fn the_executor_sleeps_until_its_next_deadline_or_the_audit() {
+        let now = Instant::now();
+        assert_eq!(next_look(now, None, false), AUDIT_INTERVAL);
+        let soon = now + Duration::from_secs(2);
+        assert_eq!(
+            next_look(now, Some(soon), false),
+            Duration::from_millis(2005)
+        );
+        let late = now + Duration::from_secs(60);
+        assert_eq!(next_look(now, Some(late), false), AUDIT_INTERVAL);
+        // Overdue: at once (the decider acts on it).
+        assert_eq!(next_look(now, Some(now), false), Duration::from_millis(5));
+        // Something only seen by looking: polled.
+        assert_eq!(next_look(now, None, true), POLL_INTERVAL);
     }
 }
