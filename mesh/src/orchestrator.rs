@@ -52,8 +52,14 @@ fn group_of(t: &Task) -> Option<Group> {
 }
 
 /// Whether the task that ended last in a group is replaced now, and with
-/// which restart count; `None` while it must not be (yet).
-fn restart_decision(service: &Service, latest: Option<&Task>, now_ms: u64) -> Option<u64> {
+/// which restart count; `None` while it must not be (yet). A restart that
+/// waits for its delay tells `due` when it is due.
+fn restart_decision(
+    service: &Service,
+    latest: Option<&Task>,
+    now_ms: u64,
+    due: &dyn Fn(u64),
+) -> Option<u64> {
     let Some(l) = latest else { return Some(0) };
     let same_version = l.spec_version == service.version;
     let exited = l.desired == DesiredState::Running
@@ -73,7 +79,11 @@ fn restart_decision(service: &Service, latest: Option<&Task>, now_ms: u64) -> Op
         RestartCondition::Any => true,
     };
     let exhausted = policy.max_attempts > 0 && l.restarts >= policy.max_attempts;
-    let waiting = now_ms < l.updated_at_ms + policy.delay_ms;
+    let at = l.updated_at_ms.saturating_add(policy.delay_ms);
+    let waiting = now_ms < at;
+    if wanted && !exhausted && waiting {
+        due(at);
+    }
     (wanted && !exhausted && !waiting).then_some(l.restarts + 1)
 }
 
@@ -175,11 +185,25 @@ pub fn orchestrate(
     new_id: &mut dyn FnMut() -> String,
     now_ms: u64,
 ) -> Vec<Command> {
+    orchestrate_due(state, live, new_id, now_ms).0
+}
+
+/// [`orchestrate`], and when (ms) a later pass would do something with
+/// nothing else changing: the first of the delays this pass waited on (a
+/// restart delay, a stop's timeout, a rolling update's delay). `None` when
+/// none: only a change (of the store, or of `live`) brings work.
+pub fn orchestrate_due(
+    state: &ClusterState,
+    live: &dyn Fn(NodeId) -> bool,
+    new_id: &mut dyn FnMut() -> String,
+    now_ms: u64,
+) -> (Vec<Command>, Option<u64>) {
     let nodes: Vec<&Node> = state.nodes.values().collect();
     let mut pass = Pass {
         state,
         live,
         now_ms,
+        due: std::cell::Cell::new(None),
         live_nodes: nodes.iter().copied().filter(|n| live(n.id)).collect(),
         nodes,
         all_tasks: BTreeMap::new(),
@@ -194,10 +218,11 @@ pub fn orchestrate(
     for service in state.services.values() {
         pass.service(service, new_id);
     }
+    let due = pass.due.get();
     let mut out = pass.out;
     out.extend(prune_history(state));
     out.extend(crate::ca::finish_when_adopted(state));
-    out
+    (out, due)
 }
 
 /// One orchestration pass: what it knows across services, and what it has
@@ -206,6 +231,8 @@ struct Pass<'a> {
     state: &'a ClusterState,
     live: &'a dyn Fn(NodeId) -> bool,
     now_ms: u64,
+    /// The first delay this pass waited on.
+    due: std::cell::Cell<Option<u64>>,
     nodes: Vec<&'a Node>,
     live_nodes: Vec<&'a Node>,
     /// Active tasks per node, placements of this pass included (spread).
@@ -236,12 +263,27 @@ impl<'a> Pass<'a> {
         });
     }
 
+    /// A later pass has work at `at` (ms).
+    fn due_at(&self, at: u64) {
+        let first = self.due.get().map_or(at, |d| d.min(at));
+        self.due.set(Some(first));
+    }
+
     /// Whether task `t` still holds its group back (stop first: a live node
     /// is given time to stop it); `just_now` if shut down in this pass.
     fn holds(&self, t: &Task, just_now: bool) -> bool {
-        t.node.is_some_and(self.live)
+        let timeout = t.updated_at_ms.saturating_add(STOP_TIMEOUT_MS);
+        let held = t.node.is_some_and(self.live)
             && !t.state.is_terminal()
-            && (just_now || self.now_ms < t.updated_at_ms + STOP_TIMEOUT_MS)
+            && (just_now || self.now_ms < timeout);
+        if held {
+            self.due_at(if just_now {
+                self.now_ms.saturating_add(STOP_TIMEOUT_MS)
+            } else {
+                timeout
+            });
+        }
+        held
     }
 
     fn service(&mut self, service: &'a Service, new_id: &mut dyn FnMut() -> String) {
@@ -355,7 +397,8 @@ impl<'a> Pass<'a> {
                 .copied()
                 .filter(|t| in_group(t))
                 .max_by_key(|t| (t.created_at_ms, t.id.clone()));
-            let Some(restarts) = restart_decision(service, latest, self.now_ms) else {
+            let due = |at| self.due_at(at);
+            let Some(restarts) = restart_decision(service, latest, self.now_ms, &due) else {
                 continue;
             };
             busy += 1;
@@ -481,7 +524,10 @@ impl<'a> Pass<'a> {
             .filter(|t| t.spec_version == service.version && t.state == TaskState::Running)
             .map(|t| t.updated_at_ms)
             .max();
-        if last_up.is_some_and(|at| self.now_ms < at + service.spec.update.delay_ms) {
+        if let Some(at) = last_up.map(|at| at.saturating_add(service.spec.update.delay_ms))
+            && self.now_ms < at
+        {
+            self.due_at(at);
             return;
         }
         let batch = match service.spec.update.parallelism {

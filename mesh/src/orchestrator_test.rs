@@ -202,6 +202,12 @@ fn task_states_only_move_forward() {
         matches!(cmds.as_slice(), [Command::AddTask { slot: Some(1), .. }]),
         "{cmds:?}"
     );
+    // The waiting pass says when it has work, so the leader need not look
+    // before then.
+    let delay = crate::service::RestartPolicy::default().delay_ms;
+    let (cmds, due) = orchestrate_due(&s, &|_| true, &mut || "x".into(), 2);
+    assert!(cmds.is_empty());
+    assert_eq!(due, Some(1 + delay));
 }
 
 #[test]
@@ -467,7 +473,11 @@ fn an_update_rolls_out_in_batches_after_each_batch_runs_and_the_delay() {
     assert!(step(&mut s, 50, &|_| true).is_empty());
     execute(&mut s, 60);
     assert_eq!(versions(&s), vec![1, 1, 2, 2]);
-    // Running since 60: the next batch waits for the delay.
+    // Running since 60: the next batch waits for the delay, which the
+    // pass names.
+    let (cmds, due) = orchestrate_due(&s, &|_| true, &mut || "x".into(), 1_059);
+    assert!(cmds.is_empty());
+    assert_eq!(due, Some(1_060));
     assert!(step(&mut s, 1_059, &|_| true).is_empty());
     assert_eq!(step(&mut s, 1_060, &|_| true).len(), 2);
     execute(&mut s, 1_070);
@@ -475,6 +485,11 @@ fn an_update_rolls_out_in_batches_after_each_batch_runs_and_the_delay() {
     execute(&mut s, 1_090);
     assert_eq!(versions(&s), vec![2, 2, 2, 2]);
     assert!(step(&mut s, 100_000, &|_| true).is_empty());
+    // Converged: nothing is due, only a change brings work.
+    assert_eq!(
+        orchestrate_due(&s, &|_| true, &mut || "x".into(), 100_000).1,
+        None
+    );
     // --force replaces everything again, all at once with parallelism 0.
     update(&mut s, |sp| sp.update.parallelism = 0, true, 200_000);
     assert_eq!(step(&mut s, 200_001, &|_| true).len(), 4);

@@ -82,6 +82,15 @@ impl Liveness {
             .insert(node, now);
     }
 
+    /// Whether `node` answered a ping within [`DOWN_AFTER`] of `now`.
+    pub fn answered(&self, node: NodeId, now: Instant) -> bool {
+        self.last_ok
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)
+            .is_some_and(|t| now.saturating_duration_since(*t) < DOWN_AFTER)
+    }
+
     /// The status of `node` at `now`: ready while gossip has it alive (or
     /// suspect: it may still refute) or it answered a ping lately; down
     /// once gossip has it dead or gone and no ping answers; unknown for a
@@ -91,12 +100,7 @@ impl Liveness {
         if node == self.me {
             return NodeStatus::Ready;
         }
-        let pinged = self
-            .last_ok
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&node)
-            .is_some_and(|t| now.saturating_duration_since(*t) < DOWN_AFTER);
+        let pinged = self.answered(node, now);
         let member = self
             .members
             .lock()
