@@ -52,6 +52,54 @@ pub fn push_fanout(n: usize) -> usize {
     (ln + 3).min(n)
 }
 
+/// How many members each node passes a write on to, along its owner's
+/// broadcast tree ([`tree_children`]), in a network that spreads writes.
+pub const TREE_FANOUT: usize = 6;
+
+/// A member's place in `owner`'s tree: a hash of both, the same on every
+/// node. Pure.
+fn tree_rank(owner: NodeId, member: NodeId) -> u64 {
+    // splitmix64's finalizer over the pair.
+    let mut z = owner.0.wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(17) ^ member.0;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Where node `me` passes a write of `owner` on, in a network whose
+/// members (as `me` sees them, both included) are `members`: `owner`'s
+/// broadcast tree orders the members by [`tree_rank`], the owner first,
+/// and the member at position p passes to those at p·k+1 … p·k+k. When
+/// members' views agree every member gets the write exactly once, after
+/// about log_k(n) hops, and no node sends it more than `k` times; where
+/// they disagree (a member just joined or died) some get it twice and some
+/// by anti-entropy. Each owner has its own tree, so the forwarding is
+/// spread over the members. `None` when `me` or `owner` is not among
+/// `members`. Pure.
+pub fn tree_children(
+    owner: NodeId,
+    me: NodeId,
+    members: &[NodeId],
+    k: usize,
+) -> Option<Vec<NodeId>> {
+    if !members.contains(&owner) {
+        return None;
+    }
+    let mut order: Vec<(u64, NodeId)> = members
+        .iter()
+        .filter(|m| **m != owner)
+        .map(|m| (tree_rank(owner, *m), *m))
+        .collect();
+    order.sort_unstable();
+    order.dedup();
+    let order: Vec<NodeId> = std::iter::once(owner)
+        .chain(order.into_iter().map(|(_, m)| m))
+        .collect();
+    let at = order.iter().position(|m| *m == me)?;
+    let first = at.saturating_mul(k).saturating_add(1);
+    Some(order.iter().skip(first).take(k).copied().collect())
+}
+
 /// Timing and limits. The defaults aim at detecting a dead node on a LAN
 /// within about 2 s with few false positives.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -272,6 +320,12 @@ pub struct Gossip {
     timer_events: HashMap<u64, Timer<Peer>>,
     timer_seq: u64,
     members: BTreeMap<NodeId, Tracked>,
+    /// Bumped when a member is first tracked or forgotten.
+    members_changes: u64,
+    /// Which tracked members are on each network, as of (global changes,
+    /// member changes): rebuilt only when either moved, so that listing a
+    /// network's members costs its size, not the swarm's.
+    attached: std::cell::RefCell<Attached>,
     allowed: Option<BTreeSet<NodeId>>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
@@ -282,6 +336,13 @@ pub struct Gossip {
     /// Keys, owners' certificates and members' signed claims, shared with
     /// the SWIM codec.
     trust: Arc<Mutex<SwimTrust>>,
+}
+
+/// The cache behind [`Gossip::members_in`].
+#[derive(Default)]
+struct Attached {
+    at: Option<(u64, u64)>,
+    by_network: BTreeMap<String, Vec<NodeId>>,
 }
 
 fn encode(m: &Message) -> Vec<u8> {
@@ -317,6 +378,8 @@ impl Gossip {
             timer_events: HashMap::new(),
             timer_seq: 0,
             members: BTreeMap::new(),
+            members_changes: 0,
+            attached: Default::default(),
             allowed: None,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -435,6 +498,9 @@ impl Gossip {
             .members
             .get(&p.id)
             .is_none_or(|t| t.dead_since_ms.is_some());
+        if !self.members.contains_key(&p.id) {
+            self.members_changes += 1;
+        }
         self.members.insert(
             p.id,
             Tracked {
@@ -567,6 +633,7 @@ impl Gossip {
                 .map(|t| t.peer.id)
                 .collect();
             for id in expired {
+                self.members_changes += 1;
                 self.members.remove(&id);
                 self.tables.purge_owner_before(id, u64::MAX);
             }
@@ -576,12 +643,40 @@ impl Gossip {
     /// Live members (not this node) that are attached to `network` (all
     /// live members for the global scope).
     fn members_in(&self, network: &str) -> Vec<NodeId> {
-        self.members
-            .values()
-            .filter(|t| t.dead_since_ms.is_none())
-            .map(|t| t.peer.id)
-            .filter(|id| network == GLOBAL || self.node_in(*id, network))
-            .collect()
+        let live = |id: &NodeId| {
+            self.members
+                .get(id)
+                .is_some_and(|t| t.dead_since_ms.is_none())
+        };
+        if network == GLOBAL {
+            return self.members.keys().copied().filter(live).collect();
+        }
+        let now_at = (self.tables.global_changes(), self.members_changes);
+        let mut cache = self.attached.borrow_mut();
+        if cache.at != Some(now_at) {
+            let mut by_network: BTreeMap<String, Vec<NodeId>> = BTreeMap::new();
+            for id in self.members.keys() {
+                let key = networks_key(*id);
+                if let Some(TableValue::Networks(list)) =
+                    self.tables.get(&key).and_then(|e| e.value.as_ref())
+                {
+                    for n in list {
+                        by_network.entry(n.clone()).or_default().push(*id);
+                    }
+                }
+            }
+            // A list naming a network twice counts once.
+            by_network.values_mut().for_each(Vec::dedup);
+            *cache = Attached {
+                at: Some(now_at),
+                by_network,
+            };
+        }
+        cache
+            .by_network
+            .get(network)
+            .map(|ids| ids.iter().copied().filter(live).collect())
+            .unwrap_or_default()
     }
 
     fn node_in(&self, node: NodeId, network: &str) -> bool {
@@ -626,26 +721,46 @@ impl Gossip {
 
     /// Sends `entries` (new to this node: its own write, or entries it has
     /// just taken) on towards the other members of `network`, except
-    /// `skip`: every member when the network is small, else a few chosen
-    /// at random, each of which sends them on once in turn (an epidemic:
-    /// every member has them after about log(n) rounds, and a member that
-    /// missed them gets them by anti-entropy). A node sends each entry it
-    /// takes at most [`push_fanout`] times.
+    /// `skip`: every member when the network is small, else along each
+    /// owner's broadcast tree ([`tree_children`]: at most [`TREE_FANOUT`]
+    /// sends per node, each member reached once). An owner this node does
+    /// not see as a member falls back to a few members chosen at random
+    /// ([`push_fanout`]), each of which sends them on once in turn. A
+    /// member that missed them gets them by anti-entropy.
     fn push(&mut self, network: &str, entries: Vec<(EntryKey, Entry)>, skip: &BTreeSet<NodeId>) {
-        let members: Vec<NodeId> = self
-            .members_in(network)
-            .into_iter()
-            .filter(|m| !skip.contains(m))
-            .collect();
-        let targets = if self.spreads(network) {
-            let n = self.members_in_count(network);
-            members.into_iter().sample(&mut self.rng, push_fanout(n))
-        } else {
-            members
-        };
-        for to in targets {
+        let members: Vec<NodeId> = self.members_in(network);
+        if !self.spreads(network) {
+            let targets: Vec<NodeId> = members.into_iter().filter(|m| !skip.contains(m)).collect();
+            self.send_entries(network, &targets, entries);
+            return;
+        }
+        let mut by_owner: BTreeMap<NodeId, Vec<(EntryKey, Entry)>> = BTreeMap::new();
+        for (k, e) in entries {
+            by_owner.entry(e.owner).or_default().push((k, e));
+        }
+        let mut all = members.clone();
+        all.push(self.me.id);
+        for (owner, entries) in by_owner {
+            let targets: Vec<NodeId> = match tree_children(owner, self.me.id, &all, TREE_FANOUT) {
+                Some(children) => children,
+                None => {
+                    let n = members.len();
+                    members
+                        .iter()
+                        .copied()
+                        .filter(|m| !skip.contains(m))
+                        .sample(&mut self.rng, push_fanout(n))
+                }
+            };
+            let targets: Vec<NodeId> = targets.into_iter().filter(|m| !skip.contains(m)).collect();
+            self.send_entries(network, &targets, entries);
+        }
+    }
+
+    fn send_entries(&mut self, network: &str, to: &[NodeId], entries: Vec<(EntryKey, Entry)>) {
+        for t in to {
             self.send_table(
-                to,
+                *t,
                 TableMessage::Entries {
                     network: network.to_owned(),
                     entries: entries.clone(),
@@ -1103,13 +1218,8 @@ impl Gossip {
         let Some(t) = self.members.get(&id) else {
             return MemberState::Dead;
         };
-        if t.dead_since_ms.is_some() {
-            let left = matches!(self.tables.get(&networks_key(id)), Some(e) if e.is_tombstone());
-            return if left {
-                MemberState::Left
-            } else {
-                MemberState::Dead
-            };
+        if let Some(dead) = self.state_of_dead(t) {
+            return dead;
         }
         let suspect = self
             .foca
@@ -1122,31 +1232,45 @@ impl Gossip {
         }
     }
 
+    /// Dead or left, for a tracked member that is down.
+    fn state_of_dead(&self, t: &Tracked) -> Option<MemberState> {
+        t.dead_since_ms?;
+        let left = matches!(self.tables.get(&networks_key(t.peer.id)), Some(e) if e.is_tombstone());
+        Some(if left {
+            MemberState::Left
+        } else {
+            MemberState::Dead
+        })
+    }
+
     /// Every member this node knows, itself included.
     pub fn members(&self) -> Vec<MemberInfo> {
-        let incarnation = |p: &Peer| {
-            self.foca
-                .iter_membership_state()
-                .find(|m| m.id() == p)
-                .map_or(0, |m| m.incarnation())
-        };
+        // SWIM's view read once (not once per member: a large swarm's
+        // listing stays O(n log n)).
+        let swim: HashMap<&Peer, (u16, bool)> = self
+            .foca
+            .iter_membership_state()
+            .map(|m| (m.id(), (m.incarnation(), m.state() == foca::State::Suspect)))
+            .collect();
+        let of = |p: &Peer| swim.get(p).copied();
         let mut out = vec![MemberInfo {
             node_id: self.me.id,
             addr: self.me.addr.clone(),
             state: MemberState::Alive,
-            incarnation: self
-                .foca
-                .iter_membership_state()
-                .find(|m| m.id() == &self.me)
-                .map_or(0, |m| m.incarnation()),
+            incarnation: of(&self.me).map_or(0, |(i, _)| i),
             generation: self.me.generation,
         }];
         for t in self.members.values() {
+            let state = match self.state_of_dead(t) {
+                Some(dead) => dead,
+                None if of(&t.peer).is_some_and(|(_, suspect)| suspect) => MemberState::Suspect,
+                None => MemberState::Alive,
+            };
             out.push(MemberInfo {
                 node_id: t.peer.id,
                 addr: t.peer.addr.clone(),
-                state: self.state_of(t.peer.id),
-                incarnation: incarnation(&t.peer),
+                state,
+                incarnation: of(&t.peer).map_or(0, |(i, _)| i),
                 generation: t.peer.generation,
             });
         }

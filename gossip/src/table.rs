@@ -103,6 +103,9 @@ pub struct Tables {
     /// Digests computed since the entries last changed, per network: an
     /// idle node's anti-entropy does not walk its entries.
     digests: BTreeMap<String, Digest>,
+    /// Bumped on every change of the global scope's entries (which
+    /// networks each node is on), for caches derived from them.
+    global_changes: u64,
 }
 
 fn visible_value<'a>(e: &'a Entry, live: &BTreeSet<NodeId>) -> Option<&'a TableValue> {
@@ -142,7 +145,13 @@ impl Tables {
             entries: BTreeMap::new(),
             live: BTreeSet::from([me]),
             digests: BTreeMap::new(),
+            global_changes: 0,
         }
+    }
+
+    /// A number that changes whenever an entry of the global scope does.
+    pub fn global_changes(&self) -> u64 {
+        self.global_changes
     }
 
     /// Merges `incoming` for `key`; returns the visible change, if any.
@@ -167,6 +176,9 @@ impl Tables {
             .cloned();
         let after = visible_value(&incoming, &self.live).cloned();
         self.digests.remove(&key.network);
+        if key.network == GLOBAL {
+            self.global_changes += 1;
+        }
         self.entries.insert(key.clone(), incoming);
         change(&key, before.as_ref(), after.as_ref())
     }
@@ -254,6 +266,7 @@ impl Tables {
         let mut changes = Vec::new();
         if !keys.is_empty() {
             self.digests.clear();
+            self.global_changes += 1;
         }
         for k in keys {
             if let Some(e) = self.entries.remove(&k)
@@ -283,6 +296,7 @@ impl Tables {
             .retain(|_, e| e.reap_at_ms.is_none_or(|t| t > now_ms));
         if self.entries.len() != before {
             self.digests.clear();
+            self.global_changes += 1;
         }
     }
 

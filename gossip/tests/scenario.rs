@@ -430,8 +430,8 @@ fn a_write_in_a_large_network_spreads_with_a_few_sends_per_node() {
     let n = 80;
     let mut sim = cluster_on_net(n);
     let others = n as usize - 1;
-    let fanout = shoal_gossip::core::push_fanout(others);
-    assert!(others > shoal_gossip::core::DIRECT_PUSH_MAX && fanout < 12);
+    let fanout = shoal_gossip::core::TREE_FANOUT;
+    assert!(others > shoal_gossip::core::DIRECT_PUSH_MAX);
     // Every node knows every member. (At 80 nodes this takes SWIM well
     // over 8 s of simulated time: claims about members whose certificates
     // a node does not hold yet wait, and the last ones come from periodic
@@ -454,6 +454,61 @@ fn a_write_in_a_large_network_spreads_with_a_few_sends_per_node() {
         let snap = sim.nodes[&NodeId(i)].gossip.snapshot("net");
         assert_eq!(snap.len(), 1, "node {i} lacks the entry");
     }
+    // Along the owner's tree: the 79 others got one message each, no
+    // node sent more than the fan-out.
+    let counts = |sim: &Sim| -> Vec<u64> {
+        (1..=n)
+            .map(|i| sim.messages_sent.get(&NodeId(i)).copied().unwrap_or(0))
+            .collect()
+    };
+    let before = counts(&sim);
+    sim.with_node(NodeId(5), |g, now| {
+        g.put(now, "net", "vteps", "5", vtep(5)).unwrap()
+    });
+    sim.run_for(30);
+    let sends: Vec<u64> = counts(&sim)
+        .iter()
+        .zip(&before)
+        .map(|(after, before)| after - before)
+        .collect();
+    assert_eq!(sends.iter().sum::<u64>(), others as u64, "{sends:?}");
+    assert!(sends.iter().all(|s| *s <= fanout as u64), "{sends:?}");
+}
+
+#[test]
+fn a_broadcast_tree_reaches_every_member_once_with_bounded_fan_out() {
+    use shoal_gossip::core::tree_children;
+    let members: Vec<NodeId> = (1..=500).map(NodeId).collect();
+    for owner in [NodeId(1), NodeId(250), NodeId(500)] {
+        let mut got = std::collections::BTreeMap::new();
+        let mut depth = std::collections::BTreeMap::from([(owner, 0)]);
+        let mut todo = vec![owner];
+        while let Some(at) = todo.pop() {
+            let children = tree_children(owner, at, &members, 6).unwrap();
+            assert!(children.len() <= 6);
+            for c in children {
+                *got.entry(c).or_insert(0) += 1;
+                depth.insert(c, depth[&at] + 1);
+                todo.push(c);
+            }
+        }
+        assert_eq!(got.len(), 499, "every other member");
+        assert!(got.values().all(|n| *n == 1), "once each");
+        assert!(!got.contains_key(&owner));
+        // log_6(500) ≈ 3.5: four hops at most.
+        assert!(
+            depth.values().all(|d| *d <= 4),
+            "{:?}",
+            depth.values().max()
+        );
+    }
+    // Different owners, different trees: the owner's first children differ.
+    let a = tree_children(NodeId(1), NodeId(1), &members, 6).unwrap();
+    let b = tree_children(NodeId(2), NodeId(2), &members, 6).unwrap();
+    assert_ne!(a, b);
+    // Not a member (or the owner unknown): no tree.
+    assert_eq!(tree_children(NodeId(1), NodeId(900), &members, 6), None);
+    assert_eq!(tree_children(NodeId(900), NodeId(1), &members, 6), None);
 }
 
 #[test]

@@ -1,0 +1,353 @@
+//! The scale simulation of issue 16: N nodes of the gossip core (the code
+//! every daemon runs) on the in-memory network of `gossip::sim`, in
+//! simulated time, deterministic for a seed. Each node runs 30 tasks: it is
+//! on 3 networks of about `--network` members and publishes 10 endpoints on
+//! each (so 150 000 endpoints at 5 000 nodes). Then, with 5 % of datagrams
+//! lost:
+//!
+//! - every node updates one of its endpoints every second for `--seconds`:
+//!   the time for a sample of those updates to reach every member of the
+//!   network (p50/p99/max), bytes sent per node per second, and the gossip
+//!   core's CPU per node per simulated second (wall time of this
+//!   single-threaded run divided by nodes and simulated seconds);
+//! - live nodes wrongly declared dead over the whole run (false positives);
+//! - `--crashes` nodes crash, 5 s apart: the time until every live node has
+//!   each dead (p50/p99/max over crashes).
+//!
+//! ```text
+//! cargo bench -p shoal-gossip --bench scale -- [--nodes 100,1000,5000]
+//!     [--seconds 300] [--network 100] [--crashes 10] [--seed 1]
+//! ```
+//!
+//! The dispatch of the store to workers (the feed) is not simulated here;
+//! `shoal-lab scale` measures it with real daemons.
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::print_stdout)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Instant;
+
+use shoal_gossip::sim::Sim;
+use shoal_gossip::table::Change;
+use shoal_gossip::{Event, GossipConfig, MemberState};
+use shoal_mesh::NodeId;
+use shoal_mesh::observed::{TableValue, VtepRecord};
+
+struct Args {
+    nodes: Vec<u64>,
+    seconds: u64,
+    network: u64,
+    crashes: u64,
+    seed: u64,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        nodes: vec![100, 1000, 5000],
+        seconds: 300,
+        network: 100,
+        crashes: 10,
+        seed: 1,
+    };
+    let argv: Vec<String> = std::env::args().collect();
+    let mut i = 1;
+    while i < argv.len() {
+        let value = argv.get(i + 1).cloned().unwrap_or_default();
+        let num = || -> u64 {
+            value
+                .parse()
+                .unwrap_or_else(|_| panic!("{}: not a number: {value:?}", argv[i]))
+        };
+        match argv[i].as_str() {
+            "--nodes" => {
+                a.nodes = value
+                    .split(',')
+                    .map(|v| v.parse().expect("--nodes: numbers, comma separated"))
+                    .collect();
+            }
+            "--seconds" => a.seconds = num(),
+            "--network" => a.network = num(),
+            "--crashes" => a.crashes = num(),
+            "--seed" => a.seed = num(),
+            // cargo bench passes `--bench`.
+            _ => {
+                i += 1;
+                continue;
+            }
+        }
+        i += 2;
+    }
+    a
+}
+
+fn pct(v: &mut [u64], q: f64) -> u64 {
+    v.sort_unstable();
+    if v.is_empty() {
+        return 0;
+    }
+    v[((v.len() as f64 - 1.0) * q).round() as usize]
+}
+
+fn value(node: u64, n: u64) -> TableValue {
+    TableValue::Vtep(VtepRecord {
+        node: NodeId(node),
+        addr: IpAddr::V4(Ipv4Addr::from((n % u64::from(u32::MAX)) as u32)),
+    })
+}
+
+/// The 3 networks node `i` is on, of `count`: consecutive nodes share
+/// networks, so each has about `3 n / count` members.
+fn networks_of(i: u64, count: u64) -> Vec<String> {
+    let mut nets: Vec<u64> = (0..3).map(|k| (i * 3 + k) % count).collect();
+    nets.sort_unstable();
+    nets.dedup();
+    nets.into_iter().map(|n| format!("net{n}")).collect()
+}
+
+/// Alive members each up node sees (itself included), min over nodes.
+fn min_alive(sim: &Sim) -> usize {
+    sim.nodes
+        .values()
+        .filter(|n| n.up)
+        .map(|n| {
+            n.gossip
+                .members()
+                .iter()
+                .filter(|m| m.state == MemberState::Alive)
+                .count()
+        })
+        .min()
+        .unwrap_or(0)
+}
+
+fn run(n: u64, a: &Args) {
+    let wall = Instant::now();
+    let config = GossipConfig {
+        cluster_size_hint: n as u32,
+        ..Default::default()
+    };
+    let mut sim = Sim::new(a.seed, config, 10_000_000);
+    // Nodes join 100 a second, through three seeds, as a swarm grows.
+    let t0 = sim.now();
+    for i in 1..=n {
+        sim.start(NodeId(i), &[NodeId(1), NodeId(2), NodeId(3)]);
+        if i % 100 == 0 {
+            sim.run_for(1_000);
+        }
+    }
+    let mut converged = None;
+    for _ in 0..120 {
+        sim.run_for(1_000);
+        if min_alive(&sim) == n as usize {
+            converged = Some(sim.now() - t0);
+            break;
+        }
+    }
+    match converged {
+        Some(ms) => println!(
+            "{n} nodes: every node sees all {n} alive {} s after the first start",
+            ms / 1000
+        ),
+        None => println!(
+            "{n} nodes: NOT converged after 120 s: the least informed node sees {} alive",
+            min_alive(&sim)
+        ),
+    }
+    // Networks and endpoints: 30 tasks a node.
+    let count = (n * 3 / a.network).max(1);
+    let mut members: BTreeMap<String, BTreeSet<NodeId>> = BTreeMap::new();
+    for i in 1..=n {
+        let nets = networks_of(i, count);
+        for net in &nets {
+            members.entry(net.clone()).or_default().insert(NodeId(i));
+        }
+        sim.with_node(NodeId(i), |g, now| {
+            for net in &nets {
+                g.join_network(now, net);
+            }
+        });
+    }
+    sim.run_for(3_000);
+    for i in 1..=n {
+        let nets = networks_of(i, count);
+        sim.with_node(NodeId(i), |g, now| {
+            for (k, net) in nets.iter().enumerate() {
+                for e in 0..10 {
+                    let key = format!("t{i}-{k}-{e}");
+                    g.put(now, net, "endpoints", &key, value(i, e)).unwrap();
+                }
+            }
+        });
+    }
+    sim.run_for(10_000);
+    let sizes: Vec<usize> = members.values().map(BTreeSet::len).collect();
+    println!(
+        "{n} nodes: {count} networks of {}–{} members, {} endpoints, set up in {:.0} s of wall time",
+        sizes.iter().min().unwrap_or(&0),
+        sizes.iter().max().unwrap_or(&0),
+        n * 30,
+        wall.elapsed().as_secs_f64()
+    );
+
+    // Load: one update per node per second, 5 % loss.
+    sim.datagram_loss = 0.05;
+    for v in sim.bytes_sent.values_mut() {
+        *v = 0;
+    }
+    sim.record_events = true;
+    sim.events.clear();
+    let sample_every = (n / 50).max(1);
+    // Sampled update key → (network, written at, members still without it).
+    let mut pending: BTreeMap<String, (u64, BTreeSet<NodeId>)> = BTreeMap::new();
+    let mut times = Vec::new();
+    let mut unfinished = 0;
+    let mut false_dead: BTreeSet<NodeId> = BTreeSet::new();
+    let mut declarations = 0u64;
+    let load_wall = Instant::now();
+    let mut drain = |sim: &mut Sim,
+                     pending: &mut BTreeMap<String, (u64, BTreeSet<NodeId>)>,
+                     times: &mut Vec<u64>| {
+        for (at, node, e) in sim.events.drain(..) {
+            match e {
+                Event::Entry(Change::Added(k, _) | Change::Updated(k, _)) => {
+                    if let Some((start, left)) = pending.get_mut(&k.key) {
+                        left.remove(&node);
+                        if left.is_empty() {
+                            times.push(at - *start);
+                            pending.remove(&k.key);
+                        }
+                    }
+                }
+                Event::Member {
+                    node: m,
+                    state: MemberState::Dead,
+                } => {
+                    declarations += 1;
+                    false_dead.insert(m);
+                }
+                _ => {}
+            }
+        }
+    };
+    for s in 0..a.seconds {
+        for i in 1..=n {
+            let nets = networks_of(i, count);
+            let k = ((i + s) % nets.len() as u64) as usize;
+            let e = s % 10;
+            let key = format!("t{i}-{k}-{e}");
+            let net = nets[k].clone();
+            if (i + s) % sample_every == 0 {
+                let mut left = members[&net].clone();
+                left.remove(&NodeId(i));
+                // Updating the same key again restarts its clock.
+                pending.insert(key.clone(), (sim.now(), left));
+            }
+            sim.with_node(NodeId(i), |g, now| {
+                g.put(now, &net, "endpoints", &key, value(i, s * 10 + e + 1))
+                    .unwrap();
+            });
+            // Spread the writes over the second.
+            if i % (n / 10).max(1) == 0 {
+                sim.run_for(100);
+                drain(&mut sim, &mut pending, &mut times);
+            }
+        }
+        // Updates older than 10 s that still have not arrived count as lost.
+        let now = sim.now();
+        pending.retain(|_, (start, _)| {
+            let keep = now - *start < 10_000;
+            if !keep {
+                unfinished += 1;
+            }
+            keep
+        });
+    }
+    sim.run_for(2_000);
+    drain(&mut sim, &mut pending, &mut times);
+    let load_wall = load_wall.elapsed();
+    let bytes: u64 = sim.bytes_sent.values().sum();
+    let per_node = bytes as f64 / n as f64 / (a.seconds as f64 + 2.0);
+    let max_node =
+        sim.bytes_sent.values().max().copied().unwrap_or(0) as f64 / (a.seconds as f64 + 2.0);
+    let mut t = times.clone();
+    println!(
+        "{n} nodes: update to every member of its network: n={} p50={} ms p99={} ms max={} ms, {} not everywhere within 10 s",
+        t.len(),
+        pct(&mut t, 0.5),
+        pct(&mut t, 0.99),
+        t.last().copied().unwrap_or(0),
+        unfinished + pending.len()
+    );
+    println!(
+        "{n} nodes: bytes sent per node per second: mean {:.0} ({:.0} kbit/s), busiest node {:.0} ({:.0} kbit/s)",
+        per_node,
+        per_node * 8.0 / 1000.0,
+        max_node,
+        max_node * 8.0 / 1000.0
+    );
+    println!(
+        "{n} nodes: gossip CPU per node: {:.0} µs per simulated second ({:.3} % of a core)",
+        load_wall.as_micros() as f64 / n as f64 / (a.seconds as f64 + 2.0),
+        load_wall.as_secs_f64() / n as f64 / (a.seconds as f64 + 2.0) * 100.0
+    );
+    println!(
+        "{n} nodes: false positives over {} s at 5 % loss: {declarations} dead declarations of {} live nodes",
+        a.seconds,
+        false_dead.len()
+    );
+
+    // Failure detection: crashes 5 s apart, still 5 % loss.
+    let mut detect = Vec::new();
+    let mut undetected = 0;
+    for c in 0..a.crashes {
+        let victim = NodeId(1 + (c * 7919 + 17) % n);
+        if victim.0 <= 3 {
+            continue;
+        }
+        sim.events.clear();
+        let start = sim.now();
+        sim.crash(victim);
+        let mut left: BTreeSet<NodeId> = sim.up().into_iter().collect();
+        let mut last = start;
+        while !left.is_empty() && sim.now() - start < 30_000 {
+            sim.run_for(50);
+            for (at, node, e) in sim.events.drain(..) {
+                if let Event::Member {
+                    node: m,
+                    state: MemberState::Dead,
+                } = e
+                    && m == victim
+                    && left.remove(&node)
+                {
+                    last = at;
+                }
+            }
+        }
+        if left.is_empty() {
+            detect.push(last - start);
+        } else {
+            undetected += 1;
+        }
+        sim.run_for(5_000usize.saturating_sub((sim.now() - start) as usize) as u64);
+    }
+    let mut d = detect.clone();
+    println!(
+        "{n} nodes: crash to dead on every live node: n={} p50={} ms p99={} ms max={} ms, {undetected} not everywhere within 30 s",
+        d.len(),
+        pct(&mut d, 0.5),
+        pct(&mut d, 0.99),
+        d.last().copied().unwrap_or(0),
+    );
+    println!(
+        "{n} nodes: done in {:.0} s of wall time",
+        wall.elapsed().as_secs_f64()
+    );
+}
+
+fn main() {
+    let a = args();
+    for &n in &a.nodes {
+        run(n, &a);
+    }
+}
