@@ -101,32 +101,9 @@ fn detection(n: u64, trials: u64) {
     for t in 0..trials {
         let mut sim = cluster(n, 1000 + t);
         let victim = NodeId(1 + (t * 31) % n);
-        sim.record_events = true;
-        sim.events.clear();
-        let start = sim.now();
-        sim.crash(victim);
-        let mut marked: BTreeSet<NodeId> = BTreeSet::new();
-        let mut last = start;
-        while marked.len() < (n - 1) as usize && sim.now() - start < 60_000 {
-            sim.run_for(20);
-            for (at, node, e) in sim.events.drain(..) {
-                if let Event::Member {
-                    node: m,
-                    state: MemberState::Dead,
-                } = e
-                    && m == victim
-                    && marked.insert(node)
-                {
-                    last = at;
-                }
-            }
-        }
-        assert_eq!(
-            marked.len(),
-            (n - 1) as usize,
-            "not every member marked the crash"
-        );
-        times.push(last - start);
+        let took = sim.crash_and_detect(victim, 60_000);
+        let took = took.expect("not every member marked the crash");
+        times.push(took);
     }
     stats(
         &format!("failure detection, every one of {n} nodes marks the dead one"),

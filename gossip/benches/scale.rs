@@ -121,6 +121,16 @@ fn min_alive(sim: &Sim) -> usize {
         .unwrap_or(0)
 }
 
+/// What the daemon does every 10 s with the store's list of nodes
+/// (`Gossip::directory`): every node is given every node's address.
+fn directory(sim: &mut Sim) {
+    let peers: Vec<shoal_gossip::Peer> =
+        sim.nodes.values().map(|x| x.gossip.me().clone()).collect();
+    for id in sim.up() {
+        sim.with_node(id, |g, now| g.directory(now, peers.iter().cloned()));
+    }
+}
+
 fn run(n: u64, a: &Args) {
     let wall = Instant::now();
     let config = GossipConfig {
@@ -137,7 +147,10 @@ fn run(n: u64, a: &Args) {
         }
     }
     let mut converged = None;
-    for _ in 0..120 {
+    for s in 0..120 {
+        if s % 10 == 0 {
+            directory(&mut sim);
+        }
         sim.run_for(1_000);
         if min_alive(&sim) == n as usize {
             converged = Some(sim.now() - t0);
@@ -149,10 +162,43 @@ fn run(n: u64, a: &Args) {
             "{n} nodes: every node sees all {n} alive {} s after the first start",
             ms / 1000
         ),
-        None => println!(
-            "{n} nodes: NOT converged after 120 s: the least informed node sees {} alive",
-            min_alive(&sim)
-        ),
+        None => {
+            println!(
+                "{n} nodes: NOT converged after 120 s: the least informed node sees {} alive",
+                min_alive(&sim)
+            );
+            for (id, node) in sim.nodes.iter().filter(|(_, x)| x.up) {
+                let ms = node.gossip.members();
+                if ms.len() < n as usize || ms.iter().any(|m| m.state != MemberState::Alive) {
+                    let odd: Vec<String> = ms
+                        .iter()
+                        .filter(|m| m.state != MemberState::Alive)
+                        .map(|m| format!("{}={:?}", m.node_id, m.state))
+                        .collect();
+                    let known: BTreeSet<NodeId> = ms.iter().map(|m| m.node_id).collect();
+                    let missing: Vec<NodeId> =
+                        (1..=n).map(NodeId).filter(|m| !known.contains(m)).collect();
+                    let global: Vec<bool> = missing
+                        .iter()
+                        .map(|m| {
+                            node.gossip
+                                .tables()
+                                .get(&shoal_gossip::core::networks_key(*m))
+                                .is_some()
+                        })
+                        .collect();
+                    println!(
+                        "  node {id}: knows {} members; not alive: {odd:?}; missing {missing:?} (global entry held: {global:?}, SWIM: {:?}); refused: {:?}",
+                        ms.len(),
+                        missing
+                            .iter()
+                            .map(|m| node.gossip.swim_view(*m))
+                            .collect::<Vec<_>>(),
+                        node.gossip.rejected
+                    );
+                }
+            }
+        }
     }
     // Networks and endpoints: 30 tasks a node.
     let count = (n * 3 / a.network).max(1);
@@ -231,6 +277,9 @@ fn run(n: u64, a: &Args) {
         }
     };
     for s in 0..a.seconds {
+        if s % 10 == 0 {
+            directory(&mut sim);
+        }
         for i in 1..=n {
             let nets = networks_of(i, count);
             let k = ((i + s) % nets.len() as u64) as usize;
@@ -305,29 +354,10 @@ fn run(n: u64, a: &Args) {
         if victim.0 <= 3 {
             continue;
         }
-        sim.events.clear();
         let start = sim.now();
-        sim.crash(victim);
-        let mut left: BTreeSet<NodeId> = sim.up().into_iter().collect();
-        let mut last = start;
-        while !left.is_empty() && sim.now() - start < 30_000 {
-            sim.run_for(50);
-            for (at, node, e) in sim.events.drain(..) {
-                if let Event::Member {
-                    node: m,
-                    state: MemberState::Dead,
-                } = e
-                    && m == victim
-                    && left.remove(&node)
-                {
-                    last = at;
-                }
-            }
-        }
-        if left.is_empty() {
-            detect.push(last - start);
-        } else {
-            undetected += 1;
+        match sim.crash_and_detect(victim, 30_000) {
+            Some(took) => detect.push(took),
+            None => undetected += 1,
         }
         sim.run_for(5_000usize.saturating_sub((sim.now() - start) as usize) as u64);
     }

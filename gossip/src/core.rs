@@ -52,6 +52,12 @@ pub fn push_fanout(n: usize) -> usize {
     (ln + 3).min(n)
 }
 
+/// Most nodes of the directory one [`Gossip::directory`] call announces to.
+pub const DIRECTORY_ANNOUNCES: usize = 8;
+
+/// How long before [`Gossip::directory`] announces to the same node again.
+pub const DIRECTORY_RETRY_MS: u64 = 30_000;
+
 /// How many members each node passes a write on to, along its owner's
 /// broadcast tree ([`tree_children`]), in a network that spreads writes.
 pub const TREE_FANOUT: usize = 6;
@@ -322,6 +328,8 @@ pub struct Gossip {
     members: BTreeMap<NodeId, Tracked>,
     /// Bumped when a member is first tracked or forgotten.
     members_changes: u64,
+    /// Nodes of the directory announced to lately ([`Gossip::directory`]).
+    directory_tried: BTreeMap<NodeId, u64>,
     /// Which tracked members are on each network, as of (global changes,
     /// member changes): rebuilt only when either moved, so that listing a
     /// network's members costs its size, not the swarm's.
@@ -379,6 +387,7 @@ impl Gossip {
             timer_seq: 0,
             members: BTreeMap::new(),
             members_changes: 0,
+            directory_tried: BTreeMap::new(),
             attached: Default::default(),
             allowed: None,
             transmits: VecDeque::new(),
@@ -574,6 +583,38 @@ impl Gossip {
         for p in known {
             self.member_up(p);
         }
+    }
+
+    /// The swarm's directory (the store's nodes and addresses): a node
+    /// listed there that this node does not track, or tracks as dead while
+    /// the directory still lists it, is announced to, at most
+    /// [`DIRECTORY_ANNOUNCES`] per call and each at most once per
+    /// [`DIRECTORY_RETRY_MS`]. SWIM spreads a member's arrival for a
+    /// limited number of rounds; a node that joined after it, or whose
+    /// copy of the claim waited for a certificate and was then outrun,
+    /// would otherwise learn that member only when it happens to probe
+    /// this node (every n probe periods in a swarm of n) or turns up in an
+    /// announcement's sample. Returns how many it announced to.
+    pub fn directory(&mut self, now_ms: u64, peers: impl IntoIterator<Item = Peer>) -> usize {
+        self.now_ms = self.now_ms.max(now_ms);
+        self.directory_tried
+            .retain(|_, at| now_ms < at.saturating_add(DIRECTORY_RETRY_MS));
+        let unknown: Vec<Peer> = peers
+            .into_iter()
+            .filter(|p| p.id != self.me.id && self.is_allowed(p.id))
+            .filter(|p| {
+                self.members
+                    .get(&p.id)
+                    .is_none_or(|t| t.dead_since_ms.is_some())
+            })
+            .filter(|p| !self.directory_tried.contains_key(&p.id))
+            .take(DIRECTORY_ANNOUNCES)
+            .collect();
+        for p in &unknown {
+            self.directory_tried.insert(p.id, now_ms);
+            self.run(|f, rt| f.announce(p.clone(), rt));
+        }
+        unknown.len()
     }
 
     /// Introduces this node to `peer` (a seed).
@@ -1241,6 +1282,16 @@ impl Gossip {
         } else {
             MemberState::Dead
         })
+    }
+
+    /// SWIM's own view of `node` (state and incarnation), which
+    /// [`Self::members`] follows; for diagnostics.
+    pub fn swim_view(&self, node: NodeId) -> Vec<(String, u16)> {
+        self.foca
+            .iter_membership_state()
+            .filter(|m| m.id().id == node)
+            .map(|m| (format!("{:?}", m.state()), m.incarnation()))
+            .collect()
     }
 
     /// Every member this node knows, itself included.

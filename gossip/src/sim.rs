@@ -244,6 +244,33 @@ impl Sim {
         self.now_ms = until;
     }
 
+    /// Crashes `victim` and runs until every node that is up has it dead,
+    /// at most `limit_ms`: how long that took, or `None` (some never did).
+    /// Records events meanwhile (and clears them).
+    pub fn crash_and_detect(&mut self, victim: NodeId, limit_ms: u64) -> Option<u64> {
+        self.record_events = true;
+        self.events.clear();
+        let start = self.now_ms;
+        self.crash(victim);
+        let mut left: BTreeSet<NodeId> = self.up().into_iter().collect();
+        let mut last = start;
+        while !left.is_empty() && self.now_ms - start < limit_ms {
+            self.run_for(20);
+            for (at, node, e) in self.events.drain(..) {
+                if let Event::Member {
+                    node: m,
+                    state: crate::MemberState::Dead,
+                } = e
+                    && m == victim
+                    && left.remove(&node)
+                {
+                    last = at;
+                }
+            }
+        }
+        left.is_empty().then_some(last - start)
+    }
+
     /// The nodes that are up.
     pub fn up(&self) -> Vec<NodeId> {
         self.nodes

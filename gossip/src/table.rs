@@ -195,14 +195,28 @@ impl Tables {
             .and_then(|e| visible_value(e, &self.live))
     }
 
+    /// Every stored entry of one network, in key order: a range of the
+    /// map (keys sort by network first), not a walk over every network's.
+    fn in_network<'a>(
+        &'a self,
+        network: &'a str,
+    ) -> impl Iterator<Item = (&'a EntryKey, &'a Entry)> + 'a {
+        let from = EntryKey {
+            network: network.to_owned(),
+            table: String::new(),
+            key: String::new(),
+        };
+        self.entries
+            .range(from..)
+            .take_while(move |(k, _)| k.network == network)
+    }
+
     /// Visible entries of one network, in key order.
     pub fn visible_in<'a>(
         &'a self,
         network: &'a str,
     ) -> impl Iterator<Item = (&'a EntryKey, &'a TableValue)> + 'a {
-        self.entries
-            .iter()
-            .filter(move |(k, _)| k.network == network)
+        self.in_network(network)
             .filter_map(|(k, e)| visible_value(e, &self.live).map(|v| (k, v)))
     }
 
@@ -254,9 +268,8 @@ impl Tables {
     /// Forgets `owner`'s entries in `network` (it left that network).
     pub fn purge_owner_in(&mut self, owner: NodeId, network: &str) -> Vec<Change> {
         let keys: Vec<EntryKey> = self
-            .entries
-            .iter()
-            .filter(|(k, e)| e.owner == owner && k.network == network)
+            .in_network(network)
+            .filter(|(_, e)| e.owner == owner)
             .map(|(k, _)| k.clone())
             .collect();
         self.remove_keys(keys)
@@ -280,12 +293,7 @@ impl Tables {
 
     /// Forgets every entry of `network` (this node left it).
     pub fn drop_network(&mut self, network: &str) -> Vec<Change> {
-        let keys: Vec<EntryKey> = self
-            .entries
-            .keys()
-            .filter(|k| k.network == network)
-            .cloned()
-            .collect();
+        let keys: Vec<EntryKey> = self.in_network(network).map(|(k, _)| k.clone()).collect();
         self.remove_keys(keys)
     }
 
@@ -312,7 +320,7 @@ impl Tables {
 
     fn compute_digest(&self, network: &str) -> Digest {
         let mut d: Digest = BTreeMap::new();
-        for (k, e) in self.entries.iter().filter(|(k, _)| k.network == network) {
+        for (k, e) in self.in_network(network) {
             let slot = d.entry(e.owner).or_insert((0xcbf2_9ce4_8422_2325, 0));
             let mut h = fnv(slot.0, k.table.as_bytes());
             h = fnv(h, &[0]);
@@ -326,9 +334,8 @@ impl Tables {
 
     /// The entries of `network` owned by any of `owners`.
     pub fn entries_of(&self, network: &str, owners: &BTreeSet<NodeId>) -> Vec<(EntryKey, Entry)> {
-        self.entries
-            .iter()
-            .filter(|(k, e)| k.network == network && owners.contains(&e.owner))
+        self.in_network(network)
+            .filter(|(_, e)| owners.contains(&e.owner))
             .map(|(k, e)| (k.clone(), e.clone()))
             .collect()
     }

@@ -520,3 +520,49 @@ fn push_fanout_grows_with_the_log_of_the_network() {
     assert_eq!(push_fanout(999), 10);
     assert_eq!(push_fanout(4_999), 12);
 }
+
+#[test]
+fn a_node_the_directory_lists_is_learned_without_waiting_for_swim() {
+    let mut sim = Sim::new(11, GossipConfig::default(), 1_000_000);
+    sim.start(NodeId(1), &[]);
+    // Node 2 knows node 1; node 1 has not heard of node 3, which knows
+    // nobody.
+    sim.start(NodeId(2), &[NodeId(1)]);
+    sim.start(NodeId(3), &[]);
+    sim.run_for(3_000);
+    let knows = |sim: &Sim, a: u64, b: u64| {
+        sim.nodes[&NodeId(a)]
+            .gossip
+            .members()
+            .iter()
+            .any(|m| m.node_id == NodeId(b) && m.state == MemberState::Alive)
+    };
+    assert!(!knows(&sim, 1, 3));
+    let three = sim.nodes[&NodeId(3)].gossip.me().clone();
+    let two = sim.nodes[&NodeId(2)].gossip.me().clone();
+    let announced = sim
+        .with_node(NodeId(1), |g, now| {
+            g.directory(now, [two.clone(), three.clone()])
+        })
+        .unwrap();
+    // Node 2 is known already: only node 3 is announced to.
+    assert_eq!(announced, 1);
+    sim.run_for(2_000);
+    assert!(knows(&sim, 1, 3) && knows(&sim, 3, 1));
+    // A listed node that never answers is announced to again only after
+    // the retry time.
+    let mut nine = three.clone();
+    nine.id = NodeId(9);
+    nine.addr = "sim:9".into();
+    let tries = |sim: &mut Sim| {
+        sim.with_node(NodeId(1), |g, now| {
+            g.directory(now, [three.clone(), nine.clone()])
+        })
+        .unwrap()
+    };
+    assert_eq!(tries(&mut sim), 1);
+    sim.run_for(1_000);
+    assert_eq!(tries(&mut sim), 0);
+    sim.run_for(shoal_gossip::core::DIRECTORY_RETRY_MS);
+    assert_eq!(tries(&mut sim), 1);
+}

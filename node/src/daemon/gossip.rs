@@ -228,6 +228,26 @@ fn refresh_from_store(g: &mut Gossip, state: &StateHandle, announce: bool) {
     }
 }
 
+/// How often the store's nodes are compared with gossip's members.
+const DIRECTORY_EVERY: Duration = Duration::from_secs(10);
+
+/// The store's nodes other than `me`, as gossip addresses them.
+fn store_peers(state: &StateHandle, me: NodeId) -> Vec<Peer> {
+    state.read(|d| {
+        d.state
+            .nodes
+            .values()
+            .filter(|n| n.id != me)
+            .map(|n| Peer {
+                id: n.id,
+                addr: n.addr.clone(),
+                generation: 0,
+                bump: 0,
+            })
+            .collect()
+    })
+}
+
 /// Sends what the core produced. Its events are logged; the data plane
 /// (issue 5) will consume them from here.
 /// Whether this node knows no other live member.
@@ -284,6 +304,7 @@ async fn run(
     } = rx;
     refresh_from_store(&mut g, &state, true);
     let mut lonely = tokio::time::interval(Duration::from_secs(2));
+    let mut directory = tokio::time::interval(DIRECTORY_EVERY);
     loop {
         if flush(&mut g, &quic, &live) {
             changed.notify_waiters();
@@ -337,6 +358,12 @@ async fn run(
                 // The first store a joiner receives also names its seeds.
                 let alone = is_alone(&g);
                 refresh_from_store(&mut g, &state, alone);
+            }
+            // Nodes of the store gossip does not know are announced to, a
+            // few at a time.
+            _ = directory.tick() => {
+                let peers = store_peers(&state, g.me().id);
+                g.directory(now_ms(), peers);
             }
             // Alone (a partition healed, a restart), it asks the
             // managers again every 2 s.
