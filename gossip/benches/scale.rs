@@ -138,10 +138,23 @@ fn run(n: u64, a: &Args) {
         ..Default::default()
     };
     let mut sim = Sim::new(a.seed, config, 10_000_000);
-    // Nodes join 100 a second, through three seeds, as a swarm grows.
+    // Nodes join 100 a second, through three seeds, as a swarm grows,
+    // each already attached to its networks (as a daemon that restarts
+    // with tasks is).
     let t0 = sim.now();
+    let count = (n * 3 / a.network).max(1);
+    let mut members: BTreeMap<String, BTreeSet<NodeId>> = BTreeMap::new();
     for i in 1..=n {
+        let nets = networks_of(i, count);
+        for net in &nets {
+            members.entry(net.clone()).or_default().insert(NodeId(i));
+        }
         sim.start(NodeId(i), &[NodeId(1), NodeId(2), NodeId(3)]);
+        sim.with_node(NodeId(i), |g, now| {
+            for net in &nets {
+                g.join_network(now, net);
+            }
+        });
         if i % 100 == 0 {
             sim.run_for(1_000);
         }
@@ -200,21 +213,7 @@ fn run(n: u64, a: &Args) {
             }
         }
     }
-    // Networks and endpoints: 30 tasks a node.
-    let count = (n * 3 / a.network).max(1);
-    let mut members: BTreeMap<String, BTreeSet<NodeId>> = BTreeMap::new();
-    for i in 1..=n {
-        let nets = networks_of(i, count);
-        for net in &nets {
-            members.entry(net.clone()).or_default().insert(NodeId(i));
-        }
-        sim.with_node(NodeId(i), |g, now| {
-            for net in &nets {
-                g.join_network(now, net);
-            }
-        });
-    }
-    sim.run_for(3_000);
+    // Endpoints: 30 tasks a node.
     for i in 1..=n {
         let nets = networks_of(i, count);
         sim.with_node(NodeId(i), |g, now| {

@@ -326,11 +326,12 @@ pub struct Gossip {
     timer_events: HashMap<u64, Timer<Peer>>,
     timer_seq: u64,
     members: BTreeMap<NodeId, Tracked>,
-    /// Bumped when a member is first tracked or forgotten.
+    /// Bumped when a member is first tracked or forgotten, or goes up or
+    /// down.
     members_changes: u64,
     /// Nodes of the directory announced to lately ([`Gossip::directory`]).
     directory_tried: BTreeMap<NodeId, u64>,
-    /// Which tracked members are on each network, as of (global changes,
+    /// Which live members are on each network, as of (global changes,
     /// member changes): rebuilt only when either moved, so that listing a
     /// network's members costs its size, not the swarm's.
     attached: std::cell::RefCell<Attached>,
@@ -346,7 +347,8 @@ pub struct Gossip {
     trust: Arc<Mutex<SwimTrust>>,
 }
 
-/// The cache behind [`Gossip::members_in`].
+/// The cache behind [`Gossip::members_in`]: the live members on each
+/// network (all of them under [`GLOBAL`]).
 #[derive(Default)]
 struct Attached {
     at: Option<(u64, u64)>,
@@ -507,7 +509,8 @@ impl Gossip {
             .members
             .get(&p.id)
             .is_none_or(|t| t.dead_since_ms.is_some());
-        if !self.members.contains_key(&p.id) {
+        if was_dead {
+            // New, or back: the live members changed.
             self.members_changes += 1;
         }
         self.members.insert(
@@ -547,6 +550,7 @@ impl Gossip {
             && t.dead_since_ms.is_none()
         {
             t.dead_since_ms = Some(now);
+            self.members_changes += 1;
             let hidden = self.tables.set_live(p.id, false);
             self.emit(hidden);
             let state = self.state_of(p.id);
@@ -684,25 +688,23 @@ impl Gossip {
     /// Live members (not this node) that are attached to `network` (all
     /// live members for the global scope).
     fn members_in(&self, network: &str) -> Vec<NodeId> {
-        let live = |id: &NodeId| {
-            self.members
-                .get(id)
-                .is_some_and(|t| t.dead_since_ms.is_none())
-        };
-        if network == GLOBAL {
-            return self.members.keys().copied().filter(live).collect();
-        }
         let now_at = (self.tables.global_changes(), self.members_changes);
         let mut cache = self.attached.borrow_mut();
         if cache.at != Some(now_at) {
             let mut by_network: BTreeMap<String, Vec<NodeId>> = BTreeMap::new();
-            for id in self.members.keys() {
-                let key = networks_key(*id);
+            let live = self
+                .members
+                .values()
+                .filter(|t| t.dead_since_ms.is_none())
+                .map(|t| t.peer.id);
+            for id in live {
+                by_network.entry(GLOBAL.to_owned()).or_default().push(id);
+                let key = networks_key(id);
                 if let Some(TableValue::Networks(list)) =
                     self.tables.get(&key).and_then(|e| e.value.as_ref())
                 {
-                    for n in list {
-                        by_network.entry(n.clone()).or_default().push(*id);
+                    for n in list.iter().filter(|n| n.as_str() != GLOBAL) {
+                        by_network.entry(n.clone()).or_default().push(id);
                     }
                 }
             }
@@ -713,11 +715,7 @@ impl Gossip {
                 by_network,
             };
         }
-        cache
-            .by_network
-            .get(network)
-            .map(|ids| ids.iter().copied().filter(live).collect())
-            .unwrap_or_default()
+        cache.by_network.get(network).cloned().unwrap_or_default()
     }
 
     fn node_in(&self, node: NodeId, network: &str) -> bool {
@@ -815,13 +813,14 @@ impl Gossip {
         self.members_in(network).len()
     }
 
-    /// Whether writes in `network` spread as an epidemic (more than
-    /// [`DIRECT_PUSH_MAX`] other members) rather than straight from their
-    /// owners. The global scope never does: its entries (which networks
-    /// each node is on) change rarely and carry the certificates SWIM's
-    /// claims wait for, so they go straight to every member.
+    /// Whether writes in `network` (the global scope too) spread along
+    /// broadcast trees (more than [`DIRECT_PUSH_MAX`] other members) rather
+    /// than straight from their owners. The global scope's entries (which
+    /// networks each node is on) change rarely, but when every node of a
+    /// large swarm attaches to a network at once, n owners each sending to
+    /// n − 1 members would cost n² messages.
     fn spreads(&self, network: &str) -> bool {
-        network != GLOBAL && self.members_in_count(network) > DIRECT_PUSH_MAX
+        self.members_in_count(network) > DIRECT_PUSH_MAX
     }
 
     /// The certificates of `owners`, as far as this node has them.

@@ -354,3 +354,101 @@ fn a_corrupt_state_dir_is_refused_naming_the_file() {
     assert!(matches!(code, Some(c) if c != 0));
     assert!(c.log(0).contains("node.json"), "{}", c.log(0));
 }
+
+/// Issue 16's bad input: a worker killed and restarted every couple of
+/// seconds. Writes keep committing promptly, the managers' tasks stay
+/// where they are (a flap is shorter than the 5 s grace), and `node ls`
+/// shows the worker going down, counting its downs, and ready once it
+/// stops flapping.
+#[test]
+fn a_flapping_worker_slows_nothing_and_node_ls_shows_it() {
+    let mut c = Cluster::start(4).unwrap();
+    c.form_roles(&[true, true, true, false]).unwrap();
+    let all = [0, 1, 2, 3];
+    c.wait_until("four nodes", CONVERGE, |c| all_agree(c, 3, &all))
+        .unwrap();
+    c.shoal_ok(
+        0,
+        &[
+            "service",
+            "create",
+            "--name",
+            "steady",
+            "--detach",
+            "--replicas",
+            "3",
+            "--constraint",
+            "node.role==manager",
+            "--",
+            "sleep",
+            "600",
+        ],
+    )
+    .unwrap();
+    c.wait_until("the managers' tasks", CONVERGE, |c| {
+        Ok(c.running_tasks(0, "steady")?.len() == 3)
+    })
+    .unwrap();
+    let ids = |c: &Cluster| -> Vec<String> {
+        let mut v: Vec<String> = c
+            .running_tasks(0, "steady")
+            .unwrap()
+            .iter()
+            .map(|t| t["id"].as_str().unwrap().to_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = ids(&c);
+    let mut slowest = Duration::ZERO;
+    let mut seen_down = false;
+    for round in 0..5 {
+        c.kill(3);
+        // Down long enough for SWIM to notice, shorter than the grace.
+        let down_until = Instant::now() + Duration::from_millis(3_500);
+        while Instant::now() < down_until {
+            let nodes = c.node_ls(0).unwrap();
+            seen_down |= nodes
+                .iter()
+                .any(|n| n["hostname"] == "node4" && n["status"] == "down");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        c.start_daemon(3).unwrap();
+        let started = Instant::now();
+        c.shoal_ok(
+            0,
+            &[
+                "node",
+                "update",
+                "--label-add",
+                &format!("round={round}"),
+                "node1",
+            ],
+        )
+        .unwrap();
+        slowest = slowest.max(started.elapsed());
+        std::thread::sleep(Duration::from_millis(1_500));
+    }
+    assert!(seen_down, "node ls never showed the flapping worker down");
+    assert!(
+        slowest < Duration::from_secs(3),
+        "a write took {slowest:?} while a worker flapped"
+    );
+    c.wait_until("the worker to be ready again", CONVERGE, |c| {
+        all_agree(c, 3, &all)
+    })
+    .unwrap();
+    assert_eq!(ids(&c), before, "the managers' tasks did not move");
+    let node4 = c
+        .node_ls(0)
+        .unwrap()
+        .into_iter()
+        .find(|n| n["hostname"] == "node4")
+        .unwrap();
+    assert!(
+        node4["downs"].as_u64().unwrap() >= 3,
+        "downs counted: {node4}"
+    );
+    let table = c.shoal_ok(0, &["node", "ls"]).unwrap().stdout;
+    assert!(table.contains("ready (down "), "{table}");
+}

@@ -196,6 +196,10 @@ pub struct NodeView {
     pub labels: BTreeMap<String, String>,
     /// Gossip's liveness view (`alive`, `suspect`, `dead`, `left`; null if unknown).
     pub gossip: Option<shoal_gossip::MemberState>,
+    /// How often the answering node saw it go down since that node's
+    /// daemon started (a node that keeps restarting counts up).
+    #[serde(default)]
+    pub downs: u32,
     /// Whether this is the answering node.
     #[serde(rename = "self")]
     pub is_self: bool,

@@ -145,7 +145,11 @@ async fn ls(client: &Client, format: Format, quiet: bool) -> anyhow::Result<()> 
             vec![
                 format!("{}{}", n.id, if n.is_self { " *" } else { "" }),
                 n.hostname.clone(),
-                text(&n.status),
+                // A node seen going down again and again says so.
+                match n.downs {
+                    0 => text(&n.status),
+                    d => format!("{} (down {d}×)", text(&n.status)),
+                },
                 text(&n.availability),
                 n.manager_status.clone().unwrap_or_default(),
                 text(&n.gossip),

@@ -65,6 +65,7 @@ fn view(m: &Member, n: &Node, gossip: Option<MemberState>) -> NodeView {
         addr: n.addr.clone(),
         labels: n.labels.clone(),
         gossip,
+        downs: m.live.downs(n.id),
         is_self: n.id == m.id,
         joined_at_ms: n.joined_at_ms,
     }
@@ -342,6 +343,7 @@ async fn info(d: &Daemon) -> anyhow::Result<Reply> {
         "dataplane": m.sandboxes.status(),
         "dataplane_error": m.sandboxes.error(),
         "dataplane_warnings": warnings,
+        "stalled_peers": m.quic.stalled.view(),
         "containerd": containerd,
         "raft": {
             "term": metrics.current_term,

@@ -52,6 +52,8 @@ pub struct Liveness {
     members: Mutex<HashMap<NodeId, MemberState>>,
     /// When a node gossip has not heard of was first asked about.
     unheard_since: Mutex<HashMap<NodeId, Instant>>,
+    /// How often gossip had each node go down since this daemon started.
+    downs: Mutex<HashMap<NodeId, u32>>,
 }
 
 impl Liveness {
@@ -63,15 +65,35 @@ impl Liveness {
             last_ok: Mutex::new(HashMap::new()),
             members: Mutex::new(HashMap::new()),
             unheard_since: Mutex::new(HashMap::new()),
+            downs: Mutex::new(HashMap::new()),
         }
     }
 
     /// Records gossip's state of member `node`.
     pub fn member(&self, node: NodeId, state: MemberState) {
-        self.members
+        let was = self
+            .members
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(node, state);
+        let up =
+            |s: Option<MemberState>| matches!(s, Some(MemberState::Alive | MemberState::Suspect));
+        if up(was) && state == MemberState::Dead {
+            let mut downs = self.downs.lock().unwrap_or_else(|p| p.into_inner());
+            let n = downs.entry(node).or_default();
+            *n = n.saturating_add(1);
+        }
+    }
+
+    /// How often gossip had `node` go down (alive, then dead) since this
+    /// daemon started: a node that flaps counts up.
+    pub fn downs(&self, node: NodeId) -> u32 {
+        self.downs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Records an answer from `node` at `now`.
@@ -149,10 +171,20 @@ mod tests {
         assert_eq!(decide(false, None, young), NodeStatus::Unknown);
         assert_eq!(decide(false, None, old), NodeStatus::Down);
         let l = Liveness::new(NodeId(1));
+        // Dead from the start (never seen up): not a down.
+        l.member(NodeId(4), Dead);
+        assert_eq!(l.downs(NodeId(4)), 0);
         l.member(NodeId(4), Alive);
         assert_eq!(l.status(NodeId(4), l.started), NodeStatus::Ready);
         l.member(NodeId(4), Dead);
         assert_eq!(l.status(NodeId(4), l.started), NodeStatus::Down);
+        // Up, then dead: one down; again: two.
+        assert_eq!(l.downs(NodeId(4)), 1);
+        l.member(NodeId(4), Alive);
+        l.member(NodeId(4), Suspect);
+        l.member(NodeId(4), Dead);
+        l.member(NodeId(4), Left);
+        assert_eq!(l.downs(NodeId(4)), 2);
     }
 
     #[test]

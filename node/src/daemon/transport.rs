@@ -109,6 +109,42 @@ const REVOKED_DRAIN: Duration = Duration::from_secs(2);
 /// How long a joiner has to take the reply and close.
 const JOIN_LINGER: Duration = Duration::from_secs(2);
 
+/// How long a peer has to take a reply (a feed's may be megabytes): one
+/// that stops reading has the stream reset then, so it holds no task and
+/// no buffer of this node's longer than that.
+const REPLY_DEADLINE: Duration = if cfg!(test) {
+    Duration::from_secs(1)
+} else {
+    Duration::from_secs(30)
+};
+
+/// Replies abandoned because their peer did not take them in time.
+#[derive(Default)]
+pub struct Stalled {
+    count: std::sync::atomic::AtomicU64,
+    /// The last peer that did not read, and when (ms since the epoch).
+    last: Mutex<Option<(Option<NodeId>, u64)>>,
+}
+
+impl Stalled {
+    fn note(&self, peer: Option<NodeId>) {
+        self.count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some((peer, super::clock::now_ms()));
+    }
+
+    /// For `shoal info`: how many replies were abandoned, the last peer
+    /// that did not read, and when.
+    pub fn view(&self) -> serde_json::Value {
+        let last = *self.last.lock().unwrap_or_else(|p| p.into_inner());
+        serde_json::json!({
+            "replies_abandoned": self.count.load(std::sync::atomic::Ordering::Relaxed),
+            "last_peer": last.and_then(|(p, _)| p).map(|p| p.to_string()),
+            "last_at_ms": last.map(|(_, at)| at),
+        })
+    }
+}
+
 /// How long a connection may carry nothing before it is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -355,6 +391,8 @@ pub struct Quic {
     cert: Mutex<Vec<u8>>,
     anon: Arc<Mutex<AnonSlots>>,
     trust: Trust,
+    /// Replies peers did not read in time.
+    pub stalled: Arc<Stalled>,
 }
 
 impl Quic {
@@ -399,6 +437,7 @@ impl Quic {
             cert: Mutex::new(identity.cert_der.clone()),
             anon: Arc::new(Mutex::new(AnonSlots::new(ANON_TOTAL, ANON_PER_SOURCE))),
             trust,
+            stalled: Arc::default(),
         }))
     }
 
@@ -441,14 +480,16 @@ impl Quic {
         let endpoint = self.endpoint.clone();
         let anon = self.anon.clone();
         let trust = self.trust.clone();
+        let stalled = self.stalled.clone();
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let handler = handler.clone();
                 let anon = anon.clone();
                 let trust = trust.clone();
+                let stalled = stalled.clone();
                 let remote = incoming.remote_address();
                 tokio::spawn(async move {
-                    match serve_connection(incoming, handler, anon, trust).await {
+                    match serve_connection(incoming, handler, anon, trust, stalled).await {
                         Err(e @ quinn::ConnectionError::TransportError(_))
                         | Err(e @ quinn::ConnectionError::ConnectionClosed(_)) => {
                             log_refusal_once(remote, &e)
@@ -684,6 +725,7 @@ async fn serve_connection<H: Handler>(
     handler: Arc<H>,
     anon: Arc<Mutex<AnonSlots>>,
     trust: Trust,
+    stalled: Arc<Stalled>,
 ) -> Result<(), quinn::ConnectionError> {
     let conn = incoming.await?;
     let alpn = conn
@@ -738,6 +780,7 @@ async fn serve_connection<H: Handler>(
         };
         let handler = handler.clone();
         let alpn = alpn.clone();
+        let stalled = stalled.clone();
         inflight.spawn(async move {
             let Ok(request) = recv.read_to_end(MAX_MESSAGE).await else {
                 return;
@@ -750,9 +793,24 @@ async fn serve_connection<H: Handler>(
                     request,
                 })
                 .await;
-            if send.write_all(&reply).await.is_ok() && send.finish().is_ok() {
-                // Until the peer has it all (or a bound).
-                let _ = tokio::time::timeout(REVOKED_DRAIN, send.stopped()).await;
+            match tokio::time::timeout(REPLY_DEADLINE, send.write_all(&reply)).await {
+                Ok(Ok(())) => {
+                    if send.finish().is_ok() {
+                        // Until the peer has it all (or a bound).
+                        let _ = tokio::time::timeout(REVOKED_DRAIN, send.stopped()).await;
+                    }
+                }
+                Ok(Err(_)) => {}
+                Err(_) => {
+                    let _ = send.reset(0u32.into());
+                    stalled.note(peer);
+                    tracing::warn!(
+                        peer = ?peer.map(|p| p.to_string()),
+                        %remote,
+                        bytes = reply.len(),
+                        "a peer did not take its reply in time: abandoned"
+                    );
+                }
             }
         });
     }
@@ -936,6 +994,16 @@ mod tests {
         "127.0.0.1:0".parse().unwrap()
     }
 
+    /// Node `id` of the swarm of `ca`, on a loopback port.
+    fn node_quic(ca: &(Vec<u8>, Vec<u8>), id: u64) -> Arc<Quic> {
+        Quic::bind(
+            &test_identity(ca, NodeId(id)),
+            loopback(),
+            Trust::only(&ca.0),
+        )
+        .unwrap()
+    }
+
     #[test]
     fn a_restarted_peer_is_called_again_at_once_on_a_fresh_connection() {
         let runtime = || {
@@ -990,26 +1058,57 @@ mod tests {
         );
     }
 
+    /// Answers every call with 16 MiB (more than the windows a peer
+    /// offers: the writer has to wait for it to read).
+    struct Big;
+
+    impl Handler for Big {
+        fn gossip(&self, _call: Incoming) {}
+
+        async fn handle(&self, _call: Incoming) -> Vec<u8> {
+            vec![7; 16 << 20]
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_has_its_reply_abandoned_and_others_are_served() {
+        let ca = pki::new_ca().unwrap();
+        let server = node_quic(&ca, 1);
+        server.serve(Arc::new(Big));
+        let addr = server.endpoint.local_addr().unwrap();
+        let client = node_quic(&ca, 2);
+        // Node 2 asks, then never reads the reply.
+        let conn = client.connection(addr, NodeId(1), ALPN_CTL).await.unwrap();
+        let (mut send, recv) = conn.open_bi().await.unwrap();
+        send.write_all(b"give").await.unwrap();
+        send.finish().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while server.stalled.view()["replies_abandoned"] == 0 {
+            assert!(std::time::Instant::now() < deadline, "never abandoned");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let seen = server.stalled.view();
+        assert_eq!(seen["last_peer"], NodeId(2).to_string());
+        drop(recv);
+        // Another peer is served in full meanwhile.
+        let other = node_quic(&ca, 3);
+        let reply = other
+            .call(addr, NodeId(1), ALPN_CTL, b"give", Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert_eq!(reply.len(), 16 << 20);
+    }
+
     #[tokio::test]
     async fn cluster_peers_talk_and_strangers_are_served_nothing() {
         let ca = pki::new_ca().unwrap();
-        let server = Quic::bind(
-            &test_identity(&ca, NodeId(1)),
-            loopback(),
-            Trust::only(&ca.0),
-        )
-        .unwrap();
+        let server = node_quic(&ca, 1);
         let addr = server.endpoint.local_addr().unwrap();
         server.serve(Arc::new(Echo::default()));
         let t = Duration::from_secs(3);
 
         // A node of the same cluster is served, and identified by its certificate.
-        let peer = Quic::bind(
-            &test_identity(&ca, NodeId(2)),
-            loopback(),
-            Trust::only(&ca.0),
-        )
-        .unwrap();
+        let peer = node_quic(&ca, 2);
         let reply = peer
             .call(addr, NodeId(1), ALPN_CTL, b"hi", t)
             .await
@@ -1070,22 +1169,12 @@ mod tests {
     #[tokio::test]
     async fn gossip_arrives_from_members_only() {
         let ca = pki::new_ca().unwrap();
-        let server = Quic::bind(
-            &test_identity(&ca, NodeId(1)),
-            loopback(),
-            Trust::only(&ca.0),
-        )
-        .unwrap();
+        let server = node_quic(&ca, 1);
         let addr = server.endpoint.local_addr().unwrap();
         let echo = Arc::new(Echo::default());
         server.serve(echo.clone());
         let t = Duration::from_secs(3);
-        let member = Quic::bind(
-            &test_identity(&ca, NodeId(2)),
-            loopback(),
-            Trust::only(&ca.0),
-        )
-        .unwrap();
+        let member = node_quic(&ca, 2);
         member
             .gossip(addr, NodeId(1), b"probe", true, t)
             .await
@@ -1161,12 +1250,7 @@ mod tests {
     #[tokio::test]
     async fn the_server_refuses_clients_without_a_cluster_certificate() {
         let ca = pki::new_ca().unwrap();
-        let server = Quic::bind(
-            &test_identity(&ca, NodeId(1)),
-            loopback(),
-            Trust::only(&ca.0),
-        )
-        .unwrap();
+        let server = node_quic(&ca, 1);
         let addr = server.endpoint.local_addr().unwrap();
         server.serve(Arc::new(Echo::default()));
         let member = test_identity(&ca, NodeId(2));
