@@ -344,6 +344,7 @@ async fn info(d: &Daemon) -> anyhow::Result<Reply> {
         "dataplane_error": m.sandboxes.error(),
         "dataplane_warnings": warnings,
         "stalled_peers": m.quic.stalled.view(),
+        "clock": m.live.clock_view(),
         "containerd": containerd,
         "raft": {
             "term": metrics.current_term,
@@ -353,6 +354,9 @@ async fn info(d: &Daemon) -> anyhow::Result<Reply> {
         },
     }));
     reply.warnings = warnings;
+    if let Some(w) = m.live.clock_view()["warning"].as_str() {
+        reply.warnings.push(w.to_owned());
+    }
     Ok(reply)
 }
 

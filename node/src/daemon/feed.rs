@@ -95,6 +95,16 @@ pub struct FeedCtx {
     pub join_via: Option<(NodeId, SocketAddr)>,
 }
 
+/// A manager's feed reply with its clock when it sent it (ms since the
+/// epoch), so that a worker sees how far its own clock is.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct Stamped {
+    /// The manager's clock.
+    pub now_ms: u64,
+    /// The reply.
+    pub reply: FeedReply,
+}
+
 /// Runs until the task is aborted.
 pub async fn run(ctx: FeedCtx) {
     let mut after = first_after(&ctx).await;
@@ -207,7 +217,12 @@ async fn ask(
         () = down(ctx, source) => return Err(format!("manager {source} is down")),
     };
     match codec::decode::<CtlReply>(&reply, MAX_MESSAGE).map_err(|e| e.to_string())? {
-        CtlReply::Feed(bytes) => codec::decode(&bytes, MAX_MESSAGE).map_err(|e| e.to_string()),
+        CtlReply::Feed(bytes) => {
+            let s: Stamped = codec::decode(&bytes, MAX_MESSAGE).map_err(|e| e.to_string())?;
+            ctx.live
+                .clock_sample(source, s.now_ms, super::clock::now_ms());
+            Ok(s.reply)
+        }
         CtlReply::Refused(why) => Err(why),
         other => Err(format!("unexpected reply {other:?}")),
     }

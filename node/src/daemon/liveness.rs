@@ -54,7 +54,16 @@ pub struct Liveness {
     unheard_since: Mutex<HashMap<NodeId, Instant>>,
     /// How often gossip had each node go down since this daemon started.
     downs: Mutex<HashMap<NodeId, u32>>,
+    /// This node's clock against the manager that fed it last: (manager,
+    /// this clock minus its, ms).
+    clock: Mutex<Option<(NodeId, i64)>>,
 }
+
+/// A clock this far from the managers' is warned about: orchestration
+/// does not use it (the leader stamps task reports), but gossip refuses
+/// entries more than 5 min ahead, and certificates may look not yet valid
+/// or expired.
+pub const CLOCK_WARN_MS: i64 = 1_000;
 
 impl Liveness {
     /// Starts tracking, from now.
@@ -66,6 +75,7 @@ impl Liveness {
             members: Mutex::new(HashMap::new()),
             unheard_since: Mutex::new(HashMap::new()),
             downs: Mutex::new(HashMap::new()),
+            clock: Mutex::new(None),
         }
     }
 
@@ -83,6 +93,36 @@ impl Liveness {
             let n = downs.entry(node).or_default();
             *n = n.saturating_add(1);
         }
+    }
+
+    /// A manager's clock read `theirs` (ms since the epoch) when it sent
+    /// what arrived here at `mine`.
+    pub fn clock_sample(&self, manager: NodeId, theirs: u64, mine: u64) {
+        let offset = i64::try_from(mine)
+            .unwrap_or(i64::MAX)
+            .saturating_sub(i64::try_from(theirs).unwrap_or(i64::MAX));
+        *self.clock.lock().unwrap_or_else(|p| p.into_inner()) = Some((manager, offset));
+    }
+
+    /// For `shoal info`: this node's clock against the manager that fed it
+    /// last, with a warning past [`CLOCK_WARN_MS`]; null on a node no
+    /// manager feeds (the managers themselves).
+    pub fn clock_view(&self) -> serde_json::Value {
+        let Some((manager, offset)) = *self.clock.lock().unwrap_or_else(|p| p.into_inner()) else {
+            return serde_json::Value::Null;
+        };
+        let warning = (offset.abs() > CLOCK_WARN_MS).then(|| {
+            format!(
+                "this node's clock is {} s {} manager {manager}'s: fix its time (NTP); gossip refuses entries more than 300 s ahead",
+                offset.abs() as f64 / 1000.0,
+                if offset > 0 { "ahead of" } else { "behind" }
+            )
+        });
+        serde_json::json!({
+            "manager": manager.to_string(),
+            "offset_ms": offset,
+            "warning": warning,
+        })
     }
 
     /// How often gossip had `node` go down (alive, then dead) since this
@@ -185,6 +225,32 @@ mod tests {
         l.member(NodeId(4), Dead);
         l.member(NodeId(4), Left);
         assert_eq!(l.downs(NodeId(4)), 2);
+    }
+
+    #[test]
+    fn a_clock_ahead_of_the_managers_is_warned_about() {
+        let l = Liveness::new(NodeId(1));
+        assert!(l.clock_view().is_null());
+        l.clock_sample(NodeId(2), 1_000_000, 1_000_020);
+        assert_eq!(l.clock_view()["offset_ms"], 20);
+        assert!(l.clock_view()["warning"].is_null());
+        l.clock_sample(NodeId(2), 1_000_000, 1_090_000);
+        let v = l.clock_view();
+        assert_eq!(v["offset_ms"], 90_000);
+        assert!(
+            v["warning"]
+                .as_str()
+                .unwrap()
+                .contains("90 s ahead of manager"),
+            "{v}"
+        );
+        l.clock_sample(NodeId(2), 1_090_000, 1_000_000);
+        assert!(
+            l.clock_view()["warning"]
+                .as_str()
+                .unwrap()
+                .contains("behind")
+        );
     }
 
     #[test]

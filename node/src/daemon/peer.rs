@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use shoal_mesh::apply::ApplyError;
+use shoal_mesh::task::TaskReport;
 use shoal_mesh::{Availability, ClusterState, Command, Node, NodeId, Role, codec};
 use shoal_raft::{LogStore, Raft, RaftRpc, StateHandle, serve_rpc};
 
@@ -202,6 +203,7 @@ async fn ctl_call(m: &PeerHandler, call: Incoming) -> CtlReply {
         }
         // The reporter is who the certificate says, whatever it claims.
         CtlRequest::ReportTask(report) => {
+            let report = leader_stamped(report, super::clock::now_ms());
             write(m, Command::ReportTask { node: peer, report }).await
         }
         CtlRequest::Leave => write(m, Command::RemoveNode(peer)).await,
@@ -248,7 +250,11 @@ async fn ctl_call(m: &PeerHandler, call: Incoming) -> CtlReply {
                 Err(e) => CtlReply::Refused(format!("no output for task {task} on this node: {e}")),
             }
         }
-        CtlRequest::Feed(bytes) => CtlReply::Feed(encode(&feed(m, &bytes).await)),
+        CtlRequest::Feed(bytes) => {
+            let reply = feed(m, &bytes).await;
+            let now_ms = super::clock::now_ms();
+            CtlReply::Feed(encode(&super::feed::Stamped { now_ms, reply }))
+        }
         CtlRequest::ManagerKey => {
             let manager = m.state.read(|d| is_manager(&d.state, call.peer));
             match (manager, m.keys.get()) {
@@ -263,6 +269,15 @@ async fn ctl_call(m: &PeerHandler, call: Incoming) -> CtlReply {
             }
         }
     }
+}
+
+/// A peer's task report as the store keeps it: stamped with this node's
+/// clock (the leader's, which writes it), not the reporter's, so that a
+/// node whose clock runs ahead or behind does not stretch or skip the
+/// restart delays and timeouts the orchestrator counts from it. Pure.
+fn leader_stamped(mut report: TaskReport, now_ms: u64) -> TaskReport {
+    report.now_ms = now_ms;
+    report
 }
 
 /// Serves the store's feed from this node, if it is a voter (a manager
@@ -459,6 +474,25 @@ async fn admit(m: &PeerHandler, call: Incoming) -> Result<JoinAccepted, String> 
 mod tests {
     use super::*;
     use shoal_mesh::fixtures::{cluster_info, node};
+
+    #[test]
+    fn a_task_report_carries_the_leaders_clock_not_the_reporters() {
+        use shoal_mesh::task::TaskState;
+        // A worker an hour ahead.
+        let r = TaskReport::new(
+            "t".into(),
+            TaskState::Failed,
+            "x".into(),
+            Some(1),
+            5_000_000,
+        );
+        let stamped = leader_stamped(r, 1_400_000);
+        assert_eq!(stamped.now_ms, 1_400_000);
+        assert_eq!(
+            (stamped.state, stamped.exit_code),
+            (TaskState::Failed, Some(1))
+        );
+    }
 
     #[test]
     fn only_nodes_of_the_store_are_heard_and_only_managers_get_the_key() {
