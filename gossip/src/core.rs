@@ -326,15 +326,9 @@ pub struct Gossip {
     timer_events: HashMap<u64, Timer<Peer>>,
     timer_seq: u64,
     members: BTreeMap<NodeId, Tracked>,
-    /// Bumped when a member is first tracked or forgotten, or goes up or
-    /// down.
-    members_changes: u64,
+
     /// Nodes of the directory announced to lately ([`Gossip::directory`]).
     directory_tried: BTreeMap<NodeId, u64>,
-    /// Which live members are on each network, as of (global changes,
-    /// member changes): rebuilt only when either moved, so that listing a
-    /// network's members costs its size, not the swarm's.
-    attached: std::cell::RefCell<Attached>,
     allowed: Option<BTreeSet<NodeId>>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
@@ -345,14 +339,6 @@ pub struct Gossip {
     /// Keys, owners' certificates and members' signed claims, shared with
     /// the SWIM codec.
     trust: Arc<Mutex<SwimTrust>>,
-}
-
-/// The cache behind [`Gossip::members_in`]: the live members on each
-/// network (all of them under [`GLOBAL`]).
-#[derive(Default)]
-struct Attached {
-    at: Option<(u64, u64)>,
-    by_network: BTreeMap<String, Vec<NodeId>>,
 }
 
 fn encode(m: &Message) -> Vec<u8> {
@@ -388,9 +374,7 @@ impl Gossip {
             timer_events: HashMap::new(),
             timer_seq: 0,
             members: BTreeMap::new(),
-            members_changes: 0,
             directory_tried: BTreeMap::new(),
-            attached: Default::default(),
             allowed: None,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -509,10 +493,6 @@ impl Gossip {
             .members
             .get(&p.id)
             .is_none_or(|t| t.dead_since_ms.is_some());
-        if was_dead {
-            // New, or back: the live members changed.
-            self.members_changes += 1;
-        }
         self.members.insert(
             p.id,
             Tracked {
@@ -550,7 +530,6 @@ impl Gossip {
             && t.dead_since_ms.is_none()
         {
             t.dead_since_ms = Some(now);
-            self.members_changes += 1;
             let hidden = self.tables.set_live(p.id, false);
             self.emit(hidden);
             let state = self.state_of(p.id);
@@ -678,7 +657,6 @@ impl Gossip {
                 .map(|t| t.peer.id)
                 .collect();
             for id in expired {
-                self.members_changes += 1;
                 self.members.remove(&id);
                 self.tables.purge_owner_before(id, u64::MAX);
             }
@@ -688,34 +666,19 @@ impl Gossip {
     /// Live members (not this node) that are attached to `network` (all
     /// live members for the global scope).
     fn members_in(&self, network: &str) -> Vec<NodeId> {
-        let now_at = (self.tables.global_changes(), self.members_changes);
-        let mut cache = self.attached.borrow_mut();
-        if cache.at != Some(now_at) {
-            let mut by_network: BTreeMap<String, Vec<NodeId>> = BTreeMap::new();
-            let live = self
-                .members
-                .values()
-                .filter(|t| t.dead_since_ms.is_none())
-                .map(|t| t.peer.id);
-            for id in live {
-                by_network.entry(GLOBAL.to_owned()).or_default().push(id);
-                let key = networks_key(id);
-                if let Some(TableValue::Networks(list)) =
-                    self.tables.get(&key).and_then(|e| e.value.as_ref())
-                {
-                    for n in list.iter().filter(|n| n.as_str() != GLOBAL) {
-                        by_network.entry(n.clone()).or_default().push(id);
-                    }
-                }
-            }
-            // A list naming a network twice counts once.
-            by_network.values_mut().for_each(Vec::dedup);
-            *cache = Attached {
-                at: Some(now_at),
-                by_network,
-            };
+        let live = |id: &NodeId| {
+            self.members
+                .get(id)
+                .is_some_and(|t| t.dead_since_ms.is_none())
+        };
+        if network == GLOBAL {
+            return self.members.keys().copied().filter(live).collect();
         }
-        cache.by_network.get(network).cloned().unwrap_or_default()
+        // The index of attachments: a network's size, not the swarm's.
+        self.tables
+            .attached(network)
+            .filter(|id| *id != self.me.id && live(id))
+            .collect()
     }
 
     fn node_in(&self, node: NodeId, network: &str) -> bool {
@@ -813,14 +776,14 @@ impl Gossip {
         self.members_in(network).len()
     }
 
-    /// Whether writes in `network` (the global scope too) spread along
-    /// broadcast trees (more than [`DIRECT_PUSH_MAX`] other members) rather
-    /// than straight from their owners. The global scope's entries (which
-    /// networks each node is on) change rarely, but when every node of a
-    /// large swarm attaches to a network at once, n owners each sending to
-    /// n − 1 members would cost n² messages.
+    /// Whether writes in `network` spread along broadcast trees (more than
+    /// [`DIRECT_PUSH_MAX`] other members) rather than straight from their
+    /// owners. The global scope never does: its entries (which networks
+    /// each node is on) change rarely and carry the certificates SWIM's
+    /// claims wait for, so they go straight to every member, and one a
+    /// node learns by anti-entropy is not sent on.
     fn spreads(&self, network: &str) -> bool {
-        self.members_in_count(network) > DIRECT_PUSH_MAX
+        network != GLOBAL && self.members_in_count(network) > DIRECT_PUSH_MAX
     }
 
     /// The certificates of `owners`, as far as this node has them.

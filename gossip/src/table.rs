@@ -103,9 +103,10 @@ pub struct Tables {
     /// Digests computed since the entries last changed, per network: an
     /// idle node's anti-entropy does not walk its entries.
     digests: BTreeMap<String, Digest>,
-    /// Bumped on every change of the global scope's entries (which
-    /// networks each node is on), for caches derived from them.
-    global_changes: u64,
+    /// Which nodes each network's stored `networks` entries list (kept as
+    /// those entries change, so that a network's members are found without
+    /// a walk over the swarm's).
+    attached: BTreeMap<String, BTreeSet<NodeId>>,
 }
 
 fn visible_value<'a>(e: &'a Entry, live: &BTreeSet<NodeId>) -> Option<&'a TableValue> {
@@ -145,13 +146,40 @@ impl Tables {
             entries: BTreeMap::new(),
             live: BTreeSet::from([me]),
             digests: BTreeMap::new(),
-            global_changes: 0,
+            attached: BTreeMap::new(),
         }
     }
 
-    /// A number that changes whenever an entry of the global scope does.
-    pub fn global_changes(&self) -> u64 {
-        self.global_changes
+    /// The nodes whose stored `networks` entry lists `network`.
+    pub fn attached(&self, network: &str) -> impl Iterator<Item = NodeId> + '_ {
+        self.attached.get(network).into_iter().flatten().copied()
+    }
+
+    /// Keeps [`Self::attached`] as the entry under `key` goes from
+    /// `before` to `after` (a `networks` entry of the global scope; others
+    /// are ignored).
+    fn reindex(&mut self, key: &EntryKey, before: Option<&Entry>, after: Option<&Entry>) {
+        if key.network != GLOBAL || key.table != NETWORKS_TABLE {
+            return;
+        }
+        let Ok(node) = key.key.parse::<NodeId>() else {
+            return;
+        };
+        let lists = |e: Option<&Entry>| match e.and_then(|e| e.value.as_ref()) {
+            Some(TableValue::Networks(l)) => l.clone(),
+            _ => Vec::new(),
+        };
+        for n in lists(before) {
+            if let Some(set) = self.attached.get_mut(&n) {
+                set.remove(&node);
+                if set.is_empty() {
+                    self.attached.remove(&n);
+                }
+            }
+        }
+        for n in lists(after) {
+            self.attached.entry(n).or_default().insert(node);
+        }
     }
 
     /// Merges `incoming` for `key`; returns the visible change, if any.
@@ -176,10 +204,9 @@ impl Tables {
             .cloned();
         let after = visible_value(&incoming, &self.live).cloned();
         self.digests.remove(&key.network);
-        if key.network == GLOBAL {
-            self.global_changes += 1;
-        }
-        self.entries.insert(key.clone(), incoming);
+        let old = self.entries.insert(key.clone(), incoming);
+        let new = self.entries.get(&key).cloned();
+        self.reindex(&key, old.as_ref(), new.as_ref());
         change(&key, before.as_ref(), after.as_ref())
     }
 
@@ -279,12 +306,13 @@ impl Tables {
         let mut changes = Vec::new();
         if !keys.is_empty() {
             self.digests.clear();
-            self.global_changes += 1;
         }
         for k in keys {
-            if let Some(e) = self.entries.remove(&k)
-                && visible_value(&e, &self.live).is_some()
-            {
+            let Some(e) = self.entries.remove(&k) else {
+                continue;
+            };
+            self.reindex(&k, Some(&e), None);
+            if visible_value(&e, &self.live).is_some() {
                 changes.push(Change::Removed(k));
             }
         }
@@ -299,13 +327,14 @@ impl Tables {
 
     /// Drops tombstones whose reap time has passed.
     pub fn reap(&mut self, now_ms: u64) {
-        let before = self.entries.len();
-        self.entries
-            .retain(|_, e| e.reap_at_ms.is_none_or(|t| t > now_ms));
-        if self.entries.len() != before {
-            self.digests.clear();
-            self.global_changes += 1;
-        }
+        let due: Vec<EntryKey> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.reap_at_ms.is_some_and(|t| t <= now_ms))
+            .map(|(k, _)| k.clone())
+            .collect();
+        // Tombstones hold no value: nothing visible goes.
+        let _ = self.remove_keys(due);
     }
 
     /// The per-owner digest of one network (computed once per change).
