@@ -41,6 +41,10 @@ struct Args {
     network: u64,
     crashes: u64,
     seed: u64,
+    /// SWIM's suspicion timeout (the core's default if not given).
+    suspect_ms: Option<u64>,
+    /// SWIM's indirect probes (the core's default if not given).
+    indirect: Option<u64>,
 }
 
 fn args() -> Args {
@@ -50,6 +54,8 @@ fn args() -> Args {
         network: 100,
         crashes: 10,
         seed: 1,
+        suspect_ms: None,
+        indirect: None,
     };
     let argv: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -71,6 +77,8 @@ fn args() -> Args {
             "--network" => a.network = num(),
             "--crashes" => a.crashes = num(),
             "--seed" => a.seed = num(),
+            "--suspect-ms" => a.suspect_ms = Some(num()),
+            "--indirect" => a.indirect = Some(num()),
             // cargo bench passes `--bench`.
             _ => {
                 i += 1;
@@ -150,10 +158,16 @@ fn directory(sim: &mut Sim) {
 
 fn run(n: u64, a: &Args) {
     let wall = Instant::now();
-    let config = GossipConfig {
+    let mut config = GossipConfig {
         cluster_size_hint: n as u32,
         ..Default::default()
     };
+    if let Some(ms) = a.suspect_ms {
+        config.suspect_to_down_ms = ms;
+    }
+    if let Some(k) = a.indirect {
+        config.indirect_probes = k as usize;
+    }
     let mut sim = Sim::new(a.seed, config, 10_000_000);
     // Nodes join 100 a second, through three seeds, as a swarm grows,
     // each already attached to its networks (as a daemon that restarts

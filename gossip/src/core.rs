@@ -137,7 +137,7 @@ impl Default for GossipConfig {
         GossipConfig {
             probe_period_ms: 400,
             probe_rtt_ms: 150,
-            indirect_probes: 3,
+            indirect_probes: 6,
             suspect_to_down_ms: 800,
             gossip_interval_ms: 150,
             gossip_fanout: 3,
