@@ -89,6 +89,10 @@ pub struct GossipHandle {
     pub dropped: Arc<std::sync::atomic::AtomicU64>,
     /// Woken when members or table entries change.
     pub changed: Arc<tokio::sync::Notify>,
+    /// Woken when a member's state changes (not for entries: what only
+    /// follows members, like the leader's orchestrator, is not woken by
+    /// every endpoint that moves).
+    pub members_changed: Arc<tokio::sync::Notify>,
 }
 
 impl GossipHandle {
@@ -103,6 +107,7 @@ impl GossipHandle {
             queued: Default::default(),
             dropped: Default::default(),
             changed: Arc::new(tokio::sync::Notify::new()),
+            members_changed: Arc::new(tokio::sync::Notify::new()),
         };
         (
             handle,
@@ -258,8 +263,8 @@ fn is_alone(g: &Gossip) -> bool {
 }
 
 /// Sends what gossip has to send; returns whether members or entries
-/// changed.
-fn flush(g: &mut Gossip, quic: &Arc<Quic>, live: &super::liveness::Liveness) -> bool {
+/// changed, and whether members did.
+fn flush(g: &mut Gossip, quic: &Arc<Quic>, live: &super::liveness::Liveness) -> (bool, bool) {
     while let Some(t) = g.poll_transmit() {
         let Ok(addr) = t.addr.parse::<SocketAddr>() else {
             continue;
@@ -274,18 +279,19 @@ fn flush(g: &mut Gossip, quic: &Arc<Quic>, live: &super::liveness::Liveness) -> 
             }
         });
     }
-    let mut changed = false;
+    let (mut changed, mut members) = (false, false);
     while let Some(e) = g.poll_event() {
         changed = true;
         match e {
             Event::Member { node, state } => {
+                members = true;
                 tracing::info!(%node, ?state, "gossip member");
                 live.member(node, state);
             }
             Event::Entry(change) => tracing::debug!(?change, "gossip entry"),
         }
     }
-    changed
+    (changed, members)
 }
 
 async fn run(
@@ -306,8 +312,12 @@ async fn run(
     let mut lonely = tokio::time::interval(Duration::from_secs(2));
     let mut directory = tokio::time::interval(DIRECTORY_EVERY);
     loop {
-        if flush(&mut g, &quic, &live) {
+        let (any, members) = flush(&mut g, &quic, &live);
+        if any {
             changed.notify_waiters();
+        }
+        if members {
+            inbox.members_changed.notify_waiters();
         }
         let wait = g.poll_timeout().saturating_sub(now_ms()).min(1_000);
         tokio::select! {

@@ -269,7 +269,7 @@ impl Member {
                 state: state.clone(),
                 quic: quic.clone(),
                 live: live.clone(),
-                members_changed: gossip.changed.clone(),
+                members_changed: gossip.members_changed.clone(),
                 join_via: identity.node.join_via,
             })),
             tokio::spawn(super::membership::run(MembershipCtx {

@@ -147,7 +147,7 @@ pub async fn run(ctx: OrchestratorCtx) {
     let mut wait = Duration::ZERO;
     loop {
         // Registered first, so that a change of members meanwhile wakes it.
-        let members = ctx.gossip.changed.notified();
+        let members = ctx.gossip.members_changed.notified();
         tokio::pin!(members);
         members.as_mut().enable();
         changes.borrow_and_update();
