@@ -205,8 +205,10 @@ impl Tables {
         let after = visible_value(&incoming, &self.live).cloned();
         self.digests.remove(&key.network);
         let old = self.entries.insert(key.clone(), incoming);
-        let new = self.entries.get(&key).cloned();
-        self.reindex(&key, old.as_ref(), new.as_ref());
+        if key.network == GLOBAL && key.table == NETWORKS_TABLE {
+            let new = self.entries.get(&key).cloned();
+            self.reindex(&key, old.as_ref(), new.as_ref());
+        }
         change(&key, before.as_ref(), after.as_ref())
     }
 
