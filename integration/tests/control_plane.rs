@@ -256,12 +256,17 @@ fn force_new_cluster_keeps_the_state_of_a_lone_survivor() {
     .unwrap();
     // The old managers come back as workers of the new swarm and can be promoted.
     c.start_daemon(1).unwrap();
-    c.wait_until("node2 to follow the new swarm", CONVERGE, |c| {
+    let followed = c.wait_until("node2 to follow the new swarm", CONVERGE, |c| {
         Ok(c.node_ls(1)?
             .iter()
             .any(|n| n["labels"]["after"] == "recovery"))
-    })
-    .unwrap();
+    });
+    if let Err(e) = followed {
+        // Flaky (1 run in 3–5, issue 16's last session): say what node2 did.
+        let log = c.log(1);
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        panic!("{e}\nnode2's log, last lines first:\n{}", tail.join("\n"));
+    }
     c.shoal_ok(0, &["node", "promote", "node2"]).unwrap();
     c.wait_until("two managers", CONVERGE, |c| {
         Ok(c.info(0)?["raft"]["voters"].as_array().map(Vec::len) == Some(2))
