@@ -4,8 +4,9 @@
 //! (`Event::Member` feeds [`Liveness::member`]). Managers also ping each
 //! other ([`crate::daemon::ping`]; a handful of nodes), so that a write's
 //! quorum and the leader's view of its voters do not wait for gossip; a
-//! recent answer to such a ping counts as alive too. Nobody pings the
-//! workers.
+//! recent answer to such a ping counts as alive too. Workers are pinged
+//! only by the leader, to confirm a death during its grace
+//! ([`crate::daemon::orchestrate`]); it records the answers here too.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
