@@ -225,26 +225,39 @@ fn force_new_cluster_keeps_the_state_of_a_lone_survivor() {
     c.form(3).unwrap();
     c.wait_until("four nodes", CONVERGE, |c| all_agree(c, 3, &[0, 1, 2, 3]))
         .unwrap();
-    c.shoal_ok(1, &["node", "update", "--label-add", "rack=r1", "node4"])
-        .unwrap();
-    // A commit needs a majority, not node1: wait until node1 holds the change,
-    // or recovering from node1 alone would rightly not have it.
-    c.wait_until("node1 to hold the label", CONVERGE, |c| {
-        Ok(c.node_ls(0)?.iter().any(|n| n["labels"]["rack"] == "r1"))
-    })
-    .unwrap();
-    c.kill(1);
-    c.kill(2);
-    let r = c
-        .shoal_ok(0, &["swarm", "init", "--force-new-cluster"])
-        .unwrap();
-    assert!(r.stdout.contains("only manager"), "{}", r.stdout);
+    // The survivor is a follower; the leader is one of the two lost managers,
+    // so that both ways an old manager comes back are seen: a voter asking
+    // for votes, and a leader of an old term (openraft restores a leader at
+    // start) sending entries nobody takes.
+    let leader = c.leader(0).unwrap().expect("a leader");
+    let survivor = (0..3).find(|i| *i != leader).unwrap();
+    let other = (0..3).find(|i| *i != leader && *i != survivor).unwrap();
     c.shoal_ok(
-        0,
-        &["node", "update", "--label-add", "after=recovery", "node1"],
+        survivor,
+        &["node", "update", "--label-add", "rack=r1", "node4"],
     )
     .unwrap();
-    let nodes = c.node_ls(0).unwrap();
+    // A commit needs a majority, not the survivor: wait until it holds the
+    // change, or recovering from it alone would rightly not have it.
+    c.wait_until("the survivor to hold the label", CONVERGE, |c| {
+        Ok(c.node_ls(survivor)?
+            .iter()
+            .any(|n| n["labels"]["rack"] == "r1"))
+    })
+    .unwrap();
+    c.kill(leader);
+    c.kill(other);
+    let r = c
+        .shoal_ok(survivor, &["swarm", "init", "--force-new-cluster"])
+        .unwrap();
+    assert!(r.stdout.contains("only manager"), "{}", r.stdout);
+    let name = c.hosts[survivor].name.clone();
+    c.shoal_ok(
+        survivor,
+        &["node", "update", "--label-add", "after=recovery", &name],
+    )
+    .unwrap();
+    let nodes = c.node_ls(survivor).unwrap();
     assert_eq!(nodes.len(), 4, "every node is kept");
     assert_eq!(count(&nodes, "role", "manager"), 1);
     assert!(nodes.iter().any(|n| n["labels"]["rack"] == "r1"));
@@ -255,21 +268,27 @@ fn force_new_cluster_keeps_the_state_of_a_lone_survivor() {
     })
     .unwrap();
     // The old managers come back as workers of the new swarm and can be promoted.
-    c.start_daemon(1).unwrap();
-    let followed = c.wait_until("node2 to follow the new swarm", CONVERGE, |c| {
-        Ok(c.node_ls(1)?
-            .iter()
-            .any(|n| n["labels"]["after"] == "recovery"))
-    });
-    if let Err(e) = followed {
-        // Flaky (1 run in 3–5, issue 16's last session): say what node2 did.
-        let log = c.log(1);
-        let tail: Vec<&str> = log.lines().rev().take(40).collect();
-        panic!("{e}\nnode2's log, last lines first:\n{}", tail.join("\n"));
+    for i in [leader, other] {
+        c.start_daemon(i).unwrap();
     }
-    c.shoal_ok(0, &["node", "promote", "node2"]).unwrap();
+    for i in [leader, other] {
+        let what = format!("{} to follow the new swarm", c.hosts[i].name);
+        let followed = c.wait_until(&what, CONVERGE, |c| {
+            Ok(c.node_ls(i)?
+                .iter()
+                .any(|n| n["labels"]["after"] == "recovery"))
+        });
+        if let Err(e) = followed {
+            let log = c.log(i);
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            panic!("{e}\nits log, last lines first:\n{}", tail.join("\n"));
+        }
+    }
+    let old_leader = c.hosts[leader].name.clone();
+    c.shoal_ok(survivor, &["node", "promote", &old_leader])
+        .unwrap();
     c.wait_until("two managers", CONVERGE, |c| {
-        Ok(c.info(0)?["raft"]["voters"].as_array().map(Vec::len) == Some(2))
+        Ok(c.info(survivor)?["raft"]["voters"].as_array().map(Vec::len) == Some(2))
     })
     .unwrap();
 }

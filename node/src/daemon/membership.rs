@@ -27,17 +27,21 @@ pub const RECONCILE_INTERVAL: Duration = Duration::from_millis(200);
 /// learner after its last request.
 pub const STALE_VOTER_HOLD: Duration = Duration::from_secs(10);
 
-/// Nodes of the store that ask for votes although they are not voters: a
-/// former manager back from a `--force-new-cluster`, whose own copy of
-/// Raft's membership still makes it a voter. Such a node runs elections
-/// nobody answers and takes no feed (its term is past the leader's); the
-/// leader makes it a learner for a while, as it made every node before the
-/// feed, so that Raft's own rules bring it the current term and membership.
+/// Nodes of the store that ask for votes, or send entries as the leader of
+/// an old term, although they are not voters: a former manager back from a
+/// `--force-new-cluster`, whose own copy of Raft's membership still makes it
+/// a voter (and, if it led when it stopped, its leader: openraft restores a
+/// leader of a committed vote at start, and it never hears of a newer term
+/// while its calls are refused). Such a node runs elections nobody answers,
+/// or leads nobody, and takes no feed; the leader makes it a learner for a
+/// while, as it made every node before the feed, so that Raft's own rules
+/// bring it the current term and membership.
 #[derive(Default)]
 pub struct StaleVoters(std::sync::Mutex<BTreeMap<NodeId, Instant>>);
 
 impl StaleVoters {
-    /// Node `node` asked for a vote and was refused.
+    /// Node `node` asked for a vote, or sent entries as a leader, and was
+    /// refused.
     pub fn note(&self, node: NodeId, now: Instant) {
         let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
         m.retain(|_, at| now.duration_since(*at) < STALE_VOTER_HOLD);

@@ -168,7 +168,10 @@ async fn raft_call(m: &PeerHandler, call: Incoming) -> Vec<u8> {
     });
     if let Err(why) = allowed {
         tracing::warn!(peer = ?call.peer, remote = %call.remote, %why, "raft call refused");
-        if let (RaftRpc::Vote(_), Some(peer)) = (&rpc, call.peer)
+        // A node of the store that asks for votes, or still leads an old
+        // term (openraft restores a leader of a committed vote at start), as
+        // a voter it no longer is: see `StaleVoters`.
+        if let Some(peer) = call.peer
             && m.state.read(|d| admitted(&d.state, Some(peer)))
             && claimed_by(&rpc) == Some(peer.0)
         {
