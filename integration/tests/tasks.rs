@@ -110,7 +110,14 @@ fn exec_runs_commands_inside_a_task_and_http_echo_says_who_served() {
         );
         let r = c.shoal(here, &["exec", "-t", name, "--", "tty"]);
         assert!(r.ok() && r.stdout.starts_with("/dev/pts/"), "{r:?}");
-        let r = c.shoal_input(here, &["exec", "-it", name, "--", "sh"], "exit 4\n");
+        // The line read on the terminal sets the exit status. (Not an
+        // interactive `sh`: busybox's line editor asks the terminal for the
+        // cursor position and may take typed-ahead input as the answer.)
+        let r = c.shoal_input(
+            here,
+            &["exec", "-it", name, "--", "sh", "-c", "read x; exit $x"],
+            "4\n",
+        );
         assert_eq!(r.code, 4, "{r:?}");
         // Asked on the other node: it says where the task runs.
         c.assert_refused(
