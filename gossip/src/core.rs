@@ -326,6 +326,12 @@ pub struct Gossip {
     timer_events: HashMap<u64, Timer<Peer>>,
     timer_seq: u64,
     members: BTreeMap<NodeId, Tracked>,
+    /// The tracked members that are down, by when: what expires is found
+    /// without a walk over every member, and how many are live is known.
+    down: BTreeSet<(u64, NodeId)>,
+    /// The tracked members' IDs in no particular order, to pick one at
+    /// random without a walk over all of them.
+    order: Vec<NodeId>,
 
     /// Nodes of the directory announced to lately ([`Gossip::directory`]).
     directory_tried: BTreeMap<NodeId, u64>,
@@ -374,6 +380,8 @@ impl Gossip {
             timer_events: HashMap::new(),
             timer_seq: 0,
             members: BTreeMap::new(),
+            down: BTreeSet::new(),
+            order: Vec::new(),
             directory_tried: BTreeMap::new(),
             allowed: None,
             transmits: VecDeque::new(),
@@ -489,10 +497,15 @@ impl Gossip {
             let purged = self.tables.purge_owner_before(p.id, p.generation);
             self.emit(purged);
         }
-        let was_dead = self
-            .members
-            .get(&p.id)
-            .is_none_or(|t| t.dead_since_ms.is_some());
+        let before = self.members.get(&p.id).map(|t| t.dead_since_ms);
+        let was_dead = before.is_none_or(|d| d.is_some());
+        match before {
+            Some(Some(since)) => {
+                self.down.remove(&(since, p.id));
+            }
+            Some(None) => {}
+            None => self.order.push(p.id),
+        }
         self.members.insert(
             p.id,
             Tracked {
@@ -530,6 +543,7 @@ impl Gossip {
             && t.dead_since_ms.is_none()
         {
             t.dead_since_ms = Some(now);
+            self.down.insert((now, p.id));
             let hidden = self.tables.set_live(p.id, false);
             self.emit(hidden);
             let state = self.state_of(p.id);
@@ -643,24 +657,55 @@ impl Gossip {
                 .chain(self.networks.iter().cloned())
                 .collect();
             for net in scopes {
-                let candidates = self.members_in(&net);
-                if let Some(peer) = candidates.into_iter().choose(&mut self.rng) {
+                let peer = if net == GLOBAL {
+                    self.random_live_member()
+                } else {
+                    self.members_in(&net).into_iter().choose(&mut self.rng)
+                };
+                if let Some(peer) = peer {
                     self.send_digest(peer, &net);
                 }
             }
             self.tables.reap(self.now_ms);
             let ttl = self.config.dead_owner_ttl_ms;
-            let expired: Vec<NodeId> = self
-                .members
-                .values()
-                .filter(|t| t.dead_since_ms.is_some_and(|d| self.now_ms >= d + ttl))
-                .map(|t| t.peer.id)
-                .collect();
-            for id in expired {
+            while let Some(&(since, id)) = self.down.first()
+                && self.now_ms >= since.saturating_add(ttl)
+            {
+                self.down.pop_first();
                 self.members.remove(&id);
+                if let Some(i) = self.order.iter().position(|m| *m == id) {
+                    self.order.swap_remove(i);
+                }
                 self.tables.purge_owner_before(id, u64::MAX);
             }
         }
+    }
+
+    /// How many members this node tracks as live (not itself).
+    pub fn live_count(&self) -> usize {
+        self.members.len().saturating_sub(self.down.len())
+    }
+
+    /// A live member chosen at random: a few draws from all tracked
+    /// members (most are live), then a walk if those all hit dead ones.
+    fn random_live_member(&mut self) -> Option<NodeId> {
+        if self.live_count() == 0 {
+            return None;
+        }
+        let live =
+            |g: &Self, id: &NodeId| g.members.get(id).is_some_and(|t| t.dead_since_ms.is_none());
+        for _ in 0..8 {
+            let id = self.order[self.rng.random_range(0..self.order.len())];
+            if live(self, &id) {
+                return Some(id);
+            }
+        }
+        let n = self.rng.random_range(0..self.live_count());
+        self.members
+            .keys()
+            .filter(|id| live(self, id))
+            .nth(n)
+            .copied()
     }
 
     /// Live members (not this node) that are attached to `network` (all
@@ -711,7 +756,7 @@ impl Gossip {
     }
 
     fn send_digest(&mut self, to: NodeId, network: &str) {
-        let root = crate::table::root(&self.tables.digest(network));
+        let root = self.tables.root(network);
         self.send_table(
             to,
             TableMessage::Root {
@@ -1164,19 +1209,13 @@ impl Gossip {
             }
             TableMessage::Root { network, root } => {
                 self.last_sync.insert(from, self.now_ms);
-                let mine = self.tables.digest(&network);
-                if crate::table::root(&mine) != root {
-                    self.send_table(
-                        from,
-                        TableMessage::Digest {
-                            network,
-                            digest: mine,
-                        },
-                    );
+                if self.tables.root(&network) != root {
+                    let digest = self.tables.digest(&network).clone();
+                    self.send_table(from, TableMessage::Digest { network, digest });
                 }
             }
             TableMessage::Digest { network, digest } => {
-                let owners = differing_owners(&self.tables.digest(&network), &digest);
+                let owners = differing_owners(self.tables.digest(&network), &digest);
                 self.last_sync.insert(from, self.now_ms);
                 if !owners.is_empty() {
                     let entries = self.tables.entries_of(&network, &owners);

@@ -100,9 +100,13 @@ pub fn root(digest: &Digest) -> u64 {
 pub struct Tables {
     entries: BTreeMap<EntryKey, Entry>,
     live: BTreeSet<NodeId>,
-    /// Digests computed since the entries last changed, per network: an
-    /// idle node's anti-entropy does not walk its entries.
-    digests: BTreeMap<String, Digest>,
+    /// Digests computed since the entries last changed, per network, with
+    /// their roots: an idle node's anti-entropy neither walks nor copies
+    /// its entries.
+    digests: BTreeMap<String, (Digest, u64)>,
+    /// Tombstones by reap time (an element whose entry was replaced since
+    /// is skipped): reaping looks at what is due, not at every entry.
+    reaps: BTreeSet<(u64, EntryKey)>,
     /// Which nodes each network's stored `networks` entries list (kept as
     /// those entries change, so that a network's members are found without
     /// a walk over the swarm's).
@@ -146,6 +150,7 @@ impl Tables {
             entries: BTreeMap::new(),
             live: BTreeSet::from([me]),
             digests: BTreeMap::new(),
+            reaps: BTreeSet::new(),
             attached: BTreeMap::new(),
         }
     }
@@ -197,6 +202,9 @@ impl Tables {
             return None;
         }
         incoming.reap_at_ms = incoming.is_tombstone().then_some(now_ms + reap_after_ms);
+        if let Some(at) = incoming.reap_at_ms {
+            self.reaps.insert((at, key.clone()));
+        }
         let before = self
             .entries
             .get(&key)
@@ -329,24 +337,44 @@ impl Tables {
 
     /// Drops tombstones whose reap time has passed.
     pub fn reap(&mut self, now_ms: u64) {
-        let due: Vec<EntryKey> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| e.reap_at_ms.is_some_and(|t| t <= now_ms))
-            .map(|(k, _)| k.clone())
-            .collect();
+        let mut due: Vec<EntryKey> = Vec::new();
+        while let Some((at, _)) = self.reaps.first()
+            && *at <= now_ms
+        {
+            let Some((at, key)) = self.reaps.pop_first() else {
+                break;
+            };
+            // Still that tombstone (not replaced by a write, or by a later
+            // tombstone with its own time).
+            if self
+                .entries
+                .get(&key)
+                .is_some_and(|e| e.reap_at_ms == Some(at))
+            {
+                due.push(key);
+            }
+        }
         // Tombstones hold no value: nothing visible goes.
         let _ = self.remove_keys(due);
     }
 
     /// The per-owner digest of one network (computed once per change).
-    pub fn digest(&mut self, network: &str) -> Digest {
-        if let Some(d) = self.digests.get(network) {
-            return d.clone();
+    pub fn digest(&mut self, network: &str) -> &Digest {
+        &self.cached_digest(network).0
+    }
+
+    /// The [`root`] of [`Self::digest`] (computed with it).
+    pub fn root(&mut self, network: &str) -> u64 {
+        self.cached_digest(network).1
+    }
+
+    fn cached_digest(&mut self, network: &str) -> &(Digest, u64) {
+        if !self.digests.contains_key(network) {
+            let d = self.compute_digest(network);
+            let r = root(&d);
+            self.digests.insert(network.to_owned(), (d, r));
         }
-        let d = self.compute_digest(network);
-        self.digests.insert(network.to_owned(), d.clone());
-        d
+        &self.digests[network]
     }
 
     fn compute_digest(&self, network: &str) -> Digest {
@@ -464,6 +492,24 @@ mod tests {
     }
 
     #[test]
+    fn only_a_tombstone_still_in_place_is_reaped_at_its_time() {
+        let mut t = tables();
+        // Deleted at 0 (reap at 100), written again: the write stays.
+        t.merge(key("a"), del(1, 1), 0, 100);
+        t.merge(key("a"), put(1, 2, "a"), 10, 100);
+        // Deleted at 0, deleted again at 50: reaped at 150, not 100.
+        t.merge(key("b"), del(1, 1), 0, 100);
+        t.merge(key("b"), del(1, 2), 50, 100);
+        t.reap(120);
+        assert!(t.visible(&key("a")).is_some());
+        assert!(t.get(&key("b")).is_some());
+        t.reap(150);
+        assert!(t.visible(&key("a")).is_some());
+        assert!(t.get(&key("b")).is_none());
+        assert!(t.reaps.is_empty(), "nothing left to look at");
+    }
+
+    #[test]
     fn dead_or_unknown_owners_vanish_from_reads_and_come_back() {
         let mut t = tables();
         t.merge(key("a"), put(2, 1, "a"), 0, 100);
@@ -493,33 +539,36 @@ mod tests {
         let mut b = tables();
         a.merge(key("x"), put(1, 1, "x"), 0, 100);
         b.merge(key("x"), put(1, 1, "x"), 0, 100);
-        assert!(differing_owners(&a.digest("net"), &b.digest("net")).is_empty());
-        assert_eq!(root(&a.digest("net")), root(&b.digest("net")));
+        assert!(differing_owners(a.digest("net"), b.digest("net")).is_empty());
+        assert_eq!(root(a.digest("net")), root(b.digest("net")));
         b.merge(key("x"), put(1, 2, "y"), 0, 100);
         b.merge(key("z"), put(2, 1, "z"), 0, 100);
-        let diff = differing_owners(&a.digest("net"), &b.digest("net"));
+        let diff = differing_owners(a.digest("net"), b.digest("net"));
         assert_eq!(diff, BTreeSet::from([NodeId(1), NodeId(2)]));
-        assert_ne!(root(&a.digest("net")), root(&b.digest("net")));
+        assert_ne!(root(a.digest("net")), root(b.digest("net")));
     }
 
     #[test]
     fn a_cached_digest_follows_every_change() {
         let mut a = tables();
         a.merge(key("x"), put(1, 1, "x"), 0, 100);
-        let first = a.digest("net");
-        assert_eq!(a.digest("net"), first, "nothing changed");
+        let first = a.digest("net").clone();
+        assert_eq!(a.digest("net"), &first, "nothing changed");
+        assert_eq!(a.root("net"), root(&first));
         a.merge(key("x"), put(1, 2, "y"), 0, 100);
-        let second = a.digest("net");
+        let second = a.digest("net").clone();
         assert_ne!(second, first);
+        assert_eq!(a.root("net"), root(&second));
         // A tombstone, then reaped.
         a.merge(key("x"), del(1, 3), 0, 100);
-        let third = a.digest("net");
+        let third = a.digest("net").clone();
         assert_ne!(third, second);
         a.reap(1_000);
-        assert_eq!(a.digest("net"), a.compute_digest("net"));
+        assert_eq!(a.digest("net").clone(), a.compute_digest("net"));
         assert!(a.digest("net").is_empty());
         a.merge(key("z"), put(2, 1, "z"), 0, 100);
         a.purge_owner_in(NodeId(2), "net");
-        assert_eq!(a.digest("net"), a.compute_digest("net"));
+        assert_eq!(a.digest("net").clone(), a.compute_digest("net"));
+        assert_eq!(a.root("net"), root(&a.compute_digest("net")));
     }
 }

@@ -253,13 +253,9 @@ fn store_peers(state: &StateHandle, me: NodeId) -> Vec<Peer> {
     })
 }
 
-/// Sends what the core produced. Its events are logged; the data plane
-/// (issue 5) will consume them from here.
-/// Whether this node knows no other live member.
+/// Whether this node holds no other member live (alive or suspect).
 fn is_alone(g: &Gossip) -> bool {
-    g.members()
-        .iter()
-        .all(|m| m.node_id == g.me().id || m.state != shoal_gossip::MemberState::Alive)
+    g.live_count() == 0
 }
 
 /// Sends what gossip has to send; returns whether members or entries
@@ -370,10 +366,14 @@ async fn run(
                 refresh_from_store(&mut g, &state, alone);
             }
             // Nodes of the store gossip does not know are announced to, a
-            // few at a time.
+            // few at a time (nothing to look at when it knows them all: the
+            // live members are nodes of the store).
             _ = directory.tick() => {
-                let peers = store_peers(&state, g.me().id);
-                g.directory(now_ms(), peers);
+                let nodes = state.read(|d| d.state.nodes.len());
+                if g.live_count() + 1 < nodes {
+                    let peers = store_peers(&state, g.me().id);
+                    g.directory(now_ms(), peers);
+                }
             }
             // Alone (a partition healed, a restart), it asks the
             // managers again every 2 s.
