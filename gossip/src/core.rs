@@ -332,6 +332,15 @@ pub struct Gossip {
     /// The tracked members' IDs in no particular order, to pick one at
     /// random without a walk over all of them.
     order: Vec<NodeId>,
+    /// Counts changes to members' liveness.
+    members_gen: u64,
+    /// Each network's live members as last listed, while neither
+    /// `members_gen` nor the tables' index of attachments changed since
+    /// (`listed_at`): a message does not list its network again.
+    listed: HashMap<String, Vec<NodeId>>,
+    listed_at: (u64, u64),
+    /// This node's own `networks` entry, sent with every table message.
+    my_networks: Option<Entry>,
 
     /// Nodes of the directory announced to lately ([`Gossip::directory`]).
     directory_tried: BTreeMap<NodeId, u64>,
@@ -382,6 +391,10 @@ impl Gossip {
             members: BTreeMap::new(),
             down: BTreeSet::new(),
             order: Vec::new(),
+            members_gen: 0,
+            listed: HashMap::new(),
+            listed_at: (0, 0),
+            my_networks: None,
             directory_tried: BTreeMap::new(),
             allowed: None,
             transmits: VecDeque::new(),
@@ -506,6 +519,7 @@ impl Gossip {
             Some(None) => {}
             None => self.order.push(p.id),
         }
+        self.members_gen += 1;
         self.members.insert(
             p.id,
             Tracked {
@@ -543,6 +557,7 @@ impl Gossip {
             && t.dead_since_ms.is_none()
         {
             t.dead_since_ms = Some(now);
+            self.members_gen += 1;
             self.down.insert((now, p.id));
             let hidden = self.tables.set_live(p.id, false);
             self.emit(hidden);
@@ -673,6 +688,7 @@ impl Gossip {
             {
                 self.down.pop_first();
                 self.members.remove(&id);
+                self.members_gen += 1;
                 if let Some(i) = self.order.iter().position(|m| *m == id) {
                     self.order.swap_remove(i);
                 }
@@ -709,31 +725,43 @@ impl Gossip {
     }
 
     /// Live members (not this node) that are attached to `network` (all
-    /// live members for the global scope).
-    fn members_in(&self, network: &str) -> Vec<NodeId> {
-        let live = |id: &NodeId| {
-            self.members
-                .get(id)
-                .is_some_and(|t| t.dead_since_ms.is_none())
-        };
+    /// live members for the global scope). A network's are listed from the
+    /// index of attachments (its size, not the swarm's) once per change of
+    /// members or attachments.
+    fn members_in(&mut self, network: &str) -> Vec<NodeId> {
+        let live =
+            |g: &Self, id: &NodeId| g.members.get(id).is_some_and(|t| t.dead_since_ms.is_none());
         if network == GLOBAL {
-            return self.members.keys().copied().filter(live).collect();
+            return self
+                .members
+                .keys()
+                .copied()
+                .filter(|id| live(self, id))
+                .collect();
         }
-        // The index of attachments: a network's size, not the swarm's.
-        self.tables
+        let at = (self.members_gen, self.tables.attached_gen());
+        if self.listed_at != at {
+            self.listed.clear();
+            self.listed_at = at;
+        }
+        if let Some(list) = self.listed.get(network) {
+            return list.clone();
+        }
+        let list: Vec<NodeId> = self
+            .tables
             .attached(network)
-            .filter(|id| *id != self.me.id && live(id))
-            .collect()
+            .filter(|id| *id != self.me.id && live(self, id))
+            .collect();
+        self.listed.insert(network.to_owned(), list.clone());
+        list
     }
 
     fn node_in(&self, node: NodeId, network: &str) -> bool {
-        let key = networks_key(node);
-        matches!(self.tables.get(&key).and_then(|e| e.value.as_ref()),
-            Some(TableValue::Networks(list)) if list.iter().any(|n| n == network))
+        self.tables.is_attached(node, network)
     }
 
     fn networks_entry(&self) -> Option<Entry> {
-        self.tables.get(&networks_key(self.me.id)).cloned()
+        self.my_networks.clone()
     }
 
     fn send_table(&mut self, to: NodeId, body: TableMessage) {
@@ -817,7 +845,7 @@ impl Gossip {
     }
 
     /// How many other members `network` has.
-    fn members_in_count(&self, network: &str) -> usize {
+    fn members_in_count(&mut self, network: &str) -> usize {
         self.members_in(network).len()
     }
 
@@ -827,7 +855,7 @@ impl Gossip {
     /// each node is on) change rarely and carry the certificates SWIM's
     /// claims wait for, so they go straight to every member, and one a
     /// node learns by anti-entropy is not sent on.
-    fn spreads(&self, network: &str) -> bool {
+    fn spreads(&mut self, network: &str) -> bool {
         network != GLOBAL && self.members_in_count(network) > DIRECT_PUSH_MAX
     }
 
@@ -866,6 +894,9 @@ impl Gossip {
             self.config.tombstone_ttl_ms,
         );
         self.emit(change.into_iter().collect());
+        if key.network == GLOBAL && key.table == NETWORKS_TABLE {
+            self.my_networks = Some(entry.clone());
+        }
         let network = key.network.clone();
         self.push(&network, vec![(key, entry)], &BTreeSet::new());
     }
@@ -1056,8 +1087,8 @@ impl Gossip {
     /// Whether `entry` for `key` is its owner's: its version not ahead of
     /// this node's clock by more than [`MAX_CLOCK_AHEAD_MS`], and signed
     /// under a valid certificate of the owner (offered with the message,
-    /// or one this node already took). An entry this node already holds is
-    /// not checked again. Counts what it refuses.
+    /// or one this node already took). Callers ask only about entries this
+    /// node does not hold. Counts what it refuses.
     fn authentic(
         &mut self,
         key: &EntryKey,
@@ -1070,13 +1101,6 @@ impl Gossip {
         };
         if entry.version >> 16 > self.now_ms.saturating_add(MAX_CLOCK_AHEAD_MS) {
             return reject(self, "version_ahead");
-        }
-        if self
-            .tables
-            .get(key)
-            .is_some_and(|e| (e.owner, e.version) == (entry.owner, entry.version))
-        {
-            return true;
         }
         let owner = entry.owner;
         let mut trust = self.trust();
@@ -1120,13 +1144,14 @@ impl Gossip {
         entry: Entry,
         offered: &BTreeMap<NodeId, Vec<u8>>,
     ) -> Option<(EntryKey, Entry)> {
-        if !self.authentic(&key, &entry, offered) {
-            return None;
-        }
         if entry.owner == self.me.id {
+            let mine = self.tables.get(&key).cloned();
+            let held = |m: &Entry| (m.owner, m.version) == (entry.owner, entry.version);
+            if mine.as_ref().is_some_and(held) || !self.authentic(&key, &entry, offered) {
+                return None;
+            }
             // This node is the authority on its own entries: one it does not
             // hold (lost in a restart, or reaped) is deleted everywhere.
-            let mine = self.tables.get(&key).cloned();
             let stale = mine
                 .as_ref()
                 .is_none_or(|m| (entry.version, entry.owner) > (m.version, m.owner));
@@ -1151,12 +1176,21 @@ impl Gossip {
             // Only members of a network own entries in it.
             return None;
         }
+        // What this node holds wins (or is this very entry): nothing to
+        // check, nothing to take.
         if self.tables.get(&key).is_some_and(|c| !entry.wins_over(c)) {
             return None;
         }
+        if !self.authentic(&key, &entry, offered) {
+            return None;
+        }
         let owner = entry.owner;
-        let before = self.networks_of(owner);
         let is_networks = key.table == NETWORKS_TABLE;
+        let before = if is_networks {
+            self.networks_of(owner)
+        } else {
+            BTreeSet::new()
+        };
         let taken = (key.clone(), entry.clone());
         let change = self
             .tables

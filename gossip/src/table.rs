@@ -81,9 +81,29 @@ pub enum Change {
     Removed(EntryKey),
 }
 
-/// A per-owner summary of one network's entries: (hash, count). Two nodes
-/// with the same digest for an owner hold the same entries of that owner.
+/// A per-owner summary of one network's entries: (hash, count), the hash
+/// the XOR of [`entry_hash`] over the owner's entries (so it follows each
+/// change without a walk). Two nodes with the same digest for an owner hold
+/// the same entries of that owner (but for a 64-bit collision).
 pub type Digest = BTreeMap<NodeId, (u64, u32)>;
+
+/// The digest of a network without entries.
+static EMPTY_DIGEST: Digest = BTreeMap::new();
+
+/// One entry's share of its owner's digest hash: its table, key, version
+/// and whether it is a tombstone, hashed and mixed. Pure.
+fn entry_hash(key: &EntryKey, e: &Entry) -> u64 {
+    let mut h = fnv(0xcbf2_9ce4_8422_2325, key.table.as_bytes());
+    h = fnv(h, &[0]);
+    h = fnv(h, key.key.as_bytes());
+    h = fnv(h, &e.version.to_le_bytes());
+    h = fnv(h, &[u8::from(e.is_tombstone())]);
+    // splitmix64's finalizer: every input bit moves every output bit, so
+    // that XOR-ing the hashes of a set does not cancel structure.
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
 
 /// The whole of a [`Digest`] in one number: equal roots, equal digests
 /// (but for a 64-bit collision). Pure.
@@ -100,10 +120,11 @@ pub fn root(digest: &Digest) -> u64 {
 pub struct Tables {
     entries: BTreeMap<EntryKey, Entry>,
     live: BTreeSet<NodeId>,
-    /// Digests computed since the entries last changed, per network, with
-    /// their roots: an idle node's anti-entropy neither walks nor copies
-    /// its entries.
-    digests: BTreeMap<String, (Digest, u64)>,
+    /// Each network's digest, kept as entries change.
+    digests: BTreeMap<String, Digest>,
+    /// Roots computed since the network's digest last changed: an idle
+    /// node's anti-entropy neither walks nor copies its entries.
+    roots: BTreeMap<String, u64>,
     /// Tombstones by reap time (an element whose entry was replaced since
     /// is skipped): reaping looks at what is due, not at every entry.
     reaps: BTreeSet<(u64, EntryKey)>,
@@ -111,6 +132,9 @@ pub struct Tables {
     /// those entries change, so that a network's members are found without
     /// a walk over the swarm's).
     attached: BTreeMap<String, BTreeSet<NodeId>>,
+    /// Counts the changes to `attached` (for callers that cache what they
+    /// derive from it).
+    attached_gen: u64,
 }
 
 fn visible_value<'a>(e: &'a Entry, live: &BTreeSet<NodeId>) -> Option<&'a TableValue> {
@@ -150,14 +174,28 @@ impl Tables {
             entries: BTreeMap::new(),
             live: BTreeSet::from([me]),
             digests: BTreeMap::new(),
+            roots: BTreeMap::new(),
             reaps: BTreeSet::new(),
             attached: BTreeMap::new(),
+            attached_gen: 0,
         }
     }
 
     /// The nodes whose stored `networks` entry lists `network`.
     pub fn attached(&self, network: &str) -> impl Iterator<Item = NodeId> + '_ {
         self.attached.get(network).into_iter().flatten().copied()
+    }
+
+    /// Whether the stored `networks` entry of `node` lists `network`.
+    pub fn is_attached(&self, node: NodeId, network: &str) -> bool {
+        self.attached
+            .get(network)
+            .is_some_and(|set| set.contains(&node))
+    }
+
+    /// A number that changes whenever [`Self::attached`] may have.
+    pub fn attached_gen(&self) -> u64 {
+        self.attached_gen
     }
 
     /// Keeps [`Self::attached`] as the entry under `key` goes from
@@ -170,6 +208,7 @@ impl Tables {
         let Ok(node) = key.key.parse::<NodeId>() else {
             return;
         };
+        self.attached_gen += 1;
         let lists = |e: Option<&Entry>| match e.and_then(|e| e.value.as_ref()) {
             Some(TableValue::Networks(l)) => l.clone(),
             _ => Vec::new(),
@@ -187,8 +226,32 @@ impl Tables {
         }
     }
 
+    /// Adds (`add`) or takes out the entry of `owner` in `network` whose
+    /// [`entry_hash`] is `h` to or from the network's digest.
+    fn account(&mut self, network: &str, owner: NodeId, h: u64, add: bool) {
+        self.roots.remove(network);
+        let digest = match self.digests.get_mut(network) {
+            Some(d) => d,
+            None => self.digests.entry(network.to_owned()).or_default(),
+        };
+        let slot = digest.entry(owner).or_insert((0, 0));
+        slot.0 ^= h;
+        if add {
+            slot.1 += 1;
+        } else {
+            slot.1 = slot.1.saturating_sub(1);
+            if slot.1 == 0 {
+                digest.remove(&owner);
+                if digest.is_empty() {
+                    self.digests.remove(network);
+                }
+            }
+        }
+    }
+
     /// Merges `incoming` for `key`; returns the visible change, if any.
-    /// Returns `Err(())`-free: a losing entry is simply ignored.
+    /// Returns `Err(())`-free: a losing entry is simply ignored. One search
+    /// of the map.
     pub fn merge(
         &mut self,
         key: EntryKey,
@@ -196,23 +259,34 @@ impl Tables {
         now_ms: u64,
         reap_after_ms: u64,
     ) -> Option<Change> {
-        if let Some(current) = self.entries.get(&key)
-            && !incoming.wins_over(current)
-        {
-            return None;
-        }
+        use std::collections::btree_map::Entry as Slot;
         incoming.reap_at_ms = incoming.is_tombstone().then_some(now_ms + reap_after_ms);
-        if let Some(at) = incoming.reap_at_ms {
+        let after = visible_value(&incoming, &self.live).cloned();
+        let (owner, h) = (incoming.owner, entry_hash(&key, &incoming));
+        let reap_at = incoming.reap_at_ms;
+        let old = match self.entries.entry(key.clone()) {
+            Slot::Occupied(mut o) => {
+                if !incoming.wins_over(o.get()) {
+                    return None;
+                }
+                Some(o.insert(incoming))
+            }
+            Slot::Vacant(v) => {
+                v.insert(incoming);
+                None
+            }
+        };
+        if let Some(at) = reap_at {
             self.reaps.insert((at, key.clone()));
         }
-        let before = self
-            .entries
-            .get(&key)
+        let before = old
+            .as_ref()
             .and_then(|e| visible_value(e, &self.live))
             .cloned();
-        let after = visible_value(&incoming, &self.live).cloned();
-        self.digests.remove(&key.network);
-        let old = self.entries.insert(key.clone(), incoming);
+        if let Some(o) = &old {
+            self.account(&key.network, o.owner, entry_hash(&key, o), false);
+        }
+        self.account(&key.network, owner, h, true);
         if key.network == GLOBAL && key.table == NETWORKS_TABLE {
             let new = self.entries.get(&key).cloned();
             self.reindex(&key, old.as_ref(), new.as_ref());
@@ -314,13 +388,11 @@ impl Tables {
 
     fn remove_keys(&mut self, keys: Vec<EntryKey>) -> Vec<Change> {
         let mut changes = Vec::new();
-        if !keys.is_empty() {
-            self.digests.clear();
-        }
         for k in keys {
             let Some(e) = self.entries.remove(&k) else {
                 continue;
             };
+            self.account(&k.network, e.owner, entry_hash(&k, &e), false);
             self.reindex(&k, Some(&e), None);
             if visible_value(&e, &self.live).is_some() {
                 changes.push(Change::Removed(k));
@@ -358,35 +430,29 @@ impl Tables {
         let _ = self.remove_keys(due);
     }
 
-    /// The per-owner digest of one network (computed once per change).
-    pub fn digest(&mut self, network: &str) -> &Digest {
-        &self.cached_digest(network).0
+    /// The per-owner digest of one network (kept as entries change).
+    pub fn digest(&self, network: &str) -> &Digest {
+        self.digests.get(network).unwrap_or(&EMPTY_DIGEST)
     }
 
-    /// The [`root`] of [`Self::digest`] (computed with it).
+    /// The [`root`] of [`Self::digest`] (computed once per change).
     pub fn root(&mut self, network: &str) -> u64 {
-        self.cached_digest(network).1
-    }
-
-    fn cached_digest(&mut self, network: &str) -> &(Digest, u64) {
-        if !self.digests.contains_key(network) {
-            let d = self.compute_digest(network);
-            let r = root(&d);
-            self.digests.insert(network.to_owned(), (d, r));
+        if let Some(r) = self.roots.get(network) {
+            return *r;
         }
-        &self.digests[network]
+        let r = root(self.digest(network));
+        self.roots.insert(network.to_owned(), r);
+        r
     }
 
+    /// The digest of `network` from its entries (what [`Self::digest`]
+    /// keeps; for tests).
+    #[cfg(test)]
     fn compute_digest(&self, network: &str) -> Digest {
         let mut d: Digest = BTreeMap::new();
         for (k, e) in self.in_network(network) {
-            let slot = d.entry(e.owner).or_insert((0xcbf2_9ce4_8422_2325, 0));
-            let mut h = fnv(slot.0, k.table.as_bytes());
-            h = fnv(h, &[0]);
-            h = fnv(h, k.key.as_bytes());
-            h = fnv(h, &e.version.to_le_bytes());
-            h = fnv(h, &[u8::from(e.is_tombstone())]);
-            *slot = (h, slot.1 + 1);
+            let slot = d.entry(e.owner).or_insert((0, 0));
+            *slot = (slot.0 ^ entry_hash(k, e), slot.1 + 1);
         }
         d
     }
@@ -569,6 +635,11 @@ mod tests {
         a.merge(key("z"), put(2, 1, "z"), 0, 100);
         a.purge_owner_in(NodeId(2), "net");
         assert_eq!(a.digest("net").clone(), a.compute_digest("net"));
+        // A key taken over by another owner leaves the first owner's share.
+        a.merge(key("w"), put(1, 1, "w"), 0, 100);
+        a.merge(key("w"), put(2, 5, "w"), 0, 100);
+        assert_eq!(a.digest("net").clone(), a.compute_digest("net"));
+        assert_eq!(a.digest("net").keys().collect::<Vec<_>>(), [&NodeId(2)]);
         assert_eq!(a.root("net"), root(&a.compute_digest("net")));
     }
 }
