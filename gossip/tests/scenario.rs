@@ -566,3 +566,35 @@ fn a_node_the_directory_lists_is_learned_without_waiting_for_swim() {
     sim.run_for(shoal_gossip::core::DIRECTORY_RETRY_MS);
     assert_eq!(tries(&mut sim), 1);
 }
+
+#[test]
+fn swim_retransmissions_grow_with_the_swarm() {
+    use shoal_gossip::core::max_transmissions;
+    assert_eq!(max_transmissions(2), 8);
+    assert_eq!(max_transmissions(100), 12);
+    assert_eq!(max_transmissions(1_000), 14);
+    assert_eq!(max_transmissions(5_000), 16);
+}
+
+#[test]
+fn every_live_member_learns_each_death_within_seconds_at_five_percent_loss() {
+    let n = 100;
+    let mut sim = cluster(n);
+    // The daemon gives the core the store's nodes, which size SWIM.
+    let all: BTreeSet<NodeId> = (1..=n).map(NodeId).collect();
+    for i in 1..=n {
+        sim.with_node(NodeId(i), |g, _| g.set_allowed(all.clone()));
+    }
+    sim.run_for(5_000);
+    sim.datagram_loss = 0.05;
+    for c in 0..30 {
+        let victim = NodeId(4 + c * 3);
+        let took = sim.crash_and_detect(victim, 20_000);
+        // A member that missed every copy of the death would learn it only
+        // by probing the dead node itself (every n probe periods: 40 s).
+        assert!(
+            took.is_some_and(|ms| ms <= 5_000),
+            "crash {c} ({victim}): dead everywhere after {took:?} ms"
+        );
+    }
+}
