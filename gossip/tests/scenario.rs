@@ -512,13 +512,19 @@ fn a_broadcast_tree_reaches_every_member_once_with_bounded_fan_out() {
 }
 
 #[test]
-fn push_fanout_grows_with_the_log_of_the_network() {
-    use shoal_gossip::core::push_fanout;
-    assert_eq!(push_fanout(2), 2);
-    assert_eq!(push_fanout(33), 7);
-    assert_eq!(push_fanout(99), 8);
-    assert_eq!(push_fanout(999), 10);
-    assert_eq!(push_fanout(4_999), 12);
+fn push_fanout_and_swim_retransmissions_grow_with_the_log_of_the_swarm() {
+    use shoal_gossip::core::{max_transmissions, push_fanout};
+    let cases = [
+        (2, 2, 8),
+        (33, 7, 11),
+        (99, 8, 12),
+        (999, 10, 14),
+        (4_999, 12, 16),
+    ];
+    for (n, fanout, retransmissions) in cases {
+        assert_eq!(push_fanout(n), fanout, "{n}");
+        assert_eq!(max_transmissions(n as u32 + 1), retransmissions, "{n}");
+    }
 }
 
 #[test]
@@ -565,15 +571,6 @@ fn a_node_the_directory_lists_is_learned_without_waiting_for_swim() {
     assert_eq!(tries(&mut sim), 0);
     sim.run_for(shoal_gossip::core::DIRECTORY_RETRY_MS);
     assert_eq!(tries(&mut sim), 1);
-}
-
-#[test]
-fn swim_retransmissions_grow_with_the_swarm() {
-    use shoal_gossip::core::max_transmissions;
-    assert_eq!(max_transmissions(2), 8);
-    assert_eq!(max_transmissions(100), 12);
-    assert_eq!(max_transmissions(1_000), 14);
-    assert_eq!(max_transmissions(5_000), 16);
 }
 
 #[test]
