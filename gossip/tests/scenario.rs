@@ -515,7 +515,7 @@ fn a_broadcast_tree_reaches_every_member_once_with_bounded_fan_out() {
 fn push_fanout_and_swim_retransmissions_grow_with_the_log_of_the_swarm() {
     use shoal_gossip::core::{max_transmissions, push_fanout};
     let cases = [
-        (2, 2, 8),
+        (2, 2, 9),
         (33, 7, 11),
         (99, 8, 12),
         (999, 10, 14),
