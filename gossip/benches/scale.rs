@@ -18,7 +18,13 @@
 //! ```text
 //! cargo bench -p shoal-gossip --bench scale -- [--nodes 100,1000,5000]
 //!     [--seconds 300] [--network 100] [--crashes 10] [--seed 1]
+//!     [--suspect-ms MS] [--indirect K] [--small-keys]
 //! ```
+//!
+//! Entries, certificates and signatures have a real swarm's sizes: endpoint
+//! records with 25-character task and service IDs, 423-byte node
+//! certificates, 71-byte ECDSA signatures (`--small-keys`: 8 bytes each,
+//! for less memory, and bytes sent that are then too low).
 //!
 //! The dispatch of the store to workers (the feed) is not simulated here;
 //! `shoal-lab scale` measures it with real daemons.
@@ -33,7 +39,7 @@ use shoal_gossip::sim::Sim;
 use shoal_gossip::table::Change;
 use shoal_gossip::{Event, GossipConfig, MemberState};
 use shoal_mesh::NodeId;
-use shoal_mesh::observed::{TableValue, VtepRecord};
+use shoal_mesh::observed::{EndpointRecord, TableValue};
 
 struct Args {
     nodes: Vec<u64>,
@@ -45,6 +51,9 @@ struct Args {
     suspect_ms: Option<u64>,
     /// SWIM's indirect probes (the core's default if not given).
     indirect: Option<u64>,
+    /// 8-byte certificates and signatures instead of a real node's sizes
+    /// (less memory; the bytes sent are then too low).
+    small_keys: bool,
 }
 
 fn args() -> Args {
@@ -56,6 +65,7 @@ fn args() -> Args {
         seed: 1,
         suspect_ms: None,
         indirect: None,
+        small_keys: false,
     };
     let argv: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -79,6 +89,11 @@ fn args() -> Args {
             "--seed" => a.seed = num(),
             "--suspect-ms" => a.suspect_ms = Some(num()),
             "--indirect" => a.indirect = Some(num()),
+            "--small-keys" => {
+                a.small_keys = true;
+                i += 1;
+                continue;
+            }
             // cargo bench passes `--bench`.
             _ => {
                 i += 1;
@@ -114,10 +129,35 @@ fn pct(v: &mut [u64], q: f64) -> u64 {
     v[((v.len() as f64 - 1.0) * q).round() as usize]
 }
 
-fn value(node: u64, n: u64) -> TableValue {
-    TableValue::Vtep(VtepRecord {
-        node: NodeId(node),
-        addr: IpAddr::V4(Ipv4Addr::from((n % u64::from(u32::MAX)) as u32)),
+/// A task's key in the `endpoints` table: 25 characters, like a task ID.
+fn task_key(node: u64, net: usize, slot: u64) -> String {
+    format!("t{node:011}{net}{slot:012}")
+}
+
+/// Task `slot` of `node`'s endpoint record, `n`-th version: the fields and
+/// sizes a real one has (a task name `service.slot.id`, a service ID and
+/// name, a MAC, the node's VTEP).
+fn value(node: u64, slot: u64, n: u64) -> TableValue {
+    let ip = |x: u64| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 | (x % 0x00ff_ffff) as u32));
+    TableValue::Endpoint(EndpointRecord {
+        ip: ip(node * 32 + slot),
+        mac: format!(
+            "02:42:0a:{:02x}:{:02x}:{:02x}",
+            node % 256,
+            slot % 256,
+            n % 256
+        ),
+        name: format!(
+            "svc{:05}.{}.{:025}",
+            node % 1000,
+            slot + 1,
+            node * 100 + slot
+        ),
+        service_id: Some(format!("{:025}", node % 1000)),
+        service_name: Some(format!("svc{:05}", node % 1000)),
+        aliases: Vec::new(),
+        owner: NodeId(node),
+        vtep: ip(node),
     })
 }
 
@@ -169,6 +209,13 @@ fn run(n: u64, a: &Args) {
         config.indirect_probes = k as usize;
     }
     let mut sim = Sim::new(a.seed, config, 10_000_000);
+    if a.small_keys {
+        sim.key_sizes = (8, 8);
+    }
+    println!(
+        "{n} nodes: certificates of {} bytes, signatures of {}",
+        sim.key_sizes.0, sim.key_sizes.1
+    );
     // Nodes join 100 a second, through three seeds, as a swarm grows,
     // each already attached to its networks (as a daemon that restarts
     // with tasks is).
@@ -250,8 +297,8 @@ fn run(n: u64, a: &Args) {
         sim.with_node(NodeId(i), |g, now| {
             for (k, net) in nets.iter().enumerate() {
                 for e in 0..10 {
-                    let key = format!("t{i}-{k}-{e}");
-                    g.put(now, net, "endpoints", &key, value(i, e)).unwrap();
+                    let key = task_key(i, k, e);
+                    g.put(now, net, "endpoints", &key, value(i, e, 0)).unwrap();
                 }
             }
         });
@@ -314,7 +361,7 @@ fn run(n: u64, a: &Args) {
             let nets = networks_of(i, count);
             let k = ((i + s) % nets.len() as u64) as usize;
             let e = s % 10;
-            let key = format!("t{i}-{k}-{e}");
+            let key = task_key(i, k, e);
             let net = nets[k].clone();
             if (i + s) % sample_every == 0 {
                 let mut left = members[&net].clone();
@@ -323,7 +370,7 @@ fn run(n: u64, a: &Args) {
                 pending.insert(key.clone(), (sim.now(), left));
             }
             sim.with_node(NodeId(i), |g, now| {
-                g.put(now, &net, "endpoints", &key, value(i, s * 10 + e + 1))
+                g.put(now, &net, "endpoints", &key, value(i, e, s + 1))
                     .unwrap();
             });
             // Spread the writes over the second.

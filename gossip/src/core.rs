@@ -287,6 +287,18 @@ pub enum Rejected {
     },
 }
 
+/// What this node has sent a peer since the peer's process started (its
+/// generation): the version of this node's `networks` entry, and the
+/// owners whose certificates it sent. A table message carries only what
+/// the peer lacks; anti-entropy replies carry all of it, so whatever a lost
+/// message took with it is sent again when the peer's digest differs.
+#[derive(Default)]
+struct SentTo {
+    generation: u64,
+    networks_version: Option<u64>,
+    certs: BTreeSet<NodeId>,
+}
+
 #[derive(Clone, Debug)]
 struct Tracked {
     peer: Peer,
@@ -352,8 +364,10 @@ pub struct Gossip {
     /// (`listed_at`): a message does not list its network again.
     listed: HashMap<String, Vec<NodeId>>,
     listed_at: (u64, u64),
-    /// This node's own `networks` entry, sent with every table message.
+    /// This node's own `networks` entry, sent with table messages.
     my_networks: Option<Entry>,
+    /// What each peer was sent already.
+    sent: HashMap<NodeId, SentTo>,
 
     /// Nodes of the directory announced to lately ([`Gossip::directory`]).
     directory_tried: BTreeMap<NodeId, u64>,
@@ -408,6 +422,7 @@ impl Gossip {
             listed: HashMap::new(),
             listed_at: (0, 0),
             my_networks: None,
+            sent: HashMap::new(),
             directory_tried: BTreeMap::new(),
             allowed: None,
             transmits: VecDeque::new(),
@@ -709,6 +724,7 @@ impl Gossip {
             {
                 self.down.pop_first();
                 self.members.remove(&id);
+                self.sent.remove(&id);
                 self.members_gen += 1;
                 if let Some(i) = self.order.iter().position(|m| *m == id) {
                     self.order.swap_remove(i);
@@ -786,11 +802,42 @@ impl Gossip {
     }
 
     fn send_table(&mut self, to: NodeId, body: TableMessage) {
-        let Some(addr) = self.members.get(&to).map(|t| t.peer.addr.clone()) else {
+        self.send_table_as(to, body, false);
+    }
+
+    /// Sends `body` to `to` with this node's `networks` entry and the
+    /// certificates of the owners it names, each only if `to` was not sent
+    /// it yet ([`SentTo`]), or always when `repair` (anti-entropy replies).
+    fn send_table_as(&mut self, to: NodeId, body: TableMessage, repair: bool) {
+        let Some((addr, generation)) = self
+            .members
+            .get(&to)
+            .map(|t| (t.peer.addr.clone(), t.peer.generation))
+        else {
             return;
         };
-        let sender = self.networks_entry();
-        let certs = self.certs_for(sender.iter().map(|e| e.owner).chain(body.owners()));
+        let mine = self.networks_entry();
+        let mut owners: BTreeSet<NodeId> = body.owners().collect();
+        owners.extend(mine.iter().map(|e| e.owner));
+        let sent = self.sent.entry(to).or_default();
+        if sent.generation != generation {
+            *sent = SentTo {
+                generation,
+                ..SentTo::default()
+            };
+        }
+        let version = mine.as_ref().map(|e| e.version);
+        let sender = if repair || sent.networks_version != version {
+            sent.networks_version = version;
+            mine
+        } else {
+            None
+        };
+        owners.retain(|o| repair || !sent.certs.contains(o));
+        let certs = self.certs_for(owners.into_iter());
+        if let Some(sent) = self.sent.get_mut(&to) {
+            sent.certs.extend(certs.iter().map(|(o, _)| *o));
+        }
         let msg = Message::Table {
             sender,
             body,
@@ -940,6 +987,10 @@ impl Gossip {
     pub fn rekey(&mut self, now_ms: u64) {
         self.now_ms = self.now_ms.max(now_ms);
         self.trust().rekey();
+        let me = self.me.id;
+        for sent in self.sent.values_mut() {
+            sent.certs.remove(&me);
+        }
         let mine: Vec<(EntryKey, TableValue)> = self
             .tables
             .all()
@@ -1140,7 +1191,14 @@ impl Gossip {
             return reject(self, "bad_signature");
         }
         if owner != self.me.id && trust.certs.get(&owner) != Some(&cert) {
-            trust.certs.insert(owner, cert);
+            let renewed = trust.certs.insert(owner, cert).is_some();
+            drop(trust);
+            if renewed {
+                // Peers were sent the old one.
+                for sent in self.sent.values_mut() {
+                    sent.certs.remove(&owner);
+                }
+            }
         }
         true
     }
@@ -1274,13 +1332,14 @@ impl Gossip {
                 self.last_sync.insert(from, self.now_ms);
                 if !owners.is_empty() {
                     let entries = self.tables.entries_of(&network, &owners);
-                    self.send_table(
+                    self.send_table_as(
                         from,
                         TableMessage::DigestReply {
                             network,
                             entries,
                             want: owners.into_iter().collect(),
                         },
+                        true,
                     );
                 }
             }
@@ -1297,12 +1356,13 @@ impl Gossip {
                 let want: BTreeSet<NodeId> = want.into_iter().collect();
                 let mine = self.tables.entries_of(&network, &want);
                 if !mine.is_empty() {
-                    self.send_table(
+                    self.send_table_as(
                         from,
                         TableMessage::Entries {
                             network,
                             entries: mine,
                         },
+                        true,
                     );
                 }
                 self.last_sync.insert(from, self.now_ms);

@@ -53,3 +53,45 @@ impl Keys for TestKeys {
         cert == owner.0.to_le_bytes() && sig == test_signature(owner, msg)
     }
 }
+
+/// [`TestKeys`] with certificates and signatures of a real node's sizes
+/// (`cert_len`, `sig_len`: a node certificate of the swarm's CA is about
+/// 423 bytes, an ECDSA P-256 signature 71), so that the simulator counts
+/// the bytes a swarm would send. Proves nothing either.
+#[derive(Clone, Debug)]
+pub struct SizedTestKeys {
+    /// The node.
+    pub id: NodeId,
+    /// Bytes of a certificate (at least 8).
+    pub cert_len: usize,
+    /// Bytes of a signature (at least 8).
+    pub sig_len: usize,
+}
+
+impl SizedTestKeys {
+    fn cert_of(&self, owner: NodeId) -> Vec<u8> {
+        let mut c = owner.0.to_le_bytes().to_vec();
+        c.resize(self.cert_len.max(8), 0);
+        c
+    }
+
+    fn sig_of(&self, owner: NodeId, msg: &[u8]) -> Vec<u8> {
+        let mut s = test_signature(owner, msg);
+        s.resize(self.sig_len.max(8), 0);
+        s
+    }
+}
+
+impl Keys for SizedTestKeys {
+    fn cert(&self) -> Vec<u8> {
+        self.cert_of(self.id)
+    }
+
+    fn sign(&self, msg: &[u8]) -> Vec<u8> {
+        self.sig_of(self.id, msg)
+    }
+
+    fn verify(&mut self, owner: NodeId, cert: &[u8], msg: &[u8], sig: &[u8]) -> bool {
+        cert == self.cert_of(owner) && sig == self.sig_of(owner, msg)
+    }
+}

@@ -53,6 +53,9 @@ pub struct Sim {
     pub events: Vec<(u64, NodeId, Event)>,
     /// Whether to record events.
     pub record_events: bool,
+    /// Sizes of the certificates and signatures of nodes started from now
+    /// on ([`crate::keys::SizedTestKeys`]): a real node's by default.
+    pub key_sizes: (usize, usize),
 }
 
 impl Sim {
@@ -76,6 +79,7 @@ impl Sim {
             messages_sent: BTreeMap::new(),
             events: Vec::new(),
             record_events: false,
+            key_sizes: (423, 71),
         }
     }
 
@@ -103,7 +107,11 @@ impl Sim {
             self.config.clone(),
             seed,
             self.now_ms,
-            Box::new(crate::TestKeys(id)),
+            Box::new(crate::keys::SizedTestKeys {
+                id,
+                cert_len: self.key_sizes.0,
+                sig_len: self.key_sizes.1,
+            }),
         );
         for s in seeds {
             if let Some(n) = self.nodes.get(s).filter(|n| n.up && *s != id) {

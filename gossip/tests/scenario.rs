@@ -595,3 +595,47 @@ fn every_live_member_learns_each_death_within_seconds_at_five_percent_loss() {
         );
     }
 }
+
+#[test]
+fn a_certificate_crosses_to_each_peer_once_and_again_after_it_restarts() {
+    let mut sim = cluster_on_net(3);
+    let sent = |sim: &Sim| sim.bytes_sent.get(&NodeId(1)).copied().unwrap_or(0);
+    let put = |sim: &mut Sim, key: &str| {
+        sim.with_node(NodeId(1), |g, now| {
+            g.put(now, "net", "vteps", key, vtep(1)).unwrap()
+        });
+    };
+    // Node 1's first write went out with its certificate (423 bytes)
+    // while the cluster formed; a write now costs less than one.
+    put(&mut sim, "a");
+    let before = sent(&sim);
+    put(&mut sim, "b");
+    let one_write = sent(&sim) - before;
+    assert!(one_write < 2 * 423, "two messages of {one_write} bytes");
+    sim.run_for(500);
+    // Node 2 restarts: it has no certificates; node 1 sends its own again,
+    // and node 2 takes node 1's entries.
+    sim.crash(NodeId(2));
+    sim.run_for(1_000);
+    sim.start(NodeId(2), &[NodeId(1)]);
+    sim.with_node(NodeId(2), |g, now| g.join_network(now, "net"));
+    sim.run_for(3_000);
+    put(&mut sim, "c");
+    sim.run_for(500);
+    let keys: BTreeSet<String> = sim.nodes[&NodeId(2)]
+        .gossip
+        .snapshot("net")
+        .into_iter()
+        .map(|(k, _)| k.key)
+        .collect();
+    assert_eq!(
+        keys,
+        BTreeSet::from(["a".to_owned(), "b".to_owned(), "c".to_owned()])
+    );
+    assert_eq!(
+        sim.nodes[&NodeId(2)].gossip.rejected.get("no_certificate"),
+        None,
+        "{:?}",
+        sim.nodes[&NodeId(2)].gossip.rejected
+    );
+}
