@@ -47,6 +47,16 @@ fn cluster_on_net(n: u64) -> Sim {
     sim
 }
 
+/// The keys node `i` sees in `net`.
+fn keys_in(sim: &Sim, i: u64, net: &str) -> BTreeSet<String> {
+    sim.nodes[&NodeId(i)]
+        .gossip
+        .snapshot(net)
+        .into_iter()
+        .map(|(k, _)| k.key)
+        .collect()
+}
+
 fn cluster(n: u64) -> Sim {
     let mut sim = Sim::new(7, GossipConfig::default(), 1_000_000);
     sim.start(NodeId(1), &[]);
@@ -106,12 +116,7 @@ fn a_restarted_owner_replaces_its_old_state() {
     });
     sim.run_for(5_000);
     for i in 1..=4 {
-        let keys: BTreeSet<String> = sim.nodes[&NodeId(i)]
-            .gossip
-            .snapshot("net")
-            .into_iter()
-            .map(|(k, _)| k.key)
-            .collect();
+        let keys = keys_in(&sim, i, "net");
         assert_eq!(keys, BTreeSet::from(["new".to_owned()]), "node {i}");
     }
 }
@@ -622,14 +627,8 @@ fn a_certificate_crosses_to_each_peer_once_and_again_after_it_restarts() {
     sim.run_for(3_000);
     put(&mut sim, "c");
     sim.run_for(500);
-    let keys: BTreeSet<String> = sim.nodes[&NodeId(2)]
-        .gossip
-        .snapshot("net")
-        .into_iter()
-        .map(|(k, _)| k.key)
-        .collect();
     assert_eq!(
-        keys,
+        keys_in(&sim, 2, "net"),
         BTreeSet::from(["a".to_owned(), "b".to_owned(), "c".to_owned()])
     );
     assert_eq!(
