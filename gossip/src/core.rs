@@ -52,6 +52,31 @@ pub fn push_fanout(n: usize) -> usize {
     (ln + 3).min(n)
 }
 
+/// Most networks one anti-entropy round syncs (besides the global scope):
+/// a node on more takes them in turns, so that its idle work per second
+/// does not grow with the networks it is on.
+pub const SYNC_NETWORKS_PER_ROUND: usize = 4;
+
+/// The networks an anti-entropy round syncs, from `networks` (in order),
+/// starting at position `cursor`: all of them when there are at most
+/// [`SYNC_NETWORKS_PER_ROUND`], else that many in turn; and where the next
+/// round starts. Pure.
+pub fn sync_round(networks: &BTreeSet<String>, cursor: usize) -> (Vec<String>, usize) {
+    let n = networks.len();
+    if n <= SYNC_NETWORKS_PER_ROUND {
+        return (networks.iter().cloned().collect(), 0);
+    }
+    let start = cursor % n;
+    let round = networks
+        .iter()
+        .cycle()
+        .skip(start)
+        .take(SYNC_NETWORKS_PER_ROUND)
+        .cloned()
+        .collect();
+    (round, (start + SYNC_NETWORKS_PER_ROUND) % n)
+}
+
 /// Most nodes of the directory one [`Gossip::directory`] call announces to.
 pub const DIRECTORY_ANNOUNCES: usize = 8;
 
@@ -375,6 +400,8 @@ pub struct Gossip {
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
     next_sync_ms: u64,
+    /// Where the next anti-entropy round starts among the networks.
+    sync_cursor: usize,
     last_sync: BTreeMap<NodeId, u64>,
     /// Counts of dropped messages and entries, by reason (for diagnostics).
     pub rejected: BTreeMap<String, u64>,
@@ -428,6 +455,7 @@ impl Gossip {
             transmits: VecDeque::new(),
             events: VecDeque::new(),
             next_sync_ms: now_ms + config.sync_interval_ms,
+            sync_cursor: 0,
             last_sync: BTreeMap::new(),
             rejected: BTreeMap::new(),
             trust,
@@ -704,9 +732,9 @@ impl Gossip {
         }
         if self.now_ms >= self.next_sync_ms {
             self.next_sync_ms = self.now_ms + self.config.sync_interval_ms;
-            let scopes: Vec<String> = std::iter::once(GLOBAL.to_owned())
-                .chain(self.networks.iter().cloned())
-                .collect();
+            let (round, next) = sync_round(&self.networks, self.sync_cursor);
+            self.sync_cursor = next;
+            let scopes: Vec<String> = std::iter::once(GLOBAL.to_owned()).chain(round).collect();
             for net in scopes {
                 let peer = if net == GLOBAL {
                     self.random_live_member()

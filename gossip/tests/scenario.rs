@@ -638,3 +638,58 @@ fn a_certificate_crosses_to_each_peer_once_and_again_after_it_restarts() {
         sim.nodes[&NodeId(2)].gossip.rejected
     );
 }
+
+#[test]
+fn anti_entropy_takes_a_few_networks_a_round_and_reaches_them_all() {
+    use shoal_gossip::core::{SYNC_NETWORKS_PER_ROUND, sync_round};
+    let nets = |n: usize| -> BTreeSet<String> { (0..n).map(|i| format!("net{i:02}")).collect() };
+    let (round, next) = sync_round(&nets(3), 7);
+    assert_eq!(
+        (round.len(), next),
+        (3, 0),
+        "a few networks: all, every round"
+    );
+    // Ten networks: four a round, each within three rounds.
+    let mut seen = BTreeSet::new();
+    let mut cursor = 0;
+    for _ in 0..3 {
+        let (round, next) = sync_round(&nets(10), cursor);
+        assert_eq!(round.len(), SYNC_NETWORKS_PER_ROUND);
+        seen.extend(round);
+        cursor = next;
+    }
+    assert_eq!(seen, nets(10));
+
+    // Writes lost in a short partition reach the other nodes on all twelve
+    // networks by anti-entropy alone.
+    let mut sim = cluster(3);
+    for i in 1..=3 {
+        sim.with_node(NodeId(i), |g, now| {
+            for net in nets(12) {
+                g.join_network(now, &net);
+            }
+        });
+    }
+    sim.run_for(2_000);
+    sim.partition(vec![
+        BTreeSet::from([NodeId(1)]),
+        BTreeSet::from([NodeId(2), NodeId(3)]),
+    ]);
+    sim.with_node(NodeId(1), |g, now| {
+        for net in nets(12) {
+            g.put(now, &net, "vteps", "k", vtep(1)).unwrap();
+        }
+    });
+    sim.run_for(200);
+    sim.heal();
+    sim.run_for(8_000);
+    for i in [2, 3] {
+        for net in nets(12) {
+            assert_eq!(
+                keys_in(&sim, i, &net),
+                BTreeSet::from(["k".to_owned()]),
+                "node {i}, {net}"
+            );
+        }
+    }
+}
