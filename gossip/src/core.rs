@@ -794,31 +794,39 @@ impl Gossip {
     /// index of attachments (its size, not the swarm's) once per change of
     /// members or attachments.
     fn members_in(&mut self, network: &str) -> Vec<NodeId> {
-        let live =
-            |g: &Self, id: &NodeId| g.members.get(id).is_some_and(|t| t.dead_since_ms.is_none());
         if network == GLOBAL {
             return self
                 .members
-                .keys()
-                .copied()
-                .filter(|id| live(self, id))
+                .iter()
+                .filter(|(_, t)| t.dead_since_ms.is_none())
+                .map(|(id, _)| *id)
                 .collect();
         }
+        self.listed_in(network).to_vec()
+    }
+
+    /// The live members of `network` (not the global scope), listed once
+    /// per change of members or attachments.
+    fn listed_in(&mut self, network: &str) -> &[NodeId] {
         let at = (self.members_gen, self.tables.attached_gen());
         if self.listed_at != at {
             self.listed.clear();
             self.listed_at = at;
         }
-        if let Some(list) = self.listed.get(network) {
-            return list.clone();
+        if !self.listed.contains_key(network) {
+            let live = |id: &NodeId| {
+                self.members
+                    .get(id)
+                    .is_some_and(|t| t.dead_since_ms.is_none())
+            };
+            let list: Vec<NodeId> = self
+                .tables
+                .attached(network)
+                .filter(|id| *id != self.me.id && live(id))
+                .collect();
+            self.listed.insert(network.to_owned(), list);
         }
-        let list: Vec<NodeId> = self
-            .tables
-            .attached(network)
-            .filter(|id| *id != self.me.id && live(self, id))
-            .collect();
-        self.listed.insert(network.to_owned(), list.clone());
-        list
+        self.listed.get(network).map_or(&[], Vec::as_slice)
     }
 
     fn node_in(&self, node: NodeId, network: &str) -> bool {
@@ -942,7 +950,10 @@ impl Gossip {
 
     /// How many other members `network` has.
     fn members_in_count(&mut self, network: &str) -> usize {
-        self.members_in(network).len()
+        if network == GLOBAL {
+            return self.live_count();
+        }
+        self.listed_in(network).len()
     }
 
     /// Whether writes in `network` spread along broadcast trees (more than
