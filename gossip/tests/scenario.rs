@@ -47,6 +47,15 @@ fn cluster_on_net(n: u64) -> Sim {
     sim
 }
 
+/// Crashes node `i`, and 1 s later starts it again (a new generation,
+/// introduced to node 1) attached to `net`.
+fn restart_on_net(sim: &mut Sim, i: u64) {
+    sim.crash(NodeId(i));
+    sim.run_for(1_000);
+    sim.start(NodeId(i), &[NodeId(1)]);
+    sim.with_node(NodeId(i), |g, now| g.join_network(now, "net"));
+}
+
 /// The keys node `i` sees in `net`.
 fn keys_in(sim: &Sim, i: u64, net: &str) -> BTreeSet<String> {
     sim.nodes[&NodeId(i)]
@@ -106,10 +115,7 @@ fn a_restarted_owner_replaces_its_old_state() {
         g.put(now, "net", "vteps", "old", vtep(4)).unwrap()
     });
     sim.run_for(500);
-    sim.crash(NodeId(4));
-    sim.run_for(1_000);
-    sim.start(NodeId(4), &[NodeId(1)]);
-    sim.with_node(NodeId(4), |g, now| g.join_network(now, "net"));
+    restart_on_net(&mut sim, 4);
     sim.run_for(200);
     sim.with_node(NodeId(4), |g, now| {
         g.put(now, "net", "vteps", "new", vtep(4)).unwrap()
@@ -620,10 +626,7 @@ fn a_certificate_crosses_to_each_peer_once_and_again_after_it_restarts() {
     sim.run_for(500);
     // Node 2 restarts: it has no certificates; node 1 sends its own again,
     // and node 2 takes node 1's entries.
-    sim.crash(NodeId(2));
-    sim.run_for(1_000);
-    sim.start(NodeId(2), &[NodeId(1)]);
-    sim.with_node(NodeId(2), |g, now| g.join_network(now, "net"));
+    restart_on_net(&mut sim, 2);
     sim.run_for(3_000);
     put(&mut sim, "c");
     sim.run_for(500);
