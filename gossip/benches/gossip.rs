@@ -238,7 +238,7 @@ fn signed_sync(name: &str, n: u64, keys: &dyn Fn(NodeId) -> Box<dyn shoal_gossip
         .tables()
         .all()
         .filter(|(k, _)| k.network == "net")
-        .map(|(k, e)| (k.clone(), e.clone()))
+        .map(|(k, e)| (k.clone().into(), e.clone().into()))
         .collect();
     let sender = owner
         .tables()
@@ -250,7 +250,7 @@ fn signed_sync(name: &str, n: u64, keys: &dyn Fn(NodeId) -> Box<dyn shoal_gossip
             network: "net".into(),
             entries,
         },
-        certs: vec![(NodeId(2), keys(NodeId(2)).cert())],
+        certs: vec![(NodeId(2), keys(NodeId(2)).cert().into())],
     };
     let bytes = shoal_mesh::codec::encode(&msg).unwrap();
     let mut times = Vec::new();

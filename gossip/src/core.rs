@@ -30,7 +30,8 @@ use crate::keys::Keys;
 use crate::message::{MAX_DATAGRAM, MAX_STREAM_MESSAGE, Message, TableMessage};
 use crate::peer::Peer;
 use crate::table::{
-    Change, Entry, EntryKey, GLOBAL, NETWORKS_TABLE, Tables, differing_owners, signed_bytes,
+    Change, Entry, EntryKey, GLOBAL, NETWORKS_TABLE, SharedEntry, SharedKey, Tables,
+    differing_owners, signed_bytes,
 };
 
 /// How far ahead of this node's clock an entry's version may be (versions
@@ -390,7 +391,7 @@ pub struct Gossip {
     listed: HashMap<String, Vec<NodeId>>,
     listed_at: (u64, u64),
     /// This node's own `networks` entry, sent with table messages.
-    my_networks: Option<Entry>,
+    my_networks: Option<SharedEntry>,
     /// What each peer was sent already.
     sent: HashMap<NodeId, SentTo>,
 
@@ -833,7 +834,7 @@ impl Gossip {
         self.tables.is_attached(node, network)
     }
 
-    fn networks_entry(&self) -> Option<Entry> {
+    fn networks_entry(&self) -> Option<SharedEntry> {
         self.my_networks.clone()
     }
 
@@ -906,14 +907,19 @@ impl Gossip {
     /// not see as a member falls back to a few members chosen at random
     /// ([`push_fanout`]), each of which sends them on once in turn. A
     /// member that missed them gets them by anti-entropy.
-    fn push(&mut self, network: &str, entries: Vec<(EntryKey, Entry)>, skip: &BTreeSet<NodeId>) {
+    fn push(
+        &mut self,
+        network: &str,
+        entries: Vec<(SharedKey, SharedEntry)>,
+        skip: &BTreeSet<NodeId>,
+    ) {
         let members: Vec<NodeId> = self.members_in(network);
         if !self.spreads(network) {
             let targets: Vec<NodeId> = members.into_iter().filter(|m| !skip.contains(m)).collect();
             self.send_entries(network, &targets, entries);
             return;
         }
-        let mut by_owner: BTreeMap<NodeId, Vec<(EntryKey, Entry)>> = BTreeMap::new();
+        let mut by_owner: BTreeMap<NodeId, Vec<(SharedKey, SharedEntry)>> = BTreeMap::new();
         for (k, e) in entries {
             by_owner.entry(e.owner).or_default().push((k, e));
         }
@@ -936,7 +942,12 @@ impl Gossip {
         }
     }
 
-    fn send_entries(&mut self, network: &str, to: &[NodeId], entries: Vec<(EntryKey, Entry)>) {
+    fn send_entries(
+        &mut self,
+        network: &str,
+        to: &[NodeId],
+        entries: Vec<(SharedKey, SharedEntry)>,
+    ) {
         for t in to {
             self.send_table(
                 *t,
@@ -967,13 +978,13 @@ impl Gossip {
     }
 
     /// The certificates of `owners`, as far as this node has them.
-    fn certs_for(&self, owners: impl Iterator<Item = NodeId>) -> Vec<(NodeId, Vec<u8>)> {
+    fn certs_for(&self, owners: impl Iterator<Item = NodeId>) -> Vec<(NodeId, Arc<[u8]>)> {
         let owners: BTreeSet<NodeId> = owners.collect();
         owners
             .into_iter()
             .filter_map(|o| {
                 if o == self.me.id {
-                    Some((o, self.trust().keys.cert()))
+                    Some((o, Arc::from(self.trust().keys.cert())))
                 } else {
                     self.trust().certs.get(&o).map(|c| (o, c.clone()))
                 }
@@ -981,19 +992,19 @@ impl Gossip {
             .collect()
     }
 
-    fn write_local(&mut self, key: EntryKey, value: Option<TableValue>) {
+    fn write_local(&mut self, key: impl Into<SharedKey>, value: Option<TableValue>) {
+        let key: SharedKey = key.into();
         let version = self.next_version();
         let sig = self
             .trust()
             .keys
             .sign(&signed_bytes(&key, self.me.id, version, &value));
-        let entry = Entry {
+        let entry = Arc::new(Entry {
             owner: self.me.id,
             version,
             value,
             sig,
-            reap_at_ms: None,
-        };
+        });
         let change = self.tables.merge(
             key.clone(),
             entry.clone(),
@@ -1169,12 +1180,12 @@ impl Gossip {
                 body,
                 certs,
             } => {
-                let offered: BTreeMap<NodeId, Vec<u8>> = certs.into_iter().collect();
+                let offered: BTreeMap<NodeId, Arc<[u8]>> = certs.into_iter().collect();
                 if let Some(e) = sender {
                     if e.owner != from {
                         return Err(Rejected::ForgedSender(from));
                     }
-                    self.merge_remote(from, networks_key(from), e, &offered);
+                    self.merge_remote(from, Arc::new(networks_key(from)), e, &offered);
                 }
                 let network = body.network().to_owned();
                 let allowed = if network == GLOBAL {
@@ -1204,7 +1215,7 @@ impl Gossip {
         &mut self,
         key: &EntryKey,
         entry: &Entry,
-        offered: &BTreeMap<NodeId, Vec<u8>>,
+        offered: &BTreeMap<NodeId, Arc<[u8]>>,
     ) -> bool {
         let reject = |g: &mut Self, why: &str| {
             *g.rejected.entry(why.to_owned()).or_default() += 1;
@@ -1216,7 +1227,7 @@ impl Gossip {
         let owner = entry.owner;
         let mut trust = self.trust();
         let cert = if owner == self.me.id {
-            Some(trust.keys.cert())
+            Some(Arc::from(trust.keys.cert()))
         } else {
             offered.get(&owner).or(trust.certs.get(&owner)).cloned()
         };
@@ -1230,7 +1241,10 @@ impl Gossip {
             return reject(self, "bad_signature");
         }
         if owner != self.me.id && trust.certs.get(&owner) != Some(&cert) {
-            let renewed = trust.certs.insert(owner, cert).is_some();
+            let renewed = trust
+                .certs
+                .insert(owner, crate::share::share(cert))
+                .is_some();
             drop(trust);
             if renewed {
                 // Peers were sent the old one.
@@ -1258,13 +1272,13 @@ impl Gossip {
     fn merge_remote(
         &mut self,
         from: NodeId,
-        key: EntryKey,
-        entry: Entry,
-        offered: &BTreeMap<NodeId, Vec<u8>>,
-    ) -> Option<(EntryKey, Entry)> {
+        key: SharedKey,
+        entry: SharedEntry,
+        offered: &BTreeMap<NodeId, Arc<[u8]>>,
+    ) -> Option<(SharedKey, SharedEntry)> {
         if entry.owner == self.me.id {
             let mine = self.tables.get(&key).cloned();
-            let held = |m: &Entry| (m.owner, m.version) == (entry.owner, entry.version);
+            let held = |m: &SharedEntry| (m.owner, m.version) == (entry.owner, entry.version);
             if mine.as_ref().is_some_and(held) || !self.authentic(&key, &entry, offered) {
                 return None;
             }
@@ -1341,7 +1355,7 @@ impl Gossip {
         &mut self,
         from: NodeId,
         body: TableMessage,
-        offered: &BTreeMap<NodeId, Vec<u8>>,
+        offered: &BTreeMap<NodeId, Arc<[u8]>>,
     ) -> Result<(), Rejected> {
         match body {
             TableMessage::Entries { network, entries } => {

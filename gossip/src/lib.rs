@@ -17,6 +17,7 @@ pub mod core;
 pub mod keys;
 pub mod message;
 pub mod peer;
+pub mod share;
 pub mod sim;
 pub mod swim;
 pub mod table;

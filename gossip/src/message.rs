@@ -6,7 +6,9 @@
 use serde::{Deserialize, Serialize};
 use shoal_mesh::NodeId;
 
-use crate::table::{Digest, Entry, EntryKey};
+use std::sync::Arc;
+
+use crate::table::{Digest, SharedEntry, SharedKey};
 
 /// Largest SWIM datagram.
 pub const MAX_DATAGRAM: usize = 1200;
@@ -23,11 +25,11 @@ pub enum Message {
     /// Table traffic, with the sender's `networks` entry.
     Table {
         /// The sender's entry in the global `networks` table.
-        sender: Option<Entry>,
+        sender: Option<SharedEntry>,
         /// What it says.
         body: TableMessage,
         /// The certificates of the entries' owners (see [`crate::keys`]).
-        certs: Vec<(NodeId, Vec<u8>)>,
+        certs: Vec<(NodeId, Arc<[u8]>)>,
     },
 }
 
@@ -39,7 +41,7 @@ pub enum TableMessage {
         /// The network.
         network: String,
         /// The entries.
-        entries: Vec<(EntryKey, Entry)>,
+        entries: Vec<(SharedKey, SharedEntry)>,
     },
     /// Anti-entropy, first leg: the sender's per-owner digest.
     Digest {
@@ -54,7 +56,7 @@ pub enum TableMessage {
         /// The network.
         network: String,
         /// The replier's entries of the differing owners.
-        entries: Vec<(EntryKey, Entry)>,
+        entries: Vec<(SharedKey, SharedEntry)>,
         /// Owners whose entries the replier wants.
         want: Vec<NodeId>,
     },
@@ -114,6 +116,69 @@ mod tests {
             1,
             Box::new(crate::TestKeys(NodeId(1))),
         )
+    }
+
+    /// The message as it was encoded before entries and certificates were
+    /// shared (`Vec`s and values, not `Arc`s).
+    #[derive(serde::Serialize)]
+    enum Before {
+        Table {
+            sender: Option<crate::table::Entry>,
+            body: BeforeBody,
+            certs: Vec<(NodeId, Vec<u8>)>,
+        },
+    }
+
+    /// Its `Entries` body (the first variant, as `Entries` is today's).
+    #[derive(serde::Serialize)]
+    enum BeforeBody {
+        Entries {
+            network: String,
+            entries: Vec<(crate::table::EntryKey, crate::table::Entry)>,
+        },
+    }
+
+    #[test]
+    fn shared_values_encode_as_before_so_daemons_of_both_kinds_understand_each_other() {
+        use crate::table::{Entry, EntryKey};
+        use shoal_mesh::observed::TableValue;
+        let key = EntryKey {
+            network: "net".into(),
+            table: "vteps".into(),
+            key: "k".into(),
+        };
+        let entry = Entry {
+            owner: NodeId(7),
+            version: 9 << 16,
+            value: Some(TableValue::Networks(vec!["net".into()])),
+            sig: vec![1, 2, 3],
+        };
+        let now = super::Message::Table {
+            sender: Some(entry.clone().into()),
+            body: super::TableMessage::Entries {
+                network: "net".into(),
+                entries: vec![(key.clone().into(), entry.clone().into())],
+            },
+            certs: vec![(NodeId(7), vec![4u8; 5].into())],
+        };
+        let before = Before::Table {
+            sender: Some(entry.clone()),
+            body: BeforeBody::Entries {
+                network: "net".into(),
+                entries: vec![(key, entry)],
+            },
+            certs: vec![(NodeId(7), vec![4u8; 5])],
+        };
+        let mut bytes = shoal_mesh::codec::encode(&now).unwrap();
+        let mut old = shoal_mesh::codec::encode(&before).unwrap();
+        // `Table` is the second variant of `Message`, the first of `Before`.
+        assert_eq!(bytes[1], 1);
+        assert_eq!(old[1], 0);
+        old[1] = 1;
+        assert_eq!(bytes, old);
+        let back: super::Message = shoal_mesh::codec::decode(&bytes, 1 << 20).unwrap();
+        bytes = shoal_mesh::codec::encode(&back).unwrap();
+        assert_eq!(bytes, old);
     }
 
     proptest! {

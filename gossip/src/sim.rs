@@ -56,11 +56,19 @@ pub struct Sim {
     /// Sizes of the certificates and signatures of nodes started from now
     /// on ([`crate::keys::SizedTestKeys`]): a real node's by default.
     pub key_sizes: (usize, usize),
+    /// When the values shared among the nodes were last swept.
+    swept_ms: u64,
 }
 
+/// How often (simulated ms) the values no node holds any longer leave the
+/// thread's pool ([`crate::share`]).
+const SWEEP_EVERY_MS: u64 = 10_000;
+
 impl Sim {
-    /// An empty network; time starts at `start_ms`.
+    /// An empty network; time starts at `start_ms`. Its nodes share the
+    /// equal values they hold ([`crate::share`], on for this thread).
     pub fn new(seed: u64, config: GossipConfig, start_ms: u64) -> Self {
+        crate::share::enable();
         Sim {
             nodes: BTreeMap::new(),
             now_ms: start_ms,
@@ -80,6 +88,7 @@ impl Sim {
             events: Vec::new(),
             record_events: false,
             key_sizes: (423, 71),
+            swept_ms: start_ms,
         }
     }
 
@@ -217,6 +226,10 @@ impl Sim {
                 break;
             }
             self.now_ms = self.now_ms.max(next);
+            if self.now_ms >= self.swept_ms + SWEEP_EVERY_MS {
+                self.swept_ms = self.now_ms;
+                crate::share::sweep();
+            }
             if next_msg == Some(next) {
                 let Some(Reverse((_, seq))) = self.queue.pop() else {
                     break;
@@ -286,5 +299,15 @@ impl Sim {
             .filter(|(_, n)| n.up)
             .map(|(id, _)| *id)
             .collect()
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        // What only this simulation's nodes held.
+        self.nodes.clear();
+        self.in_flight.clear();
+        self.events.clear();
+        crate::share::sweep();
     }
 }

@@ -41,7 +41,7 @@ pub const MAX_SIG: usize = 96;
 const MAX_WAITING: usize = 4096;
 
 /// A subject's signed claim that it is alive as `peer` at `incarnation`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Vouch {
     peer: Peer,
     incarnation: Incarnation,
@@ -65,16 +65,17 @@ pub struct SwimTrust {
     /// Signs this node's claims and entries, checks others'.
     pub keys: Box<dyn Keys>,
     /// Certificates of owners whose entries this node took.
-    pub certs: std::collections::BTreeMap<NodeId, Vec<u8>>,
+    pub certs: std::collections::BTreeMap<NodeId, Arc<[u8]>>,
     me: NodeId,
     /// This node's signed claim, for its current identity and incarnation.
     own: Option<Vouch>,
-    /// Each member's highest signed claim this node checked.
-    vouched: BTreeMap<NodeId, Vouch>,
+    /// Each member's highest signed claim this node checked (shared:
+    /// [`crate::share`]).
+    vouched: BTreeMap<NodeId, Arc<Vouch>>,
     /// Each member's highest claim from its own packets (the transport
     /// vouches for the sender; the signature is relayed as it came, and
     /// checked by whoever takes the relay).
-    heard: BTreeMap<NodeId, Vouch>,
+    heard: BTreeMap<NodeId, Arc<Vouch>>,
     /// `Alive` claims waiting for their subject's certificate.
     waiting: BTreeMap<NodeId, (Member<Peer>, Vec<u8>)>,
     /// The sender of the packet being decoded.
@@ -149,14 +150,13 @@ impl SwimTrust {
                 < (peer.generation, peer.bump, incarnation)
         });
         if newer {
-            self.vouched.insert(
-                peer.id,
-                Vouch {
-                    peer: peer.clone(),
-                    incarnation,
-                    sig: sig.to_vec(),
-                },
-            );
+            let claim = Vouch {
+                peer: peer.clone(),
+                incarnation,
+                sig: sig.to_vec(),
+            };
+            self.vouched
+                .insert(peer.id, crate::share::share(Arc::new(claim)));
         }
     }
 
@@ -332,7 +332,7 @@ impl Codec<Peer> for SignedCodec {
                 incarnation: header.src_incarnation,
                 sig: sig.clone(),
             };
-            t.heard.insert(src.id, claim);
+            t.heard.insert(src.id, crate::share::share(Arc::new(claim)));
         }
         match t.check(src, header.src_incarnation, &sig) {
             Some(true) => {}
@@ -360,8 +360,9 @@ impl Codec<Peer> for SignedCodec {
             State::Alive if member.id().id == t.me => t.own_sig(member.id(), member.incarnation()),
             State::Alive => {
                 let id = member.id().id;
-                let exact =
-                    |v: &&Vouch| v.peer == *member.id() && v.incarnation == member.incarnation();
+                let exact = |v: &&Arc<Vouch>| {
+                    v.peer == *member.id() && v.incarnation == member.incarnation()
+                };
                 t.vouched
                     .get(&id)
                     .filter(exact)
@@ -398,7 +399,8 @@ mod tests {
     fn trust(me: u64) -> Arc<Mutex<SwimTrust>> {
         let mut t = SwimTrust::new(NodeId(me), Box::new(TestKeys(NodeId(me))));
         for n in 1..=4u64 {
-            t.certs.insert(NodeId(n), n.to_le_bytes().to_vec());
+            t.certs
+                .insert(NodeId(n), Arc::from(n.to_le_bytes().to_vec()));
         }
         Arc::new(Mutex::new(t))
     }
@@ -513,7 +515,7 @@ mod tests {
         assert!(four.trust().ready().is_empty());
         four.trust()
             .certs
-            .insert(NodeId(5), 5u64.to_le_bytes().to_vec());
+            .insert(NodeId(5), Arc::from(5u64.to_le_bytes().to_vec()));
         assert_eq!(
             four.trust().ready(),
             vec![Member::new(five, 2, State::Alive)]

@@ -10,6 +10,7 @@
 //! if the owner turns out to be alive.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use shoal_mesh::NodeId;
@@ -32,7 +33,7 @@ pub struct EntryKey {
 }
 
 /// One versioned entry.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Entry {
     /// The node that wrote it.
     pub owner: NodeId,
@@ -42,10 +43,13 @@ pub struct Entry {
     pub value: Option<TableValue>,
     /// The owner's signature of [`signed_bytes`] (see [`crate::keys`]).
     pub sig: Vec<u8>,
-    /// For tombstones: when (ms, local clock of the node holding it) it may be forgotten.
-    #[serde(skip)]
-    pub reap_at_ms: Option<u64>,
 }
+
+/// A stored key: immutable, shared by whoever holds it ([`crate::share`]).
+pub type SharedKey = Arc<EntryKey>;
+/// A stored entry: immutable (a newer version replaces it), shared by
+/// whoever holds it ([`crate::share`]).
+pub type SharedEntry = Arc<Entry>;
 
 /// What an entry's owner signs: its key, owner, version and value.
 pub fn signed_bytes(
@@ -118,7 +122,7 @@ pub fn root(digest: &Digest) -> u64 {
 /// All tables this node holds.
 #[derive(Clone, Debug)]
 pub struct Tables {
-    entries: BTreeMap<EntryKey, Entry>,
+    entries: BTreeMap<SharedKey, SharedEntry>,
     live: BTreeSet<NodeId>,
     /// Each network's digest, kept as entries change.
     digests: BTreeMap<String, Digest>,
@@ -127,7 +131,9 @@ pub struct Tables {
     roots: BTreeMap<String, u64>,
     /// Tombstones by reap time (an element whose entry was replaced since
     /// is skipped): reaping looks at what is due, not at every entry.
-    reaps: BTreeSet<(u64, EntryKey)>,
+    reaps: BTreeSet<(u64, SharedKey)>,
+    /// Each stored tombstone's reap time (this node's clock).
+    reap_at: BTreeMap<SharedKey, u64>,
     /// Which nodes each network's stored `networks` entries list (kept as
     /// those entries change, so that a network's members are found without
     /// a walk over the swarm's).
@@ -176,6 +182,7 @@ impl Tables {
             digests: BTreeMap::new(),
             roots: BTreeMap::new(),
             reaps: BTreeSet::new(),
+            reap_at: BTreeMap::new(),
             attached: BTreeMap::new(),
             attached_gen: 0,
         }
@@ -250,34 +257,43 @@ impl Tables {
     }
 
     /// Merges `incoming` for `key`; returns the visible change, if any.
-    /// Returns `Err(())`-free: a losing entry is simply ignored. One search
-    /// of the map.
+    /// A losing entry is simply ignored. One search of the map. What is
+    /// stored is shared with the thread's other nodes ([`crate::share`]).
     pub fn merge(
         &mut self,
-        key: EntryKey,
-        mut incoming: Entry,
+        key: impl Into<SharedKey>,
+        incoming: impl Into<SharedEntry>,
         now_ms: u64,
         reap_after_ms: u64,
     ) -> Option<Change> {
         use std::collections::btree_map::Entry as Slot;
-        incoming.reap_at_ms = incoming.is_tombstone().then_some(now_ms + reap_after_ms);
+        let (key, incoming) = (key.into(), incoming.into());
         let after = visible_value(&incoming, &self.live).cloned();
         let (owner, h) = (incoming.owner, entry_hash(&key, &incoming));
-        let reap_at = incoming.reap_at_ms;
-        let old = match self.entries.entry(key.clone()) {
+        let reap_at = incoming.is_tombstone().then_some(now_ms + reap_after_ms);
+        let (key, old) = match self.entries.entry(key) {
             Slot::Occupied(mut o) => {
                 if !incoming.wins_over(o.get()) {
                     return None;
                 }
-                Some(o.insert(incoming))
+                let old = o.insert(crate::share::share(incoming));
+                (o.key().clone(), Some(old))
             }
             Slot::Vacant(v) => {
-                v.insert(incoming);
-                None
+                let key = crate::share::share(v.into_key());
+                self.entries
+                    .insert(key.clone(), crate::share::share(incoming));
+                (key, None)
             }
         };
-        if let Some(at) = reap_at {
-            self.reaps.insert((at, key.clone()));
+        match reap_at {
+            Some(at) => {
+                self.reaps.insert((at, key.clone()));
+                self.reap_at.insert(key.clone(), at);
+            }
+            None => {
+                self.reap_at.remove(&key);
+            }
         }
         let before = old
             .as_ref()
@@ -289,13 +305,13 @@ impl Tables {
         self.account(&key.network, owner, h, true);
         if key.network == GLOBAL && key.table == NETWORKS_TABLE {
             let new = self.entries.get(&key).cloned();
-            self.reindex(&key, old.as_ref(), new.as_ref());
+            self.reindex(&key, old.as_deref(), new.as_deref());
         }
         change(&key, before.as_ref(), after.as_ref())
     }
 
     /// The stored entry (visible or not) for `key`.
-    pub fn get(&self, key: &EntryKey) -> Option<&Entry> {
+    pub fn get(&self, key: &EntryKey) -> Option<&SharedEntry> {
         self.entries.get(key)
     }
 
@@ -311,14 +327,14 @@ impl Tables {
     fn in_network<'a>(
         &'a self,
         network: &'a str,
-    ) -> impl Iterator<Item = (&'a EntryKey, &'a Entry)> + 'a {
+    ) -> impl Iterator<Item = (&'a SharedKey, &'a SharedEntry)> + 'a {
         let from = EntryKey {
             network: network.to_owned(),
             table: String::new(),
             key: String::new(),
         };
         self.entries
-            .range(from..)
+            .range::<EntryKey, _>(from..)
             .take_while(move |(k, _)| k.network == network)
     }
 
@@ -328,12 +344,12 @@ impl Tables {
         network: &'a str,
     ) -> impl Iterator<Item = (&'a EntryKey, &'a TableValue)> + 'a {
         self.in_network(network)
-            .filter_map(|(k, e)| visible_value(e, &self.live).map(|v| (k, v)))
+            .filter_map(|(k, e)| visible_value(e, &self.live).map(|v| (&**k, v)))
     }
 
     /// Every stored entry (tombstones and hidden ones too), in key order.
     pub fn all(&self) -> impl Iterator<Item = (&EntryKey, &Entry)> {
-        self.entries.iter()
+        self.entries.iter().map(|(k, e)| (&**k, &**e))
     }
 
     /// Whether `owner`'s entries are visible.
@@ -350,9 +366,9 @@ impl Tables {
         for (k, e) in self.entries.iter().filter(|(_, e)| e.owner == owner) {
             if let Some(v) = &e.value {
                 changes.push(if live {
-                    Change::Added(k.clone(), v.clone())
+                    Change::Added((**k).clone(), v.clone())
                 } else {
-                    Change::Removed(k.clone())
+                    Change::Removed((**k).clone())
                 });
             }
         }
@@ -367,7 +383,7 @@ impl Tables {
     /// Forgets `owner`'s entries older than `version` (an owner that
     /// restarted: its fresh state replaces the old).
     pub fn purge_owner_before(&mut self, owner: NodeId, version: u64) -> Vec<Change> {
-        let stale: Vec<EntryKey> = self
+        let stale: Vec<SharedKey> = self
             .entries
             .iter()
             .filter(|(_, e)| e.owner == owner && e.version < version)
@@ -378,7 +394,7 @@ impl Tables {
 
     /// Forgets `owner`'s entries in `network` (it left that network).
     pub fn purge_owner_in(&mut self, owner: NodeId, network: &str) -> Vec<Change> {
-        let keys: Vec<EntryKey> = self
+        let keys: Vec<SharedKey> = self
             .in_network(network)
             .filter(|(_, e)| e.owner == owner)
             .map(|(k, _)| k.clone())
@@ -386,16 +402,17 @@ impl Tables {
         self.remove_keys(keys)
     }
 
-    fn remove_keys(&mut self, keys: Vec<EntryKey>) -> Vec<Change> {
+    fn remove_keys(&mut self, keys: Vec<SharedKey>) -> Vec<Change> {
         let mut changes = Vec::new();
         for k in keys {
             let Some(e) = self.entries.remove(&k) else {
                 continue;
             };
+            self.reap_at.remove(&k);
             self.account(&k.network, e.owner, entry_hash(&k, &e), false);
             self.reindex(&k, Some(&e), None);
             if visible_value(&e, &self.live).is_some() {
-                changes.push(Change::Removed(k));
+                changes.push(Change::Removed((*k).clone()));
             }
         }
         changes
@@ -403,13 +420,13 @@ impl Tables {
 
     /// Forgets every entry of `network` (this node left it).
     pub fn drop_network(&mut self, network: &str) -> Vec<Change> {
-        let keys: Vec<EntryKey> = self.in_network(network).map(|(k, _)| k.clone()).collect();
+        let keys: Vec<SharedKey> = self.in_network(network).map(|(k, _)| k.clone()).collect();
         self.remove_keys(keys)
     }
 
     /// Drops tombstones whose reap time has passed.
     pub fn reap(&mut self, now_ms: u64) {
-        let mut due: Vec<EntryKey> = Vec::new();
+        let mut due: Vec<SharedKey> = Vec::new();
         while let Some((at, _)) = self.reaps.first()
             && *at <= now_ms
         {
@@ -418,11 +435,7 @@ impl Tables {
             };
             // Still that tombstone (not replaced by a write, or by a later
             // tombstone with its own time).
-            if self
-                .entries
-                .get(&key)
-                .is_some_and(|e| e.reap_at_ms == Some(at))
-            {
+            if self.reap_at.get(&key) == Some(&at) {
                 due.push(key);
             }
         }
@@ -458,7 +471,11 @@ impl Tables {
     }
 
     /// The entries of `network` owned by any of `owners`.
-    pub fn entries_of(&self, network: &str, owners: &BTreeSet<NodeId>) -> Vec<(EntryKey, Entry)> {
+    pub fn entries_of(
+        &self,
+        network: &str,
+        owners: &BTreeSet<NodeId>,
+    ) -> Vec<(SharedKey, SharedEntry)> {
         self.in_network(network)
             .filter(|(_, e)| owners.contains(&e.owner))
             .map(|(k, e)| (k.clone(), e.clone()))
@@ -500,7 +517,6 @@ mod tests {
             version,
             value: Some(TableValue::Networks(vec![v.into()])),
             sig: vec![],
-            reap_at_ms: None,
         }
     }
 
@@ -510,7 +526,6 @@ mod tests {
             version,
             value: None,
             sig: vec![],
-            reap_at_ms: None,
         }
     }
 

@@ -163,14 +163,14 @@ fn entries_from_a_non_member_of_the_network_are_rejected() {
         body: TableMessage::Entries {
             network: "a".into(),
             entries: vec![(
-                shoal_gossip::core::entry_key("a", "vteps", "x"),
+                shoal_gossip::core::entry_key("a", "vteps", "x").into(),
                 Entry {
                     owner: NodeId(3),
                     version: 5,
                     value: Some(vtep(3)),
                     sig: vec![],
-                    reap_at_ms: None,
-                },
+                }
+                .into(),
             )],
         },
         certs: vec![],
@@ -208,14 +208,14 @@ fn entries_forged_for_another_owner_or_the_far_future_are_ignored_by_every_node(
             &signed_bytes(&key(k), NodeId(owner), version, &value),
         );
         (
-            key(k),
+            key(k).into(),
             Entry {
                 owner: NodeId(owner),
                 version,
                 value,
                 sig,
-                reap_at_ms: None,
-            },
+            }
+            .into(),
         )
     };
     let now = sim.with_node(NodeId(1), |_, now| now).unwrap();
@@ -230,7 +230,7 @@ fn entries_forged_for_another_owner_or_the_far_future_are_ignored_by_every_node(
             network: "net".into(),
             entries,
         },
-        certs: vec![(NodeId(2), 2u64.to_le_bytes().to_vec())],
+        certs: vec![(NodeId(2), 2u64.to_le_bytes().to_vec().into())],
     };
     let bytes = shoal_mesh::codec::encode(&msg).unwrap();
     sim.with_node(NodeId(1), |g, now| {

@@ -217,14 +217,14 @@ fn a_forged_entry_for_another_nodes_endpoint_is_ignored_by_every_node() {
         << 16;
     let forged = |key: &str, value: Option<TableValue>| {
         (
-            entry_key("net1", "vteps", key),
+            entry_key("net1", "vteps", key).into(),
             Entry {
                 owner: victim,
                 version: ahead,
                 value,
                 sig: vec![0x30; 70],
-                reap_at_ms: None,
-            },
+            }
+            .into(),
         )
     };
     let evil = TableValue::Vtep(VtepRecord {
@@ -239,7 +239,9 @@ fn a_forged_entry_for_another_nodes_endpoint_is_ignored_by_every_node() {
         },
         certs: vec![(
             victim,
-            std::fs::read(c.hosts[1].state_dir.join("node.der")).unwrap(),
+            std::fs::read(c.hosts[1].state_dir.join("node.der"))
+                .unwrap()
+                .into(),
         )],
     };
     let bytes = shoal_mesh::codec::encode(&msg).unwrap();
