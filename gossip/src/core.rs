@@ -318,11 +318,44 @@ pub enum Rejected {
 /// owners whose certificates it sent. A table message carries only what
 /// the peer lacks; anti-entropy replies carry all of it, so whatever a lost
 /// message took with it is sent again when the peer's digest differs.
+///
+/// Kept for every member this node ever sent to (every member, as the
+/// global scope goes straight to all): small, and without a heap
+/// allocation for a peer sent only this node's own certificate.
 #[derive(Default)]
 struct SentTo {
     generation: u64,
     networks_version: Option<u64>,
-    certs: BTreeSet<NodeId>,
+    /// Whether it was sent this node's own certificate.
+    my_cert: bool,
+    /// Other owners whose certificates it was sent, sorted.
+    certs: Vec<NodeId>,
+}
+
+impl SentTo {
+    fn has_cert(&self, owner: NodeId, me: NodeId) -> bool {
+        if owner == me {
+            self.my_cert
+        } else {
+            self.certs.binary_search(&owner).is_ok()
+        }
+    }
+
+    fn add_cert(&mut self, owner: NodeId, me: NodeId) {
+        if owner == me {
+            self.my_cert = true;
+        } else if let Err(i) = self.certs.binary_search(&owner) {
+            self.certs.insert(i, owner);
+        }
+    }
+
+    fn forget_cert(&mut self, owner: NodeId, me: NodeId) {
+        if owner == me {
+            self.my_cert = false;
+        } else if let Ok(i) = self.certs.binary_search(&owner) {
+            self.certs.remove(i);
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -409,6 +442,14 @@ pub struct Gossip {
     /// Keys, owners' certificates and members' signed claims, shared with
     /// the SWIM codec.
     trust: Arc<Mutex<SwimTrust>>,
+}
+
+/// Gives back what a drained queue grew to in a burst (a swarm's worth of
+/// members coming up at once), so that an idle node holds little.
+fn shrink_idle<T>(q: &mut VecDeque<T>) {
+    if q.is_empty() && q.capacity() > 64 {
+        q.shrink_to(16);
+    }
 }
 
 fn encode(m: &Message) -> Vec<u8> {
@@ -711,12 +752,20 @@ impl Gossip {
 
     /// Next bytes to send.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+        let t = self.transmits.pop_front();
+        if t.is_none() {
+            shrink_idle(&mut self.transmits);
+        }
+        t
     }
 
     /// Next event.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        let e = self.events.pop_front();
+        if e.is_none() {
+            shrink_idle(&mut self.events);
+        }
+        e
     }
 
     /// Runs what is due at `now_ms`: SWIM timers, anti-entropy, reaping.
@@ -845,6 +894,11 @@ impl Gossip {
     /// Sends `body` to `to` with this node's `networks` entry and the
     /// certificates of the owners it names, each only if `to` was not sent
     /// it yet ([`SentTo`]), or always when `repair` (anti-entropy replies).
+    /// A message of the global scope to a peer this node shares no network
+    /// with (none was sent a network's message) always carries them, and
+    /// is not remembered: every member is sent some (a newcomer's welcome,
+    /// a changed `networks` entry), and a record for each would make every
+    /// node's memory grow with the swarm.
     fn send_table_as(&mut self, to: NodeId, body: TableMessage, repair: bool) {
         let Some((addr, generation)) = self
             .members
@@ -856,6 +910,21 @@ impl Gossip {
         let mine = self.networks_entry();
         let mut owners: BTreeSet<NodeId> = body.owners().collect();
         owners.extend(mine.iter().map(|e| e.owner));
+        if body.network() == GLOBAL && !self.sent.contains_key(&to) {
+            let certs = self.certs_for(owners.into_iter());
+            let msg = Message::Table {
+                sender: mine,
+                body,
+                certs,
+            };
+            self.transmits.push_back(Transmit {
+                to,
+                addr,
+                bytes: encode(&msg),
+                datagram: false,
+            });
+            return;
+        }
         let sent = self.sent.entry(to).or_default();
         if sent.generation != generation {
             *sent = SentTo {
@@ -870,10 +939,13 @@ impl Gossip {
         } else {
             None
         };
-        owners.retain(|o| repair || !sent.certs.contains(o));
+        let me = self.me.id;
+        owners.retain(|o| repair || !sent.has_cert(*o, me));
         let certs = self.certs_for(owners.into_iter());
         if let Some(sent) = self.sent.get_mut(&to) {
-            sent.certs.extend(certs.iter().map(|(o, _)| *o));
+            for (o, _) in &certs {
+                sent.add_cert(*o, me);
+            }
         }
         let msg = Message::Table {
             sender,
@@ -1039,7 +1111,7 @@ impl Gossip {
         self.trust().rekey();
         let me = self.me.id;
         for sent in self.sent.values_mut() {
-            sent.certs.remove(&me);
+            sent.forget_cert(me, me);
         }
         let mine: Vec<(EntryKey, TableValue)> = self
             .tables
@@ -1248,8 +1320,9 @@ impl Gossip {
             drop(trust);
             if renewed {
                 // Peers were sent the old one.
+                let me = self.me.id;
                 for sent in self.sent.values_mut() {
-                    sent.certs.remove(&owner);
+                    sent.forget_cert(owner, me);
                 }
             }
         }
@@ -1513,7 +1586,7 @@ impl Gossip {
 
 /// The key of `node`'s entry in the global `networks` table.
 pub fn networks_key(node: NodeId) -> EntryKey {
-    entry_key(GLOBAL, NETWORKS_TABLE, &node.to_string())
+    crate::table::networks_key_of(node)
 }
 
 /// An entry key.

@@ -229,6 +229,9 @@ impl Sim {
             if self.now_ms >= self.swept_ms + SWEEP_EVERY_MS {
                 self.swept_ms = self.now_ms;
                 crate::share::sweep();
+                // What a burst of messages grew the queues to.
+                self.in_flight.shrink_to(self.in_flight.len() * 2);
+                self.queue.shrink_to(self.queue.len() * 2);
             }
             if next_msg == Some(next) {
                 let Some(Reverse((_, seq))) = self.queue.pop() else {

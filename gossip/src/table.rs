@@ -119,6 +119,15 @@ pub fn root(digest: &Digest) -> u64 {
     })
 }
 
+/// The key of `node`'s entry in the global `networks` table.
+pub fn networks_key_of(node: NodeId) -> EntryKey {
+    EntryKey {
+        network: GLOBAL.to_owned(),
+        table: NETWORKS_TABLE.to_owned(),
+        key: node.to_string(),
+    }
+}
+
 /// All tables this node holds.
 #[derive(Clone, Debug)]
 pub struct Tables {
@@ -357,13 +366,31 @@ impl Tables {
         self.live.contains(&owner)
     }
 
+    /// The stored entries of `owner`, in key order, without a walk over
+    /// the swarm's (a swarm of n nodes sees n owners come up): its one
+    /// entry of the global scope (keyed by its ID), and the entries of the
+    /// networks whose digest counts some of its.
+    fn of_owner(&self, owner: NodeId) -> impl Iterator<Item = (&SharedKey, &SharedEntry)> {
+        let global = self
+            .entries
+            .get_key_value(&networks_key_of(owner))
+            .filter(move |(_, e)| e.owner == owner);
+        let networks = self
+            .digests
+            .iter()
+            .filter(move |(net, d)| net.as_str() != GLOBAL && d.contains_key(&owner))
+            .flat_map(move |(net, _)| self.in_network(net))
+            .filter(move |(_, e)| e.owner == owner);
+        global.into_iter().chain(networks)
+    }
+
     /// Shows (owner alive) or hides (owner dead) every entry of `owner`.
     pub fn set_live(&mut self, owner: NodeId, live: bool) -> Vec<Change> {
         if live == self.live.contains(&owner) {
             return Vec::new();
         }
         let mut changes = Vec::new();
-        for (k, e) in self.entries.iter().filter(|(_, e)| e.owner == owner) {
+        for (k, e) in self.of_owner(owner) {
             if let Some(v) = &e.value {
                 changes.push(if live {
                     Change::Added((**k).clone(), v.clone())
@@ -384,9 +411,8 @@ impl Tables {
     /// restarted: its fresh state replaces the old).
     pub fn purge_owner_before(&mut self, owner: NodeId, version: u64) -> Vec<Change> {
         let stale: Vec<SharedKey> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| e.owner == owner && e.version < version)
+            .of_owner(owner)
+            .filter(|(_, e)| e.version < version)
             .map(|(k, _)| k.clone())
             .collect();
         self.remove_keys(stale)
@@ -395,8 +421,8 @@ impl Tables {
     /// Forgets `owner`'s entries in `network` (it left that network).
     pub fn purge_owner_in(&mut self, owner: NodeId, network: &str) -> Vec<Change> {
         let keys: Vec<SharedKey> = self
-            .in_network(network)
-            .filter(|(_, e)| e.owner == owner)
+            .of_owner(owner)
+            .filter(|(k, _)| k.network == network)
             .map(|(k, _)| k.clone())
             .collect();
         self.remove_keys(keys)
@@ -656,5 +682,24 @@ mod tests {
         assert_eq!(a.digest("net").clone(), a.compute_digest("net"));
         assert_eq!(a.digest("net").keys().collect::<Vec<_>>(), [&NodeId(2)]);
         assert_eq!(a.root("net"), root(&a.compute_digest("net")));
+    }
+
+    #[test]
+    fn an_owners_entries_are_found_across_scopes_after_takeovers_and_removals() {
+        let mut t = tables();
+        t.merge(key("a"), put(1, 1, "a"), 0, 100);
+        t.merge(key("b"), put(2, 1, "b"), 0, 100);
+        // Node 2 takes `a` over.
+        t.merge(key("a"), put(2, 5, "a2"), 0, 100);
+        t.merge(networks_key_of(NodeId(2)), put(2, 6, "net"), 0, 100);
+        t.merge(networks_key_of(NodeId(3)), put(3, 1, "net"), 0, 100);
+        assert_eq!(t.set_live(NodeId(2), false).len(), 3);
+        assert_eq!(t.set_live(NodeId(2), true).len(), 3);
+        assert!(t.purge_owner_before(NodeId(1), u64::MAX).is_empty());
+        assert_eq!(t.purge_owner_before(NodeId(2), 5).len(), 1, "`b` only");
+        assert!(t.purge_owner_in(NodeId(2), "other").is_empty());
+        assert_eq!(t.purge_owner_in(NodeId(2), "net").len(), 1, "`a`");
+        assert_eq!(t.purge_owner_before(NodeId(2), 7).len(), 1, "`networks`");
+        assert_eq!(t.all().count(), 1, "node 3's");
     }
 }

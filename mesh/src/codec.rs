@@ -46,12 +46,16 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<DEFAULT_LIMIT>()
 }
 
-/// Encodes `value` behind the version byte.
+/// Encodes `value` behind the version byte, into one buffer of the exact
+/// size (measured first: no growing and copying of large messages).
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, EncodeError> {
-    let mut out = vec![WIRE_VERSION];
-    let body =
-        bincode::serde::encode_to_vec(value, config()).map_err(|e| EncodeError(e.to_string()))?;
-    out.extend_from_slice(&body);
+    let fail = |e: bincode::error::EncodeError| EncodeError(e.to_string());
+    let mut size = bincode::enc::write::SizeWriter::default();
+    bincode::serde::encode_into_writer(value, &mut size, config()).map_err(fail)?;
+    let mut out = vec![0; 1 + size.bytes_written];
+    out[0] = WIRE_VERSION;
+    let used = bincode::serde::encode_into_slice(value, &mut out[1..], config()).map_err(fail)?;
+    out.truncate(1 + used);
     Ok(out)
 }
 
