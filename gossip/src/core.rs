@@ -444,6 +444,9 @@ pub struct Gossip {
     trust: Arc<Mutex<SwimTrust>>,
 }
 
+/// Owners' certificates, as a table message carries them.
+type Certs = Vec<(NodeId, Arc<[u8]>)>;
+
 /// Gives back what a drained queue grew to in a burst (a swarm's worth of
 /// members coming up at once), so that an idle node holds little.
 fn shrink_idle<T>(q: &mut VecDeque<T>) {
@@ -910,21 +913,35 @@ impl Gossip {
         let mine = self.networks_entry();
         let mut owners: BTreeSet<NodeId> = body.owners().collect();
         owners.extend(mine.iter().map(|e| e.owner));
-        if body.network() == GLOBAL && !self.sent.contains_key(&to) {
-            let certs = self.certs_for(owners.into_iter());
-            let msg = Message::Table {
-                sender: mine,
-                body,
-                certs,
-            };
-            self.transmits.push_back(Transmit {
-                to,
-                addr,
-                bytes: encode(&msg),
-                datagram: false,
-            });
-            return;
-        }
+        let (sender, certs) = if body.network() == GLOBAL && !self.sent.contains_key(&to) {
+            (mine, self.certs_for(owners.into_iter()))
+        } else {
+            self.unsent(to, generation, mine, owners, repair)
+        };
+        let msg = Message::Table {
+            sender,
+            body,
+            certs,
+        };
+        self.transmits.push_back(Transmit {
+            to,
+            addr,
+            bytes: encode(&msg),
+            datagram: false,
+        });
+    }
+
+    /// Of this node's `networks` entry `mine` and the certificates of
+    /// `owners`, what peer `to` (of process `generation`) was not sent yet
+    /// (all when `repair`); noted as sent.
+    fn unsent(
+        &mut self,
+        to: NodeId,
+        generation: u64,
+        mine: Option<SharedEntry>,
+        mut owners: BTreeSet<NodeId>,
+        repair: bool,
+    ) -> (Option<SharedEntry>, Certs) {
         let sent = self.sent.entry(to).or_default();
         if sent.generation != generation {
             *sent = SentTo {
@@ -947,17 +964,7 @@ impl Gossip {
                 sent.add_cert(*o, me);
             }
         }
-        let msg = Message::Table {
-            sender,
-            body,
-            certs,
-        };
-        self.transmits.push_back(Transmit {
-            to,
-            addr,
-            bytes: encode(&msg),
-            datagram: false,
-        });
+        (sender, certs)
     }
 
     fn send_digest(&mut self, to: NodeId, network: &str) {
@@ -1050,7 +1057,7 @@ impl Gossip {
     }
 
     /// The certificates of `owners`, as far as this node has them.
-    fn certs_for(&self, owners: impl Iterator<Item = NodeId>) -> Vec<(NodeId, Arc<[u8]>)> {
+    fn certs_for(&self, owners: impl Iterator<Item = NodeId>) -> Certs {
         let owners: BTreeSet<NodeId> = owners.collect();
         owners
             .into_iter()
