@@ -696,3 +696,73 @@ fn anti_entropy_takes_a_few_networks_a_round_and_reaches_them_all() {
         }
     }
 }
+
+#[test]
+fn dead_members_and_their_entries_are_forgotten_in_order_of_death_after_the_ttl() {
+    let config = GossipConfig {
+        dead_owner_ttl_ms: 20_000,
+        ..GossipConfig::default()
+    };
+    let mut sim = Sim::new(7, config, 1_000_000);
+    sim.start(NodeId(1), &[]);
+    for i in 2..=5 {
+        sim.start(NodeId(i), &[NodeId(1)]);
+    }
+    sim.run_for(3_000);
+    for i in 1..=5 {
+        sim.with_node(NodeId(i), |g, now| {
+            g.join_network(now, "net");
+            g.put(now, "net", "vteps", &i.to_string(), vtep(i)).unwrap();
+        });
+    }
+    sim.run_for(1_000);
+    let knows = |sim: &Sim, i: u64, m: u64| {
+        sim.nodes[&NodeId(i)]
+            .gossip
+            .members()
+            .iter()
+            .any(|x| x.node_id == NodeId(m))
+    };
+    let holds = |sim: &Sim, i: u64, owner: u64| {
+        sim.nodes[&NodeId(i)]
+            .gossip
+            .tables()
+            .all()
+            .any(|(_, e)| e.owner == NodeId(owner))
+    };
+    // Node 4 dies about 2 s after this, node 5 about 12 s after.
+    sim.crash(NodeId(4));
+    sim.run_for(10_000);
+    sim.crash(NodeId(5));
+    sim.run_for(4_000);
+    for i in 1..=3 {
+        assert!(
+            knows(&sim, i, 4) && holds(&sim, i, 4),
+            "node {i}: kept while it may return"
+        );
+        assert_eq!(keys_in(&sim, i, "net").len(), 3, "node {i}: both hidden");
+    }
+    // 24 s: past node 4's time to live, not node 5's.
+    sim.run_for(10_000);
+    for i in 1..=3 {
+        assert!(
+            !knows(&sim, i, 4) && !holds(&sim, i, 4),
+            "node {i} forgot node 4"
+        );
+        assert!(
+            knows(&sim, i, 5) && holds(&sim, i, 5),
+            "node {i} still keeps node 5"
+        );
+    }
+    sim.run_for(14_000);
+    for i in 1..=3 {
+        let g = &sim.nodes[&NodeId(i)].gossip;
+        assert!(
+            !knows(&sim, i, 5) && !holds(&sim, i, 5),
+            "node {i} forgot node 5"
+        );
+        assert_eq!(g.members().len(), 3, "node {i}: itself and the two others");
+        assert_eq!(g.live_count(), 2);
+        assert_eq!(keys_in(&sim, i, "net").len(), 3);
+    }
+}
