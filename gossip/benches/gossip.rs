@@ -223,7 +223,7 @@ fn signed_sync(name: &str, n: u64, keys: &dyn Fn(NodeId) -> Box<dyn shoal_gossip
     use shoal_gossip::{Gossip, Peer};
     let peer = |i: u64| Peer {
         id: NodeId(i),
-        addr: format!("sim:{i}"),
+        addr: format!("sim:{i}").into(),
         generation: 1 << 16,
         bump: 0,
     };

@@ -271,7 +271,7 @@ pub struct Transmit {
     /// The peer.
     pub to: NodeId,
     /// Its address.
-    pub addr: String,
+    pub addr: Arc<str>,
     /// The encoded [`Message`].
     pub bytes: Vec<u8>,
     /// SWIM traffic (fits a datagram, may be lost); otherwise a stream.
@@ -1555,7 +1555,7 @@ impl Gossip {
         let of = |p: &Peer| swim.get(p).copied();
         let mut out = vec![MemberInfo {
             node_id: self.me.id,
-            addr: self.me.addr.clone(),
+            addr: self.me.addr.to_string(),
             state: MemberState::Alive,
             incarnation: of(&self.me).map_or(0, |(i, _)| i),
             generation: self.me.generation,
@@ -1568,7 +1568,7 @@ impl Gossip {
             };
             out.push(MemberInfo {
                 node_id: t.peer.id,
-                addr: t.peer.addr.clone(),
+                addr: t.peer.addr.to_string(),
                 state,
                 incarnation: of(&t.peer).map_or(0, |(i, _)| i),
                 generation: t.peer.generation,

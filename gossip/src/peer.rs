@@ -1,5 +1,7 @@
 //! A gossip member's identity.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use shoal_mesh::NodeId;
 
@@ -11,8 +13,9 @@ use shoal_mesh::NodeId;
 pub struct Peer {
     /// The node.
     pub id: NodeId,
-    /// Where it listens (`IP:PORT`).
-    pub addr: String,
+    /// Where it listens (`IP:PORT`); shared by the copies of the peer a
+    /// node keeps (foca's, the core's, the signed claims').
+    pub addr: Arc<str>,
     /// Its process generation (`start_ms << 16`).
     pub generation: u64,
     /// Rejoin counter within a generation.

@@ -100,7 +100,7 @@ impl Sim {
     fn peer(id: NodeId, generation: u64) -> Peer {
         Peer {
             id,
-            addr: format!("sim:{id}"),
+            addr: format!("sim:{id}").into(),
             generation,
             bump: 0,
         }

@@ -289,6 +289,15 @@ fn put(item: &[u8], sig: &[u8], mut buf: impl BufMut) -> Result<(), SwimCodecErr
     Ok(())
 }
 
+/// `peer` with its address shared with the thread's other copies
+/// ([`crate::share`]).
+fn shared(peer: Peer) -> Peer {
+    Peer {
+        addr: crate::share::share(peer.addr),
+        ..peer
+    }
+}
+
 fn take_sig(mut buf: impl Buf) -> Result<Vec<u8>, SwimCodecError> {
     if !buf.has_remaining() {
         return Err(SwimCodecError::Signature);
@@ -317,7 +326,9 @@ impl Codec<Peer> for SignedCodec {
     }
 
     fn decode_header(&mut self, mut buf: impl Buf) -> Result<Header<Peer>, Self::Error> {
-        let header: Header<Peer> = PostcardCodec.decode_header(&mut buf)?;
+        let mut header: Header<Peer> = PostcardCodec.decode_header(&mut buf)?;
+        header.src = shared(header.src);
+        header.dst = shared(header.dst);
         let sig = take_sig(&mut buf)?;
         let mut t = self.trust();
         // The transport checked that the sender is the header's source.
@@ -377,6 +388,11 @@ impl Codec<Peer> for SignedCodec {
 
     fn decode_member(&mut self, mut buf: impl Buf) -> Result<Member<Peer>, Self::Error> {
         let member: Member<Peer> = PostcardCodec.decode_member(&mut buf)?;
+        let member = Member::new(
+            shared(member.id().clone()),
+            member.incarnation(),
+            member.state(),
+        );
         let sig = take_sig(&mut buf)?;
         Ok(self.trust().judge(member, sig))
     }
@@ -390,7 +406,7 @@ mod tests {
     fn peer(id: u64) -> Peer {
         Peer {
             id: NodeId(id),
-            addr: format!("10.0.0.{id}:2377"),
+            addr: format!("10.0.0.{id}:2377").into(),
             generation: 1 << 16,
             bump: 0,
         }

@@ -20,7 +20,7 @@ fn vtep(n: u64) -> TableValue {
 fn peer(n: u64) -> shoal_gossip::Peer {
     shoal_gossip::Peer {
         id: NodeId(n),
-        addr: format!("sim:{n}"),
+        addr: format!("sim:{n}").into(),
         generation: 1 << 16,
         bump: 0,
     }

@@ -167,7 +167,7 @@ pub fn spawn(
     let inbox = handle.clone();
     let me = Peer {
         id,
-        addr: addr.to_string(),
+        addr: addr.to_string().into(),
         generation: now_ms() << 16,
         bump: 0,
     };
@@ -225,7 +225,7 @@ fn refresh_from_store(g: &mut Gossip, state: &StateHandle, announce: bool) {
             now,
             Peer {
                 id,
-                addr,
+                addr: addr.into(),
                 generation: 0,
                 bump: 0,
             },
@@ -245,7 +245,7 @@ fn store_peers(state: &StateHandle, me: NodeId) -> Vec<Peer> {
             .filter(|n| n.id != me)
             .map(|n| Peer {
                 id: n.id,
-                addr: n.addr.clone(),
+                addr: n.addr.as_str().into(),
                 generation: 0,
                 bump: 0,
             })
