@@ -423,6 +423,9 @@ pub struct Gossip {
     /// (`listed_at`): a message does not list its network again.
     listed: HashMap<String, Vec<NodeId>>,
     listed_at: (u64, u64),
+    /// This node's children in each owner's broadcast tree of each
+    /// network ([`tree_children`]), kept as long as `listed`.
+    trees: HashMap<String, HashMap<NodeId, Option<Vec<NodeId>>>>,
     /// This node's own `networks` entry, sent with table messages.
     my_networks: Option<SharedEntry>,
     /// What each peer was sent already.
@@ -493,6 +496,7 @@ impl Gossip {
             members_gen: 0,
             listed: HashMap::new(),
             listed_at: (0, 0),
+            trees: HashMap::new(),
             my_networks: None,
             sent: HashMap::new(),
             directory_tried: BTreeMap::new(),
@@ -864,6 +868,7 @@ impl Gossip {
         let at = (self.members_gen, self.tables.attached_gen());
         if self.listed_at != at {
             self.listed.clear();
+            self.trees.clear();
             self.listed_at = at;
         }
         if !self.listed.contains_key(network) {
@@ -880,6 +885,26 @@ impl Gossip {
             self.listed.insert(network.to_owned(), list);
         }
         self.listed.get(network).map_or(&[], Vec::as_slice)
+    }
+
+    /// This node's children in `owner`'s broadcast tree of `network`
+    /// ([`tree_children`] over the live members and this node), computed
+    /// once per change of the members.
+    fn children_in(&mut self, network: &str, owner: NodeId) -> Option<Vec<NodeId>> {
+        let me = self.me.id;
+        // Listing first drops trees computed over an older list.
+        let _ = self.listed_in(network);
+        if let Some(c) = self.trees.get(network).and_then(|t| t.get(&owner)) {
+            return c.clone();
+        }
+        let mut all = self.listed_in(network).to_vec();
+        all.push(me);
+        let children = tree_children(owner, me, &all, TREE_FANOUT);
+        self.trees
+            .entry(network.to_owned())
+            .or_default()
+            .insert(owner, children.clone());
+        children
     }
 
     fn node_in(&self, node: NodeId, network: &str) -> bool {
@@ -1002,10 +1027,8 @@ impl Gossip {
         for (k, e) in entries {
             by_owner.entry(e.owner).or_default().push((k, e));
         }
-        let mut all = members.clone();
-        all.push(self.me.id);
         for (owner, entries) in by_owner {
-            let targets: Vec<NodeId> = match tree_children(owner, self.me.id, &all, TREE_FANOUT) {
+            let targets: Vec<NodeId> = match self.children_in(network, owner) {
                 Some(children) => children,
                 None => {
                     let n = members.len();
