@@ -5,7 +5,9 @@
 //! each (so 150 000 endpoints at 5 000 nodes). Then, with 5 % of datagrams
 //! lost:
 //!
-//! - every node updates one of its endpoints every second for `--seconds`:
+//! - once SWIM has passed on every arrival (a swarm that just formed keeps
+//!   its packets full for a while; how long is printed), every node
+//!   updates one of its endpoints every second for `--seconds`:
 //!   the time for a sample of those updates to reach every member of the
 //!   network (p50/p99/max), bytes sent per node per second, and the gossip
 //!   core's CPU per node per simulated second (the CPU time of this
@@ -304,6 +306,26 @@ fn run(n: u64, a: &Args) {
         });
     }
     sim.run_for(10_000);
+    // Every node passes each arrival on ln(n) + 7 times: a swarm that just
+    // formed keeps its packets full for a while. The load is measured on
+    // a swarm that has settled.
+    let settle = sim.now();
+    let backlog = |sim: &Sim| {
+        sim.nodes
+            .values()
+            .filter(|x| x.up)
+            .map(|x| x.gossip.swim_backlog())
+            .max()
+            .unwrap_or(0)
+    };
+    while backlog(&sim) > 0 && sim.now() - settle < 600_000 {
+        sim.run_for(1_000);
+    }
+    println!(
+        "{n} nodes: SWIM's backlog of the joins passed on {} s after the endpoints were written ({} updates left on the most behind node)",
+        (sim.now() - settle) / 1000 + 10,
+        backlog(&sim)
+    );
     let sizes: Vec<usize> = members.values().map(BTreeSet::len).collect();
     println!(
         "{n} nodes: {count} networks of {}–{} members, {} endpoints, set up in {:.0} s of wall time",

@@ -1556,6 +1556,12 @@ impl Gossip {
         })
     }
 
+    /// Membership updates SWIM still has to pass on (each one
+    /// [`max_transmissions`] times): what a burst of joins or deaths left.
+    pub fn swim_backlog(&self) -> usize {
+        self.foca.updates_backlog()
+    }
+
     /// SWIM's own view of `node` (state and incarnation), which
     /// [`Self::members`] follows; for diagnostics.
     pub fn swim_view(&self, node: NodeId) -> Vec<(String, u16)> {
