@@ -1,7 +1,7 @@
 //! Sharing of equal immutable values among the gossip nodes of one thread.
 //!
 //! What a node stores of others (entries and their keys, certificates,
-//! signed SWIM claims) is immutable once decoded and held behind an
+//! signed SWIM claims, peers' addresses) is immutable once decoded and held behind an
 //! [`Arc`]. A daemon runs one node and shares nothing: [`share`] returns
 //! its argument. The simulator ([`crate::sim`]) runs thousands of nodes in
 //! one thread, each of which holds a copy of the same certificates and

@@ -276,7 +276,7 @@ impl Tables {
         reap_after_ms: u64,
     ) -> Option<Change> {
         use std::collections::btree_map::Entry as Slot;
-        let (key, incoming) = (key.into(), incoming.into());
+        let (key, incoming) = (crate::share::share(key.into()), incoming.into());
         let after = visible_value(&incoming, &self.live).cloned();
         let (owner, h) = (incoming.owner, entry_hash(&key, &incoming));
         let reap_at = incoming.is_tombstone().then_some(now_ms + reap_after_ms);
@@ -289,9 +289,8 @@ impl Tables {
                 (o.key().clone(), Some(old))
             }
             Slot::Vacant(v) => {
-                let key = crate::share::share(v.into_key());
-                self.entries
-                    .insert(key.clone(), crate::share::share(incoming));
+                let key = v.key().clone();
+                v.insert(crate::share::share(incoming));
                 (key, None)
             }
         };
