@@ -1,14 +1,15 @@
 //! Sharing of equal immutable values among the gossip nodes of one thread.
 //!
 //! What a node stores of others (entries and their keys, certificates,
-//! signed SWIM claims, peers' addresses) is immutable once decoded and held behind an
-//! [`Arc`]. A daemon runs one node and shares nothing: [`share`] returns
-//! its argument. The simulator ([`crate::sim`]) runs thousands of nodes in
-//! one thread, each of which holds a copy of the same certificates and
-//! entries; it turns sharing on for its thread ([`enable`]), and every
-//! node then keeps the one copy of an equal value that the thread already
-//! holds. What a node does is the same either way (the values are equal and
-//! never change); only the simulator's memory differs.
+//! signed SWIM claims, peers' addresses) is immutable once decoded and
+//! held behind an [`Arc`]. A daemon runs one node and shares nothing:
+//! [`share`] returns its argument. The simulator ([`crate::sim`]) runs
+//! thousands of nodes in one thread, each of which holds a copy of the same
+//! certificates and entries; it turns sharing on for its thread
+//! ([`enable`]), and every node then keeps the one copy of an equal value
+//! that the thread already holds. What a node does is the same either way
+//! (the values are equal and never change); only the simulator's memory
+//! differs.
 
 use std::any::{Any, TypeId};
 use std::cell::RefCell;
