@@ -923,10 +923,11 @@ impl Gossip {
     /// certificates of the owners it names, each only if `to` was not sent
     /// it yet ([`SentTo`]), or always when `repair` (anti-entropy replies).
     /// A message of the global scope to a peer this node shares no network
-    /// with (none was sent a network's message) always carries them, and
-    /// is not remembered: every member is sent some (a newcomer's welcome,
-    /// a changed `networks` entry), and a record for each would make every
-    /// node's memory grow with the swarm.
+    /// with (none was sent a network's message) is not remembered: every
+    /// member is sent some (a newcomer's welcome, a changed `networks`
+    /// entry, anti-entropy), and a record for each would make every node's
+    /// memory grow with the swarm. Such a message carries them when it
+    /// carries entries, and an anti-entropy probe never.
     fn send_table_as(&mut self, to: NodeId, body: TableMessage, repair: bool) {
         let Some((addr, generation)) = self
             .members
@@ -939,7 +940,13 @@ impl Gossip {
         let mut owners: BTreeSet<NodeId> = body.owners().collect();
         owners.extend(mine.iter().map(|e| e.owner));
         let (sender, certs) = if body.network() == GLOBAL && !self.sent.contains_key(&to) {
-            (mine, self.certs_for(owners.into_iter()))
+            match body {
+                // An anti-entropy probe needs neither: a peer that lacks
+                // this node's entry has another root, and the repair that
+                // follows carries it.
+                TableMessage::Root { .. } | TableMessage::Digest { .. } => (None, Vec::new()),
+                _ => (mine, self.certs_for(owners.into_iter())),
+            }
         } else {
             self.unsent(to, generation, mine, owners, repair)
         };
