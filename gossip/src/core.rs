@@ -319,9 +319,10 @@ pub enum Rejected {
 /// the peer lacks; anti-entropy replies carry all of it, so whatever a lost
 /// message took with it is sent again when the peer's digest differs.
 ///
-/// Kept for every member this node ever sent to (every member, as the
-/// global scope goes straight to all): small, and without a heap
-/// allocation for a peer sent only this node's own certificate.
+/// Kept for each peer this node sent a network's message to (a
+/// global-scope message to any other peer leaves none): small, and
+/// without a heap allocation for a peer sent only this node's own
+/// certificate.
 #[derive(Default)]
 struct SentTo {
     generation: u64,

@@ -66,6 +66,16 @@ fn keys_in(sim: &Sim, i: u64, net: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// Node `b`'s state in node `a`'s member list, if `a` tracks it.
+fn member_state(sim: &Sim, a: u64, b: u64) -> Option<MemberState> {
+    sim.nodes[&NodeId(a)]
+        .gossip
+        .members()
+        .into_iter()
+        .find(|m| m.node_id == NodeId(b))
+        .map(|m| m.state)
+}
+
 fn cluster(n: u64) -> Sim {
     let mut sim = Sim::new(7, GossipConfig::default(), 1_000_000);
     sim.start(NodeId(1), &[]);
@@ -547,13 +557,7 @@ fn a_node_the_directory_lists_is_learned_without_waiting_for_swim() {
     sim.start(NodeId(2), &[NodeId(1)]);
     sim.start(NodeId(3), &[]);
     sim.run_for(3_000);
-    let knows = |sim: &Sim, a: u64, b: u64| {
-        sim.nodes[&NodeId(a)]
-            .gossip
-            .members()
-            .iter()
-            .any(|m| m.node_id == NodeId(b) && m.state == MemberState::Alive)
-    };
+    let knows = |sim: &Sim, a: u64, b: u64| member_state(sim, a, b) == Some(MemberState::Alive);
     assert!(!knows(&sim, 1, 3));
     let three = sim.nodes[&NodeId(3)].gossip.me().clone();
     let two = sim.nodes[&NodeId(2)].gossip.me().clone();
@@ -716,13 +720,7 @@ fn dead_members_and_their_entries_are_forgotten_in_order_of_death_after_the_ttl(
         });
     }
     sim.run_for(1_000);
-    let knows = |sim: &Sim, i: u64, m: u64| {
-        sim.nodes[&NodeId(i)]
-            .gossip
-            .members()
-            .iter()
-            .any(|x| x.node_id == NodeId(m))
-    };
+    let knows = |sim: &Sim, i: u64, m: u64| member_state(sim, i, m).is_some();
     let holds = |sim: &Sim, i: u64, owner: u64| {
         sim.nodes[&NodeId(i)]
             .gossip
