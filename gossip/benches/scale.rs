@@ -10,8 +10,8 @@
 //!   updates one of its endpoints every second for `--seconds`:
 //!   the time for a sample of those updates to reach every member of the
 //!   network (p50/p99/max), bytes sent per node per second, and the gossip
-//!   core's CPU per node per simulated second (the CPU time of this
-//!   single-threaded run divided by nodes and simulated seconds: every
+//!   core's CPU per node per simulated second (the CPU time of the run,
+//!   on all its threads, divided by nodes and simulated seconds: every
 //!   node's protocol work, and the simulator's);
 //! - live nodes wrongly declared dead over the whole run (false positives);
 //! - `--crashes` nodes crash, 5 s apart: the time until every live node has
@@ -20,8 +20,11 @@
 //! ```text
 //! cargo bench -p shoal-gossip --bench scale -- [--nodes 100,1000,5000]
 //!     [--seconds 300] [--network 100] [--crashes 10] [--seed 1]
-//!     [--suspect-ms MS] [--indirect K] [--small-keys]
+//!     [--suspect-ms MS] [--indirect K] [--small-keys] [--threads 2]
 //! ```
+//!
+//! The nodes run on `--threads` threads (1 or 2; default 2): the results
+//! are the same on either, the wall time is not.
 //!
 //! Entries, certificates and signatures have a real swarm's sizes: endpoint
 //! records with 25-character task and service IDs, 423-byte node
@@ -56,6 +59,8 @@ struct Args {
     /// 8-byte certificates and signatures instead of a real node's sizes
     /// (less memory; the bytes sent are then too low).
     small_keys: bool,
+    /// Threads that run the nodes.
+    threads: usize,
 }
 
 fn args() -> Args {
@@ -68,6 +73,7 @@ fn args() -> Args {
         suspect_ms: None,
         indirect: None,
         small_keys: false,
+        threads: 2,
     };
     let argv: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -91,6 +97,7 @@ fn args() -> Args {
             "--seed" => a.seed = num(),
             "--suspect-ms" => a.suspect_ms = Some(num()),
             "--indirect" => a.indirect = Some(num()),
+            "--threads" => a.threads = num() as usize,
             "--small-keys" => {
                 a.small_keys = true;
                 i += 1;
@@ -214,6 +221,7 @@ fn run(n: u64, a: &Args) {
     if a.small_keys {
         sim.key_sizes = (8, 8);
     }
+    sim.threads = a.threads;
     println!(
         "{n} nodes: certificates of {} bytes, signatures of {}",
         sim.key_sizes.0, sim.key_sizes.1

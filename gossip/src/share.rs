@@ -1,32 +1,33 @@
-//! Sharing of equal immutable values among the gossip nodes of one thread.
+//! Sharing of equal immutable values among the gossip nodes of one
+//! simulation.
 //!
 //! What a node stores of others (entries and their keys, certificates,
 //! signed SWIM claims, peers' addresses) is immutable once decoded and
 //! held behind an [`Arc`]. A daemon runs one node and shares nothing:
 //! [`share`] returns its argument. The simulator ([`crate::sim`]) runs
-//! thousands of nodes in one thread, each of which holds a copy of the same
-//! certificates and entries; it turns sharing on for its thread
-//! ([`enable`]), and every node then keeps the one copy of an equal value
-//! that the thread already holds. What a node does is the same either way
-//! (the values are equal and never change); only the simulator's memory
-//! differs.
+//! thousands of nodes in one process, each of which holds a copy of the
+//! same certificates and entries; it makes a [`Pool`] and enters it on the
+//! threads that run its nodes ([`enter`]), and every node then keeps the
+//! one copy of an equal value that the pool already holds. What a node
+//! does is the same either way (the values are equal and never change);
+//! only the simulator's memory differs.
 
 use std::any::{Any, TypeId};
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
-use std::hash::Hash;
-use std::sync::Arc;
+use std::hash::{BuildHasher, Hash};
+use std::sync::{Arc, Mutex};
 
-/// One type's shared values, type-erased so that [`sweep`] can reach
-/// every type's.
-trait Set {
+/// One type's shared values, type-erased so that [`Pool::sweep`] can
+/// reach every type's.
+trait Set: Send {
     /// Forgets the values nobody but the pool holds; how many.
     fn sweep(&mut self) -> usize;
     fn len(&self) -> usize;
     fn as_any(&mut self) -> &mut dyn Any;
 }
 
-impl<T: ?Sized + Hash + Eq + 'static> Set for HashSet<Arc<T>> {
+impl<T: ?Sized + Hash + Eq + Send + Sync + 'static> Set for HashSet<Arc<T>> {
     fn sweep(&mut self) -> usize {
         let before = self.len();
         self.retain(|v| Arc::strong_count(v) > 1);
@@ -42,27 +43,34 @@ impl<T: ?Sized + Hash + Eq + 'static> Set for HashSet<Arc<T>> {
     }
 }
 
-thread_local! {
-    /// This thread's pool, by value type; `None` when sharing is off.
-    static POOL: RefCell<Option<HashMap<TypeId, Box<dyn Set>>>> = const { RefCell::new(None) };
+/// Shards of a pool: threads sharing one pool rarely wait for each other.
+const SHARDS: usize = 16;
+
+type Shard = Mutex<HashMap<TypeId, Box<dyn Set>>>;
+
+/// Shared values by type, for the threads that entered the pool.
+pub struct Pool {
+    shards: Vec<Shard>,
+    /// Picks a value's shard (fixed keys: the same shard on every thread).
+    hasher: std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher>,
 }
 
-/// Turns sharing on for this thread (the simulator's).
-pub fn enable() {
-    POOL.with(|p| {
-        p.borrow_mut().get_or_insert_with(HashMap::new);
-    });
+impl Default for Pool {
+    fn default() -> Self {
+        Pool {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: Default::default(),
+        }
+    }
 }
 
-/// The thread's copy of a value equal to `v` if it has one, else `v`
-/// (kept as the thread's copy while sharing is on).
-pub fn share<T: ?Sized + Hash + Eq + 'static>(v: Arc<T>) -> Arc<T> {
-    POOL.with(|p| {
-        let mut p = p.borrow_mut();
-        let Some(pool) = p.as_mut() else {
+impl Pool {
+    fn share<T: ?Sized + Hash + Eq + Send + Sync + 'static>(&self, v: Arc<T>) -> Arc<T> {
+        let shard = (self.hasher.hash_one(&*v) as usize) % SHARDS;
+        let Ok(mut shard) = self.shards[shard].lock() else {
             return v;
         };
-        let set = pool
+        let set = shard
             .entry(TypeId::of::<T>())
             .or_insert_with(|| Box::new(HashSet::<Arc<T>>::new()));
         let Some(set) = set.as_any().downcast_mut::<HashSet<Arc<T>>>() else {
@@ -73,24 +81,49 @@ pub fn share<T: ?Sized + Hash + Eq + 'static>(v: Arc<T>) -> Arc<T> {
         }
         set.insert(v.clone());
         v
-    })
+    }
+
+    /// Forgets the shared values no node holds any longer; how many.
+    pub fn sweep(&self) -> usize {
+        self.shards
+            .iter()
+            .filter_map(|s| s.lock().ok())
+            .map(|mut s| s.values_mut().map(|set| set.sweep()).sum::<usize>())
+            .sum()
+    }
+
+    /// How many values the pool holds.
+    pub fn held(&self) -> usize {
+        self.shards
+            .iter()
+            .filter_map(|s| s.lock().ok())
+            .map(|s| s.values().map(|set| set.len()).sum::<usize>())
+            .sum()
+    }
 }
 
-/// Forgets the shared values no node holds any longer; how many.
-pub fn sweep() -> usize {
-    POOL.with(|p| {
-        p.borrow_mut()
-            .as_mut()
-            .map_or(0, |pool| pool.values_mut().map(|s| s.sweep()).sum())
-    })
+thread_local! {
+    /// The pool this thread's nodes share, if any.
+    static CURRENT: RefCell<Option<Arc<Pool>>> = const { RefCell::new(None) };
 }
 
-/// How many values the thread's pool holds.
-pub fn held() -> usize {
-    POOL.with(|p| {
-        p.borrow()
-            .as_ref()
-            .map_or(0, |pool| pool.values().map(|s| s.len()).sum())
+/// Makes `pool` (or none: no sharing) the one this thread's nodes share
+/// from now on.
+pub fn enter(pool: Option<Arc<Pool>>) {
+    CURRENT.with(|c| *c.borrow_mut() = pool);
+}
+
+/// Whether this thread's current pool is `pool`.
+pub fn is_current(pool: &Arc<Pool>) -> bool {
+    CURRENT.with(|c| c.borrow().as_ref().is_some_and(|p| Arc::ptr_eq(p, pool)))
+}
+
+/// The current pool's copy of a value equal to `v` if it has one, else `v`
+/// (kept as the pool's copy while there is a pool).
+pub fn share<T: ?Sized + Hash + Eq + Send + Sync + 'static>(v: Arc<T>) -> Arc<T> {
+    CURRENT.with(|c| match c.borrow().as_ref() {
+        Some(pool) => pool.share(v),
+        None => v,
     })
 }
 
@@ -99,16 +132,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn without_sharing_a_value_is_its_own() {
+    fn without_a_pool_a_value_is_its_own() {
         let a: Arc<str> = Arc::from("x");
         let b: Arc<str> = Arc::from("x");
         assert!(!Arc::ptr_eq(&share(a), &share(b)));
     }
 
     #[test]
-    fn with_sharing_equal_values_are_one_until_nobody_holds_them() {
-        std::thread::spawn(|| {
-            enable();
+    fn in_a_pool_equal_values_are_one_until_nobody_holds_them() {
+        let pool = Arc::new(Pool::default());
+        let p = pool.clone();
+        std::thread::spawn(move || {
+            enter(Some(p.clone()));
             let a = share::<[u8]>(Arc::from(&b"cert"[..]));
             let b = share::<[u8]>(Arc::from(&b"cert"[..]));
             let c = share::<[u8]>(Arc::from(&b"other"[..]));
@@ -116,14 +151,25 @@ mod tests {
             assert!(!Arc::ptr_eq(&a, &c));
             // Another type with equal bytes is another value.
             let s = share::<Vec<u8>>(Arc::new(b"cert".to_vec()));
-            assert_eq!(held(), 3);
+            assert_eq!(p.held(), 3);
             drop((b, c, s));
-            assert_eq!(sweep(), 2, "`a` is still held");
-            assert_eq!(held(), 1);
-            drop(a);
-            assert_eq!(sweep(), 1);
+            assert_eq!(p.sweep(), 2, "`a` is still held");
+            assert_eq!(p.held(), 1);
+            (a, p)
         })
         .join()
+        .map(|(a, p)| {
+            // Another thread in the same pool gets the same copy.
+            std::thread::spawn(move || {
+                enter(Some(p));
+                let b = share::<[u8]>(Arc::from(&b"cert"[..]));
+                assert!(Arc::ptr_eq(&a, &b));
+            })
+            .join()
+            .unwrap();
+        })
         .unwrap();
+        assert_eq!(pool.sweep(), 1);
+        assert_eq!(pool.held(), 0);
     }
 }

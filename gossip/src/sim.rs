@@ -1,9 +1,12 @@
 //! An in-memory network for many [`Gossip`] nodes in one process, in
 //! simulated time: links with latency, datagram loss, partitions, crashes and
-//! restarts. Deterministic for a given seed.
+//! restarts. Deterministic for a given seed, on one thread or two
+//! ([`Sim::threads`]): every link takes at least a millisecond, so the
+//! nodes with something due in one millisecond can run side by side.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::sync::{Arc, mpsc};
 
 use rand10::rngs::SmallRng;
 use rand10::{RngExt, SeedableRng};
@@ -18,12 +21,135 @@ pub struct SimNode {
     pub gossip: Gossip,
     /// Whether it runs (a crashed node neither sends nor receives).
     pub up: bool,
+    /// Draws the fate of what it sends (lost? how late?): each node its
+    /// own, so that a run is the same on any number of threads.
+    rng: SmallRng,
 }
 
 struct InFlight {
     from: NodeId,
     to: NodeId,
     bytes: Vec<u8>,
+}
+
+/// What the network does to what a node sends.
+struct Links {
+    latency_ms: (u64, u64),
+    datagram_loss: f64,
+    slow: BTreeMap<NodeId, u64>,
+    record_events: bool,
+}
+
+/// Messages for a node: sender, bytes.
+type Inbox = Vec<(NodeId, Vec<u8>)>;
+
+/// Nodes with what they are to take in one millisecond.
+type Running = Vec<(NodeId, SimNode, Inbox)>;
+
+/// A millisecond's work for the helper thread.
+struct Job {
+    now: u64,
+    links: Arc<Links>,
+    nodes: Running,
+}
+
+/// A second thread that runs part of each busy millisecond's nodes, in the
+/// simulation's pool ([`crate::share`]).
+struct Helper {
+    jobs: mpsc::Sender<Job>,
+    done: mpsc::Receiver<Vec<(NodeId, SimNode, Output)>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Helper {
+    fn spawn(pool: Arc<crate::share::Pool>) -> Helper {
+        let (jobs, todo) = mpsc::channel::<Job>();
+        let (finished, done) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("sim-helper".into())
+            .spawn(move || {
+                crate::share::enter(Some(pool));
+                while let Ok(job) = todo.recv() {
+                    let out: Vec<(NodeId, SimNode, Output)> = job
+                        .nodes
+                        .into_iter()
+                        .map(|(id, mut n, m)| {
+                            let o = n.step(job.now, m, &job.links);
+                            (id, n, o)
+                        })
+                        .collect();
+                    if finished.send(out).is_err() {
+                        break;
+                    }
+                }
+                crate::share::enter(None);
+            })
+            .ok();
+        Helper { jobs, done, thread }
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        // A closed channel ends the thread's loop.
+        self.jobs = mpsc::channel().0;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What one step of a node produced: datagrams and streams on their way
+/// (arrival time, to, bytes), bytes and messages sent, events, next wakeup.
+#[derive(Default)]
+struct Output {
+    sends: Vec<(u64, NodeId, Vec<u8>)>,
+    bytes: u64,
+    messages: u64,
+    events: Vec<Event>,
+    wake: u64,
+}
+
+impl SimNode {
+    /// Delivers `messages` (sender, bytes) at `now`, then runs its timers
+    /// if they are due: what a node does in one simulated millisecond.
+    fn step(&mut self, now: u64, messages: Inbox, links: &Links) -> Output {
+        for (from, bytes) in messages {
+            let _ = self.gossip.handle_message(now, from, &bytes);
+        }
+        // A timer due now (or made due by a message) runs now.
+        for _ in 0..4 {
+            if self.gossip.poll_timeout() > now {
+                break;
+            }
+            self.gossip.handle_timeout(now);
+        }
+        self.drain(now, links)
+    }
+
+    /// Takes what the node produced.
+    fn drain(&mut self, now: u64, links: &Links) -> Output {
+        let mut out = Output::default();
+        while let Some(t) = self.gossip.poll_transmit() {
+            out.bytes += t.bytes.len() as u64;
+            out.messages += 1;
+            if t.datagram && links.datagram_loss > 0.0 && self.rng.random_bool(links.datagram_loss)
+            {
+                continue;
+            }
+            let (lo, hi) = links.latency_ms;
+            let delay = self.rng.random_range(lo..=hi.max(lo))
+                + links.slow.get(&t.to).copied().unwrap_or(0);
+            out.sends.push((now + delay, t.to, t.bytes));
+        }
+        while let Some(e) = self.gossip.poll_event() {
+            if links.record_events {
+                out.events.push(e);
+            }
+        }
+        out.wake = self.gossip.poll_timeout();
+        out
+    }
 }
 
 /// The simulated network.
@@ -39,7 +165,9 @@ pub struct Sim {
     rng: SmallRng,
     groups: Option<Vec<BTreeSet<NodeId>>>,
     config: GossipConfig,
-    /// One-way latency range, ms.
+    /// One-way latency range, ms (at least 1: what a node sends in a
+    /// millisecond arrives in a later one, which lets nodes run a
+    /// millisecond in parallel).
     pub latency_ms: (u64, u64),
     /// Probability that a datagram is lost.
     pub datagram_loss: f64,
@@ -56,19 +184,32 @@ pub struct Sim {
     /// Sizes of the certificates and signatures of nodes started from now
     /// on ([`crate::keys::SizedTestKeys`]): a real node's by default.
     pub key_sizes: (usize, usize),
+    /// Threads that run the nodes (1 or 2). A run is the same on any
+    /// number: each node draws from its own random numbers, and what the
+    /// nodes of one millisecond produce is taken in the order of their IDs.
+    pub threads: usize,
+    /// The values the nodes share ([`crate::share`]).
+    pool: Arc<crate::share::Pool>,
+    /// The second thread, once a millisecond was busy enough for it.
+    helper: Option<Helper>,
     /// When the values shared among the nodes were last swept.
     swept_ms: u64,
 }
 
 /// How often (simulated ms) the values no node holds any longer leave the
-/// thread's pool ([`crate::share`]).
+/// pool ([`crate::share`]).
 const SWEEP_EVERY_MS: u64 = 10_000;
+
+/// Fewer messages than this in a millisecond are not worth a second thread.
+const PARALLEL_FROM: usize = 32;
 
 impl Sim {
     /// An empty network; time starts at `start_ms`. Its nodes share the
-    /// equal values they hold ([`crate::share`], on for this thread).
+    /// equal values they hold ([`crate::share`]; the pool is entered on
+    /// this thread).
     pub fn new(seed: u64, config: GossipConfig, start_ms: u64) -> Self {
-        crate::share::enable();
+        let pool = Arc::new(crate::share::Pool::default());
+        crate::share::enter(Some(pool.clone()));
         Sim {
             nodes: BTreeMap::new(),
             now_ms: start_ms,
@@ -88,6 +229,9 @@ impl Sim {
             events: Vec::new(),
             record_events: false,
             key_sizes: (423, 71),
+            threads: 1,
+            pool,
+            helper: None,
             swept_ms: start_ms,
         }
     }
@@ -128,11 +272,13 @@ impl Sim {
                 g.announce(self.now_ms, p);
             }
         }
+        let rng = SmallRng::seed_from_u64(self.rng.random::<u64>());
         self.nodes.insert(
             id,
             SimNode {
                 gossip: g,
                 up: true,
+                rng,
             },
         );
         self.after_step(id);
@@ -170,99 +316,161 @@ impl Sim {
         Some(out)
     }
 
+    fn links(&self) -> Links {
+        Links {
+            latency_ms: (self.latency_ms.0.max(1), self.latency_ms.1),
+            datagram_loss: self.datagram_loss,
+            slow: self.slow.clone(),
+            record_events: self.record_events,
+        }
+    }
+
     fn after_step(&mut self, id: NodeId) {
+        let now = self.now_ms;
+        let links = self.links();
         let Some(n) = self.nodes.get_mut(&id) else {
             return;
         };
-        let mut sends = Vec::new();
-        while let Some(t) = n.gossip.poll_transmit() {
-            sends.push(t);
-        }
-        while let Some(e) = n.gossip.poll_event() {
-            if self.record_events {
-                self.events.push((self.now_ms, id, e));
-            }
-        }
-        let wake = n.gossip.poll_timeout();
-        for t in sends {
-            *self.bytes_sent.entry(id).or_default() += t.bytes.len() as u64;
-            *self.messages_sent.entry(id).or_default() += 1;
-            if t.datagram && self.datagram_loss > 0.0 && self.rng.random_bool(self.datagram_loss) {
-                continue;
-            }
-            let (lo, hi) = self.latency_ms;
-            let delay =
-                self.rng.random_range(lo..=hi.max(lo)) + self.slow.get(&t.to).copied().unwrap_or(0);
+        let out = n.drain(now, &links);
+        self.carry_out(id, out);
+    }
+
+    /// Puts what node `id` produced on its way.
+    fn carry_out(&mut self, id: NodeId, out: Output) {
+        *self.bytes_sent.entry(id).or_default() += out.bytes;
+        *self.messages_sent.entry(id).or_default() += out.messages;
+        for (at, to, bytes) in out.sends {
             self.seq += 1;
-            self.queue.push(Reverse((self.now_ms + delay, self.seq)));
+            self.queue.push(Reverse((at, self.seq)));
             self.in_flight.insert(
                 self.seq,
                 InFlight {
                     from: id,
-                    to: t.to,
-                    bytes: t.bytes,
+                    to,
+                    bytes,
                 },
             );
         }
-        if self.scheduled.get(&id) != Some(&wake) {
-            self.scheduled.insert(id, wake);
-            self.wakeups.push(Reverse((wake, id)));
+        let now = self.now_ms;
+        self.events
+            .extend(out.events.into_iter().map(|e| (now, id, e)));
+        if self.scheduled.get(&id) != Some(&out.wake) {
+            self.scheduled.insert(id, out.wake);
+            self.wakeups.push(Reverse((out.wake, id)));
         }
     }
 
-    /// Advances simulated time by `ms`, delivering messages and firing timers in order.
+    /// What is due at the next moment up to `until` (messages to deliver,
+    /// by node, in the order they were sent; nodes whose timers are due),
+    /// with its time; `None` if nothing is.
+    fn due(&mut self, until: u64) -> Option<(u64, BTreeMap<NodeId, Inbox>)> {
+        let next_msg = self.queue.peek().map(|Reverse((t, _))| *t);
+        let next_wake = self.wakeups.peek().map(|Reverse((t, _))| *t);
+        let next = match (next_msg, next_wake) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(a), None) => a,
+            (None, Some(b)) => b,
+            (None, None) => return None,
+        };
+        if next > until {
+            return None;
+        }
+        let now = self.now_ms.max(next);
+        let mut work: BTreeMap<NodeId, Inbox> = BTreeMap::new();
+        while let Some(Reverse((t, seq))) = self.queue.peek().copied()
+            && t <= now
+        {
+            self.queue.pop();
+            let Some(m) = self.in_flight.remove(&seq) else {
+                continue;
+            };
+            let deliver = self.nodes.get(&m.to).is_some_and(|n| n.up)
+                && self.nodes.get(&m.from).is_some_and(|n| n.up)
+                && self.connected(m.from, m.to);
+            if deliver {
+                work.entry(m.to).or_default().push((m.from, m.bytes));
+            }
+        }
+        while let Some(Reverse((t, id))) = self.wakeups.peek().copied()
+            && t <= now
+        {
+            self.wakeups.pop();
+            if self.scheduled.get(&id) != Some(&t) {
+                continue;
+            }
+            self.scheduled.remove(&id);
+            if self.nodes.get(&id).is_some_and(|n| n.up) {
+                work.entry(id).or_default();
+            }
+        }
+        Some((now, work))
+    }
+
+    /// Advances simulated time by `ms`, delivering messages and firing
+    /// timers in order: each millisecond, every node with something due
+    /// takes its messages (in the order they were sent), then its timers.
     pub fn run_for(&mut self, ms: u64) {
         let until = self.now_ms + ms;
-        loop {
-            let next_msg = self.queue.peek().map(|Reverse((t, _))| *t);
-            let next_wake = self.wakeups.peek().map(|Reverse((t, _))| *t);
-            let next = match (next_msg, next_wake) {
-                (Some(a), Some(b)) => a.min(b),
-                (Some(a), None) => a,
-                (None, Some(b)) => b,
-                (None, None) => break,
-            };
-            if next > until {
-                break;
-            }
-            self.now_ms = self.now_ms.max(next);
+        while let Some((now, work)) = self.due(until) {
+            self.now_ms = now;
             if self.now_ms >= self.swept_ms + SWEEP_EVERY_MS {
                 self.swept_ms = self.now_ms;
-                crate::share::sweep();
+                self.pool.sweep();
                 // What a burst of messages grew the queues to.
                 self.in_flight.shrink_to(self.in_flight.len() * 2);
                 self.queue.shrink_to(self.queue.len() * 2);
             }
-            if next_msg == Some(next) {
-                let Some(Reverse((_, seq))) = self.queue.pop() else {
-                    break;
+            // The nodes leave the map while they run (each on one thread).
+            let running: Running = work
+                .into_iter()
+                .filter_map(|(id, msgs)| self.nodes.remove(&id).map(|n| (id, n, msgs)))
+                .collect();
+            let messages: usize = running.iter().map(|(_, _, m)| m.len()).sum();
+            let links = Arc::new(self.links());
+            let mut done: Vec<(NodeId, SimNode, Output)> = Vec::with_capacity(running.len());
+            let step = |(id, mut n, m): (NodeId, SimNode, Inbox)| {
+                let o = n.step(now, m, &links);
+                (id, n, o)
+            };
+            if self.threads > 1 && messages >= PARALLEL_FROM {
+                // The upper half of the nodes (by ID) to the helper thread:
+                // about half the work (a node's cost follows its timers as
+                // much as its messages). Neighbours by ID share networks,
+                // and so the entries they hold: each thread keeps to its
+                // own (two threads counting references to the same values
+                // would slow each other).
+                let mut mine = running;
+                let theirs = mine.split_off(mine.len() / 2);
+                let pool = &self.pool;
+                let helper = self
+                    .helper
+                    .get_or_insert_with(|| Helper::spawn(pool.clone()));
+                let job = Job {
+                    now,
+                    links: links.clone(),
+                    nodes: theirs,
                 };
-                let Some(m) = self.in_flight.remove(&seq) else {
-                    continue;
+                // Without a helper (it could not start), this thread runs
+                // both halves.
+                let (sent, unsent) = match helper.jobs.send(job) {
+                    Ok(()) => (true, Vec::new()),
+                    Err(mpsc::SendError(job)) => (false, job.nodes),
                 };
-                let deliver = self.nodes.get(&m.to).is_some_and(|n| n.up)
-                    && self.nodes.get(&m.from).is_some_and(|n| n.up)
-                    && self.connected(m.from, m.to);
-                if deliver {
-                    let now = self.now_ms;
-                    if let Some(n) = self.nodes.get_mut(&m.to) {
-                        let _ = n.gossip.handle_message(now, m.from, &m.bytes);
-                    }
-                    self.after_step(m.to);
+                done.extend(mine.into_iter().chain(unsent).map(step));
+                if sent {
+                    let Ok(back) = helper.done.recv() else {
+                        panic!("the simulator's helper thread stopped in a step");
+                    };
+                    done.extend(back);
                 }
+                // What they produced is taken in the order of their IDs.
+                done.sort_unstable_by_key(|(id, _, _)| *id);
             } else {
-                let Some(Reverse((t, id))) = self.wakeups.pop() else {
-                    break;
-                };
-                if self.scheduled.get(&id) != Some(&t) {
-                    continue;
-                }
-                self.scheduled.remove(&id);
-                let now = self.now_ms;
-                if let Some(n) = self.nodes.get_mut(&id).filter(|n| n.up) {
-                    n.gossip.handle_timeout(now);
-                    self.after_step(id);
-                }
+                done.extend(running.into_iter().map(step));
+            }
+            for (id, node, out) in done {
+                self.nodes.insert(id, node);
+                self.carry_out(id, out);
             }
         }
         self.now_ms = until;
@@ -307,10 +515,8 @@ impl Sim {
 
 impl Drop for Sim {
     fn drop(&mut self) {
-        // What only this simulation's nodes held.
-        self.nodes.clear();
-        self.in_flight.clear();
-        self.events.clear();
-        crate::share::sweep();
+        if crate::share::is_current(&self.pool) {
+            crate::share::enter(None);
+        }
     }
 }

@@ -764,3 +764,56 @@ fn dead_members_and_their_entries_are_forgotten_in_order_of_death_after_the_ttl(
         assert_eq!(keys_in(&sim, i, "net").len(), 3);
     }
 }
+
+/// A swarm of 60 at 5 % loss that joins networks, writes, loses a node:
+/// what every node sent, saw and holds, on `threads` threads.
+fn sixty_nodes_on(threads: usize) -> (Vec<u64>, Vec<String>, Vec<String>) {
+    let mut sim = Sim::new(3, GossipConfig::default(), 1_000_000);
+    sim.threads = threads;
+    sim.record_events = true;
+    sim.datagram_loss = 0.05;
+    for i in 1..=60 {
+        sim.start(NodeId(i), &[NodeId(1)]);
+        let net = format!("net{}", i % 3);
+        sim.with_node(NodeId(i), |g, now| g.join_network(now, &net));
+    }
+    sim.run_for(3_000);
+    for i in 1..=60 {
+        let net = format!("net{}", i % 3);
+        sim.with_node(NodeId(i), |g, now| {
+            g.put(now, &net, "vteps", &i.to_string(), vtep(i)).unwrap()
+        });
+    }
+    sim.run_for(2_000);
+    sim.crash(NodeId(17));
+    sim.run_for(5_000);
+    let sent: Vec<u64> = sim.bytes_sent.values().copied().collect();
+    let events: Vec<String> = sim.events.iter().map(|e| format!("{e:?}")).collect();
+    let held: Vec<String> = sim
+        .nodes
+        .iter()
+        .filter(|(_, n)| n.up)
+        .map(|(id, n)| {
+            let net = format!("net{}", id.0 % 3);
+            format!(
+                "{id}: {:?} {:?}",
+                n.gossip.members(),
+                n.gossip.snapshot(&net)
+            )
+        })
+        .collect();
+    (sent, events, held)
+}
+
+#[test]
+fn a_simulation_is_the_same_on_one_thread_or_two() {
+    let (sent1, events1, held1) = sixty_nodes_on(1);
+    let (sent2, events2, held2) = sixty_nodes_on(2);
+    // The run did something: writes spread, the crash was seen.
+    assert!(events1.iter().any(|e| e.contains("Dead")), "no death seen");
+    assert!(held1.iter().all(|h| h.contains("Vtep")), "{held1:?}");
+    assert_eq!(sent1, sent2, "bytes sent per node differ");
+    assert_eq!(events1.len(), events2.len());
+    assert_eq!(events1, events2, "events differ");
+    assert_eq!(held1, held2, "what the nodes hold differs");
+}
