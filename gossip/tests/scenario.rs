@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 
 use shoal_gossip::sim::Sim;
@@ -816,4 +816,25 @@ fn a_simulation_is_the_same_on_one_thread_or_two() {
     assert_eq!(events1.len(), events2.len());
     assert_eq!(events1, events2, "events differ");
     assert_eq!(held1, held2, "what the nodes hold differs");
+}
+
+#[test]
+fn every_member_passes_on_as_much_as_any_other_over_the_owners_trees() {
+    use shoal_gossip::core::tree_children;
+    // A network of 100 with gaps in its IDs, every member an owner.
+    let members: Vec<NodeId> = (1..=100).map(|i| NodeId(i * 7 + i % 3)).collect();
+    let mut sends: BTreeMap<NodeId, usize> = BTreeMap::new();
+    for owner in &members {
+        for me in &members {
+            let children = tree_children(*owner, *me, &members, 6).unwrap();
+            assert!(!children.contains(owner) && !children.contains(me));
+            if me != owner {
+                *sends.entry(*me).or_default() += children.len();
+            }
+        }
+    }
+    // 99 deliveries a write, 6 of them by the owner: 93 passed on per
+    // write, spread evenly over the 100 members.
+    assert_eq!(sends.values().sum::<usize>(), 100 * 93);
+    assert!(sends.values().all(|s| *s == 93), "{sends:?}");
 }
