@@ -123,6 +123,26 @@ pub fn tree_children(
     )
 }
 
+/// The member that node `me` probes in probe period `round` (the time
+/// over the probe period, the same on every node give or take clock skew),
+/// in a swarm whose live members as `me` sees them, itself included, are
+/// `ring`, sorted by ID: the one `1 + round mod (n − 1)` places after it.
+/// Each period every member probes another and, while views agree, is
+/// probed by exactly one; over n − 1 periods each probes every other once.
+/// A member dies unprobed for at most one period, where with each choosing
+/// at random it went unprobed for k periods with a chance of e^-k (1 % at
+/// 4.6 periods: the tail of failure detection). `None` when `me` is alone
+/// or not in `ring`. Pure.
+pub fn probe_target(ring: &[NodeId], me: NodeId, round: u64) -> Option<NodeId> {
+    let n = ring.len();
+    if n < 2 {
+        return None;
+    }
+    let at = ring.binary_search(&me).ok()?;
+    let offset = 1 + (round % (n as u64 - 1)) as usize;
+    Some(ring[(at + offset) % n])
+}
+
 /// How many times each member passes on a membership update (a death, an
 /// arrival) that it learned: ln(n) + 7 in a swarm of n. A member gets about
 /// that many copies from random others, and misses all of them with a
@@ -410,6 +430,9 @@ pub struct Gossip {
     order: Vec<NodeId>,
     /// Counts changes to members' liveness.
     members_gen: u64,
+    /// The live members and this node by ID, as of `members_gen` (the
+    /// first): the ring of [`probe_target`].
+    ring: (u64, Vec<NodeId>),
     /// Each network's live members as last listed, while neither
     /// `members_gen` nor the tables' index of attachments changed since
     /// (`listed_at`): a message does not list its network again.
@@ -486,6 +509,7 @@ impl Gossip {
             down: BTreeSet::new(),
             order: Vec::new(),
             members_gen: 0,
+            ring: (u64::MAX, Vec::new()),
             listed: HashMap::new(),
             listed_at: (0, 0),
             trees: HashMap::new(),
@@ -776,6 +800,11 @@ impl Gossip {
             }
             self.timers.pop();
             if let Some(t) = self.timer_events.remove(&seq) {
+                if matches!(t, Timer::ProbeRandomMember(_))
+                    && let Some(target) = self.scheduled_probe()
+                {
+                    self.foca.probe_next(target);
+                }
                 self.run(|f, rt| f.handle_timer(t, rt));
             }
         }
@@ -809,6 +838,25 @@ impl Gossip {
                 self.tables.purge_owner_before(id, u64::MAX);
             }
         }
+    }
+
+    /// The member this node probes now, on the schedule all members
+    /// share ([`probe_target`]); `None` when alone.
+    fn scheduled_probe(&mut self) -> Option<Peer> {
+        if self.ring.0 != self.members_gen {
+            let mut ring: Vec<NodeId> = self
+                .members
+                .iter()
+                .filter(|(_, t)| t.dead_since_ms.is_none())
+                .map(|(id, _)| *id)
+                .collect();
+            ring.push(self.me.id);
+            ring.sort_unstable();
+            self.ring = (self.members_gen, ring);
+        }
+        let round = self.now_ms / self.config.probe_period_ms.max(1);
+        let id = probe_target(&self.ring.1, self.me.id, round)?;
+        self.members.get(&id).map(|t| t.peer.clone())
     }
 
     /// How many members this node tracks as live (not itself).

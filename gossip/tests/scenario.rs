@@ -838,3 +838,26 @@ fn every_member_passes_on_as_much_as_any_other_over_the_owners_trees() {
     assert_eq!(sends.values().sum::<usize>(), 100 * 93);
     assert!(sends.values().all(|s| *s == 93), "{sends:?}");
 }
+
+#[test]
+fn in_every_probe_period_each_member_is_probed_by_exactly_one_other() {
+    use shoal_gossip::core::probe_target;
+    let ring: Vec<NodeId> = (1..=50).map(|i| NodeId(i * 3 + i % 2)).collect();
+    let mut probed_by: BTreeMap<NodeId, BTreeSet<NodeId>> = BTreeMap::new();
+    for round in 1_000..1_000 + 49 {
+        let mut probed: BTreeMap<NodeId, usize> = BTreeMap::new();
+        for me in &ring {
+            let t = probe_target(&ring, *me, round).unwrap();
+            assert_ne!(t, *me);
+            *probed.entry(t).or_default() += 1;
+            probed_by.entry(*me).or_default().insert(t);
+        }
+        assert_eq!(probed.len(), ring.len(), "round {round}: {probed:?}");
+        assert!(probed.values().all(|c| *c == 1));
+    }
+    // Over n − 1 periods, each probes every other member.
+    assert!(probed_by.values().all(|s| s.len() == ring.len() - 1));
+    // Alone, or not in the ring: no target.
+    assert_eq!(probe_target(&ring[..1], ring[0], 7), None);
+    assert_eq!(probe_target(&ring, NodeId(1), 7), None);
+}

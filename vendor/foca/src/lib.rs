@@ -198,6 +198,10 @@ pub struct Foca<T: Identity, C, RNG, B: BroadcastHandler<T>> {
 
     broadcast_handler: B,
     custom_broadcasts: Broadcasts<B::Key>,
+
+    // Shoal: the member the next probe goes to, if it is active (see
+    // `Foca::probe_next`).
+    next_probe: Option<T>,
 }
 
 impl<T, C, RNG> Foca<T, C, RNG, NoCustomBroadcast>
@@ -267,7 +271,16 @@ where
             send_buf: Vec::with_capacity(max_bytes),
             custom_broadcasts: Broadcasts::new(),
             broadcast_handler,
+            next_probe: None,
         }
+    }
+
+    /// Shoal: the member the next probe goes to, if it is active when the
+    /// probe starts (else the next of the shuffled round-robin, as
+    /// without). Lets members agree on a schedule in which every member
+    /// is probed by someone in each probe period.
+    pub fn probe_next(&mut self, member: T) {
+        self.next_probe = Some(member);
     }
 
     /// Getter for the current identity.
@@ -1184,7 +1197,17 @@ where
             }
         }
 
-        if let Some(member) = self.members.next(&mut self.rng) {
+        // Shoal: the member the caller chose, if it is active; else the
+        // next of the shuffled round-robin.
+        let chosen = self
+            .next_probe
+            .take()
+            .and_then(|id| self.members.iter_active().find(|m| m.id() == &id).cloned());
+        let member = match chosen {
+            Some(m) => Some(m),
+            None => self.members.next(&mut self.rng).cloned(),
+        };
+        if let Some(member) = member {
             let member_id = member.id().clone();
             let probe_number = self.probe.start(member.clone());
 
@@ -2843,6 +2866,35 @@ mod tests {
         expect_scheduling!(runtime, send_indirect_probe.clone(), config.probe_rtt);
 
         (foca, probed, send_indirect_probe)
+    }
+
+    // Shoal: the member named by `probe_next` is the one probed, if
+    // active; else the round-robin picks as before.
+    #[test]
+    fn probe_next_chooses_the_probed_member_if_active() {
+        let mut foca = Foca::new(ID::new(1), config(), rng(), codec());
+        let mut runtime = AccumulatingRuntime::new();
+        for smallid in 2..8 {
+            foca.apply(Member::alive(ID::new(smallid)), &mut runtime)
+                .expect("infallible");
+        }
+        foca.apply(Member::down(ID::new(9)), &mut runtime)
+            .expect("infallible");
+        let timer = Timer::ProbeRandomMember(foca.timer_token());
+        for wanted in [5, 2, 7, 5] {
+            runtime.clear();
+            foca.probe_next(ID::new(wanted));
+            // The last probe got no answer: an incomplete cycle, reported.
+            let r = foca.handle_timer(timer.clone(), &mut runtime);
+            assert!(matches!(r, Ok(()) | Err(Error::IncompleteProbeCycle)), "{r:?}");
+            assert_eq!(Some(&ID::new(wanted)), foca.probe().target());
+        }
+        // A member that is down (or unknown) is not probed.
+        runtime.clear();
+        foca.probe_next(ID::new(9));
+        let _ = foca.handle_timer(timer, &mut runtime);
+        let probed = foca.probe().target().copied();
+        assert!(matches!(probed, Some(id) if id != ID::new(9)), "{probed:?}");
     }
 
     #[test]
