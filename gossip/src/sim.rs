@@ -38,6 +38,7 @@ struct Links {
     datagram_loss: f64,
     slow: BTreeMap<NodeId, u64>,
     record_events: bool,
+    tap: Option<(NodeId, NodeId)>,
 }
 
 /// Messages for a node: sender, bytes.
@@ -108,6 +109,7 @@ struct Output {
     messages: u64,
     events: Vec<Event>,
     wake: u64,
+    tapped: Vec<Vec<u8>>,
 }
 
 impl SimNode {
@@ -133,6 +135,9 @@ impl SimNode {
         while let Some(t) = self.gossip.poll_transmit() {
             out.bytes += t.bytes.len() as u64;
             out.messages += 1;
+            if links.tap == Some((self.gossip.me().id, t.to)) {
+                out.tapped.push(t.bytes.clone());
+            }
             if t.datagram && links.datagram_loss > 0.0 && self.rng.random_bool(links.datagram_loss)
             {
                 continue;
@@ -181,6 +186,10 @@ pub struct Sim {
     pub events: Vec<(u64, NodeId, Event)>,
     /// Whether to record events.
     pub record_events: bool,
+    /// A link (from, to) whose messages are kept, as sent (lost or not).
+    pub tap: Option<(NodeId, NodeId)>,
+    /// The messages sent over [`Sim::tap`].
+    pub tapped: Vec<Vec<u8>>,
     /// Sizes of the certificates and signatures of nodes started from now
     /// on ([`crate::keys::SizedTestKeys`]): a real node's by default.
     pub key_sizes: (usize, usize),
@@ -228,6 +237,8 @@ impl Sim {
             messages_sent: BTreeMap::new(),
             events: Vec::new(),
             record_events: false,
+            tap: None,
+            tapped: Vec::new(),
             key_sizes: (423, 71),
             threads: 1,
             pool,
@@ -322,6 +333,7 @@ impl Sim {
             datagram_loss: self.datagram_loss,
             slow: self.slow.clone(),
             record_events: self.record_events,
+            tap: self.tap,
         }
     }
 
@@ -339,6 +351,7 @@ impl Sim {
     fn carry_out(&mut self, id: NodeId, out: Output) {
         *self.bytes_sent.entry(id).or_default() += out.bytes;
         *self.messages_sent.entry(id).or_default() += out.messages;
+        self.tapped.extend(out.tapped);
         for (at, to, bytes) in out.sends {
             self.seq += 1;
             self.queue.push(Reverse((at, self.seq)));

@@ -861,3 +861,41 @@ fn in_every_probe_period_each_member_is_probed_by_exactly_one_other() {
     assert_eq!(probe_target(&ring[..1], ring[0], 7), None);
     assert_eq!(probe_target(&ring, NodeId(1), 7), None);
 }
+
+#[test]
+fn a_global_probe_to_a_member_sharing_no_network_carries_no_entry_or_certificate() {
+    use shoal_gossip::message::{Message, TableMessage};
+    let mut sim = cluster(4);
+    for (i, net) in [(1, "a"), (2, "a"), (3, "b"), (4, "b")] {
+        sim.with_node(NodeId(i), |g, now| g.join_network(now, net));
+    }
+    sim.run_for(5_000);
+    sim.tap = Some((NodeId(1), NodeId(3)));
+    sim.run_for(30_000);
+    let (mut probes, mut with_entries) = (0, 0);
+    for bytes in &sim.tapped {
+        let Ok(Message::Table {
+            sender,
+            body,
+            certs,
+        }) = shoal_mesh::codec::decode::<Message>(bytes, 1 << 20)
+        else {
+            continue;
+        };
+        match body {
+            TableMessage::Root { .. } | TableMessage::Digest { .. } => {
+                probes += 1;
+                assert!(sender.is_none() && certs.is_empty(), "{sender:?} {certs:?}");
+            }
+            _ => with_entries += 1,
+        }
+    }
+    // Node 1 syncs the global scope with a random member each second:
+    // about 10 of 30 with node 3, and nothing else to send it.
+    assert!(
+        probes >= 3,
+        "{probes} probes in {} messages",
+        sim.tapped.len()
+    );
+    assert_eq!(with_entries, 0);
+}
