@@ -277,21 +277,22 @@ impl Tables {
     ) -> Option<Change> {
         use std::collections::btree_map::Entry as Slot;
         let (key, incoming) = (crate::share::share(key.into()), incoming.into());
-        let after = visible_value(&incoming, &self.live).cloned();
         let (owner, h) = (incoming.owner, entry_hash(&key, &incoming));
         let reap_at = incoming.is_tombstone().then_some(now_ms + reap_after_ms);
-        let (key, old) = match self.entries.entry(key) {
+        let (key, old, new) = match self.entries.entry(key) {
             Slot::Occupied(mut o) => {
                 if !incoming.wins_over(o.get()) {
                     return None;
                 }
-                let old = o.insert(crate::share::share(incoming));
-                (o.key().clone(), Some(old))
+                let new = crate::share::share(incoming);
+                let old = o.insert(new.clone());
+                (o.key().clone(), Some(old), new)
             }
             Slot::Vacant(v) => {
                 let key = v.key().clone();
-                v.insert(crate::share::share(incoming));
-                (key, None)
+                let new = crate::share::share(incoming);
+                v.insert(new.clone());
+                (key, None, new)
             }
         };
         match reap_at {
@@ -303,19 +304,21 @@ impl Tables {
                 self.reap_at.remove(&key);
             }
         }
-        let before = old
-            .as_ref()
-            .and_then(|e| visible_value(e, &self.live))
-            .cloned();
+        // The values are compared where they are held: only the change
+        // copies one.
+        let change = change(
+            &key,
+            old.as_ref().and_then(|e| visible_value(e, &self.live)),
+            visible_value(&new, &self.live),
+        );
         if let Some(o) = &old {
             self.account(&key.network, o.owner, entry_hash(&key, o), false);
         }
         self.account(&key.network, owner, h, true);
         if key.network == GLOBAL && key.table == NETWORKS_TABLE {
-            let new = self.entries.get(&key).cloned();
-            self.reindex(&key, old.as_deref(), new.as_deref());
+            self.reindex(&key, old.as_deref(), Some(&new));
         }
-        change(&key, before.as_ref(), after.as_ref())
+        change
     }
 
     /// The stored entry (visible or not) for `key`.
