@@ -448,10 +448,8 @@ impl Sim {
             if self.threads > 1 && messages >= PARALLEL_FROM {
                 // The upper half of the nodes (by ID) to the helper thread:
                 // about half the work (a node's cost follows its timers as
-                // much as its messages). Neighbours by ID share networks,
-                // and so the entries they hold: each thread keeps to its
-                // own (two threads counting references to the same values
-                // would slow each other).
+                // much as its messages; splitting by messages, or every
+                // other node, measured no faster).
                 let mut mine = running;
                 let theirs = mine.split_off(mine.len() / 2);
                 let pool = &self.pool;
