@@ -197,6 +197,8 @@ pub struct Sim {
     /// number: each node draws from its own random numbers, and what the
     /// nodes of one millisecond produce is taken in the order of their IDs.
     pub threads: usize,
+    /// Milliseconds whose nodes ran on two threads.
+    pub split_steps: u64,
     /// The values the nodes share ([`crate::share`]).
     pool: Arc<crate::share::Pool>,
     /// The second thread, once a millisecond was busy enough for it.
@@ -241,6 +243,7 @@ impl Sim {
             tapped: Vec::new(),
             key_sizes: (423, 71),
             threads: 1,
+            split_steps: 0,
             pool,
             helper: None,
             swept_ms: start_ms,
@@ -452,6 +455,7 @@ impl Sim {
                 // other node, measured no faster).
                 let mut mine = running;
                 let theirs = mine.split_off(mine.len() / 2);
+                self.split_steps += 1;
                 let pool = &self.pool;
                 let helper = self
                     .helper

@@ -767,7 +767,7 @@ fn dead_members_and_their_entries_are_forgotten_in_order_of_death_after_the_ttl(
 
 /// A swarm of 60 at 5 % loss that joins networks, writes, loses a node:
 /// what every node sent, saw and holds, on `threads` threads.
-fn sixty_nodes_on(threads: usize) -> (Vec<u64>, Vec<String>, Vec<String>) {
+fn sixty_nodes_on(threads: usize) -> (Vec<u64>, Vec<String>, Vec<String>, u64) {
     let mut sim = Sim::new(3, GossipConfig::default(), 1_000_000);
     sim.threads = threads;
     sim.record_events = true;
@@ -802,13 +802,15 @@ fn sixty_nodes_on(threads: usize) -> (Vec<u64>, Vec<String>, Vec<String>) {
             )
         })
         .collect();
-    (sent, events, held)
+    (sent, events, held, sim.split_steps)
 }
 
 #[test]
 fn a_simulation_is_the_same_on_one_thread_or_two() {
-    let (sent1, events1, held1) = sixty_nodes_on(1);
-    let (sent2, events2, held2) = sixty_nodes_on(2);
+    let (sent1, events1, held1, split1) = sixty_nodes_on(1);
+    let (sent2, events2, held2, split2) = sixty_nodes_on(2);
+    assert_eq!(split1, 0);
+    assert!(split2 > 10, "only {split2} milliseconds ran on two threads");
     // The run did something: writes spread, the crash was seen.
     assert!(events1.iter().any(|e| e.contains("Dead")), "no death seen");
     assert!(held1.iter().all(|h| h.contains("Vtep")), "{held1:?}");
