@@ -1064,9 +1064,12 @@ impl Gossip {
         entries: Vec<(SharedKey, SharedEntry)>,
         skip: &BTreeSet<NodeId>,
     ) {
-        let members: Vec<NodeId> = self.members_in(network);
         if !self.spreads(network) {
-            let targets: Vec<NodeId> = members.into_iter().filter(|m| !skip.contains(m)).collect();
+            let targets: Vec<NodeId> = self
+                .members_in(network)
+                .into_iter()
+                .filter(|m| !skip.contains(m))
+                .collect();
             self.send_entries(network, &targets, entries);
             return;
         }
@@ -1078,10 +1081,12 @@ impl Gossip {
             let targets: Vec<NodeId> = match self.children_in(network, owner) {
                 Some(children) => children,
                 None => {
+                    // The owner is not a member to this node: a few at
+                    // random (the member list is copied only then).
+                    let members = self.members_in(network);
                     let n = members.len();
                     members
-                        .iter()
-                        .copied()
+                        .into_iter()
                         .filter(|m| !skip.contains(m))
                         .sample(&mut self.rng, push_fanout(n))
                 }
