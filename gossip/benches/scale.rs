@@ -97,7 +97,12 @@ fn args() -> Args {
             "--seed" => a.seed = num(),
             "--suspect-ms" => a.suspect_ms = Some(num()),
             "--indirect" => a.indirect = Some(num()),
-            "--threads" => a.threads = num() as usize,
+            "--threads" => {
+                a.threads = match num() {
+                    t @ (1 | 2) => t as usize,
+                    t => panic!("--threads: 1 or 2, not {t}"),
+                }
+            }
             "--small-keys" => {
                 a.small_keys = true;
                 i += 1;
