@@ -189,13 +189,7 @@ fn min_alive(sim: &Sim) -> usize {
     sim.nodes
         .values()
         .filter(|n| n.up)
-        .map(|n| {
-            n.gossip
-                .members()
-                .iter()
-                .filter(|m| m.state == MemberState::Alive)
-                .count()
-        })
+        .map(|n| n.gossip.alive_count())
         .min()
         .unwrap_or(0)
 }

@@ -10,7 +10,7 @@
 //! ```
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::num::{NonZeroU8, NonZeroUsize};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -1622,6 +1622,22 @@ impl Gossip {
             .filter(|m| m.id().id == node)
             .map(|m| (format!("{:?}", m.state()), m.incarnation()))
             .collect()
+    }
+
+    /// How many of [`Self::members`] are alive (itself included), without
+    /// listing them: what a large simulation polls.
+    pub fn alive_count(&self) -> usize {
+        let suspects: HashSet<&Peer> = self
+            .foca
+            .iter_membership_state()
+            .filter(|m| m.state() == foca::State::Suspect)
+            .map(foca::Member::id)
+            .collect();
+        1 + self
+            .members
+            .values()
+            .filter(|t| t.dead_since_ms.is_none() && !suspects.contains(&t.peer))
+            .count()
     }
 
     /// Every member this node knows, itself included.

@@ -104,7 +104,20 @@ fn entries_reach_every_member_and_a_crashed_owner_disappears() {
         assert_eq!(snap.len(), 5, "node {i} sees {snap:?}");
     }
     sim.crash(NodeId(3));
-    sim.run_for(4_000);
+    // Through suspicion to death, the count of alive members agrees with
+    // the listing.
+    let mut suspected = false;
+    for _ in 0..40 {
+        sim.run_for(100);
+        for i in [1, 2, 4, 5] {
+            let g = &sim.nodes[&NodeId(i)].gossip;
+            let listed = g.members();
+            suspected |= listed.iter().any(|m| m.state == MemberState::Suspect);
+            let alive = listed.iter().filter(|m| m.state == MemberState::Alive);
+            assert_eq!(g.alive_count(), alive.count(), "node {i}");
+        }
+    }
+    assert!(suspected, "node 3 was suspected on the way");
     for i in [1, 2, 4, 5] {
         let g = &sim.nodes[&NodeId(i)].gossip;
         let keys: Vec<String> = g.snapshot("net").into_iter().map(|(k, _)| k.key).collect();
