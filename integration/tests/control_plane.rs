@@ -293,6 +293,38 @@ fn force_new_cluster_keeps_the_state_of_a_lone_survivor() {
     .unwrap();
 }
 
+/// A worker's Raft does not tick (it is not a member: the feed brings it
+/// the store); promoted, it ticks, so promoted workers elect a leader when
+/// the one that promoted them dies.
+#[test]
+fn workers_promoted_to_managers_elect_a_leader_when_it_dies() {
+    let mut c = Cluster::start(3).unwrap();
+    c.form(1).unwrap();
+    c.wait_until("three nodes", CONVERGE, |c| all_agree(c, 1, &[0, 1, 2]))
+        .unwrap();
+    for name in ["node2", "node3"] {
+        c.shoal_ok(0, &["node", "promote", name]).unwrap();
+    }
+    c.wait_until("three voters", CONVERGE, |c| {
+        Ok(c.info(0)?["raft"]["voters"].as_array().map(Vec::len) == Some(3))
+    })
+    .unwrap();
+    c.kill(0);
+    let leader = c
+        .wait_until_value(CONVERGE, || {
+            c.leader(1)?
+                .filter(|l| *l != 0)
+                .ok_or_else(|| anyhow::anyhow!("no leader"))
+        })
+        .unwrap();
+    assert!([1, 2].contains(&leader));
+    c.shoal_ok(
+        1,
+        &["node", "update", "--label-add", "after=failover", "node3"],
+    )
+    .unwrap();
+}
+
 #[test]
 fn node_commands_refuse_bad_requests_and_change_nothing() {
     let mut c = Cluster::start(3).unwrap();

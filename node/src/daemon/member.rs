@@ -272,6 +272,7 @@ impl Member {
                 members_changed: gossip.members_changed.clone(),
                 join_via: identity.node.join_via,
             })),
+            tokio::spawn(super::membership::tick_as_voter(raft.clone(), id)),
             tokio::spawn(super::membership::run(MembershipCtx {
                 id,
                 raft: raft.clone(),

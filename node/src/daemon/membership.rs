@@ -170,21 +170,61 @@ pub async fn run(ctx: MembershipCtx) {
         if leader != Some(ctx.id.0) {
             continue;
         }
-        let state = ctx.state.state();
         let now = Instant::now();
-        let reachable: BTreeSet<u64> = state
-            .nodes
-            .keys()
-            .filter(|id| ctx.live.status(**id, now) == NodeStatus::Ready)
-            .map(|id| id.0)
-            .collect();
         let stale = ctx.stale.current(now);
-        for step in plan_membership(&state, &voters, &nodes, &reachable, &stale) {
+        // Planned under the store's read lock, not on a copy of it.
+        let steps = ctx.state.read(|d| {
+            let reachable: BTreeSet<u64> = d
+                .state
+                .nodes
+                .keys()
+                .filter(|id| ctx.live.status(**id, now) == NodeStatus::Ready)
+                .map(|id| id.0)
+                .collect();
+            plan_membership(&d.state, &voters, &nodes, &reachable, &stale)
+        });
+        for step in steps {
             tracing::info!(?step, "membership change");
             if let Err(e) = take(&ctx.raft, step).await {
                 tracing::warn!(error = %e, "membership change failed; will retry");
                 break;
             }
+        }
+    }
+}
+
+/// Whether node `id` needs openraft's tick (elections, heartbeats, the
+/// leader's lease): only as one of `voters`, in Raft's membership as this
+/// node knows it. A worker (not a member: fed by `feed`) and a learner
+/// being caught up need none of it.
+pub fn needs_tick(voters: impl IntoIterator<Item = u64>, id: NodeId) -> bool {
+    voters.into_iter().any(|v| v == id.0)
+}
+
+/// Keeps openraft's tick (one wakeup every 1.5 heartbeats, on every node)
+/// on while this node is a voter and off otherwise, following Raft's
+/// membership as this node applies it: promoted, it ticks from the entry
+/// that made it a voter; a former manager whose own membership still makes
+/// it a voter ticks, and asks for votes ([`StaleVoters`]).
+pub async fn tick_as_voter(raft: Raft, id: NodeId) {
+    let mut metrics = raft.metrics();
+    let mut ticking = None;
+    loop {
+        let voter = needs_tick(
+            metrics
+                .borrow_and_update()
+                .membership_config
+                .membership()
+                .voter_ids(),
+            id,
+        );
+        if ticking != Some(voter) {
+            tracing::debug!(voter, "raft tick");
+            raft.runtime_config().tick(voter);
+            ticking = Some(voter);
+        }
+        if metrics.changed().await.is_err() {
+            return;
         }
     }
 }

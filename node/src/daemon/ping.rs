@@ -53,32 +53,53 @@ pub struct PingCtx {
     pub keys: Arc<Secrets>,
 }
 
-/// Runs until the task is aborted.
+/// Runs until the task is aborted. A manager pings every
+/// [`PING_INTERVAL`]; a worker only looks again when the store changes (a
+/// promotion or demotion is a change of the store), so an idle worker does
+/// not wake for this loop at all.
 pub async fn run(ctx: PingCtx) {
+    let mut changes = ctx.state.changes();
     loop {
-        round(&ctx).await;
-        tokio::time::sleep(PING_INTERVAL).await;
+        changes.borrow_and_update();
+        let manager = round(&ctx).await;
+        if manager {
+            tokio::time::sleep(PING_INTERVAL).await;
+        } else if changes.changed().await.is_err() {
+            return;
+        }
     }
 }
 
-async fn round(ctx: &PingCtx) {
-    let state = ctx.state.state();
-    let mut round = tokio::task::JoinSet::new();
-    let role = state.nodes.get(&ctx.id).map(|n| n.role);
-    let peers = state
+/// This node's role in the store and the other managers' IDs, read under
+/// the store's lock (not a copy of the whole store: a few nodes out of
+/// however many there are).
+fn managers_seen_by(state: &ClusterState, me: NodeId) -> (Option<Role>, Vec<NodeId>) {
+    let role = state.nodes.get(&me).map(|n| n.role);
+    let others = state
         .managers()
-        .filter(|n| n.id != ctx.id && role == Some(Role::Manager));
-    for node in peers {
-        let (writer, live, id) = (ctx.writer.clone(), ctx.live.clone(), node.id);
-        round.spawn(async move {
-            if let Ok(CtlReply::Pong) = writer.ctl(id, &CtlRequest::Ping, PING_TIMEOUT).await {
-                live.heard(id, Instant::now());
-            }
-        });
+        .filter(|n| n.id != me)
+        .map(|n| n.id)
+        .collect();
+    (role, others)
+}
+
+/// One round; whether this node is a manager.
+async fn round(ctx: &PingCtx) -> bool {
+    let (role, managers) = ctx.state.read(|d| managers_seen_by(&d.state, ctx.id));
+    let mut round = tokio::task::JoinSet::new();
+    if role == Some(Role::Manager) {
+        for id in managers.iter().copied() {
+            let (writer, live) = (ctx.writer.clone(), ctx.live.clone());
+            round.spawn(async move {
+                if let Ok(CtlReply::Pong) = writer.ctl(id, &CtlRequest::Ping, PING_TIMEOUT).await {
+                    live.heard(id, Instant::now());
+                }
+            });
+        }
     }
     while round.join_next().await.is_some() {}
     match key_step(role, ctx.keys.get().is_some()) {
-        Some(KeyStep::Fetch) => fetch_manager_key(ctx, &state).await,
+        Some(KeyStep::Fetch) => fetch_manager_key(ctx, &managers).await,
         Some(KeyStep::Drop) => {
             if let Err(e) = ctx.keys.set(None) {
                 tracing::warn!(error = %e, "cannot drop the manager key after demotion");
@@ -86,13 +107,14 @@ async fn round(ctx: &PingCtx) {
         }
         None => {}
     }
+    role == Some(Role::Manager)
 }
 
-async fn fetch_manager_key(ctx: &PingCtx, state: &ClusterState) {
-    for m in state.managers().filter(|m| m.id != ctx.id) {
+async fn fetch_manager_key(ctx: &PingCtx, managers: &[NodeId]) {
+    for &m in managers {
         if let Ok(CtlReply::ManagerKey(k)) = ctx
             .writer
-            .ctl(m.id, &CtlRequest::ManagerKey, PING_TIMEOUT)
+            .ctl(m, &CtlRequest::ManagerKey, PING_TIMEOUT)
             .await
         {
             match ctx.keys.set(Some(k)) {
@@ -117,5 +139,24 @@ mod tests {
         // Not in the store yet (joining): nothing either way.
         assert_eq!(key_step(None, true), None);
         assert_eq!(key_step(None, false), None);
+    }
+
+    #[test]
+    fn each_node_sees_its_role_and_the_other_managers() {
+        let s = shoal_mesh::fixtures::swarm(&[
+            (1, Role::Manager),
+            (2, Role::Manager),
+            (3, Role::Worker),
+        ]);
+        let ids = |v: &[u64]| v.iter().map(|i| NodeId(*i)).collect::<Vec<_>>();
+        assert_eq!(
+            managers_seen_by(&s, NodeId(1)),
+            (Some(Role::Manager), ids(&[2]))
+        );
+        assert_eq!(
+            managers_seen_by(&s, NodeId(3)),
+            (Some(Role::Worker), ids(&[1, 2]))
+        );
+        assert_eq!(managers_seen_by(&s, NodeId(9)), (None, ids(&[1, 2])));
     }
 }
