@@ -421,6 +421,11 @@ pub struct Gossip {
     timers: BinaryHeap<Reverse<(u64, u64)>>,
     timer_events: HashMap<u64, Timer<Peer>>,
     timer_seq: u64,
+    /// SWIM's periodic gossip timers that came due with nothing to pass on,
+    /// with when they were due: foca would only set them again (an idle
+    /// node would wake every `gossip_interval_ms` for nothing). Set again
+    /// on the same grid once there is something ([`Self::unpark_gossip`]).
+    parked_gossip: Vec<(u64, Timer<Peer>)>,
     members: BTreeMap<NodeId, Tracked>,
     /// The tracked members that are down, by when: what expires is found
     /// without a walk over every member, and how many are live is known.
@@ -504,6 +509,7 @@ impl Gossip {
             now_ms,
             timers: BinaryHeap::new(),
             timer_events: HashMap::new(),
+            parked_gossip: Vec::new(),
             timer_seq: 0,
             members: BTreeMap::new(),
             down: BTreeSet::new(),
@@ -594,11 +600,9 @@ impl Gossip {
             });
         }
         for (timer, after) in rt.timers {
-            self.timer_seq += 1;
-            let at = self.now_ms + after.as_millis() as u64;
-            self.timers.push(Reverse((at, self.timer_seq)));
-            self.timer_events.insert(self.timer_seq, timer);
+            self.add_timer(self.now_ms + after.as_millis() as u64, timer);
         }
+        self.unpark_gossip();
         for note in rt.notes {
             match note {
                 Note::Up(p) => self.member_up(p),
@@ -791,6 +795,27 @@ impl Gossip {
         e
     }
 
+    fn add_timer(&mut self, at: u64, timer: Timer<Peer>) {
+        self.timer_seq += 1;
+        self.timers.push(Reverse((at, self.timer_seq)));
+        self.timer_events.insert(self.timer_seq, timer);
+    }
+
+    /// Sets the parked periodic gossip timers again once SWIM has updates
+    /// to pass on, at the next time they would have come due had they run
+    /// all along (foca gossips on its timer only when it has updates, so
+    /// the skipped ones did nothing: the same packets, at the same times).
+    fn unpark_gossip(&mut self) {
+        if self.parked_gossip.is_empty() || self.foca.updates_backlog() == 0 {
+            return;
+        }
+        let every = self.config.gossip_interval_ms.max(1);
+        for (due, timer) in std::mem::take(&mut self.parked_gossip) {
+            let missed = self.now_ms.saturating_sub(due).div_ceil(every).max(1);
+            self.add_timer(due + missed * every, timer);
+        }
+    }
+
     /// Runs what is due at `now_ms`: SWIM timers, anti-entropy, reaping.
     pub fn handle_timeout(&mut self, now_ms: u64) {
         self.now_ms = self.now_ms.max(now_ms);
@@ -800,6 +825,10 @@ impl Gossip {
             }
             self.timers.pop();
             if let Some(t) = self.timer_events.remove(&seq) {
+                if matches!(t, Timer::PeriodicGossip(_)) && self.foca.updates_backlog() == 0 {
+                    self.parked_gossip.push((at, t));
+                    continue;
+                }
                 if matches!(t, Timer::ProbeRandomMember(_))
                     && let Some(target) = self.scheduled_probe()
                 {

@@ -182,6 +182,8 @@ pub struct Sim {
     pub bytes_sent: BTreeMap<NodeId, u64>,
     /// Messages sent per node.
     pub messages_sent: BTreeMap<NodeId, u64>,
+    /// Times each node's timers woke it (what an idle daemon pays for).
+    pub timer_wakeups: BTreeMap<NodeId, u64>,
     /// Every event, with the time and the node that saw it, if recording.
     pub events: Vec<(u64, NodeId, Event)>,
     /// Whether to record events.
@@ -237,6 +239,7 @@ impl Sim {
             slow: BTreeMap::new(),
             bytes_sent: BTreeMap::new(),
             messages_sent: BTreeMap::new(),
+            timer_wakeups: BTreeMap::new(),
             events: Vec::new(),
             record_events: false,
             tap: None,
@@ -416,6 +419,7 @@ impl Sim {
             }
             self.scheduled.remove(&id);
             if self.nodes.get(&id).is_some_and(|n| n.up) {
+                *self.timer_wakeups.entry(id).or_default() += 1;
                 work.entry(id).or_default();
             }
         }

@@ -86,6 +86,37 @@ fn cluster(n: u64) -> Sim {
     sim
 }
 
+/// An idle node wakes for its probes and anti-entropy, not for SWIM's
+/// periodic gossip while it has nothing to pass on; and once it has
+/// something again (a crash to report), it passes it on as before.
+#[test]
+fn an_idle_node_wakes_only_for_its_probes_and_anti_entropy() {
+    let mut sim = cluster_on_net(5);
+    sim.run_for(30_000);
+    for (_, n) in sim.nodes.iter() {
+        assert_eq!(n.gossip.swim_backlog(), 0, "settled");
+    }
+    sim.timer_wakeups.clear();
+    sim.run_for(10_000);
+    let config = GossipConfig::default();
+    // Per second: a probe and its round-trip timer each probe period, one
+    // anti-entropy round, and the rare announces; not one gossip timer per
+    // gossip interval (which would add 1000 / gossip_interval_ms).
+    let probes = 2.0 * 1000.0 / config.probe_period_ms as f64;
+    let most = ((probes + 1.0 + 1.0) * 10.0) as u64;
+    for (id, w) in &sim.timer_wakeups {
+        assert!(
+            *w <= most,
+            "node {id} woke {w} times in 10 idle seconds (at most {most})"
+        );
+    }
+    sim.crash(NodeId(5));
+    sim.run_for(5_000);
+    for i in 1..=4 {
+        assert_eq!(member_state(&sim, i, 5), Some(MemberState::Dead), "node {i}");
+    }
+}
+
 #[test]
 fn entries_reach_every_member_and_a_crashed_owner_disappears() {
     let mut sim = cluster(5);
