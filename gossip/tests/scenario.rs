@@ -113,7 +113,11 @@ fn an_idle_node_wakes_only_for_its_probes_and_anti_entropy() {
     sim.crash(NodeId(5));
     sim.run_for(5_000);
     for i in 1..=4 {
-        assert_eq!(member_state(&sim, i, 5), Some(MemberState::Dead), "node {i}");
+        assert_eq!(
+            member_state(&sim, i, 5),
+            Some(MemberState::Dead),
+            "node {i}"
+        );
     }
 }
 

@@ -187,8 +187,15 @@ pub fn run(s: Scale) -> anyhow::Result<Value> {
         "managers": s.managers,
         "seconds": s.seconds,
     });
+    let formed = form(&c, s, &managers)?;
+    let term = |c: &Cluster| -> anyhow::Result<u64> {
+        c.info(0)?["raft"]["term"]
+            .as_u64()
+            .ok_or_else(|| anyhow::anyhow!("no raft term in info"))
+    };
+    let term_formed = term(&c)?;
     for part in [
-        form(&c, s, &managers)?,
+        formed,
         idle(&c, s, &managers)?,
         kill_a_worker(&mut c, s, &managers)?,
     ] {
@@ -196,6 +203,9 @@ pub fn run(s: Scale) -> anyhow::Result<Value> {
             r.extend(p);
         }
     }
+    // Every election after the swarm formed was needless: no manager
+    // stopped (the node killed is a worker).
+    report["elections_after_forming"] = json!(term(&c)?.saturating_sub(term_formed));
     Ok(report)
 }
 
@@ -441,6 +451,10 @@ pub fn print(r: &Value) {
         "  killed worker down on every manager: {} s; its tasks rescheduled: {} s",
         f(&r["killed_worker_down_on_every_manager_s"]),
         f(&r["killed_workers_tasks_rescheduled_s"])
+    );
+    println!(
+        "  leader elections after forming:    {}",
+        r["elections_after_forming"]
     );
 }
 

@@ -305,18 +305,39 @@ fn workers_promoted_to_managers_elect_a_leader_when_it_dies() {
     for name in ["node2", "node3"] {
         c.shoal_ok(0, &["node", "promote", name]).unwrap();
     }
-    c.wait_until("three voters", CONVERGE, |c| {
-        Ok(c.info(0)?["raft"]["voters"].as_array().map(Vec::len) == Some(3))
+    // Every voter has taken the change that made the third one: until a
+    // node has it, it counts votes with the joint configuration, whose old
+    // half (two voters) has no majority without the leader (two managers
+    // survive the loss of neither, in Raft as in Swarm).
+    c.wait_until("three voters on every manager", CONVERGE, |c| {
+        for i in 0..3 {
+            if c.info(i)?["raft"]["voters"].as_array().map(Vec::len) != Some(3) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     })
     .unwrap();
     c.kill(0);
-    let leader = c
-        .wait_until_value(CONVERGE, || {
-            c.leader(1)?
-                .filter(|l| *l != 0)
-                .ok_or_else(|| anyhow::anyhow!("no leader"))
-        })
-        .unwrap();
+    let leader = c.wait_until_value(CONVERGE, || {
+        c.leader(1)?
+            .filter(|l| *l != 0)
+            .ok_or_else(|| anyhow::anyhow!("no leader"))
+    });
+    let leader = leader.unwrap_or_else(|e| {
+        let logs: Vec<String> = (1..3)
+            .map(|i| {
+                let log = c.log(i);
+                let tail: Vec<&str> = log.lines().rev().take(400).collect();
+                format!(
+                    "{}, last lines first:\n{}",
+                    c.hosts[i].name,
+                    tail.join("\n")
+                )
+            })
+            .collect();
+        panic!("{e}\n{}", logs.join("\n\n"))
+    });
     assert!([1, 2].contains(&leader));
     c.shoal_ok(
         1,

@@ -5,6 +5,7 @@
 //! tests can implement it in memory. [`serve_rpc`] is the receiving side.
 
 use std::future::Future;
+use std::time::Duration;
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -170,6 +171,27 @@ impl<T: RaftTransport> RaftNetwork<TypeConfig> for PeerClient<T> {
             Err(e) => Err(unreachable(&e)),
         }
     }
+
+    /// After a failed call the leader waits [`BACKOFF_FIRST`], then twice
+    /// as long each time, up to [`BACKOFF_MAX`] (openraft's default: 500 ms
+    /// every time). One call lost or slow on a loaded machine is retried
+    /// within the followers' election timeout instead of costing an
+    /// election; a follower that is gone is still called only twice a
+    /// second after the first few.
+    fn backoff(&self) -> openraft::network::Backoff {
+        openraft::network::Backoff::new(backoff_delays())
+    }
+}
+
+/// The first wait after a failed call to a follower.
+pub const BACKOFF_FIRST: Duration = Duration::from_millis(50);
+/// The longest.
+pub const BACKOFF_MAX: Duration = Duration::from_millis(500);
+
+/// The waits between calls to a follower that fail (see
+/// `PeerClient::backoff`).
+pub fn backoff_delays() -> impl Iterator<Item = Duration> + Send + 'static {
+    std::iter::successors(Some(BACKOFF_FIRST), |d| Some((*d * 2).min(BACKOFF_MAX)))
 }
 
 /// Hands an incoming RPC to the local Raft node and returns its reply.
@@ -187,7 +209,22 @@ mod tests {
     use shoal_mesh::codec::DEFAULT_LIMIT;
     use shoal_mesh::fixtures::decode_hostile;
 
-    use super::{RaftRpc, RaftRpcReply};
+    use super::{BACKOFF_FIRST, BACKOFF_MAX, RaftRpc, RaftRpcReply, backoff_delays};
+    use std::time::Duration;
+
+    #[test]
+    fn a_failed_call_is_retried_soon_then_less_and_less_often() {
+        let waits: Vec<Duration> = backoff_delays().take(7).collect();
+        let ms = |v: u64| Duration::from_millis(v);
+        assert_eq!(
+            waits,
+            [ms(50), ms(100), ms(200), ms(400), ms(500), ms(500), ms(500)]
+        );
+        assert_eq!(
+            (waits[0], *waits.last().unwrap()),
+            (BACKOFF_FIRST, BACKOFF_MAX)
+        );
+    }
 
     proptest! {
         /// Any bytes on the Raft protocol decode to an RPC or an error,

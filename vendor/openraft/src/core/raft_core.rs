@@ -305,7 +305,9 @@ where
 
         let my_id = self.id.clone();
         let my_vote = self.engine.state.vote_ref().clone();
-        let ttl = Duration::from_millis(self.config.heartbeat_interval);
+        // Shoal: as for AppendEntries (replication/mod.rs), up to the
+        // shortest election timeout rather than one heartbeat interval.
+        let ttl = Duration::from_millis(self.config.heartbeat_interval.max(self.config.election_timeout_min));
         let eff_mem = self.engine.state.membership_state.effective().clone();
         let core_tx = self.tx_notify.clone();
 

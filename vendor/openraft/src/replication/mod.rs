@@ -452,7 +452,13 @@ where
             self.config.heartbeat_interval
         );
 
-        let the_timeout = Duration::from_millis(self.config.heartbeat_interval);
+        // Shoal: an AppendEntries may take up to the shortest election
+        // timeout, not one heartbeat interval: a follower needs to hear from
+        // the leader within its election timeout, and a call that took a
+        // little longer than a heartbeat on a loaded machine, counted as
+        // failed, sent the leader into its backoff and cost an election.
+        let the_timeout =
+            Duration::from_millis(self.config.heartbeat_interval.max(self.config.election_timeout_min));
         let option = RPCOption::new(the_timeout);
         let res = C::timeout(the_timeout, self.network.append_entries(payload, option)).await;
 
