@@ -119,6 +119,14 @@ fn exec_runs_commands_inside_a_task_and_http_echo_says_who_served() {
             "4\n",
         );
         assert_eq!(r.code, 4, "{r:?}");
+        // Input that ends without a newline ends as at a terminal (Ctrl-D
+        // twice), and the command reads the unfinished line.
+        let r = c.shoal_input(
+            here,
+            &["exec", "-it", name, "--", "sh", "-c", "read x; exit $x"],
+            "5",
+        );
+        assert_eq!(r.code, 5, "{r:?}");
         // Asked on the other node: it says where the task runs.
         c.assert_refused(
             there,

@@ -134,7 +134,7 @@ async fn streamed(
     let out = pump_out(fifo("out"), std::io::stdout());
     let err = (!how.tty).then(|| pump_out(fifo("err"), std::io::stderr()));
     if how.interactive {
-        pump_in(fifo("in"));
+        pump_in(fifo("in"), how.tty);
     }
     let raw = (how.tty && how.interactive && on_terminal)
         .then(RawMode::enter)
@@ -193,22 +193,40 @@ fn pump_out(path: PathBuf, mut to: impl Write + Send + 'static) -> std::thread::
     })
 }
 
-/// Copies standard input to FIFO `path` until it ends (then closes the
-/// FIFO: the command reads its end). Not joined: it may wait on input
+/// Copies standard input to FIFO `path` until it ends. Without a
+/// terminal it then closes the FIFO: the command reads its end. On a
+/// terminal (`-t`), closing would hang the terminal up under the command
+/// (SIGHUP, which could come before the command read what was typed): the
+/// end is sent as a user at a terminal sends it, Ctrl-D (twice after an
+/// unfinished line: the first ends the line), and the FIFO stays open until
+/// this process ends, after the command. Not joined: it may wait on input
 /// after the command has ended.
-fn pump_in(path: PathBuf) {
+fn pump_in(path: PathBuf, tty: bool) {
     std::thread::spawn(move || {
         let Ok(mut to) = std::fs::OpenOptions::new().write(true).open(&path) else {
             return;
         };
         let mut from = std::io::stdin().lock();
         let mut buf = [0u8; 8192];
+        let mut last = b'\n';
         while let Ok(n) = from.read(&mut buf) {
             if n == 0 || to.write_all(&buf[..n]).is_err() {
                 break;
             }
+            last = buf[n - 1];
+        }
+        if tty && to.write_all(end_of_typing(last)).is_ok() {
+            loop {
+                std::thread::park();
+            }
         }
     });
+}
+
+/// What ends input typed at a terminal whose last byte was `last`: Ctrl-D,
+/// twice after an unfinished line.
+fn end_of_typing(last: u8) -> &'static [u8] {
+    if last == b'\n' { b"\x04" } else { b"\x04\x04" }
 }
 
 /// Opens FIFO `path` for writing without blocking, and closes it: a
