@@ -1084,6 +1084,14 @@ impl Cluster {
         std::fs::read_to_string(&self.hosts[i].log).unwrap_or_default()
     }
 
+    /// The last `lines` lines of host `i`'s daemon log, last first: what a
+    /// failing test prints.
+    pub fn log_tail(&self, i: usize, lines: usize) -> String {
+        let log = self.log(i);
+        let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+        tail.join("\n")
+    }
+
     /// `swarm init` on host `i`.
     pub fn init(&self, i: usize) -> anyhow::Result<()> {
         self.shoal_ok(i, &["swarm", "init"]).map(drop)

@@ -279,9 +279,7 @@ fn force_new_cluster_keeps_the_state_of_a_lone_survivor() {
                 .any(|n| n["labels"]["after"] == "recovery"))
         });
         if let Err(e) = followed {
-            let log = c.log(i);
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            panic!("{e}\nits log, last lines first:\n{}", tail.join("\n"));
+            panic!("{e}\nits log, last lines first:\n{}", c.log_tail(i, 40));
         }
     }
     let old_leader = c.hosts[leader].name.clone();
@@ -327,12 +325,10 @@ fn workers_promoted_to_managers_elect_a_leader_when_it_dies() {
     let leader = leader.unwrap_or_else(|e| {
         let logs: Vec<String> = (1..3)
             .map(|i| {
-                let log = c.log(i);
-                let tail: Vec<&str> = log.lines().rev().take(400).collect();
                 format!(
                     "{}, last lines first:\n{}",
                     c.hosts[i].name,
-                    tail.join("\n")
+                    c.log_tail(i, 400)
                 )
             })
             .collect();
