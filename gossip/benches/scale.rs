@@ -20,8 +20,13 @@
 //! ```text
 //! cargo bench -p shoal-gossip --bench scale -- [--nodes 100,1000,5000]
 //!     [--seconds 300] [--network 100] [--crashes 10] [--seed 1]
-//!     [--suspect-ms MS] [--indirect K] [--small-keys] [--threads 2]
+//!     [--suspect-ms MS] [--indirect K] [--small-keys] [--threads 2] [--formed]
 //! ```
+//!
+//! `--formed` starts the swarm formed (`Sim::start_formed`: every node
+//! holds every other's certificate, claim and `networks` entry, with
+//! nothing left for SWIM to pass on) instead of simulating nodes joining
+//! 100 a second: forming a swarm costs O(n²) messages, hours at 5 000.
 //!
 //! The nodes run on `--threads` threads (1 or 2; default 2): the results
 //! are the same on either, the wall time is not.
@@ -61,6 +66,9 @@ struct Args {
     small_keys: bool,
     /// Threads that run the nodes.
     threads: usize,
+    /// Start from a formed swarm (`Sim::start_formed`) instead of nodes
+    /// joining 100 a second.
+    formed: bool,
 }
 
 fn args() -> Args {
@@ -74,6 +82,7 @@ fn args() -> Args {
         indirect: None,
         small_keys: false,
         threads: 2,
+        formed: false,
     };
     let argv: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -105,6 +114,11 @@ fn args() -> Args {
             }
             "--small-keys" => {
                 a.small_keys = true;
+                i += 1;
+                continue;
+            }
+            "--formed" => {
+                a.formed = true;
                 i += 1;
                 continue;
             }
@@ -204,38 +218,13 @@ fn directory(sim: &mut Sim) {
     }
 }
 
-fn run(n: u64, a: &Args) {
-    let wall = Instant::now();
-    let mut config = GossipConfig {
-        cluster_size_hint: n as u32,
-        ..Default::default()
-    };
-    if let Some(ms) = a.suspect_ms {
-        config.suspect_to_down_ms = ms;
-    }
-    if let Some(k) = a.indirect {
-        config.indirect_probes = k as usize;
-    }
-    let mut sim = Sim::new(a.seed, config, 10_000_000);
-    if a.small_keys {
-        sim.key_sizes = (8, 8);
-    }
-    sim.threads = a.threads;
-    println!(
-        "{n} nodes: certificates of {} bytes, signatures of {}",
-        sim.key_sizes.0, sim.key_sizes.1
-    );
-    // Nodes join 100 a second (10 every 100 ms), through three seeds, as a
-    // swarm grows, each already attached to its networks (as a daemon that
-    // restarts with tasks is).
-    let t0 = sim.now();
-    let count = (n * 3 / a.network).max(1);
-    let mut members: BTreeMap<String, BTreeSet<NodeId>> = BTreeMap::new();
+/// Nodes join 100 a second (10 every 100 ms), through three seeds, as a
+/// swarm grows, each already attached to its networks (as a daemon that
+/// restarts with tasks is); then runs until every node sees every other
+/// alive (at most 120 s).
+fn join(sim: &mut Sim, n: u64, count: u64, t0: u64) {
     for i in 1..=n {
         let nets = networks_of(i, count);
-        for net in &nets {
-            members.entry(net.clone()).or_default().insert(NodeId(i));
-        }
         sim.start(NodeId(i), &[NodeId(1), NodeId(2), NodeId(3)]);
         sim.with_node(NodeId(i), |g, now| {
             for net in &nets {
@@ -249,10 +238,10 @@ fn run(n: u64, a: &Args) {
     let mut converged = None;
     for s in 0..120 {
         if s % 10 == 0 {
-            directory(&mut sim);
+            directory(sim);
         }
         sim.run_for(1_000);
-        if min_alive(&sim) == n as usize {
+        if min_alive(sim) == n as usize {
             converged = Some(sim.now() - t0);
             break;
         }
@@ -265,7 +254,7 @@ fn run(n: u64, a: &Args) {
         None => {
             println!(
                 "{n} nodes: NOT converged after 120 s: the least informed node sees {} alive",
-                min_alive(&sim)
+                min_alive(sim)
             );
             for (id, node) in sim.nodes.iter().filter(|(_, x)| x.up) {
                 let ms = node.gossip.members();
@@ -299,6 +288,51 @@ fn run(n: u64, a: &Args) {
                 }
             }
         }
+    }
+}
+
+fn run(n: u64, a: &Args) {
+    let wall = Instant::now();
+    let mut config = GossipConfig {
+        cluster_size_hint: n as u32,
+        ..Default::default()
+    };
+    if let Some(ms) = a.suspect_ms {
+        config.suspect_to_down_ms = ms;
+    }
+    if let Some(k) = a.indirect {
+        config.indirect_probes = k as usize;
+    }
+    let mut sim = Sim::new(a.seed, config, 10_000_000);
+    if a.small_keys {
+        sim.key_sizes = (8, 8);
+    }
+    sim.threads = a.threads;
+    println!(
+        "{n} nodes: certificates of {} bytes, signatures of {}",
+        sim.key_sizes.0, sim.key_sizes.1
+    );
+    let t0 = sim.now();
+    let count = (n * 3 / a.network).max(1);
+    let mut members: BTreeMap<String, BTreeSet<NodeId>> = BTreeMap::new();
+    for i in 1..=n {
+        for net in networks_of(i, count) {
+            members.entry(net).or_default().insert(NodeId(i));
+        }
+    }
+    if a.formed {
+        let nodes: Vec<(NodeId, Vec<String>)> = (1..=n)
+            .map(|i| (NodeId(i), networks_of(i, count)))
+            .collect();
+        let refused = sim.start_formed(&nodes, 300);
+        sim.run_for(1_000);
+        println!(
+            "{n} nodes: started formed in {:.0} s of wall time ({refused} refused); the least informed node sees {} alive",
+            wall.elapsed().as_secs_f64(),
+            min_alive(&sim)
+        );
+    } else {
+        join(&mut sim, n, count, t0);
     }
     // Endpoints: 30 tasks a node.
     for i in 1..=n {

@@ -467,6 +467,15 @@ pub struct Gossip {
     trust: Arc<Mutex<SwimTrust>>,
 }
 
+/// What a node of a formed swarm holds of another ([`Gossip::preload`]).
+#[derive(Clone)]
+pub(crate) struct Credentials {
+    peer: Peer,
+    cert: Arc<[u8]>,
+    claim: Vec<u8>,
+    networks: Option<SharedEntry>,
+}
+
 /// Owners' certificates, as a table message carries them.
 type Certs = Vec<(NodeId, Arc<[u8]>)>;
 
@@ -760,6 +769,67 @@ impl Gossip {
             self.run(|f, rt| f.announce(p.clone(), rt));
         }
         unknown.len()
+    }
+
+    /// What the other nodes of a formed swarm hold of this one: its
+    /// identity, certificate, signed claim to be alive at incarnation 0
+    /// (a node that was never suspected) and `networks` entry.
+    pub(crate) fn credentials(&self) -> Credentials {
+        let mut t = self.trust();
+        Credentials {
+            cert: Arc::from(t.keys.cert()),
+            claim: t.own_claim(&self.me, 0),
+            peer: self.me.clone(),
+            networks: self.my_networks.clone(),
+        }
+    }
+
+    /// Takes `members` as a node of a formed swarm holds them, with
+    /// nothing sent: their certificates and signed claims (checked), their
+    /// `networks` entries (checked and merged as a table message's), and
+    /// each alive in SWIM without passing it on — what SWIM's rounds of
+    /// their arrivals and their welcome messages would have brought once
+    /// the swarm settled. Returns how many were refused (a claim or entry
+    /// that did not check out). For the simulator, which starts large
+    /// swarms formed ([`crate::sim::Sim::start_formed`]): forming one by
+    /// the protocol costs O(n²) messages, each arrival passed on ln(n) + 7
+    /// times.
+    pub(crate) fn preload(&mut self, now_ms: u64, members: &[Credentials]) -> usize {
+        self.now_ms = self.now_ms.max(now_ms);
+        let me = self.me.id;
+        let members: Vec<&Credentials> = members.iter().filter(|c| c.peer.id != me).collect();
+        let mut refused = 0;
+        let mut alive = Vec::with_capacity(members.len());
+        {
+            let mut t = self.trust();
+            for c in &members {
+                if t.preload(&c.peer, 0, c.cert.clone(), &c.claim) {
+                    alive.push(foca::Member::alive(c.peer.clone()));
+                } else {
+                    refused += 1;
+                }
+            }
+        }
+        let none = BTreeMap::new();
+        for c in &members {
+            if let Some(e) = &c.networks {
+                let key = crate::share::share(Arc::new(networks_key(c.peer.id)));
+                if e.owner != c.peer.id
+                    || self
+                        .merge_remote(c.peer.id, key, e.clone(), &none)
+                        .is_none()
+                {
+                    refused += 1;
+                }
+            }
+        }
+        // Each `MemberUp` sends the newcomer a welcome (this node's
+        // `networks` entry and certificate): in a formed swarm, sent long
+        // ago. It leaves no record ([`SentTo`]), so dropping it is all.
+        let queued = self.transmits.len();
+        self.run(|f, rt| f.apply_many(alive.into_iter(), false, rt));
+        self.transmits.truncate(queued);
+        refused
     }
 
     /// Introduces this node to `peer` (a seed).

@@ -15,7 +15,7 @@
 use std::any::{Any, TypeId};
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
-use std::hash::{BuildHasher, Hash};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
 /// One type's shared values, type-erased so that [`Pool::sweep`] can
@@ -27,7 +27,66 @@ trait Set: Send {
     fn as_any(&mut self) -> &mut dyn Any;
 }
 
-impl<T: ?Sized + Hash + Eq + Send + Sync + 'static> Set for HashSet<Arc<T>> {
+/// A fast, unkeyed hash (rustc's "Fx" mix, eight bytes at a time): the
+/// pool hashes every certificate and entry each node takes, and the
+/// values are the simulation's own, so they need no defence against
+/// chosen collisions (a daemon has no pool).
+#[derive(Default)]
+pub struct FxHasher(u64);
+
+impl FxHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            self.add(u64::from_le_bytes(c.try_into().unwrap_or([0; 8])));
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut last = [0u8; 8];
+            last[..rest.len()].copy_from_slice(rest);
+            self.add(u64::from_le_bytes(last));
+        }
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    fn write_u16(&mut self, i: u16) {
+        self.add(u64::from(i));
+    }
+
+    fn write_u32(&mut self, i: u32) {
+        self.add(u64::from(i));
+    }
+
+    fn write_u64(&mut self, i: u64) {
+        self.add(i);
+    }
+
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        // The multiply leaves the low bits weak; the table's buckets and
+        // the shard come from them.
+        self.0 ^ (self.0 >> 32)
+    }
+}
+
+type FxBuild = BuildHasherDefault<FxHasher>;
+
+/// One type's shared values.
+type Values<T> = HashSet<Arc<T>, FxBuild>;
+
+impl<T: ?Sized + Hash + Eq + Send + Sync + 'static> Set for Values<T> {
     fn sweep(&mut self) -> usize {
         let before = self.len();
         self.retain(|v| Arc::strong_count(v) > 1);
@@ -51,8 +110,8 @@ type Shard = Mutex<HashMap<TypeId, Box<dyn Set>>>;
 /// Shared values by type, for the threads that entered the pool.
 pub struct Pool {
     shards: Vec<Shard>,
-    /// Picks a value's shard (fixed keys: the same shard on every thread).
-    hasher: std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher>,
+    /// Picks a value's shard (unkeyed: the same shard on every thread).
+    hasher: FxBuild,
 }
 
 impl Default for Pool {
@@ -66,14 +125,14 @@ impl Default for Pool {
 
 impl Pool {
     fn share<T: ?Sized + Hash + Eq + Send + Sync + 'static>(&self, v: Arc<T>) -> Arc<T> {
-        let shard = (self.hasher.hash_one(&*v) as usize) % SHARDS;
+        let shard = (self.hasher.hash_one(&*v) >> 60) as usize % SHARDS;
         let Ok(mut shard) = self.shards[shard].lock() else {
             return v;
         };
         let set = shard
             .entry(TypeId::of::<T>())
-            .or_insert_with(|| Box::new(HashSet::<Arc<T>>::new()));
-        let Some(set) = set.as_any().downcast_mut::<HashSet<Arc<T>>>() else {
+            .or_insert_with(|| Box::new(Values::<T>::default()));
+        let Some(set) = set.as_any().downcast_mut::<Values<T>>() else {
             return v;
         };
         if let Some(held) = set.get(&v) {

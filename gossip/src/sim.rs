@@ -17,8 +17,10 @@ use crate::peer::Peer;
 
 /// A simulated node.
 pub struct SimNode {
-    /// Its gossip state machine.
-    pub gossip: Gossip,
+    /// Its gossip state machine (boxed: the simulator moves its nodes to
+    /// the thread that runs them every busy millisecond, and a `Gossip`
+    /// is large).
+    pub gossip: Box<Gossip>,
     /// Whether it runs (a crashed node neither sends nor receives).
     pub up: bool,
     /// Draws the fate of what it sends (lost? how late?): each node its
@@ -293,12 +295,75 @@ impl Sim {
         self.nodes.insert(
             id,
             SimNode {
-                gossip: g,
+                gossip: Box::new(g),
                 up: true,
                 rng,
             },
         );
         self.after_step(id);
+    }
+
+    /// Starts `nodes` (each attached to its networks) as a swarm that has
+    /// formed: every node holds every other's certificate, signed claim
+    /// and `networks` entry, and has each alive in SWIM with nothing left
+    /// to pass on ([`Gossip::preload`]) — the state a swarm reaches once
+    /// SWIM has passed on every arrival, without the O(n²) messages that
+    /// take it there (hours at 5 000 nodes). The nodes start at once and
+    /// take the others over the next `spread_ms` (less than a probe
+    /// period, so that no node is probed by one it does not know yet),
+    /// spread like the start of a daemon. Returns the claims and entries
+    /// refused (none, unless a node's keys do not check out).
+    pub fn start_formed(&mut self, nodes: &[(NodeId, Vec<String>)], spread_ms: u64) -> usize {
+        for (id, networks) in nodes {
+            self.start(*id, &[]);
+            self.with_node(*id, |g, now| {
+                for net in networks {
+                    g.join_network(now, net);
+                }
+            });
+        }
+        let all: Vec<crate::core::Credentials> = nodes
+            .iter()
+            .filter_map(|(id, _)| self.nodes.get(id).map(|n| n.gossip.credentials()))
+            .collect();
+        let per_ms = nodes.len().div_ceil(spread_ms.max(1) as usize).max(1);
+        let mut refused = 0;
+        for group in nodes.chunks(per_ms) {
+            // Each millisecond's nodes take the others on this thread and,
+            // with two threads, the helper's pool.
+            let mut taken: Vec<(NodeId, SimNode)> = group
+                .iter()
+                .filter_map(|(id, _)| self.nodes.remove(id).map(|n| (*id, n)))
+                .collect();
+            let now = self.now_ms;
+            let preload = |part: &mut [(NodeId, SimNode)]| -> usize {
+                part.iter_mut()
+                    .filter(|(_, n)| n.up)
+                    .map(|(_, n)| n.gossip.preload(now, &all))
+                    .sum()
+            };
+            let split = if self.threads > 1 { taken.len() / 2 } else { 0 };
+            let (theirs, mine) = taken.split_at_mut(split);
+            let pool = self.pool.clone();
+            refused += std::thread::scope(|s| {
+                let other = s.spawn(|| {
+                    crate::share::enter(Some(pool));
+                    let r = preload(theirs);
+                    crate::share::enter(None);
+                    r
+                });
+                let r = preload(mine);
+                r + other
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+            });
+            for (id, n) in taken {
+                self.nodes.insert(id, n);
+                self.after_step(id);
+            }
+            self.run_for(1);
+        }
+        refused
     }
 
     /// Crashes `id`: it stops at once; messages to it are lost.
@@ -441,10 +506,13 @@ impl Sim {
                 self.queue.shrink_to(self.queue.len() * 2);
             }
             // The nodes leave the map while they run (each on one thread).
-            let running: Running = work
-                .into_iter()
-                .filter_map(|(id, msgs)| self.nodes.remove(&id).map(|n| (id, n, msgs)))
-                .collect();
+            // Sized up front: grown step by step, a busy millisecond's
+            // vectors cost glibc a consolidation of its free lists each.
+            let mut running: Running = Vec::with_capacity(work.len());
+            running.extend(
+                work.into_iter()
+                    .filter_map(|(id, msgs)| self.nodes.remove(&id).map(|n| (id, n, msgs))),
+            );
             let messages: usize = running.iter().map(|(_, _, m)| m.len()).sum();
             let links = Arc::new(self.links());
             let mut done: Vec<(NodeId, SimNode, Output)> = Vec::with_capacity(running.len());

@@ -117,6 +117,28 @@ impl SwimTrust {
         }
     }
 
+    /// This node's signed claim to be alive as `peer` at `incarnation`,
+    /// as its SWIM packets carry it ([`crate::sim::Sim::start_formed`]
+    /// hands it to the other nodes).
+    pub(crate) fn own_claim(&mut self, peer: &Peer, incarnation: Incarnation) -> Vec<u8> {
+        self.own_sig(peer, incarnation)
+    }
+
+    /// Takes `peer`'s certificate and its signed claim to be alive at
+    /// `incarnation`, as a table message and a SWIM update would have
+    /// brought them: whether the claim checked out (a claim that does not
+    /// is not kept; the certificate is).
+    pub(crate) fn preload(
+        &mut self,
+        peer: &Peer,
+        incarnation: Incarnation,
+        cert: Arc<[u8]>,
+        claim: &[u8],
+    ) -> bool {
+        self.certs.insert(peer.id, crate::share::share(cert));
+        self.check(peer, incarnation, claim) == Some(true)
+    }
+
     /// Forgets this node's cached signature (its key changed).
     pub fn rekey(&mut self) {
         self.own = None;

@@ -949,3 +949,95 @@ fn a_global_probe_to_a_member_sharing_no_network_carries_no_entry_or_certificate
     );
     assert_eq!(with_entries, 0);
 }
+
+/// Node `i`'s networks among `count`: consecutive nodes share them.
+fn nets_of(i: u64, count: u64) -> Vec<String> {
+    let mut nets: Vec<String> = (0..2).map(|k| format!("net{}", (i + k) % count)).collect();
+    nets.dedup();
+    nets
+}
+
+/// What node `i` holds: its members and their states, and the keys of
+/// every entry (global and in its networks).
+fn holdings(sim: &Sim, i: u64) -> (Vec<(NodeId, MemberState)>, BTreeSet<String>) {
+    let g = &sim.nodes[&NodeId(i)].gossip;
+    let members = g.members().iter().map(|m| (m.node_id, m.state)).collect();
+    let keys = g
+        .tables()
+        .all()
+        .map(|(k, _)| format!("{}/{}/{}", k.network, k.table, k.key))
+        .collect();
+    (members, keys)
+}
+
+/// A swarm started formed ([`Sim::start_formed`], how the scale bench
+/// starts 5 000 nodes) holds what one formed by joining holds once it has
+/// settled, has nothing left for SWIM to pass on, and then behaves alike:
+/// writes reach every member of their network, a crash is seen by all.
+#[test]
+fn a_swarm_started_formed_holds_what_one_formed_by_joining_holds() {
+    let n = 40;
+    let count = 4;
+    let mut joined = Sim::new(5, GossipConfig::default(), 1_000_000);
+    for i in 1..=n {
+        joined.start(NodeId(i), &[NodeId(1), NodeId(2)]);
+        joined.with_node(NodeId(i), |g, now| {
+            for net in nets_of(i, count) {
+                g.join_network(now, &net);
+            }
+        });
+        joined.run_for(50);
+    }
+    joined.run_for(30_000);
+    let mut formed = Sim::new(5, GossipConfig::default(), 1_000_000);
+    // Four nodes a millisecond, two on each thread.
+    formed.threads = 2;
+    let nodes: Vec<(NodeId, Vec<String>)> =
+        (1..=n).map(|i| (NodeId(i), nets_of(i, count))).collect();
+    assert_eq!(formed.start_formed(&nodes, 10), 0, "nothing refused");
+    for (_, x) in formed.nodes.iter() {
+        assert_eq!(x.gossip.swim_backlog(), 0, "nothing for SWIM to pass on");
+        assert_eq!(x.gossip.alive_count(), n as usize);
+    }
+    formed.run_for(2_000);
+    for sim in [&mut joined, &mut formed] {
+        for i in 1..=n {
+            sim.with_node(NodeId(i), |g, now| {
+                for net in nets_of(i, count) {
+                    g.put(now, &net, "vteps", &i.to_string(), vtep(i)).unwrap();
+                }
+            });
+        }
+        sim.datagram_loss = 0.05;
+        sim.run_for(3_000);
+    }
+    for i in 1..=n {
+        let (members, keys) = holdings(&formed, i);
+        assert_eq!(
+            (&members, &keys),
+            (&holdings(&joined, i).0, &holdings(&joined, i).1),
+            "node {i}"
+        );
+        assert_eq!(members.len(), n as usize);
+        assert!(
+            members.iter().all(|(_, s)| *s == MemberState::Alive),
+            "node {i}: {members:?}"
+        );
+        // Its networks' members' entries and every node's `networks` entry.
+        for net in nets_of(i, count) {
+            let writers = (1..=n)
+                .filter(|w| nets_of(*w, count).contains(&net))
+                .count();
+            assert_eq!(keys_in(&formed, i, &net).len(), writers, "node {i}, {net}");
+        }
+    }
+    formed.crash(NodeId(7));
+    formed.run_for(5_000);
+    for i in (1..=n).filter(|i| *i != 7) {
+        assert_eq!(
+            member_state(&formed, i, 7),
+            Some(MemberState::Dead),
+            "node {i}"
+        );
+    }
+}
