@@ -215,8 +215,15 @@ pub fn orchestrate_due(
             *pass.all_tasks.entry(n).or_default() += 1;
         }
     }
+    // Each service's tasks, in the store's order, from one walk over all
+    // of them (a walk per service made a pass O(services × tasks)).
+    let mut by_service: BTreeMap<&str, Vec<&Task>> = BTreeMap::new();
+    for t in state.tasks.values() {
+        by_service.entry(t.service_id.as_str()).or_default().push(t);
+    }
     for service in state.services.values() {
-        pass.service(service, new_id);
+        let mine = by_service.remove(service.id.as_str()).unwrap_or_default();
+        pass.service(service, mine, new_id);
     }
     let due = pass.due.get();
     let mut out = pass.out;
@@ -253,6 +260,10 @@ struct ServiceTasks<'a> {
     stopping: BTreeMap<&'a str, &'a Task>,
     /// Kept tasks per node (spread within the service).
     per_node: BTreeMap<NodeId, usize>,
+    /// The first kept task of each group.
+    kept_in: BTreeMap<Group, &'a Task>,
+    /// Each group's tasks, ended ones included, in the order of `mine`.
+    mine_in: BTreeMap<Group, Vec<&'a Task>>,
 }
 
 impl<'a> Pass<'a> {
@@ -286,21 +297,21 @@ impl<'a> Pass<'a> {
         held
     }
 
-    fn service(&mut self, service: &'a Service, new_id: &mut dyn FnMut() -> String) {
-        let tasks = self.stop_misplaced(service);
+    fn service(
+        &mut self,
+        service: &'a Service,
+        mine: Vec<&'a Task>,
+        new_id: &mut dyn FnMut() -> String,
+    ) {
+        let tasks = self.stop_misplaced(service, mine);
         let busy = self.fill_groups(service, &tasks, new_id);
         self.roll(service, &tasks, busy);
     }
 
     /// Tasks on nodes that are gone, down, drained or no longer eligible
     /// stop, as do replicas beyond the count; the rest are kept.
-    fn stop_misplaced(&mut self, service: &'a Service) -> ServiceTasks<'a> {
+    fn stop_misplaced(&mut self, service: &'a Service, mine: Vec<&'a Task>) -> ServiceTasks<'a> {
         let state = self.state;
-        let mine: Vec<&Task> = state
-            .tasks
-            .values()
-            .filter(|t| t.service_id == service.id)
-            .collect();
         let mut stopping = BTreeMap::new();
         let mut kept: Vec<&Task> = Vec::new();
         for t in mine.iter().copied().filter(|t| t.is_active()) {
@@ -329,11 +340,25 @@ impl<'a> Pass<'a> {
                 *per_node.entry(n).or_default() += 1;
             }
         }
+        let mut kept_in = BTreeMap::new();
+        for t in &kept {
+            if let Some(g) = group_of(t) {
+                kept_in.entry(g).or_insert(*t);
+            }
+        }
+        let mut mine_in: BTreeMap<Group, Vec<&Task>> = BTreeMap::new();
+        for t in &mine {
+            if let Some(g) = group_of(t) {
+                mine_in.entry(g).or_default().push(*t);
+            }
+        }
         ServiceTasks {
             mine,
             kept,
             stopping,
             per_node,
+            kept_in,
+            mine_in,
         }
     }
 
@@ -359,8 +384,8 @@ impl<'a> Pass<'a> {
         let mut per_node = tasks.per_node.clone();
         let mut busy = 0usize;
         for group in groups {
-            let in_group = |t: &Task| group_of(t) == Some(group);
-            if let Some(t) = tasks.kept.iter().find(|t| in_group(t)) {
+            let in_group: &[&Task] = tasks.mine_in.get(&group).map_or(&[], Vec::as_slice);
+            if let Some(t) = tasks.kept_in.get(&group) {
                 if t.state < TaskState::Running {
                     busy += 1;
                 }
@@ -380,7 +405,7 @@ impl<'a> Pass<'a> {
                 }
                 continue;
             }
-            let held = tasks.mine.iter().filter(|t| in_group(t)).any(|t| {
+            let held = in_group.iter().any(|t| {
                 if tasks.stopping.contains_key(t.id.as_str()) {
                     self.holds(t, true)
                 } else {
@@ -391,11 +416,9 @@ impl<'a> Pass<'a> {
                 busy += 1;
                 continue;
             }
-            let latest = tasks
-                .mine
+            let latest = in_group
                 .iter()
                 .copied()
-                .filter(|t| in_group(t))
                 .max_by_key(|t| (t.created_at_ms, t.id.clone()));
             let due = |at| self.due_at(at);
             let Some(restarts) = restart_decision(service, latest, self.now_ms, &due) else {

@@ -191,11 +191,15 @@ pub async fn run(ctx: OrchestratorCtx) {
         }
         let (gone_soon, gone_in) = downtime.in_grace(now, ctx.grace);
         confirm(&ctx, gone_soon, &confirming);
-        let state = ctx.state.state();
         let live = |n: NodeId| downtime.live(n, now, ctx.grace);
         let mut new_id = || shoal_mesh::ids::to_hex(&rand::random::<[u8; 8]>());
         let now_ms = now_ms();
-        let (cmds, due) = orchestrate_due(&state, &live, &mut new_id, now_ms);
+        // Planned under the store's read lock rather than on a copy: a
+        // copy of 150 000 tasks costs as much as the pass itself
+        // (`cargo bench -p shoal-mesh --bench leader`), on every change.
+        let (cmds, due) = ctx
+            .state
+            .read(|d| orchestrate_due(&d.state, &live, &mut new_id, now_ms));
         let mut failed = false;
         for cmd in cmds {
             if let Err(e) = ctx.writer.propose(cmd).await {
