@@ -1800,3 +1800,84 @@ pub fn entry_key(network: &str, table: &str, key: &str) -> EntryKey {
         key: key.to_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(n: u64) -> Peer {
+        Peer {
+            id: NodeId(n),
+            addr: format!("sim:{n}").into(),
+            generation: 1 << 16,
+            bump: 0,
+        }
+    }
+
+    /// Node `n`, attached to `network` if given.
+    fn node(n: u64, network: Option<&str>) -> Gossip {
+        let mut g = Gossip::new(
+            peer(n),
+            GossipConfig::default(),
+            n,
+            1_000,
+            Box::new(crate::keys::SizedTestKeys {
+                id: NodeId(n),
+                cert_len: 8,
+                sig_len: 8,
+            }),
+        );
+        if let Some(net) = network {
+            g.join_network(1_000, net);
+        }
+        g
+    }
+
+    /// Node 1 of `n` nodes all on `network`, knowing the others as a
+    /// formed swarm does.
+    fn formed(n: u64, network: &str) -> Gossip {
+        let all: Vec<Credentials> = (1..=n)
+            .map(|i| node(i, Some(network)).credentials())
+            .collect();
+        let mut g = node(1, Some(network));
+        assert_eq!(g.preload(1_000, &all), 0);
+        while g.poll_transmit().is_some() {}
+        g
+    }
+
+    #[test]
+    fn a_drained_burst_gives_its_queue_back() {
+        let mut g = node(1, None);
+        let others: Vec<foca::Member<Peer>> =
+            (2..=500).map(|i| foca::Member::alive(peer(i))).collect();
+        // Each newcomer is welcomed: 499 messages queued at once.
+        g.run(|f, rt| f.apply_many(others.into_iter(), false, rt));
+        assert!(g.transmits.len() >= 499, "{}", g.transmits.len());
+        assert!(g.transmits.capacity() >= 499);
+        while g.poll_transmit().is_some() {}
+        assert!(g.transmits.capacity() <= 64, "{}", g.transmits.capacity());
+        while g.poll_event().is_some() {}
+        assert!(g.events.capacity() <= 64, "{}", g.events.capacity());
+    }
+
+    #[test]
+    fn broadcast_trees_are_kept_until_the_members_change() {
+        let mut g = formed(40, "net");
+        let live: Vec<NodeId> = (1..=40).map(NodeId).collect();
+        for owner in [2, 17, 40].map(NodeId) {
+            let want = tree_children(owner, NodeId(1), &live, TREE_FANOUT);
+            assert_eq!(g.children_in("net", owner), want);
+        }
+        assert_eq!(g.trees["net"].len(), 3, "kept, one per owner");
+        assert_eq!(g.children_in("net", NodeId(2)), g.trees["net"][&NodeId(2)]);
+        // A member dies: every tree is computed again without it.
+        let dead = g.members[&NodeId(3)].peer.clone();
+        g.member_down(dead);
+        let live: Vec<NodeId> = live.into_iter().filter(|m| *m != NodeId(3)).collect();
+        for owner in [2, 17, 40].map(NodeId) {
+            let want = tree_children(owner, NodeId(1), &live, TREE_FANOUT);
+            assert_eq!(g.children_in("net", owner), want, "owner {owner}");
+        }
+        assert!(!g.listed_in("net").contains(&NodeId(3)));
+    }
+}
