@@ -9,11 +9,10 @@ use serde::{Deserialize, Serialize};
 use crate::bounds::{self, OutOfBounds};
 use crate::cidr::Ipv4Net;
 use crate::ids::{NetworkId, NodeId, ServiceId, TaskId};
-use crate::ipam::allocate_ip;
 use crate::legacy::ServiceSpecV1;
 use crate::network::{NetworkError, NetworkSpec, allocate, ingress_spec};
 use crate::service::{
-    ServiceError, ServiceSpec, allocate_service, reallocate_service, task_networks, used_addresses,
+    ServiceError, ServiceSpec, allocate_service, reallocate_service, task_networks,
 };
 use crate::state::{
     Availability, ClusterInfo, ClusterState, JoinSecrets, Node, NodeResources, Role,
@@ -371,8 +370,8 @@ fn give_ingress_addr(state: &mut ClusterState, node: NodeId) {
     let Some(ingress) = state.networks.values().find(|n| n.ingress) else {
         return;
     };
-    if let Ok(ip) = allocate_ip(ingress, &used_addresses(state, &ingress.id)) {
-        state.ingress_addrs.insert(node, ip);
+    if let Ok(ip) = state.free_address(ingress) {
+        state.put_ingress_addr(node, ip);
     }
 }
 
@@ -513,6 +512,7 @@ fn init(
     state.networks.clear();
     state.networks.insert(ingress.id.clone(), ingress);
     state.ingress_addrs.clear();
+    state.index = Default::default();
     state.revoked.clear();
     state.cert_expiry_ms = crate::state::DEFAULT_CERT_EXPIRY_MS;
     state.ca_rotation = None;
@@ -646,7 +646,7 @@ fn remove_node(state: &mut ClusterState, node: &NodeId) -> Result<Outcome, Apply
         return Err(ApplyError::LastManager(*node));
     }
     state.nodes.remove(node);
-    state.ingress_addrs.remove(node);
+    state.take_ingress_addr(node);
     state.ext.node_resources.remove(node);
     state.revoked.insert(*node);
     Ok(Outcome::Done)
@@ -713,9 +713,9 @@ fn remove_network(state: &mut ClusterState, id: &NetworkId) -> Result<Outcome, A
         .find(|s| s.spec.networks.iter().any(|a| a.network == *id) || s.vips.contains_key(id))
         .or_else(|| {
             state
-                .tasks
-                .values()
-                .find(|t| t.addresses.contains_key(id))
+                .holds_addresses(network)
+                .then(|| state.tasks.values().find(|t| t.addresses.contains_key(id)))
+                .flatten()
                 .and_then(|t| state.services.get(&t.service_id))
         });
     if let Some(s) = user {
@@ -744,16 +744,15 @@ fn create_service(
         return Err(ServiceError::Exists(id.to_string()).into());
     }
     let service = allocate_service(id, spec, state, *created_at_ms)?;
-    state.services.insert(id.to_owned(), service);
+    state.put_service(service);
     Ok(Outcome::Done)
 }
 
 /// `service rm`: the service and its tasks.
 fn remove_service(state: &mut ClusterState, id: &ServiceId) -> Result<Outcome, ApplyError> {
-    if state.services.remove(id).is_none() {
+    if state.take_service(id).is_none() {
         return Err(ApplyError::NoSuchService(id.to_string()));
     }
-    state.tasks.retain(|_, t| t.service_id != *id);
     Ok(Outcome::Done)
 }
 
@@ -794,7 +793,7 @@ fn update_service(
     bounds::check_service(spec)?;
     let previous = service(state, id)?;
     let service = reallocate_service(previous, spec, state, *force, *now_ms)?;
-    state.services.insert(id.to_owned(), service);
+    state.put_service(service);
     Ok(Outcome::Done)
 }
 
@@ -818,9 +817,8 @@ fn add_task(
     }
     // One active task per slot (per node for global services), even
     // if two orchestrators (an old and a new leader) both fill it.
-    let taken = state.tasks.values().find(|t| {
-        t.service_id == *service_id
-            && t.is_active()
+    let taken = state.tasks_of(service_id).find(|t| {
+        t.is_active()
             && match slot {
                 Some(s) => t.slot == Some(*s),
                 None => t.slot.is_none() && node.is_some() && t.node == *node,
@@ -850,31 +848,28 @@ fn add_task(
             .networks
             .get(&net)
             .ok_or_else(|| ApplyError::NoSuchNetwork(net.to_string()))?;
-        let ip = allocate_ip(network, &used_addresses(state, &net)).map_err(ServiceError::from)?;
+        let ip = state.free_address(network).map_err(ServiceError::from)?;
         addresses.insert(net, ip);
     }
-    state.tasks.insert(
-        id.clone(),
-        Task {
-            id: id.clone(),
-            service_id: service_id.clone(),
-            slot: *slot,
-            node: *node,
-            desired: DesiredState::Running,
-            state: if node.is_some() && !pending {
-                TaskState::Assigned
-            } else {
-                TaskState::Pending
-            },
-            addresses,
-            message: message.to_owned(),
-            exit_code: None,
-            spec_version: service.version,
-            restarts: *restarts,
-            created_at_ms: *now_ms,
-            updated_at_ms: *now_ms,
+    state.put_task(Task {
+        id: id.clone(),
+        service_id: service_id.clone(),
+        slot: *slot,
+        node: *node,
+        desired: DesiredState::Running,
+        state: if node.is_some() && !pending {
+            TaskState::Assigned
+        } else {
+            TaskState::Pending
         },
-    );
+        addresses,
+        message: message.to_owned(),
+        exit_code: None,
+        spec_version: service.version,
+        restarts: *restarts,
+        created_at_ms: *now_ms,
+        updated_at_ms: *now_ms,
+    });
     Ok(Outcome::Done)
 }
 
@@ -1020,7 +1015,7 @@ fn shutdown_task(
 
 /// The orchestrator forgets an ended task.
 fn remove_task(state: &mut ClusterState, id: &TaskId) -> Result<Outcome, ApplyError> {
-    if state.tasks.remove(id).is_none() {
+    if state.take_task(id).is_none() {
         return Err(ApplyError::NoSuchTask(id.to_string()));
     }
     Ok(Outcome::Done)

@@ -375,6 +375,21 @@ mod world {
             for ip in vips.chain(tasks).chain(nodes) {
                 prop_assert!(seen.insert(*ip), "{ip} twice on {net_id}");
             }
+            // The index finds what a walk of the whole store finds.
+            prop_assert_eq!(
+                s.free_address(net),
+                crate::ipam::allocate_ip(net, &crate::service::used_addresses(s, net_id))
+            );
+        }
+        for id in s.services.keys() {
+            let walked: Vec<&TaskId> = s
+                .tasks
+                .values()
+                .filter(|t| t.service_id == *id)
+                .map(|t| &t.id)
+                .collect();
+            let indexed: Vec<&TaskId> = s.tasks_of(id).map(|t| &t.id).collect();
+            prop_assert_eq!(walked, indexed);
         }
         for t in s.tasks.values() {
             prop_assert!(

@@ -37,7 +37,7 @@ pub enum AllocError {
 
 /// Addresses of `network` that are never handed out: network and broadcast
 /// addresses, gateways, aux addresses.
-fn reserved(network: &Network) -> BTreeSet<Ipv4Addr> {
+pub(crate) fn reserved(network: &Network) -> BTreeSet<Ipv4Addr> {
     let mut r: BTreeSet<Ipv4Addr> = network.spec.aux_addresses.values().copied().collect();
     for s in &network.subnets {
         r.insert(s.subnet.network());

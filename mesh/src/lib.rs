@@ -20,6 +20,7 @@ pub mod codec;
 pub mod constraint;
 pub mod fixtures;
 pub mod ids;
+pub mod index;
 pub mod ipam;
 pub mod legacy;
 pub mod network;

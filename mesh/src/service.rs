@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::constraint::Constraint;
 use crate::ids::{NetworkId, ServiceId};
-use crate::ipam::{AllocError, allocate_ip, allocate_port};
+use crate::ipam::{AllocError, allocate_port};
 use crate::state::ClusterState;
 
 /// How a port is published.
@@ -392,7 +392,9 @@ fn valid_name(name: &str) -> bool {
 }
 
 /// Every address already taken on `network`: services' VIPs, tasks'
-/// addresses and, on `ingress`, the nodes' mesh endpoints.
+/// addresses and, on `ingress`, the nodes' mesh endpoints. A walk of the
+/// whole store: `apply` asks the state's index instead
+/// ([`ClusterState::free_address`]), which tests check against this.
 pub fn used_addresses(state: &ClusterState, network: &str) -> BTreeSet<Ipv4Addr> {
     let vips = state
         .services
@@ -653,7 +655,7 @@ fn vips_for(
                 continue;
             }
             let n = &state.networks[net];
-            let ip = allocate_ip(n, &used_addresses(state, net))?;
+            let ip = state.free_address(n)?;
             vips.insert(NetworkId::from(net), ip);
         }
     }

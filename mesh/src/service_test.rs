@@ -1,28 +1,8 @@
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use super::*;
 use crate::apply::{ApplyError, Command, apply};
-use crate::test_support::swarm;
-
-fn service(name: &str, ports: Vec<PortSpec>) -> ServiceSpec {
-    ServiceSpec {
-        name: name.into(),
-        mode: ServiceMode::Replicated(3),
-        networks: vec![Attachment {
-            network: "web".into(),
-            aliases: vec![],
-        }],
-        ports,
-        endpoint_mode: EndpointMode::Vip,
-        constraints: vec![],
-        env: BTreeMap::new(),
-        command: vec!["http-echo".into()],
-        labels: BTreeMap::new(),
-        restart: Default::default(),
-        update: Default::default(),
-        container: None,
-    }
-}
+use crate::test_support::{service, swarm};
 
 fn port(published: Option<u16>, target: u16) -> PortSpec {
     PortSpec {

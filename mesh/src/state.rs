@@ -197,6 +197,12 @@ pub struct ClusterState {
     /// snapshots without a new format.
     #[serde(with = "crate::service::json_field")]
     pub ext: StateExt,
+    /// Lookups derived from the fields above, never stored (see
+    /// [`crate::index`]): change tasks, services and ingress addresses
+    /// through `put_task`, `take_task`, `put_service`, `take_service`,
+    /// `put_ingress_addr` and `take_ingress_addr`, which keep it true.
+    #[serde(skip)]
+    pub index: crate::index::StateIndex,
 }
 
 /// The part of the state stored as JSON (see [`ClusterState::ext`]).
@@ -252,6 +258,7 @@ impl From<ClusterStateV1> for ClusterState {
             ca_rotation: None,
             autolock: None,
             ext: StateExt::default(),
+            index: Default::default(),
         }
     }
 }
@@ -284,6 +291,7 @@ impl From<ClusterStateV2> for ClusterState {
             ca_rotation: None,
             autolock: None,
             ext: StateExt::default(),
+            index: Default::default(),
         }
     }
 }
@@ -327,6 +335,7 @@ impl<S: Into<crate::service::Service>> From<BeforeExt<S>> for ClusterState {
             ca_rotation: old.ca_rotation,
             autolock: old.autolock,
             ext: StateExt::default(),
+            index: Default::default(),
         }
     }
 }

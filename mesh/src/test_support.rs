@@ -2,6 +2,7 @@
 
 use crate::apply::{Command, apply};
 use crate::network::{Driver, NetworkSpec};
+use crate::service::{Attachment, EndpointMode, PortSpec, ServiceMode, ServiceSpec};
 use crate::state::ClusterState;
 
 pub use crate::fixtures::node;
@@ -28,4 +29,25 @@ pub fn swarm(nodes: u64) -> ClusterState {
     };
     apply(&mut s, &web).unwrap();
     s
+}
+
+/// Service `name`: 3 replicas of `http-echo` on `web`, publishing `ports`.
+pub fn service(name: &str, ports: Vec<PortSpec>) -> ServiceSpec {
+    ServiceSpec {
+        name: name.into(),
+        mode: ServiceMode::Replicated(3),
+        networks: vec![Attachment {
+            network: "web".into(),
+            aliases: vec![],
+        }],
+        ports,
+        endpoint_mode: EndpointMode::Vip,
+        constraints: vec![],
+        env: Default::default(),
+        command: vec!["http-echo".into()],
+        labels: Default::default(),
+        restart: Default::default(),
+        update: Default::default(),
+        container: None,
+    }
 }
