@@ -3,9 +3,9 @@
 //! tasks each (150 000 tasks at 5 000 nodes), and what else grows with
 //! the store. The daemon's leader runs a pass on every change of the
 //! store or of the members, and at least every 5 s (its audit), under the
-//! store's read lock; the data plane of every node still copies the store
-//! on each change (`StateHandle::state`), and every replica of the store
-//! applies each new task.
+//! store's read lock; the data plane and the executor of every node plan
+//! on each change (they copied the whole store for it until 2026-12-07),
+//! and every replica of the store applies each new task.
 //!
 //! ```text
 //! cargo bench -p shoal-mesh --bench leader -- [--nodes 100,1000,5000]
@@ -21,7 +21,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use shoal_mesh::network::{Driver, NetworkSpec};
+use shoal_mesh::observed::EndpointRecord;
 use shoal_mesh::orchestrator::orchestrate_due;
+use shoal_mesh::plan::PlanInput;
 use shoal_mesh::service::{Attachment, EndpointMode, ServiceMode, ServiceSpec};
 use shoal_mesh::task::{TaskReport, TaskState};
 use shoal_mesh::{Availability, ClusterState, Command, Node, NodeId, Role, apply};
@@ -132,6 +134,34 @@ fn swarm(n: u64) -> ClusterState {
     s
 }
 
+/// What gossip shows a node: every task's endpoint on each network of
+/// node `me`'s tasks.
+fn endpoints(s: &ClusterState, me: NodeId) -> BTreeMap<String, Vec<EndpointRecord>> {
+    let mut out: BTreeMap<String, Vec<EndpointRecord>> = BTreeMap::new();
+    for t in s.tasks_on(me) {
+        for net in t.addresses.keys() {
+            if out.contains_key(net.as_str()) {
+                continue;
+            }
+            let records = s.tasks_in(net).filter_map(|o| {
+                let ip = o.addresses[net];
+                Some(EndpointRecord {
+                    ip: ip.into(),
+                    mac: String::new(),
+                    name: s.task_name(o),
+                    service_id: Some(o.service_id.to_string()),
+                    service_name: None,
+                    aliases: vec![],
+                    owner: o.node?,
+                    vtep: std::net::Ipv4Addr::new(10, 0, 0, 1).into(),
+                })
+            });
+            out.insert(net.to_string(), records.collect());
+        }
+    }
+    out
+}
+
 /// The median of `runs` timings of `f`.
 fn median(runs: usize, mut f: impl FnMut()) -> Duration {
     let mut t: Vec<Duration> = (0..runs)
@@ -159,9 +189,9 @@ fn main() {
             .collect();
     }
     println!(
-        "| nodes | tasks | orchestrator pass (leader: each change, each 5 s audit) | idle leader: one pass per 5 s | a task added and removed (apply, every replica) | copy of the store (data plane: each change, every node) | store encoded (a feed snapshot) |"
+        "| nodes | tasks | orchestrator pass (leader: each change, each 5 s audit) | idle leader: one pass per 5 s | a task added and removed (apply, every replica) | a node's data-plane plan (each change, every node) | a node's executor view (each change, every node) | copy of the store (what both took before) | store encoded (a feed snapshot) |"
     );
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
     for n in nodes {
         let built = Instant::now();
         let s = swarm(n);
@@ -186,6 +216,20 @@ fn main() {
             };
             let (cmds, _) = orchestrate_due(&s, &|_| true, &mut new_id, 3_000);
             assert!(cmds.is_empty(), "a settled store needs nothing");
+        });
+        let me = NodeId(4);
+        let seen = endpoints(&s, me);
+        let plan = median(runs, || {
+            std::hint::black_box(shoal_mesh::plan::plan(&PlanInput {
+                state: &s,
+                node: me,
+                vtep: std::net::Ipv4Addr::new(10, 0, 0, 4),
+                underlay_mtu: 1500,
+                endpoints: &seen,
+            }));
+        });
+        let view = median(runs, || {
+            std::hint::black_box(s.node_view(me));
         });
         let mut bytes = 0;
         let encode = median(runs, || {
@@ -214,10 +258,12 @@ fn main() {
             .unwrap();
         });
         println!(
-            "| {n} | {running} | {:.1} ms | {:.2} % of a core | {:.2} ms | {:.1} ms | {:.1} MB in {:.0} ms |",
+            "| {n} | {running} | {:.1} ms | {:.2} % of a core | {:.2} ms | {:.2} ms | {:.3} ms | {:.1} ms | {:.1} MB in {:.0} ms |",
             ms(pass),
             ms(pass) / 5_000.0 * 100.0,
             ms(add),
+            ms(plan),
+            ms(view),
             ms(copy),
             bytes as f64 / 1e6,
             ms(encode),

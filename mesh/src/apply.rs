@@ -891,10 +891,12 @@ fn assign_task(
             to: TaskState::Assigned,
         });
     }
-    t.node = Some(*node);
-    t.state = TaskState::Assigned;
-    t.message.clear();
-    t.updated_at_ms = *now_ms;
+    state.update_task(id, |t| {
+        t.node = Some(*node);
+        t.state = TaskState::Assigned;
+        t.message.clear();
+        t.updated_at_ms = *now_ms;
+    });
     Ok(Outcome::Done)
 }
 

@@ -391,6 +391,26 @@ mod world {
             let indexed: Vec<&TaskId> = s.tasks_of(id).map(|t| &t.id).collect();
             prop_assert_eq!(walked, indexed);
         }
+        for n in s.nodes.keys() {
+            let walked: Vec<&TaskId> = s
+                .tasks
+                .values()
+                .filter(|t| t.node == Some(*n))
+                .map(|t| &t.id)
+                .collect();
+            let indexed: Vec<&TaskId> = s.tasks_on(*n).map(|t| &t.id).collect();
+            prop_assert_eq!(walked, indexed);
+        }
+        for id in s.networks.keys() {
+            let walked: Vec<&TaskId> = s
+                .tasks
+                .values()
+                .filter(|t| t.addresses.contains_key(id))
+                .map(|t| &t.id)
+                .collect();
+            let indexed: Vec<&TaskId> = s.tasks_in(id).map(|t| &t.id).collect();
+            prop_assert_eq!(walked, indexed);
+        }
         for t in s.tasks.values() {
             prop_assert!(
                 s.services.contains_key(&t.service_id),

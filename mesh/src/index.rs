@@ -62,6 +62,33 @@ pub struct Index {
     ingress_nodes: Runs,
     /// Each service's tasks.
     service_tasks: HashMap<ServiceId, BTreeSet<TaskId>>,
+    /// The tasks placed on each node.
+    node_tasks: HashMap<NodeId, BTreeSet<TaskId>>,
+    /// The tasks with an address on each network.
+    network_tasks: HashMap<NetworkId, BTreeSet<TaskId>>,
+}
+
+/// Adds `id` to `key`'s set.
+fn add_to<K: std::hash::Hash + Eq + Clone>(
+    sets: &mut HashMap<K, BTreeSet<TaskId>>,
+    key: &K,
+    id: &TaskId,
+) {
+    sets.entry(key.clone()).or_default().insert(id.clone());
+}
+
+/// Removes `id` from `key`'s set, and the set once empty.
+fn remove_from<K: std::hash::Hash + Eq>(
+    sets: &mut HashMap<K, BTreeSet<TaskId>>,
+    key: &K,
+    id: &TaskId,
+) {
+    if let Some(ids) = sets.get_mut(key) {
+        ids.remove(id);
+        if ids.is_empty() {
+            sets.remove(key);
+        }
+    }
 }
 
 /// A multiset of addresses, kept also as maximal runs of consecutive
@@ -197,22 +224,22 @@ impl Index {
     fn add_task(&mut self, t: &Task) {
         for (net, ip) in &t.addresses {
             self.addrs.entry(net.clone()).or_default().insert(*ip);
+            add_to(&mut self.network_tasks, net, &t.id);
         }
-        self.service_tasks
-            .entry(t.service_id.clone())
-            .or_default()
-            .insert(t.id.clone());
+        add_to(&mut self.service_tasks, &t.service_id, &t.id);
+        if let Some(n) = &t.node {
+            add_to(&mut self.node_tasks, n, &t.id);
+        }
     }
 
     fn remove_task(&mut self, t: &Task) {
         for (net, ip) in &t.addresses {
             self.release(net, *ip);
+            remove_from(&mut self.network_tasks, net, &t.id);
         }
-        if let Some(ids) = self.service_tasks.get_mut(&t.service_id) {
-            ids.remove(&t.id);
-            if ids.is_empty() {
-                self.service_tasks.remove(&t.service_id);
-            }
+        remove_from(&mut self.service_tasks, &t.service_id, &t.id);
+        if let Some(n) = &t.node {
+            remove_from(&mut self.node_tasks, n, &t.id);
         }
     }
 
@@ -267,12 +294,69 @@ impl ClusterState {
 
     /// The tasks of `service`, in ID order.
     pub fn tasks_of<'a>(&'a self, service: &ServiceId) -> impl Iterator<Item = &'a Task> + 'a {
-        self.index()
-            .service_tasks
-            .get(service)
-            .into_iter()
+        self.indexed_tasks(self.index().service_tasks.get(service))
+    }
+
+    /// The tasks placed on `node`, in ID order.
+    pub fn tasks_on(&self, node: NodeId) -> impl Iterator<Item = &Task> + '_ {
+        self.indexed_tasks(self.index().node_tasks.get(&node))
+    }
+
+    /// The tasks with an address on `network`, in ID order.
+    pub fn tasks_in<'a>(&'a self, network: &NetworkId) -> impl Iterator<Item = &'a Task> + 'a {
+        self.indexed_tasks(self.index().network_tasks.get(network))
+    }
+
+    fn indexed_tasks<'a>(
+        &'a self,
+        ids: Option<&'a BTreeSet<TaskId>>,
+    ) -> impl Iterator<Item = &'a Task> + 'a {
+        ids.into_iter()
             .flatten()
             .filter_map(|id| self.tasks.get(id))
+    }
+
+    /// The part of the state node `me` runs its tasks from: the tasks
+    /// placed on it, their services, itself and every network; no other
+    /// node, task or service, no cluster facts. A copy that costs what
+    /// the node runs, not the size of the store.
+    pub fn node_view(&self, me: NodeId) -> ClusterState {
+        let tasks: BTreeMap<TaskId, Task> = self
+            .tasks_on(me)
+            .map(|t| (t.id.clone(), t.clone()))
+            .collect();
+        let services = tasks
+            .values()
+            .filter_map(|t| self.services.get_key_value(&t.service_id))
+            .map(|(id, s)| (id.clone(), s.clone()))
+            .collect();
+        ClusterState {
+            nodes: self
+                .nodes
+                .get_key_value(&me)
+                .map(|(id, n)| (*id, n.clone()))
+                .into_iter()
+                .collect(),
+            networks: self.networks.clone(),
+            services,
+            tasks,
+            ..ClusterState::default()
+        }
+    }
+
+    /// Changes task `id` with `f`, which may change what the index holds
+    /// of it (its node); `None` if there is no such task.
+    pub fn update_task<T>(&mut self, id: &TaskId, f: impl FnOnce(&mut Task) -> T) -> Option<T> {
+        let t = self.tasks.get_mut(id)?;
+        let ix = self.index.0.get_mut();
+        if let Some(ix) = ix {
+            ix.remove_task(t);
+            let out = f(t);
+            ix.add_task(t);
+            Some(out)
+        } else {
+            Some(f(t))
+        }
     }
 
     /// Adds a task, or replaces the one with its ID.

@@ -145,3 +145,40 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_node_s_view_holds_what_it_runs_and_nothing_else() {
+    let mut s = crate::test_support::swarm(3);
+    for (svc, node) in [("a", 2), ("b", 3)] {
+        apply(
+            &mut s,
+            &Command::CreateService {
+                id: svc.into(),
+                spec: crate::test_support::service(svc, vec![]),
+                created_at_ms: 0,
+            },
+        )
+        .unwrap();
+        apply(
+            &mut s,
+            &Command::AddTask {
+                id: format!("{svc}1").into(),
+                service_id: svc.into(),
+                slot: Some(1),
+                node: Some(NodeId(node)),
+                message: String::new(),
+                restarts: 0,
+                now_ms: 0,
+            },
+        )
+        .unwrap();
+    }
+    let view = s.node_view(NodeId(2));
+    assert_eq!(view.tasks.keys().collect::<Vec<_>>(), ["a1"]);
+    assert_eq!(view.services.keys().collect::<Vec<_>>(), ["a"]);
+    assert_eq!(view.nodes.keys().collect::<Vec<_>>(), [&NodeId(2)]);
+    assert_eq!(view.networks, s.networks);
+    assert_eq!(view.tasks["a1"], s.tasks["a1"]);
+    assert_eq!(view.task_name(&view.tasks["a1"]), "a.1");
+    assert_eq!(view.tasks_on(NodeId(2)).count(), 1);
+}

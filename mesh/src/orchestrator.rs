@@ -91,18 +91,15 @@ fn restart_decision(
 /// version failed (like Swarm's default `--update-failure-action pause`).
 pub fn update_paused(state: &ClusterState, service: &Service) -> Option<String> {
     let outdated = state
-        .tasks
-        .values()
-        .any(|t| t.service_id == service.id && t.is_active() && t.spec_version < service.version);
+        .tasks_of(&service.id)
+        .any(|t| t.is_active() && t.spec_version < service.version);
     if !outdated {
         return None;
     }
     state
-        .tasks
-        .values()
+        .tasks_of(&service.id)
         .filter(|t| {
-            t.service_id == service.id
-                && t.spec_version == service.version
+            t.spec_version == service.version
                 && t.state == TaskState::Failed
                 && t.desired == DesiredState::Running
         })
@@ -124,9 +121,8 @@ fn reservation(service: &Service) -> (u64, u64) {
 /// What the active tasks on `node` reserve: (nano-CPUs, bytes).
 pub fn reserved_on(state: &ClusterState, node: NodeId) -> (u64, u64) {
     let mut out = (0u64, 0u64);
-    for t in state.tasks.values() {
-        if t.node == Some(node)
-            && t.holds_reservation()
+    for t in state.tasks_on(node) {
+        if t.holds_reservation()
             && let Some(s) = state.services.get(&t.service_id)
         {
             let (cpu, mem) = reservation(s);

@@ -232,7 +232,7 @@ fn placed_remotes(state: &ClusterState, node: NodeId, net: &str) -> Vec<Remote> 
             vtep: vtep(owner)?,
         })
     };
-    let tasks = state.tasks.values().filter_map(|t| {
+    let tasks = state.tasks_in(&NetworkId::from(net)).filter_map(|t| {
         let owner = t.node.filter(|o| *o != node)?;
         let placed = t.desired == DesiredState::Running
             && matches!(
@@ -364,9 +364,8 @@ fn sandboxes(input: &PlanInput<'_>) -> BTreeMap<TaskId, SandboxPlan> {
     let state = input.state;
     let mut out = BTreeMap::new();
     // Sandboxes: the tasks placed here that should run.
-    for t in state.tasks.values() {
-        let wanted = t.node == Some(input.node)
-            && t.desired == DesiredState::Running
+    for t in state.tasks_on(input.node) {
+        let wanted = t.desired == DesiredState::Running
             && matches!(
                 t.state,
                 TaskState::Assigned | TaskState::Starting | TaskState::Running

@@ -120,10 +120,14 @@ impl ListenGate {
         late
     }
 
-    /// Reads the listeners of the held tasks that publish ports, then
-    /// decides.
-    async fn update(&mut self, state: &ClusterState, names: &Names, plan: &NodePlan) {
-        let held = self.held(state, plan);
+    /// Reads the listeners of the `held` tasks (see [`Self::held`]) that
+    /// publish ports, then decides.
+    async fn update(
+        &mut self,
+        names: &Names,
+        plan: &NodePlan,
+        held: BTreeMap<TaskId, Vec<(Protocol, u16)>>,
+    ) {
         let mut heard = BTreeMap::new();
         for (id, ports) in held.iter().filter(|(_, p)| !p.is_empty()) {
             let path = std::path::Path::new(NETNS_DIR).join(names.task_name(id));
@@ -415,10 +419,13 @@ impl<B: Backend + Send> Driver<B> {
     }
 
     /// One pass: plan, program it when it changed (or on an `audit`, to
-    /// put back what something else changed), then tell gossip.
+    /// put back what something else changed), then tell gossip. The store
+    /// is read under its lock, a step at a time (not copied: a copy costs
+    /// O(tasks) on every node for every change); a change between two
+    /// steps wakes the next pass.
     async fn pass(&mut self, audit: bool) {
-        let state = self.ctx.state.state();
-        let Some(vtep) = vtep_of(&state, self.ctx.id) else {
+        let me = self.ctx.id;
+        let Some(vtep) = self.ctx.state.read(|d| vtep_of(&d.state, me)) else {
             return;
         };
         if self.mtu.is_none() {
@@ -427,21 +434,21 @@ impl<B: Backend + Send> Driver<B> {
                 None => self.backend.underlay_mtu(vtep).await.unwrap_or(1500),
             });
         }
-        let p = self.plan(&state, vtep).await;
+        let p = self.plan(vtep).await;
         if self.last.as_ref() != Some(&p) || audit {
             if !self.program(&p).await {
                 return;
             }
             self.after_programmed(&p).await;
         }
-        self.announce(&state, &p, vtep).await;
+        self.announce(&p, vtep).await;
     }
 
     /// The plan, with this node's own endpoints counted from the start
     /// whether or not gossip has them yet (it has none right after a
     /// restart), once they listen (the gate holds them out of local
     /// balancers too).
-    async fn plan(&mut self, state: &ClusterState, vtep: Ipv4Addr) -> NodePlan {
+    async fn plan(&mut self, vtep: Ipv4Addr) -> NodePlan {
         let mut endpoints = self
             .ctx
             .gossip
@@ -449,15 +456,23 @@ impl<B: Backend + Send> Driver<B> {
             .await
             .unwrap_or_default();
         let (node, underlay_mtu) = (self.ctx.id, self.mtu.unwrap_or(1500));
-        let first = plan(&PlanInput {
-            state,
-            node,
-            vtep,
-            underlay_mtu,
-            endpoints: &endpoints,
+        let (first, held) = self.ctx.state.read(|d| {
+            let first = plan(&PlanInput {
+                state: &d.state,
+                node,
+                vtep,
+                underlay_mtu,
+                endpoints: &endpoints,
+            });
+            let held = self.gate.held(&d.state, &first);
+            (first, held)
         });
-        self.gate.update(state, &self.names, &first).await;
-        for ((net, key), rec) in local_records(state, self.ctx.id, &first, vtep) {
+        self.gate.update(&self.names, &first, held).await;
+        let records = self
+            .ctx
+            .state
+            .read(|d| local_records(&d.state, node, &first, vtep));
+        for ((net, key), rec) in records {
             if !self.publishes(&key) {
                 continue;
             }
@@ -467,12 +482,14 @@ impl<B: Backend + Send> Driver<B> {
                 list.push(rec);
             }
         }
-        plan(&PlanInput {
-            state,
-            node,
-            vtep,
-            underlay_mtu,
-            endpoints: &endpoints,
+        self.ctx.state.read(|d| {
+            plan(&PlanInput {
+                state: &d.state,
+                node,
+                vtep,
+                underlay_mtu,
+                endpoints: &endpoints,
+            })
         })
     }
 
@@ -562,12 +579,16 @@ impl<B: Backend + Send> Driver<B> {
 
     /// Gossip: attach to the networks with local endpoints, publish them,
     /// detach from the others.
-    async fn announce(&mut self, state: &ClusterState, p: &NodePlan, vtep: Ipv4Addr) {
+    async fn announce(&mut self, p: &NodePlan, vtep: Ipv4Addr) {
         let nets: BTreeSet<NetworkId> = p.networks.keys().cloned().collect();
         for n in nets.difference(&self.joined) {
             self.ctx.gossip.send(GossipCmd::Join(n.to_string()));
         }
-        let mut records = local_records(state, self.ctx.id, p, vtep);
+        let me = self.ctx.id;
+        let mut records = self
+            .ctx
+            .state
+            .read(|d| local_records(&d.state, me, p, vtep));
         records.retain(|(_, key), _| self.publishes(key));
         publish(&self.ctx.gossip, records, &mut self.published).await;
         for n in self.joined.difference(&nets) {

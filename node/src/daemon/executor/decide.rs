@@ -196,9 +196,8 @@ impl Decider {
                 }
             }
         }
-        let mine = state.tasks.values().filter(|t| {
-            t.node == Some(me)
-                && t.desired == DesiredState::Running
+        let mine = state.tasks_on(me).filter(|t| {
+            t.desired == DesiredState::Running
                 && matches!(
                     t.state,
                     TaskState::Assigned | TaskState::Starting | TaskState::Running

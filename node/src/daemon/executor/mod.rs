@@ -697,11 +697,12 @@ async fn on_health<W: Propose>(ctx: &ExecutorCtx<W>, turned: probe::Turned) {
         }
         probe::Turned::Unhealthy(id, why) => {
             tracing::warn!(task = %id, %why, "unhealthy: stopping it");
-            let state = ctx.state.state();
+            let (signal, grace) = ctx.state.read(|d| {
+                let signal = stop_signal(&d.state, &id).map(str::to_owned);
+                (signal, decide::kill_after(&d.state, &id))
+            });
             ctx.report(&id, TaskState::Running, format!("unhealthy: {why}"), None)
                 .await;
-            let signal = stop_signal(&state, &id).map(str::to_owned);
-            let grace = decide::kill_after(&state, &id);
             let engine = ctx.engine.clone();
             tokio::spawn(async move {
                 container::stop(&engine, &id, signal.as_deref()).await;
@@ -742,7 +743,8 @@ pub async fn run<W: Propose>(ctx: ExecutorCtx<W>) {
         ctx.wake
             .unsettled
             .store(false, std::sync::atomic::Ordering::Relaxed);
-        let state = ctx.state.state();
+        // What this node runs, not a copy of the whole store.
+        let state = ctx.state.read(|d| d.state.node_view(ctx.id));
         let dir = ctx.tasks_dir();
         if swept.elapsed() >= SWEEP_EVERY {
             swept = Instant::now();
