@@ -391,6 +391,16 @@ fn node_commands_refuse_bad_requests_and_change_nothing() {
     .unwrap();
     assert_eq!(c.info(2).unwrap()["swarm"], "inactive");
     assert!(!c.hosts[2].state_dir.join("node.json").exists());
+    // The same daemon joins again at once, on the same port.
+    let token = c.token(0, "worker").unwrap();
+    c.join(2, &token, 0).unwrap();
+    c.wait_until("node3 back", CONVERGE, |c| Ok(c.node_ls(0)?.len() == 3))
+        .unwrap();
+    c.shoal_ok(2, &["swarm", "leave"]).unwrap();
+    c.wait_until("node3 gone again", CONVERGE, |c| {
+        Ok(c.node_ls(0)?.len() == 2)
+    })
+    .unwrap();
 
     // A stopped worker can be removed without --force once it is down.
     c.stop(1);
@@ -524,4 +534,63 @@ fn a_flapping_worker_slows_nothing_and_node_ls_shows_it() {
     );
     let table = c.shoal_ok(0, &["node", "ls"]).unwrap().stdout;
     assert!(table.contains("ready (down "), "{table}");
+}
+
+/// A former manager whose log holds a committed entry the recovered swarm's
+/// does not (it and another manager committed it while the one that later
+/// recovered the swarm alone was down) cannot follow that swarm without
+/// losing the entry: it stops following, says so and what to do, and can
+/// leave and join again.
+#[test]
+fn a_former_manager_whose_log_diverged_says_so_and_can_leave_and_rejoin() {
+    let mut c = Cluster::start(3).unwrap();
+    c.form(3).unwrap();
+    c.wait_until("three nodes", CONVERGE, |c| all_agree(c, 3, &[0, 1, 2]))
+        .unwrap();
+    let leader = c.leader(0).unwrap().expect("a leader");
+    let survivor = (0..3).find(|i| *i != leader).unwrap();
+    let other = (0..3).find(|i| *i != leader && *i != survivor).unwrap();
+    c.kill(survivor);
+    // Committed by the two others: the survivor never receives it.
+    let lost = c.hosts[leader].name.clone();
+    c.shoal_ok(
+        leader,
+        &["node", "update", "--label-add", "lost=yes", &lost],
+    )
+    .unwrap();
+    c.kill(leader);
+    c.kill(other);
+    c.start_daemon(survivor).unwrap();
+    c.shoal_ok(survivor, &["swarm", "init", "--force-new-cluster"])
+        .unwrap();
+    let nodes = c.node_ls(survivor).unwrap();
+    assert!(nodes.iter().all(|n| n["labels"]["lost"].is_null()));
+    c.start_daemon(leader).unwrap();
+    let said = c.wait_until("the old leader to say its log diverged", CONVERGE, |c| {
+        let info = c.info(leader)?;
+        Ok(info["swarm"] == "error")
+    });
+    if let Err(e) = said {
+        panic!(
+            "{e}\nits log, last lines first:\n{}",
+            c.log_tail(leader, 40)
+        );
+    }
+    let info = c.info(leader).unwrap();
+    let why = info["error"].as_str().unwrap();
+    assert!(why.contains("shoal swarm leave --force"), "{why}");
+    // Everything else says so too, and nothing is changed.
+    let r = c.shoal(leader, &["node", "ls"]);
+    assert!(!r.ok());
+    assert!(r.stderr.contains("Raft core stopped"), "{}", r.stderr);
+    // What the message says to do works.
+    c.shoal_ok(leader, &["swarm", "leave", "--force"]).unwrap();
+    c.shoal_ok(survivor, &["node", "rm", "--force", &lost])
+        .unwrap();
+    let token = c.token(survivor, "worker").unwrap();
+    c.join(leader, &token, survivor).unwrap();
+    c.wait_until("the old leader to follow the new swarm", CONVERGE, |c| {
+        Ok(c.node_ls(leader)?.len() == 3)
+    })
+    .unwrap();
 }

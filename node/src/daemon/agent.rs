@@ -56,12 +56,18 @@ impl Daemon {
             .store(locked, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// The running member, or the "not in a swarm" error.
+    /// The running member, or the "not in a swarm" error, or why the
+    /// member stopped on its own (`swarm leave` and `info` still reach it).
     pub async fn member(&self) -> anyhow::Result<Arc<Member>> {
-        self.member
+        let m = self
+            .member
             .lock()
             .await
             .clone()
-            .ok_or_else(|| crate::api::ApiError::not_in_swarm(NOT_IN_SWARM))
+            .ok_or_else(|| crate::api::ApiError::not_in_swarm(NOT_IN_SWARM))?;
+        match m.failed() {
+            Some(why) => Err(crate::api::ApiError::unavailable(why)),
+            None => Ok(m),
+        }
     }
 }

@@ -314,6 +314,15 @@ async fn info(d: &Daemon) -> anyhow::Result<Reply> {
             "containerd": containerd,
         })));
     };
+    if let Some(why) = m.failed() {
+        return Ok(Reply::ok(json!({
+            "swarm": "error",
+            "error": why,
+            "hostname": d.hostname,
+            "node_id": m.id.to_string(),
+            "containerd": containerd,
+        })));
+    }
     let state = m.state.state();
     let metrics = m.raft.metrics().borrow().clone();
     let role = state.nodes.get(&m.id).map(|n| n.role);

@@ -70,6 +70,36 @@ pub struct Member {
     /// Writes through the leader.
     pub writer: Writer,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Why the member stopped on its own, if it did: its Raft core ended
+    /// while it ran (see [`watch_core`]).
+    failed: Mutex<Option<String>>,
+    /// Set by [`Member::shutdown`]: the core's end is then expected.
+    stopping: std::sync::atomic::AtomicBool,
+}
+
+/// What a member whose Raft core ended says, after why it ended.
+const CORE_ENDED: &str = "this node's Raft core stopped, so it no longer follows the swarm: its copy of the store is frozen and its loops are stopped (its tasks keep running until it leaves). A former manager whose log holds a committed entry the swarm's does not (one that came back after `swarm init --force-new-cluster` on another manager) ends so, and cannot take the swarm's log without losing that entry. Run `shoal swarm leave --force` on this node, `shoal node rm --force` on a manager for it, then join it again with a token; the daemon's log has the cause";
+
+/// Waits for `member`'s Raft core to end (its metrics channel closes with
+/// it): unless the member is being shut down, records why and stops the
+/// member's loops, so that it says what happened and what to do instead
+/// of going on silently with a frozen store.
+async fn watch_core(raft: Raft, member: std::sync::Weak<Member>) {
+    let mut metrics = raft.metrics();
+    while metrics.changed().await.is_ok() {}
+    // Any call now returns how the core ended.
+    let why = match raft.with_raft_state(|_| ()).await {
+        Err(e) => e.to_string(),
+        Ok(()) => "it stopped".to_owned(),
+    };
+    let Some(m) = member.upgrade() else { return };
+    if m.stopping.load(std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    let msg = format!("{CORE_ENDED} (the core: {why})");
+    tracing::error!("{msg}");
+    *m.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(msg);
+    m.stop_loops();
 }
 
 /// Raft RPCs over the node's QUIC endpoint.
@@ -297,7 +327,7 @@ impl Member {
             })),
             quic.serve(peers),
         ];
-        Ok(Arc::new(Member {
+        let member = Arc::new(Member {
             id,
             raft,
             state,
@@ -309,11 +339,34 @@ impl Member {
             sandboxes,
             writer,
             tasks: Mutex::new(tasks),
-        }))
+            failed: Mutex::new(None),
+            stopping: false.into(),
+        });
+        let watcher = tokio::spawn(watch_core(member.raft.clone(), Arc::downgrade(&member)));
+        member
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(watcher);
+        Ok(member)
     }
 
-    /// Stops everything this member runs.
-    pub async fn shutdown(&self) {
+    /// Why this member stopped on its own (its Raft core ended), if it did.
+    pub fn failed(&self) -> Option<String> {
+        self.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Aborts the member's loops and closes its endpoint; its tasks keep
+    /// running.
+    fn stop_loops(&self) {
+        self.abort_loops();
+        self.quic.close();
+    }
+
+    fn abort_loops(&self) {
         let tasks: Vec<JoinHandle<()>> = self
             .tasks
             .lock()
@@ -323,11 +376,19 @@ impl Member {
         for t in tasks {
             t.abort();
         }
+    }
+
+    /// Stops everything this member runs.
+    pub async fn shutdown(&self) {
+        self.stopping
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.abort_loops();
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
         self.quic.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.quic.wait_idle()).await;
+        self.quic.release_port();
     }
 
     /// The managers' key, if this node holds it.

@@ -552,6 +552,26 @@ impl Quic {
         self.endpoint.wait_idle().await;
     }
 
+    /// Frees the port: moves the endpoint to an ephemeral one of the same
+    /// address, so that a new member can bind it at once even while a
+    /// handle to this endpoint lingers (the tasks of a Raft core that
+    /// ended on its own keep theirs). Call after [`Quic::close`] and
+    /// [`Quic::wait_idle`]: the close frames leave from the old port.
+    pub fn release_port(&self) {
+        let Ok(addr) = self.endpoint.local_addr() else {
+            return;
+        };
+        // quinn keeps the socket it moved from until traffic arrives on the
+        // new one: moving twice lets go of the first.
+        let any = SocketAddr::new(addr.ip(), 0);
+        for _ in 0..2 {
+            if let Err(e) = std::net::UdpSocket::bind(any).and_then(|s| self.endpoint.rebind(s)) {
+                tracing::warn!(error = %e, port = addr.port(), "the QUIC port stays bound until the daemon stops");
+                return;
+            }
+        }
+    }
+
     /// One call on `alpn` to node `peer` at `addr`, within `timeout`.
     pub async fn call(
         &self,

@@ -20,7 +20,19 @@ pub(crate) trait LogStateReader<NID: NodeId> {
     /// It assumes a committed log will always get positive return value, according to raft spec.
     fn has_log_id(&self, log_id: &LogId<NID>) -> bool {
         if log_id.index < self.committed().next_index() {
-            debug_assert!(Some(log_id) <= self.committed());
+            // Shoal: `assert!`, not `debug_assert!`. A leader whose log
+            // differs from this node's below what this node committed
+            // (a former manager back after `--force-new-cluster` on a
+            // survivor that lacked an entry it had committed) would have
+            // the entry taken as present in a release build, and this
+            // node's store would silently diverge from the swarm's. The
+            // core stops instead, and the daemon says so.
+            assert!(
+                Some(log_id) <= self.committed(),
+                "the leader's log differs from this node's below its committed entry {:?}: {} cannot be taken",
+                self.committed(),
+                log_id
+            );
             return true;
         }
 
