@@ -6,32 +6,9 @@
 
 #![allow(missing_docs)]
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use openraft::BasicNode;
-use shoal_mesh::{Availability, Command, Node, NodeId, Role};
-use shoal_raft::{Network, Raft, RaftRpc, RaftRpcReply, RaftTransport, TransportError};
-
-/// A node alone in its group never sends an RPC.
-#[derive(Clone)]
-struct Alone;
-
-impl RaftTransport for Alone {
-    async fn call(
-        &self,
-        _: u64,
-        addr: &str,
-        _: RaftRpc,
-        _: Duration,
-    ) -> Result<RaftRpcReply, TransportError> {
-        Err(TransportError::Unreachable {
-            addr: addr.to_owned(),
-            reason: "benchmark node has no peers".into(),
-        })
-    }
-}
+use shoal_mesh::{Command, NodeId};
 
 fn summary(name: &str, mut v: Vec<Duration>, secs: f64) {
     v.sort();
@@ -61,30 +38,10 @@ fn update(i: usize) -> Command {
 async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     // Sealed at rest, as the node runs it.
-    let (log, sm) = shoal_raft::open(dir.path(), shoal_raft::AtRest::with_key(&[7; 32]))?;
-    let config = Arc::new(shoal_raft::config(&Default::default()).validate()?);
-    let raft = Raft::new(1, config, Network::new(Alone), log, sm).await?;
-    raft.initialize(BTreeMap::from([(1, BasicNode::new("127.0.0.1:1"))]))
-        .await?;
-    while raft.metrics().borrow().current_leader != Some(1) {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let first = Node {
-        id: NodeId(1),
-        hostname: "bench".into(),
-        role: Role::Manager,
-        availability: Availability::Active,
-        labels: Default::default(),
-        addr: "127.0.0.1:1".into(),
-        joined_at_ms: 0,
-    };
-    let cluster = shoal_mesh::fixtures::cluster_info("bench");
-    raft.client_write(Command::Init {
-        cluster,
-        first,
-        ingress_id: "ingress".into(),
-    })
-    .await?;
+    let store =
+        shoal_raft::fixtures::leader(dir.path(), shoal_raft::config(&Default::default()), "bench")
+            .await;
+    let raft = store.raft;
 
     for (clients, per_client) in [(1usize, 2000usize), (64, 100)] {
         let started = Instant::now();

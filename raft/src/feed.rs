@@ -39,6 +39,88 @@ pub const MAX_ENTRIES: usize = 256;
 pub const MAX_BYTES: usize = 4 << 20;
 /// The largest snapshot sent (the store's quota is below it).
 pub const MAX_SNAPSHOT: usize = 15 << 20;
+/// How long a fed node waits after an answer that brought entries before
+/// it asks again: while the store changes fast (a rollout), a manager then
+/// answers each of the workers it feeds at most 1 / `PACE` times a
+/// second, each answer carrying what committed meanwhile, instead of once
+/// per commit. It delays what a worker sees by at most this much.
+pub const PACE: Duration = Duration::from_millis(50);
+/// Committed entries a manager keeps decoded for the workers it feeds.
+const RECENT: usize = 1024;
+
+/// A manager's source of feed answers: its log, and the entries committed
+/// most recently, decoded once for every worker that asks after them (each
+/// read from the log is a transaction and a decryption; a manager of a
+/// 5 000-node swarm answers some 2 500 workers for each change).
+/// Committed entries never change, so what it holds stays true.
+#[derive(Clone)]
+pub struct FeedSource {
+    log: LogStore,
+    recent: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<Recent>>>,
+}
+
+/// A committed entry and the size of its encoding.
+#[derive(Clone)]
+struct Recent {
+    entry: openraft::Entry<TypeConfig>,
+    size: usize,
+}
+
+impl FeedSource {
+    /// The feed of `log`.
+    pub fn new(log: LogStore) -> Self {
+        FeedSource {
+            log,
+            recent: Default::default(),
+        }
+    }
+
+    fn recent(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Recent>> {
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The kept entries `first..=last` following `prev`, if the first of
+    /// them and `prev` (`None`: the log's start) are kept.
+    fn kept(&self, prev: Option<LogId<u64>>, first: u64, last: u64) -> Option<Vec<Recent>> {
+        let prev = prev?;
+        let recent = self.recent();
+        let start = recent.front()?.entry.log_id.index;
+        if first < start.saturating_add(1) || first > recent.back()?.entry.log_id.index {
+            return None;
+        }
+        let at = |i: u64| recent.get(usize::try_from(i - start).ok()?);
+        if at(first - 1)?.entry.log_id != prev {
+            return None;
+        }
+        let end = last.min(recent.back()?.entry.log_id.index);
+        Some((first..=end).filter_map(|i| at(i).cloned()).collect())
+    }
+
+    /// Keeps `read` (committed entries, in order) when they follow the kept
+    /// ones (or start afresh), at most [`RECENT`].
+    fn keep(&self, read: &[Recent]) {
+        let Some(first) = read.first() else { return };
+        let mut recent = self.recent();
+        let follows = recent
+            .back()
+            .is_some_and(|b| b.entry.log_id.index + 1 == first.entry.log_id.index);
+        if !follows {
+            let inside = recent.front().is_some_and(|f| {
+                f.entry.log_id.index <= first.entry.log_id.index
+                    && first.entry.log_id.index <= recent.back().map_or(0, |b| b.entry.log_id.index)
+            });
+            if inside {
+                // Already kept (another worker read them first).
+                return;
+            }
+            recent.clear();
+        }
+        recent.extend(read.iter().cloned());
+        while recent.len() > RECENT {
+            recent.pop_front();
+        }
+    }
+}
 
 /// A worker's request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -79,7 +161,7 @@ pub enum FeedReply {
 /// Answers `req` on a manager: waits (at most `req.wait_ms`, capped) until
 /// this node has applied an entry after `req.after`, then sends what follows
 /// it, up to what it applied.
-pub async fn serve(raft: &Raft, log: &LogStore, req: FeedRequest) -> FeedReply {
+pub async fn serve(raft: &Raft, source: &FeedSource, req: FeedRequest) -> FeedReply {
     let wait = Duration::from_millis(req.wait_ms.into()).min(MAX_WAIT);
     let after = req.after.map(|l| l.index);
     let mut metrics = raft.metrics();
@@ -106,7 +188,7 @@ pub async fn serve(raft: &Raft, log: &LogStore, req: FeedRequest) -> FeedReply {
     let first = after.map_or(0, |a| a + 1);
     let reaches = m.purged.is_none_or(|p| first > p.index);
     if reaches {
-        match entries(log, req.after, m.purged, first, applied.index).await {
+        match entries(source, req.after, m.purged, first, applied.index).await {
             Ok(Some(entries)) => {
                 return FeedReply::Entries {
                     vote,
@@ -123,15 +205,46 @@ pub async fn serve(raft: &Raft, log: &LogStore, req: FeedRequest) -> FeedReply {
 
 /// The entries `first..=last` (bounded), if the log holds `prev` (or
 /// `prev` is the last entry purged from it) and `first` still (it may have
-/// been purged meanwhile).
+/// been purged meanwhile): the kept ones if they are, else from the log.
 async fn entries(
-    log: &LogStore,
+    source: &FeedSource,
     prev: Option<LogId<u64>>,
     purged: Option<LogId<u64>>,
     first: u64,
     last: u64,
 ) -> Result<Option<Vec<openraft::Entry<TypeConfig>>>, openraft::StorageError<u64>> {
-    let mut reader = log.clone();
+    let last = last.min(first.saturating_add(MAX_ENTRIES as u64 - 1));
+    let read = match source.kept(prev, first, last) {
+        Some(kept) => kept,
+        None => match read_entries(source, prev, purged, first, last).await? {
+            Some(read) => {
+                source.keep(&read);
+                read
+            }
+            None => return Ok(None),
+        },
+    };
+    let mut bytes = 0;
+    let mut out = Vec::new();
+    for r in read {
+        if !out.is_empty() && bytes + r.size > MAX_BYTES {
+            break;
+        }
+        bytes += r.size;
+        out.push(r.entry);
+    }
+    Ok(Some(out))
+}
+
+/// The entries `first..=last` from the log, as [`entries`] says.
+async fn read_entries(
+    source: &FeedSource,
+    prev: Option<LogId<u64>>,
+    purged: Option<LogId<u64>>,
+    first: u64,
+    last: u64,
+) -> Result<Option<Vec<Recent>>, openraft::StorageError<u64>> {
+    let mut reader = source.log.clone();
     if let Some(p) = prev
         && prev != purged
     {
@@ -141,22 +254,18 @@ async fn entries(
             return Ok(None);
         }
     }
-    let end = last.min(first.saturating_add(MAX_ENTRIES as u64 - 1));
-    let all = reader.try_get_log_entries(first..=end).await?;
+    let all = reader.try_get_log_entries(first..=last).await?;
     if all.first().map(|e| e.log_id.index) != Some(first) {
         return Ok(None);
     }
-    let mut bytes = 0;
-    let mut out = Vec::new();
-    for e in all {
-        let size = shoal_mesh::codec::encode(&e).map_or(0, |b| b.len());
-        if !out.is_empty() && bytes + size > MAX_BYTES {
-            break;
-        }
-        bytes += size;
-        out.push(e);
-    }
-    Ok(Some(out))
+    Ok(Some(
+        all.into_iter()
+            .map(|entry| Recent {
+                size: shoal_mesh::codec::encode(&entry).map_or(0, |b| b.len()),
+                entry,
+            })
+            .collect(),
+    ))
 }
 
 async fn snapshot(raft: &Raft, vote: Vote<u64>) -> FeedReply {

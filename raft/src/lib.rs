@@ -14,6 +14,7 @@
 
 pub mod at_rest;
 pub mod feed;
+pub mod fixtures;
 pub mod log_store;
 pub mod memory;
 pub mod network;

@@ -4,39 +4,17 @@
 #![allow(missing_docs)]
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use openraft::BasicNode;
-use shoal_mesh::{Availability, Command, Node, NodeId, Role};
+use shoal_mesh::{Command, NodeId};
 use shoal_raft::feed::{self, FeedReply, FeedRequest, TakeError};
-use shoal_raft::{
-    LogStore, Network, Raft, RaftRpc, RaftRpcReply, RaftTransport, StateHandle, TransportError,
-};
-
-/// Nothing is sent over a network here.
-#[derive(Clone)]
-struct Nowhere;
-
-impl RaftTransport for Nowhere {
-    async fn call(
-        &self,
-        _: u64,
-        addr: &str,
-        _: RaftRpc,
-        _: Duration,
-    ) -> Result<RaftRpcReply, TransportError> {
-        Err(TransportError::Unreachable {
-            addr: addr.to_owned(),
-            reason: "no network in this test".into(),
-        })
-    }
-}
+use shoal_raft::{LogStore, Raft, StateHandle, fixtures};
 
 struct Store {
     raft: Raft,
     log: LogStore,
+    /// Its feed, keeping the entries it reads as a manager's does.
+    feed: feed::FeedSource,
     state: StateHandle,
 }
 
@@ -44,47 +22,25 @@ impl Store {
     /// Its feed's answer to a node that holds `after`, waiting at most
     /// `wait_ms` for something newer.
     async fn serve(&self, after: Option<openraft::LogId<u64>>, wait_ms: u32) -> FeedReply {
-        feed::serve(&self.raft, &self.log, FeedRequest { after, wait_ms }).await
+        feed::serve(&self.raft, &self.feed, FeedRequest { after, wait_ms }).await
     }
 }
 
 async fn open(id: u64, dir: &std::path::Path, config: openraft::Config) -> Store {
-    let (log, sm) = shoal_raft::open(dir, shoal_raft::AtRest::with_key(&[id as u8; 32])).unwrap();
-    let state = sm.handle();
-    let config = Arc::new(config.validate().unwrap());
-    let raft = Raft::new(id, config, Network::new(Nowhere), log.clone(), sm)
-        .await
-        .unwrap();
-    Store { raft, log, state }
+    wrap(fixtures::open(id, dir, config).await)
 }
 
 async fn leader(dir: &std::path::Path, config: openraft::Config) -> Store {
-    let s = open(1, dir, config).await;
-    s.raft
-        .initialize(BTreeMap::from([(1, BasicNode::new("127.0.0.1:1"))]))
-        .await
-        .unwrap();
-    while s.raft.metrics().borrow().current_leader != Some(1) {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    wrap(fixtures::leader(dir, config, "feed").await)
+}
+
+fn wrap(s: fixtures::Store) -> Store {
+    Store {
+        feed: feed::FeedSource::new(s.log.clone()),
+        raft: s.raft,
+        log: s.log,
+        state: s.state,
     }
-    let first = Node {
-        id: NodeId(1),
-        hostname: "one".into(),
-        role: Role::Manager,
-        availability: Availability::Active,
-        labels: Default::default(),
-        addr: "127.0.0.1:1".into(),
-        joined_at_ms: 0,
-    };
-    s.raft
-        .client_write(Command::Init {
-            cluster: shoal_mesh::fixtures::cluster_info("feed"),
-            first,
-            ingress_id: "ingress".into(),
-        })
-        .await
-        .unwrap();
-    s
 }
 
 async fn label(raft: &Raft, i: usize) {
@@ -249,4 +205,45 @@ async fn a_leader_never_takes_its_own_vote_from_the_feed() {
     // It still leads, and writes.
     label(&m.raft, 2).await;
     assert_eq!(m.raft.metrics().borrow().current_leader, Some(1));
+}
+
+/// What a manager answers from the entries it keeps is what it reads from
+/// its log, for every place a worker may ask from, one that is not in the
+/// log included.
+#[tokio::test]
+async fn kept_entries_answer_as_the_log_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = shoal_raft::config(&Default::default());
+    let m = leader(dir.path(), config).await;
+    for i in 0..40 {
+        label(&m.raft, i).await;
+    }
+    let last = m.raft.metrics().borrow().last_applied.unwrap();
+    let encoded = |r: &FeedReply| shoal_mesh::codec::encode(r).unwrap();
+    // Fill the kept entries as workers catching up do.
+    let mut after = None;
+    while after < Some(last) {
+        match m.serve(after, 0).await {
+            FeedReply::Entries { entries, .. } => after = entries.last().map(|e| e.log_id),
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut places: Vec<Option<openraft::LogId<u64>>> = (1..=last.index)
+        .map(|i| Some(openraft::LogId::new(last.leader_id, i)))
+        .collect();
+    // Not this log's: the kept entries must not answer it.
+    places.push(Some(openraft::LogId::new(
+        openraft::CommittedLeaderId::new(last.leader_id.term + 1, 1),
+        last.index - 5,
+    )));
+    for after in places {
+        let kept = m.serve(after, 0).await;
+        let read = feed::serve(
+            &m.raft,
+            &feed::FeedSource::new(m.log.clone()),
+            FeedRequest { after, wait_ms: 0 },
+        )
+        .await;
+        assert_eq!(encoded(&kept), encoded(&read), "after {after:?}");
+    }
 }

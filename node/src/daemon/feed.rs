@@ -152,7 +152,17 @@ pub async fn run(ctx: FeedCtx) {
         }
         match ask(&ctx, source, addr, after).await {
             Ok(reply) => match shoal_raft::feed::take(&ctx.raft, after, reply).await {
-                Ok(a) => after = a,
+                Ok(a) => {
+                    // Caught up with something new: let more commit before
+                    // asking again (`PACE`); still catching up: at once.
+                    let brought = a
+                        .map_or(0, |l| l.index + 1)
+                        .saturating_sub(after.map_or(0, |l| l.index + 1));
+                    after = a;
+                    if brought > 0 && brought < shoal_raft::feed::MAX_ENTRIES as u64 {
+                        tokio::time::sleep(shoal_raft::feed::PACE).await;
+                    }
+                }
                 Err(TakeError::Conflict) => {
                     tracing::warn!(manager = %source, "the feed does not follow this node's log; asking for it whole");
                     after = None;

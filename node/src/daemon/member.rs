@@ -244,7 +244,7 @@ impl Member {
         let stale_voters = Arc::new(super::membership::StaleVoters::default());
         let peers = Arc::new(PeerHandler {
             raft: raft.clone(),
-            log: log.clone(),
+            feed: shoal_raft::feed::FeedSource::new(log.clone()),
             state: state.clone(),
             writer: writer.clone(),
             gossip: gossip.clone(),

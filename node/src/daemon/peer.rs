@@ -19,7 +19,7 @@ use std::time::Instant;
 use shoal_mesh::apply::ApplyError;
 use shoal_mesh::task::TaskReport;
 use shoal_mesh::{Availability, ClusterState, Command, Node, NodeId, Role, codec};
-use shoal_raft::{LogStore, Raft, RaftRpc, StateHandle, serve_rpc};
+use shoal_raft::{Raft, RaftRpc, StateHandle, serve_rpc};
 
 use shoal_raft::feed::{FeedReply, FeedRequest};
 
@@ -41,8 +41,8 @@ use shoal_mesh::wire::{
 pub struct PeerHandler {
     /// Raft, for Raft RPCs and writes on the leader.
     pub raft: Raft,
-    /// The log, read to feed the store to workers.
-    pub log: LogStore,
+    /// What feeds the store to workers: the log, and its latest entries.
+    pub feed: shoal_raft::feed::FeedSource,
     /// The store: who is a member, with which role.
     pub state: StateHandle,
     /// Writes (admitting a node).
@@ -302,7 +302,7 @@ async fn feed(m: &PeerHandler, request: &[u8]) -> FeedReply {
     if !voter {
         return FeedReply::Unavailable("this node is not a voting manager".into());
     }
-    shoal_raft::feed::serve(&m.raft, &m.log, req).await
+    shoal_raft::feed::serve(&m.raft, &m.feed, req).await
 }
 
 /// A certificate for member `peer`'s new key (`csr_der`), with its role
