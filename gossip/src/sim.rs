@@ -342,21 +342,25 @@ impl Sim {
                     .map(|(_, n)| n.gossip.preload(now, &all))
                     .sum()
             };
-            let split = if self.threads > 1 { taken.len() / 2 } else { 0 };
-            let (theirs, mine) = taken.split_at_mut(split);
-            let pool = self.pool.clone();
-            refused += std::thread::scope(|s| {
-                let other = s.spawn(|| {
-                    crate::share::enter(Some(pool));
-                    let r = preload(theirs);
-                    crate::share::enter(None);
-                    r
+            if self.threads > 1 {
+                let half = taken.len() / 2;
+                let (theirs, mine) = taken.split_at_mut(half);
+                let pool = self.pool.clone();
+                refused += std::thread::scope(|s| {
+                    let other = s.spawn(|| {
+                        crate::share::enter(Some(pool));
+                        let r = preload(theirs);
+                        crate::share::enter(None);
+                        r
+                    });
+                    let r = preload(mine);
+                    r + other
+                        .join()
+                        .unwrap_or_else(|p| std::panic::resume_unwind(p))
                 });
-                let r = preload(mine);
-                r + other
-                    .join()
-                    .unwrap_or_else(|p| std::panic::resume_unwind(p))
-            });
+            } else {
+                refused += preload(&mut taken);
+            }
             for (id, n) in taken {
                 self.nodes.insert(id, n);
                 self.after_step(id);
