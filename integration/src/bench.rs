@@ -48,6 +48,7 @@ pub fn create_process_service(
         restart: RestartPolicy::default(),
         update: UpdateConfig::default(),
         container: None,
+        ext: Default::default(),
     };
     let networks: Vec<AttachmentRef> = networks
         .iter()

@@ -59,6 +59,7 @@ fn service(k: u64) -> ServiceSpec {
         restart: Default::default(),
         update: Default::default(),
         container: None,
+        ext: Default::default(),
     }
 }
 

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::bounds::{self, OutOfBounds};
 use crate::cidr::Ipv4Net;
 use crate::ids::{NetworkId, NodeId, ServiceId, TaskId};
-use crate::legacy::ServiceSpecV1;
+use crate::legacy::{ServiceSpecV1, ServiceSpecV2};
 use crate::network::{NetworkError, NetworkSpec, allocate, ingress_spec};
 use crate::service::{
     ServiceError, ServiceSpec, allocate_service, reallocate_service, task_networks,
@@ -214,21 +214,21 @@ pub enum Command {
         sealed_unlock_key: Option<Vec<u8>>,
     },
     // New variants go last: a log entry names its variant by position.
-    /// `service create`.
-    CreateService {
+    /// `service create` as logs before HTTP routes wrote it (read only).
+    CreateServiceV2 {
         /// Its new ID.
         id: ServiceId,
         /// What was asked.
-        spec: ServiceSpec,
+        spec: ServiceSpecV2,
         /// Milliseconds since the epoch.
         created_at_ms: u64,
     },
-    /// `service update`: a new spec for an existing service.
-    UpdateService {
+    /// `service update` as logs before HTTP routes wrote it (read only).
+    UpdateServiceV2 {
         /// The service.
         id: ServiceId,
         /// The whole new spec.
-        spec: ServiceSpec,
+        spec: ServiceSpecV2,
         /// Replace the tasks even if nothing they run changed.
         force: bool,
         /// Milliseconds since the epoch.
@@ -255,6 +255,26 @@ pub enum Command {
         message: String,
         /// Restarts of its node's task before it.
         restarts: u64,
+        /// Milliseconds since the epoch.
+        now_ms: u64,
+    },
+    /// `service create`.
+    CreateService {
+        /// Its new ID.
+        id: ServiceId,
+        /// What was asked.
+        spec: ServiceSpec,
+        /// Milliseconds since the epoch.
+        created_at_ms: u64,
+    },
+    /// `service update`: a new spec for an existing service.
+    UpdateService {
+        /// The service.
+        id: ServiceId,
+        /// The whole new spec.
+        spec: ServiceSpec,
+        /// Replace the tasks even if nothing they run changed.
+        force: bool,
         /// Milliseconds since the epoch.
         now_ms: u64,
     },
@@ -429,6 +449,17 @@ pub fn apply(state: &mut ClusterState, cmd: &Command) -> Result<Outcome, ApplyEr
             spec,
             created_at_ms,
         } => create_service(state, id, &spec.clone().into(), created_at_ms),
+        Command::CreateServiceV2 {
+            id,
+            spec,
+            created_at_ms,
+        } => create_service(state, id, &spec.clone().into(), created_at_ms),
+        Command::UpdateServiceV2 {
+            id,
+            spec,
+            force,
+            now_ms,
+        } => update_service(state, id, &spec.clone().into(), force, now_ms),
         Command::UpdateServiceV1 {
             id,
             spec,

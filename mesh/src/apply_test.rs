@@ -296,6 +296,7 @@ mod world {
             restart: Default::default(),
             update: Default::default(),
             container: None,
+            ext: Default::default(),
         }
     }
 

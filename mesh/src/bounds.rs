@@ -168,6 +168,7 @@ pub fn check_service(spec: &ServiceSpec) -> Result<(), OutOfBounds> {
         }
     }
     check_count("--publish", spec.ports.len(), MAX_ITEMS)?;
+    crate::route::check(&spec.ext.http_routes).map_err(|e| out("--http-route", e))?;
     check_count("--constraint", spec.constraints.len(), MAX_ITEMS)?;
     if let Some(c) = &spec.container {
         bytes += check_container(c)?;

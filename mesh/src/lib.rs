@@ -27,6 +27,7 @@ pub mod network;
 pub mod observed;
 pub mod orchestrator;
 pub mod plan;
+pub mod route;
 pub mod service;
 pub mod state;
 pub mod syntax;

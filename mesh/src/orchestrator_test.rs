@@ -26,6 +26,7 @@ fn add_service(s: &mut ClusterState, id: &str, mode: ServiceMode, constraints: &
         restart: Default::default(),
         update: Default::default(),
         container: None,
+        ext: Default::default(),
     };
     apply(
         s,

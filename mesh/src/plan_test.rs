@@ -31,6 +31,7 @@ fn running_swarm() -> ClusterState {
         restart: Default::default(),
         update: Default::default(),
         container: None,
+        ext: Default::default(),
     };
     let c = Command::CreateService {
         id: "svc".into(),

@@ -203,6 +203,19 @@ pub struct ServiceSpec {
     /// host processes (`--runtime process`, or the `--` form).
     #[serde(with = "json_field")]
     pub container: Option<ContainerSpec>,
+    /// What services gained since (HTTP routes…), stored as JSON.
+    #[serde(with = "json_field")]
+    pub ext: ServiceExt,
+}
+
+/// The settings of a service added after containers, kept as JSON inside
+/// the store's binary encoding (see [`json_field`]): a field added here
+/// with its default reads older records without a new format.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ServiceExt {
+    /// Routes through the L7 routing mesh (`--http-route`).
+    pub http_routes: Vec<crate::route::HttpRoute>,
 }
 
 /// Resource amounts of a container (`--limit-*`, `--reserve-*`).
@@ -384,6 +397,31 @@ pub enum ServiceError {
     Alloc(#[from] AllocError),
 }
 
+/// Refuses a route of `spec` that another service has (a host and path
+/// lead to one service), naming that service.
+fn routes_free(id: &str, spec: &ServiceSpec, state: &ClusterState) -> Result<(), ServiceError> {
+    for r in &spec.ext.http_routes {
+        let owner = state.services.values().find(|s| {
+            s.id != id
+                && s.spec
+                    .ext
+                    .http_routes
+                    .iter()
+                    .any(|o| o.host == r.host && o.path == r.path)
+        });
+        if let Some(o) = owner {
+            return Err(ServiceError::Invalid(format!(
+                "HTTP route {} is already routed to service `{}`: remove it there first (`shoal service update --http-route-rm {} {}`)",
+                r.key(),
+                o.spec.name,
+                r.key(),
+                o.spec.name
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn valid_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
@@ -514,6 +552,7 @@ fn allocate(
             "a service needs a command to run".into(),
         ));
     }
+    routes_free(id, spec, state)?;
     let attached = attachments(spec, state)?;
     let ports = publish(id, spec, state, previous)?;
     let through_mesh = ports.iter().any(|p| p.mode == PublishMode::Ingress);

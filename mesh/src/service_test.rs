@@ -327,3 +327,96 @@ fn log_entries_written_before_containers_apply_as_host_process_services() {
     assert_eq!(s.services["o"].spec, spec);
     assert!(s.services["o"].spec.container.is_none());
 }
+
+#[test]
+fn log_entries_written_before_http_routes_apply_without_routes() {
+    let mut spec = service("old", vec![]);
+    spec.container = Some(ContainerSpec {
+        image: "registry.test/app@sha256:".to_owned() + &"a".repeat(64),
+        ..Default::default()
+    });
+    let v2 = Command::CreateServiceV2 {
+        id: "o".into(),
+        spec: crate::legacy::ServiceSpecV2::from_current(&spec),
+        created_at_ms: 0,
+    };
+    let bytes = crate::codec::encode(&v2).unwrap();
+    let back: Command = crate::codec::decode(&bytes, crate::codec::DEFAULT_LIMIT).unwrap();
+    let mut s = swarm(1);
+    apply(&mut s, &back).unwrap();
+    assert_eq!(s.services["o"].spec, spec);
+    assert!(s.services["o"].spec.ext.http_routes.is_empty());
+}
+
+#[test]
+fn a_host_and_path_lead_to_one_service() {
+    let route = |t: &str| t.parse::<crate::route::HttpRoute>().unwrap();
+    let with = |name: &str, routes: &[&str]| {
+        let mut spec = service(name, vec![]);
+        spec.ext.http_routes = routes.iter().map(|r| route(r)).collect();
+        spec
+    };
+    let create = |s: &mut ClusterState, id: &str, spec: ServiceSpec| {
+        apply(
+            s,
+            &Command::CreateService {
+                id: id.into(),
+                spec,
+                created_at_ms: 0,
+            },
+        )
+    };
+    let mut s = swarm(1);
+    create(&mut s, "a", with("a", &["host=a.test"])).unwrap();
+    // Another path of the same host, or another host: free.
+    create(
+        &mut s,
+        "b",
+        with("b", &["host=a.test,path=/api", "host=b.test"]),
+    )
+    .unwrap();
+    let before = s.clone();
+    let e = create(
+        &mut s,
+        "c",
+        with("c", &["host=c.test", "host=A.TEST,target=8080"]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("HTTP route a.test is already routed to service `a`"),
+        "{e}"
+    );
+    assert_eq!(s, before, "nothing changes");
+    // An update may not take another's route either; its own it keeps.
+    let e = apply(
+        &mut s,
+        &Command::UpdateService {
+            id: "a".into(),
+            spec: with("a", &["host=a.test", "host=b.test"]),
+            force: false,
+            now_ms: 1,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("already routed to service `b`"), "{e}");
+    apply(
+        &mut s,
+        &Command::UpdateService {
+            id: "a".into(),
+            spec: with("a", &["host=a.test,target=8080"]),
+            force: false,
+            now_ms: 1,
+        },
+    )
+    .unwrap();
+    // Removing a service frees its routes.
+    apply(&mut s, &Command::RemoveService { id: "a".into() }).unwrap();
+    create(&mut s, "c", with("c", &["host=a.test"])).unwrap();
+    // A hostile log entry (not normalized, too many) is refused.
+    let mut odd = with("d", &["host=d.test"]);
+    odd.ext.http_routes[0].host = "D.test".into();
+    let e = create(&mut s, "d", odd).unwrap_err().to_string();
+    assert!(e.starts_with("--http-route"), "{e}");
+}

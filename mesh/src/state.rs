@@ -317,6 +317,47 @@ pub type ClusterStateV3 = BeforeExt<crate::legacy::ServiceV1>;
 /// Snapshots before [`StateExt`].
 pub type ClusterStateV4 = BeforeExt<crate::service::Service>;
 
+/// [`ClusterState`] as snapshots stored it before services had
+/// [`crate::service::ServiceExt`]; read when a current decode fails.
+#[derive(Deserialize)]
+pub struct ClusterStateV5 {
+    cluster: Option<ClusterInfo>,
+    nodes: BTreeMap<NodeId, Node>,
+    networks: BTreeMap<crate::ids::NetworkId, crate::network::Network>,
+    services: BTreeMap<crate::ids::ServiceId, crate::legacy::ServiceV2>,
+    tasks: BTreeMap<crate::ids::TaskId, crate::task::Task>,
+    ingress_addrs: BTreeMap<NodeId, std::net::Ipv4Addr>,
+    revoked: std::collections::BTreeSet<NodeId>,
+    cert_expiry_ms: u64,
+    ca_rotation: Option<crate::ca::CaRotation>,
+    autolock: Option<Vec<u8>>,
+    #[serde(with = "crate::service::json_field")]
+    ext: StateExt,
+}
+
+impl From<ClusterStateV5> for ClusterState {
+    fn from(old: ClusterStateV5) -> Self {
+        ClusterState {
+            cluster: old.cluster,
+            nodes: old.nodes,
+            networks: old.networks,
+            services: old
+                .services
+                .into_iter()
+                .map(|(id, s)| (id, s.into()))
+                .collect(),
+            tasks: old.tasks,
+            ingress_addrs: old.ingress_addrs,
+            revoked: old.revoked,
+            cert_expiry_ms: old.cert_expiry_ms,
+            ca_rotation: old.ca_rotation,
+            autolock: old.autolock,
+            ext: old.ext,
+            index: Default::default(),
+        }
+    }
+}
+
 impl<S: Into<crate::service::Service>> From<BeforeExt<S>> for ClusterState {
     fn from(old: BeforeExt<S>) -> Self {
         ClusterState {

@@ -49,5 +49,6 @@ pub fn service(name: &str, ports: Vec<PortSpec>) -> ServiceSpec {
         restart: Default::default(),
         update: Default::default(),
         container: None,
+        ext: Default::default(),
     }
 }

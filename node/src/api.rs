@@ -214,6 +214,15 @@ pub struct ServiceUpdate {
     /// Stop publishing a port: TARGET[/udp] or PUBLISHED:TARGET[/udp] (repeatable).
     #[arg(long)]
     pub publish_rm: Vec<PortSpec>,
+    /// Add an HTTP route, or change the one of the same host and path, as
+    /// `service create --http-route` (repeatable).
+    #[arg(long = "http-route")]
+    #[serde(default)]
+    pub http_route: Vec<shoal_mesh::route::HttpRoute>,
+    /// Remove the HTTP route of HOST[/PREFIX] (repeatable).
+    #[arg(long = "http-route-rm")]
+    #[serde(default)]
+    pub http_route_rm: Vec<shoal_mesh::route::RouteKey>,
     /// Attach another network, as --network (repeatable).
     #[arg(long)]
     pub network_add: Vec<AttachmentRef>,

@@ -40,6 +40,8 @@ pub struct ServiceView {
     pub vips: BTreeMap<String, String>,
     /// Its published ports.
     pub ports: Vec<PublishedPort>,
+    /// Its routes through the L7 mesh (`--http-route`).
+    pub http_routes: Vec<shoal_mesh::route::HttpRoute>,
     /// Placement constraints, as written.
     pub constraints: Vec<String>,
     /// Environment.

@@ -59,9 +59,12 @@ where
 
 /// A snapshot's content, in the current shape or an older one.
 fn decode_data(bytes: &[u8]) -> Result<SmData, codec::DecodeError> {
-    use shoal_mesh::state::{ClusterStateV1, ClusterStateV2, ClusterStateV3, ClusterStateV4};
+    use shoal_mesh::state::{
+        ClusterStateV1, ClusterStateV2, ClusterStateV3, ClusterStateV4, ClusterStateV5,
+    };
     codec::decode::<SmData>(bytes, codec::DEFAULT_LIMIT).or_else(|current| {
-        decode_old::<ClusterStateV4>(bytes)
+        decode_old::<ClusterStateV5>(bytes)
+            .or_else(|_| decode_old::<ClusterStateV4>(bytes))
             .or_else(|_| decode_old::<ClusterStateV3>(bytes))
             .or_else(|_| decode_old::<ClusterStateV2>(bytes))
             .or_else(|_| decode_old::<ClusterStateV1>(bytes))
@@ -441,6 +444,7 @@ mod tests {
             restart: Default::default(),
             update: Default::default(),
             container: None,
+            ext: Default::default(),
         };
         let old = V3 {
             last_applied: None,
@@ -473,5 +477,100 @@ mod tests {
         assert_eq!((s.version, s.created_at_ms), (3, 5));
         assert_eq!(data.state.autolock, Some(vec![1, 2]));
         assert!(data.state.revoked.contains(&NodeId(4)));
+    }
+
+    #[test]
+    fn snapshots_written_before_http_routes_still_open_with_their_services() {
+        use shoal_mesh::legacy::ServiceSpecV2;
+        use shoal_mesh::service::{ContainerSpec, ServiceMode, ServiceSpec};
+        /// `Service` before `ServiceExt`, as it was written.
+        #[derive(Serialize)]
+        struct ServiceV2 {
+            id: String,
+            spec: ServiceSpecV2,
+            vips: BTreeMap<String, std::net::Ipv4Addr>,
+            ports: Vec<shoal_mesh::service::PublishedPort>,
+            created_at_ms: u64,
+            version: u64,
+            updated_at_ms: u64,
+        }
+        #[derive(Serialize)]
+        struct V5 {
+            last_applied: Option<LogId<u64>>,
+            membership: StoredMembership<u64, BasicNode>,
+            cluster: Option<shoal_mesh::ClusterInfo>,
+            nodes: BTreeMap<NodeId, shoal_mesh::Node>,
+            networks: BTreeMap<String, shoal_mesh::network::Network>,
+            services: BTreeMap<String, ServiceV2>,
+            tasks: BTreeMap<String, shoal_mesh::task::Task>,
+            ingress_addrs: BTreeMap<NodeId, std::net::Ipv4Addr>,
+            revoked: std::collections::BTreeSet<NodeId>,
+            cert_expiry_ms: u64,
+            ca_rotation: Option<shoal_mesh::ca::CaRotation>,
+            autolock: Option<Vec<u8>>,
+            #[serde(with = "shoal_mesh::service::json_field")]
+            ext: shoal_mesh::state::StateExt,
+        }
+        let spec = ServiceSpec {
+            name: "web".into(),
+            mode: ServiceMode::Replicated(2),
+            networks: vec![],
+            ports: vec![],
+            endpoint_mode: shoal_mesh::service::EndpointMode::Vip,
+            constraints: vec![],
+            env: BTreeMap::new(),
+            command: vec![],
+            labels: BTreeMap::new(),
+            restart: Default::default(),
+            update: Default::default(),
+            container: Some(ContainerSpec {
+                image: "registry.test/web:1".into(),
+                ..Default::default()
+            }),
+            ext: Default::default(),
+        };
+        let mut ext = shoal_mesh::state::StateExt::default();
+        ext.node_resources.insert(NodeId(1), Default::default());
+        let old = V5 {
+            last_applied: None,
+            membership: Default::default(),
+            cluster: Some(cluster_info("c")),
+            nodes: BTreeMap::from([(NodeId(1), node(1))]),
+            networks: BTreeMap::new(),
+            services: BTreeMap::from([(
+                "s1".into(),
+                ServiceV2 {
+                    id: "s1".into(),
+                    spec: ServiceSpecV2::from_current(&spec),
+                    vips: BTreeMap::new(),
+                    ports: vec![],
+                    created_at_ms: 5,
+                    version: 3,
+                    updated_at_ms: 6,
+                },
+            )]),
+            tasks: BTreeMap::new(),
+            ingress_addrs: BTreeMap::new(),
+            revoked: [NodeId(4)].into(),
+            cert_expiry_ms: 3_600_000,
+            ca_rotation: None,
+            autolock: None,
+            ext: ext.clone(),
+        };
+        let data = decode_data(&codec::encode(&old).unwrap()).unwrap();
+        assert_eq!(data.state.services["s1"].spec, spec);
+        assert_eq!(data.state.ext, ext);
+        // And the current shape, routes and all, reads as itself.
+        let mut now = data.clone();
+        now.state
+            .services
+            .get_mut("s1")
+            .unwrap()
+            .spec
+            .ext
+            .http_routes
+            .push("host=a.test".parse().unwrap());
+        let back = decode_data(&codec::encode(&now).unwrap()).unwrap();
+        assert_eq!(back.state.services["s1"].spec.ext.http_routes.len(), 1);
     }
 }

@@ -42,6 +42,10 @@ pub struct CreateFlags {
     /// Publish a port: P:T[/udp] or mode=ingress|host,published=P,target=T[,protocol=udp] (repeatable).
     #[arg(short, long)]
     pub publish: Vec<PortSpec>,
+    /// Route HTTP requests for a host (and path prefix) through the L7
+    /// mesh: host=HOST[,path=/PREFIX][,target=PORT][,sticky=true] (repeatable).
+    #[arg(long = "http-route")]
+    pub http_route: Vec<shoal_mesh::route::HttpRoute>,
     /// vip or dnsrr.
     #[arg(long, default_value = "vip")]
     pub endpoint_mode: EndpointMode,
@@ -158,6 +162,9 @@ impl CreateFlags {
             restart,
             update,
             container,
+            ext: shoal_mesh::service::ServiceExt {
+                http_routes: self.http_route,
+            },
         };
         Ok(Request::ServiceCreate {
             spec: Box::new(spec),

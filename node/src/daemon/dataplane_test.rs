@@ -41,6 +41,7 @@ fn store() -> MemoryStore {
         restart: Default::default(),
         update: Default::default(),
         container: None,
+        ext: Default::default(),
     };
     let mut cmds = vec![
         Command::Init {

@@ -98,6 +98,20 @@ fn updated_spec(
         }
     }
     spec.ports.extend(u.publish_add.iter().cloned());
+    let routes = &mut spec.ext.http_routes;
+    for key in &u.http_route_rm {
+        let before = routes.len();
+        routes.retain(|r| r.key() != *key);
+        if routes.len() == before {
+            return Err(ApiError::not_found(format!(
+                "--http-route-rm {key}: the service has no such route"
+            )));
+        }
+    }
+    for r in &u.http_route {
+        routes.retain(|o| o.key() != r.key());
+        routes.push(r.clone());
+    }
     for n in &u.network_rm {
         let net = state
             .resolve_network(n)
@@ -145,12 +159,9 @@ fn desired(state: &ClusterState, s: &Service) -> u64 {
 /// A service as `ls`/`inspect` show it.
 fn view(state: &ClusterState, s: &Service) -> ServiceView {
     let running = state
-        .tasks
-        .values()
+        .tasks_of(&s.id)
         .filter(|t| {
-            t.service_id == s.id
-                && t.desired == DesiredState::Running
-                && t.state == shoal_mesh::task::TaskState::Running
+            t.desired == DesiredState::Running && t.state == shoal_mesh::task::TaskState::Running
         })
         .count();
     let net_name = |id: &str| {
@@ -162,9 +173,8 @@ fn view(state: &ClusterState, s: &Service) -> ServiceView {
     };
     let up_to_date = up_to_date(state, s).count();
     let outdated = state
-        .tasks
-        .values()
-        .filter(|t| t.service_id == s.id && t.is_active() && t.spec_version < s.version)
+        .tasks_of(&s.id)
+        .filter(|t| t.is_active() && t.spec_version < s.version)
         .count();
     let update_status = match shoal_mesh::orchestrator::update_paused(state, s) {
         Some(why) => Some(why),
@@ -203,6 +213,7 @@ fn view(state: &ClusterState, s: &Service) -> ServiceView {
             .map(|(n, ip)| (net_name(n), ip.to_string()))
             .collect(),
         ports: s.ports.clone(),
+        http_routes: s.spec.ext.http_routes.clone(),
         constraints: s.spec.constraints.iter().map(|c| c.to_string()).collect(),
         env: s.spec.env.clone(),
         labels: s.spec.labels.clone(),
@@ -688,9 +699,8 @@ pub async fn inspect(d: &Daemon, reference: &str) -> anyhow::Result<Reply> {
 
 /// The running tasks of `s` at its current version.
 fn up_to_date<'a>(state: &'a ClusterState, s: &'a Service) -> impl Iterator<Item = &'a Task> {
-    state.tasks.values().filter(|t| {
-        t.service_id == s.id
-            && t.is_active()
+    state.tasks_of(&s.id).filter(|t| {
+        t.is_active()
             && t.state == shoal_mesh::task::TaskState::Running
             && t.spec_version == s.version
     })
