@@ -97,7 +97,7 @@ impl FeedSource {
     }
 
     /// Keeps `read` (committed entries, in order) when they follow the kept
-    /// ones (or start afresh), at most [`RECENT`].
+    /// ones, or in their place when they are newer, at most [`RECENT`].
     fn keep(&self, read: &[Recent]) {
         let Some(first) = read.first() else { return };
         let mut recent = self.recent();
@@ -105,12 +105,13 @@ impl FeedSource {
             .back()
             .is_some_and(|b| b.entry.log_id.index + 1 == first.entry.log_id.index);
         if !follows {
-            let inside = recent.front().is_some_and(|f| {
-                f.entry.log_id.index <= first.entry.log_id.index
-                    && first.entry.log_id.index <= recent.back().map_or(0, |b| b.entry.log_id.index)
-            });
-            if inside {
-                // Already kept (another worker read them first).
+            let older = recent
+                .back()
+                .is_some_and(|b| first.entry.log_id.index <= b.entry.log_id.index);
+            if older {
+                // Kept already (another worker read them first), or older
+                // than what is kept (a worker catching up): the newest
+                // stay, which the workers in step ask for.
                 return;
             }
             recent.clear();

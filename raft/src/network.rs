@@ -105,11 +105,14 @@ impl<T: RaftTransport> RaftNetworkFactory<TypeConfig> for Network<T> {
     }
 }
 
+/// A failed call as openraft takes it: unreachable, so that the leader
+/// backs off ([`PeerClient::backoff`]). A bad or empty reply too: a peer
+/// that refuses the caller (a former manager back after
+/// `--force-new-cluster`, calling as the leader of an old term) closes the
+/// stream without one, and openraft retries a network error at once: such
+/// a node called its old peers every few milliseconds.
 fn unreachable<E: std::error::Error>(e: &TransportError) -> RPCError<u64, BasicNode, E> {
-    match e {
-        TransportError::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(e)),
-        TransportError::BadReply { .. } => RPCError::Network(NetworkError::new(e)),
-    }
+    RPCError::Unreachable(Unreachable::new(e))
 }
 
 fn mismatch<E: std::error::Error>(addr: &str) -> RPCError<u64, BasicNode, E> {
@@ -209,8 +212,22 @@ mod tests {
     use shoal_mesh::codec::DEFAULT_LIMIT;
     use shoal_mesh::fixtures::decode_hostile;
 
-    use super::{BACKOFF_FIRST, BACKOFF_MAX, RaftRpc, RaftRpcReply, backoff_delays};
+    use super::{
+        BACKOFF_FIRST, BACKOFF_MAX, RaftRpc, RaftRpcReply, TransportError, backoff_delays,
+        unreachable,
+    };
     use std::time::Duration;
+
+    #[test]
+    fn a_refused_or_bad_reply_makes_the_leader_back_off() {
+        use openraft::error::{Infallible, RPCError};
+        let bad = TransportError::BadReply {
+            addr: "127.0.0.1:2377".into(),
+            reason: "empty message".into(),
+        };
+        let e: RPCError<u64, openraft::BasicNode, Infallible> = unreachable(&bad);
+        assert!(matches!(e, RPCError::Unreachable(_)), "{e:?}");
+    }
 
     #[test]
     fn a_failed_call_is_retried_soon_then_less_and_less_often() {

@@ -554,8 +554,9 @@ impl Quic {
 
     /// Frees the port: moves the endpoint to an ephemeral one of the same
     /// address, so that a new member can bind it at once even while a
-    /// handle to this endpoint lingers (the tasks of a Raft core that
-    /// ended on its own keep theirs). Call after [`Quic::close`] and
+    /// handle to this endpoint lingers (after a Raft core ended on its own
+    /// the port stayed bound until the daemon stopped; which handle kept
+    /// it was not found). Call after [`Quic::close`] and
     /// [`Quic::wait_idle`]: the close frames leave from the old port.
     pub fn release_port(&self) {
         let Ok(addr) = self.endpoint.local_addr() else {
