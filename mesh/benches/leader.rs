@@ -163,6 +163,18 @@ fn endpoints(s: &ClusterState, me: NodeId) -> BTreeMap<String, Vec<EndpointRecor
     out
 }
 
+/// This process's resident memory, in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// The median of `runs` timings of `f`.
 fn median(runs: usize, mut f: impl FnMut()) -> Duration {
     let mut t: Vec<Duration> = (0..runs)
@@ -205,6 +217,19 @@ fn main() {
             "{n} nodes: {running} tasks running, built in {:.1} s",
             built.elapsed().as_secs_f64()
         );
+        // What the store and its index take in memory (a copy starts
+        // without the index; the first lookup builds it).
+        let before = rss_kib();
+        let t = s.clone();
+        let copied = rss_kib();
+        let _ = t.tasks_on(NodeId(4)).count();
+        let indexed = rss_kib();
+        eprintln!(
+            "{n} nodes: the store takes {:.0} MB, its index {:.0} MB more (resident memory)",
+            copied.saturating_sub(before) as f64 / 1024.0,
+            indexed.saturating_sub(copied) as f64 / 1024.0,
+        );
+        drop(t);
         let runs = if n >= 5000 { 5 } else { 15 };
         let copy = median(runs, || {
             std::hint::black_box(s.clone());
